@@ -1,0 +1,44 @@
+/*
+ * config.h — server configuration (SPEC section 6): read from the
+ * environment (MUSEHUB_<NAME>), each overridable by a flag --<name> value
+ * (lowercase, '_' or '-' accepted: --db-pool 4 == MUSEHUB_DB_POOL=4).
+ */
+#ifndef MH_CONFIG_H
+#define MH_CONFIG_H
+
+#include "mh/core.h"
+
+typedef struct {
+    const char *listen;          /* MUSEHUB_LISTEN, "127.0.0.1:1337" */
+    const char *database_url;    /* MUSEHUB_DATABASE_URL, required by serve/migrate/worker */
+    uint32_t db_pool;            /* MUSEHUB_DB_POOL, 8 */
+    const char *store;           /* MUSEHUB_STORE, "fs:./var/store" */
+    const char *s3_endpoint;     /* MUSEHUB_S3_ENDPOINT */
+    const char *s3_region;       /* MUSEHUB_S3_REGION, "us-east-1" */
+    const char *s3_access_key;   /* MUSEHUB_S3_ACCESS_KEY */
+    const char *s3_secret_key;   /* MUSEHUB_S3_SECRET_KEY */
+    bool s3_path_style;          /* MUSEHUB_S3_PATH_STYLE, 1 */
+    const char *public_url;      /* MUSEHUB_PUBLIC_URL, "http://<listen>" */
+    uint32_t workers;            /* MUSEHUB_WORKERS, 1 */
+    bool jobs;                   /* MUSEHUB_JOBS, 1 */
+    uint32_t presign_ttl;        /* MUSEHUB_PRESIGN_TTL seconds, 3600, at most 604800 */
+    uint64_t max_mpack_bytes;    /* MUSEHUB_MAX_MPACK_BYTES, 2 GiB */
+    const char *signing_secret;  /* MUSEHUB_SIGNING_SECRET, NULL = generated into the store dir */
+    const char *dev_identity;    /* MUSEHUB_DEV_IDENTITY, NULL */
+    const char *log_level;       /* MUSEHUB_LOG_LEVEL, "info" */
+    uint32_t request_timeout_ms; /* MUSEHUB_REQUEST_TIMEOUT_MS, 30000 */
+    uint32_t idle_timeout_ms;    /* MUSEHUB_IDLE_TIMEOUT_MS, 60000 */
+    uint32_t query_timeout_ms;   /* MUSEHUB_QUERY_TIMEOUT_MS, 30000 */
+    uint64_t max_body_bytes;     /* MUSEHUB_MAX_BODY_BYTES (API bodies), 16 MiB */
+} mh_config_t;
+
+/* Fills cfg from the environment, then applies flags from argv[0..argc)
+ * ("--name value" or "--name=value"); unknown flags are an error with a
+ * message printed to stderr. Strings point into the environment, argv or
+ * static storage (never freed). Returns 0, or MH_EINVAL (message printed). */
+int mh_config_load(mh_config_t *cfg, int argc, char **argv);
+
+/* Prints the variables, their defaults and meanings (for --help). */
+void mh_config_usage(void);
+
+#endif

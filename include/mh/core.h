@@ -1,0 +1,204 @@
+/*
+ * core.h — the foundation every module builds on: error codes, logging,
+ * arenas, byte buffers, hex/base64, SHA-256 / HMAC, ids, clocks.
+ *
+ * Invariants:
+ *  - Functions return int: 0 on success, a negative MH_E* code otherwise.
+ *  - An arena owns everything a request allocates; it is released once,
+ *    after the access-log line. Heap buffers (mh_buf_t) are for data whose
+ *    size the client chooses and that may outlive a request (packs).
+ *  - Ids are text "sha256:" + 64 lowercase hex digits (SPEC section 1),
+ *    MH_ID_LEN (71) bytes, NUL-terminated when stored in char[MH_ID_SIZE].
+ */
+#ifndef MH_CORE_H
+#define MH_CORE_H
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---------------------------------------------------------------- errors */
+
+/* Error codes: negative errno values plus our own range below -10000. */
+enum {
+    MH_OK = 0,
+    MH_ENOMEM = -ENOMEM,
+    MH_EINVAL = -EINVAL,
+    MH_EIO = -EIO,
+    MH_ENOENT = -ENOENT,
+    MH_EEXIST = -EEXIST,
+    MH_ETIMEDOUT = -ETIMEDOUT,
+    MH_ECANCELED = -ECANCELED,
+    MH_EPARSE = -10001,    /* malformed input (msgpack, JSON, mpack, header) */
+    MH_ELIMIT = -10002,    /* input exceeds a configured bound */
+    MH_EHASH = -10003,     /* bytes do not hash to the id they claim */
+    MH_EDB = -10004,       /* PostgreSQL error (message kept by the db module) */
+    MH_ESTORE = -10005,    /* object store error */
+    MH_ECONFLICT = -10006, /* compare-and-swap lost, unique violation */
+    MH_EAUTH = -10007,     /* authentication failed */
+    MH_EDBDOWN = -10008,   /* no database connection could be had */
+};
+
+/* Returns a static English description of an MH_E* code (never NULL). */
+const char *mh_strerror(int err);
+
+/* --------------------------------------------------------------- logging */
+
+typedef enum { MH_LOG_DEBUG = 0, MH_LOG_INFO, MH_LOG_WARN, MH_LOG_ERROR } mh_log_level_t;
+
+extern mh_log_level_t mh_log_level_current;
+
+/* Sets the level from "debug"|"info"|"warn"|"error"; returns MH_EINVAL on
+ * an unknown name (level unchanged). */
+int mh_log_set_level(const char *name);
+
+/* Writes one line "<iso time> <LEVEL> [pid] message\n" to stderr.
+ * Use the MH_LOG macro so arguments are not built below the level. */
+void mh_log_write(mh_log_level_t level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+#define MH_LOG(lvl, ...)                                                       \
+    do {                                                                       \
+        if ((lvl) >= mh_log_level_current) mh_log_write((lvl), __VA_ARGS__);   \
+    } while (0)
+#define mh_debug(...) MH_LOG(MH_LOG_DEBUG, __VA_ARGS__)
+#define mh_info(...) MH_LOG(MH_LOG_INFO, __VA_ARGS__)
+#define mh_warn(...) MH_LOG(MH_LOG_WARN, __VA_ARGS__)
+#define mh_error(...) MH_LOG(MH_LOG_ERROR, __VA_ARGS__)
+
+/* ----------------------------------------------------------------- arena */
+
+typedef struct mh_arena_chunk mh_arena_chunk_t;
+typedef struct mh_arena_cleanup mh_arena_cleanup_t;
+
+/* A bump allocator with registered cleanups. Embed it and _init it.
+ * `limit` caps the total bytes handed out (0 = no cap); past it mh_alloc
+ * returns NULL so client-sized growth becomes a 413/503, not an abort. */
+typedef struct {
+    mh_arena_chunk_t *head;
+    mh_arena_cleanup_t *cleanups;
+    size_t used;  /* bytes handed out so far */
+    size_t limit; /* 0 = unlimited */
+} mh_arena_t;
+
+/* Initialises an empty arena (allocates nothing yet). */
+void mh_arena_init(mh_arena_t *a, size_t limit);
+
+/* Runs cleanups in reverse registration order, then frees every chunk.
+ * The arena is left empty and reusable. */
+void mh_arena_release(mh_arena_t *a);
+
+/* Returns `n` bytes aligned to 16, or NULL when out of memory or past the
+ * limit. Memory is owned by the arena. */
+void *mh_alloc(mh_arena_t *a, size_t n);
+
+/* As mh_alloc, zero-filled. */
+void *mh_calloc(mh_arena_t *a, size_t n);
+
+/* Copies `n` bytes of `s` and appends a NUL; NULL on failure. */
+char *mh_strndup(mh_arena_t *a, const char *s, size_t n);
+char *mh_strdup(mh_arena_t *a, const char *s);
+
+/* printf into the arena; NULL on failure. */
+char *mh_sprintf(mh_arena_t *a, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Registers fn(arg) to run when the arena is released (PGresult, fds,
+ * curl handles). Returns MH_ENOMEM if it cannot be recorded, in which case
+ * the caller still owns the resource. */
+int mh_arena_defer(mh_arena_t *a, void (*fn)(void *), void *arg);
+
+/* ---------------------------------------------------------------- buffer */
+
+/* A growable heap byte buffer. Zero-initialise ({0}) to start empty.
+ * `p` is owned by the buffer; mh_buf_free releases it. */
+typedef struct {
+    uint8_t *p;
+    size_t len;
+    size_t cap;
+} mh_buf_t;
+
+/* Ensures room for `extra` more bytes; MH_ENOMEM on failure. */
+int mh_buf_reserve(mh_buf_t *b, size_t extra);
+/* Appends bytes; MH_ENOMEM on failure (buffer unchanged). */
+int mh_buf_append(mh_buf_t *b, const void *data, size_t n);
+int mh_buf_append_str(mh_buf_t *b, const char *s);
+int mh_buf_append_byte(mh_buf_t *b, uint8_t c);
+int mh_buf_printf(mh_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Frees the memory and zeroes the struct. */
+void mh_buf_free(mh_buf_t *b);
+/* Hands the bytes to the caller (who must free() them) and zeroes b. */
+uint8_t *mh_buf_steal(mh_buf_t *b, size_t *len);
+
+/* A borrowed byte string (not NUL-terminated unless stated). */
+typedef struct {
+    const char *p;
+    size_t n;
+} mh_str_t;
+
+#define MH_STR(lit) ((mh_str_t){(lit), sizeof(lit) - 1})
+bool mh_str_eq(mh_str_t a, const char *lit);
+
+/* ----------------------------------------------------------- hex, base64 */
+
+/* Writes 2*n lowercase hex digits and a NUL into out (size >= 2n+1). */
+void mh_hex_encode(char *out, const uint8_t *in, size_t n);
+/* Decodes 2*n hex digits into n bytes; MH_EPARSE on a non-hex digit. */
+int mh_hex_decode(uint8_t *out, const char *in, size_t n);
+
+/* Base64 (standard alphabet, padded). Output allocated in the arena,
+ * NUL-terminated; *outlen excludes the NUL. MH_EPARSE / MH_ENOMEM. */
+int mh_base64_encode(mh_arena_t *a, const uint8_t *in, size_t n, char **out, size_t *outlen);
+int mh_base64_decode(mh_arena_t *a, const char *in, size_t n, uint8_t **out, size_t *outlen);
+
+/* ------------------------------------------------------ hashing and ids */
+
+#define MH_ID_LEN 71  /* strlen("sha256:") + 64 */
+#define MH_ID_SIZE 72 /* with the NUL */
+
+/* An id held by value: "sha256:<64 hex>\0". */
+typedef struct {
+    char s[MH_ID_SIZE];
+} mh_id_t;
+
+/* True when p[0..n) is exactly ^sha256:[0-9a-f]{64}$ (SPEC 1). */
+bool mh_id_valid(const char *p, size_t n);
+
+/* Formats a 32-byte digest as an id. */
+void mh_id_from_digest(mh_id_t *out, const uint8_t digest[32]);
+
+/* Streaming SHA-256 through OpenSSL libcrypto (bulk speed, see
+ * ENVIRONMENT.md). Opaque; mh_sha256_new returns NULL on ENOMEM. */
+typedef struct mh_sha256 mh_sha256_t;
+mh_sha256_t *mh_sha256_new(void);
+void mh_sha256_update(mh_sha256_t *h, const void *data, size_t n);
+/* Writes the digest and resets the context for reuse. */
+void mh_sha256_final(mh_sha256_t *h, uint8_t out[32]);
+void mh_sha256_free(mh_sha256_t *h);
+
+/* One-shot SHA-256 of n bytes. */
+void mh_sha256(const void *data, size_t n, uint8_t out[32]);
+/* One-shot: the blob id of n bytes (SPEC 1). */
+void mh_blob_id(const void *data, size_t n, mh_id_t *out);
+
+/* HMAC-SHA256 (mbedTLS). */
+void mh_hmac_sha256(const void *key, size_t klen, const void *data, size_t n, uint8_t out[32]);
+
+/* Fills n bytes from the OS CSPRNG (getrandom); MH_EIO on failure. */
+int mh_random(void *out, size_t n);
+
+/* Constant-time comparison of n bytes; true when equal. */
+bool mh_ct_equal(const void *a, const void *b, size_t n);
+
+/* ----------------------------------------------------------------- clock */
+
+/* Monotonic milliseconds / microseconds (for durations). */
+uint64_t mh_now_ms(void);
+uint64_t mh_now_us(void);
+/* Wall-clock seconds since the epoch. */
+int64_t mh_unix_time(void);
+/* Writes the current UTC time as "YYYY-MM-DDTHH:MM:SS.ffffff+00:00"
+ * into out (size >= 40). */
+void mh_iso_now(char *out, size_t size);
+
+#endif

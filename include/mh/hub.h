@@ -1,0 +1,127 @@
+/*
+ * hub.h — the product: repositories, refs, push, fetch, the read API and
+ * the fs store's own routes, orchestrating http, db and store.
+ *
+ * One mh_hub_t per process, owned by main. Handlers find it through
+ * req->app. Every handler responds exactly once (see http.h).
+ */
+#ifndef MH_HUB_H
+#define MH_HUB_H
+
+#include <uv.h>
+
+#include "mh/auth.h"
+#include "mh/config.h"
+#include "mh/db.h"
+#include "mh/http.h"
+#include "mh/mpack.h"
+#include "mh/store.h"
+
+typedef struct mh_fetch_cache mh_fetch_cache_t;
+
+typedef struct mh_hub {
+    uv_loop_t *loop;
+    const mh_config_t *cfg;
+    mh_db_t *db;
+    mh_store_t *store;
+    mh_http_server_t *http;
+    mh_caller_t dev_caller;  /* valid when cfg->dev_identity */
+    bool has_dev_caller;
+    char public_url[256];    /* no trailing '/' */
+    mh_fetch_cache_t *fetch_cache; /* per-process cache of fetch answers */
+    uint64_t started_ms;
+} mh_hub_t;
+
+/* The route table (terminated by a row with method NULL). */
+extern const mh_route_t mh_hub_routes[];
+
+/* http pre-route hook: attaches the caller (req->caller, a mh_caller_t*)
+ * from the MSign signature or MUSEHUB_DEV_IDENTITY; answers 401 itself on
+ * a bad signature. */
+void mh_hub_pre_route(mh_req_t *req);
+
+/* Creates the dev identity row when MUSEHUB_DEV_IDENTITY is set
+ * (blocking libpq; start-up only). */
+int mh_hub_ensure_dev_identity(const char *url, const char *handle);
+
+/* The caller of a request (never NULL). */
+const mh_caller_t *mh_req_caller(const mh_req_t *req);
+
+/* ------------------------------------------------ repository resolution */
+
+/* A repository row as the handlers need it (strings in req->arena). */
+typedef struct {
+    char *repo_id, *owner, *owner_id, *name, *slug, *visibility, *description, *default_branch, *created_at;
+    int64_t state_seq;
+    mh_perm_t perm; /* the caller's */
+} mh_repo_t;
+
+typedef void (*mh_repo_cb)(mh_req_t *req, mh_repo_t *repo);
+
+/* Loads the repository named by the route captures "owner"+"slug" (or
+ * "repo_id") and checks the caller has at least `need`. On failure it
+ * responds itself (404 unknown or unreadable; 401 anonymous write; 403
+ * readable but not enough permission; 503 database down) and cb is not
+ * called. */
+void mh_hub_load_repo(mh_req_t *req, mh_perm_t need, mh_repo_cb cb);
+
+/* Responds 503/500 for a database error code from a db callback, logging
+ * errmsg. */
+void mh_hub_db_fail(mh_req_t *req, int err, const char *errmsg);
+
+/* Serialises a repository row as SPEC 4.1's object (with aliases). */
+mh_val_t *mh_repo_val(mh_req_t *req, const mh_repo_t *r);
+
+/* Parses an HTTP Range header value ("bytes=a-b", "bytes=a-",
+ * "bytes=-n"; one range only) against an object of `size` bytes. Returns
+ * true with off and len set for a satisfiable range; false otherwise, with
+ * *unsat true when the range was well-formed but unsatisfiable (answer
+ * 416) and false when malformed (serve the whole object, RFC 9110 14.2). */
+bool mh_parse_range(mh_str_t h, uint64_t size, uint64_t *off, uint64_t *len, bool *unsat);
+
+/* Fetch-pack cache invalidation after a branch move in this process
+ * (other processes see the new repos.state_seq). */
+void mh_fetch_cache_invalidate(mh_hub_t *hub, const char *repo_id);
+
+/* ------------------------------------------------------------- handlers */
+
+void mh_h_healthz(mh_req_t *req);
+void mh_h_readyz(mh_req_t *req);
+void mh_h_metrics(mh_req_t *req);
+
+void mh_h_repo_create(mh_req_t *req);
+void mh_h_repo_get(mh_req_t *req);
+void mh_h_repo_list(mh_req_t *req);
+void mh_h_repo_delete(mh_req_t *req);
+void mh_h_refs(mh_req_t *req);
+
+void mh_h_push_presign(mh_req_t *req);
+void mh_h_push_unpack(mh_req_t *req);
+
+void mh_h_fetch(mh_req_t *req);
+void mh_h_commits(mh_req_t *req);
+void mh_h_commit(mh_req_t *req);
+void mh_h_tree(mh_req_t *req);
+void mh_h_object(mh_req_t *req);
+
+void mh_h_store_put(mh_req_t *req);
+void mh_h_store_get(mh_req_t *req);
+
+/* --------------------------------------------------- snapshot manifests */
+
+/* Every CHECKPOINT_INTERVAL links a snapshot row keeps its full manifest
+ * (DESIGN section 4: bounded delta chains). */
+#define MH_CHECKPOINT_INTERVAL 64
+
+typedef void (*mh_manifest_cb)(void *ud, int err, const char *why);
+
+/* Rebuilds the full manifest of a stored snapshot: walks parent links
+ * back to the nearest checkpoint or root (at most MH_CHECKPOINT_INTERVAL
+ * rows, one query) and applies the deltas forward. Entries borrow bytes
+ * allocated in `a`. cb fires once, on a later loop turn; err MH_ENOENT
+ * when the snapshot is unknown, MH_EDB/MH_EDBDOWN, MH_EPARSE (corrupt
+ * row). The caller checks the snapshot belongs to the repository. */
+void mh_hub_load_manifest(mh_hub_t *hub, mh_arena_t *a, const char *snapshot_id, mh_manifest_t *out,
+                          mh_manifest_cb cb, void *ud);
+
+#endif

@@ -1,0 +1,154 @@
+/*
+ * config.c — environment + flag configuration (SPEC section 6).
+ * One table lists every setting once: its variable, default, kind and
+ * help text; loading, flag parsing and --help all read that table.
+ */
+#include "mh/config.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef enum { K_STR, K_U32, K_U64, K_BOOL } kind_t;
+
+typedef struct {
+    const char *name; /* suffix of MUSEHUB_ */
+    kind_t kind;
+    size_t off;
+    const char *dflt; /* NULL = unset */
+    const char *help;
+} setting_t;
+
+#define S(name, kind, field, dflt, help) {name, kind, offsetof(mh_config_t, field), dflt, help}
+static const setting_t settings[] = {
+    S("LISTEN", K_STR, listen, "127.0.0.1:1337", "address and port to serve"),
+    S("DATABASE_URL", K_STR, database_url, NULL, "libpq connection string or URI (required)"),
+    S("DB_POOL", K_U32, db_pool, "8", "PostgreSQL connections per process"),
+    S("STORE", K_STR, store, "fs:./var/store", "object store: fs:<dir> or s3:<bucket>"),
+    S("S3_ENDPOINT", K_STR, s3_endpoint, NULL, "S3 endpoint, e.g. http://127.0.0.1:9000"),
+    S("S3_REGION", K_STR, s3_region, "us-east-1", "S3 region"),
+    S("S3_ACCESS_KEY", K_STR, s3_access_key, NULL, "S3 access key id"),
+    S("S3_SECRET_KEY", K_STR, s3_secret_key, NULL, "S3 secret access key"),
+    S("S3_PATH_STYLE", K_BOOL, s3_path_style, "1", "S3 path-style addressing (0: virtual-hosted)"),
+    S("PUBLIC_URL", K_STR, public_url, NULL, "base of fs presigned URLs and links (default http://<listen>)"),
+    S("WORKERS", K_U32, workers, "1", "processes sharing the port (SO_REUSEPORT)"),
+    S("JOBS", K_BOOL, jobs, "1", "0: this process runs no jobs"),
+    S("PRESIGN_TTL", K_U32, presign_ttl, "3600", "presigned URL lifetime, seconds (at most 604800)"),
+    S("MAX_MPACK_BYTES", K_U64, max_mpack_bytes, "2147483648", "largest pack accepted, bytes"),
+    S("SIGNING_SECRET", K_STR, signing_secret, NULL, "HMAC key of fs URLs (default: generated into the store dir)"),
+    S("DEV_IDENTITY", K_STR, dev_identity, NULL,
+      "handle of an admin identity unsigned requests act as (loopback only; development and tests)"),
+    S("LOG_LEVEL", K_STR, log_level, "info", "debug, info, warn, error"),
+    S("REQUEST_TIMEOUT_MS", K_U32, request_timeout_ms, "30000", "a request's headers and body must arrive within, ms"),
+    S("IDLE_TIMEOUT_MS", K_U32, idle_timeout_ms, "60000", "idle keep-alive connections are closed after, ms"),
+    S("QUERY_TIMEOUT_MS", K_U32, query_timeout_ms, "30000", "PostgreSQL statement timeout, ms"),
+    S("MAX_BODY_BYTES", K_U64, max_body_bytes, "16777216", "largest API request body, bytes"),
+};
+#define NSETTINGS (sizeof settings / sizeof settings[0])
+
+static int set_value(mh_config_t *cfg, const setting_t *s, const char *v)
+{
+    void *field = (char *)cfg + s->off;
+    char *end = NULL;
+    switch (s->kind) {
+    case K_STR:
+        *(const char **)field = (v && *v) ? v : NULL;
+        return 0;
+    case K_BOOL:
+        if (!strcmp(v, "1") || !strcmp(v, "true") || !strcmp(v, "yes")) *(bool *)field = true;
+        else if (!strcmp(v, "0") || !strcmp(v, "false") || !strcmp(v, "no")) *(bool *)field = false;
+        else break;
+        return 0;
+    case K_U32: {
+        unsigned long long x = strtoull(v, &end, 10);
+        if (!*v || *end || x > UINT32_MAX) break;
+        *(uint32_t *)field = (uint32_t)x;
+        return 0;
+    }
+    case K_U64: {
+        unsigned long long x = strtoull(v, &end, 10);
+        if (!*v || *end) break;
+        *(uint64_t *)field = (uint64_t)x;
+        return 0;
+    }
+    }
+    fprintf(stderr, "musehubd: bad value for MUSEHUB_%s: '%s'\n", s->name, v);
+    return MH_EINVAL;
+}
+
+/* "--db-pool" / "--db_pool" -> setting "DB_POOL". */
+static const setting_t *find_flag(const char *flag, size_t n)
+{
+    for (size_t i = 0; i < NSETTINGS; i++) {
+        const char *name = settings[i].name;
+        if (strlen(name) != n) continue;
+        size_t j = 0;
+        for (; j < n; j++) {
+            char c = flag[j];
+            char want = name[j];
+            if (c == '-') c = '_';
+            if (c >= 'a' && c <= 'z') c = (char)(c - 'a' + 'A');
+            if (c != want) break;
+        }
+        if (j == n) return &settings[i];
+    }
+    return NULL;
+}
+
+int mh_config_load(mh_config_t *cfg, int argc, char **argv)
+{
+    memset(cfg, 0, sizeof *cfg);
+    char var[64];
+    for (size_t i = 0; i < NSETTINGS; i++) {
+        const setting_t *s = &settings[i];
+        snprintf(var, sizeof var, "MUSEHUB_%s", s->name);
+        const char *v = getenv(var);
+        if (!v && s->dflt) v = s->dflt;
+        if (v && set_value(cfg, s, v)) return MH_EINVAL;
+    }
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        if (strncmp(a, "--", 2) != 0) {
+            fprintf(stderr, "musehubd: unexpected argument '%s'\n", a);
+            return MH_EINVAL;
+        }
+        a += 2;
+        const char *eq = strchr(a, '=');
+        size_t n = eq ? (size_t)(eq - a) : strlen(a);
+        const setting_t *s = find_flag(a, n);
+        if (!s) {
+            fprintf(stderr, "musehubd: unknown option '--%.*s' (see --help)\n", (int)n, a);
+            return MH_EINVAL;
+        }
+        const char *v = eq ? eq + 1 : (i + 1 < argc ? argv[++i] : NULL);
+        if (!v) {
+            fprintf(stderr, "musehubd: option '--%.*s' needs a value\n", (int)n, a);
+            return MH_EINVAL;
+        }
+        if (set_value(cfg, s, v)) return MH_EINVAL;
+    }
+    if (cfg->presign_ttl < 1 || cfg->presign_ttl > 604800) {
+        fprintf(stderr, "musehubd: MUSEHUB_PRESIGN_TTL must be within 1..604800 seconds\n");
+        return MH_EINVAL;
+    }
+    if (cfg->db_pool < 1) cfg->db_pool = 1;
+    if (cfg->workers < 1) cfg->workers = 1;
+    return 0;
+}
+
+void mh_config_usage(void)
+{
+    fprintf(stderr, "Configuration (environment variable, or flag --name value):\n");
+    for (size_t i = 0; i < NSETTINGS; i++) {
+        const setting_t *s = &settings[i];
+        char flag[64];
+        size_t j = 0;
+        for (; s->name[j] && j < sizeof flag - 1; j++)
+            flag[j] = s->name[j] == '_' ? '-' : (char)(s->name[j] - 'A' + 'a');
+        for (size_t k = 0; k < j; k++)
+            if (s->name[k] >= '0' && s->name[k] <= '9') flag[k] = s->name[k];
+        flag[j] = 0;
+        fprintf(stderr, "  MUSEHUB_%-20s --%-20s %s%s%s%s\n", s->name, flag, s->help, s->dflt ? " [" : "",
+                s->dflt ? s->dflt : "", s->dflt ? "]" : "");
+    }
+}

@@ -1,0 +1,440 @@
+/*
+ * core.c — errors, logging, arenas, buffers, hex/base64, hashing, clocks
+ * (include/mh/core.h).
+ *
+ * Invariants: the arena never moves memory it has handed out (chunks are
+ * only appended); cleanups run in reverse order of registration; bulk
+ * SHA-256 goes through libcrypto (EVP), HMAC and base64 through mbedTLS.
+ */
+#include "mh/core.h"
+
+#include <mbedtls/base64.h>
+#include <mbedtls/md.h>
+#include <openssl/evp.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---------------------------------------------------------------- errors */
+
+const char *mh_strerror(int err)
+{
+    switch (err) {
+    case MH_OK: return "success";
+    case MH_EPARSE: return "malformed input";
+    case MH_ELIMIT: return "input exceeds a configured limit";
+    case MH_EHASH: return "content does not hash to its id";
+    case MH_EDB: return "database error";
+    case MH_ESTORE: return "object store error";
+    case MH_ECONFLICT: return "conflict";
+    case MH_EAUTH: return "authentication failed";
+    case MH_EDBDOWN: return "database unavailable";
+    default: break;
+    }
+    if (err < 0 && err > -4096) return strerror(-err);
+    return "unknown error";
+}
+
+/* --------------------------------------------------------------- logging */
+
+mh_log_level_t mh_log_level_current = MH_LOG_INFO;
+
+int mh_log_set_level(const char *name)
+{
+    static const char *names[] = {"debug", "info", "warn", "error"};
+    for (int i = 0; i < 4; i++)
+        if (name && strcmp(name, names[i]) == 0) {
+            mh_log_level_current = (mh_log_level_t)i;
+            return 0;
+        }
+    return MH_EINVAL;
+}
+
+void mh_log_write(mh_log_level_t level, const char *fmt, ...)
+{
+    static const char *tags[] = {"DEBUG", "INFO", "WARN", "ERROR"};
+    char line[4096];
+    struct timespec ts;
+    struct tm tm;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    gmtime_r(&ts.tv_sec, &tm);
+    int n = snprintf(line, sizeof line, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ %s [%d] ", tm.tm_year + 1900,
+                     tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000,
+                     tags[level & 3], (int)getpid());
+    va_list ap;
+    va_start(ap, fmt);
+    int m = vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);
+    va_end(ap);
+    size_t len = (size_t)n + (m < 0 ? 0 : (size_t)m);
+    if (len > sizeof line - 2) len = sizeof line - 2;
+    line[len++] = '\n';
+    /* One write(2) per line so lines from several processes never interleave. */
+    ssize_t w = write(2, line, len);
+    (void)w;
+}
+
+/* ----------------------------------------------------------------- arena */
+
+struct mh_arena_chunk {
+    mh_arena_chunk_t *next;
+    size_t size, used;
+    _Alignas(16) unsigned char data[];
+};
+
+struct mh_arena_cleanup {
+    mh_arena_cleanup_t *next;
+    void (*fn)(void *);
+    void *arg;
+};
+
+#define MH_ARENA_CHUNK 8192
+
+void mh_arena_init(mh_arena_t *a, size_t limit)
+{
+    a->head = NULL;
+    a->cleanups = NULL;
+    a->used = 0;
+    a->limit = limit;
+}
+
+void mh_arena_release(mh_arena_t *a)
+{
+    /* Cleanups first: they may still read arena memory. */
+    while (a->cleanups) {
+        mh_arena_cleanup_t *c = a->cleanups;
+        a->cleanups = c->next;
+        c->fn(c->arg);
+    }
+    while (a->head) {
+        mh_arena_chunk_t *c = a->head;
+        a->head = c->next;
+        free(c);
+    }
+    a->used = 0;
+}
+
+void *mh_alloc(mh_arena_t *a, size_t n)
+{
+    size_t need = (n + 15) & ~(size_t)15;
+    if (need < n) return NULL;
+    if (a->limit && (need > a->limit || a->used > a->limit - need)) return NULL;
+    mh_arena_chunk_t *c = a->head;
+    if (!c || c->size - c->used < need) {
+        size_t size = need > MH_ARENA_CHUNK / 2 ? need : MH_ARENA_CHUNK;
+        mh_arena_chunk_t *nc = malloc(sizeof *nc + size);
+        if (!nc) return NULL;
+        nc->size = size;
+        nc->used = 0;
+        if (c && need > MH_ARENA_CHUNK / 2) {
+            /* A big block goes behind the current chunk so the rest of the
+             * current chunk stays usable for small allocations. */
+            nc->next = c->next;
+            c->next = nc;
+        } else {
+            nc->next = c;
+            a->head = nc;
+        }
+        c = nc;
+    }
+    void *p = c->data + c->used;
+    c->used += need;
+    a->used += need;
+    return p;
+}
+
+void *mh_calloc(mh_arena_t *a, size_t n)
+{
+    void *p = mh_alloc(a, n);
+    if (p) memset(p, 0, n);
+    return p;
+}
+
+char *mh_strndup(mh_arena_t *a, const char *s, size_t n)
+{
+    char *p = mh_alloc(a, n + 1);
+    if (!p) return NULL;
+    if (n) memcpy(p, s, n);
+    p[n] = 0;
+    return p;
+}
+
+char *mh_strdup(mh_arena_t *a, const char *s) { return mh_strndup(a, s, strlen(s)); }
+
+char *mh_sprintf(mh_arena_t *a, const char *fmt, ...)
+{
+    va_list ap, ap2;
+    va_start(ap, fmt);
+    va_copy(ap2, ap);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    char *p = NULL;
+    if (n >= 0 && (p = mh_alloc(a, (size_t)n + 1))) vsnprintf(p, (size_t)n + 1, fmt, ap2);
+    va_end(ap2);
+    return p;
+}
+
+int mh_arena_defer(mh_arena_t *a, void (*fn)(void *), void *arg)
+{
+    /* Not counted against the limit: a cleanup must always be recordable
+     * once the resource exists, or it would leak. */
+    size_t saved = a->limit;
+    a->limit = 0;
+    mh_arena_cleanup_t *c = mh_alloc(a, sizeof *c);
+    a->limit = saved;
+    if (!c) return MH_ENOMEM;
+    c->fn = fn;
+    c->arg = arg;
+    c->next = a->cleanups;
+    a->cleanups = c;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- buffer */
+
+int mh_buf_reserve(mh_buf_t *b, size_t extra)
+{
+    if (b->cap - b->len >= extra) return 0;
+    size_t need = b->len + extra;
+    if (need < b->len) return MH_ENOMEM;
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap < need) {
+        if (cap > SIZE_MAX / 2) {
+            cap = need;
+            break;
+        }
+        cap *= 2;
+    }
+    uint8_t *p = realloc(b->p, cap);
+    if (!p) return MH_ENOMEM;
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+int mh_buf_append(mh_buf_t *b, const void *data, size_t n)
+{
+    if (!n) return 0;
+    int rc = mh_buf_reserve(b, n);
+    if (rc) return rc;
+    memcpy(b->p + b->len, data, n);
+    b->len += n;
+    return 0;
+}
+
+int mh_buf_append_str(mh_buf_t *b, const char *s) { return mh_buf_append(b, s, strlen(s)); }
+
+int mh_buf_append_byte(mh_buf_t *b, uint8_t c) { return mh_buf_append(b, &c, 1); }
+
+int mh_buf_printf(mh_buf_t *b, const char *fmt, ...)
+{
+    va_list ap, ap2;
+    va_start(ap, fmt);
+    va_copy(ap2, ap);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    int rc = n < 0 ? MH_EINVAL : mh_buf_reserve(b, (size_t)n + 1);
+    if (!rc) {
+        vsnprintf((char *)b->p + b->len, (size_t)n + 1, fmt, ap2);
+        b->len += (size_t)n;
+    }
+    va_end(ap2);
+    return rc;
+}
+
+void mh_buf_free(mh_buf_t *b)
+{
+    free(b->p);
+    b->p = NULL;
+    b->len = b->cap = 0;
+}
+
+uint8_t *mh_buf_steal(mh_buf_t *b, size_t *len)
+{
+    uint8_t *p = b->p;
+    if (len) *len = b->len;
+    b->p = NULL;
+    b->len = b->cap = 0;
+    return p;
+}
+
+bool mh_str_eq(mh_str_t a, const char *lit)
+{
+    size_t n = strlen(lit);
+    return a.p && a.n == n && memcmp(a.p, lit, n) == 0;
+}
+
+/* ----------------------------------------------------------- hex, base64 */
+
+void mh_hex_encode(char *out, const uint8_t *in, size_t n)
+{
+    static const char digits[] = "0123456789abcdef";
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = digits[in[i] >> 4];
+        out[2 * i + 1] = digits[in[i] & 15];
+    }
+    out[2 * n] = 0;
+}
+
+static int hexval(char c)
+{
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+int mh_hex_decode(uint8_t *out, const char *in, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        int hi = hexval(in[2 * i]), lo = hexval(in[2 * i + 1]);
+        if (hi < 0 || lo < 0) return MH_EPARSE;
+        out[i] = (uint8_t)(hi << 4 | lo);
+    }
+    return 0;
+}
+
+int mh_base64_encode(mh_arena_t *a, const uint8_t *in, size_t n, char **out, size_t *outlen)
+{
+    size_t need = 4 * ((n + 2) / 3) + 1, olen = 0;
+    unsigned char *p = mh_alloc(a, need);
+    if (!p) return MH_ENOMEM;
+    if (mbedtls_base64_encode(p, need, &olen, in, n) != 0) return MH_ENOMEM;
+    p[olen] = 0;
+    *out = (char *)p;
+    if (outlen) *outlen = olen;
+    return 0;
+}
+
+int mh_base64_decode(mh_arena_t *a, const char *in, size_t n, uint8_t **out, size_t *outlen)
+{
+    size_t need = 3 * (n / 4) + 3, olen = 0;
+    unsigned char *p = mh_alloc(a, need);
+    if (!p) return MH_ENOMEM;
+    if (mbedtls_base64_decode(p, need, &olen, (const unsigned char *)in, n) != 0) return MH_EPARSE;
+    *out = p;
+    if (outlen) *outlen = olen;
+    return 0;
+}
+
+/* ------------------------------------------------------ hashing and ids */
+
+bool mh_id_valid(const char *p, size_t n)
+{
+    if (!p || n != MH_ID_LEN || memcmp(p, "sha256:", 7) != 0) return false;
+    for (size_t i = 7; i < n; i++) {
+        char c = p[i];
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+    }
+    return true;
+}
+
+void mh_id_from_digest(mh_id_t *out, const uint8_t digest[32])
+{
+    memcpy(out->s, "sha256:", 7);
+    mh_hex_encode(out->s + 7, digest, 32);
+}
+
+struct mh_sha256 {
+    EVP_MD_CTX *ctx;
+};
+
+mh_sha256_t *mh_sha256_new(void)
+{
+    mh_sha256_t *h = malloc(sizeof *h);
+    if (!h) return NULL;
+    h->ctx = EVP_MD_CTX_new();
+    if (!h->ctx || EVP_DigestInit_ex(h->ctx, EVP_sha256(), NULL) != 1) {
+        EVP_MD_CTX_free(h->ctx);
+        free(h);
+        return NULL;
+    }
+    return h;
+}
+
+void mh_sha256_update(mh_sha256_t *h, const void *data, size_t n)
+{
+    if (n) EVP_DigestUpdate(h->ctx, data, n);
+}
+
+void mh_sha256_final(mh_sha256_t *h, uint8_t out[32])
+{
+    unsigned int len = 32;
+    EVP_DigestFinal_ex(h->ctx, out, &len);
+    EVP_DigestInit_ex(h->ctx, EVP_sha256(), NULL);
+}
+
+void mh_sha256_free(mh_sha256_t *h)
+{
+    if (!h) return;
+    EVP_MD_CTX_free(h->ctx);
+    free(h);
+}
+
+void mh_sha256(const void *data, size_t n, uint8_t out[32])
+{
+    unsigned int len = 32;
+    /* EVP_Digest allocates a context per call; fine for one-shots. */
+    EVP_Digest(data, n, out, &len, EVP_sha256(), NULL);
+}
+
+void mh_blob_id(const void *data, size_t n, mh_id_t *out)
+{
+    uint8_t d[32];
+    mh_sha256(data, n, d);
+    mh_id_from_digest(out, d);
+}
+
+void mh_hmac_sha256(const void *key, size_t klen, const void *data, size_t n, uint8_t out[32])
+{
+    mbedtls_md_hmac(mbedtls_md_info_from_type(MBEDTLS_MD_SHA256), key, klen, data, n, out);
+}
+
+int mh_random(void *out, size_t n)
+{
+    uint8_t *p = out;
+    while (n) {
+        ssize_t r = getrandom(p, n, 0);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            return MH_EIO;
+        }
+        p += r;
+        n -= (size_t)r;
+    }
+    return 0;
+}
+
+bool mh_ct_equal(const void *a, const void *b, size_t n)
+{
+    const volatile uint8_t *x = a, *y = b;
+    uint8_t d = 0;
+    for (size_t i = 0; i < n; i++) d |= x[i] ^ y[i];
+    return d == 0;
+}
+
+/* ----------------------------------------------------------------- clock */
+
+uint64_t mh_now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+uint64_t mh_now_ms(void) { return mh_now_us() / 1000u; }
+
+int64_t mh_unix_time(void) { return (int64_t)time(NULL); }
+
+void mh_iso_now(char *out, size_t size)
+{
+    struct timespec ts;
+    struct tm tm;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    gmtime_r(&ts.tv_sec, &tm);
+    snprintf(out, size, "%04d-%02d-%02dT%02d:%02d:%02d.%06ld+00:00", tm.tm_year + 1900, tm.tm_mon + 1,
+             tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000);
+}

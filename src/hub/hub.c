@@ -1,0 +1,253 @@
+/*
+ * hub.c — the route table, the caller of a request, and repository
+ * resolution with permission checks (SPEC sections 4 and 5).
+ *
+ * Invariant: every repository-scoped handler goes through
+ * mh_hub_load_repo, which decides visibility from the repository row and
+ * the caller's collaborator role in ONE query, and answers 404 for a
+ * private repository the caller may not read (never 403: that would leak
+ * its existence).
+ */
+#include "mh/hub.h"
+
+#include <libpq-fe.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MiB (1024u * 1024u)
+
+/* The one route table: method, pattern, handler, metrics name, body limit,
+ * streaming. Order matters only where patterns overlap (first wins). */
+const mh_route_t mh_hub_routes[] = {
+    {"GET", "/healthz", mh_h_healthz, "healthz", 0, false},
+    {"GET", "/readyz", mh_h_readyz, "readyz", 0, false},
+    {"GET", "/metrics", mh_h_metrics, "metrics", 0, false},
+
+    {"POST", "/api/repos", mh_h_repo_create, "repo_create", 0, false},
+    {"GET", "/api/repos", mh_h_repo_list, "repo_list", 0, false},
+    {"GET", "/api/repos/{repo_id}", mh_h_repo_get, "repo_get", 0, false},
+    {"DELETE", "/api/repos/{repo_id}", mh_h_repo_delete, "repo_delete", 0, false},
+
+    /* The fs store serves its own presigned URLs. The PUT body is streamed
+     * to disk while it is hashed; its size limit is the signed size. */
+    {"PUT", "/_store/{*key}", mh_h_store_put, "store_put", UINT64_MAX, true},
+    {"GET", "/_store/{*key}", mh_h_store_get, "store_get", 0, false},
+
+    {"GET", "/{owner}/{slug}/refs", mh_h_refs, "refs", 0, false},
+    {"POST", "/{owner}/{slug}/push/mpack-presign", mh_h_push_presign, "push_presign", 0, false},
+    {"POST", "/{owner}/{slug}/push/unpack-mpack", mh_h_push_unpack, "push_unpack", 0, false},
+    {"POST", "/{owner}/{slug}/fetch", mh_h_fetch, "fetch", 0, false},
+    {"GET", "/{owner}/{slug}/commits", mh_h_commits, "commits", 0, false},
+    {"GET", "/{owner}/{slug}/commits/{commit_id}", mh_h_commit, "commit", 0, false},
+    {"GET", "/{owner}/{slug}/tree/{*ref}", mh_h_tree, "tree", 0, false},
+    {"GET", "/{owner}/{slug}/objects/{object_id}", mh_h_object, "object", 0, false},
+    {NULL, NULL, NULL, NULL, 0, false},
+};
+
+/* ---------------------------------------------------------------- caller */
+
+const mh_caller_t *mh_req_caller(const mh_req_t *req)
+{
+    return req->caller ? (const mh_caller_t *)req->caller : mh_caller_anonymous();
+}
+
+void mh_hub_pre_route(mh_req_t *req)
+{
+    mh_hub_t *hub = req->app;
+    mh_str_t sig = mh_req_header(req, "signature");
+    if (sig.p) {
+        /* MSign verification (SPEC 5) is not built yet: refuse rather than
+         * silently treating a signed request as anonymous or as dev. */
+        mh_res_error(req, 401, "unauthorized", "request signatures are not supported by this server yet");
+        return;
+    }
+    if (hub->has_dev_caller) req->caller = &hub->dev_caller;
+}
+
+/* ------------------------------------------------------------ db errors */
+
+void mh_hub_db_fail(mh_req_t *req, int err, const char *errmsg)
+{
+    mh_error("req %s: database error: %s (%s)", req->id, mh_strerror(err), errmsg ? errmsg : "");
+    if (err == MH_EDBDOWN || err == MH_ETIMEDOUT) {
+        mh_res_header(req, "Retry-After", "2");
+        mh_res_error(req, 503, "unavailable", "the database is unavailable; retry shortly");
+    } else {
+        mh_res_error(req, 500, "internal", "database error");
+    }
+}
+
+/* ---------------------------------------------------- repo resolution */
+
+typedef struct {
+    mh_req_t *req;
+    mh_perm_t need;
+    mh_repo_cb cb;
+} load_repo_t;
+
+static const mh_stmt_t st_repo_by_slug = {
+    "repo_by_slug",
+    "SELECT r.repo_id, r.owner, r.owner_id, r.name, r.slug, r.visibility, r.description, r.default_branch,"
+    " to_char(r.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'), r.state_seq, c.role"
+    " FROM repos r LEFT JOIN collaborators c ON c.repo_id = r.repo_id AND c.identity_id = $3"
+    " WHERE r.owner = $1 AND r.slug = $2",
+    3};
+
+static const mh_stmt_t st_repo_by_id = {
+    "repo_by_id",
+    "SELECT r.repo_id, r.owner, r.owner_id, r.name, r.slug, r.visibility, r.description, r.default_branch,"
+    " to_char(r.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'), r.state_seq, c.role"
+    " FROM repos r LEFT JOIN collaborators c ON c.repo_id = r.repo_id AND c.identity_id = $2"
+    " WHERE r.repo_id = $1",
+    2};
+
+static void load_repo_cb(void *ud, PGresult *res, int err, const char *errmsg)
+{
+    load_repo_t *lr = ud;
+    mh_req_t *req = lr->req;
+    if (err) {
+        mh_hub_db_fail(req, err, errmsg);
+        return;
+    }
+    if (PQntuples(res) != 1) {
+        mh_res_error(req, 404, "not_found", "repository not found");
+        return;
+    }
+    mh_arena_t *a = &req->arena;
+    mh_repo_t *r = mh_calloc(a, sizeof *r);
+    if (!r) {
+        mh_res_error(req, 503, "unavailable", "out of memory");
+        return;
+    }
+    char **fields[] = {&r->repo_id, &r->owner, &r->owner_id, &r->name, &r->slug,
+                       &r->visibility, &r->description, &r->default_branch, &r->created_at};
+    for (int i = 0; i < 9; i++) *fields[i] = mh_strdup(a, mh_pq_str(res, 0, i));
+    r->state_seq = mh_pq_int(res, 0, 9);
+    const char *role = mh_pq_isnull(res, 0, 10) ? NULL : mh_pq_str(res, 0, 10);
+    const mh_caller_t *caller = mh_req_caller(req);
+    r->perm = mh_auth_perm(caller, r->owner_id, strcmp(r->visibility, "public") == 0, role);
+    if (r->perm < MH_PERM_READ) {
+        mh_res_error(req, 404, "not_found", "repository not found");
+        return;
+    }
+    if (r->perm < lr->need) {
+        if (caller->anonymous) mh_res_error(req, 401, "unauthorized", "this call needs a signed request");
+        else mh_res_error(req, 403, "forbidden", "you may read this repository but not change it");
+        return;
+    }
+    lr->cb(req, r);
+}
+
+void mh_hub_load_repo(mh_req_t *req, mh_perm_t need, mh_repo_cb cb)
+{
+    mh_hub_t *hub = req->app;
+    load_repo_t *lr = mh_alloc(&req->arena, sizeof *lr);
+    if (!lr) {
+        mh_res_error(req, 503, "unavailable", "out of memory");
+        return;
+    }
+    lr->req = req;
+    lr->need = need;
+    lr->cb = cb;
+    const mh_caller_t *caller = mh_req_caller(req);
+    const char *who = caller->anonymous ? "" : caller->identity_id.s;
+    mh_str_t id = mh_req_param(req, "repo_id");
+    if (id.p) {
+        const char *vals[2] = {mh_strndup(&req->arena, id.p, id.n), who};
+        mh_db_exec(hub->db, &st_repo_by_id, vals, NULL, NULL, load_repo_cb, lr);
+        return;
+    }
+    mh_str_t owner = mh_req_param(req, "owner"), slug = mh_req_param(req, "slug");
+    const char *vals[3] = {mh_strndup(&req->arena, owner.p, owner.n), mh_strndup(&req->arena, slug.p, slug.n), who};
+    mh_db_exec(hub->db, &st_repo_by_slug, vals, NULL, NULL, load_repo_cb, lr);
+}
+
+mh_val_t *mh_repo_val(mh_req_t *req, const mh_repo_t *r)
+{
+    mh_arena_t *a = &req->arena;
+    mh_val_t *m = mh_v_map(a);
+    if (!m) return NULL;
+    int rc = 0;
+    rc |= mh_map_put(a, m, "repo_id", mh_v_str(r->repo_id));
+    rc |= mh_map_put(a, m, "repoId", mh_v_str(r->repo_id));
+    rc |= mh_map_put(a, m, "owner", mh_v_str(r->owner));
+    rc |= mh_map_put(a, m, "name", mh_v_str(r->name));
+    rc |= mh_map_put(a, m, "slug", mh_v_str(r->slug));
+    rc |= mh_map_put(a, m, "visibility", mh_v_str(r->visibility));
+    rc |= mh_map_put(a, m, "description", mh_v_str(r->description));
+    rc |= mh_map_put(a, m, "default_branch", mh_v_str(r->default_branch));
+    rc |= mh_map_put(a, m, "defaultBranch", mh_v_str(r->default_branch));
+    rc |= mh_map_put(a, m, "created_at", mh_v_str(r->created_at));
+    rc |= mh_map_put(a, m, "createdAt", mh_v_str(r->created_at));
+    return rc ? NULL : m;
+}
+
+/* Blocking: start-up only, before the loop runs. */
+int mh_hub_ensure_dev_identity(const char *url, const char *handle)
+{
+    PGconn *c = PQconnectdb(url);
+    if (PQstatus(c) != CONNECTION_OK) {
+        mh_error("dev identity: cannot connect: %s", PQerrorMessage(c));
+        PQfinish(c);
+        return MH_EDB;
+    }
+    mh_id_t id;
+    mh_identity_id(handle, strlen(handle), &id);
+    const char *vals[2] = {id.s, handle};
+    PGresult *res = PQexecParams(c,
+                                 "INSERT INTO identities (identity_id, handle, is_admin) VALUES ($1, $2, true)"
+                                 " ON CONFLICT (handle) DO UPDATE SET is_admin = true",
+                                 2, NULL, vals, NULL, NULL, 0);
+    int rc = PQresultStatus(res) == PGRES_COMMAND_OK ? 0 : MH_EDB;
+    if (rc) mh_error("dev identity: %s", PQresultErrorMessage(res));
+    PQclear(res);
+    PQfinish(c);
+    return rc;
+}
+
+/* ----------------------------------------------------------------- Range */
+
+static bool parse_u64(const char *p, const char *end, uint64_t *out)
+{
+    if (p == end) return false;
+    uint64_t v = 0;
+    for (; p < end; p++) {
+        if (*p < '0' || *p > '9') return false;
+        if (v > (UINT64_MAX - 9) / 10) return false;
+        v = v * 10 + (uint64_t)(*p - '0');
+    }
+    *out = v;
+    return true;
+}
+
+bool mh_parse_range(mh_str_t h, uint64_t size, uint64_t *off, uint64_t *len, bool *unsat)
+{
+    *unsat = false;
+    if (h.n < 7 || memcmp(h.p, "bytes=", 6) != 0) return false;
+    const char *p = h.p + 6, *end = h.p + h.n;
+    const char *dash = memchr(p, '-', (size_t)(end - p));
+    if (!dash || memchr(p, ',', (size_t)(end - p))) return false; /* one range only */
+    uint64_t a, b;
+    if (dash == p) { /* suffix: last n bytes */
+        if (!parse_u64(dash + 1, end, &b)) return false;
+        if (b == 0 || size == 0) {
+            *unsat = true;
+            return false;
+        }
+        if (b > size) b = size;
+        *off = size - b;
+        *len = b;
+        return true;
+    }
+    if (!parse_u64(p, dash, &a)) return false;
+    if (dash + 1 == end) b = size ? size - 1 : 0;
+    else if (!parse_u64(dash + 1, end, &b) || b < a) return false;
+    if (a >= size) {
+        *unsat = true;
+        return false;
+    }
+    if (b >= size) b = size - 1;
+    *off = a;
+    *len = b - a + 1;
+    return true;
+}
