@@ -1,0 +1,202 @@
+/*
+ * store.c — the object store front: parses MUSEHUB_STORE, opens the
+ * backend named by it, dispatches every call through the backend's vtable
+ * (store_int.h), validates keys, and keeps the Prometheus counters all
+ * backends share.
+ *
+ * Invariants:
+ *  - This file never calls a user callback itself: backends own the
+ *    "exactly once, on a later loop turn" rule (DESIGN 3), including for
+ *    errors found before any I/O, so the front stays a thin switch.
+ *  - Adding a backend = one row in `backends[]` plus its open function.
+ */
+#include <inttypes.h>
+#include <string.h>
+
+#include "store_int.h"
+
+/* ------------------------------------------------------------------ keys */
+
+static bool is_lower_hex(char c)
+{
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+}
+
+static bool is_id_char(char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-';
+}
+
+static bool has_prefix(const char *p, size_t n, const char *lit, size_t litn)
+{
+    return n >= litn && memcmp(p, lit, litn) == 0;
+}
+
+bool mh_store_key_is_staging(const char *key, size_t n)
+{
+    static const char pre[] = "incoming/";
+    const size_t pn = sizeof(pre) - 1;
+    if (!key || !has_prefix(key, n, pre, pn)) return false;
+    size_t idn = n - pn;
+    if (idn < 1 || idn > 64) return false;
+    for (size_t i = pn; i < n; i++)
+        if (!is_id_char(key[i])) return false;
+    return true;
+}
+
+/* A whitelist, not a blacklist: nothing else ('.', '/', '%', NUL, upper
+ * hex in pack keys) can reach a path or an URL, so "..", encoded slashes
+ * and alternate spellings of the same pack are all refused here. */
+bool mh_store_key_valid(const char *key, size_t n)
+{
+    static const char pre[] = "mpacks/";
+    const size_t pn = sizeof(pre) - 1;
+    if (!key) return false;
+    if (has_prefix(key, n, pre, pn)) {
+        if (n != pn + 64) return false;
+        for (size_t i = pn; i < n; i++)
+            if (!is_lower_hex(key[i])) return false;
+        return true;
+    }
+    return mh_store_key_is_staging(key, n);
+}
+
+/* --------------------------------------------------------------- metrics */
+
+static const char *const op_names[MH_STORE_OP_COUNT_] = {
+    "get", "get_ranges", "put", "move", "delete", "head", "presign", "check_url", "upload", "open_read",
+};
+static const char *const res_names[MH_STORE_RES_COUNT_] = {"ok", "not_found", "rejected", "error"};
+
+mh_store_res_t mh_store_res_of(int err)
+{
+    switch (err) {
+    case 0: return MH_STORE_RES_OK;
+    case MH_ENOENT: return MH_STORE_RES_NOT_FOUND;
+    case MH_EINVAL:
+    case MH_EEXIST:
+    case MH_EHASH:
+    case MH_ELIMIT:
+    case MH_EAUTH:
+    case MH_ETIMEDOUT:
+    case MH_ECANCELED: return MH_STORE_RES_REJECTED;
+    default: return MH_STORE_RES_ERROR;
+    }
+}
+
+void mh_store_note(mh_store_t *s, mh_store_op_t op, int err)
+{
+    if ((unsigned)op < MH_STORE_OP_COUNT_) s->ops_total[op][mh_store_res_of(err)]++;
+}
+
+int mh_store_metrics_write(mh_store_t *s, mh_buf_t *out)
+{
+    int rc = mh_buf_append_str(out, "# HELP musehub_store_operations_total Object store operations by kind and "
+                                    "result.\n# TYPE musehub_store_operations_total counter\n");
+    for (int o = 0; o < MH_STORE_OP_COUNT_ && rc == 0; o++)
+        for (int r = 0; r < MH_STORE_RES_COUNT_ && rc == 0; r++)
+            rc = mh_buf_printf(out, "musehub_store_operations_total{backend=\"%s\",op=\"%s\",result=\"%s\"} %" PRIu64 "\n",
+                               s->ops->kind, op_names[o], res_names[r], s->ops_total[o][r]);
+    if (rc == 0)
+        rc = mh_buf_printf(out,
+                           "# HELP musehub_store_bytes_read_total Bytes read from the object store.\n"
+                           "# TYPE musehub_store_bytes_read_total counter\n"
+                           "musehub_store_bytes_read_total{backend=\"%s\"} %" PRIu64 "\n"
+                           "# HELP musehub_store_bytes_written_total Bytes written to the object store.\n"
+                           "# TYPE musehub_store_bytes_written_total counter\n"
+                           "musehub_store_bytes_written_total{backend=\"%s\"} %" PRIu64 "\n",
+                           s->ops->kind, s->bytes_read, s->ops->kind, s->bytes_written);
+    return rc;
+}
+
+/* -------------------------------------------------------- open and close */
+
+typedef int (*backend_open_fn)(uv_loop_t *loop, const mh_store_config_t *cfg, const char *arg, mh_store_t **out);
+
+static const struct {
+    const char *prefix; /* in MUSEHUB_STORE, with the colon */
+    backend_open_fn open; /* NULL: recognised but not built into this binary */
+} backends[] = {
+    {"fs:", mh_store_fs_open},
+    {"s3:", mh_store_s3_open},
+};
+
+int mh_store_open(uv_loop_t *loop, const mh_store_config_t *cfg, mh_store_t **out)
+{
+    *out = NULL;
+    const char *spec = cfg ? cfg->spec : NULL;
+    if (!loop || !spec) return MH_EINVAL;
+    for (size_t i = 0; i < sizeof(backends) / sizeof(backends[0]); i++) {
+        size_t pn = strlen(backends[i].prefix);
+        if (strncmp(spec, backends[i].prefix, pn) != 0) continue;
+        const char *arg = spec + pn;
+        if (!*arg) {
+            mh_error("store: MUSEHUB_STORE=\"%s\" names no %s", spec, pn == 3 ? "directory" : "bucket");
+            return MH_EINVAL;
+        }
+        if (!backends[i].open) {
+            mh_error("store: %.2s backend not built yet (MUSEHUB_STORE=\"%s\")", backends[i].prefix, spec);
+            return MH_EINVAL;
+        }
+        return backends[i].open(loop, cfg, arg, out);
+    }
+    mh_error("store: MUSEHUB_STORE=\"%s\" is neither fs:<dir> nor s3:<bucket>", spec);
+    return MH_EINVAL;
+}
+
+void mh_store_close(mh_store_t *s)
+{
+    if (s) s->ops->close(s);
+}
+
+const char *mh_store_kind(const mh_store_t *s)
+{
+    return s->ops->kind;
+}
+
+/* -------------------------------------------------------------- dispatch */
+
+void mh_store_get(mh_store_t *s, const char *key, uint64_t off, uint64_t len, mh_store_get_cb cb, void *ud)
+{
+    s->ops->get(s, key, off, len, cb, ud);
+}
+
+void mh_store_get_ranges(mh_store_t *s, const char *key, const mh_range_t *ranges, size_t n, mh_store_get_cb cb,
+                         void *ud)
+{
+    s->ops->get_ranges(s, key, ranges, n, cb, ud);
+}
+
+void mh_store_put(mh_store_t *s, const char *key, const void *data, size_t n, mh_store_done_cb cb, void *ud)
+{
+    s->ops->put(s, key, data, n, cb, ud);
+}
+
+void mh_store_move(mh_store_t *s, const char *src, const char *dst, mh_store_done_cb cb, void *ud)
+{
+    s->ops->move(s, src, dst, cb, ud);
+}
+
+void mh_store_delete(mh_store_t *s, const char *key, mh_store_done_cb cb, void *ud)
+{
+    s->ops->del(s, key, cb, ud);
+}
+
+void mh_store_head(mh_store_t *s, const char *key, mh_store_head_cb cb, void *ud)
+{
+    s->ops->head(s, key, cb, ud);
+}
+
+int mh_store_presign(mh_store_t *s, mh_arena_t *a, const char *method, const char *key, uint64_t size,
+                     const uint8_t *sha256, uint32_t ttl_s, char **url)
+{
+    *url = NULL;
+    int rc;
+    if (!method || (strcmp(method, "GET") != 0 && strcmp(method, "PUT") != 0) || !key ||
+        !mh_store_key_valid(key, strlen(key)) || (strcmp(method, "PUT") == 0 && !sha256))
+        rc = MH_EINVAL;
+    else
+        rc = s->ops->presign(s, a, method, key, size, sha256, ttl_s < 1 ? 1 : ttl_s > 604800 ? 604800 : ttl_s, url);
+    mh_store_note(s, MH_STORE_OP_PRESIGN, rc);
+    return rc;
+}

@@ -1,0 +1,779 @@
+/*
+ * test_store.c — unit tests of the object store front and its fs backend
+ * (SPEC 3, 4.3 step 2): async ops on a real libuv loop against a temp
+ * directory, key validation (path traversal), presigned URLs, streamed
+ * uploads, the signing secret file, many ops in flight, close with ops in
+ * flight, metrics.
+ */
+#include <dirent.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "../../src/store/store_int.h"
+#include "mh/store.h"
+#include "tap.h"
+
+static uv_loop_t *loop;
+static char root[64];
+
+/* ------------------------------------------------------------- helpers */
+
+typedef struct {
+    int done;
+    int err;
+    bool reentrant; /* the callback ran inside the starting call */
+    mh_buf_t buf;
+    uint64_t size;
+} res_t;
+
+static bool in_call; /* true while a store call is on the stack */
+
+static void get_cb(void *ud, int err, mh_buf_t *d)
+{
+    res_t *r = ud;
+    r->done++;
+    r->err = err;
+    r->reentrant |= in_call;
+    if (d) r->buf = *d; /* take the bytes */
+}
+
+static void done_cb(void *ud, int err)
+{
+    res_t *r = ud;
+    r->done++;
+    r->err = err;
+    r->reentrant |= in_call;
+}
+
+static void head_cb(void *ud, int err, uint64_t size)
+{
+    res_t *r = ud;
+    r->done++;
+    r->err = err;
+    r->size = size;
+    r->reentrant |= in_call;
+}
+
+static void wait_for(res_t *r)
+{
+    while (!r->done) uv_run(loop, UV_RUN_ONCE);
+}
+
+#define CALL(expr)                                                                                                   \
+    do {                                                                                                             \
+        in_call = true;                                                                                              \
+        expr;                                                                                                        \
+        in_call = false;                                                                                             \
+    } while (0)
+
+static int do_get(mh_store_t *s, const char *key, uint64_t off, uint64_t len, mh_buf_t *out)
+{
+    res_t r = {0};
+    CALL(mh_store_get(s, key, off, len, get_cb, &r));
+    wait_for(&r);
+    *out = r.buf;
+    return r.done == 1 && !r.reentrant ? r.err : -99999;
+}
+
+static int do_ranges(mh_store_t *s, const char *key, const mh_range_t *rg, size_t n, mh_buf_t *out)
+{
+    res_t r = {0};
+    CALL(mh_store_get_ranges(s, key, rg, n, get_cb, &r));
+    wait_for(&r);
+    *out = r.buf;
+    return r.done == 1 && !r.reentrant ? r.err : -99999;
+}
+
+static int do_put(mh_store_t *s, const char *key, const void *data, size_t n)
+{
+    res_t r = {0};
+    CALL(mh_store_put(s, key, data, n, done_cb, &r));
+    wait_for(&r);
+    return r.done == 1 && !r.reentrant ? r.err : -99999;
+}
+
+static int do_move(mh_store_t *s, const char *src, const char *dst)
+{
+    res_t r = {0};
+    CALL(mh_store_move(s, src, dst, done_cb, &r));
+    wait_for(&r);
+    return r.done == 1 && !r.reentrant ? r.err : -99999;
+}
+
+static int do_delete(mh_store_t *s, const char *key)
+{
+    res_t r = {0};
+    CALL(mh_store_delete(s, key, done_cb, &r));
+    wait_for(&r);
+    return r.done == 1 && !r.reentrant ? r.err : -99999;
+}
+
+static int do_head(mh_store_t *s, const char *key, uint64_t *size)
+{
+    res_t r = {0};
+    CALL(mh_store_head(s, key, head_cb, &r));
+    wait_for(&r);
+    *size = r.size;
+    return r.done == 1 && !r.reentrant ? r.err : -99999;
+}
+
+static void pack_key(char *out, const void *data, size_t n)
+{
+    uint8_t d[32];
+    char hex[65];
+    mh_sha256(data, n, d);
+    mh_hex_encode(hex, d, 32);
+    snprintf(out, MH_STORE_KEY_MAX + 1, "mpacks/%s", hex);
+}
+
+static uint8_t *pattern(size_t n, uint32_t seed)
+{
+    uint8_t *p = malloc(n ? n : 1);
+    uint32_t x = seed * 2654435761u + 1;
+    for (size_t i = 0; i < n; i++) {
+        x ^= x << 13, x ^= x >> 17, x ^= x << 5;
+        p[i] = (uint8_t)x;
+    }
+    return p;
+}
+
+static bool file_exists(const char *rel)
+{
+    char p[256];
+    struct stat st;
+    snprintf(p, sizeof p, "%s/store/%s", root, rel);
+    return stat(p, &st) == 0;
+}
+
+static int count_entries(const char *sub)
+{
+    char p[256];
+    snprintf(p, sizeof p, "%s/store/%s", root, sub);
+    DIR *d = opendir(p);
+    int n = 0;
+    struct dirent *e;
+    while (d && (e = readdir(d)))
+        if (e->d_name[0] != '.') n++;
+    if (d) closedir(d);
+    return n;
+}
+
+static mh_store_t *open_store(const char *sub, const char *secret, const char *url)
+{
+    char spec[256];
+    snprintf(spec, sizeof spec, "fs:%s/%s", root, sub);
+    mh_store_config_t cfg = {.spec = spec, .public_url = url, .signing_secret = secret};
+    mh_store_t *s = NULL;
+    int rc = mh_store_open(loop, &cfg, &s);
+    return rc == 0 ? s : NULL;
+}
+
+/* Splits a presigned URL into key and query (pointers into url). */
+static void split_url(const char *url, mh_str_t *key, mh_str_t *query)
+{
+    const char *k = strstr(url, "/_store/");
+    const char *q = k ? strchr(k, '?') : NULL;
+    *key = (mh_str_t){k ? k + 8 : "", k && q ? (size_t)(q - k - 8) : 0};
+    *query = (mh_str_t){q ? q + 1 : "", q ? strlen(q + 1) : 0};
+}
+
+/* --------------------------------------------------------------- tests */
+
+static void test_open_specs(void)
+{
+    mh_store_t *s = NULL;
+    mh_store_config_t cfg = {.spec = "s3:bucket"};
+    TAP_EQ_INT(mh_store_open(loop, &cfg, &s), MH_EINVAL, "s3: refused until the s3 backend is built");
+    cfg.spec = "fs:";
+    TAP_EQ_INT(mh_store_open(loop, &cfg, &s), MH_EINVAL, "fs: without a directory refused");
+    cfg.spec = "ftp:/x";
+    TAP_EQ_INT(mh_store_open(loop, &cfg, &s), MH_EINVAL, "unknown backend refused");
+    TAP_OK(s == NULL, "no store handed out on error");
+}
+
+static void test_keys(void)
+{
+    static const char *good[] = {
+        "mpacks/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "incoming/a",
+        "incoming/AZaz09_-",
+        "incoming/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    };
+    static const char *bad[] = {
+        "",
+        "mpacks/",
+        "mpacks/0123456789ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef",
+        "mpacks/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde",
+        "mpacks/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef0",
+        "mpacks/../../../../../../../../../../../../../../../../../../etc/passwd",
+        "incoming/",
+        "incoming/..",
+        "incoming/../mpacks/x",
+        "incoming/a/b",
+        "incoming/a.b",
+        "incoming/%2e%2e",
+        "incoming/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        "../incoming/a",
+        "/etc/passwd",
+        ".signing-secret",
+        "tmp/x",
+        "fetch/x",
+        "Incoming/a",
+        "incoming//a",
+    };
+    for (size_t i = 0; i < sizeof good / sizeof *good; i++)
+        TAP_OK(mh_store_key_valid(good[i], strlen(good[i])), "key valid: %s", good[i]);
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
+        TAP_OK(!mh_store_key_valid(bad[i], strlen(bad[i])), "key refused: '%s'", bad[i]);
+    TAP_OK(!mh_store_key_valid("incoming/a\0b", 12), "key with NUL refused");
+}
+
+static void test_traversal(mh_store_t *s)
+{
+    static const char *bad[] = {"../../etc/passwd", "incoming/../.signing-secret", "tmp/x", "mpacks/../incoming/a",
+                                ".signing-secret"};
+    mh_arena_t a;
+    mh_arena_init(&a, 0);
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        mh_buf_t b = {0};
+        uint64_t sz;
+        int fd;
+        char *url;
+        const char *k = bad[i];
+        TAP_EQ_INT(do_get(s, k, 0, UINT64_MAX, &b), MH_EINVAL, "get refuses traversal key (deferred cb)");
+        TAP_EQ_INT(do_head(s, k, &sz), MH_EINVAL, "head refuses traversal key");
+        TAP_EQ_INT(do_put(s, k, "x", 1), MH_EINVAL, "put refuses traversal key");
+        TAP_EQ_INT(do_delete(s, k), MH_EINVAL, "delete refuses traversal key");
+        TAP_EQ_INT(do_move(s, "incoming/a", k), MH_EINVAL, "move refuses traversal dst");
+        TAP_EQ_INT(mh_store_fs_open_read(s, k, &fd, &sz), MH_EINVAL, "open_read refuses traversal key");
+        TAP_EQ_INT(mh_store_presign(s, &a, "GET", k, 0, NULL, 60, &url), MH_EINVAL, "presign refuses traversal key");
+        mh_str_t key = {k, strlen(k)};
+        TAP_EQ_INT(mh_store_fs_check_url(s, "GET", key, MH_STR("X-Muse-Method=GET"), NULL, NULL), MH_EAUTH,
+                   "check_url refuses traversal key");
+    }
+    mh_buf_t b = {0};
+    TAP_EQ_INT(do_get(s, NULL, 0, 1, &b), MH_EINVAL, "NULL key refused");
+    TAP_OK(file_exists(".signing-secret"), "secret still there");
+    mh_arena_release(&a);
+}
+
+static void test_put_get_head(mh_store_t *s)
+{
+    size_t n = 200 * 1024 + 17;
+    uint8_t *data = pattern(n, 1);
+    char key[MH_STORE_KEY_MAX + 1];
+    pack_key(key, data, n);
+    mh_buf_t b = {0};
+    uint64_t sz = 0;
+
+    TAP_EQ_INT(do_get(s, key, 0, UINT64_MAX, &b), MH_ENOENT, "get absent -> ENOENT");
+    TAP_OK(b.p == NULL, "no buffer on error");
+    TAP_EQ_INT(do_head(s, key, &sz), MH_ENOENT, "head absent -> ENOENT");
+    TAP_EQ_INT(do_put(s, key, data, n), 0, "put");
+    TAP_EQ_INT(count_entries("tmp"), 0, "put leaves nothing in tmp/");
+    TAP_EQ_INT(do_head(s, key, &sz), 0, "head");
+    TAP_EQ_INT(sz, n, "head size");
+    TAP_EQ_INT(do_get(s, key, 0, UINT64_MAX, &b), 0, "get whole");
+    TAP_OK(b.len == n && memcmp(b.p, data, n) == 0, "get whole bytes");
+    mh_buf_free(&b);
+    TAP_EQ_INT(do_get(s, key, 1000, 5000, &b), 0, "get range");
+    TAP_OK(b.len == 5000 && memcmp(b.p, data + 1000, 5000) == 0, "get range bytes");
+    mh_buf_free(&b);
+    TAP_EQ_INT(do_get(s, key, n - 10, UINT64_MAX, &b), 0, "get tail");
+    TAP_OK(b.len == 10 && memcmp(b.p, data + n - 10, 10) == 0, "get tail bytes");
+    mh_buf_free(&b);
+    TAP_EQ_INT(do_get(s, key, n, UINT64_MAX, &b), 0, "get at end -> empty");
+    TAP_EQ_INT(b.len, 0, "empty");
+    mh_buf_free(&b);
+    TAP_EQ_INT(do_get(s, key, n - 10, 11, &b), MH_EINVAL, "range past the end -> EINVAL");
+    TAP_EQ_INT(do_get(s, key, n + 1, UINT64_MAX, &b), MH_EINVAL, "offset past the end -> EINVAL");
+    TAP_EQ_INT(do_get(s, key, 1, UINT64_MAX - 1, &b), MH_EINVAL, "overflowing range -> EINVAL");
+
+    /* Overwriting a content-addressed key the server built is allowed. */
+    TAP_EQ_INT(do_put(s, key, data, n), 0, "put again (same bytes)");
+    TAP_EQ_INT(do_put(s, "incoming/empty", "", 0), 0, "put empty object");
+    TAP_EQ_INT(do_head(s, "incoming/empty", &sz), 0, "head empty");
+    TAP_EQ_INT(sz, 0, "empty size");
+
+    int fd = -1;
+    TAP_EQ_INT(mh_store_fs_open_read(s, key, &fd, &sz), 0, "open_read");
+    TAP_EQ_INT(sz, n, "open_read size");
+    uint8_t *back = malloc(n);
+    TAP_OK(fd >= 0 && pread(fd, back, n, 0) == (ssize_t)n && memcmp(back, data, n) == 0, "open_read bytes");
+    if (fd >= 0) close(fd);
+    TAP_EQ_INT(mh_store_fs_open_read(s, "incoming/nope", &fd, &sz), MH_ENOENT, "open_read absent");
+    TAP_EQ_INT(fd, -1, "no fd on error");
+    free(back);
+    free(data);
+}
+
+static void check_ranges(mh_store_t *s, const char *key, const uint8_t *data, const mh_range_t *rg, size_t n,
+                         const char *name)
+{
+    mh_buf_t b = {0}, want = {0};
+    for (size_t i = 0; i < n; i++) mh_buf_append(&want, data + rg[i].off, (size_t)rg[i].len);
+    int rc = do_ranges(s, key, rg, n, &b);
+    TAP_EQ_INT(rc, 0, name);
+    TAP_OK(b.len == want.len && (b.len == 0 || memcmp(b.p, want.p, b.len) == 0), "%s: bytes (%zu)", name, b.len);
+    mh_buf_free(&b);
+    mh_buf_free(&want);
+}
+
+static void test_ranges(mh_store_t *s)
+{
+    size_t n = 12u * 1024 * 1024 + 333;
+    uint8_t *data = pattern(n, 2);
+    char key[MH_STORE_KEY_MAX + 1];
+    pack_key(key, data, n);
+    TAP_EQ_INT(do_put(s, key, data, n), 0, "put 12 MiB pack");
+
+    mh_range_t sorted_adjacent[] = {{0, 10}, {10, 20}, {30, 5}, {35, 100}};
+    check_ranges(s, key, data, sorted_adjacent, 4, "adjacent sorted ranges");
+    mh_range_t unsorted[] = {{5000000, 70}, {100, 10}, {0, 50}, {200000, 3}, {110, 40}, {n - 7, 7}, {150, 0}};
+    check_ranges(s, key, data, unsorted, 7, "unsorted ranges, some adjacent, some far");
+    mh_range_t overlapping[] = {{1000, 500}, {1200, 500}, {1000, 500}, {999, 2}};
+    check_ranges(s, key, data, overlapping, 4, "overlapping and repeated ranges");
+    mh_range_t big[] = {{1, 9u * 1024 * 1024}, {0, 4}, {9u * 1024 * 1024 + 10, 100}, {n - 1, 1}};
+    check_ranges(s, key, data, big, 4, "a range longer than one run");
+    mh_range_t gaps[64];
+    for (size_t i = 0; i < 64; i++) gaps[63 - i] = (mh_range_t){i * 150000, 1000 + i};
+    check_ranges(s, key, data, gaps, 64, "64 ranges in reverse order with 150 KB strides");
+    check_ranges(s, key, data, NULL, 0, "no ranges -> empty");
+
+    mh_buf_t b = {0};
+    mh_range_t oob[] = {{0, 1}, {n - 1, 2}};
+    TAP_EQ_INT(do_ranges(s, key, oob, 2, &b), MH_EINVAL, "range past the end -> EINVAL");
+    TAP_OK(b.p == NULL, "no buffer on error");
+    TAP_EQ_INT(do_ranges(s, "incoming/nope", oob, 1, &b), MH_ENOENT, "ranges of absent key -> ENOENT");
+    TAP_EQ_INT(do_delete(s, key), 0, "delete big pack");
+    free(data);
+}
+
+static void test_move_delete(mh_store_t *s)
+{
+    const char *bytes = "some pack bytes";
+    char key[MH_STORE_KEY_MAX + 1];
+    pack_key(key, bytes, strlen(bytes));
+    mh_buf_t b = {0};
+    uint64_t sz;
+
+    TAP_EQ_INT(do_put(s, "incoming/m1", bytes, strlen(bytes)), 0, "stage incoming/m1");
+    TAP_EQ_INT(do_move(s, "incoming/m1", key), 0, "move to mpacks/");
+    TAP_EQ_INT(do_head(s, "incoming/m1", &sz), MH_ENOENT, "src gone after move");
+    TAP_EQ_INT(do_get(s, key, 0, UINT64_MAX, &b), 0, "dst readable");
+    TAP_OK(b.len == strlen(bytes) && memcmp(b.p, bytes, b.len) == 0, "dst bytes");
+    mh_buf_free(&b);
+
+    TAP_EQ_INT(do_put(s, "incoming/m2", bytes, strlen(bytes)), 0, "stage same bytes again");
+    TAP_EQ_INT(do_move(s, "incoming/m2", key), 0, "move onto existing key succeeds");
+    TAP_EQ_INT(do_head(s, "incoming/m2", &sz), MH_ENOENT, "src dropped");
+    TAP_EQ_INT(do_head(s, key, &sz), 0, "dst still there");
+    TAP_EQ_INT(sz, strlen(bytes), "dst size intact");
+
+    TAP_EQ_INT(do_move(s, "incoming/m3", key), MH_ENOENT, "move of absent src -> ENOENT");
+    TAP_EQ_INT(do_move(s, key, key), 0, "move onto itself keeps it");
+    TAP_EQ_INT(do_head(s, key, &sz), 0, "still there after self-move");
+    TAP_EQ_INT(do_move(s, "../x", key), MH_EINVAL, "move bad src -> EINVAL");
+
+    TAP_EQ_INT(do_delete(s, key), 0, "delete");
+    TAP_EQ_INT(do_head(s, key, &sz), MH_ENOENT, "gone after delete");
+    TAP_EQ_INT(do_delete(s, key), 0, "delete absent succeeds");
+}
+
+typedef struct {
+    int done, ok;
+    const uint8_t *want;
+    size_t wlen;
+} many_t;
+
+static void many_cb(void *ud, int err, mh_buf_t *d)
+{
+    many_t *m = ud;
+    m->done++;
+    if (!err && d->len == m->wlen && memcmp(d->p, m->want, m->wlen) == 0) m->ok++;
+    if (d) mh_buf_free(d);
+}
+
+static void test_concurrent(mh_store_t *s)
+{
+    enum { N = 100, NK = 5 };
+    uint8_t *data[NK];
+    char keys[NK][MH_STORE_KEY_MAX + 1];
+    size_t len[NK];
+    for (int k = 0; k < NK; k++) {
+        len[k] = 10000 + 7919 * (size_t)k;
+        data[k] = pattern(len[k], 100 + (uint32_t)k);
+        pack_key(keys[k], data[k], len[k]);
+        do_put(s, keys[k], data[k], len[k]);
+    }
+    many_t m[N];
+    for (int i = 0; i < N; i++) {
+        m[i] = (many_t){0, 0, data[i % NK] + i, len[i % NK] - (size_t)i};
+        mh_store_get(s, keys[i % NK], (uint64_t)i, UINT64_MAX, many_cb, &m[i]);
+    }
+    int done = 0, ok = 0, twice = 0;
+    uv_run(loop, UV_RUN_DEFAULT);
+    for (int i = 0; i < N; i++) {
+        done += m[i].done == 1;
+        ok += m[i].ok;
+        twice += m[i].done > 1;
+    }
+    TAP_EQ_INT(done, N, "100 gets in flight: every callback once");
+    TAP_EQ_INT(twice, 0, "no callback twice");
+    TAP_EQ_INT(ok, N, "100 gets in flight: right bytes");
+    for (int k = 0; k < NK; k++) free(data[k]);
+}
+
+static void test_presign(mh_store_t *s)
+{
+    mh_arena_t a;
+    mh_arena_init(&a, 0);
+    uint8_t sha[32], got_sha[32];
+    mh_sha256("x", 1, sha);
+    char *url = NULL;
+    mh_str_t key, q;
+    uint64_t size = 0;
+    const char *k = "incoming/Up_load-1";
+
+    TAP_EQ_INT(mh_store_presign(s, &a, "PUT", k, 12345, sha, 3600, &url), 0, "presign PUT");
+    static const char want_prefix[] =
+        "http://127.0.0.1:1337/_store/incoming/Up_load-1?X-Muse-Method=PUT&X-Muse-Expires=";
+    TAP_OK(url && strncmp(url, want_prefix, sizeof want_prefix - 1) == 0,
+           "PUT URL shape (trailing slash of public URL dropped)");
+    TAP_OK(url && strstr(url, "&X-Muse-Size=12345&X-Muse-Sha256=") && strstr(url, "&X-Muse-Signature="),
+           "PUT URL binds size and sha256");
+    split_url(url, &key, &q);
+    TAP_EQ_INT(mh_store_fs_check_url(s, "PUT", key, q, &size, got_sha), 0, "PUT URL verifies");
+    TAP_EQ_INT(size, 12345, "size from URL");
+    TAP_OK(memcmp(sha, got_sha, 32) == 0, "sha256 from URL");
+    TAP_EQ_INT(mh_store_fs_check_url(s, "GET", key, q, NULL, NULL), MH_EAUTH, "PUT URL used for GET refused");
+
+    /* Tampering with any signed part. */
+    char *t = mh_strdup(&a, q.p);
+    char *sig = strstr(t, "X-Muse-Signature=") + 17;
+    sig[0] = sig[0] == '0' ? '1' : '0';
+    TAP_EQ_INT(mh_store_fs_check_url(s, "PUT", key, (mh_str_t){t, strlen(t)}, NULL, NULL), MH_EAUTH,
+               "tampered signature refused");
+    TAP_EQ_INT(mh_store_fs_check_url(s, "PUT", MH_STR("incoming/Up_load-2"), q, NULL, NULL), MH_EAUTH,
+               "other key refused");
+    t = mh_strdup(&a, q.p);
+    char *szp = strstr(t, "X-Muse-Size=") + 12;
+    szp[0] = '2';
+    TAP_EQ_INT(mh_store_fs_check_url(s, "PUT", key, (mh_str_t){t, strlen(t)}, NULL, NULL), MH_EAUTH,
+               "tampered size refused");
+    t = mh_strdup(&a, q.p);
+    char *shp = strstr(t, "X-Muse-Sha256=") + 14;
+    shp[5] = shp[5] == 'a' ? 'b' : 'a';
+    TAP_EQ_INT(mh_store_fs_check_url(s, "PUT", key, (mh_str_t){t, strlen(t)}, NULL, NULL), MH_EAUTH,
+               "tampered sha256 refused");
+    t = mh_strdup(&a, q.p);
+    char *exp = strstr(t, "X-Muse-Expires=") + 15;
+    exp[9] = exp[9] == '9' ? '8' : (char)(exp[9] + 1);
+    TAP_EQ_INT(mh_store_fs_check_url(s, "PUT", key, (mh_str_t){t, strlen(t)}, NULL, NULL), MH_EAUTH,
+               "tampered expiry refused");
+    t = mh_sprintf(&a, "%s&X-Muse-Size=1", q.p);
+    TAP_EQ_INT(mh_store_fs_check_url(s, "PUT", key, (mh_str_t){t, strlen(t)}, NULL, NULL), MH_EAUTH,
+               "repeated parameter refused");
+    t = mh_sprintf(&a, "%s&x=1", q.p);
+    TAP_EQ_INT(mh_store_fs_check_url(s, "PUT", key, (mh_str_t){t, strlen(t)}, NULL, NULL), MH_EAUTH,
+               "unknown parameter refused");
+    t = mh_sprintf(&a, "%s&", q.p);
+    TAP_EQ_INT(mh_store_fs_check_url(s, "PUT", key, (mh_str_t){t, strlen(t)}, NULL, NULL), MH_EAUTH,
+               "trailing & refused");
+    TAP_EQ_INT(mh_store_fs_check_url(s, "PUT", key, (mh_str_t){q.p, q.n - 1}, NULL, NULL), MH_EAUTH,
+               "truncated signature refused");
+    TAP_EQ_INT(mh_store_fs_check_url(s, "PUT", key, MH_STR(""), NULL, NULL), MH_EAUTH, "no query refused");
+    TAP_EQ_INT(mh_store_fs_check_url(s, "DELETE", key, q, NULL, NULL), MH_EAUTH, "other method refused");
+
+    /* GET URLs carry no size/sha. */
+    const char *pk = "mpacks/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    TAP_EQ_INT(mh_store_presign(s, &a, "GET", pk, 0, NULL, 60, &url), 0, "presign GET");
+    TAP_OK(!strstr(url, "X-Muse-Size") && !strstr(url, "X-Muse-Sha256"), "GET URL has no size/sha");
+    split_url(url, &key, &q);
+    size = 7;
+    TAP_EQ_INT(mh_store_fs_check_url(s, "GET", key, q, &size, got_sha), 0, "GET URL verifies");
+    TAP_EQ_INT(size, 0, "GET size 0");
+    TAP_EQ_INT(mh_store_fs_check_url(s, "PUT", key, q, NULL, NULL), MH_EAUTH, "GET URL used for PUT refused");
+    t = mh_sprintf(&a, "%s&X-Muse-Size=0", q.p);
+    TAP_EQ_INT(mh_store_fs_check_url(s, "GET", key, (mh_str_t){t, strlen(t)}, NULL, NULL), MH_EAUTH,
+               "GET URL with a size refused");
+
+    /* ttl clamps. */
+    TAP_EQ_INT(mh_store_presign(s, &a, "GET", pk, 0, NULL, 100000000, &url), 0, "presign huge ttl");
+    long long e = atoll(strstr(url, "X-Muse-Expires=") + 15);
+    TAP_OK(e <= mh_unix_time() + 604800 && e >= mh_unix_time() + 604790, "ttl clamped to 7 days");
+    TAP_EQ_INT(mh_store_presign(s, &a, "DELETE", pk, 0, NULL, 60, &url), MH_EINVAL, "presign DELETE refused");
+    TAP_EQ_INT(mh_store_presign(s, &a, "PUT", k, 1, NULL, 60, &url), MH_EINVAL, "presign PUT without sha refused");
+    mh_arena_release(&a);
+}
+
+/* With a known secret, forge URLs by the documented canonical string:
+ * checks the format independently, and lets us make expired URLs. */
+static void test_expiry(void)
+{
+    const char *secret = "unit-test-secret-unit-test-secret";
+    mh_store_t *s = open_store("store", secret, "http://h");
+    TAP_OK(s != NULL, "open with configured secret");
+    if (!s) return;
+    char canon[256], sig[65], q[512];
+    uint8_t mac[32];
+    const char *k = "incoming/exp";
+    const char *sha = "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881";
+    long long exps[] = {(long long)mh_unix_time() - 5, (long long)mh_unix_time() + 100};
+    for (int i = 0; i < 2; i++) {
+        snprintf(canon, sizeof canon, "PUT\n%s\n%lld\n%d\n%s", k, exps[i], 1, sha);
+        mh_hmac_sha256(secret, strlen(secret), canon, strlen(canon), mac);
+        mh_hex_encode(sig, mac, 32);
+        snprintf(q, sizeof q,
+                 "X-Muse-Method=PUT&X-Muse-Expires=%lld&X-Muse-Size=1&X-Muse-Sha256=%s&X-Muse-Signature=%s", exps[i],
+                 sha, sig);
+        int rc = mh_store_fs_check_url(s, "PUT", (mh_str_t){k, strlen(k)}, (mh_str_t){q, strlen(q)}, NULL, NULL);
+        if (i == 0) TAP_EQ_INT(rc, MH_ETIMEDOUT, "expired URL refused");
+        else TAP_EQ_INT(rc, 0, "URL forged from the documented canonical string verifies");
+    }
+    /* Parameter order is free, but each must appear once. */
+    snprintf(q, sizeof q, "X-Muse-Signature=%s&X-Muse-Sha256=%s&X-Muse-Size=1&X-Muse-Expires=%lld&X-Muse-Method=PUT",
+             sig, sha, exps[1]);
+    TAP_EQ_INT(mh_store_fs_check_url(s, "PUT", (mh_str_t){k, strlen(k)}, (mh_str_t){q, strlen(q)}, NULL, NULL), 0,
+               "parameters in another order verify");
+    mh_store_close(s);
+}
+
+static void test_secret(mh_store_t *s)
+{
+    char p[256];
+    struct stat st;
+    snprintf(p, sizeof p, "%s/store/.signing-secret", root);
+    TAP_OK(stat(p, &st) == 0, "secret file created");
+    TAP_EQ_INT(st.st_mode & 0777, 0600, "secret file mode 0600");
+    char before[128] = {0}, after[128] = {0};
+    FILE *f = fopen(p, "r");
+    size_t n = f ? fread(before, 1, sizeof before - 1, f) : 0;
+    if (f) fclose(f);
+    TAP_EQ_INT(n, 65, "secret is 64 hex + newline");
+
+    mh_store_t *s2 = open_store("store", NULL, "http://127.0.0.1:1337");
+    TAP_OK(s2 != NULL, "second store on the same dir");
+    f = fopen(p, "r");
+    if (f) {
+        if (fread(after, 1, sizeof after - 1, f)) {}
+        fclose(f);
+    }
+    TAP_EQ_STR(after, before, "secret file reused, not rewritten");
+
+    mh_arena_t a;
+    mh_arena_init(&a, 0);
+    char *url;
+    mh_str_t key, q;
+    uint8_t sha[32] = {1};
+    mh_store_presign(s, &a, "PUT", "incoming/shared", 5, sha, 60, &url);
+    split_url(url, &key, &q);
+    TAP_EQ_INT(mh_store_fs_check_url(s2, "PUT", key, q, NULL, NULL), 0, "URL of one process verifies in another");
+    mh_store_t *s3 = open_store("store", "another-secret-another-secret-xx", "http://h");
+    TAP_EQ_INT(mh_store_fs_check_url(s3, "PUT", key, q, NULL, NULL), MH_EAUTH, "other secret refuses it");
+    mh_store_close(s3);
+    mh_store_close(s2);
+    mh_arena_release(&a);
+}
+
+static mh_fs_upload_t *start_upload(mh_store_t *s, const char *key, const uint8_t *data, size_t n, size_t declared,
+                                    const uint8_t *sha, int *write_rc)
+{
+    mh_fs_upload_t *u = NULL;
+    int rc = mh_store_fs_upload_open(s, key, declared, sha, &u);
+    if (rc != 0) {
+        *write_rc = rc;
+        return NULL;
+    }
+    *write_rc = 0;
+    for (size_t off = 0; off < n && *write_rc == 0; off += 4096)
+        *write_rc = mh_store_fs_upload_write(u, data + off, n - off < 4096 ? n - off : 4096);
+    return u;
+}
+
+static void test_upload(mh_store_t *s)
+{
+    size_t n = 300000;
+    uint8_t *data = pattern(n, 7), sha[32], bad[32];
+    mh_sha256(data, n, sha);
+    memcpy(bad, sha, 32);
+    bad[0] ^= 1;
+    int wrc;
+    mh_buf_t b = {0};
+    uint64_t sz;
+
+    mh_fs_upload_t *u = start_upload(s, "incoming/good", data, n, n, sha, &wrc);
+    TAP_OK(u && wrc == 0, "upload writes");
+    TAP_EQ_INT(count_entries("tmp"), 1, "upload in progress lives in tmp/");
+    TAP_OK(!file_exists("incoming/good"), "key not visible before finish");
+    TAP_EQ_INT(u ? mh_store_fs_upload_finish(u) : -1, 0, "upload finish");
+    TAP_EQ_INT(do_get(s, "incoming/good", 0, UINT64_MAX, &b), 0, "uploaded key readable");
+    TAP_OK(b.len == n && memcmp(b.p, data, n) == 0, "uploaded bytes kept");
+    mh_buf_free(&b);
+    TAP_EQ_INT(count_entries("tmp"), 0, "tmp/ empty after finish");
+
+    u = NULL;
+    TAP_EQ_INT(mh_store_fs_upload_open(s, "incoming/good", n, sha, &u), MH_EEXIST, "upload onto existing key refused");
+    TAP_OK(u == NULL, "no upload handle");
+    TAP_EQ_INT(mh_store_fs_upload_open(s, "mpacks/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+                                       n, sha, &u),
+               MH_EINVAL, "upload to a final key refused");
+    TAP_EQ_INT(mh_store_fs_upload_open(s, "incoming/../x", n, sha, &u), MH_EINVAL, "upload traversal key refused");
+
+    u = start_upload(s, "incoming/badhash", data, n, n, bad, &wrc);
+    TAP_EQ_INT(u ? mh_store_fs_upload_finish(u) : -1, MH_EHASH, "wrong hash -> EHASH");
+    TAP_OK(!file_exists("incoming/badhash"), "wrong hash: nothing in incoming/");
+    TAP_EQ_INT(count_entries("tmp"), 0, "wrong hash: nothing in tmp/");
+
+    u = start_upload(s, "incoming/long", data, n, n - 1, sha, &wrc);
+    TAP_EQ_INT(wrc, MH_ELIMIT, "too long -> ELIMIT on write");
+    TAP_EQ_INT(u ? mh_store_fs_upload_write(u, "x", 1) : -1, MH_ELIMIT, "error is sticky");
+    TAP_OK(u && mh_store_fs_upload_finish(u) != 0, "too long: finish fails");
+    TAP_OK(!file_exists("incoming/long"), "too long: nothing in incoming/");
+    TAP_EQ_INT(count_entries("tmp"), 0, "too long: nothing in tmp/");
+
+    u = start_upload(s, "incoming/short", data, n - 1, n, sha, &wrc);
+    TAP_EQ_INT(u ? mh_store_fs_upload_finish(u) : -1, MH_EHASH, "too short -> EHASH");
+    TAP_OK(!file_exists("incoming/short"), "too short: nothing in incoming/");
+    TAP_EQ_INT(count_entries("tmp"), 0, "too short: nothing in tmp/");
+
+    u = start_upload(s, "incoming/aborted", data, 1000, n, sha, &wrc);
+    mh_store_fs_upload_abort(u);
+    TAP_OK(!file_exists("incoming/aborted"), "abort: nothing in incoming/");
+    TAP_EQ_INT(count_entries("tmp"), 0, "abort: nothing in tmp/");
+
+    /* Two uploads racing for one key: the second finish must not replace. */
+    mh_fs_upload_t *u1 = start_upload(s, "incoming/race", data, n, n, sha, &wrc);
+    mh_fs_upload_t *u2 = start_upload(s, "incoming/race", data, n, n, sha, &wrc);
+    TAP_OK(u1 && u2, "two uploads to one key opened");
+    TAP_EQ_INT(mh_store_fs_upload_finish(u1), 0, "first finish wins");
+    TAP_EQ_INT(mh_store_fs_upload_finish(u2), MH_EEXIST, "second finish -> EEXIST, no overwrite");
+    TAP_EQ_INT(count_entries("tmp"), 0, "race: nothing in tmp/");
+
+    /* Async finish. */
+    res_t r = {0};
+    u = start_upload(s, "incoming/async", data, n, n, sha, &wrc);
+    CALL(mh_store_fs_upload_finish_async(u, done_cb, &r));
+    wait_for(&r);
+    TAP_OK(r.done == 1 && !r.reentrant && r.err == 0, "async finish ok, deferred");
+    TAP_EQ_INT(do_head(s, "incoming/async", &sz), 0, "async upload kept");
+    r = (res_t){0};
+    u = start_upload(s, "incoming/async-bad", data, n, n, bad, &wrc);
+    CALL(mh_store_fs_upload_finish_async(u, done_cb, &r));
+    wait_for(&r);
+    TAP_OK(r.done == 1 && !r.reentrant && r.err == MH_EHASH, "async finish wrong hash -> EHASH, deferred");
+    TAP_OK(!file_exists("incoming/async-bad"), "async wrong hash: nothing kept");
+    TAP_EQ_INT(count_entries("tmp"), 0, "async: nothing in tmp/");
+    free(data);
+}
+
+static void test_close_in_flight(void)
+{
+    mh_store_t *s = open_store("store", NULL, NULL);
+    TAP_OK(s != NULL, "open without public URL");
+    if (!s) return;
+    mh_arena_t a;
+    mh_arena_init(&a, 0);
+    char *url;
+    TAP_EQ_INT(mh_store_presign(s, &a, "GET", "incoming/good", 0, NULL, 60, &url), MH_EINVAL,
+               "presign without public URL -> EINVAL");
+    mh_arena_release(&a);
+    res_t r[10] = {{0}};
+    for (int i = 0; i < 10; i++) mh_store_get(s, "incoming/good", 0, UINT64_MAX, get_cb, &r[i]);
+    mh_fs_upload_t *u = NULL;
+    mh_store_fs_upload_open(s, "incoming/late", 1, (const uint8_t *)"01234567890123456789012345678901", &u);
+    mh_store_close(s);
+    uv_run(loop, UV_RUN_DEFAULT);
+    int ok = 0;
+    for (int i = 0; i < 10; i++) {
+        ok += r[i].done == 1 && r[i].err == 0 && r[i].buf.len == 300000;
+        mh_buf_free(&r[i].buf);
+    }
+    TAP_EQ_INT(ok, 10, "ops in flight at close complete");
+    mh_store_fs_upload_abort(u); /* frees the closed store */
+    TAP_EQ_INT(count_entries("tmp"), 0, "upload aborted after close: tmp/ empty");
+}
+
+static void test_sweep(void)
+{
+    char p[256];
+    snprintf(p, sizeof p, "%s/store/tmp/put-stale", root);
+    int fd = open(p, O_CREAT | O_WRONLY, 0644);
+    if (fd >= 0) close(fd);
+    struct timespec old[2] = {{.tv_sec = mh_unix_time() - 7 * 3600}, {.tv_sec = mh_unix_time() - 7 * 3600}};
+    utimensat(AT_FDCWD, p, old, 0);
+    snprintf(p, sizeof p, "%s/store/tmp/put-fresh", root);
+    fd = open(p, O_CREAT | O_WRONLY, 0644);
+    if (fd >= 0) close(fd);
+    mh_store_t *s = open_store("store", NULL, NULL);
+    TAP_OK(!file_exists("tmp/put-stale"), "stale tmp file swept at open");
+    TAP_OK(file_exists("tmp/put-fresh"), "fresh tmp file kept (another process may own it)");
+    unlink(p);
+    mh_store_close(s);
+}
+
+static void test_metrics(mh_store_t *s)
+{
+    mh_buf_t m = {0};
+    TAP_EQ_INT(mh_store_metrics_write(s, &m), 0, "metrics");
+    mh_buf_append_byte(&m, 0);
+    const char *t = (const char *)m.p;
+    TAP_OK(strstr(t, "# TYPE musehub_store_operations_total counter") != NULL, "metrics type line");
+    TAP_OK(strstr(t, "musehub_store_operations_total{backend=\"fs\",op=\"get\",result=\"ok\"} ") &&
+               !strstr(t, "op=\"get\",result=\"ok\"} 0\n"),
+           "get ok counted");
+    TAP_OK(strstr(t, "op=\"upload\",result=\"rejected\"} ") && !strstr(t, "op=\"upload\",result=\"rejected\"} 0\n"),
+           "rejected uploads counted");
+    TAP_OK(strstr(t, "musehub_store_bytes_read_total{backend=\"fs\"} ") &&
+               !strstr(t, "musehub_store_bytes_read_total{backend=\"fs\"} 0\n"),
+           "bytes read counted");
+    TAP_OK(strstr(t, "musehub_store_bytes_written_total{backend=\"fs\"} ") &&
+               !strstr(t, "musehub_store_bytes_written_total{backend=\"fs\"} 0\n"),
+           "bytes written counted");
+    mh_buf_free(&m);
+}
+
+static int rm_cb(const char *p, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st, (void)flag, (void)ftw;
+    return remove(p);
+}
+
+int main(void)
+{
+    mh_log_set_level("error");
+    loop = uv_default_loop();
+    snprintf(root, sizeof root, "/tmp/mh-test-store-XXXXXX");
+    if (!mkdtemp(root)) return 1;
+
+    test_open_specs();
+    test_keys();
+    mh_store_t *s = open_store("store", NULL, "http://127.0.0.1:1337/");
+    TAP_OK(s != NULL, "open fs store (directory created)");
+    if (!s) return tap_done();
+    TAP_EQ_STR(mh_store_kind(s), "fs", "kind");
+    test_secret(s);
+    test_traversal(s);
+    test_put_get_head(s);
+    test_ranges(s);
+    test_move_delete(s);
+    test_concurrent(s);
+    test_presign(s);
+    test_expiry();
+    test_upload(s);
+    test_metrics(s);
+    mh_store_close(s);
+    test_close_in_flight();
+    test_sweep();
+    uv_run(loop, UV_RUN_DEFAULT);
+    uv_loop_close(loop);
+    nftw(root, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
+    return tap_done();
+}
