@@ -42,7 +42,7 @@ include third_party/llhttp.mk
 .PHONY: all deps run test test-asan unit e2e bench fuzz fuzz-replay clean
 all: $(BUILD)/musehubd
 
-$(BUILD)/obj/%.o: %.c $(wildcard include/mh/*.h)
+$(BUILD)/obj/%.o: %.c $(wildcard include/mh/*.h) $(wildcard src/*/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
@@ -81,7 +81,7 @@ fuzz-replay: all
 	@sh scripts/fuzz.sh replay
 
 e2e: all
-	@MUSEHUB_BIN=$(CURDIR)/$(BUILD)/musehubd /usr/bin/python3 -m pytest -q -p no:cacheprovider test/e2e $(PYTEST_ARGS)
+	@MUSEHUB_BIN=$(CURDIR)/$(BUILD)/musehubd /usr/bin/python3 -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) $(or $(E2E),test/e2e)
 
 test: deps
 	@$(MAKE) --no-print-directory all

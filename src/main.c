@@ -23,6 +23,7 @@
 #include "mh/config.h"
 #include "mh/db.h"
 #include "mh/hub.h"
+#include "mh/jobs.h"
 
 extern const mh_migration_t mh_migrations[];
 extern const size_t mh_migrations_count;
@@ -57,23 +58,42 @@ static bool wants_help(int argc, char **argv)
 
 typedef struct {
     mh_hub_t hub;
+    mh_jobs_t *jobs;   /* NULL when this process runs no jobs */
+    int pending_stops; /* http and jobs still stopping */
     uv_signal_t sigterm, sigint;
     bool stopping;
 } proc_t;
 
 static void db_closed_cb(void *arg)
 {
-    (void)arg;
+    proc_t *p = arg;
+    /* The LISTEN callback keeps the runner until the pool is closed. */
+    mh_jobs_free(p->jobs);
+    p->jobs = NULL;
+}
+
+/* Once HTTP and the job runner have stopped: close the pool and the
+ * store, and the signal handles, so the loop ends. */
+static void part_stopped(proc_t *p)
+{
+    if (--p->pending_stops > 0) return;
+    mh_fetch_cache_free(&p->hub);
+    mh_db_close(p->hub.db, db_closed_cb, p);
+    mh_store_close(p->hub.store);
+    uv_close((uv_handle_t *)&p->sigterm, NULL);
+    uv_close((uv_handle_t *)&p->sigint, NULL);
 }
 
 static void http_stopped_cb(void *arg)
 {
     proc_t *p = arg;
     p->hub.http = NULL;
-    mh_db_close(p->hub.db, db_closed_cb, p);
-    mh_store_close(p->hub.store);
-    uv_close((uv_handle_t *)&p->sigterm, NULL);
-    uv_close((uv_handle_t *)&p->sigint, NULL);
+    part_stopped(p);
+}
+
+static void jobs_stopped_cb(void *arg)
+{
+    part_stopped(arg);
 }
 
 static void on_signal(uv_signal_t *h, int signum)
@@ -81,8 +101,36 @@ static void on_signal(uv_signal_t *h, int signum)
     proc_t *p = h->data;
     if (p->stopping) return;
     p->stopping = true;
-    mh_info("signal %d: stopping (in-flight requests get up to 30 s)", signum);
-    mh_http_stop(p->hub.http, 30000, http_stopped_cb, p);
+    p->pending_stops = 1 + (p->hub.http ? 1 : 0);
+    if (p->hub.http) {
+        mh_info("signal %d: stopping (in-flight requests get up to 30 s)", signum);
+        mh_http_stop(p->hub.http, 30000, http_stopped_cb, p);
+    } else {
+        mh_info("signal %d: stopping", signum);
+    }
+    if (p->jobs) mh_jobs_stop(p->jobs, jobs_stopped_cb, p);
+    else part_stopped(p);
+}
+
+/* The job runner's settings from the configuration (SPEC 4.7, 6). */
+static void jobs_config(const mh_config_t *cfg, mh_jobs_config_t *jc)
+{
+    memset(jc, 0, sizeof *jc);
+    jc->concurrency = cfg->job_concurrency;
+    jc->lease_s = cfg->job_lease_seconds;
+    jc->retention_hours = cfg->job_retention_hours;
+    jc->grace_s = cfg->mpack_grace_seconds;
+    jc->maintenance_s = cfg->job_maintenance_seconds;
+    jc->max_pack_bytes = cfg->max_mpack_bytes;
+}
+
+static int start_jobs(proc_t *p, const mh_config_t *cfg)
+{
+    mh_jobs_config_t jc;
+    jobs_config(cfg, &jc);
+    int rc = mh_jobs_start(p->hub.loop, p->hub.db, p->hub.store, &jc, &p->jobs);
+    if (rc) mh_error("job runner: %s", mh_strerror(rc));
+    return rc;
 }
 
 /* A loopback listen address: 127.0.0.0/8, ::1 or localhost. */
@@ -158,6 +206,7 @@ static int serve_process(const mh_config_t *cfg)
         mh_error("cannot listen on %s: %s", cfg->listen, mh_strerror(rc));
         return 1;
     }
+    if (cfg->jobs && start_jobs(&p, cfg)) return 1;
     uv_signal_init(loop, &p.sigterm);
     uv_signal_init(loop, &p.sigint);
     p.sigterm.data = p.sigint.data = &p;
@@ -258,14 +307,71 @@ static int cmd_migrate(int argc, char **argv)
     return run_migrations(&cfg) ? 1 : 0;
 }
 
+static sigset_t *worker_sigmask; /* the mask to restore once handlers are installed */
+
+/* `musehubd worker`: the job runner alone (no HTTP), until SIGTERM/SIGINT;
+ * any number of them may share a database and store with the servers. */
+static int worker_process(const mh_config_t *cfg)
+{
+    proc_t p;
+    memset(&p, 0, sizeof p);
+    uv_loop_t *loop = uv_default_loop();
+    mh_hub_t *hub = &p.hub;
+    hub->loop = loop;
+    hub->cfg = cfg;
+    if (cfg->public_url) snprintf(hub->public_url, sizeof hub->public_url, "%s", cfg->public_url);
+    else snprintf(hub->public_url, sizeof hub->public_url, "http://%s", cfg->listen);
+    mh_db_config_t dbc = {.url = cfg->database_url, .pool_size = cfg->db_pool, .query_timeout_ms = cfg->query_timeout_ms};
+    int rc = mh_db_open(loop, &dbc, &hub->db);
+    if (rc) {
+        mh_error("database pool: %s", mh_strerror(rc));
+        return 1;
+    }
+    mh_store_config_t sc = {
+        .spec = cfg->store,
+        .public_url = hub->public_url,
+        .signing_secret = cfg->signing_secret,
+        .s3_endpoint = cfg->s3_endpoint,
+        .s3_region = cfg->s3_region,
+        .s3_access_key = cfg->s3_access_key,
+        .s3_secret_key = cfg->s3_secret_key,
+        .s3_path_style = cfg->s3_path_style,
+    };
+    rc = mh_store_open(loop, &sc, &hub->store);
+    if (rc) {
+        mh_error("object store '%s': %s", cfg->store, mh_strerror(rc));
+        return 1;
+    }
+    if (start_jobs(&p, cfg)) return 1;
+    uv_signal_init(loop, &p.sigterm);
+    uv_signal_init(loop, &p.sigint);
+    p.sigterm.data = p.sigint.data = &p;
+    uv_signal_start(&p.sigterm, on_signal, SIGTERM);
+    uv_signal_start(&p.sigint, on_signal, SIGINT);
+    if (worker_sigmask) sigprocmask(SIG_SETMASK, worker_sigmask, NULL); /* pending ones now reach the loop */
+    mh_info("musehubd worker running jobs (store %s, db pool %u)", cfg->store, cfg->db_pool);
+    uv_run(loop, UV_RUN_DEFAULT);
+    uv_loop_close(loop);
+    mh_info("musehubd worker stopped");
+    return 0;
+}
+
 static int cmd_worker(int argc, char **argv)
 {
     mh_config_t cfg;
     if (mh_config_load(&cfg, argc, argv)) return 2;
     mh_log_set_level(cfg.log_level);
+    /* A SIGTERM that arrives while starting up (migrations, connecting)
+     * waits until the loop's handlers are installed, so a worker stopped
+     * early still exits cleanly (0) instead of dying by the signal. */
+    sigset_t set, old;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigprocmask(SIG_BLOCK, &set, &old);
+    worker_sigmask = &old;
     if (run_migrations(&cfg)) return 1;
-    mh_error("the job queue is not built yet (SPEC 4.7): nothing to run");
-    return 1;
+    return worker_process(&cfg);
 }
 
 /* -------------------------------------------------------------- identity */

@@ -104,6 +104,16 @@ void mh_h_commit(mh_req_t *req);
 void mh_h_tree(mh_req_t *req);
 void mh_h_object(mh_req_t *req);
 
+/* Jobs (SPEC 4.7, src/hub/jobs_api.c): POST /api/repos/{repo_id}/jobs
+ * {job_type, payload?} -> 202 {job_id, status, job_type} (owner or admin;
+ * 422 unknown job_type or bad payload; 404 when an mpack.index names a
+ * pack the repository neither references nor holds an unexpired push
+ * grant for); GET /api/jobs/{job_id} -> {job_id, job_type, status,
+ * attempt, max_attempts, result, error, repo_id, created_at, updated_at}
+ * (404 unless the caller is an admin or the repository's owner/admin). */
+void mh_h_jobs_create(mh_req_t *req);
+void mh_h_job_get(mh_req_t *req);
+
 void mh_h_store_put(mh_req_t *req);
 void mh_h_store_get(mh_req_t *req);
 
@@ -123,5 +133,17 @@ typedef void (*mh_manifest_cb)(void *ud, int err, const char *why);
  * row). The caller checks the snapshot belongs to the repository. */
 void mh_hub_load_manifest(mh_hub_t *hub, mh_arena_t *a, const char *snapshot_id, mh_manifest_t *out,
                           mh_manifest_cb cb, void *ud);
+
+/* Offers a manifest the caller has just verified (it hashes to
+ * snapshot_id) to the per-process LRU, so the next load of that snapshot
+ * (typically the parent of the next push) needs no query. The bytes are
+ * copied; m is unchanged. Best effort: silently ignored on ENOMEM or when
+ * the manifest is too large to cache. Loop thread only. */
+void mh_hub_manifest_cache_put(mh_hub_t *hub, const char *snapshot_id, const mh_manifest_t *m);
+
+/* Frees every per-process cache of hub (graphs, manifests, fetch
+ * answers); call once at shutdown after the last request finished. Safe
+ * when nothing was ever cached. */
+void mh_fetch_cache_free(mh_hub_t *hub);
 
 #endif

@@ -399,12 +399,10 @@ static void verify_work(uv_work_t *w)
         return;
     }
     for (size_t i = 0; i < p->ncommits; i++) idset_add(&commits, p->commits[i].commit_id.p, (uint32_t)i);
-    for (size_t i = 0; i < p->nsnapshots; i++)
-        if (!idset_add(&snaps, p->snapshots[i].snapshot_id.p, (uint32_t)i)) {
-            u->work_status = 422;
-            u->work_why = mh_sprintf(a, "snapshot %.*s appears twice", MH_ID_LEN, p->snapshots[i].snapshot_id.p);
-            return;
-        }
+    /* A snapshot may appear more than once (two commits with the same
+     * tree): every entry is rebuilt and checked on its own, and the rows
+     * collapse on insert (ON CONFLICT DO NOTHING). */
+    for (size_t i = 0; i < p->nsnapshots; i++) idset_add(&snaps, p->snapshots[i].snapshot_id.p, (uint32_t)i);
     for (size_t i = 0; i < p->nblobs; i++) idset_add(&blobs, p->blobs[i].object_id.p, (uint32_t)i);
 
     size_t cap_p = 16, cap_s = 16, cap_o = 1024;
@@ -462,35 +460,6 @@ static void work_done_cb(uv_work_t *w, int status)
 
 static int copy_str(mh_buf_t *b, mh_str_t s, bool last) { return mh_copy_field(b, s.p, s.n, last); }
 
-/* Writes the commit's optional metadata (every key other than the eight
- * standard ones) as a msgpack map, verbatim (SPEC 2). */
-static int commit_meta(const mh_val_t *map, mh_buf_t *out, uint32_t *count)
-{
-    static const char *std[] = {"commit_id", "parent_commit_id", "parent2_commit_id", "snapshot_id",
-                                "message",   "author",           "committed_at",      "branch"};
-    uint32_t n = 0;
-    for (uint32_t i = 0; i < map->v.m.n; i++) {
-        const mh_val_t *k = &map->v.m.kv[i].k;
-        bool is_std = false;
-        for (size_t j = 0; j < 8 && !is_std; j++) is_std = mh_val_streq(k, std[j]);
-        if (!is_std) n++;
-    }
-    *count = n;
-    if (!n) return 0;
-    mh_mpw_t w;
-    mh_mpw_init(&w, out);
-    mh_mpw_map(&w, n);
-    for (uint32_t i = 0; i < map->v.m.n; i++) {
-        const mh_val_t *k = &map->v.m.kv[i].k;
-        bool is_std = false;
-        for (size_t j = 0; j < 8 && !is_std; j++) is_std = mh_val_streq(k, std[j]);
-        if (is_std) continue;
-        mh_mpw_val(&w, k);
-        mh_mpw_val(&w, &map->v.m.kv[i].v);
-    }
-    return w.err;
-}
-
 #define REJECT(...)                                                            \
     do {                                                                       \
         u->work_status = 422;                                                  \
@@ -524,9 +493,7 @@ static void rebuild_work(uv_work_t *w)
         goto out;
     }
     for (size_t i = 0; i < ns; i++) idset_add(&snaps, p->snapshots[i].snapshot_id.p, (uint32_t)i);
-    for (size_t i = 0; i < nc; i++)
-        if (!idset_add(&commits, p->commits[i].commit_id.p, (uint32_t)i))
-            REJECT("commit %.*s appears twice", MH_ID_LEN, p->commits[i].commit_id.p);
+    for (size_t i = 0; i < nc; i++) idset_add(&commits, p->commits[i].commit_id.p, (uint32_t)i);
     for (size_t i = 0; i < p->nblobs; i++) idset_add(&blobs, p->blobs[i].object_id.p, (uint32_t)i);
     for (size_t i = 0; i < u->n_have_objects; i++) idset_add(&have_o, u->have_objects[i], 0);
     for (size_t i = 0; i < u->n_have_snaps; i++) idset_add(&have_s, u->have_snaps[i], (uint32_t)u->have_snap_depth[i]);
@@ -709,7 +676,7 @@ static void rebuild_work(uv_work_t *w)
             REJECT("commits[%u]: the fields hash to %s, not to commit_id %.*s", i, cid.s, MH_ID_LEN, c->commit_id.p);
         uint32_t nmeta = 0;
         meta.len = 0;
-        if (commit_meta(c->map, &meta, &nmeta)) {
+        if (mh_pack_commit_meta(c, &meta, &nmeta)) {
             u->work_status = 503;
             goto out;
         }
@@ -1008,6 +975,8 @@ static void advance(unpack_t *u)
     mh_req_t *req = u->req;
     mh_hub_t *hub = u->hub;
     while (!u->busy && u->state != U_DONE) {
+        if (mh_log_level_current <= MH_LOG_DEBUG)
+            mh_debug("req %s: unpack state %d at %.1f ms", req->id, (int)u->state, (double)(mh_now_us() - u->t0) / 1000.0);
         switch (u->state) {
         case U_LOOKUP: {
             u->busy = true;
@@ -1172,29 +1141,29 @@ static void advance(unpack_t *u)
                                    0, NULL, NULL, NULL};
             qs[n++] = (mh_db_pq_t){NULL,
                                    "INSERT INTO objects (object_id, size_bytes, storage_uri)"
-                                   " SELECT object_id, byte_length, 'mpack://' || $2::text || '#' || byte_offset || ':' ||"
+                                   " SELECT object_id, byte_length, 'mpack://' || $1::text || '#' || byte_offset || ':' ||"
                                    " byte_length FROM tmp_objects ON CONFLICT DO NOTHING",
-                                   2, v, NULL, NULL};
+                                   1, v + 1, NULL, NULL};
             qs[n++] = (mh_db_pq_t){NULL,
                                    "INSERT INTO mpack_index (object_id, mpack_id, byte_offset, byte_length)"
-                                   " SELECT object_id, $2::text, byte_offset, byte_length FROM tmp_objects"
+                                   " SELECT object_id, $1::text, byte_offset, byte_length FROM tmp_objects"
                                    " ON CONFLICT DO NOTHING",
-                                   2, v, NULL, NULL};
+                                   1, v + 1, NULL, NULL};
             qs[n++] = (mh_db_pq_t){NULL,
                                    "WITH m AS (INSERT INTO mpacks (mpack_id, size_bytes, kind) VALUES ($2, $3::bigint, 'push')"
                                    " ON CONFLICT DO NOTHING)"
                                    " INSERT INTO mpack_refs (repo_id, mpack_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
                                    3, v, NULL, NULL};
             qs[n++] = (mh_db_pq_t){NULL,
-                                   "WITH x AS (INSERT INTO commit_refs (repo_id, commit_id) SELECT $1, commit_id FROM"
+                                   "WITH x AS (INSERT INTO commit_refs (repo_id, commit_id) SELECT $1::text, commit_id FROM"
                                    " tmp_commits ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM x",
                                    1, v, NULL, NULL};
             qs[n++] = (mh_db_pq_t){NULL,
-                                   "WITH x AS (INSERT INTO snapshot_refs (repo_id, snapshot_id) SELECT $1, snapshot_id"
+                                   "WITH x AS (INSERT INTO snapshot_refs (repo_id, snapshot_id) SELECT $1::text, snapshot_id"
                                    " FROM tmp_snapshots ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM x",
                                    1, v, NULL, NULL};
             qs[n++] = (mh_db_pq_t){NULL,
-                                   "WITH x AS (INSERT INTO object_refs (repo_id, object_id) SELECT $1, object_id FROM"
+                                   "WITH x AS (INSERT INTO object_refs (repo_id, object_id) SELECT $1::text, object_id FROM"
                                    " tmp_objects ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM x",
                                    1, v, NULL, NULL};
             mh_dbconn_pipeline(u->conn, qs, n, insert_cb, u);

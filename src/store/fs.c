@@ -440,7 +440,11 @@ static void op_after_cb(uv_work_t *req, int status)
     fs_op_t *op = req->data;
     fs_store_t *fs = op->fs;
     if (status != 0 && !op->err) op->err = MH_ECANCELED;
-    if (op->sys_what)
+    /* A missing key is an ordinary answer (the caller decides), not a
+     * store problem worth a warning. */
+    if (op->sys_what && op->sys_errno == ENOENT)
+        mh_debug("store: fs %s %s: %s: not found", op_label[op->kind], op->key, op->sys_what);
+    else if (op->sys_what)
         mh_warn("store: fs %s %s: %s failed: %s", op_label[op->kind], op->key, op->sys_what, strerror(op->sys_errno));
     mh_store_note(&fs->base, op_metric[op->kind], op->err);
     switch (op->kind) {

@@ -1,0 +1,609 @@
+/*
+ * graph.c — a repository's commit graph in memory (commit -> parents,
+ * snapshot, generation, plus its branches), cached per process and keyed
+ * by (repo_id, state_seq); the want/have walk of fetch and the ancestor
+ * order of the commit log (SPEC 4.4, 4.5; DESIGN 4 "Fetch").
+ *
+ * Invariants:
+ *  - A graph is loaded with ONE statement, so its branches, commits and
+ *    state_seq come from one database snapshot: a graph never mixes two
+ *    repository states. Every push bumps repos.state_seq, so a cached
+ *    graph is only used for the state it was read at.
+ *  - Nodes are 80 bytes (binary digests and parent indices): a 1M-commit
+ *    repository costs about 100 MB, and walks never touch strings.
+ *  - Generation numbers strictly decrease along parent edges (push
+ *    computes them), which is what lets the walk pop commits newest
+ *    first and stop early. The walk still terminates on inconsistent
+ *    data: each node is queued at most once.
+ *  - Sealed graphs are immutable and reference counted; the cache holds
+ *    one reference, every request using a graph holds another.
+ */
+#include "hub_internal.h"
+
+#include <libpq-fe.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ------------------------------------------------------------ hashing */
+
+static uint64_t id_seed;
+static bool id_seeded;
+
+static uint64_t mix64(uint64_t z)
+{
+    /* splitmix64's finaliser: every output bit depends on every input bit,
+     * so the low bits used as a bucket index cannot be targeted without
+     * knowing the seed. */
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+static uint64_t seed(void)
+{
+    if (!id_seeded) {
+        if (mh_random(&id_seed, sizeof id_seed)) id_seed = (uint64_t)mh_now_us() * 0x9e3779b97f4a7c15ULL;
+        id_seeded = true;
+    }
+    return id_seed;
+}
+
+static uint64_t digest_hash(const uint8_t d[32])
+{
+    uint64_t x = 0;
+    for (int i = 0; i < 8; i++) x = (x << 8) | d[i];
+    return mix64(x ^ seed());
+}
+
+uint64_t mh_hub_hash_bytes(const void *p, size_t n)
+{
+    /* FNV-1a from a secret starting point, then a full mix. */
+    const uint8_t *b = p;
+    uint64_t h = 0xcbf29ce484222325ULL ^ seed();
+    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 0x100000001b3ULL;
+    return mix64(h);
+}
+
+static int hexval(char c)
+{
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return 0;
+}
+
+uint64_t mh_id_hash(const char *id)
+{
+    /* The same value digest_hash gives for the decoded id. */
+    uint64_t x = 0;
+    for (int i = 0; i < 16; i++) x = (x << 4) | (uint64_t)hexval(id[7 + i]);
+    return mix64(x ^ seed());
+}
+
+static int id_digest(const char *id, uint8_t out[32])
+{
+    if (!id || !mh_id_valid(id, strlen(id))) return MH_EPARSE;
+    return mh_hex_decode(out, id + 7, 32);
+}
+
+/* ------------------------------------------------------------ builder */
+
+static uint32_t probe(const mh_graph_t *g, const uint8_t d[32], bool *found)
+{
+    uint32_t i = (uint32_t)digest_hash(d) & g->mask;
+    while (g->slots[i]) {
+        if (memcmp(g->nodes[g->slots[i] - 1].id, d, 32) == 0) {
+            *found = true;
+            return i;
+        }
+        i = (i + 1) & g->mask;
+    }
+    *found = false;
+    return i;
+}
+
+static int rehash(mh_graph_t *g, uint32_t want_slots)
+{
+    uint32_t size = 16;
+    while (size < want_slots) size <<= 1;
+    uint32_t *slots = calloc(size, sizeof *slots);
+    if (!slots) return MH_ENOMEM;
+    free(g->slots);
+    g->slots = slots;
+    g->mask = size - 1;
+    for (uint32_t k = 0; k < g->n; k++) {
+        bool found;
+        uint32_t i = probe(g, g->nodes[k].id, &found);
+        g->slots[i] = k + 1;
+    }
+    return 0;
+}
+
+static int grow(mh_graph_t *g, uint32_t cap)
+{
+    if (cap <= g->cap) return 0;
+    mh_gnode_t *nodes = realloc(g->nodes, (size_t)cap * sizeof *nodes);
+    if (!nodes) return MH_ENOMEM;
+    g->nodes = nodes;
+    uint8_t(*tp)[2][32] = realloc(g->tmp_parents, (size_t)cap * sizeof *tp);
+    if (!tp) return MH_ENOMEM;
+    g->tmp_parents = tp;
+    uint8_t *pm = realloc(g->tmp_pmask, cap);
+    if (!pm) return MH_ENOMEM;
+    g->tmp_pmask = pm;
+    g->cap = cap;
+    /* Keep the table at most half full. */
+    if ((uint64_t)cap * 2 > (uint64_t)g->mask + 1) return rehash(g, cap * 2);
+    return 0;
+}
+
+mh_graph_t *mh_graph_new(const char *repo_id, int64_t state_seq, uint32_t ncommits)
+{
+    mh_graph_t *g = calloc(1, sizeof *g);
+    if (!g) return NULL;
+    g->repo_id = strdup(repo_id ? repo_id : "");
+    g->state_seq = state_seq;
+    g->refs = 1;
+    if (!g->repo_id || rehash(g, 16) || grow(g, ncommits ? ncommits : 16)) {
+        g->refs = 1;
+        mh_graph_unref(g);
+        return NULL;
+    }
+    return g;
+}
+
+int mh_graph_add(mh_graph_t *g, const char *commit_id, const char *p1, const char *p2, const char *snapshot_id,
+                 uint32_t gen)
+{
+    uint8_t d[32], s[32], pd[2][32];
+    uint8_t pm = 0;
+    if (id_digest(commit_id, d) || id_digest(snapshot_id, s)) return MH_EPARSE;
+    if (p1 && *p1) {
+        if (id_digest(p1, pd[0])) return MH_EPARSE;
+        pm |= 1;
+    }
+    if (p2 && *p2) {
+        if (id_digest(p2, pd[1])) return MH_EPARSE;
+        pm |= 2;
+    }
+    bool found;
+    probe(g, d, &found);
+    if (found) return 0;
+    if (g->n == g->cap && grow(g, g->cap * 2)) return MH_ENOMEM;
+    uint32_t slot = probe(g, d, &found); /* the table may have been rebuilt */
+    mh_gnode_t *nd = &g->nodes[g->n];
+    memcpy(nd->id, d, 32);
+    memcpy(nd->snap, s, 32);
+    nd->p[0] = nd->p[1] = MH_GNONE;
+    nd->gen = gen;
+    memcpy(g->tmp_parents[g->n], pd, sizeof pd);
+    g->tmp_pmask[g->n] = pm;
+    g->slots[slot] = ++g->n;
+    return 0;
+}
+
+int mh_graph_add_branch(mh_graph_t *g, const char *name, const char *head_id)
+{
+    if (!head_id || !mh_id_valid(head_id, strlen(head_id))) return MH_EPARSE;
+    if (g->nbranches == g->capb) {
+        uint32_t cap = g->capb ? g->capb * 2 : 8;
+        mh_gbranch_t *b = realloc(g->branches, cap * sizeof *b);
+        if (!b) return MH_ENOMEM;
+        g->branches = b;
+        g->capb = cap;
+    }
+    mh_gbranch_t *b = &g->branches[g->nbranches];
+    b->name = strdup(name);
+    if (!b->name) return MH_ENOMEM;
+    memcpy(b->head.s, head_id, MH_ID_LEN);
+    b->head.s[MH_ID_LEN] = 0;
+    b->node = MH_GNONE;
+    g->nbranches++;
+    return 0;
+}
+
+static int branch_cmp(const void *a, const void *b)
+{
+    return strcmp(((const mh_gbranch_t *)a)->name, ((const mh_gbranch_t *)b)->name);
+}
+
+int mh_graph_seal(mh_graph_t *g)
+{
+    for (uint32_t k = 0; k < g->n; k++) {
+        for (int j = 0; j < 2; j++) {
+            if (!(g->tmp_pmask[k] & (1u << j))) continue;
+            bool found;
+            uint32_t i = probe(g, g->tmp_parents[k][j], &found);
+            /* A parent outside this repository's refs stays MH_GNONE: the
+             * repository cannot see it, so walks must not reach it. */
+            g->nodes[k].p[j] = found ? g->slots[i] - 1 : MH_GNONE;
+        }
+    }
+    free(g->tmp_parents);
+    free(g->tmp_pmask);
+    g->tmp_parents = NULL;
+    g->tmp_pmask = NULL;
+    if (g->nbranches) qsort(g->branches, g->nbranches, sizeof *g->branches, branch_cmp);
+    for (uint32_t b = 0; b < g->nbranches; b++) g->branches[b].node = mh_graph_find(g, g->branches[b].head.s);
+    g->bytes = sizeof *g + (size_t)g->cap * sizeof(mh_gnode_t) + ((size_t)g->mask + 1) * 4 +
+               (size_t)g->nbranches * (sizeof(mh_gbranch_t) + 32);
+    return 0;
+}
+
+void mh_graph_ref(mh_graph_t *g) { g->refs++; }
+
+void mh_graph_unref(mh_graph_t *g)
+{
+    if (!g || --g->refs > 0) return;
+    for (uint32_t b = 0; b < g->nbranches; b++) free(g->branches[b].name);
+    free(g->branches);
+    free(g->nodes);
+    free(g->slots);
+    free(g->tmp_parents);
+    free(g->tmp_pmask);
+    free(g->repo_id);
+    free(g);
+}
+
+static void unref_cb(void *arg) { mh_graph_unref(arg); }
+
+int mh_graph_hold(mh_arena_t *a, mh_graph_t *g)
+{
+    int rc = mh_arena_defer(a, unref_cb, g);
+    if (rc) mh_graph_unref(g);
+    return rc;
+}
+
+uint32_t mh_graph_find(const mh_graph_t *g, const char *commit_id)
+{
+    uint8_t d[32];
+    if (!mh_id_valid(commit_id, MH_ID_LEN) || mh_hex_decode(d, commit_id + 7, 32)) return MH_GNONE;
+    bool found;
+    uint32_t i = probe(g, d, &found);
+    return found ? g->slots[i] - 1 : MH_GNONE;
+}
+
+void mh_graph_id(const mh_graph_t *g, uint32_t i, mh_id_t *out) { mh_id_from_digest(out, g->nodes[i].id); }
+
+void mh_graph_snap_id(const mh_graph_t *g, uint32_t i, mh_id_t *out) { mh_id_from_digest(out, g->nodes[i].snap); }
+
+const mh_gbranch_t *mh_graph_branch(const mh_graph_t *g, const char *name, size_t n)
+{
+    uint32_t lo = 0, hi = g->nbranches;
+    while (lo < hi) {
+        uint32_t mid = (lo + hi) / 2;
+        const char *bn = g->branches[mid].name;
+        size_t bl = strlen(bn);
+        int c = memcmp(bn, name, bl < n ? bl : n);
+        if (c == 0) c = bl < n ? -1 : bl > n ? 1 : 0;
+        if (c == 0) return &g->branches[mid];
+        if (c < 0) lo = mid + 1;
+        else hi = mid;
+    }
+    return NULL;
+}
+
+/* --------------------------------------------------------------- heaps */
+
+/* A binary max-heap of node indices under an order `above(a, b)`. */
+typedef struct {
+    uint32_t *v;
+    size_t n;
+    const mh_graph_t *g;
+    bool by_id; /* tie-break on the commit id (log order) */
+} heap_t;
+
+static bool above(const heap_t *h, uint32_t a, uint32_t b)
+{
+    const mh_gnode_t *x = &h->g->nodes[a], *y = &h->g->nodes[b];
+    if (x->gen != y->gen) return x->gen > y->gen;
+    if (h->by_id) return memcmp(x->id, y->id, 32) > 0;
+    return a < b;
+}
+
+static void heap_push(heap_t *h, uint32_t x)
+{
+    size_t i = h->n++;
+    while (i > 0) {
+        size_t p = (i - 1) / 2;
+        if (!above(h, x, h->v[p])) break;
+        h->v[i] = h->v[p];
+        i = p;
+    }
+    h->v[i] = x;
+}
+
+static uint32_t heap_pop(heap_t *h)
+{
+    uint32_t top = h->v[0], last = h->v[--h->n];
+    size_t i = 0, n = h->n;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= n) break;
+        if (c + 1 < n && above(h, h->v[c + 1], h->v[c])) c++;
+        if (!above(h, h->v[c], last)) break;
+        h->v[i] = h->v[c];
+        i = c;
+    }
+    if (n) h->v[i] = last;
+    return top;
+}
+
+/* ---------------------------------------------------------------- walk */
+
+typedef struct {
+    heap_t h;
+    uint8_t *flags;
+    size_t pending; /* queued nodes without HAVE: the walk ends at 0 */
+} walk_t;
+
+static void mark(walk_t *w, uint32_t x, uint8_t f)
+{
+    uint8_t old = w->flags[x], nw = (uint8_t)(old | f);
+    if (!(old & MH_GW_SEEN)) {
+        w->flags[x] = nw | MH_GW_SEEN | MH_GW_QUEUED;
+        heap_push(&w->h, x);
+        if (!(nw & MH_GW_HAVE)) w->pending++;
+        return;
+    }
+    w->flags[x] = nw;
+    /* A queued WANT-only node just learnt the client has it. */
+    if ((old & MH_GW_QUEUED) && !(old & MH_GW_HAVE) && (nw & MH_GW_HAVE)) w->pending--;
+    /* A node already popped never changes its verdict: with consistent
+     * generations all its children were popped before it. */
+}
+
+int mh_graph_walk(const mh_graph_t *g, const uint32_t *want, size_t nwant, const uint32_t *have, size_t nhave,
+                  uint8_t *flags, uint32_t *out, size_t *nout)
+{
+    *nout = 0;
+    if (!g->n) return 0;
+    walk_t w = {.h = {.v = malloc((size_t)g->n * sizeof(uint32_t)), .g = g}, .flags = flags};
+    if (!w.h.v) return MH_ENOMEM;
+    for (size_t i = 0; i < nhave; i++)
+        if (have[i] < g->n) mark(&w, have[i], MH_GW_HAVE);
+    for (size_t i = 0; i < nwant; i++)
+        if (want[i] < g->n) mark(&w, want[i], MH_GW_WANT);
+    size_t k = 0;
+    while (w.pending > 0 && w.h.n > 0) {
+        uint32_t x = heap_pop(&w.h);
+        flags[x] &= (uint8_t)~MH_GW_QUEUED;
+        uint8_t f = flags[x] & MH_GW_HAVE ? MH_GW_HAVE : MH_GW_WANT;
+        if (f == MH_GW_WANT) {
+            w.pending--;
+            out[k++] = x;
+        }
+        for (int j = 0; j < 2; j++) {
+            uint32_t p = g->nodes[x].p[j];
+            if (p != MH_GNONE) mark(&w, p, f);
+        }
+    }
+    free(w.h.v);
+    *nout = k;
+    return 0;
+}
+
+int mh_graph_log(const mh_graph_t *g, uint32_t head, uint32_t cursor, uint32_t limit, uint32_t *out,
+                 uint32_t *nout, bool *more)
+{
+    *nout = 0;
+    *more = false;
+    if (head >= g->n) return MH_ENOENT;
+    uint8_t *seen = calloc(g->n, 1);
+    heap_t h = {.v = malloc((size_t)g->n * sizeof(uint32_t)), .g = g, .by_id = true};
+    if (!seen || !h.v) {
+        free(seen);
+        free(h.v);
+        return MH_ENOMEM;
+    }
+    /* Popping a max-heap seeded with the head yields all its ancestors in
+     * (generation, id) descending order: any not-yet-queued ancestor has a
+     * queued descendant of strictly higher generation. */
+    seen[head] = 1;
+    heap_push(&h, head);
+    bool started = cursor == MH_GNONE;
+    uint32_t k = 0;
+    while (h.n > 0 && k < limit) {
+        uint32_t x = heap_pop(&h);
+        for (int j = 0; j < 2; j++) {
+            uint32_t p = g->nodes[x].p[j];
+            if (p != MH_GNONE && !seen[p]) {
+                seen[p] = 1;
+                heap_push(&h, p);
+            }
+        }
+        if (started) out[k++] = x;
+        else if (x == cursor) started = true;
+    }
+    int rc = started ? 0 : MH_ENOENT;
+    *nout = k;
+    *more = started && h.n > 0;
+    free(seen);
+    free(h.v);
+    return rc;
+}
+
+/* --------------------------------------------------------------- cache */
+
+#define GC_SLOTS 32
+#define GC_MAX_BYTES ((size_t)512 << 20)
+
+struct mh_graph_cache {
+    mh_graph_t *g[GC_SLOTS];
+    uint64_t used[GC_SLOTS];
+    uint64_t tick;
+};
+
+static mh_graph_cache_t *gcache(mh_hub_t *hub, bool create)
+{
+    mh_fetch_cache_t *fc = create ? mh_hub_cache(hub) : hub->fetch_cache;
+    if (!fc) return NULL;
+    if (!fc->graphs && create) fc->graphs = calloc(1, sizeof *fc->graphs);
+    return fc->graphs;
+}
+
+mh_graph_t *mh_graph_cache_get(mh_hub_t *hub, const char *repo_id, int64_t state_seq)
+{
+    mh_graph_cache_t *gc = gcache(hub, false);
+    if (!gc) return NULL;
+    for (int i = 0; i < GC_SLOTS; i++) {
+        mh_graph_t *g = gc->g[i];
+        if (!g || strcmp(g->repo_id, repo_id) != 0) continue;
+        if (g->state_seq != state_seq) return NULL;
+        gc->used[i] = ++gc->tick;
+        mh_graph_ref(g);
+        return g;
+    }
+    return NULL;
+}
+
+static void cache_put(mh_hub_t *hub, mh_graph_t *g)
+{
+    mh_graph_cache_t *gc = gcache(hub, true);
+    if (!gc || g->bytes > GC_MAX_BYTES / 2) return;
+    int slot = -1;
+    size_t total = g->bytes;
+    for (int i = 0; i < GC_SLOTS; i++) {
+        if (!gc->g[i]) {
+            if (slot < 0) slot = i;
+            continue;
+        }
+        if (strcmp(gc->g[i]->repo_id, g->repo_id) == 0) {
+            /* Two loads raced: keep the newer state. */
+            if (gc->g[i]->state_seq > g->state_seq) return;
+            mh_graph_unref(gc->g[i]);
+            gc->g[i] = NULL;
+            slot = i;
+            continue;
+        }
+        total += gc->g[i]->bytes;
+    }
+    /* Evict least recently used graphs until the new one fits. */
+    while (slot < 0 || total > GC_MAX_BYTES) {
+        int lru = -1;
+        for (int i = 0; i < GC_SLOTS; i++)
+            if (gc->g[i] && (lru < 0 || gc->used[i] < gc->used[lru])) lru = i;
+        if (lru < 0) break;
+        total -= gc->g[lru]->bytes;
+        mh_graph_unref(gc->g[lru]);
+        gc->g[lru] = NULL;
+        if (slot < 0) slot = lru;
+    }
+    if (slot < 0) return;
+    mh_graph_ref(g);
+    gc->g[slot] = g;
+    gc->used[slot] = ++gc->tick;
+}
+
+void mh_graph_cache_drop(mh_hub_t *hub, const char *repo_id)
+{
+    mh_graph_cache_t *gc = gcache(hub, false);
+    if (!gc) return;
+    for (int i = 0; i < GC_SLOTS; i++) {
+        if (gc->g[i] && (!repo_id || strcmp(gc->g[i]->repo_id, repo_id) == 0)) {
+            mh_graph_unref(gc->g[i]);
+            gc->g[i] = NULL;
+        }
+    }
+}
+
+void mh_graph_cache_free(mh_graph_cache_t *gc)
+{
+    if (!gc) return;
+    for (int i = 0; i < GC_SLOTS; i++) mh_graph_unref(gc->g[i]);
+    free(gc);
+}
+
+/* ---------------------------------------------------------------- load */
+
+/* One statement = one snapshot: the state counter, the branches and the
+ * commit graph cannot come from two different repository states. */
+static const mh_stmt_t st_graph = {
+    "hub_graph_load",
+    "SELECT 0, state_seq::text, NULL::text, NULL::text, NULL::text, 0 FROM repos WHERE repo_id = $1"
+    " UNION ALL SELECT 1, name, head_commit_id, NULL::text, NULL::text, 0 FROM branches WHERE repo_id = $1"
+    " UNION ALL SELECT 2, c.commit_id, c.parent_commit_id, c.parent2_commit_id, c.snapshot_id, c.generation"
+    " FROM commit_refs r JOIN commits c ON c.commit_id = r.commit_id WHERE r.repo_id = $1",
+    1};
+
+typedef struct {
+    mh_hub_t *hub;
+    char *repo_id;
+    mh_graph_cb cb;
+    void *ud;
+} loader_t;
+
+static mh_graph_t *build(const char *repo_id, PGresult *res, int *err, const char **why)
+{
+    int rows = PQntuples(res);
+    int64_t seq = -1;
+    uint32_t ncommits = 0;
+    for (int r = 0; r < rows; r++) {
+        int kind = (int)mh_pq_int(res, r, 0);
+        if (kind == 0) seq = strtoll(mh_pq_str(res, r, 1), NULL, 10);
+        else if (kind == 2) ncommits++;
+    }
+    if (seq < 0) {
+        *err = MH_ENOENT;
+        *why = "repository not found";
+        return NULL;
+    }
+    mh_graph_t *g = mh_graph_new(repo_id, seq, ncommits);
+    if (!g) {
+        *err = MH_ENOMEM;
+        *why = "out of memory";
+        return NULL;
+    }
+    for (int r = 0; r < rows; r++) {
+        int kind = (int)mh_pq_int(res, r, 0);
+        int rc = 0;
+        if (kind == 1) {
+            rc = mh_graph_add_branch(g, mh_pq_str(res, r, 1), mh_pq_str(res, r, 2));
+        } else if (kind == 2) {
+            const char *p1 = mh_pq_isnull(res, r, 2) ? NULL : mh_pq_str(res, r, 2);
+            const char *p2 = mh_pq_isnull(res, r, 3) ? NULL : mh_pq_str(res, r, 3);
+            int64_t gen = mh_pq_int(res, r, 5);
+            rc = mh_graph_add(g, mh_pq_str(res, r, 1), p1, p2, mh_pq_str(res, r, 4),
+                              gen < 0 ? 0 : gen > UINT32_MAX ? UINT32_MAX : (uint32_t)gen);
+        }
+        if (rc == MH_ENOMEM) {
+            mh_graph_unref(g);
+            *err = MH_ENOMEM;
+            *why = "out of memory";
+            return NULL;
+        }
+        if (rc) mh_warn("graph of %s: skipping a row with a malformed id", repo_id);
+    }
+    mh_graph_seal(g);
+    return g;
+}
+
+static void load_cb(void *ud, PGresult *res, int err, const char *errmsg)
+{
+    loader_t *l = ud;
+    mh_graph_t *g = NULL;
+    if (!err) {
+        uint64_t t0 = mh_now_us();
+        const char *why = NULL;
+        g = build(l->repo_id, res, &err, &why);
+        if (g) {
+            cache_put(l->hub, g);
+            mh_debug("graph of %s: %u commits, %u branches, seq %lld, built in %llu us", l->repo_id, g->n,
+                     g->nbranches, (long long)g->state_seq, (unsigned long long)(mh_now_us() - t0));
+        } else {
+            errmsg = why;
+        }
+    }
+    l->cb(l->ud, g, err, errmsg);
+}
+
+int mh_graph_load(mh_hub_t *hub, mh_arena_t *a, const char *repo_id, mh_graph_cb cb, void *ud)
+{
+    loader_t *l = mh_alloc(a, sizeof *l);
+    if (!l || !(l->repo_id = mh_strdup(a, repo_id))) return MH_ENOMEM;
+    l->hub = hub;
+    l->cb = cb;
+    l->ud = ud;
+    const char *vals[1] = {repo_id};
+    mh_db_exec(hub->db, &st_graph, vals, NULL, NULL, load_cb, l);
+    return 0;
+}

@@ -1,0 +1,177 @@
+/*
+ * hub_internal.h — private to src/hub/: the per-process caches behind
+ * fetch and the read API (commit graphs, reconstructed manifests, built
+ * fetch answers), the commit-graph walk, and small helpers shared by
+ * fetch.c, read.c, manifests.c and graph.c.
+ *
+ * Invariants:
+ *  - Everything here runs on the loop thread, except the pure functions
+ *    marked "thread-safe" (graph walks on an immutable graph).
+ *  - Caches are caches (DESIGN 1): nothing is kept only here. A commit
+ *    graph is keyed by (repo_id, state_seq) and a push bumps state_seq,
+ *    so a stale graph is never used for a newer state.
+ *  - A graph is immutable once sealed and reference counted: a request
+ *    holding one keeps it alive even if the cache replaces it.
+ */
+#ifndef MH_HUB_INTERNAL_H
+#define MH_HUB_INTERNAL_H
+
+#include "mh/hub.h"
+#include "mh/mpack.h"
+
+/* ------------------------------------------------ public, for the lead */
+
+/* mh_hub_load_manifest (declared in mh/hub.h) is implemented in
+ * manifests.c. Beyond hub.h's comment: out->e is a heap array the CALLER
+ * owns (mh_manifest_free), paths and ids borrow arena `a`; `out` must stay
+ * valid until cb fires; further errors: MH_EHASH (the rebuilt manifest
+ * does not hash to its id), MH_ELIMIT (a chain longer than
+ * 4 * MH_CHECKPOINT_INTERVAL without a checkpoint), MH_EINVAL (not an id).
+ * A bounded per-process LRU (64 manifests, 96 MiB) answers repeats
+ * without a query. */
+
+/* ------------------------------------------------------------- caches */
+
+/* The per-process cache object behind hub->fetch_cache, created on first
+ * use (NULL only on ENOMEM). */
+mh_fetch_cache_t *mh_hub_cache(mh_hub_t *hub);
+
+/* A keyed 64-bit hash of an id's text (the hex digits after "sha256:"),
+ * seeded per process so crafted ids cannot pile into one bucket. `id`
+ * points at MH_ID_LEN bytes. */
+uint64_t mh_id_hash(const char *id);
+/* A keyed 64-bit hash of n bytes (same per-process seed). */
+uint64_t mh_hub_hash_bytes(const void *p, size_t n);
+
+/* ------------------------------------------------------ commit graphs */
+
+#define MH_GNONE UINT32_MAX
+
+typedef struct {
+    uint8_t id[32];   /* commit id digest */
+    uint8_t snap[32]; /* snapshot id digest */
+    uint32_t p[2];    /* parent node indices, MH_GNONE when absent or outside this repository */
+    uint32_t gen;     /* generation number: 1 for a root, 1 + max(parents) */
+} mh_gnode_t;
+
+typedef struct {
+    char *name;       /* branch name, NUL-terminated */
+    mh_id_t head;     /* head commit id (text) */
+    uint32_t node;    /* its node index, MH_GNONE when not in the graph */
+} mh_gbranch_t;
+
+typedef struct mh_graph {
+    char *repo_id;
+    int64_t state_seq;
+    uint32_t n, cap;
+    mh_gnode_t *nodes;
+    uint32_t *slots; /* open addressing: node index + 1, 0 = empty */
+    uint32_t mask;
+    mh_gbranch_t *branches; /* sorted by name (bytewise) once sealed */
+    uint32_t nbranches, capb;
+    uint8_t (*tmp_parents)[2][32]; /* parent digests until sealed */
+    uint8_t *tmp_pmask;            /* bit 0/1: parent 1/2 present */
+    int refs;
+    size_t bytes; /* approximate memory held */
+} mh_graph_t;
+
+/* Builder: a graph with room for `ncommits` commits (grows if more are
+ * added). NULL on ENOMEM. refs starts at 1 (the caller's). */
+mh_graph_t *mh_graph_new(const char *repo_id, int64_t state_seq, uint32_t ncommits);
+/* Adds one commit (text ids; p1/p2 NULL when absent). Duplicates are
+ * ignored. MH_EPARSE for an id that is not sha256:<64 hex>, MH_ENOMEM. */
+int mh_graph_add(mh_graph_t *g, const char *commit_id, const char *p1, const char *p2, const char *snapshot_id,
+                 uint32_t gen);
+/* Adds one branch (name copied). MH_EPARSE bad head id, MH_ENOMEM. */
+int mh_graph_add_branch(mh_graph_t *g, const char *name, const char *head_id);
+/* Resolves parent ids to node indices and sorts branches; the graph is
+ * immutable afterwards. MH_ENOMEM. */
+int mh_graph_seal(mh_graph_t *g);
+void mh_graph_ref(mh_graph_t *g);
+void mh_graph_unref(mh_graph_t *g);
+/* Unrefs g when arena a is released. MH_ENOMEM (then g is unref'd now:
+ * the caller must not use it after an error). */
+int mh_graph_hold(mh_arena_t *a, mh_graph_t *g);
+
+/* Node index of a commit (text id, MH_ID_LEN bytes) or MH_GNONE. */
+uint32_t mh_graph_find(const mh_graph_t *g, const char *commit_id);
+/* Writes the text id of node i into out. */
+void mh_graph_id(const mh_graph_t *g, uint32_t i, mh_id_t *out);
+void mh_graph_snap_id(const mh_graph_t *g, uint32_t i, mh_id_t *out);
+/* The branch named name[0..n), or NULL. */
+const mh_gbranch_t *mh_graph_branch(const mh_graph_t *g, const char *name, size_t n);
+
+/* Walk flags (one byte per node). */
+enum { MH_GW_WANT = 1, MH_GW_HAVE = 2, MH_GW_QUEUED = 4, MH_GW_SEEN = 8 };
+
+/* The want/have walk (SPEC 4.4, DESIGN 4): the commits reachable from
+ * `want` and not from `have`. A max-heap by generation pops commits
+ * newest first; WANT and HAVE flags flow to parents; the walk stops as
+ * soon as every queued commit carries HAVE, so its cost depends on what
+ * is sent plus the frontier, not on the repository's size.
+ * flags: g->n bytes, zeroed by the caller; on return a node with
+ *        MH_GW_HAVE is a commit the client has (every one the walk met).
+ * out:   room for g->n indices; receives the commits to send, newest
+ *        first (generation non-increasing). *nout their number.
+ * Thread-safe (reads g only). Returns 0 or MH_ENOMEM. */
+int mh_graph_walk(const mh_graph_t *g, const uint32_t *want, size_t nwant, const uint32_t *have, size_t nhave,
+                  uint8_t *flags, uint32_t *out, size_t *nout);
+
+/* The commit log (SPEC 4.5): ancestors of `head` (inclusive) ordered
+ * newest first: generation descending, then commit id descending
+ * (bytewise). With cursor != MH_GNONE the page starts right after that
+ * commit; MH_ENOENT when the cursor is not an ancestor of head. Writes
+ * up to `limit` indices into out, *nout their number, *more whether
+ * commits remain after them. Cost O(k log k), k = position + limit.
+ * Thread-safe. MH_ENOMEM. */
+int mh_graph_log(const mh_graph_t *g, uint32_t head, uint32_t cursor, uint32_t limit, uint32_t *out,
+                 uint32_t *nout, bool *more);
+
+/* The cached graph of (repo_id, state_seq) with a reference for the
+ * caller, or NULL. */
+mh_graph_t *mh_graph_cache_get(mh_hub_t *hub, const char *repo_id, int64_t state_seq);
+
+/* Loads a repository's graph with one statement (state_seq, branches and
+ * commit_refs JOIN commits read in one snapshot), caches it, and calls
+ * cb(ud, g, 0, NULL) with a reference for the caller (mh_graph_unref or
+ * mh_graph_hold). The graph's state_seq is the one read with it (it may
+ * be newer than the caller's). On error g is NULL. cb fires once, on a
+ * later loop turn, when this returns 0; MH_ENOMEM (small state in arena
+ * `a`, which must outlive the callback) means it was not started. */
+typedef void (*mh_graph_cb)(void *ud, mh_graph_t *g, int err, const char *errmsg);
+int mh_graph_load(mh_hub_t *hub, mh_arena_t *a, const char *repo_id, mh_graph_cb cb, void *ud);
+
+/* Drops the cached graph(s) of one repository (NULL: all). */
+void mh_graph_cache_drop(mh_hub_t *hub, const char *repo_id);
+
+/* ---------------------------------------------------------- helpers */
+
+/* A text[] literal "{id,id,...}" for ids (which need no quoting), in
+ * arena a. NULL on ENOMEM. */
+char *mh_hub_pg_array(mh_arena_t *a, const char *const *ids, size_t n);
+
+/* True when an If-None-Match header value (a comma-separated list of
+ * entity tags, weak "W/" ones compared weakly, or "*") names `etag` (the
+ * quoted tag, e.g. "\"sha256:...\""). RFC 9110 13.1.2. */
+bool mh_hub_etag_matches(mh_str_t inm, const char *etag);
+
+/* Answers an error for an MH_E* code from a non-db step (store, parse,
+ * memory) with the right status; logs `what`. */
+void mh_hub_fail(mh_req_t *req, int err, const char *what);
+
+/* Per-process cache internals, each owned by one file. */
+typedef struct mh_graph_cache mh_graph_cache_t;     /* graph.c */
+typedef struct mh_manifest_lru mh_manifest_lru_t;   /* manifests.c */
+typedef struct mh_answer_cache mh_answer_cache_t;   /* fetch.c */
+
+struct mh_fetch_cache {
+    mh_hub_t *hub;
+    mh_graph_cache_t *graphs;
+    mh_manifest_lru_t *manifests;
+    mh_answer_cache_t *answers;
+};
+
+void mh_graph_cache_free(mh_graph_cache_t *gc);
+void mh_manifest_lru_free(mh_manifest_lru_t *l);
+
+#endif

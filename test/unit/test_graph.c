@@ -1,0 +1,356 @@
+/*
+ * test_graph.c — the commit-graph walk of fetch (SPEC 4.4) and the commit
+ * log order (SPEC 4.5) on synthetic graphs: linear history, merges, a
+ * have that is not an ancestor of the want, unknown parents, and random
+ * DAGs checked against a brute-force reachability oracle.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../src/hub/hub_internal.h"
+#include "tap.h"
+
+/* ------------------------------------------------------------ fixtures */
+
+#define MAXN 512
+
+static char ids[MAXN][MH_ID_SIZE], snaps[MAXN][MH_ID_SIZE];
+
+static const char *cid(int i)
+{
+    if (!ids[i][0]) {
+        char s[32];
+        snprintf(s, sizeof s, "commit-%d", i);
+        mh_id_t id;
+        mh_blob_id(s, strlen(s), &id);
+        memcpy(ids[i], id.s, MH_ID_SIZE);
+        snprintf(s, sizeof s, "snap-%d", i);
+        mh_blob_id(s, strlen(s), &id);
+        memcpy(snaps[i], id.s, MH_ID_SIZE);
+    }
+    return ids[i];
+}
+
+typedef struct {
+    int n;
+    int p[MAXN][2]; /* -1 = none */
+    uint32_t gen[MAXN];
+    int idx[MAXN];  /* commit number -> graph node */
+    mh_graph_t *g;
+} dag_t;
+
+static void dag_init(dag_t *d) { memset(d, 0, sizeof *d); }
+
+/* Adds commit i with parents a, b (-1 = none); generations computed. */
+static void dag_add(dag_t *d, int i, int a, int b)
+{
+    d->p[i][0] = a;
+    d->p[i][1] = b;
+    uint32_t g = 0;
+    if (a >= 0 && d->gen[a] > g) g = d->gen[a];
+    if (b >= 0 && d->gen[b] > g) g = d->gen[b];
+    d->gen[i] = g + 1;
+    if (i + 1 > d->n) d->n = i + 1;
+}
+
+/* Builds the graph, adding commits in a scrambled order so that node
+ * indices differ from commit numbers. */
+static mh_graph_t *dag_build(dag_t *d)
+{
+    mh_graph_t *g = mh_graph_new("repo", 7, 4); /* small: exercise growth */
+    for (int k = 0; k < d->n; k++) {
+        int i = (k * 7919) % d->n;
+        if (d->n % 7919 == 0) i = k;
+        cid(i);
+        const char *a = d->p[i][0] >= 0 ? cid(d->p[i][0]) : NULL;
+        const char *b = d->p[i][1] >= 0 ? cid(d->p[i][1]) : NULL;
+        if (mh_graph_add(g, cid(i), a, b, snaps[i], d->gen[i])) return NULL;
+    }
+    mh_graph_seal(g);
+    for (int i = 0; i < d->n; i++) d->idx[i] = (int)mh_graph_find(g, cid(i));
+    d->g = g;
+    return g;
+}
+
+/* Runs the walk; returns the sent set as a bitmap over commit numbers. */
+static int walk(dag_t *d, const int *want, int nw, const int *have, int nh, char *sent, size_t *nsent)
+{
+    uint32_t w[MAXN], h[MAXN], out[MAXN];
+    for (int i = 0; i < nw; i++) w[i] = (uint32_t)d->idx[want[i]];
+    for (int i = 0; i < nh; i++) h[i] = (uint32_t)d->idx[have[i]];
+    uint8_t *flags = calloc(d->g->n, 1);
+    size_t n = 0;
+    int rc = mh_graph_walk(d->g, w, (size_t)nw, h, (size_t)nh, flags, out, &n);
+    memset(sent, 0, MAXN);
+    for (size_t k = 0; k < n; k++)
+        for (int i = 0; i < d->n; i++)
+            if ((uint32_t)d->idx[i] == out[k]) sent[i]++;
+    /* Newest first: generation never increases along the output. */
+    for (size_t k = 1; k < n; k++)
+        if (d->g->nodes[out[k]].gen > d->g->nodes[out[k - 1]].gen) rc = -999;
+    free(flags);
+    *nsent = n;
+    return rc;
+}
+
+static void reach(dag_t *d, const int *from, int nf, char *mark)
+{
+    int stack[MAXN * 2], sp = 0;
+    memset(mark, 0, MAXN);
+    for (int i = 0; i < nf; i++) stack[sp++] = from[i];
+    while (sp) {
+        int x = stack[--sp];
+        if (x < 0 || mark[x]) continue;
+        mark[x] = 1;
+        stack[sp++] = d->p[x][0];
+        stack[sp++] = d->p[x][1];
+    }
+}
+
+/* Checks the walk against the oracle reach(want) \ reach(have). */
+static bool walk_ok(dag_t *d, const int *want, int nw, const int *have, int nh)
+{
+    char sent[MAXN], rw[MAXN], rh[MAXN];
+    size_t n;
+    if (walk(d, want, nw, have, nh, sent, &n)) return false;
+    reach(d, want, nw, rw);
+    reach(d, have, nh, rh);
+    for (int i = 0; i < d->n; i++) {
+        int expect = rw[i] && !rh[i];
+        if (sent[i] != expect) {
+            printf("# commit %d: sent %d, expected %d\n", i, sent[i], expect);
+            return false;
+        }
+    }
+    return true;
+}
+
+static bool sent_is(dag_t *d, const int *want, int nw, const int *have, int nh, const int *expect, int ne)
+{
+    char sent[MAXN];
+    size_t n;
+    if (walk(d, want, nw, have, nh, sent, &n)) return false;
+    if ((int)n != ne) {
+        printf("# sent %zu commits, expected %d\n", n, ne);
+        return false;
+    }
+    for (int i = 0; i < ne; i++)
+        if (sent[expect[i]] != 1) {
+            printf("# commit %d not sent\n", expect[i]);
+            return false;
+        }
+    return true;
+}
+
+/* ----------------------------------------------------------------- tests */
+
+static void test_linear(void)
+{
+    dag_t d;
+    dag_init(&d);
+    for (int i = 0; i < 10; i++) dag_add(&d, i, i - 1, -1);
+    TAP_OK(dag_build(&d) != NULL, "linear: built");
+    TAP_EQ_INT(d.g->n, 10, "linear: 10 nodes");
+    int w[] = {9}, h[] = {4}, h2[] = {9};
+    int all[] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}, top[] = {5, 6, 7, 8, 9};
+    TAP_OK(sent_is(&d, w, 1, NULL, 0, all, 10), "linear: full clone sends everything");
+    TAP_OK(sent_is(&d, w, 1, h, 1, top, 5), "linear: have the middle sends the top half");
+    TAP_OK(sent_is(&d, w, 1, h2, 1, NULL, 0), "linear: up to date sends nothing");
+    int w2[] = {4}, h3[] = {9};
+    TAP_OK(sent_is(&d, w2, 1, h3, 1, NULL, 0), "linear: want an ancestor of have sends nothing");
+
+    /* The log: newest first, pages by cursor. */
+    uint32_t out[16], n;
+    bool more;
+    TAP_EQ_INT(mh_graph_log(d.g, (uint32_t)d.idx[9], MH_GNONE, 3, out, &n, &more), 0, "log: first page");
+    TAP_OK(n == 3 && out[0] == (uint32_t)d.idx[9] && out[1] == (uint32_t)d.idx[8] && out[2] == (uint32_t)d.idx[7] &&
+               more,
+           "log: 9 8 7, more");
+    TAP_EQ_INT(mh_graph_log(d.g, (uint32_t)d.idx[9], (uint32_t)d.idx[7], 3, out, &n, &more), 0, "log: second page");
+    TAP_OK(n == 3 && out[0] == (uint32_t)d.idx[6] && out[2] == (uint32_t)d.idx[4] && more, "log: 6 5 4, more");
+    TAP_EQ_INT(mh_graph_log(d.g, (uint32_t)d.idx[9], (uint32_t)d.idx[2], 3, out, &n, &more), 0, "log: last page");
+    TAP_OK(n == 2 && out[0] == (uint32_t)d.idx[1] && out[1] == (uint32_t)d.idx[0] && !more, "log: 1 0, no more");
+    TAP_EQ_INT(mh_graph_log(d.g, (uint32_t)d.idx[9], (uint32_t)d.idx[0], 3, out, &n, &more), 0, "log: past the end");
+    TAP_OK(n == 0 && !more, "log: empty page after the root");
+    TAP_EQ_INT(mh_graph_log(d.g, (uint32_t)d.idx[4], (uint32_t)d.idx[7], 3, out, &n, &more), MH_ENOENT,
+               "log: a cursor that is not an ancestor is refused");
+    mh_graph_unref(d.g);
+}
+
+/*
+ *   0 - 1 - 2 ----------- 5 - 6
+ *        \               /
+ *         3 - 4 --------
+ *        \
+ *         7 - 8            (another branch: x1, x2)
+ */
+static void test_merge(void)
+{
+    dag_t d;
+    dag_init(&d);
+    dag_add(&d, 0, -1, -1);
+    dag_add(&d, 1, 0, -1);
+    dag_add(&d, 2, 1, -1);
+    dag_add(&d, 3, 1, -1);
+    dag_add(&d, 4, 3, -1);
+    dag_add(&d, 5, 2, 4);
+    dag_add(&d, 6, 5, -1);
+    dag_add(&d, 7, 1, -1);
+    dag_add(&d, 8, 7, -1);
+    TAP_OK(dag_build(&d) != NULL, "merge: built");
+    TAP_EQ_INT(d.gen[5], 5, "merge: generation of the merge is 1 + max(parents)");
+    int w[] = {6};
+    int h2[] = {2}, e2[] = {6, 5, 4, 3};
+    TAP_OK(sent_is(&d, w, 1, h2, 1, e2, 4), "merge: have the first-parent side sends the merged branch");
+    int h4[] = {4}, e4[] = {6, 5, 2};
+    TAP_OK(sent_is(&d, w, 1, h4, 1, e4, 3), "merge: have the second-parent side sends the first-parent commit");
+    int h24[] = {2, 4}, e24[] = {6, 5};
+    TAP_OK(sent_is(&d, w, 1, h24, 2, e24, 2), "merge: have both sides sends merge and child");
+    int h8[] = {8}, e8[] = {6, 5, 4, 3, 2};
+    TAP_OK(sent_is(&d, w, 1, h8, 1, e8, 5), "merge: a have that is not an ancestor cuts at the common base");
+    int w2[] = {8, 2}, h3[] = {3}, e3[] = {8, 7, 2};
+    TAP_OK(sent_is(&d, w2, 2, h3, 1, e3, 3), "merge: two wants, have on a third line");
+    TAP_OK(walk_ok(&d, w2, 2, h3, 1), "merge: matches the oracle");
+
+    /* Flags: the have side is marked, down to the common base. */
+    uint32_t ww[1] = {(uint32_t)d.idx[6]}, hh[1] = {(uint32_t)d.idx[8]}, out[16];
+    uint8_t flags[16] = {0};
+    size_t n;
+    mh_graph_walk(d.g, ww, 1, hh, 1, flags, out, &n);
+    TAP_OK((flags[d.idx[8]] & MH_GW_HAVE) && (flags[d.idx[7]] & MH_GW_HAVE) && (flags[d.idx[1]] & MH_GW_HAVE) &&
+               !(flags[d.idx[2]] & MH_GW_HAVE),
+           "merge: have-side commits carry HAVE");
+
+    /* Log across a merge: generation desc, ties by id desc. */
+    uint32_t lo[16], ln;
+    bool more;
+    mh_graph_log(d.g, (uint32_t)d.idx[6], MH_GNONE, 16, lo, &ln, &more);
+    TAP_EQ_INT(ln, 7, "log: merge history has 7 commits");
+    bool sorted = true;
+    for (uint32_t i = 1; i < ln; i++) {
+        const mh_gnode_t *a = &d.g->nodes[lo[i - 1]], *b = &d.g->nodes[lo[i]];
+        if (a->gen < b->gen || (a->gen == b->gen && memcmp(a->id, b->id, 32) < 0)) sorted = false;
+    }
+    TAP_OK(sorted && lo[0] == (uint32_t)d.idx[6] && lo[6] == (uint32_t)d.idx[0], "log: ordered newest first");
+    mh_graph_unref(d.g);
+}
+
+static void test_unknown_parent(void)
+{
+    /* A parent outside the repository's refs is not walked. */
+    mh_graph_t *g = mh_graph_new("r", 1, 0);
+    cid(100);
+    cid(101);
+    cid(102);
+    TAP_EQ_INT(mh_graph_add(g, cid(101), cid(100), NULL, snaps[101], 2), 0, "orphan: add with foreign parent");
+    TAP_EQ_INT(mh_graph_add(g, cid(102), cid(101), NULL, snaps[102], 3), 0, "orphan: add child");
+    TAP_EQ_INT(mh_graph_add(g, cid(102), cid(101), NULL, snaps[102], 3), 0, "orphan: duplicate ignored");
+    TAP_EQ_INT(mh_graph_add(g, "sha256:xyz", NULL, NULL, snaps[102], 3), MH_EPARSE, "orphan: bad id refused");
+    TAP_EQ_INT(mh_graph_add_branch(g, "main", cid(102)), 0, "branch main");
+    TAP_EQ_INT(mh_graph_add_branch(g, "dev", cid(100)), 0, "branch dev (head outside)");
+    mh_graph_seal(g);
+    TAP_EQ_INT(g->n, 2, "orphan: two nodes");
+    uint32_t i101 = mh_graph_find(g, cid(101));
+    TAP_OK(i101 != MH_GNONE && g->nodes[i101].p[0] == MH_GNONE, "orphan: foreign parent resolves to none");
+    TAP_EQ_INT(mh_graph_find(g, cid(100)), MH_GNONE, "orphan: foreign commit not found");
+    TAP_EQ_STR(g->branches[0].name, "dev", "branches sorted by name");
+    const mh_gbranch_t *b = mh_graph_branch(g, "main", 4);
+    TAP_OK(b && b->node == mh_graph_find(g, cid(102)), "branch lookup resolves the head");
+    TAP_OK(mh_graph_branch(g, "mai", 3) == NULL && mh_graph_branch(g, "mainx", 5) == NULL, "branch lookup is exact");
+    TAP_OK(g->branches[0].node == MH_GNONE, "a head outside the graph has no node");
+    uint32_t w[1] = {mh_graph_find(g, cid(102))}, out[4];
+    uint8_t flags[4] = {0};
+    size_t n;
+    mh_graph_walk(g, w, 1, NULL, 0, flags, out, &n);
+    TAP_EQ_INT(n, 2, "orphan: walk stops at the repository's edge");
+    mh_id_t s;
+    mh_graph_snap_id(g, i101, &s);
+    TAP_EQ_STR(s.s, snaps[101], "snapshot id round-trips");
+    mh_graph_unref(g);
+}
+
+static unsigned rnd_state = 12345;
+static unsigned rnd(void)
+{
+    rnd_state = rnd_state * 1103515245u + 12345u;
+    return (rnd_state >> 16) & 0x7fff;
+}
+
+static void test_random(void)
+{
+    int bad = 0, runs = 0;
+    for (int t = 0; t < 40; t++) {
+        dag_t d;
+        dag_init(&d);
+        int n = 50 + (int)(rnd() % 250);
+        for (int i = 0; i < n; i++) {
+            int a = i ? (int)(rnd() % (unsigned)i) : -1;
+            /* Mostly chains (parent = previous), sometimes far jumps and merges. */
+            if (i && rnd() % 4) a = i - 1;
+            int b = (i > 1 && rnd() % 6 == 0) ? (int)(rnd() % (unsigned)i) : -1;
+            if (b == a) b = -1;
+            if (i && rnd() % 25 == 0) a = -1; /* extra roots */
+            dag_add(&d, i, a, b);
+        }
+        if (!dag_build(&d)) {
+            bad++;
+            continue;
+        }
+        for (int q = 0; q < 20; q++) {
+            int w[3], h[4];
+            int nw = 1 + (int)(rnd() % 3), nh = (int)(rnd() % 5);
+            for (int i = 0; i < nw; i++) w[i] = (int)(rnd() % (unsigned)n);
+            for (int i = 0; i < nh; i++) h[i] = (int)(rnd() % (unsigned)n);
+            runs++;
+            if (!walk_ok(&d, w, nw, h, nh)) bad++;
+        }
+        mh_graph_unref(d.g);
+    }
+    TAP_OK(bad == 0, "random DAGs: %d walks match the oracle (%d bad)", runs, bad);
+}
+
+static void test_big_linear(void)
+{
+    /* Walk cost depends on what is sent: a one-commit delta on a long
+     * chain pops a handful of nodes. */
+    enum { N = 200000 };
+    mh_graph_t *g = mh_graph_new("big", 1, 0);
+    char prev[MH_ID_SIZE] = "", cur[MH_ID_SIZE];
+    for (int i = 0; i < N; i++) {
+        char s[32];
+        snprintf(s, sizeof s, "c%d", i);
+        mh_id_t id;
+        mh_blob_id(s, strlen(s), &id);
+        memcpy(cur, id.s, MH_ID_SIZE);
+        mh_graph_add(g, cur, prev[0] ? prev : NULL, NULL, cur, (uint32_t)i + 1);
+        memcpy(prev, cur, MH_ID_SIZE);
+    }
+    mh_graph_seal(g);
+    uint32_t head = g->n - 1, have = g->n - 2, *out = malloc(N * sizeof *out);
+    uint8_t *flags = calloc(N, 1);
+    size_t n;
+    uint64_t t0 = mh_now_us();
+    mh_graph_walk(g, &head, 1, &have, 1, flags, out, &n);
+    uint64_t t1 = mh_now_us();
+    TAP_EQ_INT(n, 1, "big: one commit ahead sends one");
+    memset(flags, 0, N);
+    mh_graph_walk(g, &head, 1, NULL, 0, flags, out, &n);
+    uint64_t t2 = mh_now_us();
+    TAP_EQ_INT(n, N, "big: a full clone sends all");
+    TAP_COMMENT("200k-commit chain: delta walk %llu us, full walk %llu us", (unsigned long long)(t1 - t0),
+                (unsigned long long)(t2 - t1));
+    free(out);
+    free(flags);
+    mh_graph_unref(g);
+}
+
+int main(void)
+{
+    test_linear();
+    test_merge();
+    test_unknown_parent();
+    test_random();
+    test_big_linear();
+    return tap_done();
+}
