@@ -25,8 +25,6 @@
 #include "mh/hub.h"
 #include "mh/jobs.h"
 
-extern const mh_migration_t mh_migrations[];
-extern const size_t mh_migrations_count;
 
 static void usage(void)
 {

@@ -1,0 +1,124 @@
+/*
+ * copy.c — COPY text-format writers (mh_copy_*) and PGresult readers
+ * (mh_pq_*). Pure functions, no I/O.
+ *
+ * COPY text format (PostgreSQL docs, "COPY: Text Format"): fields are
+ * separated by a tab, rows end with a newline, \N is NULL, and a
+ * backslash, tab, newline or carriage return inside a value must be
+ * written as \\ \t \n \r. Every backslash in the data is doubled, so no
+ * value can ever produce the end-of-data marker "\." on its own line.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "mh/db.h"
+
+int mh_copy_field(mh_buf_t *b, const char *p, size_t n, bool last)
+{
+    if (!p) {
+        int rc = mh_buf_reserve(b, 3);
+        if (rc) return rc;
+        memcpy(b->p + b->len, last ? "\\N\n" : "\\N\t", 3);
+        b->len += 3;
+        return 0;
+    }
+    if (n > (SIZE_MAX - 1) / 2) return MH_ENOMEM;
+    /* Worst case every byte doubles: one reservation, one pass. */
+    int rc = mh_buf_reserve(b, 2 * n + 1);
+    if (rc) return rc;
+    uint8_t *o = b->p + b->len;
+    for (size_t i = 0; i < n; i++) {
+        uint8_t ch = (uint8_t)p[i];
+        switch (ch) {
+        case '\\': *o++ = '\\', *o++ = '\\'; break;
+        case '\t': *o++ = '\\', *o++ = 't'; break;
+        case '\n': *o++ = '\\', *o++ = 'n'; break;
+        case '\r': *o++ = '\\', *o++ = 'r'; break;
+        default: *o++ = ch; break;
+        }
+    }
+    *o++ = last ? '\n' : '\t';
+    b->len = (size_t)(o - b->p);
+    return 0;
+}
+
+int mh_copy_bytea(mh_buf_t *b, const void *p, size_t n, bool last)
+{
+    if (!p && n) return MH_EINVAL;
+    if (n > (SIZE_MAX - 4) / 2) return MH_ENOMEM;
+    /* "\\x" + hex + sep: the doubled backslash is COPY's escaping of the
+     * "\x" prefix of bytea's hex input format. */
+    int rc = mh_buf_reserve(b, 2 * n + 4);
+    if (rc) return rc;
+    char *o = (char *)b->p + b->len;
+    memcpy(o, "\\\\x", 3);
+    mh_hex_encode(o + 3, p, n); /* writes a NUL, overwritten below */
+    o[3 + 2 * n] = last ? '\n' : '\t';
+    b->len += 2 * n + 4;
+    return 0;
+}
+
+int mh_copy_int(mh_buf_t *b, int64_t v, bool last)
+{
+    char tmp[24];
+    char *e = tmp + sizeof tmp, *s = e;
+    *--s = last ? '\n' : '\t';
+    /* Negate in unsigned arithmetic so INT64_MIN works. */
+    uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+    do {
+        *--s = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0) *--s = '-';
+    return mh_buf_append(b, s, (size_t)(e - s));
+}
+
+/* ------------------------------------------------------------ readers */
+
+const char *mh_pq_str(const PGresult *res, int r, int c) { return PQgetvalue(res, r, c); }
+
+bool mh_pq_isnull(const PGresult *res, int r, int c) { return PQgetisnull(res, r, c) != 0; }
+
+int64_t mh_pq_int(const PGresult *res, int r, int c)
+{
+    if (PQgetisnull(res, r, c)) return 0;
+    return strtoll(PQgetvalue(res, r, c), NULL, 10);
+}
+
+int mh_pq_bytea(mh_arena_t *a, const PGresult *res, int r, int c, uint8_t **out, size_t *n)
+{
+    *out = NULL;
+    *n = 0;
+    const char *v = PQgetvalue(res, r, c);
+    size_t len = (size_t)PQgetlength(res, r, c);
+    if (PQfformat(res, c) == 1) { /* binary result column: raw bytes */
+        uint8_t *d = mh_alloc(a, len + 1);
+        if (!d) return MH_ENOMEM;
+        memcpy(d, v, len);
+        *out = d;
+        *n = len;
+        return 0;
+    }
+    if (len >= 2 && v[0] == '\\' && v[1] == 'x') { /* hex: bytea_output's default */
+        if ((len - 2) % 2) return MH_EPARSE;
+        size_t m = (len - 2) / 2;
+        uint8_t *d = mh_alloc(a, m + 1);
+        if (!d) return MH_ENOMEM;
+        int rc = mh_hex_decode(d, v + 2, m);
+        if (rc) return rc;
+        *out = d;
+        *n = m;
+        return 0;
+    }
+    /* bytea_output = escape (a server configured so): let libpq decode. */
+    size_t m = 0;
+    unsigned char *u = PQunescapeBytea((const unsigned char *)v, &m);
+    if (!u) return MH_ENOMEM;
+    uint8_t *d = mh_alloc(a, m + 1);
+    if (d) memcpy(d, u, m);
+    PQfreemem(u);
+    if (!d) return MH_ENOMEM;
+    *out = d;
+    *n = m;
+    return 0;
+}
