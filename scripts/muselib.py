@@ -555,10 +555,13 @@ class Hub:
         if accept:
             hdrs["Accept"] = accept
         url = path if path.startswith("http") else self.base_url + path
+        if params:
+            # The query is part of what MSign signs (@query): fold it into
+            # the URL before signing, never after.
+            url = str(httpx.URL(url, params={k: v for k, v in params.items() if v is not None}))
         if self.signer is not None:
             hdrs.update(self.signer(method, url, content or b""))
-        return self.client.request(method, url, content=content, headers=hdrs,
-                                   params=params)
+        return self.client.request(method, url, content=content, headers=hdrs)
 
     def call(self, method: str, path: str, body: Any = None, *,
              expect: Iterable[int] = (200,), **kw: Any) -> Any:

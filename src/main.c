@@ -12,7 +12,6 @@
  * exits 0 when all have exited cleanly.
  */
 #include <arpa/inet.h>
-#include <mbedtls/pk.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,6 +19,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "mh/auth.h"
 #include "mh/config.h"
 #include "mh/db.h"
 #include "mh/hub.h"
@@ -76,6 +76,8 @@ static void part_stopped(proc_t *p)
 {
     if (--p->pending_stops > 0) return;
     mh_fetch_cache_free(&p->hub);
+    mh_auth_free(p->hub.auth);
+    p->hub.auth = NULL;
     mh_db_close(p->hub.db, db_closed_cb, p);
     mh_store_close(p->hub.store);
     uv_close((uv_handle_t *)&p->sigterm, NULL);
@@ -172,6 +174,11 @@ static int serve_process(const mh_config_t *cfg)
     int rc = mh_db_open(loop, &dbc, &hub->db);
     if (rc) {
         mh_error("database pool: %s", mh_strerror(rc));
+        return 1;
+    }
+    rc = mh_auth_open(hub->db, cfg, &hub->auth);
+    if (rc) {
+        mh_error("authentication state: %s", mh_strerror(rc));
         return 1;
     }
     mh_store_config_t sc = {
@@ -401,23 +408,25 @@ static int cmd_identity(int argc, char **argv)
         fprintf(stderr, "musehubd identity add: --handle and --public-key-file are required\n");
         return 2;
     }
-    mbedtls_pk_context pk;
-    mbedtls_pk_init(&pk);
-    if (mbedtls_pk_parse_public_keyfile(&pk, keyfile) != 0 || mbedtls_pk_get_type(&pk) != MBEDTLS_PK_ECKEY) {
-        fprintf(stderr, "musehubd identity add: %s is not a PEM EC public key\n", keyfile);
-        mbedtls_pk_free(&pk);
+    if (!mh_handle_valid(handle, strlen(handle))) {
+        fprintf(stderr, "musehubd identity add: bad handle '%s' (1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit)\n",
+                handle);
         return 2;
     }
-    unsigned char der[512];
-    int n = mbedtls_pk_write_pubkey_der(&pk, der, sizeof der);
-    mbedtls_pk_free(&pk);
-    if (n <= 0) {
-        fprintf(stderr, "musehubd identity add: cannot encode the key\n");
+    /* The key file: read whole (a PEM is tiny), canonicalised to the DER
+     * SubjectPublicKeyInfo whose hash is the key id (SPEC 1). */
+    FILE *f = fopen(keyfile, "rb");
+    char pem[8192];
+    size_t pem_len = f ? fread(pem, 1, sizeof pem, f) : 0;
+    if (f) fclose(f);
+    uint8_t der[MH_SPKI_MAX];
+    size_t der_len = 0;
+    if (!pem_len || pem_len == sizeof pem || mh_p256_spki(pem, pem_len, der, sizeof der, &der_len)) {
+        fprintf(stderr, "musehubd identity add: %s is not an ECDSA P-256 public key in PEM\n", keyfile);
         return 2;
     }
-    const unsigned char *spki = der + sizeof der - n; /* mbedTLS writes at the end */
     mh_id_t key_id, ident_id;
-    mh_blob_id(spki, (size_t)n, &key_id);
+    mh_blob_id(der, der_len, &key_id);
     mh_identity_id(handle, strlen(handle), &ident_id);
     if (run_migrations(&cfg)) return 1;
     PGconn *c = PQconnectdb(cfg.database_url);
@@ -426,23 +435,31 @@ static int cmd_identity(int argc, char **argv)
         PQfinish(c);
         return 1;
     }
-    char nbuf[16];
-    snprintf(nbuf, sizeof nbuf, "%d", n);
+    /* Re-running is safe: flags only ever gain (an existing admin or agent
+     * stays one); a key already registered to another identity is an
+     * error, never silently re-bound. */
     const char *vals[6] = {ident_id.s, handle, admin ? "true" : "false", agent ? "true" : "false", key_id.s,
-                           (const char *)spki};
-    int lens[6] = {0, 0, 0, 0, 0, n};
+                           (const char *)der};
+    int lens[6] = {0, 0, 0, 0, 0, (int)der_len};
     int fmts[6] = {0, 0, 0, 0, 0, 1};
     PGresult *res = PQexecParams(
         c,
         "WITH i AS (INSERT INTO identities (identity_id, handle, is_admin, is_agent) VALUES ($1, $2, $3, $4)"
         "  ON CONFLICT (handle) DO UPDATE SET is_admin = identities.is_admin OR EXCLUDED.is_admin,"
-        "  is_agent = EXCLUDED.is_agent RETURNING identity_id)"
-        " INSERT INTO identity_keys (key_id, identity_id, public_key) SELECT $5, identity_id, $6 FROM i"
-        " ON CONFLICT (key_id) DO NOTHING",
+        "  is_agent = identities.is_agent OR EXCLUDED.is_agent RETURNING identity_id),"
+        " k AS (INSERT INTO identity_keys (key_id, identity_id, public_key) SELECT $5, identity_id, $6 FROM i"
+        "  ON CONFLICT (key_id) DO NOTHING RETURNING 1)"
+        " SELECT (SELECT identity_id FROM identity_keys WHERE key_id = $5)",
         6, NULL, vals, lens, fmts, 0);
-    int rc = PQresultStatus(res) == PGRES_COMMAND_OK ? 0 : 1;
-    if (rc) fprintf(stderr, "musehubd identity add: %s", PQresultErrorMessage(res));
-    else printf("%s\n", key_id.s);
+    int rc = 1;
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        fprintf(stderr, "musehubd identity add: %s", PQresultErrorMessage(res));
+    } else if (!PQgetisnull(res, 0, 0) && strcmp(PQgetvalue(res, 0, 0), ident_id.s) != 0) {
+        fprintf(stderr, "musehubd identity add: key %s already belongs to another identity\n", key_id.s);
+    } else {
+        printf("%s\n", key_id.s);
+        rc = 0;
+    }
     PQclear(res);
     PQfinish(c);
     return rc;

@@ -30,6 +30,14 @@ typedef struct {
     uint32_t idle_timeout_ms;    /* MUSEHUB_IDLE_TIMEOUT_MS, 60000 */
     uint32_t query_timeout_ms;   /* MUSEHUB_QUERY_TIMEOUT_MS, 30000 */
     uint64_t max_body_bytes;     /* MUSEHUB_MAX_BODY_BYTES (API bodies), 16 MiB */
+    const char *trusted_proxies; /* MUSEHUB_TRUSTED_PROXIES, comma-separated IPs whose X-Forwarded-For is honoured */
+    uint32_t rate_push;          /* MUSEHUB_RATE_PUSH, push calls per identity/address per minute, 120; 0 = off */
+    uint32_t rate_fetch;         /* MUSEHUB_RATE_FETCH, fetch calls per identity/address per minute, 6000; 0 = off */
+    uint32_t job_concurrency;         /* MUSEHUB_JOB_CONCURRENCY, jobs run at once per process, 2 */
+    uint32_t job_lease_seconds;       /* MUSEHUB_JOB_LEASE_SECONDS, 30 */
+    uint32_t job_retention_hours;     /* MUSEHUB_JOB_RETENTION_HOURS, finished jobs kept for, 168 */
+    uint32_t job_maintenance_seconds; /* MUSEHUB_JOB_MAINTENANCE_SECONDS, prune + sweep period, 60 */
+    uint32_t mpack_grace_seconds;     /* MUSEHUB_MPACK_GRACE_SECONDS, superseded packs kept for, 3600 */
 } mh_config_t;
 
 /* Fills cfg from the environment, then applies flags from argv[0..argc)

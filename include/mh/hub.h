@@ -29,6 +29,7 @@ typedef struct mh_hub {
     bool has_dev_caller;
     char public_url[256];    /* no trailing '/' */
     mh_fetch_cache_t *fetch_cache; /* per-process cache of fetch answers */
+    mh_auth_t *auth;         /* key cache and rate limits (MSign, SPEC 5) */
     uint64_t started_ms;
 } mh_hub_t;
 
@@ -113,6 +114,14 @@ void mh_h_object(mh_req_t *req);
  * (404 unless the caller is an admin or the repository's owner/admin). */
 void mh_h_jobs_create(mh_req_t *req);
 void mh_h_job_get(mh_req_t *req);
+
+void mh_h_identity_create(mh_req_t *req);
+void mh_h_identity_get(mh_req_t *req);
+void mh_h_identity_key_add(mh_req_t *req);
+void mh_h_identity_key_revoke(mh_req_t *req);
+void mh_h_collab_list(mh_req_t *req);
+void mh_h_collab_put(mh_req_t *req);
+void mh_h_collab_delete(mh_req_t *req);
 
 void mh_h_store_put(mh_req_t *req);
 void mh_h_store_get(mh_req_t *req);

@@ -3,6 +3,8 @@
  * Permission is decided from the repository row and the caller's
  * collaborator role only; private repositories answer 404 to callers
  * without READ (the handlers do that with mh_auth_perm's result).
+ * Signatures are in msign.c, structured fields in sf.c, the request gate
+ * and key cache in gate.c, rate limits in ratelimit.c.
  */
 #include "mh/auth.h"
 
@@ -27,4 +29,16 @@ const mh_caller_t *mh_caller_anonymous(void)
 {
     static const mh_caller_t anon = {.anonymous = true};
     return &anon;
+}
+
+bool mh_handle_valid(const char *h, size_t n)
+{
+    if (n == 0 || n > 64) return false;
+    for (size_t i = 0; i < n; i++) {
+        char c = h[i];
+        bool alnum = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+        if (!alnum && (i == 0 || (c != '.' && c != '_' && c != '-'))) return false;
+    }
+    /* "/api/..." is the API's own first path segment. */
+    return !(n == 3 && !strncmp(h, "api", 3));
 }

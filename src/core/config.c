@@ -5,6 +5,7 @@
  */
 #include "mh/config.h"
 
+#include <arpa/inet.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,6 +44,19 @@ static const setting_t settings[] = {
     S("IDLE_TIMEOUT_MS", K_U32, idle_timeout_ms, "60000", "idle keep-alive connections are closed after, ms"),
     S("QUERY_TIMEOUT_MS", K_U32, query_timeout_ms, "30000", "PostgreSQL statement timeout, ms"),
     S("MAX_BODY_BYTES", K_U64, max_body_bytes, "16777216", "largest API request body, bytes"),
+    S("TRUSTED_PROXIES", K_STR, trusted_proxies, NULL,
+      "comma-separated proxy IPs whose X-Forwarded-For gives the client address (rate limits)"),
+    S("RATE_PUSH", K_U32, rate_push, "120", "push calls (presign, unpack) per identity or address per minute; 0 = off"),
+    S("RATE_FETCH", K_U32, rate_fetch, "6000", "fetch calls per identity or address per minute; 0 = off"),
+    /* Background jobs (SPEC 4.7, src/jobs/). */
+    S("JOB_CONCURRENCY", K_U32, job_concurrency, "2", "jobs one process runs at once"),
+    S("JOB_LEASE_SECONDS", K_U32, job_lease_seconds, "30",
+      "job lease, renewed while the job runs; a dead worker's job is taken over after it"),
+    S("JOB_RETENTION_HOURS", K_U32, job_retention_hours, "168", "finished jobs are deleted after, hours"),
+    S("JOB_MAINTENANCE_SECONDS", K_U32, job_maintenance_seconds, "60",
+      "period of pruning old jobs and sweeping superseded packs, seconds"),
+    S("MPACK_GRACE_SECONDS", K_U32, mpack_grace_seconds, "3600",
+      "packs superseded by GC stay in the store for, seconds (fetches in flight)"),
 };
 #define NSETTINGS (sizeof settings / sizeof settings[0])
 
@@ -95,6 +109,34 @@ static const setting_t *find_flag(const char *flag, size_t n)
     return NULL;
 }
 
+/* Every comma-separated entry is an IPv4 or IPv6 address (spaces around
+ * entries allowed). */
+static bool proxies_valid(const char *list)
+{
+    const char *p = list;
+    while (*p) {
+        while (*p == ' ') p++;
+        const char *e = p;
+        while (*e && *e != ',' && *e != ' ') e++;
+        char ip[INET6_ADDRSTRLEN];
+        size_t n = (size_t)(e - p);
+        unsigned char tmp[16];
+        if (n == 0 || n >= sizeof ip) return false;
+        memcpy(ip, p, n);
+        ip[n] = 0;
+        if (inet_pton(AF_INET, ip, tmp) != 1 && inet_pton(AF_INET6, ip, tmp) != 1) return false;
+        while (*e == ' ') e++;
+        if (*e == ',') {
+            e++;
+            if (!*e) return false;
+        } else if (*e) {
+            return false;
+        }
+        p = e;
+    }
+    return true;
+}
+
 int mh_config_load(mh_config_t *cfg, int argc, char **argv)
 {
     memset(cfg, 0, sizeof *cfg);
@@ -129,6 +171,10 @@ int mh_config_load(mh_config_t *cfg, int argc, char **argv)
     }
     if (cfg->presign_ttl < 1 || cfg->presign_ttl > 604800) {
         fprintf(stderr, "musehubd: MUSEHUB_PRESIGN_TTL must be within 1..604800 seconds\n");
+        return MH_EINVAL;
+    }
+    if (cfg->trusted_proxies && !proxies_valid(cfg->trusted_proxies)) {
+        fprintf(stderr, "musehubd: MUSEHUB_TRUSTED_PROXIES must be comma-separated IP addresses\n");
         return MH_EINVAL;
     }
     if (cfg->db_pool < 1) cfg->db_pool = 1;

@@ -27,6 +27,17 @@ const mh_route_t mh_hub_routes[] = {
     {"GET", "/api/repos", mh_h_repo_list, "repo_list", 0, false},
     {"GET", "/api/repos/{repo_id}", mh_h_repo_get, "repo_get", 0, false},
     {"DELETE", "/api/repos/{repo_id}", mh_h_repo_delete, "repo_delete", 0, false},
+    {"POST", "/api/repos/{repo_id}/jobs", mh_h_jobs_create, "jobs_create", 0, false},
+    {"GET", "/api/jobs/{job_id}", mh_h_job_get, "job_get", 0, false},
+
+    /* Identities, keys and collaborators (SPEC 5, 4; identities.c). */
+    {"POST", "/api/identities", mh_h_identity_create, "identity_create", 0, false},
+    {"GET", "/api/identities/{handle}", mh_h_identity_get, "identity_get", 0, false},
+    {"POST", "/api/identities/{handle}/keys", mh_h_identity_key_add, "identity_key_add", 0, false},
+    {"DELETE", "/api/identities/{handle}/keys/{key_id}", mh_h_identity_key_revoke, "identity_key_revoke", 0, false},
+    {"GET", "/api/repos/{repo_id}/collaborators", mh_h_collab_list, "collab_list", 0, false},
+    {"PUT", "/api/repos/{repo_id}/collaborators/{handle}", mh_h_collab_put, "collab_put", 0, false},
+    {"DELETE", "/api/repos/{repo_id}/collaborators/{handle}", mh_h_collab_delete, "collab_delete", 0, false},
 
     /* The fs store serves its own presigned URLs. The PUT body is streamed
      * to disk while it is hashed; its size limit is the signed size. */
@@ -53,15 +64,11 @@ const mh_caller_t *mh_req_caller(const mh_req_t *req)
 
 void mh_hub_pre_route(mh_req_t *req)
 {
+    /* MSign (SPEC 5): parses and checks the signature now, installs the
+     * gate that looks the key up and verifies once the body is complete;
+     * unsigned requests act as MUSEHUB_DEV_IDENTITY or anonymously. */
     mh_hub_t *hub = req->app;
-    mh_str_t sig = mh_req_header(req, "signature");
-    if (sig.p) {
-        /* MSign verification (SPEC 5) is not built yet: refuse rather than
-         * silently treating a signed request as anonymous or as dev. */
-        mh_res_error(req, 401, "unauthorized", "request signatures are not supported by this server yet");
-        return;
-    }
-    if (hub->has_dev_caller) req->caller = &hub->dev_caller;
+    mh_auth_pre_route(hub->auth, req, hub->has_dev_caller ? &hub->dev_caller : NULL);
 }
 
 /* ------------------------------------------------------------ db errors */
