@@ -44,6 +44,24 @@ static void upload_body(mh_req_t *req, const uint8_t *data, size_t n)
     }
 }
 
+static void upload_finished_cb(void *ud, int rc)
+{
+    mh_req_t *req = ud;
+    if (rc == MH_EHASH) {
+        mh_res_error(req, 400, "digest_mismatch", "the bytes do not hash to the signed key or length; nothing was kept");
+        return;
+    }
+    if (rc == MH_EEXIST) {
+        mh_res_error(req, 409, "exists", "this staging key was already uploaded");
+        return;
+    }
+    if (rc) {
+        mh_res_error(req, 500, "internal", "upload failed: %s", mh_strerror(rc));
+        return;
+    }
+    mh_res_send(req, 200, NULL, NULL, 0);
+}
+
 static void upload_end(mh_req_t *req)
 {
     upload_t *u = req->user;
@@ -52,17 +70,11 @@ static void upload_end(mh_req_t *req)
         else mh_res_error(req, 500, "internal", "write failed: %s", mh_strerror(u->err));
         return;
     }
-    int rc = mh_store_fs_upload_finish(u->up);
+    mh_fs_upload_t *up = u->up;
     u->up = NULL;
-    if (rc == MH_EHASH) {
-        mh_res_error(req, 400, "digest_mismatch", "the bytes do not hash to the signed key or length; nothing was kept");
-        return;
-    }
-    if (rc) {
-        mh_res_error(req, 500, "internal", "upload failed: %s", mh_strerror(rc));
-        return;
-    }
-    mh_res_send(req, 200, NULL, NULL, 0);
+    /* Length and hash are checked at once; fsync and the no-overwrite
+     * link run on the thread pool so a large pack never stalls the loop. */
+    mh_store_fs_upload_finish_async(up, upload_finished_cb, req);
 }
 
 void mh_h_store_put(mh_req_t *req)
