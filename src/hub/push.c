@@ -966,8 +966,8 @@ static const char sql_tx_begin[] =
     "CREATE TEMP TABLE tmp_commits (commit_id text, parent_commit_id text, parent2_commit_id text,"
     " snapshot_id text, message text, author text, committed_at text, branch text, generation int, meta bytea)"
     " ON COMMIT DROP;"
-    "CREATE TEMP TABLE tmp_snapshots (snapshot_id text, parent_snapshot_id text, delta_upsert bytea,"
-    " delta_remove bytea, entry_count int, depth int, checkpoint bytea) ON COMMIT DROP;"
+    "CREATE TEMP TABLE tmp_snapshots (snapshot_id text, parent_snapshot_id text, delta_upsert bytea COMPRESSION lz4,"
+    " delta_remove bytea COMPRESSION lz4, entry_count int, depth int, checkpoint bytea COMPRESSION lz4) ON COMMIT DROP;"
     "CREATE TEMP TABLE tmp_objects (object_id text, byte_offset bigint, byte_length bigint) ON COMMIT DROP";
 
 static void advance(unpack_t *u)
@@ -1089,12 +1089,24 @@ static void advance(unpack_t *u)
             break;
         case U_TX_BEGIN:
             u->busy = true;
-            if (u->already_referenced) {
-                u->state = U_TX_INSERT - 1; /* step_cb moves to INSERT */
-                mh_dbconn_script(u->conn, "BEGIN", step_cb, u);
-            } else {
-                mh_dbconn_script(u->conn, sql_tx_begin, step_cb, u);
+            /* Pushes to one repository serialise on its row for the
+             * length of this transaction (the CPU-heavy checks ran
+             * before it): ref rows can then be inserted without
+             * speculative insertion, and the branch check below sees the
+             * previous push's result. Every writer of a repository's ref
+             * rows takes this lock first (docs/architecture.md). */
+            if (!mh_id_valid(u->repo->repo_id, strlen(u->repo->repo_id))) {
+                fail(u, 500, "internal", "bad repository id");
+                return;
             }
+            char *script = mh_sprintf(&u->work, "%s;SELECT 1 FROM repos WHERE repo_id = '%s' FOR UPDATE",
+                                      u->already_referenced ? "BEGIN" : sql_tx_begin, u->repo->repo_id);
+            if (!script) {
+                fail(u, 503, "unavailable", "out of memory");
+                return;
+            }
+            if (u->already_referenced) u->state = U_TX_INSERT - 1; /* step_cb moves to INSERT */
+            mh_dbconn_script(u->conn, script, step_cb, u);
             break;
         case U_TX_COPY_COMMITS:
             u->busy = true;
@@ -1133,21 +1145,22 @@ static void advance(unpack_t *u)
             qs[n++] = (mh_db_pq_t){NULL,
                                    "INSERT INTO commits (commit_id, parent_commit_id, parent2_commit_id, snapshot_id,"
                                    " message, author, committed_at, branch, generation, meta)"
-                                   " SELECT * FROM tmp_commits ON CONFLICT DO NOTHING",
+                                   " SELECT * FROM tmp_commits ORDER BY commit_id ON CONFLICT DO NOTHING",
                                    0, NULL, NULL, NULL};
             qs[n++] = (mh_db_pq_t){NULL,
                                    "INSERT INTO snapshots (snapshot_id, parent_snapshot_id, delta_upsert, delta_remove,"
-                                   " entry_count, depth, checkpoint) SELECT * FROM tmp_snapshots ON CONFLICT DO NOTHING",
+                                   " entry_count, depth, checkpoint) SELECT * FROM tmp_snapshots ORDER BY snapshot_id"
+                                   " ON CONFLICT DO NOTHING",
                                    0, NULL, NULL, NULL};
             qs[n++] = (mh_db_pq_t){NULL,
                                    "INSERT INTO objects (object_id, size_bytes, storage_uri)"
                                    " SELECT object_id, byte_length, 'mpack://' || $1::text || '#' || byte_offset || ':' ||"
-                                   " byte_length FROM tmp_objects ON CONFLICT DO NOTHING",
+                                   " byte_length FROM tmp_objects ORDER BY object_id ON CONFLICT DO NOTHING",
                                    1, v + 1, NULL, NULL};
             qs[n++] = (mh_db_pq_t){NULL,
                                    "INSERT INTO mpack_index (object_id, mpack_id, byte_offset, byte_length)"
                                    " SELECT object_id, $1::text, byte_offset, byte_length FROM tmp_objects"
-                                   " ON CONFLICT DO NOTHING",
+                                   " ORDER BY object_id ON CONFLICT DO NOTHING",
                                    1, v + 1, NULL, NULL};
             qs[n++] = (mh_db_pq_t){NULL,
                                    "WITH m AS (INSERT INTO mpacks (mpack_id, size_bytes, kind) VALUES ($2, $3::bigint, 'push')"
@@ -1155,16 +1168,20 @@ static void advance(unpack_t *u)
                                    " INSERT INTO mpack_refs (repo_id, mpack_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
                                    3, v, NULL, NULL};
             qs[n++] = (mh_db_pq_t){NULL,
-                                   "WITH x AS (INSERT INTO commit_refs (repo_id, commit_id) SELECT $1::text, commit_id FROM"
-                                   " tmp_commits ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM x",
+                                   "WITH x AS (INSERT INTO commit_refs (repo_id, commit_id) SELECT DISTINCT $1::text, t.commit_id"
+                                   " FROM tmp_commits t WHERE NOT EXISTS (SELECT 1 FROM commit_refs r WHERE r.repo_id = $1"
+                                   " AND r.commit_id = t.commit_id) ORDER BY 2 RETURNING 1) SELECT count(*) FROM x",
                                    1, v, NULL, NULL};
             qs[n++] = (mh_db_pq_t){NULL,
-                                   "WITH x AS (INSERT INTO snapshot_refs (repo_id, snapshot_id) SELECT $1::text, snapshot_id"
-                                   " FROM tmp_snapshots ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM x",
+                                   "WITH x AS (INSERT INTO snapshot_refs (repo_id, snapshot_id) SELECT DISTINCT $1::text,"
+                                   " t.snapshot_id FROM tmp_snapshots t WHERE NOT EXISTS (SELECT 1 FROM snapshot_refs r"
+                                   " WHERE r.repo_id = $1 AND r.snapshot_id = t.snapshot_id) ORDER BY 2 RETURNING 1)"
+                                   " SELECT count(*) FROM x",
                                    1, v, NULL, NULL};
             qs[n++] = (mh_db_pq_t){NULL,
-                                   "WITH x AS (INSERT INTO object_refs (repo_id, object_id) SELECT $1::text, object_id FROM"
-                                   " tmp_objects ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM x",
+                                   "WITH x AS (INSERT INTO object_refs (repo_id, object_id) SELECT DISTINCT $1::text, t.object_id"
+                                   " FROM tmp_objects t WHERE NOT EXISTS (SELECT 1 FROM object_refs r WHERE r.repo_id = $1"
+                                   " AND r.object_id = t.object_id) ORDER BY 2 RETURNING 1) SELECT count(*) FROM x",
                                    1, v, NULL, NULL};
             mh_dbconn_pipeline(u->conn, qs, n, insert_cb, u);
             break;
