@@ -18,6 +18,7 @@
 #include "mh/store.h"
 
 typedef struct mh_fetch_cache mh_fetch_cache_t;
+typedef struct mh_repo_cache mh_repo_cache_t;
 
 typedef struct mh_hub {
     uv_loop_t *loop;
@@ -30,6 +31,7 @@ typedef struct mh_hub {
     char public_url[256];    /* no trailing '/' */
     mh_fetch_cache_t *fetch_cache; /* per-process cache of fetch answers */
     mh_auth_t *auth;         /* key cache and rate limits (MSign, SPEC 5) */
+    mh_repo_cache_t *repo_cache; /* per-process repository lookups (repo_cache.c) */
     uint64_t started_ms;
 } mh_hub_t;
 
@@ -79,6 +81,27 @@ mh_val_t *mh_repo_val(mh_req_t *req, const mh_repo_t *r);
  * *unsat true when the range was well-formed but unsatisfiable (answer
  * 416) and false when malformed (serve the whole object, RFC 9110 14.2). */
 bool mh_parse_range(mh_str_t h, uint64_t size, uint64_t *off, uint64_t *len, bool *unsat);
+
+/* ----------------------------------------- repository lookup cache */
+
+/* Per-process cache of mh_hub_load_repo's query result, keyed by
+ * (owner/slug or repo_id, caller identity); invalidated across processes
+ * by NOTIFY musehub_repo (a trigger on repos and collaborators), entries
+ * expire after 2 s regardless. See repo_cache.c for the invariants. */
+
+/* Drops every entry of repo_id (NULL: all) and bumps the epoch. */
+void mh_hub_repo_cache_invalidate(mh_hub_t *hub, const char *repo_id);
+/* The current epoch (creates the cache and its LISTEN on first use);
+ * read it before a lookup query and pass it to _put. */
+uint64_t mh_hub_repo_cache_epoch(mh_hub_t *hub);
+/* On a hit fills *out and *role (copies in arena a) and returns true. */
+bool mh_hub_repo_cache_lookup(mh_hub_t *hub, const char *key, size_t klen, mh_arena_t *a, mh_repo_t *out,
+                              const char **role);
+/* Caches a looked-up row unless an invalidation happened since `epoch`. */
+void mh_hub_repo_cache_put(mh_hub_t *hub, uint64_t epoch, const char *key, size_t klen, const mh_repo_t *r,
+                           const char *role);
+/* Frees the cache (shutdown). */
+void mh_hub_repo_cache_free(mh_hub_t *hub);
 
 /* Fetch-pack cache invalidation after a branch move in this process
  * (other processes see the new repos.state_seq). */

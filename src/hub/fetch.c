@@ -139,6 +139,9 @@ static void ac_put(mh_answer_cache_t *ac, const char *key, const answer_t *ans)
 
 void mh_fetch_cache_invalidate(mh_hub_t *hub, const char *repo_id)
 {
+    /* This process changed the repository: drop its lookup now rather
+     * than when our own NOTIFY comes back. */
+    mh_hub_repo_cache_invalidate(hub, repo_id);
     if (!hub->fetch_cache) return;
     mh_graph_cache_drop(hub, repo_id);
     mh_answer_cache_t *ac = hub->fetch_cache->answers;

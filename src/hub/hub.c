@@ -90,6 +90,9 @@ typedef struct {
     mh_req_t *req;
     mh_perm_t need;
     mh_repo_cb cb;
+    char *key; /* repo cache key */
+    size_t klen;
+    uint64_t epoch;
 } load_repo_t;
 
 static const mh_stmt_t st_repo_by_slug = {
@@ -107,6 +110,24 @@ static const mh_stmt_t st_repo_by_id = {
     " FROM repos r LEFT JOIN collaborators c ON c.repo_id = r.repo_id AND c.identity_id = $2"
     " WHERE r.repo_id = $1",
     2};
+
+/* The permission checks shared by a cache hit and a fresh row. */
+static void load_repo_finish(load_repo_t *lr, mh_repo_t *r, const char *role)
+{
+    mh_req_t *req = lr->req;
+    const mh_caller_t *caller = mh_req_caller(req);
+    r->perm = mh_auth_perm(caller, r->owner_id, strcmp(r->visibility, "public") == 0, role);
+    if (r->perm < MH_PERM_READ) {
+        mh_res_error(req, 404, "not_found", "repository not found");
+        return;
+    }
+    if (r->perm < lr->need) {
+        if (caller->anonymous) mh_res_error(req, 401, "unauthorized", "this call needs a signed request");
+        else mh_res_error(req, 403, "forbidden", "you may read this repository but not change it");
+        return;
+    }
+    lr->cb(req, r);
+}
 
 static void load_repo_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
@@ -130,19 +151,26 @@ static void load_repo_cb(void *ud, PGresult *res, int err, const char *errmsg)
                        &r->visibility, &r->description, &r->default_branch, &r->created_at};
     for (int i = 0; i < 9; i++) *fields[i] = mh_strdup(a, mh_pq_str(res, 0, i));
     r->state_seq = mh_pq_int(res, 0, 9);
-    const char *role = mh_pq_isnull(res, 0, 10) ? NULL : mh_pq_str(res, 0, 10);
-    const mh_caller_t *caller = mh_req_caller(req);
-    r->perm = mh_auth_perm(caller, r->owner_id, strcmp(r->visibility, "public") == 0, role);
-    if (r->perm < MH_PERM_READ) {
-        mh_res_error(req, 404, "not_found", "repository not found");
-        return;
-    }
-    if (r->perm < lr->need) {
-        if (caller->anonymous) mh_res_error(req, 401, "unauthorized", "this call needs a signed request");
-        else mh_res_error(req, 403, "forbidden", "you may read this repository but not change it");
-        return;
-    }
-    lr->cb(req, r);
+    const char *role = mh_pq_isnull(res, 0, 10) ? NULL : mh_strdup(a, mh_pq_str(res, 0, 10));
+    mh_hub_repo_cache_put(req->app, lr->epoch, lr->key, lr->klen, r, role);
+    load_repo_finish(lr, r, role);
+}
+
+/* Cache key: kind byte, the route captures and the caller, NUL-separated. */
+static char *repo_key(mh_arena_t *a, char kind, const char *x, const char *y, const char *who, size_t *klen)
+{
+    size_t lx = strlen(x), ly = strlen(y), lw = strlen(who);
+    char *k = mh_alloc(a, 1 + lx + 1 + ly + 1 + lw);
+    if (!k) return NULL;
+    char *p = k;
+    *p++ = kind;
+    memcpy(p, x, lx + 1);
+    p += lx + 1;
+    memcpy(p, y, ly + 1);
+    p += ly + 1;
+    memcpy(p, who, lw);
+    *klen = 1 + lx + 1 + ly + 1 + lw;
+    return k;
 }
 
 void mh_hub_load_repo(mh_req_t *req, mh_perm_t need, mh_repo_cb cb)
@@ -158,14 +186,28 @@ void mh_hub_load_repo(mh_req_t *req, mh_perm_t need, mh_repo_cb cb)
     lr->cb = cb;
     const mh_caller_t *caller = mh_req_caller(req);
     const char *who = caller->anonymous ? "" : caller->identity_id.s;
+    mh_arena_t *a = &req->arena;
     mh_str_t id = mh_req_param(req, "repo_id");
+    mh_str_t owner = mh_req_param(req, "owner"), slug = mh_req_param(req, "slug");
+    const char *x = id.p ? mh_strndup(a, id.p, id.n) : mh_strndup(a, owner.p, owner.n);
+    const char *y = id.p ? "" : mh_strndup(a, slug.p, slug.n);
+    if (!x || !y || !(lr->key = repo_key(a, id.p ? 'i' : 'o', x, y, who, &lr->klen))) {
+        mh_res_error(req, 503, "unavailable", "out of memory");
+        return;
+    }
+    mh_repo_t *r = mh_calloc(a, sizeof *r);
+    const char *role = NULL;
+    if (r && mh_hub_repo_cache_lookup(hub, lr->key, lr->klen, a, r, &role)) {
+        load_repo_finish(lr, r, role);
+        return;
+    }
+    lr->epoch = mh_hub_repo_cache_epoch(hub);
     if (id.p) {
-        const char *vals[2] = {mh_strndup(&req->arena, id.p, id.n), who};
+        const char *vals[2] = {x, who};
         mh_db_exec(hub->db, &st_repo_by_id, vals, NULL, NULL, load_repo_cb, lr);
         return;
     }
-    mh_str_t owner = mh_req_param(req, "owner"), slug = mh_req_param(req, "slug");
-    const char *vals[3] = {mh_strndup(&req->arena, owner.p, owner.n), mh_strndup(&req->arena, slug.p, slug.n), who};
+    const char *vals[3] = {x, y, who};
     mh_db_exec(hub->db, &st_repo_by_slug, vals, NULL, NULL, load_repo_cb, lr);
 }
 
