@@ -16,3 +16,17 @@ if [ -n "$missing" ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing
 fi
+
+# The S3 emulator for the s3 store tests (scripts/s3emu.js): npm package
+# @20minutes/s3rver@5.0.0, pinned by third_party/s3emu/package-lock.json,
+# installed into third_party/s3emu/node_modules (not committed). Skipped
+# when present; without node/npm the s3 tests skip themselves.
+S3EMU_DIR="$(dirname "$0")/../third_party/s3emu"
+if [ ! -f "$S3EMU_DIR/node_modules/@20minutes/s3rver/package.json" ]; then
+  if command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then
+    echo "deps: installing the S3 emulator (npm @20minutes/s3rver@5.0.0) into third_party/s3emu"
+    npm ci --prefix "$S3EMU_DIR" --no-audit --no-fund --loglevel=error >/dev/null
+  else
+    echo "deps: node/npm not found: the s3 store tests will be skipped"
+  fi
+fi

@@ -21,7 +21,7 @@
  *    (curl's threaded resolver), large payload hashes on the thread pool.
  *  - Every op's callback fires exactly once, never inside the call that
  *    started it nor inside any other call into this backend (api_depth):
- *    completions found there are deferred to the `kick` timer.
+ *    completions found there are deferred to an async handle.
  *  - At most WINDOW transfers are in flight; the rest wait in FIFO order.
  *  - A transfer is retried (100 ms, 400 ms, 1.6 s, then it fails) on
  *    connection errors, 5xx, 429 and CopyObject's "200 with an <Error>";
@@ -79,7 +79,8 @@ struct s3_store {
     mh_store_t base;
     CURLM *multi;
     uv_timer_t curl_timer; /* curl's timeout (CURLMOPT_TIMERFUNCTION) */
-    uv_timer_t kick;       /* retries that are due, deferred completions */
+    uv_timer_t kick;       /* retries that are due */
+    uv_async_t defer;      /* deferred completions (ref'd only while some wait) */
     char *origin;          /* "http://127.0.0.1:9000" or "https://bucket.s3.amazonaws.com" */
     char *host;            /* Host header and signed host: origin without the scheme */
     char *path_prefix;     /* "/bucket" (path style) or "" (virtual-hosted) */
@@ -191,6 +192,7 @@ static const mh_store_op_t op_metric[] = {
 static void pump(s3_store_t *s3);
 static void op_step(s3_op_t *op, xfer_t *x, int err);
 static void arm_kick(s3_store_t *s3);
+static void defer_op(s3_op_t *op);
 static void maybe_shutdown(s3_store_t *s3);
 
 /* ------------------------------------------------------ entry and exit */
@@ -263,9 +265,7 @@ static void op_finish(s3_op_t *op, int err)
     if (op->xfers_out > 0) return;
     s3_store_t *s3 = op->s3;
     if (s3->api_depth > 0) {
-        op->next = s3->deferred;
-        s3->deferred = op;
-        arm_kick(s3);
+        defer_op(op);
         return;
     }
     op_complete(op);
@@ -432,6 +432,17 @@ static size_t read_cb(char *buf, size_t size, size_t nitems, void *ud)
     return n;
 }
 
+/* curl rewinds an upload when it resends it on a fresh connection (a
+ * kept-alive connection the store had closed): allow it. */
+static int seek_cb(void *ud, curl_off_t off, int origin)
+{
+    xfer_t *x = ud;
+    size_t n = x->kind == H_PUT ? x->op->n : 0;
+    if (origin != SEEK_SET || off < 0 || (uint64_t)off > n) return CURL_SEEKFUNC_FAIL;
+    x->up_pos = (size_t)off;
+    return CURL_SEEKFUNC_OK;
+}
+
 /* ------------------------------------------------------- request setup */
 
 /* The unencoded object path ("/bucket/key" or "/key") into out. */
@@ -531,6 +542,8 @@ static int easy_setup(s3_store_t *s3, xfer_t *x)
             curl_easy_setopt(e, CURLOPT_INFILESIZE_LARGE, (curl_off_t)(x->kind == H_PUT ? x->op->n : 0));
             curl_easy_setopt(e, CURLOPT_READFUNCTION, read_cb);
             curl_easy_setopt(e, CURLOPT_READDATA, x);
+            curl_easy_setopt(e, CURLOPT_SEEKFUNCTION, seek_cb);
+            curl_easy_setopt(e, CURLOPT_SEEKDATA, x);
             break;
         case H_DELETE: curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, "DELETE"); break;
         }
@@ -752,15 +765,28 @@ static int timer_fn(CURLM *m, long timeout_ms, void *userp)
     return 0;
 }
 
-/* The kick timer: deferred completions first (in the order they were
- * found), then the retries that are due. */
-static void kick_cb(uv_timer_t *t)
+/* Deferred completions go through an async handle rather than a 0 ms
+ * timer: it wakes the loop's poll phase, so a caller driving the loop
+ * with UV_RUN_ONCE sees the callback in that very turn. The handle is
+ * ref'd only while completions wait, so an idle store never keeps a loop
+ * alive. */
+static void defer_op(s3_op_t *op)
 {
-    s3_store_t *s3 = t->data;
+    s3_store_t *s3 = op->s3;
+    if (!s3->deferred) uv_ref((uv_handle_t *)&s3->defer);
+    op->next = s3->deferred;
+    s3->deferred = op;
+    uv_async_send(&s3->defer);
+}
+
+static void defer_cb(uv_async_t *h)
+{
+    s3_store_t *s3 = h->data;
     enter(s3, false);
     s3_op_t *list = s3->deferred, *rev = NULL;
     s3->deferred = NULL;
-    while (list) {
+    uv_unref((uv_handle_t *)&s3->defer);
+    while (list) { /* oldest first */
         s3_op_t *nx = list->next;
         list->next = rev;
         rev = list;
@@ -771,6 +797,14 @@ static void kick_cb(uv_timer_t *t)
         op_complete(rev);
         rev = nx;
     }
+    leave(s3, false);
+}
+
+/* The kick timer: retries whose backoff is over go back in the queue. */
+static void kick_cb(uv_timer_t *t)
+{
+    s3_store_t *s3 = t->data;
+    enter(s3, false);
     uint64_t now = uv_now(s3->base.loop);
     for (xfer_t **pp = &s3->delayed; *pp;) {
         xfer_t *x = *pp;
@@ -790,7 +824,6 @@ static void arm_kick(s3_store_t *s3)
 {
     if (s3->shut) return;
     uint64_t now = uv_now(s3->base.loop), due = UINT64_MAX;
-    if (s3->deferred) due = now;
     for (xfer_t *x = s3->delayed; x; x = x->next)
         if (x->due < due) due = x->due;
     if (due == UINT64_MAX) uv_timer_stop(&s3->kick);
@@ -1110,9 +1143,18 @@ static int s3_presign(mh_store_t *s, mh_arena_t *a, const char *method, const ch
     }
     if (rc == 0) rc = mh_sigv4_uri_encode(&enc, (const char *)path.p, path.len - 1, true);
     if (rc == 0) {
-        *url = mh_sprintf(a, "%s%.*s?%.*s", s3->origin, (int)enc.len, (const char *)enc.p, (int)q.len,
-                          (const char *)q.p);
-        if (!*url) rc = MH_ENOMEM;
+        /* memcpy, not printf: this runs once per fetch answer (hot). */
+        size_t on = strlen(s3->origin);
+        char *u = mh_alloc(a, on + enc.len + 1 + q.len + 1);
+        if (u) {
+            memcpy(u, s3->origin, on);
+            memcpy(u + on, enc.p, enc.len);
+            u[on + enc.len] = '?';
+            memcpy(u + on + enc.len + 1, q.p, q.len);
+            u[on + enc.len + 1 + q.len] = 0;
+        }
+        *url = u;
+        if (!u) rc = MH_ENOMEM;
     }
     mh_buf_free(&path);
     mh_buf_free(&q);
@@ -1153,9 +1195,10 @@ static void shutdown_store(s3_store_t *s3)
     while (s3->socks) sock_close(s3, s3->socks);
     uv_timer_stop(&s3->curl_timer);
     uv_timer_stop(&s3->kick);
-    s3->open_handles = 2;
+    s3->open_handles = 3;
     uv_close((uv_handle_t *)&s3->curl_timer, handle_closed_cb);
     uv_close((uv_handle_t *)&s3->kick, handle_closed_cb);
+    uv_close((uv_handle_t *)&s3->defer, handle_closed_cb);
 }
 
 static void maybe_shutdown(s3_store_t *s3)
@@ -1300,7 +1343,9 @@ int mh_store_s3_open(uv_loop_t *loop, const mh_store_config_t *cfg, const char *
     curl_multi_setopt(s3->multi, CURLMOPT_MAXCONNECTS, (long)(2 * WINDOW));
     uv_timer_init(loop, &s3->curl_timer);
     uv_timer_init(loop, &s3->kick);
-    s3->curl_timer.data = s3->kick.data = s3;
+    uv_async_init(loop, &s3->defer, defer_cb);
+    uv_unref((uv_handle_t *)&s3->defer);
+    s3->curl_timer.data = s3->kick.data = s3->defer.data = s3;
     mh_info("store: s3 bucket %s at %s (%s, region %s)", s3->bucket, s3->origin,
             s3->path_style ? "path style" : "virtual-hosted", s3->region);
     *out = &s3->base;

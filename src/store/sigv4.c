@@ -339,7 +339,8 @@ int mh_sigv4_presign(mh_sigv4_cred_t *c, const mh_sigv4_req_t *r, uint32_t expir
         /* The URL carries the same canonical (encoded, sorted) query the
          * signature covers, so no client re-encoding can change it. */
         if (rc == 0) rc = append_canonical_query(out, q, n);
-        if (rc == 0) rc = mh_buf_printf(out, "&X-Amz-Signature=%s", sig);
+        if (rc == 0) rc = mh_buf_append_str(out, "&X-Amz-Signature=");
+        if (rc == 0) rc = mh_buf_append(out, sig, 64);
     }
     mh_buf_free(&cred);
     mh_buf_free(&signed_hdrs);

@@ -131,7 +131,7 @@ int mh_store_open(uv_loop_t *loop, const mh_store_config_t *cfg, mh_store_t **ou
         if (strncmp(spec, backends[i].prefix, pn) != 0) continue;
         const char *arg = spec + pn;
         if (!*arg) {
-            mh_error("store: MUSEHUB_STORE=\"%s\" names no %s", spec, pn == 3 ? "directory" : "bucket");
+            mh_error("store: MUSEHUB_STORE=\"%s\" names no %s", spec, spec[0] == 'f' ? "directory" : "bucket");
             return MH_EINVAL;
         }
         if (!backends[i].open) {
