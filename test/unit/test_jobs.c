@@ -1,0 +1,444 @@
+/*
+ * test_jobs.c — unit tests of src/jobs/: the pure helpers (backoff, job
+ * types, the consolidated pack of mpack.gc, the COPY rows of
+ * mpack.index), then, against a throwaway database
+ * (MUSEHUB_TEST_DATABASE_URL; skipped without one), the runner itself:
+ * wake-up by NOTIFY, claiming, taking over an expired lease, leaving a
+ * live lease alone, permanent failures, retries with backoff up to
+ * max_attempts, pruning, the sweep of superseded packs, and stopping.
+ */
+#include <libpq-fe.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "mh/db.h"
+#include "mh/jobs.h"
+#include "mh/mpack.h"
+#include "mh/store.h"
+#include "tap.h"
+
+/* ------------------------------------------------------------- pure */
+
+static void test_backoff(void)
+{
+    TAP_EQ_INT(mh_job_backoff_s(1), 1, "backoff after attempt 1: 1 s");
+    TAP_EQ_INT(mh_job_backoff_s(2), 4, "backoff after attempt 2: 4 s");
+    TAP_EQ_INT(mh_job_backoff_s(3), 16, "backoff after attempt 3: 16 s");
+    TAP_EQ_INT(mh_job_backoff_s(6), 1024, "backoff after attempt 6: 1024 s");
+    TAP_EQ_INT(mh_job_backoff_s(7), 3600, "backoff capped at an hour");
+    TAP_EQ_INT(mh_job_backoff_s(1000), 3600, "backoff of a huge attempt stays capped");
+    TAP_EQ_INT(mh_job_backoff_s(0), 1, "attempt 0 treated as 1");
+}
+
+static void test_types(void)
+{
+    TAP_OK(mh_job_type_known("mpack.index", 11) && mh_job_type_known("mpack.gc", 8), "known job types");
+    TAP_OK(!mh_job_type_known("mpack.gcx", 9) && !mh_job_type_known("mpack.g", 7) && !mh_job_type_known("", 0),
+           "unknown job types");
+}
+
+typedef struct {
+    mh_id_t id;
+    char content[64];
+    size_t len;
+} tblob_t;
+
+static void make_blob(tblob_t *b, const char *content)
+{
+    b->len = strlen(content);
+    memcpy(b->content, content, b->len);
+    mh_blob_id(b->content, b->len, &b->id);
+}
+
+static void test_gc_pack(void)
+{
+    tblob_t tb[5];
+    make_blob(&tb[0], "alpha");
+    make_blob(&tb[1], "beta");
+    make_blob(&tb[2], "gamma");
+    make_blob(&tb[3], "");
+    make_blob(&tb[4], "delta");
+    /* Input: unsorted, with a duplicate of "beta". */
+    int order[6] = {2, 1, 0, 3, 1, 4};
+    mh_gc_blob_t in[6];
+    for (int i = 0; i < 6; i++)
+        in[i] = (mh_gc_blob_t){tb[order[i]].id.s, (const uint8_t *)tb[order[i]].content, tb[order[i]].len, 0};
+    size_t n = 6, bad = 99;
+    mh_buf_t out = {0};
+    mh_id_t key;
+    int rc = mh_gc_build_pack(in, &n, &out, &key, &bad);
+    TAP_EQ_INT(rc, 0, "consolidated pack built");
+    TAP_EQ_INT(n, 5, "duplicate blob dropped");
+    bool sorted = true;
+    for (size_t i = 1; i < n; i++) sorted &= memcmp(in[i - 1].id, in[i].id, MH_ID_LEN) < 0;
+    TAP_OK(sorted, "blobs sorted by id");
+    bool at = true;
+    for (size_t i = 0; i < n; i++) at &= in[i].new_off + in[i].len <= out.len && !memcmp(out.p + in[i].new_off, in[i].content, in[i].len);
+    TAP_OK(at, "every new_off points at the blob's content inside the pack");
+    uint8_t d[32];
+    mh_id_t want;
+    mh_sha256(out.p, out.len, d);
+    mh_id_from_digest(&want, d);
+    TAP_EQ_STR(key.s, want.s, "key is the sha256 of the pack bytes");
+
+    /* Read back with the pack reader: v1, only blobs, same ranges. */
+    mh_arena_t a;
+    mh_arena_init(&a, 0);
+    mh_pack_t p;
+    const char *why = NULL;
+    rc = mh_pack_read(&a, out.p, out.len, &mh_pack_limits_default, &p, &why);
+    TAP_OK(rc == 0 && p.version == 1 && p.ncommits == 0 && p.nsnapshots == 0 && p.nblobs == 5,
+           "the pack reads back as v1 with 5 blobs and nothing else (%s)", why ? why : "ok");
+    bool same = rc == 0;
+    for (size_t i = 0; same && i < p.nblobs; i++)
+        same = !memcmp(p.blobs[i].object_id.p, in[i].id, MH_ID_LEN) && p.blobs[i].offset == in[i].new_off &&
+               p.blobs[i].length == in[i].len;
+    TAP_OK(same, "reader's byte ranges equal the builder's");
+    size_t badv = 1;
+    TAP_EQ_INT(rc == 0 ? mh_pack_verify_blobs(out.p, &p, &badv) : -1, 0, "every blob hashes to its id");
+
+    /* Determinism: another order, same key. */
+    int order2[5] = {4, 3, 2, 1, 0};
+    mh_gc_blob_t in2[5];
+    for (int i = 0; i < 5; i++)
+        in2[i] = (mh_gc_blob_t){tb[order2[i]].id.s, (const uint8_t *)tb[order2[i]].content, tb[order2[i]].len, 0};
+    size_t n2 = 5;
+    mh_buf_t out2 = {0};
+    mh_id_t key2;
+    rc = mh_gc_build_pack(in2, &n2, &out2, &key2, NULL);
+    TAP_OK(rc == 0 && !strcmp(key.s, key2.s) && out.len == out2.len && !memcmp(out.p, out2.p, out.len),
+           "the same set of blobs in another order gives the same bytes and key");
+
+    /* A blob whose bytes do not match its id. */
+    mh_gc_blob_t liar[2] = {{tb[0].id.s, (const uint8_t *)"alphX", 5, 0}, {tb[1].id.s, (const uint8_t *)"beta", 4, 0}};
+    size_t nl = 2;
+    mh_buf_t out3 = {0};
+    mh_id_t key3;
+    bad = 99;
+    rc = mh_gc_build_pack(liar, &nl, &out3, &key3, &bad);
+    TAP_OK(rc == MH_EHASH && !memcmp(liar[bad].id, tb[0].id.s, MH_ID_LEN), "a wrong byte range is refused (MH_EHASH)");
+    TAP_EQ_INT(out3.len, 0, "nothing written for a refused pack");
+
+    /* No blobs at all: still a valid, empty pack. */
+    size_t n0 = 0;
+    mh_buf_t out4 = {0};
+    mh_id_t key4;
+    rc = mh_gc_build_pack(NULL, &n0, &out4, &key4, NULL);
+    mh_pack_t p0;
+    TAP_OK(rc == 0 && mh_pack_read(&a, out4.p, out4.len, &mh_pack_limits_default, &p0, &why) == 0 && p0.nblobs == 0,
+           "an empty set builds an empty pack");
+
+    /* mpack.index rows: one per distinct object id. */
+    mh_buf_t v0 = {0};
+    mh_packw_t w;
+    mh_packw_init(&w, &v0);
+    mh_packw_commits(&w, 0);
+    mh_packw_snapshots(&w, 0);
+    mh_packw_blobs(&w, 3);
+    mh_packw_blob(&w, (mh_str_t){tb[0].id.s, MH_ID_LEN}, tb[0].content, tb[0].len);
+    mh_packw_blob(&w, (mh_str_t){tb[1].id.s, MH_ID_LEN}, tb[1].content, tb[1].len);
+    mh_packw_blob(&w, (mh_str_t){tb[0].id.s, MH_ID_LEN}, tb[0].content, tb[0].len);
+    mh_packw_branch_heads(&w, 0);
+    TAP_EQ_INT(mh_packw_finish(&w), 0, "pack with a repeated blob written");
+    mh_pack_t pr;
+    rc = mh_pack_read(&a, v0.p, v0.len, &mh_pack_limits_default, &pr, &why);
+    mh_buf_t rows = {0};
+    size_t nrows = 0;
+    TAP_OK(rc == 0 && mh_index_copy_rows(&pr, &rows, &nrows) == 0, "index rows built");
+    TAP_EQ_INT(nrows, 2, "one row per distinct object id");
+    char expect[256];
+    snprintf(expect, sizeof expect, "%s\t%llu\t%llu\n", tb[0].id.s, (unsigned long long)pr.blobs[0].offset,
+             (unsigned long long)pr.blobs[0].length);
+    TAP_OK(rows.len > strlen(expect) && !memcmp(rows.p, expect, strlen(expect)), "COPY row: id, offset, length");
+
+    mh_buf_free(&rows);
+    mh_buf_free(&v0);
+    mh_buf_free(&out);
+    mh_buf_free(&out2);
+    mh_buf_free(&out3);
+    mh_buf_free(&out4);
+    mh_arena_release(&a);
+}
+
+/* ------------------------------------------------------- with a database */
+
+static uv_loop_t *loop;
+static PGconn *pg;
+static char store_dir[] = "/tmp/mh-test-jobs-XXXXXX";
+
+static void quiet(void *arg, const char *msg)
+{
+    (void)arg;
+    (void)msg;
+}
+
+static char *url_with_db(const char *url, const char *dbname)
+{
+    PQconninfoOption *opts = PQconninfoParse(url, NULL);
+    if (!opts) return NULL;
+    mh_buf_t b = {0};
+    for (PQconninfoOption *o = opts; o->keyword; o++) {
+        const char *v = !strcmp(o->keyword, "dbname") ? dbname : o->val;
+        if (!v || !*v) continue;
+        mh_buf_printf(&b, "%s='", o->keyword);
+        for (const char *p = v; *p; p++) {
+            if (*p == '\'' || *p == '\\') mh_buf_append_byte(&b, '\\');
+            mh_buf_append_byte(&b, (uint8_t)*p);
+        }
+        mh_buf_append_str(&b, "' ");
+    }
+    if (!strstr((char *)b.p, "dbname=")) mh_buf_printf(&b, "dbname='%s' ", dbname);
+    mh_buf_append_byte(&b, 0);
+    PQconninfoFree(opts);
+    return (char *)b.p;
+}
+
+static void admin(const char *url, const char *sql)
+{
+    PGconn *c = PQconnectdb(url);
+    PQsetNoticeProcessor(c, quiet, NULL);
+    PGresult *r = PQexec(c, sql);
+    if (PQresultStatus(r) != PGRES_COMMAND_OK) printf("# %s: %s", sql, PQerrorMessage(c));
+    PQclear(r);
+    PQfinish(c);
+}
+
+static void exec_sql(const char *sql)
+{
+    PGresult *r = PQexec(pg, sql);
+    if (PQresultStatus(r) != PGRES_COMMAND_OK && PQresultStatus(r) != PGRES_TUPLES_OK)
+        printf("# %s: %s", sql, PQerrorMessage(pg));
+    PQclear(r);
+}
+
+/* First column of the first row ("" when no row), copied into buf. */
+static const char *scalar(const char *sql, char *buf, size_t size)
+{
+    PGresult *r = PQexec(pg, sql);
+    snprintf(buf, size, "%s", PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) ? PQgetvalue(r, 0, 0) : "");
+    PQclear(r);
+    return buf;
+}
+
+/* Runs the loop until `sql` returns `want` or timeout_ms pass. */
+static bool wait_for(const char *sql, const char *want, int timeout_ms)
+{
+    char buf[512];
+    uint64_t end = mh_now_ms() + (uint64_t)timeout_ms;
+    while (mh_now_ms() < end) {
+        for (int i = 0; i < 10; i++) {
+            uv_run(loop, UV_RUN_NOWAIT);
+            usleep(1000);
+        }
+        if (!strcmp(scalar(sql, buf, sizeof buf), want)) return true;
+    }
+    printf("#   waited for %s == '%s', last '%s'\n", sql, want, buf);
+    return false;
+}
+
+static void spin(int ms)
+{
+    uint64_t end = mh_now_ms() + (uint64_t)ms;
+    while (mh_now_ms() < end) {
+        uv_run(loop, UV_RUN_NOWAIT);
+        usleep(1000);
+    }
+}
+
+#define REPO "sha256:1111111111111111111111111111111111111111111111111111111111111111"
+#define JOB(n) "sha256:00000000000000000000000000000000000000000000000000000000000000" n
+
+static bool stopped;
+static void stopped_cb(void *arg)
+{
+    (void)arg;
+    stopped = true;
+}
+
+static bool db_closed;
+static void db_closed_cb(void *arg)
+{
+    (void)arg;
+    db_closed = true;
+}
+
+static void stop_runner(mh_jobs_t *r)
+{
+    stopped = false;
+    mh_jobs_stop(r, stopped_cb, NULL);
+    uint64_t end = mh_now_ms() + 10000;
+    while (!stopped && mh_now_ms() < end) uv_run(loop, UV_RUN_ONCE);
+    TAP_OK(stopped, "runner stopped");
+}
+
+static void test_runner(const char *url)
+{
+    char buf[512];
+    mh_db_t *db = NULL;
+    mh_db_config_t dc = {.url = url, .pool_size = 4, .query_timeout_ms = 10000};
+    TAP_EQ_INT(mh_db_open(loop, &dc, &db), 0, "pool opened");
+    mh_store_t *store = NULL;
+    char spec[64];
+    snprintf(spec, sizeof spec, "fs:%s", store_dir);
+    mh_store_config_t sc = {.spec = spec, .public_url = "http://127.0.0.1:1"};
+    TAP_EQ_INT(mh_store_open(loop, &sc, &store), 0, "store opened");
+
+    exec_sql("INSERT INTO repos (repo_id, owner, owner_id, name, slug, visibility) VALUES ('" REPO
+             "', 'u', 'sha256:x', 'r', 'r', 'public')");
+
+    /* Phase 1: polling effectively off, so only NOTIFY can wake it. */
+    mh_jobs_config_t jc = {.concurrency = 2, .lease_s = 3, .poll_ms = 600000, .maintenance_s = 600};
+    mh_jobs_t *r = NULL;
+    TAP_EQ_INT(mh_jobs_start(loop, db, store, &jc, &r), 0, "runner started");
+    spin(300); /* connected, LISTENing, first (empty) claim done */
+    uint64_t t0 = mh_now_ms();
+    exec_sql("INSERT INTO jobs (job_id, repo_id, job_type) VALUES ('" JOB("01") "', '" REPO "', 'mpack.gc')");
+    TAP_OK(wait_for("SELECT status FROM jobs WHERE job_id = '" JOB("01") "'", "done", 3000),
+           "a job inserted after start is run (woken by NOTIFY)");
+    TAP_OK(mh_now_ms() - t0 < 1500, "NOTIFY wake-up took %llu ms", (unsigned long long)(mh_now_ms() - t0));
+    TAP_EQ_STR(scalar("SELECT result->>'skipped' || ':' || (result->>'packs_before') FROM jobs WHERE job_id = '" JOB(
+                          "01") "'",
+                      buf, sizeof buf),
+               "true:0", "mpack.gc of a repository without packs: skipped, 0 packs");
+    stop_runner(r);
+    /* Freed only after the pool is closed: its LISTEN callback still
+     * points at it (a stopped runner ignores notifications). */
+    mh_jobs_t *r1 = r;
+
+    /* Phase 2: fast polling and maintenance. */
+    exec_sql("INSERT INTO jobs (job_id, repo_id, job_type, status, attempt, lease_until, locked_by) VALUES ('" JOB(
+        "02") "', '" REPO "', 'mpack.gc', 'running', 1, now() - interval '1 second', 'dead-worker')");
+    exec_sql("INSERT INTO jobs (job_id, repo_id, job_type, status, attempt, lease_until, locked_by) VALUES ('" JOB(
+        "03") "', '" REPO "', 'mpack.gc', 'running', 1, now() + interval '1 hour', 'live-worker')");
+    exec_sql("INSERT INTO jobs (job_id, repo_id, job_type) VALUES ('" JOB("04") "', '" REPO "', 'x.unknown')");
+    exec_sql("INSERT INTO jobs (job_id, repo_id, job_type, payload) VALUES ('" JOB("05") "', '" REPO
+             "', 'mpack.index', '{\"mpack_key\": 5}')");
+    exec_sql("INSERT INTO jobs (job_id, repo_id, job_type, payload) VALUES ('" JOB("06") "', '" REPO
+             "', 'mpack.index', '{\"mpack_key\": \"sha256:" "2222222222222222222222222222222222222222222222222222222222222222" "\"}')");
+    /* A grant whose upload never arrives: a retryable failure. */
+    exec_sql("INSERT INTO push_grants (grant_id, repo_id, identity_id, mpack_key, size_bytes, staging_key, expires_at)"
+             " VALUES ('g1', '" REPO "', 'sha256:x', 'sha256:3333333333333333333333333333333333333333333333333333333333333333',"
+             " 10, 'incoming/g1', now() + interval '1 hour')");
+    exec_sql("INSERT INTO jobs (job_id, repo_id, job_type, payload, max_attempts) VALUES ('" JOB("07") "', '" REPO
+             "', 'mpack.index', '{\"mpack_key\": \"sha256:3333333333333333333333333333333333333333333333333333333333333333\"}', 2)");
+    /* Pruning. */
+    exec_sql("INSERT INTO jobs (job_id, repo_id, job_type, status, updated_at) VALUES ('" JOB("08") "', '" REPO
+             "', 'mpack.gc', 'done', now() - interval '3 hours')");
+    exec_sql("INSERT INTO jobs (job_id, repo_id, job_type, status, updated_at) VALUES ('" JOB("09") "', '" REPO
+             "', 'mpack.gc', 'failed', now() - interval '10 minutes')");
+    /* Sweep: S1 superseded long ago and unreferenced (goes); S2 still
+     * named by a repository, S3 still indexed, S4 within the grace period
+     * (all stay). Each has bytes in the store. */
+    const char *packs[4] = {"sha256:5100000000000000000000000000000000000000000000000000000000000000",
+                            "sha256:5200000000000000000000000000000000000000000000000000000000000000",
+                            "sha256:5300000000000000000000000000000000000000000000000000000000000000",
+                            "sha256:5400000000000000000000000000000000000000000000000000000000000000"};
+    char path[4][256];
+    for (int i = 0; i < 4; i++) {
+        char sql[512];
+        snprintf(sql, sizeof sql,
+                 "INSERT INTO mpacks (mpack_id, size_bytes, kind, superseded_at) VALUES ('%s', 1, 'push', now() - "
+                 "interval '%s')",
+                 packs[i], i == 3 ? "0 seconds" : "2 hours");
+        exec_sql(sql);
+        snprintf(path[i], sizeof path[i], "%s/mpacks/%s", store_dir, packs[i] + 7);
+        FILE *f = fopen(path[i], "w");
+        if (f) {
+            fputs("x", f);
+            fclose(f);
+        }
+    }
+    exec_sql("INSERT INTO mpack_refs (repo_id, mpack_id) VALUES ('" REPO
+             "', 'sha256:5200000000000000000000000000000000000000000000000000000000000000')");
+    exec_sql("INSERT INTO mpack_index (object_id, mpack_id, byte_offset, byte_length) VALUES ('sha256:o', "
+             "'sha256:5300000000000000000000000000000000000000000000000000000000000000', 0, 1)");
+
+    jc = (mh_jobs_config_t){.concurrency = 2, .lease_s = 3, .poll_ms = 50, .maintenance_s = 1,
+                            .retention_hours = 1, .grace_s = 3600};
+    TAP_EQ_INT(mh_jobs_start(loop, db, store, &jc, &r), 0, "runner restarted");
+
+    TAP_OK(wait_for("SELECT status || ':' || attempt FROM jobs WHERE job_id = '" JOB("02") "'", "done:2", 3000),
+           "a running job whose lease expired is taken over (attempt 2) and completed");
+    TAP_OK(wait_for("SELECT status || ':' || attempt FROM jobs WHERE job_id = '" JOB("04") "'", "failed:1", 3000),
+           "unknown job type: failed at once, not retried");
+    TAP_OK(strstr(scalar("SELECT error FROM jobs WHERE job_id = '" JOB("04") "'", buf, sizeof buf), "unknown") != NULL,
+           "its error is kept");
+    TAP_OK(wait_for("SELECT status || ':' || attempt FROM jobs WHERE job_id = '" JOB("05") "'", "failed:1", 3000),
+           "bad payload: failed at once");
+    TAP_OK(wait_for("SELECT status || ':' || attempt FROM jobs WHERE job_id = '" JOB("06") "'", "failed:1", 3000),
+           "mpack.index of a pack neither referenced nor granted: failed at once (never imported)");
+    TAP_OK(wait_for("SELECT status || ':' || attempt FROM jobs WHERE job_id = '" JOB("07") "'", "pending:1", 3000),
+           "a retryable failure goes back to pending");
+    TAP_EQ_STR(scalar("SELECT (extract(epoch FROM run_after - updated_at) BETWEEN 0.9 AND 1.1)::text FROM jobs"
+                      " WHERE job_id = '" JOB("07") "'",
+                      buf, sizeof buf),
+               "true", "first retry delayed by 1 s");
+    TAP_OK(strlen(scalar("SELECT error FROM jobs WHERE job_id = '" JOB("07") "'", buf, sizeof buf)) > 0,
+           "the error of the failed attempt is kept");
+    TAP_OK(wait_for("SELECT status || ':' || attempt FROM jobs WHERE job_id = '" JOB("07") "'", "failed:2", 5000),
+           "after max_attempts (2) the job is failed");
+    TAP_EQ_STR(scalar("SELECT status || ':' || attempt || ':' || locked_by FROM jobs WHERE job_id = '" JOB("03") "'",
+                      buf, sizeof buf),
+               "running:1:live-worker", "a job under a live lease is left alone");
+    TAP_OK(wait_for("SELECT count(*) FROM jobs WHERE job_id = '" JOB("08") "'", "0", 4000),
+           "a job finished before the retention period is pruned");
+    TAP_EQ_STR(scalar("SELECT count(*) FROM jobs WHERE job_id = '" JOB("09") "'", buf, sizeof buf), "1",
+               "a recently finished job is kept");
+    TAP_OK(wait_for("SELECT count(*) FROM mpacks WHERE mpack_id = '" "sha256:5100000000000000000000000000000000000000000000000000000000000000" "'",
+                    "0", 4000),
+           "sweep: a superseded, unreferenced pack's row is deleted after the grace period");
+    spin(200);
+    TAP_OK(access(path[0], F_OK) != 0, "sweep: and its bytes");
+    TAP_OK(access(path[1], F_OK) == 0 && access(path[2], F_OK) == 0 && access(path[3], F_OK) == 0,
+           "sweep: referenced, indexed and recently superseded packs stay");
+    TAP_EQ_STR(scalar("SELECT count(*) FROM mpacks WHERE mpack_id LIKE 'sha256:5%'", buf, sizeof buf), "3",
+               "sweep: their rows stay");
+
+    stop_runner(r);
+    db_closed = false;
+    mh_db_close(db, db_closed_cb, NULL);
+    mh_store_close(store);
+    uint64_t end = mh_now_ms() + 10000;
+    while (!db_closed && mh_now_ms() < end) uv_run(loop, UV_RUN_ONCE);
+    TAP_OK(db_closed, "pool closed after the runner");
+    mh_jobs_free(r);
+    mh_jobs_free(r1);
+    uv_run(loop, UV_RUN_DEFAULT);
+    TAP_EQ_INT(uv_loop_close(loop), 0, "every handle closed");
+}
+
+int main(void)
+{
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    mh_log_set_level(getenv("MH_TEST_LOG") ? getenv("MH_TEST_LOG") : "error");
+    test_backoff();
+    test_types();
+    test_gc_pack();
+    const char *base = getenv("MUSEHUB_TEST_DATABASE_URL");
+    if (!base || !*base) {
+        printf("ok %d # SKIP no database\n", ++tap_n);
+        return tap_done();
+    }
+    admin(base, "DROP DATABASE IF EXISTS mh_test_jobs WITH (FORCE)");
+    admin(base, "CREATE DATABASE mh_test_jobs");
+    char *url = url_with_db(base, "mh_test_jobs");
+    TAP_EQ_INT(mh_db_migrate(url, mh_migrations, mh_migrations_count), 0, "schema migrated");
+    pg = PQconnectdb(url);
+    PQsetNoticeProcessor(pg, quiet, NULL);
+    if (!mkdtemp(store_dir)) {
+        printf("not ok %d - mkdtemp\n", ++tap_n);
+        return 1;
+    }
+    loop = uv_default_loop();
+    test_runner(url);
+    PQfinish(pg);
+    admin(base, "DROP DATABASE IF EXISTS mh_test_jobs WITH (FORCE)");
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", store_dir);
+    if (system(cmd)) printf("# could not remove %s\n", store_dir);
+    free(url);
+    return tap_done();
+}
