@@ -558,7 +558,10 @@ class Hub:
         if params:
             # The query is part of what MSign signs (@query): fold it into
             # the URL before signing, never after.
-            url = str(httpx.URL(url, params={k: v for k, v in params.items() if v is not None}))
+            from urllib.parse import urlencode
+            query = urlencode({k: v for k, v in params.items() if v is not None})
+            if query:
+                url += ("&" if "?" in url else "?") + query
         if self.signer is not None:
             hdrs.update(self.signer(method, url, content or b""))
         return self.client.request(method, url, content=content, headers=hdrs)

@@ -166,9 +166,9 @@ typedef enum {
     U_BASES,
     U_REBUILD,
     U_MARK,
-    U_MOVE,
     U_TX_ACQUIRE,
     U_TX_BEGIN,
+    U_MOVE,
     U_TX_COPY_COMMITS,
     U_TX_COPY_SNAPSHOTS,
     U_TX_COPY_OBJECTS,
@@ -742,6 +742,16 @@ static void lookup_cb(void *ud, PGresult *res, int err, const char *errmsg)
     /* Row 0: whether this repository already references the pack; rows
      * after it: unexpired, unconsumed grants, newest first. */
     u->already_referenced = mh_pq_str(res, 0, 0)[0] == 't';
+    if (u->already_referenced && mh_pq_str(res, 0, 6)[0] != 't') {
+        /* This repository references the pack (an mpack.index job, say)
+         * but not the history in it: unpack it in full, from its final
+         * key. No grant is needed: the reference already is the right. */
+        u->already_referenced = false;
+        u->staging_key = u->pack_key;
+        u->state = U_READ;
+        advance(u);
+        return;
+    }
     if (!u->already_referenced) {
         if (PQntuples(res) < 2 || mh_pq_isnull(res, 1, 1)) {
             fail(u, 404, "no_grant", "no push grant for %s in this repository (presign first)", u->key.s);
@@ -873,6 +883,23 @@ static void step_cb(void *ud, PGresult *res, int err, const char *errmsg)
     advance(u);
 }
 
+static void begin_cb(void *ud, PGresult *res, int err, const char *errmsg)
+{
+    unpack_t *u = ud;
+    u->busy = false;
+    if (err) {
+        fail_db(u, err, errmsg);
+        return;
+    }
+    if (mh_pq_int(res, 0, 0) != 1) {
+        fail(u, 404, "not_found", "the repository was deleted");
+        return;
+    }
+    /* A re-run that only moves a branch skips the pack work. */
+    u->state = u->already_referenced ? U_TX_INSERT : U_MOVE;
+    advance(u);
+}
+
 static void store_done_cb(void *ud, int err)
 {
     unpack_t *u = ud;
@@ -980,15 +1007,16 @@ static void advance(unpack_t *u)
         switch (u->state) {
         case U_LOOKUP: {
             u->busy = true;
-            const char *vals[2] = {u->repo->repo_id, u->key.s};
+            const char *vals[3] = {u->repo->repo_id, u->key.s, u->head.s};
             mh_db_query(hub->db,
                         "SELECT EXISTS (SELECT 1 FROM mpack_refs WHERE repo_id = $1 AND mpack_id = $2),"
-                        " NULL, NULL, NULL, NULL, 0 AS o"
+                        " NULL, NULL, NULL, NULL, 0 AS o,"
+                        " EXISTS (SELECT 1 FROM commit_refs WHERE repo_id = $1 AND commit_id = $3)"
                         " UNION ALL (SELECT NULL, grant_id, staging_key, (verified_at IS NOT NULL)::text,"
-                        " size_bytes::text, 1 FROM push_grants"
+                        " size_bytes::text, 1, NULL FROM push_grants"
                         " WHERE repo_id = $1 AND mpack_key = $2 AND consumed_at IS NULL AND expires_at > now()"
                         " ORDER BY verified_at IS NOT NULL DESC, created_at DESC LIMIT 1) ORDER BY o",
-                        2, vals, NULL, NULL, lookup_cb, u);
+                        3, vals, NULL, NULL, lookup_cb, u);
             break;
         }
         case U_READ:
@@ -1079,9 +1107,12 @@ static void advance(unpack_t *u)
             break;
         }
         case U_MOVE:
+            if (u->staging_key == u->pack_key) { /* already at its final key */
+                u->state++;
+                break;
+            }
             u->busy = true;
-            if (u->staging_key == u->pack_key) store_done_cb(u, 0);
-            else mh_store_move(hub->store, u->staging_key, u->pack_key, store_done_cb, u);
+            mh_store_move(hub->store, u->staging_key, u->pack_key, store_done_cb, u);
             break;
         case U_TX_ACQUIRE:
             u->busy = true;
@@ -1099,14 +1130,20 @@ static void advance(unpack_t *u)
                 fail(u, 500, "internal", "bad repository id");
                 return;
             }
-            char *script = mh_sprintf(&u->work, "%s;SELECT 1 FROM repos WHERE repo_id = '%s' FOR UPDATE",
-                                      u->already_referenced ? "BEGIN" : sql_tx_begin, u->repo->repo_id);
+            /* Then the pack's advisory lock (shared with mpack.index, GC
+             * and the sweep, src/jobs): the sweep deletes a superseded
+             * pack under it, so moving the pack into place under it means
+             * the bytes the new rows point at cannot vanish. */
+            char *script = mh_sprintf(&u->work,
+                                      "%s;SELECT (SELECT count(*) FROM (SELECT 1 FROM repos WHERE repo_id = '%s'"
+                                      " FOR UPDATE) r), pg_advisory_xact_lock(hashtextextended('musehub:mpack:' ||"
+                                      " '%s'::text, 0))",
+                                      u->already_referenced ? "BEGIN" : sql_tx_begin, u->repo->repo_id, u->key.s);
             if (!script) {
                 fail(u, 503, "unavailable", "out of memory");
                 return;
             }
-            if (u->already_referenced) u->state = U_TX_INSERT - 1; /* step_cb moves to INSERT */
-            mh_dbconn_script(u->conn, script, step_cb, u);
+            mh_dbconn_script(u->conn, script, begin_cb, u);
             break;
         case U_TX_COPY_COMMITS:
             u->busy = true;
@@ -1164,7 +1201,7 @@ static void advance(unpack_t *u)
                                    1, v + 1, NULL, NULL};
             qs[n++] = (mh_db_pq_t){NULL,
                                    "WITH m AS (INSERT INTO mpacks (mpack_id, size_bytes, kind) VALUES ($2, $3::bigint, 'push')"
-                                   " ON CONFLICT DO NOTHING)"
+                                   " ON CONFLICT (mpack_id) DO UPDATE SET superseded_at = NULL)"
                                    " INSERT INTO mpack_refs (repo_id, mpack_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
                                    3, v, NULL, NULL};
             qs[n++] = (mh_db_pq_t){NULL,

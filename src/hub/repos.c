@@ -190,26 +190,71 @@ static void repo_get_cb(mh_req_t *req, mh_repo_t *repo)
 
 void mh_h_repo_get(mh_req_t *req) { mh_hub_load_repo(req, MH_PERM_READ, repo_get_cb); }
 
+typedef struct {
+    mh_req_t *req;
+    mh_repo_t *repo;
+    mh_dbconn_t *conn;
+} delete_t;
+
 static void repo_delete_done(void *ud, PGresult *res, int err, const char *errmsg)
 {
     (void)res;
-    mh_req_t *req = ud;
+    delete_t *d = ud;
+    mh_dbconn_release(d->conn); /* rolls back if the script failed midway */
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_hub_db_fail(d->req, err, errmsg);
         return;
     }
-    mh_res_send(req, 204, NULL, NULL, 0);
+    mh_info("repo deleted %s/%s id=%s", d->repo->owner, d->repo->slug, d->repo->repo_id);
+    mh_fetch_cache_invalidate(d->req->app, d->repo->repo_id);
+    mh_res_send(d->req, 204, NULL, NULL, 0);
+}
+
+static void repo_delete_conn_cb(void *ud, mh_dbconn_t *c, int err)
+{
+    delete_t *d = ud;
+    if (err) {
+        mh_hub_db_fail(d->req, err, "no connection");
+        return;
+    }
+    d->conn = c;
+    /* Ref rows, branches, grants and cached fetch answers go with the
+     * repository (ref tables explicitly, sql/0007; the rest by ON DELETE
+     * CASCADE); global rows and packs are left to GC (SPEC 4.1). The row
+     * lock is its own statement so the deletes that follow (each with a
+     * fresh snapshot under READ COMMITTED) see the refs of a push that
+     * held the lock before us. The id is ours (checked format), safe to
+     * inline in this parameterless script. */
+    const char *id = d->repo->repo_id;
+    char *sql = mh_sprintf(&d->req->arena,
+                           "BEGIN;"
+                           "SELECT 1 FROM repos WHERE repo_id = '%s' FOR UPDATE;"
+                           "DELETE FROM commit_refs WHERE repo_id = '%s';"
+                           "DELETE FROM snapshot_refs WHERE repo_id = '%s';"
+                           "DELETE FROM object_refs WHERE repo_id = '%s';"
+                           "DELETE FROM mpack_refs WHERE repo_id = '%s';"
+                           "DELETE FROM repos WHERE repo_id = '%s';"
+                           "COMMIT",
+                           id, id, id, id, id, id);
+    if (!sql) {
+        mh_dbconn_release(c);
+        mh_res_error(d->req, 503, "unavailable", "out of memory");
+        return;
+    }
+    mh_dbconn_script(c, sql, repo_delete_done, d);
 }
 
 static void repo_delete_cb(mh_req_t *req, mh_repo_t *repo)
 {
     mh_hub_t *hub = req->app;
-    /* Ref rows, branches, grants, cached fetch answers go with the row
-     * (ON DELETE CASCADE); global rows and packs are left to GC (SPEC 4.1). */
-    const char *vals[1] = {repo->repo_id};
-    mh_fetch_cache_invalidate(hub, repo->repo_id);
-    mh_info("repo deleted %s/%s id=%s", repo->owner, repo->slug, repo->repo_id);
-    mh_db_query(hub->db, "DELETE FROM repos WHERE repo_id = $1", 1, vals, NULL, NULL, repo_delete_done, req);
+    delete_t *d = mh_calloc(&req->arena, sizeof *d);
+    if (!d || !mh_id_valid(repo->repo_id, strlen(repo->repo_id))) {
+        mh_res_error(req, 503, "unavailable", "cannot delete");
+        return;
+    }
+    d->req = req;
+    d->repo = repo;
+    mh_db_acquire(hub->db, repo_delete_conn_cb, d);
 }
 
 void mh_h_repo_delete(mh_req_t *req) { mh_hub_load_repo(req, MH_PERM_ADMIN, repo_delete_cb); }

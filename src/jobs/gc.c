@@ -94,6 +94,8 @@ struct gc {
     size_t bad;
     mh_dbconn_t *conn;
     int64_t packs_after;
+    const char *lock_vals[3], *lock_vals2[2]; /* G_LOCK's pipeline */
+    mh_db_pq_t lock_qs[2];
 };
 
 static void advance(gc_t *g);
@@ -377,6 +379,12 @@ static void lock_cb(void *ud, PGresult *res, int err, const char *errmsg)
     advance(g);
 }
 
+/* G_LOCK's two statements: the locks, then the recount (results[1]). */
+static void lock_pipeline_cb(void *ud, PGresult **results, int n, int err, const char *errmsg)
+{
+    lock_cb(ud, err || n < 2 ? NULL : results[1], err ? err : (n < 2 ? MH_EDB : 0), errmsg);
+}
+
 static void put_cb(void *ud, int err)
 {
     gc_t *g = ud;
@@ -529,12 +537,27 @@ static void advance(gc_t *g)
             break;
         case G_LOCK: {
             g->busy = true;
-            const char *vals[3] = {j->repo_id, g->key.s, g->old_array};
-            mh_dbconn_query(g->conn,
-                            "SELECT pg_advisory_xact_lock(hashtextextended('musehub:gc:' || $1::text, 0)), "
-                            MH_SQL_LOCK_MPACK("$2::text") ","
-                            " (SELECT count(*) FROM mpack_refs WHERE repo_id = $1 AND mpack_id = ANY ($3::text[]))",
-                            3, vals, NULL, NULL, lock_cb, g);
+            /* Locks first (GC's own, the repository row like every ref
+             * writer, then the pack: the order push and index use too),
+             * and the recount in a second statement: under READ COMMITTED
+             * a statement reads the snapshot taken when it started, so a
+             * count in the locking statement could predate a concurrent
+             * GC that held the lock meanwhile. */
+            g->lock_vals[0] = j->repo_id;
+            g->lock_vals[1] = g->key.s;
+            g->lock_vals[2] = g->old_array;
+            g->lock_qs[0] = (mh_db_pq_t){NULL,
+                                         "SELECT pg_advisory_xact_lock(hashtextextended('musehub:gc:' || $1::text, 0)),"
+                                         " (SELECT count(*) FROM (SELECT 1 FROM repos WHERE repo_id = $1 FOR UPDATE) r), "
+                                         MH_SQL_LOCK_MPACK("$2::text"),
+                                         2, g->lock_vals, NULL, NULL};
+            g->lock_vals2[0] = j->repo_id;
+            g->lock_vals2[1] = g->old_array;
+            g->lock_qs[1] = (mh_db_pq_t){NULL,
+                                         "SELECT NULL, NULL, (SELECT count(*) FROM mpack_refs WHERE repo_id = $1"
+                                         " AND mpack_id = ANY ($2::text[]))",
+                                         2, g->lock_vals2, NULL, NULL};
+            mh_dbconn_pipeline(g->conn, g->lock_qs, 2, lock_pipeline_cb, g);
             break;
         }
         case G_PUT:

@@ -362,8 +362,14 @@ static void advance(index_t *x)
              * referenced means the sweep either finished before (and the
              * move recreates the bytes) or sees the new refs after. */
             x->busy = true;
-            const char *vals[1] = {x->key.s};
-            mh_dbconn_query(x->conn, "SELECT " MH_SQL_LOCK_MPACK("$1::text"), 1, vals, NULL, NULL, step_cb, x);
+            /* The repository row first, as push does: every writer of a
+             * repository's ref rows holds it (docs/architecture.md), in
+             * the same order (repository, then pack) so none deadlock. */
+            const char *vals[2] = {x->key.s, x->j->repo_id};
+            mh_dbconn_query(x->conn,
+                            "SELECT (SELECT count(*) FROM (SELECT 1 FROM repos WHERE repo_id = $2 FOR UPDATE) r), "
+                            MH_SQL_LOCK_MPACK("$1::text"),
+                            2, vals, NULL, NULL, step_cb, x);
             break;
         }
         case I_MOVE:
