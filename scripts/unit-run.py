@@ -7,12 +7,14 @@ stopped afterwards. Prints each program's TAP, then one closing line
 """
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
 import pgtmp  # noqa: E402
+import s3emu  # noqa: E402
 
 
 def main() -> int:
@@ -25,6 +27,17 @@ def main() -> int:
         env["MUSEHUB_TEST_DATABASE_URL"] = pgtmp.start(pgdir)
     except Exception as e:  # the db tests skip themselves without it
         print(f"# no PostgreSQL for unit tests: {e}")
+    emu = None
+    s3dir = tempfile.mkdtemp(prefix="mh-unit-s3-")
+    why = s3emu.available()
+    if why:
+        print(f"# no S3 emulator for unit tests: {why}")
+    else:
+        try:
+            endpoint, emu = s3emu.start(s3dir, "musehub-test")
+            env["MUSEHUB_TEST_S3_ENDPOINT"] = endpoint
+        except Exception as e:  # the s3 tests skip themselves without it
+            print(f"# no S3 emulator for unit tests: {e}")
     try:
         for prog in progs:
             print(f"# ---- {prog}")
@@ -46,6 +59,9 @@ def main() -> int:
             pgtmp.destroy(pgdir)
         except Exception:
             pass
+        if emu is not None:
+            s3emu.stop(emu)
+        shutil.rmtree(s3dir, ignore_errors=True)
     if bad_progs:
         print("# failing programs: " + " ".join(bad_progs))
     print(f"unit: {passed} passed, {failed} failed")
