@@ -420,6 +420,9 @@ static void collab_put_cb(void *ud, PGresult *res, int err, const char *errmsg)
         oom(req);
         return;
     }
+    /* Our own repository-lookup cache holds the old role: drop it now
+     * (other processes get the trigger's NOTIFY). */
+    mh_hub_repo_cache_invalidate(req->app, co->repo_id);
     mh_info("repo %s: collaborator %s role %s (by %s)", co->repo_id, co->handle, co->role,
             mh_req_caller(req)->handle);
     mh_res_val(req, 200, m, MH_FMT_JSON);
@@ -477,8 +480,10 @@ static void collab_delete_cb(void *ud, PGresult *res, int err, const char *errms
         mh_res_error(req, 404, "not_found", "no such identity");
         return;
     }
-    if (mh_pq_int(res, 0, 1) > 0)
+    if (mh_pq_int(res, 0, 1) > 0) {
+        mh_hub_repo_cache_invalidate(req->app, co->repo_id);
         mh_info("repo %s: collaborator %s removed (by %s)", co->repo_id, co->handle, mh_req_caller(req)->handle);
+    }
     mh_res_send(req, 204, NULL, NULL, 0);
 }
 
