@@ -39,7 +39,7 @@ UNIT_BIN := $(patsubst test/unit/%.c,$(BUILD)/test/%,$(UNIT_SRC))
 
 include third_party/llhttp.mk
 
-.PHONY: all deps run test test-asan unit e2e bench fuzz fuzz-replay clean
+.PHONY: all deps run test test-asan unit e2e e2e-s3 bench fuzz fuzz-replay clean
 all: $(BUILD)/musehubd
 
 $(BUILD)/obj/%.o: %.c $(wildcard include/mh/*.h) $(wildcard src/*/*.h)
@@ -83,11 +83,18 @@ fuzz-replay: all
 e2e: all
 	@MUSEHUB_BIN=$(CURDIR)/$(BUILD)/musehubd /usr/bin/python3 -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) $(or $(E2E),test/e2e)
 
+# The push, fetch and jobs suites again with the s3 backend, against an
+# S3 emulator that checks signatures (started by the harness).
+E2E_S3 ?= test/e2e/test_push.py test/e2e/test_fetch.py test/e2e/test_jobs.py
+e2e-s3: all
+	@MUSEHUB_BIN=$(CURDIR)/$(BUILD)/musehubd /usr/bin/python3 -m pytest -q -p no:cacheprovider --store s3 $(PYTEST_ARGS) $(E2E_S3)
+
 test: deps
 	@$(MAKE) --no-print-directory all
 	@$(MAKE) --no-print-directory unit
 	@$(MAKE) --no-print-directory fuzz-replay
 	@$(MAKE) --no-print-directory e2e
+	@$(MAKE) --no-print-directory e2e-s3
 
 test-asan: deps
 	@$(MAKE) --no-print-directory BUILD=build-asan SAN=1 all
@@ -98,8 +105,34 @@ FUZZ_SECONDS ?= 60
 fuzz: deps
 	@FUZZ_SECONDS=$(FUZZ_SECONDS) sh scripts/fuzz.sh run
 
-bench: deps all
-	@/usr/bin/python3 scripts/bench.py
+# Benchmarks (scripts/bench.py, docs/benchmarks.md); BENCH_ARGS="--quick",
+# "--only push,clone", "--large"; BENCH_* variables set the history shape.
+bench:
+	@sh scripts/deps.sh --bench
+	@$(MAKE) --no-print-directory all
+	@/usr/bin/python3 scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build build-asan build-fuzz
+
+# Fault injection, SQLite's method (include/mh/failalloc.h): FAILALLOC=1
+# compiles with -DMH_FAILALLOC and links every binary of the build with the
+# allocators wrapped, so MH_FAILALLOC_N (or the MH_FAILALLOC_CTL signals)
+# can fail the Nth allocation. `make unit-failalloc` builds build-failalloc/
+# under ASan, loops N = 1, 2, ... over the codec and mpack workloads
+# (test/unit/test_failalloc.c), then injects failures into a running
+# server during pushes and fetches (test/e2e/test_faults.py -k failalloc).
+FAILALLOC ?= 0
+ifeq ($(FAILALLOC),1)
+  CFLAGS  += -DMH_FAILALLOC
+  LDFLAGS += -Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc,--wrap=mh_alloc,--wrap=mh_calloc \
+             -Wl,--wrap=mh_strndup,--wrap=mh_strdup,--wrap=mh_sprintf,--wrap=mh_arena_defer
+endif
+
+.PHONY: unit-failalloc
+unit-failalloc: deps
+	@$(MAKE) --no-print-directory BUILD=build-failalloc SAN=1 FAILALLOC=1 all build-failalloc/test/test_failalloc
+	@ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
+	  /usr/bin/python3 scripts/unit-run.py build-failalloc/test/test_failalloc
+	@ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 MUSEHUB_FAILALLOC_BIN=$(CURDIR)/build-failalloc/musehubd \
+	  $(MAKE) --no-print-directory e2e E2E=test/e2e/test_faults.py PYTEST_ARGS="-k failalloc"

@@ -103,8 +103,9 @@ def all_blob_ids(hists):
     return {b["object_id"] for h in hists for b in h.blobs}
 
 
-def pack_path(store_dir, key):
-    return Path(store_dir) / "mpacks" / key[len("sha256:"):]
+def pack_path(server, key):
+    """The file holding pack `key` in either store mode (fs or s3)."""
+    return server.store_path(key)
 
 
 def distinct_packs(db, repo_id):
@@ -124,7 +125,7 @@ def bump_state(db, repo_id):
     db.execute(f"UPDATE repos SET state_seq = state_seq + 1 WHERE repo_id = {sql_str(repo_id)}")
 
 
-def check_objects_readable(db, store_dir, repo_id, hists):
+def check_objects_readable(db, server, repo_id, hists):
     """Every object the repository references resolves, through its index
     rows and objects.storage_uri, to bytes in the store that hash to it."""
     content = {b["object_id"]: b["content"] for h in hists for b in h.blobs}
@@ -138,14 +139,14 @@ def check_objects_readable(db, store_dir, repo_id, hists):
         key, rng = uri[len("mpack://"):].split("#")
         off, ln = (int(x) for x in rng.split(":"))
         if key not in files:
-            files[key] = pack_path(store_dir, key).read_bytes()
+            files[key] = pack_path(server, key).read_bytes()
         assert files[key][off:off + ln] == content[oid], (oid, uri)
     idx = db.rows("SELECT i.object_id, i.mpack_id, i.byte_offset, i.byte_length FROM object_refs r"
                   f" JOIN mpack_index i USING (object_id) WHERE r.repo_id = {rid}")
     assert {r[0] for r in idx} == set(content)
     for oid, key, off, ln in idx:
         if key not in files:
-            p = pack_path(store_dir, key)
+            p = pack_path(server, key)
             assert p.exists(), f"index row of {oid} names {key}, absent from the store"
             files[key] = p.read_bytes()
         assert files[key][int(off):int(off) + int(ln)] == content[oid]
@@ -270,7 +271,7 @@ def test_index_staged_pack_writes_rows(server, hub, repo, db):
     ids = "ARRAY[" + ",".join(sql_str(b["object_id"]) for b in h.blobs) + "]"
     rows = db.rows(f"SELECT object_id, storage_uri FROM objects WHERE object_id = ANY({ids})")
     assert len(rows) == n
-    stored = pack_path(server.store_dir, key).read_bytes()
+    stored = pack_path(server, key).read_bytes()
     assert stored == pack
     content = {b["object_id"]: b["content"] for b in h.blobs}
     for oid, uri in rows:
@@ -331,7 +332,7 @@ def test_index_trusted_pack_is_not_rehashed(server, hub, repo):
     job still succeeds, where a re-hash would have failed)."""
     h = small_history()
     res = hub.push(OWNER, repo["slug"], h.pack(), "main", h.head)
-    p = pack_path(server.store_dir, res["mpack_key"])
+    p = pack_path(server, res["mpack_key"])
     data = bytearray(p.read_bytes())
     victim = h.blobs[0]["content"]
     at = bytes(data).find(victim)
@@ -409,7 +410,7 @@ def test_pg2_gc_leaves_exactly_one_pack(server, hub, repo, db):
     assert distinct_packs(db, repo["repo_id"]) == 1
     assert repo_packs(db, repo["repo_id"]) == [key]
     assert db.scalar(f"SELECT kind FROM mpacks WHERE mpack_id = {sql_str(key)}") == "gc"
-    check_objects_readable(db, server.store_dir, repo["repo_id"], hists)
+    check_objects_readable(db, server, repo["repo_id"], hists)
 
 
 def test_pg3_consolidated_pack_contains_every_object(server, hub, repo, db):
@@ -417,7 +418,7 @@ def test_pg3_consolidated_pack_contains_every_object(server, hub, repo, db):
     push_chain(hub, repo["slug"], hists)
     done = run_job(hub, repo["repo_id"], "mpack.gc")
     key = done["result"]["consolidated_key"]
-    data = pack_path(server.store_dir, key).read_bytes()
+    data = pack_path(server, key).read_bytes()
     assert "sha256:" + hashlib.sha256(data).hexdigest() == key
     assert done["result"]["bytes_written"] == len(data)
     pack = muselib.parse_mpack(data)
@@ -516,8 +517,8 @@ def test_gc_keeps_packs_other_repositories_reference(server, hub, make_repo, db)
     assert db.count(f"SELECT count(*) FROM mpack_index WHERE mpack_id = {sql_str(p0)}") == len(hists[0].blobs)
     assert db.count(f"SELECT count(*) FROM mpack_index WHERE mpack_id = {sql_str(p1)}") == 0
     assert repo_packs(db, b["repo_id"]) == [p0]
-    check_objects_readable(db, server.store_dir, b["repo_id"], hists[:1])
-    check_objects_readable(db, server.store_dir, a["repo_id"], hists)
+    check_objects_readable(db, server, b["repo_id"], hists[:1])
+    check_objects_readable(db, server, a["repo_id"], hists)
     _, got = clone_blobs(hub, b["slug"], hists[0].head)
     assert got == all_blob_ids(hists[:1])
     # b's own GC: one pack, skipped; a's pack stays as it is.
@@ -545,9 +546,9 @@ def test_gc_then_push_then_gc(server, hub, repo, db):
     assert res["packs_before"] == 3 and res["packs_after"] == 1
     assert res["consolidated_key"] != g1
     assert db.scalar(f"SELECT superseded_at IS NOT NULL FROM mpacks WHERE mpack_id = {sql_str(g1)}") == "t"
-    check_objects_readable(db, server.store_dir, repo["repo_id"], hists)
+    check_objects_readable(db, server, repo["repo_id"], hists)
     # Within the grace period the superseded packs stay in the store.
-    assert pack_path(server.store_dir, g1).exists()
+    assert pack_path(server, g1).exists()
 
 
 def test_sweep_deletes_superseded_packs_after_grace(start_server):
@@ -560,13 +561,13 @@ def test_sweep_deletes_superseded_packs_after_grace(start_server):
         res = run_job(hub, r["repo_id"], "mpack.gc")["result"]
         g = res["consolidated_key"]
         deadline = time.monotonic() + 15
-        while any(pack_path(srv.store_dir, k).exists() for k in keys) and time.monotonic() < deadline:
+        while any(pack_path(srv, k).exists() for k in keys) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not any(pack_path(srv.store_dir, k).exists() for k in keys)
-        assert pack_path(srv.store_dir, g).exists()
+        assert not any(pack_path(srv, k).exists() for k in keys)
+        assert pack_path(srv, g).exists()
         assert db.count("SELECT count(*) FROM mpacks WHERE mpack_id IN ("
                         + ",".join(sql_str(k) for k in keys) + ")") == 0
-        check_objects_readable(db, srv.store_dir, r["repo_id"], hists)
+        check_objects_readable(db, srv, r["repo_id"], hists)
         bump_state(db, r["repo_id"])
         _, got = clone_blobs(hub, r["slug"], hists[-1].head)
         assert got == all_blob_ids(hists)
@@ -680,7 +681,7 @@ def test_gc_survives_sigkill_of_its_worker(start_server, tmp_path):
             if get_job(hub, j["job_id"])["status"] == "done":
                 break
             # Objects stay readable whatever the moment of the kill.
-            check_objects_readable(db, srv.store_dir, r["repo_id"], hists)
+            check_objects_readable(db, srv, r["repo_id"], hists)
         w = Worker(srv, tmp_path / "worker-final.log", MUSEHUB_JOB_LEASE_SECONDS=3)
         try:
             done = wait_job(hub, j["job_id"], timeout=60)
@@ -691,7 +692,7 @@ def test_gc_survives_sigkill_of_its_worker(start_server, tmp_path):
         assert mid_job_kills >= 1, "no kill landed inside the GC; make the repository bigger"
         assert len(repo_packs(db, r["repo_id"])) == 1
         assert distinct_packs(db, r["repo_id"]) == 1
-        check_objects_readable(db, srv.store_dir, r["repo_id"], hists)
+        check_objects_readable(db, srv, r["repo_id"], hists)
         bump_state(db, r["repo_id"])
         _, after = clone_blobs(hub, r["slug"], head)
         assert after == before
