@@ -201,6 +201,25 @@ def signer_from_files(key_id: str | None, pem_path: str) -> Signer:
     return signer_from_key(key_id, key)
 
 
+def add_signing_args(ap) -> None:
+    """--key / --key-id (or $MUSE_KEY / $MUSE_KEY_ID): sign every API
+    request with MSign (SPEC 5) using that P-256 private key (PEM)."""
+    ap.add_argument("--key", default=os.environ.get("MUSE_KEY"), metavar="PEM",
+                    help="private key (PEM, P-256) to sign requests with MSign ($MUSE_KEY); "
+                         "without it requests are unsigned (anonymous, or the server's dev identity)")
+    ap.add_argument("--key-id", default=os.environ.get("MUSE_KEY_ID"), metavar="ID",
+                    help="key id registered on the server ($MUSE_KEY_ID; default: computed from the key)")
+
+
+def hub_from_args(a, muselib):
+    """A muselib.Hub for a.url, signing with a.key when given."""
+    signer = None
+    if a.key:
+        import msign
+        signer = msign.signer_from_files(a.key_id, a.key)
+    return muselib.Hub(a.url, signer=signer)
+
+
 # --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
