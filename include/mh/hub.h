@@ -72,6 +72,11 @@ void mh_hub_load_repo(mh_req_t *req, mh_perm_t need, mh_repo_cb cb);
  * errmsg. */
 void mh_hub_db_fail(mh_req_t *req, int err, const char *errmsg);
 
+/* True when p[0..n) is a valid branch name: 1..255 bytes of printable
+ * ASCII other than space and ~^:?*[\\, no ".." or "//", not starting or
+ * ending with '/' or '.' (git's rules, simplified; docs/architecture.md). */
+bool mh_branch_valid(const char *p, size_t n);
+
 /* Serialises a repository row as SPEC 4.1's object (with aliases). */
 mh_val_t *mh_repo_val(mh_req_t *req, const mh_repo_t *r);
 
@@ -145,6 +150,44 @@ void mh_h_identity_key_revoke(mh_req_t *req);
 void mh_h_collab_list(mh_req_t *req);
 void mh_h_collab_put(mh_req_t *req);
 void mh_h_collab_delete(mh_req_t *req);
+
+/* Server-side commits (SPEC 4.6, src/hub/commits_api.c):
+ * POST /api/repos/{repo_id}/commits {branch, message, author?, files:
+ * {path: bytes}, remove?: [paths], expected_head?} (JSON: contents are
+ * base64 strings; msgpack: bin, or base64 str) -> 201 {commit_id,
+ * snapshot_id, mpack_id (nil when no new blob), branch, parent_ids,
+ * author, committed_at, generation, blobs_written}. WRITE permission.
+ * Parent: the branch head; a branch that does not exist yet starts at
+ * the default branch's head (a root commit when that is absent too).
+ * 422 bad field, path or base64, a path both written and removed, a
+ * removed path absent from the parent; 409 stale_head (expected_head is
+ * not the head, or the branch moved meanwhile: nothing written); 413 body
+ * over 64 MiB or new contents over MUSEHUB_MAX_MPACK_BYTES. */
+void mh_h_repo_commit_create(mh_req_t *req);
+
+/* Proposals (SPEC 4.6, src/hub/proposals.c); a proposal is {proposal_id,
+ * repo_id, number, state: open|closed|merged, title, body, from_branch,
+ * to_branch, created_by, created_at, updated_at, merge_commit_id}.
+ * create: POST /api/repos/{repo_id}/proposals {title, from_branch,
+ *   to_branch, body?} -> 201 the proposal (WRITE; 422 bad fields, same
+ *   branches, or from_branch absent; to_branch may be absent);
+ * list: GET .../proposals[?state=] -> {proposals: [...]} newest first, at
+ *   most 1000 (READ; 422 bad state);
+ * get: GET .../proposals/{proposal_id} -> the proposal plus from_head,
+ *   to_head, merge_base and diff {added, changed, removed, truncated}
+ *   (paths from the merge base to from_branch's head; nil when from_branch
+ *   is gone) (READ; 404);
+ * close: POST .../close -> 200 the proposal (WRITE; 404; 409 not open);
+ * merge: POST .../merge -> 200 {proposal_id, number, state: "merged",
+ *   merge_commit_id, snapshot_id, from_branch, to_branch, merge_base}
+ *   (WRITE; 404; 409 not_open, nothing_to_merge, stale_head (a branch
+ *   moved twice while the merge was computed: it is recomputed once), or
+ *   {"error": "conflict", "detail", "paths": [...], "truncated"}). */
+void mh_h_proposal_create(mh_req_t *req);
+void mh_h_proposal_list(mh_req_t *req);
+void mh_h_proposal_get(mh_req_t *req);
+void mh_h_proposal_close(mh_req_t *req);
+void mh_h_proposal_merge(mh_req_t *req);
 
 void mh_h_store_put(mh_req_t *req);
 void mh_h_store_get(mh_req_t *req);

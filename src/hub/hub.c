@@ -30,6 +30,15 @@ const mh_route_t mh_hub_routes[] = {
     {"POST", "/api/repos/{repo_id}/jobs", mh_h_jobs_create, "jobs_create", 0, false},
     {"GET", "/api/jobs/{job_id}", mh_h_job_get, "job_get", 0, false},
 
+    /* Server-side commits, proposals and merges (SPEC 4.6; commits_api.c,
+     * proposals.c). A commit carries file contents: up to 64 MiB. */
+    {"POST", "/api/repos/{repo_id}/commits", mh_h_repo_commit_create, "repo_commit_create", 64 * MiB, false},
+    {"POST", "/api/repos/{repo_id}/proposals", mh_h_proposal_create, "proposal_create", 0, false},
+    {"GET", "/api/repos/{repo_id}/proposals", mh_h_proposal_list, "proposal_list", 0, false},
+    {"GET", "/api/repos/{repo_id}/proposals/{proposal_id}", mh_h_proposal_get, "proposal_get", 0, false},
+    {"POST", "/api/repos/{repo_id}/proposals/{proposal_id}/close", mh_h_proposal_close, "proposal_close", 0, false},
+    {"POST", "/api/repos/{repo_id}/proposals/{proposal_id}/merge", mh_h_proposal_merge, "proposal_merge", 0, false},
+
     /* Identities, keys and collaborators (SPEC 5, 4; identities.c). */
     {"POST", "/api/identities", mh_h_identity_create, "identity_create", 0, false},
     {"GET", "/api/identities/{handle}", mh_h_identity_get, "identity_get", 0, false},
@@ -149,9 +158,16 @@ static void load_repo_cb(void *ud, PGresult *res, int err, const char *errmsg)
     }
     char **fields[] = {&r->repo_id, &r->owner, &r->owner_id, &r->name, &r->slug,
                        &r->visibility, &r->description, &r->default_branch, &r->created_at};
-    for (int i = 0; i < 9; i++) *fields[i] = mh_strdup(a, mh_pq_str(res, 0, i));
+    bool oom = false;
+    for (int i = 0; i < 9; i++) oom |= !(*fields[i] = mh_strdup(a, mh_pq_str(res, 0, i)));
     r->state_seq = mh_pq_int(res, 0, 9);
     const char *role = mh_pq_isnull(res, 0, 10) ? NULL : mh_strdup(a, mh_pq_str(res, 0, 10));
+    /* A field (or the role) lost to ENOMEM must neither reach the handler
+     * nor be cached: a missing role would read as "no permission". */
+    if (oom || (!role && !mh_pq_isnull(res, 0, 10))) {
+        mh_res_error(req, 503, "unavailable", "out of memory");
+        return;
+    }
     mh_hub_repo_cache_put(req->app, lr->epoch, lr->key, lr->klen, r, role);
     load_repo_finish(lr, r, role);
 }

@@ -589,12 +589,14 @@ static void rebuild_work(uv_work_t *w)
         bool checkpoint = depth[i] >= MH_CHECKPOINT_INTERVAL;
         if (checkpoint) depth[i] = 0;
         up.len = rm.len = cp.len = 0;
-        mh_mpw_t mw;
+        /* One writer per buffer: each keeps its own sticky error (reusing
+         * one writer reset the upsert's error and stored a cut delta). */
+        mh_mpw_t mw, mr;
         mh_mpw_init(&mw, &up);
         mh_mpw_val(&mw, s->upsert);
-        mh_mpw_init(&mw, &rm);
-        mh_mpw_val(&mw, s->remove);
-        if (mw.err || (checkpoint && mh_manifest_encode(&ms[i], &cp))) {
+        mh_mpw_init(&mr, &rm);
+        mh_mpw_val(&mr, s->remove);
+        if (mw.err || mr.err || (checkpoint && mh_manifest_encode(&ms[i], &cp))) {
             u->work_status = 503;
             goto out;
         }
@@ -1315,7 +1317,7 @@ static void unpack_repo_cb(mh_req_t *req, mh_repo_t *repo)
 
 /* A branch name: 1..255 bytes of printable ASCII other than space and
  * ~^:?*[\, no "..", no leading or trailing '/' or '.', no "//". */
-static bool branch_valid(const char *p, size_t n)
+bool mh_branch_valid(const char *p, size_t n)
 {
     if (n == 0 || n > 255 || p[0] == '/' || p[n - 1] == '/' || p[0] == '.' || p[n - 1] == '.') return false;
     for (size_t i = 0; i < n; i++) {
@@ -1348,7 +1350,7 @@ void mh_h_push_unpack(mh_req_t *req)
     if (!body_id(req, &body, "head", true, &u->head, NULL)) return;
     if (!body_id(req, &body, "expected_old_head", false, &u->expected_old, &u->has_expected_old)) return;
     const mh_val_t *br = mh_val_get(&body, "branch");
-    if (!br || br->t != MH_V_STR || !branch_valid(br->v.s.p, br->v.s.n)) {
+    if (!br || br->t != MH_V_STR || !mh_branch_valid(br->v.s.p, br->v.s.n)) {
         mh_res_error(req, 422, "invalid_field", "'branch' must be a valid branch name");
         return;
     }

@@ -57,7 +57,9 @@ class DB:
 
     def rows(self, sql: str) -> list[tuple]:
         out = []
-        for line in self._run(sql).splitlines():
+        # split("\n"), not splitlines(): the NULL marker \x1e is itself a
+        # line boundary for splitlines() and would cut rows holding a NULL.
+        for line in self._run(sql).split("\n"):
             if line == "":
                 continue
             out.append(tuple(None if v == "\x1e" else v for v in line.split(self.SEP)))
