@@ -72,6 +72,11 @@ void mh_hub_load_repo(mh_req_t *req, mh_perm_t need, mh_repo_cb cb);
  * errmsg. */
 void mh_hub_db_fail(mh_req_t *req, int err, const char *errmsg);
 
+/* The slug of a repository name (SPEC 4.1): lowercased (ASCII), every
+ * run of bytes outside [a-z0-9._-] replaced by one '-'. NUL-terminated,
+ * allocated in `a`; NULL on ENOMEM. */
+char *mh_repo_slug(mh_arena_t *a, const char *name, size_t n);
+
 /* True when p[0..n) is a valid branch name: 1..255 bytes of printable
  * ASCII other than space and ~^:?*[\\, no ".." or "//", not starting or
  * ending with '/' or '.' (git's rules, simplified; docs/architecture.md). */

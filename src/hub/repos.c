@@ -12,9 +12,7 @@
 #include "mh/hub.h"
 #include "mh/mpack.h"
 
-/* SPEC 4.1: the name lowercased, every run of characters outside
- * [a-z0-9._-] replaced by one '-'. */
-static char *slugify(mh_arena_t *a, const char *name, size_t n)
+char *mh_repo_slug(mh_arena_t *a, const char *name, size_t n)
 {
     char *out = mh_alloc(a, n + 1);
     if (!out) return NULL;
@@ -147,7 +145,7 @@ void mh_h_repo_create(mh_req_t *req)
     }
 
     create_t *c = mh_calloc(&req->arena, sizeof *c);
-    char *slug = slugify(&req->arena, name, strlen(name));
+    char *slug = mh_repo_slug(&req->arena, name, strlen(name));
     uint8_t rnd[32];
     mh_id_t repo_id, owner_id, snap_id, commit_id;
     if (!c || !slug || mh_random(rnd, sizeof rnd)) {
@@ -323,8 +321,11 @@ static void refs_rows_cb(void *ud, PGresult *res, int err, const char *errmsg)
     mh_arena_t *a = &req->arena;
     mh_val_t *out = mh_v_map(a), *heads = mh_v_map(a);
     int rc = (!out || !heads) ? MH_ENOMEM : 0;
-    for (int i = 0; !rc && i < PQntuples(res); i++)
-        rc = mh_map_put(a, heads, mh_strdup(a, mh_pq_str(res, i, 0)), mh_v_str(mh_strdup(a, mh_pq_str(res, i, 1))));
+    for (int i = 0; !rc && i < PQntuples(res); i++) {
+        /* Both copies checked: a NULL name or head would answer a wrong ref. */
+        char *name = mh_strdup(a, mh_pq_str(res, i, 0)), *head = mh_strdup(a, mh_pq_str(res, i, 1));
+        rc = name && head ? mh_map_put(a, heads, name, mh_v_str(head)) : MH_ENOMEM;
+    }
     if (!rc) rc = mh_map_put(a, out, "repo_id", mh_v_str(r->repo->repo_id));
     if (!rc) rc = mh_map_put(a, out, "default_branch", mh_v_str(r->repo->default_branch));
     if (!rc) rc = mh_map_put(a, out, "branch_heads", *heads);

@@ -1,0 +1,40 @@
+/*
+ * test_slug.c — repository slugs (SPEC 4.1) and branch names.
+ */
+#include <string.h>
+
+#include "mh/hub.h"
+#include "tap.h"
+
+int main(void)
+{
+    mh_arena_t a;
+    mh_arena_init(&a, 0);
+    static const struct {
+        const char *name, *slug;
+    } cases[] = {
+        {"demo", "demo"},
+        {"My Repo", "my-repo"},
+        {"My Repo!!", "my-repo-"},
+        {"  lead", "-lead"},
+        {"a..b_c-d", "a..b_c-d"},
+        {"ÄÖÜ", "-"},                 /* every non-ASCII byte is outside the set: one run */
+        {"x/y\\z", "x-y-z"},
+        {"MIXED.Case_9", "mixed.case_9"},
+        {"tab\there", "tab-here"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char *s = mh_repo_slug(&a, cases[i].name, strlen(cases[i].name));
+        TAP_EQ_STR(s, cases[i].slug, cases[i].name);
+    }
+    TAP_OK(mh_branch_valid("main", 4), "main is a branch name");
+    TAP_OK(mh_branch_valid("feature/x-1", 11), "feature/x-1 is a branch name");
+    static const char *bad[] = {"", "/a", "a/", ".a", "a.", "a..b", "a//b", "a b", "a~b", "a:b", "a\\b", "a*b"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        TAP_OK(!mh_branch_valid(bad[i], strlen(bad[i])), "refused branch name '%s'", bad[i]);
+    char long_name[300];
+    memset(long_name, 'a', sizeof long_name);
+    TAP_OK(mh_branch_valid(long_name, 255) && !mh_branch_valid(long_name, 256), "255 bytes at most");
+    mh_arena_release(&a);
+    return tap_done();
+}
