@@ -248,6 +248,13 @@ static int cmd_serve(int argc, char **argv)
             mh_error("MUSEHUB_DEV_IDENTITY is only allowed on a loopback listen address (listen is %s)", cfg.listen);
             return 2;
         }
+        /* Behind a reverse proxy the listener is loopback too, yet every
+         * unsigned request from the internet would be this admin. */
+        if (cfg.trusted_proxies && *cfg.trusted_proxies) {
+            mh_error("MUSEHUB_DEV_IDENTITY is refused when MUSEHUB_TRUSTED_PROXIES is set: "
+                     "requests arrive through a proxy, not from this machine");
+            return 2;
+        }
         mh_warn("MUSEHUB_DEV_IDENTITY=%s: unsigned requests act as this admin identity (development only)",
                 cfg.dev_identity);
     }

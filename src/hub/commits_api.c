@@ -739,8 +739,12 @@ static void start_write(commit_t *c)
     }
     vsr[0] = c->repo->repo_id;
     vsr[1] = c->sid.s;
-    qs[n++] = (mh_db_pq_t){NULL, "INSERT INTO commit_refs (repo_id, commit_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                           2, vr, NULL, NULL};
+    /* The branch is this repository's own (per-repository metadata,
+     * sql/0008). */
+    qs[n++] = (mh_db_pq_t){NULL,
+                           "INSERT INTO commit_refs (repo_id, commit_id, branch) VALUES ($1, $2, $3)"
+                           " ON CONFLICT DO NOTHING",
+                           3, vr, NULL, NULL};
     qs[n++] = (mh_db_pq_t){NULL,
                            "INSERT INTO snapshot_refs (repo_id, snapshot_id) VALUES ($1, $2) ON CONFLICT DO NOTHING", 2,
                            vsr, NULL, NULL};

@@ -456,9 +456,10 @@ static void respond_answer(mh_req_t *req, const answer_t *ans)
         mh_hub_fail(req, MH_ENOMEM, "answer");
         return;
     }
-    int rc = 0;
+    char *mpack_id = ans->mpack_id[0] ? mh_strdup(a, ans->mpack_id) : NULL;
+    int rc = ans->mpack_id[0] && !mpack_id ? MH_ENOMEM : 0; /* never answer an empty id */
     rc |= mh_map_put(a, m, "mpack_url", url ? mh_v_str(url) : mh_v_nil());
-    rc |= mh_map_put(a, m, "mpack_id", ans->mpack_id[0] ? mh_v_str(mh_strdup(a, ans->mpack_id)) : mh_v_nil());
+    rc |= mh_map_put(a, m, "mpack_id", mpack_id ? mh_v_str(mpack_id) : mh_v_nil());
     rc |= mh_map_put(a, m, "commit_count", mh_v_int(ans->commits));
     rc |= mh_map_put(a, m, "snapshot_count", mh_v_int(ans->snapshots));
     rc |= mh_map_put(a, m, "blob_count", mh_v_int(ans->blobs));
@@ -733,9 +734,11 @@ static void step_walk(fetch_t *f)
 
 static const mh_stmt_t st_commits = {
     "hub_fetch_commits",
-    "SELECT commit_id, parent_commit_id, parent2_commit_id, snapshot_id, message, author, committed_at, branch, meta"
-    " FROM commits WHERE commit_id = ANY($1::text[]) ORDER BY generation, commit_id COLLATE \"C\"",
-    1};
+    "SELECT c.commit_id, c.parent_commit_id, c.parent2_commit_id, c.snapshot_id, c.message, c.author,"
+    " c.committed_at, r.branch, r.meta"
+    " FROM commits c JOIN commit_refs r ON r.commit_id = c.commit_id AND r.repo_id = $2"
+    " WHERE c.commit_id = ANY($1::text[]) ORDER BY c.generation, c.commit_id COLLATE \"C\"",
+    2};
 
 static const mh_stmt_t st_snapshots = {
     "hub_fetch_snapshots",
@@ -765,7 +768,8 @@ static int copy_commits(fetch_t *f, PGresult *res)
         }
         if (!c->commit_id || !c->snap || !c->message || !c->author || !c->committed_at || !c->branch)
             return MH_EPARSE;
-        if (!mh_pq_isnull(res, r, 8) && mh_pq_bytea(a, res, r, 8, &c->meta, &c->metan)) return MH_EPARSE;
+        int brc = mh_pq_isnull(res, r, 8) ? 0 : mh_pq_bytea(a, res, r, 8, &c->meta, &c->metan);
+        if (brc) return brc == MH_ENOMEM ? brc : MH_EPARSE;
         /* An empty meta map adds no keys: splice nothing. */
         if (c->metan == 1 && c->meta[0] == 0x80) c->metan = 0;
     }
@@ -787,9 +791,13 @@ static int copy_snapshots(fetch_t *f, PGresult *res)
         snap_t *s = &f->snaps[*ix];
         s->id = (char *)f->snap_ids[*ix];
         s->parent = dup_col(a, res, r, 1);
+        /* A parent lost to ENOMEM would turn the delta into a root and
+         * build (and cache) a wrong pack. */
+        if (!s->parent && !mh_pq_isnull(res, r, 1)) return MH_ENOMEM;
         if (s->parent && !mh_id_valid(s->parent, strlen(s->parent))) return MH_EPARSE;
-        if (mh_pq_bytea(a, res, r, 2, &s->up, &s->upn) || mh_pq_bytea(a, res, r, 3, &s->rm, &s->rmn))
-            return MH_EPARSE;
+        int brc = mh_pq_bytea(a, res, r, 2, &s->up, &s->upn);
+        if (!brc) brc = mh_pq_bytea(a, res, r, 3, &s->rm, &s->rmn);
+        if (brc) return brc == MH_ENOMEM ? brc : MH_EPARSE;
         found++;
     }
     return found == f->nsnap_ids ? 0 : MH_ENOENT;
@@ -813,7 +821,7 @@ static void step_rows(fetch_t *f)
 {
     mh_arena_t *a = f->a;
     const char **ids = mh_alloc(a, f->nsend * sizeof *ids);
-    const char **v1 = mh_alloc(a, sizeof *v1), **v2 = mh_alloc(a, sizeof *v2);
+    const char **v1 = mh_alloc(a, 2 * sizeof *v1), **v2 = mh_alloc(a, sizeof *v2);
     if (!ids || !v1 || !v2) { fail_err(f, MH_ENOMEM, "rows"); return; }
     for (size_t i = 0; i < f->nsend; i++) {
         mh_id_t cid;
@@ -821,10 +829,11 @@ static void step_rows(fetch_t *f)
         if (!(ids[i] = mh_strndup(a, cid.s, MH_ID_LEN))) { fail_err(f, MH_ENOMEM, "rows"); return; }
     }
     v1[0] = mh_hub_pg_array(a, ids, f->nsend);
+    v1[1] = f->repo->repo_id; /* branch and metadata are this repository's */
     v2[0] = mh_hub_pg_array(a, f->snap_ids, f->nsnap_ids);
     if (!v1[0] || !v2[0]) { fail_err(f, MH_ENOMEM, "rows"); return; }
     mh_db_pq_t qs[2] = {
-        {.stmt = &st_commits, .nparams = 1, .vals = v1},
+        {.stmt = &st_commits, .nparams = 2, .vals = v1},
         {.stmt = &st_snapshots, .nparams = 1, .vals = v2},
     };
     f->state = S_WAIT;
@@ -1416,6 +1425,9 @@ static void advance(fetch_t *f)
 
 static int cmp_str(const void *x, const void *y) { return strcmp(*(char *const *)x, *(char *const *)y); }
 
+/* parse_ids's answer when the arena refuses: a 503, not the client's fault. */
+static const char ids_oom[] = "out of memory";
+
 /* Reads an array of ids: sorted, de-duplicated, NUL-terminated copies. */
 static const char *parse_ids(mh_arena_t *a, const mh_val_t *body, const char *name, bool required, char ***out,
                              size_t *n)
@@ -1428,11 +1440,11 @@ static const char *parse_ids(mh_arena_t *a, const mh_val_t *body, const char *na
     if (required && v->v.a.n == 0) return "must not be empty";
     if (v->v.a.n > MAX_IDS) return "has too many ids";
     char **ids = mh_alloc(a, (v->v.a.n + 1) * sizeof *ids);
-    if (!ids) return "out of memory";
+    if (!ids) return ids_oom;
     for (uint32_t i = 0; i < v->v.a.n; i++) {
         const mh_val_t *x = &v->v.a.items[i];
         if (x->t != MH_V_STR || !mh_id_valid(x->v.s.p, x->v.s.n)) return "holds an id that is not sha256:<64 hex>";
-        if (!(ids[i] = mh_strndup(a, x->v.s.p, x->v.s.n))) return "out of memory";
+        if (!(ids[i] = mh_strndup(a, x->v.s.p, x->v.s.n))) return ids_oom;
     }
     size_t k = 0;
     if (v->v.a.n) {
@@ -1507,8 +1519,10 @@ void mh_h_fetch(mh_req_t *req)
     f->t0 = f->t_mark = mh_now_us();
     if (body.t != MH_V_MAP) { mh_res_error(req, 422, "invalid_request", "the body must be a map {want, have}"); return; }
     const char *why = parse_ids(a, &body, "want", true, &f->want, &f->nwant);
+    if (why == ids_oom) { mh_hub_fail(req, MH_ENOMEM, "fetch"); return; }
     if (why) { mh_res_error(req, 422, "invalid_request", "want %s", why); return; }
     why = parse_ids(a, &body, "have", false, &f->have, &f->nhave);
+    if (why == ids_oom) { mh_hub_fail(req, MH_ENOMEM, "fetch"); return; }
     if (why) { mh_res_error(req, 422, "invalid_request", "have %s", why); return; }
     if (ids_key(a, f->want, f->nwant, f->have, f->nhave, NULL, f->reqkey)) { mh_hub_fail(req, MH_ENOMEM, "fetch"); return; }
     req->user = f;

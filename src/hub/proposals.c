@@ -992,9 +992,13 @@ static void m_start_write(merge_t *m)
                            9, vc, NULL, NULL};
     vr[0] = x->repo->repo_id;
     vr[1] = m->cid.s;
-    vr[2] = m->sid.s;
-    qs[n++] = (mh_db_pq_t){NULL, "INSERT INTO commit_refs (repo_id, commit_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                           2, vr, NULL, NULL};
+    vr[2] = x->to;
+    /* The branch is this repository's own (per-repository metadata,
+     * sql/0008). */
+    qs[n++] = (mh_db_pq_t){NULL,
+                           "INSERT INTO commit_refs (repo_id, commit_id, branch) VALUES ($1, $2, $3)"
+                           " ON CONFLICT DO NOTHING",
+                           3, vr, NULL, NULL};
     const char **vsr = mh_alloc(a, 2 * sizeof *vsr);
     if (!vsr) {
         mfail(m, 503, "unavailable", "out of memory");

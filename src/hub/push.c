@@ -1207,9 +1207,10 @@ static void advance(unpack_t *u)
                                    " INSERT INTO mpack_refs (repo_id, mpack_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
                                    3, v, NULL, NULL};
             qs[n++] = (mh_db_pq_t){NULL,
-                                   "WITH x AS (INSERT INTO commit_refs (repo_id, commit_id) SELECT DISTINCT $1::text, t.commit_id"
+                                   "WITH x AS (INSERT INTO commit_refs (repo_id, commit_id, branch, meta)"
+                                   " SELECT DISTINCT ON (t.commit_id) $1::text, t.commit_id, t.branch, t.meta"
                                    " FROM tmp_commits t WHERE NOT EXISTS (SELECT 1 FROM commit_refs r WHERE r.repo_id = $1"
-                                   " AND r.commit_id = t.commit_id) ORDER BY 2 RETURNING 1) SELECT count(*) FROM x",
+                                   " AND r.commit_id = t.commit_id) ORDER BY t.commit_id RETURNING 1) SELECT count(*) FROM x",
                                    1, v, NULL, NULL};
             qs[n++] = (mh_db_pq_t){NULL,
                                    "WITH x AS (INSERT INTO snapshot_refs (repo_id, snapshot_id) SELECT DISTINCT $1::text,"

@@ -27,7 +27,7 @@
 
 #define COMMIT_COLS                                                                                             \
     "c.commit_id, c.parent_commit_id, c.parent2_commit_id, c.snapshot_id, c.message, c.author, c.committed_at," \
-    " c.branch, c.generation, c.meta"
+    " r.branch, c.generation, r.meta"
 
 static const char *const std_keys[] = {"commit_id", "parent_commit_id", "parent2_commit_id", "parent_ids",
                                        "snapshot_id", "message", "author", "committed_at", "branch", "generation"};
@@ -154,7 +154,10 @@ typedef struct {
 } log_t;
 
 static const mh_stmt_t st_commits_page = {
-    "hub_read_commits_page", "SELECT " COMMIT_COLS " FROM commits c WHERE c.commit_id = ANY($1::text[])", 1};
+    "hub_read_commits_page",
+    "SELECT " COMMIT_COLS " FROM commits c JOIN commit_refs r ON r.commit_id = c.commit_id AND r.repo_id = $2"
+    " WHERE c.commit_id = ANY($1::text[])",
+    2};
 
 static void log_rows_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
@@ -257,7 +260,7 @@ static void log_run(log_t *l)
         return;
     }
     l->ids = mh_alloc(a, l->npage * sizeof *l->ids);
-    const char **vals = mh_alloc(a, sizeof *vals);
+    const char **vals = mh_alloc(a, 2 * sizeof *vals);
     if (!l->ids || !vals) {
         mh_hub_fail(req, MH_ENOMEM, "commits");
         return;
@@ -271,6 +274,7 @@ static void log_run(log_t *l)
         }
     }
     vals[0] = mh_hub_pg_array(a, l->ids, l->npage);
+    vals[1] = l->repo->repo_id;
     if (!vals[0]) {
         mh_hub_fail(req, MH_ENOMEM, "commits");
         return;

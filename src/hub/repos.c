@@ -67,7 +67,7 @@ static const char sql_create[] =
     " c AS ("
     "  INSERT INTO commits (commit_id, snapshot_id, message, author, committed_at, branch, generation)"
     "  SELECT $9, $8, $11, $2, $12, 'main', 1 WHERE $10::boolean ON CONFLICT DO NOTHING),"
-    " cr AS (INSERT INTO commit_refs (repo_id, commit_id) SELECT repo_id, $9 FROM r WHERE $10::boolean),"
+    " cr AS (INSERT INTO commit_refs (repo_id, commit_id, branch) SELECT repo_id, $9, 'main' FROM r WHERE $10::boolean),"
     " sr AS (INSERT INTO snapshot_refs (repo_id, snapshot_id) SELECT repo_id, $8 FROM r WHERE $10::boolean),"
     " b AS (INSERT INTO branches (repo_id, name, head_commit_id) SELECT repo_id, 'main', $9 FROM r WHERE $10::boolean)"
     " SELECT created FROM r";
