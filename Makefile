@@ -125,7 +125,8 @@ clean:
 FAILALLOC ?= 0
 ifeq ($(FAILALLOC),1)
   CFLAGS  += -DMH_FAILALLOC
-  LDFLAGS += -Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc,--wrap=mh_alloc,--wrap=mh_calloc \
+  LDFLAGS += -Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc,--wrap=strdup,--wrap=strndup \
+             -Wl,--wrap=mh_alloc,--wrap=mh_calloc \
              -Wl,--wrap=mh_strndup,--wrap=mh_strdup,--wrap=mh_sprintf,--wrap=mh_arena_defer
 endif
 
@@ -134,5 +135,5 @@ unit-failalloc: deps
 	@$(MAKE) --no-print-directory BUILD=build-failalloc SAN=1 FAILALLOC=1 all build-failalloc/test/test_failalloc
 	@ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
 	  /usr/bin/python3 scripts/unit-run.py build-failalloc/test/test_failalloc
-	@ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 MUSEHUB_FAILALLOC_BIN=$(CURDIR)/build-failalloc/musehubd \
+	@ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 MUSEHUB_FAILALLOC_BIN=$(CURDIR)/build-failalloc/musehubd MUSEHUB_FAILALLOC_SAMPLES=all \
 	  $(MAKE) --no-print-directory e2e E2E=test/e2e/test_faults.py PYTEST_ARGS="-k failalloc"
