@@ -77,6 +77,7 @@ static void part_stopped(proc_t *p)
     if (--p->pending_stops > 0) return;
     mh_fetch_cache_free(&p->hub);
     mh_hub_repo_cache_free(&p->hub);
+    mh_hub_refs_cache_free();
     mh_auth_free(p->hub.auth);
     p->hub.auth = NULL;
     mh_db_close(p->hub.db, db_closed_cb, p);

@@ -113,6 +113,10 @@ void mh_hub_repo_cache_put(mh_hub_t *hub, uint64_t epoch, const char *key, size_
 /* Frees the cache (shutdown). */
 void mh_hub_repo_cache_free(mh_hub_t *hub);
 
+/* Frees this process's cache of branch heads by (repository, state_seq)
+ * (repos.c; shutdown). */
+void mh_hub_refs_cache_free(void);
+
 /* Fetch-pack cache invalidation after a branch move in this process
  * (other processes see the new repos.state_seq). */
 void mh_fetch_cache_invalidate(mh_hub_t *hub, const char *repo_id);

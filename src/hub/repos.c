@@ -7,6 +7,7 @@
  * (a unique violation becomes 409).
  */
 #include <libpq-fe.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "mh/hub.h"
@@ -305,6 +306,80 @@ void mh_h_repo_list(mh_req_t *req)
 static const mh_stmt_t st_branches = {
     "branches_of_repo", "SELECT name, head_commit_id FROM branches WHERE repo_id = $1 ORDER BY name", 1};
 
+/* Clients read refs before every push and fetch, so the branch heads are
+ * cached per process by (repository, state_seq): every branch move bumps
+ * repos.state_seq in the same transaction (push, server-side commits,
+ * merges), so an entry can never be served for a state it was not read
+ * in, and no invalidation is needed. state_seq itself comes from the
+ * repository lookup (repo_cache.c: NOTIFY-invalidated). */
+#define REFS_SLOTS 1024 /* power of two, direct-mapped */
+
+typedef struct {
+    char *repo_id;
+    int64_t state_seq;
+    uint32_t n;
+    char **names, **heads; /* all in one heap block with the entry */
+} refs_entry_t;
+
+static refs_entry_t *refs_slots[REFS_SLOTS];
+
+static uint32_t refs_slot(const char *repo_id)
+{
+    uint32_t h = 2166136261u;
+    for (const char *p = repo_id; *p; p++) h = (h ^ (uint8_t)*p) * 16777619u;
+    return h & (REFS_SLOTS - 1);
+}
+
+void mh_hub_refs_cache_free(void)
+{
+    for (uint32_t i = 0; i < REFS_SLOTS; i++) {
+        free(refs_slots[i]);
+        refs_slots[i] = NULL;
+    }
+}
+
+static void refs_cache_put(const mh_repo_t *repo, PGresult *res)
+{
+    uint32_t n = (uint32_t)PQntuples(res);
+    size_t bytes = sizeof(refs_entry_t) + 2 * n * sizeof(char *) + strlen(repo->repo_id) + 1;
+    for (uint32_t i = 0; i < n; i++) bytes += strlen(mh_pq_str(res, (int)i, 0)) + strlen(mh_pq_str(res, (int)i, 1)) + 2;
+    refs_entry_t *e = malloc(bytes);
+    if (!e) return; /* a cache: best effort */
+    e->names = (char **)(e + 1);
+    e->heads = e->names + n;
+    char *p = (char *)(e->heads + n);
+    e->repo_id = p;
+    p = stpcpy(p, repo->repo_id) + 1;
+    for (uint32_t i = 0; i < n; i++) {
+        e->names[i] = p;
+        p = stpcpy(p, mh_pq_str(res, (int)i, 0)) + 1;
+        e->heads[i] = p;
+        p = stpcpy(p, mh_pq_str(res, (int)i, 1)) + 1;
+    }
+    e->n = n;
+    e->state_seq = repo->state_seq;
+    uint32_t k = refs_slot(repo->repo_id);
+    free(refs_slots[k]);
+    refs_slots[k] = e;
+}
+
+/* Answers from borrowed name/head arrays (the cache entry or the rows). */
+static void refs_send(mh_req_t *req, const mh_repo_t *repo, uint32_t n, char *const *names, char *const *heads)
+{
+    mh_arena_t *a = &req->arena;
+    mh_val_t *out = mh_v_map(a), *map = mh_v_map(a);
+    int rc = (!out || !map) ? MH_ENOMEM : 0;
+    for (uint32_t i = 0; !rc && i < n; i++) {
+        char *k = mh_strdup(a, names[i]), *v = mh_strdup(a, heads[i]);
+        rc = k && v ? mh_map_put(a, map, k, mh_v_str(v)) : MH_ENOMEM;
+    }
+    if (!rc) rc = mh_map_put(a, out, "repo_id", mh_v_str(repo->repo_id));
+    if (!rc) rc = mh_map_put(a, out, "default_branch", mh_v_str(repo->default_branch));
+    if (!rc) rc = mh_map_put(a, out, "branch_heads", *map);
+    if (rc) mh_res_error(req, 503, "unavailable", "out of memory");
+    else mh_res_val(req, 200, out, MH_FMT_JSON);
+}
+
 typedef struct {
     mh_req_t *req;
     mh_repo_t *repo;
@@ -318,24 +393,29 @@ static void refs_rows_cb(void *ud, PGresult *res, int err, const char *errmsg)
         mh_hub_db_fail(req, err, errmsg);
         return;
     }
-    mh_arena_t *a = &req->arena;
-    mh_val_t *out = mh_v_map(a), *heads = mh_v_map(a);
-    int rc = (!out || !heads) ? MH_ENOMEM : 0;
-    for (int i = 0; !rc && i < PQntuples(res); i++) {
-        /* Both copies checked: a NULL name or head would answer a wrong ref. */
-        char *name = mh_strdup(a, mh_pq_str(res, i, 0)), *head = mh_strdup(a, mh_pq_str(res, i, 1));
-        rc = name && head ? mh_map_put(a, heads, name, mh_v_str(head)) : MH_ENOMEM;
+    refs_cache_put(r->repo, res);
+    uint32_t n = (uint32_t)PQntuples(res);
+    char **names = mh_alloc(&req->arena, (n + 1) * sizeof(char *));
+    char **heads = mh_alloc(&req->arena, (n + 1) * sizeof(char *));
+    if (!names || !heads) {
+        mh_res_error(req, 503, "unavailable", "out of memory");
+        return;
     }
-    if (!rc) rc = mh_map_put(a, out, "repo_id", mh_v_str(r->repo->repo_id));
-    if (!rc) rc = mh_map_put(a, out, "default_branch", mh_v_str(r->repo->default_branch));
-    if (!rc) rc = mh_map_put(a, out, "branch_heads", *heads);
-    if (rc) mh_res_error(req, 503, "unavailable", "out of memory");
-    else mh_res_val(req, 200, out, MH_FMT_JSON);
+    for (uint32_t i = 0; i < n; i++) {
+        names[i] = (char *)mh_pq_str(res, (int)i, 0);
+        heads[i] = (char *)mh_pq_str(res, (int)i, 1);
+    }
+    refs_send(req, r->repo, n, names, heads);
 }
 
 static void refs_repo_cb(mh_req_t *req, mh_repo_t *repo)
 {
     mh_hub_t *hub = req->app;
+    refs_entry_t *e = refs_slots[refs_slot(repo->repo_id)];
+    if (e && e->state_seq == repo->state_seq && strcmp(e->repo_id, repo->repo_id) == 0) {
+        refs_send(req, repo, e->n, e->names, e->heads);
+        return;
+    }
     refs_t *r = mh_alloc(&req->arena, sizeof *r);
     if (!r) {
         mh_res_error(req, 503, "unavailable", "out of memory");
