@@ -60,6 +60,8 @@ typedef struct {
     uint32_t commits, snapshots, blobs;
 } answer_t;
 
+static void url_cache_free(void);
+
 typedef struct ac_ent {
     struct ac_ent *next;
     char *key;
@@ -158,6 +160,7 @@ void mh_fetch_cache_invalidate(mh_hub_t *hub, const char *repo_id)
 
 void mh_fetch_cache_free(mh_hub_t *hub)
 {
+    url_cache_free();
     mh_fetch_cache_t *fc = hub->fetch_cache;
     if (!fc) return;
     if (fc->answers) {
@@ -436,6 +439,59 @@ static uint32_t presign_ttl(const mh_hub_t *hub)
     return ttl > 604800 ? 604800 : ttl;
 }
 
+/* Presigned GET URLs of packs, reused while at least half their lifetime
+ * is left: presigning (an HMAC and the URL's formatting) was half of a
+ * cached fetch answer's instructions (docs/benchmarks.md). Per process,
+ * direct-mapped by pack id; expires_in reports the URL's real remaining
+ * lifetime. */
+#define URL_SLOTS 256
+
+typedef struct {
+    char mpack_id[MH_ID_SIZE];
+    int64_t signed_at, expires_at; /* unix seconds */
+    char url[];
+} url_ent_t;
+
+static url_ent_t *url_slots[URL_SLOTS];
+
+static void url_cache_free(void)
+{
+    for (size_t i = 0; i < URL_SLOTS; i++) {
+        free(url_slots[i]);
+        url_slots[i] = NULL;
+    }
+}
+
+/* The URL (in arena a) and its remaining lifetime in seconds. */
+static int pack_url(mh_hub_t *hub, mh_arena_t *a, const char *mpack_id, char **url, uint32_t *expires_in)
+{
+    uint32_t ttl = presign_ttl(hub);
+    int64_t now = mh_unix_time();
+    size_t slot = (size_t)mh_id_hash(mpack_id) & (URL_SLOTS - 1);
+    url_ent_t *e = url_slots[slot];
+    if (e && strcmp(e->mpack_id, mpack_id) == 0 && now - e->signed_at < (int64_t)ttl / 2 && now < e->expires_at) {
+        *url = mh_strdup(a, e->url);
+        *expires_in = (uint32_t)(e->expires_at - now);
+        return *url ? 0 : MH_ENOMEM;
+    }
+    char key[80];
+    snprintf(key, sizeof key, "mpacks/%s", mpack_id + 7);
+    int rc = mh_store_presign(hub->store, a, "GET", key, 0, NULL, ttl, url);
+    if (rc) return rc;
+    *expires_in = ttl;
+    size_t n = strlen(*url);
+    url_ent_t *ne = malloc(sizeof *ne + n + 1);
+    if (ne) { /* a cache: best effort */
+        snprintf(ne->mpack_id, sizeof ne->mpack_id, "%s", mpack_id);
+        ne->signed_at = now;
+        ne->expires_at = now + ttl;
+        memcpy(ne->url, *url, n + 1);
+        free(url_slots[slot]);
+        url_slots[slot] = ne;
+    }
+    return 0;
+}
+
 static void respond_answer(mh_req_t *req, const answer_t *ans)
 {
     mh_hub_t *hub = req->app;
@@ -443,9 +499,7 @@ static void respond_answer(mh_req_t *req, const answer_t *ans)
     uint32_t ttl = presign_ttl(hub);
     char *url = NULL;
     if (ans->mpack_id[0]) {
-        char key[80];
-        snprintf(key, sizeof key, "mpacks/%s", ans->mpack_id + 7);
-        int rc = mh_store_presign(hub->store, a, "GET", key, 0, NULL, ttl, &url);
+        int rc = pack_url(hub, a, ans->mpack_id, &url, &ttl);
         if (rc) {
             mh_hub_fail(req, rc, "presigning the pack");
             return;
