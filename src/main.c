@@ -150,6 +150,33 @@ static bool is_loopback(const char *listen)
     return (ntohl(a.s_addr) >> 24) == 127;
 }
 
+/* The database pool and the object store of a serving or worker process,
+ * from the configuration; errors are logged, 1 is returned. */
+static int open_db(mh_hub_t *hub, const mh_config_t *cfg)
+{
+    mh_db_config_t dbc = {.url = cfg->database_url, .pool_size = cfg->db_pool, .query_timeout_ms = cfg->query_timeout_ms};
+    int rc = mh_db_open(hub->loop, &dbc, &hub->db);
+    if (rc) mh_error("database pool: %s", mh_strerror(rc));
+    return rc ? 1 : 0;
+}
+
+static int open_store(mh_hub_t *hub, const mh_config_t *cfg)
+{
+    mh_store_config_t sc = {
+        .spec = cfg->store,
+        .public_url = hub->public_url,
+        .signing_secret = cfg->signing_secret,
+        .s3_endpoint = cfg->s3_endpoint,
+        .s3_region = cfg->s3_region,
+        .s3_access_key = cfg->s3_access_key,
+        .s3_secret_key = cfg->s3_secret_key,
+        .s3_path_style = cfg->s3_path_style,
+    };
+    int rc = mh_store_open(hub->loop, &sc, &hub->store);
+    if (rc) mh_error("object store '%s': %s", cfg->store, mh_strerror(rc));
+    return rc ? 1 : 0;
+}
+
 static int serve_process(const mh_config_t *cfg)
 {
     proc_t p;
@@ -172,32 +199,14 @@ static int serve_process(const mh_config_t *cfg)
         mh_identity_id(cfg->dev_identity, strlen(cfg->dev_identity), &hub->dev_caller.identity_id);
     }
 
-    mh_db_config_t dbc = {.url = cfg->database_url, .pool_size = cfg->db_pool, .query_timeout_ms = cfg->query_timeout_ms};
-    int rc = mh_db_open(loop, &dbc, &hub->db);
-    if (rc) {
-        mh_error("database pool: %s", mh_strerror(rc));
-        return 1;
-    }
+    if (open_db(hub, cfg)) return 1;
+    int rc;
     rc = mh_auth_open(hub->db, cfg, &hub->auth);
     if (rc) {
         mh_error("authentication state: %s", mh_strerror(rc));
         return 1;
     }
-    mh_store_config_t sc = {
-        .spec = cfg->store,
-        .public_url = hub->public_url,
-        .signing_secret = cfg->signing_secret,
-        .s3_endpoint = cfg->s3_endpoint,
-        .s3_region = cfg->s3_region,
-        .s3_access_key = cfg->s3_access_key,
-        .s3_secret_key = cfg->s3_secret_key,
-        .s3_path_style = cfg->s3_path_style,
-    };
-    rc = mh_store_open(loop, &sc, &hub->store);
-    if (rc) {
-        mh_error("object store '%s': %s", cfg->store, mh_strerror(rc));
-        return 1;
-    }
+    if (open_store(hub, cfg)) return 1;
     mh_http_config_t hc = {
         .listen = cfg->listen,
         .routes = mh_hub_routes,
@@ -335,27 +344,8 @@ static int worker_process(const mh_config_t *cfg)
     hub->cfg = cfg;
     if (cfg->public_url) snprintf(hub->public_url, sizeof hub->public_url, "%s", cfg->public_url);
     else snprintf(hub->public_url, sizeof hub->public_url, "http://%s", cfg->listen);
-    mh_db_config_t dbc = {.url = cfg->database_url, .pool_size = cfg->db_pool, .query_timeout_ms = cfg->query_timeout_ms};
-    int rc = mh_db_open(loop, &dbc, &hub->db);
-    if (rc) {
-        mh_error("database pool: %s", mh_strerror(rc));
-        return 1;
-    }
-    mh_store_config_t sc = {
-        .spec = cfg->store,
-        .public_url = hub->public_url,
-        .signing_secret = cfg->signing_secret,
-        .s3_endpoint = cfg->s3_endpoint,
-        .s3_region = cfg->s3_region,
-        .s3_access_key = cfg->s3_access_key,
-        .s3_secret_key = cfg->s3_secret_key,
-        .s3_path_style = cfg->s3_path_style,
-    };
-    rc = mh_store_open(loop, &sc, &hub->store);
-    if (rc) {
-        mh_error("object store '%s': %s", cfg->store, mh_strerror(rc));
-        return 1;
-    }
+    if (open_db(hub, cfg)) return 1;
+    if (open_store(hub, cfg)) return 1;
     if (start_jobs(&p, cfg)) return 1;
     uv_signal_init(loop, &p.sigterm);
     uv_signal_init(loop, &p.sigint);
