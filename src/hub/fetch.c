@@ -145,7 +145,10 @@ void mh_fetch_cache_invalidate(mh_hub_t *hub, const char *repo_id)
      * than when our own NOTIFY comes back. */
     mh_hub_repo_cache_invalidate(hub, repo_id);
     if (!hub->fetch_cache) return;
-    mh_graph_cache_drop(hub, repo_id);
+    /* The commit graph stays: it is keyed by state_seq, so it is never
+     * used for the new state, and the next load extends a copy of it with
+     * the new ref rows instead of reading the whole history again
+     * (graph.c). */
     mh_answer_cache_t *ac = hub->fetch_cache->answers;
     if (!ac || !repo_id) return;
     size_t rl = strlen(repo_id);
@@ -677,7 +680,9 @@ static void step_graph(fetch_t *f, bool force)
         f->state = S_RESOLVE;
         return;
     }
-    if (force) mh_graph_cache_drop(f->hub, f->repo->repo_id);
+    /* Forced or not, the load reads only the ref rows added since the
+     * cached graph of this repository (graph.c), which include the one a
+     * forced reload looks for. */
     f->state = S_WAIT;
     if (mh_graph_load(f->hub, f->a, f->repo->repo_id, graph_cb, f)) fail_err(f, MH_ENOMEM, "graph");
 }

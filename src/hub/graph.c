@@ -9,6 +9,15 @@
  *    state_seq come from one database snapshot: a graph never mixes two
  *    repository states. Every push bumps repos.state_seq, so a cached
  *    graph is only used for the state it was read at.
+ *  - Loading is incremental: a repository's commits are only ever added
+ *    (until the repository, and its id, is deleted), and its commit_refs
+ *    rows become visible in ref_seq order (sql/0009). So the graph of a
+ *    new state is a copy of the cached graph of an older state plus the
+ *    rows numbered above its ref_seq, read in one statement with the new
+ *    state's branches: one push costs the rows it added, not the history.
+ *    Copy, not in place: requests hold graphs across async steps and
+ *    thread-pool walks. A parent that is not (yet) a node stays on a
+ *    pending list and is linked by the extension that adds it.
  *  - Nodes are 80 bytes (binary digests and parent indices): a 1M-commit
  *    repository costs about 100 MB, and walks never touch strings.
  *  - Generation numbers strictly decrease along parent edges (push
@@ -79,10 +88,27 @@ uint64_t mh_id_hash(const char *id)
     return mix64(x ^ seed());
 }
 
+/* Hex digit value + 1; 0 for anything else (uppercase included, as in
+ * mh_id_valid). */
+static const uint8_t hexlut[256] = {
+    ['0'] = 1,  ['1'] = 2,  ['2'] = 3,  ['3'] = 4,  ['4'] = 5,  ['5'] = 6,  ['6'] = 7,  ['7'] = 8,
+    ['8'] = 9,  ['9'] = 10, ['a'] = 11, ['b'] = 12, ['c'] = 13, ['d'] = 14, ['e'] = 15, ['f'] = 16,
+};
+
+/* Checks and decodes an id in one pass: graph loads parse every id of a
+ * history, and mh_id_valid + mh_hex_decode walked each twice (a quarter
+ * of a graph load's instructions, docs/benchmarks.md). */
 static int id_digest(const char *id, uint8_t out[32])
 {
-    if (!id || !mh_id_valid(id, strlen(id))) return MH_EPARSE;
-    return mh_hex_decode(out, id + 7, 32);
+    if (!id || strlen(id) != MH_ID_LEN || memcmp(id, "sha256:", 7) != 0) return MH_EPARSE;
+    const uint8_t *h = (const uint8_t *)id + 7;
+    int bad = 0;
+    for (int i = 0; i < 32; i++) {
+        int hi = hexlut[h[2 * i]], lo = hexlut[h[2 * i + 1]];
+        bad |= (hi == 0) | (lo == 0);
+        out[i] = (uint8_t)(((hi - 1) & 15) << 4 | ((lo - 1) & 15));
+    }
+    return bad ? MH_EPARSE : 0;
 }
 
 /* ------------------------------------------------------------ builder */
@@ -124,10 +150,12 @@ static int grow(mh_graph_t *g, uint32_t cap)
     mh_gnode_t *nodes = realloc(g->nodes, (size_t)cap * sizeof *nodes);
     if (!nodes) return MH_ENOMEM;
     g->nodes = nodes;
-    uint8_t(*tp)[2][32] = realloc(g->tmp_parents, (size_t)cap * sizeof *tp);
+    /* Parent digests are kept for the unsealed nodes only. */
+    uint32_t tcap = cap - g->nsealed;
+    uint8_t(*tp)[2][32] = realloc(g->tmp_parents, (size_t)tcap * sizeof *tp);
     if (!tp) return MH_ENOMEM;
     g->tmp_parents = tp;
-    uint8_t *pm = realloc(g->tmp_pmask, cap);
+    uint8_t *pm = realloc(g->tmp_pmask, tcap);
     if (!pm) return MH_ENOMEM;
     g->tmp_pmask = pm;
     g->cap = cap;
@@ -145,6 +173,44 @@ mh_graph_t *mh_graph_new(const char *repo_id, int64_t state_seq, uint32_t ncommi
     g->refs = 1;
     if (!g->repo_id || rehash(g, 16) || grow(g, ncommits ? ncommits : 16)) {
         g->refs = 1;
+        mh_graph_unref(g);
+        return NULL;
+    }
+    return g;
+}
+
+mh_graph_t *mh_graph_extend(const mh_graph_t *base, int64_t state_seq, uint32_t nmore)
+{
+    if (nmore < 16) nmore = 16;
+    if (nmore > UINT32_MAX / 2 - base->n) return NULL;
+    mh_graph_t *g = calloc(1, sizeof *g);
+    if (!g) return NULL;
+    g->refs = 1;
+    g->repo_id = strdup(base->repo_id);
+    g->state_seq = state_seq;
+    g->ref_seq = base->ref_seq;
+    /* Allocated at the final size once: a copy is the whole cost of an
+     * extension, so it must not be copied again by a realloc. */
+    uint32_t cap = base->n + nmore;
+    size_t sb = ((size_t)base->mask + 1) * sizeof *g->slots;
+    g->nodes = malloc((size_t)cap * sizeof *g->nodes);
+    g->slots = malloc(sb);
+    g->tmp_parents = malloc((size_t)nmore * sizeof *g->tmp_parents);
+    g->tmp_pmask = malloc(nmore);
+    g->pend = base->npend ? malloc((size_t)base->npend * sizeof *g->pend) : NULL;
+    if (!g->repo_id || !g->nodes || !g->slots || !g->tmp_parents || !g->tmp_pmask || (base->npend && !g->pend)) {
+        mh_graph_unref(g);
+        return NULL;
+    }
+    memcpy(g->nodes, base->nodes, (size_t)base->n * sizeof *g->nodes);
+    memcpy(g->slots, base->slots, sb);
+    if (base->npend) memcpy(g->pend, base->pend, (size_t)base->npend * sizeof *g->pend);
+    g->n = g->nsealed = base->n;
+    g->cap = cap;
+    g->mask = base->mask;
+    g->npend = g->cappend = base->npend;
+    /* Keep the table at most half full, as grow() does. */
+    if ((uint64_t)cap * 2 > (uint64_t)g->mask + 1 && rehash(g, cap * 2)) {
         mh_graph_unref(g);
         return NULL;
     }
@@ -175,8 +241,8 @@ int mh_graph_add(mh_graph_t *g, const char *commit_id, const char *p1, const cha
     memcpy(nd->snap, s, 32);
     nd->p[0] = nd->p[1] = MH_GNONE;
     nd->gen = gen;
-    memcpy(g->tmp_parents[g->n], pd, sizeof pd);
-    g->tmp_pmask[g->n] = pm;
+    memcpy(g->tmp_parents[g->n - g->nsealed], pd, sizeof pd);
+    g->tmp_pmask[g->n - g->nsealed] = pm;
     g->slots[slot] = ++g->n;
     return 0;
 }
@@ -206,26 +272,60 @@ static int branch_cmp(const void *a, const void *b)
     return strcmp(((const mh_gbranch_t *)a)->name, ((const mh_gbranch_t *)b)->name);
 }
 
+static uint32_t lookup(const mh_graph_t *g, const uint8_t d[32])
+{
+    bool found;
+    uint32_t i = probe(g, d, &found);
+    return found ? g->slots[i] - 1 : MH_GNONE;
+}
+
+static int pend_push(mh_graph_t *g, uint32_t node, uint32_t j, const uint8_t d[32])
+{
+    if (g->npend == g->cappend) {
+        uint32_t cap = g->cappend ? g->cappend * 2 : 8;
+        mh_gpend_t *p = realloc(g->pend, (size_t)cap * sizeof *p);
+        if (!p) return MH_ENOMEM;
+        g->pend = p;
+        g->cappend = cap;
+    }
+    mh_gpend_t *p = &g->pend[g->npend++];
+    p->node = node;
+    p->j = j;
+    memcpy(p->d, d, 32);
+    return 0;
+}
+
 int mh_graph_seal(mh_graph_t *g)
 {
-    for (uint32_t k = 0; k < g->n; k++) {
-        for (int j = 0; j < 2; j++) {
-            if (!(g->tmp_pmask[k] & (1u << j))) continue;
-            bool found;
-            uint32_t i = probe(g, g->tmp_parents[k][j], &found);
+    /* Parents an earlier load did not have may have arrived now. */
+    uint32_t keep = 0;
+    for (uint32_t k = 0; k < g->npend; k++) {
+        mh_gpend_t *pe = &g->pend[k];
+        uint32_t x = lookup(g, pe->d);
+        if (x != MH_GNONE) g->nodes[pe->node].p[pe->j] = x;
+        else g->pend[keep++] = *pe;
+    }
+    g->npend = keep;
+    for (uint32_t k = g->nsealed; k < g->n; k++) {
+        for (uint32_t j = 0; j < 2; j++) {
+            if (!(g->tmp_pmask[k - g->nsealed] & (1u << j))) continue;
+            const uint8_t *d = g->tmp_parents[k - g->nsealed][j];
             /* A parent outside this repository's refs stays MH_GNONE: the
-             * repository cannot see it, so walks must not reach it. */
-            g->nodes[k].p[j] = found ? g->slots[i] - 1 : MH_GNONE;
+             * repository cannot see it, so walks must not reach it. It is
+             * remembered in case a later extension brings it. */
+            g->nodes[k].p[j] = lookup(g, d);
+            if (g->nodes[k].p[j] == MH_GNONE && pend_push(g, k, j, d)) return MH_ENOMEM;
         }
     }
     free(g->tmp_parents);
     free(g->tmp_pmask);
     g->tmp_parents = NULL;
     g->tmp_pmask = NULL;
+    g->nsealed = g->n;
     if (g->nbranches) qsort(g->branches, g->nbranches, sizeof *g->branches, branch_cmp);
     for (uint32_t b = 0; b < g->nbranches; b++) g->branches[b].node = mh_graph_find(g, g->branches[b].head.s);
     g->bytes = sizeof *g + (size_t)g->cap * sizeof(mh_gnode_t) + ((size_t)g->mask + 1) * 4 +
-               (size_t)g->nbranches * (sizeof(mh_gbranch_t) + 32);
+               (size_t)g->nbranches * (sizeof(mh_gbranch_t) + 32) + (size_t)g->cappend * sizeof(mh_gpend_t);
     return 0;
 }
 
@@ -240,6 +340,7 @@ void mh_graph_unref(mh_graph_t *g)
     free(g->slots);
     free(g->tmp_parents);
     free(g->tmp_pmask);
+    free(g->pend);
     free(g->repo_id);
     free(g);
 }
@@ -456,6 +557,21 @@ mh_graph_t *mh_graph_cache_get(mh_hub_t *hub, const char *repo_id, int64_t state
     return NULL;
 }
 
+/* The cached graph of repo_id whatever its state, with a reference for
+ * the caller, or NULL: the base a load extends. */
+static mh_graph_t *cache_latest(mh_hub_t *hub, const char *repo_id)
+{
+    mh_graph_cache_t *gc = gcache(hub, false);
+    if (!gc) return NULL;
+    for (int i = 0; i < GC_SLOTS; i++) {
+        if (gc->g[i] && strcmp(gc->g[i]->repo_id, repo_id) == 0) {
+            mh_graph_ref(gc->g[i]);
+            return gc->g[i];
+        }
+    }
+    return NULL;
+}
+
 static void cache_put(mh_hub_t *hub, mh_graph_t *g)
 {
     mh_graph_cache_t *gc = gcache(hub, true);
@@ -468,8 +584,10 @@ static void cache_put(mh_hub_t *hub, mh_graph_t *g)
             continue;
         }
         if (strcmp(gc->g[i]->repo_id, g->repo_id) == 0) {
-            /* Two loads raced: keep the newer state. */
-            if (gc->g[i]->state_seq > g->state_seq) return;
+            /* One graph per repository. Two loads raced: keep the newer
+             * state (of one state, the one with more ref rows). */
+            const mh_graph_t *c = gc->g[i];
+            if (c->state_seq > g->state_seq || (c->state_seq == g->state_seq && c->ref_seq > g->ref_seq)) return;
             mh_graph_unref(gc->g[i]);
             gc->g[i] = NULL;
             slot = i;
@@ -517,22 +635,28 @@ void mh_graph_cache_free(mh_graph_cache_t *gc)
 
 /* One statement = one snapshot: the state counter, the branches and the
  * commit graph cannot come from two different repository states. */
-static const mh_stmt_t st_graph = {
-    "hub_graph_load",
-    "SELECT 0, state_seq::text, NULL::text, NULL::text, NULL::text, 0 FROM repos WHERE repo_id = $1"
-    " UNION ALL SELECT 1, name, head_commit_id, NULL::text, NULL::text, 0 FROM branches WHERE repo_id = $1"
-    " UNION ALL SELECT 2, c.commit_id, c.parent_commit_id, c.parent2_commit_id, c.snapshot_id, c.generation"
-    " FROM commit_refs r JOIN commits c ON c.commit_id = r.commit_id WHERE r.repo_id = $1",
-    1};
+#define GRAPH_SQL                                                                                            \
+    "SELECT 0, state_seq::text, NULL::text, NULL::text, NULL::text, 0, 0::bigint FROM repos WHERE repo_id = $1" \
+    " UNION ALL SELECT 1, name, head_commit_id, NULL::text, NULL::text, 0, 0::bigint FROM branches"              \
+    " WHERE repo_id = $1"                                                                                     \
+    " UNION ALL SELECT 2, c.commit_id, c.parent_commit_id, c.parent2_commit_id, c.snapshot_id, c.generation,"   \
+    " r.ref_seq FROM commit_refs r JOIN commits c ON c.commit_id = r.commit_id WHERE r.repo_id = $1"
+
+static const mh_stmt_t st_graph = {"hub_graph_load", GRAPH_SQL, 1};
+/* Only the rows added since a cached graph was read: a range of the
+ * (repo_id, ref_seq) index (sql/0009). Its own statement, so that neither
+ * plan is chosen for the other's row counts. */
+static const mh_stmt_t st_graph_since = {"hub_graph_since", GRAPH_SQL " AND r.ref_seq > $2::bigint", 2};
 
 typedef struct {
     mh_hub_t *hub;
     char *repo_id;
+    const mh_graph_t *base; /* the cached graph extended (held by the arena), or NULL */
     mh_graph_cb cb;
     void *ud;
 } loader_t;
 
-static mh_graph_t *build(const char *repo_id, PGresult *res, int *err, const char **why)
+static mh_graph_t *build(const loader_t *l, PGresult *res, int *err, const char **why)
 {
     int rows = PQntuples(res);
     int64_t seq = -1;
@@ -547,33 +671,34 @@ static mh_graph_t *build(const char *repo_id, PGresult *res, int *err, const cha
         *why = "repository not found";
         return NULL;
     }
-    mh_graph_t *g = mh_graph_new(repo_id, seq, ncommits);
+    mh_graph_t *g = l->base ? mh_graph_extend(l->base, seq, ncommits) : mh_graph_new(l->repo_id, seq, ncommits);
     if (!g) {
         *err = MH_ENOMEM;
         *why = "out of memory";
         return NULL;
     }
-    for (int r = 0; r < rows; r++) {
+    int rc = 0;
+    for (int r = 0; r < rows && rc != MH_ENOMEM; r++) {
         int kind = (int)mh_pq_int(res, r, 0);
-        int rc = 0;
+        rc = 0;
         if (kind == 1) {
             rc = mh_graph_add_branch(g, mh_pq_str(res, r, 1), mh_pq_str(res, r, 2));
         } else if (kind == 2) {
             const char *p1 = mh_pq_isnull(res, r, 2) ? NULL : mh_pq_str(res, r, 2);
             const char *p2 = mh_pq_isnull(res, r, 3) ? NULL : mh_pq_str(res, r, 3);
-            int64_t gen = mh_pq_int(res, r, 5);
+            int64_t gen = mh_pq_int(res, r, 5), rs = mh_pq_int(res, r, 6);
+            if (rs > g->ref_seq) g->ref_seq = rs;
             rc = mh_graph_add(g, mh_pq_str(res, r, 1), p1, p2, mh_pq_str(res, r, 4),
                               gen < 0 ? 0 : gen > UINT32_MAX ? UINT32_MAX : (uint32_t)gen);
         }
-        if (rc == MH_ENOMEM) {
-            mh_graph_unref(g);
-            *err = MH_ENOMEM;
-            *why = "out of memory";
-            return NULL;
-        }
-        if (rc) mh_warn("graph of %s: skipping a row with a malformed id", repo_id);
+        if (rc && rc != MH_ENOMEM) mh_warn("graph of %s: skipping a row with a malformed id", l->repo_id);
     }
-    mh_graph_seal(g);
+    if (rc == MH_ENOMEM || mh_graph_seal(g)) {
+        mh_graph_unref(g);
+        *err = MH_ENOMEM;
+        *why = "out of memory";
+        return NULL;
+    }
     return g;
 }
 
@@ -584,13 +709,16 @@ static void load_cb(void *ud, PGresult *res, int err, const char *errmsg)
     if (!err) {
         uint64_t t0 = mh_now_us();
         const char *why = NULL;
-        g = build(l->repo_id, res, &err, &why);
+        g = build(l, res, &err, &why);
         if (g) {
             cache_put(l->hub, g);
-            mh_debug("graph of %s: %u commits, %u branches, seq %lld, built in %llu us", l->repo_id, g->n,
-                     g->nbranches, (long long)g->state_seq, (unsigned long long)(mh_now_us() - t0));
+            mh_debug("graph of %s: %u commits (%u new), %u branches, seq %lld, ref_seq %lld, built in %llu us",
+                     l->repo_id, g->n, g->n - (l->base ? l->base->n : 0), g->nbranches, (long long)g->state_seq,
+                     (long long)g->ref_seq, (unsigned long long)(mh_now_us() - t0));
         } else {
             errmsg = why;
+            /* A deleted repository: its graph is of no further use. */
+            if (err == MH_ENOENT) mh_graph_cache_drop(l->hub, l->repo_id);
         }
     }
     l->cb(l->ud, g, err, errmsg);
@@ -603,7 +731,16 @@ int mh_graph_load(mh_hub_t *hub, mh_arena_t *a, const char *repo_id, mh_graph_cb
     l->hub = hub;
     l->cb = cb;
     l->ud = ud;
-    const char *vals[1] = {repo_id};
-    mh_db_exec(hub->db, &st_graph, vals, NULL, NULL, load_cb, l);
+    /* The base stays alive with the arena, whatever the cache does
+     * meanwhile; without it (or its hold) the load is a full one. */
+    mh_graph_t *base = cache_latest(hub, repo_id);
+    char *since = base ? mh_sprintf(a, "%lld", (long long)base->ref_seq) : NULL;
+    if (base && (!since || mh_graph_hold(a, base))) { /* the hold unrefs on failure */
+        if (!since) mh_graph_unref(base);
+        base = NULL;
+    }
+    l->base = base;
+    const char *vals[2] = {repo_id, since};
+    mh_db_exec(hub->db, base ? &st_graph_since : &st_graph, vals, NULL, NULL, load_cb, l);
     return 0;
 }

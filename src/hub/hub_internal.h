@@ -9,7 +9,8 @@
  *    marked "thread-safe" (graph walks on an immutable graph).
  *  - Caches are caches (DESIGN 1): nothing is kept only here. A commit
  *    graph is keyed by (repo_id, state_seq) and a push bumps state_seq,
- *    so a stale graph is never used for a newer state.
+ *    so a stale graph is never used for a newer state; it is kept as the
+ *    base the next state's graph extends (graph.c).
  *  - A graph is immutable once sealed and reference counted: a request
  *    holding one keeps it alive even if the cache replaces it.
  */
@@ -60,17 +61,28 @@ typedef struct {
     uint32_t node;    /* its node index, MH_GNONE when not in the graph */
 } mh_gbranch_t;
 
+/* A parent edge whose parent is not (yet) a node of the graph. */
+typedef struct {
+    uint32_t node; /* the child's node index */
+    uint32_t j;    /* which parent: 0 or 1 */
+    uint8_t d[32]; /* the parent's commit id digest */
+} mh_gpend_t;
+
 typedef struct mh_graph {
     char *repo_id;
     int64_t state_seq;
+    int64_t ref_seq; /* highest commit_refs.ref_seq among its commits, 0: none (sql/0009) */
     uint32_t n, cap;
     mh_gnode_t *nodes;
     uint32_t *slots; /* open addressing: node index + 1, 0 = empty */
     uint32_t mask;
     mh_gbranch_t *branches; /* sorted by name (bytewise) once sealed */
     uint32_t nbranches, capb;
-    uint8_t (*tmp_parents)[2][32]; /* parent digests until sealed */
+    uint32_t nsealed;              /* nodes [0, nsealed) have their parents resolved */
+    uint8_t (*tmp_parents)[2][32]; /* parent digests of node nsealed + i until sealed */
     uint8_t *tmp_pmask;            /* bit 0/1: parent 1/2 present */
+    mh_gpend_t *pend;              /* parents not in the graph: retried by each extension */
+    uint32_t npend, cappend;
     int refs;
     size_t bytes; /* approximate memory held */
 } mh_graph_t;
@@ -78,14 +90,25 @@ typedef struct mh_graph {
 /* Builder: a graph with room for `ncommits` commits (grows if more are
  * added). NULL on ENOMEM. refs starts at 1 (the caller's). */
 mh_graph_t *mh_graph_new(const char *repo_id, int64_t state_seq, uint32_t ncommits);
+/* Builder for a later state of the same repository: a new graph holding
+ * a copy of sealed graph `base`'s commits (and its ref_seq), relabelled
+ * `state_seq`, without branches, with room for `nmore` more commits. Add
+ * the commits that are new since base (mh_graph_add), ALL branches of the
+ * new state (mh_graph_add_branch), then seal: the result equals the graph
+ * built at once from every commit (node indices aside), including parent
+ * edges to commits added after their child. base is not modified (requests
+ * may be reading it). NULL on ENOMEM. refs starts at 1. */
+mh_graph_t *mh_graph_extend(const mh_graph_t *base, int64_t state_seq, uint32_t nmore);
 /* Adds one commit (text ids; p1/p2 NULL when absent). Duplicates are
- * ignored. MH_EPARSE for an id that is not sha256:<64 hex>, MH_ENOMEM. */
+ * ignored. MH_EPARSE for an id that is not sha256:<64 lowercase hex>,
+ * MH_ENOMEM. */
 int mh_graph_add(mh_graph_t *g, const char *commit_id, const char *p1, const char *p2, const char *snapshot_id,
                  uint32_t gen);
 /* Adds one branch (name copied). MH_EPARSE bad head id, MH_ENOMEM. */
 int mh_graph_add_branch(mh_graph_t *g, const char *name, const char *head_id);
-/* Resolves parent ids to node indices and sorts branches; the graph is
- * immutable afterwards. MH_ENOMEM. */
+/* Resolves parent ids to node indices (a parent not in the graph stays
+ * MH_GNONE until an extension adds it) and sorts branches; the graph is
+ * immutable afterwards. MH_ENOMEM (then only mh_graph_unref is valid). */
 int mh_graph_seal(mh_graph_t *g);
 void mh_graph_ref(mh_graph_t *g);
 void mh_graph_unref(mh_graph_t *g);
@@ -135,9 +158,13 @@ mh_graph_t *mh_graph_cache_get(mh_hub_t *hub, const char *repo_id, int64_t state
  * commit_refs JOIN commits read in one snapshot), caches it, and calls
  * cb(ud, g, 0, NULL) with a reference for the caller (mh_graph_unref or
  * mh_graph_hold). The graph's state_seq is the one read with it (it may
- * be newer than the caller's). On error g is NULL. cb fires once, on a
- * later loop turn, when this returns 0; MH_ENOMEM (small state in arena
- * `a`, which must outlive the callback) means it was not started. */
+ * be newer than the caller's). When a graph of this repository is cached
+ * (any state), only the commit_refs rows numbered above its ref_seq are
+ * read and a copy of it is extended (sql/0009 argues why nothing is
+ * missed); otherwise every commit is read. On error g is NULL. cb fires
+ * once, on a later loop turn, when this returns 0; MH_ENOMEM (small state
+ * in arena `a`, which must outlive the callback) means it was not
+ * started. */
 typedef void (*mh_graph_cb)(void *ud, mh_graph_t *g, int err, const char *errmsg);
 int mh_graph_load(mh_hub_t *hub, mh_arena_t *a, const char *repo_id, mh_graph_cb cb, void *ud);
 

@@ -231,10 +231,10 @@ static void log_run(log_t *l)
     }
     if (b->node == MH_GNONE) {
         /* The head's ref row was added after this graph was read (the
-         * state counter did not move): read the graph again once. */
+         * state counter did not move): read the graph again once (the
+         * load reads the ref rows added since the cached graph). */
         if (!l->reloaded) {
             l->reloaded = true;
-            mh_graph_cache_drop(hub, l->repo->repo_id);
             if (mh_graph_load(hub, a, l->repo->repo_id, log_graph_cb, l)) mh_hub_fail(req, MH_ENOMEM, "commits");
             return;
         }

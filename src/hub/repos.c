@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hub_internal.h"
 #include "mh/hub.h"
 #include "mh/mpack.h"
 
@@ -206,6 +207,7 @@ static void repo_delete_done(void *ud, PGresult *res, int err, const char *errms
     }
     mh_info("repo deleted %s/%s id=%s", d->repo->owner, d->repo->slug, d->repo->repo_id);
     mh_fetch_cache_invalidate(d->req->app, d->repo->repo_id);
+    mh_graph_cache_drop(d->req->app, d->repo->repo_id); /* graphs outlive states, not the repository */
     mh_res_send(d->req, 204, NULL, NULL, 0);
 }
 

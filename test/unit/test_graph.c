@@ -1,8 +1,9 @@
 /*
  * test_graph.c — the commit-graph walk of fetch (SPEC 4.4) and the commit
  * log order (SPEC 4.5) on synthetic graphs: linear history, merges, a
- * have that is not an ancestor of the want, unknown parents, and random
- * DAGs checked against a brute-force reachability oracle.
+ * have that is not an ancestor of the want, unknown parents, random
+ * DAGs checked against a brute-force reachability oracle, and graphs
+ * extended step by step (mh_graph_extend) against the graph built at once.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -310,6 +311,207 @@ static void test_random(void)
     TAP_OK(bad == 0, "random DAGs: %d walks match the oracle (%d bad)", runs, bad);
 }
 
+
+/* ------------------------------------------------------------ extension */
+
+/* Same commits, snapshots, generations, parent edges (by id) and branches,
+ * whatever the node order. */
+static bool same_graph(const mh_graph_t *a, const mh_graph_t *b)
+{
+    if (a->n != b->n || a->nbranches != b->nbranches) {
+        printf("# n %u/%u, branches %u/%u\n", a->n, b->n, a->nbranches, b->nbranches);
+        return false;
+    }
+    for (uint32_t k = 0; k < a->n; k++) {
+        mh_id_t id;
+        mh_graph_id(a, k, &id);
+        uint32_t x = mh_graph_find(b, id.s);
+        if (x == MH_GNONE) return false;
+        const mh_gnode_t *na = &a->nodes[k], *nb = &b->nodes[x];
+        if (memcmp(na->snap, nb->snap, 32) || na->gen != nb->gen) return false;
+        for (int j = 0; j < 2; j++) {
+            if ((na->p[j] == MH_GNONE) != (nb->p[j] == MH_GNONE)) {
+                printf("# %s parent %d: %u vs %u\n", id.s, j, na->p[j], nb->p[j]);
+                return false;
+            }
+            if (na->p[j] != MH_GNONE && memcmp(a->nodes[na->p[j]].id, b->nodes[nb->p[j]].id, 32)) return false;
+        }
+    }
+    for (uint32_t i = 0; i < a->nbranches; i++)
+        if (strcmp(a->branches[i].name, b->branches[i].name) || strcmp(a->branches[i].head.s, b->branches[i].head.s) ||
+            (a->branches[i].node == MH_GNONE) != (b->branches[i].node == MH_GNONE))
+            return false;
+    return true;
+}
+
+static int add_commit(mh_graph_t *g, dag_t *d, int i)
+{
+    const char *a = d->p[i][0] >= 0 ? cid(d->p[i][0]) : NULL;
+    const char *b = d->p[i][1] >= 0 ? cid(d->p[i][1]) : NULL;
+    return mh_graph_add(g, cid(i), a, b, snaps[i], d->gen[i]);
+}
+
+static void test_extend_late_parent(void)
+{
+    /* 0 <- 1 <- 2 (merge of 1 and 3) ; 3's ref row arrives one step after 2's. */
+    dag_t d;
+    dag_init(&d);
+    dag_add(&d, 0, -1, -1);
+    dag_add(&d, 1, 0, -1);
+    dag_add(&d, 3, 0, -1);
+    dag_add(&d, 2, 1, 3);
+    mh_graph_t *g1 = mh_graph_new("r", 1, 0);
+    add_commit(g1, &d, 0);
+    add_commit(g1, &d, 1);
+    add_commit(g1, &d, 2);
+    mh_graph_add_branch(g1, "main", cid(2));
+    TAP_EQ_INT(mh_graph_seal(g1), 0, "late parent: first step sealed");
+    g1->ref_seq = 42;
+    uint32_t i2 = mh_graph_find(g1, cid(2));
+    TAP_OK(g1->nodes[i2].p[1] == MH_GNONE && g1->npend == 1, "late parent: the missing parent is pending");
+    uint32_t w[1] = {i2}, out[8];
+    uint8_t flags[8] = {0};
+    size_t n;
+    TAP_EQ_INT(mh_graph_walk(g1, w, 1, NULL, 0, flags, out, &n), 0, "late parent: walk with a missing parent");
+    TAP_EQ_INT(n, 3, "late parent: it sends what it has");
+
+    mh_graph_t *g2 = mh_graph_extend(g1, 2, 1);
+    TAP_OK(g2 && g2->ref_seq == 42 && g2->n == 3 && g2->nbranches == 0, "extend: copy of the base, no branches");
+    TAP_EQ_INT(add_commit(g2, &d, 3), 0, "extend: add the parent");
+    TAP_EQ_INT(add_commit(g2, &d, 1), 0, "extend: a commit already there is ignored");
+    mh_graph_add_branch(g2, "main", cid(2));
+    mh_graph_add_branch(g2, "side", cid(3));
+    TAP_EQ_INT(mh_graph_seal(g2), 0, "extend: sealed");
+    TAP_OK(g2->n == 4 && g2->state_seq == 2 && g2->npend == 0, "extend: 4 nodes, nothing pending");
+    i2 = mh_graph_find(g2, cid(2));
+    TAP_OK(g2->nodes[i2].p[1] == mh_graph_find(g2, cid(3)), "extend: the late parent is linked");
+    TAP_OK(g1->n == 3 && g1->npend == 1 && g1->nodes[mh_graph_find(g1, cid(2))].p[1] == MH_GNONE &&
+               g1->nbranches == 1,
+           "extend: the base is unchanged");
+    memset(flags, 0, sizeof flags);
+    w[0] = i2;
+    mh_graph_walk(g2, w, 1, NULL, 0, flags, out, &n);
+    TAP_EQ_INT(n, 4, "extend: the walk now reaches the late parent");
+    dag_build(&d);
+    mh_graph_add_branch(d.g, "main", cid(2)); /* after sealing: compare names/heads only */
+    mh_graph_add_branch(d.g, "side", cid(3));
+    d.g->branches[0].node = mh_graph_find(d.g, cid(2));
+    d.g->branches[1].node = mh_graph_find(d.g, cid(3));
+    TAP_OK(same_graph(g2, d.g), "extend: equals the graph built at once");
+    mh_graph_unref(d.g);
+    mh_graph_unref(g1);
+
+    /* Extending an empty graph, with nothing new: an empty copy. */
+    mh_graph_t *e = mh_graph_new("r", 1, 0);
+    mh_graph_seal(e);
+    mh_graph_t *e2 = mh_graph_extend(e, 2, 0);
+    TAP_OK(e2 && mh_graph_seal(e2) == 0 && e2->n == 0, "extend: empty base, nothing new");
+    mh_graph_t *e3 = mh_graph_extend(e2, 3, 2);
+    add_commit(e3, &d, 0);
+    add_commit(e3, &d, 1);
+    TAP_OK(mh_graph_seal(e3) == 0 && e3->n == 2 && e3->nodes[mh_graph_find(e3, cid(1))].p[0] == mh_graph_find(e3, cid(0)),
+           "extend: an empty base grows");
+    mh_graph_unref(e);
+    mh_graph_unref(e2);
+    mh_graph_unref(e3);
+    mh_graph_unref(g2);
+}
+
+static void test_extend_random(void)
+{
+    int bad = 0, runs = 0, graphs = 0;
+    for (int t = 0; t < 40; t++) {
+        dag_t d;
+        dag_init(&d);
+        int n = 20 + (int)(rnd() % 300);
+        for (int i = 0; i < n; i++) {
+            int a = i ? (int)(rnd() % (unsigned)i) : -1;
+            if (i && rnd() % 4) a = i - 1;
+            int b = (i > 1 && rnd() % 6 == 0) ? (int)(rnd() % (unsigned)i) : -1;
+            if (b == a) b = -1;
+            dag_add(&d, i, a, b);
+        }
+        /* Arrival order: parents first, as pushes deliver them, except
+         * every few runs a shuffled one (children before their parents,
+         * across steps). */
+        int order[MAXN];
+        for (int i = 0; i < n; i++) order[i] = i;
+        if (t % 3 == 2)
+            for (int i = n - 1; i > 0; i--) {
+                int j = (int)(rnd() % (unsigned)(i + 1)), x = order[i];
+                order[i] = order[j];
+                order[j] = x;
+            }
+        mh_graph_t *g = mh_graph_new("r", 0, 4);
+        mh_graph_seal(g);
+        int steps = 1 + (int)(rnd() % 6), done = 0;
+        for (int s = 1; s <= steps; s++) {
+            int upto = s == steps ? n : done + (int)(rnd() % (unsigned)(n - done + 1));
+            mh_graph_t *x = mh_graph_extend(g, s, (uint32_t)(upto - done));
+            if (!x) {
+                bad++;
+                break;
+            }
+            for (; done < upto; done++)
+                if (add_commit(x, &d, order[done])) bad++;
+            char name[16];
+            for (int b = 0; b < s; b++) {
+                snprintf(name, sizeof name, "b%d", b);
+                mh_graph_add_branch(x, name, cid(order[(upto ? upto - 1 : 0) * b / s]));
+            }
+            if (mh_graph_seal(x)) bad++;
+            mh_graph_unref(g);
+            g = x;
+        }
+        mh_graph_t *inc = g;
+        dag_build(&d);
+        mh_graph_t *all = d.g;
+        /* The branches of the last step, on the graph built at once. */
+        for (uint32_t b = 0; b < inc->nbranches; b++) mh_graph_add_branch(all, inc->branches[b].name, inc->branches[b].head.s);
+        for (uint32_t b = 0; b < all->nbranches; b++) all->branches[b].node = mh_graph_find(all, all->branches[b].head.s);
+        graphs++;
+        if (!same_graph(inc, all) || inc->npend != 0) bad++;
+        /* And the walks on the extended graph match the oracle. */
+        for (int i = 0; i < d.n; i++) d.idx[i] = (int)mh_graph_find(inc, cid(i));
+        d.g = inc;
+        for (int q = 0; q < 10; q++) {
+            int w[2] = {(int)(rnd() % (unsigned)n), (int)(rnd() % (unsigned)n)}, h[1] = {(int)(rnd() % (unsigned)n)};
+            runs++;
+            if (!walk_ok(&d, w, 2, h, 1)) bad++;
+        }
+        mh_graph_unref(all);
+        mh_graph_unref(inc);
+    }
+    TAP_OK(bad == 0, "extend: %d graphs built in 1-6 steps equal the graph built at once; %d walks match (%d bad)",
+           graphs, runs, bad);
+}
+
+static void test_ids(void)
+{
+    mh_graph_t *g = mh_graph_new("r", 1, 0);
+    char up[MH_ID_SIZE], bad[MH_ID_SIZE], longer[MH_ID_SIZE + 1];
+    memcpy(up, cid(0), MH_ID_SIZE);
+    for (int i = 7; i < MH_ID_LEN; i++)
+        if (up[i] >= 'a') up[i] = (char)(up[i] - 'a' + 'A');
+    memcpy(bad, cid(0), MH_ID_SIZE);
+    bad[40] = 'g';
+    memcpy(longer, cid(0), MH_ID_LEN);
+    longer[MH_ID_LEN] = '0';
+    longer[MH_ID_LEN + 1] = 0;
+    TAP_EQ_INT(mh_graph_add(g, up, NULL, NULL, snaps[0], 1), MH_EPARSE, "ids: uppercase hex refused");
+    TAP_EQ_INT(mh_graph_add(g, bad, NULL, NULL, snaps[0], 1), MH_EPARSE, "ids: a non-hex digit refused");
+    TAP_EQ_INT(mh_graph_add(g, longer, NULL, NULL, snaps[0], 1), MH_EPARSE, "ids: too long refused");
+    TAP_EQ_INT(mh_graph_add(g, cid(0) + 1, NULL, NULL, snaps[0], 1), MH_EPARSE, "ids: no prefix refused");
+    TAP_EQ_INT(mh_graph_add(g, cid(1), bad, NULL, snaps[1], 2), MH_EPARSE, "ids: a bad parent refused");
+    TAP_EQ_INT(mh_graph_add(g, cid(0), NULL, NULL, snaps[0], 1), 0, "ids: a good id accepted");
+    mh_graph_seal(g);
+    mh_id_t id;
+    mh_graph_id(g, 0, &id);
+    TAP_EQ_STR(id.s, cid(0), "ids: the id round-trips");
+    TAP_EQ_INT(g->n, 1, "ids: only the good one added");
+    mh_graph_unref(g);
+}
+
 static void test_big_linear(void)
 {
     /* Walk cost depends on what is sent: a one-commit delta on a long
@@ -326,7 +528,21 @@ static void test_big_linear(void)
         mh_graph_add(g, cur, prev[0] ? prev : NULL, NULL, cur, (uint32_t)i + 1);
         memcpy(prev, cur, MH_ID_SIZE);
     }
+    uint64_t tb = mh_now_us();
     mh_graph_seal(g);
+    /* One more commit the incremental way: a copy plus one row. */
+    uint64_t te0 = mh_now_us();
+    mh_graph_t *g2 = mh_graph_extend(g, 2, 1);
+    mh_id_t nid;
+    mh_blob_id("one more", 8, &nid);
+    mh_graph_add(g2, nid.s, prev, NULL, nid.s, N + 1);
+    mh_graph_seal(g2);
+    uint64_t te1 = mh_now_us();
+    TAP_OK(g2->n == N + 1 && g2->nodes[mh_graph_find(g2, nid.s)].p[0] == mh_graph_find(g2, prev),
+           "big: extended by one commit");
+    TAP_COMMENT("200k-commit chain: seal %llu us, extension by one commit %llu us", (unsigned long long)(te0 - tb),
+                (unsigned long long)(te1 - te0));
+    mh_graph_unref(g2);
     uint32_t head = g->n - 1, have = g->n - 2, *out = malloc(N * sizeof *out);
     uint8_t *flags = calloc(N, 1);
     size_t n;
@@ -351,6 +567,9 @@ int main(void)
     test_merge();
     test_unknown_parent();
     test_random();
+    test_extend_late_parent();
+    test_extend_random();
+    test_ids();
     test_big_linear();
     return tap_done();
 }
