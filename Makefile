@@ -121,7 +121,8 @@ clean:
 # can fail the Nth allocation. `make unit-failalloc` builds build-failalloc/
 # under ASan, loops N = 1, 2, ... over the codec and mpack workloads
 # (test/unit/test_failalloc.c), then injects failures into a running
-# server during pushes and fetches (test/e2e/test_faults.py -k failalloc).
+# server at every N of a push and of a fetch, with the fs and the s3 store
+# (test/e2e/test_faults.py -k failalloc; about 10 minutes in all).
 FAILALLOC ?= 0
 ifeq ($(FAILALLOC),1)
   CFLAGS  += -DMH_FAILALLOC
@@ -135,5 +136,7 @@ unit-failalloc: deps
 	@$(MAKE) --no-print-directory BUILD=build-failalloc SAN=1 FAILALLOC=1 all build-failalloc/test/test_failalloc
 	@ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
 	  /usr/bin/python3 scripts/unit-run.py build-failalloc/test/test_failalloc
-	@ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 MUSEHUB_FAILALLOC_BIN=$(CURDIR)/build-failalloc/musehubd MUSEHUB_FAILALLOC_SAMPLES=all \
-	  $(MAKE) --no-print-directory e2e E2E=test/e2e/test_faults.py PYTEST_ARGS="-k failalloc"
+	@for store in fs s3; do \
+	  ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 MUSEHUB_FAILALLOC_BIN=$(CURDIR)/build-failalloc/musehubd \
+	  MUSEHUB_FAILALLOC_SAMPLES=all $(MAKE) --no-print-directory e2e E2E=test/e2e/test_faults.py \
+	  PYTEST_ARGS="-k failalloc --store $$store" || exit 1; done

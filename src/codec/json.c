@@ -244,18 +244,29 @@ static json_t *je_val(const mh_val_t *v)
     return NULL;
 }
 
+/* The dump callback's error is sticky: jansson 2.14 ignores a failing
+ * callback inside some string writes and carries on, so without this a
+ * failed append would drop a piece of the document and still succeed. */
+typedef struct {
+    mh_buf_t *out;
+    int err;
+} je_sink_t;
+
 static int je_dump_cb(const char *buf, size_t size, void *data)
 {
-    return mh_buf_append(data, buf, size) ? -1 : 0;
+    je_sink_t *s = data;
+    if (!s->err && mh_buf_append(s->out, buf, size)) s->err = MH_ENOMEM;
+    return s->err ? -1 : 0;
 }
 
 static int encode_json(const mh_val_t *v, mh_buf_t *out)
 {
     json_t *j = je_val(v);
     if (!j) return MH_ENOMEM; /* or an unencodable key; both are our bug or OOM */
-    int rc = json_dump_callback(j, je_dump_cb, out, JSON_COMPACT | JSON_ENCODE_ANY);
+    je_sink_t sink = {out, 0};
+    int rc = json_dump_callback(j, je_dump_cb, &sink, JSON_COMPACT | JSON_ENCODE_ANY);
     json_decref(j);
-    return rc ? MH_ENOMEM : 0;
+    return rc || sink.err ? MH_ENOMEM : 0;
 }
 
 int mh_encode(const mh_val_t *v, mh_format_t fmt, mh_buf_t *out)

@@ -247,9 +247,12 @@ static void res_emit(req_t *q, int status, const char *ctype, const void *body, 
     size_t hl = 0;
     char *head = build_head(q, status, ctype, n, body_allowed, keep, &hl);
     if (!head) {
-        /* The arena is at its limit: a fixed answer, then close. */
-        static const char oom[] = "HTTP/1.1 503 Service Unavailable\r\nServer: musehubd\r\nContent-Length: 0\r\n"
-                                  "Connection: close\r\n\r\n";
+        /* The arena is at its limit: a fixed answer, then close. It still
+         * carries SPEC's error body (the close makes it safe for HEAD). */
+        static const char oom[] = "HTTP/1.1 503 Service Unavailable\r\nServer: musehubd\r\n"
+                                  "Content-Type: application/json\r\nContent-Length: 48\r\n"
+                                  "Connection: close\r\n\r\n"
+                                  "{\"error\":\"unavailable\",\"detail\":\"out of memory\"}";
         head = (char *)oom;
         hl = sizeof oom - 1;
         keep = false;

@@ -47,6 +47,20 @@ char *mh__pct_decode(mh_arena_t *a, const char *p, size_t n, bool plus_space, si
     return out;
 }
 
+/* True when every '%' in p[0..n) starts a valid escape other than %00
+ * (the rules of mh__pct_decode), so that a NULL from it means ENOMEM. */
+static bool pct_ok(const char *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (p[i] != '%') continue;
+        if (i + 2 >= n) return false;
+        int hi = hexval(p[i + 1]), lo = hexval(p[i + 2]);
+        if (hi < 0 || lo < 0 || (hi == 0 && lo == 0)) return false;
+        i += 2;
+    }
+    return true;
+}
+
 /* ------------------------------------------------------------- compile */
 
 static int compile_one(route_rt_t *rt, const char *pat)
@@ -150,8 +164,11 @@ static int fill_params(req_t *q, const route_rt_t *rt, const pseg_t *ps, const c
         const char *p = ps[i].p;
         size_t n = sg->kind == 2 ? (size_t)(path_end - p) : ps[i].n;
         size_t on = n;
-        char *v = memchr(p, '%', n) ? mh__pct_decode(&r->arena, p, n, false, &on) : mh_strndup(&r->arena, p, n);
-        if (!v) return 400;
+        bool pct = memchr(p, '%', n) != NULL;
+        char *v = pct ? mh__pct_decode(&r->arena, p, n, false, &on) : mh_strndup(&r->arena, p, n);
+        /* NULL is a bad escape (400) or out of memory (503): a client must
+         * not be told its valid request was malformed. */
+        if (!v) return pct && !pct_ok(p, n) ? 400 : 503;
         r->params[k] = (mh_str_t){v, on};
         r->param_names[k] = rt->names[k];
         k++;

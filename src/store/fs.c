@@ -365,6 +365,9 @@ static void do_put(fs_op_t *op)
     if (write_tmp(op, tmpname, sizeof tmpname) != 0) return;
     if (renameat(op->fs->tmpfd, tmpname, op->fs->dirfd, op->key) != 0) {
         op_fail(op, "rename", -errno);
+        /* A put has no "absent" outcome (store.h): a missing or replaced
+         * mpacks/ directory is a store failure, not MH_ENOENT. */
+        if (op->err == MH_ENOENT) op->err = MH_EIO;
         unlinkat(op->fs->tmpfd, tmpname, 0);
         return;
     }

@@ -88,6 +88,7 @@ struct s3_store {
     mh_sigv4_cred_t cred;
     xfer_t *queue_head, *queue_tail; /* waiting for a window slot */
     xfer_t *delayed;                 /* retries waiting for their time */
+    xfer_t *doomed;                  /* to fail once curl has returned (socket_cb) */
     s3_op_t *deferred;               /* completions waiting for the next loop turn */
     sock_ctx_t *socks;
     unsigned active;    /* easy handles in the multi */
@@ -125,6 +126,8 @@ struct xfer {
     mh_buf_t body; /* response body (bounded, see write_cb) */
     uint64_t seen;  /* body bytes received (200 to a ranged GET: position) */
     bool started_body, nomem, overflow, range_done;
+    bool doomed;        /* on s3->doomed: its socket could not be watched */
+    xfer_t *doom_next;
     uint64_t content_length; /* HEAD */
     char errbuf[CURL_ERROR_SIZE];
 };
@@ -670,6 +673,15 @@ static void check_multi_info(s3_store_t *s3)
 {
     CURLMsg *m;
     int left;
+    /* Transfers whose socket could not be watched (see socket_cb): taken
+     * out of the multi first, which also drops any message of theirs. */
+    while (s3->doomed) {
+        xfer_t *x = s3->doomed;
+        s3->doomed = x->doom_next;
+        curl_multi_remove_handle(s3->multi, x->easy);
+        s3->active--;
+        xfer_done(s3, x); /* nomem: a final MH_ENOMEM */
+    }
     while ((m = curl_multi_info_read(s3->multi, &left))) {
         if (m->msg != CURLMSG_DONE) continue;
         xfer_t *x = NULL;
@@ -711,9 +723,20 @@ static void poll_cb(uv_poll_t *h, int status, int events)
     leave(s3, false);
 }
 
+/* Marks e's transfer to be failed by check_multi_info (no curl API call
+ * is allowed from inside a curl callback). */
+static void doom(s3_store_t *s3, CURL *e)
+{
+    xfer_t *x = NULL;
+    if (e) curl_easy_getinfo(e, CURLINFO_PRIVATE, (char **)&x);
+    if (!x || x->doomed) return;
+    x->doomed = x->nomem = true;
+    x->doom_next = s3->doomed;
+    s3->doomed = x;
+}
+
 static int socket_cb(CURL *e, curl_socket_t fd, int what, void *userp, void *socketp)
 {
-    (void)e;
     s3_store_t *s3 = userp;
     sock_ctx_t *c = socketp;
     if (what == CURL_POLL_REMOVE) {
@@ -725,11 +748,15 @@ static int socket_cb(CURL *e, curl_socket_t fd, int what, void *userp, void *soc
     }
     if (!c) {
         c = calloc(1, sizeof *c);
-        if (!c) return -1;
-        if (uv_poll_init_socket(s3->base.loop, &c->poll, fd) != 0) {
+        if (!c || uv_poll_init_socket(s3->base.loop, &c->poll, fd) != 0) {
+            /* Returning -1 would make curl abort every transfer of the
+             * multi without a CURLMSG_DONE and refuse new ones while they
+             * remain (multi->dead): every store operation would hang.
+             * Fail only this transfer, once curl has returned. */
             mh_error("store: s3: cannot watch socket %d", (int)fd);
             free(c);
-            return -1;
+            doom(s3, e);
+            return 0;
         }
         c->fd = fd;
         c->s3 = s3;
