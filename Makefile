@@ -3,8 +3,9 @@
 #   make            build build/musehubd (warning-free, -Werror)
 #   make deps       install every Debian/npm package the project needs
 #   make run        deps + build + throwaway PostgreSQL under var/ + serve on 127.0.0.1:1337
-#   make test       deps + build + C unit tests + fuzz corpus replay + end-to-end suite
-#   make test-asan  the same under AddressSanitizer + UndefinedBehaviorSanitizer
+#   make test       deps + build + C unit tests + fuzz corpus replay + end-to-end suite (fs and s3),
+#                   then unit and end-to-end tests again under ASan + UBSan (slow-marked tests skipped)
+#   make test-asan  unit and end-to-end tests under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make bench      benchmarks side by side (scripts/bench)
 #   make fuzz       run every libFuzzer target for FUZZ_SECONDS each
 #   make clean
@@ -95,6 +96,7 @@ test: deps
 	@$(MAKE) --no-print-directory fuzz-replay
 	@$(MAKE) --no-print-directory e2e
 	@$(MAKE) --no-print-directory e2e-s3
+	@$(MAKE) --no-print-directory test-asan PYTEST_ARGS="-m 'not slow'"
 
 test-asan: deps
 	@$(MAKE) --no-print-directory BUILD=build-asan SAN=1 all
