@@ -115,7 +115,9 @@ bool mh_utf8_valid(const char *p, size_t n);
  * mh_v_ref copies must only be grown through one of them. */
 mh_val_t *mh_v_map(mh_arena_t *a);
 mh_val_t *mh_v_arr(mh_arena_t *a);
-/* Appends; MH_ENOMEM on failure. `key` must outlive the value (use a
+/* Appends; MH_ENOMEM on failure, and also for a
+ * STR value whose pointer is NULL (mh_v_str of a failed arena copy) or a NULL key, so
+ * callers may pass mh_v_str(mh_strdup(...)) unchecked. `key` must outlive the value (use a
  * literal or arena string). Strings are borrowed, not copied. */
 int mh_map_put(mh_arena_t *a, mh_val_t *map, const char *key, mh_val_t v);
 int mh_arr_push(mh_arena_t *a, mh_val_t *arr, mh_val_t v);

@@ -112,9 +112,18 @@ static void *grow(mh_arena_t *a, void *items, uint32_t n, size_t size)
     return nitems;
 }
 
+/* A STR/BIN value with a NULL pointer is what mh_v_str(mh_strdup(...))
+ * gives when the copy failed: refusing it here checks every such call
+ * site at once (an answer must never carry a silently emptied field). */
+static bool lost_alloc(const mh_val_t *v)
+{
+    return v->t == MH_V_STR && v->v.s.p == NULL; /* an empty BIN may legitimately be NULL */
+}
+
 int mh_map_put(mh_arena_t *a, mh_val_t *map, const char *key, mh_val_t v)
 {
     if (!map || map->t != MH_V_MAP) return MH_EINVAL;
+    if (!key || lost_alloc(&v)) return MH_ENOMEM;
     mh_kv_t *kv = grow(a, map->v.m.kv, map->v.m.n, sizeof(mh_kv_t));
     if (!kv) return MH_ENOMEM;
     map->v.m.kv = kv;
@@ -127,6 +136,7 @@ int mh_map_put(mh_arena_t *a, mh_val_t *map, const char *key, mh_val_t v)
 int mh_arr_push(mh_arena_t *a, mh_val_t *arr, mh_val_t v)
 {
     if (!arr || arr->t != MH_V_ARR) return MH_EINVAL;
+    if (lost_alloc(&v)) return MH_ENOMEM;
     mh_val_t *items = grow(a, arr->v.a.items, arr->v.a.n, sizeof(mh_val_t));
     if (!items) return MH_ENOMEM;
     arr->v.a.items = items;
