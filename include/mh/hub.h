@@ -123,19 +123,52 @@ void mh_fetch_cache_invalidate(mh_hub_t *hub, const char *repo_id);
 
 /* ------------------------------------------------------------- handlers */
 
+/* Every handler takes the request (route captures in req->params, body
+ * in req->body), answers exactly once (see http.h) with the SPEC's status
+ * codes and error body, and owns nothing beyond req->arena. */
+
+/* SPEC 4.8: GET /healthz -> 200 {"status":"ok"} while the process runs;
+ * GET /readyz -> 200 when a query reaches PostgreSQL, else 503 +
+ * Retry-After; GET /metrics -> Prometheus text (requests by route and
+ * status, latency histogram, database pool, store transfers, jobs). */
 void mh_h_healthz(mh_req_t *req);
 void mh_h_readyz(mh_req_t *req);
 void mh_h_metrics(mh_req_t *req);
 
+/* SPEC 4.1: POST /api/repos {owner, name, visibility, initialize,
+ * description?} -> 201 repository object (401 anonymous, 403 owner is
+ * not the caller unless admin, 409 owner/slug exists, 422 bad fields);
+ * GET /api/repos/{repo_id} -> 200 (404 also for unreadable private);
+ * GET /api/repos?owner=H -> {repos: [...]} readable by the caller;
+ * DELETE /api/repos/{repo_id} -> 204 (ADMIN permission; ref rows and
+ * branches go, global rows and packs are left to GC). SPEC 4.2:
+ * GET /{owner}/{slug}/refs -> {repo_id, default_branch, branch_heads}. */
 void mh_h_repo_create(mh_req_t *req);
 void mh_h_repo_get(mh_req_t *req);
 void mh_h_repo_list(mh_req_t *req);
 void mh_h_repo_delete(mh_req_t *req);
 void mh_h_refs(mh_req_t *req);
 
+/* SPEC 4.3 steps 1 and 3 (push.c): POST .../push/mpack-presign
+ * {mpack_key, size_bytes} -> {upload_url, mpack_key, expires_in,
+ * already_present} (413 over MUSEHUB_MAX_MPACK_BYTES, 422 bad key or
+ * size); POST .../push/unpack-mpack {mpack_key, branch, head, force?,
+ * expected_old_head?} -> {commits_written, snapshots_written,
+ * objects_written, branch, head, elapsed_ms} (404 no grant / nothing
+ * staged, 409 not a fast-forward or stale expected_old_head, 422 any
+ * failed check; nothing is written unless every check passed). */
 void mh_h_push_presign(mh_req_t *req);
 void mh_h_push_unpack(mh_req_t *req);
 
+/* SPEC 4.4 (fetch.c): POST .../fetch {want, have} -> {mpack_url, mpack_id,
+ * commit_count, snapshot_count, blob_count, object_count, expires_in}
+ * (msgpack unless Accept asks for JSON; 404 unknown repo/want, 422 bad
+ * ids, 503 + Retry-After when an object has no index row yet).
+ * SPEC 4.5 (read.c): GET .../commits?branch&limit&cursor -> {commits,
+ * next_cursor}; GET .../commits/{id} -> commit map + parent_ids,
+ * generation; GET .../tree/{commit or branch} -> {commit_id, snapshot_id,
+ * entries: [{path, object_id, size_bytes}]}; GET .../objects/{id} -> the
+ * raw bytes with Range (206/416), ETag and immutable cache headers. */
 void mh_h_fetch(mh_req_t *req);
 void mh_h_commits(mh_req_t *req);
 void mh_h_commit(mh_req_t *req);
@@ -152,6 +185,14 @@ void mh_h_object(mh_req_t *req);
 void mh_h_jobs_create(mh_req_t *req);
 void mh_h_job_get(mh_req_t *req);
 
+/* SPEC 5 and docs/auth.md (identities.c): POST /api/identities (admin)
+ * {handle, public_key_pem, is_agent?, is_admin?} -> 201 {identity_id,
+ * handle, key_id, ...}; GET /api/identities/{handle}; POST
+ * /api/identities/{handle}/keys {public_key_pem} (the identity or an
+ * admin) -> 201 {key_id}; DELETE .../keys/{key_id} -> 204 (revocation);
+ * GET/PUT/DELETE /api/repos/{repo_id}/collaborators[/{handle}] {role:
+ * read|write|admin} (repository admin; 404 unknown handle, 422 bad role
+ * or the owner). */
 void mh_h_identity_create(mh_req_t *req);
 void mh_h_identity_get(mh_req_t *req);
 void mh_h_identity_key_add(mh_req_t *req);
@@ -198,6 +239,12 @@ void mh_h_proposal_get(mh_req_t *req);
 void mh_h_proposal_close(mh_req_t *req);
 void mh_h_proposal_merge(mh_req_t *req);
 
+/* SPEC 3, 4.3 step 2 (store_routes.c): the fs backend's presigned URLs.
+ * PUT /_store/incoming/<id>?<signed query> streams the body to disk while
+ * hashing it and keeps it only when length and SHA-256 equal what the URL
+ * signs (200; 400 mismatch, nothing kept; 403 bad or expired signature;
+ * 409 already uploaded). GET /_store/mpacks/<hex>?<signed query> serves a
+ * pack (Range honoured). */
 void mh_h_store_put(mh_req_t *req);
 void mh_h_store_get(mh_req_t *req);
 
