@@ -137,6 +137,8 @@ typedef struct {
 } mh_str_t;
 
 #define MH_STR(lit) ((mh_str_t){(lit), sizeof(lit) - 1})
+/* True when a is non-NULL and has exactly the bytes of the NUL-terminated
+ * string lit. */
 bool mh_str_eq(mh_str_t a, const char *lit);
 
 /* ----------------------------------------------------------- hex, base64 */

@@ -205,7 +205,11 @@ typedef struct {
     uint32_t left; /* elements still due in it (internal) */
 } mh_packw_t;
 
-void mh_packw_init(mh_packw_t *w, mh_buf_t *out); /* writes "MUSE" 0x01 + 4-key map header */
+/* Starts a v1 pack in out (appending): writes "MUSE" 0x01 and the body's
+ * 4-key map header (SPEC 2). Then call, in order: _commits(n) + n
+ * _commit, _snapshots(n) + n _snapshot, _blobs(n) + n _blob,
+ * _branch_heads(n) + n _branch_head, and _finish. */
+void mh_packw_init(mh_packw_t *w, mh_buf_t *out);
 void mh_packw_commits(mh_packw_t *w, uint32_t n);
 /* One commit map: the 8 standard keys, then the pairs of `meta` (a
  * msgpack map of optional metadata keys, spliced verbatim; NULL/0 = none;
