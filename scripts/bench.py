@@ -14,6 +14,8 @@ Workloads (--only takes a comma-separated subset, in this order):
   clone    full clone: musehubd refs + fetch + download, cold (fresh server
            process, never-asked want/have) vs `git clone --bare`
   incr     one new commit: push, fetch, and a no-op fetch, vs git's
+  stores   the seed push and full fetch on the s3 store (S3 emulator) next
+           to the fs store: one server on each, same run, ratio s3 / fs
   latency  cached fetch answer: 2000 sequential requests on one keep-alive
            connection (raw socket, TCP_NODELAY), median and p99
   wrk      the fetch endpoint (cached answer), /healthz and /refs under wrk
@@ -68,7 +70,7 @@ import gitpeer  # noqa: E402
 from museclient import MSGPACK, OWNER, Muse  # noqa: E402
 from procs import REAPER, BenchError, Musehubd, run  # noqa: E402
 
-WORKLOADS = ("push", "clone", "incr", "latency", "wrk", "workers", "jobs")
+WORKLOADS = ("push", "clone", "incr", "stores", "latency", "wrk", "workers", "jobs")
 
 
 # =================================================================== stats
@@ -215,6 +217,7 @@ class Bench:
         self.binary = os.environ.get("MUSEHUB_BIN", str(ROOT / "build" / "musehubd"))
         self.token = f"{random.getrandbits(32):08x}"
         self.env_base: dict[str, str] = {}
+        self.store_envs: dict[str, dict[str, str]] = {}
         self.server: Musehubd | None = None
         self.git: gitpeer.GitHTTP | None = None
         self.git_env = gitpeer.git_env(self.work / "githome")
@@ -256,30 +259,46 @@ class Bench:
             "MUSEHUB_RATE_PUSH": "0",
             "MUSEHUB_RATE_FETCH": "0",
         }
-        if store == "s3":
-            import s3emu
-            why = s3emu.available()
-            if why:
-                raise BenchError(f"BENCH_STORE=s3: {why}")
-            endpoint, proc = s3emu.start(str(self.work / "s3emu"), "musehub-bench")
-            REAPER.on_stop("s3emu", lambda: s3emu.stop(proc))
-            self.env_base.update({
-                "MUSEHUB_STORE": "s3:musehub-bench",
-                "MUSEHUB_S3_ENDPOINT": endpoint,
-                "MUSEHUB_S3_ACCESS_KEY": s3emu.ACCESS_KEY,
-                "MUSEHUB_S3_SECRET_KEY": s3emu.SECRET_KEY,
-                "MUSEHUB_S3_PATH_STYLE": "1",
-            })
-        else:
-            (self.work / "store").mkdir()
-            self.env_base["MUSEHUB_STORE"] = f"fs:{self.work / 'store'}"
+        self.env_base.update(self.store_env(store))
         self.machine = machine_info()
         self.machine["postgresql"] = self.pg_version
         self.machine["store"] = store
 
-    def new_server(self, workers: int = 1, name: str = "musehubd") -> Musehubd:
-        return Musehubd(self.binary, self.work, self.env_base, workers=workers,
-                        name=name).start()
+    def store_env(self, kind: str) -> dict[str, str]:
+        """The MUSEHUB_STORE settings of an fs store (under the work
+        directory) or of the S3 emulator (started once per run, on first
+        use).  Raises BenchError when the emulator cannot run."""
+        if kind not in self.store_envs:
+            if kind == "s3":
+                import s3emu
+                why = s3emu.available()
+                if why:
+                    raise BenchError(f"s3 store: {why}")
+                try:
+                    endpoint, proc = s3emu.start(str(self.work / "s3emu"), "musehub-bench")
+                except RuntimeError as e:
+                    raise BenchError(str(e))
+                REAPER.on_stop("s3emu", lambda: s3emu.stop(proc))
+                self.store_envs[kind] = {
+                    "MUSEHUB_STORE": "s3:musehub-bench",
+                    "MUSEHUB_S3_ENDPOINT": endpoint,
+                    "MUSEHUB_S3_ACCESS_KEY": s3emu.ACCESS_KEY,
+                    "MUSEHUB_S3_SECRET_KEY": s3emu.SECRET_KEY,
+                    "MUSEHUB_S3_PATH_STYLE": "1",
+                }
+            else:
+                (self.work / "store").mkdir(exist_ok=True)
+                self.store_envs[kind] = {"MUSEHUB_STORE": f"fs:{self.work / 'store'}"}
+        return self.store_envs[kind]
+
+    def new_server(self, workers: int = 1, name: str = "musehubd",
+                   store: str | None = None) -> Musehubd:
+        """A started server; store "fs"/"s3" overrides the run's store."""
+        env = self.env_base
+        if store is not None:
+            env = {k: v for k, v in env.items() if not k.startswith(("MUSEHUB_STORE", "MUSEHUB_S3_"))}
+            env.update(self.store_env(store))
+        return Musehubd(self.binary, self.work, env, workers=workers, name=name).start()
 
     def fresh_server(self) -> Musehubd:
         """Restart the main server: a new process (empty caches, RSS from zero)."""
@@ -843,6 +862,68 @@ class Bench:
             two.stop()
         return sec
 
+    def w_stores(self) -> Section:
+        """The seed push and full fetch on each store, one server per store
+        (same database), runs alternated; the fetches run on restarted
+        servers, each on a repository never fetched (cold, like clone)."""
+        dims = self.seed_dims
+        sec = Section(f"s3 store (S3 emulator) vs fs store, {dims.label()}, 3 runs each "
+                      "(musehubd = s3, peer = fs, ratio = s3 / fs)")
+        kinds = ("s3", "fs")
+        try:
+            for kind in kinds:
+                self.store_env(kind)
+        except BenchError as e:
+            sec.error = f"skipped: {e}"
+            return sec
+        n = 3
+        hist = {(kind, k): self.history(dims, f"stores-{self.token}-{kind}-{k}")
+                for kind in kinds for k in range(n)}
+        packs = {key: h.pack() for key, h in hist.items()}
+        push: dict[str, dict[str, list[float]]] = {kind: {} for kind in kinds}
+        pull: dict[str, dict[str, list[float]]] = {kind: {} for kind in kinds}
+        size = {kind: 0.0 for kind in kinds}
+
+        def each(step: Callable[[str, int, Muse], dict[str, float]],
+                 acc: dict[str, dict[str, list[float]]]) -> None:
+            srvs = {kind: self.new_server(name=f"musehubd-{kind}", store=kind) for kind in kinds}
+            try:
+                cl = {kind: Muse(srvs[kind].url) for kind in kinds}
+                for k in range(n):
+                    for kind in (kinds if k % 2 == 0 else kinds[::-1]):
+                        for key, v in step(kind, k, cl[kind]).items():
+                            acc[kind].setdefault(key, []).append(v)
+                for c in cl.values():
+                    c.close()
+            finally:
+                for s in srvs.values():
+                    s.stop()
+
+        def push_one(kind: str, k: int, mu: Muse) -> dict[str, float]:
+            mu.create_repo(f"stores-{kind}-{k}")
+            return mu.push(f"stores-{kind}-{k}", packs[kind, k], hist[kind, k].head)
+
+        def pull_one(kind: str, k: int, mu: Muse) -> dict[str, float]:
+            t = mu.pull(f"stores-{kind}-{k}", [], expect_commits=dims.commits)
+            size[kind] = t["bytes"]
+            return t
+        each(push_one, push)
+        each(pull_one, pull)    # new processes: nothing of these repositories cached
+        rows = [(push, "push: presign", "presign"), (push, "push: upload", "upload"),
+                (push, "push: unpack", "unpack"),
+                (push, "push: server time (refs + presign + unpack)", "server"),
+                (push, "push: whole", "total"),
+                (pull, "fetch: request to answer (cold)", "fetch"),
+                (pull, f"fetch: download ({size['s3'] / 1e6:.1f} MB)", "download"),
+                (pull, "fetch: whole (refs + fetch + download)", "total")]
+        for acc, label, key in rows:
+            s3, fs = acc["s3"][key], acc["fs"][key]
+            sec.add(label, Stat(s3), "fs", Stat(fs), ratios(s3, fs))
+        self.results["stores"] = {kind: {"push": {k: Stat(v).to_json() for k, v in push[kind].items()},
+                                         "fetch": {k: Stat(v).to_json() for k, v in pull[kind].items()}}
+                                  for kind in kinds}
+        return sec
+
     def w_jobs(self) -> Section:
         sec = Section("background jobs (scripts/bench_jobs.py)")
         script = ROOT / "scripts" / "bench_jobs.py"
@@ -915,7 +996,7 @@ class Bench:
                     plan.append((f"{w} {dims.commits}", (lambda w=w, d=dims: getattr(self, f"w_{w}")(d))))
                 if w == "push" and w in only:
                     plan.append((f"push breakdown {dims.commits}", (lambda d=dims: self.push_breakdown(d))))
-        for w in ("latency", "wrk", "workers", "jobs"):
+        for w in ("stores", "latency", "wrk", "workers", "jobs"):
             if w in only:
                 plan.append((w, getattr(self, f"w_{w}")))
         if self.a.large and any(w in only for w in ("push", "clone", "incr")):
