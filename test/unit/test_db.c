@@ -17,6 +17,7 @@
 
 #include "mh/db.h"
 #include "tap.h"
+#include "testdb.h"
 
 static uv_loop_t *loop;
 static uv_timer_t tick;
@@ -33,11 +34,6 @@ static int in_api, reentrant;
 
 static void tick_cb(uv_timer_t *t) { (void)t; }
 
-static void quiet(void *arg, const char *msg)
-{
-    (void)arg;
-    (void)msg;
-}
 
 /* Runs the loop until *v >= target; bails out of the whole program on a
  * timeout (a callback that never fires is a failure, and its user data
@@ -944,7 +940,7 @@ static PGconn *sync_conn(void)
         printf("not ok - sync connect: %s\nBail out!\n", PQerrorMessage(pg));
         exit(1);
     }
-    PQsetNoticeProcessor(pg, quiet, NULL);
+    PQsetNoticeProcessor(pg, testdb_quiet, NULL);
     return pg;
 }
 
@@ -992,39 +988,6 @@ static void test_migrations(void)
     PQfinish(pg);
 }
 
-/* --------------------------------------------------------------- main */
-
-/* The given URL with dbname replaced, as a keyword/value string. */
-static char *url_with_db(const char *url, const char *dbname)
-{
-    PQconninfoOption *opts = PQconninfoParse(url, NULL);
-    if (!opts) return NULL;
-    mh_buf_t b = {0};
-    for (PQconninfoOption *o = opts; o->keyword; o++) {
-        const char *v = !strcmp(o->keyword, "dbname") ? dbname : o->val;
-        if (!v || !*v) continue;
-        mh_buf_printf(&b, "%s='", o->keyword);
-        for (const char *p = v; *p; p++) {
-            if (*p == '\'' || *p == '\\') mh_buf_append_byte(&b, '\\');
-            mh_buf_append_byte(&b, (uint8_t)*p);
-        }
-        mh_buf_append_str(&b, "' ");
-    }
-    if (!strstr((char *)b.p, "dbname=")) mh_buf_printf(&b, "dbname='%s' ", dbname);
-    mh_buf_append_byte(&b, 0);
-    PQconninfoFree(opts);
-    return (char *)b.p;
-}
-
-static void admin(const char *url, const char *sql)
-{
-    PGconn *pg = PQconnectdb(url);
-    PQsetNoticeProcessor(pg, quiet, NULL);
-    PGresult *r = PQexec(pg, sql);
-    if (PQresultStatus(r) != PGRES_COMMAND_OK) printf("# %s: %s", sql, PQerrorMessage(pg));
-    PQclear(r);
-    PQfinish(pg);
-}
 
 int main(void)
 {
@@ -1036,9 +999,9 @@ int main(void)
         printf("ok %d # SKIP no database\n", ++tap_n);
         return tap_done();
     }
-    admin(base, "DROP DATABASE IF EXISTS mh_test_db WITH (FORCE)");
-    admin(base, "CREATE DATABASE mh_test_db");
-    test_url = url_with_db(base, "mh_test_db");
+    testdb_admin(base, "DROP DATABASE IF EXISTS mh_test_db WITH (FORCE)");
+    testdb_admin(base, "CREATE DATABASE mh_test_db");
+    test_url = testdb_url(base, "mh_test_db");
 
     loop = uv_default_loop();
     uv_timer_init(loop, &tick);
@@ -1067,7 +1030,7 @@ int main(void)
     TAP_EQ_INT(uv_loop_close(loop), 0, "every handle closed");
 
     test_migrations();
-    admin(base, "DROP DATABASE IF EXISTS mh_test_db WITH (FORCE)");
+    testdb_admin(base, "DROP DATABASE IF EXISTS mh_test_db WITH (FORCE)");
     free(test_url);
     return tap_done();
 }

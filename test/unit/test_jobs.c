@@ -19,6 +19,7 @@
 #include "mh/mpack.h"
 #include "mh/store.h"
 #include "tap.h"
+#include "testdb.h"
 
 /* ------------------------------------------------------------- pure */
 
@@ -169,42 +170,8 @@ static uv_loop_t *loop;
 static PGconn *pg;
 static char store_dir[] = "/tmp/mh-test-jobs-XXXXXX";
 
-static void quiet(void *arg, const char *msg)
-{
-    (void)arg;
-    (void)msg;
-}
 
-static char *url_with_db(const char *url, const char *dbname)
-{
-    PQconninfoOption *opts = PQconninfoParse(url, NULL);
-    if (!opts) return NULL;
-    mh_buf_t b = {0};
-    for (PQconninfoOption *o = opts; o->keyword; o++) {
-        const char *v = !strcmp(o->keyword, "dbname") ? dbname : o->val;
-        if (!v || !*v) continue;
-        mh_buf_printf(&b, "%s='", o->keyword);
-        for (const char *p = v; *p; p++) {
-            if (*p == '\'' || *p == '\\') mh_buf_append_byte(&b, '\\');
-            mh_buf_append_byte(&b, (uint8_t)*p);
-        }
-        mh_buf_append_str(&b, "' ");
-    }
-    if (!strstr((char *)b.p, "dbname=")) mh_buf_printf(&b, "dbname='%s' ", dbname);
-    mh_buf_append_byte(&b, 0);
-    PQconninfoFree(opts);
-    return (char *)b.p;
-}
 
-static void admin(const char *url, const char *sql)
-{
-    PGconn *c = PQconnectdb(url);
-    PQsetNoticeProcessor(c, quiet, NULL);
-    PGresult *r = PQexec(c, sql);
-    if (PQresultStatus(r) != PGRES_COMMAND_OK) printf("# %s: %s", sql, PQerrorMessage(c));
-    PQclear(r);
-    PQfinish(c);
-}
 
 static void exec_sql(const char *sql)
 {
@@ -422,12 +389,12 @@ int main(void)
         printf("ok %d # SKIP no database\n", ++tap_n);
         return tap_done();
     }
-    admin(base, "DROP DATABASE IF EXISTS mh_test_jobs WITH (FORCE)");
-    admin(base, "CREATE DATABASE mh_test_jobs");
-    char *url = url_with_db(base, "mh_test_jobs");
+    testdb_admin(base, "DROP DATABASE IF EXISTS mh_test_jobs WITH (FORCE)");
+    testdb_admin(base, "CREATE DATABASE mh_test_jobs");
+    char *url = testdb_url(base, "mh_test_jobs");
     TAP_EQ_INT(mh_db_migrate(url, mh_migrations, mh_migrations_count), 0, "schema migrated");
     pg = PQconnectdb(url);
-    PQsetNoticeProcessor(pg, quiet, NULL);
+    PQsetNoticeProcessor(pg, testdb_quiet, NULL);
     if (!mkdtemp(store_dir)) {
         printf("not ok %d - mkdtemp\n", ++tap_n);
         return 1;
@@ -435,7 +402,7 @@ int main(void)
     loop = uv_default_loop();
     test_runner(url);
     PQfinish(pg);
-    admin(base, "DROP DATABASE IF EXISTS mh_test_jobs WITH (FORCE)");
+    testdb_admin(base, "DROP DATABASE IF EXISTS mh_test_jobs WITH (FORCE)");
     char cmd[128];
     snprintf(cmd, sizeof cmd, "rm -rf %s", store_dir);
     if (system(cmd)) printf("# could not remove %s\n", store_dir);
