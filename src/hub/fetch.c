@@ -115,7 +115,7 @@ static void ac_unlink(mh_answer_cache_t *ac, ac_ent_t *e)
 
 static const answer_t *ac_get(mh_answer_cache_t *ac, const char *key)
 {
-    uint64_t h = mh_hub_hash_bytes(key, strlen(key));
+    uint64_t h = mh_hash64(key, strlen(key));
     for (ac_ent_t *e = ac->buckets[h % AC_BUCKETS]; e; e = e->next)
         if (e->hash == h && strcmp(e->key, key) == 0) return &e->ans;
     return NULL;
@@ -129,7 +129,7 @@ static void ac_put(mh_answer_cache_t *ac, const char *key, const answer_t *ans)
         free(e);
         return;
     }
-    e->hash = mh_hub_hash_bytes(key, strlen(key));
+    e->hash = mh_hash64(key, strlen(key));
     e->ans = *ans;
     /* FIFO eviction: the ring slot's previous occupant goes. */
     uint32_t slot = ac->head++ % AC_SLOTS;
@@ -231,48 +231,34 @@ void mh_hub_fail(mh_req_t *req, int err, const char *what)
     }
 }
 
-/* An arena-held hash map from id text (MH_ID_LEN bytes) to a uint32,
- * sized once for at most `cap` keys. */
+/* Id text (MH_ID_LEN bytes, borrowed) -> uint32: core's seeded id list
+ * in the build arena, with a value per id. Do not copy once used. */
 typedef struct {
-    const char **keys;
+    mh_idlist_t l;
     uint32_t *vals;
-    uint32_t mask, n;
 } idmap_t;
 
+/* Room for at most `cap` keys (more are refused). */
 static int idmap_init(mh_arena_t *a, idmap_t *m, size_t cap)
 {
-    size_t size = 16;
-    while (size < cap * 2) size <<= 1;
-    m->keys = mh_calloc(a, size * sizeof *m->keys);
-    m->vals = mh_alloc(a, size * sizeof *m->vals);
-    m->mask = (uint32_t)(size - 1);
-    m->n = 0;
-    return m->keys && m->vals ? 0 : MH_ENOMEM;
-}
-
-static uint32_t idmap_slot(const idmap_t *m, const char *id)
-{
-    uint32_t i = (uint32_t)mh_id_hash(id) & m->mask;
-    while (m->keys[i] && memcmp(m->keys[i], id, MH_ID_LEN) != 0) i = (i + 1) & m->mask;
-    return i;
+    mh_idlist_init(&m->l, a);
+    m->vals = mh_alloc(a, (cap + 1) * sizeof *m->vals);
+    m->l.ids = mh_alloc(a, (cap + 1) * sizeof *m->l.ids);
+    m->l.cap = cap + 1;
+    return m->vals && m->l.ids ? mh_idmap_reserve(&m->l.map, cap) : MH_ENOMEM;
 }
 
 static const uint32_t *idmap_get(const idmap_t *m, const char *id)
 {
-    if (!m->keys) return NULL;
-    uint32_t i = idmap_slot(m, id);
-    return m->keys[i] ? &m->vals[i] : NULL;
+    uint32_t i = mh_idlist_find(&m->l, id);
+    return i == MH_IDMAP_NONE ? NULL : &m->vals[i];
 }
 
-/* Inserts (id -> v) unless present; true when inserted. `id` is borrowed.
- * The caller sized the map: a full map refuses (false). */
+/* Inserts (id -> v) unless present; true when inserted. */
 static bool idmap_put(idmap_t *m, const char *id, uint32_t v)
 {
-    uint32_t i = idmap_slot(m, id);
-    if (m->keys[i] || m->n + 1 > (m->mask + 1) / 2 + (m->mask + 1) / 4) return false;
-    m->keys[i] = id;
-    m->vals[i] = v;
-    m->n++;
+    if (m->l.n + 1 >= m->l.cap || mh_idlist_add(&m->l, id) != 1) return false;
+    m->vals[m->l.n - 1] = v;
     return true;
 }
 
@@ -470,7 +456,7 @@ static int pack_url(mh_hub_t *hub, mh_arena_t *a, const char *mpack_id, char **u
 {
     uint32_t ttl = presign_ttl(hub);
     int64_t now = mh_unix_time();
-    size_t slot = (size_t)mh_id_hash(mpack_id) & (URL_SLOTS - 1);
+    size_t slot = (size_t)mh_hash64(mpack_id, MH_ID_LEN) & (URL_SLOTS - 1);
     url_ent_t *e = url_slots[slot];
     if (e && strcmp(e->mpack_id, mpack_id) == 0 && now - e->signed_at < (int64_t)ttl / 2 && now < e->expires_at) {
         *url = mh_strdup(a, e->url);
@@ -1041,8 +1027,8 @@ static void step_blobset(fetch_t *f)
     }
     size_t hcap = 0;
     for (size_t i = 0; i < f->nhavem; i++) hcap += f->havem[i]->n;
-    idmap_t have_objs = {0}, set;
-    if ((hcap && idmap_init(a, &have_objs, hcap)) || idmap_init(a, &set, cap + 1))
+    idmap_t have_objs, set;
+    if (idmap_init(a, &have_objs, hcap) || idmap_init(a, &set, cap + 1))
         { fail_err(f, MH_ENOMEM, "blobset"); return; }
     for (size_t i = 0; i < f->nhavem; i++)
         for (size_t k = 0; k < f->havem[i]->n; k++) idmap_put(&have_objs, f->havem[i]->e[k].id, 0);

@@ -33,116 +33,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ------------------------------------------------------------ hashing */
-
-static uint64_t id_seed;
-static bool id_seeded;
-
-static uint64_t mix64(uint64_t z)
-{
-    /* splitmix64's finaliser: every output bit depends on every input bit,
-     * so the low bits used as a bucket index cannot be targeted without
-     * knowing the seed. */
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-
-static uint64_t seed(void)
-{
-    if (!id_seeded) {
-        if (mh_random(&id_seed, sizeof id_seed)) id_seed = (uint64_t)mh_now_us() * 0x9e3779b97f4a7c15ULL;
-        id_seeded = true;
-    }
-    return id_seed;
-}
-
-static uint64_t digest_hash(const uint8_t d[32])
-{
-    uint64_t x = 0;
-    for (int i = 0; i < 8; i++) x = (x << 8) | d[i];
-    return mix64(x ^ seed());
-}
-
-uint64_t mh_hub_hash_bytes(const void *p, size_t n)
-{
-    /* FNV-1a from a secret starting point, then a full mix. */
-    const uint8_t *b = p;
-    uint64_t h = 0xcbf29ce484222325ULL ^ seed();
-    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 0x100000001b3ULL;
-    return mix64(h);
-}
-
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    return 0;
-}
-
-uint64_t mh_id_hash(const char *id)
-{
-    /* The same value digest_hash gives for the decoded id. */
-    uint64_t x = 0;
-    for (int i = 0; i < 16; i++) x = (x << 4) | (uint64_t)hexval(id[7 + i]);
-    return mix64(x ^ seed());
-}
-
-/* Hex digit value + 1; 0 for anything else (uppercase included, as in
- * mh_id_valid). */
-static const uint8_t hexlut[256] = {
-    ['0'] = 1,  ['1'] = 2,  ['2'] = 3,  ['3'] = 4,  ['4'] = 5,  ['5'] = 6,  ['6'] = 7,  ['7'] = 8,
-    ['8'] = 9,  ['9'] = 10, ['a'] = 11, ['b'] = 12, ['c'] = 13, ['d'] = 14, ['e'] = 15, ['f'] = 16,
-};
-
-/* Checks and decodes an id in one pass: graph loads parse every id of a
- * history, and mh_id_valid + mh_hex_decode walked each twice (a quarter
- * of a graph load's instructions, docs/benchmarks.md). */
-static int id_digest(const char *id, uint8_t out[32])
-{
-    if (!id || strlen(id) != MH_ID_LEN || memcmp(id, "sha256:", 7) != 0) return MH_EPARSE;
-    const uint8_t *h = (const uint8_t *)id + 7;
-    int bad = 0;
-    for (int i = 0; i < 32; i++) {
-        int hi = hexlut[h[2 * i]], lo = hexlut[h[2 * i + 1]];
-        bad |= (hi == 0) | (lo == 0);
-        out[i] = (uint8_t)(((hi - 1) & 15) << 4 | ((lo - 1) & 15));
-    }
-    return bad ? MH_EPARSE : 0;
-}
-
 /* ------------------------------------------------------------ builder */
 
-static uint32_t probe(const mh_graph_t *g, const uint8_t d[32], bool *found)
-{
-    uint32_t i = (uint32_t)digest_hash(d) & g->mask;
-    while (g->slots[i]) {
-        if (memcmp(g->nodes[g->slots[i] - 1].id, d, 32) == 0) {
-            *found = true;
-            return i;
-        }
-        i = (i + 1) & g->mask;
-    }
-    *found = false;
-    return i;
-}
-
-static int rehash(mh_graph_t *g, uint32_t want_slots)
-{
-    uint32_t size = 16;
-    while (size < want_slots) size <<= 1;
-    uint32_t *slots = calloc(size, sizeof *slots);
-    if (!slots) return MH_ENOMEM;
-    free(g->slots);
-    g->slots = slots;
-    g->mask = size - 1;
-    for (uint32_t k = 0; k < g->n; k++) {
-        bool found;
-        uint32_t i = probe(g, g->nodes[k].id, &found);
-        g->slots[i] = k + 1;
-    }
-    return 0;
-}
+/* Node lookup is core's id map over node indices, keyed by the nodes'
+ * digests: seeded, so ids a client chose cannot pile into one bucket, and
+ * 8 bytes a slot; an extension copies it with one memcpy. */
+static const void *node_key(const void *ctx, uint32_t v) { return ((const mh_graph_t *)ctx)->nodes[v].id; }
 
 static int grow(mh_graph_t *g, uint32_t cap)
 {
@@ -159,9 +55,7 @@ static int grow(mh_graph_t *g, uint32_t cap)
     if (!pm) return MH_ENOMEM;
     g->tmp_pmask = pm;
     g->cap = cap;
-    /* Keep the table at most half full. */
-    if ((uint64_t)cap * 2 > (uint64_t)g->mask + 1) return rehash(g, cap * 2);
-    return 0;
+    return mh_idmap_reserve(&g->map, cap);
 }
 
 mh_graph_t *mh_graph_new(const char *repo_id, int64_t state_seq, uint32_t ncommits)
@@ -171,7 +65,8 @@ mh_graph_t *mh_graph_new(const char *repo_id, int64_t state_seq, uint32_t ncommi
     g->repo_id = strdup(repo_id ? repo_id : "");
     g->state_seq = state_seq;
     g->refs = 1;
-    if (!g->repo_id || rehash(g, 16) || grow(g, ncommits ? ncommits : 16)) {
+    mh_idmap_init(&g->map, NULL, 32, node_key, g);
+    if (!g->repo_id || grow(g, ncommits ? ncommits : 16)) {
         g->refs = 1;
         mh_graph_unref(g);
         return NULL;
@@ -186,56 +81,53 @@ mh_graph_t *mh_graph_extend(const mh_graph_t *base, int64_t state_seq, uint32_t 
     mh_graph_t *g = calloc(1, sizeof *g);
     if (!g) return NULL;
     g->refs = 1;
+    mh_idmap_init(&g->map, NULL, 32, node_key, g);
     g->repo_id = strdup(base->repo_id);
     g->state_seq = state_seq;
     g->ref_seq = base->ref_seq;
     /* Allocated at the final size once: a copy is the whole cost of an
      * extension, so it must not be copied again by a realloc. */
     uint32_t cap = base->n + nmore;
-    size_t sb = ((size_t)base->mask + 1) * sizeof *g->slots;
     g->nodes = malloc((size_t)cap * sizeof *g->nodes);
-    g->slots = malloc(sb);
     g->tmp_parents = malloc((size_t)nmore * sizeof *g->tmp_parents);
     g->tmp_pmask = malloc(nmore);
     g->pend = base->npend ? malloc((size_t)base->npend * sizeof *g->pend) : NULL;
-    if (!g->repo_id || !g->nodes || !g->slots || !g->tmp_parents || !g->tmp_pmask || (base->npend && !g->pend)) {
+    if (!g->repo_id || !g->nodes || !g->tmp_parents || !g->tmp_pmask || (base->npend && !g->pend) ||
+        mh_idmap_clone(&g->map, &base->map, g)) {
         mh_graph_unref(g);
         return NULL;
     }
     memcpy(g->nodes, base->nodes, (size_t)base->n * sizeof *g->nodes);
-    memcpy(g->slots, base->slots, sb);
     if (base->npend) memcpy(g->pend, base->pend, (size_t)base->npend * sizeof *g->pend);
     g->n = g->nsealed = base->n;
     g->cap = cap;
-    g->mask = base->mask;
     g->npend = g->cappend = base->npend;
-    /* Keep the table at most half full, as grow() does. */
-    if ((uint64_t)cap * 2 > (uint64_t)g->mask + 1 && rehash(g, cap * 2)) {
+    if (mh_idmap_reserve(&g->map, cap)) {
         mh_graph_unref(g);
         return NULL;
     }
     return g;
 }
 
+/* The digest of a NUL-terminated id; MH_EPARSE when it is not one. */
+static int digest_of(const char *id, uint8_t out[32]) { return mh_id_digest(id, id ? strlen(id) : 0, out); }
+
 int mh_graph_add(mh_graph_t *g, const char *commit_id, const char *p1, const char *p2, const char *snapshot_id,
                  uint32_t gen)
 {
     uint8_t d[32], s[32], pd[2][32];
     uint8_t pm = 0;
-    if (id_digest(commit_id, d) || id_digest(snapshot_id, s)) return MH_EPARSE;
+    if (digest_of(commit_id, d) || digest_of(snapshot_id, s)) return MH_EPARSE;
     if (p1 && *p1) {
-        if (id_digest(p1, pd[0])) return MH_EPARSE;
+        if (digest_of(p1, pd[0])) return MH_EPARSE;
         pm |= 1;
     }
     if (p2 && *p2) {
-        if (id_digest(p2, pd[1])) return MH_EPARSE;
+        if (digest_of(p2, pd[1])) return MH_EPARSE;
         pm |= 2;
     }
-    bool found;
-    probe(g, d, &found);
-    if (found) return 0;
     if (g->n == g->cap && grow(g, g->cap * 2)) return MH_ENOMEM;
-    uint32_t slot = probe(g, d, &found); /* the table may have been rebuilt */
+    /* Written in place first: the map's key is the node's own digest. */
     mh_gnode_t *nd = &g->nodes[g->n];
     memcpy(nd->id, d, 32);
     memcpy(nd->snap, s, 32);
@@ -243,7 +135,9 @@ int mh_graph_add(mh_graph_t *g, const char *commit_id, const char *p1, const cha
     nd->gen = gen;
     memcpy(g->tmp_parents[g->n - g->nsealed], pd, sizeof pd);
     g->tmp_pmask[g->n - g->nsealed] = pm;
-    g->slots[slot] = ++g->n;
+    int added = mh_idmap_add(&g->map, g->n, NULL); /* 0: a duplicate, ignored */
+    if (added < 0) return MH_ENOMEM;
+    g->n += (uint32_t)added;
     return 0;
 }
 
@@ -274,9 +168,7 @@ static int branch_cmp(const void *a, const void *b)
 
 static uint32_t lookup(const mh_graph_t *g, const uint8_t d[32])
 {
-    bool found;
-    uint32_t i = probe(g, d, &found);
-    return found ? g->slots[i] - 1 : MH_GNONE;
+    return mh_idmap_find(&g->map, d); /* MH_IDMAP_NONE is MH_GNONE */
 }
 
 static int pend_push(mh_graph_t *g, uint32_t node, uint32_t j, const uint8_t d[32])
@@ -324,7 +216,7 @@ int mh_graph_seal(mh_graph_t *g)
     g->nsealed = g->n;
     if (g->nbranches) qsort(g->branches, g->nbranches, sizeof *g->branches, branch_cmp);
     for (uint32_t b = 0; b < g->nbranches; b++) g->branches[b].node = mh_graph_find(g, g->branches[b].head.s);
-    g->bytes = sizeof *g + (size_t)g->cap * sizeof(mh_gnode_t) + ((size_t)g->mask + 1) * 4 +
+    g->bytes = sizeof *g + (size_t)g->cap * sizeof(mh_gnode_t) + g->map.cap * sizeof(mh_idmap_slot_t) +
                (size_t)g->nbranches * (sizeof(mh_gbranch_t) + 32) + (size_t)g->cappend * sizeof(mh_gpend_t);
     return 0;
 }
@@ -337,7 +229,7 @@ void mh_graph_unref(mh_graph_t *g)
     for (uint32_t b = 0; b < g->nbranches; b++) free(g->branches[b].name);
     free(g->branches);
     free(g->nodes);
-    free(g->slots);
+    mh_idmap_free(&g->map);
     free(g->tmp_parents);
     free(g->tmp_pmask);
     free(g->pend);
@@ -357,10 +249,8 @@ int mh_graph_hold(mh_arena_t *a, mh_graph_t *g)
 uint32_t mh_graph_find(const mh_graph_t *g, const char *commit_id)
 {
     uint8_t d[32];
-    if (!mh_id_valid(commit_id, MH_ID_LEN) || mh_hex_decode(d, commit_id + 7, 32)) return MH_GNONE;
-    bool found;
-    uint32_t i = probe(g, d, &found);
-    return found ? g->slots[i] - 1 : MH_GNONE;
+    if (mh_id_digest(commit_id, MH_ID_LEN, d)) return MH_GNONE;
+    return lookup(g, d);
 }
 
 void mh_graph_id(const mh_graph_t *g, uint32_t i, mh_id_t *out) { mh_id_from_digest(out, g->nodes[i].id); }

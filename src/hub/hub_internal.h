@@ -37,16 +37,9 @@
  * use (NULL only on ENOMEM). */
 mh_fetch_cache_t *mh_hub_cache(mh_hub_t *hub);
 
-/* A keyed 64-bit hash of an id's text (the hex digits after "sha256:"),
- * seeded per process so crafted ids cannot pile into one bucket. `id`
- * points at MH_ID_LEN bytes. */
-uint64_t mh_id_hash(const char *id);
-/* A keyed 64-bit hash of n bytes (same per-process seed). */
-uint64_t mh_hub_hash_bytes(const void *p, size_t n);
-
 /* ------------------------------------------------------ commit graphs */
 
-#define MH_GNONE UINT32_MAX
+#define MH_GNONE UINT32_MAX /* == MH_IDMAP_NONE */
 
 typedef struct {
     uint8_t id[32];   /* commit id digest */
@@ -74,8 +67,7 @@ typedef struct mh_graph {
     int64_t ref_seq; /* highest commit_refs.ref_seq among its commits, 0: none (sql/0009) */
     uint32_t n, cap;
     mh_gnode_t *nodes;
-    uint32_t *slots; /* open addressing: node index + 1, 0 = empty */
-    uint32_t mask;
+    mh_idmap_t map; /* node index by commit digest */
     mh_gbranch_t *branches; /* sorted by name (bytewise) once sealed */
     uint32_t nbranches, capb;
     uint32_t nsealed;              /* nodes [0, nsealed) have their parents resolved */

@@ -303,58 +303,45 @@ static char *id_array(mh_arena_t *a, char **ids, size_t n)
     return s;
 }
 
-/* ------------------------------------------------------ small id set */
+/* ------------------------------------------------------ id sets */
 
-/* Open-addressing set of ids (borrowed pointers to MH_ID_LEN bytes),
- * keyed by the first 8 hex digits of the digest. */
+/* The pack's and the repository's ids, in core's seeded, growing id
+ * list (keys borrowed from the pack buffer or the work arena), with a
+ * value per id. Do not copy an idset_t once initialised. */
 typedef struct {
-    const char **slot;
-    uint32_t *val;
-    size_t cap, n;
+    mh_idlist_t l;
+    uint32_t *vals;
+    size_t vcap;
 } idset_t;
-
-static uint64_t id_hash(const char *id)
-{
-    uint64_t h = 0;
-    for (int i = 7; i < 7 + 16; i++) h = h << 4 | (uint64_t)(id[i] <= '9' ? id[i] - '0' : id[i] - 'a' + 10);
-    return h;
-}
 
 static int idset_init(idset_t *s, mh_arena_t *a, size_t expected)
 {
-    size_t cap = 16;
-    while (cap < expected * 2 + 1) cap <<= 1;
-    s->slot = mh_calloc(a, cap * sizeof *s->slot);
-    s->val = mh_alloc(a, cap * sizeof *s->val);
-    s->cap = cap;
-    s->n = 0;
-    return s->slot && s->val ? 0 : MH_ENOMEM;
+    mh_idlist_init(&s->l, a);
+    s->vals = NULL;
+    s->vcap = 0;
+    return mh_idmap_reserve(&s->l.map, expected);
 }
 
-/* Returns the slot index for id (existing or empty). */
-static size_t idset_slot(const idset_t *s, const char *id)
-{
-    size_t i = (size_t)id_hash(id) & (s->cap - 1);
-    while (s->slot[i] && memcmp(s->slot[i], id, MH_ID_LEN) != 0) i = (i + 1) & (s->cap - 1);
-    return i;
-}
-
-/* Adds id with value v unless present; returns true when added. */
+/* Adds id with value v unless present; true when added. */
 static bool idset_add(idset_t *s, const char *id, uint32_t v)
 {
-    size_t i = idset_slot(s, id);
-    if (s->slot[i]) return false;
-    s->slot[i] = id;
-    s->val[i] = v;
-    s->n++;
+    if (mh_idlist_add(&s->l, id) != 1) return false;
+    if (s->l.n > s->vcap) {
+        uint32_t *nv = mh_alloc(s->l.arena, s->l.cap * sizeof *nv);
+        if (!nv) return false;
+        if (s->vcap) memcpy(nv, s->vals, s->vcap * sizeof *nv);
+        s->vals = nv;
+        s->vcap = s->l.cap;
+    }
+    s->vals[s->l.n - 1] = v;
     return true;
 }
 
 static bool idset_get(const idset_t *s, const char *id, uint32_t *v)
 {
-    size_t i = idset_slot(s, id);
-    if (!s->slot[i]) return false;
-    if (v) *v = s->val[i];
+    uint32_t i = mh_idlist_find(&s->l, id);
+    if (i == MH_IDMAP_NONE) return false;
+    if (v) *v = s->vals[i];
     return true;
 }
 

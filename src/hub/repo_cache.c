@@ -45,13 +45,6 @@ struct mh_repo_cache {
     bool listening;
 };
 
-static uint64_t fnv1a(const char *p, size_t n)
-{
-    uint64_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < n; i++) h = (h ^ (uint8_t)p[i]) * 1099511628211ull;
-    return h;
-}
-
 static void entry_free(entry_t *e)
 {
     if (!e) return;
@@ -112,7 +105,7 @@ uint64_t mh_hub_repo_cache_epoch(mh_hub_t *hub)
 /* Direct-mapped: a colliding key simply replaces the older entry. */
 static uint32_t slot_of(const char *key, size_t klen)
 {
-    return (uint32_t)(fnv1a(key, klen) & (MH_REPO_CACHE_SLOTS - 1));
+    return (uint32_t)(mh_hash64(key, klen) & (MH_REPO_CACHE_SLOTS - 1));
 }
 
 bool mh_hub_repo_cache_lookup(mh_hub_t *hub, const char *key, size_t klen, mh_arena_t *a, mh_repo_t *out,

@@ -325,12 +325,7 @@ typedef struct {
 
 static refs_entry_t *refs_slots[REFS_SLOTS];
 
-static uint32_t refs_slot(const char *repo_id)
-{
-    uint32_t h = 2166136261u;
-    for (const char *p = repo_id; *p; p++) h = (h ^ (uint8_t)*p) * 16777619u;
-    return h & (REFS_SLOTS - 1);
-}
+static uint32_t refs_slot(const char *repo_id) { return (uint32_t)mh_hash64(repo_id, strlen(repo_id)) & (REFS_SLOTS - 1); }
 
 void mh_hub_refs_cache_free(void)
 {

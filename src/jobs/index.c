@@ -458,40 +458,29 @@ void mh_job_index_start(mh_job_t *j)
 
 /* ------------------------------------------------------------ helpers */
 
-/* Open addressing over the hex digits of ids (already uniformly random). */
-static uint64_t hex64(const char *id)
-{
-    uint64_t h = 0;
-    for (int i = 7; i < 7 + 16; i++) h = h << 4 | (uint64_t)(id[i] <= '9' ? id[i] - '0' : id[i] - 'a' + 10);
-    return h;
-}
+static const void *blob_key(const void *ctx, uint32_t v) { return ((const mh_pack_t *)ctx)->blobs[v].object_id.p; }
 
 int mh_index_copy_rows(const mh_pack_t *p, mh_buf_t *out, size_t *nrows)
 {
     *nrows = 0;
-    size_t cap = 16;
-    while (cap < p->nblobs * 2 + 1) cap <<= 1;
-    const char **slots = calloc(cap, sizeof *slots);
-    if (!slots) return MH_ENOMEM;
-    int rc = mh_buf_reserve(out, p->nblobs * (MH_ID_LEN + 24));
+    /* Ids come from the pack as sent: core's seeded map, never a table a
+     * client could fill with colliding ids. */
+    mh_idmap_t seen;
+    mh_idmap_init(&seen, NULL, MH_ID_LEN, blob_key, p);
+    int rc = mh_idmap_reserve(&seen, p->nblobs);
+    if (!rc) rc = mh_buf_reserve(out, p->nblobs * (MH_ID_LEN + 24));
     for (size_t i = 0; i < p->nblobs && !rc; i++) {
         const mh_pack_blob_t *b = &p->blobs[i];
-        size_t s = (size_t)hex64(b->object_id.p) & (cap - 1);
-        bool dup = false;
-        while (slots[s]) {
-            if (!memcmp(slots[s], b->object_id.p, MH_ID_LEN)) {
-                dup = true;
-                break;
-            }
-            s = (s + 1) & (cap - 1);
+        int added = mh_idmap_add(&seen, (uint32_t)i, NULL);
+        if (added <= 0) {
+            rc = added;
+            continue;
         }
-        if (dup) continue;
-        slots[s] = b->object_id.p;
         rc = mh_copy_field(out, b->object_id.p, b->object_id.n, false);
         if (!rc) rc = mh_copy_int(out, (int64_t)b->offset, false);
         if (!rc) rc = mh_copy_int(out, (int64_t)b->length, true);
         if (!rc) (*nrows)++;
     }
-    free(slots);
+    mh_idmap_free(&seen);
     return rc;
 }
