@@ -204,6 +204,14 @@ int64_t mh_pq_int(const PGresult *res, int r, int c);
  * MH_EPARSE (bad hex) or MH_ENOMEM. */
 int mh_pq_bytea(mh_arena_t *a, const PGresult *res, int r, int c, uint8_t **out, size_t *n);
 
+/* A text[] literal "{a,b,...}" of n items, to pass as one parameter
+ * ($1::text[]) instead of n parameters or SQL built around the values.
+ * Each item is len bytes long, or NUL-terminated when len is 0; items
+ * that need it (empty, NULL, whitespace or any of {}",\) are quoted and
+ * escaped, so any text round-trips; ids need none. NUL-terminated, in
+ * arena a; NULL on ENOMEM. The one array builder. */
+char *mh_pq_array(mh_arena_t *a, const char *const *items, size_t n, size_t len);
+
 /* ---------------------------------------------------------- migrations */
 
 /* One migration: `name` (e.g. "0001_init", recorded in schema_migrations)

@@ -10,6 +10,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "mh/db.h"
 
@@ -121,4 +122,42 @@ int mh_pq_bytea(mh_arena_t *a, const PGresult *res, int r, int c, uint8_t **out,
     *out = d;
     *n = m;
     return 0;
+}
+
+/* ------------------------------------------------------------ arrays */
+
+static bool needs_quotes(const char *p, size_t n)
+{
+    if (n == 0 || (n == 4 && strncasecmp(p, "null", 4) == 0)) return true;
+    for (size_t i = 0; i < n; i++)
+        if (strchr("{}\",\\ \t\n\r\v\f", p[i]) && p[i]) return true;
+    return false;
+}
+
+char *mh_pq_array(mh_arena_t *a, const char *const *items, size_t n, size_t len)
+{
+    size_t total = 3;
+    for (size_t i = 0; i < n; i++) total += 2 * (len ? len : strlen(items[i])) + 3;
+    char *s = mh_alloc(a, total), *o = s;
+    if (!s) return NULL;
+    *o++ = '{';
+    for (size_t i = 0; i < n; i++) {
+        size_t m = len ? len : strlen(items[i]);
+        const char *p = items[i];
+        if (i) *o++ = ',';
+        if (!needs_quotes(p, m)) {
+            memcpy(o, p, m);
+            o += m;
+            continue;
+        }
+        *o++ = '"';
+        for (size_t k = 0; k < m; k++) {
+            if (p[k] == '"' || p[k] == '\\') *o++ = '\\';
+            *o++ = p[k];
+        }
+        *o++ = '"';
+    }
+    *o++ = '}';
+    *o = 0;
+    return s;
 }

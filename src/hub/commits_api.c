@@ -118,7 +118,7 @@ typedef struct {
     size_t npack;
     mh_buf_t pack;
     mh_id_t pack_id;
-    char pack_key[80];
+    char pack_key[MH_MPACK_KEY_SIZE];
     char *arr_ids, *arr_off, *arr_len; /* text[] / bigint[] literals of the packed blobs */
 
     /* transaction */
@@ -364,7 +364,7 @@ static void pack_work(uv_work_t *w)
     uint8_t d[32];
     mh_sha256(c->pack.p, c->pack.len, d);
     mh_id_from_digest(&c->pack_id, d);
-    snprintf(c->pack_key, sizeof c->pack_key, "mpacks/%s", c->pack_id.s + 7);
+    mh_mpack_key(c->pack_key, c->pack_id.s);
 
     mh_buf_t ids = {0}, offs = {0}, lens = {0};
     int rc = mh_buf_append_byte(&ids, '{') | mh_buf_append_byte(&offs, '{') | mh_buf_append_byte(&lens, '{');
@@ -826,7 +826,7 @@ static void advance(commit_t *c)
                 return;
             }
             for (size_t i = 0; i < c->nblobs; i++) ids[i] = c->blobs[i].id;
-            const char *vals[2] = {c->repo->repo_id, mh_hub_pg_array(&c->work, ids, c->nblobs)};
+            const char *vals[2] = {c->repo->repo_id, mh_pq_array(&c->work, ids, c->nblobs, MH_ID_LEN)};
             if (!vals[1]) {
                 fail(c, 503, "unavailable", "out of memory");
                 return;

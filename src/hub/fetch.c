@@ -185,25 +185,6 @@ void mh_fetch_cache_free(mh_hub_t *hub)
 
 /* =============================================================== helpers */
 
-char *mh_hub_pg_array(mh_arena_t *a, const char *const *ids, size_t n)
-{
-    size_t len = 3;
-    for (size_t i = 0; i < n; i++) len += strlen(ids[i]) + 1;
-    char *s = mh_alloc(a, len);
-    if (!s) return NULL;
-    char *p = s;
-    *p++ = '{';
-    for (size_t i = 0; i < n; i++) {
-        if (i) *p++ = ',';
-        size_t l = strlen(ids[i]);
-        memcpy(p, ids[i], l);
-        p += l;
-    }
-    *p++ = '}';
-    *p = 0;
-    return s;
-}
-
 void mh_hub_fail(mh_req_t *req, int err, const char *what)
 {
     switch (err) {
@@ -327,7 +308,7 @@ typedef struct {
 
 typedef struct {
     fetch_t *f;
-    char key[80];       /* "mpacks/<hex>" */
+    char key[MH_MPACK_KEY_SIZE];
     uint32_t first, n;  /* f->order[first .. first+n) */
     mh_range_t *ranges;
     mh_buf_t *buf;
@@ -463,8 +444,8 @@ static int pack_url(mh_hub_t *hub, mh_arena_t *a, const char *mpack_id, char **u
         *expires_in = (uint32_t)(e->expires_at - now);
         return *url ? 0 : MH_ENOMEM;
     }
-    char key[80];
-    snprintf(key, sizeof key, "mpacks/%s", mpack_id + 7);
+    char key[MH_MPACK_KEY_SIZE];
+    mh_mpack_key(key, mpack_id);
     int rc = mh_store_presign(hub->store, a, "GET", key, 0, NULL, ttl, url);
     if (rc) return rc;
     *expires_in = ttl;
@@ -873,9 +854,9 @@ static void step_rows(fetch_t *f)
         mh_graph_id(f->g, f->send[i], &cid);
         if (!(ids[i] = mh_strndup(a, cid.s, MH_ID_LEN))) { fail_err(f, MH_ENOMEM, "rows"); return; }
     }
-    v1[0] = mh_hub_pg_array(a, ids, f->nsend);
+    v1[0] = mh_pq_array(a, ids, f->nsend, MH_ID_LEN);
     v1[1] = f->repo->repo_id; /* branch and metadata are this repository's */
-    v2[0] = mh_hub_pg_array(a, f->snap_ids, f->nsnap_ids);
+    v2[0] = mh_pq_array(a, f->snap_ids, f->nsnap_ids, MH_ID_LEN);
     if (!v1[0] || !v2[0]) { fail_err(f, MH_ENOMEM, "rows"); return; }
     mh_db_pq_t qs[2] = {
         {.stmt = &st_commits, .nparams = 2, .vals = v1},
@@ -1148,9 +1129,8 @@ static void step_locate(fetch_t *f)
     }
     const char **ids = mh_alloc(a, f->nblobs * sizeof *ids);
     if (!ids) { fail_err(f, MH_ENOMEM, "locate"); return; }
-    for (size_t i = 0; i < f->nblobs; i++)
-        if (!(ids[i] = mh_strndup(a, f->blobs[i].id, MH_ID_LEN))) { fail_err(f, MH_ENOMEM, "locate"); return; }
-    vals[1] = mh_hub_pg_array(a, ids, f->nblobs);
+    for (size_t i = 0; i < f->nblobs; i++) ids[i] = f->blobs[i].id;
+    vals[1] = mh_pq_array(a, ids, f->nblobs, MH_ID_LEN);
     if (!vals[1]) { fail_err(f, MH_ENOMEM, "locate"); return; }
     f->state = S_WAIT;
     mh_db_exec(f->hub->db, f->nblobs <= LOCATE_FEW ? &st_locate_few : &st_locate, vals, NULL, NULL, locate_cb, f);
@@ -1240,7 +1220,7 @@ static void step_read(fetch_t *f)
         if (i == 0 || strcmp(b->mpack, f->blobs[f->order[i - 1]].mpack) != 0) {
             src_t *s = &f->srcs[f->nsrcs++];
             s->f = f;
-            snprintf(s->key, sizeof s->key, "mpacks/%s", b->mpack + 7);
+            mh_mpack_key(s->key, b->mpack);
             s->first = (uint32_t)i;
             s->ranges = &ranges[i];
         }
@@ -1356,8 +1336,8 @@ static void put_cb(void *ud, int err)
 static void head_cb(void *ud, int err, uint64_t size)
 {
     fetch_t *f = ud;
-    char key[80];
-    snprintf(key, sizeof key, "mpacks/%s", f->mpack_id.s + 7);
+    char key[MH_MPACK_KEY_SIZE];
+    mh_mpack_key(key, f->mpack_id.s);
     if (!err && size == f->pack->len) {
         /* Content-addressed: the same key holds the same bytes (another
          * process, or an earlier state, built this pack). */
@@ -1371,8 +1351,8 @@ static void head_cb(void *ud, int err, uint64_t size)
 
 static void step_put(fetch_t *f)
 {
-    char key[80];
-    snprintf(key, sizeof key, "mpacks/%s", f->mpack_id.s + 7);
+    char key[MH_MPACK_KEY_SIZE];
+    mh_mpack_key(key, f->mpack_id.s);
     f->state = S_WAIT;
     mh_store_head(f->hub->store, key, head_cb, f);
 }

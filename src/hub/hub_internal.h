@@ -165,10 +165,6 @@ void mh_graph_cache_drop(mh_hub_t *hub, const char *repo_id);
 
 /* ---------------------------------------------------------- helpers */
 
-/* A text[] literal "{id,id,...}" for ids (which need no quoting), in
- * arena a. NULL on ENOMEM. */
-char *mh_hub_pg_array(mh_arena_t *a, const char *const *ids, size_t n);
-
 /* True when an If-None-Match header value (a comma-separated list of
  * entity tags, weak "W/" ones compared weakly, or "*") names `etag` (the
  * quoted tag, e.g. "\"sha256:...\""). RFC 9110 13.1.2. */

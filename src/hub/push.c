@@ -201,7 +201,7 @@ typedef struct {
     char branch[256];
     mh_id_t head, expected_old;
     bool has_expected_old, force;
-    char pack_key[80]; /* mpacks/<hex> */
+    char pack_key[MH_MPACK_KEY_SIZE];
 
     /* lookup */
     bool already_referenced;
@@ -283,24 +283,6 @@ static void fail_db(unpack_t *u, int err, const char *errmsg)
         fail(u, 503, "unavailable", "the database is unavailable; retry shortly");
     else
         fail(u, 500, "internal", "database error");
-}
-
-/* Text array literal {a,b,c} of ids (ids need no quoting). */
-static char *id_array(mh_arena_t *a, char **ids, size_t n)
-{
-    size_t len = 2 + n * (MH_ID_LEN + 1);
-    char *s = mh_alloc(a, len + 1);
-    if (!s) return NULL;
-    char *p = s;
-    *p++ = '{';
-    for (size_t i = 0; i < n; i++) {
-        if (i) *p++ = ',';
-        memcpy(p, ids[i], MH_ID_LEN);
-        p += MH_ID_LEN;
-    }
-    *p++ = '}';
-    *p = 0;
-    return s;
 }
 
 /* ------------------------------------------------------ id sets */
@@ -1040,9 +1022,9 @@ static void advance(unpack_t *u)
                 return;
             }
             mh_arena_t *a = &u->work;
-            char *parents = id_array(a, u->ext_parents, u->n_ext_parents);
-            char *snaps = id_array(a, u->ext_snaps, u->n_ext_snaps);
-            char *objs = id_array(a, u->ext_objects, u->n_ext_objects);
+            char *parents = mh_pq_array(a, (const char *const *)u->ext_parents, u->n_ext_parents, MH_ID_LEN);
+            char *snaps = mh_pq_array(a, (const char *const *)u->ext_snaps, u->n_ext_snaps, MH_ID_LEN);
+            char *objs = mh_pq_array(a, (const char *const *)u->ext_objects, u->n_ext_objects, MH_ID_LEN);
             if (!parents || !snaps || !objs) {
                 fail(u, 503, "unavailable", "out of memory");
                 return;
@@ -1372,7 +1354,7 @@ void mh_h_push_unpack(mh_req_t *req)
         }
         u->force = force->v.b;
     }
-    snprintf(u->pack_key, sizeof u->pack_key, "mpacks/%s", u->key.s + 7);
+    mh_mpack_key(u->pack_key, u->key.s);
     req->user = u;
     mh_hub_load_repo(req, MH_PERM_WRITE, unpack_repo_cb);
 }

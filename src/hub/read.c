@@ -273,7 +273,7 @@ static void log_run(log_t *l)
             return;
         }
     }
-    vals[0] = mh_hub_pg_array(a, l->ids, l->npage);
+    vals[0] = mh_pq_array(a, l->ids, l->npage, MH_ID_LEN);
     vals[1] = l->repo->repo_id;
     if (!vals[0]) {
         mh_hub_fail(req, MH_ENOMEM, "commits");
@@ -489,12 +489,8 @@ static void tree_manifest_cb(void *ud, int err, const char *why)
         mh_hub_fail(req, MH_ENOMEM, "tree");
         return;
     }
-    for (size_t i = 0; i < t->m.n; i++)
-        if (!(ids[i] = mh_strndup(a, t->m.e[i].id, MH_ID_LEN))) {
-            mh_hub_fail(req, MH_ENOMEM, "tree");
-            return;
-        }
-    vals[0] = mh_hub_pg_array(a, ids, t->m.n);
+    for (size_t i = 0; i < t->m.n; i++) ids[i] = t->m.e[i].id;
+    vals[0] = mh_pq_array(a, ids, t->m.n, MH_ID_LEN);
     if (!vals[0]) {
         mh_hub_fail(req, MH_ENOMEM, "tree");
         return;
@@ -675,7 +671,8 @@ static void object_row_cb(void *ud, PGresult *res, int err, const char *errmsg)
         return;
     }
     objread_t *r = mh_alloc(a, sizeof *r);
-    char *key = mh_sprintf(a, "mpacks/%s", mpack + 7);
+    char *key = mh_alloc(a, MH_MPACK_KEY_SIZE);
+    if (key) mh_mpack_key(key, mpack);
     if (!r || !key) {
         mh_hub_fail(req, MH_ENOMEM, "object");
         return;

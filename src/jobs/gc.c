@@ -66,7 +66,7 @@ typedef struct gc gc_t;
 
 typedef struct {
     gc_t *g;
-    char key[80];       /* mpacks/<hex> */
+    char key[MH_MPACK_KEY_SIZE];
     size_t first, n;    /* blobs[first .. first+n) in read order */
     mh_range_t *ranges;
     mh_buf_t buf;
@@ -87,7 +87,7 @@ struct gc {
     uint64_t bytes_read;
     mh_buf_t pack;
     mh_id_t key;
-    char pack_key[80];
+    char pack_key[MH_MPACK_KEY_SIZE];
     mh_buf_t rows;
     uv_work_t uvw;
     int work_err;
@@ -173,7 +173,7 @@ static void packs_cb(void *ud, PGresult *res, int err, const char *errmsg)
         respond(g, true, n, n, n == 1 ? g->old[0] : NULL);
         return;
     }
-    if (!(g->old_array = mh_jobs_pg_array(a, g->old, g->nold))) {
+    if (!(g->old_array = mh_pq_array(a, (const char *const *)g->old, g->nold, 0))) {
         end_fail(g, false, "listing the repository's packs", MH_ENOMEM, NULL);
         return;
     }
@@ -219,7 +219,7 @@ static void locate_cb(void *ud, PGresult *res, int err, const char *errmsg)
         if (!prev || strcmp(prev, mp) != 0) {
             src_t *s = &g->srcs[g->nsrcs++];
             s->g = g;
-            mh_jobs_pack_key(s->key, sizeof s->key, mp);
+            mh_mpack_key(s->key, mp);
             s->first = g->nblobs;
             s->ranges = &ranges[g->nblobs];
             prev = mp;
@@ -328,7 +328,7 @@ static void build_done_cb(uv_work_t *w, int status)
     }
     /* The sources are no longer needed: free them before the transaction. */
     for (size_t i = 0; i < g->nsrcs; i++) mh_buf_free(&g->srcs[i].buf);
-    mh_jobs_pack_key(g->pack_key, sizeof g->pack_key, g->key.s);
+    mh_mpack_key(g->pack_key, g->key.s);
     g->state = G_ACQUIRE;
     advance(g);
 }

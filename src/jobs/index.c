@@ -55,7 +55,7 @@ typedef struct {
     istate_t state;
     bool busy;
     mh_id_t key;
-    char pack_key[80];     /* mpacks/<hex> */
+    char pack_key[MH_MPACK_KEY_SIZE];
     char *grant_id, *staging_key;
     const char *src;       /* the key read */
     bool trusted;          /* verified at entry or built by the server */
@@ -451,7 +451,7 @@ void mh_job_index_start(mh_job_t *j)
     }
     memcpy(x->key.s, k->v.s.p, MH_ID_LEN);
     x->key.s[MH_ID_LEN] = 0;
-    mh_jobs_pack_key(x->pack_key, sizeof x->pack_key, x->key.s);
+    mh_mpack_key(x->pack_key, x->key.s);
     x->state = I_LOOKUP;
     advance(x);
 }

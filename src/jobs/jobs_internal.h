@@ -78,13 +78,6 @@ void mh_jobs_sweep(mh_db_t *db, mh_store_t *store, uint32_t grace_s, bool (*stop
  * sweep: pg_advisory_xact_lock(hashtextextended('musehub:mpack:' || id, 0)). */
 #define MH_SQL_LOCK_MPACK(param) "pg_advisory_xact_lock(hashtextextended('musehub:mpack:' || " param ", 0))"
 
-/* "mpacks/<64 hex>" of an id (out >= 80 bytes). */
-void mh_jobs_pack_key(char *out, size_t size, const char *mpack_id);
-
-/* A text[] literal "{a,b,...}" of ids (which need no quoting) in arena a;
- * NULL on ENOMEM. */
-char *mh_jobs_pg_array(mh_arena_t *a, char *const *ids, size_t n);
-
 /* Process-wide counters (queue.c), for metrics. */
 void mh_jobs_count_swept(int n);
 

@@ -119,29 +119,6 @@ uint32_t mh_job_backoff_s(int attempt)
     return s > 3600 ? 3600 : (uint32_t)s;
 }
 
-void mh_jobs_pack_key(char *out, size_t size, const char *mpack_id)
-{
-    snprintf(out, size, "mpacks/%s", mpack_id + 7);
-}
-
-char *mh_jobs_pg_array(mh_arena_t *a, char *const *ids, size_t n)
-{
-    size_t len = 3;
-    for (size_t i = 0; i < n; i++) len += strlen(ids[i]) + 1;
-    char *s = mh_alloc(a, len);
-    if (!s) return NULL;
-    char *p = s;
-    *p++ = '{';
-    for (size_t i = 0; i < n; i++) {
-        if (i) *p++ = ',';
-        size_t l = strlen(ids[i]);
-        memcpy(p, ids[i], l);
-        p += l;
-    }
-    *p++ = '}';
-    *p = 0;
-    return s;
-}
 
 double mh_job_elapsed_ms(const mh_job_t *j)
 {

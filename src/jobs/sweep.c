@@ -33,7 +33,7 @@ typedef struct {
     size_t n, next;
     int deleted;
     mh_dbconn_t *conn;
-    char key[80];
+    char key[MH_MPACK_KEY_SIZE];
     mh_arena_t arena;
 } sweep_t;
 
@@ -144,7 +144,7 @@ static void next_pack(sweep_t *s)
         return;
     }
     const char *id = s->ids[s->next++];
-    mh_jobs_pack_key(s->key, sizeof s->key, id);
+    mh_mpack_key(s->key, id);
     mh_db_acquire(s->db, acquire_cb, s);
 }
 

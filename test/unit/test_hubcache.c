@@ -110,8 +110,8 @@ static void test_helpers(void)
     mh_arena_t a;
     mh_arena_init(&a, 0);
     const char *ids[] = {"sha256:aa", "sha256:bb"};
-    TAP_EQ_STR(mh_hub_pg_array(&a, ids, 2), "{sha256:aa,sha256:bb}", "pg array");
-    TAP_EQ_STR(mh_hub_pg_array(&a, ids, 0), "{}", "pg array: empty");
+    TAP_EQ_STR(mh_pq_array(&a, ids, 2, 0), "{sha256:aa,sha256:bb}", "pg array");
+    TAP_EQ_STR(mh_pq_array(&a, ids, 0, 0), "{}", "pg array: empty");
     mh_arena_release(&a);
 
     mh_id_t x, y;
