@@ -775,7 +775,7 @@ static void respond(commit_t *c)
     if (!rc) rc = mh_map_put(a, m, "generation", mh_v_int(c->gen));
     if (!rc) rc = mh_map_put(a, m, "blobs_written", mh_v_uint(c->npack));
     if (rc) mh_res_error(req, 503, "unavailable", "out of memory");
-    else mh_res_val(req, 201, m, MH_FMT_JSON);
+    else mh_res_val(req, 201, m);
 }
 
 static void advance(commit_t *c)

@@ -185,32 +185,6 @@ void mh_fetch_cache_free(mh_hub_t *hub)
 
 /* =============================================================== helpers */
 
-void mh_hub_fail(mh_req_t *req, int err, const char *what)
-{
-    switch (err) {
-    case MH_EDB:
-    case MH_EDBDOWN:
-    case MH_ETIMEDOUT:
-    case MH_ECONFLICT:
-        mh_hub_db_fail(req, err, what);
-        return;
-    case MH_ENOMEM:
-        mh_error("req %s: out of memory (%s)", req->id, what ? what : "");
-        mh_res_header(req, "Retry-After", "2");
-        mh_res_error(req, 503, "unavailable", "the server is out of memory; retry shortly");
-        return;
-    case MH_ESTORE:
-    case MH_EIO:
-        mh_error("req %s: object store: %s (%s)", req->id, mh_strerror(err), what ? what : "");
-        mh_res_header(req, "Retry-After", "2");
-        mh_res_error(req, 503, "store_unavailable", "the object store is unavailable; retry shortly");
-        return;
-    default:
-        mh_error("req %s: %s (%s)", req->id, mh_strerror(err), what ? what : "");
-        mh_res_error(req, 500, "internal", "internal error: %s", what ? what : mh_strerror(err));
-        return;
-    }
-}
 
 /* Id text (MH_ID_LEN bytes, borrowed) -> uint32: core's seeded id list
  * in the build arena, with a value per id. Do not copy once used. */
@@ -471,13 +445,13 @@ static void respond_answer(mh_req_t *req, const answer_t *ans)
     if (ans->mpack_id[0]) {
         int rc = pack_url(hub, a, ans->mpack_id, &url, &ttl);
         if (rc) {
-            mh_hub_fail(req, rc, "presigning the pack");
+            mh_res_fail(req, rc, "presigning the pack");
             return;
         }
     }
     mh_val_t *m = mh_v_map(a);
     if (!m) {
-        mh_hub_fail(req, MH_ENOMEM, "answer");
+        mh_res_fail(req, MH_ENOMEM, "answer");
         return;
     }
     char *mpack_id = ans->mpack_id[0] ? mh_strdup(a, ans->mpack_id) : NULL;
@@ -490,10 +464,10 @@ static void respond_answer(mh_req_t *req, const answer_t *ans)
     rc |= mh_map_put(a, m, "object_count", mh_v_int(ans->blobs));
     rc |= mh_map_put(a, m, "expires_in", mh_v_int(ttl));
     if (rc) {
-        mh_hub_fail(req, MH_ENOMEM, "answer");
+        mh_res_fail(req, MH_ENOMEM, "answer");
         return;
     }
-    mh_res_val(req, 200, m, MH_FMT_MSGPACK);
+    mh_res_val(req, 200, m);
 }
 
 static void respond_error(mh_req_t *req, const ferr_t *e)
@@ -502,20 +476,11 @@ static void respond_error(mh_req_t *req, const ferr_t *e)
     mh_res_error(req, e->status, e->code, "%s", e->detail);
 }
 
+/* The error table's answer for err (waiters get the same). */
 static ferr_t err_of(int err)
 {
-    switch (err) {
-    case MH_EDBDOWN:
-    case MH_ETIMEDOUT:
-        return (ferr_t){503, "unavailable", "the database is unavailable; retry shortly", true};
-    case MH_ENOMEM:
-        return (ferr_t){503, "unavailable", "the server is out of memory; retry shortly", true};
-    case MH_ESTORE:
-    case MH_EIO:
-        return (ferr_t){503, "store_unavailable", "the object store is unavailable; retry shortly", true};
-    default:
-        return (ferr_t){500, "internal", "internal error", false};
-    }
+    const mh_http_err_t *e = mh_http_err_of(err);
+    return (ferr_t){e->status, e->code, e->detail, e->retry};
 }
 
 /* Removes the in-flight record of f (the builder) and answers every
@@ -1491,7 +1456,7 @@ static void repo_cb(mh_req_t *req, mh_repo_t *repo)
     f->seq = repo->state_seq;
     f->key = mh_sprintf(f->a, "%s|%lld|%s", repo->repo_id, (long long)repo->state_seq, f->reqkey);
     mh_answer_cache_t *ac = answers(f->hub);
-    if (!f->key || !ac) { mh_hub_fail(req, MH_ENOMEM, "fetch"); return; }
+    if (!f->key || !ac) { mh_res_fail(req, MH_ENOMEM, "fetch"); return; }
     const answer_t *hit = ac_get(ac, f->key);
     if (hit) {
         respond_answer(req, hit);
@@ -1503,7 +1468,7 @@ static void repo_cb(mh_req_t *req, mh_repo_t *repo)
         if (x->n == x->cap) {
             size_t cap = x->cap ? x->cap * 2 : 8;
             fetch_t **w = realloc(x->waiters, cap * sizeof *w);
-            if (!w) { mh_hub_fail(req, MH_ENOMEM, "fetch"); return; }
+            if (!w) { mh_res_fail(req, MH_ENOMEM, "fetch"); return; }
             x->waiters = w;
             x->cap = cap;
         }
@@ -1514,7 +1479,7 @@ static void repo_cb(mh_req_t *req, mh_repo_t *repo)
     inflight_t *x = calloc(1, sizeof *x);
     if (!x || !(x->key = strdup(f->key))) {
         free(x);
-        mh_hub_fail(req, MH_ENOMEM, "fetch");
+        mh_res_fail(req, MH_ENOMEM, "fetch");
         return;
     }
     x->next = ac->inflight;
@@ -1537,19 +1502,19 @@ void mh_h_fetch(mh_req_t *req)
     if (!mh_req_body_val(req, &body)) return;
     mh_arena_t *a = &req->arena;
     fetch_t *f = mh_calloc(a, sizeof *f);
-    if (!f) { mh_hub_fail(req, MH_ENOMEM, "fetch"); return; }
+    if (!f) { mh_res_fail(req, MH_ENOMEM, "fetch"); return; }
     f->req = req;
     f->hub = req->app;
     f->a = a;
     f->t0 = f->t_mark = mh_now_us();
     if (body.t != MH_V_MAP) { mh_res_error(req, 422, "invalid_request", "the body must be a map {want, have}"); return; }
     const char *why = parse_ids(a, &body, "want", true, &f->want, &f->nwant);
-    if (why == ids_oom) { mh_hub_fail(req, MH_ENOMEM, "fetch"); return; }
+    if (why == ids_oom) { mh_res_fail(req, MH_ENOMEM, "fetch"); return; }
     if (why) { mh_res_error(req, 422, "invalid_request", "want %s", why); return; }
     why = parse_ids(a, &body, "have", false, &f->have, &f->nhave);
-    if (why == ids_oom) { mh_hub_fail(req, MH_ENOMEM, "fetch"); return; }
+    if (why == ids_oom) { mh_res_fail(req, MH_ENOMEM, "fetch"); return; }
     if (why) { mh_res_error(req, 422, "invalid_request", "have %s", why); return; }
-    if (ids_key(a, f->want, f->nwant, f->have, f->nhave, NULL, f->reqkey)) { mh_hub_fail(req, MH_ENOMEM, "fetch"); return; }
+    if (ids_key(a, f->want, f->nwant, f->have, f->nhave, NULL, f->reqkey)) { mh_res_fail(req, MH_ENOMEM, "fetch"); return; }
     req->user = f;
     mh_hub_load_repo(req, MH_PERM_READ, repo_cb);
 }

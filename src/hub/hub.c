@@ -56,7 +56,7 @@ const mh_route_t mh_hub_routes[] = {
     {"GET", "/{owner}/{slug}/refs", mh_h_refs, "refs", 0, false},
     {"POST", "/{owner}/{slug}/push/mpack-presign", mh_h_push_presign, "push_presign", 0, false},
     {"POST", "/{owner}/{slug}/push/unpack-mpack", mh_h_push_unpack, "push_unpack", 0, false},
-    {"POST", "/{owner}/{slug}/fetch", mh_h_fetch, "fetch", 0, false},
+    {"POST", "/{owner}/{slug}/fetch", mh_h_fetch, "fetch", 0, false, MH_FMT_MSGPACK},
     {"GET", "/{owner}/{slug}/commits", mh_h_commits, "commits", 0, false},
     {"GET", "/{owner}/{slug}/commits/{commit_id}", mh_h_commit, "commit", 0, false},
     {"GET", "/{owner}/{slug}/tree/{*ref}", mh_h_tree, "tree", 0, false},
@@ -78,19 +78,6 @@ void mh_hub_pre_route(mh_req_t *req)
      * unsigned requests act as MUSEHUB_DEV_IDENTITY or anonymously. */
     mh_hub_t *hub = req->app;
     mh_auth_pre_route(hub->auth, req, hub->has_dev_caller ? &hub->dev_caller : NULL);
-}
-
-/* ------------------------------------------------------------ db errors */
-
-void mh_hub_db_fail(mh_req_t *req, int err, const char *errmsg)
-{
-    mh_error("req %s: database error: %s (%s)", req->id, mh_strerror(err), errmsg ? errmsg : "");
-    if (err == MH_EDBDOWN || err == MH_ETIMEDOUT) {
-        mh_res_header(req, "Retry-After", "2");
-        mh_res_error(req, 503, "unavailable", "the database is unavailable; retry shortly");
-    } else {
-        mh_res_error(req, 500, "internal", "database error");
-    }
 }
 
 /* ---------------------------------------------------- repo resolution */
@@ -143,7 +130,7 @@ static void load_repo_cb(void *ud, PGresult *res, int err, const char *errmsg)
     load_repo_t *lr = ud;
     mh_req_t *req = lr->req;
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     if (PQntuples(res) != 1) {

@@ -170,10 +170,6 @@ void mh_graph_cache_drop(mh_hub_t *hub, const char *repo_id);
  * quoted tag, e.g. "\"sha256:...\""). RFC 9110 13.1.2. */
 bool mh_hub_etag_matches(mh_str_t inm, const char *etag);
 
-/* Answers an error for an MH_E* code from a non-db step (store, parse,
- * memory) with the right status; logs `what`. */
-void mh_hub_fail(mh_req_t *req, int err, const char *what);
-
 /* Per-process cache internals, each owned by one file. */
 typedef struct mh_graph_cache mh_graph_cache_t;     /* graph.c */
 typedef struct mh_manifest_lru mh_manifest_lru_t;   /* manifests.c */

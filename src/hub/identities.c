@@ -124,7 +124,7 @@ static void ident_create_cb(void *ud, PGresult *res, int err, const char *errmsg
         return;
     }
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     mh_arena_t *a = &req->arena;
@@ -143,7 +143,7 @@ static void ident_create_cb(void *ud, PGresult *res, int err, const char *errmsg
     }
     mh_info("identity created %s (admin=%d agent=%d) key %s by %s", ic->handle, ic->is_admin, ic->is_agent,
             ic->key_id.s, mh_req_caller(req)->handle);
-    mh_res_val(req, 201, m, MH_FMT_JSON);
+    mh_res_val(req, 201, m);
 }
 
 void mh_h_identity_create(mh_req_t *req)
@@ -204,7 +204,7 @@ static void ident_get_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     mh_req_t *req = ud;
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     if (PQntuples(res) < 1) {
@@ -236,7 +236,7 @@ static void ident_get_cb(void *ud, PGresult *res, int err, const char *errmsg)
         rc |= mh_map_put(a, m, "keys", *keys);
     }
     if (rc) oom(req);
-    else mh_res_val(req, 200, m, MH_FMT_JSON);
+    else mh_res_val(req, 200, m);
 }
 
 #define TS(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"')"
@@ -272,7 +272,7 @@ static void key_add_cb(void *ud, PGresult *res, int err, const char *errmsg)
         return;
     }
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     if (PQntuples(res) != 1) {
@@ -292,7 +292,7 @@ static void key_add_cb(void *ud, PGresult *res, int err, const char *errmsg)
         return;
     }
     mh_info("key %s added to %s by %s", ka->key_id.s, ka->handle, mh_req_caller(req)->handle);
-    mh_res_val(req, 201, m, MH_FMT_JSON);
+    mh_res_val(req, 201, m);
 }
 
 void mh_h_identity_key_add(mh_req_t *req)
@@ -339,7 +339,7 @@ static void key_revoke_cb(void *ud, PGresult *res, int err, const char *errmsg)
     key_revoke_t *kr = ud;
     mh_req_t *req = kr->req;
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     if (PQntuples(res) != 1) {
@@ -400,7 +400,7 @@ static void collab_put_cb(void *ud, PGresult *res, int err, const char *errmsg)
     collab_t *co = ud;
     mh_req_t *req = co->req;
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     if (PQntuples(res) != 1) {
@@ -425,7 +425,7 @@ static void collab_put_cb(void *ud, PGresult *res, int err, const char *errmsg)
     mh_hub_repo_cache_invalidate(req->app, co->repo_id);
     mh_info("repo %s: collaborator %s role %s (by %s)", co->repo_id, co->handle, co->role,
             mh_req_caller(req)->handle);
-    mh_res_val(req, 200, m, MH_FMT_JSON);
+    mh_res_val(req, 200, m);
 }
 
 static void collab_put_repo(mh_req_t *req, mh_repo_t *repo)
@@ -473,7 +473,7 @@ static void collab_delete_cb(void *ud, PGresult *res, int err, const char *errms
     collab_t *co = ud;
     mh_req_t *req = co->req;
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     if (PQntuples(res) != 1 || mh_pq_int(res, 0, 0) == 0) {
@@ -517,7 +517,7 @@ static void collab_list_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     mh_req_t *req = ud;
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     mh_arena_t *a = &req->arena;
@@ -536,7 +536,7 @@ static void collab_list_cb(void *ud, PGresult *res, int err, const char *errmsg)
     }
     if (!rc) rc = mh_map_put(a, out, "collaborators", *arr);
     if (rc) oom(req);
-    else mh_res_val(req, 200, out, MH_FMT_JSON);
+    else mh_res_val(req, 200, out);
 }
 
 static void collab_list_repo(mh_req_t *req, mh_repo_t *repo)

@@ -37,7 +37,7 @@ static void create_cb(void *ud, PGresult *res, int err, const char *errmsg)
     jcreate_t *c = ud;
     mh_req_t *req = c->req;
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     if (PQntuples(res) != 1) {
@@ -57,7 +57,7 @@ static void create_cb(void *ud, PGresult *res, int err, const char *errmsg)
         return;
     }
     mh_info("req %s: job %s (%s) enqueued", req->id, c->job_id.s, c->type);
-    mh_res_val(req, 202, m, MH_FMT_JSON);
+    mh_res_val(req, 202, m);
 }
 
 static void create_repo_cb(mh_req_t *req, mh_repo_t *repo)
@@ -144,7 +144,7 @@ static void get_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     mh_req_t *req = ud;
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     const mh_caller_t *caller = mh_req_caller(req);
@@ -185,7 +185,7 @@ static void get_cb(void *ud, PGresult *res, int err, const char *errmsg)
     if (!rc) rc = mh_map_put(a, m, "updated_at", mh_v_str(COL(12)));
 #undef COL
     if (rc) mh_res_error(req, 503, "unavailable", "out of memory");
-    else mh_res_val(req, 200, m, MH_FMT_JSON);
+    else mh_res_val(req, 200, m);
 }
 
 static const mh_stmt_t st_job_get = {

@@ -101,7 +101,7 @@ static bool proposal_param(mh_req_t *req, char out[MH_ID_SIZE])
 
 static bool nomem(mh_req_t *req)
 {
-    mh_hub_fail(req, MH_ENOMEM, "proposals");
+    mh_res_fail(req, MH_ENOMEM, "proposals");
     return false;
 }
 
@@ -118,7 +118,7 @@ static void create_cb(void *ud, PGresult **results, int n, int err, const char *
     pcreate_t *p = ud;
     mh_req_t *req = p->req;
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     PGresult *res = results[n - 1];
@@ -132,7 +132,7 @@ static void create_cb(void *ud, PGresult **results, int n, int err, const char *
         return;
     }
     mh_info("req %s: proposal %s #%s opened: %s -> %s", req->id, p->id.s, mh_pq_str(res, 0, 1), p->from, p->to);
-    mh_res_val(req, 201, v, MH_FMT_JSON);
+    mh_res_val(req, 201, v);
 }
 
 static void create_repo_cb(mh_req_t *req, mh_repo_t *repo)
@@ -226,7 +226,7 @@ static void list_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     mh_req_t *req = ud;
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     mh_arena_t *a = &req->arena;
@@ -238,7 +238,7 @@ static void list_cb(void *ud, PGresult *res, int err, const char *errmsg)
     }
     if (!rc) rc = mh_map_put(a, out, "proposals", *arr);
     if (rc) nomem(req);
-    else mh_res_val(req, 200, out, MH_FMT_JSON);
+    else mh_res_val(req, 200, out);
 }
 
 static void list_repo_cb(mh_req_t *req, mh_repo_t *repo)
@@ -275,7 +275,7 @@ static void close_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     mh_req_t *req = ud;
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     if (PQntuples(res) != 1) {
@@ -288,7 +288,7 @@ static void close_cb(void *ud, PGresult *res, int err, const char *errmsg)
     }
     mh_val_t *v = proposal_val(&req->arena, res, 0, 1);
     if (!v) nomem(req);
-    else mh_res_val(req, 200, v, MH_FMT_JSON);
+    else mh_res_val(req, 200, v);
 }
 
 static void close_repo_cb(mh_req_t *req, mh_repo_t *repo)
@@ -394,7 +394,7 @@ static void ctx_graph_cb(void *ud, mh_graph_t *g, int err, const char *errmsg)
     graph_wait_t *w = ud;
     pctx_t *x = w->x;
     if (err) {
-        mh_hub_db_fail(x->req, err, errmsg);
+        mh_res_fail(x->req, err, errmsg);
         return;
     }
     if (mh_graph_hold(&x->req->arena, g)) {
@@ -404,7 +404,7 @@ static void ctx_graph_cb(void *ud, mh_graph_t *g, int err, const char *errmsg)
     x->g = g;
     int rc = ctx_resolve(x);
     if (rc) {
-        mh_hub_fail(x->req, rc, "merge base");
+        mh_res_fail(x->req, rc, "merge base");
         return;
     }
     w->cb(x);
@@ -482,7 +482,7 @@ static void pget_respond(pget_t *p, bool with_diff)
         rc = mh_map_put(a, m, "diff", mh_v_nil());
     }
     if (rc) nomem(req);
-    else mh_res_val(req, 200, m, MH_FMT_JSON);
+    else mh_res_val(req, 200, m);
 }
 
 static void pget_manifest_cb(void *ud, int err, const char *why)
@@ -490,7 +490,7 @@ static void pget_manifest_cb(void *ud, int err, const char *why)
     pget_t *p = ud;
     if (err) {
         mh_error("req %s: proposal diff: %s (%s)", p->x.req->id, mh_strerror(err), why ? why : "");
-        mh_hub_fail(p->x.req, err == MH_ENOENT || err == MH_EHASH || err == MH_EPARSE ? MH_EIO : err,
+        mh_res_fail(p->x.req, err == MH_ENOENT || err == MH_EHASH || err == MH_EPARSE ? MH_EIO : err,
                     "rebuilding a manifest");
         return;
     }
@@ -524,7 +524,7 @@ static void pget_row_cb(void *ud, PGresult *res, int err, const char *errmsg)
     pget_t *p = ud;
     mh_req_t *req = p->x.req;
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     if (PQntuples(res) != 1) {
@@ -821,7 +821,7 @@ static void respond_conflict(merge_t *m)
     m->state = M_DONE;
     mh_info("req %s: merge of proposal %s: %zu conflicts", req->id, m->x.pid, m->nconf);
     if (rc) nomem(req);
-    else mh_res_val(req, 409, v, MH_FMT_JSON);
+    else mh_res_val(req, 409, v);
 }
 
 /* ------------------------------------------------------------------ TX */
@@ -1130,7 +1130,7 @@ static void madvance(merge_t *m)
             if (!rc) rc = mh_map_put(a, v, "from_branch", mh_v_str(x->from));
             if (!rc) rc = mh_map_put(a, v, "merge_base", x->has_base ? mh_v_str(x->base.s) : mh_v_nil());
             if (rc) nomem(x->req);
-            else mh_res_val(x->req, 200, v, MH_FMT_JSON);
+            else mh_res_val(x->req, 200, v);
             return;
         }
         case M_DONE:

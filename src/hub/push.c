@@ -68,7 +68,7 @@ static void presign_done(void *ud, PGresult *res, int err, const char *errmsg)
     mh_req_t *req = p->req;
     mh_hub_t *hub = req->app;
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     bool present = mh_pq_str(res, 0, 0)[0] == 't';
@@ -90,7 +90,7 @@ static void presign_done(void *ud, PGresult *res, int err, const char *errmsg)
     if (!rc) rc = mh_map_put(a, m, "expires_in", mh_v_int(hub->cfg->presign_ttl));
     if (!rc) rc = mh_map_put(a, m, "already_present", mh_v_bool(present));
     if (rc) mh_res_error(req, 503, "unavailable", "out of memory");
-    else mh_res_val(req, 200, m, MH_FMT_JSON);
+    else mh_res_val(req, 200, m);
 }
 
 static void presign_repo_cb(mh_req_t *req, mh_repo_t *repo)
@@ -1290,7 +1290,7 @@ static void advance(unpack_t *u)
                     (long long)u->commits_written, (long long)u->snapshots_written, (long long)u->objects_written,
                     (unsigned long long)ms);
             if (rc) mh_res_error(req, 503, "unavailable", "out of memory");
-            else mh_res_val(req, 200, m, MH_FMT_JSON);
+            else mh_res_val(req, 200, m);
             return;
         }
         }

@@ -99,7 +99,7 @@ static void commit_row_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     mh_req_t *req = ud;
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     if (PQntuples(res) != 1) {
@@ -108,10 +108,10 @@ static void commit_row_cb(void *ud, PGresult *res, int err, const char *errmsg)
     }
     mh_val_t *m = commit_val(&req->arena, res, 0);
     if (!m) {
-        mh_hub_fail(req, MH_ENOMEM, "commit");
+        mh_res_fail(req, MH_ENOMEM, "commit");
         return;
     }
-    mh_res_val(req, 200, m, MH_FMT_JSON);
+    mh_res_val(req, 200, m);
 }
 
 static void commit_repo_cb(mh_req_t *req, mh_repo_t *repo)
@@ -130,7 +130,7 @@ void mh_h_commit(mh_req_t *req)
     }
     req->user = mh_strndup(&req->arena, id.p, id.n);
     if (!req->user) {
-        mh_hub_fail(req, MH_ENOMEM, "commit");
+        mh_res_fail(req, MH_ENOMEM, "commit");
         return;
     }
     mh_hub_load_repo(req, MH_PERM_READ, commit_repo_cb);
@@ -165,12 +165,12 @@ static void log_rows_cb(void *ud, PGresult *res, int err, const char *errmsg)
     mh_req_t *req = l->req;
     mh_arena_t *a = &req->arena;
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     mh_val_t *arr = mh_v_arr(a), *out = mh_v_map(a);
     if (!arr || !out) {
-        mh_hub_fail(req, MH_ENOMEM, "commits");
+        mh_res_fail(req, MH_ENOMEM, "commits");
         return;
     }
     /* Rows come back in any order: place each by its position in the page. */
@@ -179,21 +179,21 @@ static void log_rows_cb(void *ud, PGresult *res, int err, const char *errmsg)
         int r = 0;
         while (r < rows && strcmp(mh_pq_str(res, r, 0), l->ids[i]) != 0) r++;
         if (r == rows) {
-            mh_hub_fail(req, MH_EDB, "a commit row of the graph is missing");
+            mh_res_fail(req, MH_EDB, "a commit row of the graph is missing");
             return;
         }
         mh_val_t *c = commit_val(a, res, r);
         if (!c || mh_arr_push(a, arr, *c)) {
-            mh_hub_fail(req, MH_ENOMEM, "commits");
+            mh_res_fail(req, MH_ENOMEM, "commits");
             return;
         }
     }
     const char *next = l->more && l->npage ? l->ids[l->npage - 1] : NULL;
     if (mh_map_put(a, out, "commits", *arr) || mh_map_put(a, out, "next_cursor", next ? mh_v_str(next) : mh_v_nil())) {
-        mh_hub_fail(req, MH_ENOMEM, "commits");
+        mh_res_fail(req, MH_ENOMEM, "commits");
         return;
     }
-    mh_res_val(req, 200, out, MH_FMT_JSON);
+    mh_res_val(req, 200, out);
 }
 
 static void send_empty_log(mh_req_t *req)
@@ -201,10 +201,10 @@ static void send_empty_log(mh_req_t *req)
     mh_arena_t *a = &req->arena;
     mh_val_t *out = mh_v_map(a), *arr = mh_v_arr(a);
     if (!out || !arr || mh_map_put(a, out, "commits", *arr) || mh_map_put(a, out, "next_cursor", mh_v_nil())) {
-        mh_hub_fail(req, MH_ENOMEM, "commits");
+        mh_res_fail(req, MH_ENOMEM, "commits");
         return;
     }
-    mh_res_val(req, 200, out, MH_FMT_JSON);
+    mh_res_val(req, 200, out);
 }
 
 static void log_graph_cb(void *ud, mh_graph_t *g, int err, const char *errmsg);
@@ -235,15 +235,15 @@ static void log_run(log_t *l)
          * load reads the ref rows added since the cached graph). */
         if (!l->reloaded) {
             l->reloaded = true;
-            if (mh_graph_load(hub, a, l->repo->repo_id, log_graph_cb, l)) mh_hub_fail(req, MH_ENOMEM, "commits");
+            if (mh_graph_load(hub, a, l->repo->repo_id, log_graph_cb, l)) mh_res_fail(req, MH_ENOMEM, "commits");
             return;
         }
-        mh_hub_fail(req, MH_EDB, "branch head is not among the repository's commits");
+        mh_res_fail(req, MH_EDB, "branch head is not among the repository's commits");
         return;
     }
     l->page = mh_alloc(a, (l->limit + 1) * sizeof *l->page);
     if (!l->page) {
-        mh_hub_fail(req, MH_ENOMEM, "commits");
+        mh_res_fail(req, MH_ENOMEM, "commits");
         return;
     }
     int rc = mh_graph_log(g, b->node, cursor, l->limit, l->page, &l->npage, &l->more);
@@ -252,7 +252,7 @@ static void log_run(log_t *l)
         return;
     }
     if (rc) {
-        mh_hub_fail(req, rc, "commits");
+        mh_res_fail(req, rc, "commits");
         return;
     }
     if (l->npage == 0) {
@@ -262,21 +262,21 @@ static void log_run(log_t *l)
     l->ids = mh_alloc(a, l->npage * sizeof *l->ids);
     const char **vals = mh_alloc(a, 2 * sizeof *vals);
     if (!l->ids || !vals) {
-        mh_hub_fail(req, MH_ENOMEM, "commits");
+        mh_res_fail(req, MH_ENOMEM, "commits");
         return;
     }
     for (uint32_t i = 0; i < l->npage; i++) {
         mh_id_t id;
         mh_graph_id(g, l->page[i], &id);
         if (!(l->ids[i] = mh_strndup(a, id.s, MH_ID_LEN))) {
-            mh_hub_fail(req, MH_ENOMEM, "commits");
+            mh_res_fail(req, MH_ENOMEM, "commits");
             return;
         }
     }
     vals[0] = mh_pq_array(a, l->ids, l->npage, MH_ID_LEN);
     vals[1] = l->repo->repo_id;
     if (!vals[0]) {
-        mh_hub_fail(req, MH_ENOMEM, "commits");
+        mh_res_fail(req, MH_ENOMEM, "commits");
         return;
     }
     mh_db_exec(hub->db, &st_commits_page, vals, NULL, NULL, log_rows_cb, l);
@@ -287,11 +287,11 @@ static void log_graph_cb(void *ud, mh_graph_t *g, int err, const char *errmsg)
     log_t *l = ud;
     if (err) {
         if (err == MH_ENOENT) mh_res_error(l->req, 404, "not_found", "repository not found");
-        else mh_hub_db_fail(l->req, err, errmsg);
+        else mh_res_fail(l->req, err, errmsg);
         return;
     }
     if (mh_graph_hold(&l->req->arena, g)) {
-        mh_hub_fail(l->req, MH_ENOMEM, "commits");
+        mh_res_fail(l->req, MH_ENOMEM, "commits");
         return;
     }
     l->g = g;
@@ -307,13 +307,13 @@ static void log_repo_cb(mh_req_t *req, mh_repo_t *repo)
     l->g = mh_graph_cache_get(hub, repo->repo_id, repo->state_seq);
     if (l->g) {
         if (mh_graph_hold(&req->arena, l->g)) {
-            mh_hub_fail(req, MH_ENOMEM, "commits");
+            mh_res_fail(req, MH_ENOMEM, "commits");
             return;
         }
         log_run(l);
         return;
     }
-    if (mh_graph_load(hub, &req->arena, repo->repo_id, log_graph_cb, l)) mh_hub_fail(req, MH_ENOMEM, "commits");
+    if (mh_graph_load(hub, &req->arena, repo->repo_id, log_graph_cb, l)) mh_res_fail(req, MH_ENOMEM, "commits");
 }
 
 /* Parses a decimal limit in [1, 10^9]; false when malformed. */
@@ -335,7 +335,7 @@ void mh_h_commits(mh_req_t *req)
     mh_arena_t *a = &req->arena;
     log_t *l = mh_calloc(a, sizeof *l);
     if (!l) {
-        mh_hub_fail(req, MH_ENOMEM, "commits");
+        mh_res_fail(req, MH_ENOMEM, "commits");
         return;
     }
     l->req = req;
@@ -410,7 +410,7 @@ static void send_tree(tree_t *t, const sz_t *sz, size_t nsz)
     mh_arena_t *a = &req->arena;
     mh_val_t *out = mh_v_map(a), *entries = mh_v_arr(a);
     if (!out || !entries) {
-        mh_hub_fail(req, MH_ENOMEM, "tree");
+        mh_res_fail(req, MH_ENOMEM, "tree");
         return;
     }
     /* The manifest is sorted bytewise by path: entries come out that way. */
@@ -419,7 +419,7 @@ static void send_tree(tree_t *t, const sz_t *sz, size_t nsz)
         char *oid = mh_strndup(a, e->id, MH_ID_LEN);
         mh_val_t *x = mh_v_map(a);
         if (!oid || !x) {
-            mh_hub_fail(req, MH_ENOMEM, "tree");
+            mh_res_fail(req, MH_ENOMEM, "tree");
             return;
         }
         sz_t key = {oid, 0};
@@ -429,7 +429,7 @@ static void send_tree(tree_t *t, const sz_t *sz, size_t nsz)
         rc |= mh_map_put(a, x, "size_bytes", hit ? mh_v_int(hit->size) : mh_v_nil());
         rc |= mh_arr_push(a, entries, *x);
         if (rc) {
-            mh_hub_fail(req, MH_ENOMEM, "tree");
+            mh_res_fail(req, MH_ENOMEM, "tree");
             return;
         }
     }
@@ -437,10 +437,10 @@ static void send_tree(tree_t *t, const sz_t *sz, size_t nsz)
     rc |= mh_map_put(a, out, "snapshot_id", mh_v_str(t->snapshot_id));
     rc |= mh_map_put(a, out, "entries", *entries);
     if (rc) {
-        mh_hub_fail(req, MH_ENOMEM, "tree");
+        mh_res_fail(req, MH_ENOMEM, "tree");
         return;
     }
-    mh_res_val(req, 200, out, MH_FMT_JSON);
+    mh_res_val(req, 200, out);
 }
 
 static void sizes_cb(void *ud, PGresult *res, int err, const char *errmsg)
@@ -449,19 +449,19 @@ static void sizes_cb(void *ud, PGresult *res, int err, const char *errmsg)
     mh_req_t *req = t->req;
     mh_arena_t *a = &req->arena;
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     int rows = PQntuples(res);
     sz_t *sz = mh_alloc(a, (size_t)(rows + 1) * sizeof *sz);
     if (!sz) {
-        mh_hub_fail(req, MH_ENOMEM, "tree");
+        mh_res_fail(req, MH_ENOMEM, "tree");
         return;
     }
     for (int r = 0; r < rows; r++) {
         sz[r].size = mh_pq_int(res, r, 1);
         if (!(sz[r].id = mh_strdup(a, mh_pq_str(res, r, 0)))) {
-            mh_hub_fail(req, MH_ENOMEM, "tree");
+            mh_res_fail(req, MH_ENOMEM, "tree");
             return;
         }
     }
@@ -476,8 +476,8 @@ static void tree_manifest_cb(void *ud, int err, const char *why)
     mh_hub_t *hub = req->app;
     mh_arena_t *a = &req->arena;
     if (err) {
-        if (err == MH_EDBDOWN || err == MH_ETIMEDOUT || err == MH_EDB || err == MH_ENOMEM) mh_hub_fail(req, err, why);
-        else mh_hub_fail(req, MH_EINVAL, why ? why : "snapshot cannot be rebuilt");
+        if (err == MH_EDBDOWN || err == MH_ETIMEDOUT || err == MH_EDB || err == MH_ENOMEM) mh_res_fail(req, err, why);
+        else mh_res_fail(req, MH_EINVAL, why ? why : "snapshot cannot be rebuilt");
         return;
     }
     if (t->m.n == 0) {
@@ -486,13 +486,13 @@ static void tree_manifest_cb(void *ud, int err, const char *why)
     }
     const char **ids = mh_alloc(a, t->m.n * sizeof *ids), **vals = mh_alloc(a, sizeof *vals);
     if (!ids || !vals) {
-        mh_hub_fail(req, MH_ENOMEM, "tree");
+        mh_res_fail(req, MH_ENOMEM, "tree");
         return;
     }
     for (size_t i = 0; i < t->m.n; i++) ids[i] = t->m.e[i].id;
     vals[0] = mh_pq_array(a, ids, t->m.n, MH_ID_LEN);
     if (!vals[0]) {
-        mh_hub_fail(req, MH_ENOMEM, "tree");
+        mh_res_fail(req, MH_ENOMEM, "tree");
         return;
     }
     mh_db_exec(hub->db, &st_sizes, vals, NULL, NULL, sizes_cb, t);
@@ -505,7 +505,7 @@ static void tree_ref_cb(void *ud, PGresult *res, int err, const char *errmsg)
     mh_hub_t *hub = req->app;
     mh_arena_t *a = &req->arena;
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     if (PQntuples(res) != 1) {
@@ -523,7 +523,7 @@ static void tree_ref_cb(void *ud, PGresult *res, int err, const char *errmsg)
     t->commit_id = mh_strdup(a, mh_pq_str(res, 0, 0));
     t->snapshot_id = mh_strdup(a, mh_pq_str(res, 0, 1));
     if (!t->commit_id || !t->snapshot_id || mh_arena_defer(a, free_manifest_cb, &t->m)) {
-        mh_hub_fail(req, MH_ENOMEM, "tree");
+        mh_res_fail(req, MH_ENOMEM, "tree");
         return;
     }
     mh_hub_load_manifest(hub, a, t->snapshot_id, &t->m, tree_manifest_cb, t);
@@ -550,7 +550,7 @@ void mh_h_tree(mh_req_t *req)
     }
     tree_t *t = mh_calloc(a, sizeof *t);
     if (!t || !(t->ref = mh_strndup(a, ref.p, ref.n))) {
-        mh_hub_fail(req, MH_ENOMEM, "tree");
+        mh_res_fail(req, MH_ENOMEM, "tree");
         return;
     }
     t->req = req;
@@ -610,7 +610,7 @@ static void object_read_cb(void *ud, int err, mh_buf_t *data)
     objread_t *r = ud;
     mh_req_t *req = r->o->req;
     if (err || !data) {
-        mh_hub_fail(req, err == MH_ENOENT ? MH_ESTORE : err, "reading the object's pack");
+        mh_res_fail(req, err == MH_ENOENT ? MH_ESTORE : err, "reading the object's pack");
         return;
     }
     mh_res_send_buf(req, r->status, "application/octet-stream", data);
@@ -623,7 +623,7 @@ static void object_row_cb(void *ud, PGresult *res, int err, const char *errmsg)
     mh_hub_t *hub = req->app;
     mh_arena_t *a = &req->arena;
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     if (PQntuples(res) != 1) {
@@ -638,7 +638,7 @@ static void object_row_cb(void *ud, PGresult *res, int err, const char *errmsg)
     const char *mpack = mh_pq_str(res, 0, 0);
     int64_t base = mh_pq_int(res, 0, 1), size = mh_pq_int(res, 0, 2);
     if (!mh_id_valid(mpack, strlen(mpack)) || base < 0 || size < 0) {
-        mh_hub_fail(req, MH_EDB, "malformed mpack_index row");
+        mh_res_fail(req, MH_EDB, "malformed mpack_index row");
         return;
     }
     mh_str_t inm = mh_req_header(req, "if-none-match");
@@ -674,7 +674,7 @@ static void object_row_cb(void *ud, PGresult *res, int err, const char *errmsg)
     char *key = mh_alloc(a, MH_MPACK_KEY_SIZE);
     if (key) mh_mpack_key(key, mpack);
     if (!r || !key) {
-        mh_hub_fail(req, MH_ENOMEM, "object");
+        mh_res_fail(req, MH_ENOMEM, "object");
         return;
     }
     r->o = o;
@@ -700,7 +700,7 @@ void mh_h_object(mh_req_t *req)
     }
     obj_t *o = mh_calloc(a, sizeof *o);
     if (!o || !(o->oid = mh_strndup(a, id.p, id.n))) {
-        mh_hub_fail(req, MH_ENOMEM, "object");
+        mh_res_fail(req, MH_ENOMEM, "object");
         return;
     }
     o->req = req;

@@ -88,7 +88,7 @@ static void create_cb(void *ud, PGresult *res, int err, const char *errmsg)
         return;
     }
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     c->repo.created_at = mh_strdup(&req->arena, mh_pq_str(res, 0, 0));
@@ -98,7 +98,7 @@ static void create_cb(void *ud, PGresult *res, int err, const char *errmsg)
         return;
     }
     mh_info("repo created %s/%s id=%s", c->repo.owner, c->repo.slug, c->repo.repo_id);
-    mh_res_val(req, 201, v, MH_FMT_JSON);
+    mh_res_val(req, 201, v);
 }
 
 void mh_h_repo_create(mh_req_t *req)
@@ -185,7 +185,7 @@ static void repo_get_cb(mh_req_t *req, mh_repo_t *repo)
 {
     mh_val_t *v = mh_repo_val(req, repo);
     if (!v) mh_res_error(req, 503, "unavailable", "out of memory");
-    else mh_res_val(req, 200, v, MH_FMT_JSON);
+    else mh_res_val(req, 200, v);
 }
 
 void mh_h_repo_get(mh_req_t *req) { mh_hub_load_repo(req, MH_PERM_READ, repo_get_cb); }
@@ -202,7 +202,7 @@ static void repo_delete_done(void *ud, PGresult *res, int err, const char *errms
     delete_t *d = ud;
     mh_dbconn_release(d->conn); /* rolls back if the script failed midway */
     if (err) {
-        mh_hub_db_fail(d->req, err, errmsg);
+        mh_res_fail(d->req, err, errmsg);
         return;
     }
     mh_info("repo deleted %s/%s id=%s", d->repo->owner, d->repo->slug, d->repo->repo_id);
@@ -215,7 +215,7 @@ static void repo_delete_conn_cb(void *ud, mh_dbconn_t *c, int err)
 {
     delete_t *d = ud;
     if (err) {
-        mh_hub_db_fail(d->req, err, "no connection");
+        mh_res_fail(d->req, err, "no connection");
         return;
     }
     d->conn = c;
@@ -266,7 +266,7 @@ static void repo_list_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     mh_req_t *req = ud;
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     mh_arena_t *a = &req->arena;
@@ -282,7 +282,7 @@ static void repo_list_cb(void *ud, PGresult *res, int err, const char *errmsg)
     }
     if (!rc) rc = mh_map_put(a, out, "repos", *arr);
     if (rc) mh_res_error(req, 503, "unavailable", "out of memory");
-    else mh_res_val(req, 200, out, MH_FMT_JSON);
+    else mh_res_val(req, 200, out);
 }
 
 void mh_h_repo_list(mh_req_t *req)
@@ -374,7 +374,7 @@ static void refs_send(mh_req_t *req, const mh_repo_t *repo, uint32_t n, char *co
     if (!rc) rc = mh_map_put(a, out, "default_branch", mh_v_str(repo->default_branch));
     if (!rc) rc = mh_map_put(a, out, "branch_heads", *map);
     if (rc) mh_res_error(req, 503, "unavailable", "out of memory");
-    else mh_res_val(req, 200, out, MH_FMT_JSON);
+    else mh_res_val(req, 200, out);
 }
 
 typedef struct {
@@ -387,7 +387,7 @@ static void refs_rows_cb(void *ud, PGresult *res, int err, const char *errmsg)
     refs_t *r = ud;
     mh_req_t *req = r->req;
     if (err) {
-        mh_hub_db_fail(req, err, errmsg);
+        mh_res_fail(req, err, errmsg);
         return;
     }
     refs_cache_put(r->repo, res);
