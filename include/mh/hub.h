@@ -17,8 +17,7 @@
 #include "mh/mpack.h"
 #include "mh/store.h"
 
-typedef struct mh_fetch_cache mh_fetch_cache_t;
-typedef struct mh_repo_cache mh_repo_cache_t;
+typedef struct mh_fetch_cache mh_fetch_cache_t; /* the per-process caches (src/hub/caches.c) */
 
 typedef struct mh_hub {
     uv_loop_t *loop;
@@ -29,9 +28,8 @@ typedef struct mh_hub {
     mh_caller_t dev_caller;  /* valid when cfg->dev_identity */
     bool has_dev_caller;
     char public_url[256];    /* no trailing '/' */
-    mh_fetch_cache_t *fetch_cache; /* per-process cache of fetch answers */
+    mh_fetch_cache_t *fetch_cache; /* per-process caches: lookups, refs, fetch answers, graphs, manifests */
     mh_auth_t *auth;         /* key cache and rate limits (MSign, SPEC 5) */
-    mh_repo_cache_t *repo_cache; /* per-process repository lookups (repo_cache.c) */
     uint64_t started_ms;
 } mh_hub_t;
 
@@ -97,7 +95,7 @@ bool mh_parse_range(mh_str_t h, uint64_t size, uint64_t *off, uint64_t *len, boo
 /* Per-process cache of mh_hub_load_repo's query result, keyed by
  * (owner/slug or repo_id, caller identity); invalidated across processes
  * by NOTIFY musehub_repo (a trigger on repos and collaborators), entries
- * expire after 2 s regardless. See repo_cache.c for the invariants. */
+ * expire after 2 s regardless. See caches.c for the invariants. */
 
 /* Drops every entry of repo_id (NULL: all) and bumps the epoch. */
 void mh_hub_repo_cache_invalidate(mh_hub_t *hub, const char *repo_id);
@@ -110,11 +108,10 @@ bool mh_hub_repo_cache_lookup(mh_hub_t *hub, const char *key, size_t klen, mh_ar
 /* Caches a looked-up row unless an invalidation happened since `epoch`. */
 void mh_hub_repo_cache_put(mh_hub_t *hub, uint64_t epoch, const char *key, size_t klen, const mh_repo_t *r,
                            const char *role);
-/* Frees the cache (shutdown). */
+/* Empties the cache (shutdown; mh_fetch_cache_free does it too). */
 void mh_hub_repo_cache_free(mh_hub_t *hub);
 
-/* Frees this process's cache of branch heads by (repository, state_seq)
- * (repos.c; shutdown). */
+/* Kept for callers: the branch-head cache is freed by mh_fetch_cache_free. */
 void mh_hub_refs_cache_free(void);
 
 /* Fetch-pack cache invalidation after a branch move in this process
@@ -272,9 +269,10 @@ void mh_hub_load_manifest(mh_hub_t *hub, mh_arena_t *a, const char *snapshot_id,
  * the manifest is too large to cache. Loop thread only. */
 void mh_hub_manifest_cache_put(mh_hub_t *hub, const char *snapshot_id, const mh_manifest_t *m);
 
-/* Frees every per-process cache of hub (graphs, manifests, fetch
- * answers); call once at shutdown after the last request finished. Safe
- * when nothing was ever cached. */
+/* Frees every per-process cache of hub (repository lookups, branch heads,
+ * fetch answers and URLs, graphs, manifests); call once at shutdown after
+ * the last request finished. Safe when nothing was ever cached, and to
+ * call twice. */
 void mh_fetch_cache_free(mh_hub_t *hub);
 
 #endif

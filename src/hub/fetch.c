@@ -43,8 +43,6 @@
 #define MAX_HAVE_MANIFESTS 64    /* have tips whose objects are subtracted */
 #define READS_IN_FLIGHT 8        /* source packs read concurrently */
 #define POOL_THRESHOLD (256u << 10) /* blob bytes above which the build runs in the thread pool */
-#define AC_SLOTS 8192            /* cached answers per process (FIFO) */
-#define AC_BUCKETS 16384
 /* A build keeps row copies and decoded deltas in its own arena: the
  * request arena's 64 MiB cap is sized for API bodies, not for histories.
  * Blob bytes and the pack itself are heap buffers outside both. */
@@ -53,135 +51,8 @@
  * commit is in the pack. */
 #define GW_SENT 0x10
 
-/* ================================================================ caches */
-
-typedef struct {
-    char mpack_id[MH_ID_SIZE]; /* "" when nothing is to be sent */
-    uint32_t commits, snapshots, blobs;
-} answer_t;
-
-static void url_cache_free(void);
-
-typedef struct ac_ent {
-    struct ac_ent *next;
-    char *key;
-    uint64_t hash;
-    answer_t ans;
-} ac_ent_t;
-
+typedef mh__answer_t answer_t;
 typedef struct fetch fetch_t;
-
-typedef struct inflight {
-    struct inflight *next;
-    char *key;
-    fetch_t **waiters;
-    size_t n, cap;
-} inflight_t;
-
-struct mh_answer_cache {
-    ac_ent_t *buckets[AC_BUCKETS];
-    ac_ent_t *ring[AC_SLOTS];
-    uint32_t head;
-    inflight_t *inflight;
-};
-
-mh_fetch_cache_t *mh_hub_cache(mh_hub_t *hub)
-{
-    if (!hub->fetch_cache) {
-        mh_fetch_cache_t *fc = calloc(1, sizeof *fc);
-        if (!fc) return NULL;
-        fc->hub = hub;
-        hub->fetch_cache = fc;
-    }
-    return hub->fetch_cache;
-}
-
-static mh_answer_cache_t *answers(mh_hub_t *hub)
-{
-    mh_fetch_cache_t *fc = mh_hub_cache(hub);
-    if (!fc) return NULL;
-    if (!fc->answers) fc->answers = calloc(1, sizeof *fc->answers);
-    return fc->answers;
-}
-
-static void ac_unlink(mh_answer_cache_t *ac, ac_ent_t *e)
-{
-    ac_ent_t **pp = &ac->buckets[e->hash % AC_BUCKETS];
-    while (*pp && *pp != e) pp = &(*pp)->next;
-    if (*pp) *pp = e->next;
-    free(e->key);
-    free(e);
-}
-
-static const answer_t *ac_get(mh_answer_cache_t *ac, const char *key)
-{
-    uint64_t h = mh_hash64(key, strlen(key));
-    for (ac_ent_t *e = ac->buckets[h % AC_BUCKETS]; e; e = e->next)
-        if (e->hash == h && strcmp(e->key, key) == 0) return &e->ans;
-    return NULL;
-}
-
-static void ac_put(mh_answer_cache_t *ac, const char *key, const answer_t *ans)
-{
-    if (ac_get(ac, key)) return;
-    ac_ent_t *e = calloc(1, sizeof *e);
-    if (!e || !(e->key = strdup(key))) {
-        free(e);
-        return;
-    }
-    e->hash = mh_hash64(key, strlen(key));
-    e->ans = *ans;
-    /* FIFO eviction: the ring slot's previous occupant goes. */
-    uint32_t slot = ac->head++ % AC_SLOTS;
-    if (ac->ring[slot]) ac_unlink(ac, ac->ring[slot]);
-    ac->ring[slot] = e;
-    e->next = ac->buckets[e->hash % AC_BUCKETS];
-    ac->buckets[e->hash % AC_BUCKETS] = e;
-}
-
-void mh_fetch_cache_invalidate(mh_hub_t *hub, const char *repo_id)
-{
-    /* This process changed the repository: drop its lookup now rather
-     * than when our own NOTIFY comes back. */
-    mh_hub_repo_cache_invalidate(hub, repo_id);
-    if (!hub->fetch_cache) return;
-    /* The commit graph stays: it is keyed by state_seq, so it is never
-     * used for the new state, and the next load extends a copy of it with
-     * the new ref rows instead of reading the whole history again
-     * (graph.c). */
-    mh_answer_cache_t *ac = hub->fetch_cache->answers;
-    if (!ac || !repo_id) return;
-    size_t rl = strlen(repo_id);
-    for (uint32_t i = 0; i < AC_SLOTS; i++) {
-        ac_ent_t *e = ac->ring[i];
-        if (e && strncmp(e->key, repo_id, rl) == 0 && e->key[rl] == '|') {
-            ac_unlink(ac, e);
-            ac->ring[i] = NULL;
-        }
-    }
-}
-
-void mh_fetch_cache_free(mh_hub_t *hub)
-{
-    url_cache_free();
-    mh_fetch_cache_t *fc = hub->fetch_cache;
-    if (!fc) return;
-    if (fc->answers) {
-        for (uint32_t i = 0; i < AC_SLOTS; i++)
-            if (fc->answers->ring[i]) ac_unlink(fc->answers, fc->answers->ring[i]);
-        for (inflight_t *n, *x = fc->answers->inflight; x; x = n) {
-            n = x->next;
-            free(x->waiters);
-            free(x->key);
-            free(x);
-        }
-        free(fc->answers);
-    }
-    mh_graph_cache_free(fc->graphs);
-    mh_manifest_lru_free(fc->manifests);
-    free(fc);
-    hub->fetch_cache = NULL;
-}
 
 /* =============================================================== helpers */
 
@@ -323,7 +194,7 @@ struct fetch {
     char reqkey[65];    /* SHA-256 of the request as sent (sorted, unique) */
     char normkey[65];   /* ... of the known ids only (unknown haves dropped) */
     char *key;          /* answer-cache key: repo_id|state_seq|reqkey */
-    inflight_t *infl;   /* set on the request that builds */
+    mh__inflight_t *infl; /* set on the request that builds */
     int64_t seq;        /* the state the answer describes */
     mh_graph_t *g;
     bool g_cached, g_reloaded;
@@ -377,73 +248,14 @@ static void tmark(fetch_t *f, const char *name)
 
 /* ============================================================ responding */
 
-static uint32_t presign_ttl(const mh_hub_t *hub)
-{
-    uint32_t ttl = hub->cfg && hub->cfg->presign_ttl ? hub->cfg->presign_ttl : 3600;
-    return ttl > 604800 ? 604800 : ttl;
-}
-
-/* Presigned GET URLs of packs, reused while at least half their lifetime
- * is left: presigning (an HMAC and the URL's formatting) was half of a
- * cached fetch answer's instructions (docs/benchmarks.md). Per process,
- * direct-mapped by pack id; expires_in reports the URL's real remaining
- * lifetime. */
-#define URL_SLOTS 256
-
-typedef struct {
-    char mpack_id[MH_ID_SIZE];
-    int64_t signed_at, expires_at; /* unix seconds */
-    char url[];
-} url_ent_t;
-
-static url_ent_t *url_slots[URL_SLOTS];
-
-static void url_cache_free(void)
-{
-    for (size_t i = 0; i < URL_SLOTS; i++) {
-        free(url_slots[i]);
-        url_slots[i] = NULL;
-    }
-}
-
-/* The URL (in arena a) and its remaining lifetime in seconds. */
-static int pack_url(mh_hub_t *hub, mh_arena_t *a, const char *mpack_id, char **url, uint32_t *expires_in)
-{
-    uint32_t ttl = presign_ttl(hub);
-    int64_t now = mh_unix_time();
-    size_t slot = (size_t)mh_hash64(mpack_id, MH_ID_LEN) & (URL_SLOTS - 1);
-    url_ent_t *e = url_slots[slot];
-    if (e && strcmp(e->mpack_id, mpack_id) == 0 && now - e->signed_at < (int64_t)ttl / 2 && now < e->expires_at) {
-        *url = mh_strdup(a, e->url);
-        *expires_in = (uint32_t)(e->expires_at - now);
-        return *url ? 0 : MH_ENOMEM;
-    }
-    char key[MH_MPACK_KEY_SIZE];
-    mh_mpack_key(key, mpack_id);
-    int rc = mh_store_presign(hub->store, a, "GET", key, 0, NULL, ttl, url);
-    if (rc) return rc;
-    *expires_in = ttl;
-    size_t n = strlen(*url);
-    url_ent_t *ne = malloc(sizeof *ne + n + 1);
-    if (ne) { /* a cache: best effort */
-        snprintf(ne->mpack_id, sizeof ne->mpack_id, "%s", mpack_id);
-        ne->signed_at = now;
-        ne->expires_at = now + ttl;
-        memcpy(ne->url, *url, n + 1);
-        free(url_slots[slot]);
-        url_slots[slot] = ne;
-    }
-    return 0;
-}
-
 static void respond_answer(mh_req_t *req, const answer_t *ans)
 {
     mh_hub_t *hub = req->app;
     mh_arena_t *a = &req->arena;
-    uint32_t ttl = presign_ttl(hub);
+    uint32_t ttl = mh__presign_ttl(hub);
     char *url = NULL;
     if (ans->mpack_id[0]) {
-        int rc = pack_url(hub, a, ans->mpack_id, &url, &ttl);
+        int rc = mh__pack_url(hub, a, ans->mpack_id, &url, &ttl);
         if (rc) {
             mh_res_fail(req, rc, "presigning the pack");
             return;
@@ -483,26 +295,17 @@ static ferr_t err_of(int err)
     return (ferr_t){e->status, e->code, e->detail, e->retry};
 }
 
+static void answer_each(mh_req_t *waiter, void *arg) { respond_answer(waiter, arg); }
+static void error_each(mh_req_t *waiter, void *arg) { respond_error(waiter, arg); }
+
 /* Removes the in-flight record of f (the builder) and answers every
  * waiter with the same outcome. */
 static void wake_waiters(fetch_t *f, const answer_t *ans, const ferr_t *e)
 {
-    inflight_t *x = f->infl;
-    if (!x) return;
+    mh__inflight_t *x = f->infl;
     f->infl = NULL;
-    mh_answer_cache_t *ac = answers(f->hub);
-    if (ac) {
-        inflight_t **pp = &ac->inflight;
-        while (*pp && *pp != x) pp = &(*pp)->next;
-        if (*pp) *pp = x->next;
-    }
-    for (size_t i = 0; i < x->n; i++) {
-        if (ans) respond_answer(x->waiters[i]->req, ans);
-        else respond_error(x->waiters[i]->req, e);
-    }
-    free(x->waiters);
-    free(x->key);
-    free(x);
+    if (ans) mh__inflight_done(f->hub, x, answer_each, (void *)ans);
+    else mh__inflight_done(f->hub, x, error_each, (void *)e);
 }
 
 static void fail(fetch_t *f, ferr_t e)
@@ -523,12 +326,11 @@ static void fail_err(fetch_t *f, int err, const char *what)
 
 static void finish(fetch_t *f)
 {
-    mh_answer_cache_t *ac = answers(f->hub);
     /* Under the key this request was looked up with, and under the state
      * the answer was built for when the graph was newer. */
     char *key = mh_sprintf(f->a, "%s|%lld|%s", f->repo->repo_id, (long long)f->seq, f->reqkey);
-    if (ac && f->key) ac_put(ac, f->key, &f->ans);
-    if (ac && key && (!f->key || strcmp(key, f->key) != 0)) ac_put(ac, key, &f->ans);
+    if (f->key) mh__answer_put(f->hub, f->key, &f->ans);
+    if (key && (!f->key || strcmp(key, f->key) != 0)) mh__answer_put(f->hub, key, &f->ans);
     respond_answer(f->req, &f->ans);
     wake_waiters(f, &f->ans, NULL);
 }
@@ -1455,36 +1257,19 @@ static void repo_cb(mh_req_t *req, mh_repo_t *repo)
     f->repo = repo;
     f->seq = repo->state_seq;
     f->key = mh_sprintf(f->a, "%s|%lld|%s", repo->repo_id, (long long)repo->state_seq, f->reqkey);
-    mh_answer_cache_t *ac = answers(f->hub);
-    if (!f->key || !ac) { mh_res_fail(req, MH_ENOMEM, "fetch"); return; }
-    const answer_t *hit = ac_get(ac, f->key);
+    if (!f->key) { mh_res_fail(req, MH_ENOMEM, "fetch"); return; }
+    const answer_t *hit = mh__answer_get(f->hub, f->key);
     if (hit) {
         respond_answer(req, hit);
         return;
     }
     /* The same miss already being built: wait for its outcome. */
-    for (inflight_t *x = ac->inflight; x; x = x->next) {
-        if (strcmp(x->key, f->key) != 0) continue;
-        if (x->n == x->cap) {
-            size_t cap = x->cap ? x->cap * 2 : 8;
-            fetch_t **w = realloc(x->waiters, cap * sizeof *w);
-            if (!w) { mh_res_fail(req, MH_ENOMEM, "fetch"); return; }
-            x->waiters = w;
-            x->cap = cap;
-        }
+    int rc = mh__inflight_join(f->hub, f->key, req, &f->infl);
+    if (rc < 0) { mh_res_fail(req, rc, "fetch"); return; }
+    if (rc == 1) {
         f->state = S_WAIT;
-        x->waiters[x->n++] = f;
         return;
     }
-    inflight_t *x = calloc(1, sizeof *x);
-    if (!x || !(x->key = strdup(f->key))) {
-        free(x);
-        mh_res_fail(req, MH_ENOMEM, "fetch");
-        return;
-    }
-    x->next = ac->inflight;
-    ac->inflight = x;
-    f->infl = x;
     mh_arena_t *ba = mh_alloc(&req->arena, sizeof *ba);
     if (ba) mh_arena_init(ba, BUILD_ARENA_LIMIT);
     if (!ba || mh_arena_defer(&req->arena, release_arena_cb, ba)) {

@@ -418,23 +418,23 @@ int mh_graph_log(const mh_graph_t *g, uint32_t head, uint32_t cursor, uint32_t l
 #define GC_SLOTS 32
 #define GC_MAX_BYTES ((size_t)512 << 20)
 
-struct mh_graph_cache {
+struct mh__graph_cache {
     mh_graph_t *g[GC_SLOTS];
     uint64_t used[GC_SLOTS];
     uint64_t tick;
 };
 
-static mh_graph_cache_t *gcache(mh_hub_t *hub, bool create)
+static mh__graph_cache_t *gcache(mh_hub_t *hub, bool create)
 {
-    mh_fetch_cache_t *fc = create ? mh_hub_cache(hub) : hub->fetch_cache;
-    if (!fc) return NULL;
-    if (!fc->graphs && create) fc->graphs = calloc(1, sizeof *fc->graphs);
-    return fc->graphs;
+    mh__graph_cache_t **gc = mh__caches_graphs(hub, create);
+    if (!gc) return NULL;
+    if (!*gc && create) *gc = calloc(1, sizeof **gc);
+    return *gc;
 }
 
 mh_graph_t *mh_graph_cache_get(mh_hub_t *hub, const char *repo_id, int64_t state_seq)
 {
-    mh_graph_cache_t *gc = gcache(hub, false);
+    mh__graph_cache_t *gc = gcache(hub, false);
     if (!gc) return NULL;
     for (int i = 0; i < GC_SLOTS; i++) {
         mh_graph_t *g = gc->g[i];
@@ -451,7 +451,7 @@ mh_graph_t *mh_graph_cache_get(mh_hub_t *hub, const char *repo_id, int64_t state
  * the caller, or NULL: the base a load extends. */
 static mh_graph_t *cache_latest(mh_hub_t *hub, const char *repo_id)
 {
-    mh_graph_cache_t *gc = gcache(hub, false);
+    mh__graph_cache_t *gc = gcache(hub, false);
     if (!gc) return NULL;
     for (int i = 0; i < GC_SLOTS; i++) {
         if (gc->g[i] && strcmp(gc->g[i]->repo_id, repo_id) == 0) {
@@ -464,7 +464,7 @@ static mh_graph_t *cache_latest(mh_hub_t *hub, const char *repo_id)
 
 static void cache_put(mh_hub_t *hub, mh_graph_t *g)
 {
-    mh_graph_cache_t *gc = gcache(hub, true);
+    mh__graph_cache_t *gc = gcache(hub, true);
     if (!gc || g->bytes > GC_MAX_BYTES / 2) return;
     int slot = -1;
     size_t total = g->bytes;
@@ -504,7 +504,7 @@ static void cache_put(mh_hub_t *hub, mh_graph_t *g)
 
 void mh_graph_cache_drop(mh_hub_t *hub, const char *repo_id)
 {
-    mh_graph_cache_t *gc = gcache(hub, false);
+    mh__graph_cache_t *gc = gcache(hub, false);
     if (!gc) return;
     for (int i = 0; i < GC_SLOTS; i++) {
         if (gc->g[i] && (!repo_id || strcmp(gc->g[i]->repo_id, repo_id) == 0)) {
@@ -514,7 +514,7 @@ void mh_graph_cache_drop(mh_hub_t *hub, const char *repo_id)
     }
 }
 
-void mh_graph_cache_free(mh_graph_cache_t *gc)
+void mh__graph_cache_free(mh__graph_cache_t *gc)
 {
     if (!gc) return;
     for (int i = 0; i < GC_SLOTS; i++) mh_graph_unref(gc->g[i]);

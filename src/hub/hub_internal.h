@@ -33,9 +33,50 @@
 
 /* ------------------------------------------------------------- caches */
 
-/* The per-process cache object behind hub->fetch_cache, created on first
- * use (NULL only on ENOMEM). */
-mh_fetch_cache_t *mh_hub_cache(mh_hub_t *hub);
+/* caches.c: the per-process caches (see its head comment). Loop thread
+ * only. */
+
+/* The container, created on first use (NULL only on ENOMEM). */
+mh_fetch_cache_t *mh__caches(mh_hub_t *hub);
+/* The slots graph.c and manifests.c keep their caches in; NULL when the
+ * container does not exist and create is false (or on ENOMEM). */
+typedef struct mh__graph_cache mh__graph_cache_t;     /* graph.c */
+typedef struct mh__manifest_lru mh__manifest_lru_t;   /* manifests.c */
+mh__graph_cache_t **mh__caches_graphs(mh_hub_t *hub, bool create);
+mh__manifest_lru_t **mh__caches_manifests(mh_hub_t *hub, bool create);
+void mh__graph_cache_free(mh__graph_cache_t *gc);
+void mh__manifest_lru_free(mh__manifest_lru_t *l);
+
+/* Branch heads of (repo->repo_id, repo->state_seq): on a hit the arrays
+ * (n names and heads, NUL-terminated) stay valid until the next put. */
+bool mh__refs_cache_get(mh_hub_t *hub, const mh_repo_t *repo, uint32_t *n, char *const **names, char *const **heads);
+/* Remembers them (copied; best effort). */
+void mh__refs_cache_put(mh_hub_t *hub, const mh_repo_t *repo, uint32_t n, char *const *names, char *const *heads);
+
+/* A fetch answer: the pack ("" when nothing is to be sent) and counts. */
+typedef struct {
+    char mpack_id[MH_ID_SIZE];
+    uint32_t commits, snapshots, blobs;
+} mh__answer_t;
+
+/* Answers by key "repo_id|state_seq|request key" (FIFO, 8192). The
+ * pointer from _get is valid until the next put. */
+const mh__answer_t *mh__answer_get(mh_hub_t *hub, const char *key);
+void mh__answer_put(mh_hub_t *hub, const char *key, const mh__answer_t *ans);
+
+/* Builds in flight, so identical misses build once. _join returns 0 when
+ * req is the first with key (it builds; *mine is its record), 1 when it
+ * waits behind an earlier one, MH_ENOMEM. _done removes the builder's
+ * record and calls each(waiter, arg) for every waiting request. */
+typedef struct inflight mh__inflight_t;
+int mh__inflight_join(mh_hub_t *hub, const char *key, mh_req_t *req, mh__inflight_t **mine);
+void mh__inflight_done(mh_hub_t *hub, mh__inflight_t *x, void (*each)(mh_req_t *waiter, void *arg), void *arg);
+
+/* The lifetime of presigned URLs (MUSEHUB_PRESIGN_TTL, 1 h, at most 7
+ * days), and a pack's GET URL (in arena a) with its remaining lifetime in
+ * seconds, reused while half its lifetime is left. Store errors. */
+uint32_t mh__presign_ttl(const mh_hub_t *hub);
+int mh__pack_url(mh_hub_t *hub, mh_arena_t *a, const char *mpack_id, char **url, uint32_t *expires_in);
 
 /* ------------------------------------------------------ commit graphs */
 
@@ -169,20 +210,5 @@ void mh_graph_cache_drop(mh_hub_t *hub, const char *repo_id);
  * entity tags, weak "W/" ones compared weakly, or "*") names `etag` (the
  * quoted tag, e.g. "\"sha256:...\""). RFC 9110 13.1.2. */
 bool mh_hub_etag_matches(mh_str_t inm, const char *etag);
-
-/* Per-process cache internals, each owned by one file. */
-typedef struct mh_graph_cache mh_graph_cache_t;     /* graph.c */
-typedef struct mh_manifest_lru mh_manifest_lru_t;   /* manifests.c */
-typedef struct mh_answer_cache mh_answer_cache_t;   /* fetch.c */
-
-struct mh_fetch_cache {
-    mh_hub_t *hub;
-    mh_graph_cache_t *graphs;
-    mh_manifest_lru_t *manifests;
-    mh_answer_cache_t *answers;
-};
-
-void mh_graph_cache_free(mh_graph_cache_t *gc);
-void mh_manifest_lru_free(mh_manifest_lru_t *l);
 
 #endif

@@ -309,56 +309,11 @@ static const mh_stmt_t st_branches = {
     "branches_of_repo", "SELECT name, head_commit_id FROM branches WHERE repo_id = $1 ORDER BY name", 1};
 
 /* Clients read refs before every push and fetch, so the branch heads are
- * cached per process by (repository, state_seq): every branch move bumps
- * repos.state_seq in the same transaction (push, server-side commits,
- * merges), so an entry can never be served for a state it was not read
- * in, and no invalidation is needed. state_seq itself comes from the
- * repository lookup (repo_cache.c: NOTIFY-invalidated). */
-#define REFS_SLOTS 1024 /* power of two, direct-mapped */
-
-typedef struct {
-    char *repo_id;
-    int64_t state_seq;
-    uint32_t n;
-    char **names, **heads; /* all in one heap block with the entry */
-} refs_entry_t;
-
-static refs_entry_t *refs_slots[REFS_SLOTS];
-
-static uint32_t refs_slot(const char *repo_id) { return (uint32_t)mh_hash64(repo_id, strlen(repo_id)) & (REFS_SLOTS - 1); }
-
-void mh_hub_refs_cache_free(void)
-{
-    for (uint32_t i = 0; i < REFS_SLOTS; i++) {
-        free(refs_slots[i]);
-        refs_slots[i] = NULL;
-    }
-}
-
-static void refs_cache_put(const mh_repo_t *repo, PGresult *res)
-{
-    uint32_t n = (uint32_t)PQntuples(res);
-    size_t bytes = sizeof(refs_entry_t) + 2 * n * sizeof(char *) + strlen(repo->repo_id) + 1;
-    for (uint32_t i = 0; i < n; i++) bytes += strlen(mh_pq_str(res, (int)i, 0)) + strlen(mh_pq_str(res, (int)i, 1)) + 2;
-    refs_entry_t *e = malloc(bytes);
-    if (!e) return; /* a cache: best effort */
-    e->names = (char **)(e + 1);
-    e->heads = e->names + n;
-    char *p = (char *)(e->heads + n);
-    e->repo_id = p;
-    p = stpcpy(p, repo->repo_id) + 1;
-    for (uint32_t i = 0; i < n; i++) {
-        e->names[i] = p;
-        p = stpcpy(p, mh_pq_str(res, (int)i, 0)) + 1;
-        e->heads[i] = p;
-        p = stpcpy(p, mh_pq_str(res, (int)i, 1)) + 1;
-    }
-    e->n = n;
-    e->state_seq = repo->state_seq;
-    uint32_t k = refs_slot(repo->repo_id);
-    free(refs_slots[k]);
-    refs_slots[k] = e;
-}
+ * cached per process by (repository, state_seq) (caches.c): every branch
+ * move bumps repos.state_seq in the same transaction (push, server-side
+ * commits, merges), so an entry can never be served for a state it was
+ * not read in, and no invalidation is needed. state_seq itself comes
+ * from the repository lookup (NOTIFY-invalidated). */
 
 /* Answers from borrowed name/head arrays (the cache entry or the rows). */
 static void refs_send(mh_req_t *req, const mh_repo_t *repo, uint32_t n, char *const *names, char *const *heads)
@@ -390,7 +345,6 @@ static void refs_rows_cb(void *ud, PGresult *res, int err, const char *errmsg)
         mh_res_fail(req, err, errmsg);
         return;
     }
-    refs_cache_put(r->repo, res);
     uint32_t n = (uint32_t)PQntuples(res);
     char **names = mh_alloc(&req->arena, (n + 1) * sizeof(char *));
     char **heads = mh_alloc(&req->arena, (n + 1) * sizeof(char *));
@@ -402,15 +356,17 @@ static void refs_rows_cb(void *ud, PGresult *res, int err, const char *errmsg)
         names[i] = (char *)mh_pq_str(res, (int)i, 0);
         heads[i] = (char *)mh_pq_str(res, (int)i, 1);
     }
+    mh__refs_cache_put(req->app, r->repo, n, names, heads);
     refs_send(req, r->repo, n, names, heads);
 }
 
 static void refs_repo_cb(mh_req_t *req, mh_repo_t *repo)
 {
     mh_hub_t *hub = req->app;
-    refs_entry_t *e = refs_slots[refs_slot(repo->repo_id)];
-    if (e && e->state_seq == repo->state_seq && strcmp(e->repo_id, repo->repo_id) == 0) {
-        refs_send(req, repo, e->n, e->names, e->heads);
+    uint32_t n;
+    char *const *names, *const *heads;
+    if (mh__refs_cache_get(hub, repo, &n, &names, &heads)) {
+        refs_send(req, repo, n, names, heads);
         return;
     }
     refs_t *r = mh_alloc(&req->arena, sizeof *r);
