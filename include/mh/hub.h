@@ -15,6 +15,7 @@
 #include "mh/db.h"
 #include "mh/http.h"
 #include "mh/mpack.h"
+#include "mh/refwrite.h"
 #include "mh/store.h"
 
 typedef struct mh_fetch_cache mh_fetch_cache_t; /* the per-process caches (src/hub/caches.c) */
@@ -246,10 +247,6 @@ void mh_h_store_put(mh_req_t *req);
 void mh_h_store_get(mh_req_t *req);
 
 /* --------------------------------------------------- snapshot manifests */
-
-/* Every CHECKPOINT_INTERVAL links a snapshot row keeps its full manifest
- * (DESIGN section 4: bounded delta chains). */
-#define MH_CHECKPOINT_INTERVAL 64
 
 typedef void (*mh_manifest_cb)(void *ud, int err, const char *why);
 

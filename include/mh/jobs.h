@@ -37,6 +37,7 @@
 #include "mh/core.h"
 #include "mh/db.h"
 #include "mh/mpack.h"
+#include "mh/refwrite.h"
 #include "mh/store.h"
 
 typedef struct mh_jobs mh_jobs_t;
@@ -125,9 +126,7 @@ typedef struct {
  * blob whose content does not hash to its id), MH_ENOMEM. */
 int mh_gc_build_pack(mh_gc_blob_t *blobs, size_t *n, mh_buf_t *out, mh_id_t *key, size_t *bad);
 
-/* The COPY rows "object_id \t byte_offset \t byte_length \n" of a parsed
- * pack's blobs, one per distinct object id (the first occurrence wins),
- * appended to out; *nrows receives their number. MH_ENOMEM. */
-int mh_index_copy_rows(const mh_pack_t *p, mh_buf_t *out, size_t *nrows);
+/* mh_index_copy_rows, the COPY rows of a pack's blobs, is refwrite's
+ * (mh/refwrite.h). */
 
 #endif

@@ -8,7 +8,7 @@
  * private repository the caller may not read (never 403: that would leak
  * its existence).
  */
-#include "mh/hub.h"
+#include "hub_internal.h"
 
 #include <libpq-fe.h>
 #include <stdlib.h>
@@ -79,6 +79,99 @@ void mh_hub_pre_route(mh_req_t *req)
     mh_hub_t *hub = req->app;
     mh_auth_pre_route(hub->auth, req, hub->has_dev_caller ? &hub->dev_caller : NULL);
 }
+
+/* --------------------------------------------------------- request fields */
+
+bool mh__body_map(mh_req_t *req, mh_val_t *body)
+{
+    if (!mh_req_body_val(req, body)) return false;
+    if (body->t != MH_V_MAP) {
+        mh_res_error(req, 422, "invalid_body", "the body must be a map");
+        return false;
+    }
+    return true;
+}
+
+bool mh__body_id(mh_req_t *req, const mh_val_t *body, const char *name, bool required, mh_id_t *out, bool *present)
+{
+    const mh_val_t *v = mh_val_get(body, name);
+    if (present) *present = false;
+    if (!v || v->t == MH_V_NIL) {
+        if (!required) return true;
+        mh_res_error(req, 422, "invalid_field", "'%s' is required", name);
+        return false;
+    }
+    if (v->t != MH_V_STR || !mh_id_valid(v->v.s.p, v->v.s.n)) {
+        mh_res_error(req, 422, "invalid_id", "'%s' must be sha256:<64 lowercase hex>", name);
+        return false;
+    }
+    memcpy(out->s, v->v.s.p, MH_ID_LEN);
+    out->s[MH_ID_LEN] = 0;
+    if (present) *present = true;
+    return true;
+}
+
+bool mh__body_branch(mh_req_t *req, const mh_val_t *body, const char *name, char out[256])
+{
+    const mh_val_t *v = mh_val_get(body, name);
+    if (!v || v->t != MH_V_STR || !mh_branch_valid(v->v.s.p, v->v.s.n)) {
+        mh_res_error(req, 422, "invalid_field", "'%s' must be a valid branch name", name);
+        return false;
+    }
+    memcpy(out, v->v.s.p, v->v.s.n);
+    out[v->v.s.n] = 0;
+    return true;
+}
+
+bool mh__body_bool(mh_req_t *req, const mh_val_t *body, const char *name, bool *out)
+{
+    const mh_val_t *v = mh_val_get(body, name);
+    *out = false;
+    if (!v || v->t == MH_V_NIL) return true;
+    if (v->t != MH_V_BOOL) {
+        mh_res_error(req, 422, "invalid_field", "'%s' must be a boolean", name);
+        return false;
+    }
+    *out = v->v.b;
+    return true;
+}
+
+char *mh__text_field(mh_arena_t *a, const mh_val_t *v, size_t max, bool allow_empty)
+{
+    if (!v || v->t != MH_V_STR || v->v.s.n > max || (!allow_empty && v->v.s.n == 0)) return NULL;
+    if (memchr(v->v.s.p, 0, v->v.s.n) || !mh_utf8_valid(v->v.s.p, v->v.s.n)) return NULL;
+    return mh_strndup(a, v->v.s.p, v->v.s.n);
+}
+
+/* ------------------------------------------------- operations' ends */
+
+bool mh__op_failed(mh_step_t *s, mh_req_t *req, const char *invalid)
+{
+    if (s->status) {
+        mh_info("req %s: %s refused: %d %s: %s", req->id, s->what, s->status, s->code, s->why);
+        mh_res_error(req, s->status, s->code, "%s", s->why);
+        return true;
+    }
+    if (!s->err) return false;
+    const char *why = s->why[0] ? s->why : mh_strerror(s->err);
+    if (invalid && (s->err == MH_EPARSE || s->err == MH_EHASH)) {
+        mh_info("req %s: %s refused: 422 %s: %s", req->id, s->what, invalid, why);
+        mh_res_error(req, 422, invalid, "%s", why);
+        return true;
+    }
+    mh_info("req %s: %s failed: %s: %s", req->id, s->what, mh_strerror(s->err), why);
+    mh_res_fail(req, s->err, why);
+    return true;
+}
+
+int mh__manifest_err(int err)
+{
+    /* Missing or corrupt stored history is the server's fault. */
+    if (err == MH_ENOENT || err == MH_EHASH || err == MH_EPARSE || err == MH_ELIMIT || err == MH_EINVAL) return MH_EDB;
+    return err;
+}
+
+void mh__manifest_step_cb(void *ud, int err, const char *why) { mh_step_resume(ud, mh__manifest_err(err), why); }
 
 /* ---------------------------------------------------- repo resolution */
 

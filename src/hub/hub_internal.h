@@ -19,6 +19,8 @@
 
 #include "mh/hub.h"
 #include "mh/mpack.h"
+#include "mh/refwrite.h"
+#include "mh/step.h"
 
 /* ------------------------------------------------ public, for the lead */
 
@@ -30,6 +32,39 @@
  * 4 * MH_CHECKPOINT_INTERVAL without a checkpoint), MH_EINVAL (not an id).
  * A bounded per-process LRU (64 manifests, 96 MiB) answers repeats
  * without a query. */
+
+/* ----------------------------------------------------- request fields */
+
+/* hub.c: reading request bodies. Each answers SPEC's 422 itself and
+ * returns false on a bad field. */
+/* The body decoded (mh_req_body_val) and a map ("invalid_body"). */
+bool mh__body_map(mh_req_t *req, mh_val_t *body);
+/* An id field (sha256:<64 hex>) into out; absent is allowed unless
+ * required (*present tells, when not NULL). */
+bool mh__body_id(mh_req_t *req, const mh_val_t *body, const char *name, bool required, mh_id_t *out, bool *present);
+/* A valid branch name (mh_branch_valid), NUL-terminated into out. */
+bool mh__body_branch(mh_req_t *req, const mh_val_t *body, const char *name, char out[256]);
+/* An optional boolean (absent or nil: false). */
+bool mh__body_bool(mh_req_t *req, const mh_val_t *body, const char *name, bool *out);
+/* A text value: STR, UTF-8, no NUL, at most max bytes (at least one
+ * unless allow_empty); a NUL-terminated copy in a, NULL when not. */
+char *mh__text_field(mh_arena_t *a, const mh_val_t *v, size_t max, bool allow_empty);
+
+/* ------------------------------------------------ operations (step kit) */
+
+/* The end of an HTTP operation run on the kit, for its finish callback:
+ * answers a refusal (s->status, s->code, s->why), or an error through the
+ * error table, except malformed input (MH_EPARSE, MH_EHASH), which is the
+ * operation's 422 code `invalid` (when not NULL) with its reason; logs it.
+ * Returns false, answering nothing, when the operation succeeded. */
+bool mh__op_failed(mh_step_t *s, mh_req_t *req, const char *invalid);
+
+/* A manifest load's error as the operation's: a missing or corrupt stored
+ * snapshot is the server's fault (MH_EDB), not the client's. */
+int mh__manifest_err(int err);
+/* mh_manifest_cb for a step (ud = the mh_step_t) that waits on
+ * mh_hub_load_manifest. */
+void mh__manifest_step_cb(void *ud, int err, const char *why);
 
 /* ------------------------------------------------------------- caches */
 
@@ -77,6 +112,51 @@ void mh__inflight_done(mh_hub_t *hub, mh__inflight_t *x, void (*each)(mh_req_t *
  * seconds, reused while half its lifetime is left. Store errors. */
 uint32_t mh__presign_ttl(const mh_hub_t *hub);
 int mh__pack_url(mh_hub_t *hub, mh_arena_t *a, const char *mpack_id, char **url, uint32_t *expires_in);
+
+/* -------------------------------------------------- push unpack checks */
+
+/* push_check.c: the CPU half of unpack (thread pool), between push.c's
+ * lookups and its transaction. */
+
+/* A stored snapshot pack snapshots are deltas against. */
+typedef struct {
+    char id[MH_ID_SIZE];
+    int64_t depth;
+    mh_manifest_t m; /* loaded by push.c (mh_hub_load_manifest) */
+    bool loaded;
+} mh__base_t;
+
+typedef struct {
+    /* in */
+    const uint8_t *buf; /* the pack */
+    size_t len;
+    const char *key;  /* its id (MH_ID_LEN bytes) */
+    const char *head; /* the head the branch moves to */
+    mh_arena_t *a;    /* everything below (the loop does not touch it while a check runs) */
+    /* VERIFY out */
+    mh_pack_t pack;
+    mh_idmap_t commits, snaps, blobs; /* the pack's entries by id */
+    mh_idlist_t ext_parents, ext_snaps, ext_objects; /* ids it names outside itself */
+    bool head_in_pack;
+    /* in: what the repository holds of those (push.c's CONTEXT) */
+    const char **have_commits, **have_snaps, **have_objects;
+    int64_t *have_gen, *have_depth; /* per have_commits / have_snaps entry */
+    size_t nhave_commits, nhave_snaps, nhave_objects;
+    /* BASES out (push.c loads their manifests) */
+    mh__base_t *bases;
+    size_t nbases;
+    mh_idmap_t base_map;
+    /* REBUILD out: refwrite's temporary tables' COPY rows */
+    mh_buf_t commit_rows, snapshot_rows, object_rows;
+    const char *why; /* the reason of an MH_EPARSE / MH_EHASH (in a) */
+} mh__unpack_t;
+
+/* Each returns 0, MH_EPARSE or MH_EHASH (a bad pack: 422 invalid_pack,
+ * why set) or MH_ENOMEM. Thread-safe (one check per mh__unpack_t). */
+int mh__unpack_verify(mh__unpack_t *x);
+int mh__unpack_bases(mh__unpack_t *x);
+int mh__unpack_rebuild(mh__unpack_t *x);
+void mh__unpack_free(mh__unpack_t *x);
 
 /* ------------------------------------------------------ commit graphs */
 

@@ -457,30 +457,3 @@ void mh_job_index_start(mh_job_t *j)
 }
 
 /* ------------------------------------------------------------ helpers */
-
-static const void *blob_key(const void *ctx, uint32_t v) { return ((const mh_pack_t *)ctx)->blobs[v].object_id.p; }
-
-int mh_index_copy_rows(const mh_pack_t *p, mh_buf_t *out, size_t *nrows)
-{
-    *nrows = 0;
-    /* Ids come from the pack as sent: core's seeded map, never a table a
-     * client could fill with colliding ids. */
-    mh_idmap_t seen;
-    mh_idmap_init(&seen, NULL, MH_ID_LEN, blob_key, p);
-    int rc = mh_idmap_reserve(&seen, p->nblobs);
-    if (!rc) rc = mh_buf_reserve(out, p->nblobs * (MH_ID_LEN + 24));
-    for (size_t i = 0; i < p->nblobs && !rc; i++) {
-        const mh_pack_blob_t *b = &p->blobs[i];
-        int added = mh_idmap_add(&seen, (uint32_t)i, NULL);
-        if (added <= 0) {
-            rc = added;
-            continue;
-        }
-        rc = mh_copy_field(out, b->object_id.p, b->object_id.n, false);
-        if (!rc) rc = mh_copy_int(out, (int64_t)b->offset, false);
-        if (!rc) rc = mh_copy_int(out, (int64_t)b->length, true);
-        if (!rc) (*nrows)++;
-    }
-    mh_idmap_free(&seen);
-    return rc;
-}

@@ -542,6 +542,24 @@ def test_unpack_without_grant_404(hub, db, repo):
     assert_untouched(hub, db, repo)
 
 
+def test_two_grants_the_uploaded_one_is_used(hub, db, repo):
+    """Regression (hardening 15.9): presign, upload, presign again (a second
+    grant, nothing uploaded under it), unpack.  SPEC 4.3: any unexpired
+    grant with a completed upload is used; the newest grant was picked and
+    the unpack answered 404 not_staged."""
+    h = small()
+    data = h.pack()
+    key = stage(hub, repo["slug"], data)
+    again = hub.presign(OWNER, repo["slug"], key, len(data))
+    assert again["already_present"] is False
+    res = hub.unpack(OWNER, repo["slug"], key, "main", h.head)
+    assert res["commits_written"] == 3
+    assert hub.refs(OWNER, repo["slug"])["branch_heads"] == {"main": h.head}
+    # the grant that had the upload is the one consumed
+    q = f"SELECT count(*) FROM push_grants WHERE repo_id = {sql_str(repo['repo_id'])} AND consumed_at IS NOT NULL"
+    assert db.count(q) == 1
+
+
 def test_anonymous_push_401(anon_hub, repo):
     r = anon_hub.raw("POST", f"/{OWNER}/{repo['slug']}/push/mpack-presign",
                      {"mpack_key": "sha256:" + "a" * 64, "size_bytes": 10})
