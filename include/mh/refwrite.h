@@ -99,6 +99,27 @@ void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int 
  * number. MH_ENOMEM. */
 int mh_index_copy_rows(const mh_pack_t *p, mh_buf_t *out, size_t *nrows);
 
+/* The packs the server writes itself (a server-side commit's new blobs,
+ * mpack.gc's consolidated pack): v1, no commits, snapshots or branch
+ * heads, every blob once, sorted by object id (bytewise), so the bytes —
+ * and the key — depend only on the set of blobs. */
+typedef struct {
+    const char *id;         /* MH_ID_LEN bytes, borrowed */
+    const uint8_t *content; /* borrowed */
+    uint64_t len;
+    uint64_t new_off;       /* out: where its content starts in the new pack */
+} mh_rw_blob_t;
+
+/* Sorts blobs[] in place, drops duplicate ids (the first copy wins; *n is
+ * updated), with `verify` checks every blob's content against its id
+ * (MH_EHASH, *bad = its index after sorting: a wrong byte range must not
+ * become a poisoned pack), writes the pack into out (an empty buffer),
+ * sets each blob's new_off and the pack's key. Pure CPU, for the thread
+ * pool. MH_EHASH, MH_ENOMEM. */
+int mh_rw_blob_pack(mh_rw_blob_t *blobs, size_t *n, bool verify, mh_buf_t *out, mh_id_t *key, size_t *bad);
+/* The tmp_objects COPY rows of such a pack's blobs. MH_ENOMEM. */
+int mh_rw_blob_rows(const mh_rw_blob_t *blobs, size_t n, mh_buf_t *out);
+
 /* Deleting a repository: the ref rows and the repository row (branches,
  * grants, proposals, collaborators and cached fetch answers go with it by
  * ON DELETE CASCADE). Global rows and packs are left to GC (SPEC 4.1). */

@@ -172,6 +172,62 @@ int mh_index_copy_rows(const mh_pack_t *p, mh_buf_t *out, size_t *nrows)
     return rc;
 }
 
+static int cmp_blob(const void *x, const void *y)
+{
+    return memcmp(((const mh_rw_blob_t *)x)->id, ((const mh_rw_blob_t *)y)->id, MH_ID_LEN);
+}
+
+int mh_rw_blob_pack(mh_rw_blob_t *blobs, size_t *n, bool verify, mh_buf_t *out, mh_id_t *key, size_t *bad)
+{
+    size_t m = *n, k = 0;
+    if (m > 1) qsort(blobs, m, sizeof *blobs, cmp_blob);
+    uint64_t bytes = 0;
+    for (size_t i = 0; i < m; i++) {
+        if (k && !memcmp(blobs[k - 1].id, blobs[i].id, MH_ID_LEN)) continue;
+        blobs[k++] = blobs[i];
+        bytes += blobs[i].len;
+    }
+    *n = k;
+    static const uint8_t empty[1] = {0};
+    /* Checked before anything is written: content must hash to its id. */
+    for (size_t i = 0; verify && i < k; i++) {
+        mh_id_t got;
+        mh_blob_id(blobs[i].len ? blobs[i].content : empty, blobs[i].len, &got);
+        if (memcmp(got.s, blobs[i].id, MH_ID_LEN) != 0) {
+            if (bad) *bad = i;
+            return MH_EHASH;
+        }
+    }
+    if (bytes > SIZE_MAX / 2 || mh_buf_reserve(out, (size_t)bytes + k * (MH_ID_LEN + 32) + 64)) return MH_ENOMEM;
+    mh_packw_t w;
+    mh_packw_init(&w, out);
+    mh_packw_commits(&w, 0);
+    mh_packw_snapshots(&w, 0);
+    mh_packw_blobs(&w, (uint32_t)k);
+    for (size_t i = 0; i < k; i++) {
+        mh_packw_blob(&w, (mh_str_t){blobs[i].id, MH_ID_LEN}, blobs[i].len ? blobs[i].content : empty,
+                      (size_t)blobs[i].len);
+        /* The writer ends each blob map with its content bytes. */
+        blobs[i].new_off = out->len - blobs[i].len;
+    }
+    mh_packw_branch_heads(&w, 0);
+    int rc = mh_packw_finish(&w);
+    if (rc) return rc;
+    mh_blob_id(out->p, out->len, key);
+    return 0;
+}
+
+int mh_rw_blob_rows(const mh_rw_blob_t *blobs, size_t n, mh_buf_t *out)
+{
+    int rc = mh_buf_reserve(out, n * (MH_ID_LEN + 24));
+    for (size_t i = 0; i < n && !rc; i++) {
+        rc = mh_copy_field(out, blobs[i].id, MH_ID_LEN, false);
+        if (!rc) rc = mh_copy_int(out, (int64_t)blobs[i].new_off, false);
+        if (!rc) rc = mh_copy_int(out, (int64_t)blobs[i].len, true);
+    }
+    return rc;
+}
+
 void mh_rw_repo_delete_rows(mh_db_batch_t *b, const char *repo_id)
 {
     /* Each its own statement after the lock (mh_rw_begin): a fresh

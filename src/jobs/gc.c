@@ -603,52 +603,7 @@ void mh_job_gc_start(mh_job_t *j)
 
 /* ------------------------------------------------------- pack building */
 
-static int cmp_blob(const void *x, const void *y)
-{
-    const mh_gc_blob_t *a = x, *b = y;
-    return memcmp(a->id, b->id, MH_ID_LEN);
-}
-
 int mh_gc_build_pack(mh_gc_blob_t *blobs, size_t *n, mh_buf_t *out, mh_id_t *key, size_t *bad)
 {
-    size_t m = *n;
-    if (m > 1) qsort(blobs, m, sizeof *blobs, cmp_blob);
-    size_t k = 0;
-    uint64_t bytes = 0;
-    for (size_t i = 0; i < m; i++) {
-        if (k && !memcmp(blobs[k - 1].id, blobs[i].id, MH_ID_LEN)) continue;
-        blobs[k++] = blobs[i];
-        bytes += blobs[i].len;
-    }
-    *n = k;
-    /* Check before writing anything: content must hash to its id. */
-    for (size_t i = 0; i < k; i++) {
-        mh_id_t got;
-        static const uint8_t none[1] = {0};
-        mh_blob_id(blobs[i].len ? blobs[i].content : none, blobs[i].len, &got);
-        if (memcmp(got.s, blobs[i].id, MH_ID_LEN) != 0) {
-            if (bad) *bad = i;
-            return MH_EHASH;
-        }
-    }
-    if (bytes > SIZE_MAX / 2 || mh_buf_reserve(out, (size_t)bytes + k * (MH_ID_LEN + 32) + 64)) return MH_ENOMEM;
-    mh_packw_t w;
-    mh_packw_init(&w, out);
-    mh_packw_commits(&w, 0);
-    mh_packw_snapshots(&w, 0);
-    mh_packw_blobs(&w, (uint32_t)k);
-    static const uint8_t empty[1] = {0};
-    for (size_t i = 0; i < k; i++) {
-        const uint8_t *c = blobs[i].len ? blobs[i].content : empty;
-        mh_packw_blob(&w, (mh_str_t){blobs[i].id, MH_ID_LEN}, c, (size_t)blobs[i].len);
-        /* The writer ends each blob map with its content bytes. */
-        blobs[i].new_off = out->len - blobs[i].len;
-    }
-    mh_packw_branch_heads(&w, 0);
-    int rc = mh_packw_finish(&w);
-    if (rc) return rc;
-    uint8_t d[32];
-    mh_sha256(out->p, out->len, d);
-    mh_id_from_digest(key, d);
-    return 0;
+    return mh_rw_blob_pack(blobs, n, true, out, key, bad);
 }
