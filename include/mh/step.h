@@ -137,6 +137,9 @@ void mh_step_copy(mh_step_t *s, const char *copy_sql, const void *data, size_t n
 void mh_step_acquire(mh_step_t *s);
 /* COMMIT on the held connection, then gives it back. */
 void mh_step_commit(mh_step_t *s);
+/* Gives the held connection back at once, rolling its transaction back,
+ * without ending the operation (it may start over). */
+void mh_step_rollback(mh_step_t *s);
 
 /* -------------------------------------------------------------- store */
 

@@ -210,6 +210,12 @@ void mh_step_commit(mh_step_t *s)
     mh_dbconn_script(s->conn, "COMMIT", res_cb, s);
 }
 
+void mh_step_rollback(mh_step_t *s)
+{
+    if (s->conn) mh_dbconn_release(s->conn);
+    s->conn = NULL;
+}
+
 /* -------------------------------------------------------------- store */
 
 static void get_cb(void *ud, int err, mh_buf_t *data)
