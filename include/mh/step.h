@@ -85,6 +85,7 @@ struct mh_step {
     uint64_t t0;       /* mh_now_us() at init */
     mh_dbconn_t *conn; /* the held connection: the operation's transaction */
     void *arg;         /* what the call in flight works on, for helpers (refwrite) */
+    void *user;        /* the operation's own (a job keeps its mh_job_t here) */
     union { /* the handler of the call in flight */
         mh_step_res_fn res;
         mh_step_pipe_fn pipe;

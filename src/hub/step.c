@@ -77,7 +77,7 @@ void mh_step_run(mh_step_t *s)
         int cur = s->state;
         s->state = cur + 1;
         if (mh_log_level_current <= MH_LOG_DEBUG)
-            mh_debug("%s %s: step %s at %.1f ms", s->what, s->id, s->steps[cur].name,
+            mh_debug("%s: %s step %s (%.1f ms)", s->id, s->what, s->steps[cur].name,
                      (double)(mh_now_us() - s->t0) / 1000.0);
         s->steps[cur].run(s);
     }

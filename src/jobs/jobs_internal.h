@@ -15,6 +15,8 @@
 
 #include "mh/codec.h"
 #include "mh/jobs.h"
+#include "mh/refwrite.h"
+#include "mh/step.h"
 
 typedef struct mh_job mh_job_t;
 
@@ -54,6 +56,17 @@ void mh_job_done(mh_job_t *j, const mh_val_t *result);
  * until max_attempts, then `failed` with the error kept. */
 void mh_job_fail(mh_job_t *j, bool permanent, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
+/* The job's step machine set up (mh/step.h): loop, db, store, the
+ * runner's cancellation (steps from `final` on still run), finish. */
+void mh__job_step_init(mh_job_t *j, mh_step_t *s, const mh_step_def_t *steps, int n, int final,
+                       void (*finish)(mh_step_t *s));
+/* The end of a job run on the kit, for its finish callback: an error
+ * fails the job ("<what>: <reason>: <error>"), for good when `permanent`;
+ * otherwise the job is done with result (built with b: a failed build is
+ * retried). */
+void mh__job_end(mh_job_t *j, const mh_step_t *s, const char *what, bool permanent, const mh_vb_t *b,
+                 const mh_val_t *result);
+
 /* Milliseconds since the job started (a float, never 0). */
 double mh_job_elapsed_ms(const mh_job_t *j);
 /* The same rounded up to whole milliseconds (>= 1), for results. */
@@ -73,10 +86,6 @@ void mh_jobs_sweep(mh_db_t *db, mh_store_t *store, uint32_t grace_s, bool (*stop
                    void (*done)(void *arg, int deleted), void *arg);
 
 /* ------------------------------------------------------------ helpers */
-
-/* SQL text for the advisory lock of a pack, shared by GC, index and
- * sweep: pg_advisory_xact_lock(hashtextextended('musehub:mpack:' || id, 0)). */
-#define MH_SQL_LOCK_MPACK(param) "pg_advisory_xact_lock(hashtextextended('musehub:mpack:' || " param ", 0))"
 
 /* Process-wide counters (queue.c), for metrics. */
 void mh_jobs_count_swept(int n);

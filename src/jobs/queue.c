@@ -132,6 +132,33 @@ int64_t mh_job_elapsed_ms_int(const mh_job_t *j)
     return ms ? (int64_t)ms : 1;
 }
 
+static bool job_stopping(mh_step_t *s) { return mh_job_cancelled(s->user); }
+
+void mh__job_step_init(mh_job_t *j, mh_step_t *s, const mh_step_def_t *steps, int n, int final,
+                       void (*finish)(mh_step_t *s))
+{
+    mh_step_init(s, steps, n, j->type, j->id);
+    s->loop = j->loop;
+    s->db = j->db;
+    s->store = j->store;
+    s->finish = finish;
+    s->final = final;
+    s->stopping = job_stopping;
+    s->user = j;
+}
+
+void mh__job_end(mh_job_t *j, const mh_step_t *s, const char *what, bool permanent, const mh_vb_t *b,
+                 const mh_val_t *result)
+{
+    if (s->err)
+        mh_job_fail(j, permanent, "%s: %s%s%s", what, s->why[0] ? s->why : "", s->why[0] ? ": " : "",
+                    mh_strerror(s->err));
+    else if (b->err || !result)
+        mh_job_fail(j, false, "%s: out of memory building the result", what);
+    else
+        mh_job_done(j, result);
+}
+
 static void try_claim(mh_jobs_t *r);
 static void maybe_stopped(mh_jobs_t *r);
 

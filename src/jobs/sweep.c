@@ -115,7 +115,7 @@ static void begin_cb(void *ud, PGresult *res, int err, const char *errmsg)
     v[0] = id;
     v[1] = s->grace;
     mh_db_pq_t qs[2] = {
-        {NULL, "SELECT " MH_SQL_LOCK_MPACK("$1::text"), 1, v, NULL, NULL},
+        {NULL, mh_rw_sql_pack_lock, 1, v, NULL, NULL},
         {NULL,
          "DELETE FROM mpacks m WHERE m.mpack_id = $1 AND m.superseded_at < now() - make_interval(secs => $2::int)"
          " AND NOT EXISTS (SELECT 1 FROM mpack_index i WHERE i.mpack_id = m.mpack_id)"
