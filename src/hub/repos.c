@@ -190,72 +190,60 @@ static void repo_get_cb(mh_req_t *req, mh_repo_t *repo)
 
 void mh_h_repo_get(mh_req_t *req) { mh_hub_load_repo(req, MH_PERM_READ, repo_get_cb); }
 
+/* Deleting a repository is a ref writer like any other: refwrite's lock
+ * order and statements (the ref tables explicitly, sql/0007; branches,
+ * grants and cached fetch answers by ON DELETE CASCADE; global rows and
+ * packs are left to GC, SPEC 4.1). */
 typedef struct {
+    mh_step_t step;
     mh_req_t *req;
     mh_repo_t *repo;
-    mh_dbconn_t *conn;
 } delete_t;
 
-static void repo_delete_done(void *ud, PGresult *res, int err, const char *errmsg)
+#define D(s) MH_STEP_OP(s, delete_t, step)
+
+static void del_acquire(mh_step_t *s) { mh_step_acquire(s); }
+static void del_begin(mh_step_t *s) { mh_rw_begin(s, D(s)->repo->repo_id, NULL, 0); }
+
+static void del_rows(mh_step_t *s)
 {
-    (void)res;
-    delete_t *d = ud;
-    mh_dbconn_release(d->conn); /* rolls back if the script failed midway */
-    if (err) {
-        mh_res_fail(d->req, err, errmsg);
-        return;
-    }
+    mh_db_batch_t b = {0};
+    mh_rw_repo_delete_rows(&b, D(s)->repo->repo_id);
+    mh_step_batch(s, &b, NULL);
+}
+
+static void del_commit(mh_step_t *s) { mh_step_commit(s); }
+static void del_done(mh_step_t *s) { mh_step_done(s); }
+
+static const mh_step_def_t delete_steps[] = {
+    {"acquire", del_acquire}, {"begin", del_begin}, {"rows", del_rows}, {"commit", del_commit}, {"done", del_done},
+};
+
+static void delete_finish(mh_step_t *s)
+{
+    delete_t *d = D(s);
+    if (mh__op_failed(s, d->req, NULL)) return;
     mh_info("repo deleted %s/%s id=%s", d->repo->owner, d->repo->slug, d->repo->repo_id);
     mh_fetch_cache_invalidate(d->req->app, d->repo->repo_id);
     mh_graph_cache_drop(d->req->app, d->repo->repo_id); /* graphs outlive states, not the repository */
     mh_res_send(d->req, 204, NULL, NULL, 0);
 }
 
-static void repo_delete_conn_cb(void *ud, mh_dbconn_t *c, int err)
-{
-    delete_t *d = ud;
-    if (err) {
-        mh_res_fail(d->req, err, "no connection");
-        return;
-    }
-    d->conn = c;
-    /* Ref rows, branches, grants and cached fetch answers go with the
-     * repository (ref tables explicitly, sql/0007; the rest by ON DELETE
-     * CASCADE); global rows and packs are left to GC (SPEC 4.1). The row
-     * lock is its own statement so the deletes that follow (each with a
-     * fresh snapshot under READ COMMITTED) see the refs of a push that
-     * held the lock before us. The id is ours (checked format), safe to
-     * inline in this parameterless script. */
-    const char *id = d->repo->repo_id;
-    char *sql = mh_sprintf(&d->req->arena,
-                           "BEGIN;"
-                           "SELECT 1 FROM repos WHERE repo_id = '%s' FOR UPDATE;"
-                           "DELETE FROM commit_refs WHERE repo_id = '%s';"
-                           "DELETE FROM snapshot_refs WHERE repo_id = '%s';"
-                           "DELETE FROM object_refs WHERE repo_id = '%s';"
-                           "DELETE FROM mpack_refs WHERE repo_id = '%s';"
-                           "DELETE FROM repos WHERE repo_id = '%s';"
-                           "COMMIT",
-                           id, id, id, id, id, id);
-    if (!sql) {
-        mh_dbconn_release(c);
-        mh_res_error(d->req, 503, "unavailable", "out of memory");
-        return;
-    }
-    mh_dbconn_script(c, sql, repo_delete_done, d);
-}
-
 static void repo_delete_cb(mh_req_t *req, mh_repo_t *repo)
 {
     mh_hub_t *hub = req->app;
     delete_t *d = mh_calloc(&req->arena, sizeof *d);
-    if (!d || !mh_id_valid(repo->repo_id, strlen(repo->repo_id))) {
-        mh_res_error(req, 503, "unavailable", "cannot delete");
+    if (!d) {
+        mh_res_fail(req, MH_ENOMEM, "delete");
         return;
     }
     d->req = req;
     d->repo = repo;
-    mh_db_acquire(hub->db, repo_delete_conn_cb, d);
+    mh_step_init(&d->step, delete_steps, 5, "delete", req->id);
+    d->step.loop = hub->loop;
+    d->step.db = hub->db;
+    d->step.finish = delete_finish;
+    mh_step_run(&d->step);
 }
 
 void mh_h_repo_delete(mh_req_t *req) { mh_hub_load_repo(req, MH_PERM_ADMIN, repo_delete_cb); }
