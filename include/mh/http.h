@@ -271,15 +271,16 @@ typedef struct {
     int err;            /* MH_E* */
     int status;         /* HTTP status */
     const char *code;   /* SPEC's "error" */
-    const char *detail; /* what a client reads for a server-side failure */
+    const char *detail; /* what a client reads, unless explain */
     bool retry;         /* Retry-After: 2 */
+    bool explain;       /* a client error: the caller's reason is the detail */
 } mh_http_err_t;
 const mh_http_err_t *mh_http_err_of(int err);
 
-/* Ends the request with the table's answer for err. A client error (4xx
- * row) carries `what` as its detail (it explains the refusal); a server
- * error carries the row's fixed detail and `what` only goes to the log,
- * with the request id. */
+/* Ends the request with the table's answer for err. A client error whose
+ * row explains (malformed input, limits, not found) carries `what` as its
+ * detail; every other row carries its fixed detail, and `what` goes to
+ * the log with the request id (a server error's reason is never sent). */
 void mh_res_fail(mh_req_t *r, int err, const char *what);
 
 /* Standard reason phrase for a status code ("Not Found"). */

@@ -393,33 +393,33 @@ void mh_res_error(mh_req_t *r, int status, const char *code, const char *detail_
  * by the db module (src/db/conn.c, db_translate). */
 static const mh_http_err_t errors[] = {
     /* resources of this process */
-    {MH_ENOMEM, 503, "unavailable", "the server is out of memory; retry shortly", true},
-    {MH_ECANCELED, 503, "unavailable", "the server is stopping; retry shortly", true},
+    {MH_ENOMEM, 503, "unavailable", "the server is out of memory; retry shortly", true, false},
+    {MH_ECANCELED, 503, "unavailable", "the server is stopping; retry shortly", true, false},
     /* db: SQLSTATE class 08 (connection exception), 57P01..57P03 (shutdown),
      * no connection in time, the pool's wait queue full */
-    {MH_EDBDOWN, 503, "unavailable", "the database is unavailable; retry shortly", true},
+    {MH_EDBDOWN, 503, "unavailable", "the database is unavailable; retry shortly", true, false},
     /* db: 57014 query_canceled (statement_timeout), the client-side timeout */
-    {MH_ETIMEDOUT, 503, "unavailable", "the database is unavailable; retry shortly", true},
+    {MH_ETIMEDOUT, 503, "unavailable", "the database is unavailable; retry shortly", true, false},
     /* db: 23505 unique_violation, 40001 serialization_failure,
      * 40P01 deadlock_detected: a concurrent writer won */
-    {MH_ECONFLICT, 409, "conflict", "a concurrent change won; retry", false},
+    {MH_ECONFLICT, 409, "conflict", "a concurrent change won; retry", false, false},
     /* db: every other SQLSTATE */
-    {MH_EDB, 500, "internal", "database error", false},
+    {MH_EDB, 500, "internal", "database error", false, false},
     /* store: S3 5xx and transport errors, fs I/O errors */
-    {MH_ESTORE, 503, "store_unavailable", "the object store is unavailable; retry shortly", true},
-    {MH_EIO, 503, "store_unavailable", "the object store is unavailable; retry shortly", true},
+    {MH_ESTORE, 503, "store_unavailable", "the object store is unavailable; retry shortly", true, false},
+    {MH_EIO, 503, "store_unavailable", "the object store is unavailable; retry shortly", true, false},
     /* store: a full disk or bucket (SPEC 4.8) */
-    {MH_ENOSPC, 507, "insufficient_storage", "no space left in the object store", false},
+    {MH_ENOSPC, 507, "insufficient_storage", "no space left in the object store", false, false},
     /* limits: body sizes, pack sizes, entry counts */
-    {MH_ELIMIT, 413, "too_large", "the input exceeds a configured limit", false},
+    {MH_ELIMIT, 413, "too_large", "the input exceeds a configured limit", false, true},
     /* codec, mpack: malformed input; bytes that do not hash to their id */
-    {MH_EPARSE, 422, "invalid_body", "malformed input", false},
-    {MH_EHASH, 422, "hash_mismatch", "content does not hash to its id", false},
-    {MH_ENOENT, 404, "not_found", "not found", false},
-    {MH_EAUTH, 401, "unauthorized", "authentication failed", false},
+    {MH_EPARSE, 422, "invalid_body", "malformed input", false, true},
+    {MH_EHASH, 422, "hash_mismatch", "content does not hash to its id", false, true},
+    {MH_ENOENT, 404, "not_found", "not found", false, true},
+    {MH_EAUTH, 401, "unauthorized", "authentication failed", false, false},
 };
 
-static const mh_http_err_t internal_error = {0, 500, "internal", "internal error", false};
+static const mh_http_err_t internal_error = {0, 500, "internal", "internal error", false, false};
 
 const mh_http_err_t *mh_http_err_of(int err)
 {
@@ -431,8 +431,9 @@ const mh_http_err_t *mh_http_err_of(int err)
 void mh_res_fail(mh_req_t *r, int err, const char *what)
 {
     const mh_http_err_t *e = mh_http_err_of(err);
-    if (e->status >= 500) mh_error("req %s: %s (%s)", r->id, mh_strerror(err), what ? what : "");
+    if (!e->explain) MH_LOG(e->status >= 500 ? MH_LOG_ERROR : MH_LOG_INFO, "req %s: %s (%s)", r->id,
+                                  mh_strerror(err), what ? what : "");
     if (e->retry) mh_res_header(r, "Retry-After", "2");
     if (second_response(r)) return;
-    send_error(r, e->status, e->code, e->status < 500 && what ? what : e->detail);
+    send_error(r, e->status, e->code, e->explain && what ? what : e->detail);
 }

@@ -11,6 +11,7 @@
 #include "hub_internal.h"
 
 #include <libpq-fe.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -145,22 +146,36 @@ char *mh__text_field(mh_arena_t *a, const mh_val_t *v, size_t max, bool allow_em
 
 /* ------------------------------------------------- operations' ends */
 
+bool mh__op_error(const mh_step_t *s, const char *invalid, mh__err_t *e)
+{
+    if (!s->status && !s->err) return false;
+    const char *why = s->why[0] ? s->why : s->err ? mh_strerror(s->err) : "";
+    if (s->status) {
+        *e = (mh__err_t){s->status, s->code, s->status == 503};
+    } else if (invalid && (s->err == MH_EPARSE || s->err == MH_EHASH)) {
+        *e = (mh__err_t){422, invalid, false};
+    } else {
+        const mh_http_err_t *t = mh_http_err_of(s->err);
+        *e = (mh__err_t){t->status, t->code, t->retry};
+        if (t->status >= 500) mh_error("req %s: %s failed: %s (%s)", s->id, s->what, mh_strerror(s->err), why);
+        if (!t->explain) why = t->detail;
+    }
+    if (e->status < 500) mh_info("req %s: %s refused: %d %s: %s", s->id, s->what, e->status, e->code, why);
+    snprintf(e->detail, sizeof e->detail, "%s", why);
+    return true;
+}
+
+void mh__res_err(mh_req_t *req, const mh__err_t *e)
+{
+    if (e->retry) mh_res_header(req, "Retry-After", "2");
+    mh_res_error(req, e->status, e->code, "%s", e->detail);
+}
+
 bool mh__op_failed(mh_step_t *s, mh_req_t *req, const char *invalid)
 {
-    if (s->status) {
-        mh_info("req %s: %s refused: %d %s: %s", req->id, s->what, s->status, s->code, s->why);
-        mh_res_error(req, s->status, s->code, "%s", s->why);
-        return true;
-    }
-    if (!s->err) return false;
-    const char *why = s->why[0] ? s->why : mh_strerror(s->err);
-    if (invalid && (s->err == MH_EPARSE || s->err == MH_EHASH)) {
-        mh_info("req %s: %s refused: 422 %s: %s", req->id, s->what, invalid, why);
-        mh_res_error(req, 422, invalid, "%s", why);
-        return true;
-    }
-    mh_info("req %s: %s failed: %s: %s", req->id, s->what, mh_strerror(s->err), why);
-    mh_res_fail(req, s->err, why);
+    mh__err_t e;
+    if (!mh__op_error(s, invalid, &e)) return false;
+    mh__res_err(req, &e);
     return true;
 }
 

@@ -52,11 +52,24 @@ char *mh__text_field(mh_arena_t *a, const mh_val_t *v, size_t max, bool allow_em
 
 /* ------------------------------------------------ operations (step kit) */
 
-/* The end of an HTTP operation run on the kit, for its finish callback:
- * answers a refusal (s->status, s->code, s->why), or an error through the
- * error table, except malformed input (MH_EPARSE, MH_EHASH), which is the
- * operation's 422 code `invalid` (when not NULL) with its reason; logs it.
- * Returns false, answering nothing, when the operation succeeded. */
+/* The answer of an HTTP operation that ended in an error: a refusal
+ * (s->status, s->code, s->why; a 503 carries Retry-After), or an error
+ * through the error table, except malformed input (MH_EPARSE, MH_EHASH),
+ * which is the operation's 422 code `invalid` (when not NULL) with its
+ * reason. A server error's reason goes to the log, not to the client.
+ * mh__op_error fills e (a copy: it outlives the operation) and logs;
+ * false when the operation succeeded. */
+typedef struct {
+    int status;
+    const char *code; /* static */
+    bool retry;       /* Retry-After: 2 */
+    char detail[512];
+} mh__err_t;
+bool mh__op_error(const mh_step_t *s, const char *invalid, mh__err_t *e);
+/* Sends e. */
+void mh__res_err(mh_req_t *req, const mh__err_t *e);
+/* For an operation's finish: mh__op_error + mh__res_err; false, answering
+ * nothing, when the operation succeeded. */
 bool mh__op_failed(mh_step_t *s, mh_req_t *req, const char *invalid);
 
 /* A manifest load's error as the operation's: a missing or corrupt stored
