@@ -103,6 +103,7 @@ char *mh_strdup(mh_arena_t *a, const char *s);
 
 /* printf into the arena; NULL on failure. */
 char *mh_sprintf(mh_arena_t *a, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+char *mh_vsprintf(mh_arena_t *a, const char *fmt, va_list ap) __attribute__((format(printf, 2, 0)));
 
 /* Registers fn(arg) to run when the arena is released (PGresult, fds,
  * curl handles). Returns MH_ENOMEM if it cannot be recorded, in which case

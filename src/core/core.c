@@ -165,16 +165,23 @@ char *mh_strndup(mh_arena_t *a, const char *s, size_t n)
 
 char *mh_strdup(mh_arena_t *a, const char *s) { return mh_strndup(a, s, strlen(s)); }
 
+char *mh_vsprintf(mh_arena_t *a, const char *fmt, va_list ap)
+{
+    va_list ap2;
+    va_copy(ap2, ap);
+    int n = vsnprintf(NULL, 0, fmt, ap2);
+    va_end(ap2);
+    char *p = NULL;
+    if (n >= 0 && (p = mh_alloc(a, (size_t)n + 1))) vsnprintf(p, (size_t)n + 1, fmt, ap);
+    return p;
+}
+
 char *mh_sprintf(mh_arena_t *a, const char *fmt, ...)
 {
-    va_list ap, ap2;
+    va_list ap;
     va_start(ap, fmt);
-    va_copy(ap2, ap);
-    int n = vsnprintf(NULL, 0, fmt, ap);
+    char *p = mh_vsprintf(a, fmt, ap);
     va_end(ap);
-    char *p = NULL;
-    if (n >= 0 && (p = mh_alloc(a, (size_t)n + 1))) vsnprintf(p, (size_t)n + 1, fmt, ap2);
-    va_end(ap2);
     return p;
 }
 

@@ -496,7 +496,6 @@ static void step_pack(mh_step_t *s) { mh_step_work(s, pack_work); }
 
 /* ====================================================== transaction */
 
-static void step_acquire(mh_step_t *s) { mh_step_acquire(s); }
 
 static void step_begin(mh_step_t *s)
 {
@@ -558,7 +557,6 @@ static void step_write(mh_step_t *s)
     mh_step_batch(s, &b, NULL);
 }
 
-static void step_commit(mh_step_t *s) { mh_step_commit(s); }
 
 static void step_done(mh_step_t *s)
 {
@@ -576,13 +574,13 @@ static const mh_step_def_t commit_steps[] = {
     [C_BUILD] = {"build", step_build},
     [C_KNOWN] = {"known", step_known},
     [C_PACK] = {"pack", step_pack},
-    [C_ACQUIRE] = {"acquire", step_acquire},
+    [C_ACQUIRE] = {"acquire", mh_step_acquire},
     [C_BEGIN] = {"begin", step_begin},
     [C_CHECK] = {"check", step_check},
     [C_PUT] = {"put", step_put},
     [C_COPY] = {"copy", step_copy},
     [C_WRITE] = {"write", step_write},
-    [C_COMMIT] = {"commit", step_commit},
+    [C_COMMIT] = {"commit", mh_step_commit},
     [C_DONE] = {"done", step_done},
 };
 
@@ -643,11 +641,7 @@ void mh_h_repo_commit_create(mh_req_t *req)
     c->hub = hub;
     mh_arena_init(&c->work, WORK_ARENA_LIMIT);
     c->msgpack = body_is_msgpack(req);
-    mh_step_init(&c->step, commit_steps, C_DONE + 1, "commit", req->id);
-    c->step.loop = hub->loop;
-    c->step.db = hub->db;
-    c->step.store = hub->store;
-    c->step.finish = commit_finish;
+    mh__op_init(&c->step, req, commit_steps, C_DONE + 1, "commit", commit_finish);
     req->user = c;
     mh_hub_load_repo(req, MH_PERM_WRITE, commit_repo_cb);
 }

@@ -1187,11 +1187,7 @@ void mh_h_fetch(mh_req_t *req)
     }
     f->req = req;
     f->hub = hub;
-    mh_step_init(&f->step, fetch_steps, S_ANSWER + 1, "fetch", req->id);
-    f->step.loop = hub->loop;
-    f->step.db = hub->db;
-    f->step.store = hub->store;
-    f->step.finish = fetch_finish;
+    mh__op_init(&f->step, req, fetch_steps, S_ANSWER + 1, "fetch", fetch_finish);
     f->t_mark = f->step.t0;
     if (body.t != MH_V_MAP) {
         mh_res_error(req, 422, "invalid_request", "the body must be a map {want, have}");

@@ -137,6 +137,24 @@ bool mh__body_bool(mh_req_t *req, const mh_val_t *body, const char *name, bool *
     return true;
 }
 
+bool mh__db_ok(mh_req_t *req, int err, const char *errmsg)
+{
+    if (err) mh_res_fail(req, err, errmsg);
+    return !err;
+}
+
+char *mh__param_handle(mh_req_t *req)
+{
+    mh_str_t h = mh_req_param(req, "handle");
+    if (!h.p || !mh_handle_valid(h.p, h.n)) {
+        mh_res_error(req, 404, "not_found", "no such identity");
+        return NULL;
+    }
+    char *s = mh_strndup(&req->arena, h.p, h.n);
+    if (!s) mh_res_fail(req, MH_ENOMEM, "handle");
+    return s;
+}
+
 char *mh__text_field(mh_arena_t *a, const mh_val_t *v, size_t max, bool allow_empty)
 {
     if (!v || v->t != MH_V_STR || v->v.s.n > max || (!allow_empty && v->v.s.n == 0)) return NULL;
@@ -145,6 +163,17 @@ char *mh__text_field(mh_arena_t *a, const mh_val_t *v, size_t max, bool allow_em
 }
 
 /* ------------------------------------------------- operations' ends */
+
+void mh__op_init(mh_step_t *s, mh_req_t *req, const mh_step_def_t *steps, int n, const char *what,
+                 void (*finish)(mh_step_t *s))
+{
+    mh_hub_t *hub = req->app;
+    mh_step_init(s, steps, n, what, req->id);
+    s->loop = hub->loop;
+    s->db = hub->db;
+    s->store = hub->store;
+    s->finish = finish;
+}
 
 bool mh__op_error(const mh_step_t *s, const char *invalid, mh__err_t *e)
 {
@@ -237,34 +266,33 @@ static void load_repo_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     load_repo_t *lr = ud;
     mh_req_t *req = lr->req;
-    if (err) {
-        mh_res_fail(req, err, errmsg);
-        return;
-    }
+    if (!mh__db_ok(req, err, errmsg)) return;
     if (PQntuples(res) != 1) {
         mh_res_error(req, 404, "not_found", "repository not found");
         return;
     }
     mh_arena_t *a = &req->arena;
     mh_repo_t *r = mh_calloc(a, sizeof *r);
-    if (!r) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
-        return;
-    }
-    char **fields[] = {&r->repo_id, &r->owner, &r->owner_id, &r->name, &r->slug,
-                       &r->visibility, &r->description, &r->default_branch, &r->created_at};
-    bool oom = false;
-    for (int i = 0; i < 9; i++) oom |= !(*fields[i] = mh_strdup(a, mh_pq_str(res, 0, i)));
-    r->state_seq = mh_pq_int(res, 0, 9);
+    bool ok = r && mh__repo_row(a, res, 0, r);
+    if (ok) r->state_seq = mh_pq_int(res, 0, 9);
     const char *role = mh_pq_isnull(res, 0, 10) ? NULL : mh_strdup(a, mh_pq_str(res, 0, 10));
     /* A field (or the role) lost to ENOMEM must neither reach the handler
      * nor be cached: a missing role would read as "no permission". */
-    if (oom || (!role && !mh_pq_isnull(res, 0, 10))) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
+    if (!ok || (!role && !mh_pq_isnull(res, 0, 10))) {
+        mh_res_fail(req, MH_ENOMEM, "repository");
         return;
     }
     mh_hub_repo_cache_put(req->app, lr->epoch, lr->key, lr->klen, r, role);
     load_repo_finish(lr, r, role);
+}
+
+bool mh__repo_row(mh_arena_t *a, PGresult *res, int row, mh_repo_t *r)
+{
+    char **fields[] = {&r->repo_id, &r->owner, &r->owner_id, &r->name, &r->slug,
+                       &r->visibility, &r->description, &r->default_branch, &r->created_at};
+    bool ok = true;
+    for (int i = 0; i < 9; i++) ok &= (*fields[i] = mh_strdup(a, mh_pq_str(res, row, i))) != NULL;
+    return ok;
 }
 
 /* Cache key: kind byte, the route captures and the caller, NUL-separated. */
@@ -324,22 +352,15 @@ void mh_hub_load_repo(mh_req_t *req, mh_perm_t need, mh_repo_cb cb)
 
 mh_val_t *mh_repo_val(mh_req_t *req, const mh_repo_t *r)
 {
-    mh_arena_t *a = &req->arena;
-    mh_val_t *m = mh_v_map(a);
-    if (!m) return NULL;
-    int rc = 0;
-    rc |= mh_map_put(a, m, "repo_id", mh_v_str(r->repo_id));
-    rc |= mh_map_put(a, m, "repoId", mh_v_str(r->repo_id));
-    rc |= mh_map_put(a, m, "owner", mh_v_str(r->owner));
-    rc |= mh_map_put(a, m, "name", mh_v_str(r->name));
-    rc |= mh_map_put(a, m, "slug", mh_v_str(r->slug));
-    rc |= mh_map_put(a, m, "visibility", mh_v_str(r->visibility));
-    rc |= mh_map_put(a, m, "description", mh_v_str(r->description));
-    rc |= mh_map_put(a, m, "default_branch", mh_v_str(r->default_branch));
-    rc |= mh_map_put(a, m, "defaultBranch", mh_v_str(r->default_branch));
-    rc |= mh_map_put(a, m, "created_at", mh_v_str(r->created_at));
-    rc |= mh_map_put(a, m, "createdAt", mh_v_str(r->created_at));
-    return rc ? NULL : m;
+    /* SPEC 4.1's object with its camelCase aliases. */
+    static const char *const keys[] = {"repo_id", "repoId", "owner", "name", "slug", "visibility", "description",
+                                       "default_branch", "defaultBranch", "created_at", "createdAt"};
+    const char *vals[] = {r->repo_id, r->repo_id, r->owner, r->name, r->slug, r->visibility, r->description,
+                          r->default_branch, r->default_branch, r->created_at, r->created_at};
+    mh_vb_t *b = mh_res_build(req);
+    mh_val_t *m = mh_vb_map(b);
+    for (size_t i = 0; i < sizeof keys / sizeof *keys; i++) mh_vb_put(b, m, keys[i], vals[i] ? mh_v_str(vals[i]) : mh_vb_node(b, NULL));
+    return b->err ? NULL : m;
 }
 
 /* Blocking: start-up only, before the loop runs. */

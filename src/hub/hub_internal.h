@@ -46,11 +46,28 @@ bool mh__body_id(mh_req_t *req, const mh_val_t *body, const char *name, bool req
 bool mh__body_branch(mh_req_t *req, const mh_val_t *body, const char *name, char out[256]);
 /* An optional boolean (absent or nil: false). */
 bool mh__body_bool(mh_req_t *req, const mh_val_t *body, const char *name, bool *out);
+/* Copies the nine text columns every repository query starts with
+ * (repo_id, owner, owner_id, name, slug, visibility, description,
+ * default_branch, created_at) of row `row` into r; false on ENOMEM. */
+bool mh__repo_row(mh_arena_t *a, PGresult *res, int row, mh_repo_t *r);
+
+/* For a database callback: false after answering err (through the error
+ * table, errmsg to the log), true when there was none. */
+bool mh__db_ok(mh_req_t *req, int err, const char *errmsg);
+/* A route capture that must be an identity's handle (mh_handle_valid),
+ * NUL-terminated in the request arena; NULL after answering 404 (a handle
+ * that cannot exist names nothing) or 503. */
+char *mh__param_handle(mh_req_t *req);
 /* A text value: STR, UTF-8, no NUL, at most max bytes (at least one
  * unless allow_empty); a NUL-terminated copy in a, NULL when not. */
 char *mh__text_field(mh_arena_t *a, const mh_val_t *v, size_t max, bool allow_empty);
 
 /* ------------------------------------------------ operations (step kit) */
+
+/* Sets up s (mh_step_init) for an HTTP operation of hub: its loop,
+ * database and store, the request id in logs, and finish. */
+void mh__op_init(mh_step_t *s, mh_req_t *req, const mh_step_def_t *steps, int n, const char *what,
+                 void (*finish)(mh_step_t *s));
 
 /* The answer of an HTTP operation that ended in an error: a refusal
  * (s->status, s->code, s->why; a 503 carries Retry-After), or an error

@@ -92,10 +92,7 @@ static void create_cb(void *ud, PGresult **results, int n, int err, const char *
 {
     pcreate_t *p = ud;
     mh_req_t *req = p->req;
-    if (err) {
-        mh_res_fail(req, err, errmsg);
-        return;
-    }
+    if (!mh__db_ok(req, err, errmsg)) return;
     PGresult *res = results[n - 1];
     if (PQntuples(res) != 1) {
         mh_res_error(req, 422, "unknown_branch", "from_branch '%s' does not exist in this repository", p->from);
@@ -170,10 +167,7 @@ void mh_h_proposal_create(mh_req_t *req)
 static void list_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     mh_req_t *req = ud;
-    if (err) {
-        mh_res_fail(req, err, errmsg);
-        return;
-    }
+    if (!mh__db_ok(req, err, errmsg)) return;
     mh_vb_t *b = mh_res_build(req);
     mh_val_t *arr = mh_vb_arr(b), *out = mh_vb_map(b);
     for (int r = 0; r < PQntuples(res); r++) mh_vb_push(b, arr, mh_vb_node(b, proposal_val(b, res, r, 0)));
@@ -213,10 +207,7 @@ void mh_h_proposal_list(mh_req_t *req)
 static void close_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     mh_req_t *req = ud;
-    if (err) {
-        mh_res_fail(req, err, errmsg);
-        return;
-    }
+    if (!mh__db_ok(req, err, errmsg)) return;
     if (PQntuples(res) != 1) {
         mh_res_error(req, 404, "not_found", "proposal not found");
         return;
@@ -406,11 +397,10 @@ static void pget_step_head(mh_step_t *s)
     mh_hub_load_manifest(p->x.hub, &p->work, p->x.from_snap.s, &p->head_m, mh__manifest_step_cb, s);
 }
 
-static void pget_step_done(mh_step_t *s) { mh_step_done(s); }
 
 static const mh_step_def_t pget_steps[] = {
     [G_ROW] = {"row", pget_step_row},   [G_GRAPH] = {"graph", pget_step_graph}, [G_BASE] = {"base", pget_step_base},
-    [G_HEAD] = {"head", pget_step_head}, [G_DONE] = {"done", pget_step_done},
+    [G_HEAD] = {"head", pget_step_head}, [G_DONE] = {"done", mh_step_done},
 };
 
 static void put_paths(mh_vb_t *b, mh_val_t *map, const char *key, const mh_mpath_t *ps, size_t n)
@@ -475,10 +465,7 @@ void mh_h_proposal_get(mh_req_t *req)
     p->x.req = req;
     p->x.hub = hub;
     if (!proposal_param(req, p->x.pid)) return;
-    mh_step_init(&p->step, pget_steps, G_DONE + 1, "proposal", req->id);
-    p->step.loop = hub->loop;
-    p->step.db = hub->db;
-    p->step.finish = pget_finish;
+    mh__op_init(&p->step, req, pget_steps, G_DONE + 1, "proposal", pget_finish);
     req->user = p;
     mh_hub_load_repo(req, MH_PERM_READ, pget_repo_cb);
 }
@@ -726,7 +713,6 @@ static void step_write(mh_step_t *s)
     mh_step_batch(s, &b, NULL);
 }
 
-static void step_commit(mh_step_t *s) { mh_step_commit(s); }
 
 static void step_done(mh_step_t *s)
 {
@@ -749,7 +735,7 @@ static const mh_step_def_t merge_steps[] = {
     [M_LOCK] = {"lock", step_lock},
     [M_CHECK] = {"check", step_check},
     [M_WRITE] = {"write", step_write},
-    [M_COMMIT] = {"commit", step_commit},
+    [M_COMMIT] = {"commit", mh_step_commit},
     [M_DONE] = {"done", step_done},
 };
 
@@ -827,10 +813,7 @@ void mh_h_proposal_merge(mh_req_t *req)
     m->x.req = req;
     m->x.hub = hub;
     if (!proposal_param(req, m->x.pid)) return;
-    mh_step_init(&m->step, merge_steps, M_DONE + 1, "merge", req->id);
-    m->step.loop = hub->loop;
-    m->step.db = hub->db;
-    m->step.finish = merge_finish;
+    mh__op_init(&m->step, req, merge_steps, M_DONE + 1, "merge", merge_finish);
     req->user = m;
     mh_hub_load_repo(req, MH_PERM_WRITE, merge_repo_cb);
 }

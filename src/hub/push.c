@@ -55,10 +55,7 @@ static void presign_done(void *ud, PGresult *res, int err, const char *errmsg)
     presign_t *p = ud;
     mh_req_t *req = p->req;
     mh_hub_t *hub = req->app;
-    if (err) {
-        mh_res_fail(req, err, errmsg);
-        return;
-    }
+    if (!mh__db_ok(req, err, errmsg)) return;
     bool present = mh_pq_str(res, 0, 0)[0] == 't';
     char *url = NULL;
     if (!present) {
@@ -314,7 +311,6 @@ static void step_mark(mh_step_t *s) { mh_rw_upload_verified(s, &U(s)->up); }
 
 /* --- the transaction */
 
-static void step_acquire(mh_step_t *s) { mh_step_acquire(s); }
 
 static void step_begin(mh_step_t *s)
 {
@@ -383,7 +379,6 @@ static void step_write(mh_step_t *s)
     mh_step_batch(s, &b, NULL);
 }
 
-static void step_commit(mh_step_t *s) { mh_step_commit(s); }
 
 static void analyzed_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
@@ -416,7 +411,7 @@ static const mh_step_def_t unpack_steps[] = {
     [U_BASES] = {"bases", step_bases},
     [U_REBUILD] = {"rebuild", step_rebuild},
     [U_MARK] = {"mark", step_mark},
-    [U_ACQUIRE] = {"acquire", step_acquire},
+    [U_ACQUIRE] = {"acquire", mh_step_acquire},
     [U_BEGIN] = {"begin", step_begin},
     [U_PLACE] = {"place", step_place},
     [U_COPY_COMMITS] = {"copy_commits", step_copy_commits},
@@ -425,7 +420,7 @@ static const mh_step_def_t unpack_steps[] = {
     [U_INSERT] = {"insert", step_insert},
     [U_CHECK] = {"check", step_check},
     [U_WRITE] = {"write", step_write},
-    [U_COMMIT] = {"commit", step_commit},
+    [U_COMMIT] = {"commit", mh_step_commit},
     [U_DONE] = {"done", step_done},
 };
 
@@ -484,11 +479,7 @@ void mh_h_push_unpack(mh_req_t *req)
         !mh__body_id(req, &body, "expected_old_head", false, &u->expected_old, &u->has_expected_old) ||
         !mh__body_branch(req, &body, "branch", u->branch) || !mh__body_bool(req, &body, "force", &u->force))
         return;
-    mh_step_init(&u->step, unpack_steps, U_DONE + 1, "unpack", req->id);
-    u->step.loop = hub->loop;
-    u->step.db = hub->db;
-    u->step.store = hub->store;
-    u->step.finish = unpack_finish;
+    mh__op_init(&u->step, req, unpack_steps, U_DONE + 1, "unpack", unpack_finish);
     u->x = (mh__unpack_t){.key = u->key.s, .head = u->head.s, .a = &u->work};
     req->user = u;
     mh_hub_load_repo(req, MH_PERM_WRITE, unpack_repo_cb);

@@ -39,51 +39,43 @@ static bool is_std_key(const char *p, size_t n)
     return false;
 }
 
-static mh_val_t str_or_nil(mh_arena_t *a, PGresult *res, int r, int c)
+static mh_val_t str_or_nil(mh_vb_t *b, PGresult *res, int r, int c)
 {
-    if (mh_pq_isnull(res, r, c)) return mh_v_nil();
-    char *s = mh_strdup(a, mh_pq_str(res, r, c));
-    return s ? mh_v_str(s) : mh_v_nil();
+    return mh_pq_isnull(res, r, c) ? mh_v_nil() : mh_vb_str(b, mh_pq_str(res, r, c));
+}
+
+/* The optional metadata kept verbatim at push (SPEC 2): its keys join the
+ * commit map. */
+static void put_meta(mh_vb_t *b, mh_val_t *m, PGresult *res, int r)
+{
+    uint8_t *mp;
+    size_t n;
+    mh_val_t meta;
+    const char *why;
+    if (mh_pq_isnull(res, r, 9) || mh_pq_bytea(b->a, res, r, 9, &mp, &n) ||
+        mh_msgpack_decode(b->a, mp, n, &mh_decode_limits_default, &meta, &why) || meta.t != MH_V_MAP)
+        return;
+    for (uint32_t i = 0; i < meta.v.m.n; i++) {
+        const mh_kv_t *kv = &meta.v.m.kv[i];
+        if (kv->k.t != MH_V_STR || is_std_key(kv->k.v.s.p, kv->k.v.s.n)) continue;
+        char *k = mh_strndup(b->a, kv->k.v.s.p, kv->k.v.s.n);
+        mh_vb_put(b, m, k, k ? kv->v : mh_vb_node(b, NULL));
+    }
 }
 
 /* Row r of a COMMIT_COLS result as the commit map of SPEC 2, plus
- * parent_ids and generation, plus the stored metadata keys. NULL on
- * ENOMEM. */
-static mh_val_t *commit_val(mh_arena_t *a, PGresult *res, int r)
+ * parent_ids and generation, plus the stored metadata keys. */
+static mh_val_t *commit_val(mh_vb_t *b, PGresult *res, int r)
 {
-    mh_val_t *m = mh_v_map(a), *parents = mh_v_arr(a);
-    if (!m || !parents) return NULL;
-    int rc = 0;
-    mh_val_t p1 = str_or_nil(a, res, r, 1), p2 = str_or_nil(a, res, r, 2);
-    if (p1.t == MH_V_STR) rc |= mh_arr_push(a, parents, p1);
-    if (p2.t == MH_V_STR) rc |= mh_arr_push(a, parents, p2);
-    rc |= mh_map_put(a, m, "commit_id", str_or_nil(a, res, r, 0));
-    rc |= mh_map_put(a, m, "parent_commit_id", p1);
-    rc |= mh_map_put(a, m, "parent2_commit_id", p2);
-    rc |= mh_map_put(a, m, "parent_ids", *parents);
-    rc |= mh_map_put(a, m, "snapshot_id", str_or_nil(a, res, r, 3));
-    rc |= mh_map_put(a, m, "message", str_or_nil(a, res, r, 4));
-    rc |= mh_map_put(a, m, "author", str_or_nil(a, res, r, 5));
-    rc |= mh_map_put(a, m, "committed_at", str_or_nil(a, res, r, 6));
-    rc |= mh_map_put(a, m, "branch", str_or_nil(a, res, r, 7));
-    rc |= mh_map_put(a, m, "generation", mh_v_int(mh_pq_int(res, r, 8)));
-    if (rc) return NULL;
-    if (!mh_pq_isnull(res, r, 9)) {
-        /* Optional metadata, kept verbatim at push (SPEC 2). */
-        uint8_t *mp;
-        size_t n;
-        mh_val_t meta;
-        const char *why;
-        if (mh_pq_bytea(a, res, r, 9, &mp, &n) == 0 &&
-            mh_msgpack_decode(a, mp, n, &mh_decode_limits_default, &meta, &why) == 0 && meta.t == MH_V_MAP) {
-            for (uint32_t i = 0; i < meta.v.m.n; i++) {
-                const mh_kv_t *kv = &meta.v.m.kv[i];
-                if (kv->k.t != MH_V_STR || is_std_key(kv->k.v.s.p, kv->k.v.s.n)) continue;
-                char *k = mh_strndup(a, kv->k.v.s.p, kv->k.v.s.n);
-                if (!k || mh_map_put(a, m, k, kv->v)) return NULL;
-            }
-        }
-    }
+    static const char *const keys[8] = {"commit_id", "parent_commit_id", "parent2_commit_id", "snapshot_id",
+                                        "message", "author", "committed_at", "branch"};
+    mh_val_t *m = mh_vb_map(b), *parents = mh_vb_arr(b);
+    for (int c = 1; c <= 2; c++)
+        if (!mh_pq_isnull(res, r, c)) mh_vb_push(b, parents, str_or_nil(b, res, r, c));
+    for (int c = 0; c < 8; c++) mh_vb_put(b, m, keys[c], str_or_nil(b, res, r, c));
+    mh_vb_put(b, m, "parent_ids", mh_vb_node(b, parents));
+    mh_vb_put(b, m, "generation", mh_v_int(mh_pq_int(res, r, 8)));
+    put_meta(b, m, res, r);
     return m;
 }
 
@@ -98,20 +90,12 @@ static const mh_stmt_t st_commit = {
 static void commit_row_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     mh_req_t *req = ud;
-    if (err) {
-        mh_res_fail(req, err, errmsg);
-        return;
-    }
+    if (!mh__db_ok(req, err, errmsg)) return;
     if (PQntuples(res) != 1) {
         mh_res_error(req, 404, "not_found", "commit not found in this repository");
         return;
     }
-    mh_val_t *m = commit_val(&req->arena, res, 0);
-    if (!m) {
-        mh_res_fail(req, MH_ENOMEM, "commit");
-        return;
-    }
-    mh_res_val(req, 200, m);
+    mh_res_val(req, 200, commit_val(mh_res_build(req), res, 0));
 }
 
 static void commit_repo_cb(mh_req_t *req, mh_repo_t *repo)
@@ -163,16 +147,9 @@ static void log_rows_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     log_t *l = ud;
     mh_req_t *req = l->req;
-    mh_arena_t *a = &req->arena;
-    if (err) {
-        mh_res_fail(req, err, errmsg);
-        return;
-    }
-    mh_val_t *arr = mh_v_arr(a), *out = mh_v_map(a);
-    if (!arr || !out) {
-        mh_res_fail(req, MH_ENOMEM, "commits");
-        return;
-    }
+    if (!mh__db_ok(req, err, errmsg)) return;
+    mh_vb_t *b = mh_res_build(req);
+    mh_val_t *arr = mh_vb_arr(b), *out = mh_vb_map(b);
     /* Rows come back in any order: place each by its position in the page. */
     int rows = PQntuples(res);
     for (uint32_t i = 0; i < l->npage; i++) {
@@ -182,28 +159,20 @@ static void log_rows_cb(void *ud, PGresult *res, int err, const char *errmsg)
             mh_res_fail(req, MH_EDB, "a commit row of the graph is missing");
             return;
         }
-        mh_val_t *c = commit_val(a, res, r);
-        if (!c || mh_arr_push(a, arr, *c)) {
-            mh_res_fail(req, MH_ENOMEM, "commits");
-            return;
-        }
+        mh_vb_push(b, arr, mh_vb_node(b, commit_val(b, res, r)));
     }
     const char *next = l->more && l->npage ? l->ids[l->npage - 1] : NULL;
-    if (mh_map_put(a, out, "commits", *arr) || mh_map_put(a, out, "next_cursor", next ? mh_v_str(next) : mh_v_nil())) {
-        mh_res_fail(req, MH_ENOMEM, "commits");
-        return;
-    }
+    mh_vb_put(b, out, "commits", mh_vb_node(b, arr));
+    mh_vb_put(b, out, "next_cursor", next ? mh_v_str(next) : mh_v_nil());
     mh_res_val(req, 200, out);
 }
 
 static void send_empty_log(mh_req_t *req)
 {
-    mh_arena_t *a = &req->arena;
-    mh_val_t *out = mh_v_map(a), *arr = mh_v_arr(a);
-    if (!out || !arr || mh_map_put(a, out, "commits", *arr) || mh_map_put(a, out, "next_cursor", mh_v_nil())) {
-        mh_res_fail(req, MH_ENOMEM, "commits");
-        return;
-    }
+    mh_vb_t *b = mh_res_build(req);
+    mh_val_t *out = mh_vb_map(b);
+    mh_vb_put(b, out, "commits", mh_vb_node(b, mh_vb_arr(b)));
+    mh_vb_put(b, out, "next_cursor", mh_v_nil());
     mh_res_val(req, 200, out);
 }
 
@@ -407,39 +376,22 @@ static int cmp_sz(const void *x, const void *y) { return strcmp(((const sz_t *)x
 static void send_tree(tree_t *t, const sz_t *sz, size_t nsz)
 {
     mh_req_t *req = t->req;
-    mh_arena_t *a = &req->arena;
-    mh_val_t *out = mh_v_map(a), *entries = mh_v_arr(a);
-    if (!out || !entries) {
-        mh_res_fail(req, MH_ENOMEM, "tree");
-        return;
-    }
+    mh_vb_t *b = mh_res_build(req);
+    mh_val_t *out = mh_vb_map(b), *entries = mh_vb_arr(b);
     /* The manifest is sorted bytewise by path: entries come out that way. */
-    for (size_t i = 0; i < t->m.n; i++) {
+    for (size_t i = 0; i < t->m.n && !b->err; i++) {
         const mh_mentry_t *e = &t->m.e[i];
-        char *oid = mh_strndup(a, e->id, MH_ID_LEN);
-        mh_val_t *x = mh_v_map(a);
-        if (!oid || !x) {
-            mh_res_fail(req, MH_ENOMEM, "tree");
-            return;
-        }
-        sz_t key = {oid, 0};
-        const sz_t *hit = nsz ? bsearch(&key, sz, nsz, sizeof *sz, cmp_sz) : NULL;
-        int rc = mh_map_put(a, x, "path", mh_v_strn(e->path, e->plen));
-        rc |= mh_map_put(a, x, "object_id", mh_v_str(oid));
-        rc |= mh_map_put(a, x, "size_bytes", hit ? mh_v_int(hit->size) : mh_v_nil());
-        rc |= mh_arr_push(a, entries, *x);
-        if (rc) {
-            mh_res_fail(req, MH_ENOMEM, "tree");
-            return;
-        }
+        mh_val_t oid = mh_vb_strn(b, e->id, MH_ID_LEN), *x = mh_vb_map(b);
+        sz_t key = {oid.v.s.p, 0};
+        const sz_t *hit = nsz && oid.t == MH_V_STR ? bsearch(&key, sz, nsz, sizeof *sz, cmp_sz) : NULL;
+        mh_vb_put(b, x, "path", mh_v_strn(e->path, e->plen));
+        mh_vb_put(b, x, "object_id", oid);
+        mh_vb_put(b, x, "size_bytes", hit ? mh_v_int(hit->size) : mh_v_nil());
+        mh_vb_push(b, entries, mh_vb_node(b, x));
     }
-    int rc = mh_map_put(a, out, "commit_id", mh_v_str(t->commit_id));
-    rc |= mh_map_put(a, out, "snapshot_id", mh_v_str(t->snapshot_id));
-    rc |= mh_map_put(a, out, "entries", *entries);
-    if (rc) {
-        mh_res_fail(req, MH_ENOMEM, "tree");
-        return;
-    }
+    mh_vb_put(b, out, "commit_id", mh_v_str(t->commit_id));
+    mh_vb_put(b, out, "snapshot_id", mh_v_str(t->snapshot_id));
+    mh_vb_put(b, out, "entries", mh_vb_node(b, entries));
     mh_res_val(req, 200, out);
 }
 
@@ -448,10 +400,7 @@ static void sizes_cb(void *ud, PGresult *res, int err, const char *errmsg)
     tree_t *t = ud;
     mh_req_t *req = t->req;
     mh_arena_t *a = &req->arena;
-    if (err) {
-        mh_res_fail(req, err, errmsg);
-        return;
-    }
+    if (!mh__db_ok(req, err, errmsg)) return;
     int rows = PQntuples(res);
     sz_t *sz = mh_alloc(a, (size_t)(rows + 1) * sizeof *sz);
     if (!sz) {
@@ -476,8 +425,7 @@ static void tree_manifest_cb(void *ud, int err, const char *why)
     mh_hub_t *hub = req->app;
     mh_arena_t *a = &req->arena;
     if (err) {
-        if (err == MH_EDBDOWN || err == MH_ETIMEDOUT || err == MH_EDB || err == MH_ENOMEM) mh_res_fail(req, err, why);
-        else mh_res_fail(req, MH_EINVAL, why ? why : "snapshot cannot be rebuilt");
+        mh_res_fail(req, mh__manifest_err(err), why ? why : "snapshot cannot be rebuilt");
         return;
     }
     if (t->m.n == 0) {
@@ -504,10 +452,7 @@ static void tree_ref_cb(void *ud, PGresult *res, int err, const char *errmsg)
     mh_req_t *req = t->req;
     mh_hub_t *hub = req->app;
     mh_arena_t *a = &req->arena;
-    if (err) {
-        mh_res_fail(req, err, errmsg);
-        return;
-    }
+    if (!mh__db_ok(req, err, errmsg)) return;
     if (PQntuples(res) != 1) {
         if (!t->tried_branch) {
             /* An id-shaped ref that is no commit here may still be a
@@ -622,10 +567,7 @@ static void object_row_cb(void *ud, PGresult *res, int err, const char *errmsg)
     mh_req_t *req = o->req;
     mh_hub_t *hub = req->app;
     mh_arena_t *a = &req->arena;
-    if (err) {
-        mh_res_fail(req, err, errmsg);
-        return;
-    }
+    if (!mh__db_ok(req, err, errmsg)) return;
     if (PQntuples(res) != 1) {
         mh_res_error(req, 404, "not_found", "object not found in this repository");
         return;

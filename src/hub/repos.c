@@ -87,18 +87,10 @@ static void create_cb(void *ud, PGresult *res, int err, const char *errmsg)
         mh_res_error(req, 409, "conflict", "repository %s/%s already exists", c->repo.owner, c->repo.slug);
         return;
     }
-    if (err) {
-        mh_res_fail(req, err, errmsg);
-        return;
-    }
+    if (!mh__db_ok(req, err, errmsg)) return;
     c->repo.created_at = mh_strdup(&req->arena, mh_pq_str(res, 0, 0));
-    mh_val_t *v = mh_repo_val(req, &c->repo);
-    if (!v) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
-        return;
-    }
     mh_info("repo created %s/%s id=%s", c->repo.owner, c->repo.slug, c->repo.repo_id);
-    mh_res_val(req, 201, v);
+    mh_res_val(req, 201, mh_repo_val(req, &c->repo));
 }
 
 void mh_h_repo_create(mh_req_t *req)
@@ -181,12 +173,7 @@ void mh_h_repo_create(mh_req_t *req)
 
 /* ------------------------------------------------------------ get, delete */
 
-static void repo_get_cb(mh_req_t *req, mh_repo_t *repo)
-{
-    mh_val_t *v = mh_repo_val(req, repo);
-    if (!v) mh_res_error(req, 503, "unavailable", "out of memory");
-    else mh_res_val(req, 200, v);
-}
+static void repo_get_cb(mh_req_t *req, mh_repo_t *repo) { mh_res_val(req, 200, mh_repo_val(req, repo)); }
 
 void mh_h_repo_get(mh_req_t *req) { mh_hub_load_repo(req, MH_PERM_READ, repo_get_cb); }
 
@@ -202,7 +189,6 @@ typedef struct {
 
 #define D(s) MH_STEP_OP(s, delete_t, step)
 
-static void del_acquire(mh_step_t *s) { mh_step_acquire(s); }
 static void del_begin(mh_step_t *s) { mh_rw_begin(s, D(s)->repo->repo_id, NULL, 0); }
 
 static void del_rows(mh_step_t *s)
@@ -212,11 +198,9 @@ static void del_rows(mh_step_t *s)
     mh_step_batch(s, &b, NULL);
 }
 
-static void del_commit(mh_step_t *s) { mh_step_commit(s); }
-static void del_done(mh_step_t *s) { mh_step_done(s); }
 
 static const mh_step_def_t delete_steps[] = {
-    {"acquire", del_acquire}, {"begin", del_begin}, {"rows", del_rows}, {"commit", del_commit}, {"done", del_done},
+    {"acquire", mh_step_acquire}, {"begin", del_begin}, {"rows", del_rows}, {"commit", mh_step_commit}, {"done", mh_step_done},
 };
 
 static void delete_finish(mh_step_t *s)
@@ -231,7 +215,6 @@ static void delete_finish(mh_step_t *s)
 
 static void repo_delete_cb(mh_req_t *req, mh_repo_t *repo)
 {
-    mh_hub_t *hub = req->app;
     delete_t *d = mh_calloc(&req->arena, sizeof *d);
     if (!d) {
         mh_res_fail(req, MH_ENOMEM, "delete");
@@ -239,10 +222,7 @@ static void repo_delete_cb(mh_req_t *req, mh_repo_t *repo)
     }
     d->req = req;
     d->repo = repo;
-    mh_step_init(&d->step, delete_steps, 5, "delete", req->id);
-    d->step.loop = hub->loop;
-    d->step.db = hub->db;
-    d->step.finish = delete_finish;
+    mh__op_init(&d->step, req, delete_steps, 5, "delete", delete_finish);
     mh_step_run(&d->step);
 }
 
@@ -253,24 +233,16 @@ void mh_h_repo_delete(mh_req_t *req) { mh_hub_load_repo(req, MH_PERM_ADMIN, repo
 static void repo_list_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     mh_req_t *req = ud;
-    if (err) {
-        mh_res_fail(req, err, errmsg);
-        return;
-    }
-    mh_arena_t *a = &req->arena;
-    mh_val_t *arr = mh_v_arr(a), *out = mh_v_map(a);
-    int rc = (!arr || !out) ? MH_ENOMEM : 0;
-    for (int i = 0; !rc && i < PQntuples(res); i++) {
+    if (!mh__db_ok(req, err, errmsg)) return;
+    mh_vb_t *b = mh_res_build(req);
+    mh_val_t *arr = mh_vb_arr(b), *out = mh_vb_map(b);
+    for (int i = 0; i < PQntuples(res); i++) {
         mh_repo_t r = {0};
-        char **fields[] = {&r.repo_id, &r.owner, &r.owner_id, &r.name, &r.slug,
-                           &r.visibility, &r.description, &r.default_branch, &r.created_at};
-        for (int f = 0; f < 9; f++) *fields[f] = mh_strdup(a, mh_pq_str(res, i, f));
-        mh_val_t *v = mh_repo_val(req, &r);
-        rc = v ? mh_arr_push(a, arr, *v) : MH_ENOMEM;
+        mh__repo_row(&req->arena, res, i, &r);
+        mh_vb_push(b, arr, mh_vb_node(b, mh_repo_val(req, &r)));
     }
-    if (!rc) rc = mh_map_put(a, out, "repos", *arr);
-    if (rc) mh_res_error(req, 503, "unavailable", "out of memory");
-    else mh_res_val(req, 200, out);
+    mh_vb_put(b, out, "repos", mh_vb_node(b, arr));
+    mh_res_val(req, 200, out);
 }
 
 void mh_h_repo_list(mh_req_t *req)
@@ -306,18 +278,16 @@ static const mh_stmt_t st_branches = {
 /* Answers from borrowed name/head arrays (the cache entry or the rows). */
 static void refs_send(mh_req_t *req, const mh_repo_t *repo, uint32_t n, char *const *names, char *const *heads)
 {
-    mh_arena_t *a = &req->arena;
-    mh_val_t *out = mh_v_map(a), *map = mh_v_map(a);
-    int rc = (!out || !map) ? MH_ENOMEM : 0;
-    for (uint32_t i = 0; !rc && i < n; i++) {
-        char *k = mh_strdup(a, names[i]), *v = mh_strdup(a, heads[i]);
-        rc = k && v ? mh_map_put(a, map, k, mh_v_str(v)) : MH_ENOMEM;
+    mh_vb_t *b = mh_res_build(req);
+    mh_val_t *out = mh_vb_map(b), *map = mh_vb_map(b);
+    for (uint32_t i = 0; i < n; i++) {
+        char *k = mh_strdup(&req->arena, names[i]);
+        mh_vb_put(b, map, k, k ? mh_vb_str(b, heads[i]) : mh_vb_node(b, NULL));
     }
-    if (!rc) rc = mh_map_put(a, out, "repo_id", mh_v_str(repo->repo_id));
-    if (!rc) rc = mh_map_put(a, out, "default_branch", mh_v_str(repo->default_branch));
-    if (!rc) rc = mh_map_put(a, out, "branch_heads", *map);
-    if (rc) mh_res_error(req, 503, "unavailable", "out of memory");
-    else mh_res_val(req, 200, out);
+    mh_vb_put(b, out, "repo_id", mh_v_str(repo->repo_id));
+    mh_vb_put(b, out, "default_branch", mh_v_str(repo->default_branch));
+    mh_vb_put(b, out, "branch_heads", mh_vb_node(b, map));
+    mh_res_val(req, 200, out);
 }
 
 typedef struct {
@@ -329,15 +299,12 @@ static void refs_rows_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     refs_t *r = ud;
     mh_req_t *req = r->req;
-    if (err) {
-        mh_res_fail(req, err, errmsg);
-        return;
-    }
+    if (!mh__db_ok(req, err, errmsg)) return;
     uint32_t n = (uint32_t)PQntuples(res);
     char **names = mh_alloc(&req->arena, (n + 1) * sizeof(char *));
     char **heads = mh_alloc(&req->arena, (n + 1) * sizeof(char *));
     if (!names || !heads) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
+        mh_res_fail(req, MH_ENOMEM, "refs");
         return;
     }
     for (uint32_t i = 0; i < n; i++) {

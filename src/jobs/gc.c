@@ -353,7 +353,6 @@ static void step_apply(mh_step_t *s)
     mh_step_batch(s, &b, applied);
 }
 
-static void step_commit(mh_step_t *s) { mh_step_commit(s); }
 
 static void step_done(mh_step_t *s)
 {
@@ -368,7 +367,7 @@ static const mh_step_def_t gc_steps[] = {
     [G_BUILD] = {"build", step_build},       [G_ACQUIRE] = {"acquire", step_acquire},
     [G_BEGIN] = {"begin", step_begin},       [G_RECOUNT] = {"recount", step_recount},
     [G_PUT] = {"put", step_put},             [G_COPY] = {"copy", step_copy},       [G_APPLY] = {"apply", step_apply},
-    [G_COMMIT] = {"commit", step_commit},    [G_DONE] = {"done", step_done},
+    [G_COMMIT] = {"commit", mh_step_commit},    [G_DONE] = {"done", step_done},
 };
 
 static void gc_finish(mh_step_t *s)

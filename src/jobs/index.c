@@ -124,7 +124,6 @@ static void step_mark(mh_step_t *s)
     if (!x->up.trusted) mh_rw_upload_verified(s, &x->up);
 }
 
-static void step_acquire(mh_step_t *s) { mh_step_acquire(s); }
 
 static void step_begin(mh_step_t *s)
 {
@@ -158,14 +157,12 @@ static void step_insert(mh_step_t *s)
     mh_step_batch(s, &b, inserted);
 }
 
-static void step_commit(mh_step_t *s) { mh_step_commit(s); }
-static void step_done(mh_step_t *s) { mh_step_done(s); }
 
 static const mh_step_def_t index_steps[] = {
     [I_LOOKUP] = {"lookup", step_lookup}, [I_READ] = {"read", step_read},       [I_PARSE] = {"parse", step_parse},
-    [I_MARK] = {"mark", step_mark},       [I_ACQUIRE] = {"acquire", step_acquire}, [I_BEGIN] = {"begin", step_begin},
+    [I_MARK] = {"mark", step_mark},       [I_ACQUIRE] = {"acquire", mh_step_acquire}, [I_BEGIN] = {"begin", step_begin},
     [I_PLACE] = {"place", step_place},    [I_COPY] = {"copy", step_copy},       [I_INSERT] = {"insert", step_insert},
-    [I_COMMIT] = {"commit", step_commit}, [I_DONE] = {"done", step_done},
+    [I_COMMIT] = {"commit", mh_step_commit}, [I_DONE] = {"done", mh_step_done},
 };
 
 static void index_finish(mh_step_t *s)
