@@ -631,17 +631,11 @@ static void commit_repo_cb(mh_req_t *req, mh_repo_t *repo)
 
 void mh_h_repo_commit_create(mh_req_t *req)
 {
-    mh_hub_t *hub = req->app;
-    commit_t *c = mh_calloc(&req->arena, sizeof *c);
-    if (!c || mh_arena_defer(&req->arena, commit_free, c)) {
-        mh_res_fail(req, MH_ENOMEM, "commit");
-        return;
-    }
+    commit_t *c = MH__OP_NEW(req, commit_t, commit_steps, "commit", commit_finish, commit_free);
+    if (!c) return;
     c->req = req;
-    c->hub = hub;
+    c->hub = req->app;
     mh_arena_init(&c->work, WORK_ARENA_LIMIT);
     c->msgpack = body_is_msgpack(req);
-    mh__op_init(&c->step, req, commit_steps, C_DONE + 1, "commit", commit_finish);
-    req->user = c;
     mh_hub_load_repo(req, MH_PERM_WRITE, commit_repo_cb);
 }

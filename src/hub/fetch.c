@@ -1180,14 +1180,10 @@ void mh_h_fetch(mh_req_t *req)
     mh_val_t body;
     if (!mh_req_body_val(req, &body)) return;
     mh_arena_t *a = &req->arena;
-    fetch_t *f = mh_calloc(a, sizeof *f);
-    if (!f) {
-        mh_res_fail(req, MH_ENOMEM, "fetch");
-        return;
-    }
+    fetch_t *f = MH__OP_NEW(req, fetch_t, fetch_steps, "fetch", fetch_finish, NULL);
+    if (!f) return;
     f->req = req;
     f->hub = hub;
-    mh__op_init(&f->step, req, fetch_steps, S_ANSWER + 1, "fetch", fetch_finish);
     f->t_mark = f->step.t0;
     if (body.t != MH_V_MAP) {
         mh_res_error(req, 422, "invalid_request", "the body must be a map {want, have}");
@@ -1206,6 +1202,5 @@ void mh_h_fetch(mh_req_t *req)
         mh_res_error(req, 422, "invalid_request", "%s %s", list, why);
         return;
     }
-    req->user = f;
     mh_hub_load_repo(req, MH_PERM_READ, repo_cb);
 }

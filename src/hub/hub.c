@@ -143,6 +143,21 @@ bool mh__db_ok(mh_req_t *req, int err, const char *errmsg)
     return !err;
 }
 
+bool mh__db_one(mh_req_t *req, PGresult *res, int err, const char *errmsg, const char *absent)
+{
+    if (!mh__db_ok(req, err, errmsg)) return false;
+    if (PQntuples(res) == 1) return true;
+    mh_res_error(req, 404, "not_found", "%s", absent);
+    return false;
+}
+
+void *mh__req_alloc(mh_req_t *req, size_t n)
+{
+    void *p = mh_calloc(&req->arena, n);
+    if (!p) mh_res_fail(req, MH_ENOMEM, "request state");
+    return p;
+}
+
 char *mh__param_handle(mh_req_t *req)
 {
     mh_str_t h = mh_req_param(req, "handle");
@@ -173,6 +188,19 @@ void mh__op_init(mh_step_t *s, mh_req_t *req, const mh_step_def_t *steps, int n,
     s->db = hub->db;
     s->store = hub->store;
     s->finish = finish;
+}
+
+void *mh__op_new(mh_req_t *req, size_t size, const mh_step_def_t *steps, int n, const char *what,
+                 void (*finish)(mh_step_t *s), void (*cleanup)(void *op))
+{
+    mh_step_t *s = mh_calloc(&req->arena, size);
+    if (!s || (cleanup && mh_arena_defer(&req->arena, cleanup, s))) {
+        mh_res_fail(req, MH_ENOMEM, what);
+        return NULL;
+    }
+    mh__op_init(s, req, steps, n, what, finish);
+    req->user = s;
+    return s;
 }
 
 bool mh__op_error(const mh_step_t *s, const char *invalid, mh__err_t *e)
@@ -266,11 +294,7 @@ static void load_repo_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     load_repo_t *lr = ud;
     mh_req_t *req = lr->req;
-    if (!mh__db_ok(req, err, errmsg)) return;
-    if (PQntuples(res) != 1) {
-        mh_res_error(req, 404, "not_found", "repository not found");
-        return;
-    }
+    if (!mh__db_one(req, res, err, errmsg, "repository not found")) return;
     mh_arena_t *a = &req->arena;
     mh_repo_t *r = mh_calloc(a, sizeof *r);
     bool ok = r && mh__repo_row(a, res, 0, r);
@@ -315,11 +339,8 @@ static char *repo_key(mh_arena_t *a, char kind, const char *x, const char *y, co
 void mh_hub_load_repo(mh_req_t *req, mh_perm_t need, mh_repo_cb cb)
 {
     mh_hub_t *hub = req->app;
-    load_repo_t *lr = mh_alloc(&req->arena, sizeof *lr);
-    if (!lr) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
-        return;
-    }
+    load_repo_t *lr = mh__req_alloc(req, sizeof *lr);
+    if (!lr) return;
     lr->req = req;
     lr->need = need;
     lr->cb = cb;

@@ -54,6 +54,9 @@ bool mh__repo_row(mh_arena_t *a, PGresult *res, int row, mh_repo_t *r);
 /* For a database callback: false after answering err (through the error
  * table, errmsg to the log), true when there was none. */
 bool mh__db_ok(mh_req_t *req, int err, const char *errmsg);
+/* mh__db_ok, and the result has exactly one row: false after answering
+ * 404 not_found with `absent` as the detail. */
+bool mh__db_one(mh_req_t *req, PGresult *res, int err, const char *errmsg, const char *absent);
 /* A route capture that must be an identity's handle (mh_handle_valid),
  * NUL-terminated in the request arena; NULL after answering 404 (a handle
  * that cannot exist names nothing) or 503. */
@@ -68,6 +71,19 @@ char *mh__text_field(mh_arena_t *a, const mh_val_t *v, size_t max, bool allow_em
  * database and store, the request id in logs, and finish. */
 void mh__op_init(mh_step_t *s, mh_req_t *req, const mh_step_def_t *steps, int n, const char *what,
                  void (*finish)(mh_step_t *s));
+/* A new HTTP operation of `size` bytes whose first member is its
+ * mh_step_t: zeroed in the request arena, cleanup (may be NULL) run with
+ * the arena, set up by mh__op_init, and req->user pointing at it. NULL
+ * after answering 503. MH__OP_NEW checks the layout and counts the steps. */
+void *mh__op_new(mh_req_t *req, size_t size, const mh_step_def_t *steps, int n, const char *what,
+                 void (*finish)(mh_step_t *s), void (*cleanup)(void *op));
+#define MH__OP_NEW(req, type, steps, what, finish, cleanup)                                                         \
+    ((void)sizeof(char[offsetof(type, step) == 0 ? 1 : -1]),                                                         \
+     (type *)mh__op_new((req), sizeof(type), (steps), (int)(sizeof(steps) / sizeof *(steps)), (what), (finish),     \
+                        (cleanup)))
+
+/* n zeroed bytes in the request arena; NULL after answering 503. */
+void *mh__req_alloc(mh_req_t *req, size_t n);
 
 /* The answer of an HTTP operation that ended in an error: a refusal
  * (s->status, s->code, s->why; a 503 carries Retry-After), or an error

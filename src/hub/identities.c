@@ -78,9 +78,8 @@ typedef struct {
 
 static ident_t *ident_new(mh_req_t *req, const char *handle)
 {
-    ident_t *ic = mh_calloc(&req->arena, sizeof *ic);
-    if (!ic) mh_res_fail(req, MH_ENOMEM, "identity");
-    else *ic = (ident_t){.req = req, .handle = handle};
+    ident_t *ic = mh__req_alloc(req, sizeof *ic);
+    if (ic) *ic = (ident_t){.req = req, .handle = handle};
     return ic;
 }
 
@@ -205,11 +204,7 @@ static void key_add_cb(void *ud, PGresult *res, int err, const char *errmsg)
         mh_res_error(req, 409, "conflict", "this public key is already registered");
         return;
     }
-    if (!mh__db_ok(req, err, errmsg)) return;
-    if (PQntuples(res) != 1) {
-        mh_res_error(req, 404, "not_found", "no such identity");
-        return;
-    }
+    if (!mh__db_one(req, res, err, errmsg, "no such identity")) return;
     mh_vb_t *b = mh_res_build(req);
     mh_val_t *m = mh_vb_map(b);
     mh_vb_put(b, m, "identity_id", mh_vb_str(b, mh_pq_str(res, 0, 0)));
@@ -244,11 +239,7 @@ static void key_revoke_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     ident_t *kr = ud;
     mh_req_t *req = kr->req;
-    if (!mh__db_ok(req, err, errmsg)) return;
-    if (PQntuples(res) != 1) {
-        mh_res_error(req, 404, "not_found", "no such key for this identity");
-        return;
-    }
+    if (!mh__db_one(req, res, err, errmsg, "no such key for this identity")) return;
     mh_hub_t *hub = req->app;
     mh_auth_forget_key(hub->auth, kr->key_id.s);
     mh_info("key %s revoked by %s", kr->key_id.s, mh_req_caller(req)->handle);
@@ -282,11 +273,7 @@ static void collab_put_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     ident_t *co = ud;
     mh_req_t *req = co->req;
-    if (!mh__db_ok(req, err, errmsg)) return;
-    if (PQntuples(res) != 1) {
-        mh_res_error(req, 404, "not_found", "no such identity");
-        return;
-    }
+    if (!mh__db_one(req, res, err, errmsg, "no such identity")) return;
     mh_vb_t *b = mh_res_build(req);
     mh_val_t *m = mh_vb_map(b);
     mh_vb_put(b, m, "repo_id", mh_v_str(co->repo_id));

@@ -207,11 +207,7 @@ void mh_h_proposal_list(mh_req_t *req)
 static void close_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     mh_req_t *req = ud;
-    if (!mh__db_ok(req, err, errmsg)) return;
-    if (PQntuples(res) != 1) {
-        mh_res_error(req, 404, "not_found", "proposal not found");
-        return;
-    }
+    if (!mh__db_one(req, res, err, errmsg, "proposal not found")) return;
     if (mh_pq_str(res, 0, 0)[0] != '1') {
         mh_res_error(req, 409, "not_open", "the proposal is %s, not open", mh_pq_str(res, 0, 3));
         return;
@@ -264,6 +260,16 @@ typedef struct {
     uint32_t from_node, to_node;
     mh_id_t from_head, to_head, base, from_snap, to_snap, base_snap;
 } pctx_t;
+
+/* Fills what both operations start with; false after answering 404 for a
+ * proposal id that cannot exist. */
+static bool ctx_init(pctx_t *x, mh_req_t *req, mh_arena_t *work)
+{
+    mh_arena_init(work, WORK_ARENA_LIMIT);
+    x->req = req;
+    x->hub = req->app;
+    return proposal_param(req, x->pid);
+}
 
 static const mh_stmt_t st_proposal = {
     "proposal_by_id", "SELECT " PCOLS " FROM proposals WHERE proposal_id = $1 AND repo_id = $2", 2};
@@ -455,18 +461,8 @@ static void pget_repo_cb(mh_req_t *req, mh_repo_t *repo)
 
 void mh_h_proposal_get(mh_req_t *req)
 {
-    mh_hub_t *hub = req->app;
-    pget_t *p = mh_calloc(&req->arena, sizeof *p);
-    if (!p || mh_arena_defer(&req->arena, pget_free, p)) {
-        mh_res_fail(req, MH_ENOMEM, "proposals");
-        return;
-    }
-    mh_arena_init(&p->work, WORK_ARENA_LIMIT);
-    p->x.req = req;
-    p->x.hub = hub;
-    if (!proposal_param(req, p->x.pid)) return;
-    mh__op_init(&p->step, req, pget_steps, G_DONE + 1, "proposal", pget_finish);
-    req->user = p;
+    pget_t *p = MH__OP_NEW(req, pget_t, pget_steps, "proposal", pget_finish, pget_free);
+    if (!p || !ctx_init(&p->x, req, &p->work)) return;
     mh_hub_load_repo(req, MH_PERM_READ, pget_repo_cb);
 }
 
@@ -803,17 +799,7 @@ static void merge_repo_cb(mh_req_t *req, mh_repo_t *repo)
 
 void mh_h_proposal_merge(mh_req_t *req)
 {
-    mh_hub_t *hub = req->app;
-    merge_t *m = mh_calloc(&req->arena, sizeof *m);
-    if (!m || mh_arena_defer(&req->arena, merge_free, m)) {
-        mh_res_fail(req, MH_ENOMEM, "merge");
-        return;
-    }
-    mh_arena_init(&m->work, WORK_ARENA_LIMIT);
-    m->x.req = req;
-    m->x.hub = hub;
-    if (!proposal_param(req, m->x.pid)) return;
-    mh__op_init(&m->step, req, merge_steps, M_DONE + 1, "merge", merge_finish);
-    req->user = m;
+    merge_t *m = MH__OP_NEW(req, merge_t, merge_steps, "merge", merge_finish, merge_free);
+    if (!m || !ctx_init(&m->x, req, &m->work)) return;
     mh_hub_load_repo(req, MH_PERM_WRITE, merge_repo_cb);
 }

@@ -102,11 +102,8 @@ void mh_h_push_presign(mh_req_t *req)
 {
     mh_hub_t *hub = req->app;
     mh_val_t body;
-    presign_t *p = mh_calloc(&req->arena, sizeof *p);
-    if (!p) {
-        mh_res_fail(req, MH_ENOMEM, "presign");
-        return;
-    }
+    presign_t *p = mh__req_alloc(req, sizeof *p);
+    if (!p) return;
     p->req = req;
     if (!mh__body_map(req, &body) || !mh__body_id(req, &body, "mpack_key", true, &p->key, NULL)) return;
     mh_hex_decode(p->sha, p->key.s + 7, 32);
@@ -464,24 +461,18 @@ static void unpack_repo_cb(mh_req_t *req, mh_repo_t *repo)
 
 void mh_h_push_unpack(mh_req_t *req)
 {
-    mh_hub_t *hub = req->app;
     mh_val_t body;
-    unpack_t *u = mh_calloc(&req->arena, sizeof *u);
-    if (!u || mh_arena_defer(&req->arena, unpack_free, u)) {
-        mh_res_fail(req, MH_ENOMEM, "unpack");
-        return;
-    }
+    unpack_t *u = MH__OP_NEW(req, unpack_t, unpack_steps, "unpack", unpack_finish, unpack_free);
+    if (!u) return;
     mh_arena_init(&u->work, 0);
     u->req = req;
-    u->hub = hub;
+    u->hub = req->app;
     if (!mh__body_map(req, &body) || !mh__body_id(req, &body, "mpack_key", true, &u->key, NULL) ||
         !mh__body_id(req, &body, "head", true, &u->head, NULL) ||
         !mh__body_id(req, &body, "expected_old_head", false, &u->expected_old, &u->has_expected_old) ||
         !mh__body_branch(req, &body, "branch", u->branch) || !mh__body_bool(req, &body, "force", &u->force))
         return;
-    mh__op_init(&u->step, req, unpack_steps, U_DONE + 1, "unpack", unpack_finish);
     u->x = (mh__unpack_t){.key = u->key.s, .head = u->head.s, .a = &u->work};
-    req->user = u;
     mh_hub_load_repo(req, MH_PERM_WRITE, unpack_repo_cb);
 }
 

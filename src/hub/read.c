@@ -90,11 +90,7 @@ static const mh_stmt_t st_commit = {
 static void commit_row_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     mh_req_t *req = ud;
-    if (!mh__db_ok(req, err, errmsg)) return;
-    if (PQntuples(res) != 1) {
-        mh_res_error(req, 404, "not_found", "commit not found in this repository");
-        return;
-    }
+    if (!mh__db_one(req, res, err, errmsg, "commit not found in this repository")) return;
     mh_res_val(req, 200, commit_val(mh_res_build(req), res, 0));
 }
 
@@ -302,11 +298,8 @@ static bool parse_limit(mh_str_t s, uint32_t *out)
 void mh_h_commits(mh_req_t *req)
 {
     mh_arena_t *a = &req->arena;
-    log_t *l = mh_calloc(a, sizeof *l);
-    if (!l) {
-        mh_res_fail(req, MH_ENOMEM, "commits");
-        return;
-    }
+    log_t *l = mh__req_alloc(req, sizeof *l);
+    if (!l) return;
     l->req = req;
     l->limit = LOG_DEFAULT;
     mh_str_t branch = mh_req_query(req, "branch"), limit = mh_req_query(req, "limit"),
@@ -567,11 +560,7 @@ static void object_row_cb(void *ud, PGresult *res, int err, const char *errmsg)
     mh_req_t *req = o->req;
     mh_hub_t *hub = req->app;
     mh_arena_t *a = &req->arena;
-    if (!mh__db_ok(req, err, errmsg)) return;
-    if (PQntuples(res) != 1) {
-        mh_res_error(req, 404, "not_found", "object not found in this repository");
-        return;
-    }
+    if (!mh__db_one(req, res, err, errmsg, "object not found in this repository")) return;
     if (mh_pq_isnull(res, 0, 0)) {
         mh_res_header(req, "Retry-After", "2");
         mh_res_error(req, 503, "not_indexed", "the object is not indexed yet; retry shortly");

@@ -215,14 +215,10 @@ static void delete_finish(mh_step_t *s)
 
 static void repo_delete_cb(mh_req_t *req, mh_repo_t *repo)
 {
-    delete_t *d = mh_calloc(&req->arena, sizeof *d);
-    if (!d) {
-        mh_res_fail(req, MH_ENOMEM, "delete");
-        return;
-    }
+    delete_t *d = MH__OP_NEW(req, delete_t, delete_steps, "delete", delete_finish, NULL);
+    if (!d) return;
     d->req = req;
     d->repo = repo;
-    mh__op_init(&d->step, req, delete_steps, 5, "delete", delete_finish);
     mh_step_run(&d->step);
 }
 
@@ -324,11 +320,8 @@ static void refs_repo_cb(mh_req_t *req, mh_repo_t *repo)
         refs_send(req, repo, n, names, heads);
         return;
     }
-    refs_t *r = mh_alloc(&req->arena, sizeof *r);
-    if (!r) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
-        return;
-    }
+    refs_t *r = mh__req_alloc(req, sizeof *r);
+    if (!r) return;
     r->req = req;
     r->repo = repo;
     const char *vals[1] = {repo->repo_id};

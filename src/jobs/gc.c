@@ -402,14 +402,9 @@ static void gc_cleanup_cb(void *arg)
 
 void mh_job_gc_start(mh_job_t *j)
 {
-    gc_t *g = mh_calloc(&j->arena, sizeof *g);
-    if (!g || mh_arena_defer(&j->arena, gc_cleanup_cb, g)) {
-        mh_job_fail(j, false, "out of memory");
-        return;
-    }
+    gc_t *g = MH__JOB_NEW(j, gc_t, gc_steps, G_DONE, gc_finish, gc_cleanup_cb);
+    if (!g) return;
     g->j = j;
-    j->state = g;
-    mh__job_step_init(j, &g->step, gc_steps, G_DONE + 1, G_DONE, gc_finish);
     mh_step_run(&g->step);
 }
 

@@ -196,13 +196,9 @@ static void index_cleanup_cb(void *arg)
 
 void mh_job_index_start(mh_job_t *j)
 {
-    index_t *x = mh_calloc(&j->arena, sizeof *x);
-    if (!x || mh_arena_defer(&j->arena, index_cleanup_cb, x)) {
-        mh_job_fail(j, false, "out of memory");
-        return;
-    }
+    index_t *x = MH__JOB_NEW(j, index_t, index_steps, I_DONE, index_finish, index_cleanup_cb);
+    if (!x) return;
     x->j = j;
-    j->state = x;
     const mh_val_t *k = mh_val_get(&j->payload, "mpack_key");
     if (!k || k->t != MH_V_STR || !mh_id_valid(k->v.s.p, k->v.s.n)) {
         mh_job_fail(j, true, "payload.mpack_key must be sha256:<64 lowercase hex>");
@@ -211,6 +207,5 @@ void mh_job_index_start(mh_job_t *j)
     memcpy(x->key.s, k->v.s.p, MH_ID_LEN);
     x->key.s[MH_ID_LEN] = 0;
     mh_rw_upload_init(&x->up, &j->arena, j->repo_id, x->key.s);
-    mh__job_step_init(j, &x->step, index_steps, I_DONE + 1, I_DONE, index_finish);
     mh_step_run(&x->step);
 }

@@ -60,6 +60,17 @@ void mh_job_fail(mh_job_t *j, bool permanent, const char *fmt, ...) __attribute_
  * runner's cancellation (steps from `final` on still run), finish. */
 void mh__job_step_init(mh_job_t *j, mh_step_t *s, const mh_step_def_t *steps, int n, int final,
                        void (*finish)(mh_step_t *s));
+/* A new job operation of `size` bytes whose first member is its
+ * mh_step_t: zeroed in the job's arena, cleanup (may be NULL) run with
+ * it, set up by mh__job_step_init, and j->state pointing at it. NULL
+ * after failing the job (to be retried). */
+void *mh__job_new(mh_job_t *j, size_t size, const mh_step_def_t *steps, int n, int final,
+                  void (*finish)(mh_step_t *s), void (*cleanup)(void *op));
+#define MH__JOB_NEW(j, type, steps, final, finish, cleanup)                                                         \
+    ((void)sizeof(char[offsetof(type, step) == 0 ? 1 : -1]),                                                         \
+     (type *)mh__job_new((j), sizeof(type), (steps), (int)(sizeof(steps) / sizeof *(steps)), (final), (finish),    \
+                         (cleanup)))
+
 /* The end of a job run on the kit, for its finish callback: an error
  * fails the job ("<what>: <reason>: <error>"), for good when `permanent`;
  * otherwise the job is done with result (built with b: a failed build is

@@ -147,6 +147,19 @@ void mh__job_step_init(mh_job_t *j, mh_step_t *s, const mh_step_def_t *steps, in
     s->user = j;
 }
 
+void *mh__job_new(mh_job_t *j, size_t size, const mh_step_def_t *steps, int n, int final,
+                  void (*finish)(mh_step_t *s), void (*cleanup)(void *op))
+{
+    mh_step_t *s = mh_calloc(&j->arena, size);
+    if (!s || (cleanup && mh_arena_defer(&j->arena, cleanup, s))) {
+        mh_job_fail(j, false, "out of memory");
+        return NULL;
+    }
+    mh__job_step_init(j, s, steps, n, final, finish);
+    j->state = s;
+    return s;
+}
+
 void mh__job_end(mh_job_t *j, const mh_step_t *s, const char *what, bool permanent, const mh_vb_t *b,
                  const mh_val_t *result)
 {
