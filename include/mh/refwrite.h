@@ -263,6 +263,10 @@ typedef struct {
     const char *src;      /* the key the bytes came from */
     bool trusted;         /* referenced, or a verified grant: the bytes were hashed when they entered */
     mh_buf_t bytes;       /* the pack (mh_rw_upload_free) */
+    char size[24];        /* its byte count as text (mh_rw_upload_rows) */
+    int i_index, i_refs;  /* where mh_rw_upload_rows put its two counts */
+    int64_t indexed;      /* mh_rw_upload_written: mpack_index rows added */
+    int64_t referenced_new; /* mh_rw_upload_written: object_refs rows added */
     enum {
         MH_UPLOAD_READ = 0,     /* bytes read */
         MH_UPLOAD_NO_GRANT,     /* not referenced and no grant -> 404 no_grant */
@@ -278,6 +282,12 @@ void mh_rw_upload_lookup(mh_step_t *s, mh_upload_t *up);
 void mh_rw_upload_read(mh_step_t *s, mh_upload_t *up);
 void mh_rw_upload_verified(mh_step_t *s, const mh_upload_t *up);
 void mh_rw_upload_place(mh_step_t *s, mh_upload_t *up);
+/* The rows of the pack read (mh_rw_pack_rows, kind "push", with its new
+ * objects). up must stay in place until the batch is sent (its size
+ * text); mh_rw_upload_written then reads the two counts from the
+ * batch's results into up->indexed and up->referenced_new. */
+void mh_rw_upload_rows(mh_db_batch_t *b, mh_upload_t *up);
+void mh_rw_upload_written(mh_upload_t *up, PGresult **res);
 /* The statement that consumes the grant read from (none: nothing), for
  * the transaction that moves the branch (SPEC 4.3). */
 void mh_rw_upload_consume(mh_db_batch_t *b, const mh_upload_t *up);

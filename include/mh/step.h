@@ -102,9 +102,18 @@ struct mh_step {
 /* The operation that embeds s as `member`. */
 #define MH_STEP_OP(s, type, member) ((type *)(void *)((char *)(s) - offsetof(type, member)))
 
-/* Zeroes s and sets its table (n steps), names and clock. The caller then
- * sets loop/db/store/finish (and stopping/final for jobs). */
-void mh_step_init(mh_step_t *s, const mh_step_def_t *steps, int n, const char *what, const char *id);
+/* Where an operation runs: its loop, database pool and object store. */
+typedef struct {
+    uv_loop_t *loop;
+    mh_db_t *db;
+    mh_store_t *store;
+} mh_step_env_t;
+
+/* Zeroes s and sets its table (n steps), names (what, id: borrowed, for
+ * logs), where it runs, finish and the clock. Jobs then set stopping,
+ * final and user. */
+void mh_step_init(mh_step_t *s, const mh_step_def_t *steps, int n, const char *what, const char *id,
+                  const mh_step_env_t *env, void (*finish)(mh_step_t *s));
 /* Runs steps from s->state until one waits or the operation ends; then,
  * if it ended, calls finish. Call it to start the operation. */
 void mh_step_run(mh_step_t *s);

@@ -779,18 +779,12 @@ void mh_db_close(mh_db_t *db, void (*done)(void *arg), void *arg)
 
 void mh_db_stats(mh_db_t *db, mh_db_stats_t *st)
 {
-    memset(st, 0, sizeof *st);
-    st->size = db->pool_size;
+    *st = (mh_db_stats_t){.size = db->pool_size, .idle = db->nidle, .held = db->nheld, .waiters = db->nwait,
+                          .queries = db->queries, .errors = db->errors, .reconnects = db->reconnects};
     for (uint32_t i = 0; i < db->pool_size; i++) {
         const mh_dbconn_t *c = db->conns[i];
         if (c && (c->state == CS_READY || c->state == CS_BUSY)) st->connected++;
     }
-    st->idle = db->nidle;
-    st->held = db->nheld;
-    st->waiters = db->nwait;
-    st->queries = db->queries;
-    st->errors = db->errors;
-    st->reconnects = db->reconnects;
 }
 
 int mh_db_metrics_write(mh_db_t *db, mh_buf_t *out)

@@ -52,11 +52,7 @@ typedef struct {
 } cblob_t;
 
 typedef struct {
-    mh_step_t step;
-    mh_req_t *req;
-    mh_hub_t *hub;
-    mh_repo_t *repo;
-    mh_arena_t work; /* decoded body, contents, manifests; see WORK_ARENA_LIMIT */
+    mh__op_t op;
     /* request */
     bool msgpack;           /* the body's Content-Type */
     const mh_val_t *files;  /* MAP path -> bin | base64 str */
@@ -82,7 +78,7 @@ typedef struct {
     mh_move_t mv;
 } commit_t;
 
-#define C(s) MH_STEP_OP(s, commit_t, step)
+#define C(s) MH_STEP_OP(s, commit_t, op.step)
 
 enum {
     C_PARSE,
@@ -177,8 +173,8 @@ static void parse_paths(mh_step_t *s, const mh_val_t *body)
 static void parse_work(mh_step_t *s)
 {
     commit_t *c = C(s);
-    mh_req_t *req = c->req;
-    mh_arena_t *a = &c->work;
+    mh_req_t *req = c->op.req;
+    mh_arena_t *a = &c->op.work;
     mh_val_t body = {.t = MH_V_MAP};
     const char *why = NULL;
     int rc = 0;
@@ -274,7 +270,7 @@ static void step_heads(mh_step_t *s)
 {
     commit_t *c = C(s);
     if (!c->author) {
-        const mh_caller_t *caller = mh_req_caller(c->req);
+        const mh_caller_t *caller = mh_req_caller(c->op.req);
         c->author = (char *)(caller->handle ? caller->handle : "anonymous");
     }
     mh_db_pq_t q = {NULL,
@@ -283,7 +279,7 @@ static void step_heads(mh_step_t *s)
                     " LEFT JOIN snapshots s ON s.snapshot_id = c.snapshot_id"
                     " WHERE b.repo_id = $1 AND b.name IN ($2, $3)",
                     3,
-                    (const char *const[]){c->repo->repo_id, c->branch, c->repo->default_branch},
+                    (const char *const[]){c->op.repo->repo_id, c->branch, c->op.repo->default_branch},
                     NULL,
                     NULL};
     mh_step_query(s, &q, heads_read);
@@ -293,7 +289,7 @@ static void step_manifest(mh_step_t *s)
 {
     commit_t *c = C(s);
     mh_step_wait(s);
-    mh_hub_load_manifest(c->hub, &c->work, c->parent_snap.s, &c->base, mh__manifest_step_cb, s);
+    mh_hub_load_manifest(c->op.hub, &c->op.work, c->parent_snap.s, &c->base, mh__manifest_step_cb, s);
 }
 
 /* ============================================================ BUILD */
@@ -321,7 +317,7 @@ static int cmp_blob(const void *x, const void *y)
 static bool decode_files(mh_step_t *s, mh_kv_t *kv, pstr_t *paths)
 {
     commit_t *c = C(s);
-    mh_arena_t *a = &c->work;
+    mh_arena_t *a = &c->op.work;
     for (uint32_t i = 0; i < c->files->v.m.n; i++) {
         const mh_kv_t *f = &c->files->v.m.kv[i];
         const uint8_t *data = (const uint8_t *)f->v.v.s.p;
@@ -374,7 +370,7 @@ static bool check_paths(mh_step_t *s, pstr_t *paths, uint32_t nf)
 static void build_work(mh_step_t *s)
 {
     commit_t *c = C(s);
-    mh_arena_t *a = &c->work;
+    mh_arena_t *a = &c->op.work;
     uint32_t nf = c->files->v.m.n;
     mh_kv_t *kv = mh_alloc(a, (nf + 1) * sizeof *kv);
     pstr_t *paths = mh_alloc(a, (nf + 1) * sizeof *paths);
@@ -439,16 +435,16 @@ static int known_read(mh_step_t *s, PGresult *res)
         if (b) b->known = true;
     }
     uint64_t bytes = 0;
-    c->pack_blobs = mh_alloc(&c->work, (c->nblobs + 1) * sizeof *c->pack_blobs);
+    c->pack_blobs = mh_alloc(&c->op.work, (c->nblobs + 1) * sizeof *c->pack_blobs);
     if (!c->pack_blobs) return MH_ENOMEM;
     for (size_t i = 0; i < c->nblobs; i++)
         if (!c->blobs[i].known) {
             c->pack_blobs[c->npack++] = c->blobs[i].b;
             bytes += c->blobs[i].b.len;
         }
-    if (c->npack && bytes > c->hub->cfg->max_mpack_bytes) {
+    if (c->npack && bytes > c->op.hub->cfg->max_mpack_bytes) {
         mh_step_refuse(s, 413, "too_large", "the new contents (%llu bytes) exceed the largest pack (%llu bytes)",
-                       (unsigned long long)bytes, (unsigned long long)c->hub->cfg->max_mpack_bytes);
+                       (unsigned long long)bytes, (unsigned long long)c->op.hub->cfg->max_mpack_bytes);
         return 0;
     }
     if (!c->npack) mh_step_goto(s, C_ACQUIRE);
@@ -458,19 +454,19 @@ static int known_read(mh_step_t *s, PGresult *res)
 static void step_known(mh_step_t *s)
 {
     commit_t *c = C(s);
-    const char **ids = mh_alloc(&c->work, (c->nblobs + 1) * sizeof *ids);
+    const char **ids = mh_alloc(&c->op.work, (c->nblobs + 1) * sizeof *ids);
     if (!ids) {
         mh_step_fail(s, MH_ENOMEM, "known");
         return;
     }
     for (size_t i = 0; i < c->nblobs; i++) ids[i] = c->blobs[i].b.id;
-    const char *arr = mh_pq_array(&c->work, ids, c->nblobs, MH_ID_LEN);
+    const char *arr = mh_pq_array(&c->op.work, ids, c->nblobs, MH_ID_LEN);
     if (!arr) {
         mh_step_fail(s, MH_ENOMEM, "known");
         return;
     }
     mh_db_pq_t q = {NULL, "SELECT object_id FROM object_refs WHERE repo_id = $1 AND object_id = ANY ($2::text[])",
-                    2,    (const char *const[]){c->repo->repo_id, arr},
+                    2,    (const char *const[]){c->op.repo->repo_id, arr},
                     NULL, NULL};
     mh_step_query(s, &q, known_read);
 }
@@ -500,7 +496,7 @@ static void step_pack(mh_step_t *s) { mh_step_work(s, pack_work); }
 static void step_begin(mh_step_t *s)
 {
     commit_t *c = C(s);
-    mh_rw_begin(s, c->repo->repo_id, c->npack ? c->pack_id.s : NULL, c->npack ? MH_RW_OBJECTS : 0);
+    mh_rw_begin(s, c->op.repo->repo_id, c->npack ? c->pack_id.s : NULL, c->npack ? MH_RW_OBJECTS : 0);
 }
 
 static void step_check(mh_step_t *s)
@@ -509,7 +505,7 @@ static void step_check(mh_step_t *s)
     /* The branch must still be where the commit was built: at its parent,
      * or absent when it did not exist (it then starts at the default
      * branch's head, or as a root). */
-    c->mv = (mh_move_t){.repo_id = c->repo->repo_id,
+    c->mv = (mh_move_t){.repo_id = c->op.repo->repo_id,
                         .branch = c->branch,
                         .kind = MH_MOVE_COMMIT,
                         .new_head = c->c.cid.s,
@@ -546,11 +542,11 @@ static void step_write(mh_step_t *s)
 {
     commit_t *c = C(s);
     mh_db_batch_t b = {0};
-    mh_rw_commit_rows(&b, c->repo->repo_id, &c->c);
+    mh_rw_commit_rows(&b, c->op.repo->repo_id, &c->c);
     if (c->npack) {
         /* A blob another repository holds is packed again for this one:
          * objects are reached only through ref rows. */
-        mh_rw_pack_t pack = {c->repo->repo_id, c->pack_id.s, c->pack_size, "commit", true};
+        mh_rw_pack_t pack = {c->op.repo->repo_id, c->pack_id.s, c->pack_size, "commit", true};
         mh_rw_pack_rows(&b, &pack, NULL, NULL);
     }
     mh_rw_move_rows(&b, &c->mv);
@@ -561,9 +557,9 @@ static void step_write(mh_step_t *s)
 static void step_done(mh_step_t *s)
 {
     commit_t *c = C(s);
-    mh_fetch_cache_invalidate(c->hub, c->repo->repo_id);
+    mh_fetch_cache_invalidate(c->op.hub, c->op.repo->repo_id);
     /* The next commit on this branch starts from this manifest. */
-    mh_hub_manifest_cache_put(c->hub, c->c.sid.s, &c->m);
+    mh_hub_manifest_cache_put(c->op.hub, c->c.sid.s, &c->m);
     mh_step_done(s);
 }
 
@@ -589,12 +585,12 @@ static const mh_step_def_t commit_steps[] = {
 static void commit_finish(mh_step_t *s)
 {
     commit_t *c = C(s);
-    mh_req_t *req = c->req;
+    mh_req_t *req = c->op.req;
     if (s->err == MH_ECONFLICT) /* a concurrent creator of the branch won */
         mh_step_refuse(s, 409, "stale_head", "branch '%s' changed concurrently; retry on its new head", c->branch);
-    if (mh__op_failed(s, req, "invalid_field")) return;
+    if (mh__op_failed(s, "invalid_field")) return;
     mh_info("req %s: commit %s on %s/%s branch %s: %zu files, %zu new blobs%s%s, %llu ms", req->id, c->c.cid.s,
-            c->repo->owner, c->repo->slug, c->branch, c->m.n, c->npack, c->npack ? " in " : "",
+            c->op.repo->owner, c->op.repo->slug, c->branch, c->m.n, c->npack, c->npack ? " in " : "",
             c->npack ? c->pack_id.s : "", (unsigned long long)((mh_now_us() - s->t0) / 1000));
     mh_vb_t *b = mh_res_build(req);
     mh_val_t *m = mh_vb_map(b), *parents = mh_vb_arr(b);
@@ -619,23 +615,16 @@ static void commit_free(void *arg)
     mh_rw_commit_free(&c->c);
     mh_buf_free(&c->pack);
     mh_buf_free(&c->rows);
-    mh_arena_release(&c->work);
 }
 
-static void commit_repo_cb(mh_req_t *req, mh_repo_t *repo)
-{
-    commit_t *c = req->user;
-    c->repo = repo;
-    mh_step_run(&c->step);
-}
+/* The work arena holds the decoded body, contents and manifests. */
+static const mh__op_def_t commit_def = {"commit", MH__STEPS(commit_steps), commit_finish, commit_free,
+                                        WORK_ARENA_LIMIT};
 
 void mh_h_repo_commit_create(mh_req_t *req)
 {
-    commit_t *c = MH__OP_NEW(req, commit_t, commit_steps, "commit", commit_finish, commit_free);
+    commit_t *c = MH__OP_NEW(req, commit_t, &commit_def);
     if (!c) return;
-    c->req = req;
-    c->hub = req->app;
-    mh_arena_init(&c->work, WORK_ARENA_LIMIT);
     c->msgpack = body_is_msgpack(req);
-    mh_hub_load_repo(req, MH_PERM_WRITE, commit_repo_cb);
+    mh_hub_load_repo(req, MH_PERM_WRITE, mh__op_repo_cb);
 }

@@ -92,11 +92,8 @@ typedef struct {
 } src_t;
 
 struct fetch {
-    mh_step_t step;
-    mh_req_t *req;
-    mh_hub_t *hub;
-    mh_arena_t *a; /* the build arena (BUILD_ARENA_LIMIT) */
-    mh_repo_t *repo;
+    mh__op_t op;
+    mh_arena_t *a; /* the build arena: op.work (BUILD_ARENA_LIMIT) */
     char **want, **have;
     size_t nwant, nhave;
     char reqkey[65];      /* SHA-256 of the request as sent (sorted, unique) */
@@ -137,7 +134,7 @@ struct fetch {
     size_t tlen;
 };
 
-#define F(s) MH_STEP_OP(s, fetch_t, step)
+#define F(s) MH_STEP_OP(s, fetch_t, op.step)
 
 enum {
     S_GRAPH,
@@ -230,25 +227,25 @@ static void error_each(mh_req_t *waiter, void *arg) { mh__res_err(waiter, arg); 
 static void fetch_finish(mh_step_t *s)
 {
     fetch_t *f = F(s);
-    mh_hub_t *hub = f->hub;
+    mh_hub_t *hub = f->op.hub;
     mh__inflight_t *x = f->infl;
     mh__err_t e;
     if (mh__op_error(s, NULL, &e)) {
-        mh__res_err(f->req, &e);
+        mh__res_err(f->op.req, &e);
         mh__inflight_done(hub, x, error_each, &e);
         return;
     }
     if (f->pack)
-        mh_info("fetch %s/%s: %zu commits, %zu snapshots, %zu blobs, %zu bytes, %s in %.1f ms:%s", f->repo->owner,
-                f->repo->slug, f->nsend, f->nemit, f->nblobs, f->pack->len, f->mpack_id.s,
+        mh_info("fetch %s/%s: %zu commits, %zu snapshots, %zu blobs, %zu bytes, %s in %.1f ms:%s", f->op.repo->owner,
+                f->op.repo->slug, f->nsend, f->nemit, f->nblobs, f->pack->len, f->mpack_id.s,
                 (double)(mh_now_us() - s->t0) / 1000.0, f->timing);
     /* Under the key this request was looked up with, and under the state
      * the answer was built for when the graph was newer. */
-    char *key = mh_sprintf(f->a, "%s|%lld|%s", f->repo->repo_id, (long long)f->seq, f->reqkey);
+    char *key = mh_sprintf(f->a, "%s|%lld|%s", f->op.repo->repo_id, (long long)f->seq, f->reqkey);
     if (f->key) mh__answer_put(hub, f->key, &f->ans);
     if (key && (!f->key || strcmp(key, f->key) != 0)) mh__answer_put(hub, key, &f->ans);
     answer_t ans = f->ans; /* the request (and f) may be freed by its answer */
-    respond_answer(f->req, &ans);
+    respond_answer(f->op.req, &ans);
     mh__inflight_done(hub, x, answer_each, &ans);
 }
 
@@ -260,7 +257,7 @@ static void graph_cb(void *ud, mh_graph_t *g, int err, const char *errmsg)
 {
     fetch_t *f = F(ud);
     if (err == MH_ENOENT) {
-        mh_step_refuse(&f->step, 404, "not_found", "repository not found");
+        mh_step_refuse(&f->op.step, 404, "not_found", "repository not found");
         err = 0;
     } else if (!err && mh_graph_hold(f->a, g)) {
         err = MH_ENOMEM;
@@ -269,13 +266,13 @@ static void graph_cb(void *ud, mh_graph_t *g, int err, const char *errmsg)
         f->g_cached = false;
         tmark(f, "graph_load");
     }
-    mh_step_resume(&f->step, err, errmsg);
+    mh_step_resume(&f->op.step, err, errmsg);
 }
 
 static void load_graph(mh_step_t *s, bool force)
 {
     fetch_t *f = F(s);
-    mh_graph_t *g = force ? NULL : mh_graph_cache_get(f->hub, f->repo->repo_id, f->seq);
+    mh_graph_t *g = force ? NULL : mh_graph_cache_get(f->op.hub, f->op.repo->repo_id, f->seq);
     if (g) {
         if (mh_graph_hold(f->a, g)) {
             mh_step_fail(s, MH_ENOMEM, "graph");
@@ -289,7 +286,7 @@ static void load_graph(mh_step_t *s, bool force)
      * cached graph of this repository (graph.c), which include the one a
      * forced reload looks for. */
     mh_step_wait(s);
-    if (mh_graph_load(f->hub, f->a, f->repo->repo_id, graph_cb, s)) mh_step_resume(s, MH_ENOMEM, "graph");
+    if (mh_graph_load(f->op.hub, f->a, f->op.repo->repo_id, graph_cb, s)) mh_step_resume(s, MH_ENOMEM, "graph");
 }
 
 static void step_graph(mh_step_t *s) { load_graph(s, false); }
@@ -366,7 +363,7 @@ static void step_lookup(mh_step_t *s)
     fetch_t *f = F(s);
     char seq[24];
     snprintf(seq, sizeof seq, "%lld", (long long)f->seq);
-    mh_db_pq_t q = {&st_lookup, NULL, 0, (const char *const[]){f->repo->repo_id, f->normkey, seq}, NULL, NULL};
+    mh_db_pq_t q = {&st_lookup, NULL, 0, (const char *const[]){f->op.repo->repo_id, f->normkey, seq}, NULL, NULL};
     mh_step_query(s, &q, looked_up);
 }
 
@@ -542,7 +539,7 @@ static void step_rows(mh_step_t *s)
         return;
     }
     mh_db_batch_t b = {0};
-    mh_db_batch_stmt(&b, &st_commits, commits, f->repo->repo_id); /* branch and metadata are this repository's */
+    mh_db_batch_stmt(&b, &st_commits, commits, f->op.repo->repo_id); /* branch and metadata are this repository's */
     mh_db_batch_stmt(&b, &st_snapshots, snaps);
     mh_step_batch(s, &b, rows_read);
 }
@@ -560,7 +557,7 @@ static void manifest_loaded(void *ud, int err, const char *why)
     }
     if (--f->pending > 0) return;
     if (!f->perr) tmark(f, "manifests");
-    mh_step_resume(&f->step, f->perr, f->pwhy ? f->pwhy : "manifest");
+    mh_step_resume(&f->op.step, f->perr, f->pwhy ? f->pwhy : "manifest");
 }
 
 static int start_manifest(fetch_t *f, const char *sid, mh_manifest_t **out)
@@ -569,7 +566,7 @@ static int start_manifest(fetch_t *f, const char *sid, mh_manifest_t **out)
     if (!m || mh_arena_defer(f->a, free_manifest_cb, m)) return MH_ENOMEM;
     *out = m;
     f->pending++;
-    mh_hub_load_manifest(f->hub, f->a, sid, m, manifest_loaded, f);
+    mh_hub_load_manifest(f->op.hub, f->a, sid, m, manifest_loaded, f);
     return 0;
 }
 
@@ -794,7 +791,7 @@ static int located(mh_step_t *s, PGresult *res)
     size_t missing = 0;
     for (size_t i = 0; i < f->nblobs; i++) {
         if (f->blobs[i].mpack) continue;
-        if (!missing) mh_info("req %s: fetch: object %s has no mpack index row yet", f->req->id, f->blobs[i].id);
+        if (!missing) mh_info("req %s: fetch: object %s has no mpack index row yet", f->op.req->id, f->blobs[i].id);
         missing++;
     }
     if (missing)
@@ -809,7 +806,7 @@ static void step_locate(mh_step_t *s)
     fetch_t *f = F(s);
     mh_db_batch_t b = {0};
     if (f->nsend * 2 >= f->g->n) {
-        mh_db_batch_stmt(&b, &st_locate_all, f->repo->repo_id);
+        mh_db_batch_stmt(&b, &st_locate_all, f->op.repo->repo_id);
     } else {
         const char **ids = mh_alloc(f->a, f->nblobs * sizeof *ids);
         if (!ids) {
@@ -822,7 +819,7 @@ static void step_locate(mh_step_t *s)
             mh_step_fail(s, MH_ENOMEM, "locate");
             return;
         }
-        mh_db_batch_stmt(&b, f->nblobs <= LOCATE_FEW ? &st_locate_few : &st_locate, f->repo->repo_id, arr);
+        mh_db_batch_stmt(&b, f->nblobs <= LOCATE_FEW ? &st_locate_few : &st_locate, f->op.repo->repo_id, arr);
     }
     mh_step_query(s, &b.q[0], located);
 }
@@ -867,9 +864,9 @@ static void read_cb(void *ud, int err, mh_buf_t *data)
     fetch_t *f = src->f;
     f->reads_inflight--;
     if (!err && (err = take_read(f, src, data)) == MH_ESTORE)
-        mh_error("req %s: fetch: short read of %s", f->req->id, src->key);
+        mh_error("req %s: fetch: short read of %s", f->op.req->id, src->key);
     else if (err && err != MH_ENOMEM)
-        mh_error("req %s: fetch: reading %s: %s", f->req->id, src->key, mh_strerror(err));
+        mh_error("req %s: fetch: reading %s: %s", f->op.req->id, src->key, mh_strerror(err));
     if (err && !f->perr) f->perr = err == MH_ENOENT ? MH_ESTORE : err;
     start_reads(f);
 }
@@ -879,11 +876,11 @@ static void start_reads(fetch_t *f)
     while (!f->perr && f->next_src < f->nsrcs && f->reads_inflight < READS_IN_FLIGHT) {
         src_t *src = &f->srcs[f->next_src++];
         f->reads_inflight++;
-        mh_store_get_ranges(f->hub->store, src->key, src->ranges, src->n, read_cb, src);
+        mh_store_get_ranges(f->op.hub->store, src->key, src->ranges, src->n, read_cb, src);
     }
     if (f->reads_inflight > 0 || (!f->perr && f->next_src < f->nsrcs)) return;
     if (!f->perr) tmark(f, "read");
-    mh_step_resume(&f->step, f->perr, "reading source packs");
+    mh_step_resume(&f->op.step, f->perr, "reading source packs");
 }
 
 static void step_read(mh_step_t *s)
@@ -1058,9 +1055,9 @@ static void recorded(void *ud, PGresult **results, int n, int err, const char *e
     /* The pack is stored: a failed bookkeeping row only costs a rebuild
      * later, so answer anyway. */
     if (err)
-        mh_warn("req %s: fetch: recording the answer: %s (%s)", f->req->id, mh_strerror(err), errmsg ? errmsg : "");
+        mh_warn("req %s: fetch: recording the answer: %s (%s)", f->op.req->id, mh_strerror(err), errmsg ? errmsg : "");
     tmark(f, "record");
-    mh_step_resume(&f->step, 0, NULL);
+    mh_step_resume(&f->op.step, 0, NULL);
 }
 
 static void step_record(mh_step_t *s)
@@ -1082,9 +1079,9 @@ static void step_record(mh_step_t *s)
     snprintf(nb, sizeof nb, "%u", ans->blobs);
     mh_db_batch_t b = {0};
     if (f->pack) mh_db_batch_stmt(&b, &st_ins_mpack, ans->mpack_id, size);
-    mh_db_batch_stmt(&b, &st_ins_answer, f->repo->repo_id, seq, f->normkey, f->pack ? ans->mpack_id : NULL, nc, ns, nb);
+    mh_db_batch_stmt(&b, &st_ins_answer, f->op.repo->repo_id, seq, f->normkey, f->pack ? ans->mpack_id : NULL, nc, ns, nb);
     mh_step_wait(s);
-    mh_db_pipeline(f->hub->db, b.q, b.n, recorded, f);
+    mh_db_pipeline(f->op.hub->db, b.q, b.n, recorded, f);
 }
 
 static void step_answer(mh_step_t *s) { mh_step_done(s); }
@@ -1141,50 +1138,41 @@ static const char *parse_ids(mh_arena_t *a, const mh_val_t *body, const char *na
     return NULL;
 }
 
-static void release_arena_cb(void *p) { mh_arena_release(p); }
-
 static void repo_cb(mh_req_t *req, mh_repo_t *repo)
 {
     fetch_t *f = req->user;
-    f->repo = repo;
+    f->op.repo = repo;
     f->seq = repo->state_seq;
     f->key = mh_sprintf(&req->arena, "%s|%lld|%s", repo->repo_id, (long long)repo->state_seq, f->reqkey);
     if (!f->key) {
         mh_res_fail(req, MH_ENOMEM, "fetch");
         return;
     }
-    const answer_t *hit = mh__answer_get(f->hub, f->key);
+    const answer_t *hit = mh__answer_get(f->op.hub, f->key);
     if (hit) {
         respond_answer(req, hit);
         return;
     }
     /* The same miss already being built: wait for its outcome. */
-    int rc = mh__inflight_join(f->hub, f->key, req, &f->infl);
+    int rc = mh__inflight_join(f->op.hub, f->key, req, &f->infl);
     if (rc) {
         if (rc < 0) mh_res_fail(req, rc, "fetch");
         return;
     }
-    mh_arena_t *ba = mh_alloc(&req->arena, sizeof *ba);
-    if (ba) mh_arena_init(ba, BUILD_ARENA_LIMIT);
-    if (!ba || mh_arena_defer(&req->arena, release_arena_cb, ba)) {
-        mh_step_fail(&f->step, MH_ENOMEM, "fetch");
-        ba = &req->arena;
-    }
-    f->a = ba;
-    mh_step_run(&f->step);
+    mh_step_run(&f->op.step);
 }
+
+static const mh__op_def_t fetch_def = {"fetch", MH__STEPS(fetch_steps), fetch_finish, NULL, BUILD_ARENA_LIMIT};
 
 void mh_h_fetch(mh_req_t *req)
 {
-    mh_hub_t *hub = req->app;
     mh_val_t body;
     if (!mh_req_body_val(req, &body)) return;
     mh_arena_t *a = &req->arena;
-    fetch_t *f = MH__OP_NEW(req, fetch_t, fetch_steps, "fetch", fetch_finish, NULL);
+    fetch_t *f = MH__OP_NEW(req, fetch_t, &fetch_def);
     if (!f) return;
-    f->req = req;
-    f->hub = hub;
-    f->t_mark = f->step.t0;
+    f->a = &f->op.work;
+    f->t_mark = f->op.step.t0;
     if (body.t != MH_V_MAP) {
         mh_res_error(req, 422, "invalid_request", "the body must be a map {want, have}");
         return;

@@ -151,6 +151,24 @@ bool mh__db_one(mh_req_t *req, PGresult *res, int err, const char *errmsg, const
     return false;
 }
 
+const mh_caller_t *mh__signed_caller(mh_req_t *req, const char *what)
+{
+    const mh_caller_t *c = mh_req_caller(req);
+    if (!c->anonymous) return c;
+    mh_res_error(req, 401, "unauthorized", "%s needs a signed request", what);
+    return NULL;
+}
+
+void mh__list_answer(mh_req_t *req, PGresult *res, int err, const char *errmsg, const char *name, mh__row_fn row)
+{
+    if (!mh__db_ok(req, err, errmsg)) return;
+    mh_vb_t *b = mh_res_build(req);
+    mh_val_t *arr = mh_vb_arr(b), *out = mh_vb_map(b);
+    for (int i = 0; i < PQntuples(res); i++) mh_vb_push(b, arr, mh_vb_node(b, row(req, b, res, i)));
+    mh_vb_put(b, out, name, mh_vb_node(b, arr));
+    mh_res_val(req, 200, out);
+}
+
 void *mh__req_alloc(mh_req_t *req, size_t n)
 {
     void *p = mh_calloc(&req->arena, n);
@@ -179,28 +197,38 @@ char *mh__text_field(mh_arena_t *a, const mh_val_t *v, size_t max, bool allow_em
 
 /* ------------------------------------------------- operations' ends */
 
-void mh__op_init(mh_step_t *s, mh_req_t *req, const mh_step_def_t *steps, int n, const char *what,
-                 void (*finish)(mh_step_t *s))
+static void op_release(void *p)
 {
-    mh_hub_t *hub = req->app;
-    mh_step_init(s, steps, n, what, req->id);
-    s->loop = hub->loop;
-    s->db = hub->db;
-    s->store = hub->store;
-    s->finish = finish;
+    mh__op_t *op = p;
+    if (op->def->cleanup) op->def->cleanup(op);
+    mh_arena_release(&op->work);
 }
 
-void *mh__op_new(mh_req_t *req, size_t size, const mh_step_def_t *steps, int n, const char *what,
-                 void (*finish)(mh_step_t *s), void (*cleanup)(void *op))
+void *mh__op_new(mh_req_t *req, size_t size, const mh__op_def_t *def)
 {
-    mh_step_t *s = mh_calloc(&req->arena, size);
-    if (!s || (cleanup && mh_arena_defer(&req->arena, cleanup, s))) {
-        mh_res_fail(req, MH_ENOMEM, what);
+    mh_hub_t *hub = req->app;
+    mh__op_t *op = mh_calloc(&req->arena, size);
+    if (op) {
+        op->def = def;
+        mh_arena_init(&op->work, def->work_limit);
+    }
+    if (!op || mh_arena_defer(&req->arena, op_release, op)) {
+        mh_res_fail(req, MH_ENOMEM, def->what);
         return NULL;
     }
-    mh__op_init(s, req, steps, n, what, finish);
-    req->user = s;
-    return s;
+    mh_step_init(&op->step, def->steps, def->nsteps, def->what, req->id,
+                 &(mh_step_env_t){hub->loop, hub->db, hub->store}, def->finish);
+    op->req = req;
+    op->hub = hub;
+    req->user = op;
+    return op;
+}
+
+void mh__op_repo_cb(mh_req_t *req, mh_repo_t *repo)
+{
+    mh__op_t *op = req->user;
+    op->repo = repo;
+    mh_step_run(&op->step);
 }
 
 bool mh__op_error(const mh_step_t *s, const char *invalid, mh__err_t *e)
@@ -228,11 +256,11 @@ void mh__res_err(mh_req_t *req, const mh__err_t *e)
     mh_res_error(req, e->status, e->code, "%s", e->detail);
 }
 
-bool mh__op_failed(mh_step_t *s, mh_req_t *req, const char *invalid)
+bool mh__op_failed(mh_step_t *s, const char *invalid)
 {
     mh__err_t e;
     if (!mh__op_error(s, invalid, &e)) return false;
-    mh__res_err(req, &e);
+    mh__res_err(((mh__op_t *)s)->req, &e);
     return true;
 }
 
@@ -283,8 +311,8 @@ static void load_repo_finish(load_repo_t *lr, mh_repo_t *r, const char *role)
         return;
     }
     if (r->perm < lr->need) {
-        if (caller->anonymous) mh_res_error(req, 401, "unauthorized", "this call needs a signed request");
-        else mh_res_error(req, 403, "forbidden", "you may read this repository but not change it");
+        if (mh__signed_caller(req, "this call"))
+            mh_res_error(req, 403, "forbidden", "you may read this repository but not change it");
         return;
     }
     lr->cb(req, r);

@@ -57,6 +57,14 @@ bool mh__db_ok(mh_req_t *req, int err, const char *errmsg);
 /* mh__db_ok, and the result has exactly one row: false after answering
  * 404 not_found with `absent` as the detail. */
 bool mh__db_one(mh_req_t *req, PGresult *res, int err, const char *errmsg, const char *absent);
+/* The request's caller when it signed the request; NULL after answering
+ * 401 "<what> needs a signed request". */
+const mh_caller_t *mh__signed_caller(mh_req_t *req, const char *what);
+/* The answer of a list query: 200 {name: [row(req, b, res, i) for each
+ * row i]} (row returns a container built with b; NULL is ENOMEM, which
+ * the builder answers), or the query's error. */
+typedef mh_val_t *(*mh__row_fn)(mh_req_t *req, mh_vb_t *b, PGresult *res, int i);
+void mh__list_answer(mh_req_t *req, PGresult *res, int err, const char *errmsg, const char *name, mh__row_fn row);
 /* A route capture that must be an identity's handle (mh_handle_valid),
  * NUL-terminated in the request arena; NULL after answering 404 (a handle
  * that cannot exist names nothing) or 503. */
@@ -67,20 +75,47 @@ char *mh__text_field(mh_arena_t *a, const mh_val_t *v, size_t max, bool allow_em
 
 /* ------------------------------------------------ operations (step kit) */
 
-/* Sets up s (mh_step_init) for an HTTP operation of hub: its loop,
- * database and store, the request id in logs, and finish. */
-void mh__op_init(mh_step_t *s, mh_req_t *req, const mh_step_def_t *steps, int n, const char *what,
-                 void (*finish)(mh_step_t *s));
-/* A new HTTP operation of `size` bytes whose first member is its
- * mh_step_t: zeroed in the request arena, cleanup (may be NULL) run with
- * the arena, set up by mh__op_init, and req->user pointing at it. NULL
- * after answering 503. MH__OP_NEW checks the layout and counts the steps. */
-void *mh__op_new(mh_req_t *req, size_t size, const mh_step_def_t *steps, int n, const char *what,
-                 void (*finish)(mh_step_t *s), void (*cleanup)(void *op));
-#define MH__OP_NEW(req, type, steps, what, finish, cleanup)                                                         \
-    ((void)sizeof(char[offsetof(type, step) == 0 ? 1 : -1]),                                                         \
-     (type *)mh__op_new((req), sizeof(type), (steps), (int)(sizeof(steps) / sizeof *(steps)), (what), (finish),     \
-                        (cleanup)))
+/* An HTTP operation of the hub, defined once (a static const per
+ * operation): its name in logs, step table, finish (answers, once, last),
+ * cleanup (frees what the operation holds outside its arenas; may be
+ * NULL) and the limit of its work arena (bytes, 0 = none). */
+typedef struct {
+    const char *what;
+    const mh_step_def_t *steps;
+    int nsteps;
+    void (*finish)(mh_step_t *s);
+    void (*cleanup)(void *op);
+    size_t work_limit;
+} mh__op_def_t;
+/* A step table and its length, for mh__op_def_t. */
+#define MH__STEPS(table) (table), (int)(sizeof(table) / sizeof *(table))
+
+/* The head of every HTTP operation of the hub, its first member: the
+ * kit's step (first), the request, the hub, once mh__op_repo_cb ran the
+ * repository, and the work arena: the operation's scratch beyond the
+ * request (manifests, decoded bodies, what thread-pool steps build),
+ * released after cleanup when the request ends. An operation reaches its
+ * head with MH_STEP_OP(s, T, op.step) or (mh__op_t *)s. */
+typedef struct {
+    mh_step_t step;
+    mh_req_t *req;
+    mh_hub_t *hub;
+    mh_repo_t *repo;
+    mh_arena_t work;
+    const mh__op_def_t *def;
+} mh__op_t;
+
+/* A new operation of `size` bytes that starts with an mh__op_t: zeroed
+ * in the request arena, its step set up for hub (loop, database, store,
+ * the request id in logs), req and hub set, req->user pointing at it,
+ * and cleanup + the work arena's release run with the request arena.
+ * NULL after answering 503. MH__OP_NEW checks the layout. */
+void *mh__op_new(mh_req_t *req, size_t size, const mh__op_def_t *def);
+#define MH__OP_NEW(req, type, def)                                                                                   \
+    ((void)sizeof(char[offsetof(type, op) == 0 ? 1 : -1]), (type *)mh__op_new((req), sizeof(type), (def)))
+/* mh_repo_cb for mh_hub_load_repo(req, need, mh__op_repo_cb) when
+ * req->user is an operation: sets its repo and runs it. */
+void mh__op_repo_cb(mh_req_t *req, mh_repo_t *repo);
 
 /* n zeroed bytes in the request arena; NULL after answering 503. */
 void *mh__req_alloc(mh_req_t *req, size_t n);
@@ -103,7 +138,7 @@ bool mh__op_error(const mh_step_t *s, const char *invalid, mh__err_t *e);
 void mh__res_err(mh_req_t *req, const mh__err_t *e);
 /* For an operation's finish: mh__op_error + mh__res_err; false, answering
  * nothing, when the operation succeeded. */
-bool mh__op_failed(mh_step_t *s, mh_req_t *req, const char *invalid);
+bool mh__op_failed(mh_step_t *s, const char *invalid);
 
 /* A manifest load's error as the operation's: a missing or corrupt stored
  * snapshot is the server's fault (MH_EDB), not the client's. */

@@ -56,11 +56,8 @@ static const uint8_t *body_key(mh_req_t *req, const mh_val_t *body, size_t *dlen
  * 401/403 otherwise. */
 static bool self_or_admin(mh_req_t *req, const char *handle)
 {
-    const mh_caller_t *c = mh_req_caller(req);
-    if (c->anonymous) {
-        mh_res_error(req, 401, "unauthorized", "this call needs a signed request");
-        return false;
-    }
+    const mh_caller_t *c = mh__signed_caller(req, "this call");
+    if (!c) return false;
     if (!c->is_admin && strcmp(c->handle, handle) != 0) {
         mh_res_error(req, 403, "forbidden", "only the identity itself or an admin may manage its keys");
         return false;
@@ -69,18 +66,44 @@ static bool self_or_admin(mh_req_t *req, const char *handle)
 }
 
 /* The answer of a write: {identity_id, handle, key_id?, ...} */
-typedef struct {
+typedef struct ident ident_t;
+struct ident {
     mh_req_t *req;
     const char *handle, *repo_id, *role;
     mh_id_t identity_id, key_id;
     bool is_admin, is_agent;
-} ident_t;
+    /* ident_query */
+    void (*done)(ident_t *x, PGresult *res);
+    const char *absent;   /* 404 message when the statement returns no row (NULL: rows are not checked) */
+    const char *conflict; /* 409 message for a unique violation (NULL: the error table's) */
+};
 
 static ident_t *ident_new(mh_req_t *req, const char *handle)
 {
     ident_t *ic = mh__req_alloc(req, sizeof *ic);
     if (ic) *ic = (ident_t){.req = req, .handle = handle};
     return ic;
+}
+
+static void ident_cb(void *ud, PGresult *res, int err, const char *errmsg)
+{
+    ident_t *x = ud;
+    if (err == MH_ECONFLICT && x->conflict) {
+        mh_res_error(x->req, 409, "conflict", "%s", x->conflict);
+        return;
+    }
+    if (x->absent ? mh__db_one(x->req, res, err, errmsg, x->absent) : mh__db_ok(x->req, err, errmsg))
+        x->done(x, res);
+}
+
+/* One statement of a write; done(x, res) runs when it succeeded. */
+static void ident_query(ident_t *x, void (*done)(ident_t *, PGresult *), const char *absent, const char *sql, int n,
+                        const char *const *vals, const int *lens, const int *fmts)
+{
+    mh_hub_t *hub = x->req->app;
+    x->done = done;
+    x->absent = absent;
+    mh_db_query(hub->db, sql, n, vals, lens, fmts, ident_cb, x);
 }
 
 /* ----------------------------------------------------- POST /api/identities */
@@ -112,11 +135,8 @@ static void ident_create_cb(void *ud, PGresult *res, int err, const char *errmsg
 void mh_h_identity_create(mh_req_t *req)
 {
     mh_hub_t *hub = req->app;
-    const mh_caller_t *caller = mh_req_caller(req);
-    if (caller->anonymous) {
-        mh_res_error(req, 401, "unauthorized", "creating an identity needs a signed request");
-        return;
-    }
+    const mh_caller_t *caller = mh__signed_caller(req, "creating an identity");
+    if (!caller) return;
     if (!caller->is_admin) {
         mh_res_error(req, 403, "forbidden", "only an admin may create identities");
         return;
@@ -196,15 +216,9 @@ void mh_h_identity_get(mh_req_t *req)
 
 /* --------------------------------------- POST /api/identities/{h}/keys */
 
-static void key_add_cb(void *ud, PGresult *res, int err, const char *errmsg)
+static void key_added(ident_t *ka, PGresult *res)
 {
-    ident_t *ka = ud;
     mh_req_t *req = ka->req;
-    if (err == MH_ECONFLICT) {
-        mh_res_error(req, 409, "conflict", "this public key is already registered");
-        return;
-    }
-    if (!mh__db_one(req, res, err, errmsg, "no such identity")) return;
     mh_vb_t *b = mh_res_build(req);
     mh_val_t *m = mh_vb_map(b);
     mh_vb_put(b, m, "identity_id", mh_vb_str(b, mh_pq_str(res, 0, 0)));
@@ -216,7 +230,6 @@ static void key_add_cb(void *ud, PGresult *res, int err, const char *errmsg)
 
 void mh_h_identity_key_add(mh_req_t *req)
 {
-    mh_hub_t *hub = req->app;
     char *handle = mh__param_handle(req);
     mh_val_t body;
     if (!handle || !self_or_admin(req, handle) || !mh__body_map(req, &body)) return;
@@ -227,28 +240,26 @@ void mh_h_identity_key_add(mh_req_t *req)
     const char *vals[3] = {ka->key_id.s, (const char *)der, handle};
     int lens[3] = {0, (int)dlen, 0};
     int fmts[3] = {0, 1, 0};
-    mh_db_query(hub->db,
+    ka->conflict = "this public key is already registered";
+    ident_query(ka, key_added, "no such identity",
                 "INSERT INTO identity_keys (key_id, identity_id, public_key)"
                 " SELECT $1, identity_id, $2 FROM identities WHERE handle = $3 RETURNING identity_id",
-                3, vals, lens, fmts, key_add_cb, ka);
+                3, vals, lens, fmts);
 }
 
 /* ----------------------------- DELETE /api/identities/{h}/keys/{key_id} */
 
-static void key_revoke_cb(void *ud, PGresult *res, int err, const char *errmsg)
+static void key_revoked(ident_t *kr, PGresult *res)
 {
-    ident_t *kr = ud;
-    mh_req_t *req = kr->req;
-    if (!mh__db_one(req, res, err, errmsg, "no such key for this identity")) return;
-    mh_hub_t *hub = req->app;
+    (void)res;
+    mh_hub_t *hub = kr->req->app;
     mh_auth_forget_key(hub->auth, kr->key_id.s);
-    mh_info("key %s revoked by %s", kr->key_id.s, mh_req_caller(req)->handle);
-    mh_res_send(req, 204, NULL, NULL, 0);
+    mh_info("key %s revoked by %s", kr->key_id.s, mh_req_caller(kr->req)->handle);
+    mh_res_send(kr->req, 204, NULL, NULL, 0);
 }
 
 void mh_h_identity_key_revoke(mh_req_t *req)
 {
-    mh_hub_t *hub = req->app;
     char *handle = mh__param_handle(req);
     if (!handle || !self_or_admin(req, handle)) return;
     mh_str_t kid = mh_req_param(req, "key_id");
@@ -261,19 +272,17 @@ void mh_h_identity_key_revoke(mh_req_t *req)
     memcpy(kr->key_id.s, kid.p, MH_ID_LEN);
     /* Revoking twice is not an error: the first revocation time is kept. */
     const char *vals[2] = {handle, kr->key_id.s};
-    mh_db_query(hub->db,
+    ident_query(kr, key_revoked, "no such key for this identity",
                 "UPDATE identity_keys k SET revoked_at = COALESCE(k.revoked_at, now()) FROM identities i"
                 " WHERE i.identity_id = k.identity_id AND i.handle = $1 AND k.key_id = $2 RETURNING k.key_id",
-                2, vals, NULL, NULL, key_revoke_cb, kr);
+                2, vals, NULL, NULL);
 }
 
 /* ------------------------------------------------------ collaborators */
 
-static void collab_put_cb(void *ud, PGresult *res, int err, const char *errmsg)
+static void collab_put_done(ident_t *co, PGresult *res)
 {
-    ident_t *co = ud;
     mh_req_t *req = co->req;
-    if (!mh__db_one(req, res, err, errmsg, "no such identity")) return;
     mh_vb_t *b = mh_res_build(req);
     mh_val_t *m = mh_vb_map(b);
     mh_vb_put(b, m, "repo_id", mh_v_str(co->repo_id));
@@ -290,7 +299,6 @@ static void collab_put_cb(void *ud, PGresult *res, int err, const char *errmsg)
 
 static void collab_put_repo(mh_req_t *req, mh_repo_t *repo)
 {
-    mh_hub_t *hub = req->app;
     mh_val_t body;
     char *handle = mh__param_handle(req);
     if (!handle || !mh__body_map(req, &body)) return;
@@ -314,20 +322,18 @@ static void collab_put_repo(mh_req_t *req, mh_repo_t *repo)
     co->repo_id = repo->repo_id;
     co->role = role;
     const char *vals[3] = {repo->repo_id, handle, role};
-    mh_db_query(hub->db,
+    ident_query(co, collab_put_done, "no such identity",
                 "INSERT INTO collaborators (repo_id, identity_id, role)"
                 " SELECT $1, identity_id, $3 FROM identities WHERE handle = $2"
                 " ON CONFLICT (repo_id, identity_id) DO UPDATE SET role = EXCLUDED.role RETURNING identity_id",
-                3, vals, NULL, NULL, collab_put_cb, co);
+                3, vals, NULL, NULL);
 }
 
 void mh_h_collab_put(mh_req_t *req) { mh_hub_load_repo(req, MH_PERM_ADMIN, collab_put_repo); }
 
-static void collab_delete_cb(void *ud, PGresult *res, int err, const char *errmsg)
+static void collab_deleted(ident_t *co, PGresult *res)
 {
-    ident_t *co = ud;
     mh_req_t *req = co->req;
-    if (!mh__db_ok(req, err, errmsg)) return;
     if (PQntuples(res) != 1 || mh_pq_int(res, 0, 0) == 0) {
         mh_res_error(req, 404, "not_found", "no such identity");
         return;
@@ -341,7 +347,6 @@ static void collab_delete_cb(void *ud, PGresult *res, int err, const char *errms
 
 static void collab_delete_repo(mh_req_t *req, mh_repo_t *repo)
 {
-    mh_hub_t *hub = req->app;
     char *handle = mh__param_handle(req);
     ident_t *co = handle ? ident_new(req, handle) : NULL;
     if (!co) return;
@@ -349,30 +354,28 @@ static void collab_delete_repo(mh_req_t *req, mh_repo_t *repo)
     /* Removing someone who is not a collaborator is not an error (204);
      * an unknown handle is 404. */
     const char *vals[2] = {repo->repo_id, handle};
-    mh_db_query(hub->db,
+    ident_query(co, collab_deleted, NULL,
                 "WITH i AS (SELECT identity_id FROM identities WHERE handle = $2),"
                 " d AS (DELETE FROM collaborators c USING i WHERE c.repo_id = $1 AND c.identity_id = i.identity_id"
                 " RETURNING 1)"
                 " SELECT (SELECT count(*) FROM i), (SELECT count(*) FROM d)",
-                2, vals, NULL, NULL, collab_delete_cb, co);
+                2, vals, NULL, NULL);
 }
 
 void mh_h_collab_delete(mh_req_t *req) { mh_hub_load_repo(req, MH_PERM_ADMIN, collab_delete_repo); }
 
+static mh_val_t *collab_row(mh_req_t *req, mh_vb_t *b, PGresult *res, int i)
+{
+    (void)req;
+    static const char *const cols[3] = {"handle", "identity_id", "role"};
+    mh_val_t *m = mh_vb_map(b);
+    for (int c = 0; c < 3; c++) mh_vb_put(b, m, cols[c], mh_vb_str(b, mh_pq_str(res, i, c)));
+    return m;
+}
+
 static void collab_list_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
-    mh_req_t *req = ud;
-    if (!mh__db_ok(req, err, errmsg)) return;
-    mh_vb_t *b = mh_res_build(req);
-    mh_val_t *arr = mh_vb_arr(b), *out = mh_vb_map(b);
-    static const char *const cols[3] = {"handle", "identity_id", "role"};
-    for (int i = 0; i < PQntuples(res); i++) {
-        mh_val_t *m = mh_vb_map(b);
-        for (int c = 0; c < 3; c++) mh_vb_put(b, m, cols[c], mh_vb_str(b, mh_pq_str(res, i, c)));
-        mh_vb_push(b, arr, mh_vb_node(b, m));
-    }
-    mh_vb_put(b, out, "collaborators", mh_vb_node(b, arr));
-    mh_res_val(req, 200, out);
+    mh__list_answer(ud, res, err, errmsg, "collaborators", collab_row);
 }
 
 static void collab_list_repo(mh_req_t *req, mh_repo_t *repo)

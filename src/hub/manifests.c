@@ -300,11 +300,7 @@ void mh_hub_load_manifest(mh_hub_t *hub, mh_arena_t *a, const char *snapshot_id,
         cb(ud, MH_ENOMEM, "out of memory");
         return;
     }
-    ml->hub = hub;
-    ml->a = a;
-    ml->out = out;
-    ml->cb = cb;
-    ml->ud = ud;
+    *ml = (mload_t){.hub = hub, .a = a, .out = out, .cb = cb, .ud = ud};
     ml->work.data = ml;
     if (!snapshot_id || !mh_id_valid(snapshot_id, strlen(snapshot_id))) {
         ml->err = MH_EINVAL;

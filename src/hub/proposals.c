@@ -164,15 +164,15 @@ void mh_h_proposal_create(mh_req_t *req)
 
 /* ================================================================ list */
 
+static mh_val_t *list_row(mh_req_t *req, mh_vb_t *b, PGresult *res, int i)
+{
+    (void)req;
+    return proposal_val(b, res, i, 0);
+}
+
 static void list_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
-    mh_req_t *req = ud;
-    if (!mh__db_ok(req, err, errmsg)) return;
-    mh_vb_t *b = mh_res_build(req);
-    mh_val_t *arr = mh_vb_arr(b), *out = mh_vb_map(b);
-    for (int r = 0; r < PQntuples(res); r++) mh_vb_push(b, arr, mh_vb_node(b, proposal_val(b, res, r, 0)));
-    mh_vb_put(b, out, "proposals", mh_vb_node(b, arr));
-    mh_res_val(req, 200, out);
+    mh__list_answer(ud, res, err, errmsg, "proposals", list_row);
 }
 
 static void list_repo_cb(mh_req_t *req, mh_repo_t *repo)
@@ -233,12 +233,8 @@ static void close_repo_cb(mh_req_t *req, mh_repo_t *repo)
 
 void mh_h_proposal_close(mh_req_t *req)
 {
-    char *id = mh_alloc(&req->arena, MH_ID_SIZE);
-    if (!id) {
-        mh_res_fail(req, MH_ENOMEM, "proposals");
-        return;
-    }
-    if (!proposal_param(req, id)) return;
+    char *id = mh__req_alloc(req, MH_ID_SIZE);
+    if (!id || !proposal_param(req, id)) return;
     req->user = id;
     mh_hub_load_repo(req, MH_PERM_WRITE, close_repo_cb);
 }
@@ -248,9 +244,7 @@ void mh_h_proposal_close(mh_req_t *req)
 /* What both GET (diff summary) and merge need: the proposal row, the
  * repository's graph, the two heads and their merge base. */
 typedef struct {
-    mh_req_t *req;
-    mh_hub_t *hub;
-    mh_repo_t *repo;
+    mh__op_t *op; /* the operation's head: request, hub, repository */
     char pid[MH_ID_SIZE];
     mh_val_t *pval; /* the proposal as a response map */
     char *state, *title, *from, *to;
@@ -263,12 +257,10 @@ typedef struct {
 
 /* Fills what both operations start with; false after answering 404 for a
  * proposal id that cannot exist. */
-static bool ctx_init(pctx_t *x, mh_req_t *req, mh_arena_t *work)
+static bool ctx_init(pctx_t *x, mh__op_t *op)
 {
-    mh_arena_init(work, WORK_ARENA_LIMIT);
-    x->req = req;
-    x->hub = req->app;
-    return proposal_param(req, x->pid);
+    x->op = op;
+    return proposal_param(op->req, x->pid);
 }
 
 static const mh_stmt_t st_proposal = {
@@ -277,8 +269,8 @@ static const mh_stmt_t st_proposal = {
 /* Copies the proposal row (PCOLS) out of res. */
 static int ctx_row(pctx_t *x, PGresult *res)
 {
-    mh_vb_t *b = mh_res_build(x->req);
-    mh_arena_t *a = &x->req->arena;
+    mh_vb_t *b = mh_res_build(x->op->req);
+    mh_arena_t *a = &x->op->req->arena;
     x->pval = proposal_val(b, res, 0, 0);
     x->number = mh_pq_int(res, 0, 1);
     x->state = mh_strdup(a, mh_pq_str(res, 0, 2));
@@ -324,33 +316,32 @@ static void ctx_graph_cb(void *ud, mh_graph_t *g, int err, const char *errmsg);
  * else one query), resolves the heads and the base, then goes on. */
 static void ctx_graph(mh_step_t *s, pctx_t *x)
 {
-    mh_graph_t *g = mh_graph_cache_get(x->hub, x->repo->repo_id, x->repo->state_seq);
+    mh_graph_t *g = mh_graph_cache_get(x->op->hub, x->op->repo->repo_id, x->op->repo->state_seq);
     mh_step_wait(s);
     if (g) {
         ctx_graph_cb(s, g, 0, NULL);
         return;
     }
-    if (mh_graph_load(x->hub, &x->req->arena, x->repo->repo_id, ctx_graph_cb, s))
+    if (mh_graph_load(x->op->hub, &x->op->req->arena, x->op->repo->repo_id, ctx_graph_cb, s))
         mh_step_resume(s, MH_ENOMEM, "graph");
 }
 
 /* ================================================ get (+ diff summary) */
 
 typedef struct {
-    mh_step_t step;
+    mh__op_t op;
     pctx_t x;
-    mh_arena_t work; /* manifests */
     mh_manifest_t base_m, head_m;
 } pget_t;
 
-/* Both operations that use pctx_t keep it right after their step. */
-static pctx_t *ctx_of(mh_step_t *s) { return &MH_STEP_OP(s, pget_t, step)->x; }
+/* Both operations that use pctx_t keep it right after their head. */
+static pctx_t *ctx_of(mh_step_t *s) { return &MH_STEP_OP(s, pget_t, op.step)->x; }
 
 static void ctx_graph_cb(void *ud, mh_graph_t *g, int err, const char *errmsg)
 {
     mh_step_t *s = ud;
     pctx_t *x = ctx_of(s);
-    if (!err && mh_graph_hold(&x->req->arena, g)) err = MH_ENOMEM;
+    if (!err && mh_graph_hold(&x->op->req->arena, g)) err = MH_ENOMEM;
     if (!err) {
         x->g = g;
         err = ctx_resolve(x);
@@ -359,7 +350,7 @@ static void ctx_graph_cb(void *ud, mh_graph_t *g, int err, const char *errmsg)
     mh_step_resume(s, err, errmsg);
 }
 
-#define G(s) MH_STEP_OP(s, pget_t, step)
+#define G(s) MH_STEP_OP(s, pget_t, op.step)
 
 enum { G_ROW, G_GRAPH, G_BASE, G_HEAD, G_DONE };
 
@@ -375,7 +366,7 @@ static int pget_row(mh_step_t *s, PGresult *res)
 static void pget_step_row(mh_step_t *s)
 {
     pctx_t *x = &G(s)->x;
-    mh_db_pq_t q = {&st_proposal, NULL, 0, (const char *const[]){x->pid, x->repo->repo_id}, NULL, NULL};
+    mh_db_pq_t q = {&st_proposal, NULL, 0, (const char *const[]){x->pid, x->op->repo->repo_id}, NULL, NULL};
     mh_step_query(s, &q, pget_row);
 }
 
@@ -393,14 +384,14 @@ static void pget_step_base(mh_step_t *s)
     }
     if (!p->x.has_base) return;
     mh_step_wait(s);
-    mh_hub_load_manifest(p->x.hub, &p->work, p->x.base_snap.s, &p->base_m, mh__manifest_step_cb, s);
+    mh_hub_load_manifest(p->op.hub, &p->op.work, p->x.base_snap.s, &p->base_m, mh__manifest_step_cb, s);
 }
 
 static void pget_step_head(mh_step_t *s)
 {
     pget_t *p = G(s);
     mh_step_wait(s);
-    mh_hub_load_manifest(p->x.hub, &p->work, p->x.from_snap.s, &p->head_m, mh__manifest_step_cb, s);
+    mh_hub_load_manifest(p->op.hub, &p->op.work, p->x.from_snap.s, &p->head_m, mh__manifest_step_cb, s);
 }
 
 
@@ -419,8 +410,8 @@ static void put_paths(mh_vb_t *b, mh_val_t *map, const char *key, const mh_mpath
 static void pget_finish(mh_step_t *s)
 {
     pget_t *p = G(s);
-    mh_req_t *req = p->x.req;
-    if (mh__op_failed(s, req, NULL)) return;
+    mh_req_t *req = p->op.req;
+    if (mh__op_failed(s, NULL)) return;
     mh_vb_t *b = mh_res_build(req);
     mh_val_t *m = p->x.pval;
     mh_vb_put(b, m, "from_head", p->x.has_from ? mh_v_str(p->x.from_head.s) : mh_v_nil());
@@ -449,29 +440,22 @@ static void pget_free(void *arg)
     pget_t *p = arg;
     mh_manifest_free(&p->base_m);
     mh_manifest_free(&p->head_m);
-    mh_arena_release(&p->work);
 }
 
-static void pget_repo_cb(mh_req_t *req, mh_repo_t *repo)
-{
-    pget_t *p = req->user;
-    p->x.repo = repo;
-    mh_step_run(&p->step);
-}
+static const mh__op_def_t pget_def = {"proposal", MH__STEPS(pget_steps), pget_finish, pget_free, WORK_ARENA_LIMIT};
 
 void mh_h_proposal_get(mh_req_t *req)
 {
-    pget_t *p = MH__OP_NEW(req, pget_t, pget_steps, "proposal", pget_finish, pget_free);
-    if (!p || !ctx_init(&p->x, req, &p->work)) return;
-    mh_hub_load_repo(req, MH_PERM_READ, pget_repo_cb);
+    pget_t *p = MH__OP_NEW(req, pget_t, &pget_def);
+    if (!p || !ctx_init(&p->x, &p->op)) return;
+    mh_hub_load_repo(req, MH_PERM_READ, mh__op_repo_cb);
 }
 
 /* =============================================================== merge */
 
 typedef struct {
-    mh_step_t step;
-    pctx_t x; /* right after the step, as pget_t's (ctx_of) */
-    mh_arena_t work;
+    mh__op_t op;
+    pctx_t x; /* right after the head, as pget_t's (ctx_of) */
     mh_manifest_t base_m, ours_m, theirs_m, merged;
     mh_mpath_t *conf;
     size_t nconf;
@@ -482,9 +466,9 @@ typedef struct {
     bool retried; /* the merge was recomputed once after a branch moved */
 } merge_t;
 
-_Static_assert(offsetof(merge_t, x) == offsetof(pget_t, x), "ctx_of reads pctx_t right after the step");
+_Static_assert(offsetof(merge_t, x) == offsetof(pget_t, x), "ctx_of reads pctx_t right after the head");
 
-#define M(s) MH_STEP_OP(s, merge_t, step)
+#define M(s) MH_STEP_OP(s, merge_t, op.step)
 
 enum { M_PROPOSAL, M_GRAPH, M_DEPTH, M_LOAD_BASE, M_LOAD_OURS, M_LOAD_THEIRS, M_MERGE, M_ACQUIRE, M_BEGIN, M_LOCK,
        M_CHECK, M_WRITE, M_COMMIT, M_DONE };
@@ -521,7 +505,7 @@ static int merge_row(mh_step_t *s, PGresult *res)
 static void step_proposal(mh_step_t *s)
 {
     pctx_t *x = &M(s)->x;
-    mh_db_pq_t q = {&st_proposal, NULL, 0, (const char *const[]){x->pid, x->repo->repo_id}, NULL, NULL};
+    mh_db_pq_t q = {&st_proposal, NULL, 0, (const char *const[]){x->pid, x->op->repo->repo_id}, NULL, NULL};
     mh_step_query(s, &q, merge_row);
 }
 
@@ -566,7 +550,7 @@ static void load(mh_step_t *s, const mh_id_t *snap, mh_manifest_t *out)
 {
     merge_t *m = M(s);
     mh_step_wait(s);
-    mh_hub_load_manifest(m->x.hub, &m->work, snap->s, out, mh__manifest_step_cb, s);
+    mh_hub_load_manifest(m->op.hub, &m->op.work, snap->s, out, mh__manifest_step_cb, s);
 }
 
 static void step_load_base(mh_step_t *s) { load(s, &M(s)->x.base_snap, &M(s)->base_m); }
@@ -605,7 +589,7 @@ static void step_merge(mh_step_t *s)
 {
     merge_t *m = M(s);
     pctx_t *x = &m->x;
-    m->c.message = mh_sprintf(&m->work, "Merge proposal #%lld from %s into %s\n\n%s", (long long)x->number, x->from,
+    m->c.message = mh_sprintf(&m->op.work, "Merge proposal #%lld from %s into %s\n\n%s", (long long)x->number, x->from,
                               x->to, x->title);
     if (!m->c.message) {
         mh_step_fail(s, MH_ENOMEM, "merge");
@@ -623,7 +607,7 @@ static void step_acquire(mh_step_t *s)
     mh_step_acquire(s);
 }
 
-static void step_begin(mh_step_t *s) { mh_rw_begin(s, M(s)->x.repo->repo_id, NULL, 0); }
+static void step_begin(mh_step_t *s) { mh_rw_begin(s, M(s)->op.repo->repo_id, NULL, 0); }
 
 /* Starts over from a fresh graph, once: a branch moved since the graph
  * was read (a concurrent push or commit, or a graph this process cached
@@ -636,8 +620,8 @@ static bool recompute(mh_step_t *s, const char *moved)
     m->retried = true;
     mh_step_rollback(s);
     merge_reset(m);
-    mh_graph_cache_drop(m->x.hub, m->x.repo->repo_id);
-    mh_info("req %s: merge of proposal %s: '%s' moved meanwhile; recomputing", m->x.req->id, m->x.pid, moved);
+    mh_graph_cache_drop(m->op.hub, m->op.repo->repo_id);
+    mh_info("req %s: merge of proposal %s: '%s' moved meanwhile; recomputing", m->op.req->id, m->x.pid, moved);
     mh_step_goto(s, M_GRAPH);
     return true;
 }
@@ -670,8 +654,8 @@ static void step_lock(mh_step_t *s)
      * merges of one proposal: one wins), and from_branch's head. */
     mh_db_batch_t b = {0};
     mh_db_batch_add(&b, "SELECT state FROM proposals WHERE proposal_id = $1 AND repo_id = $2 FOR UPDATE", 2, x->pid,
-                    x->repo->repo_id);
-    mh_db_batch_add(&b, "SELECT head_commit_id FROM branches WHERE repo_id = $1 AND name = $2", 2, x->repo->repo_id,
+                    x->op->repo->repo_id);
+    mh_db_batch_add(&b, "SELECT head_commit_id FROM branches WHERE repo_id = $1 AND name = $2", 2, x->op->repo->repo_id,
                     x->from);
     mh_step_batch(s, &b, locked);
 }
@@ -680,7 +664,7 @@ static void step_check(mh_step_t *s)
 {
     merge_t *m = M(s);
     pctx_t *x = &m->x;
-    m->mv = (mh_move_t){.repo_id = x->repo->repo_id, .branch = x->to, .kind = MH_MOVE_MERGE, .new_head = m->c.cid.s,
+    m->mv = (mh_move_t){.repo_id = x->op->repo->repo_id, .branch = x->to, .kind = MH_MOVE_MERGE, .new_head = m->c.cid.s,
                         .new_parent = x->has_to ? x->to_head.s : NULL, .cas = true,
                         .expected_old = x->has_to ? x->to_head.s : NULL, .head_written_here = true};
     mh_rw_move_check(s, &m->mv);
@@ -700,12 +684,12 @@ static void step_write(mh_step_t *s)
         return;
     }
     mh_db_batch_t b = {0};
-    mh_rw_commit_rows(&b, x->repo->repo_id, &m->c);
+    mh_rw_commit_rows(&b, x->op->repo->repo_id, &m->c);
     mh_rw_move_rows(&b, &m->mv);
     mh_db_batch_add(&b,
                     "UPDATE proposals SET state = 'merged', merge_commit_id = $3, updated_at = now()"
                     " WHERE proposal_id = $1 AND repo_id = $2",
-                    3, x->pid, x->repo->repo_id, m->c.cid.s);
+                    3, x->pid, x->op->repo->repo_id, m->c.cid.s);
     mh_step_batch(s, &b, NULL);
 }
 
@@ -713,8 +697,8 @@ static void step_write(mh_step_t *s)
 static void step_done(mh_step_t *s)
 {
     merge_t *m = M(s);
-    mh_fetch_cache_invalidate(m->x.hub, m->x.repo->repo_id);
-    mh_hub_manifest_cache_put(m->x.hub, m->c.sid.s, &m->merged);
+    mh_fetch_cache_invalidate(m->op.hub, m->op.repo->repo_id);
+    mh_hub_manifest_cache_put(m->op.hub, m->c.sid.s, &m->merged);
     mh_step_done(s);
 }
 
@@ -739,7 +723,7 @@ static const mh_step_def_t merge_steps[] = {
  * error body with the extra key. */
 static void answer_conflict(merge_t *m)
 {
-    mh_req_t *req = m->x.req;
+    mh_req_t *req = m->op.req;
     mh_vb_t *b = mh_res_build(req);
     mh_val_t *v = mh_vb_map(b), *paths = mh_vb_arr(b);
     char *detail = mh_sprintf(&req->arena, "%zu path%s changed differently on '%s' and '%s' since %s", m->nconf,
@@ -761,14 +745,14 @@ static void merge_finish(mh_step_t *s)
     pctx_t *x = &m->x;
     if (s->err == MH_ECONFLICT) /* a concurrent creator of to_branch won */
         mh_step_refuse(s, 409, "stale_head", "branch '%s' changed concurrently; retry the merge", x->to);
-    if (mh__op_failed(s, x->req, NULL)) return;
+    if (mh__op_failed(s, NULL)) return;
     if (m->nconf) {
         answer_conflict(m);
         return;
     }
-    mh_info("req %s: proposal %s #%lld merged: %s -> %s, merge commit %s, %llu ms", x->req->id, x->pid,
+    mh_info("req %s: proposal %s #%lld merged: %s -> %s, merge commit %s, %llu ms", x->op->req->id, x->pid,
             (long long)x->number, x->from, x->to, m->c.cid.s, (unsigned long long)((mh_now_us() - s->t0) / 1000));
-    mh_vb_t *b = mh_res_build(x->req);
+    mh_vb_t *b = mh_res_build(x->op->req);
     mh_val_t *v = mh_vb_map(b);
     mh_vb_put(b, v, "proposal_id", mh_v_str(x->pid));
     mh_vb_put(b, v, "number", mh_v_int(x->number));
@@ -778,28 +762,22 @@ static void merge_finish(mh_step_t *s)
     mh_vb_put(b, v, "to_branch", mh_v_str(x->to));
     mh_vb_put(b, v, "from_branch", mh_v_str(x->from));
     mh_vb_put(b, v, "merge_base", x->has_base ? mh_v_str(x->base.s) : mh_v_nil());
-    mh_res_val(x->req, 200, v);
+    mh_res_val(x->op->req, 200, v);
 }
 
 static void merge_free(void *arg)
 {
     merge_t *m = arg;
     merge_reset(m);
-    mh_arena_release(&m->work);
 }
 
-static void merge_repo_cb(mh_req_t *req, mh_repo_t *repo)
-{
-    merge_t *m = req->user;
-    m->x.repo = repo;
-    const mh_caller_t *caller = mh_req_caller(req);
-    m->author = (char *)(caller->handle ? caller->handle : "anonymous");
-    mh_step_run(&m->step);
-}
+static const mh__op_def_t merge_def = {"merge", MH__STEPS(merge_steps), merge_finish, merge_free, WORK_ARENA_LIMIT};
 
 void mh_h_proposal_merge(mh_req_t *req)
 {
-    merge_t *m = MH__OP_NEW(req, merge_t, merge_steps, "merge", merge_finish, merge_free);
-    if (!m || !ctx_init(&m->x, req, &m->work)) return;
-    mh_hub_load_repo(req, MH_PERM_WRITE, merge_repo_cb);
+    merge_t *m = MH__OP_NEW(req, merge_t, &merge_def);
+    if (!m || !ctx_init(&m->x, &m->op)) return;
+    const mh_caller_t *caller = mh_req_caller(req);
+    m->author = (char *)(caller->handle ? caller->handle : "anonymous");
+    mh_hub_load_repo(req, MH_PERM_WRITE, mh__op_repo_cb);
 }

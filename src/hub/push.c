@@ -133,10 +133,7 @@ void mh_h_push_presign(mh_req_t *req)
 /* ============================================================= unpack */
 
 typedef struct {
-    mh_step_t step;
-    mh_req_t *req;
-    mh_hub_t *hub;
-    mh_repo_t *repo;
+    mh__op_t op;
     /* request */
     mh_id_t key, head, expected_old;
     bool has_expected_old, force;
@@ -144,17 +141,15 @@ typedef struct {
     /* the pack and its checks */
     mh_upload_t up;
     bool rerun;          /* a re-push of a referenced pack whose head is known: no pack work */
-    mh_arena_t work;     /* everything of the checks (thread pool) */
     mh__unpack_t x;
     size_t next_base;
     /* the transaction */
     mh_move_t mv;
-    char size[24];
-    int64_t commits_written, snapshots_written, objects_written;
-    int i_commits, i_snapshots, i_objects;
+    int64_t commits_written, snapshots_written;
+    int i_commits, i_snapshots;
 } unpack_t;
 
-#define U(s) MH_STEP_OP(s, unpack_t, step)
+#define U(s) MH_STEP_OP(s, unpack_t, op.step)
 
 enum {
     U_LOOKUP, U_READ, U_VERIFY, U_CONTEXT, U_BASES, U_REBUILD, U_MARK,
@@ -167,6 +162,7 @@ enum {
 static void step_lookup(mh_step_t *s)
 {
     unpack_t *u = U(s);
+    mh_rw_upload_init(&u->up, &u->op.work, u->op.repo->repo_id, u->key.s);
     u->up.head = u->head.s;
     mh_rw_upload_lookup(s, &u->up);
 }
@@ -241,9 +237,9 @@ static int context_read(mh_step_t *s, PGresult **res, int n)
     unpack_t *u = U(s);
     mh__unpack_t *x = &u->x;
     if (n != 4) return MH_EDB;
-    x->have_commits = column(&u->work, res[0], &x->nhave_commits, &x->have_gen);
-    x->have_snaps = column(&u->work, res[1], &x->nhave_snaps, &x->have_depth);
-    x->have_objects = column(&u->work, res[2], &x->nhave_objects, NULL);
+    x->have_commits = column(&u->op.work, res[0], &x->nhave_commits, &x->have_gen);
+    x->have_snaps = column(&u->op.work, res[1], &x->nhave_snaps, &x->have_depth);
+    x->have_objects = column(&u->op.work, res[2], &x->nhave_objects, NULL);
     if (!x->have_commits || !x->have_snaps || !x->have_objects) return MH_ENOMEM;
     if (!x->head_in_pack && PQntuples(res[3]) == 0) {
         mh_step_refuse(s, 422, "unknown_head", "head %s is neither in the pack nor in this repository", u->head.s);
@@ -256,7 +252,7 @@ static void step_context(mh_step_t *s)
 {
     unpack_t *u = U(s);
     mh__unpack_t *x = &u->x;
-    mh_arena_t *a = &u->work;
+    mh_arena_t *a = &u->op.work;
     const char *parents = mh_pq_array(a, x->ext_parents.ids, x->ext_parents.n, MH_ID_LEN);
     const char *snaps = mh_pq_array(a, x->ext_snaps.ids, x->ext_snaps.n, MH_ID_LEN);
     const char *objs = mh_pq_array(a, x->ext_objects.ids, x->ext_objects.n, MH_ID_LEN);
@@ -264,7 +260,7 @@ static void step_context(mh_step_t *s)
         mh_step_fail(s, MH_ENOMEM, "context");
         return;
     }
-    const char *repo = u->repo->repo_id;
+    const char *repo = u->op.repo->repo_id;
     mh_db_batch_t b = {0};
     mh_db_batch_add(&b,
                     "SELECT c.commit_id, c.generation FROM commit_refs r JOIN commits c USING (commit_id)"
@@ -290,7 +286,7 @@ static void step_bases(mh_step_t *s)
     b->loaded = true; /* the step fails if the load does */
     mh_step_goto(s, U_BASES);
     mh_step_wait(s);
-    mh_hub_load_manifest(u->hub, &u->work, b->id, &b->m, mh__manifest_step_cb, s);
+    mh_hub_load_manifest(u->op.hub, &u->op.work, b->id, &b->m, mh__manifest_step_cb, s);
 }
 
 /* --- REBUILD (thread pool), MARK */
@@ -315,7 +311,7 @@ static void step_begin(mh_step_t *s)
     /* Pushes to one repository serialise on its row for the length of
      * this transaction (the CPU-heavy checks ran before it); then the
      * pack's lock, which the sweep deletes superseded packs under. */
-    mh_rw_begin(s, u->repo->repo_id, u->key.s, u->rerun ? 0 : MH_RW_COMMITS | MH_RW_SNAPSHOTS | MH_RW_OBJECTS);
+    mh_rw_begin(s, u->op.repo->repo_id, u->key.s, u->rerun ? 0 : MH_RW_COMMITS | MH_RW_SNAPSHOTS | MH_RW_OBJECTS);
 }
 
 static void step_place(mh_step_t *s)
@@ -339,25 +335,23 @@ static int inserted(mh_step_t *s, PGresult **res, int n)
     /* What this repository newly references. */
     u->commits_written = mh_pq_int(res[u->i_commits], 0, 0);
     u->snapshots_written = mh_pq_int(res[u->i_snapshots], 0, 0);
-    u->objects_written = mh_pq_int(res[u->i_objects], 0, 0);
+    mh_rw_upload_written(&u->up, res);
     return 0;
 }
 
 static void step_insert(mh_step_t *s)
 {
     unpack_t *u = U(s);
-    snprintf(u->size, sizeof u->size, "%zu", u->up.bytes.len);
-    mh_rw_pack_t pack = {u->repo->repo_id, u->key.s, u->size, "push", true};
     mh_db_batch_t b = {0};
-    mh_rw_history_rows(&b, u->repo->repo_id, &u->i_commits, &u->i_snapshots);
-    mh_rw_pack_rows(&b, &pack, NULL, &u->i_objects);
+    mh_rw_history_rows(&b, u->op.repo->repo_id, &u->i_commits, &u->i_snapshots);
+    mh_rw_upload_rows(&b, &u->up);
     mh_step_batch(s, &b, inserted);
 }
 
 static void step_check(mh_step_t *s)
 {
     unpack_t *u = U(s);
-    u->mv = (mh_move_t){.repo_id = u->repo->repo_id, .branch = u->branch, .new_head = u->head.s,
+    u->mv = (mh_move_t){.repo_id = u->op.repo->repo_id, .branch = u->branch, .new_head = u->head.s,
                         .kind = u->force ? MH_MOVE_FORCE : MH_MOVE_FAST_FORWARD, .cas = u->has_expected_old,
                         .expected_old = u->has_expected_old ? u->expected_old.s : NULL};
     mh_rw_move_check(s, &u->mv);
@@ -387,15 +381,15 @@ static void analyzed_cb(void *ud, PGresult *res, int err, const char *errmsg)
 static void step_done(mh_step_t *s)
 {
     unpack_t *u = U(s);
-    mh_fetch_cache_invalidate(u->hub, u->repo->repo_id);
+    mh_fetch_cache_invalidate(u->op.hub, u->op.repo->repo_id);
     /* After a bulk load the ref tables' statistics predate this
      * repository's rows: PostgreSQL then estimates one row for repo_id = X,
      * scans the repository's whole key prefix and filters object_id
      * (52,250 rows read to find 5 right after a 10,310-commit push;
      * EXPLAIN ANALYZE). Refresh them in the background, off the response
      * path; autovacuum would take a minute or more. */
-    if (u->objects_written + u->commits_written > ANALYZE_AFTER_ROWS)
-        mh_db_query(u->hub->db, "ANALYZE commit_refs, snapshot_refs, object_refs, mpack_index", 0, NULL, NULL, NULL,
+    if (u->up.referenced_new + u->commits_written > ANALYZE_AFTER_ROWS)
+        mh_db_query(u->op.hub->db, "ANALYZE commit_refs, snapshot_refs, object_refs, mpack_index", 0, NULL, NULL, NULL,
                     analyzed_cb, NULL);
     mh_step_done(s);
 }
@@ -426,17 +420,17 @@ static const mh_step_def_t unpack_steps[] = {
 static void unpack_finish(mh_step_t *s)
 {
     unpack_t *u = U(s);
-    mh_req_t *req = u->req;
-    if (mh__op_failed(s, req, "invalid_pack")) return;
+    mh_req_t *req = u->op.req;
+    if (mh__op_failed(s, "invalid_pack")) return;
     uint64_t ms = (mh_now_us() - s->t0) / 1000;
     mh_info("req %s: unpack %s into %s/%s branch %s -> %s: %lld commits, %lld snapshots, %lld objects in %llu ms",
-            req->id, u->key.s, u->repo->owner, u->repo->slug, u->branch, u->head.s, (long long)u->commits_written,
-            (long long)u->snapshots_written, (long long)u->objects_written, (unsigned long long)ms);
+            req->id, u->key.s, u->op.repo->owner, u->op.repo->slug, u->branch, u->head.s, (long long)u->commits_written,
+            (long long)u->snapshots_written, (long long)u->up.referenced_new, (unsigned long long)ms);
     mh_vb_t *b = mh_res_build(req);
     mh_val_t *m = mh_vb_map(b);
     mh_vb_put(b, m, "commits_written", mh_v_int(u->commits_written));
     mh_vb_put(b, m, "snapshots_written", mh_v_int(u->snapshots_written));
-    mh_vb_put(b, m, "objects_written", mh_v_int(u->objects_written));
+    mh_vb_put(b, m, "objects_written", mh_v_int(u->up.referenced_new));
     mh_vb_put(b, m, "branch", mh_v_str(u->branch));
     mh_vb_put(b, m, "head", mh_v_str(u->head.s));
     mh_vb_put(b, m, "elapsed_ms", mh_v_int((int64_t)ms));
@@ -448,32 +442,22 @@ static void unpack_free(void *arg)
     unpack_t *u = arg;
     mh__unpack_free(&u->x);
     mh_rw_upload_free(&u->up);
-    mh_arena_release(&u->work);
 }
 
-static void unpack_repo_cb(mh_req_t *req, mh_repo_t *repo)
-{
-    unpack_t *u = req->user;
-    u->repo = repo;
-    mh_rw_upload_init(&u->up, &u->work, repo->repo_id, u->key.s);
-    mh_step_run(&u->step);
-}
+static const mh__op_def_t unpack_def = {"unpack", MH__STEPS(unpack_steps), unpack_finish, unpack_free, 0};
 
 void mh_h_push_unpack(mh_req_t *req)
 {
     mh_val_t body;
-    unpack_t *u = MH__OP_NEW(req, unpack_t, unpack_steps, "unpack", unpack_finish, unpack_free);
+    unpack_t *u = MH__OP_NEW(req, unpack_t, &unpack_def);
     if (!u) return;
-    mh_arena_init(&u->work, 0);
-    u->req = req;
-    u->hub = req->app;
     if (!mh__body_map(req, &body) || !mh__body_id(req, &body, "mpack_key", true, &u->key, NULL) ||
         !mh__body_id(req, &body, "head", true, &u->head, NULL) ||
         !mh__body_id(req, &body, "expected_old_head", false, &u->expected_old, &u->has_expected_old) ||
         !mh__body_branch(req, &body, "branch", u->branch) || !mh__body_bool(req, &body, "force", &u->force))
         return;
-    u->x = (mh__unpack_t){.key = u->key.s, .head = u->head.s, .a = &u->work};
-    mh_hub_load_repo(req, MH_PERM_WRITE, unpack_repo_cb);
+    u->x = (mh__unpack_t){.key = u->key.s, .head = u->head.s, .a = &u->op.work};
+    mh_hub_load_repo(req, MH_PERM_WRITE, mh__op_repo_cb);
 }
 
 /* A branch name: 1..255 bytes of printable ASCII other than space and

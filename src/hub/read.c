@@ -23,6 +23,17 @@
 #define LOG_DEFAULT 50
 #define LOG_MAX 500
 
+/* Runs st with $1 = the text[] of n ids and, when st takes two, $2 =
+ * second; answers 503 when the array does not fit in memory. */
+static void exec_ids(mh_req_t *req, const mh_stmt_t *st, const char *const *ids, size_t n, const char *second,
+                     mh_db_result_cb cb, void *ud)
+{
+    mh_hub_t *hub = req->app;
+    const char *vals[2] = {mh_pq_array(&req->arena, ids, n, MH_ID_LEN), second};
+    if (vals[0]) mh_db_exec(hub->db, st, vals, NULL, NULL, cb, ud);
+    else mh_res_fail(req, MH_ENOMEM, st->name);
+}
+
 /* ---------------------------------------------------------- commit maps */
 
 #define COMMIT_COLS                                                                                             \
@@ -225,8 +236,7 @@ static void log_run(log_t *l)
         return;
     }
     l->ids = mh_alloc(a, l->npage * sizeof *l->ids);
-    const char **vals = mh_alloc(a, 2 * sizeof *vals);
-    if (!l->ids || !vals) {
+    if (!l->ids) {
         mh_res_fail(req, MH_ENOMEM, "commits");
         return;
     }
@@ -238,13 +248,7 @@ static void log_run(log_t *l)
             return;
         }
     }
-    vals[0] = mh_pq_array(a, l->ids, l->npage, MH_ID_LEN);
-    vals[1] = l->repo->repo_id;
-    if (!vals[0]) {
-        mh_res_fail(req, MH_ENOMEM, "commits");
-        return;
-    }
-    mh_db_exec(hub->db, &st_commits_page, vals, NULL, NULL, log_rows_cb, l);
+    exec_ids(req, &st_commits_page, l->ids, l->npage, l->repo->repo_id, log_rows_cb, l);
 }
 
 static void log_graph_cb(void *ud, mh_graph_t *g, int err, const char *errmsg)
@@ -415,7 +419,6 @@ static void tree_manifest_cb(void *ud, int err, const char *why)
 {
     tree_t *t = ud;
     mh_req_t *req = t->req;
-    mh_hub_t *hub = req->app;
     mh_arena_t *a = &req->arena;
     if (err) {
         mh_res_fail(req, mh__manifest_err(err), why ? why : "snapshot cannot be rebuilt");
@@ -425,18 +428,13 @@ static void tree_manifest_cb(void *ud, int err, const char *why)
         send_tree(t, NULL, 0);
         return;
     }
-    const char **ids = mh_alloc(a, t->m.n * sizeof *ids), **vals = mh_alloc(a, sizeof *vals);
-    if (!ids || !vals) {
+    const char **ids = mh_alloc(a, t->m.n * sizeof *ids);
+    if (!ids) {
         mh_res_fail(req, MH_ENOMEM, "tree");
         return;
     }
     for (size_t i = 0; i < t->m.n; i++) ids[i] = t->m.e[i].id;
-    vals[0] = mh_pq_array(a, ids, t->m.n, MH_ID_LEN);
-    if (!vals[0]) {
-        mh_res_fail(req, MH_ENOMEM, "tree");
-        return;
-    }
-    mh_db_exec(hub->db, &st_sizes, vals, NULL, NULL, sizes_cb, t);
+    exec_ids(req, &st_sizes, ids, t->m.n, NULL, sizes_cb, t);
 }
 
 static void tree_ref_cb(void *ud, PGresult *res, int err, const char *errmsg)

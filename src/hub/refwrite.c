@@ -589,6 +589,19 @@ void mh_rw_upload_place(mh_step_t *s, mh_upload_t *up)
     mh_step_move(s, up->src, up->pack_key, moved);
 }
 
+void mh_rw_upload_rows(mh_db_batch_t *b, mh_upload_t *up)
+{
+    snprintf(up->size, sizeof up->size, "%zu", up->bytes.len);
+    mh_rw_pack_t pack = {up->repo_id, up->mpack_id, up->size, "push", true};
+    mh_rw_pack_rows(b, &pack, &up->i_index, &up->i_refs);
+}
+
+void mh_rw_upload_written(mh_upload_t *up, PGresult **res)
+{
+    up->indexed = mh_pq_int(res[up->i_index], 0, 0);
+    up->referenced_new = mh_pq_int(res[up->i_refs], 0, 0);
+}
+
 void mh_rw_upload_consume(mh_db_batch_t *b, const mh_upload_t *up)
 {
     if (up->grant)

@@ -74,39 +74,27 @@ static const char sql_create[] =
     " b AS (INSERT INTO branches (repo_id, name, head_commit_id) SELECT repo_id, 'main', $9 FROM r WHERE $10::boolean)"
     " SELECT created FROM r";
 
-typedef struct {
-    mh_req_t *req;
-    mh_repo_t repo;
-} create_t;
-
 static void create_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
-    create_t *c = ud;
-    mh_req_t *req = c->req;
+    mh_req_t *req = ud;
+    mh_repo_t *repo = req->user;
     if (err == MH_ECONFLICT) {
-        mh_res_error(req, 409, "conflict", "repository %s/%s already exists", c->repo.owner, c->repo.slug);
+        mh_res_error(req, 409, "conflict", "repository %s/%s already exists", repo->owner, repo->slug);
         return;
     }
     if (!mh__db_ok(req, err, errmsg)) return;
-    c->repo.created_at = mh_strdup(&req->arena, mh_pq_str(res, 0, 0));
-    mh_info("repo created %s/%s id=%s", c->repo.owner, c->repo.slug, c->repo.repo_id);
-    mh_res_val(req, 201, mh_repo_val(req, &c->repo));
+    repo->created_at = mh_strdup(&req->arena, mh_pq_str(res, 0, 0));
+    mh_info("repo created %s/%s id=%s", repo->owner, repo->slug, repo->repo_id);
+    mh_res_val(req, 201, mh_repo_val(req, repo));
 }
 
 void mh_h_repo_create(mh_req_t *req)
 {
     mh_hub_t *hub = req->app;
-    const mh_caller_t *caller = mh_req_caller(req);
-    if (caller->anonymous) {
-        mh_res_error(req, 401, "unauthorized", "creating a repository needs a signed request");
-        return;
-    }
+    const mh_caller_t *caller = mh__signed_caller(req, "creating a repository");
+    if (!caller) return;
     mh_val_t body;
-    if (!mh_req_body_val(req, &body)) return;
-    if (body.t != MH_V_MAP) {
-        mh_res_error(req, 422, "invalid_body", "the body must be a map");
-        return;
-    }
+    if (!mh__body_map(req, &body)) return;
     bool bad = false;
     const char *owner = body_str(req, &body, "owner", 100, true, &bad);
     if (bad) return;
@@ -124,25 +112,18 @@ void mh_h_repo_create(mh_req_t *req)
             return;
         }
     }
-    const mh_val_t *init = mh_val_get(&body, "initialize");
-    bool initialize = false;
-    if (init && init->t != MH_V_NIL) {
-        if (init->t != MH_V_BOOL) {
-            mh_res_error(req, 422, "invalid_field", "'initialize' must be a boolean");
-            return;
-        }
-        initialize = init->v.b;
-    }
+    bool initialize;
+    if (!mh__body_bool(req, &body, "initialize", &initialize)) return;
     if (!caller->is_admin && strcmp(owner, caller->handle) != 0) {
         mh_res_error(req, 403, "forbidden", "you may only create repositories you own");
         return;
     }
 
-    create_t *c = mh_calloc(&req->arena, sizeof *c);
+    mh_repo_t *r = mh_calloc(&req->arena, sizeof *r);
     char *slug = mh_repo_slug(&req->arena, name, strlen(name));
     uint8_t rnd[32];
     mh_id_t repo_id, owner_id, snap_id, commit_id;
-    if (!c || !slug || mh_random(rnd, sizeof rnd)) {
+    if (!r || !slug || mh_random(rnd, sizeof rnd)) {
         mh_res_error(req, 503, "unavailable", "out of resources");
         return;
     }
@@ -158,17 +139,17 @@ void mh_h_repo_create(mh_req_t *req)
     mh_commit_id(NULL, 0, (mh_str_t){snap_id.s, MH_ID_LEN}, MH_STR(msg), (mh_str_t){now, strlen(now)},
                  (mh_str_t){owner, strlen(owner)}, &commit_id);
 
-    c->req = req;
-    c->repo.repo_id = mh_strdup(&req->arena, repo_id.s);
-    c->repo.owner = (char *)owner;
-    c->repo.name = (char *)name;
-    c->repo.slug = slug;
-    c->repo.visibility = (char *)visibility;
-    c->repo.description = (char *)(description ? description : "");
-    c->repo.default_branch = "main";
-    const char *vals[12] = {c->repo.repo_id, owner, owner_id.s, name, slug, visibility, c->repo.description,
+    r->repo_id = mh_strdup(&req->arena, repo_id.s);
+    r->owner = (char *)owner;
+    r->name = (char *)name;
+    r->slug = slug;
+    r->visibility = (char *)visibility;
+    r->description = (char *)(description ? description : "");
+    r->default_branch = "main";
+    req->user = r;
+    const char *vals[12] = {r->repo_id, owner, owner_id.s, name, slug, visibility, r->description,
                             snap_id.s, commit_id.s, initialize ? "true" : "false", msg, now};
-    mh_db_query(hub->db, sql_create, 12, vals, NULL, NULL, create_cb, c);
+    mh_db_query(hub->db, sql_create, 12, vals, NULL, NULL, create_cb, req);
 }
 
 /* ------------------------------------------------------------ get, delete */
@@ -182,12 +163,10 @@ void mh_h_repo_get(mh_req_t *req) { mh_hub_load_repo(req, MH_PERM_READ, repo_get
  * grants and cached fetch answers by ON DELETE CASCADE; global rows and
  * packs are left to GC, SPEC 4.1). */
 typedef struct {
-    mh_step_t step;
-    mh_req_t *req;
-    mh_repo_t *repo;
+    mh__op_t op;
 } delete_t;
 
-#define D(s) MH_STEP_OP(s, delete_t, step)
+#define D(s) (&MH_STEP_OP(s, delete_t, op.step)->op)
 
 static void del_begin(mh_step_t *s) { mh_rw_begin(s, D(s)->repo->repo_id, NULL, 0); }
 
@@ -198,47 +177,41 @@ static void del_rows(mh_step_t *s)
     mh_step_batch(s, &b, NULL);
 }
 
-
 static const mh_step_def_t delete_steps[] = {
     {"acquire", mh_step_acquire}, {"begin", del_begin}, {"rows", del_rows}, {"commit", mh_step_commit}, {"done", mh_step_done},
 };
 
 static void delete_finish(mh_step_t *s)
 {
-    delete_t *d = D(s);
-    if (mh__op_failed(s, d->req, NULL)) return;
+    mh__op_t *d = D(s);
+    if (mh__op_failed(s, NULL)) return;
     mh_info("repo deleted %s/%s id=%s", d->repo->owner, d->repo->slug, d->repo->repo_id);
-    mh_fetch_cache_invalidate(d->req->app, d->repo->repo_id);
-    mh_graph_cache_drop(d->req->app, d->repo->repo_id); /* graphs outlive states, not the repository */
+    mh_fetch_cache_invalidate(d->hub, d->repo->repo_id);
+    mh_graph_cache_drop(d->hub, d->repo->repo_id); /* graphs outlive states, not the repository */
     mh_res_send(d->req, 204, NULL, NULL, 0);
 }
 
-static void repo_delete_cb(mh_req_t *req, mh_repo_t *repo)
-{
-    delete_t *d = MH__OP_NEW(req, delete_t, delete_steps, "delete", delete_finish, NULL);
-    if (!d) return;
-    d->req = req;
-    d->repo = repo;
-    mh_step_run(&d->step);
-}
+static const mh__op_def_t delete_def = {"delete", MH__STEPS(delete_steps), delete_finish, NULL, 0};
 
-void mh_h_repo_delete(mh_req_t *req) { mh_hub_load_repo(req, MH_PERM_ADMIN, repo_delete_cb); }
+void mh_h_repo_delete(mh_req_t *req)
+{
+    if (MH__OP_NEW(req, delete_t, &delete_def))
+        mh_hub_load_repo(req, MH_PERM_ADMIN, mh__op_repo_cb);
+}
 
 /* ------------------------------------------------------------------ list */
 
+static mh_val_t *repo_row(mh_req_t *req, mh_vb_t *b, PGresult *res, int i)
+{
+    (void)b;
+    mh_repo_t r = {0};
+    mh__repo_row(&req->arena, res, i, &r);
+    return mh_repo_val(req, &r);
+}
+
 static void repo_list_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
-    mh_req_t *req = ud;
-    if (!mh__db_ok(req, err, errmsg)) return;
-    mh_vb_t *b = mh_res_build(req);
-    mh_val_t *arr = mh_vb_arr(b), *out = mh_vb_map(b);
-    for (int i = 0; i < PQntuples(res); i++) {
-        mh_repo_t r = {0};
-        mh__repo_row(&req->arena, res, i, &r);
-        mh_vb_push(b, arr, mh_vb_node(b, mh_repo_val(req, &r)));
-    }
-    mh_vb_put(b, out, "repos", mh_vb_node(b, arr));
-    mh_res_val(req, 200, out);
+    mh__list_answer(ud, res, err, errmsg, "repos", repo_row);
 }
 
 void mh_h_repo_list(mh_req_t *req)

@@ -15,15 +15,11 @@
 
 #include "mh/step.h"
 
-void mh_step_init(mh_step_t *s, const mh_step_def_t *steps, int n, const char *what, const char *id)
+void mh_step_init(mh_step_t *s, const mh_step_def_t *steps, int n, const char *what, const char *id,
+                  const mh_step_env_t *env, void (*finish)(mh_step_t *s))
 {
-    memset(s, 0, sizeof *s);
-    s->steps = steps;
-    s->nsteps = n;
-    s->what = what;
-    s->id = id;
-    s->final = n;
-    s->t0 = mh_now_us();
+    *s = (mh_step_t){.steps = steps, .nsteps = n, .what = what, .id = id, .loop = env->loop, .db = env->db,
+                     .store = env->store, .finish = finish, .final = n, .t0 = mh_now_us()};
 }
 
 void mh_step_goto(mh_step_t *s, int state) { s->state = state; }
@@ -89,18 +85,25 @@ void mh_step_run(mh_step_t *s)
     }
 }
 
-/* What every callback does once the handler has seen the result: an
- * error it returned ends the operation (a handler that wants to give a
- * reason calls mh_step_fail itself: the first error wins). */
+/* What every callback does once the handler returned rc: MH_STEP_WAIT
+ * (it started another call) waits; an error ends the operation (a
+ * handler that wants to give a reason calls mh_step_fail itself: the
+ * first error wins); then the operation goes on. */
 static void after(mh_step_t *s, int rc)
 {
+    if (rc == MH_STEP_WAIT) return;
     if (rc < 0) mh_step_fail(s, rc, NULL);
     mh_step_run(s);
 }
 
-/* The call in flight has completed: its handler (the caller knows which
- * member), and the step is no longer waiting. */
-static void take(mh_step_t *s) { s->busy = false; }
+/* The call in flight (ud's) has completed: the step no longer waits; its
+ * handler is still in s->on (the callback knows which member). */
+static mh_step_t *took(void *ud)
+{
+    mh_step_t *s = ud;
+    s->busy = false;
+    return s;
+}
 
 static void start(mh_step_t *s)
 {
@@ -112,30 +115,16 @@ static void start(mh_step_t *s)
 
 static void res_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
-    mh_step_t *s = ud;
-    mh_step_res_fn on = s->on.res;
-    take(s);
-    if (err) {
-        mh_step_fail(s, err, errmsg);
-        mh_step_run(s);
-        return;
-    }
-    int rc = on ? on(s, res) : 0;
-    if (rc != MH_STEP_WAIT) after(s, rc);
+    mh_step_t *s = took(ud);
+    if (err) mh_step_resume(s, err, errmsg);
+    else after(s, s->on.res ? s->on.res(s, res) : 0);
 }
 
 static void pipe_cb(void *ud, PGresult **res, int n, int err, const char *errmsg)
 {
-    mh_step_t *s = ud;
-    mh_step_pipe_fn on = s->on.pipe;
-    take(s);
-    if (err) {
-        mh_step_fail(s, err, errmsg);
-        mh_step_run(s);
-        return;
-    }
-    int rc = on ? on(s, res, n) : 0;
-    if (rc != MH_STEP_WAIT) after(s, rc);
+    mh_step_t *s = took(ud);
+    if (err) mh_step_resume(s, err, errmsg);
+    else after(s, s->on.pipe ? s->on.pipe(s, res, n) : 0);
 }
 
 void mh_step_query(mh_step_t *s, const mh_db_pq_t *q, mh_step_res_fn on)
@@ -182,11 +171,9 @@ void mh_step_copy(mh_step_t *s, const char *copy_sql, const void *data, size_t n
 
 static void acquire_cb(void *ud, mh_dbconn_t *c, int err)
 {
-    mh_step_t *s = ud;
-    take(s);
-    if (err) mh_step_fail(s, err, "no database connection");
-    else s->conn = c;
-    mh_step_run(s);
+    mh_step_t *s = took(ud);
+    if (!err) s->conn = c;
+    mh_step_resume(s, err, "no database connection");
 }
 
 void mh_step_acquire(mh_step_t *s)
@@ -220,29 +207,20 @@ void mh_step_rollback(mh_step_t *s)
 
 static void get_cb(void *ud, int err, mh_buf_t *data)
 {
-    mh_step_t *s = ud;
-    mh_step_get_fn on = s->on.get;
-    take(s);
-    int rc = on(s, err, data);
-    if (rc != MH_STEP_WAIT) after(s, rc);
+    mh_step_t *s = took(ud);
+    after(s, s->on.get(s, err, data));
 }
 
 static void done_cb(void *ud, int err)
 {
-    mh_step_t *s = ud;
-    mh_step_done_fn on = s->on.done;
-    take(s);
-    int rc = on ? on(s, err) : err;
-    if (rc != MH_STEP_WAIT) after(s, rc);
+    mh_step_t *s = took(ud);
+    after(s, s->on.done ? s->on.done(s, err) : err);
 }
 
 static void head_cb(void *ud, int err, uint64_t size)
 {
-    mh_step_t *s = ud;
-    mh_step_head_fn on = s->on.head;
-    take(s);
-    int rc = on(s, err, size);
-    if (rc != MH_STEP_WAIT) after(s, rc);
+    mh_step_t *s = took(ud);
+    after(s, s->on.head(s, err, size));
 }
 
 void mh_step_get(mh_step_t *s, const char *key, uint64_t off, uint64_t len, mh_step_get_fn on)
@@ -283,8 +261,7 @@ static void work_cb(uv_work_t *w)
 
 static void work_after_cb(uv_work_t *w, int status)
 {
-    mh_step_t *s = w->data;
-    take(s);
+    mh_step_t *s = took(w->data);
     if (status) mh_step_fail(s, MH_ECANCELED, "thread-pool work cancelled");
     else if (s->work_err) mh_step_fail(s, s->work_err, s->work_why);
     mh_step_run(s);
@@ -297,10 +274,7 @@ void mh_step_work(mh_step_t *s, void (*fn)(mh_step_t *s))
     s->work_err = 0;
     s->work.data = s;
     int rc = uv_queue_work(s->loop, &s->work, work_cb, work_after_cb);
-    if (rc) {
-        take(s);
-        mh_step_fail(s, MH_ENOMEM, "cannot queue thread-pool work");
-    }
+    if (rc) mh_step_fail(took(s), MH_ENOMEM, "cannot queue thread-pool work");
 }
 
 /* ------------------------------------------------------ other calls */
@@ -309,7 +283,7 @@ void mh_step_wait(mh_step_t *s) { start(s); }
 
 void mh_step_resume(mh_step_t *s, int err, const char *why)
 {
-    take(s);
+    took(s);
     if (err) mh_step_fail(s, err, why);
     mh_step_run(s);
 }

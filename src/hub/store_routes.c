@@ -22,6 +22,33 @@ typedef struct {
     bool finished;
 } upload_t;
 
+/* Answers a failed step of a presigned-URL request (rc != 0). */
+static void store_fail(mh_req_t *req, int rc, const char *doing)
+{
+    switch (rc) {
+    case MH_EHASH:
+        mh_res_error(req, 400, "digest_mismatch", "the bytes do not hash to the signed key or length; nothing was kept");
+        break;
+    case MH_ELIMIT: mh_res_error(req, 400, "size_mismatch", "more bytes than the signed size"); break;
+    case MH_EEXIST: mh_res_error(req, 409, "exists", "this staging key was already uploaded"); break;
+    case MH_ENOENT: mh_res_error(req, 404, "not_found", "no such object"); break;
+    case MH_ENOMEM: mh_res_error(req, 503, "unavailable", "out of memory"); break;
+    default: mh_res_error(req, 500, "internal", "%s: %s", doing, mh_strerror(rc)); break;
+    }
+}
+
+/* The URL's signature (method "PUT" or "GET"; for PUT also the signed
+ * size and hash): false after answering 403. */
+static bool url_ok(mh_req_t *req, const char *method, mh_str_t key, uint64_t *size, uint8_t *sha)
+{
+    mh_hub_t *hub = req->app;
+    int rc = mh_store_fs_check_url(hub->store, method, key, req->query, size, sha);
+    const char *what = strcmp(method, "PUT") ? "download" : "upload";
+    if (rc == MH_ETIMEDOUT) mh_res_error(req, 403, "expired", "this %s URL has expired", what);
+    else if (rc) mh_res_error(req, 403, "forbidden", "bad %s URL signature", what);
+    return !rc;
+}
+
 static void upload_abort(mh_req_t *req)
 {
     upload_t *u = req->user;
@@ -47,27 +74,15 @@ static void upload_body(mh_req_t *req, const uint8_t *data, size_t n)
 static void upload_finished_cb(void *ud, int rc)
 {
     mh_req_t *req = ud;
-    if (rc == MH_EHASH) {
-        mh_res_error(req, 400, "digest_mismatch", "the bytes do not hash to the signed key or length; nothing was kept");
-        return;
-    }
-    if (rc == MH_EEXIST) {
-        mh_res_error(req, 409, "exists", "this staging key was already uploaded");
-        return;
-    }
-    if (rc) {
-        mh_res_error(req, 500, "internal", "upload failed: %s", mh_strerror(rc));
-        return;
-    }
-    mh_res_send(req, 200, NULL, NULL, 0);
+    if (rc) store_fail(req, rc, "upload failed");
+    else mh_res_send(req, 200, NULL, NULL, 0);
 }
 
 static void upload_end(mh_req_t *req)
 {
     upload_t *u = req->user;
     if (u->err) {
-        if (u->err == MH_ELIMIT) mh_res_error(req, 400, "size_mismatch", "more bytes than the signed size");
-        else mh_res_error(req, 500, "internal", "write failed: %s", mh_strerror(u->err));
+        store_fail(req, u->err, "write failed");
         return;
     }
     mh_fs_upload_t *up = u->up;
@@ -83,15 +98,7 @@ void mh_h_store_put(mh_req_t *req)
     mh_str_t key = mh_req_param(req, "key");
     uint64_t size = 0;
     uint8_t sha[32];
-    int rc = mh_store_fs_check_url(hub->store, "PUT", key, req->query, &size, sha);
-    if (rc == MH_ETIMEDOUT) {
-        mh_res_error(req, 403, "expired", "this upload URL has expired");
-        return;
-    }
-    if (rc) {
-        mh_res_error(req, 403, "forbidden", "bad upload URL signature");
-        return;
-    }
+    if (!url_ok(req, "PUT", key, &size, sha)) return;
     if (req->content_length != UINT64_MAX && req->content_length != size) {
         mh_res_error(req, 400, "size_mismatch", "Content-Length %llu differs from the signed size %llu",
                      (unsigned long long)req->content_length, (unsigned long long)size);
@@ -99,17 +106,9 @@ void mh_h_store_put(mh_req_t *req)
     }
     upload_t *u = mh_calloc(&req->arena, sizeof *u);
     char *k = mh_strndup(&req->arena, key.p, key.n);
-    if (!u || !k) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
-        return;
-    }
-    rc = mh_store_fs_upload_open(hub->store, k, size, sha, &u->up);
-    if (rc == MH_EEXIST) {
-        mh_res_error(req, 409, "exists", "this staging key was already uploaded");
-        return;
-    }
+    int rc = u && k ? mh_store_fs_upload_open(hub->store, k, size, sha, &u->up) : MH_ENOMEM;
     if (rc) {
-        mh_res_error(req, 500, "internal", "cannot stage upload: %s", mh_strerror(rc));
+        store_fail(req, rc, "cannot stage upload");
         return;
     }
     req->user = u;
@@ -136,25 +135,13 @@ void mh_h_store_get(mh_req_t *req)
 {
     mh_hub_t *hub = req->app;
     mh_str_t key = mh_req_param(req, "key");
-    int rc = mh_store_fs_check_url(hub->store, "GET", key, req->query, NULL, NULL);
-    if (rc == MH_ETIMEDOUT) {
-        mh_res_error(req, 403, "expired", "this download URL has expired");
-        return;
-    }
-    if (rc) {
-        mh_res_error(req, 403, "forbidden", "bad download URL signature");
-        return;
-    }
+    if (!url_ok(req, "GET", key, NULL, NULL)) return;
     char *k = mh_strndup(&req->arena, key.p, key.n);
     int fd = -1;
     uint64_t size = 0;
-    rc = k ? mh_store_fs_open_read(hub->store, k, &fd, &size) : MH_ENOMEM;
-    if (rc == MH_ENOENT) {
-        mh_res_error(req, 404, "not_found", "no such object");
-        return;
-    }
+    int rc = k ? mh_store_fs_open_read(hub->store, k, &fd, &size) : MH_ENOMEM;
     if (rc) {
-        mh_res_error(req, 500, "internal", "cannot read: %s", mh_strerror(rc));
+        store_fail(req, rc, "cannot read");
         return;
     }
     uint64_t off = 0, len = size;
@@ -180,7 +167,7 @@ void mh_h_store_get(mh_req_t *req)
     mapping_t *m = calloc(1, sizeof *m);
     if (!m) {
         close(fd);
-        mh_res_error(req, 503, "unavailable", "out of memory");
+        store_fail(req, MH_ENOMEM, "");
         return;
     }
     if (size) {

@@ -42,10 +42,7 @@ typedef struct {
     mh_pack_t pack;
     mh_buf_t rows;
     size_t nrows;
-    char size[24];
     bool permanent; /* the failure cannot get better: no retry */
-    int i_index, i_refs;
-    int64_t objects_written, refs_written;
 } index_t;
 
 #define X(s) MH_STEP_OP(s, index_t, step)
@@ -140,20 +137,15 @@ static void step_copy(mh_step_t *s) { mh_rw_copy(s, MH_RW_OBJECTS, &X(s)->rows);
 
 static int inserted(mh_step_t *s, PGresult **res, int n)
 {
-    index_t *x = X(s);
     (void)n;
-    x->objects_written = mh_pq_int(res[x->i_index], 0, 0);
-    x->refs_written = mh_pq_int(res[x->i_refs], 0, 0);
+    mh_rw_upload_written(&X(s)->up, res);
     return 0;
 }
 
 static void step_insert(mh_step_t *s)
 {
-    index_t *x = X(s);
-    snprintf(x->size, sizeof x->size, "%zu", x->up.bytes.len);
-    mh_rw_pack_t pack = {x->j->repo_id, x->key.s, x->size, "push", true};
     mh_db_batch_t b = {0};
-    mh_rw_pack_rows(&b, &pack, &x->i_index, &x->i_refs);
+    mh_rw_upload_rows(&b, &X(s)->up);
     mh_step_batch(s, &b, inserted);
 }
 
@@ -179,8 +171,8 @@ static void index_finish(mh_step_t *s)
     mh_vb_t b;
     mh_vb_init(&b, a);
     mh_val_t *m = mh_vb_map(&b);
-    mh_vb_put(&b, m, "objects_written", mh_v_int(x->objects_written));
-    mh_vb_put(&b, m, "object_refs_written", mh_v_int(x->refs_written));
+    mh_vb_put(&b, m, "objects_written", mh_v_int(x->up.indexed));
+    mh_vb_put(&b, m, "object_refs_written", mh_v_int(x->up.referenced_new));
     mh_vb_put(&b, m, "elapsed_ms", mh_v_int(mh_job_elapsed_ms_int(j)));
     mh_vb_put(&b, m, "mpack_key", mh_v_str(x->key.s));
     mh_vb_put(&b, m, "blobs", mh_v_int((int64_t)x->nrows));

@@ -137,11 +137,7 @@ static bool job_stopping(mh_step_t *s) { return mh_job_cancelled(s->user); }
 void mh__job_step_init(mh_job_t *j, mh_step_t *s, const mh_step_def_t *steps, int n, int final,
                        void (*finish)(mh_step_t *s))
 {
-    mh_step_init(s, steps, n, j->type, j->id);
-    s->loop = j->loop;
-    s->db = j->db;
-    s->store = j->store;
-    s->finish = finish;
+    mh_step_init(s, steps, n, j->type, j->id, &(mh_step_env_t){j->loop, j->db, j->store}, finish);
     s->final = final;
     s->stopping = job_stopping;
     s->user = j;

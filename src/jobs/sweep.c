@@ -179,11 +179,7 @@ void mh_jobs_sweep(mh_db_t *db, mh_store_t *store, uint32_t grace_s, bool (*stop
         done(arg, 0); /* called from a db callback: already a later turn */
         return;
     }
-    s->db = db;
-    s->store = store;
-    s->stopping = stopping;
-    s->done = done;
-    s->arg = arg;
+    *s = (sweep_t){.db = db, .store = store, .stopping = stopping, .done = done, .arg = arg};
     mh_arena_init(&s->arena, 0);
     snprintf(s->grace, sizeof s->grace, "%u", grace_s);
     const char *vals[2] = {s->grace, NULL};
