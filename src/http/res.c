@@ -390,7 +390,7 @@ void mh_res_error(mh_req_t *r, int status, const char *code, const char *detail_
  * (DESIGN 7: one place turns an error into an answer; handlers never
  * pick a status for an error code themselves). The sources name where
  * each code is made: PostgreSQL's SQLSTATE classes are translated once,
- * by the db module (src/db/conn.c, db_translate). */
+ * by the db module (src/db/conn.c, mh__db_translate). */
 static const mh_http_err_t errors[] = {
     /* resources of this process */
     {MH_ENOMEM, 503, "unavailable", "the server is out of memory; retry shortly", true, false},

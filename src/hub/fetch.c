@@ -45,7 +45,7 @@
  * request arena's 64 MiB cap is sized for API bodies, not for histories.
  * Blob bytes and the pack itself are heap buffers outside both. */
 #define BUILD_ARENA_LIMIT ((size_t)1 << 30)
-/* A walk flag of our own (mh_graph_walk uses the low four bits): the
+/* A walk flag of our own (mh__graph_walk uses the low four bits): the
  * commit is in the pack. */
 #define GW_SENT 0x10
 
@@ -181,7 +181,7 @@ static int ids_key(mh_arena_t *a, char *const *want, size_t nw, char *const *hav
         memcpy(p, list ? "have\n" : "want\n", 5);
         p += 5;
         for (size_t i = 0; i < (list ? nh : nw); i++) {
-            if (list && g && mh_graph_find(g, ids[i]) == MH_GNONE) continue;
+            if (list && g && mh__graph_find(g, ids[i]) == MH_GNONE) continue;
             memcpy(p, ids[i], MH_ID_LEN);
             p += MH_ID_LEN;
             *p++ = '\n';
@@ -259,7 +259,7 @@ static void graph_cb(void *ud, mh_graph_t *g, int err, const char *errmsg)
     if (err == MH_ENOENT) {
         mh_step_refuse(&f->op.step, 404, "not_found", "repository not found");
         err = 0;
-    } else if (!err && mh_graph_hold(f->a, g)) {
+    } else if (!err && mh__graph_hold(f->a, g)) {
         err = MH_ENOMEM;
     } else if (!err) {
         f->g = g;
@@ -272,9 +272,9 @@ static void graph_cb(void *ud, mh_graph_t *g, int err, const char *errmsg)
 static void load_graph(mh_step_t *s, bool force)
 {
     fetch_t *f = F(s);
-    mh_graph_t *g = force ? NULL : mh_graph_cache_get(f->op.hub, f->op.repo->repo_id, f->seq);
+    mh_graph_t *g = force ? NULL : mh__graph_cache_get(f->op.hub, f->op.repo->repo_id, f->seq);
     if (g) {
-        if (mh_graph_hold(f->a, g)) {
+        if (mh__graph_hold(f->a, g)) {
             mh_step_fail(s, MH_ENOMEM, "graph");
             return;
         }
@@ -286,7 +286,7 @@ static void load_graph(mh_step_t *s, bool force)
      * cached graph of this repository (graph.c), which include the one a
      * forced reload looks for. */
     mh_step_wait(s);
-    if (mh_graph_load(f->op.hub, f->a, f->op.repo->repo_id, graph_cb, s)) mh_step_resume(s, MH_ENOMEM, "graph");
+    if (mh__graph_load(f->op.hub, f->a, f->op.repo->repo_id, graph_cb, s)) mh_step_resume(s, MH_ENOMEM, "graph");
 }
 
 static void step_graph(mh_step_t *s) { load_graph(s, false); }
@@ -305,7 +305,7 @@ static void step_resolve(mh_step_t *s)
     }
     f->nwant_idx = f->nhave_idx = 0;
     for (size_t i = 0; i < f->nwant; i++) {
-        uint32_t x = mh_graph_find(g, f->want[i]);
+        uint32_t x = mh__graph_find(g, f->want[i]);
         if (x != MH_GNONE) {
             f->want_idx[f->nwant_idx++] = x;
             continue;
@@ -322,7 +322,7 @@ static void step_resolve(mh_step_t *s)
         return;
     }
     for (size_t i = 0; i < f->nhave; i++) {
-        uint32_t x = mh_graph_find(g, f->have[i]);
+        uint32_t x = mh__graph_find(g, f->have[i]);
         if (x != MH_GNONE) f->have_idx[f->nhave_idx++] = x; /* unknown haves are ignored */
     }
     /* The answer describes the state the graph was read at. */
@@ -382,7 +382,7 @@ static int cmp_gen_id(const void *x, const void *y, void *arg)
 static const char *snap_text(fetch_t *f, uint32_t node)
 {
     mh_id_t sid;
-    mh_graph_snap_id(f->g, node, &sid);
+    mh__graph_snap_id(f->g, node, &sid);
     return mh_strndup(f->a, sid.s, MH_ID_LEN);
 }
 
@@ -419,7 +419,7 @@ static void step_walk(mh_step_t *s)
         mh_step_fail(s, MH_ENOMEM, "walk");
         return;
     }
-    int rc = mh_graph_walk(g, f->want_idx, f->nwant_idx, f->have_idx, f->nhave_idx, f->flags, f->send, &f->nsend);
+    int rc = mh__graph_walk(g, f->want_idx, f->nwant_idx, f->have_idx, f->nhave_idx, f->flags, f->send, &f->nsend);
     if (rc) {
         mh_step_fail(s, rc, "walk");
         return;
@@ -526,7 +526,7 @@ static void step_rows(mh_step_t *s)
     }
     for (size_t i = 0; i < f->nsend; i++) {
         mh_id_t cid;
-        mh_graph_id(f->g, f->send[i], &cid);
+        mh__graph_id(f->g, f->send[i], &cid);
         if (!(ids[i] = mh_strndup(f->a, cid.s, MH_ID_LEN))) {
             mh_step_fail(s, MH_ENOMEM, "rows");
             return;

@@ -58,7 +58,7 @@ static int grow(mh_graph_t *g, uint32_t cap)
     return mh_idmap_reserve(&g->map, cap);
 }
 
-mh_graph_t *mh_graph_new(const char *repo_id, int64_t state_seq, uint32_t ncommits)
+mh_graph_t *mh__graph_new(const char *repo_id, int64_t state_seq, uint32_t ncommits)
 {
     mh_graph_t *g = calloc(1, sizeof *g);
     if (!g) return NULL;
@@ -68,13 +68,13 @@ mh_graph_t *mh_graph_new(const char *repo_id, int64_t state_seq, uint32_t ncommi
     mh_idmap_init(&g->map, NULL, 32, node_key, g);
     if (!g->repo_id || grow(g, ncommits ? ncommits : 16)) {
         g->refs = 1;
-        mh_graph_unref(g);
+        mh__graph_unref(g);
         return NULL;
     }
     return g;
 }
 
-mh_graph_t *mh_graph_extend(const mh_graph_t *base, int64_t state_seq, uint32_t nmore)
+mh_graph_t *mh__graph_extend(const mh_graph_t *base, int64_t state_seq, uint32_t nmore)
 {
     if (nmore < 16) nmore = 16;
     if (nmore > UINT32_MAX / 2 - base->n) return NULL;
@@ -94,7 +94,7 @@ mh_graph_t *mh_graph_extend(const mh_graph_t *base, int64_t state_seq, uint32_t 
     g->pend = base->npend ? malloc((size_t)base->npend * sizeof *g->pend) : NULL;
     if (!g->repo_id || !g->nodes || !g->tmp_parents || !g->tmp_pmask || (base->npend && !g->pend) ||
         mh_idmap_clone(&g->map, &base->map, g)) {
-        mh_graph_unref(g);
+        mh__graph_unref(g);
         return NULL;
     }
     memcpy(g->nodes, base->nodes, (size_t)base->n * sizeof *g->nodes);
@@ -103,7 +103,7 @@ mh_graph_t *mh_graph_extend(const mh_graph_t *base, int64_t state_seq, uint32_t 
     g->cap = cap;
     g->npend = g->cappend = base->npend;
     if (mh_idmap_reserve(&g->map, cap)) {
-        mh_graph_unref(g);
+        mh__graph_unref(g);
         return NULL;
     }
     return g;
@@ -112,7 +112,7 @@ mh_graph_t *mh_graph_extend(const mh_graph_t *base, int64_t state_seq, uint32_t 
 /* The digest of a NUL-terminated id; MH_EPARSE when it is not one. */
 static int digest_of(const char *id, uint8_t out[32]) { return mh_id_digest(id, id ? strlen(id) : 0, out); }
 
-int mh_graph_add(mh_graph_t *g, const char *commit_id, const char *p1, const char *p2, const char *snapshot_id,
+int mh__graph_add(mh_graph_t *g, const char *commit_id, const char *p1, const char *p2, const char *snapshot_id,
                  uint32_t gen)
 {
     uint8_t d[32], s[32], pd[2][32];
@@ -141,7 +141,7 @@ int mh_graph_add(mh_graph_t *g, const char *commit_id, const char *p1, const cha
     return 0;
 }
 
-int mh_graph_add_branch(mh_graph_t *g, const char *name, const char *head_id)
+int mh__graph_add_branch(mh_graph_t *g, const char *name, const char *head_id)
 {
     if (!head_id || !mh_id_valid(head_id, strlen(head_id))) return MH_EPARSE;
     if (g->nbranches == g->capb) {
@@ -187,7 +187,7 @@ static int pend_push(mh_graph_t *g, uint32_t node, uint32_t j, const uint8_t d[3
     return 0;
 }
 
-int mh_graph_seal(mh_graph_t *g)
+int mh__graph_seal(mh_graph_t *g)
 {
     /* Parents an earlier load did not have may have arrived now. */
     uint32_t keep = 0;
@@ -215,15 +215,15 @@ int mh_graph_seal(mh_graph_t *g)
     g->tmp_pmask = NULL;
     g->nsealed = g->n;
     if (g->nbranches) qsort(g->branches, g->nbranches, sizeof *g->branches, branch_cmp);
-    for (uint32_t b = 0; b < g->nbranches; b++) g->branches[b].node = mh_graph_find(g, g->branches[b].head.s);
+    for (uint32_t b = 0; b < g->nbranches; b++) g->branches[b].node = mh__graph_find(g, g->branches[b].head.s);
     g->bytes = sizeof *g + (size_t)g->cap * sizeof(mh_gnode_t) + g->map.cap * sizeof(mh_idmap_slot_t) +
                (size_t)g->nbranches * (sizeof(mh_gbranch_t) + 32) + (size_t)g->cappend * sizeof(mh_gpend_t);
     return 0;
 }
 
-void mh_graph_ref(mh_graph_t *g) { g->refs++; }
+void mh__graph_ref(mh_graph_t *g) { g->refs++; }
 
-void mh_graph_unref(mh_graph_t *g)
+void mh__graph_unref(mh_graph_t *g)
 {
     if (!g || --g->refs > 0) return;
     for (uint32_t b = 0; b < g->nbranches; b++) free(g->branches[b].name);
@@ -237,27 +237,27 @@ void mh_graph_unref(mh_graph_t *g)
     free(g);
 }
 
-static void unref_cb(void *arg) { mh_graph_unref(arg); }
+static void unref_cb(void *arg) { mh__graph_unref(arg); }
 
-int mh_graph_hold(mh_arena_t *a, mh_graph_t *g)
+int mh__graph_hold(mh_arena_t *a, mh_graph_t *g)
 {
     int rc = mh_arena_defer(a, unref_cb, g);
-    if (rc) mh_graph_unref(g);
+    if (rc) mh__graph_unref(g);
     return rc;
 }
 
-uint32_t mh_graph_find(const mh_graph_t *g, const char *commit_id)
+uint32_t mh__graph_find(const mh_graph_t *g, const char *commit_id)
 {
     uint8_t d[32];
     if (mh_id_digest(commit_id, MH_ID_LEN, d)) return MH_GNONE;
     return lookup(g, d);
 }
 
-void mh_graph_id(const mh_graph_t *g, uint32_t i, mh_id_t *out) { mh_id_from_digest(out, g->nodes[i].id); }
+void mh__graph_id(const mh_graph_t *g, uint32_t i, mh_id_t *out) { mh_id_from_digest(out, g->nodes[i].id); }
 
-void mh_graph_snap_id(const mh_graph_t *g, uint32_t i, mh_id_t *out) { mh_id_from_digest(out, g->nodes[i].snap); }
+void mh__graph_snap_id(const mh_graph_t *g, uint32_t i, mh_id_t *out) { mh_id_from_digest(out, g->nodes[i].snap); }
 
-const mh_gbranch_t *mh_graph_branch(const mh_graph_t *g, const char *name, size_t n)
+const mh_gbranch_t *mh__graph_branch(const mh_graph_t *g, const char *name, size_t n)
 {
     uint32_t lo = 0, hi = g->nbranches;
     while (lo < hi) {
@@ -343,7 +343,7 @@ static void mark(walk_t *w, uint32_t x, uint8_t f)
      * generations all its children were popped before it. */
 }
 
-int mh_graph_walk(const mh_graph_t *g, const uint32_t *want, size_t nwant, const uint32_t *have, size_t nhave,
+int mh__graph_walk(const mh_graph_t *g, const uint32_t *want, size_t nwant, const uint32_t *have, size_t nhave,
                   uint8_t *flags, uint32_t *out, size_t *nout)
 {
     *nout = 0;
@@ -373,7 +373,7 @@ int mh_graph_walk(const mh_graph_t *g, const uint32_t *want, size_t nwant, const
     return 0;
 }
 
-int mh_graph_log(const mh_graph_t *g, uint32_t head, uint32_t cursor, uint32_t limit, uint32_t *out,
+int mh__graph_log(const mh_graph_t *g, uint32_t head, uint32_t cursor, uint32_t limit, uint32_t *out,
                  uint32_t *nout, bool *more)
 {
     *nout = 0;
@@ -432,7 +432,7 @@ static mh__graph_cache_t *gcache(mh_hub_t *hub, bool create)
     return *gc;
 }
 
-mh_graph_t *mh_graph_cache_get(mh_hub_t *hub, const char *repo_id, int64_t state_seq)
+mh_graph_t *mh__graph_cache_get(mh_hub_t *hub, const char *repo_id, int64_t state_seq)
 {
     mh__graph_cache_t *gc = gcache(hub, false);
     if (!gc) return NULL;
@@ -441,7 +441,7 @@ mh_graph_t *mh_graph_cache_get(mh_hub_t *hub, const char *repo_id, int64_t state
         if (!g || strcmp(g->repo_id, repo_id) != 0) continue;
         if (g->state_seq != state_seq) return NULL;
         gc->used[i] = ++gc->tick;
-        mh_graph_ref(g);
+        mh__graph_ref(g);
         return g;
     }
     return NULL;
@@ -455,7 +455,7 @@ static mh_graph_t *cache_latest(mh_hub_t *hub, const char *repo_id)
     if (!gc) return NULL;
     for (int i = 0; i < GC_SLOTS; i++) {
         if (gc->g[i] && strcmp(gc->g[i]->repo_id, repo_id) == 0) {
-            mh_graph_ref(gc->g[i]);
+            mh__graph_ref(gc->g[i]);
             return gc->g[i];
         }
     }
@@ -478,7 +478,7 @@ static void cache_put(mh_hub_t *hub, mh_graph_t *g)
              * state (of one state, the one with more ref rows). */
             const mh_graph_t *c = gc->g[i];
             if (c->state_seq > g->state_seq || (c->state_seq == g->state_seq && c->ref_seq > g->ref_seq)) return;
-            mh_graph_unref(gc->g[i]);
+            mh__graph_unref(gc->g[i]);
             gc->g[i] = NULL;
             slot = i;
             continue;
@@ -492,23 +492,23 @@ static void cache_put(mh_hub_t *hub, mh_graph_t *g)
             if (gc->g[i] && (lru < 0 || gc->used[i] < gc->used[lru])) lru = i;
         if (lru < 0) break;
         total -= gc->g[lru]->bytes;
-        mh_graph_unref(gc->g[lru]);
+        mh__graph_unref(gc->g[lru]);
         gc->g[lru] = NULL;
         if (slot < 0) slot = lru;
     }
     if (slot < 0) return;
-    mh_graph_ref(g);
+    mh__graph_ref(g);
     gc->g[slot] = g;
     gc->used[slot] = ++gc->tick;
 }
 
-void mh_graph_cache_drop(mh_hub_t *hub, const char *repo_id)
+void mh__graph_cache_drop(mh_hub_t *hub, const char *repo_id)
 {
     mh__graph_cache_t *gc = gcache(hub, false);
     if (!gc) return;
     for (int i = 0; i < GC_SLOTS; i++) {
         if (gc->g[i] && (!repo_id || strcmp(gc->g[i]->repo_id, repo_id) == 0)) {
-            mh_graph_unref(gc->g[i]);
+            mh__graph_unref(gc->g[i]);
             gc->g[i] = NULL;
         }
     }
@@ -517,7 +517,7 @@ void mh_graph_cache_drop(mh_hub_t *hub, const char *repo_id)
 void mh__graph_cache_free(mh__graph_cache_t *gc)
 {
     if (!gc) return;
-    for (int i = 0; i < GC_SLOTS; i++) mh_graph_unref(gc->g[i]);
+    for (int i = 0; i < GC_SLOTS; i++) mh__graph_unref(gc->g[i]);
     free(gc);
 }
 
@@ -561,7 +561,7 @@ static mh_graph_t *build(const loader_t *l, PGresult *res, int *err, const char 
         *why = "repository not found";
         return NULL;
     }
-    mh_graph_t *g = l->base ? mh_graph_extend(l->base, seq, ncommits) : mh_graph_new(l->repo_id, seq, ncommits);
+    mh_graph_t *g = l->base ? mh__graph_extend(l->base, seq, ncommits) : mh__graph_new(l->repo_id, seq, ncommits);
     if (!g) {
         *err = MH_ENOMEM;
         *why = "out of memory";
@@ -572,19 +572,19 @@ static mh_graph_t *build(const loader_t *l, PGresult *res, int *err, const char 
         int kind = (int)mh_pq_int(res, r, 0);
         rc = 0;
         if (kind == 1) {
-            rc = mh_graph_add_branch(g, mh_pq_str(res, r, 1), mh_pq_str(res, r, 2));
+            rc = mh__graph_add_branch(g, mh_pq_str(res, r, 1), mh_pq_str(res, r, 2));
         } else if (kind == 2) {
             const char *p1 = mh_pq_isnull(res, r, 2) ? NULL : mh_pq_str(res, r, 2);
             const char *p2 = mh_pq_isnull(res, r, 3) ? NULL : mh_pq_str(res, r, 3);
             int64_t gen = mh_pq_int(res, r, 5), rs = mh_pq_int(res, r, 6);
             if (rs > g->ref_seq) g->ref_seq = rs;
-            rc = mh_graph_add(g, mh_pq_str(res, r, 1), p1, p2, mh_pq_str(res, r, 4),
+            rc = mh__graph_add(g, mh_pq_str(res, r, 1), p1, p2, mh_pq_str(res, r, 4),
                               gen < 0 ? 0 : gen > UINT32_MAX ? UINT32_MAX : (uint32_t)gen);
         }
         if (rc && rc != MH_ENOMEM) mh_warn("graph of %s: skipping a row with a malformed id", l->repo_id);
     }
-    if (rc == MH_ENOMEM || mh_graph_seal(g)) {
-        mh_graph_unref(g);
+    if (rc == MH_ENOMEM || mh__graph_seal(g)) {
+        mh__graph_unref(g);
         *err = MH_ENOMEM;
         *why = "out of memory";
         return NULL;
@@ -608,13 +608,13 @@ static void load_cb(void *ud, PGresult *res, int err, const char *errmsg)
         } else {
             errmsg = why;
             /* A deleted repository: its graph is of no further use. */
-            if (err == MH_ENOENT) mh_graph_cache_drop(l->hub, l->repo_id);
+            if (err == MH_ENOENT) mh__graph_cache_drop(l->hub, l->repo_id);
         }
     }
     l->cb(l->ud, g, err, errmsg);
 }
 
-int mh_graph_load(mh_hub_t *hub, mh_arena_t *a, const char *repo_id, mh_graph_cb cb, void *ud)
+int mh__graph_load(mh_hub_t *hub, mh_arena_t *a, const char *repo_id, mh_graph_cb cb, void *ud)
 {
     loader_t *l = mh_alloc(a, sizeof *l);
     if (!l || !(l->repo_id = mh_strdup(a, repo_id))) return MH_ENOMEM;
@@ -625,8 +625,8 @@ int mh_graph_load(mh_hub_t *hub, mh_arena_t *a, const char *repo_id, mh_graph_cb
      * meanwhile; without it (or its hold) the load is a full one. */
     mh_graph_t *base = cache_latest(hub, repo_id);
     char *since = base ? mh_sprintf(a, "%lld", (long long)base->ref_seq) : NULL;
-    if (base && (!since || mh_graph_hold(a, base))) { /* the hold unrefs on failure */
-        if (!since) mh_graph_unref(base);
+    if (base && (!since || mh__graph_hold(a, base))) { /* the hold unrefs on failure */
+        if (!since) mh__graph_unref(base);
         base = NULL;
     }
     l->base = base;

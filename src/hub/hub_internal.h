@@ -283,40 +283,40 @@ typedef struct mh_graph {
 
 /* Builder: a graph with room for `ncommits` commits (grows if more are
  * added). NULL on ENOMEM. refs starts at 1 (the caller's). */
-mh_graph_t *mh_graph_new(const char *repo_id, int64_t state_seq, uint32_t ncommits);
+mh_graph_t *mh__graph_new(const char *repo_id, int64_t state_seq, uint32_t ncommits);
 /* Builder for a later state of the same repository: a new graph holding
  * a copy of sealed graph `base`'s commits (and its ref_seq), relabelled
  * `state_seq`, without branches, with room for `nmore` more commits. Add
- * the commits that are new since base (mh_graph_add), ALL branches of the
- * new state (mh_graph_add_branch), then seal: the result equals the graph
+ * the commits that are new since base (mh__graph_add), ALL branches of the
+ * new state (mh__graph_add_branch), then seal: the result equals the graph
  * built at once from every commit (node indices aside), including parent
  * edges to commits added after their child. base is not modified (requests
  * may be reading it). NULL on ENOMEM. refs starts at 1. */
-mh_graph_t *mh_graph_extend(const mh_graph_t *base, int64_t state_seq, uint32_t nmore);
+mh_graph_t *mh__graph_extend(const mh_graph_t *base, int64_t state_seq, uint32_t nmore);
 /* Adds one commit (text ids; p1/p2 NULL when absent). Duplicates are
  * ignored. MH_EPARSE for an id that is not sha256:<64 lowercase hex>,
  * MH_ENOMEM. */
-int mh_graph_add(mh_graph_t *g, const char *commit_id, const char *p1, const char *p2, const char *snapshot_id,
+int mh__graph_add(mh_graph_t *g, const char *commit_id, const char *p1, const char *p2, const char *snapshot_id,
                  uint32_t gen);
 /* Adds one branch (name copied). MH_EPARSE bad head id, MH_ENOMEM. */
-int mh_graph_add_branch(mh_graph_t *g, const char *name, const char *head_id);
+int mh__graph_add_branch(mh_graph_t *g, const char *name, const char *head_id);
 /* Resolves parent ids to node indices (a parent not in the graph stays
  * MH_GNONE until an extension adds it) and sorts branches; the graph is
- * immutable afterwards. MH_ENOMEM (then only mh_graph_unref is valid). */
-int mh_graph_seal(mh_graph_t *g);
-void mh_graph_ref(mh_graph_t *g);
-void mh_graph_unref(mh_graph_t *g);
+ * immutable afterwards. MH_ENOMEM (then only mh__graph_unref is valid). */
+int mh__graph_seal(mh_graph_t *g);
+void mh__graph_ref(mh_graph_t *g);
+void mh__graph_unref(mh_graph_t *g);
 /* Unrefs g when arena a is released. MH_ENOMEM (then g is unref'd now:
  * the caller must not use it after an error). */
-int mh_graph_hold(mh_arena_t *a, mh_graph_t *g);
+int mh__graph_hold(mh_arena_t *a, mh_graph_t *g);
 
 /* Node index of a commit (text id, MH_ID_LEN bytes) or MH_GNONE. */
-uint32_t mh_graph_find(const mh_graph_t *g, const char *commit_id);
+uint32_t mh__graph_find(const mh_graph_t *g, const char *commit_id);
 /* Writes the text id of node i into out. */
-void mh_graph_id(const mh_graph_t *g, uint32_t i, mh_id_t *out);
-void mh_graph_snap_id(const mh_graph_t *g, uint32_t i, mh_id_t *out);
+void mh__graph_id(const mh_graph_t *g, uint32_t i, mh_id_t *out);
+void mh__graph_snap_id(const mh_graph_t *g, uint32_t i, mh_id_t *out);
 /* The branch named name[0..n), or NULL. */
-const mh_gbranch_t *mh_graph_branch(const mh_graph_t *g, const char *name, size_t n);
+const mh_gbranch_t *mh__graph_branch(const mh_graph_t *g, const char *name, size_t n);
 
 /* Walk flags (one byte per node). */
 enum { MH_GW_WANT = 1, MH_GW_HAVE = 2, MH_GW_QUEUED = 4, MH_GW_SEEN = 8 };
@@ -331,7 +331,7 @@ enum { MH_GW_WANT = 1, MH_GW_HAVE = 2, MH_GW_QUEUED = 4, MH_GW_SEEN = 8 };
  * out:   room for g->n indices; receives the commits to send, newest
  *        first (generation non-increasing). *nout their number.
  * Thread-safe (reads g only). Returns 0 or MH_ENOMEM. */
-int mh_graph_walk(const mh_graph_t *g, const uint32_t *want, size_t nwant, const uint32_t *have, size_t nhave,
+int mh__graph_walk(const mh_graph_t *g, const uint32_t *want, size_t nwant, const uint32_t *have, size_t nhave,
                   uint8_t *flags, uint32_t *out, size_t *nout);
 
 /* The commit log (SPEC 4.5): ancestors of `head` (inclusive) ordered
@@ -341,17 +341,17 @@ int mh_graph_walk(const mh_graph_t *g, const uint32_t *want, size_t nwant, const
  * up to `limit` indices into out, *nout their number, *more whether
  * commits remain after them. Cost O(k log k), k = position + limit.
  * Thread-safe. MH_ENOMEM. */
-int mh_graph_log(const mh_graph_t *g, uint32_t head, uint32_t cursor, uint32_t limit, uint32_t *out,
+int mh__graph_log(const mh_graph_t *g, uint32_t head, uint32_t cursor, uint32_t limit, uint32_t *out,
                  uint32_t *nout, bool *more);
 
 /* The cached graph of (repo_id, state_seq) with a reference for the
  * caller, or NULL. */
-mh_graph_t *mh_graph_cache_get(mh_hub_t *hub, const char *repo_id, int64_t state_seq);
+mh_graph_t *mh__graph_cache_get(mh_hub_t *hub, const char *repo_id, int64_t state_seq);
 
 /* Loads a repository's graph with one statement (state_seq, branches and
  * commit_refs JOIN commits read in one snapshot), caches it, and calls
- * cb(ud, g, 0, NULL) with a reference for the caller (mh_graph_unref or
- * mh_graph_hold). The graph's state_seq is the one read with it (it may
+ * cb(ud, g, 0, NULL) with a reference for the caller (mh__graph_unref or
+ * mh__graph_hold). The graph's state_seq is the one read with it (it may
  * be newer than the caller's). When a graph of this repository is cached
  * (any state), only the commit_refs rows numbered above its ref_seq are
  * read and a copy of it is extended (sql/0009 argues why nothing is
@@ -360,16 +360,16 @@ mh_graph_t *mh_graph_cache_get(mh_hub_t *hub, const char *repo_id, int64_t state
  * in arena `a`, which must outlive the callback) means it was not
  * started. */
 typedef void (*mh_graph_cb)(void *ud, mh_graph_t *g, int err, const char *errmsg);
-int mh_graph_load(mh_hub_t *hub, mh_arena_t *a, const char *repo_id, mh_graph_cb cb, void *ud);
+int mh__graph_load(mh_hub_t *hub, mh_arena_t *a, const char *repo_id, mh_graph_cb cb, void *ud);
 
 /* Drops the cached graph(s) of one repository (NULL: all). */
-void mh_graph_cache_drop(mh_hub_t *hub, const char *repo_id);
+void mh__graph_cache_drop(mh_hub_t *hub, const char *repo_id);
 
 /* ---------------------------------------------------------- helpers */
 
 /* True when an If-None-Match header value (a comma-separated list of
  * entity tags, weak "W/" ones compared weakly, or "*") names `etag` (the
  * quoted tag, e.g. "\"sha256:...\""). RFC 9110 13.1.2. */
-bool mh_hub_etag_matches(mh_str_t inm, const char *etag);
+bool mh__etag_matches(mh_str_t inm, const char *etag);
 
 #endif

@@ -283,11 +283,11 @@ static int ctx_row(pctx_t *x, PGresult *res)
 /* Resolves a branch to its head node, id and snapshot id. */
 static bool ctx_head(const mh_graph_t *g, const char *name, uint32_t *node, mh_id_t *head, mh_id_t *snap)
 {
-    const mh_gbranch_t *b = mh_graph_branch(g, name, strlen(name));
+    const mh_gbranch_t *b = mh__graph_branch(g, name, strlen(name));
     if (!b || b->node == MH_GNONE) return false;
     *node = b->node;
-    mh_graph_id(g, b->node, head);
-    mh_graph_snap_id(g, b->node, snap);
+    mh__graph_id(g, b->node, head);
+    mh__graph_snap_id(g, b->node, snap);
     return true;
 }
 
@@ -300,11 +300,11 @@ static int ctx_resolve(pctx_t *x)
     x->has_to = ctx_head(g, x->to, &x->to_node, &x->to_head, &x->to_snap);
     if (!x->has_from || !x->has_to) return 0;
     uint32_t b;
-    int rc = mh_graph_merge_base(g, x->from_node, x->to_node, &b);
+    int rc = mh__graph_merge_base(g, x->from_node, x->to_node, &b);
     if (rc || b == MH_GNONE) return rc;
     x->has_base = true;
-    mh_graph_id(g, b, &x->base);
-    mh_graph_snap_id(g, b, &x->base_snap);
+    mh__graph_id(g, b, &x->base);
+    mh__graph_snap_id(g, b, &x->base_snap);
     return 0;
 }
 
@@ -316,13 +316,13 @@ static void ctx_graph_cb(void *ud, mh_graph_t *g, int err, const char *errmsg);
  * else one query), resolves the heads and the base, then goes on. */
 static void ctx_graph(mh_step_t *s, pctx_t *x)
 {
-    mh_graph_t *g = mh_graph_cache_get(x->op->hub, x->op->repo->repo_id, x->op->repo->state_seq);
+    mh_graph_t *g = mh__graph_cache_get(x->op->hub, x->op->repo->repo_id, x->op->repo->state_seq);
     mh_step_wait(s);
     if (g) {
         ctx_graph_cb(s, g, 0, NULL);
         return;
     }
-    if (mh_graph_load(x->op->hub, &x->op->req->arena, x->op->repo->repo_id, ctx_graph_cb, s))
+    if (mh__graph_load(x->op->hub, &x->op->req->arena, x->op->repo->repo_id, ctx_graph_cb, s))
         mh_step_resume(s, MH_ENOMEM, "graph");
 }
 
@@ -341,7 +341,7 @@ static void ctx_graph_cb(void *ud, mh_graph_t *g, int err, const char *errmsg)
 {
     mh_step_t *s = ud;
     pctx_t *x = ctx_of(s);
-    if (!err && mh_graph_hold(&x->op->req->arena, g)) err = MH_ENOMEM;
+    if (!err && mh__graph_hold(&x->op->req->arena, g)) err = MH_ENOMEM;
     if (!err) {
         x->g = g;
         err = ctx_resolve(x);
@@ -421,7 +421,7 @@ static void pget_finish(mh_step_t *s)
     mh_mchanges_t ch;
     if (p->x.has_from && !b->err) {
         mh_val_t *d = mh_vb_map(b);
-        if (mh_manifest_changes(&req->arena, &p->base_m, &p->head_m, &ch)) b->err = MH_ENOMEM;
+        if (mh__manifest_changes(&req->arena, &p->base_m, &p->head_m, &ch)) b->err = MH_ENOMEM;
         else {
             put_paths(b, d, "added", ch.added, ch.nadded);
             put_paths(b, d, "changed", ch.changed, ch.nchanged);
@@ -563,7 +563,7 @@ static void merge_work(mh_step_t *s)
 {
     merge_t *m = M(s);
     pctx_t *x = &m->x;
-    if (mh_merge_manifests(&m->base_m, &m->ours_m, &m->theirs_m, &m->merged, &m->conf, &m->nconf)) {
+    if (mh__merge_manifests(&m->base_m, &m->ours_m, &m->theirs_m, &m->merged, &m->conf, &m->nconf)) {
         s->work_err = MH_ENOMEM;
         return;
     }
@@ -620,7 +620,7 @@ static bool recompute(mh_step_t *s, const char *moved)
     m->retried = true;
     mh_step_rollback(s);
     merge_reset(m);
-    mh_graph_cache_drop(m->op.hub, m->op.repo->repo_id);
+    mh__graph_cache_drop(m->op.hub, m->op.repo->repo_id);
     mh_info("req %s: merge of proposal %s: '%s' moved meanwhile; recomputing", m->op.req->id, m->x.pid, moved);
     mh_step_goto(s, M_GRAPH);
     return true;

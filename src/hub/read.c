@@ -191,7 +191,7 @@ static void log_run(log_t *l)
     mh_hub_t *hub = req->app;
     mh_arena_t *a = &req->arena;
     mh_graph_t *g = l->g;
-    const mh_gbranch_t *b = mh_graph_branch(g, l->branch, strlen(l->branch));
+    const mh_gbranch_t *b = mh__graph_branch(g, l->branch, strlen(l->branch));
     if (!b) {
         if (l->branch_given) mh_res_error(req, 404, "not_found", "no such branch");
         else send_empty_log(req); /* a repository without commits yet */
@@ -199,7 +199,7 @@ static void log_run(log_t *l)
     }
     uint32_t cursor = MH_GNONE;
     if (l->cursor) {
-        cursor = mh_graph_find(g, l->cursor);
+        cursor = mh__graph_find(g, l->cursor);
         if (cursor == MH_GNONE) {
             mh_res_error(req, 422, "invalid_cursor", "cursor is not a commit of this branch");
             return;
@@ -211,7 +211,7 @@ static void log_run(log_t *l)
          * load reads the ref rows added since the cached graph). */
         if (!l->reloaded) {
             l->reloaded = true;
-            if (mh_graph_load(hub, a, l->repo->repo_id, log_graph_cb, l)) mh_res_fail(req, MH_ENOMEM, "commits");
+            if (mh__graph_load(hub, a, l->repo->repo_id, log_graph_cb, l)) mh_res_fail(req, MH_ENOMEM, "commits");
             return;
         }
         mh_res_fail(req, MH_EDB, "branch head is not among the repository's commits");
@@ -222,7 +222,7 @@ static void log_run(log_t *l)
         mh_res_fail(req, MH_ENOMEM, "commits");
         return;
     }
-    int rc = mh_graph_log(g, b->node, cursor, l->limit, l->page, &l->npage, &l->more);
+    int rc = mh__graph_log(g, b->node, cursor, l->limit, l->page, &l->npage, &l->more);
     if (rc == MH_ENOENT) {
         mh_res_error(req, 422, "invalid_cursor", "cursor is not a commit of this branch");
         return;
@@ -242,7 +242,7 @@ static void log_run(log_t *l)
     }
     for (uint32_t i = 0; i < l->npage; i++) {
         mh_id_t id;
-        mh_graph_id(g, l->page[i], &id);
+        mh__graph_id(g, l->page[i], &id);
         if (!(l->ids[i] = mh_strndup(a, id.s, MH_ID_LEN))) {
             mh_res_fail(req, MH_ENOMEM, "commits");
             return;
@@ -259,7 +259,7 @@ static void log_graph_cb(void *ud, mh_graph_t *g, int err, const char *errmsg)
         else mh_res_fail(l->req, err, errmsg);
         return;
     }
-    if (mh_graph_hold(&l->req->arena, g)) {
+    if (mh__graph_hold(&l->req->arena, g)) {
         mh_res_fail(l->req, MH_ENOMEM, "commits");
         return;
     }
@@ -273,16 +273,16 @@ static void log_repo_cb(mh_req_t *req, mh_repo_t *repo)
     mh_hub_t *hub = req->app;
     l->repo = repo;
     if (!l->branch) l->branch = repo->default_branch;
-    l->g = mh_graph_cache_get(hub, repo->repo_id, repo->state_seq);
+    l->g = mh__graph_cache_get(hub, repo->repo_id, repo->state_seq);
     if (l->g) {
-        if (mh_graph_hold(&req->arena, l->g)) {
+        if (mh__graph_hold(&req->arena, l->g)) {
             mh_res_fail(req, MH_ENOMEM, "commits");
             return;
         }
         log_run(l);
         return;
     }
-    if (mh_graph_load(hub, &req->arena, repo->repo_id, log_graph_cb, l)) mh_res_fail(req, MH_ENOMEM, "commits");
+    if (mh__graph_load(hub, &req->arena, repo->repo_id, log_graph_cb, l)) mh_res_fail(req, MH_ENOMEM, "commits");
 }
 
 /* Parses a decimal limit in [1, 10^9]; false when malformed. */
@@ -511,7 +511,7 @@ static const mh_stmt_t st_object = {
     " WHERE r.repo_id = $1 AND r.object_id = $2",
     2};
 
-bool mh_hub_etag_matches(mh_str_t inm, const char *etag)
+bool mh__etag_matches(mh_str_t inm, const char *etag)
 {
     size_t el = strlen(etag);
     const char *p = inm.p, *end = inm.p + inm.n;
@@ -571,7 +571,7 @@ static void object_row_cb(void *ud, PGresult *res, int err, const char *errmsg)
         return;
     }
     mh_str_t inm = mh_req_header(req, "if-none-match");
-    if (inm.p && mh_hub_etag_matches(inm, o->etag)) {
+    if (inm.p && mh__etag_matches(inm, o->etag)) {
         object_headers(req, o);
         mh_res_send(req, 304, NULL, NULL, 0);
         return;

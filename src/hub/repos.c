@@ -187,7 +187,7 @@ static void delete_finish(mh_step_t *s)
     if (mh__op_failed(s, NULL)) return;
     mh_info("repo deleted %s/%s id=%s", d->repo->owner, d->repo->slug, d->repo->repo_id);
     mh_fetch_cache_invalidate(d->hub, d->repo->repo_id);
-    mh_graph_cache_drop(d->hub, d->repo->repo_id); /* graphs outlive states, not the repository */
+    mh__graph_cache_drop(d->hub, d->repo->repo_id); /* graphs outlive states, not the repository */
     mh_res_send(d->req, 204, NULL, NULL, 0);
 }
 

@@ -228,7 +228,7 @@ static void read_cb(void *ud, int err, mh_buf_t *data)
 
 static void start_reads(gc_t *g)
 {
-    while (!g->read_err && !mh_job_cancelled(g->j) && g->next_src < g->nsrcs && g->inflight < READS_IN_FLIGHT) {
+    while (!g->read_err && !mh__job_cancelled(g->j) && g->next_src < g->nsrcs && g->inflight < READS_IN_FLIGHT) {
         src_t *src = &g->srcs[g->next_src++];
         g->inflight++;
         mh_store_get_ranges(g->j->store, src->key, src->ranges, src->n, read_cb, src);
@@ -387,7 +387,7 @@ static void gc_finish(mh_step_t *s)
         mh_vb_put(&b, m, "bytes_written", mh_v_int((int64_t)g->pack.len));
         if (g->unindexed) mh_vb_put(&b, m, "unindexed_objects", mh_v_int((int64_t)g->unindexed));
     }
-    mh_vb_put(&b, m, "elapsed_ms", mh_v_int(mh_job_elapsed_ms_int(g->j)));
+    mh_vb_put(&b, m, "elapsed_ms", mh_v_int(mh__job_elapsed_ms_int(g->j)));
     mh__job_end(g->j, s, "mpack.gc", g->permanent || s->err == MH_ENOENT, &b, m);
 }
 
@@ -400,7 +400,7 @@ static void gc_cleanup_cb(void *arg)
     free(g->blobs);
 }
 
-void mh_job_gc_start(mh_job_t *j)
+void mh__job_gc_start(mh_job_t *j)
 {
     gc_t *g = MH__JOB_NEW(j, gc_t, gc_steps, G_DONE, gc_finish, gc_cleanup_cb);
     if (!g) return;

@@ -173,7 +173,7 @@ static void index_finish(mh_step_t *s)
     mh_val_t *m = mh_vb_map(&b);
     mh_vb_put(&b, m, "objects_written", mh_v_int(x->up.indexed));
     mh_vb_put(&b, m, "object_refs_written", mh_v_int(x->up.referenced_new));
-    mh_vb_put(&b, m, "elapsed_ms", mh_v_int(mh_job_elapsed_ms_int(j)));
+    mh_vb_put(&b, m, "elapsed_ms", mh_v_int(mh__job_elapsed_ms_int(j)));
     mh_vb_put(&b, m, "mpack_key", mh_v_str(x->key.s));
     mh_vb_put(&b, m, "blobs", mh_v_int((int64_t)x->nrows));
     mh__job_end(j, s, what, permanent, &b, m);
@@ -186,14 +186,14 @@ static void index_cleanup_cb(void *arg)
     mh_buf_free(&x->rows);
 }
 
-void mh_job_index_start(mh_job_t *j)
+void mh__job_index_start(mh_job_t *j)
 {
     index_t *x = MH__JOB_NEW(j, index_t, index_steps, I_DONE, index_finish, index_cleanup_cb);
     if (!x) return;
     x->j = j;
     const mh_val_t *k = mh_val_get(&j->payload, "mpack_key");
     if (!k || k->t != MH_V_STR || !mh_id_valid(k->v.s.p, k->v.s.n)) {
-        mh_job_fail(j, true, "payload.mpack_key must be sha256:<64 lowercase hex>");
+        mh__job_fail(j, true, "payload.mpack_key must be sha256:<64 lowercase hex>");
         return;
     }
     memcpy(x->key.s, k->v.s.p, MH_ID_LEN);

@@ -4,11 +4,11 @@
  * superseded packs (sweep.c).
  *
  * A handler is started with a claimed job and must end it exactly once,
- * with mh_job_done or mh_job_fail, and only once none of its own
+ * with mh_job_done or mh__job_fail, and only once none of its own
  * asynchronous operations (queries, store calls, thread-pool work) is
- * still pending. It checks mh_job_cancelled() between steps: when the
+ * still pending. It checks mh__job_cancelled() between steps: when the
  * runner is stopping or the lease was lost it ends with
- * mh_job_fail(j, false, "cancelled") at the next step.
+ * mh__job_fail(j, false, "cancelled") at the next step.
  */
 #ifndef MH_JOBS_INTERNAL_H
 #define MH_JOBS_INTERNAL_H
@@ -45,7 +45,7 @@ struct mh_job {
 
 /* True when the handler should stop at its next step (runner stopping,
  * lease lost). */
-bool mh_job_cancelled(const mh_job_t *j);
+bool mh__job_cancelled(const mh_job_t *j);
 
 /* Ends the job successfully with `result` (a MAP built in j->arena; it is
  * stored as JSON in jobs.result). */
@@ -54,7 +54,7 @@ void mh_job_done(mh_job_t *j, const mh_val_t *result);
 /* Ends the job with an error. permanent: no retry (bad payload, a pack
  * that is not referenced any more); otherwise it is retried with backoff
  * until max_attempts, then `failed` with the error kept. */
-void mh_job_fail(mh_job_t *j, bool permanent, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+void mh__job_fail(mh_job_t *j, bool permanent, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
 /* The job's step machine set up (mh/step.h): loop, db, store, the
  * runner's cancellation (steps from `final` on still run), finish. */
@@ -79,13 +79,13 @@ void mh__job_end(mh_job_t *j, const mh_step_t *s, const char *what, bool permane
                  const mh_val_t *result);
 
 /* Milliseconds since the job started (a float, never 0). */
-double mh_job_elapsed_ms(const mh_job_t *j);
+double mh__job_elapsed_ms(const mh_job_t *j);
 /* The same rounded up to whole milliseconds (>= 1), for results. */
-int64_t mh_job_elapsed_ms_int(const mh_job_t *j);
+int64_t mh__job_elapsed_ms_int(const mh_job_t *j);
 
 /* The handlers. */
-void mh_job_index_start(mh_job_t *j);
-void mh_job_gc_start(mh_job_t *j);
+void mh__job_index_start(mh_job_t *j);
+void mh__job_gc_start(mh_job_t *j);
 
 /* One pass of the sweep: deletes up to a batch of superseded packs whose
  * grace period is over and that no mpack_index row points at and no
@@ -93,12 +93,12 @@ void mh_job_gc_start(mh_job_t *j);
  * the GC and index transactions take before (re)creating a pack), row
  * first and store object second in one transaction. done(arg, deleted)
  * fires once on a later loop turn. */
-void mh_jobs_sweep(mh_db_t *db, mh_store_t *store, uint32_t grace_s, bool (*stopping)(void *arg),
+void mh__jobs_sweep(mh_db_t *db, mh_store_t *store, uint32_t grace_s, bool (*stopping)(void *arg),
                    void (*done)(void *arg, int deleted), void *arg);
 
 /* ------------------------------------------------------------ helpers */
 
 /* Process-wide counters (queue.c), for metrics. */
-void mh_jobs_count_swept(int n);
+void mh__jobs_count_swept(int n);
 
 #endif

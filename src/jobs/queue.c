@@ -70,7 +70,7 @@ static int type_index(const char *t)
     return T_OTHER;
 }
 
-void mh_jobs_count_swept(int n)
+void mh__jobs_count_swept(int n)
 {
     if (n > 0) stats.swept += (uint64_t)n;
 }
@@ -120,19 +120,19 @@ uint32_t mh_job_backoff_s(int attempt)
 }
 
 
-double mh_job_elapsed_ms(const mh_job_t *j)
+double mh__job_elapsed_ms(const mh_job_t *j)
 {
     double ms = (double)(mh_now_us() - j->t0_us) / 1000.0;
     return ms > 0.001 ? ms : 0.001;
 }
 
-int64_t mh_job_elapsed_ms_int(const mh_job_t *j)
+int64_t mh__job_elapsed_ms_int(const mh_job_t *j)
 {
     uint64_t ms = (mh_now_us() - j->t0_us + 999) / 1000;
     return ms ? (int64_t)ms : 1;
 }
 
-static bool job_stopping(mh_step_t *s) { return mh_job_cancelled(s->user); }
+static bool job_stopping(mh_step_t *s) { return mh__job_cancelled(s->user); }
 
 void mh__job_step_init(mh_job_t *j, mh_step_t *s, const mh_step_def_t *steps, int n, int final,
                        void (*finish)(mh_step_t *s))
@@ -148,7 +148,7 @@ void *mh__job_new(mh_job_t *j, size_t size, const mh_step_def_t *steps, int n, i
 {
     mh_step_t *s = mh_calloc(&j->arena, size);
     if (!s || (cleanup && mh_arena_defer(&j->arena, cleanup, s))) {
-        mh_job_fail(j, false, "out of memory");
+        mh__job_fail(j, false, "out of memory");
         return NULL;
     }
     mh__job_step_init(j, s, steps, n, final, finish);
@@ -160,10 +160,10 @@ void mh__job_end(mh_job_t *j, const mh_step_t *s, const char *what, bool permane
                  const mh_val_t *result)
 {
     if (s->err)
-        mh_job_fail(j, permanent, "%s: %s%s%s", what, s->why[0] ? s->why : "", s->why[0] ? ": " : "",
+        mh__job_fail(j, permanent, "%s: %s%s%s", what, s->why[0] ? s->why : "", s->why[0] ? ": " : "",
                     mh_strerror(s->err));
     else if (b->err || !result)
-        mh_job_fail(j, false, "%s: out of memory building the result", what);
+        mh__job_fail(j, false, "%s: out of memory building the result", what);
     else
         mh_job_done(j, result);
 }
@@ -229,7 +229,7 @@ static void heartbeat_timer_cb(uv_timer_t *t)
     mh_db_exec(j->db, &st_heartbeat, vals, NULL, NULL, heartbeat_cb, j);
 }
 
-bool mh_job_cancelled(const mh_job_t *j)
+bool mh__job_cancelled(const mh_job_t *j)
 {
     return j->runner->stopping || j->lease_lost;
 }
@@ -289,7 +289,7 @@ static void finish(mh_job_t *j, int outcome, const char *result_json, const char
     j->ended = true;
     mh_jobs_t *r = j->runner;
     int t = type_index(j->type);
-    stats.seconds[t] += mh_job_elapsed_ms(j) / 1000.0;
+    stats.seconds[t] += mh__job_elapsed_ms(j) / 1000.0;
     uv_timer_stop(&j->heartbeat);
     uv_close((uv_handle_t *)&j->heartbeat, heartbeat_closed_cb);
 
@@ -339,18 +339,18 @@ void mh_job_done(mh_job_t *j, const mh_val_t *result)
         return;
     }
     mh_info("job %s (%s, repo %s, attempt %d) done in %.1f ms: %s", j->id, j->type, j->repo_id ? j->repo_id : "-",
-            j->attempt, mh_job_elapsed_ms(j), json);
+            j->attempt, mh__job_elapsed_ms(j), json);
     finish(j, O_DONE, json, NULL, false);
 }
 
-void mh_job_fail(mh_job_t *j, bool permanent, const char *fmt, ...)
+void mh__job_fail(mh_job_t *j, bool permanent, const char *fmt, ...)
 {
     char msg[1024];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    if (!mh_job_cancelled(j))
+    if (!mh__job_cancelled(j))
         mh_warn("job %s (%s, repo %s, attempt %d/%d) failed%s: %s", j->id, j->type, j->repo_id ? j->repo_id : "-",
                 j->attempt, j->max_attempts, permanent ? " permanently" : "", msg);
     finish(j, O_RETRY, NULL, msg, permanent);
@@ -407,7 +407,7 @@ static void start_job(mh_jobs_t *r, PGresult *res)
     }
     if (j->attempt > j->max_attempts) {
         /* Its worker died on the last attempt (the lease expired). */
-        mh_job_fail(j, true, "the worker running the last attempt stopped (lease expired)");
+        mh__job_fail(j, true, "the worker running the last attempt stopped (lease expired)");
         return;
     }
     const char *why = NULL;
@@ -415,13 +415,13 @@ static void start_job(mh_jobs_t *r, PGresult *res)
     if (!j->repo_id ||
         mh_json_decode(&j->arena, (const uint8_t *)payload, strlen(payload), &mh_decode_limits_default, &v, &why) ||
         v.t != MH_V_MAP) {
-        mh_job_fail(j, true, j->repo_id ? "payload is not a JSON object" : "the job names no repository");
+        mh__job_fail(j, true, j->repo_id ? "payload is not a JSON object" : "the job names no repository");
         return;
     }
     j->payload = v;
-    if (!strcmp(j->type, "mpack.index")) mh_job_index_start(j);
-    else if (!strcmp(j->type, "mpack.gc")) mh_job_gc_start(j);
-    else mh_job_fail(j, true, "unknown job type '%s'", j->type);
+    if (!strcmp(j->type, "mpack.index")) mh__job_index_start(j);
+    else if (!strcmp(j->type, "mpack.gc")) mh__job_gc_start(j);
+    else mh__job_fail(j, true, "unknown job type '%s'", j->type);
 }
 
 static void claim_cb(void *ud, PGresult *res, int err, const char *errmsg)
@@ -511,7 +511,7 @@ static void prune_cb(void *ud, PGresult *res, int err, const char *errmsg)
         maybe_stopped(r);
         return;
     }
-    mh_jobs_sweep(r->db, r->store, r->cfg.grace_s, sweep_stopping, sweep_done_cb, r);
+    mh__jobs_sweep(r->db, r->store, r->cfg.grace_s, sweep_stopping, sweep_done_cb, r);
 }
 
 static void maint_cb(uv_timer_t *t)

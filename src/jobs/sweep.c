@@ -42,7 +42,7 @@ static void next_pack(sweep_t *s);
 static void sweep_end(sweep_t *s)
 {
     if (s->conn) mh_dbconn_release(s->conn);
-    mh_jobs_count_swept(s->deleted);
+    mh__jobs_count_swept(s->deleted);
     void (*done)(void *, int) = s->done;
     void *arg = s->arg;
     int deleted = s->deleted;
@@ -171,7 +171,7 @@ static void candidates_cb(void *ud, PGresult *res, int err, const char *errmsg)
     next_pack(s);
 }
 
-void mh_jobs_sweep(mh_db_t *db, mh_store_t *store, uint32_t grace_s, bool (*stopping)(void *arg),
+void mh__jobs_sweep(mh_db_t *db, mh_store_t *store, uint32_t grace_s, bool (*stopping)(void *arg),
                    void (*done)(void *arg, int deleted), void *arg)
 {
     sweep_t *s = calloc(1, sizeof *s);

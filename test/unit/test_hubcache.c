@@ -120,15 +120,15 @@ static void test_helpers(void)
     TAP_OK(mh_hash64(x.s, MH_ID_LEN) == mh_hash64(x.s, MH_ID_LEN) && mh_hash64(x.s, MH_ID_LEN) != mh_hash64(y.s, MH_ID_LEN), "id hash: stable, distinct");
 
     const char *tag = "\"sha256:abc\"";
-    TAP_OK(mh_hub_etag_matches(MH_STR("\"sha256:abc\""), tag), "etag: exact");
-    TAP_OK(mh_hub_etag_matches(MH_STR("W/\"sha256:abc\""), tag), "etag: weak");
-    TAP_OK(mh_hub_etag_matches(MH_STR("\"x\", \"sha256:abc\" "), tag), "etag: in a list");
-    TAP_OK(mh_hub_etag_matches(MH_STR("*"), tag), "etag: star");
-    TAP_OK(!mh_hub_etag_matches(MH_STR("\"sha256:abcd\""), tag), "etag: longer tag differs");
-    TAP_OK(!mh_hub_etag_matches(MH_STR("sha256:abc"), tag), "etag: unquoted differs");
-    TAP_OK(!mh_hub_etag_matches(MH_STR(""), tag), "etag: empty");
-    TAP_OK(!mh_hub_etag_matches(MH_STR(",,, ,"), tag), "etag: only separators");
-    TAP_OK(!mh_hub_etag_matches(MH_STR("W/"), tag), "etag: bare W/");
+    TAP_OK(mh__etag_matches(MH_STR("\"sha256:abc\""), tag), "etag: exact");
+    TAP_OK(mh__etag_matches(MH_STR("W/\"sha256:abc\""), tag), "etag: weak");
+    TAP_OK(mh__etag_matches(MH_STR("\"x\", \"sha256:abc\" "), tag), "etag: in a list");
+    TAP_OK(mh__etag_matches(MH_STR("*"), tag), "etag: star");
+    TAP_OK(!mh__etag_matches(MH_STR("\"sha256:abcd\""), tag), "etag: longer tag differs");
+    TAP_OK(!mh__etag_matches(MH_STR("sha256:abc"), tag), "etag: unquoted differs");
+    TAP_OK(!mh__etag_matches(MH_STR(""), tag), "etag: empty");
+    TAP_OK(!mh__etag_matches(MH_STR(",,, ,"), tag), "etag: only separators");
+    TAP_OK(!mh__etag_matches(MH_STR("W/"), tag), "etag: bare W/");
 }
 
 int main(void)
