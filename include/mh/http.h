@@ -140,6 +140,12 @@ typedef struct {
      * matched) and before 404/405/413 are answered; may respond (then the
      * route is not run). May be NULL. The hook must return synchronously. */
     void (*pre_route)(mh_req_t *req);
+    /* Who a request came from, for its access-log line: the client
+     * address (after trusted proxies) and the caller's name ("-" when
+     * anonymous). Called once per logged request, just before the line is
+     * written; the strings must live as long as the request (its arena or
+     * static storage). May be NULL: the TCP peer and "-". */
+    void (*log_who)(mh_req_t *req, const char **client, const char **user);
 } mh_http_config_t;
 
 /* Creates a server on `loop` and starts listening. *out is owned by the

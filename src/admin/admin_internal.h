@@ -1,0 +1,40 @@
+/*
+ * admin_internal.h — private to src/admin/: the database session of a
+ * command, and listing the object store (which the store interface does
+ * not offer yet: fsck needs every key under a prefix).
+ */
+#ifndef MH_ADMIN_INTERNAL_H
+#define MH_ADMIN_INTERNAL_H
+
+#include <libpq-fe.h>
+
+#include "mh/admin.h"
+
+/* A blocking libpq session for command `what` ("fsck", ...), with
+ * application_name=musehubd-admin; prints "musehubd <what>: <error>" and
+ * returns NULL when the URL is missing or the connection fails. */
+PGconn *mh__admin_connect(const mh_config_t *cfg, const char *what);
+
+/* One object of a store listing. */
+typedef struct {
+    char key[80];      /* "mpacks/<64 hex>" or "incoming/<id>" */
+    uint64_t size;     /* bytes */
+    int64_t mtime;     /* last modification, Unix seconds */
+} mh__store_obj_t;
+
+typedef struct {
+    mh__store_obj_t *v;
+    size_t n, cap;
+    size_t skipped;    /* entries whose names are not store keys (left alone) */
+} mh__store_list_t;
+
+/* Lists every key under `prefix` ("mpacks/" or "incoming/") of the store
+ * MUSEHUB_STORE names, sorted by key: fs: the directory <dir>/<prefix>
+ * (regular files only); s3: ListObjectsV2 pages (SigV4 by libcurl,
+ * CURLOPT_AWS_SIGV4). Names that are not valid keys are counted in
+ * `skipped`. Appends to *out (free with mh__store_list_free). Returns 0,
+ * or -1 after printing one line to stderr. */
+int mh__store_list(const mh_config_t *cfg, const char *prefix, mh__store_list_t *out);
+void mh__store_list_free(mh__store_list_t *l);
+
+#endif
