@@ -1,8 +1,9 @@
 # musehubd — build, run, test. See README.md.
 #
 #   make            build build/musehubd (warning-free, -Werror)
-#   make deps       install every Debian/npm package the project needs
+#   make deps       install the Debian packages the project needs (deps-s3emu: the npm S3 emulator, tests only)
 #   make run        deps + build + throwaway PostgreSQL under var/ + serve on 127.0.0.1:1337
+#   make install    binary, systemd unit, example environment file, docs (PREFIX, DESTDIR)
 #   make test       deps + build + C unit tests + fuzz corpus replay + end-to-end suite (fs and s3),
 #                   then unit and end-to-end tests again under ASan + UBSan (slow-marked tests skipped)
 #   make test-asan  unit and end-to-end tests under AddressSanitizer + UndefinedBehaviorSanitizer
@@ -40,7 +41,7 @@ UNIT_BIN := $(patsubst test/unit/%.c,$(BUILD)/test/%,$(UNIT_SRC))
 
 include third_party/llhttp.mk
 
-.PHONY: all deps run test test-asan unit e2e e2e-s3 bench fuzz fuzz-replay clean
+.PHONY: all deps deps-s3emu run test test-asan unit e2e e2e-s3 e2e-ops bench fuzz fuzz-replay install uninstall clean
 all: $(BUILD)/musehubd
 
 $(BUILD)/obj/%.o: %.c $(wildcard include/mh/*.h) $(wildcard src/*/*.h)
@@ -87,15 +88,52 @@ $(BUILD)/test/%: test/unit/%.c $(BUILD)/libmh.a test/unit/tap.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Itest/unit $(LDFLAGS) -o $@ $< $(BUILD)/libmh.a $(LDLIBS)
 
+# Debian packages only: all that `make run` needs (no npm, no network
+# beyond the Debian mirror).
 deps:
 	@sh scripts/deps.sh
+
+# The S3 emulator (npm), for the tests that use it; a failure only skips
+# those tests (they say so).
+deps-s3emu:
+	@sh scripts/deps.sh --s3emu-only
 
 run: deps all
 	@sh scripts/run.sh
 
+# Installation (PREFIX, DESTDIR as usual; SYSCONFDIR, UNITDIR, STATEDIR
+# too): the binary, the systemd unit written with these paths, an example
+# environment file (installed as musehubd.env only when none exists, mode
+# 0600), the documentation. test/e2e/test_ops.py installs into a temporary
+# DESTDIR and checks the result (systemd-analyze verify where available).
+PREFIX     ?= /usr/local
+BINDIR     ?= $(PREFIX)/bin
+SYSCONFDIR ?= /etc
+UNITDIR    ?= $(PREFIX)/lib/systemd/system
+DOCDIR     ?= $(PREFIX)/share/doc/musehubd
+STATEDIR   ?= /var/lib/musehub
+install: all
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/musehub $(DESTDIR)$(DOCDIR)
+	install -m 0755 $(BUILD)/musehubd $(DESTDIR)$(BINDIR)/musehubd
+	sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' -e 's|@STATEDIR@|$(STATEDIR)|g' \
+	    -e 's|@DOCDIR@|$(DOCDIR)|g' dist/musehubd.service.in > $(DESTDIR)$(UNITDIR)/musehubd.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/musehubd.service
+	sed -e 's|/var/lib/musehub|$(STATEDIR)|g' dist/musehubd.env > $(DESTDIR)$(SYSCONFDIR)/musehub/musehubd.env.example
+	chmod 0644 $(DESTDIR)$(SYSCONFDIR)/musehub/musehubd.env.example
+	[ -e $(DESTDIR)$(SYSCONFDIR)/musehub/musehubd.env ] || \
+	  install -m 0600 $(DESTDIR)$(SYSCONFDIR)/musehub/musehubd.env.example $(DESTDIR)$(SYSCONFDIR)/musehub/musehubd.env
+	install -m 0644 README.md LICENSE docs/*.md docs/nginx.conf $(DESTDIR)$(DOCDIR)/
+
+# Removes what install wrote, except the environment file (it holds the
+# operator's settings and secrets).
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/musehubd $(DESTDIR)$(UNITDIR)/musehubd.service \
+	      $(DESTDIR)$(SYSCONFDIR)/musehub/musehubd.env.example
+	rm -rf $(DESTDIR)$(DOCDIR)
+
 # C unit tests (a throwaway PostgreSQL is started for the db tests), the
 # fuzz corpora replayed through every target, then the end-to-end suite.
-unit: all $(UNIT_BIN)
+unit: all $(UNIT_BIN) deps-s3emu
 	@/usr/bin/python3 scripts/unit-run.py $(UNIT_BIN)
 
 fuzz-replay: all
@@ -107,10 +145,14 @@ e2e: all
 # The push, fetch and jobs suites again with the s3 backend, against an
 # S3 emulator that checks signatures (started by the harness).
 E2E_S3 ?= test/e2e/test_push.py test/e2e/test_fetch.py test/e2e/test_jobs.py
-e2e-s3: all
+e2e-s3: all deps-s3emu
 	@MUSEHUB_BIN=$(CURDIR)/$(BUILD)/musehubd /usr/bin/python3 -m pytest -q -p no:cacheprovider --store s3 $(PYTEST_ARGS) $(E2E_S3)
 
-test: deps
+# Operating the server: CLI, metrics, logs, install, backup and restore.
+e2e-ops: all
+	@MUSEHUB_BIN=$(CURDIR)/$(BUILD)/musehubd /usr/bin/python3 -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) test/e2e/test_ops.py
+
+test: deps deps-s3emu
 	@$(MAKE) --no-print-directory all
 	@$(MAKE) --no-print-directory unit
 	@$(MAKE) --no-print-directory fuzz-replay
@@ -131,6 +173,7 @@ fuzz: deps
 # "--only push,clone", "--large"; BENCH_* variables set the history shape.
 bench:
 	@sh scripts/deps.sh --bench
+	@sh scripts/deps.sh --s3emu-only
 	@$(MAKE) --no-print-directory all
 	@/usr/bin/python3 scripts/bench.py $(BENCH_ARGS)
 

@@ -138,7 +138,7 @@ typedef struct {
     pack_t *packs;
     size_t npacks, cappacks;
     mh__store_list_t uploads;
-    uint64_t n_locations, n_snapshots, waiting_packs, waiting_uploads;
+    uint64_t n_locations, n_snapshots, waiting_packs, waiting_uploads, kept_packs;
     bool incomplete;
     mh_arena_t a;
     /* repair */
@@ -663,9 +663,28 @@ static void check_locations(fsck_t *f)
     }
 }
 
+/* Packs no repository references whose index rows only locate objects
+ * no repository references (what deleting a repository leaves behind):
+ * not a problem and not repaired (objects rows would have to go with
+ * them, racing pushes of the same objects); counted for the report. */
+static void count_kept_packs(fsck_t *f)
+{
+    PGresult *r = q(f, f->db,
+                    "SELECT count(*) FROM mpacks m"
+                    " WHERE NOT EXISTS (SELECT 1 FROM mpack_refs x WHERE x.mpack_id = m.mpack_id)"
+                    " AND m.mpack_id NOT IN (SELECT fp.mpack_id FROM fetch_packs fp WHERE fp.mpack_id IS NOT NULL)"
+                    " AND EXISTS (SELECT 1 FROM mpack_index i WHERE i.mpack_id = m.mpack_id)"
+                    " AND NOT EXISTS (SELECT 1 FROM mpack_index i JOIN object_refs o ON o.object_id = i.object_id"
+                    "  WHERE i.mpack_id = m.mpack_id)",
+                    0, NULL);
+    if (r) f->kept_packs = strtoull(PQgetvalue(r, 0, 0), NULL, 10);
+    PQclear(r);
+}
+
 static void check_packs(fsck_t *f)
 {
     uint32_t grace = f->cfg->mpack_grace_seconds;
+    if (!f->scoped) count_kept_packs(f);
     if (f->scoped) {
         /* The repository's own packs are in scope too. */
         const char *v[1] = {f->repo_id};
@@ -909,6 +928,10 @@ static int report(fsck_t *f)
                         "(%u s): left alone\n",
                 (unsigned long long)f->waiting_packs, (unsigned long long)f->waiting_uploads,
                 f->cfg->mpack_grace_seconds);
+    if (f->kept_packs)
+        fprintf(f->out, "\nnote: %llu pack(s) hold only objects no repository references (left by deleted "
+                        "repositories); kept\n",
+                (unsigned long long)f->kept_packs);
     size_t left = problems - repaired;
     if (f->incomplete) {
         fprintf(f->out, "\nfsck: INCOMPLETE: some checks could not run (see the errors above); %zu problem(s) found\n",

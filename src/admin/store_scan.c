@@ -186,6 +186,8 @@ static int list_s3(const mh_config_t *cfg, const char *prefix, mh__store_list_t 
     snprintf(sigv4, sizeof sigv4, "aws:amz:%s:s3", region);
     snprintf(userpwd, sizeof userpwd, "%s:%s", cfg->s3_access_key ? cfg->s3_access_key : "",
              cfg->s3_secret_key ? cfg->s3_secret_key : "");
+    struct curl_slist *hdrs = curl_slist_append(NULL, "x-amz-content-sha256: "
+                                                      "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
     char *token = NULL;
     int rc = 0;
     mh_buf_t body = {0};
@@ -193,9 +195,11 @@ static int list_s3(const mh_config_t *cfg, const char *prefix, mh__store_list_t 
         char *ep = curl_easy_escape(c, prefix, 0);
         char *et = token ? curl_easy_escape(c, token, 0) : NULL;
         char url[4096];
-        /* Query parameters in the order SigV4 canonicalises them. */
-        snprintf(url, sizeof url, "%s/?%s%s%slist-type=2&prefix=%s", base, et ? "continuation-token=" : "",
-                 et ? et : "", et ? "&" : "", ep ? ep : "");
+        /* Query parameters already encoded and in the order SigV4
+         * canonicalises them (libcurl signs the URL as given); the bucket
+         * of a path-style URL without a trailing '/'. */
+        snprintf(url, sizeof url, "%s%s?%s%s%slist-type=2&prefix=%s", base, cfg->s3_path_style ? "" : "/",
+                 et ? "continuation-token=" : "", et ? et : "", et ? "&" : "", ep ? ep : "");
         curl_free(ep);
         curl_free(et);
         body.len = 0;
@@ -203,6 +207,9 @@ static int list_s3(const mh_config_t *cfg, const char *prefix, mh__store_list_t 
         curl_easy_setopt(c, CURLOPT_URL, url);
         curl_easy_setopt(c, CURLOPT_AWS_SIGV4, sigv4);
         curl_easy_setopt(c, CURLOPT_USERPWD, userpwd);
+        /* S3 wants the payload hash header; libcurl 7.88 does not add it
+         * (it signs it, as every x-amz- header it is given). */
+        curl_easy_setopt(c, CURLOPT_HTTPHEADER, hdrs);
         curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, body_cb);
         curl_easy_setopt(c, CURLOPT_WRITEDATA, &body);
         curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, 10L);
@@ -212,8 +219,11 @@ static int list_s3(const mh_config_t *cfg, const char *prefix, mh__store_list_t 
         long status = 0;
         curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
         if (cc != CURLE_OK || status != 200) {
-            fprintf(stderr, "musehubd fsck: listing s3:%s/%s: %s\n", bucket, prefix,
-                    cc != CURLE_OK ? curl_easy_strerror(cc) : status == 403 ? "HTTP 403 (credentials, clock, or no s3:ListBucket)" : "unexpected HTTP status");
+            char why[128];
+            if (cc != CURLE_OK) snprintf(why, sizeof why, "%s", curl_easy_strerror(cc));
+            else if (status == 403) snprintf(why, sizeof why, "HTTP 403 (credentials, clock skew, or no s3:ListBucket)");
+            else snprintf(why, sizeof why, "HTTP %ld", status);
+            fprintf(stderr, "musehubd fsck: listing s3:%s/%s: %s\n", bucket, prefix, why);
             rc = -1;
             break;
         }
@@ -247,6 +257,7 @@ static int list_s3(const mh_config_t *cfg, const char *prefix, mh__store_list_t 
     } while (!rc && token);
     free(token);
     mh_buf_free(&body);
+    curl_slist_free_all(hdrs);
     curl_easy_cleanup(c);
     return rc;
 }
