@@ -37,4 +37,18 @@ typedef struct {
 int mh__store_list(const mh_config_t *cfg, const char *prefix, mh__store_list_t *out);
 void mh__store_list_free(mh__store_list_t *l);
 
+/* A location of an object's bytes, parsed by fsck: the pack, the byte
+ * range of the pack file it names (the blob's own bytes for v1; the
+ * frame's data for v2) and the blob's length. */
+typedef struct {
+    char pack[MH_ID_SIZE];
+    uint64_t file_off, file_len, blob_len;
+} mh__location_t;
+
+/* Parses "mpack://<pack id>#<off>:<len>" (SPEC 2) or
+ * "mpack://<pack id>#<frame off>:<frame len>/<off>:<len>" (SPEC 2.1) into
+ * *l; false for anything else (another scheme, a bad id, a number that
+ * does not fit 64 bits, trailing bytes). Exposed for the unit tests. */
+bool mh__fsck_parse_location(const char *uri, mh__location_t *l);
+
 #endif

@@ -529,12 +529,7 @@ static void load_packs(fsck_t *f)
 
 /* ----------------------------------------------------------- locations */
 
-/* A location, parsed: the pack, the bytes of the file it names (the
- * blob's, or its frame's), and the blob's length. */
-typedef struct {
-    char pack[MH_ID_SIZE];
-    uint64_t file_off, file_len, blob_len;
-} loc_t;
+typedef mh__location_t loc_t;
 
 static bool num(const char **p, char stop, uint64_t *out)
 {
@@ -580,7 +575,7 @@ static const struct {
     {"mpack v2 frame range", form_v2},
 };
 
-static bool parse_location(const char *uri, loc_t *l)
+bool mh__fsck_parse_location(const char *uri, loc_t *l)
 {
     if (strncmp(uri, "mpack://", 8) != 0 || strlen(uri) < 8 + MH_ID_LEN + 1 || uri[8 + MH_ID_LEN] != '#' ||
         !mh_id_valid(uri + 8, MH_ID_LEN))
@@ -601,7 +596,7 @@ static void check_location(fsck_t *f, const char *object, const char *size, cons
 {
     f->n_locations++;
     loc_t l;
-    if (!parse_location(uri, &l)) {
+    if (!mh__fsck_parse_location(uri, &l)) {
         add(f, K_LOCATION, NULL, "object %s: %s '%.200s' is not an mpack:// location", object, source, uri);
         return;
     }

@@ -406,6 +406,10 @@ void mh_config_usage(FILE *out)
         flag[j] = 0;
         fprintf(out, "  MUSEHUB_%-24s --%-24s %s", s->name, flag, s->help);
         if (s->kind == K_WORD) fprintf(out, " (%s)", s->words);
+        if ((s->kind == K_U32 || s->kind == K_U64) && (s->min || s->max)) {
+            if (s->max) fprintf(out, " (%llu..%llu)", (unsigned long long)s->min, (unsigned long long)s->max);
+            else fprintf(out, " (at least %llu)", (unsigned long long)s->min);
+        }
         if (s->dflt) fprintf(out, " [%s]", s->dflt);
         fputc('\n', out);
     }
