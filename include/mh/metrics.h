@@ -83,6 +83,10 @@ void mh_metrics_collect(uv_loop_t *loop, mh_metrics_render_fn render, void *arg,
  * Appends to out. Returns 0 or MH_ENOMEM. */
 int mh_metrics_merge(const mh_str_t *parts, size_t n, mh_buf_t *out);
 
+/* Appends v as the inside of a Prometheus label value (\, " and newline
+ * escaped). Returns 0 or MH_ENOMEM. */
+int mh_metrics_label(mh_buf_t *out, const char *v);
+
 /* Appends the process family lines of this process, labelled
  * worker="<index>": musehub_process_resident_memory_bytes,
  * musehub_process_open_fds, musehub_process_max_fds,

@@ -448,6 +448,11 @@ static void check_snapshot_objects(fsck_t *f)
 
 /* --------------------------------------------------------------- packs */
 
+/* What names a pack `m` (SQL): a repository, an index row, a fetch answer. */
+#define PACK_HAS_REFS "EXISTS (SELECT 1 FROM mpack_refs x WHERE x.mpack_id = m.mpack_id)"
+#define PACK_HAS_INDEX "EXISTS (SELECT 1 FROM mpack_index i WHERE i.mpack_id = m.mpack_id)"
+#define PACK_IN_FETCH "m.mpack_id IN (SELECT fp.mpack_id FROM fetch_packs fp WHERE fp.mpack_id IS NOT NULL)"
+
 static int cmp_pack(const void *a, const void *b)
 {
     return strcmp(((const pack_t *)a)->id, ((const pack_t *)b)->id);
@@ -456,6 +461,7 @@ static int cmp_pack(const void *a, const void *b)
 static pack_t *find_pack(fsck_t *f, const char *id)
 {
     pack_t k;
+    if (!f->npacks) return NULL;
     snprintf(k.id, sizeof k.id, "%s", id);
     return bsearch(&k, f->packs, f->npacks, sizeof *f->packs, cmp_pack);
 }
@@ -482,10 +488,7 @@ static void load_packs(fsck_t *f)
     PGresult *r = q(f, f->db,
                     "SELECT m.mpack_id, m.size_bytes, m.superseded_at IS NOT NULL,"
                     " floor(extract(epoch FROM now() - coalesce(m.superseded_at, m.created_at)))::bigint,"
-                    " EXISTS (SELECT 1 FROM mpack_refs x WHERE x.mpack_id = m.mpack_id)"
-                    " OR EXISTS (SELECT 1 FROM mpack_index i WHERE i.mpack_id = m.mpack_id)"
-                    " OR m.mpack_id IN (SELECT fp.mpack_id FROM fetch_packs fp WHERE fp.mpack_id IS NOT NULL)"
-                    " FROM mpacks m",
+                    " " PACK_HAS_REFS " OR " PACK_HAS_INDEX " OR " PACK_IN_FETCH " FROM mpacks m",
                     0, NULL);
     if (!r) return;
     for (int k = 0; k < PQntuples(r); k++) {
@@ -501,7 +504,7 @@ static void load_packs(fsck_t *f)
         p->referenced = PQgetvalue(r, k, 4)[0] == 't';
     }
     PQclear(r);
-    qsort(f->packs, f->npacks, sizeof *f->packs, cmp_pack);
+    if (f->npacks) qsort(f->packs, f->npacks, sizeof *f->packs, cmp_pack);
     size_t nrows = f->npacks;
 
     mh__store_list_t l = {0};
@@ -514,7 +517,7 @@ static void load_packs(fsck_t *f)
         snprintf(id, sizeof id, "sha256:%s", l.v[i].key + 7);
         pack_t k;
         memcpy(k.id, id, sizeof k.id);
-        pack_t *p = bsearch(&k, f->packs, nrows, sizeof *f->packs, cmp_pack);
+        pack_t *p = nrows ? bsearch(&k, f->packs, nrows, sizeof *f->packs, cmp_pack) : NULL;
         if (!p && !(p = new_pack(f, id))) {
             f->incomplete = true;
             break;
@@ -524,7 +527,7 @@ static void load_packs(fsck_t *f)
         p->mtime = l.v[i].mtime;
     }
     mh__store_list_free(&l);
-    qsort(f->packs, f->npacks, sizeof *f->packs, cmp_pack);
+    if (f->npacks) qsort(f->packs, f->npacks, sizeof *f->packs, cmp_pack);
 }
 
 /* ----------------------------------------------------------- locations */
@@ -665,11 +668,8 @@ static void check_locations(fsck_t *f)
 static void count_kept_packs(fsck_t *f)
 {
     PGresult *r = q(f, f->db,
-                    "SELECT count(*) FROM mpacks m"
-                    " WHERE NOT EXISTS (SELECT 1 FROM mpack_refs x WHERE x.mpack_id = m.mpack_id)"
-                    " AND m.mpack_id NOT IN (SELECT fp.mpack_id FROM fetch_packs fp WHERE fp.mpack_id IS NOT NULL)"
-                    " AND EXISTS (SELECT 1 FROM mpack_index i WHERE i.mpack_id = m.mpack_id)"
-                    " AND NOT EXISTS (SELECT 1 FROM mpack_index i JOIN object_refs o ON o.object_id = i.object_id"
+                    "SELECT count(*) FROM mpacks m WHERE NOT " PACK_HAS_REFS " AND NOT (" PACK_IN_FETCH ")"
+                    " AND " PACK_HAS_INDEX " AND NOT EXISTS (SELECT 1 FROM mpack_index i JOIN object_refs o ON o.object_id = i.object_id"
                     "  WHERE i.mpack_id = m.mpack_id)",
                     0, NULL);
     if (r) f->kept_packs = strtoull(PQgetvalue(r, 0, 0), NULL, 10);
@@ -723,6 +723,11 @@ static void check_packs(fsck_t *f)
 
 /* ------------------------------------------------------- staged uploads */
 
+static int cmp_obj(const void *a, const void *b)
+{
+    return strcmp(((const mh__store_obj_t *)a)->key, ((const mh__store_obj_t *)b)->key);
+}
+
 static void check_uploads(fsck_t *f)
 {
     if (mh__store_list(f->cfg, "incoming/", &f->uploads)) {
@@ -760,7 +765,7 @@ static void check_uploads(fsck_t *f)
         if (has && PQgetvalue(r, k, 3)[0] == 't') continue; /* live */
         mh__store_obj_t kk, *o;
         snprintf(kk.key, sizeof kk.key, "%s", key);
-        o = bsearch(&kk, f->uploads.v, f->uploads.n, sizeof kk, (int (*)(const void *, const void *))strcmp);
+        o = bsearch(&kk, f->uploads.v, f->uploads.n, sizeof kk, cmp_obj);
         int64_t since = has ? strtoll(PQgetvalue(r, k, 4), NULL, 10) : (o ? f->now - o->mtime : 0);
         if (since <= (int64_t)grace) {
             f->waiting_uploads++;

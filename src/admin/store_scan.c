@@ -268,6 +268,6 @@ int mh__store_list(const mh_config_t *cfg, const char *prefix, mh__store_list_t 
     if (!strncmp(cfg->store, "fs:", 3)) rc = list_fs(cfg->store + 3, prefix, out);
     else if (!strncmp(cfg->store, "s3:", 3)) rc = list_s3(cfg, prefix, out);
     else rc = -1;
-    if (!rc) qsort(out->v, out->n, sizeof *out->v, cmp_key);
+    if (!rc && out->n) qsort(out->v, out->n, sizeof *out->v, cmp_key);
     return rc;
 }

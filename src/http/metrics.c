@@ -537,6 +537,17 @@ int mh_metrics_merge(const mh_str_t *parts, size_t n, mh_buf_t *out)
     return rc ? MH_ENOMEM : 0;
 }
 
+int mh_metrics_label(mh_buf_t *out, const char *v)
+{
+    int rc = 0;
+    for (const char *p = v; *p && !rc; p++) {
+        if (*p == '\\' || *p == '"') rc = mh_buf_append_byte(out, '\\') || mh_buf_append_byte(out, (uint8_t)*p);
+        else if (*p == '\n') rc = mh_buf_append_str(out, "\\n");
+        else rc = mh_buf_append_byte(out, (uint8_t)*p);
+    }
+    return rc ? MH_ENOMEM : 0;
+}
+
 /* ------------------------------------------------------------ process */
 
 static uint64_t count_fds(void)

@@ -186,18 +186,6 @@ static void queue_timeout_cb(uv_timer_t *t)
     maybe_answer(sc);
 }
 
-/* Prometheus label value escaping (\, " and newline). */
-static int put_label(mh_buf_t *out, const char *v)
-{
-    int rc = 0;
-    for (const char *p = v; *p && !rc; p++) {
-        if (*p == '\\' || *p == '"') rc = mh_buf_append_byte(out, '\\') || mh_buf_append_byte(out, (uint8_t)*p);
-        else if (*p == '\n') rc = mh_buf_append_str(out, "\\n");
-        else rc = mh_buf_append_byte(out, (uint8_t)*p);
-    }
-    return rc;
-}
-
 static const char *const known_types[] = {"mpack.index", "mpack.gc"};
 static const char *const statuses[] = {"pending", "running", "done", "failed"};
 
@@ -229,7 +217,7 @@ static int queue_family(mh_buf_t *o, PGresult *res, const char *family, int col,
         for (int j = 0; j < nst; j++) wanted |= !strcmp(s, sts[j]);
         if (known || !wanted) continue;
         rc = mh_buf_printf(o, "%s{type=\"", family);
-        rc = rc ? rc : put_label(o, t);
+        rc = rc ? rc : mh_metrics_label(o, t);
         rc = rc ? rc : mh_buf_printf(o, "\",status=\"%s\"} %s\n", s, mh_pq_str(res, i, col));
     }
     return rc;

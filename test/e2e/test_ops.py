@@ -35,8 +35,6 @@ import s3emu as s3emu_mod  # noqa: E402
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
-prom = pytest.importorskip("prometheus_client.parser",
-                           reason="python3-prometheus-client (scripts/deps.sh installs it)")
 
 
 # ---------------------------------------------------------------------------
@@ -158,7 +156,10 @@ def own_store(s3emu) -> dict:
 
 
 def scrape(url: str) -> tuple[str, dict]:
-    """One /metrics scrape on a new connection: (text, families by name)."""
+    """One /metrics scrape on a new connection: (text, families by name),
+    parsed by prometheus_client's text parser (Debian's
+    python3-prometheus-client, installed by scripts/deps.sh)."""
+    prom = pytest.importorskip("prometheus_client.parser")
     with httpx.Client(timeout=30) as c:
         r = c.get(url + "/metrics")
     assert r.status_code == 200, r.text
