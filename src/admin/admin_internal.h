@@ -37,6 +37,15 @@ typedef struct {
 int mh__store_list(const mh_config_t *cfg, const char *prefix, mh__store_list_t *out);
 void mh__store_list_free(mh__store_list_t *l);
 
+/* Reads one ListObjectsV2 answer body (S3 XML, untrusted bytes: every
+ * scan is bounded by n): each <Contents> with a <Key>, <Size> and
+ * <LastModified> that is a store key is appended to out; when
+ * <IsTruncated> is true, *next_token receives a malloc'd copy of
+ * <NextContinuationToken> (NULL otherwise). Returns 0, or -1 for a
+ * truncated page without a token or ENOMEM (*next_token NULL). Exposed
+ * for the fuzz target (test/fuzz/fuzz_s3list.c). */
+int mh__s3_list_page(const char *body, size_t n, mh__store_list_t *out, char **next_token);
+
 /* A location of an object's bytes, parsed by fsck: the pack, the byte
  * range of the pack file it names (the blob's own bytes for v1; the
  * frame's data for v2) and the blob's length. */

@@ -157,6 +157,36 @@ static int64_t iso_to_unix(const char *s)
     return (int64_t)timegm(&tm);
 }
 
+int mh__s3_list_page(const char *body, size_t n, mh__store_list_t *out, char **next_token)
+{
+    *next_token = NULL;
+    if (!body || !n) return 0; /* an empty page */
+    const char *p = body, *end = body + n;
+    char text[1024];
+    bool truncated = xml_text(p, end, "IsTruncated", text, sizeof text, NULL) && !strcmp(text, "true");
+    if (truncated) {
+        if (!xml_text(p, end, "NextContinuationToken", text, sizeof text, NULL) || !text[0]) return -1;
+        if (!(*next_token = strdup(text))) return -1;
+    }
+    const char *q = p;
+    for (;;) {
+        const char *cs = memmem(q, (size_t)(end - q), "<Contents>", 10);
+        if (!cs) break;
+        const char *ce = memmem(cs, (size_t)(end - cs), "</Contents>", 11);
+        if (!ce) break;
+        char key[1024], size[32], mod[64];
+        if (xml_text(cs, ce, "Key", key, sizeof key, NULL) && xml_text(cs, ce, "Size", size, sizeof size, NULL) &&
+            xml_text(cs, ce, "LastModified", mod, sizeof mod, NULL) &&
+            push(out, key, strlen(key), strtoull(size, NULL, 10), iso_to_unix(mod))) {
+            free(*next_token);
+            *next_token = NULL;
+            return -1;
+        }
+        q = ce + 11;
+    }
+    return 0;
+}
+
 static int list_s3(const mh_config_t *cfg, const char *prefix, mh__store_list_t *out)
 {
     const char *bucket = cfg->store + 3;
@@ -227,31 +257,11 @@ static int list_s3(const mh_config_t *cfg, const char *prefix, mh__store_list_t 
             rc = -1;
             break;
         }
-        const char *p = (const char *)body.p, *end = p + body.len;
         free(token);
         token = NULL;
-        char text[1024];
-        bool truncated = xml_text(p, end, "IsTruncated", text, sizeof text, NULL) && !strcmp(text, "true");
-        if (truncated && xml_text(p, end, "NextContinuationToken", text, sizeof text, NULL)) token = strdup(text);
-        const char *q = p;
-        for (;;) {
-            const char *cs = memmem(q, (size_t)(end - q), "<Contents>", 10);
-            if (!cs) break;
-            const char *ce = memmem(cs, (size_t)(end - cs), "</Contents>", 11);
-            if (!ce) break;
-            char key[1024], size[32], mod[64];
-            if (xml_text(cs, ce, "Key", key, sizeof key, NULL) && xml_text(cs, ce, "Size", size, sizeof size, NULL) &&
-                xml_text(cs, ce, "LastModified", mod, sizeof mod, NULL)) {
-                if (push(out, key, strlen(key), strtoull(size, NULL, 10), iso_to_unix(mod))) {
-                    rc = -1;
-                    break;
-                }
-            }
-            q = ce + 11;
-        }
-        if (truncated && !token) {
-            fprintf(stderr, "musehubd fsck: listing s3:%s/%s: truncated page without a continuation token\n", bucket,
-                    prefix);
+        if (mh__s3_list_page((const char *)body.p, body.len, out, &token)) {
+            fprintf(stderr, "musehubd fsck: listing s3:%s/%s: a page that does not parse (or out of memory)\n",
+                    bucket, prefix);
             rc = -1;
         }
     } while (!rc && token);
