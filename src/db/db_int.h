@@ -111,6 +111,7 @@ struct mh_dbconn {
     bool release_pending; /* released while an operation was in flight */
     bool ever_connected;
     bool in_idle;
+    bool recycle; /* received a huge result: reopen the session when free (conn.c) */
     mh_dbconn_t *idle_prev, *idle_next;
     db_op_t *op; /* in flight: the head of a batch when ->next is set */
     uint32_t backoff_ms;
@@ -165,6 +166,13 @@ void db_conn_lost(mh_dbconn_t *c, int err, const char *msg);
 /* Closes for good (pool closing). Fails an op in flight with
  * MH_ECANCELED. */
 void db_conn_shutdown(mh_dbconn_t *c);
+/* When c->recycle is set (it received a result over DB_BIG_RESULT
+ * bytes), closes the session and opens a new one at once, and returns
+ * true: libpq's input buffer only ever grows, so one huge row (a
+ * million-entry snapshot delta) would otherwise pin that much memory on
+ * a pooled connection for good. The connection rejoins the pool when the
+ * new session is ready. Only for a connection that is not busy. */
+bool db_conn_maybe_recycle(mh_dbconn_t *c);
 /* Translates a failed result (or the connection's state) to MH_E* and
  * copies the server's message into msg. */
 int db_translate(PGconn *pg, const PGresult *r, char *msg, size_t cap);

@@ -331,6 +331,7 @@ static void conn_available(mh_dbconn_t *c)
         db_conn_shutdown(c);
         return;
     }
+    if (db_conn_maybe_recycle(c)) return; /* back when the new session is ready */
     db_op_t *op = wait_pop(db);
     if (!op) {
         idle_push(db, c);
