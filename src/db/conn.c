@@ -288,6 +288,7 @@ static void conn_connect_failed(mh_dbconn_t *c, const char *why)
     }
     conn_teardown(c);
     conn_schedule_retry(c);
+    db_conn_unreachable(c->db);
 }
 
 static void conn_connect(mh_dbconn_t *c)
@@ -364,6 +365,7 @@ static void conn_drop(mh_dbconn_t *c, const char *why)
     conn_teardown(c);
     if (c->held) c->broken = true;
     conn_schedule_retry(c);
+    db_conn_unreachable(c->db);
 }
 
 void db_conn_lost(mh_dbconn_t *c, int err, const char *msg)

@@ -146,6 +146,7 @@ struct mh_db {
     size_t nchans, capchans;
     uint64_t queries, errors, reconnects;
     uint64_t last_connect_warn_ms;
+    bool tried;    /* a connect attempt failed or a session was lost at least once */
     bool closing, finishing, delivering;
     int nopen;     /* connections not yet freed */
     int nhandles;  /* pool-level handles still open during finish */
@@ -181,6 +182,9 @@ void db_notice_cb(void *arg, const char *message);
 /* ----- pool.c */
 /* A connection became READY with no op: hand it to the next waiter. */
 void db_conn_ready(mh_dbconn_t *c);
+/* A connect attempt failed or a session was lost: when no connection is
+ * left, waiters now wait at most DOWN_WAIT_MS (pool.c). */
+void db_conn_unreachable(mh_db_t *db);
 /* An operation ended (ok, failed or connection lost) and is detached from
  * c: delivers it (deferred) and decides what c does next. */
 void db_op_finished(mh_dbconn_t *c, db_op_t *op);
