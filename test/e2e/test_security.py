@@ -393,14 +393,15 @@ def test_dev_identity_refused_behind_a_trusted_proxy(start_server):
 # replay of signed requests within the 300 s window
 # ---------------------------------------------------------------------------
 
-def test_replayed_signed_requests_are_harmless(anon_server, tmp_path):
-    """Within its window a captured request can be sent again (SPEC 5 has
-    no nonce): a replayed unpack is a no-op, a replayed DELETE names a
-    repo_id that no longer exists, and a replay cannot be retargeted."""
+def test_replayed_signed_writes_are_refused(anon_server, tmp_path):
+    """SPEC 5: a captured state-changing request cannot be sent again
+    within its window (401 replayed), nor be retargeted (401); the
+    signature never reaches the log. (Replays used to be accepted: a
+    replayed unpack was a no-op, a replayed DELETE could hit a repository.)"""
     admin = Who(unique("replay"))
     add_admin(anon_server, admin, tmp_path)
     with muselib.Hub(anon_server.url, signer=admin.signer()) as h:
-        r = h.create_repo(admin.handle, unique("rp"))
+        r = h.create_repo(admin.handle, unique("rp"), visibility="public")
         hist = small()
         data = hist.pack()
         pre = h.presign(admin.handle, r["slug"], hist.key, len(data))
@@ -410,25 +411,25 @@ def test_replayed_signed_requests_are_harmless(anon_server, tmp_path):
     hdrs = {"Content-Type": "application/json", **msign.sign("POST", url, body, admin.key_id, admin.key)}
     with httpx.Client(timeout=60) as c:
         first = c.post(url, content=body, headers=hdrs)
+        assert first.status_code == 200 and first.json()["commits_written"] == 3, first.text
         again = c.post(url, content=body, headers=hdrs)
-        assert first.status_code == again.status_code == 200, (first.text, again.text)
-        assert first.json()["commits_written"] == 3 and again.json()["commits_written"] == 0
-        assert again.json()["head"] == hist.head
+        assert again.status_code == 401 and again.json()["error"] == "replayed", again.text
         # The log names the request, never the signature.
         assert hdrs["Signature"].split(":")[1] not in Path(anon_server.log_path).read_text(errors="replace")
-        # The same headers on another path or body are refused.
+        # The same headers on another path or body are refused as forged.
         other = url.replace("unpack-mpack", "mpack-presign")
-        assert c.post(other, content=body, headers=hdrs).status_code == 401
+        assert c.post(other, content=body, headers=hdrs).json()["error"] == "unauthorized"
         assert c.post(url, content=body.replace(b"main", b"mainx"), headers=hdrs).status_code == 401
-        # DELETE names a repo_id: after a re-create under the same name the
-        # replay misses the new repository.
+        # A replayed DELETE after a re-create under the same name is
+        # refused before it could reach anything.
         durl = f"{anon_server.url}/api/repos/{r['repo_id']}"
         dh = msign.sign("DELETE", durl, b"", admin.key_id, admin.key)
         assert c.delete(durl, headers=dh).status_code == 204
         with muselib.Hub(anon_server.url, signer=admin.signer()) as h:
-            r2 = h.create_repo(admin.handle, r["name"] if "name" in r else r["slug"])
+            r2 = h.create_repo(admin.handle, r["name"], visibility="public")
             assert r2["repo_id"] != r["repo_id"]
-            assert c.delete(durl, headers=dh).status_code == 404
+            rep = c.delete(durl, headers=dh)
+            assert rep.status_code == 401 and rep.json()["error"] == "replayed"
             assert h.get_repo(r2["repo_id"])["repo_id"] == r2["repo_id"]
 
 
