@@ -2,8 +2,9 @@
  * http.h — the HTTP/1.1 server on libuv + llhttp: listener (SO_REUSEPORT),
  * connections with keep-alive and pipelining, a route table, buffered or
  * streamed request bodies (also chunked, Expect: 100-continue), limits
- * answered with 400/408/413/431, a writev response writer, one access-log
- * line per request, Prometheus counters, graceful stop.
+ * answered with 400/408/413/431, a writev response writer, streamed
+ * responses with back-pressure (mh_res_stream_*), one access-log line per
+ * request, Prometheus counters, graceful stop.
  *
  * Invariants:
  *  - Every request gets exactly one response: a handler (or the callbacks
@@ -13,7 +14,12 @@
  *  - Everything a request allocates lives in req->arena, released after
  *    the response is written and the access-log line printed.
  *  - Pipelined requests are answered in order; the next request on a
- *    connection is not parsed until the current response is queued.
+ *    connection is not parsed until the current response is queued (a
+ *    streamed one: ended), nor while the connection has more than 1 MiB or
+ *    16 answers queued that the client has not read.
+ *  - Framing: obsolete line folding, an HTTP/1.1 request without Host,
+ *    two Host lines or an invalid Host are answered 400 and the
+ *    connection closes (RFC 9112 3.2, 5.2).
  *
  * Knows nothing of the database or the store (DESIGN section 2).
  */

@@ -286,6 +286,7 @@ static void conn_connect_failed(mh_dbconn_t *c, const char *why)
     } else {
         mh_debug("db: cannot connect: %s (retry in %u ms)", msg, (unsigned)c->backoff_ms);
     }
+    c->recycling = false;
     conn_teardown(c);
     conn_schedule_retry(c);
     db_conn_unreachable(c->db);
@@ -321,10 +322,11 @@ static void conn_connected(mh_dbconn_t *c)
     }
     c->state = CS_READY;
     c->backoff_ms = BACKOFF_MIN_MS;
-    if (c->ever_connected) {
+    if (c->ever_connected && !c->recycling) {
         db->reconnects++;
         mh_info("db: reconnected (backend pid %d)", PQbackendPID(c->pg));
     }
+    c->recycling = false;
     c->ever_connected = true;
     prep_clear(c);
     /* Watch for readability even when idle, to notice a server that
@@ -567,6 +569,7 @@ bool db_conn_maybe_recycle(mh_dbconn_t *c)
 {
     if (!c->recycle || c->op || c->state != CS_READY) return false;
     c->recycle = false;
+    c->recycling = true;
     mh_debug("db: reopening a session that received a result over %zu MiB", DB_BIG_RESULT >> 20);
     db_idle_remove(c->db, c);
     conn_teardown(c);

@@ -112,6 +112,7 @@ struct mh_dbconn {
     bool ever_connected;
     bool in_idle;
     bool recycle; /* received a huge result: reopen the session when free (conn.c) */
+    bool recycling; /* reopening on purpose: not counted as a reconnect */
     mh_dbconn_t *idle_prev, *idle_next;
     db_op_t *op; /* in flight: the head of a batch when ->next is set */
     uint32_t backoff_ms;

@@ -164,6 +164,27 @@ def test_presigned_urls_expire(start_server):
 # ---------------------------------------------------------------------------
 
 @pytest.mark.store("fs")
+def test_store_keys_are_not_percent_decoded(server, hub, repo):
+    """docs/security.md 5 says `/_store/` keys are not decoded: a key has
+    one spelling, the one its URL was signed for. `mpacks%2f<hex>` used to
+    be decoded by the route capture and served (issue 15 item 12)."""
+    h = small()
+    hub.push(OWNER, repo["slug"], h.pack(), "main", h.head)
+    url = hub.fetch(OWNER, repo["slug"], [h.head])["mpack_url"]
+    u = urllib.parse.urlsplit(url)
+    assert u.path.startswith("/_store/mpacks/")
+    with RawHTTP(server.port) as c:
+        c.request("GET", f"{u.path}?{u.query}")
+        assert c.response()[0] == 200
+    for spelled in (u.path.replace("mpacks/", "mpacks%2f"), u.path.replace("mpacks/", "mpacks%2F"),
+                    u.path.replace("/_store/mpacks", "/_store/%6dpacks"), u.path[:-2] + "%" + u.path[-2:].encode().hex()[:2] + u.path[-1]):
+        with RawHTTP(server.port) as c:
+            c.request("GET", f"{spelled}?{u.query}")
+            st, _, body = c.response()
+        assert st == 403, (spelled, st, body[:200])
+
+
+@pytest.mark.store("fs")
 def test_store_path_traversal(server, hub, repo):
     h = small()
     hub.push(OWNER, repo["slug"], h.pack(), "main", h.head)
