@@ -329,6 +329,14 @@ typedef struct {
 
 static mh_str_t content_digest(const mh_req_t *req) { return mh_req_header(req, "content-digest"); }
 
+/* A database failure while authenticating: 503, never a 401. */
+static void db_unavailable(mh_req_t *req, const char *what, int err, const char *errmsg)
+{
+    mh_error("req %s: %s: %s (%s)", req->id, what, mh_strerror(err), errmsg ? errmsg : "");
+    mh_res_header(req, "Retry-After", "2");
+    mh_res_error(req, 503, "unavailable", "the database is unavailable; retry shortly");
+}
+
 /* SPEC 5: GET and HEAD change nothing, and the fetch POST is a read. */
 static bool changes_state(const mh_req_t *req)
 {
@@ -359,9 +367,7 @@ static void replay_cb(void *ud, PGresult *res, int err, const char *errmsg)
     gate_t *g = ud;
     mh_req_t *req = g->req;
     if (err) {
-        mh_error("req %s: replay record: %s (%s)", req->id, mh_strerror(err), errmsg ? errmsg : "");
-        mh_res_header(req, "Retry-After", "2");
-        mh_res_error(req, 503, "unavailable", "the database is unavailable; retry shortly");
+        db_unavailable(req, "replay record", err, errmsg);
         return;
     }
     if (PQntuples(res) != 1) {
@@ -444,9 +450,7 @@ static void key_cb(void *ud, PGresult *res, int err, const char *errmsg)
     gate_t *g = ud;
     mh_req_t *req = g->req;
     if (err) {
-        mh_error("req %s: key lookup: %s (%s)", req->id, mh_strerror(err), errmsg ? errmsg : "");
-        mh_res_header(req, "Retry-After", "2");
-        mh_res_error(req, 503, "unavailable", "the database is unavailable; retry shortly");
+        db_unavailable(req, "key lookup", err, errmsg);
         return;
     }
     if (PQntuples(res) != 1) {

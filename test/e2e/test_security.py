@@ -474,3 +474,28 @@ def test_commit_metadata_of_other_tenant_does_not_leak(hub, make_repo):
     hub.push(OWNER, victim["slug"], honest, "main", head)
     got = hub.clone(OWNER, victim["slug"], [head])["pack"]["commits"][0]
     assert got.get("metadata") == {"agent_id": "honest"}, got
+
+
+# ---------------------------------------------------------------------------
+# request framing a proxy may read differently (issue 15 item 11)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("head,what", [
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n", "obs-fold"),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\r\n\tHost: evil\r\n\r\n", "Host hidden in a fold"),
+    (b"GET /healthz HTTP/1.1\r\n\r\n", "no Host"),
+    (b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "two Host lines"),
+    (b"GET /healthz HTTP/1.1\r\nHost: a b\r\n\r\n", "invalid Host"),
+])
+def test_ambiguous_framing_is_400(server, head, what):
+    """RFC 9112 3.2 and 5.2: 400, and the connection closes (what follows
+    on it cannot be trusted to be read the same way)."""
+    with RawHTTP(server.port) as c:
+        c.send(head + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        st, hd, body = c.response()
+        assert st == 400, (what, st, body)
+        assert hd.get("connection") == "close", what
+        assert c.closed_by_peer(), what
+    with RawHTTP(server.port) as c:
+        c.send(b"GET /healthz HTTP/1.0\r\n\r\n")      # HTTP/1.0 needs no Host
+        assert c.response()[0] == 200
