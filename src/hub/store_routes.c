@@ -2,11 +2,15 @@
  * store_routes.c — the fs backend's presigned URLs served by the server
  * itself (SPEC 3, 4.3 step 2): PUT /_store/incoming/<id> streams the body
  * to disk while hashing it and keeps it only when hash and length match
- * what the URL signs; GET /_store/mpacks/<hex> serves a pack (with Range).
+ * what the URL signs; GET /_store/mpacks/<hex> serves a pack (with Range)
+ * as a streamed response read in pieces on the thread pool.
  *
  * Invariants: the URL's HMAC covers method, key, expiry, size and hash,
- * so nothing here trusts the client beyond what the server signed; a PUT
- * never overwrites an existing key (mh_store_fs_upload_open refuses).
+ * so nothing here trusts the client beyond what the server signed; the
+ * key is the raw request path (never percent-decoded), so it has one
+ * spelling; a PUT never overwrites an existing key
+ * (mh_store_fs_upload_open refuses); a GET holds about
+ * MH_RES_STREAM_HIGH + DL_CHUNK bytes whatever the pack size.
  */
 #include <stdio.h>
 #include <stdlib.h>
