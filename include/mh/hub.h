@@ -77,6 +77,11 @@ void mh_hub_db_fail(mh_req_t *req, int err, const char *errmsg);
  * allocated in `a`; NULL on ENOMEM. */
 char *mh_repo_slug(mh_arena_t *a, const char *name, size_t n);
 
+/* True when a slug (NUL-terminated, from mh_repo_slug) may name a
+ * repository: not empty, not "." or "..", not starting with '.' (SPEC
+ * 4.1; a creation whose name gives such a slug is a 422). */
+bool mh_repo_slug_valid(const char *slug);
+
 /* True when p[0..n) is a valid branch name: 1..255 bytes of printable
  * ASCII other than space and ~^:?*[\\, no ".." or "//", not starting or
  * ending with '/' or '.' (git's rules, simplified; docs/architecture.md). */

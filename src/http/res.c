@@ -198,8 +198,10 @@ static char *put_u64(char *o, uint64_t v)
     return o;
 }
 
-/* Builds the head of the response into the arena; NULL on ENOMEM. */
-static char *build_head(req_t *q, int status, const char *ctype, size_t n, bool body_allowed, bool keep, size_t *len)
+/* Builds the head of the response into the arena; NULL on ENOMEM.
+ * Shared with stream.c (streamed responses). */
+char *mh__res_build_head(req_t *q, int status, const char *ctype, size_t n, bool body_allowed, bool keep,
+                         size_t *len)
 {
     mh_req_t *r = &q->r;
     const char *reason = mh_http_reason(status);
@@ -255,7 +257,7 @@ static void res_emit(req_t *q, int status, const char *ctype, const void *body, 
     bool keep = mh__req_keep_alive(q);
     bool body_allowed = !(status < 200 || status == 204 || status == 304);
     size_t hl = 0;
-    char *head = build_head(q, status, ctype, n, body_allowed, keep, &hl);
+    char *head = mh__res_build_head(q, status, ctype, n, body_allowed, keep, &hl);
     if (!head) {
         /* The arena is at its limit: a fixed answer, then close. It still
          * carries SPEC's error body (the close makes it safe for HEAD). */

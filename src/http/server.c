@@ -44,6 +44,7 @@ static void on_idle(uv_idle_t *h)
         mh__req_write_done(fd, 0);
         fd = n;
     }
+    mh__stream_run_aborts(s);
     while (s->ready) {
         mh_conn_t *c = s->ready;
         s->ready = c->rnext;
@@ -52,7 +53,7 @@ static void on_idle(uv_idle_t *h)
         c->in_ready = false;
         mh__conn_drain(c);
     }
-    if (!s->ready && !s->done_list) {
+    if (!s->ready && !s->done_list && !s->stream_aborts) {
         uv_idle_stop(&s->idle);
         s->idle_active = false;
         mh__http_conn_freed(s); /* a stop may have waited for fake writes */
@@ -117,7 +118,7 @@ static void own_closed(uv_handle_t *h)
 /* Once stopping and nothing network-facing is left, close our own handles. */
 static void check_done(mh_http_server_t *s)
 {
-    if (!s->stopping || s->nconns || s->listener_open || s->done_list || s->own_closing) return;
+    if (!s->stopping || s->nconns || s->listener_open || s->done_list || s->stream_aborts || s->own_closing) return;
     s->own_closing = true;
     uv_close((uv_handle_t *)&s->grace, own_closed);
     uv_close((uv_handle_t *)&s->idle, own_closed);

@@ -30,12 +30,26 @@ void mh_h_healthz(mh_req_t *req)
     mh_res_send(req, 200, "application/json", body, sizeof body - 1);
 }
 
-static void readyz_cb(void *ud, PGresult *res, int err, const char *errmsg)
+/* /readyz answers within READYZ_MS whatever the database does (SPEC 4.8:
+ * 503 within 2 s when it is not reachable). The pool itself fails fast
+ * when it has no connection (src/db/pool.c, DOWN_WAIT_MS); this deadline
+ * also covers a database that stopped answering on an open connection
+ * (a network partition), which only the 30 s query timeout would end.
+ * The probe outlives the answer: the query's callback still comes. */
+#define READYZ_MS 1500
+
+typedef struct {
+    uv_timer_t timer;
+    mh_req_t *req; /* NULL once answered (the request may be gone) */
+} readyz_t;
+
+static void readyz_answer(readyz_t *p, int err, const char *why)
 {
-    (void)res;
-    mh_req_t *req = ud;
+    mh_req_t *req = p->req;
+    if (!req) return;
+    p->req = NULL;
     if (err) {
-        mh_warn("readyz: database not reachable: %s", errmsg ? errmsg : mh_strerror(err));
+        mh_warn("readyz: database not reachable: %s", why ? why : mh_strerror(err));
         mh_res_header(req, "Retry-After", "2");
         mh_res_error(req, 503, "unavailable", "database not reachable");
         return;
@@ -44,10 +58,34 @@ static void readyz_cb(void *ud, PGresult *res, int err, const char *errmsg)
     mh_res_send(req, 200, "application/json", body, sizeof body - 1);
 }
 
+static void readyz_closed(uv_handle_t *h) { free(h->data); }
+
+static void readyz_timer_cb(uv_timer_t *t)
+{
+    readyz_answer(t->data, MH_ETIMEDOUT, "no answer from the database in time");
+}
+
+static void readyz_cb(void *ud, PGresult *res, int err, const char *errmsg)
+{
+    (void)res;
+    readyz_t *p = ud;
+    readyz_answer(p, err, errmsg);
+    uv_close((uv_handle_t *)&p->timer, readyz_closed);
+}
+
 void mh_h_readyz(mh_req_t *req)
 {
     mh_hub_t *hub = req->app;
-    mh_db_query(hub->db, "SELECT 1", 0, NULL, NULL, NULL, readyz_cb, req);
+    readyz_t *p = calloc(1, sizeof *p);
+    if (!p) {
+        mh_res_error(req, 503, "unavailable", "out of memory");
+        return;
+    }
+    p->req = req;
+    p->timer.data = p;
+    uv_timer_init(hub->loop, &p->timer);
+    uv_timer_start(&p->timer, readyz_timer_cb, READYZ_MS, 0);
+    mh_db_query(hub->db, "SELECT 1", 0, NULL, NULL, NULL, readyz_cb, p);
 }
 
 /* ------------------------------------------------------ access-log line */
