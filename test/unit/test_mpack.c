@@ -4,7 +4,8 @@
  * gen_vectors.py), path validation, manifests (random operations checked
  * against a model and against the uncached id), deltas, encode/decode,
  * diff, the pack writer and reader (round trip, v0, every rejection,
- * truncation at every byte), blob verification, and a benchmark of a
+ * truncation at every byte), blob verification (v2 packs, streaming and
+ * chunking: test_mpack2.c), and a benchmark of a
  * seed-000-shaped push (parse + verify + rebuild every manifest), printed
  * as TAP comments.
  */
@@ -845,8 +846,12 @@ static void test_pack_rejections(void)
     build_mut(&b, M_NONE);
     mh_pack_t p;
     const char *why = NULL;
+    b.p[4] = 0x03;
+    TAP_EQ_INT(mh_pack_read(&A, b.p, b.len, NULL, &p, &why), MH_EPARSE, "refused: MUSE version 3");
+    TAP_OK(why && strstr(why, "unsupported format version"), "  reason: %s", why ? why : "");
     b.p[4] = 0x02;
-    TAP_EQ_INT(mh_pack_read(&A, b.p, b.len, NULL, &p, &why), MH_EPARSE, "refused: MUSE version 2");
+    TAP_EQ_INT(mh_pack_read(&A, b.p, b.len, NULL, &p, &why), MH_EPARSE, "refused: a v1 body under a v2 header");
+    TAP_OK(why && strstr(why, "pack.blobs: not allowed in a v2 pack"), "  reason: %s", why ? why : "");
     b.p[4] = 0x01;
     TAP_EQ_INT(mh_pack_read(&A, b.p, 4, NULL, &p, &why), MH_EPARSE, "refused: header only");
     mh_buf_append_byte(&b, 0xc0);
