@@ -611,7 +611,10 @@ static int zfail(mh_packr_t *r, size_t ret)
     if (c == ZSTD_error_memory_allocation) return nomem(r);
     if (c == ZSTD_error_frameParameter_windowTooLarge)
         return fbad(r, MH_ELIMIT, ".data: the zstd window is larger than the limit (2^%u bytes)", r->lim.max_window_log);
-    return fbad(r, MH_EPARSE, ".data: not a valid zstd frame (%s)", ZSTD_getErrorName(ret));
+    /* Not zstd's own words (ZSTD_getErrorName): for the same corrupt
+     * frame they depend on how its bytes were split into feeds, and the
+     * reason of a refusal must not. */
+    return fbad(r, MH_EPARSE, ".data: not a valid zstd frame");
 }
 
 static int too_long(mh_packr_t *r)
@@ -1303,7 +1306,8 @@ static int st_fblob_w(ps_t *s)
     tok_t t, ti, tl;
     const uint8_t *pay = NULL;
     bool ok = !s->wover && small_tok(s, &t, &pay) && t.t == MH_V_ARR && t.n == 2;
-    const uint8_t *end = s->val + s->vlen, *q = pay;
+    /* (an entry longer than SMALL_CAP was not captured: s->val is NULL) */
+    const uint8_t *end = ok ? s->val + s->vlen : NULL, *q = pay;
     /* [str id, uint length]: two tokens after the array header */
     if (ok && q < end && tok_hlen(*q) && tok_hlen(*q) <= (size_t)(end - q)) {
         tok_parse(q, &ti);
