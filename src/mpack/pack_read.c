@@ -17,29 +17,28 @@
 
 #include "mpack_internal.h"
 
+/* A copy of n elements of `size` bytes in the arena (NULL for none). */
+static int dup_arr(mh_arena_t *a, const void *src, size_t n, size_t size, void **out)
+{
+    *out = NULL;
+    if (!n) return 0;
+    if (!(*out = mh_alloc(a, n * size))) return MH_ENOMEM;
+    memcpy(*out, src, n * size);
+    return 0;
+}
+
 /* Copies the reader's results into the arena as an mh_pack_t. */
 static int export(mh_arena_t *a, const mh_packr_result_t *res, mh_pack_t *out)
 {
     out->version = res->version;
     out->branch_heads = res->branch_heads;
-    if (res->ncommits) {
-        out->commits = mh_alloc(a, res->ncommits * sizeof *out->commits);
-        if (!out->commits) return MH_ENOMEM;
-        memcpy(out->commits, res->commits, res->ncommits * sizeof *out->commits);
-        out->ncommits = res->ncommits;
-    }
-    if (res->nsnapshots) {
-        out->snapshots = mh_alloc(a, res->nsnapshots * sizeof *out->snapshots);
-        if (!out->snapshots) return MH_ENOMEM;
-        memcpy(out->snapshots, res->snapshots, res->nsnapshots * sizeof *out->snapshots);
-        out->nsnapshots = res->nsnapshots;
-    }
-    if (res->nframes) {
-        out->frames = mh_alloc(a, res->nframes * sizeof *out->frames);
-        if (!out->frames) return MH_ENOMEM;
-        memcpy(out->frames, res->frames, res->nframes * sizeof *out->frames);
-        out->nframes = res->nframes;
-    }
+    if (dup_arr(a, res->commits, res->ncommits, sizeof *out->commits, (void **)&out->commits) ||
+        dup_arr(a, res->snapshots, res->nsnapshots, sizeof *out->snapshots, (void **)&out->snapshots) ||
+        dup_arr(a, res->frames, res->nframes, sizeof *out->frames, (void **)&out->frames))
+        return MH_ENOMEM;
+    out->ncommits = res->ncommits;
+    out->nsnapshots = res->nsnapshots;
+    out->nframes = res->nframes;
     if (res->nblobs) {
         out->blobs = mh_alloc(a, res->nblobs * sizeof *out->blobs);
         char *ids = mh_alloc(a, res->nblobs * MH_ID_SIZE);

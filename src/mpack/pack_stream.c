@@ -295,6 +295,13 @@ static uint64_t cur_pos(const ps_t *s)
     return s->cbase + (uint64_t)(s->p - s->chunk);
 }
 
+/* How many of `left` payload bytes the rest of the chunk holds. */
+static size_t avail_upto(const ps_t *s, uint64_t left)
+{
+    size_t avail = (size_t)(s->end - s->p);
+    return left < avail ? (size_t)left : avail;
+}
+
 /* Reads the next token header: 1 when *t is set, 0 when the chunk ended
  * first (the bytes so far are staged), <0 on error. Checks a str/bin
  * length against the bytes left when the stream length is known. */
@@ -390,8 +397,7 @@ static int walk(ps_t *s)
 {
     for (;;) {
         if (s->wpay) {
-            size_t avail = (size_t)(s->end - s->p);
-            size_t take = s->wpay < avail ? (size_t)s->wpay : avail;
+            size_t take = avail_upto(s, s->wpay);
             s->p += take;
             s->wpay -= take;
             if (s->wpay) return 0;
@@ -1085,8 +1091,7 @@ static int st_bcontent(ps_t *s)
 {
     mh_packr_t *r = s->r;
     vblob_t *b = &r->vb;
-    size_t avail = (size_t)(s->end - s->p);
-    size_t take = b->left < avail ? (size_t)b->left : avail;
+    size_t take = avail_upto(s, b->left);
     if (r->flags & MH_PACKR_VERIFY) SHA256_Update(&r->sha, s->p, take);
     s->p += take;
     b->left -= take;
@@ -1347,8 +1352,7 @@ static int st_fpay(ps_t *s)
 {
     mh_packr_t *r = s->r;
     frame_t *f = &r->fr;
-    size_t avail = (size_t)(s->end - s->p);
-    size_t take = f->dleft < avail ? (size_t)f->dleft : avail;
+    size_t take = avail_upto(s, f->dleft);
     const uint8_t *p = s->p;
     s->p += take;
     f->dleft -= take;

@@ -350,6 +350,13 @@ void mh_packw_blob_begin(mh_packw_t *w, mh_str_t object_id, uint64_t len)
     LEAVE(w);
 }
 
+/* Appends to out, counting the bytes against *left. */
+static void put_bytes(mh_packw_t *w, const void *p, size_t n, uint64_t *left)
+{
+    if (n && mh_buf_append(w->out, p, n)) wfail(w, MH_ENOMEM);
+    else *left -= n;
+}
+
 void mh_packw_blob_data(mh_packw_t *w, const void *p, size_t n)
 {
     if (w->err) return;
@@ -358,8 +365,7 @@ void mh_packw_blob_data(mh_packw_t *w, const void *p, size_t n)
         return;
     }
     ENTER(w);
-    if (n && mh_buf_append(w->out, p, n)) wfail(w, MH_ENOMEM);
-    else w->blob_left -= n;
+    put_bytes(w, p, n, &w->blob_left);
     LEAVE(w);
 }
 
@@ -475,6 +481,23 @@ static void frame_head(mh_packw_t *w, uint64_t size, const mh_packw_blobref_t *r
     w->frame_size = size;
 }
 
+enum { DUE_NONE, DUE_BLOB, DUE_DATA, DUE_RAW }; /* which count bounds a frame call's bytes */
+
+/* The v2 state when a frame of `kind` is open and `n` bytes fit in what
+ * is still due (the current blob's content, the data, the raw content;
+ * DUE_NONE: nothing may be due); otherwise a misuse (NULL). */
+static struct mh__packw_z *frame_in(mh_packw_t *w, int kind, uint64_t n, int due)
+{
+    if (w->err) return NULL;
+    struct mh__packw_z *z = w->z;
+    uint64_t left = !z ? 0 : due == DUE_BLOB ? w->blob_left : due == DUE_DATA ? z->dleft : due == DUE_RAW ? z->rleft : 0;
+    if (!z || z->fkind != kind || n > left) {
+        wfail(w, MH_EINVAL);
+        return NULL;
+    }
+    return z;
+}
+
 void mh_packw_frame_begin(mh_packw_t *w, int codec)
 {
     if (!frame_open(w, F_BUILT, codec)) return;
@@ -484,10 +507,9 @@ void mh_packw_frame_begin(mh_packw_t *w, int codec)
 
 void mh_packw_frame_blob(mh_packw_t *w, mh_str_t object_id, uint64_t len)
 {
-    struct mh__packw_z *z = w->z;
-    if (w->err) return;
-    if (!z || z->fkind != F_BUILT || w->blob_left || !mh_id_ok(object_id.p, object_id.n) ||
-        len > (uint64_t)SIZE_MAX - z->raw.len) {
+    struct mh__packw_z *z = frame_in(w, F_BUILT, w->blob_left, DUE_NONE); /* the previous blob is complete */
+    if (!z) return;
+    if (!mh_id_ok(object_id.p, object_id.n) || len > (uint64_t)SIZE_MAX - z->raw.len) {
         wfail(w, MH_EINVAL);
         return;
     }
@@ -508,12 +530,8 @@ void mh_packw_frame_blob(mh_packw_t *w, mh_str_t object_id, uint64_t len)
 
 void mh_packw_frame_data(mh_packw_t *w, const void *p, size_t n)
 {
-    struct mh__packw_z *z = w->z;
-    if (w->err) return;
-    if (!z || z->fkind != F_BUILT || n > w->blob_left) {
-        wfail(w, MH_EINVAL);
-        return;
-    }
+    struct mh__packw_z *z = frame_in(w, F_BUILT, n, DUE_BLOB);
+    if (!z) return;
     if (n && mh_buf_append(&z->raw, p, n)) {
         wfail(w, MH_ENOMEM);
         return;
@@ -579,15 +597,10 @@ void mh_packw_frame_copy_begin(mh_packw_t *w, int codec, uint64_t size, const mh
 
 void mh_packw_frame_copy_data(mh_packw_t *w, const void *p, size_t n)
 {
-    struct mh__packw_z *z = w->z;
-    if (w->err) return;
-    if (!z || z->fkind != F_COPY || n > z->dleft) {
-        wfail(w, MH_EINVAL);
-        return;
-    }
+    struct mh__packw_z *z = frame_in(w, F_COPY, n, DUE_DATA);
+    if (!z) return;
     ENTER(w);
-    if (n && mh_buf_append(w->out, p, n)) wfail(w, MH_ENOMEM);
-    else z->dleft -= n;
+    put_bytes(w, p, n, &z->dleft);
     LEAVE(w);
 }
 
@@ -618,17 +631,12 @@ void mh_packw_frame_large_begin(mh_packw_t *w, int codec, mh_str_t object_id, ui
 
 void mh_packw_frame_large_data(mh_packw_t *w, const void *p, size_t n)
 {
-    struct mh__packw_z *z = w->z;
-    if (w->err) return;
-    if (!z || z->fkind != F_LARGE || n > z->rleft) {
-        wfail(w, MH_EINVAL);
-        return;
-    }
+    struct mh__packw_z *z = frame_in(w, F_LARGE, n, DUE_RAW);
+    if (!z) return;
     ENTER(w);
     z->rleft -= n;
     if (z->codec == MH_PACK_NONE) {
-        if (n && mh_buf_append(w->out, p, n)) wfail(w, MH_ENOMEM);
-        else z->dleft -= n;
+        put_bytes(w, p, n, &z->dleft);
     } else {
         ZSTD_inBuffer in = {p, n, 0};
         int rc = zpump(w, w->out, &in, ZSTD_e_continue, &z->dout);

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "mh/mpack.h"
+#include "pack_rewrite.h"
 
 static bool same(mh_str_t a, mh_str_t b)
 {
@@ -57,37 +58,11 @@ static void rewrite(const uint8_t *data, const mh_pack_t *p, mh_arena_t *a)
     mh_buf_t out = {0};
     mh_packw_t w;
     mh_packw_init(&w, &out);
-    mh_packw_commits(&w, (uint32_t)p->ncommits);
-    for (size_t i = 0; i < p->ncommits; i++) {
-        const mh_pack_commit_t *c = &p->commits[i];
-        mh_buf_t meta = {0};
-        if (mh_pack_commit_meta(c, &meta, NULL) != 0) abort();
-        mh_packw_commit(&w, c->commit_id, c->parent, c->parent2, c->snapshot_id, c->message, c->author,
-                        c->committed_at, c->branch, meta.p, meta.len);
-        mh_buf_free(&meta);
-    }
-    mh_packw_snapshots(&w, (uint32_t)p->nsnapshots);
-    for (size_t i = 0; i < p->nsnapshots; i++) {
-        const mh_pack_snapshot_t *s = &p->snapshots[i];
-        mh_buf_t u = {0}, r = {0};
-        mh_mpw_t mw;
-        mh_mpw_init(&mw, &u);
-        mh_mpw_val(&mw, s->upsert);
-        mh_mpw_init(&mw, &r);
-        mh_mpw_val(&mw, s->remove);
-        mh_packw_snapshot(&w, s->snapshot_id, s->parent, u.p, u.len, r.p, r.len);
-        mh_buf_free(&u);
-        mh_buf_free(&r);
-    }
+    rewrite_commits_snapshots(&w, p->commits, p->ncommits, p->snapshots, p->nsnapshots);
     mh_packw_blobs(&w, (uint32_t)p->nblobs);
     for (size_t i = 0; i < p->nblobs; i++)
         mh_packw_blob(&w, p->blobs[i].object_id, data + p->blobs[i].offset, p->blobs[i].length);
-    uint32_t nh = p->branch_heads ? p->branch_heads->v.m.n : 0;
-    mh_packw_branch_heads(&w, nh);
-    for (uint32_t i = 0; i < nh; i++) {
-        const mh_kv_t *kv = &p->branch_heads->v.m.kv[i];
-        mh_packw_branch_head(&w, (mh_str_t){kv->k.v.s.p, kv->k.v.s.n}, (mh_str_t){kv->v.v.s.p, kv->v.v.s.n});
-    }
+    rewrite_heads(&w, p->branch_heads);
     if (mh_packw_finish(&w) != 0) abort();
     mh_pack_t q;
     const char *why;

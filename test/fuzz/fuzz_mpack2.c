@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "mh/mpack.h"
+#include "pack_rewrite.h"
 
 static const uint8_t *g_pack;
 static size_t g_len;
@@ -96,34 +97,8 @@ static void rewrite_v2(const mh_packr_result_t *R, mh_arena_t *a)
     mh_packw_t w;
     mh_packw_opts_t o = {.level = 1};
     mh_packw_init_v2(&w, &out, &o);
-    mh_packw_commits(&w, (uint32_t)R->ncommits);
-    for (size_t i = 0; i < R->ncommits; i++) {
-        const mh_pack_commit_t *c = &R->commits[i];
-        mh_buf_t meta = {0};
-        if (mh_pack_commit_meta(c, &meta, NULL) != 0) abort();
-        mh_packw_commit(&w, c->commit_id, c->parent, c->parent2, c->snapshot_id, c->message, c->author,
-                        c->committed_at, c->branch, meta.p, meta.len);
-        mh_buf_free(&meta);
-    }
-    mh_packw_snapshots(&w, (uint32_t)R->nsnapshots);
-    for (size_t i = 0; i < R->nsnapshots; i++) {
-        const mh_pack_snapshot_t *s = &R->snapshots[i];
-        mh_buf_t u = {0}, r = {0};
-        mh_mpw_t mw;
-        mh_mpw_init(&mw, &u);
-        mh_mpw_val(&mw, s->upsert);
-        mh_mpw_init(&mw, &r);
-        mh_mpw_val(&mw, s->remove);
-        mh_packw_snapshot(&w, s->snapshot_id, s->parent, u.p, u.len, r.p, r.len);
-        mh_buf_free(&u);
-        mh_buf_free(&r);
-    }
-    uint32_t nh = R->branch_heads ? R->branch_heads->v.m.n : 0;
-    mh_packw_branch_heads(&w, nh);
-    for (uint32_t i = 0; i < nh; i++) {
-        const mh_kv_t *kv = &R->branch_heads->v.m.kv[i];
-        mh_packw_branch_head(&w, (mh_str_t){kv->k.v.s.p, kv->k.v.s.n}, (mh_str_t){kv->v.v.s.p, kv->v.v.s.n});
-    }
+    rewrite_commits_snapshots(&w, R->commits, R->ncommits, R->snapshots, R->nsnapshots);
+    rewrite_heads(&w, R->branch_heads);
     mh_packw_frames(&w, (uint32_t)R->nframes);
     for (size_t f = 0; f < R->nframes; f++) {
         const mh_pack_frame_t *fr = &R->frames[f];

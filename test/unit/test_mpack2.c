@@ -190,6 +190,15 @@ static bool in_built(const v2opt_t *o, int i, const bool *copied)
     return !copied[i];
 }
 
+/* A v2 pack with empty metadata, up to its frames section. */
+static void v2_no_meta(mh_packw_t *w, mh_buf_t *out, const mh_packw_opts_t *po)
+{
+    mh_packw_init_v2(w, out, po);
+    mh_packw_commits(w, 0);
+    mh_packw_snapshots(w, 0);
+    mh_packw_branch_heads(w, 0);
+}
+
 static void drain(mh_buf_t *out, mh_buf_t *all, size_t at)
 {
     if (out->len > at) {
@@ -966,10 +975,7 @@ static void test_memory(void)
     mh_buf_t big = {0}, z = {0};
     mh_packw_t w;
     mh_packw_opts_t po = {.level = 1};
-    mh_packw_init_v2(&w, &big, &po);
-    mh_packw_commits(&w, 0);
-    mh_packw_snapshots(&w, 0);
-    mh_packw_branch_heads(&w, 0);
+    v2_no_meta(&w, &big, &po);
     const int nframes = 48;
     mh_packw_frames(&w, nframes);
     uint8_t *buf = malloc(1 << 20);
@@ -1016,10 +1022,7 @@ static void test_writer_misuse(void)
     mh_packw_blobs(&w, 0);
     TAP_EQ_INT(mh_packw_finish(&w), MH_EINVAL, "writer: a blobs section in v2 is a misuse");
     out.len = 0;
-    mh_packw_init_v2(&w, &out, &po);
-    mh_packw_commits(&w, 0);
-    mh_packw_snapshots(&w, 0);
-    mh_packw_branch_heads(&w, 0);
+    v2_no_meta(&w, &out, &po);
     mh_packw_frames(&w, 1);
     mh_packw_frame_begin(&w, MH_PACK_ZSTD);
     mh_packw_frame_blob(&w, S(H_ID.s), 17);
@@ -1027,29 +1030,20 @@ static void test_writer_misuse(void)
     mh_packw_frame_end(&w);
     TAP_EQ_INT(mh_packw_finish(&w), MH_EINVAL, "writer: a blob given fewer bytes than announced");
     out.len = 0;
-    mh_packw_init_v2(&w, &out, &po);
-    mh_packw_commits(&w, 0);
-    mh_packw_snapshots(&w, 0);
-    mh_packw_branch_heads(&w, 0);
+    v2_no_meta(&w, &out, &po);
     mh_packw_frames(&w, 1);
     mh_packw_frame_large_begin(&w, MH_PACK_ZSTD, S(H_ID.s), 17, 5);
     mh_packw_frame_large_data(&w, HELLO, 17);
     mh_packw_frame_end(&w);
     TAP_EQ_INT(mh_packw_finish(&w), MH_EINVAL, "writer: a large frame whose compressed length differs from the sizer's");
     out.len = 0;
-    mh_packw_init_v2(&w, &out, &po);
-    mh_packw_commits(&w, 0);
-    mh_packw_snapshots(&w, 0);
-    mh_packw_branch_heads(&w, 0);
+    v2_no_meta(&w, &out, &po);
     mh_packw_frames(&w, 1);
     mh_packw_blobref_t ref = {S(H_ID.s), 17};
     mh_packw_frame_copy_begin(&w, MH_PACK_ZSTD, 18, &ref, 1, 30);
     TAP_EQ_INT(mh_packw_finish(&w), MH_EINVAL, "writer: a verbatim frame whose blob lengths do not add up to size");
     out.len = 0;
-    mh_packw_init_v2(&w, &out, &po);
-    mh_packw_commits(&w, 0);
-    mh_packw_snapshots(&w, 0);
-    mh_packw_branch_heads(&w, 0);
+    v2_no_meta(&w, &out, &po);
     mh_packw_frames(&w, 2);
     mh_packw_frame_begin(&w, MH_PACK_NONE);
     mh_packw_frame_end(&w);
@@ -1091,10 +1085,7 @@ static void test_sizer(void)
         mh_packw_opts_t po = {.level = level};
         mh_id_t id;
         mh_blob_id(F.content[BIG], F.len[BIG] / 8, &id);
-        mh_packw_init_v2(&w, &out, &po);
-        mh_packw_commits(&w, 0);
-        mh_packw_snapshots(&w, 0);
-        mh_packw_branch_heads(&w, 0);
+        v2_no_meta(&w, &out, &po);
         mh_packw_frames(&w, 1);
         mh_packw_frame_large_begin(&w, MH_PACK_ZSTD, S(id.s), F.len[BIG] / 8, lens[0]);
         for (size_t k = 0; k < F.len[BIG] / 8; k += 3)
