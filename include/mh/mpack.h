@@ -267,7 +267,8 @@ typedef struct {
  * (result.meta_bytes counts what the reader put there). lim NULL = the
  * defaults. flags: MH_PACKR_*. total_len: the pack's length when known
  * (0 = unknown), which lets counts be checked against the bytes left
- * exactly as mh_pack_read does. *out is freed with mh_packr_free.
+ * exactly as mh_pack_read does (feeding more than total_len is then
+ * MH_EPARSE). *out is freed with mh_packr_free.
  * MH_ENOMEM. */
 int mh_packr_new(mh_arena_t *a, const mh_pack_limits_t *lim, unsigned flags, uint64_t total_len, mh_packr_t **out);
 

@@ -1513,6 +1513,9 @@ int mh_packr_feed(mh_packr_t *r, const void *p, size_t n)
     if (r->err) return r->err;
     if (r->finished) return fail(r, MH_EINVAL, "pack: fed after finish");
     if (n == 0) return 0;
+    /* The bounds checks rely on the announced length. */
+    if (r->outer.total && n > r->outer.total - r->res.bytes)
+        return fail(r, MH_EPARSE, "pack: longer than its announced length");
     if (r->flags & MH_PACKR_HASH_PACK) SHA256_Update(&r->packsha, p, n);
     r->res.bytes += n;
     int rc = ps_feed(&r->outer, p, n);
