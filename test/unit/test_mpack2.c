@@ -18,7 +18,9 @@
  *    whatever the chunking, the byte-range URIs;
  *  - a cross-check with an independent implementation
  *    (test/unit/mpack_xcheck.py: Python's zstandard and msgpack): its
- *    packs are read here, and ours are checked there.
+ *    packs are read here, and ours are checked there;
+ *  - in a FAILALLOC=1 build, the v2 writer and the stream reader with
+ *    the Nth allocation failing, for every N (include/mh/failalloc.h).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,6 +29,7 @@
 #include <unistd.h>
 #include <zstd.h>
 
+#include "mh/failalloc.h"
 #include "mh/mpack.h"
 #include "tap.h"
 
@@ -1394,6 +1397,78 @@ static void test_xcheck(const char *argv0)
     mh_buf_free(&pack);
 }
 
+/* ======================================================= failalloc */
+
+/* The v2 writer (meta frame, built and none frames) and the stream
+ * reader (4 KiB feeds, VERIFY) on part of the fixture; *d receives a
+ * digest of the pack and of what was read. */
+static int wl_v2(uint8_t d[32])
+{
+    mh_buf_t out = {0};
+    mh_packw_t w;
+    mh_packw_opts_t po = {.level = 1, .meta_frame = true};
+    mh_packw_init_v2(&w, &out, &po);
+    write_commits_snapshots(&w);
+    write_heads(&w);
+    mh_packw_frames(&w, 3);
+    for (int f = 0; f < 3; f++) {
+        mh_packw_frame_begin(&w, f == 2 ? MH_PACK_NONE : MH_PACK_ZSTD);
+        for (int i = 10 + 6 * f; i < 16 + 6 * f; i++) {
+            mh_packw_frame_blob(&w, S(F.id[i].s), F.len[i]);
+            mh_packw_frame_data(&w, F.content[i], F.len[i]);
+        }
+        mh_packw_frame_end(&w);
+    }
+    int rc = mh_packw_finish(&w);
+    mh_arena_t a;
+    mh_arena_init(&a, 0);
+    mh_packr_t *r = NULL;
+    if (!rc) rc = read_split(&a, out.p, out.len, 4096, MH_PACKR_VERIFY | MH_PACKR_HASH_PACK, NULL, &r);
+    if (!rc) {
+        const mh_packr_result_t *R = mh_packr_result(r);
+        uint8_t acc[32 + 3 * sizeof(size_t)];
+        memcpy(acc, R->pack_digest, 32);
+        memcpy(acc + 32, &R->nblobs, sizeof(size_t));
+        memcpy(acc + 32 + sizeof(size_t), &R->ncommits, sizeof(size_t));
+        memcpy(acc + 32 + 2 * sizeof(size_t), &R->nframes, sizeof(size_t));
+        mh_sha256(acc, sizeof acc, d);
+    }
+    mh_packr_free(r);
+    mh_arena_release(&a);
+    mh_buf_free(&out);
+    return rc;
+}
+
+/* With FAILALLOC=1 (make BUILD=build-failalloc SAN=1 FAILALLOC=1
+ * build-failalloc/test/test_mpack2): the Nth allocation fails, N = 1, 2,
+ * ..., one-shot then persistent; every run ends in the baseline result or
+ * MH_ENOMEM (ASan catches crashes, LSan leaks at exit). */
+static void test_failalloc(void)
+{
+    uint8_t base[32] = {0}, d[32];
+    mh_failalloc_disarm();
+    TAP_EQ_INT(wl_v2(base), 0, "failalloc workload (v2 writer + stream reader): baseline");
+    if (!mh_failalloc_enabled()) return;
+    for (int persist = 0; persist < 2; persist++) {
+        int runs = 0, bad = 0, enomem = 0;
+        for (uint64_t n = 1; n < 100000; n++, runs++) {
+            memset(d, 0, sizeof d);
+            mh_failalloc_arm(n, persist);
+            int rc = wl_v2(d);
+            uint64_t failed = mh_failalloc_failed();
+            mh_failalloc_disarm();
+            bool same = rc == 0 && memcmp(d, base, 32) == 0;
+            if (!same && rc != MH_ENOMEM) {
+                if (bad++ < 3) printf("# n=%llu: rc %d\n", (unsigned long long)n, rc);
+            }
+            enomem += rc == MH_ENOMEM;
+            if (!failed) break;
+        }
+        TAP_OK(bad == 0, "failalloc (%s): %d runs, each the baseline or MH_ENOMEM (%d MH_ENOMEM)",
+               persist ? "persistent" : "one-shot", runs, enomem);
+    }
+}
+
 static uint64_t t_last;
 static void lap(const char *what)
 {
@@ -1431,6 +1506,8 @@ int main(int argc, char **argv)
     lap("uri");
     test_xcheck(argv[0]);
     lap("xcheck");
+    test_failalloc();
+    lap("failalloc");
     for (int i = 0; i < NBLOBS; i++) free(F.content[i]);
     for (int k = 0; k < NCOMMITS; k++) {
         mh_buf_free(&F.up[k]);
