@@ -292,8 +292,8 @@ int mh_packr_finish(mh_packr_t *r);
 const char *mh_packr_why(const mh_packr_t *r);
 
 /* What has been read so far (complete after mh_packr_finish returned 0).
- * Valid until mh_packr_free (blobs, frames) and the arena's release
- * (metadata). */
+ * The arrays are valid until mh_packr_free; the values the commits,
+ * snapshots and branch heads point to, until the arena's release. */
 const mh_packr_result_t *mh_packr_result(const mh_packr_t *r);
 
 /* Bytes the reader holds now: its heap (blob and frame records, element
@@ -441,6 +441,7 @@ typedef struct {
  * Errors (sticky): MH_ENOMEM, MH_EINVAL (opts->level out of range). */
 void mh_packw_init_v2(mh_packw_t *w, mh_buf_t *out, const mh_packw_opts_t *opts);
 
+/* Opens the commits section: n commit maps follow (v1 and v2). */
 void mh_packw_commits(mh_packw_t *w, uint32_t n);
 /* One commit map: the 8 standard keys, then the pairs of `meta` (a
  * msgpack map of optional metadata keys, spliced verbatim; NULL/0 = none;
@@ -450,6 +451,7 @@ void mh_packw_commits(mh_packw_t *w, uint32_t n);
 void mh_packw_commit(mh_packw_t *w, mh_str_t commit_id, mh_str_t parent, mh_str_t parent2, mh_str_t snapshot_id,
                      mh_str_t message, mh_str_t author, mh_str_t committed_at, mh_str_t branch,
                      const uint8_t *meta, size_t meta_len);
+/* Opens the snapshots section: n snapshot maps follow. */
 void mh_packw_snapshots(mh_packw_t *w, uint32_t n);
 /* One snapshot in delta form, keys snapshot_id, parent_snapshot_id,
  * delta_upsert, delta_remove; upsert_mp is a msgpack map and remove_mp a
@@ -457,7 +459,7 @@ void mh_packw_snapshots(mh_packw_t *w, uint32_t n);
  * of 0 writes an empty map/array. parent.p == NULL writes nil (root). */
 void mh_packw_snapshot(mh_packw_t *w, mh_str_t snapshot_id, mh_str_t parent, const uint8_t *upsert_mp,
                        size_t upsert_len, const uint8_t *remove_mp, size_t remove_len);
-/* v1 only. */
+/* v1 only: opens the blobs section, n blob maps follow. */
 void mh_packw_blobs(mh_packw_t *w, uint32_t n);
 /* v1: one blob map {"object_id": id, "content": bin}; the content bytes
  * are copied from `content`. Its content starts at w->pos - len after
@@ -468,6 +470,8 @@ void mh_packw_blob(mh_packw_t *w, mh_str_t object_id, const void *content, size_
  * appends pieces until exactly len bytes were given. */
 void mh_packw_blob_begin(mh_packw_t *w, mh_str_t object_id, uint64_t len);
 void mh_packw_blob_data(mh_packw_t *w, const void *p, size_t n);
+/* Opens the branch_heads map (n pairs), then one pair per call: branch
+ * name -> commit id, written as given. */
 void mh_packw_branch_heads(mh_packw_t *w, uint32_t n);
 void mh_packw_branch_head(mh_packw_t *w, mh_str_t branch, mh_str_t commit_id);
 
