@@ -19,8 +19,8 @@ if [ "${1:-}" != "--s3emu-only" ]; then
   # python3-prometheus-client: test/e2e/test_ops.py parses /metrics with it.
   # systemd: systemd-analyze verifies the installed unit (test_ops.py); nothing is started.
   PKGS="$BENCH_PKGS build-essential pkg-config libuv1-dev node-llhttp libpq-dev libmbedtls-dev libcurl4-openssl-dev
-libmsgpack-dev libjansson-dev libssl-dev postgresql postgresql-client clang libclang-rt-14-dev
-python3 python3-pytest python3-httpx python3-msgpack python3-cryptography python3-boto3 python3-prometheus-client
+libmsgpack-dev libjansson-dev libssl-dev libzstd-dev postgresql postgresql-client clang libclang-rt-14-dev
+python3 python3-pytest python3-httpx python3-msgpack python3-zstandard python3-cryptography python3-boto3 python3-prometheus-client
 git curl nginx systemd"
   missing=""
   for p in $PKGS; do
