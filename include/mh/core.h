@@ -150,6 +150,18 @@ char *mh_vsprintf(mh_arena_t *a, const char *fmt, va_list ap) __attribute__((for
  * the caller still owns the resource. */
 int mh_arena_defer(mh_arena_t *a, void (*fn)(void *), void *arg);
 
+/* ----------------------------------------------------------- heap arrays */
+
+/* Room for `need` (>= 1) elements of `size` bytes in the heap array p (NULL: none
+ * yet) whose capacity is *cap elements: p itself when it has room, else
+ * the array realloc()ed to double the capacity (at least `first`, at
+ * least need) with *cap updated. NULL on ENOMEM or overflow, p and *cap
+ * then unchanged (the caller still owns p). The caller keeps the count:
+ *   T *v = mh_vec_grow(x->v, &x->cap, x->n + 1, sizeof *v, 16);
+ *   if (!v) return MH_ENOMEM;
+ *   x->v = v; */
+void *mh_vec_grow(void *p, size_t *cap, size_t need, size_t size, size_t first);
+
 /* ---------------------------------------------------------------- buffer */
 
 /* A growable heap byte buffer. Zero-initialise ({0}) to start empty.

@@ -338,23 +338,24 @@ int mh_arena_defer(mh_arena_t *a, void (*fn)(void *), void *arg)
 
 /* ---------------------------------------------------------------- buffer */
 
+void *mh_vec_grow(void *p, size_t *cap, size_t need, size_t size, size_t first)
+{
+    if (need <= *cap) return p;
+    size_t n = *cap ? *cap : first ? first : 1;
+    while (n < need) n = n > SIZE_MAX / 2 ? need : n * 2;
+    if (size && n > SIZE_MAX / size) return NULL;
+    void *np = realloc(p, n * size);
+    if (np) *cap = n;
+    return np;
+}
+
 int mh_buf_reserve(mh_buf_t *b, size_t extra)
 {
     if (b->cap - b->len >= extra) return 0;
-    size_t need = b->len + extra;
-    if (need < b->len) return MH_ENOMEM;
-    size_t cap = b->cap ? b->cap : 256;
-    while (cap < need) {
-        if (cap > SIZE_MAX / 2) {
-            cap = need;
-            break;
-        }
-        cap *= 2;
-    }
-    uint8_t *p = realloc(b->p, cap);
+    if (b->len + extra < b->len) return MH_ENOMEM;
+    uint8_t *p = mh_vec_grow(b->p, &b->cap, b->len + extra, 1, 256);
     if (!p) return MH_ENOMEM;
     b->p = p;
-    b->cap = cap;
     return 0;
 }
 

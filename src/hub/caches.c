@@ -339,14 +339,10 @@ int mh__inflight_join(mh_hub_t *hub, const char *key, mh_req_t *req, mh__infligh
     if (!fc) return MH_ENOMEM;
     for (inflight_t *x = fc->inflight; x; x = x->next) {
         if (strcmp(x->key, key) != 0) continue;
-        if (x->n == x->cap) {
-            size_t cap = x->cap ? x->cap * 2 : 8;
-            mh_req_t **w = realloc(x->waiters, cap * sizeof *w);
-            if (!w) return MH_ENOMEM;
-            x->waiters = w;
-            x->cap = cap;
-        }
-        x->waiters[x->n++] = req;
+        mh_req_t **w = mh_vec_grow(x->waiters, &x->cap, x->n + 1, sizeof *w, 8);
+        if (!w) return MH_ENOMEM;
+        x->waiters = w;
+        w[x->n++] = req;
         return 1;
     }
     inflight_t *x = calloc(1, sizeof *x);

@@ -144,14 +144,10 @@ int mh__graph_add(mh_graph_t *g, const char *commit_id, const char *p1, const ch
 int mh__graph_add_branch(mh_graph_t *g, const char *name, const char *head_id)
 {
     if (!head_id || !mh_id_valid(head_id, strlen(head_id))) return MH_EPARSE;
-    if (g->nbranches == g->capb) {
-        uint32_t cap = g->capb ? g->capb * 2 : 8;
-        mh_gbranch_t *b = realloc(g->branches, cap * sizeof *b);
-        if (!b) return MH_ENOMEM;
-        g->branches = b;
-        g->capb = cap;
-    }
-    mh_gbranch_t *b = &g->branches[g->nbranches];
+    mh_gbranch_t *v = mh_vec_grow(g->branches, &g->capb, (size_t)g->nbranches + 1, sizeof *v, 8);
+    if (!v) return MH_ENOMEM;
+    g->branches = v;
+    mh_gbranch_t *b = &v[g->nbranches];
     b->name = strdup(name);
     if (!b->name) return MH_ENOMEM;
     memcpy(b->head.s, head_id, MH_ID_LEN);
@@ -173,14 +169,10 @@ static uint32_t lookup(const mh_graph_t *g, const uint8_t d[32])
 
 static int pend_push(mh_graph_t *g, uint32_t node, uint32_t j, const uint8_t d[32])
 {
-    if (g->npend == g->cappend) {
-        uint32_t cap = g->cappend ? g->cappend * 2 : 8;
-        mh_gpend_t *p = realloc(g->pend, (size_t)cap * sizeof *p);
-        if (!p) return MH_ENOMEM;
-        g->pend = p;
-        g->cappend = cap;
-    }
-    mh_gpend_t *p = &g->pend[g->npend++];
+    mh_gpend_t *v = mh_vec_grow(g->pend, &g->cappend, (size_t)g->npend + 1, sizeof *v, 8);
+    if (!v) return MH_ENOMEM;
+    g->pend = v;
+    mh_gpend_t *p = &v[g->npend++];
     p->node = node;
     p->j = j;
     memcpy(p->d, d, 32);

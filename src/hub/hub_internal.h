@@ -271,12 +271,14 @@ typedef struct mh_graph {
     mh_gnode_t *nodes;
     mh_idmap_t map; /* node index by commit digest */
     mh_gbranch_t *branches; /* sorted by name (bytewise) once sealed */
-    uint32_t nbranches, capb;
+    uint32_t nbranches;
+    size_t capb;
     uint32_t nsealed;              /* nodes [0, nsealed) have their parents resolved */
     uint8_t (*tmp_parents)[2][32]; /* parent digests of node nsealed + i until sealed */
     uint8_t *tmp_pmask;            /* bit 0/1: parent 1/2 present */
     mh_gpend_t *pend;              /* parents not in the graph: retried by each extension */
-    uint32_t npend, cappend;
+    uint32_t npend;
+    size_t cappend;
     int refs;
     size_t bytes; /* approximate memory held */
 } mh_graph_t;

@@ -1,7 +1,7 @@
 /*
  * test_core.c — core helpers: base64 (RFC 4648 section 10 vectors and the
- * decoder's strictness), hex, ids, arenas, SipHash (reference vectors)
- * and the id map.
+ * decoder's strictness), hex, ids, arenas, SipHash (reference vectors),
+ * the id map and heap arrays (mh_vec_grow).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -106,6 +106,32 @@ static void test_idmap(mh_arena_t *a)
     free(ids);
 }
 
+static void test_vec_grow(void)
+{
+    int *v = NULL;
+    size_t n = 0, cap = 0;
+    int ok = 1;
+    for (int i = 0; i < 1000; i++) {
+        int *g = mh_vec_grow(v, &cap, n + 1, sizeof *v, 4);
+        if (!g) {
+            ok = 0;
+            break;
+        }
+        v = g;
+        v[n++] = i;
+        if (cap < n || (cap & (cap - 1))) ok = 0; /* first 4, then doublings */
+    }
+    for (size_t i = 0; ok && i < n; i++) ok = v[i] == (int)i;
+    TAP_OK(ok && cap == 1024, "vec: 1000 pushes keep every element, capacity 4 doubled to 1024");
+    TAP_OK(mh_vec_grow(v, &cap, 10, sizeof *v, 4) == v && cap == 1024, "vec: room already there: same array");
+    size_t before = cap;
+    TAP_OK(mh_vec_grow(v, &cap, SIZE_MAX / 2, sizeof *v, 4) == NULL && cap == before,
+           "vec: an impossible size is NULL, the array and capacity unchanged");
+    v[0] = 7;
+    TAP_EQ_INT(v[0], 7, "vec: the array is still usable after a failed grow");
+    free(v);
+}
+
 int main(void)
 {
     mh_arena_t a;
@@ -146,6 +172,7 @@ int main(void)
     mh_arena_release(&lim);
     test_hex_ids();
     test_siphash();
+    test_vec_grow();
     test_idmap(&a);
     TAP_EQ_STR(mh_strerror(MH_ENOSPC), "no space left in the object store", "MH_ENOSPC has its text");
     mh_arena_release(&a);
