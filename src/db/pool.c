@@ -186,6 +186,15 @@ db_op_t *mh__db_op_internal(mh_db_t *db, const char *sql, void (*done)(mh_dbconn
 
 /* -------------------------------------------------- deferred delivery */
 
+/* Appends op to the FIFO list head..tail (linked through ->next). */
+static void op_append(db_op_t **head, db_op_t **tail, db_op_t *op)
+{
+    op->next = NULL;
+    if (*tail) (*tail)->next = op;
+    else *head = op;
+    *tail = op;
+}
+
 void mh__db_defer(mh_db_t *db, db_op_t *op)
 {
     if (db->finishing) {
@@ -195,12 +204,7 @@ void mh__db_defer(mh_db_t *db, db_op_t *op)
         mh__db_op_free(op);
         return;
     }
-    op->next = NULL;
-    if (db->done_tail)
-        db->done_tail->next = op;
-    else
-        db->done_head = op;
-    db->done_tail = op;
+    op_append(&db->done_head, &db->done_tail, op);
     if (!uv_is_active((uv_handle_t *)&db->idle)) uv_idle_start(&db->idle, on_idle);
 }
 
@@ -371,12 +375,7 @@ static void pool_submit(mh_db_t *db, db_op_t *op)
         return;
     }
     op->enq_ms = mh_now_ms();
-    op->next = NULL;
-    if (db->wait_tail)
-        db->wait_tail->next = op;
-    else
-        db->wait_head = op;
-    db->wait_tail = op;
+    op_append(&db->wait_head, &db->wait_tail, op);
     db->nwait++;
     if (!uv_is_active((uv_handle_t *)&db->wait_timer))
         uv_timer_start(&db->wait_timer, on_wait_timer, wait_limit(db), 0);

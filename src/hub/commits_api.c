@@ -550,35 +550,11 @@ static void step_write(mh_step_t *s)
         mh_rw_pack_rows(&b, &pack, NULL, NULL);
     }
     mh_rw_move_rows(&b, &c->mv);
+    /* The next commit on this branch starts from this manifest. */
+    c->op.new_sid = c->c.sid.s;
+    c->op.new_m = &c->m;
     mh_step_batch(s, &b, NULL);
 }
-
-
-static void step_done(mh_step_t *s)
-{
-    commit_t *c = C(s);
-    mh_fetch_cache_invalidate(c->op.hub, c->op.repo->repo_id);
-    /* The next commit on this branch starts from this manifest. */
-    mh_hub_manifest_cache_put(c->op.hub, c->c.sid.s, &c->m);
-    mh_step_done(s);
-}
-
-static const mh_step_def_t commit_steps[] = {
-    [C_PARSE] = {"parse", step_parse},
-    [C_HEADS] = {"heads", step_heads},
-    [C_MANIFEST] = {"manifest", step_manifest},
-    [C_BUILD] = {"build", step_build},
-    [C_KNOWN] = {"known", step_known},
-    [C_PACK] = {"pack", step_pack},
-    [C_ACQUIRE] = {"acquire", mh_step_acquire},
-    [C_BEGIN] = {"begin", step_begin},
-    [C_CHECK] = {"check", step_check},
-    [C_PUT] = {"put", step_put},
-    [C_COPY] = {"copy", step_copy},
-    [C_WRITE] = {"write", step_write},
-    [C_COMMIT] = {"commit", mh_step_commit},
-    [C_DONE] = {"done", step_done},
-};
 
 /* ============================================================ the end */
 
@@ -618,6 +594,23 @@ static void commit_free(void *arg)
 }
 
 /* The work arena holds the decoded body, contents and manifests. */
+static const mh_step_def_t commit_steps[] = {
+    [C_PARSE] = {"parse", step_parse},
+    [C_HEADS] = {"heads", step_heads},
+    [C_MANIFEST] = {"manifest", step_manifest},
+    [C_BUILD] = {"build", step_build},
+    [C_KNOWN] = {"known", step_known},
+    [C_PACK] = {"pack", step_pack},
+    [C_ACQUIRE] = {"acquire", mh_step_acquire},
+    [C_BEGIN] = {"begin", step_begin},
+    [C_CHECK] = {"check", step_check},
+    [C_PUT] = {"put", step_put},
+    [C_COPY] = {"copy", step_copy},
+    [C_WRITE] = {"write", step_write},
+    [C_COMMIT] = {"commit", mh_step_commit},
+    [C_DONE] = {"done", mh__op_step_done},
+};
+
 static const mh__op_def_t commit_def = {"commit", MH__STEPS(commit_steps), commit_finish, commit_free,
                                         WORK_ARENA_LIMIT};
 

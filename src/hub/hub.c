@@ -224,6 +224,14 @@ void *mh__op_new(mh_req_t *req, size_t size, const mh__op_def_t *def)
     return op;
 }
 
+void mh__op_step_done(mh_step_t *s)
+{
+    mh__op_t *op = (mh__op_t *)s;
+    mh_fetch_cache_invalidate(op->hub, op->repo->repo_id);
+    if (op->new_sid) mh_hub_manifest_cache_put(op->hub, op->new_sid, op->new_m);
+    mh_step_done(s);
+}
+
 void mh__op_repo_cb(mh_req_t *req, mh_repo_t *repo)
 {
     mh__op_t *op = req->user;
@@ -380,7 +388,7 @@ void mh_hub_load_repo(mh_req_t *req, mh_perm_t need, mh_repo_cb cb)
     const char *x = id.p ? mh_strndup(a, id.p, id.n) : mh_strndup(a, owner.p, owner.n);
     const char *y = id.p ? "" : mh_strndup(a, slug.p, slug.n);
     if (!x || !y || !(lr->key = repo_key(a, id.p ? 'i' : 'o', x, y, who, &lr->klen))) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
+        mh_res_fail(req, MH_ENOMEM, "repository");
         return;
     }
     mh_repo_t *r = mh_calloc(a, sizeof *r);

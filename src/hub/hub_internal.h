@@ -103,6 +103,10 @@ typedef struct {
     mh_repo_t *repo;
     mh_arena_t work;
     const mh__op_def_t *def;
+    /* A server-side commit's snapshot id and manifest, which
+     * mh__op_step_done keeps for the next commit on top of it. */
+    const char *new_sid;
+    const mh_manifest_t *new_m;
 } mh__op_t;
 
 /* A new operation of `size` bytes that starts with an mh__op_t: zeroed
@@ -113,6 +117,11 @@ typedef struct {
 void *mh__op_new(mh_req_t *req, size_t size, const mh__op_def_t *def);
 #define MH__OP_NEW(req, type, def)                                                                                   \
     ((void)sizeof(char[offsetof(type, op) == 0 ? 1 : -1]), (type *)mh__op_new((req), sizeof(type), (def)))
+/* The last step of an operation that changed its repository's history
+ * (committed): this process's cached fetch answers of the repository go
+ * (other processes see state_seq move), op->new_m is kept when set, then
+ * mh_step_done. */
+void mh__op_step_done(mh_step_t *s);
 /* mh_repo_cb for mh_hub_load_repo(req, need, mh__op_repo_cb) when
  * req->user is an operation: sets its repo and runs it. */
 void mh__op_repo_cb(mh_req_t *req, mh_repo_t *repo);

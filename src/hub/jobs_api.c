@@ -91,7 +91,7 @@ void mh_h_jobs_create(mh_req_t *req)
     jcreate_t *c = mh_calloc(a, sizeof *c);
     mh_val_t *payload = mh_v_map(a);
     if (!c || !payload) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
+        mh_res_fail(req, MH_ENOMEM, "jobs");
         return;
     }
     c->req = req;
@@ -115,14 +115,14 @@ void mh_h_jobs_create(mh_req_t *req)
         memcpy(c->mpack_key.s, k->v.s.p, MH_ID_LEN);
         c->mpack_key.s[MH_ID_LEN] = 0;
         if (mh_map_put(a, payload, "mpack_key", mh_v_str(c->mpack_key.s))) {
-            mh_res_error(req, 503, "unavailable", "out of memory");
+            mh_res_fail(req, MH_ENOMEM, "jobs");
             return;
         }
     }
     mh_buf_t out = {0};
     if (mh_encode(payload, MH_FMT_JSON, &out) || !(c->payload_json = mh_strndup(a, (char *)out.p, out.len))) {
         mh_buf_free(&out);
-        mh_res_error(req, 503, "unavailable", "out of memory");
+        mh_res_fail(req, MH_ENOMEM, "jobs");
         return;
     }
     mh_buf_free(&out);
@@ -202,7 +202,7 @@ void mh_h_job_get(mh_req_t *req)
     }
     const char *vals[2] = {mh_strndup(&req->arena, id.p, id.n), caller->identity_id.s};
     if (!vals[0]) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
+        mh_res_fail(req, MH_ENOMEM, "jobs");
         return;
     }
     mh_db_exec(hub->db, &st_job_get, vals, NULL, NULL, get_cb, req);

@@ -395,11 +395,6 @@ static void pget_step_head(mh_step_t *s)
 }
 
 
-static const mh_step_def_t pget_steps[] = {
-    [G_ROW] = {"row", pget_step_row},   [G_GRAPH] = {"graph", pget_step_graph}, [G_BASE] = {"base", pget_step_base},
-    [G_HEAD] = {"head", pget_step_head}, [G_DONE] = {"done", mh_step_done},
-};
-
 static void put_paths(mh_vb_t *b, mh_val_t *map, const char *key, const mh_mpath_t *ps, size_t n)
 {
     mh_val_t *arr = mh_vb_arr(b);
@@ -441,6 +436,11 @@ static void pget_free(void *arg)
     mh_manifest_free(&p->base_m);
     mh_manifest_free(&p->head_m);
 }
+
+static const mh_step_def_t pget_steps[] = {
+    [G_ROW] = {"row", pget_step_row},   [G_GRAPH] = {"graph", pget_step_graph}, [G_BASE] = {"base", pget_step_base},
+    [G_HEAD] = {"head", pget_step_head}, [G_DONE] = {"done", mh_step_done},
+};
 
 static const mh__op_def_t pget_def = {"proposal", MH__STEPS(pget_steps), pget_finish, pget_free, WORK_ARENA_LIMIT};
 
@@ -690,34 +690,12 @@ static void step_write(mh_step_t *s)
                     "UPDATE proposals SET state = 'merged', merge_commit_id = $3, updated_at = now()"
                     " WHERE proposal_id = $1 AND repo_id = $2",
                     3, x->pid, x->op->repo->repo_id, m->c.cid.s);
+    m->op.new_sid = m->c.sid.s;
+    m->op.new_m = &m->merged;
     mh_step_batch(s, &b, NULL);
 }
 
 
-static void step_done(mh_step_t *s)
-{
-    merge_t *m = M(s);
-    mh_fetch_cache_invalidate(m->op.hub, m->op.repo->repo_id);
-    mh_hub_manifest_cache_put(m->op.hub, m->c.sid.s, &m->merged);
-    mh_step_done(s);
-}
-
-static const mh_step_def_t merge_steps[] = {
-    [M_PROPOSAL] = {"proposal", step_proposal},
-    [M_GRAPH] = {"graph", step_graph},
-    [M_DEPTH] = {"depth", step_depth},
-    [M_LOAD_BASE] = {"load_base", step_load_base},
-    [M_LOAD_OURS] = {"load_ours", step_load_ours},
-    [M_LOAD_THEIRS] = {"load_theirs", step_load_theirs},
-    [M_MERGE] = {"merge", step_merge},
-    [M_ACQUIRE] = {"acquire", step_acquire},
-    [M_BEGIN] = {"begin", step_begin},
-    [M_LOCK] = {"lock", step_lock},
-    [M_CHECK] = {"check", step_check},
-    [M_WRITE] = {"write", step_write},
-    [M_COMMIT] = {"commit", mh_step_commit},
-    [M_DONE] = {"done", step_done},
-};
 
 /* Answers 409 {"error": "conflict", "detail", "paths": [...]}: SPEC 4.6's
  * error body with the extra key. */
@@ -770,6 +748,23 @@ static void merge_free(void *arg)
     merge_t *m = arg;
     merge_reset(m);
 }
+
+static const mh_step_def_t merge_steps[] = {
+    [M_PROPOSAL] = {"proposal", step_proposal},
+    [M_GRAPH] = {"graph", step_graph},
+    [M_DEPTH] = {"depth", step_depth},
+    [M_LOAD_BASE] = {"load_base", step_load_base},
+    [M_LOAD_OURS] = {"load_ours", step_load_ours},
+    [M_LOAD_THEIRS] = {"load_theirs", step_load_theirs},
+    [M_MERGE] = {"merge", step_merge},
+    [M_ACQUIRE] = {"acquire", step_acquire},
+    [M_BEGIN] = {"begin", step_begin},
+    [M_LOCK] = {"lock", step_lock},
+    [M_CHECK] = {"check", step_check},
+    [M_WRITE] = {"write", step_write},
+    [M_COMMIT] = {"commit", mh_step_commit},
+    [M_DONE] = {"done", mh__op_step_done},
+};
 
 static const mh__op_def_t merge_def = {"merge", MH__STEPS(merge_steps), merge_finish, merge_free, WORK_ARENA_LIMIT};
 

@@ -90,13 +90,15 @@ static mh_val_t *commit_val(mh_vb_t *b, PGresult *res, int r)
     return m;
 }
 
-/* --------------------------------------------------- GET .../commits/{id} */
-
-static const mh_stmt_t st_commit = {
-    "hub_read_commit",
-    "SELECT " COMMIT_COLS " FROM commit_refs r JOIN commits c ON c.commit_id = r.commit_id"
-    " WHERE r.repo_id = $1 AND r.commit_id = $2",
+/* The rows (COMMIT_COLS, any order) of this repository's commits among
+ * the ids of $1 (a text[]); $2 the repository. One commit or a page. */
+static const mh_stmt_t st_commits = {
+    "hub_read_commits",
+    "SELECT " COMMIT_COLS " FROM commits c JOIN commit_refs r ON r.commit_id = c.commit_id AND r.repo_id = $2"
+    " WHERE c.commit_id = ANY($1::text[])",
     2};
+
+/* --------------------------------------------------- GET .../commits/{id} */
 
 static void commit_row_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
@@ -107,24 +109,27 @@ static void commit_row_cb(void *ud, PGresult *res, int err, const char *errmsg)
 
 static void commit_repo_cb(mh_req_t *req, mh_repo_t *repo)
 {
-    mh_hub_t *hub = req->app;
-    const char *vals[2] = {repo->repo_id, req->user};
-    mh_db_exec(hub->db, &st_commit, vals, NULL, NULL, commit_row_cb, req);
+    exec_ids(req, &st_commits, (const char *const[]){req->user}, 1, repo->repo_id, commit_row_cb, req);
+}
+
+/* The route capture `name` as an id, NUL-terminated in the request
+ * arena; NULL after answering 422 invalid_id ("<what> id must be ...")
+ * or 503. */
+static char *param_id(mh_req_t *req, const char *name, const char *what)
+{
+    mh_str_t id = mh_req_param(req, name);
+    if (!id.p || !mh_id_valid(id.p, id.n)) {
+        mh_res_error(req, 422, "invalid_id", "%s id must be sha256:<64 hex>", what);
+        return NULL;
+    }
+    char *s = mh_strndup(&req->arena, id.p, id.n);
+    if (!s) mh_res_fail(req, MH_ENOMEM, what);
+    return s;
 }
 
 void mh_h_commit(mh_req_t *req)
 {
-    mh_str_t id = mh_req_param(req, "commit_id");
-    if (!id.p || !mh_id_valid(id.p, id.n)) {
-        mh_res_error(req, 422, "invalid_id", "commit id must be sha256:<64 hex>");
-        return;
-    }
-    req->user = mh_strndup(&req->arena, id.p, id.n);
-    if (!req->user) {
-        mh_res_fail(req, MH_ENOMEM, "commit");
-        return;
-    }
-    mh_hub_load_repo(req, MH_PERM_READ, commit_repo_cb);
+    if ((req->user = param_id(req, "commit_id", "commit"))) mh_hub_load_repo(req, MH_PERM_READ, commit_repo_cb);
 }
 
 /* ---------------------------------------------------- GET .../commits */
@@ -143,12 +148,6 @@ typedef struct {
     bool more;
     const char **ids;
 } log_t;
-
-static const mh_stmt_t st_commits_page = {
-    "hub_read_commits_page",
-    "SELECT " COMMIT_COLS " FROM commits c JOIN commit_refs r ON r.commit_id = c.commit_id AND r.repo_id = $2"
-    " WHERE c.commit_id = ANY($1::text[])",
-    2};
 
 static void log_rows_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
@@ -248,7 +247,7 @@ static void log_run(log_t *l)
             return;
         }
     }
-    exec_ids(req, &st_commits_page, l->ids, l->npage, l->repo->repo_id, log_rows_cb, l);
+    exec_ids(req, &st_commits, l->ids, l->npage, l->repo->repo_id, log_rows_cb, l);
 }
 
 static void log_graph_cb(void *ud, mh_graph_t *g, int err, const char *errmsg)
@@ -894,18 +893,11 @@ static void object_repo_cb(mh_req_t *req, mh_repo_t *repo)
 
 void mh_h_object(mh_req_t *req)
 {
-    mh_arena_t *a = &req->arena;
-    mh_str_t id = mh_req_param(req, "object_id");
-    if (!id.p || !mh_id_valid(id.p, id.n)) {
-        mh_res_error(req, 422, "invalid_id", "object id must be sha256:<64 hex>");
-        return;
-    }
-    obj_t *o = mh_calloc(a, sizeof *o);
-    if (!o || !(o->oid = mh_strndup(a, id.p, id.n))) {
-        mh_res_fail(req, MH_ENOMEM, "object");
-        return;
-    }
+    char *oid = param_id(req, "object_id", "object");
+    obj_t *o = oid ? mh__req_alloc(req, sizeof *o) : NULL;
+    if (!o) return;
     o->req = req;
+    o->oid = oid;
     snprintf(o->etag, sizeof o->etag, "\"%s\"", o->oid);
     req->user = o;
     mh_hub_load_repo(req, MH_PERM_READ, object_repo_cb);

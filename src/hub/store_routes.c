@@ -46,7 +46,7 @@ static void store_fail(mh_req_t *req, int rc, const char *doing)
     case MH_ELIMIT: mh_res_error(req, 400, "size_mismatch", "more bytes than the signed size"); break;
     case MH_EEXIST: mh_res_error(req, 409, "exists", "this staging key was already uploaded"); break;
     case MH_ENOENT: mh_res_error(req, 404, "not_found", "no such object"); break;
-    case MH_ENOMEM: mh_res_error(req, 503, "unavailable", "out of memory"); break;
+    case MH_ENOMEM: mh_res_fail(req, rc, doing); break;
     default: mh_res_error(req, 500, "internal", "%s: %s", doing, mh_strerror(rc)); break;
     }
 }
@@ -285,7 +285,7 @@ void mh_h_store_get(mh_req_t *req)
     dl_t *d = mh_calloc(&req->arena, sizeof *d);
     if (!d || mh_arena_defer(&req->arena, dl_cleanup, d)) {
         close(fd);
-        store_fail(req, MH_ENOMEM, "");
+        store_fail(req, MH_ENOMEM, "store");
         return;
     }
     *d = (dl_t){.req = req, .loop = hub->loop, .fd = fd, .off = 0, .end = size};
@@ -312,7 +312,7 @@ void mh_h_store_get(mh_req_t *req)
     mh_res_header(req, "Cache-Control", "private, max-age=3600, immutable");
     rc = mh_res_stream_begin(req, status, "application/octet-stream", d->end - d->off, dl_drain, dl_abort, d);
     if (rc) {
-        store_fail(req, MH_ENOMEM, "");
+        store_fail(req, MH_ENOMEM, "store");
         return;
     }
     if (!mh_res_stream_wants_body(req) || d->off >= d->end) dl_end(d, 0);

@@ -151,7 +151,6 @@ uint32_t mh_job_backoff_s(int attempt)
     return s > 3600 ? 3600 : (uint32_t)s;
 }
 
-
 double mh__job_elapsed_ms(const mh_job_t *j)
 {
     double ms = (double)(mh_now_us() - j->t0_us) / 1000.0;
@@ -175,8 +174,8 @@ void mh__job_step_init(mh_job_t *j, mh_step_t *s, const mh_step_def_t *steps, in
     s->user = j;
 }
 
-void *mh__job_new(mh_job_t *j, size_t size, const mh_step_def_t *steps, int n, int final,
-                  void (*finish)(mh_step_t *s), void (*cleanup)(void *op))
+void *mh__job_new(mh_job_t *j, size_t size, const mh_step_def_t *steps, int n, int final, void (*finish)(mh_step_t *s),
+                  void (*cleanup)(void *op))
 {
     mh_step_t *s = mh_calloc(&j->arena, size);
     if (!s || (cleanup && mh_arena_defer(&j->arena, cleanup, s))) {
@@ -193,11 +192,9 @@ void mh__job_end(mh_job_t *j, const mh_step_t *s, const char *what, bool permane
 {
     if (s->err)
         mh__job_fail(j, permanent, "%s: %s%s%s", what, s->why[0] ? s->why : "", s->why[0] ? ": " : "",
-                    mh_strerror(s->err));
-    else if (b->err || !result)
-        mh__job_fail(j, false, "%s: out of memory building the result", what);
-    else
-        mh_job_done(j, result);
+                     mh_strerror(s->err));
+    else if (b->err || !result) mh__job_fail(j, false, "%s: out of memory building the result", what);
+    else mh_job_done(j, result);
 }
 
 static void try_claim(mh_jobs_t *r);
@@ -220,11 +217,6 @@ static void job_unref(mh_job_t *j)
     stats.running--;
     if (r->stopping) maybe_stopped(r);
     else try_claim(r);
-}
-
-static void heartbeat_closed_cb(uv_handle_t *h)
-{
-    job_unref(h->data);
 }
 
 static const mh_stmt_t st_heartbeat = {
@@ -261,10 +253,7 @@ static void heartbeat_timer_cb(uv_timer_t *t)
     mh_db_exec(j->db, &st_heartbeat, vals, NULL, NULL, heartbeat_cb, j);
 }
 
-bool mh__job_cancelled(const mh_job_t *j)
-{
-    return j->runner->stopping || j->lease_lost;
-}
+bool mh__job_cancelled(const mh_job_t *j) { return j->runner->stopping || j->lease_lost; }
 
 static const mh_stmt_t st_done = {
     "jobs_done",
@@ -311,6 +300,8 @@ static void finish_cb(void *ud, PGresult *res, int err, const char *errmsg)
     }
     job_unref(j);
 }
+
+static void heartbeat_closed_cb(uv_handle_t *h) { job_unref(h->data); }
 
 static void finish(mh_job_t *j, int outcome, const char *result_json, const char *error, bool permanent)
 {
@@ -430,8 +421,8 @@ static void start_job(mh_jobs_t *r, PGresult *res)
     j->heartbeat.data = j;
     uint64_t beat = (uint64_t)r->cfg.lease_s * 1000 / 3;
     uv_timer_start(&j->heartbeat, heartbeat_timer_cb, beat, beat);
-    mh_debug("job %s (%s, repo %s): claimed, attempt %d/%d", j->id, j->type, j->repo_id ? j->repo_id : "-",
-             j->attempt, j->max_attempts);
+    mh_debug("job %s (%s, repo %s): claimed, attempt %d/%d", j->id, j->type, j->repo_id ? j->repo_id : "-", j->attempt,
+             j->max_attempts);
 
     if (r->stopping) {
         finish(j, O_ABANDONED, NULL, "shutdown", false);
@@ -500,10 +491,7 @@ static void notify_cb(void *ud, const char *channel, const char *payload)
     if (!r->stopping) try_claim(r);
 }
 
-static void poll_cb(uv_timer_t *t)
-{
-    try_claim(t->data);
-}
+static void poll_cb(uv_timer_t *t) { try_claim(t->data); }
 
 /* --------------------------------------------------------- maintenance */
 
@@ -513,10 +501,7 @@ static const mh_stmt_t st_prune = {
     " AND updated_at < now() - make_interval(hours => $1::int) RETURNING 1) SELECT count(*) FROM d",
     1};
 
-static bool sweep_stopping(void *arg)
-{
-    return ((mh_jobs_t *)arg)->stopping;
-}
+static bool sweep_stopping(void *arg) { return ((mh_jobs_t *)arg)->stopping; }
 
 static void sweep_done_cb(void *arg, int deleted)
 {
@@ -634,7 +619,4 @@ void mh_jobs_stop(mh_jobs_t *r, void (*done)(void *arg), void *arg)
     uv_close((uv_handle_t *)&r->maint, timer_closed_cb);
 }
 
-void mh_jobs_free(mh_jobs_t *r)
-{
-    free(r);
-}
+void mh_jobs_free(mh_jobs_t *r) { free(r); }
