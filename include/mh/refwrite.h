@@ -172,6 +172,13 @@ typedef struct {
  * answer). mv must live until the step after. */
 void mh_rw_move_check(mh_step_t *s, mh_move_t *mv);
 
+/* mh_rw_move_check of a commit the server writes in this transaction
+ * (kind MH_MOVE_COMMIT or MH_MOVE_MERGE, head new_head) onto branch: a
+ * compare-and-swap from expected_old (NULL: the branch must not exist),
+ * new_parent the commit's first parent (NULL: a root). */
+void mh_rw_commit_move(mh_step_t *s, mh_move_t *mv, const char *repo_id, const char *branch, mh_move_kind_t kind,
+                       const char *new_head, const char *new_parent, const char *expected_old);
+
 /* Ends the operation with SPEC's refusal for a verdict (the detail names
  * the branch and heads). */
 void mh_rw_move_refuse(mh_step_t *s, const mh_move_t *mv);

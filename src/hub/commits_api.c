@@ -505,15 +505,9 @@ static void step_check(mh_step_t *s)
     /* The branch must still be where the commit was built: at its parent,
      * or absent when it did not exist (it then starts at the default
      * branch's head, or as a root). */
-    c->mv = (mh_move_t){.repo_id = c->op.repo->repo_id,
-                        .branch = c->branch,
-                        .kind = MH_MOVE_COMMIT,
-                        .new_head = c->c.cid.s,
-                        .new_parent = c->has_parent ? c->parent.s : NULL,
-                        .cas = true,
-                        .expected_old = c->branch_exists ? c->parent.s : NULL,
-                        .head_written_here = true};
-    mh_rw_move_check(s, &c->mv);
+    const char *parent = c->has_parent ? c->parent.s : NULL;
+    mh_rw_commit_move(s, &c->mv, c->op.repo->repo_id, c->branch, MH_MOVE_COMMIT, c->c.cid.s, parent,
+                      c->branch_exists ? parent : NULL);
 }
 
 static int put_done(mh_step_t *s, int err)

@@ -664,10 +664,8 @@ static void step_check(mh_step_t *s)
 {
     merge_t *m = M(s);
     pctx_t *x = &m->x;
-    m->mv = (mh_move_t){.repo_id = x->op->repo->repo_id, .branch = x->to, .kind = MH_MOVE_MERGE, .new_head = m->c.cid.s,
-                        .new_parent = x->has_to ? x->to_head.s : NULL, .cas = true,
-                        .expected_old = x->has_to ? x->to_head.s : NULL, .head_written_here = true};
-    mh_rw_move_check(s, &m->mv);
+    const char *to = x->has_to ? x->to_head.s : NULL;
+    mh_rw_commit_move(s, &m->mv, x->op->repo->repo_id, x->to, MH_MOVE_MERGE, m->c.cid.s, to, to);
 }
 
 static void step_write(mh_step_t *s)

@@ -319,6 +319,14 @@ void mh_rw_move_check(mh_step_t *s, mh_move_t *mv)
     mh_step_query(s, &q, branch_locked);
 }
 
+void mh_rw_commit_move(mh_step_t *s, mh_move_t *mv, const char *repo_id, const char *branch, mh_move_kind_t kind,
+                       const char *new_head, const char *new_parent, const char *expected_old)
+{
+    /* The "in" members in their order: cas, and the head is written here. */
+    *mv = (mh_move_t){repo_id, branch, kind, new_head, new_parent, true, expected_old, true};
+    mh_rw_move_check(s, mv);
+}
+
 void mh_rw_move_refuse(mh_step_t *s, const mh_move_t *mv)
 {
     const char *old = mv->exists ? mv->old_head : "(no branch)";
