@@ -107,7 +107,7 @@ typedef struct {
     const char *id;         /* MH_ID_LEN bytes, borrowed */
     const uint8_t *content; /* borrowed */
     uint64_t len;
-    uint64_t new_off;       /* out: where its content starts in the new pack */
+    uint64_t new_off; /* out: where its content starts in the new pack */
 } mh_rw_blob_t;
 
 /* Sorts blobs[] in place, drops duplicate ids (the first copy wins; *n is
@@ -149,14 +149,14 @@ typedef struct {
     /* in */
     const char *repo_id, *branch;
     mh_move_kind_t kind;
-    const char *new_head;   /* NULL for a delete */
-    const char *new_parent; /* the new head's first parent when known (a commit this transaction writes) */
-    bool cas;               /* compare the current head with expected_old */
+    const char *new_head;     /* NULL for a delete */
+    const char *new_parent;   /* the new head's first parent when known (a commit this transaction writes) */
+    bool cas;                 /* compare the current head with expected_old */
     const char *expected_old; /* with cas: NULL means "the branch does not exist" */
-    bool head_written_here; /* the new head's commit_refs row is written later in this transaction */
+    bool head_written_here;   /* the new head's commit_refs row is written later in this transaction */
     /* out */
-    bool exists;                /* the branch existed (locked) */
-    char old_head[MH_ID_SIZE];  /* its head then ("" when it did not) */
+    bool exists;               /* the branch existed (locked) */
+    char old_head[MH_ID_SIZE]; /* its head then ("" when it did not) */
     mh_move_verdict_t verdict;
 } mh_move_t;
 
@@ -208,17 +208,17 @@ typedef struct {
     int nparents; /* 0..2 */
     const char *parents[2];
     int64_t parent_gens[2];
-    const char *parent_snap;      /* the first parent's snapshot (NULL for a root) */
-    int64_t parent_depth;         /* its depth */
+    const char *parent_snap;       /* the first parent's snapshot (NULL for a root) */
+    int64_t parent_depth;          /* its depth */
     const mh_manifest_t *parent_m; /* its manifest (NULL or empty for a root) */
-    const mh_manifest_t *m;       /* the new tree */
+    const mh_manifest_t *m;        /* the new tree */
     const char *message, *author, *branch;
     /* out */
     mh_id_t sid, cid;
     char committed_at[48];
     int64_t gen, depth;
     bool new_snapshot, checkpoint;
-    mh_buf_t up, rm, cp; /* delta_upsert, delta_remove, checkpoint (msgpack); mh_rw_commit_free */
+    mh_buf_t up, rm, cp;                      /* delta_upsert, delta_remove, checkpoint (msgpack); mh_rw_commit_free */
     char entries[24], depth_s[24], gen_s[24]; /* as text, for the statements */
 } mh_rw_commit_t;
 
@@ -236,8 +236,8 @@ void mh_rw_commit_free(mh_rw_commit_t *c);
 /* A push grant (SPEC 4.3): the right to import one uploaded pack. */
 typedef struct {
     char *grant_id, *staging_key;
-    bool verified;  /* its upload was hashed by the server already */
-    uint64_t size;  /* the size it promised */
+    bool verified; /* its upload was hashed by the server already */
+    uint64_t size; /* the size it promised */
 } mh_grant_t;
 
 /* The grant protocol of push and mpack.index: which bytes a repository
@@ -258,28 +258,28 @@ typedef struct {
 typedef struct {
     /* in */
     const char *repo_id, *mpack_id;
-    const char *head;     /* optional: lookup also tells whether this commit is the repository's */
-    mh_arena_t *arena;    /* grants and keys */
+    const char *head;  /* optional: lookup also tells whether this commit is the repository's */
+    mh_arena_t *arena; /* grants and keys */
     /* out */
     char pack_key[MH_MPACK_KEY_SIZE];
-    bool referenced;      /* the repository references the pack (mpack_refs) */
-    bool head_known;      /* head is one of the repository's commits */
+    bool referenced; /* the repository references the pack (mpack_refs) */
+    bool head_known; /* head is one of the repository's commits */
     mh_grant_t *grants;
-    size_t ngrants, next; /* next: the grant read tries next */
+    size_t ngrants, next;    /* next: the grant read tries next */
     const mh_grant_t *grant; /* the grant whose upload was read (NULL: read from the pack key as referenced) */
-    const char *src;      /* the key the bytes came from */
-    bool trusted;         /* referenced, or a verified grant: the bytes were hashed when they entered */
-    mh_buf_t bytes;       /* the pack (mh_rw_upload_free) */
-    char size[24];        /* its byte count as text (mh_rw_upload_rows) */
-    int i_index, i_refs;  /* where mh_rw_upload_rows put its two counts */
-    int64_t indexed;      /* mh_rw_upload_written: mpack_index rows added */
-    int64_t referenced_new; /* mh_rw_upload_written: object_refs rows added */
+    const char *src;         /* the key the bytes came from */
+    bool trusted;            /* referenced, or a verified grant: the bytes were hashed when they entered */
+    mh_buf_t bytes;          /* the pack (mh_rw_upload_free) */
+    char size[24];           /* its byte count as text (mh_rw_upload_rows) */
+    int i_index, i_refs;     /* where mh_rw_upload_rows put its two counts */
+    int64_t indexed;         /* mh_rw_upload_written: mpack_index rows added */
+    int64_t referenced_new;  /* mh_rw_upload_written: object_refs rows added */
     enum {
         MH_UPLOAD_READ = 0,     /* bytes read */
         MH_UPLOAD_NO_GRANT,     /* not referenced and no grant -> 404 no_grant */
         MH_UPLOAD_NOT_STAGED,   /* grants, none with a completed upload -> 404 not_staged */
         MH_UPLOAD_SIZE_MISMATCH /* the staged upload's size is not the grant's -> 422 size_mismatch */
-    } outcome;            /* of read */
+    } outcome;                  /* of read */
 } mh_upload_t;
 
 void mh_rw_upload_init(mh_upload_t *up, mh_arena_t *a, const char *repo_id, const char *mpack_id);

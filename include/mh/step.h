@@ -86,7 +86,7 @@ struct mh_step {
     mh_dbconn_t *conn; /* the held connection: the operation's transaction */
     void *arg;         /* what the call in flight works on, for helpers (refwrite) */
     void *user;        /* the operation's own (a job keeps its mh_job_t here) */
-    union { /* the handler of the call in flight */
+    union {            /* the handler of the call in flight */
         mh_step_res_fn res;
         mh_step_pipe_fn pipe;
         mh_step_get_fn get;
@@ -100,7 +100,7 @@ struct mh_step {
 };
 
 /* The operation that embeds s as `member`. */
-#define MH_STEP_OP(s, type, member) ((type *)(void *)((char *)(s) - offsetof(type, member)))
+#define MH_STEP_OP(s, type, member) ((type *)(void *)((char *)(s)-offsetof(type, member)))
 
 /* Where an operation runs: its loop, database pool and object store. */
 typedef struct {

@@ -32,12 +32,12 @@
 
 #include "hub_internal.h"
 
-#define REPO_SLOTS 4096   /* repository lookups, direct-mapped */
+#define REPO_SLOTS 4096 /* repository lookups, direct-mapped */
 #define REPO_TTL_MS 2000
 #define REFS_SLOTS 1024   /* branch heads, direct-mapped */
 #define ANSWER_SLOTS 8192 /* fetch answers, FIFO */
 #define ANSWER_BUCKETS 16384
-#define URL_SLOTS 256     /* presigned URLs, direct-mapped */
+#define URL_SLOTS 256 /* presigned URLs, direct-mapped */
 
 /* ============================================================ container */
 
@@ -49,12 +49,12 @@ typedef struct inflight inflight_t;
 
 struct mh_fetch_cache {
     mh_hub_t *hub;
-    mh__graph_cache_t *graphs;      /* graph.c */
-    mh__manifest_lru_t *manifests;  /* manifests.c */
+    mh__graph_cache_t *graphs;     /* graph.c */
+    mh__manifest_lru_t *manifests; /* manifests.c */
     /* repository lookups */
     repo_ent_t *repos[REPO_SLOTS];
     uint32_t nrepos;
-    uint64_t epoch;                 /* bumped by every invalidation */
+    uint64_t epoch; /* bumped by every invalidation */
     bool listening;
     /* branch heads */
     refs_ent_t *refs[REFS_SLOTS];
@@ -179,9 +179,9 @@ bool mh_hub_repo_cache_lookup(mh_hub_t *hub, const char *key, size_t klen, mh_ar
         return false;
     }
     const mh_repo_t *r = &e->row;
-    char **dst[9] = {&out->repo_id, &out->owner, &out->owner_id, &out->name, &out->slug,
+    char **dst[9] = {&out->repo_id,    &out->owner,       &out->owner_id,       &out->name,      &out->slug,
                      &out->visibility, &out->description, &out->default_branch, &out->created_at};
-    char *const src[9] = {r->repo_id, r->owner, r->owner_id, r->name, r->slug,
+    char *const src[9] = {r->repo_id,    r->owner,       r->owner_id,       r->name,      r->slug,
                           r->visibility, r->description, r->default_branch, r->created_at};
     bool ok = true;
     for (int k = 0; k < 9; k++) ok &= (*dst[k] = mh_strdup(a, src[k])) != NULL;
@@ -195,8 +195,8 @@ void mh_hub_repo_cache_put(mh_hub_t *hub, uint64_t epoch, const char *key, size_
 {
     mh_fetch_cache_t *fc = hub->fetch_cache;
     if (!fc || !fc->listening || fc->epoch != epoch) return;
-    const char *src[10] = {r->repo_id, r->owner, r->owner_id, r->name, r->slug, r->visibility,
-                           r->description, r->default_branch, r->created_at, role ? role : ""};
+    const char *src[10] = {r->repo_id,    r->owner,       r->owner_id,       r->name,       r->slug,
+                           r->visibility, r->description, r->default_branch, r->created_at, role ? role : ""};
     size_t total = 0;
     for (int i = 0; i < 10; i++) total += strlen(src[i]) + 1;
     repo_ent_t *e = calloc(1, sizeof *e);
@@ -213,11 +213,18 @@ void mh_hub_repo_cache_put(mh_hub_t *hub, uint64_t epoch, const char *key, size_
         p = stpcpy(p, src[i]) + 1;
     }
     memcpy(k, key, klen);
-    *e = (repo_ent_t){.key = k, .klen = klen, .block = block, .role = role ? dst[9] : NULL,
-                      .expires_ms = mh_now_ms() + REPO_TTL_MS};
-    e->row = (mh_repo_t){.repo_id = dst[0], .owner = dst[1], .owner_id = dst[2], .name = dst[3], .slug = dst[4],
-                         .visibility = dst[5], .description = dst[6], .default_branch = dst[7],
-                         .created_at = dst[8], .state_seq = r->state_seq};
+    *e = (repo_ent_t){
+        .key = k, .klen = klen, .block = block, .role = role ? dst[9] : NULL, .expires_ms = mh_now_ms() + REPO_TTL_MS};
+    e->row = (mh_repo_t){.repo_id = dst[0],
+                         .owner = dst[1],
+                         .owner_id = dst[2],
+                         .name = dst[3],
+                         .slug = dst[4],
+                         .visibility = dst[5],
+                         .description = dst[6],
+                         .default_branch = dst[7],
+                         .created_at = dst[8],
+                         .state_seq = r->state_seq};
     uint32_t i = repo_slot(key, klen);
     if (fc->repos[i]) repo_ent_free(fc->repos[i]);
     else fc->nrepos++;
@@ -233,7 +240,10 @@ struct refs_ent {
     char **names, **heads; /* all in one heap block with the entry */
 };
 
-static uint32_t refs_slot(const char *repo_id) { return (uint32_t)mh_hash64(repo_id, strlen(repo_id)) & (REFS_SLOTS - 1); }
+static uint32_t refs_slot(const char *repo_id)
+{
+    return (uint32_t)mh_hash64(repo_id, strlen(repo_id)) & (REFS_SLOTS - 1);
+}
 
 bool mh__refs_cache_get(mh_hub_t *hub, const mh_repo_t *repo, uint32_t *n, char *const **names, char *const **heads)
 {

@@ -178,10 +178,8 @@ static void parse_work(mh_step_t *s)
     mh_val_t body = {.t = MH_V_MAP};
     const char *why = NULL;
     int rc = 0;
-    if (req->body.len && c->msgpack)
-        rc = mh_msgpack_decode(a, req->body.p, req->body.len, NULL, &body, &why);
-    else if (req->body.len)
-        rc = mh_json_decode(a, req->body.p, req->body.len, NULL, &body, &why);
+    if (req->body.len && c->msgpack) rc = mh_msgpack_decode(a, req->body.p, req->body.len, NULL, &body, &why);
+    else if (req->body.len) rc = mh_json_decode(a, req->body.p, req->body.len, NULL, &body, &why);
     if (rc == MH_ENOMEM) {
         mh_step_refuse(s, 413, "too_large", "the body is too large to decode");
         return;
@@ -491,7 +489,6 @@ static void pack_work(mh_step_t *s)
 static void step_pack(mh_step_t *s) { mh_step_work(s, pack_work); }
 
 /* ====================================================== transaction */
-
 
 static void step_begin(mh_step_t *s)
 {

@@ -507,12 +507,10 @@ static int rows_read(mh_step_t *s, PGresult **res, int n)
     (void)n;
     /* Missing or malformed stored rows are the server's fault. */
     int rc = copy_commits(f, res[0]);
-    if (rc)
-        mh_step_fail(s, rc == MH_ENOMEM ? rc : MH_EDB, "commit rows missing or malformed");
+    if (rc) mh_step_fail(s, rc == MH_ENOMEM ? rc : MH_EDB, "commit rows missing or malformed");
     else if ((rc = copy_snapshots(f, res[1])))
         mh_step_fail(s, rc == MH_ENOMEM ? rc : MH_EDB, "snapshot rows missing or malformed");
-    else
-        tmark(f, "rows");
+    else tmark(f, "rows");
     return 0;
 }
 
@@ -575,13 +573,11 @@ static void step_manifests(mh_step_t *s)
     fetch_t *f = F(s);
     for (size_t i = 0; i < f->snap_ids.n; i++) {
         snap_t *sn = &f->snaps[i];
-        if (!sn->parent)
-            sn->kind = SNAP_ROOT_STORED;
+        if (!sn->parent) sn->kind = SNAP_ROOT_STORED;
         else if (mh_idlist_find(&f->have_snaps, sn->parent) != MH_IDMAP_NONE ||
                  mh_idlist_find(&f->snap_ids, sn->parent) != MH_IDMAP_NONE)
             sn->kind = SNAP_DELTA;
-        else
-            sn->kind = SNAP_ROOT_REBUILD;
+        else sn->kind = SNAP_ROOT_REBUILD;
     }
     /* Distinct snapshots of the have tips, at most MAX_HAVE_MANIFESTS:
      * subtracting fewer only sends more blobs, never too few. */
@@ -796,8 +792,7 @@ static int located(mh_step_t *s, PGresult *res)
     }
     if (missing)
         mh_step_refuse(s, 503, "not_indexed", "%zu needed objects are not indexed yet; retry shortly", missing);
-    else
-        tmark(f, "locate");
+    else tmark(f, "locate");
     return 0;
 }
 
@@ -929,12 +924,10 @@ static void write_snapshots(fetch_t *f, mh_packw_t *w)
     mh_packw_snapshots(w, (uint32_t)f->nemit);
     for (size_t i = 0; i < f->nemit; i++) {
         const snap_t *s = &f->snaps[f->emit[i]];
-        if (s->kind == SNAP_DELTA)
-            mh_packw_snapshot(w, S(s->id), S(s->parent), s->up, s->upn, s->rm, s->rmn);
+        if (s->kind == SNAP_DELTA) mh_packw_snapshot(w, S(s->id), S(s->parent), s->up, s->upn, s->rm, s->rmn);
         else if (s->kind == SNAP_ROOT_STORED)
             mh_packw_snapshot(w, S(s->id), (mh_str_t){NULL, 0}, s->up, s->upn, s->rm, s->rmn);
-        else
-            mh_packw_snapshot(w, S(s->id), (mh_str_t){NULL, 0}, s->full_mp->p, s->full_mp->len, empty_arr, 1);
+        else mh_packw_snapshot(w, S(s->id), (mh_str_t){NULL, 0}, s->full_mp->p, s->full_mp->len, empty_arr, 1);
     }
 }
 
@@ -993,20 +986,16 @@ static void step_build(mh_step_t *s)
     }
     /* Small packs are built here; nothing else touches f while a large
      * one is built on the thread pool: the request waits. */
-    if (f->blob_bytes > POOL_THRESHOLD)
-        mh_step_work(s, build_work);
-    else if ((s->work_err = build_pack(f)))
-        mh_step_fail(s, s->work_err, "building the pack");
+    if (f->blob_bytes > POOL_THRESHOLD) mh_step_work(s, build_work);
+    else if ((s->work_err = build_pack(f))) mh_step_fail(s, s->work_err, "building the pack");
 }
 
 /* --- S_PUT: store the pack under its own hash */
 
 static int put_done(mh_step_t *s, int err)
 {
-    if (err)
-        mh_step_fail(s, err, "storing the pack");
-    else
-        tmark(F(s), "put");
+    if (err) mh_step_fail(s, err, "storing the pack");
+    else tmark(F(s), "put");
     return err;
 }
 
@@ -1079,7 +1068,8 @@ static void step_record(mh_step_t *s)
     snprintf(nb, sizeof nb, "%u", ans->blobs);
     mh_db_batch_t b = {0};
     if (f->pack) mh_db_batch_stmt(&b, &st_ins_mpack, ans->mpack_id, size);
-    mh_db_batch_stmt(&b, &st_ins_answer, f->op.repo->repo_id, seq, f->normkey, f->pack ? ans->mpack_id : NULL, nc, ns, nb);
+    mh_db_batch_stmt(&b, &st_ins_answer, f->op.repo->repo_id, seq, f->normkey, f->pack ? ans->mpack_id : NULL, nc, ns,
+                     nb);
     mh_step_wait(s);
     mh_db_pipeline(f->op.hub->db, b.q, b.n, recorded, f);
 }

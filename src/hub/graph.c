@@ -113,7 +113,7 @@ mh_graph_t *mh__graph_extend(const mh_graph_t *base, int64_t state_seq, uint32_t
 static int digest_of(const char *id, uint8_t out[32]) { return mh_id_digest(id, id ? strlen(id) : 0, out); }
 
 int mh__graph_add(mh_graph_t *g, const char *commit_id, const char *p1, const char *p2, const char *snapshot_id,
-                 uint32_t gen)
+                  uint32_t gen)
 {
     uint8_t d[32], s[32], pd[2][32];
     uint8_t pm = 0;
@@ -336,7 +336,7 @@ static void mark(walk_t *w, uint32_t x, uint8_t f)
 }
 
 int mh__graph_walk(const mh_graph_t *g, const uint32_t *want, size_t nwant, const uint32_t *have, size_t nhave,
-                  uint8_t *flags, uint32_t *out, size_t *nout)
+                   uint8_t *flags, uint32_t *out, size_t *nout)
 {
     *nout = 0;
     if (!g->n) return 0;
@@ -365,8 +365,8 @@ int mh__graph_walk(const mh_graph_t *g, const uint32_t *want, size_t nwant, cons
     return 0;
 }
 
-int mh__graph_log(const mh_graph_t *g, uint32_t head, uint32_t cursor, uint32_t limit, uint32_t *out,
-                 uint32_t *nout, bool *more)
+int mh__graph_log(const mh_graph_t *g, uint32_t head, uint32_t cursor, uint32_t limit, uint32_t *out, uint32_t *nout,
+                  bool *more)
 {
     *nout = 0;
     *more = false;
@@ -517,11 +517,11 @@ void mh__graph_cache_free(mh__graph_cache_t *gc)
 
 /* One statement = one snapshot: the state counter, the branches and the
  * commit graph cannot come from two different repository states. */
-#define GRAPH_SQL                                                                                            \
-    "SELECT 0, state_seq::text, NULL::text, NULL::text, NULL::text, 0, 0::bigint FROM repos WHERE repo_id = $1" \
-    " UNION ALL SELECT 1, name, head_commit_id, NULL::text, NULL::text, 0, 0::bigint FROM branches"              \
-    " WHERE repo_id = $1"                                                                                     \
-    " UNION ALL SELECT 2, c.commit_id, c.parent_commit_id, c.parent2_commit_id, c.snapshot_id, c.generation,"   \
+#define GRAPH_SQL                                                                                                      \
+    "SELECT 0, state_seq::text, NULL::text, NULL::text, NULL::text, 0, 0::bigint FROM repos WHERE repo_id = $1"        \
+    " UNION ALL SELECT 1, name, head_commit_id, NULL::text, NULL::text, 0, 0::bigint FROM branches"                    \
+    " WHERE repo_id = $1"                                                                                              \
+    " UNION ALL SELECT 2, c.commit_id, c.parent_commit_id, c.parent2_commit_id, c.snapshot_id, c.generation,"          \
     " r.ref_seq FROM commit_refs r JOIN commits c ON c.commit_id = r.commit_id WHERE r.repo_id = $1"
 
 static const mh_stmt_t st_graph = {"hub_graph_load", GRAPH_SQL, 1};
@@ -571,7 +571,9 @@ static mh_graph_t *build(const loader_t *l, PGresult *res, int *err, const char 
             int64_t gen = mh_pq_int(res, r, 5), rs = mh_pq_int(res, r, 6);
             if (rs > g->ref_seq) g->ref_seq = rs;
             rc = mh__graph_add(g, mh_pq_str(res, r, 1), p1, p2, mh_pq_str(res, r, 4),
-                              gen < 0 ? 0 : gen > UINT32_MAX ? UINT32_MAX : (uint32_t)gen);
+                               gen < 0            ? 0
+                               : gen > UINT32_MAX ? UINT32_MAX
+                                                  : (uint32_t)gen);
         }
         if (rc && rc != MH_ENOMEM) mh_warn("graph of %s: skipping a row with a malformed id", l->repo_id);
     }

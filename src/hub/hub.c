@@ -348,7 +348,7 @@ static void load_repo_cb(void *ud, PGresult *res, int err, const char *errmsg)
 
 bool mh__repo_row(mh_arena_t *a, PGresult *res, int row, mh_repo_t *r)
 {
-    char **fields[] = {&r->repo_id, &r->owner, &r->owner_id, &r->name, &r->slug,
+    char **fields[] = {&r->repo_id,    &r->owner,       &r->owner_id,       &r->name,      &r->slug,
                        &r->visibility, &r->description, &r->default_branch, &r->created_at};
     bool ok = true;
     for (int i = 0; i < 9; i++) ok &= (*fields[i] = mh_strdup(a, mh_pq_str(res, row, i))) != NULL;
@@ -410,13 +410,16 @@ void mh_hub_load_repo(mh_req_t *req, mh_perm_t need, mh_repo_cb cb)
 mh_val_t *mh_repo_val(mh_req_t *req, const mh_repo_t *r)
 {
     /* SPEC 4.1's object with its camelCase aliases. */
-    static const char *const keys[] = {"repo_id", "repoId", "owner", "name", "slug", "visibility", "description",
-                                       "default_branch", "defaultBranch", "created_at", "createdAt"};
-    const char *vals[] = {r->repo_id, r->repo_id, r->owner, r->name, r->slug, r->visibility, r->description,
-                          r->default_branch, r->default_branch, r->created_at, r->created_at};
+    static const char *const keys[] = {"repo_id",       "repoId",     "owner",       "name",
+                                       "slug",          "visibility", "description", "default_branch",
+                                       "defaultBranch", "created_at", "createdAt"};
+    const char *vals[] = {r->repo_id,        r->repo_id,    r->owner,       r->name,
+                          r->slug,           r->visibility, r->description, r->default_branch,
+                          r->default_branch, r->created_at, r->created_at};
     mh_vb_t *b = mh_res_build(req);
     mh_val_t *m = mh_vb_map(b);
-    for (size_t i = 0; i < sizeof keys / sizeof *keys; i++) mh_vb_put(b, m, keys[i], vals[i] ? mh_v_str(vals[i]) : mh_vb_node(b, NULL));
+    for (size_t i = 0; i < sizeof keys / sizeof *keys; i++)
+        mh_vb_put(b, m, keys[i], vals[i] ? mh_v_str(vals[i]) : mh_vb_node(b, NULL));
     return b->err ? NULL : m;
 }
 

@@ -115,7 +115,7 @@ typedef struct {
  * and cleanup + the work arena's release run with the request arena.
  * NULL after answering 503. MH__OP_NEW checks the layout. */
 void *mh__op_new(mh_req_t *req, size_t size, const mh__op_def_t *def);
-#define MH__OP_NEW(req, type, def)                                                                                   \
+#define MH__OP_NEW(req, type, def)                                                                                     \
     ((void)sizeof(char[offsetof(type, op) == 0 ? 1 : -1]), (type *)mh__op_new((req), sizeof(type), (def)))
 /* The last step of an operation that changed its repository's history
  * (committed): this process's cached fetch answers of the repository go
@@ -165,8 +165,8 @@ void mh__manifest_step_cb(void *ud, int err, const char *why);
 mh_fetch_cache_t *mh__caches(mh_hub_t *hub);
 /* The slots graph.c and manifests.c keep their caches in; NULL when the
  * container does not exist and create is false (or on ENOMEM). */
-typedef struct mh__graph_cache mh__graph_cache_t;     /* graph.c */
-typedef struct mh__manifest_lru mh__manifest_lru_t;   /* manifests.c */
+typedef struct mh__graph_cache mh__graph_cache_t;   /* graph.c */
+typedef struct mh__manifest_lru mh__manifest_lru_t; /* manifests.c */
 mh__graph_cache_t **mh__caches_graphs(mh_hub_t *hub, bool create);
 mh__manifest_lru_t **mh__caches_manifests(mh_hub_t *hub, bool create);
 void mh__graph_cache_free(mh__graph_cache_t *gc);
@@ -225,7 +225,7 @@ typedef struct {
     mh_arena_t *a;    /* everything below (the loop does not touch it while a check runs) */
     /* VERIFY out */
     mh_pack_t pack;
-    mh_idmap_t commits, snaps, blobs; /* the pack's entries by id */
+    mh_idmap_t commits, snaps, blobs;                /* the pack's entries by id */
     mh_idlist_t ext_parents, ext_snaps, ext_objects; /* ids it names outside itself */
     bool head_in_pack;
     /* in: what the repository holds of those (push.c's CONTEXT) */
@@ -260,9 +260,9 @@ typedef struct {
 } mh_gnode_t;
 
 typedef struct {
-    char *name;       /* branch name, NUL-terminated */
-    mh_id_t head;     /* head commit id (text) */
-    uint32_t node;    /* its node index, MH_GNONE when not in the graph */
+    char *name;    /* branch name, NUL-terminated */
+    mh_id_t head;  /* head commit id (text) */
+    uint32_t node; /* its node index, MH_GNONE when not in the graph */
 } mh_gbranch_t;
 
 /* A parent edge whose parent is not (yet) a node of the graph. */
@@ -278,7 +278,7 @@ typedef struct mh_graph {
     int64_t ref_seq; /* highest commit_refs.ref_seq among its commits, 0: none (sql/0009) */
     uint32_t n, cap;
     mh_gnode_t *nodes;
-    mh_idmap_t map; /* node index by commit digest */
+    mh_idmap_t map;         /* node index by commit digest */
     mh_gbranch_t *branches; /* sorted by name (bytewise) once sealed */
     uint32_t nbranches;
     size_t capb;
@@ -308,7 +308,7 @@ mh_graph_t *mh__graph_extend(const mh_graph_t *base, int64_t state_seq, uint32_t
  * ignored. MH_EPARSE for an id that is not sha256:<64 lowercase hex>,
  * MH_ENOMEM. */
 int mh__graph_add(mh_graph_t *g, const char *commit_id, const char *p1, const char *p2, const char *snapshot_id,
-                 uint32_t gen);
+                  uint32_t gen);
 /* Adds one branch (name copied). MH_EPARSE bad head id, MH_ENOMEM. */
 int mh__graph_add_branch(mh_graph_t *g, const char *name, const char *head_id);
 /* Resolves parent ids to node indices (a parent not in the graph stays
@@ -343,7 +343,7 @@ enum { MH_GW_WANT = 1, MH_GW_HAVE = 2, MH_GW_QUEUED = 4, MH_GW_SEEN = 8 };
  *        first (generation non-increasing). *nout their number.
  * Thread-safe (reads g only). Returns 0 or MH_ENOMEM. */
 int mh__graph_walk(const mh_graph_t *g, const uint32_t *want, size_t nwant, const uint32_t *have, size_t nhave,
-                  uint8_t *flags, uint32_t *out, size_t *nout);
+                   uint8_t *flags, uint32_t *out, size_t *nout);
 
 /* The commit log (SPEC 4.5): ancestors of `head` (inclusive) ordered
  * newest first: generation descending, then commit id descending
@@ -352,8 +352,8 @@ int mh__graph_walk(const mh_graph_t *g, const uint32_t *want, size_t nwant, cons
  * up to `limit` indices into out, *nout their number, *more whether
  * commits remain after them. Cost O(k log k), k = position + limit.
  * Thread-safe. MH_ENOMEM. */
-int mh__graph_log(const mh_graph_t *g, uint32_t head, uint32_t cursor, uint32_t limit, uint32_t *out,
-                 uint32_t *nout, bool *more);
+int mh__graph_log(const mh_graph_t *g, uint32_t head, uint32_t cursor, uint32_t limit, uint32_t *out, uint32_t *nout,
+                  bool *more);
 
 /* The cached graph of (repo_id, state_seq) with a reference for the
  * caller, or NULL. */

@@ -92,8 +92,7 @@ static void ident_cb(void *ud, PGresult *res, int err, const char *errmsg)
         mh_res_error(x->req, 409, "conflict", "%s", x->conflict);
         return;
     }
-    if (x->absent ? mh__db_one(x->req, res, err, errmsg, x->absent) : mh__db_ok(x->req, err, errmsg))
-        x->done(x, res);
+    if (x->absent ? mh__db_one(x->req, res, err, errmsg, x->absent) : mh__db_ok(x->req, err, errmsg)) x->done(x, res);
 }
 
 /* One statement of a write; done(x, res) runs when it succeeded. */
@@ -160,8 +159,9 @@ void mh_h_identity_create(mh_req_t *req)
         return;
     }
     mh_identity_id(ic->handle, strlen(ic->handle), &ic->identity_id);
-    const char *vals[6] = {ic->identity_id.s, ic->handle, ic->is_admin ? "true" : "false",
-                           ic->is_agent ? "true" : "false", ic->key_id.s, (const char *)der};
+    const char *vals[6] = {
+        ic->identity_id.s, ic->handle,       ic->is_admin ? "true" : "false", ic->is_agent ? "true" : "false",
+        ic->key_id.s,      (const char *)der};
     int lens[6] = {0, 0, 0, 0, 0, (int)dlen};
     int fmts[6] = {0, 0, 0, 0, 0, 1};
     mh_db_query(hub->db,
@@ -206,12 +206,12 @@ void mh_h_identity_get(mh_req_t *req)
     char *handle = mh__param_handle(req);
     if (!handle) return;
     const char *vals[1] = {handle};
-    mh_db_query(hub->db,
-                "SELECT i.identity_id, i.handle, i.is_agent, i.is_admin, " TS("i.created_at") ", k.key_id, "
-                TS("k.created_at") ", " TS("k.revoked_at")
-                " FROM identities i LEFT JOIN identity_keys k ON k.identity_id = i.identity_id"
-                " WHERE i.handle = $1 ORDER BY k.created_at, k.key_id",
-                1, vals, NULL, NULL, ident_get_cb, req);
+    mh_db_query(
+        hub->db,
+        "SELECT i.identity_id, i.handle, i.is_agent, i.is_admin, " TS("i.created_at") ", k.key_id, " TS(
+            "k.created_at") ", " TS("k.revoked_at") " FROM identities i LEFT JOIN identity_keys k ON k.identity_id = i.identity_id"
+                                                    " WHERE i.handle = $1 ORDER BY k.created_at, k.key_id",
+        1, vals, NULL, NULL, ident_get_cb, req);
 }
 
 /* --------------------------------------- POST /api/identities/{h}/keys */
@@ -292,8 +292,7 @@ static void collab_put_done(ident_t *co, PGresult *res)
     /* Our own repository-lookup cache holds the old role: drop it now
      * (other processes get the trigger's NOTIFY). */
     mh_hub_repo_cache_invalidate(req->app, co->repo_id);
-    mh_info("repo %s: collaborator %s role %s (by %s)", co->repo_id, co->handle, co->role,
-            mh_req_caller(req)->handle);
+    mh_info("repo %s: collaborator %s role %s (by %s)", co->repo_id, co->handle, co->role, mh_req_caller(req)->handle);
     mh_res_val(req, 200, m);
 }
 

@@ -297,8 +297,8 @@ static void deliver_after(uv_work_t *w, int status)
     finish(ml, ml->err, ml->why);
 }
 
-void mh_hub_load_manifest(mh_hub_t *hub, mh_arena_t *a, const char *snapshot_id, mh_manifest_t *out,
-                          mh_manifest_cb cb, void *ud)
+void mh_hub_load_manifest(mh_hub_t *hub, mh_arena_t *a, const char *snapshot_id, mh_manifest_t *out, mh_manifest_cb cb,
+                          void *ud)
 {
     *out = (mh_manifest_t){0};
     /* Heap, not arena: it must outlive nothing but this operation, and

@@ -56,7 +56,7 @@ static bool is_at(const mh_mentry_t *e, const mh_mentry_t *m)
 /* --------------------------------------------------------- three-way */
 
 int mh__merge_manifests(const mh_manifest_t *base, const mh_manifest_t *ours, const mh_manifest_t *theirs,
-                       mh_manifest_t *out, mh_mpath_t **conf, size_t *nconf)
+                        mh_manifest_t *out, mh_mpath_t **conf, size_t *nconf)
 {
     *conf = NULL;
     *nconf = 0;

@@ -43,7 +43,7 @@ typedef struct {
  *        conflicting paths in path order, *nconf their number.
  * Returns 0 or MH_ENOMEM (out empty, *conf NULL). O(|b| + |o| + |t|). */
 int mh__merge_manifests(const mh_manifest_t *base, const mh_manifest_t *ours, const mh_manifest_t *theirs,
-                       mh_manifest_t *out, mh_mpath_t **conf, size_t *nconf);
+                        mh_manifest_t *out, mh_mpath_t **conf, size_t *nconf);
 
 /* The paths that differ from `from` to `to`, each list in path order:
  * added (only in to), changed (in both, different object id), removed

@@ -46,23 +46,25 @@
 #define WORK_ARENA_LIMIT ((size_t)1 << 30)
 
 /* The columns every proposal query returns, in proposal_val's order. */
-#define PCOLS                                                                                                        \
-    "proposal_id, number, state, title, body, from_branch, to_branch, created_by,"                                  \
-    " to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'),"                            \
+#define PCOLS                                                                                                          \
+    "proposal_id, number, state, title, body, from_branch, to_branch, created_by,"                                     \
+    " to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'),"                               \
     " to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'), merge_commit_id, repo_id"
 #define NPCOLS 12
 
 /* The proposal of row r (PCOLS from column c0) as a response map. */
 static mh_val_t *proposal_val(mh_vb_t *b, PGresult *res, int r, int c0)
 {
-    static const char *const names[NPCOLS] = {"proposal_id", "number", "state", "title", "body", "from_branch",
-                                              "to_branch", "created_by", "created_at", "updated_at",
-                                              "merge_commit_id", "repo_id"};
+    static const char *const names[NPCOLS] = {"proposal_id", "number",      "state",           "title",
+                                              "body",        "from_branch", "to_branch",       "created_by",
+                                              "created_at",  "updated_at",  "merge_commit_id", "repo_id"};
     mh_val_t *m = mh_vb_map(b);
     for (int i = 0; i < NPCOLS; i++) {
         bool null = mh_pq_isnull(res, r, c0 + i);
         mh_vb_put(b, m, names[i],
-                  null ? mh_v_nil() : i == 1 ? mh_v_int(mh_pq_int(res, r, c0 + i)) : mh_vb_str(b, mh_pq_str(res, r, c0 + i)));
+                  null     ? mh_v_nil()
+                  : i == 1 ? mh_v_int(mh_pq_int(res, r, c0 + i))
+                           : mh_vb_str(b, mh_pq_str(res, r, c0 + i)));
     }
     return m;
 }
@@ -263,8 +265,8 @@ static bool ctx_init(pctx_t *x, mh__op_t *op)
     return proposal_param(op->req, x->pid);
 }
 
-static const mh_stmt_t st_proposal = {
-    "proposal_by_id", "SELECT " PCOLS " FROM proposals WHERE proposal_id = $1 AND repo_id = $2", 2};
+static const mh_stmt_t st_proposal = {"proposal_by_id",
+                                      "SELECT " PCOLS " FROM proposals WHERE proposal_id = $1 AND repo_id = $2", 2};
 
 /* Copies the proposal row (PCOLS) out of res. */
 static int ctx_row(pctx_t *x, PGresult *res)
@@ -394,7 +396,6 @@ static void pget_step_head(mh_step_t *s)
     mh_hub_load_manifest(p->op.hub, &p->op.work, p->x.from_snap.s, &p->head_m, mh__manifest_step_cb, s);
 }
 
-
 static void put_paths(mh_vb_t *b, mh_val_t *map, const char *key, const mh_mpath_t *ps, size_t n)
 {
     mh_val_t *arr = mh_vb_arr(b);
@@ -438,7 +439,7 @@ static void pget_free(void *arg)
 }
 
 static const mh_step_def_t pget_steps[] = {
-    [G_ROW] = {"row", pget_step_row},   [G_GRAPH] = {"graph", pget_step_graph}, [G_BASE] = {"base", pget_step_base},
+    [G_ROW] = {"row", pget_step_row},    [G_GRAPH] = {"graph", pget_step_graph}, [G_BASE] = {"base", pget_step_base},
     [G_HEAD] = {"head", pget_step_head}, [G_DONE] = {"done", mh_step_done},
 };
 
@@ -470,8 +471,22 @@ _Static_assert(offsetof(merge_t, x) == offsetof(pget_t, x), "ctx_of reads pctx_t
 
 #define M(s) MH_STEP_OP(s, merge_t, op.step)
 
-enum { M_PROPOSAL, M_GRAPH, M_DEPTH, M_LOAD_BASE, M_LOAD_OURS, M_LOAD_THEIRS, M_MERGE, M_ACQUIRE, M_BEGIN, M_LOCK,
-       M_CHECK, M_WRITE, M_COMMIT, M_DONE };
+enum {
+    M_PROPOSAL,
+    M_GRAPH,
+    M_DEPTH,
+    M_LOAD_BASE,
+    M_LOAD_OURS,
+    M_LOAD_THEIRS,
+    M_MERGE,
+    M_ACQUIRE,
+    M_BEGIN,
+    M_LOCK,
+    M_CHECK,
+    M_WRITE,
+    M_COMMIT,
+    M_DONE
+};
 
 /* Forgets everything computed from a graph, before recomputing. */
 static void merge_reset(merge_t *m)
@@ -541,8 +556,8 @@ static void step_depth(mh_step_t *s)
         mh_step_goto(s, M_LOAD_THEIRS);
         return;
     }
-    mh_db_pq_t q = {NULL, "SELECT depth FROM snapshots WHERE snapshot_id = $1", 1,
-                    (const char *const[]){x->to_snap.s}, NULL, NULL};
+    mh_db_pq_t q = {
+        NULL, "SELECT depth FROM snapshots WHERE snapshot_id = $1", 1, (const char *const[]){x->to_snap.s}, NULL, NULL};
     mh_step_query(s, &q, depth_read);
 }
 
@@ -643,7 +658,8 @@ static int locked(mh_step_t *s, PGresult **r, int n)
     }
     const char *from = PQntuples(r[1]) ? mh_pq_str(r[1], 0, 0) : NULL;
     if ((!from || strcmp(from, x->from_head.s) != 0) && !recompute(s, x->from))
-        mh_step_refuse(s, 409, "stale_head", "branch '%s' moved while the merge was computed; retry the merge", x->from);
+        mh_step_refuse(s, 409, "stale_head", "branch '%s' moved while the merge was computed; retry the merge",
+                       x->from);
     return 0;
 }
 
@@ -692,8 +708,6 @@ static void step_write(mh_step_t *s)
     m->op.new_m = &m->merged;
     mh_step_batch(s, &b, NULL);
 }
-
-
 
 /* Answers 409 {"error": "conflict", "detail", "paths": [...]}: SPEC 4.6's
  * error body with the extra key. */

@@ -86,8 +86,8 @@ static void presign_repo_cb(mh_req_t *req, mh_repo_t *repo)
      * again (SPEC 4.3: naming a hash proves nothing). */
     char ttl[16];
     snprintf(ttl, sizeof ttl, "%u", hub->cfg->presign_ttl);
-    const char *vals[7] = {repo->repo_id, p->key.s, p->grant_id, mh_req_caller(req)->identity_id.s,
-                           p->size_s, p->staging_key, ttl};
+    const char *vals[7] = {repo->repo_id, p->key.s,       p->grant_id, mh_req_caller(req)->identity_id.s,
+                           p->size_s,     p->staging_key, ttl};
     mh_db_query(hub->db,
                 "WITH p AS (SELECT 1 FROM mpack_refs WHERE repo_id = $1 AND mpack_id = $2),"
                 " g AS (INSERT INTO push_grants (grant_id, repo_id, identity_id, mpack_key, size_bytes, staging_key,"
@@ -140,7 +140,7 @@ typedef struct {
     char branch[256];
     /* the pack and its checks */
     mh_upload_t up;
-    bool rerun;          /* a re-push of a referenced pack whose head is known: no pack work */
+    bool rerun; /* a re-push of a referenced pack whose head is known: no pack work */
     mh__unpack_t x;
     size_t next_base;
     /* the transaction */
@@ -152,9 +152,24 @@ typedef struct {
 #define U(s) MH_STEP_OP(s, unpack_t, op.step)
 
 enum {
-    U_LOOKUP, U_READ, U_VERIFY, U_CONTEXT, U_BASES, U_REBUILD, U_MARK,
-    U_ACQUIRE, U_BEGIN, U_PLACE, U_COPY_COMMITS, U_COPY_SNAPSHOTS, U_COPY_OBJECTS, U_INSERT, U_CHECK, U_WRITE,
-    U_COMMIT, U_DONE,
+    U_LOOKUP,
+    U_READ,
+    U_VERIFY,
+    U_CONTEXT,
+    U_BASES,
+    U_REBUILD,
+    U_MARK,
+    U_ACQUIRE,
+    U_BEGIN,
+    U_PLACE,
+    U_COPY_COMMITS,
+    U_COPY_SNAPSHOTS,
+    U_COPY_OBJECTS,
+    U_INSERT,
+    U_CHECK,
+    U_WRITE,
+    U_COMMIT,
+    U_DONE,
 };
 
 /* --- LOOKUP, READ: which bytes this repository may import */
@@ -205,8 +220,8 @@ static void step_verify(mh_step_t *s)
         mh_step_refuse(s, 404, "not_staged", "nothing was uploaded for %s under this repository's grant", u->key.s);
         return;
     case MH_UPLOAD_SIZE_MISMATCH:
-        mh_step_refuse(s, 422, "size_mismatch", "the staged pack has %zu bytes, the grant says %llu",
-                       u->up.bytes.len, (unsigned long long)u->up.grant->size);
+        mh_step_refuse(s, 422, "size_mismatch", "the staged pack has %zu bytes, the grant says %llu", u->up.bytes.len,
+                       (unsigned long long)u->up.grant->size);
         return;
     }
     u->x.buf = u->up.bytes.p;
@@ -304,7 +319,6 @@ static void step_mark(mh_step_t *s) { mh_rw_upload_verified(s, &U(s)->up); }
 
 /* --- the transaction */
 
-
 static void step_begin(mh_step_t *s)
 {
     unpack_t *u = U(s);
@@ -351,8 +365,11 @@ static void step_insert(mh_step_t *s)
 static void step_check(mh_step_t *s)
 {
     unpack_t *u = U(s);
-    u->mv = (mh_move_t){.repo_id = u->op.repo->repo_id, .branch = u->branch, .new_head = u->head.s,
-                        .kind = u->force ? MH_MOVE_FORCE : MH_MOVE_FAST_FORWARD, .cas = u->has_expected_old,
+    u->mv = (mh_move_t){.repo_id = u->op.repo->repo_id,
+                        .branch = u->branch,
+                        .new_head = u->head.s,
+                        .kind = u->force ? MH_MOVE_FORCE : MH_MOVE_FAST_FORWARD,
+                        .cas = u->has_expected_old,
                         .expected_old = u->has_expected_old ? u->expected_old.s : NULL};
     mh_rw_move_check(s, &u->mv);
 }
@@ -369,7 +386,6 @@ static void step_write(mh_step_t *s)
     mh_rw_upload_consume(&b, &u->up);
     mh_step_batch(s, &b, NULL);
 }
-
 
 static void analyzed_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {

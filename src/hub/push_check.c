@@ -28,7 +28,10 @@
 #include "mh/refwrite.h"
 
 static const void *commit_key(const void *ctx, uint32_t v) { return ((const mh_pack_t *)ctx)->commits[v].commit_id.p; }
-static const void *snap_key(const void *ctx, uint32_t v) { return ((const mh_pack_t *)ctx)->snapshots[v].snapshot_id.p; }
+static const void *snap_key(const void *ctx, uint32_t v)
+{
+    return ((const mh_pack_t *)ctx)->snapshots[v].snapshot_id.p;
+}
 static const void *blob_key(const void *ctx, uint32_t v) { return ((const mh_pack_t *)ctx)->blobs[v].object_id.p; }
 static const void *base_key(const void *ctx, uint32_t v) { return ((const mh__unpack_t *)ctx)->bases[v].id; }
 
@@ -187,8 +190,9 @@ static int order_snapshots(mh__unpack_t *x, const have_t *h, uint32_t *order, in
         uint32_t pi = mh_idmap_find(&x->snaps, s->parent.p);
         if (pi != MH_IDMAP_NONE) children[pi]++;
         else if (!has(&h->snaps, s->parent.p))
-            return reject(x, MH_EPARSE, "snapshots[%zu]: parent snapshot %.*s is neither in the pack nor in this repository",
-                          i, MH_ID_LEN, s->parent.p);
+            return reject(x, MH_EPARSE,
+                          "snapshots[%zu]: parent snapshot %.*s is neither in the pack nor in this repository", i,
+                          MH_ID_LEN, s->parent.p);
     }
     for (size_t i = 0; i < ns; i++) {
         size_t sp = 0;
@@ -196,7 +200,8 @@ static int order_snapshots(mh__unpack_t *x, const have_t *h, uint32_t *order, in
         /* Climb to the first ancestor already ordered (or a root). */
         while (mark[cur] != 2) {
             if (mark[cur] == 1)
-                return reject(x, MH_EPARSE, "snapshot %.*s is its own ancestor", MH_ID_LEN, p->snapshots[cur].snapshot_id.p);
+                return reject(x, MH_EPARSE, "snapshot %.*s is its own ancestor", MH_ID_LEN,
+                              p->snapshots[cur].snapshot_id.p);
             mark[cur] = 1;
             stack[sp++] = cur;
             const mh_pack_snapshot_t *s = &p->snapshots[cur];
@@ -216,8 +221,7 @@ static int order_snapshots(mh__unpack_t *x, const have_t *h, uint32_t *order, in
 /* The manifest snapshot i starts from: its in-pack parent's (the last
  * child takes it over: in a linear history no manifest is ever copied),
  * a stored base's, or empty for a root. */
-static int start_manifest(mh__unpack_t *x, mh_manifest_t *ms, int *children, const int *depth, uint32_t i,
-                          int *pdepth)
+static int start_manifest(mh__unpack_t *x, mh_manifest_t *ms, int *children, const int *depth, uint32_t i, int *pdepth)
 {
     const mh_pack_snapshot_t *s = &x->pack.snapshots[i];
     *pdepth = -1;
@@ -267,8 +271,8 @@ static int snapshot_row(mh__unpack_t *x, const mh_pack_snapshot_t *s, const mh_m
 
 /* Rebuilds snapshot i: its delta applied, its id, the ghost guard (every
  * object it adds is in the pack or already this repository's), its row. */
-static int rebuild_snapshot(mh__unpack_t *x, const have_t *h, mh_manifest_t *ms, int *children, int *depth,
-                            uint32_t i, mh_buf_t tmp[3])
+static int rebuild_snapshot(mh__unpack_t *x, const have_t *h, mh_manifest_t *ms, int *children, int *depth, uint32_t i,
+                            mh_buf_t tmp[3])
 {
     const mh_pack_snapshot_t *s = &x->pack.snapshots[i];
     int pdepth;
@@ -277,7 +281,9 @@ static int rebuild_snapshot(mh__unpack_t *x, const have_t *h, mh_manifest_t *ms,
     const char *why = NULL;
     rc = mh_manifest_apply(&ms[i], s->upsert, s->remove, &why);
     if (rc == MH_ENOMEM) return rc;
-    if (rc) return reject(x, MH_EPARSE, "snapshots[%u] (%.*s): %s", i, MH_ID_LEN, s->snapshot_id.p, why ? why : "bad delta");
+    if (rc)
+        return reject(x, MH_EPARSE, "snapshots[%u] (%.*s): %s", i, MH_ID_LEN, s->snapshot_id.p,
+                      why ? why : "bad delta");
     mh_id_t sid;
     mh_manifest_id(&ms[i], &sid);
     if (memcmp(sid.s, s->snapshot_id.p, MH_ID_LEN) != 0)
@@ -286,8 +292,9 @@ static int rebuild_snapshot(mh__unpack_t *x, const have_t *h, mh_manifest_t *ms,
     for (uint32_t k = 0; k < s->upsert->v.m.n; k++) {
         const mh_kv_t *kv = &s->upsert->v.m.kv[k];
         if (!has(&x->blobs, kv->v.v.s.p) && !has(&h->objects, kv->v.v.s.p))
-            return reject(x, MH_EPARSE, "snapshots[%u]: object %.*s (%.*s) is neither in the pack nor in this repository",
-                          i, MH_ID_LEN, kv->v.v.s.p, (int)kv->k.v.s.n, kv->k.v.s.p);
+            return reject(x, MH_EPARSE,
+                          "snapshots[%u]: object %.*s (%.*s) is neither in the pack nor in this repository", i,
+                          MH_ID_LEN, kv->v.v.s.p, (int)kv->k.v.s.n, kv->k.v.s.p);
     }
     depth[i] = pdepth + 1;
     bool checkpoint = depth[i] >= MH_CHECKPOINT_INTERVAL;
@@ -341,7 +348,8 @@ static int order_commits(mh__unpack_t *x, uint32_t *order)
                 for (int k = 0; k < 2; k++) {
                     uint32_t pi = ps[k].p ? mh_idmap_find(&x->commits, ps[k].p) : MH_IDMAP_NONE;
                     if (pi == MH_IDMAP_NONE) continue;
-                    if (mark[pi] == 1) return reject(x, MH_EPARSE, "commit %.*s is its own ancestor", MH_ID_LEN, cm->commit_id.p);
+                    if (mark[pi] == 1)
+                        return reject(x, MH_EPARSE, "commit %.*s is its own ancestor", MH_ID_LEN, cm->commit_id.p);
                     if (mark[pi] == 0) {
                         stack[sp++] = pi;
                         pushed = true;
@@ -362,7 +370,8 @@ static int order_commits(mh__unpack_t *x, uint32_t *order)
 static int check_commit(mh__unpack_t *x, const have_t *h, int *gen, uint32_t i, mh_buf_t *meta)
 {
     const mh_pack_commit_t *c = &x->pack.commits[i];
-    if (!c->parent.p && c->parent2.p) return reject(x, MH_EPARSE, "commits[%u]: parent2_commit_id without parent_commit_id", i);
+    if (!c->parent.p && c->parent2.p)
+        return reject(x, MH_EPARSE, "commits[%u]: parent2_commit_id without parent_commit_id", i);
     mh_str_t ps[2];
     int np = 0, g = 0;
     const mh_str_t both[2] = {c->parent, c->parent2};

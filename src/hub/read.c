@@ -36,12 +36,13 @@ static void exec_ids(mh_req_t *req, const mh_stmt_t *st, const char *const *ids,
 
 /* ---------------------------------------------------------- commit maps */
 
-#define COMMIT_COLS                                                                                             \
-    "c.commit_id, c.parent_commit_id, c.parent2_commit_id, c.snapshot_id, c.message, c.author, c.committed_at," \
+#define COMMIT_COLS                                                                                                    \
+    "c.commit_id, c.parent_commit_id, c.parent2_commit_id, c.snapshot_id, c.message, c.author, c.committed_at,"        \
     " r.branch, c.generation, r.meta"
 
-static const char *const std_keys[] = {"commit_id", "parent_commit_id", "parent2_commit_id", "parent_ids",
-                                       "snapshot_id", "message", "author", "committed_at", "branch", "generation"};
+static const char *const std_keys[] = {
+    "commit_id", "parent_commit_id", "parent2_commit_id", "parent_ids", "snapshot_id",
+    "message",   "author",           "committed_at",      "branch",     "generation"};
 
 static bool is_std_key(const char *p, size_t n)
 {
@@ -79,7 +80,7 @@ static void put_meta(mh_vb_t *b, mh_val_t *m, PGresult *res, int r)
 static mh_val_t *commit_val(mh_vb_t *b, PGresult *res, int r)
 {
     static const char *const keys[8] = {"commit_id", "parent_commit_id", "parent2_commit_id", "snapshot_id",
-                                        "message", "author", "committed_at", "branch"};
+                                        "message",   "author",           "committed_at",      "branch"};
     mh_val_t *m = mh_vb_map(b), *parents = mh_vb_arr(b);
     for (int c = 1; c <= 2; c++)
         if (!mh_pq_isnull(res, r, c)) mh_vb_push(b, parents, str_or_nil(b, res, r, c));
@@ -378,10 +379,10 @@ typedef struct tree_t {
     mh_arena_t batch; /* one batch: ids, sizes; released per batch */
     mh_buf_t out;     /* one batch's encoding */
     mh_format_t fmt;
-    size_t next;      /* first entry of the next batch */
-    size_t lo, hi;    /* the batch being sized or written */
+    size_t next;   /* first entry of the next batch */
+    size_t lo, hi; /* the batch being sized or written */
     bool streaming, querying, ended;
-    size_t want, reserved; /* bytes of the tree budget asked for / held */
+    size_t want, reserved;  /* bytes of the tree budget asked for / held */
     struct tree_wait *wait; /* while queued for the budget */
     struct tree_t *wnext;
 } tree_t;
@@ -399,8 +400,8 @@ static const mh_stmt_t st_tree_branch = {
     " LEFT JOIN snapshots s ON s.snapshot_id = c.snapshot_id WHERE b.repo_id = $1 AND b.name = $2",
     2};
 
-static const mh_stmt_t st_sizes = {
-    "hub_read_sizes", "SELECT object_id, size_bytes FROM objects WHERE object_id = ANY($1::text[])", 1};
+static const mh_stmt_t st_sizes = {"hub_read_sizes",
+                                   "SELECT object_id, size_bytes FROM objects WHERE object_id = ANY($1::text[])", 1};
 
 /* ------------------------------------- the per-process budget for trees */
 
@@ -541,11 +542,13 @@ static int tree_prefix(tree_t *t)
         return w.err;
     }
     int rc = mh_buf_append_str(&t->out, "{\"commit_id\":");
-    if (!rc) rc = mh_encode(&(mh_val_t){.t = MH_V_STR, .v.s = {t->commit_id, (uint32_t)strlen(t->commit_id)}},
-                            MH_FMT_JSON, &t->out);
+    if (!rc)
+        rc = mh_encode(&(mh_val_t){.t = MH_V_STR, .v.s = {t->commit_id, (uint32_t)strlen(t->commit_id)}}, MH_FMT_JSON,
+                       &t->out);
     if (!rc) rc = mh_buf_append_str(&t->out, ",\"snapshot_id\":");
-    if (!rc) rc = mh_encode(&(mh_val_t){.t = MH_V_STR, .v.s = {t->snapshot_id, (uint32_t)strlen(t->snapshot_id)}},
-                            MH_FMT_JSON, &t->out);
+    if (!rc)
+        rc = mh_encode(&(mh_val_t){.t = MH_V_STR, .v.s = {t->snapshot_id, (uint32_t)strlen(t->snapshot_id)}},
+                       MH_FMT_JSON, &t->out);
     if (!rc) rc = mh_buf_append_str(&t->out, ",\"entries\":[");
     return rc;
 }

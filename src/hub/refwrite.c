@@ -282,7 +282,10 @@ static int judge(mh_step_t *s, mh_move_t *mv, bool head_known)
                     "  LATERAL (VALUES (c.parent_commit_id), (c.parent2_commit_id)) AS p(id)"
                     "  WHERE p.id IS NOT NULL AND c.generation > (SELECT generation FROM g))"
                     " SELECT EXISTS (SELECT 1 FROM anc WHERE id = $2)",
-                    2, (const char *const[]){mv->new_head, mv->old_head}, NULL, NULL};
+                    2,
+                    (const char *const[]){mv->new_head, mv->old_head},
+                    NULL,
+                    NULL};
     mh_step_query(s, &q, ancestry_done);
     return MH_STEP_WAIT;
 }
@@ -315,7 +318,10 @@ void mh_rw_move_check(mh_step_t *s, mh_move_t *mv)
     mh_db_pq_t q = {NULL,
                     "SELECT (SELECT head_commit_id FROM branches WHERE repo_id = $1 AND name = $2 FOR UPDATE),"
                     " EXISTS (SELECT 1 FROM commit_refs WHERE repo_id = $1 AND commit_id = $3)",
-                    3, (const char *const[]){mv->repo_id, mv->branch, mv->new_head ? mv->new_head : ""}, NULL, NULL};
+                    3,
+                    (const char *const[]){mv->repo_id, mv->branch, mv->new_head ? mv->new_head : ""},
+                    NULL,
+                    NULL};
     mh_step_query(s, &q, branch_locked);
 }
 
@@ -358,7 +364,8 @@ void mh_rw_move_rows(mh_db_batch_t *b, const mh_move_t *mv)
 {
     /* The branch statement and the state_seq bump are one statement; no
      * change (the same head) bumps nothing. */
-#define BUMP " UPDATE repos SET state_seq = state_seq + 1, updated_at = now() WHERE repo_id = $1 AND EXISTS (SELECT 1 FROM b)"
+#define BUMP                                                                                                           \
+    " UPDATE repos SET state_seq = state_seq + 1, updated_at = now() WHERE repo_id = $1 AND EXISTS (SELECT 1 FROM b)"
     if (mv->kind == MH_MOVE_DELETE)
         mh_db_batch_add(b, "WITH b AS (DELETE FROM branches WHERE repo_id = $1 AND name = $2 RETURNING 1)" BUMP, 2,
                         mv->repo_id, mv->branch);
@@ -433,7 +440,8 @@ void mh_rw_commit_rows(mh_db_batch_t *b, const char *repo_id, const mh_rw_commit
                     c->sid.s, c->message, c->author, c->committed_at, c->branch, c->gen_s);
     /* The branch is this repository's own (per-repository metadata,
      * sql/0008). */
-    mh_db_batch_add(b, "INSERT INTO commit_refs (repo_id, commit_id, branch) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+    mh_db_batch_add(b,
+                    "INSERT INTO commit_refs (repo_id, commit_id, branch) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
                     3, repo_id, c->cid.s, c->branch);
     mh_db_batch_add(b, "INSERT INTO snapshot_refs (repo_id, snapshot_id) VALUES ($1, $2) ON CONFLICT DO NOTHING", 2,
                     repo_id, c->sid.s);
@@ -496,7 +504,10 @@ void mh_rw_upload_lookup(mh_step_t *s, mh_upload_t *up)
                     "  FROM push_grants WHERE repo_id = $1 AND mpack_key = $2 AND consumed_at IS NULL"
                     "  AND expires_at > now() ORDER BY verified_at IS NOT NULL DESC, created_at DESC LIMIT $4::int) g"
                     " ON true",
-                    4, (const char *const[]){up->repo_id, up->mpack_id, up->head ? up->head : "", limit}, NULL, NULL};
+                    4,
+                    (const char *const[]){up->repo_id, up->mpack_id, up->head ? up->head : "", limit},
+                    NULL,
+                    NULL};
     mh_step_query(s, &q, grants_read);
 }
 
@@ -542,8 +553,7 @@ static int upload_got(mh_step_t *s, int err, mh_buf_t *data)
     up->bytes = *data;
     *data = (mh_buf_t){0};
     up->outcome = MH_UPLOAD_READ;
-    if (up->grant && up->src != up->pack_key && up->bytes.len != up->grant->size)
-        up->outcome = MH_UPLOAD_SIZE_MISMATCH;
+    if (up->grant && up->src != up->pack_key && up->bytes.len != up->grant->size) up->outcome = MH_UPLOAD_SIZE_MISMATCH;
     return 0;
 }
 
@@ -559,8 +569,9 @@ void mh_rw_upload_read(mh_step_t *s, mh_upload_t *up)
 void mh_rw_upload_verified(mh_step_t *s, const mh_upload_t *up)
 {
     if (!up->grant) return; /* read as referenced: nothing to record */
-    mh_db_pq_t q = {NULL, "UPDATE push_grants SET verified_at = coalesce(verified_at, now()) WHERE grant_id = $1", 1,
-                    (const char *const[]){up->grant->grant_id}, NULL, NULL};
+    mh_db_pq_t q = {NULL, "UPDATE push_grants SET verified_at = coalesce(verified_at, now()) WHERE grant_id = $1",
+                    1,    (const char *const[]){up->grant->grant_id},
+                    NULL, NULL};
     mh_step_query(s, &q, NULL);
 }
 

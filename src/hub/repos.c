@@ -44,8 +44,7 @@ bool mh_repo_slug_valid(const char *slug)
 }
 
 /* A string field of the body: present, a STR, 1..max bytes, no NUL. */
-static const char *body_str(mh_req_t *req, const mh_val_t *body, const char *key, size_t max, bool required,
-                            bool *bad)
+static const char *body_str(mh_req_t *req, const mh_val_t *body, const char *key, size_t max, bool required, bool *bad)
 {
     const mh_val_t *v = mh_val_get(body, key);
     if (!v || v->t == MH_V_NIL) {
@@ -133,8 +132,8 @@ void mh_h_repo_create(mh_req_t *req)
         return;
     }
     if (!mh_repo_slug_valid(slug)) {
-        mh_res_error(req, 422, "invalid_field", "the name gives the slug '%s': a slug may not be empty or start with '.'",
-                     slug);
+        mh_res_error(req, 422, "invalid_field",
+                     "the name gives the slug '%s': a slug may not be empty or start with '.'", slug);
         return;
     }
     mh_id_from_digest(&repo_id, rnd);
@@ -157,8 +156,18 @@ void mh_h_repo_create(mh_req_t *req)
     r->description = (char *)(description ? description : "");
     r->default_branch = "main";
     req->user = r;
-    const char *vals[12] = {r->repo_id, owner, owner_id.s, name, slug, visibility, r->description,
-                            snap_id.s, commit_id.s, initialize ? "true" : "false", msg, now};
+    const char *vals[12] = {r->repo_id,
+                            owner,
+                            owner_id.s,
+                            name,
+                            slug,
+                            visibility,
+                            r->description,
+                            snap_id.s,
+                            commit_id.s,
+                            initialize ? "true" : "false",
+                            msg,
+                            now};
     mh_db_query(hub->db, sql_create, 12, vals, NULL, NULL, create_cb, req);
 }
 
@@ -188,7 +197,8 @@ static void del_rows(mh_step_t *s)
 }
 
 static const mh_step_def_t delete_steps[] = {
-    {"acquire", mh_step_acquire}, {"begin", del_begin}, {"rows", del_rows}, {"commit", mh_step_commit}, {"done", mh_step_done},
+    {"acquire", mh_step_acquire}, {"begin", del_begin},   {"rows", del_rows},
+    {"commit", mh_step_commit},   {"done", mh_step_done},
 };
 
 static void delete_finish(mh_step_t *s)
@@ -205,8 +215,7 @@ static const mh__op_def_t delete_def = {"delete", MH__STEPS(delete_steps), delet
 
 void mh_h_repo_delete(mh_req_t *req)
 {
-    if (MH__OP_NEW(req, delete_t, &delete_def))
-        mh_hub_load_repo(req, MH_PERM_ADMIN, mh__op_repo_cb);
+    if (MH__OP_NEW(req, delete_t, &delete_def)) mh_hub_load_repo(req, MH_PERM_ADMIN, mh__op_repo_cb);
 }
 
 /* ------------------------------------------------------------------ list */
@@ -244,8 +253,8 @@ void mh_h_repo_list(mh_req_t *req)
 
 /* ------------------------------------------------------------------ refs */
 
-static const mh_stmt_t st_branches = {
-    "branches_of_repo", "SELECT name, head_commit_id FROM branches WHERE repo_id = $1 ORDER BY name", 1};
+static const mh_stmt_t st_branches = {"branches_of_repo",
+                                      "SELECT name, head_commit_id FROM branches WHERE repo_id = $1 ORDER BY name", 1};
 
 /* Clients read refs before every push and fetch, so the branch heads are
  * cached per process by (repository, state_seq) (caches.c): every branch

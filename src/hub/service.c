@@ -155,12 +155,12 @@ typedef struct {
     uv_timer_t timer; /* first: deadline_new */
     mh_req_t *req;
     mh_hub_t *hub;
-    int refs;         /* the collection, the queue query, the timer */
+    int refs; /* the collection, the queue query, the timer */
     bool collected, queue_over, answered;
     mh_buf_t merged;
     bool merged_ok;
     uint32_t workers, fresh, stale;
-    mh_buf_t queue;   /* the queue lines, empty when not known */
+    mh_buf_t queue; /* the queue lines, empty when not known */
 } scrape_t;
 
 static void scrape_unref(scrape_t *sc)
@@ -277,8 +277,7 @@ static void queue_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     scrape_t *sc = ud;
     if (err) {
-        if (!sc->queue_over)
-            mh_warn("metrics: job queue query: %s (%s)", mh_strerror(err), errmsg ? errmsg : "");
+        if (!sc->queue_over) mh_warn("metrics: job queue query: %s (%s)", mh_strerror(err), errmsg ? errmsg : "");
     } else if (!sc->queue_over) {
         mh_buf_t *o = &sc->queue;
         int rc = mh_buf_append_str(o, "# HELP musehub_jobs_queue Jobs in the queue table, by type and status "

@@ -18,8 +18,16 @@
 void mh_step_init(mh_step_t *s, const mh_step_def_t *steps, int n, const char *what, const char *id,
                   const mh_step_env_t *env, void (*finish)(mh_step_t *s))
 {
-    *s = (mh_step_t){.steps = steps, .nsteps = n, .what = what, .id = id, .loop = env->loop, .db = env->db,
-                     .store = env->store, .finish = finish, .final = n, .t0 = mh_now_us()};
+    *s = (mh_step_t){.steps = steps,
+                     .nsteps = n,
+                     .what = what,
+                     .id = id,
+                     .loop = env->loop,
+                     .db = env->db,
+                     .store = env->store,
+                     .finish = finish,
+                     .final = n,
+                     .t0 = mh_now_us()};
 }
 
 void mh_step_goto(mh_step_t *s, int state) { s->state = state; }

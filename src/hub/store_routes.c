@@ -32,7 +32,7 @@ static mh_str_t store_key(const mh_req_t *req)
 
 typedef struct {
     mh_fs_upload_t *up;
-    int err;        /* first write error */
+    int err; /* first write error */
     bool finished;
 } upload_t;
 
@@ -41,13 +41,24 @@ static void store_fail(mh_req_t *req, int rc, const char *doing)
 {
     switch (rc) {
     case MH_EHASH:
-        mh_res_error(req, 400, "digest_mismatch", "the bytes do not hash to the signed key or length; nothing was kept");
+        mh_res_error(req, 400, "digest_mismatch",
+                     "the bytes do not hash to the signed key or length; nothing was kept");
         break;
-    case MH_ELIMIT: mh_res_error(req, 400, "size_mismatch", "more bytes than the signed size"); break;
-    case MH_EEXIST: mh_res_error(req, 409, "exists", "this staging key was already uploaded"); break;
-    case MH_ENOENT: mh_res_error(req, 404, "not_found", "no such object"); break;
-    case MH_ENOMEM: mh_res_fail(req, rc, doing); break;
-    default: mh_res_error(req, 500, "internal", "%s: %s", doing, mh_strerror(rc)); break;
+    case MH_ELIMIT:
+        mh_res_error(req, 400, "size_mismatch", "more bytes than the signed size");
+        break;
+    case MH_EEXIST:
+        mh_res_error(req, 409, "exists", "this staging key was already uploaded");
+        break;
+    case MH_ENOENT:
+        mh_res_error(req, 404, "not_found", "no such object");
+        break;
+    case MH_ENOMEM:
+        mh_res_fail(req, rc, doing);
+        break;
+    default:
+        mh_res_error(req, 500, "internal", "%s: %s", doing, mh_strerror(rc));
+        break;
     }
 }
 
@@ -206,7 +217,8 @@ static void dl_read_cb(uv_fs_t *rq)
     if (mh_req_gone(d->req) || n <= 0) {
         free(b);
         if (!mh_req_gone(d->req))
-            mh_error("req %s: reading the pack: %s", d->req->id, n < 0 ? uv_strerror((int)n) : "file shorter than its size");
+            mh_error("req %s: reading the pack: %s", d->req->id,
+                     n < 0 ? uv_strerror((int)n) : "file shorter than its size");
         dl_end(d, mh_req_gone(d->req) ? 0 : MH_EIO);
         return;
     }

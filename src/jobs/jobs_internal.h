@@ -27,20 +27,20 @@ struct mh_job {
     mh_db_t *db;
     mh_store_t *store;
     const mh_jobs_config_t *cfg;
-    mh_arena_t arena;   /* everything of this run; released when the job ends */
+    mh_arena_t arena; /* everything of this run; released when the job ends */
     char id[MH_ID_SIZE + 8];
-    char *repo_id;      /* NULL for a job without a repository */
+    char *repo_id; /* NULL for a job without a repository */
     char type[32];
-    mh_val_t payload;   /* decoded JSON (a MAP; empty map when {}) */
+    mh_val_t payload; /* decoded JSON (a MAP; empty map when {}) */
     int attempt, max_attempts;
     uint64_t t0_us;
-    void *state;        /* the handler's */
+    void *state; /* the handler's */
 
     /* Runner-private. */
     mh_job_t *next;
     uv_timer_t heartbeat;
     bool heartbeat_busy, lease_lost, ended;
-    int refs;           /* handler + heartbeat query + finish query + timer */
+    int refs; /* handler + heartbeat query + finish query + timer */
 };
 
 /* True when the handler should stop at its next step (runner stopping,
@@ -64,11 +64,11 @@ void mh__job_step_init(mh_job_t *j, mh_step_t *s, const mh_step_def_t *steps, in
  * mh_step_t: zeroed in the job's arena, cleanup (may be NULL) run with
  * it, set up by mh__job_step_init, and j->state pointing at it. NULL
  * after failing the job (to be retried). */
-void *mh__job_new(mh_job_t *j, size_t size, const mh_step_def_t *steps, int n, int final,
-                  void (*finish)(mh_step_t *s), void (*cleanup)(void *op));
-#define MH__JOB_NEW(j, type, steps, final, finish, cleanup)                                                         \
-    ((void)sizeof(char[offsetof(type, step) == 0 ? 1 : -1]),                                                         \
-     (type *)mh__job_new((j), sizeof(type), (steps), (int)(sizeof(steps) / sizeof *(steps)), (final), (finish),    \
+void *mh__job_new(mh_job_t *j, size_t size, const mh_step_def_t *steps, int n, int final, void (*finish)(mh_step_t *s),
+                  void (*cleanup)(void *op));
+#define MH__JOB_NEW(j, type, steps, final, finish, cleanup)                                                            \
+    ((void)sizeof(char[offsetof(type, step) == 0 ? 1 : -1]),                                                           \
+     (type *)mh__job_new((j), sizeof(type), (steps), (int)(sizeof(steps) / sizeof *(steps)), (final), (finish),        \
                          (cleanup)))
 
 /* The end of a job run on the kit, for its finish callback: an error
@@ -94,7 +94,7 @@ void mh__job_gc_start(mh_job_t *j);
  * first and store object second in one transaction. done(arg, deleted)
  * fires once on a later loop turn. */
 void mh__jobs_sweep(mh_db_t *db, mh_store_t *store, uint32_t grace_s, bool (*stopping)(void *arg),
-                   void (*done)(void *arg, int deleted), void *arg);
+                    void (*done)(void *arg, int deleted), void *arg);
 
 /* ------------------------------------------------------------ helpers */
 

@@ -172,7 +172,7 @@ static void candidates_cb(void *ud, PGresult *res, int err, const char *errmsg)
 }
 
 void mh__jobs_sweep(mh_db_t *db, mh_store_t *store, uint32_t grace_s, bool (*stopping)(void *arg),
-                   void (*done)(void *arg, int deleted), void *arg)
+                    void (*done)(void *arg, int deleted), void *arg)
 {
     sweep_t *s = calloc(1, sizeof *s);
     if (!s) {
