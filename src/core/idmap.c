@@ -1,5 +1,5 @@
 /*
- * idmap.c — the program's one keyed hash (SipHash-2-4 under a per-process
+ * idmap.c — the program's one keyed hash (SipHash-1-3 under a per-process
  * random key) and its one hash map (mh_idmap_t), modelled on redis
  * dict.c: seeded against chosen keys, and growing instead of filling up.
  *
