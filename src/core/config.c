@@ -57,6 +57,11 @@ static const setting_t settings[] = {
       "period of pruning old jobs and sweeping superseded packs, seconds"),
     S("MPACK_GRACE_SECONDS", K_U32, mpack_grace_seconds, "3600",
       "packs superseded by GC stay in the store for, seconds (fetches in flight)"),
+    /* The pack-memory budget (SPEC 4.8, include/mh/budget.h). */
+    S("PACK_MEMORY", K_U64, pack_memory, "268435456",
+      "bytes of pack work (unpack, pack building, GC, uploads) one process holds at once"),
+    S("PACK_QUEUE_TIMEOUT_MS", K_U32, pack_queue_timeout_ms, "10000",
+      "pack work that does not fit the budget waits this long, then answers 503 (0: no wait), ms"),
 };
 #define NSETTINGS (sizeof settings / sizeof settings[0])
 
@@ -175,6 +180,14 @@ int mh_config_load(mh_config_t *cfg, int argc, char **argv)
     }
     if (cfg->trusted_proxies && !proxies_valid(cfg->trusted_proxies)) {
         fprintf(stderr, "musehubd: MUSEHUB_TRUSTED_PROXIES must be comma-separated IP addresses\n");
+        return MH_EINVAL;
+    }
+    if (cfg->pack_memory < 1048576ull || cfg->pack_memory > (1ull << 48)) {
+        fprintf(stderr, "musehubd: MUSEHUB_PACK_MEMORY must be within 1048576..2^48 bytes\n");
+        return MH_EINVAL;
+    }
+    if (cfg->pack_queue_timeout_ms > 600000) {
+        fprintf(stderr, "musehubd: MUSEHUB_PACK_QUEUE_TIMEOUT_MS must be within 0..600000\n");
         return MH_EINVAL;
     }
     if (cfg->db_pool < 1) cfg->db_pool = 1;
