@@ -34,6 +34,7 @@
 
 #include <uv.h>
 
+#include "mh/budget.h"
 #include "mh/core.h"
 #include "mh/db.h"
 #include "mh/mpack.h"
@@ -54,6 +55,7 @@ typedef struct {
     uint32_t maintenance_s;   /* period of pruning and sweeping, seconds; 60
                                  (MUSEHUB_JOB_MAINTENANCE_SECONDS) */
     uint64_t max_pack_bytes;  /* largest pack indexed or built; 2 GiB (MUSEHUB_MAX_MPACK_BYTES) */
+    mh_budget_t *budget;      /* the process's pack-memory budget (borrowed; NULL: unlimited) */
 } mh_jobs_config_t;
 
 /* The NOTIFY channel: a trigger on `jobs` (sql/0003_jobs.sql) notifies it

@@ -42,6 +42,7 @@ void mh_h_metrics(mh_req_t *req)
     if (!rc) rc = mh_db_metrics_write(hub->db, &out);
     if (!rc) rc = mh_store_metrics_write(hub->store, &out);
     if (!rc) rc = mh_jobs_metrics_write(&out);
+    if (!rc && hub->budget) rc = mh_budget_metrics_write(hub->budget, &out);
     if (!rc)
         rc = mh_buf_printf(&out, "# TYPE musehub_uptime_seconds gauge\nmusehub_uptime_seconds %.3f\n",
                            (double)(mh_now_ms() - hub->started_ms) / 1000.0);

@@ -11,6 +11,7 @@
  *  - Adding a backend = one row in `backends[]` plus its open function.
  */
 #include <inttypes.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "store_int.h"
@@ -64,7 +65,8 @@ bool mh_store_key_valid(const char *key, size_t n)
 /* --------------------------------------------------------------- metrics */
 
 static const char *const op_names[MH_STORE_OP_COUNT_] = {
-    "get", "get_ranges", "put", "move", "delete", "head", "presign", "check_url", "upload", "open_read",
+    "get",      "get_ranges", "put",    "move",   "delete", "head",      "presign",
+    "check_url", "upload",    "open_read", "writer", "reader", "list", "sweep_tmp",
 };
 static const char *const res_names[MH_STORE_RES_COUNT_] = {"ok", "not_found", "rejected", "error"};
 
@@ -199,4 +201,171 @@ int mh_store_presign(mh_store_t *s, mh_arena_t *a, const char *method, const cha
         rc = s->ops->presign(s, a, method, key, size, sha256, ttl_s < 1 ? 1 : ttl_s > 604800 ? 604800 : ttl_s, url);
     mh_store_note(s, MH_STORE_OP_PRESIGN, rc);
     return rc;
+}
+
+/* --------------------------------------------------------------- streams */
+
+size_t mh_store_writer_mem(const mh_store_t *s, const mh_store_writer_opts_t *o)
+{
+    size_t c = o && o->chunk_bytes ? o->chunk_bytes : s->ops->writer_chunk_default;
+    if (c < s->ops->writer_chunk_min) c = s->ops->writer_chunk_min;
+    return 2 * c;
+}
+
+int mh_store_writer_open(mh_store_t *s, const mh_store_writer_opts_t *o, mh_store_writer_t **out)
+{
+    *out = NULL;
+    size_t c = o && o->chunk_bytes ? o->chunk_bytes : s->ops->writer_chunk_default;
+    if (c > MH_STORE_WINDOW_MAX) return MH_EINVAL;
+    if (c < s->ops->writer_chunk_min) c = s->ops->writer_chunk_min;
+    return s->ops->writer_open(s, c, o && o->hash, out);
+}
+
+int mh_store_writer_write(mh_store_writer_t *w, const void *data, size_t n, mh_store_done_cb cb, void *ud)
+{
+    if (n && !data) return MH_EINVAL;
+    return w->s->ops->writer_write(w, data, n, cb, ud);
+}
+
+bool mh_store_writer_full(const mh_store_writer_t *w)
+{
+    return w->s->ops->writer_full(w);
+}
+
+uint64_t mh_store_writer_size(const mh_store_writer_t *w)
+{
+    return w->size;
+}
+
+void mh_store_writer_finish(mh_store_writer_t *w, const char *key, mh_store_writer_done_cb cb, void *ud)
+{
+    w->s->ops->writer_finish(w, key, cb, ud);
+}
+
+void mh_store_writer_abort(mh_store_writer_t *w)
+{
+    if (w) w->s->ops->writer_abort(w);
+}
+
+static size_t clamp_window(size_t window)
+{
+    if (window == 0) return MH_STORE_WINDOW_DEFAULT;
+    if (window < MH_STORE_WINDOW_MIN) return MH_STORE_WINDOW_MIN;
+    return window > MH_STORE_WINDOW_MAX ? MH_STORE_WINDOW_MAX : window;
+}
+
+size_t mh_store_reader_mem(size_t window)
+{
+    return 2 * clamp_window(window);
+}
+
+int mh_store_reader_open(mh_store_t *s, const char *key, uint64_t off, uint64_t len, size_t window,
+                         mh_store_window_cb cb, void *ud, mh_store_reader_t **out)
+{
+    mh_range_t r = {off, len};
+    *out = NULL;
+    return s->ops->reader_open(s, key, &r, 1, true, clamp_window(window), cb, ud, out);
+}
+
+int mh_store_reader_open_ranges(mh_store_t *s, const char *key, const mh_range_t *ranges, size_t n, size_t window,
+                                mh_store_window_cb cb, void *ud, mh_store_reader_t **out)
+{
+    *out = NULL;
+    if (n && !ranges) return MH_EINVAL;
+    return s->ops->reader_open(s, key, ranges, n, false, clamp_window(window), cb, ud, out);
+}
+
+void mh_store_reader_next(mh_store_reader_t *r)
+{
+    r->s->ops->reader_next(r);
+}
+
+void mh_store_reader_close(mh_store_reader_t *r)
+{
+    if (r) r->s->ops->reader_close(r);
+}
+
+void mh_store_list(mh_store_t *s, const char *prefix, const char *after, mh_store_list_cb cb, void *ud)
+{
+    s->ops->list(s, prefix, after, cb, ud);
+}
+
+void mh_store_sweep_tmp(mh_store_t *s, uint32_t older_than_s, mh_store_count_cb cb, void *ud)
+{
+    s->ops->sweep_tmp(s, older_than_s, cb, ud);
+}
+
+/* ------------------------------------------------------------ read plans */
+
+void mh_store_plan_free(mh_store_plan_t *p)
+{
+    free(p->runs);
+    free(p->pieces);
+    memset(p, 0, sizeof *p);
+}
+
+/* Grows an array of `size`-byte elements to hold one more. */
+static int grow(void **arr, size_t n, size_t *cap, size_t size)
+{
+    if (n < *cap) return 0;
+    size_t nc = *cap ? 2 * *cap : 16;
+    void *na = realloc(*arr, nc * size);
+    if (!na) return MH_ENOMEM;
+    *arr = na;
+    *cap = nc;
+    return 0;
+}
+
+int mh_store_plan_build(const mh_range_t *ranges, size_t n, uint64_t size, size_t window, mh_store_plan_t *out)
+{
+    memset(out, 0, sizeof *out);
+    size_t rcap = 0, pcap = 0;
+    mh_store_run_t *cur = NULL;
+    int rc = 0;
+    for (size_t k = 0; k < n && rc == 0; k++) {
+        uint64_t off = ranges[k].off, len = ranges[k].len;
+        if (off > size || (len != UINT64_MAX && len > size - off)) {
+            rc = MH_EINVAL;
+            break;
+        }
+        if (len == UINT64_MAX) len = size - off;
+        uint64_t pos = 0;
+        do {
+            uint64_t st = off + pos, rem = len - pos, take;
+            uint64_t cur_end = cur ? cur->off + cur->len : 0;
+            if (cur && st >= cur->off && st <= cur_end + MH_STORE_RANGE_GAP && st - cur->off < window) {
+                uint64_t room = cur->off + window - st;
+                take = rem < room ? rem : room;
+                if (st + take > cur_end) cur->len = st + take - cur->off;
+            } else {
+                if ((rc = grow((void **)&out->runs, out->nruns, &rcap, sizeof *out->runs)) != 0) break;
+                cur = &out->runs[out->nruns++];
+                take = rem < window ? rem : window;
+                *cur = (mh_store_run_t){st, take, out->npieces, 0};
+            }
+            if ((rc = grow((void **)&out->pieces, out->npieces, &pcap, sizeof *out->pieces)) != 0) break;
+            out->pieces[out->npieces++] = (mh_store_plan_piece_t){k, pos, (size_t)(st - cur->off), (size_t)take};
+            cur->count++;
+            pos += take;
+        } while (pos < len);
+    }
+    if (rc == 0 && out->nruns == 0) {
+        out->runs = calloc(1, sizeof *out->runs);
+        if (!out->runs) rc = MH_ENOMEM;
+        else out->nruns = 1;
+    }
+    if (rc != 0) mh_store_plan_free(out);
+    return rc;
+}
+
+void mh_store_plan_window(const mh_store_plan_t *p, size_t run, const uint8_t *base, uint64_t size,
+                          mh_store_piece_t *out, mh_store_window_t *w)
+{
+    const mh_store_run_t *r = &p->runs[run];
+    for (size_t i = 0; i < r->count; i++) {
+        const mh_store_plan_piece_t *pp = &p->pieces[r->first + i];
+        out[i] = (mh_store_piece_t){pp->index, pp->at, base ? base + pp->rel : NULL, pp->n};
+    }
+    *w = (mh_store_window_t){.p = r->len ? base : NULL, .n = (size_t)r->len, .off = r->off, .pieces = out,
+                             .npieces = r->count, .size = size, .last = run + 1 == p->nruns};
 }

@@ -30,6 +30,10 @@ typedef enum {
     MH_STORE_OP_CHECK_URL, /* fs: /_store/ signature checks */
     MH_STORE_OP_UPLOAD,    /* fs: streamed presigned PUTs (counted at finish/abort) */
     MH_STORE_OP_OPEN_READ, /* fs: /_store/ GETs */
+    MH_STORE_OP_WRITER,    /* streaming writers (counted at finish/abort) */
+    MH_STORE_OP_READER,    /* streaming readers (counted at close) */
+    MH_STORE_OP_LIST,
+    MH_STORE_OP_SWEEP_TMP,
     MH_STORE_OP_COUNT_
 } mh_store_op_t;
 
@@ -57,7 +61,32 @@ typedef struct {
     /* Releases the backend once no operation is in flight (the backend
      * decides when; it may free the store later, from a callback). */
     void (*close)(mh_store_t *s);
+    /* Streams (store.h "streaming writer/reader"); store.c has checked
+     * the arguments it can check without the backend. */
+    size_t writer_chunk_default, writer_chunk_min;
+    int (*writer_open)(mh_store_t *s, size_t chunk, bool hash, mh_store_writer_t **out);
+    int (*writer_write)(mh_store_writer_t *w, const void *data, size_t n, mh_store_done_cb cb, void *ud);
+    bool (*writer_full)(const mh_store_writer_t *w);
+    void (*writer_finish)(mh_store_writer_t *w, const char *key, mh_store_writer_done_cb cb, void *ud);
+    void (*writer_abort)(mh_store_writer_t *w);
+    /* src: the ranges to read (sequential readers pass one range whose
+     * len may be UINT64_MAX); copied or borrowed as store.h says. */
+    int (*reader_open)(mh_store_t *s, const char *key, const mh_range_t *ranges, size_t n, bool sequential,
+                       size_t window, mh_store_window_cb cb, void *ud, mh_store_reader_t **out);
+    void (*reader_next)(mh_store_reader_t *r);
+    void (*reader_close)(mh_store_reader_t *r);
+    void (*list)(mh_store_t *s, const char *prefix, const char *after, mh_store_list_cb cb, void *ud);
+    void (*sweep_tmp)(mh_store_t *s, uint32_t older_than_s, mh_store_count_cb cb, void *ud);
 } mh_store_ops_t;
+
+/* The common head of every backend's writer and reader. */
+struct mh_store_writer {
+    mh_store_t *s;
+    uint64_t size; /* bytes accepted */
+};
+struct mh_store_reader {
+    mh_store_t *s;
+};
 
 struct mh_store {
     const mh_store_ops_t *ops;
@@ -66,7 +95,8 @@ struct mh_store {
     uint64_t bytes_read, bytes_written;
 };
 
-/* Longest valid key: "incoming/" + 64 id characters. */
+/* Longest valid key: "incoming/" + 64 id characters. Backends' private
+ * temporaries ("tmp/<32 hex>", ...) are shorter. */
 #define MH_STORE_KEY_MAX 73
 
 /* True when key[0..n) is "mpacks/<64 lowercase hex>" or
@@ -79,6 +109,50 @@ bool mh_store_key_is_staging(const char *key, size_t n);
 void mh_store_note(mh_store_t *s, mh_store_op_t op, int err);
 /* Maps an MH_E* code to its result label. */
 mh_store_res_t mh_store_res_of(int err);
+
+/* ------------------------------------------------------ read plans */
+
+/* How a reader turns the caller's ranges into windows ("runs"): each run
+ * is one contiguous read of at most `window` bytes; its pieces are the
+ * parts of the caller's ranges inside it, in the caller's order. Built
+ * once the object's size is known; pure (runs on the thread pool). */
+typedef struct {
+    uint64_t off, len;
+    size_t first, count; /* pieces[first .. first+count) */
+} mh_store_run_t;
+
+typedef struct {
+    size_t index; /* range index */
+    uint64_t at;  /* offset inside the range */
+    size_t rel;   /* offset inside the run */
+    size_t n;
+} mh_store_plan_piece_t;
+
+typedef struct {
+    mh_store_run_t *runs;
+    size_t nruns;
+    mh_store_plan_piece_t *pieces;
+    size_t npieces;
+} mh_store_plan_t;
+
+/* Ranges closer than this share one run (a few KiB of gap cost less
+ * than another system call or round trip). */
+#define MH_STORE_RANGE_GAP (64u * 1024u)
+
+/* Builds the plan of ranges[0..n) over an object of `size` bytes; a
+ * range with len UINT64_MAX runs to the end (sequential readers).
+ * Consecutive ranges share a run when the next starts at or after the
+ * run's start, within MH_STORE_RANGE_GAP of its end, and the run stays
+ * within `window`; longer ranges are split. No range at all gives one
+ * empty run. Errors: MH_EINVAL (a range not inside the object),
+ * MH_ENOMEM. Free with mh_store_plan_free. */
+int mh_store_plan_build(const mh_range_t *ranges, size_t n, uint64_t size, size_t window, mh_store_plan_t *out);
+void mh_store_plan_free(mh_store_plan_t *p);
+
+/* Fills out[0..run->count) (the caller's view of a delivered run whose
+ * bytes are at base) and the window w. */
+void mh_store_plan_window(const mh_store_plan_t *p, size_t run, const uint8_t *base, uint64_t size,
+                          mh_store_piece_t *out, mh_store_window_t *w);
 
 /* Backend constructors (called by mh_store_open with the part of the spec
  * after "fs:" / "s3:"). On success *out is a fully initialised store. */
