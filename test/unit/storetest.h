@@ -128,7 +128,7 @@ typedef struct {
     uint64_t size;
 } wres_t;
 
-static void wfinish_cb(void *ud, int err, const uint8_t *sha, uint64_t size)
+static inline void wfinish_cb(void *ud, int err, const uint8_t *sha, uint64_t size)
 {
     wres_t *r = ud;
     r->done++;
@@ -141,7 +141,7 @@ static void wfinish_cb(void *ud, int err, const uint8_t *sha, uint64_t size)
 
 /* Writes data[0..n) in pieces of `piece` bytes, waiting for each write's
  * callback (the backpressure protocol); returns the first error. */
-static int write_all(mh_store_writer_t *w, const uint8_t *data, size_t n, size_t piece)
+static inline int write_all(mh_store_writer_t *w, const uint8_t *data, size_t n, size_t piece)
 {
     for (size_t off = 0; off < n;) {
         size_t k = n - off < piece ? n - off : piece;
@@ -158,7 +158,7 @@ static int write_all(mh_store_writer_t *w, const uint8_t *data, size_t n, size_t
     return 0;
 }
 
-static int finish_writer(mh_store_writer_t *w, const char *key, wres_t *out)
+static inline int finish_writer(mh_store_writer_t *w, const char *key, wres_t *out)
 {
     memset(out, 0, sizeof *out);
     CALL(mh_store_writer_finish(w, key, wfinish_cb, out));
@@ -167,7 +167,7 @@ static int finish_writer(mh_store_writer_t *w, const char *key, wres_t *out)
 }
 
 /* A whole stream: open, write in pieces, finish. */
-static int stream_object(mh_store_t *s, bool hash, size_t chunk, const uint8_t *data, size_t n, size_t piece,
+static inline int stream_object(mh_store_t *s, bool hash, size_t chunk, const uint8_t *data, size_t n, size_t piece,
                          const char *key, wres_t *out)
 {
     mh_store_writer_opts_t o = {.hash = hash, .chunk_bytes = chunk};
@@ -201,7 +201,7 @@ typedef struct {
     bool closed;
 } rdrive_t;
 
-static void rwin_cb(void *ud, int err, const mh_store_window_t *w)
+static inline void rwin_cb(void *ud, int err, const mh_store_window_t *w)
 {
     rdrive_t *d = ud;
     d->reentrant |= in_call;
@@ -235,7 +235,7 @@ static void rwin_cb(void *ud, int err, const mh_store_window_t *w)
     }
 }
 
-static int drive_reader(rdrive_t *d)
+static inline int drive_reader(rdrive_t *d)
 {
     d->order_ok = true;
     while (!d->err && !d->last_seen && !d->closed) uv_run(loop, UV_RUN_ONCE);
@@ -244,7 +244,7 @@ static int drive_reader(rdrive_t *d)
     return d->err;
 }
 
-static int read_seq(mh_store_t *s, const char *key, uint64_t off, uint64_t len, size_t window, rdrive_t *d)
+static inline int read_seq(mh_store_t *s, const char *key, uint64_t off, uint64_t len, size_t window, rdrive_t *d)
 {
     int close_after = d->close_after;
     memset(d, 0, sizeof *d);
@@ -256,7 +256,7 @@ static int read_seq(mh_store_t *s, const char *key, uint64_t off, uint64_t len, 
     return drive_reader(d);
 }
 
-static int read_ranges(mh_store_t *s, const char *key, const mh_range_t *rg, size_t n, size_t window, rdrive_t *d)
+static inline int read_ranges(mh_store_t *s, const char *key, const mh_range_t *rg, size_t n, size_t window, rdrive_t *d)
 {
     memset(d, 0, sizeof *d);
     d->outs = calloc(n ? n : 1, sizeof *d->outs);
@@ -269,7 +269,7 @@ static int read_ranges(mh_store_t *s, const char *key, const mh_range_t *rg, siz
 }
 
 /* True when every range's bytes arrived whole and right. */
-static bool ranges_match(const rdrive_t *d, const uint8_t *data, const mh_range_t *rg, size_t n)
+static inline bool ranges_match(const rdrive_t *d, const uint8_t *data, const mh_range_t *rg, size_t n)
 {
     for (size_t i = 0; i < n; i++)
         if (d->outs[i].len != rg[i].len || (rg[i].len && memcmp(d->outs[i].p, data + rg[i].off, rg[i].len) != 0))
@@ -277,7 +277,7 @@ static bool ranges_match(const rdrive_t *d, const uint8_t *data, const mh_range_
     return true;
 }
 
-static void rdrive_free(rdrive_t *d)
+static inline void rdrive_free(rdrive_t *d)
 {
     mh_buf_free(&d->all);
     for (size_t i = 0; d->outs && i < d->nouts; i++) mh_buf_free(&d->outs[i]);
@@ -295,7 +295,7 @@ typedef struct {
     bool has_next;
 } lres_t;
 
-static void list_cb(void *ud, int err, const mh_store_entry_t *e, size_t n, const char *next)
+static inline void list_cb(void *ud, int err, const mh_store_entry_t *e, size_t n, const char *next)
 {
     lres_t *r = ud;
     r->done++;
@@ -311,7 +311,7 @@ static void list_cb(void *ud, int err, const mh_store_entry_t *e, size_t n, cons
 }
 
 /* r is large (80 KB): callers keep it static or on the heap. */
-static int do_list(mh_store_t *s, const char *prefix, const char *after, lres_t *r)
+static inline int do_list(mh_store_t *s, const char *prefix, const char *after, lres_t *r)
 {
     memset(r, 0, sizeof *r);
     CALL(mh_store_list(s, prefix, after, list_cb, r));
@@ -324,7 +324,7 @@ typedef struct {
     unsigned removed;
 } cres_t;
 
-static void count_cb(void *ud, int err, unsigned removed)
+static inline void count_cb(void *ud, int err, unsigned removed)
 {
     cres_t *r = ud;
     r->done++;
@@ -332,7 +332,7 @@ static void count_cb(void *ud, int err, unsigned removed)
     r->removed = removed;
 }
 
-static int do_sweep_tmp(mh_store_t *s, uint32_t older_than_s, unsigned *removed)
+static inline int do_sweep_tmp(mh_store_t *s, uint32_t older_than_s, unsigned *removed)
 {
     cres_t r = {0};
     CALL(mh_store_sweep_tmp(s, older_than_s, count_cb, &r));
