@@ -17,7 +17,9 @@
  * period and sweeps superseded packs out of the store after a grace period
  * (once no mpack_index row points at them and no mpack_refs row names
  * them), so a fetch that located a pack before a GC swapped it still reads
- * it. Design notes: docs/architecture.md, section "Jobs".
+ * it; then staged uploads (incoming/<id>) of push grants expired for more
+ * than the grace period, with their grant rows, and the store's stale
+ * temporaries (SPEC 4.3). Design notes: docs/architecture.md, "Jobs".
  *
  * Invariants:
  *  - Everything runs on the loop: queries through the db module, store
@@ -50,7 +52,8 @@ typedef struct {
                                  heartbeat renews it every lease_s/3 */
     uint32_t poll_ms;         /* polling fallback to LISTEN/NOTIFY, ms; 2000 */
     uint32_t retention_hours; /* finished jobs are deleted after; 168 (MUSEHUB_JOB_RETENTION_HOURS) */
-    uint32_t grace_s;         /* superseded packs stay in the store for; 3600
+    uint32_t grace_s;         /* superseded packs stay in the store for, and staged
+                                 uploads after their grant expired; 3600
                                  (MUSEHUB_MPACK_GRACE_SECONDS) */
     uint32_t maintenance_s;   /* period of pruning and sweeping, seconds; 60
                                  (MUSEHUB_JOB_MAINTENANCE_SECONDS) */
@@ -89,7 +92,8 @@ void mh_jobs_free(mh_jobs_t *r);
  * musehub_jobs_claimed_total, musehub_jobs_finished_total{type,outcome}
  * (outcome: done, retry, failed, abandoned), musehub_jobs_running,
  * musehub_jobs_duration_seconds_sum{type}, musehub_mpacks_swept_total,
- * musehub_jobs_pruned_total. Counters are process-wide (one runner per
+ * musehub_jobs_pruned_total, musehub_staged_uploads_swept_total,
+ * musehub_store_tmp_swept_total. Counters are process-wide (one runner per
  * process), so the handler needs no runner pointer. MH_ENOMEM. */
 int mh_jobs_metrics_write(mh_buf_t *out);
 

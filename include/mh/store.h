@@ -64,6 +64,11 @@ void mh_store_close(mh_store_t *s);
 /* "fs" or "s3". */
 const char *mh_store_kind(const mh_store_t *s);
 
+/* True when key (NUL-terminated) is a staging key "incoming/<1..64 of
+ * [A-Za-z0-9_-]>" (SPEC 4.3), the only keys the staged-upload sweep may
+ * delete. */
+bool mh_store_staging_key_valid(const char *key);
+
 /* Reads [off, off+len) of key (len UINT64_MAX = to the end). On success
  * cb gets `data`, a struct valid only during the callback whose bytes
  * (data->p, data->len; p may be NULL when len is 0) belong to the caller:

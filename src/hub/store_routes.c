@@ -52,6 +52,10 @@ static void upload_fail(upload_t *u, int rc)
     u->over = true;
     upload_drop(u);
     if (req->responded) return;
+    /* The body may be paused (waiting for the budget or for the disk):
+     * let the rest of it flow so the server can discard it and the
+     * connection can carry the next request. */
+    mh_req_resume(req);
     switch (rc) {
     case MH_EHASH:
         mh_res_error(req, 400, "digest_mismatch", "the bytes do not hash to the signed key or length; nothing was kept");

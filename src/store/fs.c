@@ -1099,7 +1099,11 @@ static void w_after_cb(uv_work_t *req, int status)
     int rc = w->job_err ? w->job_err : status ? MH_ECANCELED : 0;
     w->job_err = 0;
     if (w->job == J_FLUSH) {
-        if (rc && !w->err) w->err = rc;
+        if (rc && !w->err) {
+            w->err = rc;
+            /* Logged now: an upload answers 507 and aborts right away. */
+            if (rc == MH_ENOSPC) note_space(w->fs, rc, w->sys_errno);
+        }
         w_pump(w);
         return;
     }

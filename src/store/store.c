@@ -45,6 +45,11 @@ bool mh_store_key_is_staging(const char *key, size_t n)
     return true;
 }
 
+bool mh_store_staging_key_valid(const char *key)
+{
+    return key && mh_store_key_is_staging(key, strnlen(key, MH_STORE_KEY_MAX + 1));
+}
+
 /* A whitelist, not a blacklist: nothing else ('.', '/', '%', NUL, upper
  * hex in pack keys) can reach a path or an URL, so "..", encoded slashes
  * and alternate spellings of the same pack are all refused here. */
