@@ -593,7 +593,7 @@ static void do_list(fs_op_t *op)
     op->entries = n ? malloc(n * sizeof *op->entries) : NULL;
     if (n && (!op->entries || mh_buf_reserve(&op->buf, n * sizeof *ents) != 0)) {
         op->err = MH_ENOMEM;
-    } else {
+    } else if (n) {
         memcpy(op->buf.p, ents, n * sizeof *ents);
         const list_ent_t *kept = (const list_ent_t *)op->buf.p;
         for (size_t i = 0; i < n; i++)

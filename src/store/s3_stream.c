@@ -391,9 +391,12 @@ static void w_step(s3_writer_t *w, xfer_t *x, int err)
         }
         return;
     case WS_SMALL_PUT:
-        if (err) w->err = err;
-        else mh__s3_op_finish(&w->op, 0);
-        break;
+        if (err) {
+            w->err = err;
+            break;
+        }
+        mh__s3_op_finish(&w->op, 0); /* may free w */
+        return;
     case WS_HEAD_DST:
         if (stop) break;
         if (err == 0) { /* the pack exists: same bytes by hash, drop ours */
@@ -408,8 +411,8 @@ static void w_step(s3_writer_t *w, xfer_t *x, int err)
         return;
     case WS_DROP_MPU:
         w_note_abort(w, err);
-        mh__s3_op_finish(&w->op, 0);
-        break;
+        mh__s3_op_finish(&w->op, 0); /* may free w */
+        return;
     case WS_COMPLETE:
         if (err) {
             w->err = err;
@@ -439,8 +442,8 @@ static void w_step(s3_writer_t *w, xfer_t *x, int err)
         if (err && err != MH_ENOENT)
             mh_warn("store: s3 writer: %s left behind (%s); the tmp sweep removes it", w->tmp_key, mh_strerror(err));
         w->tmp_exists = false;
-        mh__s3_op_finish(&w->op, 0);
-        break;
+        mh__s3_op_finish(&w->op, 0); /* may free w */
+        return;
     case WS_CLEAN_MPU: w_note_abort(w, err); break;
     case WS_CLEAN_TMP: w->tmp_exists = false; break;
     }
@@ -708,14 +711,15 @@ int mh__s3_reader_open(mh_store_t *s, const char *key, const mh_range_t *ranges,
 void mh__s3_reader_next(mh_store_reader_t *rr)
 {
     s3_reader_t *r = (s3_reader_t *)rr;
-    mh__s3_enter(r->s3, true);
+    s3_store_t *s3 = r->s3;
+    mh__s3_enter(s3, true);
     for (int i = 0; i < 2; i++)
         if (r->bstate[i] == B_DELIVERED) {
             r->bstate[i] = B_FREE;
             mh_buf_free(&r->buf[i]); /* the next GET brings its own */
         }
     if (!r->closed && !r->done) r_pump(r);
-    mh__s3_leave(r->s3, true);
+    mh__s3_leave(s3, true);
 }
 
 void mh__s3_reader_close(mh_store_reader_t *rr)
