@@ -56,7 +56,8 @@ static const setting_t settings[] = {
     S("JOB_MAINTENANCE_SECONDS", K_U32, job_maintenance_seconds, "60",
       "period of pruning old jobs and sweeping superseded packs, seconds"),
     S("MPACK_GRACE_SECONDS", K_U32, mpack_grace_seconds, "3600",
-      "packs superseded by GC stay in the store for, seconds (fetches in flight)"),
+      "packs superseded by GC stay in the store for, seconds (fetches in flight); also how long after its grant "
+      "expired an abandoned staged upload is removed"),
     /* The pack-memory budget (SPEC 4.8, include/mh/budget.h). */
     S("PACK_MEMORY", K_U64, pack_memory, "268435456",
       "bytes of pack work (unpack, pack building, GC, uploads) one process holds at once"),
