@@ -7,6 +7,7 @@
 #                   then unit and end-to-end tests again under ASan + UBSan (slow-marked tests skipped)
 #   make test-asan  unit and end-to-end tests under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make bench      benchmarks side by side (scripts/bench)
+#   make bench-store throughput and memory of the store's streams (fs and s3 emulator)
 #   make fuzz       run every libFuzzer target for FUZZ_SECONDS each
 #   make clean
 
@@ -40,7 +41,7 @@ UNIT_BIN := $(patsubst test/unit/%.c,$(BUILD)/test/%,$(UNIT_SRC))
 
 include third_party/llhttp.mk
 
-.PHONY: all deps run test test-asan unit e2e e2e-s3 bench fuzz fuzz-replay clean
+.PHONY: all deps run test test-asan unit e2e e2e-s3 bench bench-store fuzz fuzz-replay clean
 all: $(BUILD)/musehubd
 
 $(BUILD)/obj/%.o: %.c $(wildcard include/mh/*.h) $(wildcard src/*/*.h)
@@ -66,6 +67,11 @@ $(BUILD)/musehubd: $(BUILD)/obj/src/main.o $(BUILD)/libmh.a
 $(BUILD)/test/%: test/unit/%.c $(BUILD)/libmh.a test/unit/tap.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Itest/unit $(LDFLAGS) -o $@ $< $(BUILD)/libmh.a $(LDLIBS)
+
+# Benchmark programs (test/bench/*.c), built like the unit tests.
+$(BUILD)/bench/%: test/bench/%.c $(BUILD)/libmh.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libmh.a $(LDLIBS)
 
 deps:
 	@sh scripts/deps.sh
@@ -113,6 +119,12 @@ bench:
 	@sh scripts/deps.sh --bench
 	@$(MAKE) --no-print-directory all
 	@/usr/bin/python3 scripts/bench.py $(BENCH_ARGS)
+
+# Throughput and memory of the store's streaming writer and reader
+# (fs, and s3 against the emulator): BENCH_STORE_MIB (512) per object.
+BENCH_STORE_MIB ?= 512
+bench-store: all $(BUILD)/bench/bench_store
+	@/usr/bin/python3 scripts/bench_store.py $(BUILD)/bench/bench_store $(BENCH_STORE_MIB)
 
 clean:
 	rm -rf build build-asan build-fuzz
