@@ -912,29 +912,18 @@ typedef struct {
     struct mh_store_writer head;
     fs_store_t *fs;
     w_mode_t mode;
-    size_t chunk;
     int fd;           /* -1 until a job creates the temporary file */
     char tmpname[48];
-    mh_buf_t fill, flight;
+    mh_buf_t flight;  /* the chunk on the thread pool (head.fill fills) */
     mh_sha256_t *h;   /* NULL: the caller hashes */
     uint8_t sha[32];  /* final digest (J_FINAL) */
-    int err;          /* sticky, loop side */
-    bool busy, finishing, aborted, ended;
+    bool busy, ended;
     w_job_t job;
     int job_err, sys_errno; /* of the job that just ran (pool side) */
     const char *sys_what;
     uint64_t flushed;       /* bytes on disk */
-    /* the outstanding write callback */
-    mh_store_done_cb wcb;
-    void *wud;
-    fs_defer_t wdefer;
-    /* finish */
-    char key[MH_STORE_KEY_MAX + 1]; /* destination (upload: the staging key) */
-    bool key_given;
-    uint64_t up_size; /* upload: the signed length and hash */
-    uint8_t up_sha[32];
-    mh_store_writer_done_cb fcb;
-    void *fud;
+    fs_defer_t wdefer; /* the write callback, on a later turn */
+    uint8_t up_sha[32]; /* upload: the signed hash (the length is head.limit) */
     uv_work_t req;
 } fs_writer_t;
 
@@ -980,24 +969,24 @@ static int w_write_buf(fs_writer_t *w, mh_buf_t *b)
 static void w_final(fs_writer_t *w)
 {
     fs_store_t *fs = w->fs;
-    if (w_write_buf(w, &w->fill) != 0) return;
+    if (w_write_buf(w, &w->head.fill) != 0) return;
     if (fsync(w->fd) != 0) {
         w_fail(w, "fsync", -errno);
         return;
     }
     if (w->h) mh_sha256_final(w->h, w->sha);
     if (w->mode == W_UPLOAD) {
-        if (w->flushed != w->up_size || memcmp(w->sha, w->up_sha, 32) != 0) {
+        if (w->flushed != w->head.limit || memcmp(w->sha, w->up_sha, 32) != 0) {
             w->job_err = MH_EHASH;
             return;
         }
-    } else if (!w->key_given) {
+    } else if (!w->head.key_given) {
         char hex[65];
         mh_hex_encode(hex, w->sha, 32);
-        snprintf(w->key, sizeof w->key, "mpacks/%s", hex);
+        snprintf(w->head.key, sizeof w->head.key, "mpacks/%s", hex);
     } else if (w->h) {
         uint8_t want[32];
-        if (mh_hex_decode(want, w->key + 7, 32) != 0 || memcmp(want, w->sha, 32) != 0) {
+        if (mh_hex_decode(want, w->head.key + 7, 32) != 0 || memcmp(want, w->sha, 32) != 0) {
             w->job_err = MH_EHASH;
             return;
         }
@@ -1005,12 +994,12 @@ static void w_final(fs_writer_t *w)
     /* link(2) never replaces: an upload finds its staging key taken
      * (MH_EEXIST); a content-addressed pack that exists holds these very
      * bytes, so ours are simply dropped. */
-    if (linkat(fs->tmpfd, w->tmpname, fs->dirfd, w->key, 0) != 0) {
+    if (linkat(fs->tmpfd, w->tmpname, fs->dirfd, w->head.key, 0) != 0) {
         if (errno != EEXIST) w_fail(w, "link", -errno);
         else if (w->mode == W_UPLOAD) w->job_err = MH_EEXIST;
         return;
     }
-    if (fsync(parent_fd(fs, w->key)) != 0) w_fail(w, "fsync dir", -errno);
+    if (fsync(parent_fd(fs, w->head.key)) != 0) w_fail(w, "fsync dir", -errno);
 }
 
 static void w_work_cb(uv_work_t *req)
@@ -1033,30 +1022,21 @@ static void w_work_cb(uv_work_t *req)
 static void w_free(fs_writer_t *w)
 {
     fs_store_t *fs = w->fs;
-    mh_buf_free(&w->fill);
+    mh_buf_free(&w->head.fill);
     mh_buf_free(&w->flight);
     mh_sha256_free(w->h);
     free(w);
     fs_release(fs);
 }
 
-/* The outstanding write callback, once there is room or an error. */
-static void w_fire_wcb(fs_writer_t *w)
-{
-    if (!w->wcb || (!w->err && w->fill.len >= w->chunk)) return;
-    mh_store_done_cb cb = w->wcb;
-    w->wcb = NULL;
-    cb(w->wud, w->err);
-}
-
 static void w_wcb_defer_cb(fs_defer_t *d)
 {
     fs_writer_t *w = (fs_writer_t *)((char *)d - offsetof(fs_writer_t, wdefer));
-    if (w->aborted) {
+    if (w->head.aborted) {
         w_pump(w); /* may free w */
         return;
     }
-    w_fire_wcb(w);
+    mh_store_writer_fire(&w->head);
 }
 
 /* Loop: the end of a finish (or of an abort's cleanup): logs, counts,
@@ -1069,24 +1049,24 @@ static void w_end(fs_writer_t *w, int rc)
         w->ended = true;
         if (w->sys_what)
             mh_warn("store: fs %s %s: %s failed: %s", w->mode == W_UPLOAD ? "upload" : "writer",
-                    w->key[0] ? w->key : "(unnamed)", w->sys_what, strerror(w->sys_errno));
+                    w->head.key[0] ? w->head.key : "(unnamed)", w->sys_what, strerror(w->sys_errno));
         else if (rc == MH_EHASH && w->mode == W_UPLOAD)
-            mh_info("store: fs upload %s refused: %" PRIu64 " of %" PRIu64 " bytes or SHA-256 differ", w->key,
-                    w->head.size, w->up_size);
+            mh_info("store: fs upload %s refused: %" PRIu64 " of %" PRIu64 " bytes or SHA-256 differ", w->head.key,
+                    w->head.size, w->head.limit);
         if (rc == 0 || rc == MH_ENOSPC) note_space(fs, rc, w->sys_errno);
         if (rc == 0) fs->base.bytes_written += w->head.size;
         mh_store_note(&fs->base, w->mode == W_UPLOAD ? MH_STORE_OP_UPLOAD : MH_STORE_OP_WRITER,
-                      w->aborted ? MH_ECANCELED : rc);
-        if (!w->aborted) {
-            if (!w->err) w->err = rc;
-            w_fire_wcb(w); /* an outstanding write callback goes first */
-            if (w->fcb) w->fcb(w->fud, rc, rc == 0 && w->h ? w->sha : NULL, w->head.size);
+                      w->head.aborted ? MH_ECANCELED : rc);
+        if (!w->head.aborted) {
+            if (!w->head.err) w->head.err = rc;
+            mh_store_writer_fire(&w->head); /* an outstanding write callback goes first */
+            if (w->head.fcb) w->head.fcb(w->head.fud, rc, rc == 0 && w->h ? w->sha : NULL, w->head.size);
         }
     }
     if (w->wdefer.queued) {
-        w->aborted = true;
-        w->fcb = NULL;
-        w->wcb = NULL;
+        w->head.aborted = true;
+        w->head.fcb = NULL;
+        w->head.wcb = NULL;
         return;
     }
     w_free(w);
@@ -1099,15 +1079,15 @@ static void w_after_cb(uv_work_t *req, int status)
     int rc = w->job_err ? w->job_err : status ? MH_ECANCELED : 0;
     w->job_err = 0;
     if (w->job == J_FLUSH) {
-        if (rc && !w->err) {
-            w->err = rc;
+        if (rc && !w->head.err) {
+            w->head.err = rc;
             /* Logged now: an upload answers 507 and aborts right away. */
             if (rc == MH_ENOSPC) note_space(w->fs, rc, w->sys_errno);
         }
         w_pump(w);
         return;
     }
-    w_end(w, w->job == J_CLEANUP ? (w->err ? w->err : MH_ECANCELED) : rc);
+    w_end(w, w->job == J_CLEANUP ? (w->head.err ? w->head.err : MH_ECANCELED) : rc);
 }
 
 static void w_submit(fs_writer_t *w, w_job_t job)
@@ -1122,22 +1102,20 @@ static void w_submit(fs_writer_t *w, w_job_t job)
 static void w_pump(fs_writer_t *w)
 {
     if (w->busy) return;
-    if (w->aborted) {
+    if (w->head.aborted) {
         if (w->wdefer.queued) return; /* the deferred callback comes back here */
         if (!w->ended && (w->fd >= 0 || w->tmpname[0])) w_submit(w, J_CLEANUP);
         else w_end(w, MH_ECANCELED);
         return;
     }
-    if (!w->err && w->fill.len >= w->chunk) {
-        mh_buf_t t = w->fill;
-        w->fill = w->flight;
-        w->flight = t;
+    if (mh_store_writer_full(&w->head)) {
+        mh_store_writer_swap(&w->head, &w->flight);
         w_submit(w, J_FLUSH);
-    } else if (w->finishing) {
-        w_submit(w, w->err ? J_CLEANUP : J_FINAL);
+    } else if (w->head.finishing) {
+        w_submit(w, w->head.err ? J_CLEANUP : J_FINAL);
         return;
     }
-    if (w->wcb && (w->err || w->fill.len < w->chunk)) fs_defer(w->fs, &w->wdefer, w_wcb_defer_cb);
+    if (mh_store_writer_room_due(&w->head)) fs_defer(w->fs, &w->wdefer, w_wcb_defer_cb);
 }
 
 static fs_writer_t *w_new(fs_store_t *fs, w_mode_t mode, size_t chunk, bool hash)
@@ -1148,10 +1126,9 @@ static fs_writer_t *w_new(fs_store_t *fs, w_mode_t mode, size_t chunk, bool hash
         free(w);
         return NULL;
     }
-    w->head.s = &fs->base;
+    mh_store_writer_init(&w->head, &fs->base, chunk, hash);
     w->fs = fs;
     w->mode = mode;
-    w->chunk = chunk;
     w->fd = -1;
     fs->pending++;
     return w;
@@ -1167,65 +1144,9 @@ static int fs_writer_open(mh_store_t *s, size_t chunk, bool hash, mh_store_write
     return 0;
 }
 
-static int fs_writer_write(mh_store_writer_t *ww, const void *data, size_t n, mh_store_done_cb cb, void *ud)
+static void fs_writer_pump(mh_store_writer_t *ww)
 {
-    fs_writer_t *w = as_writer(ww);
-    if (w->finishing || w->aborted || (cb && w->wcb)) return MH_EINVAL;
-    if (w->err) return w->err;
-    if (w->mode == W_UPLOAD && n > w->up_size - w->head.size) return w->err = MH_ELIMIT;
-    if (n) {
-        /* A chunk's buffer is reserved whole the first time, so appends
-         * never reallocate (and the two buffers are all we ever hold). */
-        size_t want = w->fill.len + n > w->chunk ? w->fill.len + n : w->chunk;
-        if (w->fill.cap < want && mh_buf_reserve(&w->fill, want - w->fill.len) != 0) return w->err = MH_ENOMEM;
-        memcpy(w->fill.p + w->fill.len, data, n);
-        w->fill.len += n;
-        w->head.size += n;
-    }
-    if (cb) {
-        w->wcb = cb;
-        w->wud = ud;
-    }
-    w_pump(w);
-    return 0;
-}
-
-static bool fs_writer_full(const mh_store_writer_t *ww)
-{
-    const fs_writer_t *w = (const fs_writer_t *)ww;
-    return !w->err && w->fill.len >= w->chunk;
-}
-
-static void fs_writer_finish(mh_store_writer_t *ww, const char *key, mh_store_writer_done_cb cb, void *ud)
-{
-    fs_writer_t *w = as_writer(ww);
-    w->fcb = cb;
-    w->fud = ud;
-    w->finishing = true;
-    if (w->mode == W_WRITER) {
-        size_t kn = key ? strnlen(key, MH_STORE_KEY_MAX + 1) : 0;
-        if (key && (kn > MH_STORE_KEY_MAX || !mh_store_key_valid(key, kn) || key[0] != 'm')) {
-            if (!w->err) w->err = MH_EINVAL;
-        } else if (key) {
-            memcpy(w->key, key, kn + 1);
-            w->key_given = true;
-        } else if (!w->h && !w->err) {
-            w->err = MH_EINVAL; /* no key and nothing to name it by */
-        }
-    } else if (key && !w->err) {
-        w->err = MH_EINVAL; /* an upload's key was fixed at open */
-    }
-    if (!w->err && w->mode == W_UPLOAD && w->head.size != w->up_size) w->err = MH_EHASH;
-    w_pump(w);
-}
-
-static void fs_writer_abort(mh_store_writer_t *ww)
-{
-    fs_writer_t *w = as_writer(ww);
-    w->aborted = true;
-    w->wcb = NULL;
-    w->fcb = NULL;
-    w_pump(w);
+    w_pump(as_writer(ww));
 }
 
 int mh_store_fs_upload_open(mh_store_t *s, const char *key, uint64_t size, const uint8_t sha256[32],
@@ -1245,8 +1166,9 @@ int mh_store_fs_upload_open(mh_store_t *s, const char *key, uint64_t size, const
         mh_store_note(s, MH_STORE_OP_UPLOAD, rc);
         return rc;
     }
-    memcpy(w->key, key, kn + 1);
-    w->up_size = size;
+    memcpy(w->head.key, key, kn + 1);
+    w->head.limit = size;
+    w->head.key_fixed = true;
     memcpy(w->up_sha, sha256, 32);
     *out = &w->head;
     return 0;
@@ -1254,34 +1176,20 @@ int mh_store_fs_upload_open(mh_store_t *s, const char *key, uint64_t size, const
 
 /* ----------------------------------------------------- streaming reader */
 
-/* Two buffers: one the consumer holds (DELIVERED), one being read ahead.
- * The first job opens the file, learns its size and builds the plan. */
-enum { B_FREE = 0, B_READING, B_FULL, B_DELIVERED };
-
+/* The head (store_int.h) holds the plan and the two buffers; this adds
+ * the file and the job. The first job opens the file, learns its size and
+ * builds the plan; every job reads one run into a free buffer. */
 typedef struct {
     struct mh_store_reader head;
     fs_store_t *fs;
     char key[MH_STORE_KEY_MAX + 1];
     mh_range_t single;        /* sequential: the one range */
     const mh_range_t *ranges; /* borrowed until close */
-    size_t nranges;
-    size_t window;
+    size_t nranges;           /* sequential: 1 */
     int fd;
-    uint64_t size;
-    mh_store_plan_t plan;
-    bool planned;
-    mh_buf_t buf[2];
-    int bstate[2];
-    size_t brun[2];
-    size_t next_read, next_deliver;
-    int err;
-    bool busy, closed, err_told, done;
+    bool busy, closed;
     int job_buf, job_err, sys_errno;
     const char *sys_what;
-    mh_store_piece_t *out; /* the delivered run's pieces */
-    size_t out_cap;
-    mh_store_window_cb cb;
-    void *ud;
     uv_work_t req;
     fs_defer_t defer;
 } fs_reader_t;
@@ -1290,6 +1198,7 @@ static void r_pump(fs_reader_t *r, bool may_call);
 
 static void r_read_job(fs_reader_t *r)
 {
+    mh_store_reader_t *h = &r->head;
     if (r->fd < 0) {
         r->fd = openat(r->fs->dirfd, r->key, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
         struct stat st;
@@ -1301,16 +1210,16 @@ static void r_read_job(fs_reader_t *r)
             r->job_err = MH_ENOENT;
             return;
         }
-        r->size = (uint64_t)st.st_size;
+        h->size = (uint64_t)st.st_size;
     }
-    if (!r->planned) {
+    if (!h->planned) {
         const mh_range_t *rg = r->ranges ? r->ranges : &r->single;
-        size_t n = r->ranges ? r->nranges : (r->nranges ? 1 : 0);
-        if ((r->job_err = mh_store_plan_build(rg, n, r->size, r->window, &r->plan)) != 0) return;
-        r->planned = true;
+        if ((r->job_err = mh_store_plan_build(rg, r->nranges, h->size, h->window, &h->plan)) != 0)
+            return;
+        h->planned = true;
     }
-    const mh_store_run_t *run = &r->plan.runs[r->next_read];
-    mh_buf_t *b = &r->buf[r->job_buf];
+    const mh_store_run_t *run = &h->plan.runs[h->next_read];
+    mh_buf_t *b = &h->buf[r->job_buf];
     b->len = 0;
     if (run->len == 0) return;
     if (b->cap < run->len && mh_buf_reserve(b, (size_t)run->len) != 0) {
@@ -1334,11 +1243,8 @@ static void r_free(fs_reader_t *r)
 {
     fs_store_t *fs = r->fs;
     if (r->fd >= 0) close(r->fd);
-    mh_buf_free(&r->buf[0]);
-    mh_buf_free(&r->buf[1]);
-    mh_store_plan_free(&r->plan);
-    free(r->out);
-    mh_store_note(&fs->base, MH_STORE_OP_READER, r->err);
+    mh_store_note(&fs->base, MH_STORE_OP_READER, r->head.err);
+    mh_store_reader_fini(&r->head);
     free(r);
     fs_release(fs);
 }
@@ -1346,19 +1252,19 @@ static void r_free(fs_reader_t *r)
 static void r_after_cb(uv_work_t *req, int status)
 {
     fs_reader_t *r = req->data;
+    mh_store_reader_t *h = &r->head;
     r->busy = false;
     int rc = r->job_err ? r->job_err : status ? MH_ECANCELED : 0;
-    if (rc && !r->err) {
-        r->err = rc;
+    if (rc && !h->err) {
+        h->err = rc;
         if (r->sys_what && r->sys_errno != ENOENT)
             mh_warn("store: fs reader %s: %s failed: %s", r->key, r->sys_what, strerror(r->sys_errno));
     }
     if (!rc) {
-        r->bstate[r->job_buf] = B_FULL;
-        r->brun[r->job_buf] = r->next_read++;
-        r->fs->base.bytes_read += r->buf[r->job_buf].len;
+        r->fs->base.bytes_read += h->buf[r->job_buf].len;
+        mh_store_reader_filled(h, r->job_buf);
     } else {
-        r->bstate[r->job_buf] = B_FREE;
+        h->bstate[r->job_buf] = MH_RBUF_FREE;
     }
     r_pump(r, true);
 }
@@ -1372,51 +1278,32 @@ static void r_defer_cb(fs_defer_t *d)
  * then starts the next read ahead. */
 static void r_pump(fs_reader_t *r, bool may_call)
 {
+    mh_store_reader_t *h = &r->head;
     if (r->closed) {
         if (!r->busy && !r->defer.queued) r_free(r);
         return;
     }
-    bool held = r->bstate[0] == B_DELIVERED || r->bstate[1] == B_DELIVERED;
-    int ready = -1;
-    for (int i = 0; i < 2; i++)
-        if (r->bstate[i] == B_FULL && r->brun[i] == r->next_deliver) ready = i;
-    if ((r->err && !r->err_told) || (!held && ready >= 0)) {
+    if (mh_store_reader_due(h)) {
         if (!may_call) {
             fs_defer(r->fs, &r->defer, r_defer_cb);
             return;
         }
-        if (r->err) {
-            r->err_told = true;
-            r->cb(r->ud, r->err, NULL);
-            return; /* the consumer closes */
-        }
-        const mh_store_run_t *run = &r->plan.runs[r->next_deliver];
-        if (run->count > r->out_cap) {
-            mh_store_piece_t *no = realloc(r->out, run->count * sizeof *no);
-            if (!no) {
-                r->err = MH_ENOMEM;
-                r_pump(r, true);
-                return;
-            }
-            r->out = no;
-            r->out_cap = run->count;
-        }
         mh_store_window_t win;
-        mh_store_plan_window(&r->plan, r->next_deliver, r->buf[ready].p, r->size, r->out, &win);
-        r->bstate[ready] = B_DELIVERED;
-        r->next_deliver++;
-        if (win.last) r->done = true;
-        /* Read ahead before handing the window over. */
-        r_pump(r, false);
-        if (!r->closed) r->cb(r->ud, 0, &win);
+        int k = mh_store_reader_take(h, &win);
+        if (k < 0) {
+            h->cb(h->ud, k, NULL); /* the consumer closes */
+            return;
+        }
+        r_pump(r, false); /* read ahead before handing the window over */
+        if (!r->closed) h->cb(h->ud, 0, &win);
         return;
     }
-    if (r->err || r->busy || (r->planned && r->next_read >= r->plan.nruns)) return;
-    int fb = r->bstate[0] == B_FREE ? 0 : r->bstate[1] == B_FREE ? 1 : -1;
+    if (h->err || r->busy || (h->planned && h->next_read >= h->plan.nruns)) return;
+    int fb = mh_store_reader_free_buf(h);
     if (fb < 0) return;
     r->busy = true;
     r->job_buf = fb;
-    r->bstate[fb] = B_READING;
+    h->bstate[fb] = MH_RBUF_READING;
     r->req.data = r;
     uv_queue_work(r->fs->base.loop, &r->req, r_work_cb, r_after_cb);
 }
@@ -1427,21 +1314,13 @@ static int fs_reader_open(mh_store_t *s, const char *key, const mh_range_t *rang
     fs_store_t *fs = (fs_store_t *)s;
     fs_reader_t *r = calloc(1, sizeof *r);
     if (!r) return MH_ENOMEM;
-    r->head.s = s;
+    r->head = (mh_store_reader_t){.s = s, .cb = cb, .ud = ud, .window = window};
     r->fs = fs;
     r->fd = -1;
-    r->window = window;
-    r->cb = cb;
-    r->ud = ud;
-    if (sequential) {
-        r->single = ranges[0];
-        r->nranges = 1;
-    } else {
-        r->ranges = ranges;
-        r->nranges = n;
-    }
+    if (sequential) r->single = ranges[0], r->nranges = 1;
+    else r->ranges = ranges, r->nranges = n;
     size_t kn = key ? strnlen(key, MH_STORE_KEY_MAX + 1) : 0;
-    if (!key || kn > MH_STORE_KEY_MAX || !mh_store_key_valid(key, kn) || fs->closing) r->err = MH_EINVAL;
+    if (!key || kn > MH_STORE_KEY_MAX || !mh_store_key_valid(key, kn) || fs->closing) r->head.err = MH_EINVAL;
     else memcpy(r->key, key, kn + 1);
     fs->pending++;
     *out = &r->head;
@@ -1452,9 +1331,8 @@ static int fs_reader_open(mh_store_t *s, const char *key, const mh_range_t *rang
 static void fs_reader_next(mh_store_reader_t *rr)
 {
     fs_reader_t *r = (fs_reader_t *)rr;
-    for (int i = 0; i < 2; i++)
-        if (r->bstate[i] == B_DELIVERED) r->bstate[i] = B_FREE;
-    if (!r->closed && !r->done) r_pump(r, false);
+    mh_store_reader_release(rr, false);
+    if (!r->closed && !rr->done) r_pump(r, false);
 }
 
 static void fs_reader_close(mh_store_reader_t *rr)
@@ -1703,10 +1581,7 @@ const mh_store_ops_t mh_store_fs_ops = {
     .writer_chunk_default = CHUNK_DEFAULT,
     .writer_chunk_min = MH_STORE_WINDOW_MIN,
     .writer_open = fs_writer_open,
-    .writer_write = fs_writer_write,
-    .writer_full = fs_writer_full,
-    .writer_finish = fs_writer_finish,
-    .writer_abort = fs_writer_abort,
+    .writer_pump = fs_writer_pump,
     .reader_open = fs_reader_open,
     .reader_next = fs_reader_next,
     .reader_close = fs_reader_close,

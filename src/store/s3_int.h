@@ -226,10 +226,7 @@ void mh__s3_stream_complete(s3_op_t *op);
 
 /* s3_stream.c: the streaming entries of the backend's vtable. */
 int mh__s3_writer_open(mh_store_t *s, size_t chunk, bool hash, mh_store_writer_t **out);
-int mh__s3_writer_write(mh_store_writer_t *w, const void *data, size_t n, mh_store_done_cb cb, void *ud);
-bool mh__s3_writer_full(const mh_store_writer_t *w);
-void mh__s3_writer_finish(mh_store_writer_t *w, const char *key, mh_store_writer_done_cb cb, void *ud);
-void mh__s3_writer_abort(mh_store_writer_t *w);
+void mh__s3_writer_pump(mh_store_writer_t *w);
 int mh__s3_reader_open(mh_store_t *s, const char *key, const mh_range_t *ranges, size_t n, bool sequential,
                        size_t window, mh_store_window_cb cb, void *ud, mh_store_reader_t **out);
 void mh__s3_reader_next(mh_store_reader_t *r);

@@ -108,25 +108,16 @@ typedef struct {
     s3_op_t op;
     s3_store_t *s3;
     ws_t st;
-    size_t chunk;
-    bool hash;
-    mh_buf_t fill, flight;
-    mh_sha256_t *h; /* whole object (hash on) */
+    mh_buf_t flight; /* the part being hashed or uploaded (head.fill fills) */
+    mh_sha256_t *h;  /* whole object (hash on) */
     char part_hex[65];
     uint8_t sha[32];
     char tmp_key[48];
     char upload_id[512];
     unsigned nparts;
     mh_buf_t parts_xml;
-    int err;
-    bool finishing, aborted, mpu_open, tmp_exists, zombie, small;
-    char key[MH_STORE_KEY_MAX + 1];
-    bool key_given;
-    mh_store_done_cb wcb;
-    void *wud;
+    bool mpu_open, tmp_exists, zombie, small;
     s3_defer_t wdefer;
-    mh_store_writer_done_cb fcb;
-    void *fud;
     uv_work_t work;
 } s3_writer_t;
 
@@ -134,39 +125,31 @@ static void w_pump(s3_writer_t *w);
 
 static void w_free(s3_writer_t *w)
 {
-    mh_buf_free(&w->fill);
+    mh_buf_free(&w->head.fill);
     mh_buf_free(&w->flight);
     mh_buf_free(&w->parts_xml);
     mh_sha256_free(w->h);
     free(w);
 }
 
-static void w_fire_wcb(s3_writer_t *w)
-{
-    if (!w->wcb || (!w->err && w->fill.len >= w->chunk)) return;
-    mh_store_done_cb cb = w->wcb;
-    w->wcb = NULL;
-    cb(w->wud, w->err);
-}
-
 static void w_defer_cb(s3_defer_t *d)
 {
     s3_writer_t *w = CONTAINER(d, s3_writer_t, wdefer);
     if (w->zombie) w_free(w);
-    else if (w->aborted) w_pump(w);
-    else w_fire_wcb(w);
+    else if (w->head.aborted) w_pump(w);
+    else mh_store_writer_fire(&w->head);
 }
 
 static void w_complete(s3_writer_t *w)
 {
     s3_store_t *s3 = w->s3;
     int err = w->op.err;
-    mh_store_note(&s3->base, MH_STORE_OP_WRITER, w->aborted ? MH_ECANCELED : err);
-    if (!w->aborted) {
+    mh_store_note(&s3->base, MH_STORE_OP_WRITER, w->head.aborted ? MH_ECANCELED : err);
+    if (!w->head.aborted) {
         if (!err) s3->base.bytes_written += w->head.size;
-        if (!w->err) w->err = err;
-        w_fire_wcb(w); /* an outstanding write callback goes first */
-        if (w->fcb) w->fcb(w->fud, err, !err && w->hash ? w->sha : NULL, w->head.size);
+        if (!w->head.err) w->head.err = err;
+        mh_store_writer_fire(&w->head); /* an outstanding write callback goes first */
+        if (w->head.fcb) w->head.fcb(w->head.fud, err, !err && w->head.hash ? w->sha : NULL, w->head.size);
     }
     if (w->wdefer.queued) {
         w->zombie = true;
@@ -178,7 +161,7 @@ static void w_complete(s3_writer_t *w)
 static void w_hash_work(uv_work_t *req)
 {
     s3_writer_t *w = req->data;
-    const mh_buf_t *b = w->small ? &w->fill : &w->flight;
+    const mh_buf_t *b = w->small ? &w->head.fill : &w->flight;
     uint8_t d[32];
     mh_sha256(b->p, b->len, d);
     mh_hex_encode(w->part_hex, d, 32);
@@ -207,13 +190,13 @@ static void w_queue_hash(s3_writer_t *w, ws_t st)
 static int w_resolve_key(s3_writer_t *w)
 {
     char hex[65];
-    if (w->hash) mh_hex_encode(hex, w->sha, 32);
-    if (!w->key_given) {
-        if (!w->hash) return MH_EINVAL;
-        snprintf(w->key, sizeof w->key, "mpacks/%s", hex);
+    if (w->head.hash) mh_hex_encode(hex, w->sha, 32);
+    if (!w->head.key_given) {
+        if (!w->head.hash) return MH_EINVAL;
+        snprintf(w->head.key, sizeof w->head.key, "mpacks/%s", hex);
         return 0;
     }
-    return w->hash && strcmp(w->key + 7, hex) != 0 ? MH_EHASH : 0;
+    return w->head.hash && strcmp(w->head.key + 7, hex) != 0 ? MH_EHASH : 0;
 }
 
 static void w_submit(s3_writer_t *w, ws_t st, http_kind_t kind, const char *key, spec_t *sp)
@@ -237,11 +220,11 @@ static void w_cleanup(s3_writer_t *w)
     } else if (w->tmp_exists) {
         spec_t sp = {0};
         w_submit(w, WS_CLEAN_TMP, H_DELETE, w->tmp_key, &sp);
-    } else if (w->aborted) {
+    } else if (w->head.aborted) {
         mh__s3_op_finish(&w->op, MH_ECANCELED);
-    } else if (w->finishing) {
-        mh__s3_op_finish(&w->op, w->err);
-    } else if (w->wcb) {
+    } else if (w->head.finishing) {
+        mh__s3_op_finish(&w->op, w->head.err);
+    } else if (w->head.wcb) {
         mh__s3_defer(w->s3, &w->wdefer, w_defer_cb);
     }
 }
@@ -252,40 +235,38 @@ static void w_final(s3_writer_t *w)
     if (w->h) mh_sha256_final(w->h, w->sha);
     int rc = w_resolve_key(w);
     if (rc) {
-        w->err = rc;
+        w->head.err = rc;
         w_pump(w);
         return;
     }
     spec_t sp = {0};
-    w_submit(w, WS_HEAD_DST, H_HEAD, w->key, &sp);
+    w_submit(w, WS_HEAD_DST, H_HEAD, w->head.key, &sp);
 }
 
 /* Decides the next step when nothing is in flight. */
 static void w_pump(s3_writer_t *w)
 {
     if (w->st != WS_IDLE || w->op.state == S_DONE) return;
-    if (w->aborted || w->err) {
-        if (!(w->aborted && w->wdefer.queued)) w_cleanup(w);
+    if (w->head.aborted || w->head.err) {
+        if (!(w->head.aborted && w->wdefer.queued)) w_cleanup(w);
         return;
     }
-    if (w->fill.len >= w->chunk || (w->finishing && w->mpu_open && w->fill.len > 0)) {
+    if (w->head.fill.len >= w->head.chunk || (w->head.finishing && w->mpu_open && w->head.fill.len > 0)) {
         if (!w->mpu_open) {
             spec_t sp = {.qn = {"uploads"}, .qv = {""}};
             w_submit(w, WS_CREATE, H_POST, w->tmp_key, &sp);
             return;
         }
         if (w->nparts >= MAX_PARTS) {
-            mh_warn("store: s3 writer: more than %d parts of %zu bytes", MAX_PARTS, w->chunk);
-            w->err = MH_ELIMIT;
+            mh_warn("store: s3 writer: more than %d parts of %zu bytes", MAX_PARTS, w->head.chunk);
+            w->head.err = MH_ELIMIT;
             w_pump(w);
             return;
         }
-        mh_buf_t t = w->fill;
-        w->fill = w->flight;
-        w->flight = t;
+        mh_store_writer_swap(&w->head, &w->flight);
         w->small = false;
         w_queue_hash(w, WS_HASH);
-    } else if (w->finishing) {
+    } else if (w->head.finishing) {
         if (!w->mpu_open) {
             w->small = true;
             w_queue_hash(w, WS_SMALL_HASH);
@@ -294,7 +275,7 @@ static void w_pump(s3_writer_t *w)
         }
         return;
     }
-    if (w->wcb && w->fill.len < w->chunk) mh__s3_defer(w->s3, &w->wdefer, w_defer_cb);
+    if (mh_store_writer_room_due(&w->head)) mh__s3_defer(w->s3, &w->wdefer, w_defer_cb);
 }
 
 static int w_add_part(s3_writer_t *w, const xfer_t *x)
@@ -314,7 +295,7 @@ static void w_complete_mpu(s3_writer_t *w)
     int rc = mh_buf_printf(&body, "<CompleteMultipartUpload>%.*s</CompleteMultipartUpload>",
                            (int)w->parts_xml.len, (const char *)w->parts_xml.p);
     if (rc) {
-        w->err = rc;
+        w->head.err = rc;
         w_pump(w);
         return;
     }
@@ -347,7 +328,7 @@ static void w_step(s3_writer_t *w, xfer_t *x, int err)
     w->st = WS_IDLE;
     /* Once aborted (or failed), a step only records what now exists in
      * the store; w_pump then cleans up instead of going on. */
-    bool stop = w->aborted || w->err;
+    bool stop = w->head.aborted || w->head.err;
     switch (st) {
     case WS_IDLE: break;
     case WS_CREATE:
@@ -356,12 +337,12 @@ static void w_step(s3_writer_t *w, xfer_t *x, int err)
             mh_warn("store: s3 CreateMultipartUpload %s: no usable UploadId in the answer", w->tmp_key);
             err = MH_ESTORE;
         }
-        if (err) w->err = err;
+        if (err) w->head.err = err;
         else w->mpu_open = true;
         break;
     case WS_HASH:
         if (err) {
-            w->err = err;
+            w->head.err = err;
             break;
         }
         if (stop) break;
@@ -375,24 +356,24 @@ static void w_step(s3_writer_t *w, xfer_t *x, int err)
         return;
     case WS_PART:
         if (!err) err = w_add_part(w, x);
-        if (err) w->err = err;
+        if (err) w->head.err = err;
         else w->flight.len = 0;
         break;
     case WS_SMALL_HASH:
         if (!err && !stop) err = w_resolve_key(w);
         if (err) {
-            w->err = err;
+            w->head.err = err;
             break;
         }
         if (stop) break;
         {
-            spec_t sp = {.data = w->fill.p, .n = w->fill.len, .payload_hex = w->part_hex};
-            w_submit(w, WS_SMALL_PUT, H_PUT, w->key, &sp);
+            spec_t sp = {.data = w->head.fill.p, .n = w->head.fill.len, .payload_hex = w->part_hex};
+            w_submit(w, WS_SMALL_PUT, H_PUT, w->head.key, &sp);
         }
         return;
     case WS_SMALL_PUT:
         if (err) {
-            w->err = err;
+            w->head.err = err;
             break;
         }
         mh__s3_op_finish(&w->op, 0); /* may free w */
@@ -404,7 +385,7 @@ static void w_step(s3_writer_t *w, xfer_t *x, int err)
             return;
         }
         if (err != MH_ENOENT) {
-            w->err = err;
+            w->head.err = err;
             break;
         }
         w_complete_mpu(w);
@@ -415,7 +396,7 @@ static void w_step(s3_writer_t *w, xfer_t *x, int err)
         return;
     case WS_COMPLETE:
         if (err) {
-            w->err = err;
+            w->head.err = err;
             break;
         }
         w->mpu_open = false;
@@ -423,12 +404,12 @@ static void w_step(s3_writer_t *w, xfer_t *x, int err)
         if (stop) break;
         {
             spec_t sp = {.copy_src = w->tmp_key};
-            w_submit(w, WS_COPY, H_COPY, w->key, &sp);
+            w_submit(w, WS_COPY, H_COPY, w->head.key, &sp);
         }
         return;
     case WS_COPY:
         if (err) {
-            w->err = err;
+            w->head.err = err;
             break;
         }
         if (stop) break; /* the copy is in place: a whole pack, harmless */
@@ -460,10 +441,8 @@ int mh__s3_writer_open(mh_store_t *s, size_t chunk, bool hash, mh_store_writer_t
         w_free(w);
         return MH_ENOMEM;
     }
-    w->head.s = s;
+    mh_store_writer_init(&w->head, s, chunk, hash);
     w->s3 = s3;
-    w->chunk = chunk;
-    w->hash = hash;
     mh__s3_op_init(&w->op, s3, OP_WRITER, w);
     w->op.embedded = true;
     w->op.state = S_STREAM;
@@ -471,71 +450,19 @@ int mh__s3_writer_open(mh_store_t *s, size_t chunk, bool hash, mh_store_writer_t
     return 0;
 }
 
-int mh__s3_writer_write(mh_store_writer_t *ww, const void *data, size_t n, mh_store_done_cb cb, void *ud)
-{
-    s3_writer_t *w = (s3_writer_t *)ww;
-    if (w->finishing || w->aborted || (cb && w->wcb)) return MH_EINVAL;
-    if (w->err) return w->err;
-    if (n) {
-        size_t want = w->fill.len + n > w->chunk ? w->fill.len + n : w->chunk;
-        if (w->fill.cap < want && mh_buf_reserve(&w->fill, want - w->fill.len) != 0) return w->err = MH_ENOMEM;
-        memcpy(w->fill.p + w->fill.len, data, n);
-        w->fill.len += n;
-        w->head.size += n;
-    }
-    if (cb) {
-        w->wcb = cb;
-        w->wud = ud;
-    }
-    mh__s3_enter(w->s3, true);
-    w_pump(w);
-    mh__s3_leave(w->s3, true);
-    return 0;
-}
-
-bool mh__s3_writer_full(const mh_store_writer_t *ww)
-{
-    const s3_writer_t *w = (const s3_writer_t *)ww;
-    return !w->err && w->fill.len >= w->chunk;
-}
-
-void mh__s3_writer_finish(mh_store_writer_t *ww, const char *key, mh_store_writer_done_cb cb, void *ud)
+void mh__s3_writer_pump(mh_store_writer_t *ww)
 {
     s3_writer_t *w = (s3_writer_t *)ww;
     s3_store_t *s3 = w->s3;
     mh__s3_enter(s3, true);
-    w->fcb = cb;
-    w->fud = ud;
-    w->finishing = true;
-    size_t kn = key ? strnlen(key, MH_STORE_KEY_MAX + 1) : 0;
-    if (key && (kn > MH_STORE_KEY_MAX || !mh_store_key_valid(key, kn) || key[0] != 'm')) {
-        if (!w->err) w->err = MH_EINVAL;
-    } else if (key) {
-        memcpy(w->key, key, kn + 1);
-        w->key_given = true;
-    } else if (!w->hash && !w->err) {
-        w->err = MH_EINVAL;
-    }
-    w_pump(w);
-    mh__s3_leave(s3, true);
-}
-
-void mh__s3_writer_abort(mh_store_writer_t *ww)
-{
-    s3_writer_t *w = (s3_writer_t *)ww;
-    s3_store_t *s3 = w->s3;
-    mh__s3_enter(s3, true);
-    w->aborted = true;
-    w->wcb = NULL;
-    w->fcb = NULL;
-    w_pump(w);
+    w_pump(w); /* may complete (and free) w: s3 was saved */
     mh__s3_leave(s3, true);
 }
 
 /* ============================================================== reader */
 
-enum { B_FREE = 0, B_FULL, B_DELIVERED };
-
+/* The head (store_int.h) holds the plan and the two buffers; this adds
+ * the transfer in flight. */
 typedef struct {
     struct mh_store_reader head;
     s3_op_t op;
@@ -543,21 +470,9 @@ typedef struct {
     char key[MH_STORE_KEY_MAX + 1];
     mh_range_t single;
     const mh_range_t *ranges;
-    size_t nranges;
-    size_t window;
-    uint64_t size;
-    mh_store_plan_t plan;
-    bool planned;
-    mh_buf_t buf[2];
-    int bstate[2];
-    size_t brun[2];
-    size_t next_read, next_deliver;
-    int err, get_buf;
-    bool err_told, closed, done, inflight, zombie;
-    mh_store_piece_t *out;
-    size_t out_cap;
-    mh_store_window_cb cb;
-    void *ud;
+    size_t nranges; /* sequential: 1 */
+    int get_buf;
+    bool closed, inflight, zombie;
     s3_defer_t defer;
 } s3_reader_t;
 
@@ -565,91 +480,60 @@ static void r_pump(s3_reader_t *r);
 
 static void r_free(s3_reader_t *r)
 {
-    mh_buf_free(&r->buf[0]);
-    mh_buf_free(&r->buf[1]);
-    mh_store_plan_free(&r->plan);
-    free(r->out);
+    mh_store_reader_fini(&r->head);
     free(r);
 }
 
 /* Hands the next window (or the error) to the consumer; runs deferred. */
 static void r_deliver(s3_reader_t *r)
 {
-    if (r->err) {
-        r->err_told = true;
-        r->cb(r->ud, r->err, NULL);
-        return;
-    }
-    int ready = -1;
-    for (int i = 0; i < 2; i++)
-        if (r->bstate[i] == B_FULL && r->brun[i] == r->next_deliver) ready = i;
-    if (ready < 0 || r->bstate[0] == B_DELIVERED || r->bstate[1] == B_DELIVERED) return;
-    const mh_store_run_t *run = &r->plan.runs[r->next_deliver];
-    if (run->count > r->out_cap) {
-        mh_store_piece_t *no = realloc(r->out, run->count * sizeof *no);
-        if (!no) {
-            r->err = MH_ENOMEM;
-            r_deliver(r);
-            return;
-        }
-        r->out = no;
-        r->out_cap = run->count;
-    }
+    mh_store_reader_t *h = &r->head;
     mh_store_window_t win;
-    mh_store_plan_window(&r->plan, r->next_deliver, r->buf[ready].p, r->size, r->out, &win);
-    r->bstate[ready] = B_DELIVERED;
-    r->next_deliver++;
-    if (win.last) r->done = true;
-    r_pump(r); /* read ahead before handing the window over */
-    r->cb(r->ud, 0, &win);
+    int k = mh_store_reader_take(h, &win);
+    if (k < 0) {
+        h->cb(h->ud, k, NULL);
+    } else if (k == 1) {
+        r_pump(r); /* read ahead before handing the window over */
+        h->cb(h->ud, 0, &win);
+    }
 }
 
 static void r_defer_cb(s3_defer_t *d)
 {
     s3_reader_t *r = CONTAINER(d, s3_reader_t, defer);
-    if (r->zombie) {
-        r_free(r);
-        return;
-    }
-    if (r->closed) {
-        r_pump(r);
-        return;
-    }
-    r_deliver(r);
+    if (r->zombie) r_free(r);
+    else if (r->closed) r_pump(r);
+    else r_deliver(r);
 }
 
 static void r_pump(s3_reader_t *r)
 {
+    mh_store_reader_t *h = &r->head;
     if (r->op.state == S_DONE) return;
     if (r->closed) {
         if (!r->inflight) mh__s3_op_finish(&r->op, 0);
         return;
     }
-    bool held = r->bstate[0] == B_DELIVERED || r->bstate[1] == B_DELIVERED;
-    bool due = r->planned && !held &&
-               ((r->bstate[0] == B_FULL && r->brun[0] == r->next_deliver) ||
-                (r->bstate[1] == B_FULL && r->brun[1] == r->next_deliver));
-    if ((r->err && !r->err_told) || due) mh__s3_defer(r->s3, &r->defer, r_defer_cb);
-    if (r->err || r->inflight) return;
-    if (!r->planned) {
+    if (mh_store_reader_due(h)) mh__s3_defer(r->s3, &r->defer, r_defer_cb);
+    if (h->err || r->inflight) return;
+    if (!h->planned) {
         r->inflight = true;
         mh__s3_submit(&r->op, H_HEAD, r->key, NULL, NULL);
         return;
     }
-    while (r->next_read < r->plan.nruns) {
-        int fb = r->bstate[0] == B_FREE ? 0 : r->bstate[1] == B_FREE ? 1 : -1;
-        if (fb < 0) return;
-        const mh_store_run_t *run = &r->plan.runs[r->next_read];
+    int fb;
+    while (h->next_read < h->plan.nruns && (fb = mh_store_reader_free_buf(h)) >= 0) {
+        const mh_store_run_t *run = &h->plan.runs[h->next_read];
         if (run->len == 0) { /* nothing to fetch */
-            r->buf[fb].len = 0;
-            r->bstate[fb] = B_FULL;
-            r->brun[fb] = r->next_read++;
+            h->buf[fb].len = 0;
+            mh_store_reader_filled(h, fb);
             mh__s3_defer(r->s3, &r->defer, r_defer_cb);
             continue;
         }
         r->inflight = true;
         r->get_buf = fb;
-        uint64_t a[3] = {run->off, run->len, r->next_read};
+        h->bstate[fb] = MH_RBUF_READING;
+        uint64_t a[3] = {run->off, run->len, h->next_read};
         mh__s3_submit(&r->op, H_GET, r->key, mh__s3_set_range, a);
         return;
     }
@@ -657,29 +541,29 @@ static void r_pump(s3_reader_t *r)
 
 static void r_step(s3_reader_t *r, xfer_t *x, int err)
 {
+    mh_store_reader_t *h = &r->head;
     r->inflight = false;
     if (r->closed) {
         r_pump(r);
         return;
     }
+    if (x && x->kind == H_GET) h->bstate[r->get_buf] = MH_RBUF_FREE;
     if (err) {
-        if (!r->err) r->err = err;
+        if (!h->err) h->err = err;
     } else if (x->kind == H_HEAD) {
-        r->size = x->content_length;
+        h->size = x->content_length;
         const mh_range_t *rg = r->ranges ? r->ranges : &r->single;
-        size_t n = r->ranges ? r->nranges : 1;
-        r->err = mh_store_plan_build(rg, n, r->size, r->window, &r->plan);
-        r->planned = r->err == 0;
-    } else if (x->body.len != r->plan.runs[r->next_read].len) {
-        r->err = MH_ESTORE; /* shorter than its HEAD said: changed under us */
+        h->err = mh_store_plan_build(rg, r->nranges, h->size, h->window, &h->plan);
+        h->planned = h->err == 0;
+    } else if (x->body.len != h->plan.runs[h->next_read].len) {
+        h->err = MH_ESTORE; /* shorter than its HEAD said: changed under us */
     } else {
         int b = r->get_buf;
-        mh_buf_free(&r->buf[b]);
-        r->buf[b] = x->body;
+        mh_buf_free(&h->buf[b]);
+        h->buf[b] = x->body; /* the GET's own buffer becomes the window */
         x->body = (mh_buf_t){0};
-        r->bstate[b] = B_FULL;
-        r->brun[b] = r->next_read++;
-        r->s3->base.bytes_read += r->buf[b].len;
+        r->s3->base.bytes_read += h->buf[b].len;
+        mh_store_reader_filled(h, b);
     }
     r_pump(r);
 }
@@ -690,18 +574,15 @@ int mh__s3_reader_open(mh_store_t *s, const char *key, const mh_range_t *ranges,
     s3_store_t *s3 = (s3_store_t *)s;
     s3_reader_t *r = calloc(1, sizeof *r);
     if (!r) return MH_ENOMEM;
-    r->head.s = s;
+    r->head = (mh_store_reader_t){.s = s, .cb = cb, .ud = ud, .window = window};
     r->s3 = s3;
-    r->window = window;
-    r->cb = cb;
-    r->ud = ud;
-    if (sequential) r->single = ranges[0];
+    if (sequential) r->single = ranges[0], r->nranges = 1;
     else r->ranges = ranges, r->nranges = n;
     mh__s3_enter(s3, true);
     mh__s3_op_init(&r->op, s3, OP_READER, r);
     r->op.embedded = true;
     r->op.state = S_STREAM;
-    if (!mh__s3_copy_key(r->key, key) || s3->closing) r->err = MH_EINVAL;
+    if (!mh__s3_copy_key(r->key, key) || s3->closing) r->head.err = MH_EINVAL;
     *out = &r->head;
     r_pump(r);
     mh__s3_leave(s3, true);
@@ -713,12 +594,8 @@ void mh__s3_reader_next(mh_store_reader_t *rr)
     s3_reader_t *r = (s3_reader_t *)rr;
     s3_store_t *s3 = r->s3;
     mh__s3_enter(s3, true);
-    for (int i = 0; i < 2; i++)
-        if (r->bstate[i] == B_DELIVERED) {
-            r->bstate[i] = B_FREE;
-            mh_buf_free(&r->buf[i]); /* the next GET brings its own */
-        }
-    if (!r->closed && !r->done) r_pump(r);
+    mh_store_reader_release(rr, true); /* the next GET brings its own buffer */
+    if (!r->closed && !rr->done) r_pump(r);
     mh__s3_leave(s3, true);
 }
 
@@ -734,7 +611,7 @@ void mh__s3_reader_close(mh_store_reader_t *rr)
 
 static void r_complete(s3_reader_t *r)
 {
-    mh_store_note(&r->s3->base, MH_STORE_OP_READER, r->err);
+    mh_store_note(&r->s3->base, MH_STORE_OP_READER, r->head.err);
     if (r->defer.queued) {
         r->zombie = true;
         return;

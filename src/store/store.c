@@ -226,15 +226,39 @@ int mh_store_writer_open(mh_store_t *s, const mh_store_writer_opts_t *o, mh_stor
     return s->ops->writer_open(s, c, o && o->hash, out);
 }
 
+void mh_store_writer_init(mh_store_writer_t *w, mh_store_t *s, size_t chunk, bool hash)
+{
+    w->s = s;
+    w->chunk = chunk;
+    w->hash = hash;
+    w->limit = UINT64_MAX;
+}
+
 int mh_store_writer_write(mh_store_writer_t *w, const void *data, size_t n, mh_store_done_cb cb, void *ud)
 {
-    if (n && !data) return MH_EINVAL;
-    return w->s->ops->writer_write(w, data, n, cb, ud);
+    if ((n && !data) || w->finishing || w->aborted || (cb && w->wcb)) return MH_EINVAL;
+    if (w->err) return w->err;
+    if (n > w->limit - w->size) return w->err = MH_ELIMIT;
+    if (n) {
+        /* A chunk's buffer is reserved whole the first time, so appends
+         * never reallocate (and the two buffers are all a writer holds). */
+        size_t want = w->fill.len + n > w->chunk ? w->fill.len + n : w->chunk;
+        if (w->fill.cap < want && mh_buf_reserve(&w->fill, want - w->fill.len) != 0) return w->err = MH_ENOMEM;
+        memcpy(w->fill.p + w->fill.len, data, n);
+        w->fill.len += n;
+        w->size += n;
+    }
+    if (cb) {
+        w->wcb = cb;
+        w->wud = ud;
+    }
+    w->s->ops->writer_pump(w);
+    return 0;
 }
 
 bool mh_store_writer_full(const mh_store_writer_t *w)
 {
-    return w->s->ops->writer_full(w);
+    return !w->err && w->fill.len >= w->chunk;
 }
 
 uint64_t mh_store_writer_size(const mh_store_writer_t *w)
@@ -242,14 +266,58 @@ uint64_t mh_store_writer_size(const mh_store_writer_t *w)
     return w->size;
 }
 
+bool mh_store_writer_room_due(const mh_store_writer_t *w)
+{
+    return w->wcb && (w->err || w->fill.len < w->chunk);
+}
+
+void mh_store_writer_fire(mh_store_writer_t *w)
+{
+    if (!mh_store_writer_room_due(w)) return;
+    mh_store_done_cb cb = w->wcb;
+    w->wcb = NULL;
+    cb(w->wud, w->err);
+}
+
+void mh_store_writer_swap(mh_store_writer_t *w, mh_buf_t *flight)
+{
+    mh_buf_t t = w->fill;
+    w->fill = *flight;
+    *flight = t;
+}
+
+/* The destination: a content-addressed key, or none when the writer
+ * hashes (the hash names it); an fs upload's was fixed at open. */
+static int finish_key(mh_store_writer_t *w, const char *key)
+{
+    if (w->key_fixed) return key ? MH_EINVAL : 0;
+    if (!key) return w->hash ? 0 : MH_EINVAL;
+    size_t kn = strnlen(key, MH_STORE_KEY_MAX + 1);
+    if (kn > MH_STORE_KEY_MAX || !mh_store_key_valid(key, kn) || key[0] != 'm') return MH_EINVAL;
+    memcpy(w->key, key, kn + 1);
+    w->key_given = true;
+    return 0;
+}
+
 void mh_store_writer_finish(mh_store_writer_t *w, const char *key, mh_store_writer_done_cb cb, void *ud)
 {
-    w->s->ops->writer_finish(w, key, cb, ud);
+    w->fcb = cb;
+    w->fud = ud;
+    w->finishing = true;
+    int rc = finish_key(w, key);
+    if (rc && !w->err) w->err = rc;
+    /* An upload must be exactly the signed length. */
+    if (!w->err && w->limit != UINT64_MAX && w->size != w->limit) w->err = MH_EHASH;
+    w->s->ops->writer_pump(w);
 }
 
 void mh_store_writer_abort(mh_store_writer_t *w)
 {
-    if (w) w->s->ops->writer_abort(w);
+    if (!w) return;
+    w->aborted = true;
+    w->wcb = NULL;
+    w->fcb = NULL;
+    w->s->ops->writer_pump(w);
 }
 
 static size_t clamp_window(size_t window)
@@ -373,4 +441,65 @@ void mh_store_plan_window(const mh_store_plan_t *p, size_t run, const uint8_t *b
     }
     *w = (mh_store_window_t){.p = r->len ? base : NULL, .n = (size_t)r->len, .off = r->off, .pieces = out,
                              .npieces = r->count, .size = size, .last = run + 1 == p->nruns};
+}
+
+/* ------------------------------------------------------------- reader head */
+
+bool mh_store_reader_due(const mh_store_reader_t *r)
+{
+    if (r->err) return !r->err_told;
+    if (!r->planned || r->bstate[0] == MH_RBUF_DELIVERED || r->bstate[1] == MH_RBUF_DELIVERED) return false;
+    for (int i = 0; i < 2; i++)
+        if (r->bstate[i] == MH_RBUF_FULL && r->brun[i] == r->next_deliver) return true;
+    return false;
+}
+
+int mh_store_reader_take(mh_store_reader_t *r, mh_store_window_t *win)
+{
+    if (!mh_store_reader_due(r)) return 0;
+    int ready = r->bstate[0] == MH_RBUF_FULL && r->brun[0] == r->next_deliver ? 0 : 1;
+    const mh_store_run_t *run = &r->plan.runs[r->next_deliver];
+    if (!r->err && run->count > r->out_cap) {
+        mh_store_piece_t *no = realloc(r->out, run->count * sizeof *no);
+        if (!no) r->err = MH_ENOMEM;
+        else r->out = no, r->out_cap = run->count;
+    }
+    if (r->err) {
+        r->err_told = true;
+        return r->err;
+    }
+    mh_store_plan_window(&r->plan, r->next_deliver, r->buf[ready].p, r->size, r->out, win);
+    r->bstate[ready] = MH_RBUF_DELIVERED;
+    r->next_deliver++;
+    if (win->last) r->done = true;
+    return 1;
+}
+
+int mh_store_reader_free_buf(const mh_store_reader_t *r)
+{
+    return r->bstate[0] == MH_RBUF_FREE ? 0 : r->bstate[1] == MH_RBUF_FREE ? 1 : -1;
+}
+
+void mh_store_reader_filled(mh_store_reader_t *r, int b)
+{
+    r->bstate[b] = MH_RBUF_FULL;
+    r->brun[b] = r->next_read++;
+}
+
+void mh_store_reader_release(mh_store_reader_t *r, bool drop)
+{
+    for (int i = 0; i < 2; i++) {
+        if (r->bstate[i] != MH_RBUF_DELIVERED) continue;
+        r->bstate[i] = MH_RBUF_FREE;
+        if (drop) mh_buf_free(&r->buf[i]);
+    }
+}
+
+void mh_store_reader_fini(mh_store_reader_t *r)
+{
+    mh_buf_free(&r->buf[0]);
+    mh_buf_free(&r->buf[1]);
+    mh_store_plan_free(&r->plan);
+    free(r->out);
+    r->out = NULL;
 }

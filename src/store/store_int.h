@@ -18,6 +18,10 @@
 
 #include "mh/store.h"
 
+/* Longest valid key: "incoming/" + 64 id characters. Backends' private
+ * temporaries ("tmp/<32 hex>", ...) are shorter. */
+#define MH_STORE_KEY_MAX 73
+
 /* The operations counted in musehub_store_operations_total{op=...}. */
 typedef enum {
     MH_STORE_OP_GET = 0,
@@ -64,11 +68,11 @@ typedef struct {
     /* Streams (store.h "streaming writer/reader"); store.c has checked
      * the arguments it can check without the backend. */
     size_t writer_chunk_default, writer_chunk_min;
+    /* Allocates a writer whose head store.c fills (writer_init). */
     int (*writer_open)(mh_store_t *s, size_t chunk, bool hash, mh_store_writer_t **out);
-    int (*writer_write)(mh_store_writer_t *w, const void *data, size_t n, mh_store_done_cb cb, void *ud);
-    bool (*writer_full)(const mh_store_writer_t *w);
-    void (*writer_finish)(mh_store_writer_t *w, const char *key, mh_store_writer_done_cb cb, void *ud);
-    void (*writer_abort)(mh_store_writer_t *w);
+    /* Something changed (bytes written, finish or abort asked): the
+     * backend decides its next step. Never calls back inside. */
+    void (*writer_pump)(mh_store_writer_t *w);
     /* src: the ranges to read (sequential readers pass one range whose
      * len may be UINT64_MAX); copied or borrowed as store.h says. */
     int (*reader_open)(mh_store_t *s, const char *key, const mh_range_t *ranges, size_t n, bool sequential,
@@ -79,14 +83,38 @@ typedef struct {
     void (*sweep_tmp)(mh_store_t *s, uint32_t older_than_s, mh_store_count_cb cb, void *ud);
 } mh_store_ops_t;
 
-/* The common head of every backend's writer and reader. */
+/* The common head of every backend's writer: the filling chunk and the
+ * caller's side of the protocol (store.c does the checks and the copy,
+ * the backend moves full chunks out of `fill` and decides what runs). */
 struct mh_store_writer {
     mh_store_t *s;
-    uint64_t size; /* bytes accepted */
+    uint64_t size;  /* bytes accepted */
+    uint64_t limit; /* most bytes accepted (fs uploads: the signed size), else UINT64_MAX */
+    size_t chunk;   /* bytes per chunk */
+    mh_buf_t fill;  /* the filling chunk */
+    int err;        /* sticky: the stream's first failure */
+    bool hash;      /* the store hashes the bytes */
+    bool key_fixed; /* the destination was fixed at open (fs uploads) */
+    bool finishing, aborted;
+    mh_store_done_cb wcb; /* the outstanding write callback */
+    void *wud;
+    char key[MH_STORE_KEY_MAX + 1]; /* the destination, once known */
+    bool key_given;
+    mh_store_writer_done_cb fcb;
+    void *fud;
 };
-struct mh_store_reader {
-    mh_store_t *s;
-};
+
+/* Sets up a writer's head (store, chunk, hash; no limit). */
+void mh_store_writer_init(mh_store_writer_t *w, mh_store_t *s, size_t chunk, bool hash);
+/* True when the outstanding write callback may fire: there is room in the
+ * filling chunk, or the stream failed. */
+bool mh_store_writer_room_due(const mh_store_writer_t *w);
+/* Fires the outstanding write callback if it is due (loop turn where
+ * calling back is allowed). */
+void mh_store_writer_fire(mh_store_writer_t *w);
+/* Moves the full filling chunk to *flight (which must be empty) and
+ * gives `fill` the flight buffer's memory: the two buffers swap. */
+void mh_store_writer_swap(mh_store_writer_t *w, mh_buf_t *flight);
 
 struct mh_store {
     const mh_store_ops_t *ops;
@@ -95,9 +123,6 @@ struct mh_store {
     uint64_t bytes_read, bytes_written;
 };
 
-/* Longest valid key: "incoming/" + 64 id characters. Backends' private
- * temporaries ("tmp/<32 hex>", ...) are shorter. */
-#define MH_STORE_KEY_MAX 73
 
 /* True when key[0..n) is "mpacks/<64 lowercase hex>" or
  * "incoming/<1..64 of [A-Za-z0-9_-]>" (SPEC 3, 4.3). */
@@ -153,6 +178,45 @@ void mh_store_plan_free(mh_store_plan_t *p);
  * bytes are at base) and the window w. */
 void mh_store_plan_window(const mh_store_plan_t *p, size_t run, const uint8_t *base, uint64_t size,
                           mh_store_piece_t *out, mh_store_window_t *w);
+
+/* The common head of every backend's reader: the plan and the two
+ * window buffers (one the consumer holds, one read ahead). The backend
+ * reads runs into free buffers; store.c decides what is delivered. */
+enum { MH_RBUF_FREE = 0, MH_RBUF_READING, MH_RBUF_FULL, MH_RBUF_DELIVERED };
+struct mh_store_reader {
+    mh_store_t *s;
+    mh_store_window_cb cb;
+    void *ud;
+    size_t window;
+    uint64_t size; /* the object's, once known */
+    mh_store_plan_t plan;
+    bool planned;
+    mh_buf_t buf[2];
+    int bstate[2];
+    size_t brun[2];
+    size_t next_read, next_deliver;
+    int err;
+    bool err_told, done;
+    mh_store_piece_t *out; /* the delivered run's pieces */
+    size_t out_cap;
+};
+
+
+/* True when a delivery is due: an error not yet told, or the next window
+ * read while the consumer holds none. */
+bool mh_store_reader_due(const mh_store_reader_t *r);
+/* Takes the due delivery: returns 1 with *win filled (its buffer is now
+ * the consumer's), or the error to deliver (told once), or 0. */
+int mh_store_reader_take(mh_store_reader_t *r, mh_store_window_t *win);
+/* A free buffer for the next read (0 or 1), or -1. */
+int mh_store_reader_free_buf(const mh_store_reader_t *r);
+/* Buffer b now holds run next_read. */
+void mh_store_reader_filled(mh_store_reader_t *r, int b);
+/* The consumer is done with its window: the buffer is free again (its
+ * memory dropped when drop, kept for reuse otherwise). */
+void mh_store_reader_release(mh_store_reader_t *r, bool drop);
+/* Frees the head's memory (buffers, plan, pieces). */
+void mh_store_reader_fini(mh_store_reader_t *r);
 
 /* Backend constructors (called by mh_store_open with the part of the spec
  * after "fs:" / "s3:"). On success *out is a fully initialised store. */
