@@ -60,9 +60,9 @@ static const setting_t settings[] = {
       "expired an abandoned staged upload is removed"),
     /* The pack-memory budget (SPEC 4.8, include/mh/budget.h). */
     S("PACK_MEMORY", K_U64, pack_memory, "268435456",
-      "bytes of pack work (unpack, pack building, GC, uploads) one process holds at once"),
+      "bytes of pack work (unpack, pack building, GC, uploads) one process holds at once (1048576 .. 2^48)"),
     S("PACK_QUEUE_TIMEOUT_MS", K_U32, pack_queue_timeout_ms, "10000",
-      "pack work that does not fit the budget waits this long, then answers 503 (0: no wait), ms"),
+      "pack work that does not fit the budget waits this long, then answers 503 (0: no wait), ms (at most 600000)"),
 };
 #define NSETTINGS (sizeof settings / sizeof settings[0])
 

@@ -261,3 +261,19 @@ def test_uploads_share_the_pack_memory_budget(start_server):
         wait_until(lambda: metric(srv, "musehub_pack_memory_in_use_bytes") == 0, what="release")
         assert hub.upload(url2, second) in (200, 204)
         assert (Path(srv.store_dir) / staging_key(srv.db, r["repo_id"], key2)).read_bytes() == second
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"MUSEHUB_PACK_MEMORY": "1048575"}, "MUSEHUB_PACK_MEMORY must be within"),
+    ({"MUSEHUB_PACK_MEMORY": "lots"}, "bad value for MUSEHUB_PACK_MEMORY"),
+    ({"MUSEHUB_PACK_QUEUE_TIMEOUT_MS": "600001"}, "MUSEHUB_PACK_QUEUE_TIMEOUT_MS must be within"),
+])
+def test_budget_settings_are_validated(env, words):
+    """A bad budget setting is refused before anything happens: exit 2,
+    one line naming the variable (no database is even needed)."""
+    binary = os.environ.get("MUSEHUB_BIN", str(Path(__file__).resolve().parents[2] / "build" / "musehubd"))
+    e = {k: v for k, v in os.environ.items() if not k.startswith("MUSEHUB_")}
+    e.update(env, MUSEHUB_DATABASE_URL="postgresql:///nowhere?host=/nonexistent")
+    r = subprocess.run([binary, "migrate"], env=e, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert words in r.stderr and r.stderr.count("\n") == 1, r.stderr
