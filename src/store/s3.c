@@ -8,6 +8,10 @@
  *   path style (default): <endpoint>/<bucket>/<key>
  *   virtual-hosted:       <scheme>://<bucket>.<endpoint host>/<key>
  *
+ * This file is the transport and the whole-object operations; the
+ * streams (writer, reader, listings, the tmp sweep) are in s3_stream.c,
+ * on the same ops and transfers (s3_int.h).
+ *
  * Shape: an operation (op: get, get_ranges, put, move, delete, head) is a
  * small state machine (`state`, advanced by op_step()) that issues one or
  * more HTTP transfers (xfer). Transfers wait in a FIFO queue for one of

@@ -2,7 +2,10 @@
  * store.c — the object store front: parses MUSEHUB_STORE, opens the
  * backend named by it, dispatches every call through the backend's vtable
  * (store_int.h), validates keys, and keeps the Prometheus counters all
- * backends share.
+ * backends share. It also holds what both backends' streams share: the
+ * writer's front (argument checks, the filling chunk, the write
+ * callback), the reader's head (window delivery from two buffers) and the
+ * read plans that turn ranges into windows.
  *
  * Invariants:
  *  - This file never calls a user callback itself: backends own the
