@@ -422,6 +422,8 @@ static const mh_http_err_t errors[] = {
     {MH_EIO, 503, "store_unavailable", "the object store is unavailable; retry shortly", true, false},
     /* store: a full disk or bucket (SPEC 4.8) */
     {MH_ENOSPC, 507, "insufficient_storage", "no space left in the object store", false, false},
+    /* budget: the pack-memory budget stayed spent for the queue timeout */
+    {MH_EBUDGET, 503, "busy", "the server's memory for pack work is spent; retry later", true, false},
     /* limits: body sizes, pack sizes, entry counts */
     {MH_ELIMIT, 413, "too_large", "the input exceeds a configured limit", false, true},
     /* codec, mpack: malformed input; bytes that do not hash to their id */
