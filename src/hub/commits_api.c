@@ -547,6 +547,23 @@ static void step_write(mh_step_t *s)
     mh_step_batch(s, &b, NULL);
 }
 
+static const mh_step_def_t commit_steps[] = {
+    [C_PARSE] = {"parse", step_parse},
+    [C_HEADS] = {"heads", step_heads},
+    [C_MANIFEST] = {"manifest", step_manifest},
+    [C_BUILD] = {"build", step_build},
+    [C_KNOWN] = {"known", step_known},
+    [C_PACK] = {"pack", step_pack},
+    [C_ACQUIRE] = {"acquire", mh_step_acquire},
+    [C_BEGIN] = {"begin", step_begin},
+    [C_CHECK] = {"check", step_check},
+    [C_PUT] = {"put", step_put},
+    [C_COPY] = {"copy", step_copy},
+    [C_WRITE] = {"write", step_write},
+    [C_COMMIT] = {"commit", mh_step_commit},
+    [C_DONE] = {"done", mh__op_step_done},
+};
+
 /* ============================================================ the end */
 
 static void commit_finish(mh_step_t *s)
@@ -585,23 +602,6 @@ static void commit_free(void *arg)
 }
 
 /* The work arena holds the decoded body, contents and manifests. */
-static const mh_step_def_t commit_steps[] = {
-    [C_PARSE] = {"parse", step_parse},
-    [C_HEADS] = {"heads", step_heads},
-    [C_MANIFEST] = {"manifest", step_manifest},
-    [C_BUILD] = {"build", step_build},
-    [C_KNOWN] = {"known", step_known},
-    [C_PACK] = {"pack", step_pack},
-    [C_ACQUIRE] = {"acquire", mh_step_acquire},
-    [C_BEGIN] = {"begin", step_begin},
-    [C_CHECK] = {"check", step_check},
-    [C_PUT] = {"put", step_put},
-    [C_COPY] = {"copy", step_copy},
-    [C_WRITE] = {"write", step_write},
-    [C_COMMIT] = {"commit", mh_step_commit},
-    [C_DONE] = {"done", mh__op_step_done},
-};
-
 static const mh__op_def_t commit_def = {"commit", MH__STEPS(commit_steps), commit_finish, commit_free,
                                         WORK_ARENA_LIMIT};
 

@@ -489,8 +489,11 @@ enum {
 };
 
 /* Forgets everything computed from a graph, before recomputing. */
-static void merge_reset(merge_t *m)
+/* Frees what a merge computed (before a recompute, and as the
+ * operation's cleanup). */
+static void merge_reset(void *arg)
 {
+    merge_t *m = arg;
     mh_manifest_free(&m->base_m);
     mh_manifest_free(&m->ours_m);
     mh_manifest_free(&m->theirs_m);
@@ -709,6 +712,23 @@ static void step_write(mh_step_t *s)
     mh_step_batch(s, &b, NULL);
 }
 
+static const mh_step_def_t merge_steps[] = {
+    [M_PROPOSAL] = {"proposal", step_proposal},
+    [M_GRAPH] = {"graph", step_graph},
+    [M_DEPTH] = {"depth", step_depth},
+    [M_LOAD_BASE] = {"load_base", step_load_base},
+    [M_LOAD_OURS] = {"load_ours", step_load_ours},
+    [M_LOAD_THEIRS] = {"load_theirs", step_load_theirs},
+    [M_MERGE] = {"merge", step_merge},
+    [M_ACQUIRE] = {"acquire", step_acquire},
+    [M_BEGIN] = {"begin", step_begin},
+    [M_LOCK] = {"lock", step_lock},
+    [M_CHECK] = {"check", step_check},
+    [M_WRITE] = {"write", step_write},
+    [M_COMMIT] = {"commit", mh_step_commit},
+    [M_DONE] = {"done", mh__op_step_done},
+};
+
 /* Answers 409 {"error": "conflict", "detail", "paths": [...]}: SPEC 4.6's
  * error body with the extra key. */
 static void answer_conflict(merge_t *m)
@@ -755,30 +775,7 @@ static void merge_finish(mh_step_t *s)
     mh_res_val(x->op->req, 200, v);
 }
 
-static void merge_free(void *arg)
-{
-    merge_t *m = arg;
-    merge_reset(m);
-}
-
-static const mh_step_def_t merge_steps[] = {
-    [M_PROPOSAL] = {"proposal", step_proposal},
-    [M_GRAPH] = {"graph", step_graph},
-    [M_DEPTH] = {"depth", step_depth},
-    [M_LOAD_BASE] = {"load_base", step_load_base},
-    [M_LOAD_OURS] = {"load_ours", step_load_ours},
-    [M_LOAD_THEIRS] = {"load_theirs", step_load_theirs},
-    [M_MERGE] = {"merge", step_merge},
-    [M_ACQUIRE] = {"acquire", step_acquire},
-    [M_BEGIN] = {"begin", step_begin},
-    [M_LOCK] = {"lock", step_lock},
-    [M_CHECK] = {"check", step_check},
-    [M_WRITE] = {"write", step_write},
-    [M_COMMIT] = {"commit", mh_step_commit},
-    [M_DONE] = {"done", mh__op_step_done},
-};
-
-static const mh__op_def_t merge_def = {"merge", MH__STEPS(merge_steps), merge_finish, merge_free, WORK_ARENA_LIMIT};
+static const mh__op_def_t merge_def = {"merge", MH__STEPS(merge_steps), merge_finish, merge_reset, WORK_ARENA_LIMIT};
 
 void mh_h_proposal_merge(mh_req_t *req)
 {

@@ -409,6 +409,27 @@ static void step_done(mh_step_t *s)
     mh__op_step_done(s);
 }
 
+static const mh_step_def_t unpack_steps[] = {
+    [U_LOOKUP] = {"lookup", step_lookup},
+    [U_READ] = {"read", step_read},
+    [U_VERIFY] = {"verify", step_verify},
+    [U_CONTEXT] = {"context", step_context},
+    [U_BASES] = {"bases", step_bases},
+    [U_REBUILD] = {"rebuild", step_rebuild},
+    [U_MARK] = {"mark", step_mark},
+    [U_ACQUIRE] = {"acquire", mh_step_acquire},
+    [U_BEGIN] = {"begin", step_begin},
+    [U_PLACE] = {"place", step_place},
+    [U_COPY_COMMITS] = {"copy_commits", step_copy_commits},
+    [U_COPY_SNAPSHOTS] = {"copy_snapshots", step_copy_snapshots},
+    [U_COPY_OBJECTS] = {"copy_objects", step_copy_objects},
+    [U_INSERT] = {"insert", step_insert},
+    [U_CHECK] = {"check", step_check},
+    [U_WRITE] = {"write", step_write},
+    [U_COMMIT] = {"commit", mh_step_commit},
+    [U_DONE] = {"done", step_done},
+};
+
 /* --- the end */
 
 static void unpack_finish(mh_step_t *s)
@@ -437,27 +458,6 @@ static void unpack_free(void *arg)
     mh__unpack_free(&u->x);
     mh_rw_upload_free(&u->up);
 }
-
-static const mh_step_def_t unpack_steps[] = {
-    [U_LOOKUP] = {"lookup", step_lookup},
-    [U_READ] = {"read", step_read},
-    [U_VERIFY] = {"verify", step_verify},
-    [U_CONTEXT] = {"context", step_context},
-    [U_BASES] = {"bases", step_bases},
-    [U_REBUILD] = {"rebuild", step_rebuild},
-    [U_MARK] = {"mark", step_mark},
-    [U_ACQUIRE] = {"acquire", mh_step_acquire},
-    [U_BEGIN] = {"begin", step_begin},
-    [U_PLACE] = {"place", step_place},
-    [U_COPY_COMMITS] = {"copy_commits", step_copy_commits},
-    [U_COPY_SNAPSHOTS] = {"copy_snapshots", step_copy_snapshots},
-    [U_COPY_OBJECTS] = {"copy_objects", step_copy_objects},
-    [U_INSERT] = {"insert", step_insert},
-    [U_CHECK] = {"check", step_check},
-    [U_WRITE] = {"write", step_write},
-    [U_COMMIT] = {"commit", mh_step_commit},
-    [U_DONE] = {"done", step_done},
-};
 
 static const mh__op_def_t unpack_def = {"unpack", MH__STEPS(unpack_steps), unpack_finish, unpack_free, 0};
 

@@ -169,17 +169,20 @@ static void next_pack(sweep_t *s)
     mh_db_acquire(s->db, acquire_cb, s);
 }
 
+/* The rows of a sweep's listing query, -1 when it failed (logged unless
+ * the pool is closing). */
+static int listed(PGresult *res, int err, const char *errmsg, const char *what)
+{
+    if (!err) return PQntuples(res);
+    if (err != MH_ECANCELED) mh_warn("sweep: listing %s: %s (%s)", what, mh_strerror(err), errmsg ? errmsg : "");
+    return -1;
+}
+
 static void candidates_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     sweep_t *s = ud;
-    if (err) {
-        if (err != MH_ECANCELED) mh_warn("sweep: listing candidates: %s (%s)", mh_strerror(err), errmsg ? errmsg : "");
-        sweep_end(s);
-        return;
-    }
-    int n = PQntuples(res);
-    s->ids = mh_alloc(&s->arena, (size_t)(n ? n : 1) * sizeof *s->ids);
-    if (!s->ids) {
+    int n = listed(res, err, errmsg, "candidates");
+    if (n < 0 || !(s->ids = mh_alloc(&s->arena, (size_t)(n ? n : 1) * sizeof *s->ids))) {
         sweep_end(s);
         return;
     }
@@ -296,15 +299,10 @@ static void next_grant(gsweep_t *g)
 static void grants_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     gsweep_t *g = ud;
-    if (err) {
-        if (err != MH_ECANCELED) mh_warn("sweep: listing expired grants: %s (%s)", mh_strerror(err), errmsg ? errmsg : "");
-        gsweep_end(g);
-        return;
-    }
-    int n = PQntuples(res);
-    g->ids = mh_alloc(&g->arena, (size_t)(n ? n : 1) * sizeof *g->ids);
-    g->keys = mh_alloc(&g->arena, (size_t)(n ? n : 1) * sizeof *g->keys);
-    if (!g->ids || !g->keys) {
+    int n = listed(res, err, errmsg, "expired grants");
+    size_t cap = n > 0 ? (size_t)n : 1;
+    if (n < 0 || !(g->ids = mh_alloc(&g->arena, cap * sizeof *g->ids)) ||
+        !(g->keys = mh_alloc(&g->arena, cap * sizeof *g->keys))) {
         gsweep_end(g);
         return;
     }
