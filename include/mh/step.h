@@ -82,6 +82,7 @@ struct mh_step {
     /* --- state (the kit's) */
     int state; /* the step that runs next */
     bool busy, ended, running;
+    bool in_work; /* work_fn is on the thread pool: ending is deferred to the loop */
     uint64_t t0;       /* mh_now_us() at init */
     mh_dbconn_t *conn; /* the held connection: the operation's transaction */
     void *arg;         /* what the call in flight works on, for helpers (refwrite) */
@@ -161,8 +162,10 @@ void mh_step_head(mh_step_t *s, const char *key, mh_step_head_fn on);
 /* --------------------------------------------------------- thread pool */
 
 /* Runs fn(s) on libuv's thread pool (nothing else touches the operation
- * meanwhile); fn reports through s->work_err / s->work_why, which end the
- * operation when set. */
+ * meanwhile); fn reports through s->work_err / s->work_why, or calls
+ * mh_step_fail / mh_step_refuse / mh_step_goto, which only record while
+ * fn runs: the operation ends (or goes on) back on the loop thread, once
+ * the work is over, never while it is in flight. */
 void mh_step_work(mh_step_t *s, void (*fn)(mh_step_t *s));
 
 /* ------------------------------------------------------ other calls */

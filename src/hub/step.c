@@ -34,6 +34,10 @@ void mh_step_goto(mh_step_t *s, int state) { s->state = state; }
 
 static void end(mh_step_t *s)
 {
+    /* From a work function: recorded (err/status), applied by
+     * work_after_cb on the loop thread. Ending here would let the loop
+     * finish, answer and free the operation while the work still runs. */
+    if (s->in_work) return;
     s->ended = true;
     if (s->conn) {
         mh_dbconn_release(s->conn); /* rolls back an open transaction */
@@ -270,8 +274,10 @@ static void work_cb(uv_work_t *w)
 static void work_after_cb(uv_work_t *w, int status)
 {
     mh_step_t *s = took(w->data);
+    s->in_work = false;
     if (status) mh_step_fail(s, MH_ECANCELED, "thread-pool work cancelled");
     else if (s->work_err) mh_step_fail(s, s->work_err, s->work_why);
+    else if (s->err || s->status) end(s); /* failed or refused by the work function */
     mh_step_run(s);
 }
 
@@ -281,8 +287,12 @@ void mh_step_work(mh_step_t *s, void (*fn)(mh_step_t *s))
     s->work_fn = fn;
     s->work_err = 0;
     s->work.data = s;
+    s->in_work = true;
     int rc = uv_queue_work(s->loop, &s->work, work_cb, work_after_cb);
-    if (rc) mh_step_fail(took(s), MH_ENOMEM, "cannot queue thread-pool work");
+    if (rc) {
+        s->in_work = false;
+        mh_step_fail(took(s), MH_ENOMEM, "cannot queue thread-pool work");
+    }
 }
 
 /* ------------------------------------------------------ other calls */
