@@ -544,6 +544,8 @@ def read_pack(f: BinaryIO, *, verify: bool = True, start: int = 0,
     if not w.at_end():
         raise PackError(f"{end - w.pos} bytes after the pack's body map")
     if idx.version == 2:
+        if "frames" not in seen:
+            raise PackError("a v2 pack without `frames`")
         if "meta" in seen and seen & {"commits", "snapshots", "branch_heads"}:
             raise PackError("a v2 pack with both `meta` and plain commits/snapshots keys")
     idx.unpacked_bytes = unpacked[0]
@@ -640,6 +642,10 @@ class PackWriter:
         """A blob that is bytes [offset, offset+length) of open file f."""
         if oid not in self._blobs:
             self._blobs[oid] = [f, offset, length, path, len(self._blobs)]
+
+    def close_discard(self) -> None:
+        """Drop everything added; write nothing."""
+        self._spool.close()
 
     @property
     def blob_count(self) -> int:

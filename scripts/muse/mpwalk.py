@@ -240,4 +240,5 @@ class Walker:
 
     def value(self) -> Any:
         """One whole value, decoded."""
-        return next(iter(self.values(1)))
+        (v,) = list(self.values(1))
+        return v
