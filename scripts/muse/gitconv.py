@@ -357,9 +357,9 @@ class Converter:
             self._paths[p] = s
         return s or None
 
-    def muse_blob(self, goid: str, path: str, w: PackWriter) -> tuple[str, int]:
+    def muse_blob(self, goid: str, path: str, w: list) -> tuple[str, int]:
         """(Muse id, new bytes) of a git blob; a blob not seen before is
-        read from git and added to the pack being written."""
+        read from git and appended to `w` as (id, data, path)."""
         key = bytes.fromhex(goid)
         mid = self.blob_map.get(key)
         if mid is not None:
@@ -367,12 +367,12 @@ class Converter:
         _kind, data = self.git.cat(goid)
         oid = blob_id(data)
         self.blob_map[key] = bytes.fromhex(oid[7:])
-        w.add_blob(oid, data, path=path)
+        w.append((oid, data, path))
         self.stats["blobs"] += 1
         self.stats["blob_bytes"] += len(data)
         return oid, len(data)
 
-    def manifest_of_tree(self, tree: str, w: PackWriter | None) -> tuple[Manifest, int]:
+    def manifest_of_tree(self, tree: str, w: list | None) -> tuple[Manifest, int]:
         m = Manifest()
         n = 0
         for p, goid in self.trees.flatten(tree).items():
@@ -415,9 +415,10 @@ class Converter:
 
     # -- one commit ----------------------------------------------------------
 
-    def convert_commit(self, g: str, branch: str, w: PackWriter,
+    def convert_commit(self, g: str, branch: str, w: list,
                        pending: dict[str, int]) -> tuple[dict, dict | None, int]:
-        """(commit map, snapshot map or None, new blob bytes) of git commit g."""
+        """(commit map, snapshot map or None, new blob bytes) of git commit g;
+        its new blobs are appended to `w` as (id, data, path)."""
         _kind, raw = self.git.cat(g)
         c = parse_commit(raw)
         enc = c["encoding"]
@@ -550,7 +551,8 @@ class Converter:
                 st["last"] = head
 
             for g in order:
-                commit, snap, nb = self.convert_commit(g, branch, w, pending)
+                new_blobs: list = []
+                commit, snap, nb = self.convert_commit(g, branch, new_blobs, pending)
                 cid = commit["commit_id"]
                 n_done += 1
                 self.stats["commits"] += 1
@@ -571,6 +573,8 @@ class Converter:
                 w.add_commit(commit)
                 if snap:
                     w.add_snapshot(snap)
+                for oid, data, path in new_blobs:
+                    w.add_blob(oid, data, path=path)
                 size += n
                 if g in chain:
                     chain_muse.add(cid)
