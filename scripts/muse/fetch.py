@@ -46,7 +46,9 @@ def fetch_pack(hub: Hub, owner: str, slug: str, want: list[str], have: list[str]
     every blob against its id, every snapshot rebuilt and its id checked,
     every commit id, completeness (every object a received snapshot adds is
     in the pack or in the state; without a state, only when `have` is
-    empty).  The manifest of `keep_commit`'s snapshot, when the pack holds
+    empty; and without a state and with `have`, snapshots that are deltas
+    against the client's own are left unchecked: nothing here holds their
+    parents).  The manifest of `keep_commit`'s snapshot, when the pack holds
     it, is kept in .manifests.  Raises HubError, PackError/ValueError."""
     out = Fetched()
     t0 = time.perf_counter()
@@ -84,7 +86,8 @@ def fetch_pack(hub: Hub, owner: str, slug: str, want: list[str], have: list[str]
             objs = set() if not have else None
         keep = {c["snapshot_id"] for c in idx.commits if c.get("commit_id") == keep_commit}
         out.manifests = verify_history(idx.commits, idx.snapshots, known_manifests=known,
-                                       known_objects=objs, blob_ids=idx.blobs, keep=keep)
+                                       known_objects=objs, blob_ids=idx.blobs, keep=keep,
+                                       skip_unknown_parents=state is None and bool(have))
         out.timings["verify"] = time.perf_counter() - t2
         out.idx, out.path = idx, path
         ok = True

@@ -51,14 +51,21 @@ class Git:
 
     def __init__(self, repo: str) -> None:
         self.repo = repo
-        fmt = self.out("rev-parse", "--show-object-format").strip() or "sha1"
+        fmt = self.try_out("rev-parse", "--show-object-format")
+        if fmt is None:
+            raise OSError(f"{repo} is not a git repository")
+        fmt = fmt.strip() or "sha1"
         self.hash_len = 32 if fmt == "sha256" else 20
         self._cat = subprocess.Popen(["git", "-C", repo, "cat-file", "--batch"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def out(self, *args: str) -> str:
-        return subprocess.run(["git", "-C", self.repo, *args], check=True,
-                              stdout=subprocess.PIPE).stdout.decode()
+        r = subprocess.run(["git", "-C", self.repo, *args], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+        if r.returncode != 0:
+            raise ConvertError(f"git {args[0]} failed: "
+                               f"{r.stderr.decode(errors='replace').strip()}")
+        return r.stdout.decode()
 
     def try_out(self, *args: str) -> str | None:
         r = subprocess.run(["git", "-C", self.repo, *args], stdout=subprocess.PIPE,
@@ -281,7 +288,7 @@ class Converter:
         try:
             self.git = Git(repo)
         except (subprocess.CalledProcessError, OSError) as e:
-            raise ConvertError(f"{repo} is not a git repository ({e})") from e
+            raise ConvertError(str(e)) from e
         self.repo = os.path.abspath(repo)
         self.out_dir = out_dir
         os.makedirs(out_dir, exist_ok=True)

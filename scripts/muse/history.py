@@ -46,7 +46,7 @@ def _need(cond: bool, msg: str) -> None:
 def verify_history(commits: Iterable[dict], snapshots: Iterable[dict], *,
                    known_manifests: Any = None, known_objects: Any = None,
                    blob_ids: Any = (), keep: Any = None,
-                   cache_size: int = 32) -> dict[str, Manifest]:
+                   cache_size: int = 32, skip_unknown_parents: bool = False) -> dict[str, Manifest]:
     """Rebuild every snapshot from its delta and check every id (SPEC 1, 2).
 
     known_manifests  container of snapshot_id -> manifest for parents
@@ -55,6 +55,10 @@ def verify_history(commits: Iterable[dict], snapshots: Iterable[dict], *,
                      given, every object a snapshot upserts must be in
                      `blob_ids` (this pack's) or in it (completeness)
     keep             snapshot ids whose manifest to return (None: all)
+    skip_unknown_parents  snapshots whose delta chain reaches a parent that
+                     is neither here nor known are left unchecked (a pack
+                     fetched with `have` by a client that keeps no state);
+                     otherwise that is an error
     Memory: at most `cache_size` manifests besides the returned ones.
     Raises ValueError naming the first problem."""
     known = known_manifests if known_manifests is not None else {}
@@ -145,8 +149,9 @@ def verify_history(commits: Iterable[dict], snapshots: Iterable[dict], *,
             while len(cache) > cache_size:
                 cache.popitem(last=False)
 
+    skipped: set[str] = set()
     for sid in by_id:
-        if sid in done:
+        if sid in done or sid in skipped:
             continue
         # parents first: the chain of not-yet-built in-pack ancestors
         chain, cur, seen = [], sid, set()
@@ -157,6 +162,10 @@ def verify_history(commits: Iterable[dict], snapshots: Iterable[dict], *,
             cur = by_id[cur].get("parent_snapshot_id")
             if not cur:
                 break
+        if skip_unknown_parents and cur and cur not in by_id and cur not in known \
+                or cur in skipped:
+            skipped.update(chain)
+            continue
         for s_id in reversed(chain):
             build_one(s_id)
 
@@ -171,7 +180,8 @@ def verify_history(commits: Iterable[dict], snapshots: Iterable[dict], *,
             _need(valid_id(p), f"commit {cid}: bad parent id {p!r}")
         got = commit_id_of(c)
         _need(got == cid, f"commit {cid}: fields hash to {got}")
-        _need(sid in done or sid in known,
+        _need(sid in done or sid in known or sid in skipped or
+              (skip_unknown_parents and sid not in by_id),
               f"commit {cid}: snapshot {sid} is neither in the pack nor known")
     return out
 
