@@ -9,9 +9,10 @@ set -e
 BENCH_PKGS=""
 [ "${1:-}" = "--bench" ] && BENCH_PKGS="git fcgiwrap wrk hyperfine valgrind"
 # nginx: test/e2e/test_nginx.py runs docs/nginx.conf in front of the server.
+# python3-zstandard: the clients (scripts/muse) read and write mpack v2.
 PKGS="$BENCH_PKGS build-essential pkg-config libuv1-dev node-llhttp libpq-dev libmbedtls-dev libcurl4-openssl-dev
 libmsgpack-dev libjansson-dev libssl-dev postgresql postgresql-client clang libclang-rt-14-dev
-python3 python3-pytest python3-httpx python3-msgpack python3-cryptography python3-boto3 git curl nginx"
+python3 python3-pytest python3-httpx python3-msgpack python3-zstandard python3-cryptography python3-boto3 git curl nginx"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
