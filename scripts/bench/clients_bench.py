@@ -5,6 +5,9 @@ the git bundle named by $BENCH_LIBUV_BUNDLE, by default
 ../shared/data/libuv-v1.x.bundle beside the repository), next to git over
 smart HTTP in the same run.  Skipped when the bundle is absent.
 
+The tools run as a person runs them: one process each, from bytecode
+(PYTHONPYCACHEPREFIX under the work directory).
+
 Rows: git2muse of the whole history (v2 and v1 packs); full push (v1 until
 the server reads v2; v2 tried and reported); full clone into a state
 (`muse-fetch --state`, no checkout) vs `git clone --bare`; one new commit:
@@ -52,7 +55,10 @@ def tool(work: Path, name: str, *args: str, check: bool = True,
          timeout: float = 1800) -> tuple[float, int, Any]:
     """Run a client tool; (wall s, peak RSS KiB, CompletedProcess)."""
     rss = work / f".rss-{name}"
-    env = dict(os.environ, RSS_OUT=str(rss))
+    # Installed tools run from bytecode; the cache goes under the work
+    # directory so that scripts/ stays clean.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(RSS_OUT=str(rss), PYTHONPYCACHEPREFIX=str(work.parent / "pycache"))
     t = time.perf_counter()
     r = run([PY, "-c", RSS_WRAP, str(SCRIPTS / name), *args], timeout=timeout, env=env,
             check=check)
@@ -161,7 +167,7 @@ def w_clients(b: Any, Section: Any, Stat: Any, ratios: Any) -> Any:
         def o() -> None:
             shutil.rmtree(st, ignore_errors=True)
             wall, kib, r = tool(work, "muse-fetch", *base, "--repo", slug, "--state", str(st),
-                                "--json", "-q")
+                                "--branch", "v1.x", "--json", "-q")
             ours.append(wall)
             rss_clone.append(kib)
 

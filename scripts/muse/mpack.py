@@ -31,7 +31,6 @@ import hashlib
 import io
 import os
 import struct
-import tempfile
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
 import msgpack
@@ -502,6 +501,7 @@ def read_pack(f: BinaryIO, *, verify: bool = True, start: int = 0,
             raise PackError(f"a v2 pack carries `{key}` (blobs go in frames)")
         if key == "meta":
             codec, size, _b, doff, dlen = frame_map(w, True)
+            import tempfile
             with tempfile.TemporaryFile() as tmp:
                 inflate(f, doff, dlen, codec, size, tmp.write)
                 mw = Walker(tmp, 0, size)
@@ -601,6 +601,7 @@ class PackWriter:
         self.commits: list[dict] = []
         self.snapshots: list[dict] = []
         self.branch_heads: dict[str, str] = {}
+        import tempfile
         self._spool = tempfile.SpooledTemporaryFile(max_size=64 << 20, dir=tmpdir)
         self._spool_len = 0
         # oid -> [source, offset, length, path, seq]; source None = spool
@@ -765,6 +766,7 @@ class PackWriter:
             out.write(data)
             return
         assert pieces is not None
+        import tempfile
         with tempfile.TemporaryFile(dir=self.tmpdir) as tmp:
             with cctx.stream_writer(tmp, size=size, closefd=False) as zw:
                 for p in pieces():

@@ -16,8 +16,8 @@ snapshots upsert.  Blobs no sent snapshot names are dropped.
 """
 from __future__ import annotations
 
+import hashlib
 import os
-import tempfile
 import time
 from typing import Any, BinaryIO, Callable
 
@@ -197,7 +197,6 @@ class Pusher:
                 f.seek(0, 2)
                 size = f.tell()
                 f.seek(0)
-                import hashlib
                 h = hashlib.sha256()
                 while True:
                     b = f.read(1 << 20)
@@ -208,6 +207,7 @@ class Pusher:
                         "version": idx.version, "commits": len(idx.commits),
                         "snapshots": len(idx.snapshots), "blobs": len(idx.blobs)}
             else:
+                import tempfile
                 fd, tmp = tempfile.mkstemp(prefix="muse-push-", suffix=".mpack",
                                            dir=self.tmpdir)
                 os.close(fd)

@@ -16,7 +16,6 @@ import json
 import os
 import sys
 import time
-import traceback
 from typing import Any, Callable
 
 from .hub import Hub, HubError, TransportError
@@ -159,6 +158,7 @@ def run(main: Callable[[], int], prog: str) -> int:
         raise
     except BaseException as e:  # noqa: BLE001 - this is the one place that reports
         if debug:
+            import traceback
             traceback.print_exc()
         print(f"{prog}: error: {describe(e)}", file=sys.stderr)
         return e.code if isinstance(e, Fail) else 1
