@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import time
 from typing import Any, Callable, Mapping
 
 from .history import verify_history
 from .hub import Hub
 from .ids import Manifest, valid_path
-from .mpack import FRAME_MAX, PackIndex, read_pack
+from .mpack import FRAME_MAX, PackIndex, check_blobs, read_pack
 from .state import LocalState
 
 FORMATS = [1, 2]
@@ -73,21 +74,34 @@ def fetch_pack(hub: Hub, owner: str, slug: str, want: list[str], have: list[str]
                              f"{ans.get('mpack_id')}")
         t2 = time.perf_counter()
         out.timings["download"] = t2 - t1
-        vprog = progress_factory("verify", n) if progress_factory else None
         with open(path, "rb") as f:
-            idx = read_pack(f, verify=True, progress=vprog)
-        if vprog is not None:
-            vprog(n)
-            vprog.finish()
+            idx = read_pack(f, verify=False)
+        # blobs are hashed (v2: decompressed) in a thread while this one
+        # rebuilds the snapshots: both halves of the check run at once
+        errors: list[BaseException] = []
+
+        def blobs_check() -> None:
+            try:
+                with open(path, "rb") as bf:
+                    check_blobs(bf, idx)
+            except BaseException as e:  # handed to the main thread
+                errors.append(e)
+        th = threading.Thread(target=blobs_check, name="blob-check")
+        th.start()
         known = state.manifests if state is not None else None
         if state is not None:
             objs: Any = state.objects
         else:
             objs = set() if not have else None
         keep = {c["snapshot_id"] for c in idx.commits if c.get("commit_id") == keep_commit}
-        out.manifests = verify_history(idx.commits, idx.snapshots, known_manifests=known,
-                                       known_objects=objs, blob_ids=idx.blobs, keep=keep,
-                                       skip_unknown_parents=state is None and bool(have))
+        try:
+            out.manifests = verify_history(idx.commits, idx.snapshots, known_manifests=known,
+                                           known_objects=objs, blob_ids=idx.blobs, keep=keep,
+                                           skip_unknown_parents=state is None and bool(have))
+        finally:
+            th.join()
+        if errors:
+            raise errors[0]
         out.timings["verify"] = time.perf_counter() - t2
         out.idx, out.path = idx, path
         ok = True

@@ -79,6 +79,8 @@ def verify_history(commits: Iterable[dict], snapshots: Iterable[dict], *,
             children[pid] = children.get(pid, 0) + 1
 
     done: set[str] = set()
+    good_paths: set[str] = set()     # checked once each (they repeat a lot)
+    good_ids: set[str] = set()
     out: dict[str, Manifest] = {}
     cache: OrderedDict[str, Manifest] = OrderedDict()
 
@@ -128,11 +130,17 @@ def verify_history(commits: Iterable[dict], snapshots: Iterable[dict], *,
         remove = s.get("delta_remove") or []
         m = base_of(pid, s_id) if pid else Manifest()
         for p in remove:
-            _need(valid_path(p), f"snapshot {s_id}: bad removed path {p!r}")
+            if p not in good_paths:
+                _need(valid_path(p), f"snapshot {s_id}: bad removed path {p!r}")
+                good_paths.add(p)
             m.remove(p)
         for p, o in upsert.items():
-            _need(valid_path(p), f"snapshot {s_id}: bad path {p!r}")
-            _need(valid_id(o), f"snapshot {s_id}: bad object id {o!r} at {p!r}")
+            if p not in good_paths:
+                _need(valid_path(p), f"snapshot {s_id}: bad path {p!r}")
+                good_paths.add(p)
+            if o not in good_ids:
+                _need(valid_id(o), f"snapshot {s_id}: bad object id {o!r} at {p!r}")
+                good_ids.add(o)
             if known_objects is not None:
                 _need(o in blob_ids or o in known_objects,
                       f"snapshot {s_id}: object {o} ({p}) is neither in "
