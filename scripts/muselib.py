@@ -15,12 +15,9 @@ and python3-httpx (for this Hub) are used (run with /usr/bin/python3).
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable, Iterable, Mapping
-
-import msgpack
 
 from muse.ids import (EMPTY_SNAPSHOT_ID, ID_PREFIX, MAX_PATH_BYTES, Manifest,  # noqa: F401
                       blob_id, commit_id, commit_id_of, commit_parents, commit_payload,
@@ -31,40 +28,38 @@ from muse.mpwalk import PackError  # noqa: F401
 from muse.history import (SEED_EPOCH, History, _need, generate,  # noqa: F401
                           manifest_delta, pack_tips, rebuild_and_verify, snapshot_map,
                           topo_commits, verify_history)
-from muse.hub import HubError, encode_body  # noqa: F401
+from muse.hub import (JSON, MSGPACK, Api, HubError, Signer,  # noqa: F401
+                      decode_payload, encode_body)
 from muse.state import LocalState, _atomic_write  # noqa: F401
 from muse.plan import load_plan, plan_resume_point  # noqa: F401
+
+
+__all__ = [
+    "EMPTY_SNAPSHOT_ID", "ID_PREFIX", "MAX_PATH_BYTES", "Manifest", "blob_id",
+    "commit_id", "commit_id_of", "commit_parents", "commit_payload", "snapshot_id",
+    "snapshot_payload", "valid_id", "valid_path", "FRAME_MAX", "MPACK_MAGIC",
+    "PackIndex", "PackWriter", "_blob_list", "build_mpack", "parse_mpack", "read_pack",
+    "PackError", "SEED_EPOCH", "History", "_need", "generate", "manifest_delta",
+    "pack_tips", "rebuild_and_verify", "snapshot_map", "topo_commits", "verify_history",
+    "JSON", "MSGPACK", "Api", "HubError", "Signer", "decode_payload", "encode_body",
+    "LocalState", "_atomic_write", "load_plan", "plan_resume_point", "decode_body",
+    "Hub", "checkout", "push_plan",
+]
 
 
 # --------------------------------------------------------------------------
 # HTTP client (httpx; the e2e suite's)
 # --------------------------------------------------------------------------
 
-MSGPACK = "application/x-msgpack"
-JSON = "application/json"
-
-
 def decode_body(resp: Any) -> Any:
     """Decode an httpx response by its Content-Type: msgpack, JSON, text for
     text/*, None for an empty body, bytes otherwise."""
-    ctype = (resp.headers.get("content-type") or "").split(";")[0].strip().lower()
-    data = resp.content
-    if not data:
-        return None
-    if ctype == MSGPACK:
-        return msgpack.unpackb(data, raw=False)
-    if ctype == JSON or ctype.endswith("+json"):
-        return json.loads(data)
-    if ctype.startswith("text/"):
-        return data.decode("utf-8", "replace")
-    return data
+    return decode_payload(resp.headers.get("content-type") or "", resp.content)
 
 
-Signer = Callable[[str, str, bytes], Mapping[str, str]]
-
-
-class Hub:
-    """Synchronous client of musehubd's HTTP API.
+class Hub(Api):
+    """Synchronous client of musehubd's HTTP API on httpx (the endpoints
+    are muse.hub.Api's, shared with the tools' muse.Hub).
 
     base_url  e.g. "http://127.0.0.1:1337"
     headers   extra headers sent with every API request
@@ -73,7 +68,8 @@ class Hub:
               presigned store URLs (upload/download), which carry their own
               authorisation.
     Request bodies are msgpack unless fmt="json"; responses are decoded per
-    their Content-Type.  Methods raise HubError on an unexpected status.
+    their Content-Type.  Methods raise HubError on an unexpected status;
+    raw() returns the httpx.Response and `client` is the httpx.Client.
     """
 
     def __init__(self, base_url: str, headers: Mapping[str, str] | None = None,
@@ -81,8 +77,8 @@ class Hub:
         import httpx  # imported lazily so offline users need no httpx
         self.base_url = base_url.rstrip("/")
         self.signer = signer
-        self.client = httpx.Client(base_url=self.base_url,
-                                   headers=dict(headers or {}), timeout=timeout)
+        self.headers = dict(headers or {})
+        self.client = httpx.Client(base_url=self.base_url, timeout=timeout)
 
     def close(self) -> None:
         self.client.close()
@@ -93,71 +89,12 @@ class Hub:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    # -- plumbing ----------------------------------------------------------
+    def _transport(self, method: str, url: str, content: bytes | None, headers: dict) -> Any:
+        return self.client.request(method, url, content=content, headers=headers)
 
-    def raw(self, method: str, path: str, body: Any = None, *,
-            fmt: str = "msgpack", content: bytes | None = None,
-            accept: str | None = None, headers: Mapping[str, str] | None = None,
-            params: Mapping[str, Any] | None = None) -> Any:
-        """Send one request and return the httpx.Response, whatever its
-        status.  `body` is encoded as msgpack/json; `content` is sent as is."""
-        hdrs = dict(headers or {})
-        if content is None and body is not None:
-            content, ctype = encode_body(body, fmt)
-            hdrs.setdefault("Content-Type", ctype)
-        if accept:
-            hdrs["Accept"] = accept
-        url = path if path.startswith("http") else self.base_url + path
-        if params:
-            # The query is part of what MSign signs (@query): fold it into
-            # the URL before signing, never after.
-            from urllib.parse import urlencode
-            query = urlencode({k: v for k, v in params.items() if v is not None})
-            if query:
-                url += ("&" if "?" in url else "?") + query
-        if self.signer is not None:
-            hdrs.update(self.signer(method, url, content or b""))
-        return self.client.request(method, url, content=content, headers=hdrs)
-
-    def call(self, method: str, path: str, body: Any = None, *,
-             expect: Iterable[int] = (200,), **kw: Any) -> Any:
-        """raw() + status check + decoded body."""
-        resp = self.raw(method, path, body, **kw)
-        decoded = _safe_decode(resp)
-        if resp.status_code not in tuple(expect):
-            raise HubError(method, str(resp.url), resp.status_code, decoded,
-                           resp.headers)
-        return decoded
-
-    # -- repositories (SPEC 4.1, 4.2) ---------------------------------------
-
-    def create_repo(self, owner: str, name: str, visibility: str = "public",
-                    initialize: bool = False, description: str | None = None,
-                    **kw: Any) -> dict:
-        body = {"owner": owner, "name": name, "visibility": visibility,
-                "initialize": initialize}
-        if description is not None:
-            body["description"] = description
-        return self.call("POST", "/api/repos", body, expect=(201,), **kw)
-
-    def get_repo(self, repo_id: str, **kw: Any) -> dict:
-        return self.call("GET", f"/api/repos/{repo_id}", **kw)
-
-    def list_repos(self, owner: str, **kw: Any) -> dict:
-        return self.call("GET", "/api/repos", params={"owner": owner}, **kw)
-
-    def delete_repo(self, repo_id: str, **kw: Any) -> None:
-        self.call("DELETE", f"/api/repos/{repo_id}", expect=(204,), **kw)
-
-    def refs(self, owner: str, slug: str, **kw: Any) -> dict:
-        return self.call("GET", f"/{owner}/{slug}/refs", **kw)
-
-    # -- push (SPEC 4.3) -----------------------------------------------------
-
-    def presign(self, owner: str, slug: str, mpack_key: str, size_bytes: int,
-                **kw: Any) -> dict:
-        return self.call("POST", f"/{owner}/{slug}/push/mpack-presign",
-                         {"mpack_key": mpack_key, "size_bytes": size_bytes}, **kw)
+    @staticmethod
+    def _decoded(resp: Any) -> Any:
+        return _safe_decode(resp)
 
     def upload(self, url: str, data: bytes, expect: Iterable[int] = (200, 204)) -> int:
         """PUT bytes to a presigned URL; returns the status."""
@@ -169,51 +106,15 @@ class Hub:
                            resp.headers)
         return resp.status_code
 
-    def unpack(self, owner: str, slug: str, mpack_key: str, branch: str,
-               head: str, force: bool = False,
-               expected_old_head: str | None = None, **kw: Any) -> dict:
-        body: dict[str, Any] = {"mpack_key": mpack_key, "branch": branch,
-                                "head": head, "force": force}
-        if expected_old_head is not None:
-            body["expected_old_head"] = expected_old_head
-        return self.call("POST", f"/{owner}/{slug}/push/unpack-mpack", body, **kw)
-
     def push(self, owner: str, slug: str, pack_bytes: bytes, branch: str,
              head: str, force: bool = False,
              expected_old_head: str | None = None) -> dict:
         """The three push steps.  Returns the unpack result plus
         `timings` {presign, upload, unpack} in seconds (upload 0.0 when the
         server said already_present) and `already_present`."""
-        key = blob_id(pack_bytes)
-        t0 = time.perf_counter()
-        pre = self.presign(owner, slug, key, len(pack_bytes))
-        t1 = time.perf_counter()
-        present = bool(pre.get("already_present"))
-        if not present:
-            url = pre.get("upload_url") or pre.get("uploadUrl")
-            if not url:
-                raise HubError("POST", "mpack-presign", 200, pre)
-            self.upload(url, pack_bytes)
-        t2 = time.perf_counter()
-        res = self.unpack(owner, slug, key, branch, head, force, expected_old_head)
-        t3 = time.perf_counter()
-        res = dict(res or {})
-        res["already_present"] = present
-        res["mpack_key"] = key
-        res["timings"] = {"presign": t1 - t0, "upload": t2 - t1, "unpack": t3 - t2}
-        return res
-
-    # -- fetch and reading (SPEC 4.4, 4.5) -----------------------------------
-
-    def fetch(self, owner: str, slug: str, want: list[str],
-              have: list[str] | None = None, formats: list[int] | None = None,
-              depth: int | None = None, **kw: Any) -> dict:
-        body: dict[str, Any] = {"want": list(want), "have": list(have or [])}
-        if formats is not None:
-            body["formats"] = list(formats)
-        if depth is not None:
-            body["depth"] = depth
-        return self.call("POST", f"/{owner}/{slug}/fetch", body, **kw)
+        return self.push_steps(owner, slug, blob_id(pack_bytes), len(pack_bytes),
+                               lambda url: self.upload(url, pack_bytes), branch, head,
+                               force, expected_old_head)
 
     def download(self, url: str) -> bytes:
         """GET a presigned URL (absolute, or relative to the server)."""
@@ -224,19 +125,6 @@ class Hub:
             raise HubError("GET", url, resp.status_code, _safe_decode(resp),
                            resp.headers)
         return resp.content
-
-    def commits(self, owner: str, slug: str, branch: str | None = None,
-                limit: int | None = None, cursor: str | None = None,
-                **kw: Any) -> dict:
-        params = {k: v for k, v in (("branch", branch), ("limit", limit),
-                                    ("cursor", cursor)) if v is not None}
-        return self.call("GET", f"/{owner}/{slug}/commits", params=params, **kw)
-
-    def commit(self, owner: str, slug: str, cid: str, **kw: Any) -> dict:
-        return self.call("GET", f"/{owner}/{slug}/commits/{cid}", **kw)
-
-    def tree(self, owner: str, slug: str, ref: str, **kw: Any) -> dict:
-        return self.call("GET", f"/{owner}/{slug}/tree/{ref}", **kw)
 
     def object(self, owner: str, slug: str, oid: str, **kw: Any) -> Any:
         """The raw httpx.Response of GET /objects/{oid} (no status check)."""

@@ -31,21 +31,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts"
 PY = "/usr/bin/python3"
 
-RSS_WRAP = """
-import os, runpy, sys
-tool = sys.argv[1]
-sys.argv = sys.argv[1:]
-sys.path.insert(0, os.path.dirname(tool))
-try:
-    runpy.run_path(tool, run_name="__main__")
-finally:
-    with open("/proc/self/status") as fh:
-        hwm = next(l for l in fh if l.startswith("VmHWM")).split()[1]
-    with open(os.environ["RSS_OUT"], "w") as out:
-        out.write(hwm)
-"""
-
-
 def bundle_path() -> Path:
     return Path(os.environ.get("BENCH_LIBUV_BUNDLE") or
                 ROOT.parent / "shared" / "data" / "libuv-v1.x.bundle")
@@ -60,8 +45,8 @@ def tool(work: Path, name: str, *args: str, check: bool = True,
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env.update(RSS_OUT=str(rss), PYTHONPYCACHEPREFIX=str(work.parent / "pycache"))
     t = time.perf_counter()
-    r = run([PY, "-c", RSS_WRAP, str(SCRIPTS / name), *args], timeout=timeout, env=env,
-            check=check)
+    r = run([PY, str(SCRIPTS / "rsswrap.py"), str(SCRIPTS / name), *args], timeout=timeout,
+            env=env, check=check)
     wall = time.perf_counter() - t
     kib = int(rss.read_text()) if rss.exists() else 0
     return wall, kib, r

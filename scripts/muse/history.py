@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from .ids import (Manifest, blob_id, commit_id, commit_id_of, commit_parents,
                   snapshot_id, valid_id, valid_path)

@@ -129,7 +129,170 @@ class _CountingReader:
         return b
 
 
-class Hub:
+class Api:
+    """The API's endpoints (SPEC 4), on top of a subclass's raw()/call()
+    transport; muse.Hub (http.client) and muselib.Hub (httpx, the e2e
+    suite's) share them."""
+
+    base_url: str
+    signer: Signer | None
+    headers: dict
+
+    def _prepare(self, method: str, path: str, body: Any, fmt: str,
+                 content: bytes | None, accept: str | None,
+                 headers: Mapping[str, str] | None,
+                 params: Mapping[str, Any] | None) -> tuple[str, bytes | None, dict]:
+        """(url, body bytes, headers) of one API request, signed."""
+        hdrs = dict(self.headers)
+        hdrs.update(headers or {})
+        if content is None and body is not None:
+            content, ctype = encode_body(body, fmt)
+            hdrs.setdefault("Content-Type", ctype)
+        if accept:
+            hdrs["Accept"] = accept
+        url = path if path.startswith("http") else self.base_url + path
+        if params:
+            # The query is part of what MSign signs (@query): fold it into
+            # the URL before signing, never after.
+            query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+            if query:
+                url += ("&" if "?" in url else "?") + query
+        if self.signer is not None:
+            hdrs.update(self.signer(method, url, content or b""))
+        return url, content, hdrs
+
+    def raw(self, method: str, path: str, body: Any = None, *,
+            fmt: str = "msgpack", content: bytes | None = None,
+            accept: str | None = None, headers: Mapping[str, str] | None = None,
+            params: Mapping[str, Any] | None = None) -> Any:
+        """Send one API request and return the response (the transport's
+        type: muse.hub.Response, or httpx's), whatever its status.  `body`
+        is encoded as msgpack/json; `content` is sent as is."""
+        url, content, hdrs = self._prepare(method, path, body, fmt, content, accept,
+                                           headers, params)
+        return self._transport(method, url, content, hdrs)
+
+    def _transport(self, method: str, url: str, content: bytes | None, headers: dict) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def _decoded(resp: Any) -> Any:
+        try:
+            return decode_payload(resp.headers.get("content-type", ""), resp.content)
+        except Exception:
+            return resp.content
+
+    def call(self, method: str, path: str, body: Any = None, *,
+             expect: Iterable[int] = (200,), **kw: Any) -> Any:
+        """raw() + status check + decoded body."""
+        resp = self.raw(method, path, body, **kw)
+        decoded = self._decoded(resp)
+        if resp.status_code not in tuple(expect):
+            raise HubError(method, str(resp.url), resp.status_code, decoded, resp.headers)
+        return decoded
+
+    # -- repositories (SPEC 4.1, 4.2) ---------------------------------------
+
+    def create_repo(self, owner: str, name: str, visibility: str = "public",
+                    initialize: bool = False, description: str | None = None,
+                    **kw: Any) -> dict:
+        body: dict[str, Any] = {"owner": owner, "name": name, "visibility": visibility,
+                                "initialize": initialize}
+        if description is not None:
+            body["description"] = description
+        return self.call("POST", "/api/repos", body, expect=(201,), **kw)
+
+    def get_repo(self, repo_id: str, **kw: Any) -> dict:
+        return self.call("GET", f"/api/repos/{repo_id}", **kw)
+
+    def patch_repo(self, repo_id: str, **fields: Any) -> dict:
+        """PATCH /api/repos/{id} (SPEC 4.1): description, visibility,
+        default_branch."""
+        return self.call("PATCH", f"/api/repos/{repo_id}", fields)
+
+    def list_repos(self, owner: str, **kw: Any) -> dict:
+        return self.call("GET", "/api/repos", params={"owner": owner}, **kw)
+
+    def delete_repo(self, repo_id: str, **kw: Any) -> None:
+        self.call("DELETE", f"/api/repos/{repo_id}", expect=(204,), **kw)
+
+    def refs(self, owner: str, slug: str, **kw: Any) -> dict:
+        return self.call("GET", f"/{owner}/{slug}/refs", **kw)
+
+    def delete_branch(self, repo_id: str, name: str,
+                      expected_old_head: str | None = None) -> None:
+        """DELETE /api/repos/{id}/branches/{name} (SPEC 4.2, issue 17)."""
+        body = {"expected_old_head": expected_old_head} if expected_old_head else None
+        self.call("DELETE", f"/api/repos/{repo_id}/branches/"
+                  f"{urllib.parse.quote(name, safe='')}", body, expect=(204,))
+
+    # -- push (SPEC 4.3) -----------------------------------------------------
+
+    def presign(self, owner: str, slug: str, mpack_key: str, size_bytes: int,
+                **kw: Any) -> dict:
+        return self.call("POST", f"/{owner}/{slug}/push/mpack-presign",
+                         {"mpack_key": mpack_key, "size_bytes": size_bytes}, **kw)
+
+    def unpack(self, owner: str, slug: str, mpack_key: str, branch: str,
+               head: str, force: bool = False,
+               expected_old_head: str | None = None, **kw: Any) -> dict:
+        body: dict[str, Any] = {"mpack_key": mpack_key, "branch": branch,
+                                "head": head, "force": force}
+        if expected_old_head is not None:
+            body["expected_old_head"] = expected_old_head
+        return self.call("POST", f"/{owner}/{slug}/push/unpack-mpack", body, **kw)
+
+    def push_steps(self, owner: str, slug: str, mpack_key: str, size_bytes: int,
+                   upload: Callable[[str], Any], branch: str, head: str,
+                   force: bool = False, expected_old_head: str | None = None) -> dict:
+        """Presign, upload(url) unless the server already holds the pack,
+        unpack.  Returns the unpack answer plus `already_present`,
+        `mpack_key` and `timings` {presign, upload, unpack} in seconds."""
+        t0 = time.perf_counter()
+        pre = self.presign(owner, slug, mpack_key, size_bytes)
+        t1 = time.perf_counter()
+        present = bool(pre.get("already_present"))
+        if not present:
+            url = pre.get("upload_url") or pre.get("uploadUrl")
+            if not url:
+                raise HubError("POST", "mpack-presign", 200, pre)
+            upload(url)
+        t2 = time.perf_counter()
+        res = dict(self.unpack(owner, slug, mpack_key, branch, head, force,
+                               expected_old_head) or {})
+        t3 = time.perf_counter()
+        res.update(already_present=present, mpack_key=mpack_key,
+                   timings={"presign": t1 - t0, "upload": t2 - t1, "unpack": t3 - t2})
+        return res
+
+    # -- fetch and reading (SPEC 4.4, 4.5) -----------------------------------
+
+    def fetch(self, owner: str, slug: str, want: list[str],
+              have: list[str] | None = None, formats: list[int] | None = None,
+              depth: int | None = None, **kw: Any) -> dict:
+        body: dict[str, Any] = {"want": list(want), "have": list(have or [])}
+        if formats is not None:
+            body["formats"] = list(formats)
+        if depth is not None:
+            body["depth"] = depth
+        return self.call("POST", f"/{owner}/{slug}/fetch", body, **kw)
+
+    def commits(self, owner: str, slug: str, branch: str | None = None,
+                limit: int | None = None, cursor: str | None = None,
+                **kw: Any) -> dict:
+        params = {k: v for k, v in (("branch", branch), ("limit", limit),
+                                    ("cursor", cursor)) if v is not None}
+        return self.call("GET", f"/{owner}/{slug}/commits", params=params, **kw)
+
+    def commit(self, owner: str, slug: str, cid: str, **kw: Any) -> dict:
+        return self.call("GET", f"/{owner}/{slug}/commits/{cid}", **kw)
+
+    def tree(self, owner: str, slug: str, ref: str, **kw: Any) -> dict:
+        return self.call("GET", f"/{owner}/{slug}/tree/{ref}", **kw)
+
+
+
+class Hub(Api):
     """Synchronous client of musehubd's API (see the module docstring).
 
     base_url  e.g. "http://127.0.0.1:1337"
@@ -227,80 +390,11 @@ class Hub:
             return Response(r.status, r.headers, content, url)
         raise AssertionError("unreachable")
 
-    def raw(self, method: str, path: str, body: Any = None, *,
-            fmt: str = "msgpack", content: bytes | None = None,
-            accept: str | None = None, headers: Mapping[str, str] | None = None,
-            params: Mapping[str, Any] | None = None) -> Response:
-        """Send one API request and return the Response, whatever its
-        status.  `body` is encoded as msgpack/json; `content` is sent as is."""
-        hdrs = dict(self.headers)
-        hdrs.update(headers or {})
-        if content is None and body is not None:
-            content, ctype = encode_body(body, fmt)
-            hdrs.setdefault("Content-Type", ctype)
-        if accept:
-            hdrs["Accept"] = accept
-        url = self.absolute(path) if not path.startswith("http") else path
-        if params:
-            # The query is part of what MSign signs (@query): fold it into
-            # the URL before signing, never after.
-            query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
-            if query:
-                url += ("&" if "?" in url else "?") + query
-        if self.signer is not None:
-            hdrs.update(self.signer(method, url, content or b""))
-        return self._send(method, url, content, hdrs)
+    def _transport(self, method: str, url: str, content: bytes | None,
+                   headers: dict) -> Response:
+        return self._send(method, url, content, headers)
 
-    def call(self, method: str, path: str, body: Any = None, *,
-             expect: Iterable[int] = (200,), **kw: Any) -> Any:
-        """raw() + status check + decoded body."""
-        resp = self.raw(method, path, body, **kw)
-        decoded = resp.decoded()
-        if resp.status not in tuple(expect):
-            raise HubError(method, resp.url, resp.status, decoded, resp.headers)
-        return decoded
-
-    # -- repositories (SPEC 4.1, 4.2) ---------------------------------------
-
-    def create_repo(self, owner: str, name: str, visibility: str = "public",
-                    initialize: bool = False, description: str | None = None,
-                    **kw: Any) -> dict:
-        body: dict[str, Any] = {"owner": owner, "name": name, "visibility": visibility,
-                                "initialize": initialize}
-        if description is not None:
-            body["description"] = description
-        return self.call("POST", "/api/repos", body, expect=(201,), **kw)
-
-    def get_repo(self, repo_id: str, **kw: Any) -> dict:
-        return self.call("GET", f"/api/repos/{repo_id}", **kw)
-
-    def patch_repo(self, repo_id: str, **fields: Any) -> dict:
-        """PATCH /api/repos/{id} (SPEC 4.1): description, visibility,
-        default_branch."""
-        return self.call("PATCH", f"/api/repos/{repo_id}", fields)
-
-    def list_repos(self, owner: str, **kw: Any) -> dict:
-        return self.call("GET", "/api/repos", params={"owner": owner}, **kw)
-
-    def delete_repo(self, repo_id: str, **kw: Any) -> None:
-        self.call("DELETE", f"/api/repos/{repo_id}", expect=(204,), **kw)
-
-    def refs(self, owner: str, slug: str, **kw: Any) -> dict:
-        return self.call("GET", f"/{owner}/{slug}/refs", **kw)
-
-    def delete_branch(self, repo_id: str, name: str,
-                      expected_old_head: str | None = None) -> None:
-        """DELETE /api/repos/{id}/branches/{name} (SPEC 4.2, issue 17)."""
-        body = {"expected_old_head": expected_old_head} if expected_old_head else None
-        self.call("DELETE", f"/api/repos/{repo_id}/branches/"
-                  f"{urllib.parse.quote(name, safe='')}", body, expect=(204,))
-
-    # -- push (SPEC 4.3) -----------------------------------------------------
-
-    def presign(self, owner: str, slug: str, mpack_key: str, size_bytes: int,
-                **kw: Any) -> dict:
-        return self.call("POST", f"/{owner}/{slug}/push/mpack-presign",
-                         {"mpack_key": mpack_key, "size_bytes": size_bytes}, **kw)
+    # -- transfers (presigned URLs: never signed) ------------------------------
 
     def upload_file(self, url: str, path: str, progress: Progress | None = None,
                     expect: Iterable[int] = (200, 204)) -> int:
@@ -336,51 +430,19 @@ class Hub:
         self.bytes_sent += len(data)
         return r.status
 
-    def unpack(self, owner: str, slug: str, mpack_key: str, branch: str,
-               head: str, force: bool = False,
-               expected_old_head: str | None = None, **kw: Any) -> dict:
-        body: dict[str, Any] = {"mpack_key": mpack_key, "branch": branch,
-                                "head": head, "force": force}
-        if expected_old_head is not None:
-            body["expected_old_head"] = expected_old_head
-        return self.call("POST", f"/{owner}/{slug}/push/unpack-mpack", body, **kw)
-
     def push_file(self, owner: str, slug: str, path: str, mpack_key: str,
                   size_bytes: int, branch: str, head: str, force: bool = False,
                   expected_old_head: str | None = None,
                   progress: Progress | None = None) -> dict:
-        """The three push steps for a pack file.  Returns the unpack answer
-        plus `timings` {presign, upload, unpack} (s), `already_present`,
-        `mpack_key`, `size_bytes` and `uploaded_bytes`."""
-        t0 = time.perf_counter()
-        pre = self.presign(owner, slug, mpack_key, size_bytes)
-        t1 = time.perf_counter()
-        present = bool(pre.get("already_present"))
-        if not present:
-            url = pre.get("upload_url") or pre.get("uploadUrl")
-            if not url:
-                raise HubError("POST", "mpack-presign", 200, pre)
-            self.upload_file(url, path, progress)
-        t2 = time.perf_counter()
-        res = self.unpack(owner, slug, mpack_key, branch, head, force, expected_old_head)
-        t3 = time.perf_counter()
-        res = dict(res or {})
-        res.update(already_present=present, mpack_key=mpack_key, size_bytes=size_bytes,
-                   uploaded_bytes=0 if present else size_bytes,
-                   timings={"presign": t1 - t0, "upload": t2 - t1, "unpack": t3 - t2})
+        """The three push steps for a pack file (uploaded streaming).
+        Returns push_steps()'s answer plus `size_bytes` and
+        `uploaded_bytes`."""
+        res = self.push_steps(owner, slug, mpack_key, size_bytes,
+                              lambda url: self.upload_file(url, path, progress),
+                              branch, head, force, expected_old_head)
+        res.update(size_bytes=size_bytes,
+                   uploaded_bytes=0 if res["already_present"] else size_bytes)
         return res
-
-    # -- fetch and reading (SPEC 4.4, 4.5) -----------------------------------
-
-    def fetch(self, owner: str, slug: str, want: list[str],
-              have: list[str] | None = None, formats: list[int] | None = None,
-              depth: int | None = None, **kw: Any) -> dict:
-        body: dict[str, Any] = {"want": list(want), "have": list(have or [])}
-        if formats is not None:
-            body["formats"] = list(formats)
-        if depth is not None:
-            body["depth"] = depth
-        return self.call("POST", f"/{owner}/{slug}/fetch", body, **kw)
 
     def download_to(self, url: str, out: BinaryIO,
                     progress: Progress | None = None) -> tuple[int, str]:
@@ -419,20 +481,6 @@ class Hub:
         if r.status != 200:
             raise HubError("GET", url, r.status, r.decoded(), r.headers)
         return r.content
-
-    def commits(self, owner: str, slug: str, branch: str | None = None,
-                limit: int | None = None, cursor: str | None = None,
-                **kw: Any) -> dict:
-        params = {k: v for k, v in (("branch", branch), ("limit", limit),
-                                    ("cursor", cursor)) if v is not None}
-        return self.call("GET", f"/{owner}/{slug}/commits", params=params, **kw)
-
-    def commit(self, owner: str, slug: str, cid: str, **kw: Any) -> dict:
-        return self.call("GET", f"/{owner}/{slug}/commits/{cid}", **kw)
-
-    def tree(self, owner: str, slug: str, ref: str, **kw: Any) -> dict:
-        return self.call("GET", f"/{owner}/{slug}/tree/{ref}", **kw)
-
 
 def connect_error(url: str, e: BaseException) -> str:
     """A one-line message for a connection failure."""

@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import struct
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 import msgpack
 
-from .ids import blob_id, valid_id
+from .ids import valid_id
 from .mpwalk import PackError, Walker
 
 MPACK_MAGIC = b"MUSE"
@@ -58,28 +57,29 @@ def _zstd():
 # msgpack headers (minimal encodings, as msgpack itself writes them)
 # ---------------------------------------------------------------------------
 
-def _bin_header(n: int) -> bytes:
-    if n < 0x100:
-        return b"\xc4" + bytes([n])
+def _header(n: int, fix: int | None, fix_max: int, c16: int, c32: int,
+            c8: int | None = None) -> bytes:
+    """The shortest msgpack header of a length: fix form (`fix` | n) below
+    `fix_max`, else 8-bit (`c8`), 16-bit (`c16`) or 32-bit (`c32`)."""
+    if fix is not None and n < fix_max:
+        return bytes([fix | n])
+    if c8 is not None and n < 0x100:
+        return bytes([c8, n])
     if n < 0x10000:
-        return b"\xc5" + struct.pack(">H", n)
-    return b"\xc6" + struct.pack(">I", n)
+        return bytes([c16]) + struct.pack(">H", n)
+    return bytes([c32]) + struct.pack(">I", n)
+
+
+def _bin_header(n: int) -> bytes:
+    return _header(n, None, 0, 0xC5, 0xC6, c8=0xC4)
 
 
 def _array_header(n: int) -> bytes:
-    if n < 16:
-        return bytes([0x90 | n])
-    if n < 0x10000:
-        return b"\xdc" + struct.pack(">H", n)
-    return b"\xdd" + struct.pack(">I", n)
+    return _header(n, 0x90, 16, 0xDC, 0xDD)
 
 
 def _map_header(n: int) -> bytes:
-    if n < 16:
-        return bytes([0x80 | n])
-    if n < 0x10000:
-        return b"\xde" + struct.pack(">H", n)
-    return b"\xdf" + struct.pack(">I", n)
+    return _header(n, 0x80, 16, 0xDE, 0xDF)
 
 
 def _pack(v: Any) -> bytes:
@@ -133,6 +133,18 @@ def zstd_frame_length(f: BinaryIO, off: int, avail: int) -> int:
     return pos - off
 
 
+def _ranges(f: BinaryIO, off: int, length: int, what: str) -> Iterator[bytes]:
+    """File bytes [off, off+length) in pieces of at most 1 MiB."""
+    while length:
+        f.seek(off)
+        b = f.read(min(CHUNK, length))
+        if not b:
+            raise PackError(f"pack ends inside {what}")
+        off += len(b)
+        length -= len(b)
+        yield b
+
+
 class _Bounded:
     """The decompression sink: passes at most `size` bytes on, else stops
     the decompressor (the zip-bomb guard)."""
@@ -158,15 +170,8 @@ def inflate(f: BinaryIO, off: int, length: int, codec: str, size: int,
     if codec == "none":
         if length != size:
             raise PackError(f"frame of codec none holds {length} bytes, size says {size}")
-        pos, left = off, length
-        while left:
-            f.seek(pos)
-            b = f.read(min(CHUNK, left))
-            if not b:
-                raise PackError("pack ends inside a frame")
+        for b in _ranges(f, off, length, "a frame"):
             out(memoryview(b))
-            pos += len(b)
-            left -= len(b)
         return
     if codec != "zstd":
         raise PackError(f"unknown frame codec {codec!r}")
@@ -176,16 +181,9 @@ def inflate(f: BinaryIO, off: int, length: int, codec: str, size: int,
     sink = _Bounded(size, out)
     dec = _zstd().ZstdDecompressor().stream_writer(sink, write_size=CHUNK,
                                                    write_return_read=True, closefd=False)
-    pos, left = off, length
     try:
-        while left:
-            f.seek(pos)
-            b = f.read(min(CHUNK, left))
-            if not b:
-                raise PackError("pack ends inside a frame")
+        for b in _ranges(f, off, length, "a frame"):
             dec.write(b)
-            pos += len(b)
-            left -= len(b)
         dec.flush()
     except _zstd().ZstdError as e:
         raise PackError(f"frame does not decompress: {e}") from e
@@ -288,14 +286,7 @@ class PackIndex:
         only its own bytes): bounded memory whatever the blob's size."""
         loc = self.blobs[oid]
         if loc[0] == "raw":
-            pos, left = loc[1], loc[2]
-            while left:
-                f.seek(pos)
-                b = f.read(min(CHUNK, left))
-                if not b:
-                    raise PackError("pack ends inside a blob")
-                pos += len(b)
-                left -= len(b)
+            for b in _ranges(f, loc[1], loc[2], "a blob"):
                 write(memoryview(b))
             return
         _, fi, start, length = loc
@@ -420,19 +411,12 @@ def read_pack(f: BinaryIO, *, verify: bool = True, start: int = 0,
             return  # a repeated id: with verify, its hash proves it identical
         h = hashlib.sha256() if verify else None
         if h is not None or on_blob is not None:
-            pos, left = off, length
-            while left:
-                f.seek(pos)
-                b = f.read(min(CHUNK, left))
-                if not b:
-                    raise PackError("pack ends inside a blob")
+            for b in _ranges(f, off, length, "a blob"):
                 mv = memoryview(b)
                 if h is not None:
                     h.update(mv)
                 if on_blob is not None and oid not in idx.blobs:
                     on_blob(oid, mv, False)
-                pos += len(b)
-                left -= len(b)
             if h is not None:
                 got = "sha256:" + h.hexdigest()
                 if got != oid:
@@ -570,17 +554,10 @@ def check_blobs(f: BinaryIO, idx: PackIndex) -> None:
     spans = [(loc[1], loc[2], oid) for oid, loc in idx.blobs.items()]
     spans += [(off, n, oid) for oid, off, n in idx.dups]
     spans.sort()
-    for off, left, oid in spans:
+    for off, length, oid in spans:
         h = hashlib.sha256()
-        pos = off
-        while left:
-            f.seek(pos)
-            b = f.read(min(CHUNK, left))
-            if not b:
-                raise PackError("pack ends inside a blob")
+        for b in _ranges(f, off, length, "a blob"):
             h.update(b)
-            pos += len(b)
-            left -= len(b)
         got = "sha256:" + h.hexdigest()
         if got != oid:
             raise PackError(f"blob {oid} content hashes to {got}")
@@ -693,16 +670,8 @@ class PackWriter:
     # -- close ----------------------------------------------------------------
 
     def _pieces(self, rec: list) -> Iterator[bytes]:
-        src, off, left = rec[0], rec[1], rec[2]
-        src = self._spool if src is None else src
-        while left:
-            src.seek(off)
-            b = src.read(min(CHUNK, left))
-            if not b:
-                raise IOError("a blob's source ended early")
-            off += len(b)
-            left -= len(b)
-            yield b
+        src = self._spool if rec[0] is None else rec[0]
+        return _ranges(src, rec[1], rec[2], "a blob's source")
 
     def _ordered(self) -> list[tuple[str, list]]:
         paths: dict[str, str] = {}

@@ -23,7 +23,6 @@ from typing import Any, Callable, Mapping
 
 import msgpack
 
-from .history import topo_commits  # noqa: F401  (re-exported for callers)
 from .history import pack_tips
 from .ids import Manifest, valid_id
 from .mpack import PackIndex, inflate

@@ -7,7 +7,6 @@ Tests that need the server to read mpack v2 are marked `needs_v2`; the
 others send v1 (--format 1) where the server must accept the pack."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pty
@@ -25,29 +24,12 @@ OWNER = "gabriel"
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 PY = "/usr/bin/python3"
 
-# Runs a tool and reports its own peak RSS (VmHWM of its address space,
-# which starts fresh at exec) into $RSS_OUT, whatever way it exits.
-RSS_WRAP = """
-import os, runpy, sys
-tool = sys.argv[1]
-sys.argv = sys.argv[1:]
-sys.path.insert(0, os.path.dirname(tool))
-try:
-    runpy.run_path(tool, run_name="__main__")
-finally:
-    with open("/proc/self/status") as fh:
-        hwm = next(l for l in fh if l.startswith("VmHWM")).split()[1]
-    with open(os.environ["RSS_OUT"], "w") as out:
-        out.write(hwm)
-"""
-
-
 def tool(name: str, *args: str, ok: bool = True, rss_out: Path | None = None,
          timeout: float = 600, **kw) -> subprocess.CompletedProcess:
     cmd = [PY, str(SCRIPTS / name), *args]
     env = dict(os.environ)
     if rss_out is not None:
-        cmd = [PY, "-c", RSS_WRAP, str(SCRIPTS / name), *args]
+        cmd = [PY, str(SCRIPTS / "rsswrap.py"), str(SCRIPTS / name), *args]
         env["RSS_OUT"] = str(rss_out)
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                        timeout=timeout, env=env, **kw)
@@ -520,9 +502,8 @@ def streaming_round_trip(server, hub, tmp_path, fmt: int):
                                       "--format", str(fmt)), rss_out=rss_fetch, timeout=1200)
     out = json.loads(r.stdout)
     assert out["checked_out_files"] == 16 and out["bytes"] > 1 << 30
-    with open(src, "rb") as sf:
-        for p, (oid, off, n) in files.items():
-            assert muse.blob_id((wc / p).read_bytes()) == oid
+    for p, (oid, _off, _n) in files.items():
+        assert muse.blob_id((wc / p).read_bytes()) == oid
     peak_push, peak_fetch = int(rss_push.read_text()), int(rss_fetch.read_text())
     assert peak_push < 100 * 1024, f"muse-push peak RSS {peak_push} KiB"
     assert peak_fetch < 100 * 1024, f"muse-fetch peak RSS {peak_fetch} KiB"

@@ -10,7 +10,6 @@ import io
 import os
 import resource
 import subprocess
-import sys
 from pathlib import Path
 
 import msgpack
