@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 from .history import verify_history
 from .hub import Hub
 from .ids import Manifest, valid_path
-from .mpack import FRAME_MAX, PackIndex, check_blobs, read_pack
+from .mpack import INMEM_FRAME, PackIndex, check_blobs, read_pack
 from .state import LocalState
 
 FORMATS = [1, 2]
@@ -123,9 +123,9 @@ def checkout_files(manifest: Mapping[str, str], dest: str, *,
                    state: LocalState | None = None,
                    progress: Callable[[int], None] | None = None) -> int:
     """Write every file of `manifest` under `dest`, taking blobs from the
-    pack (`pack_path`/`idx`) or else the state.  Each v2 frame is
-    decompressed once; a one-blob frame over 64 MiB streams.  Returns the
-    file count."""
+    pack (`pack_path`/`idx`) or else the state.  A v2 frame of several
+    blobs up to 8 MiB is decompressed once, in memory; any other streams
+    into each of its files.  Returns the file count."""
     for p in manifest:
         if not valid_path(p):
             raise ValueError(f"refusing to write bad path {p!r}")
@@ -163,8 +163,8 @@ def checkout_files(manifest: Mapping[str, str], dest: str, *,
             for p, oid in sorted(raw, key=lambda e: idx.blobs[e[1]][1]):
                 write(p, lambda wr, o=oid: idx.copy_blob(f, o, wr))
             for fi in sorted(by_frame):
-                size = idx.frames[fi][1]
-                if size <= FRAME_MAX:
+                size, blobs = idx.frames[fi][1], idx.frames[fi][4]
+                if size <= INMEM_FRAME and len(blobs) > 1:
                     contents = idx.frame_blobs(f, fi)
                     for p, oid in by_frame[fi]:
                         write(p, lambda wr, o=oid: wr(contents[o]))

@@ -40,6 +40,7 @@ from .mpwalk import PackError, Walker
 MPACK_MAGIC = b"MUSE"
 FRAME_MAX = 64 << 20            # decompressed bytes of a frame of several blobs
 DEFAULT_FRAME_BYTES = 4 << 20   # what the writer aims for
+INMEM_FRAME = 8 << 20           # frames up to this size are decompressed in memory
 DEFAULT_LEVEL = 3
 DEFAULT_MAX_UNPACKED = 17179869184   # the server's MUSEHUB_MAX_UNPACKED_BYTES default
 CHUNK = 1 << 20

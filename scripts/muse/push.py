@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, Callable
 from .history import pack_tips
 from .hub import Hub, HubError
 from .ids import commit_parents
-from .mpack import FRAME_MAX, PackIndex, PackWriter, read_pack
+from .mpack import INMEM_FRAME, PackIndex, PackWriter, read_pack
 
 
 class Outgoing:
@@ -101,7 +101,7 @@ def write_outgoing(idx: PackIndex, f: BinaryIO, out: Outgoing, path: str,
             by_frame.setdefault(loc[1], []).append(oid)
     for fi in sorted(by_frame):
         codec, size, _o, _l, blobs = idx.frames[fi]
-        if size <= FRAME_MAX:
+        if size <= INMEM_FRAME and len(blobs) > 1:
             contents = idx.frame_blobs(f, fi)
             for oid in by_frame[fi]:
                 w.add_blob(oid, contents[oid])

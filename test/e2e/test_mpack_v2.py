@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import resource
 import subprocess
@@ -250,3 +251,49 @@ def test_streaming_reader_memory(tmp_path):
                          check=True).stdout.decode().split()
     assert out[:2] == ["12", str(sum(n for _, _, n in blobs))]
     assert out[2] == "VmHWM:" and int(out[3]) < 100 * 1024, out
+
+
+def test_v2_large_blobs_stream(tmp_path):
+    """A v2 pack with blobs larger than a frame (own frames, codec none for
+    random bytes) and many small ones is verified and checked out by a
+    child process in bounded memory."""
+    src = tmp_path / "src"
+    files = {}
+    with open(src, "wb") as s:
+        at = 0
+        for i in range(3):
+            data = os.urandom(80 << 20)
+            s.write(data)
+            files[f"big/{i}.bin"] = (h(data), at, len(data))
+            at += len(data)
+        for i in range(200):
+            data = (f"small file {i}\n" * (i + 1)).encode()
+            s.write(data)
+            files[f"small/{i:03d}.txt"] = (h(data), at, len(data))
+            at += len(data)
+    pack = tmp_path / "p.mpack"
+    manifest = {p: v[0] for p, v in files.items()}
+    sid = muse.snapshot_id(manifest)
+    w = PackWriter(str(pack), 2)
+    w.add_snapshot({"snapshot_id": sid, "parent_snapshot_id": None,
+                    "delta_upsert": manifest, "delta_remove": []})
+    with open(src, "rb") as sf:
+        for p, (oid, off, n) in files.items():
+            w.add_blob_from(oid, sf, off, n, path=p)
+        w.close()
+    wc = tmp_path / "wc"
+    code = (f"import sys; sys.path.insert(0, {str(SCRIPTS)!r})\n"
+            "import muse, json\n"
+            "from muse.fetch import checkout_files\n"
+            f"f = open({str(pack)!r}, 'rb')\n"
+            "idx = muse.read_pack(f)\n"
+            f"m = json.load(open({str(tmp_path / 'm.json')!r}))\n"
+            f"print(checkout_files(m, {str(wc)!r}, pack_path={str(pack)!r}, idx=idx))\n"
+            "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')))")
+    (tmp_path / "m.json").write_text(json.dumps(manifest))
+    out = subprocess.run(["/usr/bin/python3", "-c", code], stdout=subprocess.PIPE,
+                         check=True).stdout.decode().split()
+    assert out[0] == str(len(files))
+    assert out[1] == "VmHWM:" and int(out[2]) < 100 * 1024, out
+    for p, (oid, _off, _n) in files.items():
+        assert h((wc / p).read_bytes()) == oid
