@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable, Mapping
 
 from .history import verify_history
-from .hub import Hub
+from .hub import Hub, HubError
 from .ids import Manifest, valid_path
 from .mpack import INMEM_FRAME, PackIndex, check_blobs, read_pack
 from .state import LocalState
@@ -53,7 +53,17 @@ def fetch_pack(hub: Hub, owner: str, slug: str, want: list[str], have: list[str]
     it, is kept in .manifests.  Raises HubError, PackError/ValueError."""
     out = Fetched()
     t0 = time.perf_counter()
-    ans = hub.fetch(owner, slug, want, have, formats=formats or FORMATS)
+    for attempt in range(4):
+        try:
+            ans = hub.fetch(owner, slug, want, have, formats=formats or FORMATS)
+            break
+        except HubError as e:
+            # 503 + Retry-After: the server's pack memory is spent or an
+            # index row is not written yet (SPEC 4.4); wait as asked, a few times
+            wait = e.headers.get("retry-after") or e.headers.get("Retry-After")
+            if e.status != 503 or attempt == 3 or not str(wait or "").isdigit():
+                raise
+            time.sleep(min(int(wait), 30))
     out.answer = ans
     t1 = time.perf_counter()
     out.timings["fetch"] = t1 - t0

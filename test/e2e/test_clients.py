@@ -519,3 +519,30 @@ def test_streaming_1gb_v1(server, hub, tmp_path):
 @pytest.mark.needs_v2
 def test_streaming_1gb_v2(server, hub, tmp_path):
     streaming_round_trip(server, hub, tmp_path, 2)
+
+
+# ---------------------------------------------------------------------------
+# signed requests (MSign) from the command line
+# ---------------------------------------------------------------------------
+
+def test_signed_push_and_fetch(anon_server, tmp_path):
+    """With --key every API request is signed: a server without a dev
+    identity accepts the push as the key's owner and refuses it unsigned."""
+    from test_auth import Who, identity_add
+    who = Who(unique("signer"))
+    assert identity_add(anon_server, who, tmp_path).returncode == 0
+    key = tmp_path / "k.pem"
+    key.write_bytes(who.priv_pem)
+    h = muse.generate(commits=3, files=4, changed=1, blob_size=16, seed=unique("sig"))
+    pack = write_pack(h, tmp_path / "h.mpack", 1)
+    args = ["--url", anon_server.url, "--owner", who.handle, "--repo", "signed"]
+    r = tool("muse-push", *args, "--create", "--format", "1", str(pack), ok=False)
+    one_line_error(r, 1, "401")
+    r = tool("muse-push", *args, "--create", "--format", "1", "--json", "--key", str(key),
+             str(pack))
+    assert json_lines(r.stdout)[0]["head"] == h.head
+    wc = tmp_path / "wc"
+    r = tool("muse-fetch", *args, "--key", str(key), "--checkout", str(wc), "--json")
+    assert json.loads(r.stdout)["commit_count"] == 3
+    r = tool("muse-push", *args, "--key", str(tmp_path / "nokey.pem"), str(pack), ok=False)
+    one_line_error(r, 2, "nokey.pem")
