@@ -153,12 +153,17 @@ class Pusher:
 
     def push_pack(self, path: str, branch: str, head: str | None = None,
                   force: bool = False, expected_old_head: str | None = None,
-                  label: str | None = None) -> dict:
-        """Push one pack file; head None: inferred.  Returns a result dict:
-        the unpack answer (or `up_to_date`), what was sent (`sent`
-        {commits, snapshots, blobs, bytes, version}), `timings`."""
+                  label: str | None = None, entry: dict | None = None) -> dict:
+        """Push one pack file; head None: inferred.  `entry`, a git2muse
+        plan entry ({mpack_key, size_bytes, format, commits, snapshots,
+        blobs}), lets a pack go out unread when the repository has no
+        branch at all (nothing to leave out): the server checks the key.
+        Returns a result dict: the unpack answer (or `up_to_date`), what
+        was sent (`sent` {commits, snapshots, blobs, bytes, version}),
+        `timings`."""
         try:
-            return self._push_pack(path, branch, head, force, expected_old_head, label)
+            return self._push_pack(path, branch, head, force, expected_old_head, label,
+                                   entry)
         except HubError as e:
             detail = str(e.body.get("detail", "")) if isinstance(e.body, dict) else ""
             if not (self.fallback and self.version == 2 and e.status == 422
@@ -167,16 +172,26 @@ class Pusher:
             self.warn(f"the server does not read mpack v2 yet ({e.brief()}); "
                       f"sending v1 packs")
             self.version = 1
-            return self._push_pack(path, branch, head, force, expected_old_head, label)
+            return self._push_pack(path, branch, head, force, expected_old_head, label,
+                                   entry)
 
     def _push_pack(self, path: str, branch: str, head: str | None,
                    force: bool, expected_old_head: str | None,
-                   label: str | None) -> dict:
+                   label: str | None, entry: dict | None = None) -> dict:
         t0 = time.perf_counter()
         if self.server_heads is None:
             self.refresh()
         heads = self.server_heads or {}
         label = label or os.path.basename(path)
+        if (entry and head and not heads and entry.get("format", 1) == self.version
+                and entry.get("mpack_key") and entry.get("size_bytes")):
+            # an empty repository: the whole pack goes, as it is
+            info = {"mpack_key": entry["mpack_key"], "size_bytes": entry["size_bytes"],
+                    "version": self.version, "commits": entry.get("commits"),
+                    "snapshots": entry.get("snapshots"), "blobs": entry.get("blobs")}
+            return self._send(path, None, info, branch, head, force, expected_old_head,
+                              label, {"file": path, "branch": branch, "head": head},
+                              t0, t0, 0)
         with open(path, "rb") as f:
             idx = read_pack(f, verify=False)
             t_read = time.perf_counter()
@@ -213,6 +228,14 @@ class Pusher:
                 os.close(fd)
                 send_path = tmp
                 info = write_outgoing(idx, f, out, tmp, self.version, {branch: head})
+        return self._send(send_path, tmp, info, branch, head, force, expected_old_head, label,
+                          result, t0, t_read, len(idx.commits) - len(out.commits))
+
+    def _send(self, send_path: str, tmp: str | None, info: dict, branch: str, head: str,
+              force: bool, expected_old_head: str | None, label: str, result: dict,
+              t0: float, t_read: float, skipped: int) -> dict:
+        """Upload and unpack a pack file (removing `tmp` afterwards)."""
+        heads = self.server_heads if self.server_heads is not None else {}
         t_pack = time.perf_counter()
         try:
             prog = self.progress_factory(f"{label}: upload", info["size_bytes"]) \
@@ -226,11 +249,12 @@ class Pusher:
             if tmp:
                 os.unlink(tmp)
         heads[branch] = res.get("head") or head
+        self.server_heads = heads
         result.update(res)
         result["sent"] = {"commits": info["commits"], "snapshots": info["snapshots"],
                           "blobs": info["blobs"], "bytes": info["size_bytes"],
                           "version": info["version"]}
-        result["skipped_known"] = {"commits": len(idx.commits) - len(out.commits)}
+        result["skipped_known"] = {"commits": skipped}
         result["timings"] = dict(res["timings"], read=t_read - t0, pack=t_pack - t_read)
         return result
 
