@@ -128,7 +128,7 @@ class Trees:
             else:
                 k = BLOB
             out.append((name, k, h))
-        if len(self.cache) > 20_000:   # bounded: trees are re-read on a miss
+        if len(self.cache) > 4_000:    # bounded: trees are re-read on a miss
             self.cache.clear()
         self.cache[oid] = out
         return out

@@ -41,6 +41,7 @@ MPACK_MAGIC = b"MUSE"
 FRAME_MAX = 64 << 20            # decompressed bytes of a frame of several blobs
 DEFAULT_FRAME_BYTES = 4 << 20   # what the writer aims for
 INMEM_FRAME = 8 << 20           # frames up to this size are decompressed in memory
+SPOOL_MEMORY = 16 << 20         # blob bytes a PackWriter keeps in memory before spilling to disk
 DEFAULT_LEVEL = 3
 DEFAULT_MAX_UNPACKED = 17179869184   # the server's MUSEHUB_MAX_UNPACKED_BYTES default
 CHUNK = 1 << 20
@@ -591,7 +592,7 @@ class PackWriter:
       info = w.close()  # {mpack_key, size_bytes, version, commits,
                         #  snapshots, blobs, blob_bytes, frames}
 
-    Blob contents are spooled (to memory, then a temporary file past 64
+    Blob contents are spooled (to memory, then a temporary file past 16
     MiB) until close(), which orders them, cuts frames and writes the pack
     in one pass.  Ids are not re-hashed: callers add blobs whose id they
     computed or verified.  version 2: frames of about `frame_bytes`
@@ -614,7 +615,7 @@ class PackWriter:
         self.snapshots: list[dict] = []
         self.branch_heads: dict[str, str] = {}
         import tempfile
-        self._spool = tempfile.SpooledTemporaryFile(max_size=64 << 20, dir=tmpdir)
+        self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY, dir=tmpdir)
         self._spool_len = 0
         # oid -> [source, offset, length, path, seq]; source None = spool
         self._blobs: dict[str, list] = {}
