@@ -453,6 +453,9 @@ class Hub(Api):
         got = [0]
 
         def sink(r: http.client.HTTPResponse) -> bytes:
+            length = r.getheader("content-length")
+            if length and getattr(progress, "total", 0) is None:
+                progress.total = int(length)  # type: ignore[union-attr]
             buf = bytearray(BLOCK)
             mv = memoryview(buf)
             while True:
