@@ -352,6 +352,40 @@ def _read_meta_keys(w: Walker, n: int, idx: PackIndex, allowed: set[str],
             w.skip()
 
 
+_V1_HEAD = b"\x82\xa9object_id\xd9\x47"     # {object_id: <71-byte str>,
+_V1_CONTENT = b"\xa7content"                  #  content: <bin>}
+_V1_PEEK = len(_V1_HEAD) + 71 + len(_V1_CONTENT) + 5
+
+
+def _v1_blob_head(w: Walker) -> tuple[str, tuple[int, int]] | None:
+    """The common shape of a v1 blob entry, read in one slice: (id, (offset,
+    length)) with the walker past it, or None (the caller walks it key by
+    key; nothing consumed)."""
+    b = w.peek(_V1_PEEK)
+    i = len(_V1_HEAD) + 71
+    if not b.startswith(_V1_HEAD) or b[i:i + 8] != _V1_CONTENT or len(b) < i + 10:
+        return None
+    t = b[i + 8]
+    if t == 0xC4:
+        n, hl = b[i + 9], 2
+    elif t == 0xC5 and len(b) >= i + 11:
+        n, hl = struct.unpack(">H", b[i + 9:i + 11])[0], 3
+    elif t == 0xC6 and len(b) >= i + 13:
+        n, hl = struct.unpack(">I", b[i + 9:i + 13])[0], 5
+    else:
+        return None
+    try:
+        oid = b[len(_V1_HEAD):len(_V1_HEAD) + 71].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if not valid_id(oid):
+        raise PackError(f"blob with bad id {oid!r}")
+    w.pos += i + 8 + hl
+    off = w.pos
+    w.skip_bytes(n)
+    return oid, (off, n)
+
+
 def read_pack(f: BinaryIO, *, verify: bool = True, start: int = 0,
               end: int | None = None, max_unpacked: int = DEFAULT_MAX_UNPACKED,
               on_blob: Callable[[str, memoryview, bool], None] | None = None,
@@ -390,6 +424,10 @@ def read_pack(f: BinaryIO, *, verify: bool = True, start: int = 0,
             return
         cnt = w.array_header()
         for _ in range(cnt):
+            fast = _v1_blob_head(w)
+            if fast is not None:
+                _blob_raw(*fast)
+                continue
             m = w.map_header()
             oid, span = None, None
             for _ in range(m):

@@ -115,6 +115,18 @@ class Walker:
         self.pos += n
         return self._buf[off:off + n]
 
+    def peek(self, n: int) -> bytes:
+        """Up to n bytes from the current position, not consumed.  A miss
+        reads only those bytes (a peek usually precedes a skip over a bin,
+        whose bytes are better not read at all)."""
+        n = min(n, self.end - self.pos)
+        off = self.pos - self._bufpos
+        if off < 0 or off + n > len(self._buf):
+            self.f.seek(self.pos)
+            self._buf = self.f.read(n)
+            self._bufpos, off = self.pos, 0
+        return self._buf[off:off + n]
+
     def skip_bytes(self, n: int) -> None:
         if self.pos + n > self.end:
             raise PackError(f"truncated at byte {self.pos}: a value of {n} bytes "
