@@ -161,7 +161,8 @@ def test_fetch_checkout_and_formats(server, hub, repo, tmp_path):
 
 @pytest.mark.needs_v2
 def test_fetch_v2_same_ids_as_v1(server, hub, repo, tmp_path):
-    h = muse.generate(commits=8, files=12, changed=2, blob_size=200, seed=unique("f2"))
+    seed = unique("f2")
+    h = muse.generate(commits=8, files=12, changed=2, blob_size=200, seed=seed)
     hub.push(OWNER, repo["slug"], h.pack(), "main", h.head)
     outs = {}
     for fmt in ("1", "2"):
@@ -174,6 +175,20 @@ def test_fetch_v2_same_ids_as_v1(server, hub, repo, tmp_path):
     assert a["commits"] == b["commits"] and a["snapshots"] == b["snapshots"]
     assert {x["object_id"]: x["content"] for x in a["blobs"]} == \
         {x["object_id"]: x["content"] for x in b["blobs"]}
+    # a v2 state: an incremental fetch, then a checkout from pack + state
+    st = tmp_path / "st"
+    tool("muse-fetch", *push_args(server, repo["slug"], "--state", str(st)))
+    h2 = muse.generate(commits=2, files=12, changed=2, blob_size=200, seed=seed,
+                       parent=(h.head, h.manifest), first_index=8)
+    hub.push(OWNER, repo["slug"], h2.pack(), "main", h2.head)
+    wc = tmp_path / "wc"
+    r = tool("muse-fetch", *push_args(server, repo["slug"], "--state", str(st), "--json",
+                                      "--checkout", str(wc)))
+    out = json.loads(r.stdout)
+    assert out["commit_count"] == 2 and out["mpack_version"] == 2
+    contents = {x["object_id"]: x["content"] for x in h.blobs + h2.blobs}
+    got = {str(p.relative_to(wc)): p.read_bytes() for p in wc.rglob("*") if p.is_file()}
+    assert got == {p: contents[o] for p, o in h2.manifest.items()}
 
 
 def test_fetch_have_without_state(server, hub, repo, tmp_path):
