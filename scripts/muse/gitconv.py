@@ -415,6 +415,20 @@ class Converter:
         while len(self._lru) > 32:
             self._lru.popitem(last=False)
 
+    def resolve(self, refs: list[str]) -> list[str]:
+        """The commit ids of refs: one `git rev-parse` for all of them (one
+        per ref only to name the one that does not resolve)."""
+        out = None
+        if not any(r.startswith("-") for r in refs):
+            out = self.git.try_out("rev-parse", *[r + "^{commit}" for r in refs])
+        shas = (out or "").split()
+        if out is not None and len(shas) == len(refs):
+            return shas
+        for r in refs:
+            if not self.git.try_out("rev-parse", "--verify", "-q", r + "^{commit}"):
+                raise ConvertError(f"{r} does not name a commit (an unborn branch?)")
+        raise ConvertError(f"git rev-parse could not resolve {' '.join(refs)}")
+
     def is_ancestor(self, a: str, b: str) -> bool:
         r = subprocess.run(["git", "-C", self.repo, "merge-base", "--is-ancestor", a, b],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -508,11 +522,12 @@ class Converter:
         work = []
         done_refs: list[str] = []
         total = 0
-        for ref, branch in refs:
-            sha = git.try_out("rev-parse", "--verify", "-q", ref + "^{commit}")
-            if not sha:
-                raise ConvertError(f"{ref} does not name a commit (an unborn branch?)")
-            sha = sha.strip()
+        shas = self.resolve([r for r, _ in refs])
+        for (ref, branch), sha in zip(refs, shas):
+            if old_git_heads.get(branch) == sha and sha in self.commits:
+                work.append((branch, sha, [], set()))    # unchanged: no rev-list
+                done_refs.append(sha)
+                continue
             lines = git.out("rev-list", "--ignore-missing", "--topo-order", "--reverse",
                             "--parents", sha, "--not", *done_refs, *known).splitlines()
             done_refs.append(sha)
