@@ -657,6 +657,8 @@ class PackWriter:
         self._spool_len = 0
         # oid -> [source, offset, length, path, seq]; source None = spool
         self._blobs: dict[str, list] = {}
+        self._frame_copies: list[tuple] = []
+        self._copied: dict[str, int] = {}
 
     def add_commit(self, c: dict) -> None:
         self.commits.append(c)
@@ -665,10 +667,22 @@ class PackWriter:
         self.snapshots.append(s)
 
     def has_blob(self, oid: str) -> bool:
-        return oid in self._blobs
+        return oid in self._blobs or oid in self._copied
+
+    def add_frame_copy(self, f: BinaryIO, frame: tuple) -> None:
+        """A v2 frame of another pack, copied verbatim (git's pack reuse):
+        frame = (codec, size, data offset, data length, [(id, length)]) as
+        in PackIndex.frames, its data in open file f.  Its blobs are not
+        re-ordered, re-compressed nor re-hashed (they were verified where
+        they came from)."""
+        if self.version != 2:
+            raise ValueError("frames are copied into v2 packs only")
+        self._frame_copies.append((f, frame))
+        for oid, n in frame[4]:
+            self._copied[oid] = n
 
     def add_blob(self, oid: str, data: bytes | memoryview, path: str | None = None) -> None:
-        if oid in self._blobs:
+        if oid in self._blobs or oid in self._copied:
             return
         self._spool.seek(self._spool_len)
         self._spool.write(data)
@@ -701,11 +715,11 @@ class PackWriter:
 
     @property
     def blob_count(self) -> int:
-        return len(self._blobs)
+        return len(self._blobs) + len(self._copied)
 
     @property
     def blob_bytes(self) -> int:
-        return sum(b[2] for b in self._blobs.values())
+        return sum(b[2] for b in self._blobs.values()) + sum(self._copied.values())
 
     # -- close ----------------------------------------------------------------
 
@@ -744,7 +758,7 @@ class PackWriter:
             self._spool.close()
         return {"mpack_key": "sha256:" + out.h.hexdigest(), "size_bytes": out.n,
                 "version": self.version, "commits": len(self.commits),
-                "snapshots": len(self.snapshots), "blobs": len(self._blobs),
+                "snapshots": len(self.snapshots), "blobs": self.blob_count,
                 "blob_bytes": self.blob_bytes, "frames": nframes}
 
     def _write_v1(self, out: _HashFile) -> None:
@@ -854,7 +868,13 @@ class PackWriter:
             out.write(_map_header(1 + len(meta_body)))
             for k, v in meta_body.items():
                 out.write(_pack(k) + _pack(v))
-        out.write(_pack("frames") + _array_header(len(groups)))
+        out.write(_pack("frames") + _array_header(len(groups) + len(self._frame_copies)))
+        for src, (codec, size, doff, dlen, blobs) in self._frame_copies:
+            out.write(_map_header(4) + _pack("codec") + _pack(codec) + _pack("size")
+                      + _pack(size) + _pack("blobs") + _pack([list(b) for b in blobs])
+                      + _pack("data") + _bin_header(dlen))
+            for b in _ranges(src, doff, dlen, "a copied frame"):
+                out.write(b)
         for g in groups:
             blobs = [[oid, rec[2]] for oid, rec in g]
             size = sum(rec[2] for _, rec in g)
@@ -864,7 +884,7 @@ class PackWriter:
             else:
                 raw = b"".join(b for _, rec in g for b in self._pieces(rec))
                 self._write_frame(out, raw, size, blobs)
-        return len(groups)
+        return len(groups) + len(self._frame_copies)
 
 
 # ---------------------------------------------------------------------------

@@ -83,7 +83,10 @@ def write_outgoing(idx: PackIndex, f: BinaryIO, out: Outgoing, path: str,
                    version: int, branch_heads: dict | None = None,
                    level: int = 3) -> dict:
     """Write the pack of `out` (taken from pack `idx` in open file `f`) to
-    `path` in format `version`.  Returns PackWriter.close()'s summary."""
+    `path` in format `version`.  v2 into v2: a frame whose every blob goes
+    is copied as it is (no decompression, no recompression); the others
+    are decompressed and their wanted blobs re-framed.  Returns
+    PackWriter.close()'s summary."""
     w = PackWriter(path, version, level=level, tmpdir=os.path.dirname(path) or None)
     for c in out.commits:
         w.add_commit(c)
@@ -101,7 +104,9 @@ def write_outgoing(idx: PackIndex, f: BinaryIO, out: Outgoing, path: str,
             by_frame.setdefault(loc[1], []).append(oid)
     for fi in sorted(by_frame):
         codec, size, _o, _l, blobs = idx.frames[fi]
-        if size <= INMEM_FRAME and len(blobs) > 1:
+        if version == 2 and len({o for o, _ in blobs}) == len(blobs) == len(by_frame[fi]):
+            w.add_frame_copy(f, idx.frames[fi])   # every blob wanted: as it is
+        elif size <= INMEM_FRAME and len(blobs) > 1:
             contents = idx.frame_blobs(f, fi)
             for oid in by_frame[fi]:
                 w.add_blob(oid, contents[oid])

@@ -322,3 +322,31 @@ def test_local_state_keeps_v2_packs(tmp_path, hist):
     contents = {b["object_id"]: b["content"] for b in hist.blobs}
     for p, oid in hist.manifest.items():
         assert (tmp_path / "wc" / p).read_bytes() == contents[oid]
+
+
+def test_outgoing_reuses_whole_frames(tmp_path, hist):
+    """Filtering a v2 pack for a server that has the first half of its
+    history: the new pack holds exactly the new commits' blobs, frames
+    whose every blob goes are copied byte for byte, and it verifies."""
+    from muse.push import outgoing, write_outgoing
+    src = tmp_path / "all.mpack"
+    src.write_bytes(write(hist, frame_bytes=1500))
+    f = open(src, "rb")
+    idx = read_pack(f)
+    known_head = hist.commits[19]["commit_id"]
+    out = outgoing(idx, [known_head])
+    assert [c["commit_id"] for c in out.commits] == [c["commit_id"] for c in hist.commits[20:]]
+    dst = tmp_path / "out.mpack"
+    info = write_outgoing(idx, f, out, str(dst), 2)
+    data = dst.read_bytes()
+    assert info["mpack_key"] == h(data) and info["blobs"] == len(out.blobs)
+    d = spec_decode(data)
+    assert set(d["blobs"]) == set(out.blobs)
+    src_frames = {bytes(fr["data"]) for fr in spec_decode(src.read_bytes())["frames"]}
+    copied = [fr for fr in d["frames"] if bytes(fr["data"]) in src_frames]
+    assert copied, "no frame was reused"
+    known = muse.verify_history(hist.commits[:20], hist.snapshots[:20])
+    idx2 = read_pack(io.BytesIO(data))
+    muse.verify_history(idx2.commits, idx2.snapshots, known_manifests=known,
+                        blob_ids=idx2.blobs)
+    f.close()
