@@ -520,6 +520,7 @@ def streaming_round_trip(server, hub, tmp_path, fmt: int):
     for p, (oid, _off, _n) in files.items():
         assert muse.blob_id((wc / p).read_bytes()) == oid
     peak_push, peak_fetch = int(rss_push.read_text()), int(rss_fetch.read_text())
+    print(f"1 GB v{fmt}: muse-push peak RSS {peak_push} KiB, muse-fetch {peak_fetch} KiB")
     assert peak_push < 100 * 1024, f"muse-push peak RSS {peak_push} KiB"
     assert peak_fetch < 100 * 1024, f"muse-fetch peak RSS {peak_fetch} KiB"
     hub.delete_repo(hub.refs(OWNER, slug)["repo_id"])
