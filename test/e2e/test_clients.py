@@ -482,6 +482,9 @@ def big_history(tmp_path: Path, n: int = 16, size: int = 64 << 20) -> tuple[dict
 
 
 def big_pack(files: dict, src: str, out: Path, version: int) -> str:
+    """One root commit whose snapshot holds `files` ({path: (id, offset,
+    length)} of file `src`), as a pack of `version` at `out`; returns the
+    commit id."""
     manifest = {p: v[0] for p, v in files.items()}
     sid = muse.snapshot_id(manifest)
     c = {"commit_id": muse.commit_id([], sid, "big", "2026-01-01T00:00:00+00:00", "g"),

@@ -271,16 +271,10 @@ def test_v2_large_blobs_stream(tmp_path):
             s.write(data)
             files[f"small/{i:03d}.txt"] = (h(data), at, len(data))
             at += len(data)
+    from test_clients import big_pack
     pack = tmp_path / "p.mpack"
+    big_pack(files, str(src), pack, 2)
     manifest = {p: v[0] for p, v in files.items()}
-    sid = muse.snapshot_id(manifest)
-    w = PackWriter(str(pack), 2)
-    w.add_snapshot({"snapshot_id": sid, "parent_snapshot_id": None,
-                    "delta_upsert": manifest, "delta_remove": []})
-    with open(src, "rb") as sf:
-        for p, (oid, off, n) in files.items():
-            w.add_blob_from(oid, sf, off, n, path=p)
-        w.close()
     wc = tmp_path / "wc"
     code = (f"import sys; sys.path.insert(0, {str(SCRIPTS)!r})\n"
             "import muse, json\n"
