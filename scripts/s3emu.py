@@ -11,7 +11,7 @@ expiry and access keys; credentials S3RVER / S3RVER).
 Command line (foreground, Ctrl-C stops):
     /usr/bin/python3 scripts/s3emu.py DIR BUCKET   prints the endpoint
 
-Needs `node` and the npm package installed by scripts/deps.sh into
+Needs `node` and the npm package installed by `scripts/deps.sh --s3emu-only` into
 third_party/s3emu/node_modules.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ def available() -> str | None:
     if not shutil.which("node"):
         return "node is not installed"
     if not MODULE.exists():
-        return f"{MODULE.parent} missing: run scripts/deps.sh"
+        return f"{MODULE.parent} missing: run `make deps-s3emu` (scripts/deps.sh --s3emu-only)"
     return None
 
 

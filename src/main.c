@@ -5,11 +5,19 @@
  *   musehubd [serve]   migrations, then HTTP + jobs until SIGTERM/SIGINT
  *   musehubd migrate   migrations, then exit
  *   musehubd worker    jobs only
- *   musehubd identity add --handle H --public-key-file F [--admin] [--agent]
+ *   musehubd identity add|list|revoke ...   identities and keys (src/admin/)
+ *   musehubd fsck [--repo OWNER/SLUG] [--repair]   consistency check (src/admin/)
+ *   musehubd --version | --help | CMD --help
  *
- * With MUSEHUB_WORKERS=N > 1 the parent forks N serving children that
- * share the port with SO_REUSEPORT, forwards SIGTERM/SIGINT to them and
- * exits 0 when all have exited cleanly.
+ * Every command loads and checks the whole configuration first (a bad
+ * value: one line on stderr, exit 2) before it touches the database, the
+ * store or the port. Exit status: 0 success, 1 failure (or fsck found
+ * problems), 2 bad usage or configuration.
+ *
+ * With MUSEHUB_WORKERS=N > 1 the parent maps the shared metrics region
+ * (include/mh/metrics.h), forks N serving children that share the port
+ * with SO_REUSEPORT, forwards SIGTERM/SIGINT to them and exits 0 when all
+ * have exited cleanly.
  */
 #include <arpa/inet.h>
 #include <signal.h>
@@ -19,30 +27,86 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "mh/admin.h"
 #include "mh/auth.h"
 #include "mh/config.h"
 #include "mh/db.h"
 #include "mh/hub.h"
 #include "mh/jobs.h"
+#include "mh/metrics.h"
 
+/* ------------------------------------------------------------------ help */
 
-static void usage(void)
+typedef struct {
+    const char *name;
+    const char *synopsis; /* after "musehubd " */
+    const char *text;     /* what it does, options */
+    bool config;          /* list the configuration after the text */
+} cmd_help_t;
+
+static const cmd_help_t helps[] = {
+    {"serve", "[serve] [--name value ...]",
+     "Applies pending migrations, serves HTTP on MUSEHUB_LISTEN and runs background jobs\n"
+     "(MUSEHUB_JOBS=1) until SIGTERM/SIGINT: then it stops accepting, finishes in-flight\n"
+     "requests (up to 30 s), hands running jobs back to the queue and exits 0.\n"
+     "MUSEHUB_WORKERS=N forks N processes sharing the port.\n",
+     true},
+    {"migrate", "migrate [--name value ...]", "Applies pending database migrations and exits.\n", true},
+    {"worker", "worker [--name value ...]",
+     "Runs background jobs only (no HTTP), until SIGTERM/SIGINT. Any number of workers may\n"
+     "share the database and store with the servers.\n",
+     true},
+    {"identity", "identity add|list|revoke ...",
+     "Identities and their keys, on the database directly (no server needed):\n"
+     "  identity add --handle H --public-key-file F [--admin] [--agent]\n"
+     "      registers identity H with an ECDSA P-256 public key in PEM (the first admin is\n"
+     "      made this way) and prints its key id: sha256:<hex of SHA-256 of the DER\n"
+     "      SubjectPublicKeyInfo>. Flags only ever gain; a key of another identity is refused.\n"
+     "  identity list [--handle H] [--json]\n"
+     "      every identity (or H) and its keys, one line per key:\n"
+     "      HANDLE FLAGS KEY_ID ADDED REVOKED; --json prints one JSON document.\n"
+     "  identity revoke --key-id K\n"
+     "      revokes key K (servers refuse it within 5 s); revoking twice keeps the first time.\n",
+     true},
+    {"fsck", "fsck [--repo OWNER/SLUG] [--repair] [--name value ...]",
+     "Checks that the database and the object store agree: every branch head, ref row,\n"
+     "snapshot delta and object location points at something that exists (database and\n"
+     "store), every pack under mpacks/ is referenced or within MUSEHUB_MPACK_GRACE_SECONDS,\n"
+     "and every staged upload under incoming/ belongs to a live push grant. Prints a report;\n"
+     "exit 0 clean, 1 problems found (or the check could not complete), 2 bad usage.\n"
+     "  --repo OWNER/SLUG  only that repository (its refs, locations, packs and uploads)\n"
+     "  --repair           delete orphaned staged uploads and unreferenced packs past the\n"
+     "                     grace period (nothing else); exit 0 when everything found was repaired\n"
+     "Safe to run against a live server (one database snapshot; the store is listed after it).\n",
+     true},
+};
+
+static const cmd_help_t *find_help(const char *name)
 {
-    fprintf(stderr,
-            "musehubd — MuseHub server: push, fetch and collaborate on Muse repositories.\n"
-            "\n"
-            "Usage:\n"
-            "  musehubd [serve] [--name value ...]   apply pending migrations, serve HTTP, run jobs\n"
-            "  musehubd migrate [--name value ...]   apply pending migrations and exit\n"
-            "  musehubd worker [--name value ...]    run background jobs only\n"
-            "  musehubd identity add --handle H --public-key-file F [--admin] [--agent]\n"
-            "                                        register an identity and its P-256 public key (PEM),\n"
-            "                                        print the key id\n"
-            "  musehubd --help | musehubd CMD --help\n"
-            "\n");
-    mh_config_usage();
-    fprintf(stderr, "\nLogs go to stderr. SIGTERM/SIGINT: stop accepting, finish in-flight requests\n"
-                    "(up to 30 s), release everything, exit 0.\n");
+    for (size_t i = 0; i < sizeof helps / sizeof helps[0]; i++)
+        if (!strcmp(helps[i].name, name)) return &helps[i];
+    return NULL;
+}
+
+static void usage(FILE *out)
+{
+    fprintf(out, "musehubd %s — MuseHub server: push, fetch and collaborate on Muse repositories.\n\nUsage:\n",
+            mh_version);
+    for (size_t i = 0; i < sizeof helps / sizeof helps[0]; i++) fprintf(out, "  musehubd %s\n", helps[i].synopsis);
+    fprintf(out, "  musehubd --version\n  musehubd --help | musehubd CMD --help\n\n");
+    mh_config_usage(out);
+    fprintf(out, "\nLogs go to stderr (MUSEHUB_LOG_FORMAT=json: one JSON object per line).\n"
+                 "Exit status: 0 success, 1 failure (fsck: problems found), 2 bad usage or configuration.\n"
+                 "Documentation: README.md and docs/ (operations.md, protocol.md) in the source tree.\n");
+}
+
+static void cmd_usage(const cmd_help_t *h, FILE *out)
+{
+    fprintf(out, "Usage: musehubd %s\n\n%s", h->synopsis, h->text);
+    if (h->config) {
+        fputc('\n', out);
+        mh_config_usage(out);
+    }
 }
 
 static bool wants_help(int argc, char **argv)
@@ -50,6 +114,24 @@ static bool wants_help(int argc, char **argv)
     for (int i = 0; i < argc; i++)
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) return true;
     return false;
+}
+
+/* Loads and checks the configuration and applies the log settings: 0,
+ * or 2 (the one-line message is printed). */
+static int load_config(mh_config_t *cfg, int argc, char **argv)
+{
+    if (mh_config_load(cfg, argc, argv)) return 2;
+    mh_log_set_level(cfg->log_level);
+    mh_log_set_format(cfg->log_format);
+    return 0;
+}
+
+/* Commands that need the database refuse to start without its URL. */
+static int need_database(const mh_config_t *cfg)
+{
+    if (cfg->database_url) return 0;
+    fprintf(stderr, "musehubd: MUSEHUB_DATABASE_URL (or --database-url) is required\n");
+    return 2;
 }
 
 /* ----------------------------------------------------------------- serve */
@@ -103,6 +185,7 @@ static void on_signal(uv_signal_t *h, int signum)
     proc_t *p = h->data;
     if (p->stopping) return;
     p->stopping = true;
+    mh_metrics_worker_stop();
     p->pending_stops = 1 + (p->hub.http ? 1 : 0);
     if (p->hub.http) {
         mh_info("signal %d: stopping (in-flight requests get up to 30 s)", signum);
@@ -177,7 +260,8 @@ static int open_store(mh_hub_t *hub, const mh_config_t *cfg)
     return rc ? 1 : 0;
 }
 
-static int serve_process(const mh_config_t *cfg)
+/* One serving process: worker `index` of cfg->workers. */
+static int serve_process(const mh_config_t *cfg, uint32_t index)
 {
     proc_t p;
     memset(&p, 0, sizeof p);
@@ -216,6 +300,7 @@ static int serve_process(const mh_config_t *cfg)
         .idle_timeout_ms = cfg->idle_timeout_ms,
         .reuseport = cfg->workers > 1,
         .pre_route = mh_hub_pre_route,
+        .log_who = mh_hub_log_who,
     };
     rc = mh_http_start(loop, &hc, &hub->http);
     if (rc) {
@@ -223,13 +308,18 @@ static int serve_process(const mh_config_t *cfg)
         return 1;
     }
     if (cfg->jobs && start_jobs(&p, cfg)) return 1;
+    rc = mh_metrics_worker_start(loop, index, mh_hub_metrics_render, hub);
+    if (rc) {
+        mh_error("metrics: %s", mh_strerror(rc));
+        return 1;
+    }
     uv_signal_init(loop, &p.sigterm);
     uv_signal_init(loop, &p.sigint);
     p.sigterm.data = p.sigint.data = &p;
     uv_signal_start(&p.sigterm, on_signal, SIGTERM);
     uv_signal_start(&p.sigint, on_signal, SIGINT);
-    mh_info("musehubd serving on %s (store %s, public url %s, db pool %u)", cfg->listen, cfg->store,
-            hub->public_url, cfg->db_pool);
+    mh_info("musehubd %s (%s) serving on %s (worker %u of %u, store %s, public url %s, db pool %u)", mh_version,
+            mh_git_commit, cfg->listen, index + 1, cfg->workers, cfg->store, hub->public_url, cfg->db_pool);
     uv_run(loop, UV_RUN_DEFAULT);
     uv_loop_close(loop);
     mh_info("musehubd stopped");
@@ -238,10 +328,6 @@ static int serve_process(const mh_config_t *cfg)
 
 static int run_migrations(const mh_config_t *cfg)
 {
-    if (!cfg->database_url) {
-        fprintf(stderr, "musehubd: MUSEHUB_DATABASE_URL (or --database-url) is required\n");
-        return MH_EINVAL;
-    }
     return mh_db_migrate(cfg->database_url, mh_migrations, mh_migrations_count);
 }
 
@@ -251,9 +337,15 @@ static void parent_on_signal(int sig) { parent_signal = sig; }
 static int cmd_serve(int argc, char **argv)
 {
     mh_config_t cfg;
-    if (mh_config_load(&cfg, argc, argv)) return 2;
-    mh_log_set_level(cfg.log_level);
+    int bad = load_config(&cfg, argc, argv);
+    if (!bad) bad = need_database(&cfg);
+    if (bad) return bad;
     if (cfg.dev_identity) {
+        if (!mh_handle_valid(cfg.dev_identity, strlen(cfg.dev_identity))) {
+            fprintf(stderr, "musehubd: MUSEHUB_DEV_IDENTITY='%s': not a handle (1-64 of A-Z a-z 0-9 . _ -)\n",
+                    cfg.dev_identity);
+            return 2;
+        }
         if (!is_loopback(cfg.listen)) {
             mh_error("MUSEHUB_DEV_IDENTITY is only allowed on a loopback listen address (listen is %s)", cfg.listen);
             return 2;
@@ -270,9 +362,15 @@ static int cmd_serve(int argc, char **argv)
     }
     if (run_migrations(&cfg)) return 1;
     if (cfg.dev_identity && mh_hub_ensure_dev_identity(cfg.database_url, cfg.dev_identity)) return 1;
-    if (cfg.workers <= 1) return serve_process(&cfg);
+    if (cfg.workers <= 1) return serve_process(&cfg, 0);
 
-    /* N processes sharing the port (nginx-style workers). */
+    /* N processes sharing the port (nginx-style workers), and the region
+     * through which a scrape of any of them reports all of them. */
+    int rc = mh_metrics_shared_init(cfg.workers);
+    if (rc) {
+        mh_error("metrics: cannot map the region shared by the workers: %s", mh_strerror(rc));
+        return 1;
+    }
     pid_t *kids = calloc(cfg.workers, sizeof *kids);
     if (!kids) return 1;
     for (uint32_t i = 0; i < cfg.workers; i++) {
@@ -281,7 +379,7 @@ static int cmd_serve(int argc, char **argv)
             mh_error("fork: %s", strerror(errno));
             return 1;
         }
-        if (pid == 0) _exit(serve_process(&cfg));
+        if (pid == 0) _exit(serve_process(&cfg, i));
         kids[i] = pid;
     }
     struct sigaction sa;
@@ -325,8 +423,9 @@ static int cmd_serve(int argc, char **argv)
 static int cmd_migrate(int argc, char **argv)
 {
     mh_config_t cfg;
-    if (mh_config_load(&cfg, argc, argv)) return 2;
-    mh_log_set_level(cfg.log_level);
+    int bad = load_config(&cfg, argc, argv);
+    if (!bad) bad = need_database(&cfg);
+    if (bad) return bad;
     return run_migrations(&cfg) ? 1 : 0;
 }
 
@@ -363,8 +462,9 @@ static int worker_process(const mh_config_t *cfg)
 static int cmd_worker(int argc, char **argv)
 {
     mh_config_t cfg;
-    if (mh_config_load(&cfg, argc, argv)) return 2;
-    mh_log_set_level(cfg.log_level);
+    int bad = load_config(&cfg, argc, argv);
+    if (!bad) bad = need_database(&cfg);
+    if (bad) return bad;
     /* A SIGTERM that arrives while starting up (migrations, connecting)
      * waits until the loop's handlers are installed, so a worker stopped
      * early still exits cleanly (0) instead of dying by the signal. */
@@ -378,111 +478,133 @@ static int cmd_worker(int argc, char **argv)
     return worker_process(&cfg);
 }
 
-/* -------------------------------------------------------------- identity */
+/* ------------------------------------------------ identity and fsck */
+
+/* Splits a command's own options from configuration flags: each of
+ * `flags` (NULL-terminated) is a boolean, each of `opts` takes a value
+ * (stored in *vals[i]); everything else goes to rest for mh_config_load.
+ * Returns 0 or 2 (message printed). */
+static int split_args(const char *cmd, int argc, char **argv, const char *const *flags, bool *const *set,
+                      const char *const *opts, const char **const *vals, char **rest, int *nrest)
+{
+    *nrest = 0;
+    for (int i = 0; i < argc; i++) {
+        bool mine = false;
+        for (int k = 0; flags && flags[k] && !mine; k++)
+            if (!strcmp(argv[i], flags[k])) *set[k] = mine = true;
+        for (int k = 0; opts && opts[k] && !mine; k++) {
+            size_t n = strlen(opts[k]);
+            if (!strncmp(argv[i], opts[k], n) && argv[i][n] == '=') {
+                *vals[k] = argv[i] + n + 1;
+                mine = true;
+            } else if (!strcmp(argv[i], opts[k])) {
+                if (i + 1 >= argc) {
+                    fprintf(stderr, "musehubd %s: %s needs a value\n", cmd, opts[k]);
+                    return 2;
+                }
+                *vals[k] = argv[++i];
+                mine = true;
+            }
+        }
+        if (!mine) rest[(*nrest)++] = argv[i];
+    }
+    return 0;
+}
 
 static int cmd_identity(int argc, char **argv)
 {
-    if (argc < 1 || strcmp(argv[0], "add") != 0 || wants_help(argc, argv)) {
-        fprintf(stderr, "Usage: musehubd identity add --handle H --public-key-file F [--admin] [--agent]\n"
-                        "  Registers identity H (the first admin is made this way) with an ECDSA P-256\n"
-                        "  public key in PEM (SubjectPublicKeyInfo) and prints the key id:\n"
-                        "  sha256:<hex of SHA-256 of the DER SubjectPublicKeyInfo> (SPEC 1, 5).\n");
-        return argc >= 1 && !strcmp(argv[0], "add") ? 0 : 2;
+    const cmd_help_t *h = find_help("identity");
+    if (argc < 1 || wants_help(argc, argv)) {
+        cmd_usage(h, argc < 1 ? stderr : stdout);
+        return argc < 1 ? 2 : 0;
     }
-    const char *handle = NULL, *keyfile = NULL;
-    bool admin = false, agent = false;
-    char *rest[64];
-    int nrest = 0;
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--handle") && i + 1 < argc) handle = argv[++i];
-        else if (!strcmp(argv[i], "--public-key-file") && i + 1 < argc) keyfile = argv[++i];
-        else if (!strcmp(argv[i], "--admin")) admin = true;
-        else if (!strcmp(argv[i], "--agent")) agent = true;
-        else if (nrest < 64) rest[nrest++] = argv[i];
-    }
+    const char *sub = argv[0];
+    char **rest = calloc((size_t)argc + 1, sizeof *rest);
+    if (!rest) return 1;
+    int nrest = 0, rc = 2;
+    bool admin = false, agent = false, json = false;
+    const char *handle = NULL, *keyfile = NULL, *key_id = NULL;
     mh_config_t cfg;
-    if (mh_config_load(&cfg, nrest, rest)) return 2;
-    mh_log_set_level(cfg.log_level);
-    if (!handle || !*handle || !keyfile) {
-        fprintf(stderr, "musehubd identity add: --handle and --public-key-file are required\n");
-        return 2;
-    }
-    if (!mh_handle_valid(handle, strlen(handle))) {
-        fprintf(stderr, "musehubd identity add: bad handle '%s' (1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit)\n",
-                handle);
-        return 2;
-    }
-    /* The key file: read whole (a PEM is tiny), canonicalised to the DER
-     * SubjectPublicKeyInfo whose hash is the key id (SPEC 1). */
-    FILE *f = fopen(keyfile, "rb");
-    char pem[8192];
-    size_t pem_len = f ? fread(pem, 1, sizeof pem, f) : 0;
-    if (f) fclose(f);
-    uint8_t der[MH_SPKI_MAX];
-    size_t der_len = 0;
-    if (!pem_len || pem_len == sizeof pem || mh_p256_spki(pem, pem_len, der, sizeof der, &der_len)) {
-        fprintf(stderr, "musehubd identity add: %s is not an ECDSA P-256 public key in PEM\n", keyfile);
-        return 2;
-    }
-    mh_id_t key_id, ident_id;
-    mh_blob_id(der, der_len, &key_id);
-    mh_identity_id(handle, strlen(handle), &ident_id);
-    if (run_migrations(&cfg)) return 1;
-    PGconn *c = PQconnectdb(cfg.database_url);
-    if (PQstatus(c) != CONNECTION_OK) {
-        fprintf(stderr, "musehubd identity add: %s", PQerrorMessage(c));
-        PQfinish(c);
-        return 1;
-    }
-    /* Re-running is safe: flags only ever gain (an existing admin or agent
-     * stays one); a key already registered to another identity is an
-     * error, never silently re-bound. */
-    const char *vals[6] = {ident_id.s, handle, admin ? "true" : "false", agent ? "true" : "false", key_id.s,
-                           (const char *)der};
-    int lens[6] = {0, 0, 0, 0, 0, (int)der_len};
-    int fmts[6] = {0, 0, 0, 0, 0, 1};
-    PGresult *res = PQexecParams(
-        c,
-        "WITH i AS (INSERT INTO identities (identity_id, handle, is_admin, is_agent) VALUES ($1, $2, $3, $4)"
-        "  ON CONFLICT (handle) DO UPDATE SET is_admin = identities.is_admin OR EXCLUDED.is_admin,"
-        "  is_agent = identities.is_agent OR EXCLUDED.is_agent RETURNING identity_id),"
-        " k AS (INSERT INTO identity_keys (key_id, identity_id, public_key) SELECT $5, identity_id, $6 FROM i"
-        "  ON CONFLICT (key_id) DO NOTHING RETURNING 1)"
-        " SELECT (SELECT identity_id FROM identity_keys WHERE key_id = $5)",
-        6, NULL, vals, lens, fmts, 0);
-    int rc = 1;
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        fprintf(stderr, "musehubd identity add: %s", PQresultErrorMessage(res));
-    } else if (!PQgetisnull(res, 0, 0) && strcmp(PQgetvalue(res, 0, 0), ident_id.s) != 0) {
-        fprintf(stderr, "musehubd identity add: key %s already belongs to another identity\n", key_id.s);
+    if (!strcmp(sub, "add")) {
+        rc = split_args("identity add", argc - 1, argv + 1, (const char *const[]){"--admin", "--agent", NULL},
+                        (bool *const[]){&admin, &agent}, (const char *const[]){"--handle", "--public-key-file", NULL},
+                        (const char **const[]){&handle, &keyfile}, rest, &nrest);
+        if (!rc && (!handle || !*handle || !keyfile)) {
+            fprintf(stderr, "musehubd identity add: --handle and --public-key-file are required\n");
+            rc = 2;
+        }
+        if (!rc && !(rc = load_config(&cfg, nrest, rest)) && !(rc = need_database(&cfg)))
+            rc = mh_admin_identity_add(&cfg, handle, keyfile, admin, agent, stdout);
+    } else if (!strcmp(sub, "list")) {
+        rc = split_args("identity list", argc - 1, argv + 1, (const char *const[]){"--json", NULL},
+                        (bool *const[]){&json}, (const char *const[]){"--handle", NULL},
+                        (const char **const[]){&handle}, rest, &nrest);
+        if (!rc && !(rc = load_config(&cfg, nrest, rest)) && !(rc = need_database(&cfg)))
+            rc = mh_admin_identity_list(&cfg, handle, json, stdout);
+    } else if (!strcmp(sub, "revoke")) {
+        rc = split_args("identity revoke", argc - 1, argv + 1, NULL, NULL, (const char *const[]){"--key-id", NULL},
+                        (const char **const[]){&key_id}, rest, &nrest);
+        if (!rc && !key_id) {
+            fprintf(stderr, "musehubd identity revoke: --key-id is required\n");
+            rc = 2;
+        }
+        if (!rc && !(rc = load_config(&cfg, nrest, rest)) && !(rc = need_database(&cfg)))
+            rc = mh_admin_identity_revoke(&cfg, key_id, stdout);
     } else {
-        printf("%s\n", key_id.s);
-        rc = 0;
+        fprintf(stderr, "musehubd identity: unknown subcommand '%s' (add, list, revoke; see musehubd identity --help)\n",
+                sub);
     }
-    PQclear(res);
-    PQfinish(c);
+    free(rest);
+    return rc;
+}
+
+static int cmd_fsck(int argc, char **argv)
+{
+    char **rest = calloc((size_t)argc + 1, sizeof *rest);
+    if (!rest) return 1;
+    int nrest = 0;
+    mh_fsck_opts_t o = {NULL, false};
+    mh_config_t cfg;
+    int rc = split_args("fsck", argc, argv, (const char *const[]){"--repair", NULL}, (bool *const[]){&o.repair},
+                        (const char *const[]){"--repo", NULL}, (const char **const[]){&o.repo}, rest, &nrest);
+    if (!rc && !(rc = load_config(&cfg, nrest, rest)) && !(rc = need_database(&cfg))) rc = mh_fsck(&cfg, &o, stdout);
+    free(rest);
     return rc;
 }
 
 int main(int argc, char **argv)
 {
     signal(SIGPIPE, SIG_IGN);
-    const char *cmd = argc > 1 && strncmp(argv[1], "--", 2) != 0 ? argv[1] : "serve";
-    int first = argc > 1 && strncmp(argv[1], "--", 2) != 0 ? 2 : 1;
-    if (argc > 1 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help"))) {
-        usage();
+    if (argc > 1 && (!strcmp(argv[1], "--version") || !strcmp(argv[1], "-V") || !strcmp(argv[1], "version"))) {
+        printf("musehubd %s (git %s)\n", mh_version, mh_git_commit);
         return 0;
     }
-    int sub_argc = argc - first;
-    char **sub_argv = argv + first;
+    if (argc > 1 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h"))) {
+        usage(stdout);
+        return 0;
+    }
+    if (argc > 1 && !strcmp(argv[1], "help")) {
+        const cmd_help_t *h = argc > 2 ? find_help(argv[2]) : NULL;
+        if (h) cmd_usage(h, stdout);
+        else usage(stdout);
+        return 0;
+    }
+    bool named = argc > 1 && argv[1][0] != '-';
+    const char *cmd = named ? argv[1] : "serve";
+    int sub_argc = argc - (named ? 2 : 1);
+    char **sub_argv = argv + (named ? 2 : 1);
+    const cmd_help_t *h = find_help(cmd);
+    if (!h) {
+        fprintf(stderr, "musehubd: unknown command '%s' (see musehubd --help)\n", cmd);
+        return 2;
+    }
     if (!strcmp(cmd, "identity")) return cmd_identity(sub_argc, sub_argv);
     if (wants_help(sub_argc, sub_argv)) {
-        usage();
+        cmd_usage(h, stdout);
         return 0;
     }
     if (!strcmp(cmd, "serve")) return cmd_serve(sub_argc, sub_argv);
     if (!strcmp(cmd, "migrate")) return cmd_migrate(sub_argc, sub_argv);
     if (!strcmp(cmd, "worker")) return cmd_worker(sub_argc, sub_argv);
-    fprintf(stderr, "musehubd: unknown command '%s' (see musehubd --help)\n", cmd);
-    return 2;
+    return cmd_fsck(sub_argc, sub_argv);
 }

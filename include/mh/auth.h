@@ -93,6 +93,8 @@ typedef struct {
 typedef struct {
     mh_sf_member_t *m; /* members in order (repeated keys: see params) */
     uint32_t n;
+    uint32_t nparsed;  /* members as written, a repeated key counted each
+                        * time: n < nparsed when a key was repeated */
 } mh_sf_dict_t;
 
 /* Bounds on one parsed field: members, items per inner list, parameters
@@ -157,10 +159,17 @@ typedef struct {
  * (integer, required), keyid (string, a key id, required), alg (string
  * "ecdsa-p256-sha256", required) and optionally expires (integer), nonce
  * and tag (strings), nothing else; Signature's member a byte sequence of
- * 64 bytes without parameters.
+ * 64 bytes without parameters, whose s is at most n/2 (low-S). A label
+ * that appears twice in one field line ("msign=..., msign=...", which
+ * RFC 8941 would fold into its last value) is refused.
  * Returns 0, or MH_EAUTH / MH_ENOMEM with a static reason in *why (for
  * the log only: clients get a bare 401). */
 int mh_msign_parse(mh_arena_t *a, mh_str_t sig_input, mh_str_t signature, mh_msign_t *out, const char **why);
+
+/* True when the s half of a raw r||s P-256 signature is above n/2 (the
+ * group order's half): a "high-S" signature, refused by mh_msign_parse
+ * (SPEC 5). */
+bool mh_msign_high_s(const uint8_t sig[64]);
 
 /* Checks created (|now - created| <= MH_MSIGN_MAX_SKEW) and expires (when
  * present, now <= expires). 0 or MH_EAUTH with *why. */

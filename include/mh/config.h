@@ -2,15 +2,22 @@
  * config.h — server configuration (SPEC section 6): read from the
  * environment (MUSEHUB_<NAME>), each overridable by a flag --<name> value
  * (lowercase, '_' or '-' accepted: --db-pool 4 == MUSEHUB_DB_POOL=4).
+ *
+ * Every value is checked when it is loaded (syntax, range, allowed words,
+ * and the few rules that tie settings together), so a command refuses a
+ * bad configuration with one line on stderr before it touches the
+ * database, the store or the port.
  */
 #ifndef MH_CONFIG_H
 #define MH_CONFIG_H
+
+#include <stdio.h>
 
 #include "mh/core.h"
 
 typedef struct {
     const char *listen;          /* MUSEHUB_LISTEN, "127.0.0.1:1337" */
-    const char *database_url;    /* MUSEHUB_DATABASE_URL, required by serve/migrate/worker */
+    const char *database_url;    /* MUSEHUB_DATABASE_URL, required by serve/migrate/worker/identity/fsck */
     uint32_t db_pool;            /* MUSEHUB_DB_POOL, 8 */
     const char *store;           /* MUSEHUB_STORE, "fs:./var/store" */
     const char *s3_endpoint;     /* MUSEHUB_S3_ENDPOINT */
@@ -25,7 +32,8 @@ typedef struct {
     uint64_t max_mpack_bytes;    /* MUSEHUB_MAX_MPACK_BYTES, 2 GiB */
     const char *signing_secret;  /* MUSEHUB_SIGNING_SECRET, NULL = generated into the store dir */
     const char *dev_identity;    /* MUSEHUB_DEV_IDENTITY, NULL */
-    const char *log_level;       /* MUSEHUB_LOG_LEVEL, "info" */
+    const char *log_level;       /* MUSEHUB_LOG_LEVEL, "info": debug, info, warn, error */
+    const char *log_format;      /* MUSEHUB_LOG_FORMAT, "text": text, json */
     uint32_t request_timeout_ms; /* MUSEHUB_REQUEST_TIMEOUT_MS, 30000 */
     uint32_t idle_timeout_ms;    /* MUSEHUB_IDLE_TIMEOUT_MS, 60000 */
     uint32_t query_timeout_ms;   /* MUSEHUB_QUERY_TIMEOUT_MS, 30000 */
@@ -41,12 +49,15 @@ typedef struct {
 } mh_config_t;
 
 /* Fills cfg from the environment, then applies flags from argv[0..argc)
- * ("--name value" or "--name=value"); unknown flags are an error with a
- * message printed to stderr. Strings point into the environment, argv or
- * static storage (never freed). Returns 0, or MH_EINVAL (message printed). */
+ * ("--name value" or "--name=value"), then checks every value: its
+ * syntax, its range, its allowed words, and the rules between settings
+ * (an s3 store needs both S3 keys). Strings point into the environment,
+ * argv or static storage (never freed). Returns 0, or MH_EINVAL after
+ * printing ONE line to stderr ("musehubd: MUSEHUB_X: ...", or "--x" when
+ * the value came from a flag). SPEC 6. */
 int mh_config_load(mh_config_t *cfg, int argc, char **argv);
 
-/* Prints the variables, their defaults and meanings (for --help). */
-void mh_config_usage(void);
+/* Prints the variables, flags, defaults and meanings (for --help) to out. */
+void mh_config_usage(FILE *out);
 
 #endif

@@ -47,16 +47,48 @@ const char *mh_strerror(int err);
 /* --------------------------------------------------------------- logging */
 
 typedef enum { MH_LOG_DEBUG = 0, MH_LOG_INFO, MH_LOG_WARN, MH_LOG_ERROR } mh_log_level_t;
+typedef enum { MH_LOG_TEXT = 0, MH_LOG_JSON } mh_log_format_t;
 
 extern mh_log_level_t mh_log_level_current;
+extern mh_log_format_t mh_log_format_current;
 
 /* Sets the level from "debug"|"info"|"warn"|"error"; returns MH_EINVAL on
  * an unknown name (level unchanged). */
 int mh_log_set_level(const char *name);
 
-/* Writes one line "<iso time> <LEVEL> [pid] message\n" to stderr.
- * Use the MH_LOG macro so arguments are not built below the level. */
+/* Sets the line format from "text"|"json" (MUSEHUB_LOG_FORMAT); MH_EINVAL
+ * on an unknown name (format unchanged). */
+int mh_log_set_format(const char *name);
+
+/* Writes one line to stderr with ONE write(2), so lines of several
+ * processes never interleave:
+ *   text: "<iso time> <LEVEL> [pid] message\n"
+ *   json: {"ts":"<iso time>","level":"info","pid":N,"msg":"message"}\n
+ * JSON strings are escaped (control characters, quotes, backslash) and
+ * bytes that are not UTF-8 become U+FFFD, so every line parses; a
+ * message longer than about 4 KiB is cut. Use the MH_LOG macro so
+ * arguments are not built below the level. */
 void mh_log_write(mh_log_level_t level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* A named value carried by a structured log line (mh_log_fields). */
+typedef enum { MH_LF_STR, MH_LF_INT, MH_LF_NUM } mh_log_field_type_t;
+typedef struct {
+    const char *key;          /* JSON member name (plain ASCII, not escaped) */
+    mh_log_field_type_t type;
+    const char *s;            /* MH_LF_STR; NULL is written as null */
+    long long i;              /* MH_LF_INT */
+    double d;                 /* MH_LF_NUM (written with 3 decimals) */
+} mh_log_field_t;
+#define MH_LF_S(k, v) ((mh_log_field_t){(k), MH_LF_STR, (v), 0, 0})
+#define MH_LF_I(k, v) ((mh_log_field_t){(k), MH_LF_INT, NULL, (long long)(v), 0})
+#define MH_LF_N(k, v) ((mh_log_field_t){(k), MH_LF_NUM, NULL, 0, (double)(v)})
+
+/* As mh_log_write, plus fields: in the text format only the message is
+ * written (it should already say what the fields say); in the JSON format
+ * each field becomes a member of the object after "msg". The caller
+ * checks the level (MH_LOG does it for mh_log_write). */
+void mh_log_fields(mh_log_level_t level, const mh_log_field_t *fields, size_t n, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 
 #define MH_LOG(lvl, ...)                                                       \
     do {                                                                       \
@@ -66,6 +98,14 @@ void mh_log_write(mh_log_level_t level, const char *fmt, ...) __attribute__((for
 #define mh_info(...) MH_LOG(MH_LOG_INFO, __VA_ARGS__)
 #define mh_warn(...) MH_LOG(MH_LOG_WARN, __VA_ARGS__)
 #define mh_error(...) MH_LOG(MH_LOG_ERROR, __VA_ARGS__)
+
+/* ------------------------------------------------------- build identity */
+
+/* Baked in at build time (Makefile: the VERSION file and `git rev-parse`;
+ * build/gen/version.c): e.g. "0.1.0" and "1a2b3c4d5e6f" (with "-dirty"
+ * when the tree had uncommitted changes, "unknown" outside git). */
+extern const char mh_version[];
+extern const char mh_git_commit[];
 
 /* ----------------------------------------------------------------- arena */
 

@@ -16,7 +16,8 @@
  *    call returns.
  *  - A PGresult handed to a callback is owned by the db module and is
  *    cleared right after the callback returns: copy what you need.
- *    Results are in text format.
+ *    Results are in text format (binary for statements that ask,
+ *    mh_stmt_t.result_format).
  *  - Errors are translated in one place: SQLSTATE 23505 (unique_violation),
  *    40001 (serialization_failure) and 40P01 (deadlock_detected) ->
  *    MH_ECONFLICT; 57014 (query_canceled, e.g. statement_timeout) ->
@@ -60,6 +61,12 @@ typedef struct {
     const char *name; /* unique, e.g. "repo_by_slug" */
     const char *sql;  /* with $1..$n */
     int nparams;
+    /* 0 (the default): results in text format. 1: every column in
+     * binary format — bytea arrives as its bytes rather than twice as many
+     * hex digits (large deltas); cast other columns to text in the SQL
+     * (the binary form of text is the text itself, NUL-terminated by
+     * libpq), so mh_pq_str / mh_pq_int / mh_pq_bytea read them as usual. */
+    int result_format;
 } mh_stmt_t;
 
 /* Result callback. res is NULL when err != 0. */

@@ -2,8 +2,9 @@
  * http.h — the HTTP/1.1 server on libuv + llhttp: listener (SO_REUSEPORT),
  * connections with keep-alive and pipelining, a route table, buffered or
  * streamed request bodies (also chunked, Expect: 100-continue), limits
- * answered with 400/408/413/431, a writev response writer, one access-log
- * line per request, Prometheus counters, graceful stop.
+ * answered with 400/408/413/431, a writev response writer, streamed
+ * responses with back-pressure (mh_res_stream_*), one access-log line per
+ * request, Prometheus counters, graceful stop.
  *
  * Invariants:
  *  - Every request gets exactly one response: a handler (or the callbacks
@@ -13,7 +14,12 @@
  *  - Everything a request allocates lives in req->arena, released after
  *    the response is written and the access-log line printed.
  *  - Pipelined requests are answered in order; the next request on a
- *    connection is not parsed until the current response is queued.
+ *    connection is not parsed until the current response is queued (a
+ *    streamed one: ended), nor while the connection has more than 1 MiB or
+ *    16 answers queued that the client has not read.
+ *  - Framing: obsolete line folding, an HTTP/1.1 request without Host,
+ *    two Host lines or an invalid Host are answered 400 and the
+ *    connection closes (RFC 9112 3.2, 5.2).
  *
  * Knows nothing of the database or the store (DESIGN section 2).
  */
@@ -140,6 +146,12 @@ typedef struct {
      * matched) and before 404/405/413 are answered; may respond (then the
      * route is not run). May be NULL. The hook must return synchronously. */
     void (*pre_route)(mh_req_t *req);
+    /* Who a request came from, for its access-log line: the client
+     * address (after trusted proxies) and the caller's name ("-" when
+     * anonymous). Called once per logged request, just before the line is
+     * written; the strings must live as long as the request (its arena or
+     * static storage). May be NULL: the TCP peer and "-". */
+    void (*log_who)(mh_req_t *req, const char **client, const char **user);
 } mh_http_config_t;
 
 /* Creates a server on `loop` and starts listening. *out is owned by the
@@ -249,5 +261,77 @@ void mh_res_error(mh_req_t *r, int status, const char *code, const char *detail_
 
 /* Standard reason phrase for a status code ("Not Found"). */
 const char *mh_http_reason(int status);
+
+/* ---------------------------------------------------- streamed responses */
+
+/* A response whose body is produced piece by piece while it is sent
+ * (src/http/stream.c): answers larger than memory should hold (a tree of
+ * a million entries, SPEC 4.5; a pack file of GiBs). The headers go out at
+ * mh_res_stream_begin, the body follows through mh_res_stream_write*, the
+ * producer finishes with mh_res_stream_end. Back-pressure, Node.js style:
+ * a write returns false once this response has MH_RES_STREAM_HIGH bytes
+ * queued that the socket has not taken yet; the producer then stops, and
+ * drain(req, arg) is called once the queue has fallen to
+ * MH_RES_STREAM_LOW, after which it writes again. A producer may also
+ * write from its own callbacks (a thread-pool read completing): writes
+ * are accepted at any time before end, the bound is advisory.
+ *
+ * Framing: length = the body size in bytes when known (Content-Length;
+ * writing more is refused, and ending short cuts the response), or
+ * MH_LEN_UNKNOWN: chunked transfer coding for HTTP/1.1 clients, the end
+ * of the connection for HTTP/1.0 ones. HEAD, 204 and 304 send no body:
+ * writes are accepted and discarded (mh_res_stream_wants_body is false,
+ * so a producer can end at once).
+ *
+ * Ending: mh_res_stream_end(req, 0) completes the body (the last chunk);
+ * a non-zero MH_E* err cuts it instead (no last chunk / short of
+ * Content-Length, then the connection closes): the status line is gone
+ * already, so an incomplete body is how a client learns of a failure
+ * mid-stream. The producer must call end exactly once, also after abort.
+ *
+ * Client gone: when the connection ends before mh_res_stream_end (reset,
+ * write error, no write progress for the idle timeout, server stop),
+ * abort(req, arg) (may be NULL) is called once, on a later loop turn;
+ * drain is never called after it, writes are dropped (they return false),
+ * mh_req_gone(req) is true; the producer releases what it holds and calls
+ * mh_res_stream_end. The request (its arena) lives until then.
+ *
+ * Pipelining: the connection parses no further request until end, so
+ * answers never interleave. drain and abort run on the loop thread, never
+ * from inside an mh_res_stream_* call. */
+#define MH_RES_STREAM_HIGH (1u << 20)  /* bytes queued: write returns false */
+#define MH_RES_STREAM_LOW (256u << 10) /* bytes queued: drain is called */
+#define MH_LEN_UNKNOWN UINT64_MAX
+
+typedef void (*mh_res_drain_cb)(mh_req_t *req, void *arg);
+typedef void (*mh_res_abort_cb)(mh_req_t *req, void *arg);
+
+/* Sends the status line and headers (those set with mh_res_header, plus
+ * the server's own and the framing) and opens the body. status 200..999.
+ * The request counts as answered from now on. Returns 0 (also when the
+ * client has gone already: abort then follows on a later turn), MH_EINVAL
+ * (already answered, no drain callback, bad status: nothing was sent, the
+ * caller still owes nothing more) or MH_ENOMEM (nothing sent; the caller
+ * may still answer with mh_res_error). */
+int mh_res_stream_begin(mh_req_t *req, int status, const char *content_type, uint64_t length,
+                        mh_res_drain_cb drain, mh_res_abort_cb abort, void *arg);
+
+/* Appends data[0..n) to the body, copied (what the socket does not take
+ * at once is kept in a heap piece until written). Returns true while the
+ * producer may go on, false when it should wait for drain (or the stream
+ * is aborted, failed or ended: then the bytes were dropped). */
+bool mh_res_stream_write(mh_req_t *req, const void *data, size_t n);
+
+/* As mh_res_stream_write without a copy: data is lent until done(arg)
+ * (may be NULL) is called — after the bytes are written, or dropped; done
+ * may run before this returns when the bytes are dropped at once. */
+bool mh_res_stream_write_ext(mh_req_t *req, const void *data, size_t n, void (*done)(void *arg), void *arg);
+
+/* False when writes would be discarded (HEAD, 204/304, aborted, ended). */
+bool mh_res_stream_wants_body(const mh_req_t *req);
+
+/* Ends the body: err 0 completes it, an MH_E* code cuts it (see above).
+ * Exactly once per successful mh_res_stream_begin. */
+void mh_res_stream_end(mh_req_t *req, int err);
 
 #endif

@@ -77,6 +77,11 @@ void mh_hub_db_fail(mh_req_t *req, int err, const char *errmsg);
  * allocated in `a`; NULL on ENOMEM. */
 char *mh_repo_slug(mh_arena_t *a, const char *name, size_t n);
 
+/* True when a slug (NUL-terminated, from mh_repo_slug) may name a
+ * repository: not empty, not "." or "..", not starting with '.' (SPEC
+ * 4.1; a creation whose name gives such a slug is a 422). */
+bool mh_repo_slug_valid(const char *slug);
+
 /* True when p[0..n) is a valid branch name: 1..255 bytes of printable
  * ASCII other than space and ~^:?*[\\, no ".." or "//", not starting or
  * ending with '/' or '.' (git's rules, simplified; docs/architecture.md). */
@@ -129,11 +134,27 @@ void mh_fetch_cache_invalidate(mh_hub_t *hub, const char *repo_id);
 
 /* SPEC 4.8: GET /healthz -> 200 {"status":"ok"} while the process runs;
  * GET /readyz -> 200 when a query reaches PostgreSQL, else 503 +
- * Retry-After; GET /metrics -> Prometheus text (requests by route and
- * status, latency histogram, database pool, store transfers, jobs). */
+ * Retry-After; GET /metrics -> 200 Prometheus text for the whole server
+ * (every worker's requests by route and status, latency histograms,
+ * database pools, store operations, jobs run, process resources, summed
+ * across workers; the job queue by type and status from the database;
+ * build info, uptime, workers), 503 when out of memory. The families are
+ * listed in docs/operations.md ("Metrics"). */
 void mh_h_healthz(mh_req_t *req);
 void mh_h_readyz(mh_req_t *req);
 void mh_h_metrics(mh_req_t *req);
+
+/* Appends this process's metric lines (every module's: http, db, store,
+ * jobs, process) to out; arg is the process's mh_hub_t. The
+ * mh_metrics_render_fn given to mh_metrics_worker_start and used by
+ * /metrics. Returns 0 or MH_ENOMEM. */
+int mh_hub_metrics_render(void *arg, mh_buf_t *out);
+
+/* The http access-log hook (mh_http_config_t.log_who): the client
+ * address after MUSEHUB_TRUSTED_PROXIES (mh_auth_client_addr, in the
+ * request's arena) and the caller's handle, "-" when anonymous or not
+ * authenticated. */
+void mh_hub_log_who(mh_req_t *req, const char **client, const char **user);
 
 /* SPEC 4.1: POST /api/repos {owner, name, visibility, initialize,
  * description?} -> 201 repository object (401 anonymous, 403 owner is

@@ -56,6 +56,13 @@ typedef struct {
     uint64_t max_pack_bytes;  /* largest pack indexed or built; 2 GiB (MUSEHUB_MAX_MPACK_BYTES) */
 } mh_jobs_config_t;
 
+/* SQL text for the transaction-scoped advisory lock of a pack, taken by
+ * everything that creates, revives or deletes a pack's row or bytes: GC,
+ * the index job, the sweep, push (around the move into mpacks/) and
+ * `musehubd fsck --repair`:
+ * pg_advisory_xact_lock(hashtextextended('musehub:mpack:' || id, 0)). */
+#define MH_SQL_LOCK_MPACK(param) "pg_advisory_xact_lock(hashtextextended('musehub:mpack:' || " param ", 0))"
+
 /* The NOTIFY channel: a trigger on `jobs` (sql/0003_jobs.sql) notifies it
  * on every insert, with the job type as payload. */
 #define MH_JOBS_CHANNEL "musehub_jobs"
@@ -86,9 +93,10 @@ void mh_jobs_free(mh_jobs_t *r);
 /* Appends Prometheus text for this process's job counters:
  * musehub_jobs_claimed_total, musehub_jobs_finished_total{type,outcome}
  * (outcome: done, retry, failed, abandoned), musehub_jobs_running,
- * musehub_jobs_duration_seconds_sum{type}, musehub_mpacks_swept_total,
+ * the histogram musehub_jobs_duration_seconds{type} (buckets 10 ms ..
+ * 1 h, one observation per finished run), musehub_mpacks_swept_total,
  * musehub_jobs_pruned_total. Counters are process-wide (one runner per
- * process), so the handler needs no runner pointer. MH_ENOMEM. */
+ * process), so the handler needs no runner pointer. MH_ENOMEM. SPEC 4.8. */
 int mh_jobs_metrics_write(mh_buf_t *out);
 
 /* ---------------------------------------------------- job types, payloads */

@@ -7,7 +7,7 @@ python3-cryptography (run with /usr/bin/python3).
 A signed request carries
 
   Content-Digest:  sha-256=:<base64 SHA-256 of the body>:      (body only)
-  Signature-Input: msign=("@method" "@path" "@query" "content-digest");created=<unix s>;keyid="<key id>";alg="ecdsa-p256-sha256"
+  Signature-Input: msign=("@method" "@path" "@query" "content-digest");created=<unix s>;keyid="<key id>";alg="ecdsa-p256-sha256";nonce="<random>"
   Signature:       msign=:<base64 of raw r||s, 64 bytes>:
 
 where "content-digest" is left out of the covered list (and the header is not
@@ -21,6 +21,12 @@ the RFC 9421 section 2.5 signature base:
   "@signature-params": ("@method" "@path" "@query" "content-digest");created=...;keyid="...";alg="ecdsa-p256-sha256"
 
 A key id is "sha256:" + hex(SHA-256(DER SubjectPublicKeyInfo)) (SPEC 1).
+
+The server accepts a state-changing request (any method but GET and HEAD,
+except the fetch POST) once per signature base: sign() therefore adds a
+random `nonce` parameter, so two identical requests sent in the same second
+are two signatures, not a replay.  Signatures are low-S (s <= n/2): the
+server refuses the other half.
 
 Library
   sign(method, url, body, key_id, private_key, created=None) -> headers dict
@@ -55,6 +61,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 LABEL = "msign"
 ALG = "ecdsa-p256-sha256"
+P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # group order
 COMPONENTS_BODY = ("@method", "@path", "@query", "content-digest")
 COMPONENTS_NO_BODY = ("@method", "@path", "@query")
 
@@ -123,11 +130,12 @@ def content_digest(body: bytes) -> str:
 
 
 def signature_params(components: tuple[str, ...], created: int, key_id: str,
-                     alg: str = ALG) -> str:
+                     alg: str = ALG, nonce: str | None = None) -> str:
     """The canonical inner list with parameters (the @signature-params value
     and the Signature-Input member value)."""
     inner = "(" + " ".join(sf_string(c) for c in components) + ")"
-    return f"{inner};created={int(created)};keyid={sf_string(key_id)};alg={sf_string(alg)}"
+    params = f"{inner};created={int(created)};keyid={sf_string(key_id)};alg={sf_string(alg)}"
+    return params + (f";nonce={sf_string(nonce)}" if nonce else "")
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -155,14 +163,18 @@ def ecdsa_raw(private_key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
     """ecdsa-p256-sha256 (RFC 9421 3.3.4): raw r||s, 32 bytes each."""
     der = private_key.sign(data, ec.ECDSA(hashes.SHA256()))
     r, s = utils.decode_dss_signature(der)
+    if s > P256_N // 2:  # low-S: (r, n - s) is the same signature's other half
+        s = P256_N - s
     return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
 def sign(method: str, url: str, body: bytes | None, key_id: str | None,
-         private_key: ec.EllipticCurvePrivateKey, created: int | None = None) -> dict[str, str]:
+         private_key: ec.EllipticCurvePrivateKey, created: int | None = None,
+         nonce: str | None = None) -> dict[str, str]:
     """The headers that sign one request per SPEC 5: Signature-Input,
     Signature and, when the body is not empty, Content-Digest.
-    key_id None: computed from the key."""
+    key_id None: computed from the key.  nonce None: a random one ("" for
+    none: such a signature can be sent once)."""
     if key_id is None:
         key_id = key_id_of(private_key.public_key())
     body = bytes(body or b"")
@@ -176,7 +188,9 @@ def sign(method: str, url: str, body: bytes | None, key_id: str | None,
         comps = COMPONENTS_BODY
     else:
         comps = COMPONENTS_NO_BODY
-    params = signature_params(comps, created, key_id)
+    if nonce is None:
+        nonce = base64.urlsafe_b64encode(os.urandom(12)).decode("ascii")
+    params = signature_params(comps, created, key_id, nonce=nonce or None)
     sig = ecdsa_raw(private_key, signature_base(method, path, query, digest, params))
     headers["Signature-Input"] = f"{LABEL}={params}"
     headers["Signature"] = f"{LABEL}={sf_bytes(sig)}"
@@ -248,7 +262,7 @@ def _cmd_sign(a: argparse.Namespace) -> int:
     if a.body_file:
         with open(a.body_file, "rb") as fh:
             body = fh.read()
-    for k, v in sign(a.method, a.url, body, a.key_id, key, a.created).items():
+    for k, v in sign(a.method, a.url, body, a.key_id, key, a.created, a.nonce).items():
         print(f"{k}: {v}")
     return 0
 
@@ -267,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--key-id", default=None, help="default: computed from the key")
     p.add_argument("--body-file", default=None)
     p.add_argument("--created", type=int, default=None, help="unix seconds (default: now)")
+    p.add_argument("--nonce", default=None, help="nonce parameter (default: random; '' for none)")
     p.add_argument("method")
     p.add_argument("url")
     p.set_defaults(fn=_cmd_sign)

@@ -8,8 +8,10 @@
  *     otherwise installs the gate (req->gate) and returns.
  *   gate (body complete; before the handler): Content-Digest against the
  *     body, key lookup (cache hit: synchronous; miss: one query), ECDSA
- *     over the rebuilt signature base, req->caller, rate limit, then
- *     mh_req_continue runs the handler.
+ *     over the rebuilt signature base, req->caller, for a state-changing
+ *     request the replay record (one INSERT; 401 replayed when the base
+ *     was accepted before), rate limit, then mh_req_continue runs the
+ *     handler.
  * Unsigned requests get the dev identity or stay anonymous; their rate
  * limit is applied in pre_route already (the caller is known there).
  *
@@ -22,6 +24,13 @@
  *    entry at once (mh_auth_forget_*).
  *  - A cache entry is used only synchronously; the caller copied into the
  *    request arena never points into the cache.
+ *  - A state-changing signed request (any method but GET and HEAD; the
+ *    fetch POST is a read) is accepted once per signature base, in every
+ *    process and host: the record is a row of msign_replay (sql/0010),
+ *    written before the handler runs, so a failure after it still
+ *    consumes the signature (the client signs again, with a new created
+ *    or nonce). If the record cannot be written the request is a 503:
+ *    never accepted unchecked.
  */
 #include <arpa/inet.h>
 #include <libpq-fe.h>
@@ -315,9 +324,70 @@ typedef struct {
     mh_auth_t *au;
     mh_req_t *req;
     mh_msign_t sig;
+    uint8_t base_hash[32]; /* SHA-256 of the signature base (replay record) */
 } gate_t;
 
 static mh_str_t content_digest(const mh_req_t *req) { return mh_req_header(req, "content-digest"); }
+
+/* A database failure while authenticating: 503, never a 401. */
+static void db_unavailable(mh_req_t *req, const char *what, int err, const char *errmsg)
+{
+    mh_error("req %s: %s: %s (%s)", req->id, what, mh_strerror(err), errmsg ? errmsg : "");
+    mh_res_header(req, "Retry-After", "2");
+    mh_res_error(req, 503, "unavailable", "the database is unavailable; retry shortly");
+}
+
+/* SPEC 5: GET and HEAD change nothing, and the fetch POST is a read. */
+static bool changes_state(const mh_req_t *req)
+{
+    if (!strcmp(req->method, "GET") || !strcmp(req->method, "HEAD")) return false;
+    return !(req->route && req->route->name && !strcmp(req->route->name, "fetch"));
+}
+
+/* The record, and a few expired ones swept on the way (index on
+ * expires_at; the row being written is never among them). An existing
+ * row for the base blocks the insert unless it has expired, in which case
+ * it is reused: RETURNING yields a row exactly when this request is the
+ * first within the window. */
+static const mh_stmt_t st_replay = {
+    "auth_replay_record",
+    "WITH gone AS (DELETE FROM msign_replay WHERE base_hash IN (SELECT base_hash FROM msign_replay"
+    " WHERE expires_at < now() AND base_hash <> decode($1, 'hex') ORDER BY expires_at LIMIT 8))"
+    " INSERT INTO msign_replay (base_hash, key_id, expires_at) VALUES (decode($1, 'hex'), $2, to_timestamp($3))"
+    " ON CONFLICT (base_hash) DO UPDATE SET key_id = EXCLUDED.key_id, expires_at = EXCLUDED.expires_at"
+    " WHERE msign_replay.expires_at < now() RETURNING 1",
+    3};
+
+/* Seconds a record is kept past created + MH_MSIGN_MAX_SKEW: hosts'
+ * clocks may differ from the database's by this much. */
+#define REPLAY_MARGIN_S 120
+
+static void replay_cb(void *ud, PGresult *res, int err, const char *errmsg)
+{
+    gate_t *g = ud;
+    mh_req_t *req = g->req;
+    if (err) {
+        db_unavailable(req, "replay record", err, errmsg);
+        return;
+    }
+    if (PQntuples(res) != 1) {
+        mh_info("req %s: 401 %s %.*s: replayed keyid=%s", req->id, req->method, (int)req->path.n, req->path.p,
+                g->sig.keyid);
+        mh_res_error(req, 401, "replayed", "this signed request was accepted before; sign it again to repeat it");
+        return;
+    }
+    if (rate_limited(g->au, req, req->caller)) return;
+    mh_req_continue(req);
+}
+
+static void replay_record(gate_t *g)
+{
+    char hex[65], exp[24];
+    mh_hex_encode(hex, g->base_hash, sizeof g->base_hash);
+    snprintf(exp, sizeof exp, "%lld", (long long)(g->sig.created + MH_MSIGN_MAX_SKEW + REPLAY_MARGIN_S));
+    const char *vals[3] = {hex, g->sig.keyid, exp};
+    mh_db_exec(g->au->db, &st_replay, vals, NULL, NULL, replay_cb, g);
+}
 
 /* Verifies with a cached or freshly loaded key and lets the request on. */
 static void finish(gate_t *g, key_entry_t *e)
@@ -334,6 +404,7 @@ static void finish(gate_t *g, key_entry_t *e)
     }
     uint8_t h[32];
     bool hashed = false, seen = false;
+    mh_sha256(base.p, base.len, g->base_hash);
     if (!mh_buf_append(&base, g->sig.sig, sizeof g->sig.sig)) {
         mh_sha256(base.p, base.len, h);
         base.len -= sizeof g->sig.sig;
@@ -359,6 +430,10 @@ static void finish(gate_t *g, key_entry_t *e)
     c->is_admin = e->is_admin;
     c->is_agent = e->is_agent;
     req->caller = c;
+    if (changes_state(req)) {
+        replay_record(g); /* then the rate limit and the handler */
+        return;
+    }
     if (rate_limited(g->au, req, c)) return;
     mh_req_continue(req);
 }
@@ -375,9 +450,7 @@ static void key_cb(void *ud, PGresult *res, int err, const char *errmsg)
     gate_t *g = ud;
     mh_req_t *req = g->req;
     if (err) {
-        mh_error("req %s: key lookup: %s (%s)", req->id, mh_strerror(err), errmsg ? errmsg : "");
-        mh_res_header(req, "Retry-After", "2");
-        mh_res_error(req, 503, "unavailable", "the database is unavailable; retry shortly");
+        db_unavailable(req, "key lookup", err, errmsg);
         return;
     }
     if (PQntuples(res) != 1) {

@@ -36,13 +36,22 @@ static int oom(const char **why)
     return MH_ENOMEM;
 }
 
+/* floor(n / 2) for the P-256 group order n, big-endian. */
+static const uint8_t p256_half_n[32] = {0x7f, 0xff, 0xff, 0xff, 0x80, 0x00, 0x00, 0x00, 0x7f, 0xff, 0xff,
+                                        0xff, 0xff, 0xff, 0xff, 0xff, 0xde, 0x73, 0x7d, 0x56, 0xd3, 0x8b,
+                                        0xcf, 0x42, 0x79, 0xdc, 0xe5, 0x61, 0x7e, 0x31, 0x92, 0xa8};
+
+bool mh_msign_high_s(const uint8_t sig[64]) { return memcmp(sig + 32, p256_half_n, 32) > 0; }
+
 /* The two covered-component lists SPEC 5 allows, in order. */
 static const char *const covered_full[] = {"@method", "@path", "@query", "content-digest"};
 
-/* Exactly one member, labelled msign. */
+/* Exactly one member, labelled msign, written once: RFC 8941 folds
+ * "msign=a, msign=b" into b, and a reader that took a would see another
+ * signature (docs/auth.md: a second signature is refused, not ignored). */
 static const mh_sf_member_t *only_msign(const mh_sf_dict_t *d)
 {
-    if (d->n != 1) return NULL;
+    if (d->n != 1 || d->nparsed != 1) return NULL;
     return mh_sf_dict_get(d, MH_MSIGN_LABEL);
 }
 
@@ -111,6 +120,10 @@ int mh_msign_parse(mh_arena_t *a, mh_str_t sig_input, mh_str_t signature, mh_msi
         return deny(why, "Signature member is not a plain byte sequence");
     if (ms->item.v.s.n != 64) return deny(why, "signature is not 64 bytes (r||s)");
     memcpy(out->sig, ms->item.v.s.p, 64);
+    /* (r, s) and (r, n - s) both verify: anyone can turn one valid
+     * signature into another without the key. Only the low-S form is
+     * accepted (SPEC 5), so one request has one signature. */
+    if (mh_msign_high_s(out->sig)) return deny(why, "signature has s > n/2 (high-S)");
 
     /* @signature-params: the member re-serialized canonically (RFC 9421
      * 2.3), so insignificant spacing in the header cannot matter. */
@@ -148,6 +161,7 @@ int mh_msign_check_body(mh_arena_t *a, const mh_msign_t *m, mh_str_t content_dig
     int rc = mh_sf_parse_dict(a, content_digest.p, content_digest.n, &d, &pwhy);
     if (rc == MH_ENOMEM) return oom(why);
     if (rc) return deny(why, "Content-Digest is not a structured-field dictionary");
+    if (d.nparsed != d.n) return deny(why, "Content-Digest names an algorithm twice");
     const mh_sf_member_t *md = mh_sf_dict_get(&d, "sha-256");
     if (!md || md->inner || md->item.v.t != MH_SF_BYTES || md->item.params.n || md->item.v.s.n != 32)
         return deny(why, "Content-Digest has no sha-256 byte sequence of 32 bytes");

@@ -333,6 +333,7 @@ static int parse_dict(sfp_t *s, mh_sf_dict_t *d)
             if (parse_params(s, &m.item.params)) return s->err;
         }
         uint32_t k = 0;
+        d->nparsed++;
         while (k < d->n && !(d->m[k].key.n == m.key.n && !memcmp(d->m[k].key.p, m.key.p, m.key.n))) k++;
         if (k < d->n) {
             d->m[k] = m; /* overwrite, keep the position */

@@ -42,6 +42,7 @@ const char *mh_strerror(int err)
 /* --------------------------------------------------------------- logging */
 
 mh_log_level_t mh_log_level_current = MH_LOG_INFO;
+mh_log_format_t mh_log_format_current = MH_LOG_TEXT;
 
 int mh_log_set_level(const char *name)
 {
@@ -54,27 +55,161 @@ int mh_log_set_level(const char *name)
     return MH_EINVAL;
 }
 
-void mh_log_write(mh_log_level_t level, const char *fmt, ...)
+int mh_log_set_format(const char *name)
+{
+    if (name && !strcmp(name, "text")) mh_log_format_current = MH_LOG_TEXT;
+    else if (name && !strcmp(name, "json")) mh_log_format_current = MH_LOG_JSON;
+    else return MH_EINVAL;
+    return 0;
+}
+
+/* A line being assembled in a fixed buffer; `cap` keeps room for the
+ * closing bytes, so whatever is cut, the line still ends well. */
+typedef struct {
+    char *p;
+    size_t len, cap, hard; /* content stops at cap; closing bytes may go up to hard */
+} logline_t;
+
+static void ll_put(logline_t *l, const char *s, size_t n)
+{
+    size_t room = l->len < l->cap ? l->cap - l->len : 0;
+    if (n > room) n = room;
+    memcpy(l->p + l->len, s, n);
+    l->len += n;
+}
+
+/* A closing byte: written even past cap (hard keeps room for them). */
+static void ll_close(logline_t *l, char c)
+{
+    if (l->len < l->hard) l->p[l->len++] = c;
+}
+
+static void ll_puts(logline_t *l, const char *s) { ll_put(l, s, strlen(s)); }
+
+/* Length of the valid UTF-8 sequence at s[0..n) (RFC 3629: no overlong
+ * forms, no surrogates, at most U+10FFFF), 0 when invalid. */
+static size_t utf8_seq(const unsigned char *s, size_t n)
+{
+    unsigned c = s[0];
+    size_t k;
+    unsigned min, cp;
+    if (c < 0x80) return 1;
+    if (c >= 0xc2 && c <= 0xdf) k = 2, min = 0x80, cp = c & 0x1f;
+    else if (c >= 0xe0 && c <= 0xef) k = 3, min = 0x800, cp = c & 0x0f;
+    else if (c >= 0xf0 && c <= 0xf4) k = 4, min = 0x10000, cp = c & 0x07;
+    else return 0;
+    if (n < k) return 0;
+    for (size_t i = 1; i < k; i++) {
+        if ((s[i] & 0xc0) != 0x80) return 0;
+        cp = (cp << 6) | (s[i] & 0x3f);
+    }
+    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return 0;
+    return k;
+}
+
+/* A JSON string (with its quotes) of s[0..n). */
+static void ll_json_str(logline_t *l, const char *s, size_t n)
+{
+    static const char hex[] = "0123456789abcdef";
+    ll_put(l, "\"", 1);
+    const unsigned char *u = (const unsigned char *)s;
+    for (size_t i = 0; i < n && l->len + 8 < l->cap;) {
+        unsigned char c = u[i];
+        if (c == '"' || c == '\\') {
+            char e[2] = {'\\', (char)c};
+            ll_put(l, e, 2);
+            i++;
+        } else if (c < 0x20 || c == 0x7f) {
+            char e[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
+            if (c == '\n') ll_put(l, "\\n", 2);
+            else if (c == '\t') ll_put(l, "\\t", 2);
+            else if (c == '\r') ll_put(l, "\\r", 2);
+            else ll_put(l, e, 6);
+            i++;
+        } else {
+            size_t k = utf8_seq(u + i, n - i);
+            if (k) ll_put(l, s + i, k);
+            else ll_put(l, "\xef\xbf\xbd", 3); /* U+FFFD for a byte that is not UTF-8 */
+            i += k ? k : 1;
+        }
+    }
+    ll_close(l, '"');
+}
+
+static void log_emit(mh_log_level_t level, const mh_log_field_t *fields, size_t nf, const char *fmt, va_list ap)
 {
     static const char *tags[] = {"DEBUG", "INFO", "WARN", "ERROR"};
-    char line[4096];
-    struct timespec ts;
+    static const char *names[] = {"debug", "info", "warn", "error"};
+    char msg[4096];
+    int m = vsnprintf(msg, sizeof msg, fmt, ap);
+    size_t mlen = m < 0 ? 0 : (size_t)m < sizeof msg ? (size_t)m : sizeof msg - 1;
+
+    char ts[64];
+    struct timespec now;
     struct tm tm;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    gmtime_r(&ts.tv_sec, &tm);
-    int n = snprintf(line, sizeof line, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ %s [%d] ", tm.tm_year + 1900,
-                     tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000,
-                     tags[level & 3], (int)getpid());
+    clock_gettime(CLOCK_REALTIME, &now);
+    gmtime_r(&now.tv_sec, &tm);
+    snprintf(ts, sizeof ts, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ", tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday,
+             tm.tm_hour, tm.tm_min, tm.tm_sec, now.tv_nsec / 1000000);
+
+    char buf[16384];
+    logline_t l = {buf, 0, sizeof buf - 64, sizeof buf}; /* room for closing quotes, "}\n" */
+    char num[64];
+    if (mh_log_format_current == MH_LOG_JSON) {
+        ll_puts(&l, "{\"ts\":\"");
+        ll_puts(&l, ts);
+        ll_puts(&l, "\",\"level\":\"");
+        ll_puts(&l, names[level & 3]);
+        snprintf(num, sizeof num, "\",\"pid\":%d,\"msg\":", (int)getpid());
+        ll_puts(&l, num);
+        /* Members after the message must fit: keep ~1 KiB for them. */
+        size_t cap = l.cap;
+        if (l.cap > l.len + 1024) l.cap -= 1024;
+        ll_json_str(&l, msg, mlen);
+        l.cap = cap;
+        for (size_t i = 0; i < nf; i++) {
+            const mh_log_field_t *f = &fields[i];
+            ll_puts(&l, ",\"");
+            ll_puts(&l, f->key);
+            ll_puts(&l, "\":");
+            if (f->type == MH_LF_STR) {
+                if (f->s) ll_json_str(&l, f->s, strlen(f->s));
+                else ll_puts(&l, "null");
+            } else if (f->type == MH_LF_INT) {
+                snprintf(num, sizeof num, "%lld", f->i);
+                ll_puts(&l, num);
+            } else {
+                snprintf(num, sizeof num, "%.3f", f->d);
+                ll_puts(&l, num);
+            }
+        }
+        ll_close(&l, '}');
+    } else {
+        snprintf(num, sizeof num, " %s [%d] ", tags[level & 3], (int)getpid());
+        ll_puts(&l, ts);
+        ll_puts(&l, num);
+        ll_put(&l, msg, mlen);
+    }
+    ll_close(&l, '\n');
+    /* One write(2) per line so lines from several processes never interleave. */
+    ssize_t w = write(2, buf, l.len);
+    (void)w;
+}
+
+void mh_log_write(mh_log_level_t level, const char *fmt, ...)
+{
     va_list ap;
     va_start(ap, fmt);
-    int m = vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);
+    log_emit(level, NULL, 0, fmt, ap);
     va_end(ap);
-    size_t len = (size_t)n + (m < 0 ? 0 : (size_t)m);
-    if (len > sizeof line - 2) len = sizeof line - 2;
-    line[len++] = '\n';
-    /* One write(2) per line so lines from several processes never interleave. */
-    ssize_t w = write(2, line, len);
-    (void)w;
+}
+
+void mh_log_fields(mh_log_level_t level, const mh_log_field_t *fields, size_t n, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    log_emit(level, fields, n, fmt, ap);
+    va_end(ap);
 }
 
 /* ----------------------------------------------------------------- arena */

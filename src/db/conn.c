@@ -40,6 +40,7 @@
 #define CLIENT_GRACE_MS 2000 /* client timer = statement_timeout + this */
 #define COPY_CHUNK (64 * 1024)
 #define CONNECT_WARN_MS 10000
+#define DB_BIG_RESULT ((size_t)16 << 20) /* a result this large: recycle the session (db_conn_maybe_recycle) */
 
 static void on_poll(uv_poll_t *h, int status, int events);
 static void on_timer(uv_timer_t *t);
@@ -285,8 +286,10 @@ static void conn_connect_failed(mh_dbconn_t *c, const char *why)
     } else {
         mh_debug("db: cannot connect: %s (retry in %u ms)", msg, (unsigned)c->backoff_ms);
     }
+    c->recycling = false;
     conn_teardown(c);
     conn_schedule_retry(c);
+    db_conn_unreachable(c->db);
 }
 
 static void conn_connect(mh_dbconn_t *c)
@@ -319,10 +322,11 @@ static void conn_connected(mh_dbconn_t *c)
     }
     c->state = CS_READY;
     c->backoff_ms = BACKOFF_MIN_MS;
-    if (c->ever_connected) {
+    if (c->ever_connected && !c->recycling) {
         db->reconnects++;
         mh_info("db: reconnected (backend pid %d)", PQbackendPID(c->pg));
     }
+    c->recycling = false;
     c->ever_connected = true;
     prep_clear(c);
     /* Watch for readability even when idle, to notice a server that
@@ -363,6 +367,7 @@ static void conn_drop(mh_dbconn_t *c, const char *why)
     conn_teardown(c);
     if (c->held) c->broken = true;
     conn_schedule_retry(c);
+    db_conn_unreachable(c->db);
 }
 
 void db_conn_lost(mh_dbconn_t *c, int err, const char *msg)
@@ -474,7 +479,8 @@ static int step_send(mh_dbconn_t *c, db_op_t *op, const db_step_t *s)
     case ST_QUERY:
         return PQsendQueryParams(pg, q->sql, q->nparams, NULL, q->vals, q->lens, q->fmts, 0);
     case ST_EXEC:
-        return PQsendQueryPrepared(pg, q->stmt->name, q->nparams, q->vals, q->lens, q->fmts, 0);
+        return PQsendQueryPrepared(pg, q->stmt->name, q->nparams, q->vals, q->lens, q->fmts,
+                                   q->stmt->result_format ? 1 : 0);
     case ST_PREPARE:
         return PQsendPrepare(pg, q->stmt->name, q->stmt->sql, q->stmt->nparams, NULL);
     case ST_SYNC:
@@ -552,6 +558,25 @@ static void op_evaluate(mh_dbconn_t *c, db_op_t *op)
     }
 }
 
+/* Notes an op whose results are huge (see db_conn_maybe_recycle). */
+static void note_big_results(mh_dbconn_t *c, const db_op_t *op)
+{
+    for (int i = 0; i < op->nsteps; i++)
+        if (op->steps[i].res && PQresultMemorySize(op->steps[i].res) > DB_BIG_RESULT) c->recycle = true;
+}
+
+bool db_conn_maybe_recycle(mh_dbconn_t *c)
+{
+    if (!c->recycle || c->op || c->state != CS_READY) return false;
+    c->recycle = false;
+    c->recycling = true;
+    mh_debug("db: reopening a session that received a result over %zu MiB", DB_BIG_RESULT >> 20);
+    db_idle_remove(c->db, c);
+    conn_teardown(c);
+    conn_connect(c);
+    return true;
+}
+
 static void conn_op_done(mh_dbconn_t *c)
 {
     db_op_t *op = c->op;
@@ -559,6 +584,7 @@ static void conn_op_done(mh_dbconn_t *c)
     uv_timer_stop(&c->timer);
     c->state = CS_READY;
     op_evaluate(c, op);
+    note_big_results(c, op);
     PGTransactionStatusType ts = PQtransactionStatus(c->pg);
     if (op->err == MH_EDBDOWN || PQstatus(c->pg) == CONNECTION_BAD || ts == PQTRANS_UNKNOWN ||
         ts == PQTRANS_ACTIVE || PQpipelineStatus(c->pg) != PQ_PIPELINE_OFF) {
@@ -577,6 +603,7 @@ static void conn_segment_done(mh_dbconn_t *c)
     c->op = op->next;
     op->next = NULL;
     op_evaluate(c, op);
+    note_big_results(c, op);
     uv_timer_start(&c->timer, on_timer, (uint64_t)c->db->query_timeout_ms + CLIENT_GRACE_MS, 0);
     bool dead = op->err == MH_EDBDOWN || PQstatus(c->pg) == CONNECTION_BAD;
     char msg[256];

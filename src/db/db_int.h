@@ -111,6 +111,8 @@ struct mh_dbconn {
     bool release_pending; /* released while an operation was in flight */
     bool ever_connected;
     bool in_idle;
+    bool recycle; /* received a huge result: reopen the session when free (conn.c) */
+    bool recycling; /* reopening on purpose: not counted as a reconnect */
     mh_dbconn_t *idle_prev, *idle_next;
     db_op_t *op; /* in flight: the head of a batch when ->next is set */
     uint32_t backoff_ms;
@@ -145,6 +147,7 @@ struct mh_db {
     size_t nchans, capchans;
     uint64_t queries, errors, reconnects;
     uint64_t last_connect_warn_ms;
+    bool tried;    /* a connect attempt failed or a session was lost at least once */
     bool closing, finishing, delivering;
     int nopen;     /* connections not yet freed */
     int nhandles;  /* pool-level handles still open during finish */
@@ -165,6 +168,13 @@ void db_conn_lost(mh_dbconn_t *c, int err, const char *msg);
 /* Closes for good (pool closing). Fails an op in flight with
  * MH_ECANCELED. */
 void db_conn_shutdown(mh_dbconn_t *c);
+/* When c->recycle is set (it received a result over DB_BIG_RESULT
+ * bytes), closes the session and opens a new one at once, and returns
+ * true: libpq's input buffer only ever grows, so one huge row (a
+ * million-entry snapshot delta) would otherwise pin that much memory on
+ * a pooled connection for good. The connection rejoins the pool when the
+ * new session is ready. Only for a connection that is not busy. */
+bool db_conn_maybe_recycle(mh_dbconn_t *c);
 /* Translates a failed result (or the connection's state) to MH_E* and
  * copies the server's message into msg. */
 int db_translate(PGconn *pg, const PGresult *r, char *msg, size_t cap);
@@ -173,6 +183,9 @@ void db_notice_cb(void *arg, const char *message);
 /* ----- pool.c */
 /* A connection became READY with no op: hand it to the next waiter. */
 void db_conn_ready(mh_dbconn_t *c);
+/* A connect attempt failed or a session was lost: when no connection is
+ * left, waiters now wait at most DOWN_WAIT_MS (pool.c). */
+void db_conn_unreachable(mh_db_t *db);
 /* An operation ended (ok, failed or connection lost) and is detached from
  * c: delivers it (deferred) and decides what c does next. */
 void db_op_finished(mh_dbconn_t *c, db_op_t *op);

@@ -27,9 +27,16 @@
 
 #define MAX_STMT_NAME 63 /* NAMEDATALEN - 1: longer names are truncated */
 #define MAX_BATCH 32     /* one-shot ops sent in one pipeline */
+/* How long a waiter waits while the pool has no connection at all and
+ * its last attempts failed (PostgreSQL down): SPEC 4.8 wants /readyz
+ * (and every request) answered 503 within 2 s, not after the 30 s query
+ * timeout (issue 15 item 6). The pool keeps reconnecting in the
+ * background (100 ms .. 5 s backoff), so service resumes by itself. */
+#define DOWN_WAIT_MS 1000
 
 static void on_idle(uv_idle_t *h);
 static void on_wait_timer(uv_timer_t *t);
+static uint64_t wait_limit(const mh_db_t *db);
 static void db_maybe_finish(mh_db_t *db);
 static void listen_sync(mh_dbconn_t *c);
 
@@ -331,6 +338,7 @@ static void conn_available(mh_dbconn_t *c)
         db_conn_shutdown(c);
         return;
     }
+    if (db_conn_maybe_recycle(c)) return; /* back when the new session is ready */
     db_op_t *op = wait_pop(db);
     if (!op) {
         idle_push(db, c);
@@ -371,21 +379,48 @@ static void pool_submit(mh_db_t *db, db_op_t *op)
     db->wait_tail = op;
     db->nwait++;
     if (!uv_is_active((uv_handle_t *)&db->wait_timer))
-        uv_timer_start(&db->wait_timer, on_wait_timer, db->query_timeout_ms, 0);
+        uv_timer_start(&db->wait_timer, on_wait_timer, wait_limit(db), 0);
 }
 
-/* The queue is FIFO, so the head is the oldest waiter. */
+/* True when the database is unreachable as far as the pool can tell:
+ * attempts have failed and no connection is up (one held in a
+ * transaction counts as up). */
+static bool pool_down(const mh_db_t *db)
+{
+    if (!db->tried) return false;
+    for (uint32_t i = 0; i < db->pool_size; i++) {
+        const mh_dbconn_t *c = db->conns[i];
+        if (c && (c->state == CS_READY || c->state == CS_BUSY)) return false;
+    }
+    return true;
+}
+
+/* How long a waiter may wait, now. */
+static uint64_t wait_limit(const mh_db_t *db)
+{
+    return pool_down(db) && DOWN_WAIT_MS < db->query_timeout_ms ? DOWN_WAIT_MS : db->query_timeout_ms;
+}
+
+/* The queue is FIFO, so the head is the oldest waiter: fail the waiters
+ * past the limit, then sleep until the head's deadline. */
 static void on_wait_timer(uv_timer_t *t)
 {
     mh_db_t *db = t->data;
-    uint64_t now = mh_now_ms();
+    uint64_t now = mh_now_ms(), limit = wait_limit(db);
     char msg[128];
-    snprintf(msg, sizeof msg, "no database connection available within %u ms",
-             (unsigned)db->query_timeout_ms);
-    while (db->wait_head && db->wait_head->enq_ms + db->query_timeout_ms <= now)
-        op_fail(wait_pop(db), MH_EDBDOWN, msg);
-    if (db->wait_head)
-        uv_timer_start(t, on_wait_timer, db->wait_head->enq_ms + db->query_timeout_ms - now, 0);
+    if (limit < db->query_timeout_ms)
+        snprintf(msg, sizeof msg, "the database is unreachable (no connection; retrying in the background)");
+    else
+        snprintf(msg, sizeof msg, "no database connection available within %u ms", (unsigned)db->query_timeout_ms);
+    while (db->wait_head && db->wait_head->enq_ms + limit <= now) op_fail(wait_pop(db), MH_EDBDOWN, msg);
+    if (db->wait_head) uv_timer_start(t, on_wait_timer, db->wait_head->enq_ms + limit - now, 0);
+}
+
+void db_conn_unreachable(mh_db_t *db)
+{
+    db->tried = true;
+    /* Waiters queued under the normal limit may be due sooner now. */
+    if (db->wait_head && !db->closing) on_wait_timer(&db->wait_timer);
 }
 
 static void release_now(mh_dbconn_t *c);

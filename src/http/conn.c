@@ -136,6 +136,7 @@ static void req_client_gone(req_t *q)
 {
     q->r.gone = true;
     if (q->r.responded) {
+        if (q->rs_open) mh__stream_client_gone(q);
         mh__req_maybe_free(q);
         return;
     }
@@ -157,11 +158,27 @@ static void req_client_gone(req_t *q)
 
 /* ------------------------------------------------------------ reading */
 
-static bool conn_can_parse(const mh_conn_t *c)
+bool mh__conn_out_full(const mh_conn_t *c)
+{
+    if (c->nwriting >= MH_HTTP_OUT_MAX_RESPONSES) return true;
+    return !c->fake && uv_stream_get_write_queue_size((const uv_stream_t *)&c->tcp) > MH_HTTP_OUT_MAX_BYTES;
+}
+
+static bool conn_can_parse(mh_conn_t *c)
 {
     if (c->closing || c->stop_parse || c->user_paused) return false;
     const req_t *q = c->cur;
-    return !(q && q->phase == PH_DONE && !q->r.responded);
+    /* A complete request waits for its answer (a streamed one until it
+     * ends: the next answer must not interleave with it). */
+    if (q && q->phase == PH_DONE && (!q->r.responded || q->rs_open)) return false;
+    /* The client is not reading its answers: stop taking requests until
+     * the queued output drains (mh__req_write_done resumes). */
+    if (mh__conn_out_full(c)) {
+        c->out_full = true;
+        return false;
+    }
+    c->out_full = false;
+    return true;
 }
 
 static size_t pending_len(const mh_conn_t *c) { return c->pending.len - c->pend_off; }
@@ -205,7 +222,7 @@ void mh__conn_update_reading(mh_conn_t *c)
     if (c->fake || c->closing) return;
     bool want;
     if (c->finishing) want = !c->eof; /* discard until EOF: avoids an RST */
-    else want = !c->eof && !c->user_paused && pending_len(c) < MH_HTTP_PENDING_MAX;
+    else want = !c->eof && !c->user_paused && !c->out_full && pending_len(c) < MH_HTTP_PENDING_MAX;
     if (want && !c->reading) {
         if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0) c->reading = true;
     } else if (!want && c->reading) {
@@ -485,6 +502,52 @@ static int req_build(mh_conn_t *c, req_t *q)
     return 0;
 }
 
+/* RFC 3986 host [":" port] characters: reg-name (unreserved, sub-delims,
+ * pct-encoded), IP literals and the port. Empty is valid (RFC 9112 3.2). */
+static bool host_value_ok(mh_str_t v)
+{
+    for (size_t i = 0; i < v.n; i++) {
+        unsigned char ch = (unsigned char)v.p[i];
+        if ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9')) continue;
+        if (!strchr("-._~!$&'()*+,;=%:[]", ch) || ch == 0) return false;
+    }
+    return true;
+}
+
+/* RFC 9112 3.2: an HTTP/1.1 request needs exactly one Host field line; any
+ * request with two, or with an invalid value, is a 400. Two Host lines
+ * are how a request reaches a different virtual host behind a proxy that
+ * reads the other one. Returns NULL when fine, else why. */
+static const char *host_problem(const req_t *q)
+{
+    int n = 0;
+    mh_str_t v = {0};
+    for (int i = 0; i < q->r.nheaders; i++) {
+        if (q->r.headers[i].name.n == 4 && memcmp(q->r.headers[i].name.p, "host", 4) == 0) {
+            n++;
+            v = q->r.headers[i].value;
+        }
+    }
+    if (n > 1) return "more than one Host header field";
+    if (n == 0) return q->http_major > 1 || (q->http_major == 1 && q->http_minor >= 1) ? "missing Host header field" : NULL;
+    return host_value_ok(v) ? NULL : "invalid Host header field";
+}
+
+/* Obsolete line folding (RFC 9112 5.2): a header line continued by a line
+ * that starts with SP or HT. llhttp 8 accepts it and joins the lines, a
+ * proxy may not: the same bytes would carry different headers. Scans the
+ * header bytes llhttp consumed, p[0..n), for LF followed by SP/HT;
+ * c->lf_last carries the state across reads. */
+static bool saw_obs_fold(mh_conn_t *c, const char *p, size_t n)
+{
+    if (!n) return false;
+    if (c->lf_last && (p[0] == ' ' || p[0] == '\t')) return true;
+    for (const char *e = p + n, *lf = memchr(p, '\n', n); lf; lf = memchr(lf + 1, '\n', (size_t)(e - lf - 1)))
+        if (lf + 1 < e && (lf[1] == ' ' || lf[1] == '\t')) return true;
+    c->lf_last = p[n - 1] == '\n';
+    return false;
+}
+
 static bool str_ieq(mh_str_t s, const char *lit)
 {
     size_t n = strlen(lit);
@@ -535,6 +598,12 @@ static void conn_on_headers(mh_conn_t *c)
         return;
     }
     mh_req_t *r = &q->r;
+    c->lf_last = false;
+    const char *bad_host = host_problem(q);
+    if (bad_host) {
+        conn_fail(c, 400, "bad_request", bad_host);
+        return;
+    }
     mh_str_t ex = mh_req_header(r, "expect");
     bool has_body = r->content_length > 0;
     /* Known before any early answer: one given instead of 100 Continue
@@ -611,7 +680,7 @@ static void conn_on_message(mh_conn_t *c)
         }
         q->hold--;
     }
-    if (c->cur == q && r->responded) {
+    if (c->cur == q && r->responded && !q->rs_open) {
         c->cur = NULL;
         c->user_paused = false;
     }
@@ -630,7 +699,12 @@ static void conn_fail(mh_conn_t *c, int status, const char *code, const char *de
         c->cur = NULL;
         c->user_paused = false;
         if (q->r.responded) {
-            /* Its answer is already queued: just end the connection. */
+            /* Its answer is already queued: just end the connection (at
+             * once when the answer is still being streamed). */
+            if (q->rs_open) {
+                mh__conn_close(c);
+                return;
+            }
             mh__req_maybe_free(q);
             mh__conn_finish(c);
             return;
@@ -672,7 +746,16 @@ static size_t conn_parse(mh_conn_t *c, const char *data, size_t len)
         c->kick = false;
         c->ev = EV_NONE;
         c->err_status = 0;
+        /* Bytes of a header section (or of what precedes the next one). */
+        bool in_headers = !c->cur || c->cur->phase == PH_HEADERS;
         llhttp_errno_t e = llhttp_execute(&c->parser, p, (size_t)(end - p));
+        if ((e == HPE_OK || e == HPE_PAUSED) && in_headers) {
+            const char *upto = e == HPE_OK ? end : llhttp_get_error_pos(&c->parser);
+            if (saw_obs_fold(c, p, (size_t)(upto - p))) {
+                conn_fail(c, 400, "bad_request", "obsolete line folding in the header section");
+                return len;
+            }
+        }
         if (e == HPE_OK) {
             p = end;
         } else if (e == HPE_PAUSED) {
@@ -844,7 +927,15 @@ void mh__req_write_done(req_t *q, int status)
         c->idle_since = uv_now(c->s->loop);
         if (status < 0) mh__conn_close(c);
         else if (c->finishing && c->fake && c->nwriting == 0) mh__conn_close(c);
-        else mh__conn_arm(c);
+        else {
+            if (c->out_full && !mh__conn_out_full(c)) {
+                /* The client read its answers: take requests again. */
+                c->out_full = false;
+                mh__conn_update_reading(c);
+                if (pending_len(c) || c->kick || c->eof) mh__http_schedule_drain(c);
+            }
+            mh__conn_arm(c);
+        }
     }
     mh__req_maybe_free(q);
 }

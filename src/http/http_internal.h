@@ -26,6 +26,12 @@
 
 #define MH_HTTP_READ_BUF (64 * 1024)      /* one shared read buffer per server */
 #define MH_HTTP_PENDING_MAX (256 * 1024)  /* unparsed pipelined bytes before we stop reading */
+/* Output a connection may have queued (answers the client has not read
+ * yet) before it stops parsing and reading further requests: a client
+ * that pipelines requests and never reads costs at most this much plus
+ * MH_HTTP_PENDING_MAX (issue 15 item 1). */
+#define MH_HTTP_OUT_MAX_BYTES (1u << 20)
+#define MH_HTTP_OUT_MAX_RESPONSES 16
 #define MH_HTTP_REQ_ARENA_LIMIT (64u << 20)
 #define MH_HTTP_LINGER_MS 2000            /* read-and-discard after a closing response */
 #define MH_HTTP_POOL_MAX 1024             /* cached request structs */
@@ -33,6 +39,7 @@
 
 typedef struct req req_t;
 typedef struct res_hdr res_hdr_t;
+typedef struct mh__stream mh__stream_t; /* stream.c: a streamed response */
 
 struct res_hdr {
     res_hdr_t *next;
@@ -71,6 +78,8 @@ struct req {
     void (*ext_done)(void *);
     void *ext_arg;
     int metric;          /* index into s->metrics */
+    mh__stream_t *rs;    /* streamed response (stream.c), in the arena; NULL otherwise */
+    bool rs_open;        /* streamed response begun and not ended: the next request waits */
 };
 
 typedef struct {
@@ -107,6 +116,8 @@ struct mh_conn {
     int handles_open;
     bool fake, in_ready, closing, eof, finishing, shut_done, lingering, stop_parse;
     bool reading, user_paused, timer_armed, kick;
+    bool out_full;         /* parsing and reading stopped: too much output queued */
+    bool lf_last;          /* header bytes scanned so far end with LF (obs-fold check) */
     int in_drive;
     uint64_t idle_since;   /* loop ms of the last read or write completion */
     uint64_t body_activity;
@@ -159,6 +170,7 @@ struct mh_http_server {
     uv_idle_t idle;
     bool idle_active;
     req_t *done_list; /* writes already done, completed on the next turn */
+    req_t *stream_aborts; /* streamed responses whose client left: abort callback next turn */
     mh_buf_t *fake_sink;
 
     req_t *pool;
@@ -204,6 +216,9 @@ void mh__req_maybe_free(req_t *q);
 void mh__conn_response_queued(mh_conn_t *c, req_t *q, bool keep);
 bool mh__req_keep_alive(const req_t *q);
 void mh__conn_update_reading(mh_conn_t *c);
+/* True when the connection has more output queued than the bounds above
+ * (responses written but not yet read by the client). */
+bool mh__conn_out_full(const mh_conn_t *c);
 
 /* ---- route.c */
 int mh__routes_compile(mh_http_server_t *s);
@@ -218,6 +233,18 @@ char *mh__pct_decode(mh_arena_t *a, const char *p, size_t n, bool plus_space, si
 
 /* ---- res.c */
 void mh__req_log_and_count(req_t *q);
+/* Builds the status line and headers into the request arena: Server,
+ * Date, Content-Type (when ctype), Content-Length n (when body_allowed),
+ * Connection, X-Request-Id, then q->hdrs. NULL on ENOMEM. */
+char *mh__res_build_head(req_t *q, int status, const char *ctype, size_t n, bool body_allowed, bool keep,
+                         size_t *len);
+
+/* ---- stream.c */
+/* The client of q left while its streamed response was open: the
+ * producer's abort callback runs on the next loop turn. */
+void mh__stream_client_gone(req_t *q);
+/* Runs the deferred abort callbacks (server.c's idle pass). */
+void mh__stream_run_aborts(mh_http_server_t *s);
 
 /* ---- fuzz / test driver (fake connections, no socket) */
 /* A server with no listener: mh__http_fake_server(loop, cfg, &s). */

@@ -142,9 +142,19 @@ void mh__req_log_and_count(req_t *q)
     int status = r->status ? r->status : 499;
     double secs = (double)(mh_now_us() - r->start_us) / 1e6;
     mh__http_observe(r->server, q->metric, status, secs);
-    /* The path only: query strings may carry presigned signatures. */
-    mh_info("%s %.*s %d %llu %.3f %s", r->method, r->path.n ? (int)r->path.n : 1, r->path.n ? r->path.p : "-",
-            status, (unsigned long long)r->bytes_out, secs * 1000.0, r->id);
+    if (MH_LOG_INFO < mh_log_level_current) return;
+    const char *client = r->peer[0] ? r->peer : "-", *user = "-";
+    if (r->server->cfg.log_who) r->server->cfg.log_who(r, &client, &user);
+    /* The path only, never the query: query strings carry presigned URL
+     * signatures (/_store/...?X-Muse-Signature=...). */
+    char *path = mh_strndup(&r->arena, r->path.n ? r->path.p : "-", r->path.n ? r->path.n : 1);
+    const mh_log_field_t f[] = {
+        MH_LF_S("event", "access"), MH_LF_S("method", r->method), MH_LF_S("path", path ? path : "-"),
+        MH_LF_I("status", status),  MH_LF_I("bytes", r->bytes_out), MH_LF_N("ms", secs * 1000.0),
+        MH_LF_S("req_id", r->id),   MH_LF_S("client", client),     MH_LF_S("user", user),
+    };
+    mh_log_fields(MH_LOG_INFO, f, sizeof f / sizeof f[0], "%s %s %d %llu %.3f %s %s %s", r->method, path ? path : "-",
+                  status, (unsigned long long)r->bytes_out, secs * 1000.0, r->id, client, user);
 }
 
 /* ---------------------------------------------------------- responses */
@@ -188,8 +198,10 @@ static char *put_u64(char *o, uint64_t v)
     return o;
 }
 
-/* Builds the head of the response into the arena; NULL on ENOMEM. */
-static char *build_head(req_t *q, int status, const char *ctype, size_t n, bool body_allowed, bool keep, size_t *len)
+/* Builds the head of the response into the arena; NULL on ENOMEM.
+ * Shared with stream.c (streamed responses). */
+char *mh__res_build_head(req_t *q, int status, const char *ctype, size_t n, bool body_allowed, bool keep,
+                         size_t *len)
 {
     mh_req_t *r = &q->r;
     const char *reason = mh_http_reason(status);
@@ -245,7 +257,7 @@ static void res_emit(req_t *q, int status, const char *ctype, const void *body, 
     bool keep = mh__req_keep_alive(q);
     bool body_allowed = !(status < 200 || status == 204 || status == 304);
     size_t hl = 0;
-    char *head = build_head(q, status, ctype, n, body_allowed, keep, &hl);
+    char *head = mh__res_build_head(q, status, ctype, n, body_allowed, keep, &hl);
     if (!head) {
         /* The arena is at its limit: a fixed answer, then close. It still
          * carries SPEC's error body (the close makes it safe for HEAD). */

@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "http_internal.h"
+#include "mh/metrics.h"
 
 static const double bucket_le[MH_HTTP_NBUCKETS] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                                                    0.1,    0.25,  0.5,    1,     2.5,   5,    10};
@@ -43,6 +44,7 @@ static void on_idle(uv_idle_t *h)
         mh__req_write_done(fd, 0);
         fd = n;
     }
+    mh__stream_run_aborts(s);
     while (s->ready) {
         mh_conn_t *c = s->ready;
         s->ready = c->rnext;
@@ -51,7 +53,7 @@ static void on_idle(uv_idle_t *h)
         c->in_ready = false;
         mh__conn_drain(c);
     }
-    if (!s->ready && !s->done_list) {
+    if (!s->ready && !s->done_list && !s->stream_aborts) {
         uv_idle_stop(&s->idle);
         s->idle_active = false;
         mh__http_conn_freed(s); /* a stop may have waited for fake writes */
@@ -116,7 +118,7 @@ static void own_closed(uv_handle_t *h)
 /* Once stopping and nothing network-facing is left, close our own handles. */
 static void check_done(mh_http_server_t *s)
 {
-    if (!s->stopping || s->nconns || s->listener_open || s->done_list || s->own_closing) return;
+    if (!s->stopping || s->nconns || s->listener_open || s->done_list || s->stream_aborts || s->own_closing) return;
     s->own_closing = true;
     uv_close((uv_handle_t *)&s->grace, own_closed);
     uv_close((uv_handle_t *)&s->idle, own_closed);
@@ -393,18 +395,6 @@ void mh__http_observe(mh_http_server_t *s, int metric, int status, double secs)
     m->nst++;
 }
 
-/* Prometheus label values escape \, " and newline. */
-static int put_label(mh_buf_t *out, const char *v)
-{
-    int rc = 0;
-    for (const char *p = v; *p && !rc; p++) {
-        if (*p == '\\' || *p == '"') rc = mh_buf_append_byte(out, '\\') || mh_buf_append_byte(out, (uint8_t)*p);
-        else if (*p == '\n') rc = mh_buf_append_str(out, "\\n");
-        else rc = mh_buf_append_byte(out, (uint8_t)*p);
-    }
-    return rc ? MH_ENOMEM : 0;
-}
-
 int mh_http_metrics_write(mh_http_server_t *s, mh_buf_t *out)
 {
     int rc = mh_buf_append_str(out, "# HELP musehub_http_requests_total HTTP requests answered, by route and status.\n"
@@ -413,7 +403,7 @@ int mh_http_metrics_write(mh_http_server_t *s, mh_buf_t *out)
         metric_t *m = &s->metrics[i];
         for (int k = 0; k < m->nst && !rc; k++) {
             rc = mh_buf_append_str(out, "musehub_http_requests_total{route=\"");
-            rc = rc ? rc : put_label(out, m->name);
+            rc = rc ? rc : mh_metrics_label(out, m->name);
             rc = rc ? rc : mh_buf_printf(out, "\",status=\"%d\"} %llu\n", m->st[k].status, (unsigned long long)m->st[k].n);
         }
     }
@@ -426,16 +416,16 @@ int mh_http_metrics_write(mh_http_server_t *s, mh_buf_t *out)
         for (int b = 0; b <= MH_HTTP_NBUCKETS && !rc; b++) {
             cum += m->buckets[b];
             rc = mh_buf_append_str(out, "musehub_http_request_duration_seconds_bucket{route=\"");
-            rc = rc ? rc : put_label(out, m->name);
+            rc = rc ? rc : mh_metrics_label(out, m->name);
             if (rc) break;
             if (b < MH_HTTP_NBUCKETS) rc = mh_buf_printf(out, "\",le=\"%g\"} %llu\n", bucket_le[b], (unsigned long long)cum);
             else rc = mh_buf_printf(out, "\",le=\"+Inf\"} %llu\n", (unsigned long long)cum);
         }
         rc = rc ? rc : mh_buf_append_str(out, "musehub_http_request_duration_seconds_sum{route=\"");
-        rc = rc ? rc : put_label(out, m->name);
+        rc = rc ? rc : mh_metrics_label(out, m->name);
         rc = rc ? rc : mh_buf_printf(out, "\"} %.6f\n", m->sum);
         rc = rc ? rc : mh_buf_append_str(out, "musehub_http_request_duration_seconds_count{route=\"");
-        rc = rc ? rc : put_label(out, m->name);
+        rc = rc ? rc : mh_metrics_label(out, m->name);
         rc = rc ? rc : mh_buf_printf(out, "\"} %llu\n", (unsigned long long)m->count);
     }
     rc = rc ? rc

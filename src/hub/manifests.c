@@ -175,9 +175,12 @@ typedef struct {
     const char *why;
 } mload_t;
 
-/* Columns: n, snapshot_id, is_root, checkpoint, delta_upsert, delta_remove;
- * base (highest n) first. The CTE carries only ids so the bytea columns
- * are read once, by the final join. */
+/* Columns: n, snapshot_id, is_root ("true"/"false"), checkpoint,
+ * delta_upsert, delta_remove; base (highest n) first. The CTE carries only
+ * ids so the bytea columns are read once, by the final join. Results come
+ * in binary format: a bytea arrives as its bytes, not twice as many hex
+ * digits (a million-entry root delta is ~100 MB); the other columns are
+ * text, whose binary form is the text itself. */
 static const mh_stmt_t st_chain = {
     "hub_manifest_chain",
     "WITH RECURSIVE chain(snapshot_id, parent_snapshot_id, cp, n) AS ("
@@ -186,10 +189,10 @@ static const mh_stmt_t st_chain = {
     " SELECT s.snapshot_id, s.parent_snapshot_id, s.checkpoint IS NOT NULL, c.n + 1"
     " FROM chain c JOIN snapshots s ON s.snapshot_id = c.parent_snapshot_id"
     " WHERE NOT c.cp AND c.n < $2::int)"
-    " SELECT c.n, c.snapshot_id, c.parent_snapshot_id IS NULL, s.checkpoint,"
+    " SELECT c.n::text, c.snapshot_id, (c.parent_snapshot_id IS NULL)::text, s.checkpoint,"
     " CASE WHEN c.cp THEN NULL ELSE s.delta_upsert END, CASE WHEN c.cp THEN NULL ELSE s.delta_remove END"
     " FROM chain c JOIN snapshots s ON s.snapshot_id = c.snapshot_id ORDER BY c.n DESC",
-    2};
+    2, 1};
 
 static void noop_work(uv_work_t *w) { (void)w; }
 static void finish(mload_t *ml, int err, const char *why);
@@ -199,9 +202,13 @@ static int apply_row(mh_arena_t *a, PGresult *res, int r, mh_manifest_t *m, cons
 {
     uint8_t *up, *rm;
     size_t upn, rmn;
-    if (mh_pq_bytea(a, res, r, 4, &up, &upn) || mh_pq_bytea(a, res, r, 5, &rm, &rmn)) {
-        *why = "stored delta is not bytea";
-        return MH_EPARSE;
+    int brc = mh_pq_bytea(a, res, r, 4, &up, &upn);
+    if (!brc) brc = mh_pq_bytea(a, res, r, 5, &rm, &rmn);
+    if (brc) {
+        /* Out of memory is not a parse error: it must not read as a
+         * corrupt row (issue 15 item 3). */
+        *why = brc == MH_ENOMEM ? "out of memory reading a stored delta" : "stored delta is not bytea";
+        return brc == MH_ENOMEM ? MH_ENOMEM : MH_EPARSE;
     }
     mh_val_t upv, rmv;
     int rc = mh_msgpack_decode(a, up, upn, &mh_decode_limits_default, &upv, why);
@@ -226,12 +233,14 @@ static int rebuild(mload_t *ml, PGresult *res, mh_manifest_t *m, const char **wh
     if (!mh_pq_isnull(res, 0, 3)) {
         uint8_t *cp;
         size_t cpn;
-        if (mh_pq_bytea(ml->a, res, 0, 3, &cp, &cpn) || mh_manifest_decode(ml->a, cp, cpn, m)) {
-            *why = "corrupt checkpoint";
-            return MH_EPARSE;
+        int crc = mh_pq_bytea(ml->a, res, 0, 3, &cp, &cpn);
+        if (!crc) crc = mh_manifest_decode(ml->a, cp, cpn, m);
+        if (crc) {
+            *why = crc == MH_ENOMEM ? "out of memory reading a checkpoint" : "corrupt checkpoint";
+            return crc == MH_ENOMEM ? MH_ENOMEM : MH_EPARSE;
         }
         start = 1;
-    } else if (strcmp(mh_pq_str(res, 0, 2), "t") == 0) {
+    } else if (strcmp(mh_pq_str(res, 0, 2), "true") == 0) {
         start = 0; /* a root: its delta is the whole manifest */
     } else if (mh_pq_int(res, 0, 0) >= CHAIN_MAX) {
         *why = "delta chain longer than the checkpoint bound";

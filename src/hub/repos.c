@@ -36,6 +36,13 @@ char *mh_repo_slug(mh_arena_t *a, const char *name, size_t n)
     return out;
 }
 
+bool mh_repo_slug_valid(const char *slug)
+{
+    /* SPEC 4.1: empty, ".", ".." and anything starting with "." would be
+     * a hidden or relative path segment in /{owner}/{slug}/... URLs. */
+    return slug && slug[0] && slug[0] != '.';
+}
+
 /* A string field of the body: present, a STR, 1..max bytes, no NUL. */
 static const char *body_str(mh_req_t *req, const mh_val_t *body, const char *key, size_t max, bool required,
                             bool *bad)
@@ -122,15 +129,13 @@ void mh_h_repo_create(mh_req_t *req)
     if (bad) return;
     const char *description = body_str(req, &body, "description", 4096, false, &bad);
     if (bad) return;
+    /* Required, never defaulted (SPEC 4.1): a misspelt key must not make
+     * a repository public (issue 15 item 10). */
     const mh_val_t *vis = mh_val_get(&body, "visibility");
-    const char *visibility = "public";
-    if (vis && vis->t != MH_V_NIL) {
-        if (mh_val_streq(vis, "public")) visibility = "public";
-        else if (mh_val_streq(vis, "private")) visibility = "private";
-        else {
-            mh_res_error(req, 422, "invalid_field", "'visibility' must be \"public\" or \"private\"");
-            return;
-        }
+    const char *visibility = mh_val_streq(vis, "public") ? "public" : mh_val_streq(vis, "private") ? "private" : NULL;
+    if (!visibility) {
+        mh_res_error(req, 422, "invalid_field", "'visibility' is required: \"public\" or \"private\"");
+        return;
     }
     const mh_val_t *init = mh_val_get(&body, "initialize");
     bool initialize = false;
@@ -152,6 +157,11 @@ void mh_h_repo_create(mh_req_t *req)
     mh_id_t repo_id, owner_id, snap_id, commit_id;
     if (!c || !slug || mh_random(rnd, sizeof rnd)) {
         mh_res_error(req, 503, "unavailable", "out of resources");
+        return;
+    }
+    if (!mh_repo_slug_valid(slug)) {
+        mh_res_error(req, 422, "invalid_field", "the name gives the slug '%s': a slug may not be empty or start with '.'",
+                     slug);
         return;
     }
     mh_id_from_digest(&repo_id, rnd);

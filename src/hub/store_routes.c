@@ -2,19 +2,33 @@
  * store_routes.c — the fs backend's presigned URLs served by the server
  * itself (SPEC 3, 4.3 step 2): PUT /_store/incoming/<id> streams the body
  * to disk while hashing it and keeps it only when hash and length match
- * what the URL signs; GET /_store/mpacks/<hex> serves a pack (with Range).
+ * what the URL signs; GET /_store/mpacks/<hex> serves a pack (with Range)
+ * as a streamed response read in pieces on the thread pool.
  *
  * Invariants: the URL's HMAC covers method, key, expiry, size and hash,
- * so nothing here trusts the client beyond what the server signed; a PUT
- * never overwrites an existing key (mh_store_fs_upload_open refuses).
+ * so nothing here trusts the client beyond what the server signed; the
+ * key is the raw request path (never percent-decoded), so it has one
+ * spelling; a PUT never overwrites an existing key
+ * (mh_store_fs_upload_open refuses); a GET holds about
+ * MH_RES_STREAM_HIGH + DL_CHUNK bytes whatever the pack size.
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include "mh/hub.h"
+
+/* The key exactly as it appears in the request path: "no decoding"
+ * (docs/security.md 5), so a key has one spelling, the one the URL was
+ * signed for (a percent-encoded spelling is not a valid key and fails the
+ * signature check). */
+static mh_str_t store_key(const mh_req_t *req)
+{
+    static const char pre[] = "/_store/";
+    if (req->path.n <= sizeof pre - 1 || memcmp(req->path.p, pre, sizeof pre - 1) != 0) return (mh_str_t){NULL, 0};
+    return (mh_str_t){req->path.p + sizeof pre - 1, req->path.n - (sizeof pre - 1)};
+}
 
 typedef struct {
     mh_fs_upload_t *up;
@@ -80,7 +94,7 @@ static void upload_end(mh_req_t *req)
 void mh_h_store_put(mh_req_t *req)
 {
     mh_hub_t *hub = req->app;
-    mh_str_t key = mh_req_param(req, "key");
+    mh_str_t key = store_key(req);
     uint64_t size = 0;
     uint8_t sha[32];
     int rc = mh_store_fs_check_url(hub->store, "PUT", key, req->query, &size, sha);
@@ -120,22 +134,146 @@ void mh_h_store_put(mh_req_t *req)
 
 /* ------------------------------------------------------------------ GET */
 
-typedef struct {
-    void *map;
-    size_t len;
-} mapping_t;
+/* Served without mapping the file: a mapping of a GiB pack counted every
+ * page a client had read against the process (RSS grew to the pack size),
+ * and a page fault on the loop thread is a blocking disk read. Instead
+ * the file is read in DL_CHUNK pieces with uv_fs_read (libuv's thread
+ * pool) and each piece is lent to the streamed response
+ * (mh_res_stream_write_ext); the next read starts when the stream wants
+ * more, so a download holds about MH_RES_STREAM_HIGH + DL_CHUNK bytes
+ * whatever the pack size. sendfile(2) was the alternative: through
+ * uv_fs_sendfile it runs on the thread pool against libuv's non-blocking
+ * socket, gets EAGAIN once the socket buffer is full and would need our
+ * own writability watch on a descriptor uv_tcp_t already polls, ordered
+ * by hand against the response head queued with uv_write; pread + write
+ * keeps one write path and its back-pressure (docs/architecture.md). */
+#define DL_CHUNK (256u << 10)
+#define DL_SPARE 4 /* buffers kept for reuse */
 
-static void unmap_cb(void *arg)
+typedef struct {
+    mh_req_t *req;
+    uv_loop_t *loop;
+    uv_fs_t rd;
+    uv_file fd;
+    uint64_t off, end; /* next byte to read, end of the range */
+    uint8_t *rbuf;     /* the buffer being read into */
+    uint8_t *spare[DL_SPARE];
+    int nspare;
+    bool reading, waiting, ended;
+} dl_t;
+
+static void dl_read(dl_t *d);
+
+/* Ends the response once (closing the file), unless a read is still on
+ * the thread pool: its callback finishes the job. */
+static void dl_end(dl_t *d, int err)
 {
-    mapping_t *m = arg;
-    if (m->map && m->len) munmap(m->map, m->len);
-    free(m);
+    if (d->ended || d->reading) return;
+    d->ended = true;
+    if (d->fd >= 0) {
+        uv_fs_t cl;
+        uv_fs_close(NULL, &cl, d->fd, NULL); /* close(2) of a regular file: does not block */
+        uv_fs_req_cleanup(&cl);
+        d->fd = -1;
+    }
+    mh_res_stream_end(d->req, err);
+}
+
+static uint8_t *dl_buf(dl_t *d) { return d->nspare ? d->spare[--d->nspare] : malloc(DL_CHUNK); }
+
+typedef struct {
+    dl_t *d;
+    uint8_t *p;
+} dl_lent_t;
+
+/* A piece was written (or dropped): keep its buffer for the next read. */
+static void dl_buf_done(void *arg)
+{
+    dl_lent_t *l = arg;
+    dl_t *d = l->d;
+    if (d->nspare < DL_SPARE) d->spare[d->nspare++] = l->p;
+    else free(l->p);
+    free(l);
+}
+
+static void dl_read_cb(uv_fs_t *rq)
+{
+    dl_t *d = rq->data;
+    ssize_t n = rq->result;
+    uv_fs_req_cleanup(rq);
+    d->reading = false;
+    uint8_t *b = d->rbuf;
+    d->rbuf = NULL;
+    if (mh_req_gone(d->req) || n <= 0) {
+        free(b);
+        if (!mh_req_gone(d->req))
+            mh_error("req %s: reading the pack: %s", d->req->id, n < 0 ? uv_strerror((int)n) : "file shorter than its size");
+        dl_end(d, mh_req_gone(d->req) ? 0 : MH_EIO);
+        return;
+    }
+    d->off += (uint64_t)n;
+    dl_lent_t *l = malloc(sizeof *l);
+    if (!l) {
+        free(b);
+        dl_end(d, MH_ENOMEM);
+        return;
+    }
+    *l = (dl_lent_t){d, b};
+    bool more = mh_res_stream_write_ext(d->req, b, (size_t)n, dl_buf_done, l);
+    if (d->off >= d->end) dl_end(d, 0);
+    else if (more) dl_read(d);
+    else d->waiting = true; /* dl_drain reads on */
+}
+
+static void dl_read(dl_t *d)
+{
+    if (d->reading || d->ended || d->off >= d->end) return;
+    d->rbuf = dl_buf(d);
+    if (!d->rbuf) {
+        dl_end(d, MH_ENOMEM);
+        return;
+    }
+    uint64_t left = d->end - d->off;
+    uv_buf_t b = uv_buf_init((char *)d->rbuf, (unsigned)(left < DL_CHUNK ? left : DL_CHUNK));
+    d->rd.data = d;
+    int rc = uv_fs_read(d->loop, &d->rd, d->fd, &b, 1, (int64_t)d->off, dl_read_cb);
+    if (rc) {
+        free(d->rbuf);
+        d->rbuf = NULL;
+        mh_error("req %s: reading the pack: %s", d->req->id, uv_strerror(rc));
+        dl_end(d, MH_EIO);
+        return;
+    }
+    d->reading = true;
+}
+
+static void dl_drain(mh_req_t *req, void *arg)
+{
+    (void)req;
+    dl_t *d = arg;
+    d->waiting = false;
+    dl_read(d);
+}
+
+static void dl_abort(mh_req_t *req, void *arg)
+{
+    (void)req;
+    dl_end(arg, 0); /* or, with a read in flight, when it returns */
+}
+
+/* Arena cleanup: the spare buffers, and the file if never ended. */
+static void dl_cleanup(void *arg)
+{
+    dl_t *d = arg;
+    for (int i = 0; i < d->nspare; i++) free(d->spare[i]);
+    d->nspare = 0;
+    if (d->fd >= 0) close(d->fd);
 }
 
 void mh_h_store_get(mh_req_t *req)
 {
     mh_hub_t *hub = req->app;
-    mh_str_t key = mh_req_param(req, "key");
+    mh_str_t key = store_key(req);
     int rc = mh_store_fs_check_url(hub->store, "GET", key, req->query, NULL, NULL);
     if (rc == MH_ETIMEDOUT) {
         mh_res_error(req, 403, "expired", "this download URL has expired");
@@ -157,18 +295,26 @@ void mh_h_store_get(mh_req_t *req)
         mh_res_error(req, 500, "internal", "cannot read: %s", mh_strerror(rc));
         return;
     }
-    uint64_t off = 0, len = size;
+    dl_t *d = mh_calloc(&req->arena, sizeof *d);
+    if (!d || mh_arena_defer(&req->arena, dl_cleanup, d)) {
+        close(fd);
+        mh_res_error(req, 503, "unavailable", "out of memory");
+        return;
+    }
+    *d = (dl_t){.req = req, .loop = hub->loop, .fd = fd, .off = 0, .end = size};
     int status = 200;
     mh_str_t range = mh_req_header(req, "range");
     if (range.p) {
         bool unsat = false;
+        uint64_t off = 0, len = size;
         if (mh_parse_range(range, size, &off, &len, &unsat)) {
             status = 206;
+            d->off = off;
+            d->end = off + len;
             char *cr = mh_sprintf(&req->arena, "bytes %llu-%llu/%llu", (unsigned long long)off,
                                   (unsigned long long)(off + len - 1), (unsigned long long)size);
             if (cr) mh_res_header(req, "Content-Range", cr);
         } else if (unsat) {
-            close(fd);
             char *cr = mh_sprintf(&req->arena, "bytes */%llu", (unsigned long long)size);
             if (cr) mh_res_header(req, "Content-Range", cr);
             mh_res_error(req, 416, "range_not_satisfiable", "range outside the object");
@@ -177,25 +323,11 @@ void mh_h_store_get(mh_req_t *req)
     }
     mh_res_header(req, "Accept-Ranges", "bytes");
     mh_res_header(req, "Cache-Control", "private, max-age=3600, immutable");
-    mapping_t *m = calloc(1, sizeof *m);
-    if (!m) {
-        close(fd);
+    rc = mh_res_stream_begin(req, status, "application/octet-stream", d->end - d->off, dl_drain, dl_abort, d);
+    if (rc) {
         mh_res_error(req, 503, "unavailable", "out of memory");
         return;
     }
-    if (size) {
-        /* Packs are immutable once renamed into place, so a shared mapping
-         * is safe; the kernel pages it in as the socket drains. */
-        m->map = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
-        if (m->map == MAP_FAILED) {
-            m->map = NULL;
-            close(fd);
-            free(m);
-            mh_res_error(req, 500, "internal", "cannot map object");
-            return;
-        }
-        m->len = size;
-    }
-    close(fd);
-    mh_res_send_ext(req, status, "application/octet-stream", (const uint8_t *)m->map + off, len, unmap_cb, m);
+    if (!mh_res_stream_wants_body(req) || d->off >= d->end) dl_end(d, 0);
+    else dl_read(d);
 }

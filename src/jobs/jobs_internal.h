@@ -74,10 +74,6 @@ void mh_jobs_sweep(mh_db_t *db, mh_store_t *store, uint32_t grace_s, bool (*stop
 
 /* ------------------------------------------------------------ helpers */
 
-/* SQL text for the advisory lock of a pack, shared by GC, index and
- * sweep: pg_advisory_xact_lock(hashtextextended('musehub:mpack:' || id, 0)). */
-#define MH_SQL_LOCK_MPACK(param) "pg_advisory_xact_lock(hashtextextended('musehub:mpack:' || " param ", 0))"
-
 /* "mpacks/<64 hex>" of an id (out >= 80 bytes). */
 void mh_jobs_pack_key(char *out, size_t size, const char *mpack_id);
 

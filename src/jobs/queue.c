@@ -55,13 +55,30 @@ enum { O_DONE, O_RETRY, O_FAILED, O_ABANDONED, NOUTCOMES };
 static const char *const type_names[NTYPES] = {"mpack.index", "mpack.gc", "other"};
 static const char *const outcome_names[NOUTCOMES] = {"done", "retry", "failed", "abandoned"};
 
+/* Upper bounds of the job duration histogram, seconds: an index job of a
+ * small push takes milliseconds, a GC of a large repository minutes. */
+#define NDBUCKETS 14
+static const double dur_le[NDBUCKETS] = {0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600};
+
 static struct {
     uint64_t claimed;
     uint64_t finished[NTYPES][NOUTCOMES];
+    uint64_t dur_bucket[NTYPES][NDBUCKETS + 1]; /* last: +Inf */
+    uint64_t dur_count[NTYPES];
     double seconds[NTYPES];
     int64_t running;
     uint64_t swept, pruned;
 } stats;
+
+/* One finished run of a job of type t that took secs. */
+static void observe_duration(int t, double secs)
+{
+    int b = 0;
+    while (b < NDBUCKETS && secs > dur_le[b]) b++;
+    stats.dur_bucket[t][b]++;
+    stats.dur_count[t]++;
+    stats.seconds[t] += secs;
+}
 
 static int type_index(const char *t)
 {
@@ -90,10 +107,25 @@ int mh_jobs_metrics_write(mh_buf_t *out)
             rc = mh_buf_printf(out, "musehub_jobs_finished_total{type=\"%s\",outcome=\"%s\"} %llu\n", type_names[t],
                                outcome_names[o], (unsigned long long)stats.finished[t][o]);
     if (!rc)
-        rc = mh_buf_printf(out, "# HELP musehub_jobs_duration_seconds_sum Time spent running jobs, by type.\n"
-                                "# TYPE musehub_jobs_duration_seconds_sum counter\n");
-    for (int t = 0; t < NTYPES && !rc; t++)
-        rc = mh_buf_printf(out, "musehub_jobs_duration_seconds_sum{type=\"%s\"} %.6f\n", type_names[t], stats.seconds[t]);
+        rc = mh_buf_printf(out, "# HELP musehub_jobs_duration_seconds Time a job run took, claim to outcome, by type.\n"
+                                "# TYPE musehub_jobs_duration_seconds histogram\n");
+    for (int t = 0; t < NTYPES && !rc; t++) {
+        uint64_t cum = 0;
+        for (int b = 0; b <= NDBUCKETS && !rc; b++) {
+            cum += stats.dur_bucket[t][b];
+            if (b < NDBUCKETS)
+                rc = mh_buf_printf(out, "musehub_jobs_duration_seconds_bucket{type=\"%s\",le=\"%g\"} %llu\n",
+                                   type_names[t], dur_le[b], (unsigned long long)cum);
+            else
+                rc = mh_buf_printf(out, "musehub_jobs_duration_seconds_bucket{type=\"%s\",le=\"+Inf\"} %llu\n",
+                                   type_names[t], (unsigned long long)cum);
+        }
+        if (!rc)
+            rc = mh_buf_printf(out,
+                               "musehub_jobs_duration_seconds_sum{type=\"%s\"} %.6f\n"
+                               "musehub_jobs_duration_seconds_count{type=\"%s\"} %llu\n",
+                               type_names[t], stats.seconds[t], type_names[t], (unsigned long long)stats.dur_count[t]);
+    }
     if (!rc)
         rc = mh_buf_printf(out,
                            "# HELP musehub_mpacks_swept_total Superseded packs deleted from the store.\n"
@@ -276,7 +308,7 @@ static void finish(mh_job_t *j, int outcome, const char *result_json, const char
     j->ended = true;
     mh_jobs_t *r = j->runner;
     int t = type_index(j->type);
-    stats.seconds[t] += mh_job_elapsed_ms(j) / 1000.0;
+    observe_duration(t, mh_job_elapsed_ms(j) / 1000.0);
     uv_timer_stop(&j->heartbeat);
     uv_close((uv_handle_t *)&j->heartbeat, heartbeat_closed_cb);
 

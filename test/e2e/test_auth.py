@@ -548,3 +548,139 @@ def test_bad_trusted_proxies_refuse_to_start(start_server, cast):
     with pytest.raises(RuntimeError):
         start_server(dev_identity=None, share=cast["server"], MUSEHUB_TRUSTED_PROXIES="not-an-ip",
                      start_timeout=5)
+
+
+# ---------------------------------------------------------------------------
+# replayed signed writes (SPEC 5, issue 15 item 5)
+# ---------------------------------------------------------------------------
+
+def _signed_json(who: Who, srv, method: str, path: str, obj=None) -> tuple[bytes, dict]:
+    """A body and the headers that sign it: sent as is, then again (the
+    capture an attacker would replay)."""
+    import json
+    body = json.dumps(obj).encode() if obj is not None else b""
+    return body, signed(who, method, srv.url + path, body)
+
+
+def assert_replayed(r: httpx.Response) -> None:
+    assert r.status_code == 401, (r.status_code, r.text)
+    assert r.json()["error"] == "replayed", r.text
+
+
+def test_replayed_collaborator_grant_after_revocation_is_refused(cast, hubs):
+    """A captured grant, replayed within its 300 s window after the grant
+    was revoked, used to give the access back."""
+    srv, al, bob = cast["server"], cast["alice"], cast["bob"]
+    alice, bobh = hubs("alice"), hubs("bob")
+    repo = alice.create_repo(al.handle, unique("grant"), visibility="private")
+    path = f"/api/repos/{repo['repo_id']}/collaborators/{bob.handle}"
+    body, h = _signed_json(al, srv, "PUT", path, {"role": "write"})
+    assert send(srv, "PUT", path, body, h).status_code == 200
+    assert bobh.raw("GET", f"/api/repos/{repo['repo_id']}").status_code == 200
+    assert alice.raw("DELETE", path).status_code == 204
+    assert bobh.raw("GET", f"/api/repos/{repo['repo_id']}").status_code == 404
+    assert_replayed(send(srv, "PUT", path, body, h))
+    assert bobh.raw("GET", f"/api/repos/{repo['repo_id']}").status_code == 404
+    listed = alice.call("GET", f"/api/repos/{repo['repo_id']}/collaborators")["collaborators"]
+    assert bob.handle not in [c["handle"] for c in listed]
+
+
+def test_replayed_server_side_commit_is_refused(cast, hubs):
+    """A replayed server-side commit used to make a duplicate commit."""
+    import base64
+    srv, al = cast["server"], cast["alice"]
+    alice = hubs("alice")
+    repo = alice.create_repo(al.handle, unique("commit"), visibility="public", initialize=True)
+    path = f"/api/repos/{repo['repo_id']}/commits"
+    body, h = _signed_json(al, srv, "POST", path, {"branch": "main", "message": "once",
+                                                    "files": {"a.txt": base64.b64encode(b"a").decode()}})
+    first = send(srv, "POST", path, body, h)
+    assert first.status_code == 201, first.text
+    assert_replayed(send(srv, "POST", path, body, h))
+    log = alice.commits(al.handle, repo["slug"], branch="main")["commits"]
+    assert [c["message"] for c in log] == ["once", "Initial commit"]
+
+
+def test_replay_is_refused_by_another_server_on_the_same_database(cast, hubs, server_factory):
+    """The record lives in PostgreSQL: what one process accepted, another
+    (another host) refuses."""
+    srv, al = cast["server"], cast["alice"]
+    other = server_factory(dev_identity=None, share=srv)
+    name = unique("twin")
+    body, h = _signed_json(al, srv, "POST", "/api/repos", {"owner": al.handle, "name": name,
+                                                           "visibility": "public"})
+    assert send(srv, "POST", "/api/repos", body, h).status_code == 201
+    assert_replayed(send(other, "POST", "/api/repos", body, h))
+    # And the other way round, with a request the second server takes first.
+    body2, h2 = _signed_json(al, srv, "POST", "/api/repos", {"owner": al.handle, "name": name + "-b",
+                                                             "visibility": "public"})
+    assert send(other, "POST", "/api/repos", body2, h2).status_code == 201
+    assert_replayed(send(srv, "POST", "/api/repos", body2, h2))
+    names = [r["name"] for r in hubs("alice").list_repos(al.handle)["repos"]]
+    assert names.count(name) == 1 and names.count(name + "-b") == 1
+
+
+def test_reads_and_fetch_may_be_repeated(cast, hubs):
+    """GET and HEAD change nothing, and the fetch POST is a read: the same
+    signed request may be sent again (SPEC 5)."""
+    srv, al = cast["server"], cast["alice"]
+    alice = hubs("alice")
+    repo = alice.create_repo(al.handle, unique("reads"), visibility="private")
+    hist = small(unique("r"))
+    alice.push(al.handle, repo["slug"], hist.pack(), "main", hist.head)
+    rpath = f"/{al.handle}/{repo['slug']}/refs"
+    _, h = _signed_json(al, srv, "GET", rpath)
+    assert [send(srv, "GET", rpath, headers=h).status_code for _ in range(3)] == [200, 200, 200]
+    fpath = f"/{al.handle}/{repo['slug']}/fetch"
+    body, h = _signed_json(al, srv, "POST", fpath, {"want": [hist.head], "have": []})
+    codes = [send(srv, "POST", fpath, body, {**h, "Accept": "application/json"}).status_code for _ in range(3)]
+    assert codes == [200, 200, 200]
+
+
+def test_identical_writes_in_one_second_are_not_replays(cast, hubs):
+    """msign.py puts a random nonce in every signature: a client that sends
+    the same write twice within a second (a retry) sends two signatures."""
+    srv, al = cast["server"], cast["alice"]
+    alice = hubs("alice")
+    repo = alice.create_repo(al.handle, unique("twice"), visibility="public")
+    key = muselib.blob_id(b"twice-" + repo["repo_id"].encode())
+    for _ in range(3):
+        r = alice.raw("POST", f"/{al.handle}/{repo['slug']}/push/mpack-presign",
+                      {"mpack_key": key, "size_bytes": 10}, fmt="json")
+        assert r.status_code == 200, r.text
+    # Without a nonce, the second identical request of the same second is a replay.
+    path = f"/{al.handle}/{repo['slug']}/push/mpack-presign"
+    import json
+    body = json.dumps({"mpack_key": key, "size_bytes": 10}).encode()
+    h = msign.sign("POST", srv.url + path, body, al.key_id, al.key, nonce="")
+    assert "nonce" not in h["Signature-Input"]
+    assert send(srv, "POST", path, body, h).status_code == 200
+    assert_replayed(send(srv, "POST", path, body, h))
+
+
+def test_high_s_signature_is_refused(cast, hubs):
+    """(r, s) and (r, n - s) both verify; only the low-S half is accepted
+    (SPEC 5), so a captured signature cannot be turned into a second one
+    without the key — and msign.py signs low-S."""
+    import base64
+    srv, al = cast["server"], cast["alice"]
+    alice = hubs("alice")
+    repo = alice.create_repo(al.handle, unique("highs"), visibility="private")
+    rpath = f"/{al.handle}/{repo['slug']}/refs"
+    n = msign.P256_N
+    for _ in range(4):  # several signatures: whatever msign.py made, flip it
+        _, h = _signed_json(al, srv, "GET", rpath)
+        sig = base64.b64decode(h["Signature"].split(":")[1])
+        r, s = sig[:32], int.from_bytes(sig[32:], "big")
+        assert s <= n // 2, "msign.py must sign low-S"
+        high = dict(h, Signature="msign=:" + base64.b64encode(r + (n - s).to_bytes(32, "big")).decode() + ":")
+        assert_401(send(srv, "GET", rpath, headers=high))
+        assert send(srv, "GET", rpath, headers=h).status_code == 200
+    # A write: the high-S twin of an accepted request is refused too.
+    path = f"/api/repos/{repo['repo_id']}/collaborators/{cast['bob'].handle}"
+    body, h = _signed_json(al, srv, "PUT", path, {"role": "read"})
+    sig = base64.b64decode(h["Signature"].split(":")[1])
+    high = dict(h, Signature="msign=:" + base64.b64encode(
+        sig[:32] + (n - int.from_bytes(sig[32:], "big")).to_bytes(32, "big")).decode() + ":")
+    assert_401(send(srv, "PUT", path, body, high))
+    assert send(srv, "PUT", path, body, h).status_code == 200

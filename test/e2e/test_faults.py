@@ -909,3 +909,43 @@ def test_failalloc_server_push_fetch(start_server, tmp_path, monkeypatch):
     hub.close()
     p.close()
     fs.srv.stop()  # SIGTERM: exit 0, and LeakSanitizer finds nothing at exit
+
+
+# ---------------------------------------------------------------------------
+# PostgreSQL down (issue 15 item 6, SPEC 4.8)
+# ---------------------------------------------------------------------------
+
+def test_pg_down_answers_503_fast_and_recovers(start_server):
+    """With its own throwaway cluster stopped, /readyz and a request that
+    needs the database answer 503 (with Retry-After) within 2 s — not
+    after the 30 s query timeout — and the server recovers by itself once
+    the cluster is back."""
+    import tempfile
+    import pgtmp
+    d = tempfile.mkdtemp(prefix="musehub-pgdown-", dir="/tmp")
+    try:
+        pg_url = pgtmp.start(d)
+        port = int(urllib.parse.urlsplit(pg_url).port)
+        srv = start_server(database=pg_url)
+        hub = srv.hub()
+        assert hub.raw("GET", "/readyz").status_code == 200
+        hub.create_repo(OWNER, unique("before"), visibility="public")
+        pgtmp.stop(d)
+        for path, method, body in [("/readyz", "GET", None), ("/readyz", "GET", None),
+                                   ("/api/repos", "POST", {"owner": OWNER, "name": unique("down"),
+                                                          "visibility": "public"}),
+                                   ("/api/repos?owner=" + OWNER, "GET", None)]:
+            t0 = time.monotonic()
+            r = hub.raw(method, path, body, fmt="json")
+            dt = time.monotonic() - t0
+            assert r.status_code == 503, (path, r.status_code, r.text)
+            assert r.headers.get("retry-after"), path
+            assert dt < 2.0, f"{method} {path}: 503 after {dt:.2f} s"
+        assert srv.alive()
+        pgtmp.start(d, port=port)  # the same address: the server's URL names it
+        _wait_for(lambda: hub.raw("GET", "/readyz").status_code == 200, 15, "readyz 200 after the restart")
+        r = hub.create_repo(OWNER, unique("after"), visibility="public")
+        assert r["visibility"] == "public"
+        assert hub.raw("GET", f"/{OWNER}/{r['slug']}/refs").status_code == 200
+    finally:
+        pgtmp.destroy(d)

@@ -116,6 +116,11 @@ def test_duplicate_slug_from_other_name_is_409(hub, make_repo):
     {"owner": OWNER, "name": "bad-init", "visibility": "public", "initialize": "yes"},
     {"owner": OWNER, "name": "bad-init2", "visibility": "public", "initialize": 1},
     {"owner": OWNER, "name": "", "visibility": "public"},                   # empty name
+    {"owner": OWNER, "name": "no-vis"},                                     # visibility missing
+    {"owner": OWNER, "name": "nil-vis", "visibility": None},
+    {"owner": OWNER, "name": "case-vis", "visibility": "Public"},
+    {"owner": OWNER, "name": "int-vis", "visibility": 1},
+    {"owner": OWNER, "name": ".", "visibility": "public"},                  # slug "."
 ])
 @pytest.mark.parametrize("fmt", ["msgpack", "json"])
 def test_bad_fields_422(hub, body, fmt):
@@ -123,6 +128,29 @@ def test_bad_fields_422(hub, body, fmt):
     assert r.status_code == 422, r.text
     err = muselib.decode_body(r)
     assert isinstance(err, dict) and "error" in err and "detail" in err
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "json"])
+def test_visibility_typo_is_422_and_creates_nothing(hub, fmt):
+    """Issue 15 item 10: "visiblity": "private" used to give 201 with
+    visibility public.  visibility is required (SPEC 4.1), never defaulted."""
+    name = unique("typo")
+    r = hub.raw("POST", "/api/repos", {"owner": OWNER, "name": name, "visiblity": "private"}, fmt=fmt)
+    assert r.status_code == 422, (r.status_code, r.text)
+    err = muselib.decode_body(r)
+    assert err["error"] == "invalid_field" and "visibility" in err["detail"], err
+    listed = [x["name"] for x in hub.list_repos(OWNER)["repos"]]
+    assert name not in listed
+    assert hub.raw("GET", f"/{OWNER}/{slugify(name)}/refs").status_code == 404
+
+
+@pytest.mark.parametrize("name", [".", "..", ".hidden", "...", ".git"])
+def test_dot_slugs_are_422(hub, name):
+    """SPEC 4.1: a slug that is ".", ".." or starts with "." is a 422."""
+    r = hub.raw("POST", "/api/repos", {"owner": OWNER, "name": name, "visibility": "public"}, fmt="json")
+    assert r.status_code == 422, (r.status_code, r.text)
+    assert r.json()["error"] == "invalid_field"
+    assert slugify(name) not in [x["slug"] for x in hub.list_repos(OWNER)["repos"]]
 
 
 @pytest.mark.parametrize("ctype,content", [

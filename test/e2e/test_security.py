@@ -164,6 +164,27 @@ def test_presigned_urls_expire(start_server):
 # ---------------------------------------------------------------------------
 
 @pytest.mark.store("fs")
+def test_store_keys_are_not_percent_decoded(server, hub, repo):
+    """docs/security.md 5 says `/_store/` keys are not decoded: a key has
+    one spelling, the one its URL was signed for. `mpacks%2f<hex>` used to
+    be decoded by the route capture and served (issue 15 item 12)."""
+    h = small()
+    hub.push(OWNER, repo["slug"], h.pack(), "main", h.head)
+    url = hub.fetch(OWNER, repo["slug"], [h.head])["mpack_url"]
+    u = urllib.parse.urlsplit(url)
+    assert u.path.startswith("/_store/mpacks/")
+    with RawHTTP(server.port) as c:
+        c.request("GET", f"{u.path}?{u.query}")
+        assert c.response()[0] == 200
+    for spelled in (u.path.replace("mpacks/", "mpacks%2f"), u.path.replace("mpacks/", "mpacks%2F"),
+                    u.path.replace("/_store/mpacks", "/_store/%6dpacks"), u.path[:-2] + "%" + u.path[-2:].encode().hex()[:2] + u.path[-1]):
+        with RawHTTP(server.port) as c:
+            c.request("GET", f"{spelled}?{u.query}")
+            st, _, body = c.response()
+        assert st == 403, (spelled, st, body[:200])
+
+
+@pytest.mark.store("fs")
 def test_store_path_traversal(server, hub, repo):
     h = small()
     hub.push(OWNER, repo["slug"], h.pack(), "main", h.head)
@@ -393,14 +414,15 @@ def test_dev_identity_refused_behind_a_trusted_proxy(start_server):
 # replay of signed requests within the 300 s window
 # ---------------------------------------------------------------------------
 
-def test_replayed_signed_requests_are_harmless(anon_server, tmp_path):
-    """Within its window a captured request can be sent again (SPEC 5 has
-    no nonce): a replayed unpack is a no-op, a replayed DELETE names a
-    repo_id that no longer exists, and a replay cannot be retargeted."""
+def test_replayed_signed_writes_are_refused(anon_server, tmp_path):
+    """SPEC 5: a captured state-changing request cannot be sent again
+    within its window (401 replayed), nor be retargeted (401); the
+    signature never reaches the log. (Replays used to be accepted: a
+    replayed unpack was a no-op, a replayed DELETE could hit a repository.)"""
     admin = Who(unique("replay"))
     add_admin(anon_server, admin, tmp_path)
     with muselib.Hub(anon_server.url, signer=admin.signer()) as h:
-        r = h.create_repo(admin.handle, unique("rp"))
+        r = h.create_repo(admin.handle, unique("rp"), visibility="public")
         hist = small()
         data = hist.pack()
         pre = h.presign(admin.handle, r["slug"], hist.key, len(data))
@@ -410,25 +432,25 @@ def test_replayed_signed_requests_are_harmless(anon_server, tmp_path):
     hdrs = {"Content-Type": "application/json", **msign.sign("POST", url, body, admin.key_id, admin.key)}
     with httpx.Client(timeout=60) as c:
         first = c.post(url, content=body, headers=hdrs)
+        assert first.status_code == 200 and first.json()["commits_written"] == 3, first.text
         again = c.post(url, content=body, headers=hdrs)
-        assert first.status_code == again.status_code == 200, (first.text, again.text)
-        assert first.json()["commits_written"] == 3 and again.json()["commits_written"] == 0
-        assert again.json()["head"] == hist.head
+        assert again.status_code == 401 and again.json()["error"] == "replayed", again.text
         # The log names the request, never the signature.
         assert hdrs["Signature"].split(":")[1] not in Path(anon_server.log_path).read_text(errors="replace")
-        # The same headers on another path or body are refused.
+        # The same headers on another path or body are refused as forged.
         other = url.replace("unpack-mpack", "mpack-presign")
-        assert c.post(other, content=body, headers=hdrs).status_code == 401
+        assert c.post(other, content=body, headers=hdrs).json()["error"] == "unauthorized"
         assert c.post(url, content=body.replace(b"main", b"mainx"), headers=hdrs).status_code == 401
-        # DELETE names a repo_id: after a re-create under the same name the
-        # replay misses the new repository.
+        # A replayed DELETE after a re-create under the same name is
+        # refused before it could reach anything.
         durl = f"{anon_server.url}/api/repos/{r['repo_id']}"
         dh = msign.sign("DELETE", durl, b"", admin.key_id, admin.key)
         assert c.delete(durl, headers=dh).status_code == 204
         with muselib.Hub(anon_server.url, signer=admin.signer()) as h:
-            r2 = h.create_repo(admin.handle, r["name"] if "name" in r else r["slug"])
+            r2 = h.create_repo(admin.handle, r["name"], visibility="public")
             assert r2["repo_id"] != r["repo_id"]
-            assert c.delete(durl, headers=dh).status_code == 404
+            rep = c.delete(durl, headers=dh)
+            assert rep.status_code == 401 and rep.json()["error"] == "replayed"
             assert h.get_repo(r2["repo_id"])["repo_id"] == r2["repo_id"]
 
 
@@ -452,3 +474,28 @@ def test_commit_metadata_of_other_tenant_does_not_leak(hub, make_repo):
     hub.push(OWNER, victim["slug"], honest, "main", head)
     got = hub.clone(OWNER, victim["slug"], [head])["pack"]["commits"][0]
     assert got.get("metadata") == {"agent_id": "honest"}, got
+
+
+# ---------------------------------------------------------------------------
+# request framing a proxy may read differently (issue 15 item 11)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("head,what", [
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n", "obs-fold"),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\r\n\tHost: evil\r\n\r\n", "Host hidden in a fold"),
+    (b"GET /healthz HTTP/1.1\r\n\r\n", "no Host"),
+    (b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "two Host lines"),
+    (b"GET /healthz HTTP/1.1\r\nHost: a b\r\n\r\n", "invalid Host"),
+])
+def test_ambiguous_framing_is_400(server, head, what):
+    """RFC 9112 3.2 and 5.2: 400, and the connection closes (what follows
+    on it cannot be trusted to be read the same way)."""
+    with RawHTTP(server.port) as c:
+        c.send(head + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        st, hd, body = c.response()
+        assert st == 400, (what, st, body)
+        assert hd.get("connection") == "close", what
+        assert c.closed_by_peer(), what
+    with RawHTTP(server.port) as c:
+        c.send(b"GET /healthz HTTP/1.0\r\n\r\n")      # HTTP/1.0 needs no Host
+        assert c.response()[0] == 200

@@ -905,6 +905,29 @@ static void test_connect_paths(void)
     TAP_OK(st.connected == 0 && st.errors == 2, "stats: 0 connected, 2 errors");
     close_pool(d);
 
+    /* The same with the default 30 s timeout (issue 15 item 6, SPEC 4.8):
+     * once its attempts failed and no connection is up, the pool answers
+     * within 2 s, not after the query timeout; a waiter queued before the
+     * first attempt failed is cut short too. */
+    cfg = (mh_db_config_t){"postgresql://nobody@127.0.0.1:1/none", 2, 30000, 0};
+    TAP_EQ_INT(mh_db_open(loop, &cfg, &d), 0, "open an unreachable database, 30 s query timeout");
+    r = (res_t){0};
+    t0 = mh_now_ms();
+    API(mh_db_query(d, "SELECT 1", 0, NULL, NULL, NULL, res_cb, &r));
+    wait_for(&r.done, 1, 5000, "unreachable, first query");
+    ms = mh_now_ms() - t0;
+    TAP_OK(r.err == MH_EDBDOWN && ms < 2000, "first query: MH_EDBDOWN after %llu ms (%s)", (unsigned long long)ms, r.msg);
+    r = (res_t){0};
+    a = (acq_t){0};
+    t0 = mh_now_ms();
+    API(mh_db_query(d, "SELECT 1", 0, NULL, NULL, NULL, res_cb, &r));
+    API(mh_db_acquire(d, acq_cb, &a));
+    wait_for(&a.done, 1, 5000, "unreachable acquire, 30 s timeout");
+    ms = mh_now_ms() - t0;
+    TAP_OK(r.err == MH_EDBDOWN && a.err == MH_EDBDOWN && ms < 2000,
+           "later query and acquire: MH_EDBDOWN after %llu ms", (unsigned long long)ms);
+    close_pool(d);
+
     cfg = (mh_db_config_t){"host='unterminated", 1, 0, 0};
     TAP_OK(mh_db_open(loop, &cfg, &d) == MH_EINVAL, "invalid conninfo -> MH_EINVAL");
 

@@ -24,6 +24,7 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include "../../src/http/http_internal.h" /* MH_HTTP_OUT_MAX_RESPONSES */
 #include "mh/http.h"
 #include "tap.h"
 
@@ -32,6 +33,8 @@ static mh_http_server_t *srv;
 static uv_async_t stop_async;
 static int port;
 static atomic_int g_aborts, g_gone_seen, g_stopped, g_late_responses;
+static atomic_int g_drains, g_gen_aborts, g_gen_ends;
+static atomic_llong g_gen_produced;
 
 /* ------------------------------------------------------------- handlers */
 
@@ -143,6 +146,111 @@ static void big_done(void *arg)
 /* A 32 MiB response sent from a buffer the server does not own. */
 static void h_big(mh_req_t *req) { mh_res_send_ext(req, 200, "application/octet-stream", big_body, BIG, big_done, NULL); }
 
+/* Streamed answers (mh_res_stream_*): GET /gen?n=N&k=K produces N pieces
+ * of K bytes (piece i is K times 'a' + i % 26) while write says go, the
+ * rest from drain; len=1 announces the length (Content-Length), else it is
+ * chunked; err=M ends with an error after M pieces; async=1 writes one
+ * piece per 1 ms timer tick instead of in a loop. */
+typedef struct {
+    uv_timer_t t;
+    mh_req_t *req;
+    int n, k, i, err_at;
+    bool async, ended, waiting;
+    char *buf;
+} gen_t;
+
+static void gen_free_cb(uv_handle_t *h)
+{
+    gen_t *g = h->data;
+    free(g->buf);
+    free(g);
+}
+
+static void gen_end(gen_t *g, int err)
+{
+    if (g->ended) return;
+    g->ended = true;
+    atomic_fetch_add(&g_gen_ends, 1);
+    mh_res_stream_end(g->req, err);
+    uv_close((uv_handle_t *)&g->t, gen_free_cb);
+}
+
+/* Writes pieces until told to wait; false when it stopped for drain. */
+static void gen_tick(uv_timer_t *t);
+
+static void gen_produce(gen_t *g)
+{
+    while (!g->ended && g->i < g->n) {
+        if (g->err_at && g->i == g->err_at) {
+            gen_end(g, MH_EIO);
+            return;
+        }
+        memset(g->buf, 'a' + g->i % 26, (size_t)g->k);
+        g->i++;
+        atomic_fetch_add(&g_gen_produced, g->k);
+        bool more = mh_res_stream_write(g->req, g->buf, (size_t)g->k);
+        if (!more) {
+            g->waiting = true;
+            return;
+        }
+        if (g->async) {
+            uv_timer_start(&g->t, gen_tick, 1, 0);
+            return;
+        }
+    }
+    if (!g->ended) gen_end(g, 0);
+}
+
+static void gen_tick(uv_timer_t *t) { gen_produce(t->data); }
+
+static void gen_drain(mh_req_t *req, void *arg)
+{
+    (void)req;
+    gen_t *g = arg;
+    atomic_fetch_add(&g_drains, 1);
+    g->waiting = false;
+    if (g->async) uv_timer_start(&g->t, gen_tick, 1, 0);
+    else gen_produce(g);
+}
+
+static void gen_abort(mh_req_t *req, void *arg)
+{
+    gen_t *g = arg;
+    atomic_fetch_add(&g_gen_aborts, 1);
+    if (!mh_req_gone(req)) atomic_fetch_add(&g_gen_aborts, 100); /* must be visible */
+    uv_timer_stop(&g->t);
+    gen_end(g, 0);
+}
+
+static int qint(mh_req_t *req, const char *name, int dflt)
+{
+    mh_str_t v = mh_req_query(req, name);
+    return v.p ? atoi(v.p) : dflt;
+}
+
+static void h_gen(mh_req_t *req)
+{
+    gen_t *g = calloc(1, sizeof *g);
+    g->req = req;
+    g->n = qint(req, "n", 1);
+    g->k = qint(req, "k", 1);
+    g->err_at = qint(req, "err", 0);
+    g->async = qint(req, "async", 0) != 0;
+    g->buf = malloc((size_t)g->k);
+    uv_timer_init(&loop, &g->t);
+    g->t.data = g;
+    uint64_t len = qint(req, "len", 0) ? (uint64_t)g->n * (uint64_t)g->k : MH_LEN_UNKNOWN;
+    int rc = mh_res_stream_begin(req, 200, "application/octet-stream", len, gen_drain, gen_abort, g);
+    if (rc) {
+        mh_res_error(req, 500, "internal", "begin failed");
+        uv_close((uv_handle_t *)&g->t, gen_free_cb);
+        return;
+    }
+    if (!mh_res_stream_wants_body(req)) gen_end(g, 0);
+    else if (g->async) uv_timer_start(&g->t, gen_tick, 1, 0);
+    else gen_produce(g);
+}
+
 static void h_items(mh_req_t *req)
 {
     mh_val_t *m = mh_v_map(&req->arena);
@@ -214,6 +322,7 @@ static const mh_route_t routes[] = {
     {"POST", "/json", h_json, "json", 0, false},
     {"GET", "/metrics", h_metrics, "metrics", 0, false},
     {"GET", "/big", h_big, "big", 0, false},
+    {"GET", "/gen", h_gen, "gen", 0, false},
     {NULL, NULL, NULL, NULL, 0, false},
 };
 
@@ -369,6 +478,55 @@ static bool is_hex16(const char *s)
     return true;
 }
 
+/* Reads a chunked body after cli_resp(..., no_body=true) read the head:
+ * appends the decoded bytes to *out. 1 when the last chunk arrived, 0 on
+ * EOF or a malformed chunk before it. */
+static int cli_chunked(cli_t *c, char **out, size_t *olen)
+{
+    for (;;) {
+        char *e;
+        while (!(e = c->len ? memmem(c->buf, c->len, "\r\n", 2) : NULL))
+            if (cli_fill(c) <= 0) return 0;
+        size_t n = strtoul(c->buf, NULL, 16), hl = (size_t)(e - c->buf) + 2;
+        while (c->len < hl + n + 2)
+            if (cli_fill(c) <= 0) return 0;
+        if (memcmp(c->buf + hl + n, "\r\n", 2) != 0) return 0;
+        *out = realloc(*out, *olen + n + 1);
+        memcpy(*out + *olen, c->buf + hl, n);
+        *olen += n;
+        memmove(c->buf, c->buf + hl + n + 2, c->len - hl - n - 2);
+        c->len -= hl + n + 2;
+        if (n == 0) return 1;
+    }
+}
+
+/* True when body[0..len) is what /gen writes for n pieces of k bytes. */
+static bool gen_body_ok(const char *body, size_t len, int n, int k)
+{
+    if (len != (size_t)n * (size_t)k) return false;
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < k; j++)
+            if (body[(size_t)i * (size_t)k + (size_t)j] != 'a' + i % 26) return false;
+    return true;
+}
+
+/* The server's in-flight gauge, read over a fresh connection (the
+ * metrics request itself counts as one). */
+static long in_flight(void)
+{
+    resp_t r = {0};
+    cli_t *m = cli_open();
+    cli_sends(m, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    long v = -1;
+    if (cli_resp(m, &r, false) == 200) {
+        const char *p = strstr(r.body, "\nmusehub_http_requests_in_flight ");
+        if (p) v = atol(p + strlen("\nmusehub_http_requests_in_flight "));
+    }
+    cli_close(m);
+    free(r.body);
+    return v;
+}
+
 /* ------------------------------------------------------------------ tests */
 
 static void t_keepalive_head(void)
@@ -413,7 +571,7 @@ static void t_pipelining(void)
 
     /* Many at once: exercises the pending buffer across reads. */
     char *big = malloc(300 * 40), *o = big;
-    for (int i = 0; i < 300; i++) o += sprintf(o, "GET /items/%d/x HTTP/1.1\r\n\r\n", i);
+    for (int i = 0; i < 300; i++) o += sprintf(o, "GET /items/%d/x HTTP/1.1\r\nHost: x\r\n\r\n", i);
     cli_send(c, big, (size_t)(o - big));
     int ok = 0;
     for (int i = 0; i < 300; i++) {
@@ -486,7 +644,7 @@ static void t_bodies(void)
 
     /* An early answer instead of 100 Continue: the body may never come. */
     c = cli_open();
-    cli_sends(c, "POST /nowhere HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n");
+    cli_sends(c, "POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n");
     TAP_EQ_INT(cli_resp(c, &r, false), 404, "Expect + unknown path: 404 without 100");
     TAP_EQ_STR(hdr(&r, "connection", v, sizeof v), "close", "and close (the body may not follow)");
     cli_close(c);
@@ -543,7 +701,7 @@ static void t_errors(void)
     cli_close(c);
 
     c = cli_open();
-    cli_sends(c, "GET /hello HTTP/1.1\r\n");
+    cli_sends(c, "GET /hello HTTP/1.1\r\nHost: x\r\n");
     for (int i = 0; i < 70; i++) {
         char h[40];
         sprintf(h, "X-H%d: v\r\n", i);
@@ -557,7 +715,7 @@ static void t_errors(void)
     c = cli_open();
     char *big = malloc(20000);
     memset(big, 'v', 20000);
-    cli_sends(c, "GET /hello HTTP/1.1\r\nX-Big: ");
+    cli_sends(c, "GET /hello HTTP/1.1\r\nHost: x\r\nX-Big: ");
     cli_send(c, big, 20000);
     cli_sends(c, "\r\n\r\n");
     TAP_EQ_INT(cli_resp(c, &r, false), 431, "20 KB header -> 431");
@@ -587,6 +745,209 @@ static void t_errors(void)
     TAP_EQ_INT(cli_resp(c, &r, false), 200, "request sent byte by byte");
     TAP_OK(strstr(r.body, "\"id\":\"abA\"") && strstr(r.body, "\"rest\":\"c/d\""), "spans reassembled: %s", r.body);
     cli_close(c);
+    free(r.body);
+}
+
+/* RFC 9112 framing the parser would accept but a proxy may read
+ * differently (issue 15 item 11): obsolete line folding, no Host in
+ * HTTP/1.1, two Host lines, a Host that is no host. All 400 + close. */
+static void t_framing(void)
+{
+    static const struct {
+        const char *req, *what;
+        int status;
+    } cases[] = {
+        {"GET /hello HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n", "obs-fold (SP) -> 400", 400},
+        {"GET /hello HTTP/1.1\r\nHost: x\r\nX-A: a\r\n\tb\r\n\r\n", "obs-fold (HT) -> 400", 400},
+        {"GET /hello HTTP/1.1\r\nX-A:\r\n b\r\nHost: x\r\n\r\n", "obs-fold of an empty value -> 400", 400},
+        {"GET /hello HTTP/1.1\r\nHost: x\r\n Host: y\r\n\r\n", "folded Host -> 400", 400},
+        {"GET /hello HTTP/1.1\r\n\r\n", "HTTP/1.1 without Host -> 400", 400},
+        {"GET /hello HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", "two Host lines -> 400", 400},
+        {"GET /hello HTTP/1.1\r\nHost: x\r\nhOsT: x\r\n\r\n", "two Host lines, any case -> 400", 400},
+        {"GET /hello HTTP/1.0\r\nHost: x\r\nHost: x\r\n\r\n", "two Host lines in HTTP/1.0 -> 400", 400},
+        {"GET /hello HTTP/1.1\r\nHost: a b\r\n\r\n", "Host with a space -> 400", 400},
+        {"GET /hello HTTP/1.1\r\nHost: x/y\r\n\r\n", "Host with a slash -> 400", 400},
+        {"GET /hello HTTP/1.1\r\nHost: u@x\r\n\r\n", "Host with userinfo -> 400", 400},
+        {"GET /hello HTTP/1.1\r\nHost:\r\n\r\n", "empty Host is valid", 200},
+        {"GET /hello HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n", "IPv6 literal and port", 200},
+        {"GET /hello HTTP/1.1\r\nHost: ex-ample.org:80\r\n\r\n", "name and port", 200},
+        {"GET /hello HTTP/1.0\r\n\r\n", "HTTP/1.0 needs no Host", 200},
+    };
+    resp_t r = {0};
+    char v[64];
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        cli_t *c = cli_open();
+        cli_sends(c, cases[i].req);
+        TAP_EQ_INT(cli_resp(c, &r, false), cases[i].status, cases[i].what);
+        if (cases[i].status == 400) {
+            const char *cn = hdr(&r, "connection", v, sizeof v);
+            TAP_OK(cn && !strcmp(cn, "close"), "%s: Connection: close", cases[i].what);
+            TAP_OK(cli_eof(c), "%s: then EOF", cases[i].what);
+        }
+        cli_close(c);
+    }
+    /* The fold split across two reads: LF at the end of one, SP at the
+     * start of the next. */
+    cli_t *c = cli_open();
+    cli_sends(c, "GET /hello HTTP/1.1\r\nHost: x\r\nX-A: a\r\n");
+    usleep(50000);
+    cli_sends(c, " b\r\n\r\n");
+    TAP_EQ_INT(cli_resp(c, &r, false), 400, "obs-fold split across reads -> 400");
+    cli_close(c);
+    /* A pipelined second request with a fold: the first is answered. */
+    c = cli_open();
+    cli_sends(c, "GET /hello HTTP/1.1\r\nHost: x\r\n\r\nGET /hello HTTP/1.1\r\nHost: x\r\nX: 1\r\n 2\r\n\r\n");
+    TAP_EQ_INT(cli_resp(c, &r, false), 200, "pipelined: first answered");
+    TAP_EQ_INT(cli_resp(c, &r, false), 400, "pipelined: folded second -> 400");
+    cli_close(c);
+    free(r.body);
+}
+
+/* A client that pipelines requests and never reads the answers (issue 15
+ * item 1): the server stops taking requests once MH_HTTP_OUT_MAX_*
+ * output is queued, so what it holds for the connection stays bounded
+ * (before: every answer stayed queued with its request, 1.5 GiB for
+ * 10 MB of requests). */
+static void t_pipeline_bound(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    int small = 4096;
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+    struct sockaddr_in sa = {0};
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons((uint16_t)port);
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    connect(fd, (struct sockaddr *)&sa, sizeof sa);
+    struct timeval tv = {0, 300000};
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    static const char one[] = "GET /hello HTTP/1.1\r\nHost: x\r\n\r\n";
+    size_t blk = 64 * 1024 / (sizeof one - 1) * (sizeof one - 1), sent = 0;
+    char *buf = malloc(blk);
+    for (size_t o = 0; o < blk; o += sizeof one - 1) memcpy(buf + o, one, sizeof one - 1);
+    while (sent < (16u << 20)) {
+        ssize_t w = send(fd, buf, blk, MSG_NOSIGNAL);
+        if (w <= 0) break; /* the server stopped reading: send timed out */
+        sent += (size_t)w;
+    }
+    usleep(200000);
+    long fl = in_flight();
+    TAP_OK(sent < (16u << 20), "the server stopped reading a client that does not read (%zu bytes taken)", sent);
+    TAP_OK(fl >= 1 && fl <= MH_HTTP_OUT_MAX_RESPONSES + 2,
+           "requests held for it stay bounded (%ld in flight, %zu requests sent)", fl, sent / (sizeof one - 1));
+    /* Reading now lets it go on: answers keep coming. */
+    char rb[65536];
+    size_t got = 0;
+    struct timeval rtv = {2, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &rtv, sizeof rtv);
+    while (got < (1u << 20)) {
+        ssize_t n = recv(fd, rb, sizeof rb, 0);
+        if (n <= 0) break;
+        got += (size_t)n;
+    }
+    TAP_OK(got >= (1u << 20), "reading resumes the answers (%zu bytes read)", got);
+    close(fd);
+    free(buf);
+    usleep(200000);
+    TAP_EQ_INT(in_flight(), 1, "everything released once the client left");
+}
+
+/* Streamed responses (src/http/stream.c). */
+static void t_stream_out(void)
+{
+    resp_t r = {0};
+    char v[64];
+    cli_t *c = cli_open();
+    char *body = NULL;
+    size_t blen = 0;
+
+    cli_sends(c, "GET /gen?n=64&k=65536 HTTP/1.1\r\nHost: x\r\n\r\n");
+    TAP_EQ_INT(cli_resp(c, &r, true), 200, "chunked stream: 200");
+    TAP_EQ_STR(hdr(&r, "transfer-encoding", v, sizeof v), "chunked", "unknown length: chunked");
+    TAP_OK(!hdr(&r, "content-length", v, sizeof v), "no Content-Length");
+    TAP_OK(cli_chunked(c, &body, &blen) == 1 && gen_body_ok(body, blen, 64, 65536), "4 MiB in order, last chunk (%zu)",
+           blen);
+
+    /* Known length, then a pipelined request behind it. */
+    cli_sends(c, "GET /gen?n=10&k=1000&len=1 HTTP/1.1\r\nHost: x\r\n\r\nGET /hello HTTP/1.1\r\nHost: x\r\n\r\n");
+    TAP_EQ_INT(cli_resp(c, &r, false), 200, "Content-Length stream: 200");
+    TAP_EQ_STR(hdr(&r, "content-length", v, sizeof v), "10000", "Content-Length announced");
+    TAP_OK(!hdr(&r, "transfer-encoding", v, sizeof v), "not chunked");
+    TAP_OK(gen_body_ok(r.body, r.blen, 10, 1000), "body complete");
+    TAP_EQ_INT(cli_resp(c, &r, false), 200, "pipelined request answered after the stream");
+    TAP_OK(body_is(&r, "hello"), "and not interleaved");
+
+    /* A large stream with a pipelined request behind it (the second waits
+     * for the whole first one). */
+    cli_sends(c, "GET /gen?n=40&k=65536 HTTP/1.1\r\nHost: x\r\n\r\nGET /hello HTTP/1.1\r\nHost: x\r\n\r\n");
+    blen = 0;
+    TAP_EQ_INT(cli_resp(c, &r, true), 200, "big stream pipelined");
+    TAP_OK(cli_chunked(c, &body, &blen) == 1 && gen_body_ok(body, blen, 40, 65536), "big stream complete");
+    TAP_EQ_INT(cli_resp(c, &r, false), 200, "then the next answer");
+    TAP_OK(body_is(&r, "hello"), "in order");
+
+    cli_sends(c, "HEAD /gen?n=10&k=1000&len=1 HTTP/1.1\r\nHost: x\r\n\r\n");
+    TAP_EQ_INT(cli_resp(c, &r, true), 200, "HEAD of a stream");
+    TAP_EQ_STR(hdr(&r, "content-length", v, sizeof v), "10000", "HEAD keeps Content-Length");
+    cli_sends(c, "GET /gen?n=3&k=10&async=1 HTTP/1.1\r\nHost: x\r\n\r\n");
+    blen = 0;
+    TAP_EQ_INT(cli_resp(c, &r, true), 200, "no body after the HEAD: next answer parses");
+    TAP_OK(cli_chunked(c, &body, &blen) == 1 && gen_body_ok(body, blen, 3, 10), "async producer");
+    cli_sends(c, "GET /gen?n=50&k=10000&async=1 HTTP/1.1\r\nHost: x\r\n\r\n");
+    blen = 0;
+    TAP_EQ_INT(cli_resp(c, &r, true), 200, "async producer, 50 pieces");
+    TAP_OK(cli_chunked(c, &body, &blen) == 1 && gen_body_ok(body, blen, 50, 10000), "all pieces in order");
+
+    /* A failure mid-stream cuts the body: no last chunk, then EOF. */
+    cli_sends(c, "GET /gen?n=10&k=1000&err=5 HTTP/1.1\r\nHost: x\r\n\r\n");
+    blen = 0;
+    TAP_EQ_INT(cli_resp(c, &r, true), 200, "failing stream starts 200");
+    TAP_OK(cli_chunked(c, &body, &blen) == 0 && blen == 5000, "cut after 5 pieces, no last chunk (%zu)", blen);
+    cli_close(c);
+
+    /* HTTP/1.0: no chunked coding, the end of the connection delimits. */
+    c = cli_open();
+    cli_sends(c, "GET /gen?n=5&k=100 HTTP/1.0\r\n\r\n");
+    TAP_EQ_INT(cli_resp(c, &r, true), 200, "HTTP/1.0 stream");
+    TAP_OK(!hdr(&r, "transfer-encoding", v, sizeof v) && !hdr(&r, "content-length", v, sizeof v), "no framing header");
+    TAP_EQ_STR(hdr(&r, "connection", v, sizeof v), "close", "Connection: close");
+    while (cli_fill(c) > 0) {}
+    TAP_OK(gen_body_ok(c->buf, c->len, 5, 100), "body up to EOF (%zu)", c->len);
+    cli_close(c);
+
+    /* Back-pressure: a reader that pauses. The producer is held near
+     * MH_RES_STREAM_HIGH plus the sockets' buffers, not the 64 MiB it
+     * would make at once, and resumes through drain. */
+    c = cli_open();
+    int small = 65536;
+    setsockopt(c->fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+    atomic_store(&g_gen_produced, 0);
+    int drains0 = atomic_load(&g_drains);
+    cli_sends(c, "GET /gen?n=1024&k=65536 HTTP/1.1\r\nHost: x\r\n\r\n");
+    TAP_EQ_INT(cli_resp(c, &r, true), 200, "slow reader stream");
+    usleep(400000);
+    long long made = atomic_load(&g_gen_produced);
+    TAP_OK(made < (16ll << 20), "producer held back while the client does not read (%lld bytes made)", made);
+    blen = 0;
+    TAP_OK(cli_chunked(c, &body, &blen) == 1 && gen_body_ok(body, blen, 1024, 65536), "64 MiB arrive complete");
+    TAP_OK(atomic_load(&g_drains) > drains0, "drain called the producer again (%d)", atomic_load(&g_drains) - drains0);
+    cli_close(c);
+
+    /* The client leaves mid-stream: abort once, the producer ends, the
+     * request is released. */
+    int aborts0 = atomic_load(&g_gen_aborts), ends0 = atomic_load(&g_gen_ends);
+    c = cli_open();
+    cli_sends(c, "GET /gen?n=100000&k=65536 HTTP/1.1\r\nHost: x\r\n\r\n");
+    TAP_EQ_INT(cli_resp(c, &r, true), 200, "endless stream");
+    char tmp[65536];
+    for (int i = 0; i < 4; i++) recv(c->fd, tmp, sizeof tmp, 0);
+    struct linger lg = {1, 0};
+    setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg); /* reset */
+    cli_close(c);
+    usleep(300000);
+    TAP_EQ_INT(atomic_load(&g_gen_aborts) - aborts0, 1, "abort called once, with mh_req_gone true");
+    TAP_EQ_INT(atomic_load(&g_gen_ends) - ends0, 1, "producer ended");
+    TAP_EQ_INT(in_flight(), 1, "the aborted request was released");
+    free(body);
     free(r.body);
 }
 
@@ -626,7 +987,7 @@ static void t_stream(void)
         cli_send(c, body + i * 10000, 10000);
         cli_sends(c, "\r\n");
     }
-    cli_sends(c, "0\r\n\r\nGET /hello HTTP/1.1\r\n\r\n");
+    cli_sends(c, "0\r\n\r\nGET /hello HTTP/1.1\r\nHost: x\r\n\r\n");
     TAP_EQ_INT(cli_resp(c, &r, false), 200, "chunked streamed PUT with pause/resume");
     TAP_OK(body_is(&r, "300000"), "every byte delivered across pauses: %s", r.body);
     TAP_EQ_INT(cli_resp(c, &r, false), 200, "pipelined request after the paused stream");
@@ -662,19 +1023,19 @@ static void t_gate(void)
 {
     resp_t r = {0};
     cli_t *c = cli_open();
-    cli_sends(c, "POST /echo HTTP/1.1\r\nX-Gate: sync\r\nContent-Length: 4\r\n\r\ngate");
+    cli_sends(c, "POST /echo HTTP/1.1\r\nHost: x\r\nX-Gate: sync\r\nContent-Length: 4\r\n\r\ngate");
     TAP_EQ_INT(cli_resp(c, &r, false), 200, "gate continuing at once runs the handler");
     TAP_OK(body_is(&r, "gate"), "with the body");
-    cli_sends(c, "POST /echo HTTP/1.1\r\nX-Gate: async\r\nContent-Length: 5\r\n\r\nlater"
-                 "GET /hello HTTP/1.1\r\n\r\n");
+    cli_sends(c, "POST /echo HTTP/1.1\r\nHost: x\r\nX-Gate: async\r\nContent-Length: 5\r\n\r\nlater"
+                 "GET /hello HTTP/1.1\r\nHost: x\r\n\r\n");
     TAP_EQ_INT(cli_resp(c, &r, false), 200, "gate continuing later runs the handler");
     TAP_OK(body_is(&r, "later"), "with the body (async gate)");
     TAP_EQ_INT(cli_resp(c, &r, false), 200, "pipelined request after an async gate");
-    cli_sends(c, "POST /echo HTTP/1.1\r\nX-Gate: deny\r\nContent-Length: 1\r\n\r\nx");
+    cli_sends(c, "POST /echo HTTP/1.1\r\nHost: x\r\nX-Gate: deny\r\nContent-Length: 1\r\n\r\nx");
     TAP_EQ_INT(cli_resp(c, &r, false), 401, "gate answering itself");
     char *body = malloc(100000);
     memset(body, 'q', 100000);
-    cli_sends(c, "PUT /stream HTTP/1.1\r\nX-Gate: async\r\nContent-Length: 100000\r\n\r\n");
+    cli_sends(c, "PUT /stream HTTP/1.1\r\nHost: x\r\nX-Gate: async\r\nContent-Length: 100000\r\n\r\n");
     cli_send(c, body, 100000);
     TAP_EQ_INT(cli_resp(c, &r, false), 200, "async gate on a streaming route");
     TAP_OK(body_is(&r, "100000"), "no body byte lost while the gate held it: %s", r.body);
@@ -688,7 +1049,7 @@ static void t_gate(void)
 static void t_big(void)
 {
     cli_t *c = cli_open();
-    cli_sends(c, "GET /big HTTP/1.1\r\n\r\n");
+    cli_sends(c, "GET /big HTTP/1.1\r\nHost: x\r\n\r\n");
     char *buf = malloc(1 << 20);
     size_t got = 0;
     for (;;) {
@@ -704,7 +1065,7 @@ static void t_big(void)
     cli_close(c);
 
     c = cli_open();
-    cli_sends(c, "GET /big HTTP/1.1\r\n\r\n");
+    cli_sends(c, "GET /big HTTP/1.1\r\nHost: x\r\n\r\n");
     sleep(3); /* idle timeout is 1.2 s */
     got = 0;
     for (;;) {
@@ -745,7 +1106,7 @@ static void t_stop(void)
     resp_t r = {0};
     char v[64];
     cli_t *idle = cli_open();
-    cli_sends(idle, "GET /hello HTTP/1.1\r\n\r\n");
+    cli_sends(idle, "GET /hello HTTP/1.1\r\nHost: x\r\n\r\n");
     TAP_EQ_INT(cli_resp(idle, &r, false), 200, "idle connection primed");
     cli_t *c = cli_open();
     cli_sends(c, "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n");
@@ -805,6 +1166,9 @@ int main(void)
     t_pipelining();
     t_bodies();
     t_errors();
+    t_framing();
+    t_pipeline_bound();
+    t_stream_out();
     t_timeouts();
     t_stream();
     t_gate();

@@ -70,6 +70,10 @@ static const char py_input_get[] =
     "msign=(\"@method\" \"@path\" \"@query\");created=1700000000;"
     "keyid=\"sha256:55f96361b78cbb84f1fc604b0718e82bd91abb46d8fc25ae871b35fbbf8b7974\";alg=\"ecdsa-p256-sha256\"";
 static const char py_sig_get[] =
+    "msign=:DajJtY9cwYV4xsZiakLF0ERnCoUp2lyFvR1x0YpJZvJSXMNuXCg4gp84d6neCUweke3nSFhuD1aU8/HGoOA3YQ==:";
+/* msign.py made (r, s) with s > n/2 before it normalized to low-S; this is
+ * that original: the same signature's other half, refused (SPEC 5). */
+static const char py_sig_get_high[] =
     "msign=:DajJtY9cwYV4xsZiakLF0ERnCoUp2lyFvR1x0YpJZvKtozyQo9fHfmDHiFYh9rPhKvkTZU6pjy5exdj8W4Lt8A==:";
 
 static mh_str_t S(const char *s) { return (mh_str_t){s, strlen(s)}; }
@@ -412,7 +416,7 @@ static void test_msign_python(void)
 static void test_msign_strict(void)
 {
     static const char kid[] = "sha256:55f96361b78cbb84f1fc604b0718e82bd91abb46d8fc25ae871b35fbbf8b7974";
-    char good_sig[] = "msign=:DajJtY9cwYV4xsZiakLF0ERnCoUp2lyFvR1x0YpJZvKtozyQo9fHfmDHiFYh9rPhKvkTZU6pjy5exdj8W4Lt8A==:";
+    char good_sig[] = "msign=:DajJtY9cwYV4xsZiakLF0ERnCoUp2lyFvR1x0YpJZvJSXMNuXCg4gp84d6neCUweke3nSFhuD1aU8/HGoOA3YQ==:";
     static const struct {
         const char *input, *sig, *what;
     } bad[] = {
@@ -450,19 +454,26 @@ static void test_msign_strict(void)
         {"msign=(\"@method\" \"@path\" \"@query\");created=1;keyid=\"%s\";alg=\"ecdsa-p256-sha256\"",
          "msign=(\"x\")", "signature not bytes"},
         {"msign=(\"@method\" \"@path\" \"@query\");created=1;keyid=\"%s\";alg=\"ecdsa-p256-sha256\"",
-         "other=:DajJtY9cwYV4xsZiakLF0ERnCoUp2lyFvR1x0YpJZvKtozyQo9fHfmDHiFYh9rPhKvkTZU6pjy5exdj8W4Lt8A==:",
+         "other=:DajJtY9cwYV4xsZiakLF0ERnCoUp2lyFvR1x0YpJZvJSXMNuXCg4gp84d6neCUweke3nSFhuD1aU8/HGoOA3YQ==:",
          "signature label"},
         {"msign=(\"@method\" \"@path\" \"@query\");created=1;keyid=\"%s\";alg=\"ecdsa-p256-sha256\"",
-         "msign=:DajJtY9cwYV4xsZiakLF0ERnCoUp2lyFvR1x0YpJZvKtozyQo9fHfmDHiFYh9rPhKvkTZU6pjy5exdj8W4Lt8A==:;x=1",
+         "msign=:DajJtY9cwYV4xsZiakLF0ERnCoUp2lyFvR1x0YpJZvJSXMNuXCg4gp84d6neCUweke3nSFhuD1aU8/HGoOA3YQ==:;x=1",
          "signature parameter"},
         {"msign=(\"@method\" \"@path\" \"@query\");created=1;keyid=\"%s\";alg=\"ecdsa-p256-sha256\"", "msign=:Da jJ:",
          "signature malformed"},
         {"msign=(\"@method\" \"@path\" \"@query\")created=1;keyid=\"%s\";alg=\"ecdsa-p256-sha256\"", NULL,
          "malformed input"},
+        {"msign=(\"@method\" \"@path\" \"@query\");created=1;keyid=\"%s\";alg=\"ecdsa-p256-sha256\", "
+         "msign=(\"@method\" \"@path\" \"@query\");created=2;keyid=\"%s\";alg=\"ecdsa-p256-sha256\"",
+         NULL, "label twice in Signature-Input"},
+        {"msign=(\"@method\" \"@path\" \"@query\");created=1;keyid=\"%s\";alg=\"ecdsa-p256-sha256\"",
+         "msign=:AAAA:, msign=:DajJtY9cwYV4xsZiakLF0ERnCoUp2lyFvR1x0YpJZvJSXMNuXCg4gp84d6neCUweke3nSFhuD1aU8/HGoOA3YQ==:", "label twice in Signature"},
+        {"msign=(\"@method\" \"@path\" \"@query\");created=1;keyid=\"%s\";alg=\"ecdsa-p256-sha256\"",
+         "msign=:DajJtY9cwYV4xsZiakLF0ERnCoUp2lyFvR1x0YpJZvKtozyQo9fHfmDHiFYh9rPhKvkTZU6pjy5exdj8W4Lt8A==:", "high-S signature"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         char in[512];
-        snprintf(in, sizeof in, bad[i].input, kid);
+        snprintf(in, sizeof in, bad[i].input, kid, kid);
         mh_msign_t m;
         const char *why = NULL;
         int rc = mh_msign_parse(&A, S(in), S(bad[i].sig ? bad[i].sig : good_sig), &m, &why);
@@ -504,6 +515,30 @@ static void test_msign_strict(void)
     TAP_EQ_INT(mh_msign_check_body(&A, &m, S("sha-256=:onm1++yQpnSBzSwI/wBivHu0kuw+lae9SaHz2hUB9Uw=:,"), py_body,
                                    strlen(py_body), &why),
                MH_EAUTH, "malformed Content-Digest");
+    TAP_EQ_INT(mh_msign_check_body(&A, &m,
+                                   S("sha-256=:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=:, "
+                                     "sha-256=:onm1++yQpnSBzSwI/wBivHu0kuw+lae9SaHz2hUB9Uw=:"),
+                                   py_body, strlen(py_body), &why),
+               MH_EAUTH, "sha-256 twice in Content-Digest (a reader of the first would see another body)");
+
+    /* High-S (issue 15 item 5): (r, n - s) verifies with libcrypto, the
+     * parse refuses it; the low-S half of the same signature is accepted. */
+    {
+        mh_msign_t mh;
+        TAP_EQ_INT(mh_msign_parse(&A, S(py_input_get), S(py_sig_get_high), &mh, &why), MH_EAUTH,
+                   "high-S msign.py signature refused at parse");
+        TAP_OK(why && strstr(why, "high-S"), "reason says high-S (%s)", why ? why : "-");
+        TAP_EQ_INT(mh_msign_parse(&A, S(py_input_get), S(py_sig_get), &mh, &why), 0, "its low-S half parses");
+        TAP_OK(mh_msign_high_s(mh.sig) == false, "mh_msign_high_s: low half");
+        uint8_t edge[64] = {0};
+        static const uint8_t half[32] = {0x7f, 0xff, 0xff, 0xff, 0x80, 0x00, 0x00, 0x00, 0x7f, 0xff, 0xff,
+                                         0xff, 0xff, 0xff, 0xff, 0xff, 0xde, 0x73, 0x7d, 0x56, 0xd3, 0x8b,
+                                         0xcf, 0x42, 0x79, 0xdc, 0xe5, 0x61, 0x7e, 0x31, 0x92, 0xa8};
+        memcpy(edge + 32, half, 32);
+        TAP_OK(!mh_msign_high_s(edge), "s = floor(n/2) is low");
+        edge[63]++;
+        TAP_OK(mh_msign_high_s(edge), "s = floor(n/2) + 1 is high");
+    }
 
     /* Components with line breaks cannot enter a base. */
     mh_buf_t b = {0};

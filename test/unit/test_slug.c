@@ -27,6 +27,19 @@ int main(void)
         char *s = mh_repo_slug(&a, cases[i].name, strlen(cases[i].name));
         TAP_EQ_STR(s, cases[i].slug, cases[i].name);
     }
+    /* SPEC 4.1: empty, ".", ".." and a leading "." are refused (issue 15
+     * item 10); the slug of such names is what is checked. */
+    static const struct {
+        const char *name;
+        bool ok;
+    } valid[] = {{"demo", true}, {"-lead", true}, {"a..b", true}, {"x.", true}, {"", false}, {".", false},
+                 {"..", false}, {".hidden", false}, {"...", false}, {".git", false}};
+    for (size_t i = 0; i < sizeof valid / sizeof valid[0]; i++) {
+        char *s = mh_repo_slug(&a, valid[i].name, strlen(valid[i].name));
+        TAP_OK(mh_repo_slug_valid(s) == valid[i].ok, "slug of '%s' is %s", valid[i].name,
+               valid[i].ok ? "valid" : "refused");
+    }
+    TAP_OK(!mh_repo_slug_valid(NULL), "NULL slug refused");
     TAP_OK(mh_branch_valid("main", 4), "main is a branch name");
     TAP_OK(mh_branch_valid("feature/x-1", 11), "feature/x-1 is a branch name");
     static const char *bad[] = {"", "/a", "a/", ".a", "a.", "a..b", "a//b", "a b", "a~b", "a:b", "a\\b", "a*b"};
