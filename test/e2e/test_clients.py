@@ -38,6 +38,23 @@ def tool(name: str, *args: str, ok: bool = True, rss_out: Path | None = None,
     return r
 
 
+@pytest.fixture(scope="module")
+def gsrv(server_factory):
+    """A server with a database of its own, for the tests that push git
+    histories.  Objects are global: a blob those histories share with other
+    suites (the empty file, say) would otherwise be stored first in one of
+    our packs, and a later suite on the shared server that asserts which
+    pack holds its blob would see ours."""
+    return server_factory()
+
+
+@pytest.fixture
+def ghub(gsrv):
+    h = gsrv.hub()
+    yield h
+    h.close()
+
+
 def one_line_error(r: subprocess.CompletedProcess, code: int, *needles: str) -> str:
     """The tool failed with `code` and exactly one line on stderr, no
     traceback, mentioning every needle."""
@@ -279,7 +296,7 @@ def test_error_paths(server, repo, tmp_path):
     assert r.returncode == 1 and "Traceback" in r.stderr and "bad pack" in r.stderr
 
 
-def test_create_plan_sets_default_branch(server, hub, tmp_path):
+def test_create_plan_sets_default_branch(gsrv, ghub, tmp_path):
     """--create --plan makes the plan's branch the default, or says why it
     could not (a server without PATCH /api/repos)."""
     g = make_git_repo(tmp_path / "g")
@@ -287,12 +304,12 @@ def test_create_plan_sets_default_branch(server, hub, tmp_path):
     out = tmp_path / "o"
     tool("git2muse", "--repo", str(g), "--out-dir", str(out), "--format", "1", "-q")
     slug = unique("dflt")
-    r = tool("muse-push", *push_args(server, slug, "--create", "--plan", str(out / "push.json")))
-    repo = hub.get_repo(hub.refs(OWNER, slug)["repo_id"])
+    r = tool("muse-push", *push_args(gsrv, slug, "--create", "--plan", str(out / "push.json")))
+    repo = ghub.get_repo(ghub.refs(OWNER, slug)["repo_id"])
     if repo["default_branch"] != "trunk":
         warns = [ln for ln in r.stderr.splitlines() if "default branch" in ln]
         assert len(warns) == 1 and "could not set the default branch to 'trunk'" in warns[0]
-    hub.delete_repo(repo["repo_id"])
+    ghub.delete_repo(repo["repo_id"])
 
 
 def test_progress_on_a_terminal(server, repo, tmp_path):
@@ -329,13 +346,14 @@ def test_progress_on_a_terminal(server, repo, tmp_path):
 # git2muse incremental, muse-mirror
 # ---------------------------------------------------------------------------
 
-def test_git2muse_incremental_push(server, hub, repo, tmp_path):
+def test_git2muse_incremental_push(gsrv, ghub, tmp_path):
+    repo = ghub.create_repo(OWNER, unique("g2m"))
     g = make_git_repo(tmp_path / "g")
     out = tmp_path / "o"
     first = json.loads(tool("git2muse", "--repo", str(g), "--out-dir", str(out),
                             "--ref", "main", "--format", "1").stdout)
     assert first["converted"] > 5
-    tool("muse-push", *push_args(server, repo["slug"], "--plan", str(out / "push.json")))
+    tool("muse-push", *push_args(gsrv, repo["slug"], "--plan", str(out / "push.json")))
     # nothing new in git: nothing converted, nothing pushed
     again = json.loads(tool("git2muse", "--repo", str(g), "--out-dir", str(out),
                             "--ref", "main", "--format", "1").stdout)
@@ -350,15 +368,15 @@ def test_git2muse_incremental_push(server, hub, repo, tmp_path):
     plan = json.loads((out / "push.json").read_text())
     last = plan["packs"][-1]
     assert (last["commits"], last["snapshots"], last["blobs"]) == (1, 1, 1)
-    r = tool("muse-push", *push_args(server, repo["slug"], "--json",
+    r = tool("muse-push", *push_args(gsrv, repo["slug"], "--json",
                                      "--plan", str(out / "push.json")))
     results = json_lines(r.stdout)
     assert len(results) == 1 and results[0]["commits_written"] == 1
     assert results[0]["uploaded_bytes"] == last["size_bytes"] < 4096
-    assert hub.refs(OWNER, repo["slug"])["branch_heads"]["main"] == inc["branch_heads"]["main"]
+    assert ghub.refs(OWNER, repo["slug"])["branch_heads"]["main"] == inc["branch_heads"]["main"]
     # the fetched head is git's tree
     wc = tmp_path / "wc"
-    tool("muse-fetch", *push_args(server, repo["slug"], "--checkout", str(wc)))
+    tool("muse-fetch", *push_args(gsrv, repo["slug"], "--checkout", str(wc)))
     got = {str(p.relative_to(wc)): p.read_bytes() for p in wc.rglob("*") if p.is_file()}
     assert got == git_files(g, "main")
 
@@ -397,31 +415,31 @@ def mirror(server, g, slug, *more, ok=True):
     return r, (json.loads(r.stdout) if ok else None)
 
 
-def test_mirror(server, hub, tmp_path):
+def test_mirror(gsrv, ghub, tmp_path):
     g = make_git_repo(tmp_path / "g")
     slug = unique("mirror")
-    r, out = mirror(server, g, slug, "--create", "--format", "1")
+    r, out = mirror(gsrv, g, slug, "--create", "--format", "1")
     branches = {"main", "feature", "b2", "b3", "odd"}
-    refs = hub.refs(OWNER, slug)
+    refs = ghub.refs(OWNER, slug)
     assert set(refs["branch_heads"]) == branches
     assert out["converted"] == len(git(g, "rev-list", "--all").split())
-    repo = hub.get_repo(refs["repo_id"])
+    repo = ghub.get_repo(refs["repo_id"])
     if repo["default_branch"] != "main":
         assert "default branch" in r.stderr
     # nothing new: nothing sent
-    _, out = mirror(server, g, slug, "--format", "1")
+    _, out = mirror(gsrv, g, slug, "--format", "1")
     assert out["converted"] == 0 and out["pushed"] == [] and out["uploaded_bytes"] == 0
     # one new commit on main: one small pack
     git(g, "checkout", "-q", "main")
     (g / "src" / "renamed.txt").write_text("changed\n")
     git(g, "add", "-A")
     git_commit(g, "edit", 1700002000)
-    _, out = mirror(server, g, slug, "--format", "1")
+    _, out = mirror(gsrv, g, slug, "--format", "1")
     assert out["converted"] == 1
     assert [(p["branch"], p["commits"], p["blobs"]) for p in out["pushed"]] == [("main", 1, 1)]
     assert out["uploaded_bytes"] < 4096
     wc = tmp_path / "wc"
-    tool("muse-fetch", *push_args(server, slug, "--branch", "main", "--checkout", str(wc)))
+    tool("muse-fetch", *push_args(gsrv, slug, "--branch", "main", "--checkout", str(wc)))
     got = {str(p.relative_to(wc)): p.read_bytes() for p in wc.rglob("*") if p.is_file()}
     assert got == git_files(g, "main")
     # a rewritten branch is force-pushed, guarded by the head mirrored before
@@ -431,35 +449,35 @@ def test_mirror(server, hub, tmp_path):
     git(g, "add", "-A")
     git_commit(g, "rewrite", 1700003000)
     git(g, "checkout", "-q", "main")
-    _, out = mirror(server, g, slug, "--format", "1")
+    _, out = mirror(gsrv, g, slug, "--format", "1")
     state = json.loads((g / ".git" / "muse-mirror" / OWNER / slug / "push.json").read_text())
-    assert hub.refs(OWNER, slug)["branch_heads"]["feature"] == state["branch_heads"]["feature"]
+    assert ghub.refs(OWNER, slug)["branch_heads"]["feature"] == state["branch_heads"]["feature"]
     wc2 = tmp_path / "wc2"
-    tool("muse-fetch", *push_args(server, slug, "--branch", "feature", "--checkout", str(wc2)))
+    tool("muse-fetch", *push_args(gsrv, slug, "--branch", "feature", "--checkout", str(wc2)))
     got = {str(p.relative_to(wc2)): p.read_bytes() for p in wc2.rglob("*") if p.is_file()}
     assert got == git_files(g, "feature")
     # a deleted git branch: deleted on the hub, or kept with a warning
     git(g, "branch", "-q", "-D", "b3")
-    r, out = mirror(server, g, slug, "--format", "1")
-    heads = hub.refs(OWNER, slug)["branch_heads"]
+    r, out = mirror(gsrv, g, slug, "--format", "1")
+    heads = ghub.refs(OWNER, slug)["branch_heads"]
     if "b3" in heads:
         assert out["kept_branches"] == ["b3"] and "b3" in r.stderr and "warning" in r.stderr
     else:
         assert out["deleted_branches"] == ["b3"]
     # and the next run says nothing more about it
-    r, out = mirror(server, g, slug, "--format", "1")
+    r, out = mirror(gsrv, g, slug, "--format", "1")
     assert out["kept_branches"] == [] and out["deleted_branches"] == []
-    hub.delete_repo(hub.refs(OWNER, slug)["repo_id"])
+    ghub.delete_repo(ghub.refs(OWNER, slug)["repo_id"])
 
 
 @pytest.mark.needs_v2
-def test_mirror_v2(server, hub, tmp_path):
+def test_mirror_v2(gsrv, tmp_path):
     g = make_git_repo(tmp_path / "g")
     slug = unique("mirror2")
-    _, out = mirror(server, g, slug, "--create", "--format", "2")
+    _, out = mirror(gsrv, g, slug, "--create", "--format", "2")
     assert {p["version"] for p in out["pushed"]} == {2}
     wc = tmp_path / "wc"
-    tool("muse-fetch", *push_args(server, slug, "--branch", "main", "--checkout", str(wc)))
+    tool("muse-fetch", *push_args(gsrv, slug, "--branch", "main", "--checkout", str(wc)))
     got = {str(p.relative_to(wc)): p.read_bytes() for p in wc.rglob("*") if p.is_file()}
     assert got == git_files(g, "main")
 
