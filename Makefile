@@ -14,7 +14,7 @@
 BUILD   ?= build
 SAN     ?= 0
 CC      ?= gcc
-PKGS    := libuv libpq jansson msgpack libcurl libcrypto
+PKGS    := libuv libpq jansson msgpack libcurl libcrypto libzstd
 LLHTTP_DIR := /usr/share/llhttp
 LLHTTP_INC := /usr/share/include/llhttp
 

@@ -20,7 +20,7 @@ set -e
 cd "$(dirname "$0")/.."
 mode=${1:-replay}
 make --no-print-directory -s BUILD=build-fuzz FUZZ=1 CC=clang build-fuzz/libmh.a
-LIBS="$(pkg-config --libs libuv libpq jansson msgpack libcurl libcrypto) -lmbedtls -lmbedx509 -lmbedcrypto -lpthread -lm"
+LIBS="$(pkg-config --libs libuv libpq jansson msgpack libcurl libcrypto libzstd) -lmbedtls -lmbedx509 -lmbedcrypto -lpthread -lm"
 CFL="-std=c11 -D_GNU_SOURCE -g -O1 -Iinclude -I/usr/share/include/llhttp $(pkg-config --cflags libuv libpq jansson msgpack)"
 # summarise NAME LOG RC: one line from libFuzzer's final stats. The last
 # "cov:" line is the final pulse (DONE) or the last before a crash;

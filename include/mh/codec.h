@@ -82,6 +82,16 @@ extern const mh_decode_limits_t mh_decode_limits_default; /* depth 32, items 16M
 int mh_msgpack_decode(mh_arena_t *a, const uint8_t *buf, size_t len, const mh_decode_limits_t *lim,
                       mh_val_t *out, const char **why);
 
+/* Decodes one msgpack value from the start of buf[0..len) (a stream
+ * reader's chunk; the value may continue past it): 0 with *used = the
+ * bytes it took and *items (may be NULL) = its array elements + map
+ * pairs; 1 when buf ends before the value does (*out is NIL; nodes may
+ * have been allocated in `a`); or the errors of mh_msgpack_decode, with
+ * the same bounds except that counts and lengths running past buf mean 1,
+ * not an error. str/bin point into buf. */
+int mh_msgpack_decode_prefix(mh_arena_t *a, const uint8_t *buf, size_t len, const mh_decode_limits_t *lim,
+                             mh_val_t *out, size_t *used, uint64_t *items, const char **why);
+
 /* Decodes one JSON document (jansson, JSON_REJECT_DUPLICATES) into the
  * view. Any top-level type is accepted (the caller checks it); trailing
  * bytes are an error; "\u0000" is kept inside strings (they carry their

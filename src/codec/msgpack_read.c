@@ -26,12 +26,24 @@ typedef struct {
     const mh_decode_limits_t *lim;
     uint64_t items; /* array elements + map pairs seen so far */
     const char *why;
+    bool prefix;    /* mh_msgpack_decode_prefix: running out of bytes is INCOMPLETE */
 } rd_t;
+
+/* Returned (positive) through the read_* chain when a prefix decode runs
+ * out of bytes: the value may continue past the buffer. */
+#define INCOMPLETE 1
 
 static int fail(rd_t *r, int err, const char *why)
 {
     r->why = why;
     return err;
+}
+
+/* Out of bytes: an error for a whole-buffer decode, INCOMPLETE for a
+ * prefix decode. */
+static int short_input(rd_t *r, const char *why)
+{
+    return r->prefix ? INCOMPLETE : fail(r, MH_EPARSE, why);
 }
 
 static size_t left(const rd_t *r)
@@ -49,7 +61,7 @@ static uint64_t be(const uint8_t *p, int n)
 /* Reads an n-byte big-endian unsigned integer; fails on truncation. */
 static int take_be(rd_t *r, int n, uint64_t *v)
 {
-    if (left(r) < (size_t)n) return fail(r, MH_EPARSE, "truncated");
+    if (left(r) < (size_t)n) return short_input(r, "truncated");
     *v = be(r->p, n);
     r->p += n;
     return 0;
@@ -59,7 +71,7 @@ static int read_val(rd_t *r, mh_val_t *out, uint32_t depth);
 
 static int read_strbin(rd_t *r, mh_val_t *out, mh_vtype_t t, uint64_t n)
 {
-    if (n > left(r)) return fail(r, MH_EPARSE, "string or bin longer than the input");
+    if (n > left(r)) return short_input(r, "string or bin longer than the input");
     out->t = t;
     out->v.s.p = (const char *)r->p;
     out->v.s.n = (uint32_t)n; /* n <= 2^32-1 by construction of the header */
@@ -73,7 +85,7 @@ static int read_strbin(rd_t *r, mh_val_t *out, mh_vtype_t t, uint64_t n)
 static int check_count(rd_t *r, uint64_t n, unsigned per, uint32_t depth)
 {
     if (depth >= r->lim->max_depth) return fail(r, MH_ELIMIT, "nesting deeper than the limit");
-    if (n > left(r) / per) return fail(r, MH_EPARSE, "count larger than the bytes left");
+    if (n > left(r) / per) return short_input(r, "count larger than the bytes left");
     if (n > (uint64_t)r->lim->max_items - r->items) return fail(r, MH_ELIMIT, "more items than the limit");
     r->items += n;
     return 0;
@@ -169,7 +181,7 @@ static bool read_fixed(rd_t *r, uint8_t c, mh_val_t *out, uint32_t depth, int *r
 
 static int read_val(rd_t *r, mh_val_t *out, uint32_t depth)
 {
-    if (r->p >= r->end) return fail(r, MH_EPARSE, "truncated");
+    if (r->p >= r->end) return short_input(r, "truncated");
     uint8_t c = *r->p++;
     int rc = 0;
     if (read_fixed(r, c, out, depth, &rc)) return rc;
@@ -230,4 +242,22 @@ int mh_msgpack_decode(mh_arena_t *a, const uint8_t *buf, size_t len, const mh_de
         out->t = MH_V_NIL;
     }
     return rc;
+}
+
+int mh_msgpack_decode_prefix(mh_arena_t *a, const uint8_t *buf, size_t len, const mh_decode_limits_t *lim,
+                             mh_val_t *out, size_t *used, uint64_t *items, const char **why)
+{
+    rd_t r = {.a = a, .p = buf, .end = buf + len, .lim = lim ? lim : &mh_decode_limits_default, .prefix = true};
+    const char *dummy;
+    if (!why) why = &dummy;
+    *why = NULL;
+    int rc = len && buf ? read_val(&r, out, 0) : INCOMPLETE;
+    if (rc) {
+        if (rc < 0) *why = r.why;
+        out->t = MH_V_NIL;
+        return rc;
+    }
+    *used = (size_t)(r.p - buf);
+    if (items) *items = r.items;
+    return 0;
 }

@@ -44,4 +44,57 @@ static inline void mh_manifest_dirty(mh_manifest_t *m, size_t i)
 /* Makes room for at least `need` entries. MH_ENOMEM. */
 int mh_manifest_reserve(mh_manifest_t *m, size_t need);
 
+/* Decodes the 64 hex digits of an id that passed mh_id_ok into its
+ * digest (lowercase only, without the branches of a general decoder). */
+static inline void mh__id_digest(const char *id, uint8_t out[32])
+{
+    const uint8_t *h = (const uint8_t *)id + 7;
+    for (int k = 0; k < 32; k++) {
+        uint8_t hi = h[2 * k], lo = h[2 * k + 1];
+        out[k] = (uint8_t)((((hi & 15) + 9 * (hi >> 6)) << 4) | ((lo & 15) + 9 * (lo >> 6)));
+    }
+}
+
+/* ---------------------------------------- pack element checks (pack_elem.c) */
+
+/* Where a reader is, for messages: "<sect>[<idx>].<field>: <msg>". */
+typedef struct {
+    mh_arena_t *a;      /* for the message (static fallback without memory) */
+    const char **why;   /* receives the message */
+    const char *sect;   /* "commits", "meta.snapshots", "frames", ... */
+    size_t idx;         /* element index, or MH__NO_IDX */
+} mh__rd_t;
+#define MH__NO_IDX SIZE_MAX
+
+/* Sets *r->why to "<sect>[<idx>].<field>: <msg>" (field may be NULL) and
+ * returns err. */
+int mh__bad(mh__rd_t *r, int err, const char *field, const char *msg);
+
+/* The checks of one decoded element, exactly those documented at
+ * mh_pack_read: a commit map, a snapshot map, the branch_heads value
+ * (nil accepted: *out NULL). Values borrow the decoded bytes. MH_EPARSE. */
+int mh__pack_commit(mh__rd_t *r, const mh_val_t *map, mh_pack_commit_t *c);
+int mh__pack_snapshot(mh__rd_t *r, const mh_val_t *map, mh_pack_snapshot_t *s);
+int mh__pack_heads(mh__rd_t *r, const mh_val_t *v, const mh_val_t **out);
+
+/* The fewest bytes a valid element can take: a map header plus its
+ * required keys, with 71-byte ids and empty strings. A section claiming
+ * more elements than the pack could hold is refused up front. */
+#define MH__MIN_COMMIT_BYTES 200  /* commit_id, snapshot_id, message, author, committed_at */
+#define MH__MIN_SNAPSHOT_BYTES 86 /* snapshot_id */
+#define MH__MIN_BLOB_BYTES 93     /* object_id, content */
+#define MH__MIN_FRAME_BYTES 20    /* codec, size, blobs, data (empty) */
+
+/* ------------------------------------------ zstd parameters (zstd_util.c) */
+
+/* Checks a writer level: 0 -> 3, 1..19 accepted (above 19 zstd's window
+ * outgrows what readers accept by default). MH_EINVAL. */
+int mh__zlevel(int level, int *out);
+/* Sets up a compression context for one frame of `size` bytes (pledged:
+ * the frame header carries the size, and small frames get small
+ * windows). The one place every writer path and the sizer take their
+ * parameters from, so the sizer's count and the writer's bytes agree.
+ * Returns 0 or MH_ENOMEM/MH_EINVAL. `cctx` is a ZSTD_CCtx *. */
+int mh__zcctx_frame(void *cctx, int level, uint64_t size);
+
 #endif
