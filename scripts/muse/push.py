@@ -170,15 +170,23 @@ class Pusher:
             return self._push_pack(path, branch, head, force, expected_old_head, label,
                                    entry)
         except HubError as e:
-            detail = str(e.body.get("detail", "")) if isinstance(e.body, dict) else ""
+            # A server that refuses the v2 pack (422: an older one names the
+            # version; one that reads v2 only partly names something else)
+            # gets the same history as v1.  A pack that is really bad is
+            # refused again as v1, and that answer is the one reported.
             if not (self.fallback and self.version == 2 and e.status == 422
-                    and "version" in detail):
+                    and e.code in (None, "invalid_pack")):
                 raise
-            self.warn(f"the server does not read mpack v2 yet ({e.brief()}); "
-                      f"sending v1 packs")
             self.version = 1
-            return self._push_pack(path, branch, head, force, expected_old_head, label,
-                                   entry)
+            try:
+                res = self._push_pack(path, branch, head, force, expected_old_head, label,
+                                      entry)
+            except BaseException:
+                self.version = 2
+                raise
+            self.warn(f"the server does not read mpack v2 (it answered {e.brief()}); "
+                      f"sent v1, and v1 for the rest of this run")
+            return res
 
     def _push_pack(self, path: str, branch: str, head: str | None,
                    force: bool, expected_old_head: str | None,

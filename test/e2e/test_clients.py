@@ -136,7 +136,7 @@ def test_default_format_is_v2(server, hub, repo, tmp_path):
     (res,) = json_lines(r.stdout)
     assert res["commits_written"] == 5
     if res["sent"]["version"] == 1:
-        assert "does not read mpack v2" in r.stderr
+        assert "does not read mpack v2" in r.stderr, r.stderr
     else:
         assert res["sent"]["version"] == 2 and "v2" not in r.stderr
     assert hub.refs(OWNER, repo["slug"])["branch_heads"] == {"main": h.head}
