@@ -8,6 +8,7 @@
 #                   then unit and end-to-end tests again under ASan + UBSan (slow-marked tests skipped)
 #   make test-asan  unit and end-to-end tests under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make bench      benchmarks side by side (scripts/bench)
+#   make bench-store throughput and memory of the store's streams (fs and s3 emulator)
 #   make fuzz       run every libFuzzer target for FUZZ_SECONDS each
 #   make clean
 
@@ -41,7 +42,7 @@ UNIT_BIN := $(patsubst test/unit/%.c,$(BUILD)/test/%,$(UNIT_SRC))
 
 include third_party/llhttp.mk
 
-.PHONY: all deps deps-s3emu run test test-asan unit e2e e2e-s3 e2e-ops bench fuzz fuzz-replay install uninstall clean
+.PHONY: all deps deps-s3emu run test test-asan unit e2e e2e-s3 e2e-ops bench bench-store fuzz fuzz-replay install uninstall clean
 all: $(BUILD)/musehubd
 
 $(BUILD)/obj/%.o: %.c $(wildcard include/mh/*.h) $(wildcard src/*/*.h)
@@ -87,6 +88,11 @@ $(BUILD)/musehubd: $(BUILD)/obj/src/main.o $(BUILD)/libmh.a
 $(BUILD)/test/%: test/unit/%.c $(BUILD)/libmh.a test/unit/tap.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Itest/unit $(LDFLAGS) -o $@ $< $(BUILD)/libmh.a $(LDLIBS)
+
+# Benchmark programs (test/bench/*.c), built like the unit tests.
+$(BUILD)/bench/%: test/bench/%.c $(BUILD)/libmh.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libmh.a $(LDLIBS)
 
 # Debian packages only: all that `make run` needs (no npm, no network
 # beyond the Debian mirror).
@@ -142,11 +148,11 @@ fuzz-replay: all
 e2e: all
 	@MUSEHUB_BIN=$(CURDIR)/$(BUILD)/musehubd /usr/bin/python3 -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) $(or $(E2E),test/e2e)
 
-# The push, fetch, jobs, operations (fsck, backup/restore) and clients
-# suites again with the s3 backend, against an S3 emulator that checks
-# signatures (started by the harness).
-E2E_S3 ?= test/e2e/test_push.py test/e2e/test_fetch.py test/e2e/test_jobs.py test/e2e/test_ops.py \
-	test/e2e/test_clients.py
+# The push, fetch, jobs, store, operations (fsck, backup/restore) and
+# clients suites again with the s3 backend, against an S3 emulator that
+# checks signatures (started by the harness).
+E2E_S3 ?= test/e2e/test_push.py test/e2e/test_fetch.py test/e2e/test_jobs.py test/e2e/test_store.py \
+	test/e2e/test_ops.py test/e2e/test_clients.py
 e2e-s3: all deps-s3emu
 	@MUSEHUB_BIN=$(CURDIR)/$(BUILD)/musehubd /usr/bin/python3 -m pytest -q -p no:cacheprovider --store s3 $(PYTEST_ARGS) $(E2E_S3)
 
@@ -178,6 +184,12 @@ bench:
 	@sh scripts/deps.sh --s3emu-only
 	@$(MAKE) --no-print-directory all
 	@/usr/bin/python3 scripts/bench.py $(BENCH_ARGS)
+
+# Throughput and memory of the store's streaming writer and reader
+# (fs, and s3 against the emulator): BENCH_STORE_MIB (512) per object.
+BENCH_STORE_MIB ?= 512
+bench-store: all $(BUILD)/bench/bench_store
+	@/usr/bin/python3 scripts/bench_store.py $(BUILD)/bench/bench_store $(BENCH_STORE_MIB)
 
 clean:
 	rm -rf build build-asan build-fuzz

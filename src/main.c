@@ -164,6 +164,7 @@ static void part_stopped(proc_t *p)
     p->hub.auth = NULL;
     mh_db_close(p->hub.db, db_closed_cb, p);
     mh_store_close(p->hub.store);
+    mh_budget_close(p->hub.budget);
     uv_close((uv_handle_t *)&p->sigterm, NULL);
     uv_close((uv_handle_t *)&p->sigint, NULL);
 }
@@ -209,10 +210,17 @@ static void jobs_config(const mh_config_t *cfg, mh_jobs_config_t *jc)
     jc->max_pack_bytes = cfg->max_mpack_bytes;
 }
 
+/* The budget is created with the store (open_store), before the runner. */
+static void jobs_config_budget(proc_t *p, mh_jobs_config_t *jc)
+{
+    jc->budget = p->hub.budget;
+}
+
 static int start_jobs(proc_t *p, const mh_config_t *cfg)
 {
     mh_jobs_config_t jc;
     jobs_config(cfg, &jc);
+    jobs_config_budget(p, &jc);
     int rc = mh_jobs_start(p->hub.loop, p->hub.db, p->hub.store, &jc, &p->jobs);
     if (rc) mh_error("job runner: %s", mh_strerror(rc));
     return rc;
@@ -257,6 +265,8 @@ static int open_store(mh_hub_t *hub, const mh_config_t *cfg)
     };
     int rc = mh_store_open(hub->loop, &sc, &hub->store);
     if (rc) mh_error("object store '%s': %s", cfg->store, mh_strerror(rc));
+    /* The process's pack-memory budget (SPEC 4.8), shared by HTTP and jobs. */
+    if (!rc) rc = mh_budget_new(hub->loop, cfg->pack_memory, cfg->pack_queue_timeout_ms, &hub->budget);
     return rc ? 1 : 0;
 }
 

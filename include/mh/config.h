@@ -46,6 +46,8 @@ typedef struct {
     uint32_t job_retention_hours;     /* MUSEHUB_JOB_RETENTION_HOURS, finished jobs kept for, 168 */
     uint32_t job_maintenance_seconds; /* MUSEHUB_JOB_MAINTENANCE_SECONDS, prune + sweep period, 60 */
     uint32_t mpack_grace_seconds;     /* MUSEHUB_MPACK_GRACE_SECONDS, superseded packs kept for, 3600 */
+    uint64_t pack_memory;             /* MUSEHUB_PACK_MEMORY, bytes of pack work per process, 256 MiB (SPEC 4.8) */
+    uint32_t pack_queue_timeout_ms;   /* MUSEHUB_PACK_QUEUE_TIMEOUT_MS, longest wait for pack memory, 10000 */
 } mh_config_t;
 
 /* Fills cfg from the environment, then applies flags from argv[0..argc)

@@ -39,6 +39,9 @@ enum {
     MH_ECONFLICT = -10006, /* compare-and-swap lost, unique violation */
     MH_EAUTH = -10007,     /* authentication failed */
     MH_EDBDOWN = -10008,   /* no database connection could be had */
+    MH_ENOSPC = -10009,    /* no space left in the object store (ENOSPC, EDQUOT, EROFS; S3 507): HTTP 507 */
+    MH_EBUDGET = -10010,   /* the process's pack-memory budget stayed spent for the whole queue
+                              timeout (MUSEHUB_PACK_QUEUE_TIMEOUT_MS): HTTP 503 + Retry-After */
 };
 
 /* Returns a static English description of an MH_E* code (never NULL). */

@@ -11,6 +11,7 @@
 #include <uv.h>
 
 #include "mh/auth.h"
+#include "mh/budget.h"
 #include "mh/config.h"
 #include "mh/db.h"
 #include "mh/http.h"
@@ -32,6 +33,7 @@ typedef struct mh_hub {
     mh_fetch_cache_t *fetch_cache; /* per-process cache of fetch answers */
     mh_auth_t *auth;         /* key cache and rate limits (MSign, SPEC 5) */
     mh_repo_cache_t *repo_cache; /* per-process repository lookups (repo_cache.c) */
+    mh_budget_t *budget;     /* the process's pack-memory budget (SPEC 4.8); NULL: unlimited */
     uint64_t started_ms;
 } mh_hub_t;
 

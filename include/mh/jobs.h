@@ -17,7 +17,9 @@
  * period and sweeps superseded packs out of the store after a grace period
  * (once no mpack_index row points at them and no mpack_refs row names
  * them), so a fetch that located a pack before a GC swapped it still reads
- * it. Design notes: docs/architecture.md, section "Jobs".
+ * it; then staged uploads (incoming/<id>) of push grants expired for more
+ * than the grace period, with their grant rows, and the store's stale
+ * temporaries (SPEC 4.3). Design notes: docs/architecture.md, "Jobs".
  *
  * Invariants:
  *  - Everything runs on the loop: queries through the db module, store
@@ -34,6 +36,7 @@
 
 #include <uv.h>
 
+#include "mh/budget.h"
 #include "mh/core.h"
 #include "mh/db.h"
 #include "mh/mpack.h"
@@ -49,11 +52,13 @@ typedef struct {
                                  heartbeat renews it every lease_s/3 */
     uint32_t poll_ms;         /* polling fallback to LISTEN/NOTIFY, ms; 2000 */
     uint32_t retention_hours; /* finished jobs are deleted after; 168 (MUSEHUB_JOB_RETENTION_HOURS) */
-    uint32_t grace_s;         /* superseded packs stay in the store for; 3600
+    uint32_t grace_s;         /* superseded packs stay in the store for, and staged
+                                 uploads after their grant expired; 3600
                                  (MUSEHUB_MPACK_GRACE_SECONDS) */
     uint32_t maintenance_s;   /* period of pruning and sweeping, seconds; 60
                                  (MUSEHUB_JOB_MAINTENANCE_SECONDS) */
     uint64_t max_pack_bytes;  /* largest pack indexed or built; 2 GiB (MUSEHUB_MAX_MPACK_BYTES) */
+    mh_budget_t *budget;      /* the process's pack-memory budget (borrowed; NULL: unlimited) */
 } mh_jobs_config_t;
 
 /* SQL text for the transaction-scoped advisory lock of a pack, taken by
@@ -95,7 +100,8 @@ void mh_jobs_free(mh_jobs_t *r);
  * (outcome: done, retry, failed, abandoned), musehub_jobs_running,
  * the histogram musehub_jobs_duration_seconds{type} (buckets 10 ms ..
  * 1 h, one observation per finished run), musehub_mpacks_swept_total,
- * musehub_jobs_pruned_total. Counters are process-wide (one runner per
+ * musehub_jobs_pruned_total, musehub_staged_uploads_swept_total,
+ * musehub_store_tmp_swept_total. Counters are process-wide (one runner per
  * process), so the handler needs no runner pointer. MH_ENOMEM. SPEC 4.8. */
 int mh_jobs_metrics_write(mh_buf_t *out);
 

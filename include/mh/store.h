@@ -5,7 +5,19 @@
  * Signature V4, libcurl multi on the loop).
  *
  * Keys: "mpacks/<64 hex>" (immutable, content-addressed packs),
- * "incoming/<upload id>" (private staging keys of push grants).
+ * "incoming/<upload id>" (private staging keys of push grants). Each
+ * backend also keeps private temporaries under "tmp/" (fs: files of
+ * writers and uploads in flight; s3: multipart uploads and their
+ * completed objects until the server-side copy), never visible as keys.
+ *
+ * Two families of calls: whole-object calls (get, get_ranges, put, move,
+ * delete, head) that hold the bytes in memory, for small objects; and
+ * streams (writer, reader) whose memory is bounded by their chunk or
+ * window size whatever the object's size (SPEC 4.8), for packs. Stream
+ * owners reserve what mh_store_writer_mem / 2 x the window from the
+ * process's pack-memory budget (include/mh/budget.h); the store itself
+ * never reserves. Design: docs/architecture.md, "Streaming store I/O and
+ * the pack-memory budget".
  *
  * Invariants:
  *  - Every operation is asynchronous: the callback fires on a later loop
@@ -14,6 +26,10 @@
  *    it can never overwrite an existing object.
  *  - Writes are atomic: a reader sees the whole object or none (fs:
  *    temporary file, fsync, rename).
+ *  - A full or read-only store is MH_ENOSPC on every write path (fs:
+ *    ENOSPC, EDQUOT, EROFS; s3: HTTP 507 and the "storage full / quota"
+ *    error codes), never a generic I/O error: the hub answers 507
+ *    insufficient_storage (SPEC 4.8).
  */
 #ifndef MH_STORE_H
 #define MH_STORE_H
@@ -48,6 +64,11 @@ void mh_store_close(mh_store_t *s);
 /* "fs" or "s3". */
 const char *mh_store_kind(const mh_store_t *s);
 
+/* True when key (NUL-terminated) is a staging key "incoming/<1..64 of
+ * [A-Za-z0-9_-]>" (SPEC 4.3), the only keys the staged-upload sweep may
+ * delete. */
+bool mh_store_staging_key_valid(const char *key);
+
 /* Reads [off, off+len) of key (len UINT64_MAX = to the end). On success
  * cb gets `data`, a struct valid only during the callback whose bytes
  * (data->p, data->len; p may be NULL when len is 0) belong to the caller:
@@ -73,14 +94,15 @@ void mh_store_get_ranges(mh_store_t *s, const char *key, const mh_range_t *range
 /* Writes an object atomically (data borrowed until cb; fs: tmp file,
  * fsync, rename, fsync dir). Overwriting is allowed only for
  * content-addressed keys the server itself built. Errors: MH_EINVAL (bad
- * key), MH_EIO, MH_ESTORE. */
+ * key), MH_ENOSPC (store full or read-only), MH_EIO, MH_ESTORE. */
 typedef void (*mh_store_done_cb)(void *ud, int err);
 void mh_store_put(mh_store_t *s, const char *key, const void *data, size_t n, mh_store_done_cb cb, void *ud);
 
 /* Moves src to dst (fs: rename that never replaces; s3: server-side copy
  * then delete). If dst exists already the bytes are identical by hash:
  * src is deleted and the move succeeds. Errors: MH_EINVAL (bad key),
- * MH_ENOENT (src absent, even if dst exists), MH_EIO, MH_ESTORE. */
+ * MH_ENOENT (src absent, even if dst exists), MH_ENOSPC, MH_EIO,
+ * MH_ESTORE. */
 void mh_store_move(mh_store_t *s, const char *src, const char *dst, mh_store_done_cb cb, void *ud);
 
 /* Deletes a key (absent is success). Errors: MH_EINVAL, MH_EIO, MH_ESTORE. */
@@ -89,6 +111,202 @@ void mh_store_delete(mh_store_t *s, const char *key, mh_store_done_cb cb, void *
 /* Size of a key in bytes; MH_ENOENT when absent, MH_EINVAL bad key. */
 typedef void (*mh_store_head_cb)(void *ud, int err, uint64_t size);
 void mh_store_head(mh_store_t *s, const char *key, mh_store_head_cb cb, void *ud);
+
+/* ------------------------------------------------- streaming writer */
+
+/* Writes one object of any size as a stream, with memory bounded by two
+ * chunks, when its final key is known only at the end (a content hash):
+ *   fs: a temporary file tmp/w-<random> written and fsynced on the thread
+ *       pool, then link(2)ed to the final key (never replacing);
+ *   s3: one PUT at finish when the object is smaller than one chunk;
+ *       otherwise a multipart upload (CreateMultipartUpload, UploadPart of
+ *       `chunk_bytes` each, CompleteMultipartUpload) to tmp/<random>,
+ *       then CopyObject to the final key and DeleteObject of the
+ *       temporary (an existing final key skips the copy: the multipart
+ *       upload is aborted instead).
+ * Either way the final key appears whole or not at all, and nothing is
+ * left under tmp/ after finish or abort (a crash leaves leftovers that
+ * mh_store_sweep_tmp removes). SPEC 2, 3, 4.4 (fetch packs), 4.7 (GC). */
+typedef struct mh_store_writer mh_store_writer_t;
+
+typedef struct {
+    /* The store computes SHA-256 of the bytes as they pass (on the thread
+     * pool) and reports it at finish; without it the caller hashes and
+     * names the key itself. */
+    bool hash;
+    /* Bytes per chunk (fs: one pwrite; s3: one part). 0 = the backend's
+     * default: fs 4 MiB, s3 8 MiB. s3 raises anything below 5 MiB to
+     * 5 MiB (S3's smallest part but the last). Must be <= 64 MiB. */
+    size_t chunk_bytes;
+} mh_store_writer_opts_t;
+
+/* The most bytes of memory a writer opened with `o` (NULL = defaults)
+ * holds at once: two chunks (one filling, one being written). Reserve
+ * this from the pack-memory budget before opening. */
+size_t mh_store_writer_mem(const mh_store_t *s, const mh_store_writer_opts_t *o);
+
+/* Opens a writer (no I/O yet: the temporary file or the multipart upload
+ * is created by the first chunk that fills). *out is ended by exactly one
+ * of mh_store_writer_finish or mh_store_writer_abort. Errors: MH_EINVAL
+ * (chunk_bytes above 64 MiB, store closing), MH_ENOMEM. */
+int mh_store_writer_open(mh_store_t *s, const mh_store_writer_opts_t *o, mh_store_writer_t **out);
+
+/* Appends n bytes, copied before the call returns (data is the caller's
+ * again at once). When a chunk fills it is handed to the thread pool
+ * (fs) or uploaded (s3) while the next one fills. cb (may be NULL) fires
+ * once on a later loop turn when the writer has room for more (the
+ * filling chunk is below chunk_bytes): 0, or the first error of the
+ * stream (MH_ENOSPC, MH_EIO, MH_ESTORE, MH_ENOMEM). A caller that waits
+ * for cb before writing again holds at most mh_store_writer_mem() + n
+ * bytes in the writer. n may be 0: "tell me when there is room".
+ * At most one write with a callback may be outstanding; writes without
+ * one may be issued any time. Returns 0, or synchronously (cb then never
+ * fires): the stream's sticky error, MH_ELIMIT (fs uploads: more bytes
+ * than the signed size), MH_EINVAL (a second callback outstanding, or
+ * after finish). */
+int mh_store_writer_write(mh_store_writer_t *w, const void *data, size_t n, mh_store_done_cb cb, void *ud);
+
+/* True when the filling chunk is full: a write callback (or an n = 0
+ * write) would wait for a chunk to be written. For producers that must
+ * consume their input (an HTTP body): pause the input while this is true. */
+bool mh_store_writer_full(const mh_store_writer_t *w);
+
+/* Bytes written so far (accepted, not necessarily stored yet). */
+uint64_t mh_store_writer_size(const mh_store_writer_t *w);
+
+/* Ends the stream: flushes, makes the object durable and visible under
+ * `key`, frees w. key must be "mpacks/<64 hex>" (content-addressed), or
+ * NULL when the writer hashes (the key is then mpacks/<hex of the
+ * SHA-256>). With hash on and a key given, the key must match the hash
+ * (else MH_EHASH, nothing kept). If the key exists already its bytes are
+ * identical by hash: success, ours are dropped. For an fs upload
+ * (mh_store_fs_upload_open) key must be NULL: the staging key of the
+ * upload is used, and the length and SHA-256 must equal what the URL
+ * signed. cb(ud, err, sha256, size) fires once on a later loop turn;
+ * sha256 (32 bytes, valid during the call) is NULL unless the writer
+ * hashed; size in bytes. Errors: MH_EINVAL (bad key), MH_EHASH, MH_EEXIST
+ * (fs upload only: the staging key appeared meanwhile), MH_ENOSPC,
+ * MH_EIO, MH_ESTORE, or the stream's sticky error; on error nothing is
+ * kept. An outstanding write callback fires before this one. */
+typedef void (*mh_store_writer_done_cb)(void *ud, int err, const uint8_t *sha256, uint64_t size);
+void mh_store_writer_finish(mh_store_writer_t *w, const char *key, mh_store_writer_done_cb cb, void *ud);
+
+/* Drops the stream at any time before finish: no callback of w fires
+ * after this call (an outstanding write callback included); the
+ * temporary data is removed in the background (fs: unlink on the thread
+ * pool; s3: AbortMultipartUpload and DeleteObject of the temporary). w
+ * is freed by the store. NULL is a no-op. */
+void mh_store_writer_abort(mh_store_writer_t *w);
+
+/* ------------------------------------------------- streaming reader */
+
+/* Reads a byte range of one key, or a list of byte ranges, as a
+ * sequence of windows delivered in order, with the next window read
+ * ahead while the consumer works on the current one (fs: pread on the
+ * thread pool; s3: one ranged GET per window). Memory: at most two
+ * windows of `window` bytes (ranged readers: two runs of at most
+ * `window` bytes) whatever the object's size. The consumer says when it
+ * is done with a window (mh_store_reader_next): backpressure. SPEC 4.3
+ * (unpack reads the staged pack), 4.4 (fetch packs from byte ranges),
+ * 4.7 (GC). */
+typedef struct mh_store_reader mh_store_reader_t;
+
+/* One requested range (or a piece of one) inside a delivered window. */
+typedef struct {
+    size_t index;     /* the range's position in the caller's array */
+    uint64_t at;      /* offset of these bytes inside that range */
+    const uint8_t *p; /* the bytes (inside the window) */
+    size_t n;
+} mh_store_piece_t;
+
+/* A delivered window. Valid until mh_store_reader_next or _close. */
+typedef struct {
+    const uint8_t *p; /* bytes [off, off + n) of the object (NULL when n is 0) */
+    size_t n;
+    uint64_t off;
+    /* Ranged readers: the requested ranges inside this window, in the
+     * caller's order; a range longer than the window is split into
+     * pieces over several windows (at grows). Sequential readers: one
+     * piece, the whole window (index 0, at = off - start). */
+    const mh_store_piece_t *pieces;
+    size_t npieces;
+    uint64_t size; /* the object's size in bytes */
+    bool last;     /* no window follows */
+} mh_store_window_t;
+
+/* cb(ud, 0, w) per window in order, or cb(ud, err, NULL) once and then
+ * nothing more. Errors: MH_ENOENT (absent key), MH_EINVAL (bad key, or a
+ * range not inside the object), MH_EIO, MH_ESTORE, MH_ENOMEM. Fires on a
+ * later loop turn, never inside a call of this API. */
+typedef void (*mh_store_window_cb)(void *ud, int err, const mh_store_window_t *w);
+
+/* Smallest and largest window (bytes); 0 asks for the default, 4 MiB. */
+#define MH_STORE_WINDOW_MIN (64u * 1024u)
+#define MH_STORE_WINDOW_MAX (64u * 1024u * 1024u)
+#define MH_STORE_WINDOW_DEFAULT (4u * 1024u * 1024u)
+
+/* Sequential reader of [off, off + len) of key (len UINT64_MAX = to the
+ * end) in windows of `window` bytes (clamped to [MIN, MAX]); the first
+ * window is delivered without a call to next. An empty range delivers
+ * one empty window (last). *out is freed by mh_store_reader_close, which
+ * must be called exactly once (also after an error or the last window).
+ * Returns MH_ENOMEM or 0 (other errors arrive through cb). */
+int mh_store_reader_open(mh_store_t *s, const char *key, uint64_t off, uint64_t len, size_t window,
+                         mh_store_window_cb cb, void *ud, mh_store_reader_t **out);
+
+/* Ranged reader: reads ranges[0..n) of key (borrowed until close),
+ * delivering them in the caller's order. Consecutive ranges that ascend
+ * and lie within 64 KiB of each other share one window (one pread or one
+ * ranged GET: coalescing), never more than `window` bytes; a range
+ * longer than `window` is split. n == 0 delivers one empty window.
+ * Memory beyond the windows: about 48 bytes per range (the plan).
+ * Returns MH_ENOMEM, MH_EINVAL (n > 0 and ranges NULL) or 0. */
+int mh_store_reader_open_ranges(mh_store_t *s, const char *key, const mh_range_t *ranges, size_t n, size_t window,
+                                mh_store_window_cb cb, void *ud, mh_store_reader_t **out);
+
+/* The consumer is done with the window last delivered: its memory may be
+ * reused; the next window is delivered (on a later turn) as soon as it
+ * has been read. No-op after the last window or an error. */
+void mh_store_reader_next(mh_store_reader_t *r);
+
+/* Ends the reader at any time: no callback fires afterwards; a read in
+ * flight completes in the background and is dropped. NULL is a no-op. */
+void mh_store_reader_close(mh_store_reader_t *r);
+
+/* The most bytes of memory a reader with this window holds (two windows). */
+size_t mh_store_reader_mem(size_t window);
+
+/* ------------------------------------------------ listing and sweeps */
+
+/* One key of a listing. key is NUL-terminated, valid during the callback. */
+typedef struct {
+    const char *key;
+    uint64_t size;     /* bytes */
+    int64_t mtime;     /* last modification, unix seconds */
+} mh_store_entry_t;
+
+/* Lists the keys under `prefix` ("mpacks/" or "incoming/"), one page of
+ * at most 1000 in ascending byte order, each greater than `after` (NULL:
+ * from the first). cb(ud, 0, entries, n, next) fires once on a later
+ * turn; `next` is the key to pass as `after` for the following page, or
+ * NULL when this page is the last. fs: readdir on the thread pool; s3:
+ * ListObjectsV2 with start-after. Errors: MH_EINVAL (other prefix),
+ * MH_EIO, MH_ESTORE, MH_ENOMEM. For fsck and the sweeps. */
+typedef void (*mh_store_list_cb)(void *ud, int err, const mh_store_entry_t *entries, size_t n, const char *next);
+void mh_store_list(mh_store_t *s, const char *prefix, const char *after, mh_store_list_cb cb, void *ud);
+
+/* Removes the backend's temporaries older than `older_than_s` seconds:
+ * leftovers of writers and uploads whose process died (fs: files in
+ * tmp/; s3: objects under tmp/ and, where the store supports listing
+ * them, incomplete multipart uploads under tmp/). Temporaries younger
+ * than that may belong to a stream in flight in any process and are
+ * kept. cb(ud, err, removed) fires once on a later turn (removed: how
+ * many were deleted). Errors: MH_EIO, MH_ESTORE (partial progress is
+ * kept). Run by the jobs maintenance pass. */
+typedef void (*mh_store_count_cb)(void *ud, int err, unsigned removed);
+void mh_store_sweep_tmp(mh_store_t *s, uint32_t older_than_s, mh_store_count_cb cb, void *ud);
+
+/* --------------------------------------------------------- presigning */
 
 /* Presigned URLs (synchronous: an HMAC). method is "GET" or "PUT". For
  * PUT, `size` and `sha256` (32 bytes) bind the upload (fs verifies both
@@ -120,33 +338,22 @@ int mh_store_presign(mh_store_t *s, mh_arena_t *a, const char *method, const cha
 int mh_store_fs_check_url(mh_store_t *s, const char *method, mh_str_t key, mh_str_t query,
                           uint64_t *size, uint8_t sha256[32]);
 
-/* A streaming upload into a staging key: bytes go to a temporary file
- * while SHA-256 runs over them; finish keeps the file only if the length
- * equals `size` and the hash equals `sha256`. Writes are synchronous
- * write(2) calls to the local file (page cache). */
-typedef struct mh_fs_upload mh_fs_upload_t;
-/* Starts an upload into a staging key ("incoming/<id>"; others:
- * MH_EINVAL) of exactly `size` bytes hashing to `sha256`. Creates
- * tmp/<random> (O_EXCL). *out is freed by finish or abort, which must be
- * called exactly once. MH_EEXIST when the key exists (a presigned PUT
- * never overwrites), MH_EIO, MH_ENOMEM. */
+/* A streamed upload into a staging key (the PUT /_store/incoming/<id>
+ * route): a writer (see mh_store_writer_*) whose bytes go to tmp/ on the
+ * thread pool while SHA-256 runs over them, whose destination is fixed
+ * and whose finish (with key NULL) keeps the file only if its length is
+ * exactly `size` and its hash `sha256`, then link(2)s it to the staging
+ * key (never replacing). Opens a staging key ("incoming/<id>"; others:
+ * MH_EINVAL) for exactly `size` bytes hashing to `sha256` (32 bytes,
+ * copied). chunk_bytes is 1 MiB (one HTTP body never holds more than
+ * two, mh_store_writer_mem). Writes beyond `size` fail with MH_ELIMIT.
+ * Errors: MH_EEXIST when the key exists (a presigned PUT never
+ * overwrites), MH_EINVAL (not an fs store, bad key), MH_ENOMEM. */
 int mh_store_fs_upload_open(mh_store_t *s, const char *key, uint64_t size, const uint8_t sha256[32],
-                            mh_fs_upload_t **out);
-/* Appends n bytes. MH_ELIMIT when more than `size` bytes arrive; MH_EIO
- * on write error. An error is sticky: later writes and finish return it. */
-int mh_store_fs_upload_write(mh_fs_upload_t *u, const void *data, size_t n);
-/* Verifies, fsyncs and links into place (never replacing: link(2));
- * frees u. MH_EHASH (hash or length mismatch; nothing kept), MH_EEXIST
- * (the key appeared meanwhile; nothing changed), a sticky write error,
- * MH_EIO. Nothing is left in tmp/ whatever the result. Runs fsync on the
- * calling thread: prefer the _async form on the loop for large uploads. */
-int mh_store_fs_upload_finish(mh_fs_upload_t *u);
-/* As mh_store_fs_upload_finish, but the length/hash check runs now and
- * the fsync + link run on the thread pool; cb(ud, err) fires once on a
- * later loop turn with the same error codes. Frees u. */
-void mh_store_fs_upload_finish_async(mh_fs_upload_t *u, mh_store_done_cb cb, void *ud);
-/* Discards the temporary file; frees u. */
-void mh_store_fs_upload_abort(mh_fs_upload_t *u);
+                            mh_store_writer_t **out);
+/* The most bytes an upload's writer holds (two 1 MiB chunks), what the
+ * route reserves from the pack-memory budget. */
+#define MH_STORE_FS_UPLOAD_MEM (2u * 1024u * 1024u)
 
 /* Opens a key for a GET served by the server: returns an fd (O_CLOEXEC,
  * read-only) and its size in bytes (the caller closes fd). Synchronous

@@ -98,7 +98,13 @@ static const setting_t settings[] = {
     S_RANGE("JOB_MAINTENANCE_SECONDS", K_U32, job_maintenance_seconds, "60", 1, 0,
             "period of pruning old jobs and sweeping superseded packs, seconds"),
     S_RANGE("MPACK_GRACE_SECONDS", K_U32, mpack_grace_seconds, "3600", 1, 0,
-            "packs superseded by GC (and orphans found by fsck) stay in the store for, seconds"),
+            "packs superseded by GC (and orphans found by fsck) stay in the store for, seconds; also how long after "
+            "its grant expired an abandoned staged upload is removed"),
+    /* The pack-memory budget (SPEC 4.8, include/mh/budget.h). */
+    S_RANGE("PACK_MEMORY", K_U64, pack_memory, "268435456", 1048576, 1ull << 48,
+            "bytes of pack work (unpack, pack building, GC, uploads) one process holds at once"),
+    S_RANGE("PACK_QUEUE_TIMEOUT_MS", K_U32, pack_queue_timeout_ms, "10000", 0, 600000,
+            "pack work that does not fit the budget waits this long, then answers 503 (0: no wait), ms"),
 };
 #define NSETTINGS (sizeof settings / sizeof settings[0])
 

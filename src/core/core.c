@@ -33,6 +33,8 @@ const char *mh_strerror(int err)
     case MH_ECONFLICT: return "conflict";
     case MH_EAUTH: return "authentication failed";
     case MH_EDBDOWN: return "database unavailable";
+    case MH_ENOSPC: return "no space left in the object store";
+    case MH_EBUDGET: return "the server's memory budget for pack work is spent; retry later";
     default: break;
     }
     if (err < 0 && err > -4096) return strerror(-err);

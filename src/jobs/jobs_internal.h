@@ -72,6 +72,16 @@ void mh_job_gc_start(mh_job_t *j);
 void mh_jobs_sweep(mh_db_t *db, mh_store_t *store, uint32_t grace_s, bool (*stopping)(void *arg),
                    void (*done)(void *arg, int deleted), void *arg);
 
+/* One pass over abandoned staged uploads: up to a batch of push grants
+ * expired for more than grace_s seconds lose their staging key
+ * (incoming/<id>, deleted from the store; absent is fine) and then their
+ * row; afterwards the store's temporaries older than six hours are swept
+ * (mh_store_sweep_tmp). A store error keeps the row for the next pass.
+ * done(arg, uploads, tmp) fires once on a later loop turn with the number
+ * of grants removed and of temporaries removed. SPEC 4.3. */
+void mh_jobs_sweep_staged(mh_db_t *db, mh_store_t *store, uint32_t grace_s, bool (*stopping)(void *arg),
+                          void (*done)(void *arg, int uploads, unsigned tmp), void *arg);
+
 /* ------------------------------------------------------------ helpers */
 
 /* "mpacks/<64 hex>" of an id (out >= 80 bytes). */
@@ -83,5 +93,6 @@ char *mh_jobs_pg_array(mh_arena_t *a, char *const *ids, size_t n);
 
 /* Process-wide counters (queue.c), for metrics. */
 void mh_jobs_count_swept(int n);
+void mh_jobs_count_staged_swept(int uploads, unsigned tmp);
 
 #endif

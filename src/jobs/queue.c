@@ -2,7 +2,8 @@
  * queue.c — the job runner of one process (SPEC 4.7): claims jobs from
  * the `jobs` table, keeps their leases alive, records results, retries
  * failures with exponential backoff, prunes old finished jobs and runs the
- * sweep of superseded packs.
+ * sweeps (sweep.c): superseded packs, then abandoned staged uploads of
+ * expired push grants and the store's stale temporaries.
  *
  * Claiming: one UPDATE ... WHERE job_id = (SELECT ... FOR UPDATE SKIP
  * LOCKED) picks the oldest runnable job — pending and due, or running with
@@ -68,6 +69,7 @@ static struct {
     double seconds[NTYPES];
     int64_t running;
     uint64_t swept, pruned;
+    uint64_t staged_swept, tmp_swept;
 } stats;
 
 /* One finished run of a job of type t that took secs. */
@@ -90,6 +92,12 @@ static int type_index(const char *t)
 void mh_jobs_count_swept(int n)
 {
     if (n > 0) stats.swept += (uint64_t)n;
+}
+
+void mh_jobs_count_staged_swept(int uploads, unsigned tmp)
+{
+    if (uploads > 0) stats.staged_swept += (uint64_t)uploads;
+    stats.tmp_swept += tmp;
 }
 
 int mh_jobs_metrics_write(mh_buf_t *out)
@@ -131,8 +139,14 @@ int mh_jobs_metrics_write(mh_buf_t *out)
                            "# HELP musehub_mpacks_swept_total Superseded packs deleted from the store.\n"
                            "# TYPE musehub_mpacks_swept_total counter\nmusehub_mpacks_swept_total %llu\n"
                            "# HELP musehub_jobs_pruned_total Finished jobs deleted after the retention period.\n"
-                           "# TYPE musehub_jobs_pruned_total counter\nmusehub_jobs_pruned_total %llu\n",
-                           (unsigned long long)stats.swept, (unsigned long long)stats.pruned);
+                           "# TYPE musehub_jobs_pruned_total counter\nmusehub_jobs_pruned_total %llu\n"
+                           "# HELP musehub_staged_uploads_swept_total Abandoned staged uploads (expired push "
+                           "grants) removed.\n"
+                           "# TYPE musehub_staged_uploads_swept_total counter\nmusehub_staged_uploads_swept_total %llu\n"
+                           "# HELP musehub_store_tmp_swept_total Stale store temporaries removed.\n"
+                           "# TYPE musehub_store_tmp_swept_total counter\nmusehub_store_tmp_swept_total %llu\n",
+                           (unsigned long long)stats.swept, (unsigned long long)stats.pruned,
+                           (unsigned long long)stats.staged_swept, (unsigned long long)stats.tmp_swept);
     return rc;
 }
 
@@ -505,12 +519,25 @@ static bool sweep_stopping(void *arg)
     return ((mh_jobs_t *)arg)->stopping;
 }
 
-static void sweep_done_cb(void *arg, int deleted)
+static void staged_done_cb(void *arg, int uploads, unsigned tmp)
 {
     mh_jobs_t *r = arg;
     r->maint_busy = false;
-    if (deleted > 0) mh_info("jobs: swept %d superseded pack(s) from the store", deleted);
+    if (uploads > 0) mh_info("jobs: swept %d abandoned staged upload(s) of expired push grants", uploads);
+    if (tmp > 0) mh_info("jobs: swept %u stale store temporaries", tmp);
     maybe_stopped(r);
+}
+
+static void sweep_done_cb(void *arg, int deleted)
+{
+    mh_jobs_t *r = arg;
+    if (deleted > 0) mh_info("jobs: swept %d superseded pack(s) from the store", deleted);
+    if (r->stopping) {
+        r->maint_busy = false;
+        maybe_stopped(r);
+        return;
+    }
+    mh_jobs_sweep_staged(r->db, r->store, r->cfg.grace_s, sweep_stopping, staged_done_cb, r);
 }
 
 static void prune_cb(void *ud, PGresult *res, int err, const char *errmsg)

@@ -1,6 +1,8 @@
 /*
- * sweep.c — deletes superseded packs from the store (GitHub's cruft-pack
- * idea, SPEC 4.7 "mpack.gc"): a pack GC replaced stays readable for a
+ * sweep.c — the maintenance pass's deletions.
+ *
+ * 1. Superseded packs (GitHub's cruft-pack idea, SPEC 4.7 "mpack.gc"):
+ * a pack GC replaced stays readable for a
  * grace period, so a fetch or object read that located its bytes before
  * the swap still finds them; afterwards, once no mpack_index row points at
  * it and no mpack_refs row names it, its row and its bytes go.
@@ -13,6 +15,22 @@
  *   COMMIT. A store failure rolls the row back, so the next sweep retries.
  * Several processes may sweep at once: the lock and the conditional
  * DELETE make each pack's deletion happen once.
+ *
+ * 2. Abandoned staged uploads (SPEC 4.3, issue "nothing left behind"): a
+ * push grant whose expiry is more than the grace period past has no use
+ * any more (every lookup asks for unexpired grants, so a failed unpack
+ * could be retried under it until it expired, SPEC 4.3); its staging key
+ * incoming/<grant id> is deleted from the store, then the grant row. The
+ * grace period after expiry covers an unpack that looked its grant up
+ * just before it expired and is still reading the staged bytes. Only
+ * keys of the incoming/ form are ever deleted here; a pack an unpack
+ * already moved to mpacks/ is never touched (its rows may be committed
+ * any moment by another push of the same bytes). A store error keeps the
+ * row, so the next pass retries; deleting twice is harmless.
+ *
+ * 3. Then the store's own temporaries older than six hours
+ * (mh_store_sweep_tmp: fs tmp/ files, s3 tmp/ objects and incomplete
+ * multipart uploads of writers whose process died).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,6 +39,9 @@
 #include "jobs_internal.h"
 
 #define SWEEP_BATCH 100
+/* Temporaries untouched this long belong to no live stream (fs.c keeps
+ * the same bound for its sweep at start-up). */
+#define TMP_STALE_S (6u * 3600u)
 
 typedef struct {
     mh_db_t *db;
@@ -197,4 +218,135 @@ void mh_jobs_sweep(mh_db_t *db, mh_store_t *store, uint32_t grace_s, bool (*stop
                 " AND NOT EXISTS (SELECT 1 FROM mpack_refs r WHERE r.mpack_id = m.mpack_id)"
                 " ORDER BY m.superseded_at LIMIT $2::int",
                 2, vals, NULL, NULL, candidates_cb, s);
+}
+
+/* ------------------------------------------------ abandoned staged uploads */
+
+typedef struct {
+    mh_db_t *db;
+    mh_store_t *store;
+    char grace[16];
+    bool (*stopping)(void *arg);
+    void (*done)(void *arg, int uploads, unsigned tmp);
+    void *arg;
+    char **ids, **keys;
+    size_t n, next;
+    int removed;
+    unsigned tmp_removed;
+    mh_arena_t arena;
+} gsweep_t;
+
+static void next_grant(gsweep_t *g);
+
+static void gsweep_end(gsweep_t *g)
+{
+    void (*done)(void *, int, unsigned) = g->done;
+    void *arg = g->arg;
+    int removed = g->removed;
+    unsigned tmp = g->tmp_removed;
+    mh_jobs_count_staged_swept(removed, tmp);
+    mh_arena_release(&g->arena);
+    free(g);
+    done(arg, removed, tmp);
+}
+
+static void tmp_swept_cb(void *ud, int err, unsigned removed)
+{
+    gsweep_t *g = ud;
+    if (err) mh_warn("sweep: store temporaries: %s", mh_strerror(err));
+    g->tmp_removed = removed;
+    gsweep_end(g);
+}
+
+static void grant_deleted_cb(void *ud, PGresult *res, int err, const char *errmsg)
+{
+    gsweep_t *g = ud;
+    if (err) mh_warn("sweep: grant %s: %s (%s)", g->ids[g->next - 1], mh_strerror(err), errmsg ? errmsg : "");
+    else if (PQntuples(res) == 1) g->removed++;
+    next_grant(g);
+}
+
+static void staged_deleted_cb(void *ud, int err)
+{
+    gsweep_t *g = ud;
+    const char *id = g->ids[g->next - 1];
+    if (err) {
+        mh_warn("sweep: deleting %s from the store: %s; kept for the next sweep", g->keys[g->next - 1],
+                mh_strerror(err));
+        next_grant(g);
+        return;
+    }
+    const char *vals[2] = {id, g->grace};
+    mh_db_query(g->db,
+                "DELETE FROM push_grants WHERE grant_id = $1"
+                " AND expires_at < now() - make_interval(secs => $2::int) RETURNING 1",
+                2, vals, NULL, NULL, grant_deleted_cb, g);
+}
+
+static void next_grant(gsweep_t *g)
+{
+    if (g->stopping && g->stopping(g->arg)) {
+        gsweep_end(g);
+        return;
+    }
+    if (g->next >= g->n) {
+        mh_store_sweep_tmp(g->store, TMP_STALE_S, tmp_swept_cb, g);
+        return;
+    }
+    const char *key = g->keys[g->next++];
+    mh_store_delete(g->store, key, staged_deleted_cb, g);
+}
+
+static void grants_cb(void *ud, PGresult *res, int err, const char *errmsg)
+{
+    gsweep_t *g = ud;
+    if (err) {
+        if (err != MH_ECANCELED) mh_warn("sweep: listing expired grants: %s (%s)", mh_strerror(err), errmsg ? errmsg : "");
+        gsweep_end(g);
+        return;
+    }
+    int n = PQntuples(res);
+    g->ids = mh_alloc(&g->arena, (size_t)(n ? n : 1) * sizeof *g->ids);
+    g->keys = mh_alloc(&g->arena, (size_t)(n ? n : 1) * sizeof *g->keys);
+    if (!g->ids || !g->keys) {
+        gsweep_end(g);
+        return;
+    }
+    for (int i = 0; i < n; i++) {
+        const char *id = mh_pq_str(res, i, 0), *key = mh_pq_str(res, i, 1);
+        /* Only ever a staging key: never anything under mpacks/. */
+        if (!mh_store_staging_key_valid(key)) {
+            mh_warn("sweep: grant %s names staging key '%s', not incoming/<id>; left alone", id, key);
+            continue;
+        }
+        g->ids[g->n] = mh_strdup(&g->arena, id);
+        g->keys[g->n] = mh_strdup(&g->arena, key);
+        if (!g->ids[g->n] || !g->keys[g->n]) break;
+        g->n++;
+    }
+    next_grant(g);
+}
+
+void mh_jobs_sweep_staged(mh_db_t *db, mh_store_t *store, uint32_t grace_s, bool (*stopping)(void *arg),
+                          void (*done)(void *arg, int uploads, unsigned tmp), void *arg)
+{
+    gsweep_t *g = calloc(1, sizeof *g);
+    if (!g) {
+        done(arg, 0, 0); /* called from a db callback: already a later turn */
+        return;
+    }
+    g->db = db;
+    g->store = store;
+    g->stopping = stopping;
+    g->done = done;
+    g->arg = arg;
+    mh_arena_init(&g->arena, 0);
+    snprintf(g->grace, sizeof g->grace, "%u", grace_s);
+    char batch[16];
+    snprintf(batch, sizeof batch, "%d", SWEEP_BATCH);
+    const char *vals[2] = {g->grace, batch};
+    mh_db_query(db,
+                "SELECT grant_id, staging_key FROM push_grants"
+                " WHERE expires_at < now() - make_interval(secs => $1::int) ORDER BY expires_at LIMIT $2::int",
+                2, vals, NULL, NULL, grants_cb, g);
 }

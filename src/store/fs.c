@@ -24,8 +24,16 @@
  *    never from inside the call that started it (even for a bad key).
  *  - Worker threads touch only their own op and the read-only fds of the
  *    store; counters and logging happen on the loop thread.
+ *  - Streams (writers, uploads, readers) have at most one thread-pool job
+ *    in flight each, so a stream's bytes, hash and file offset are only
+ *    ever touched by one thread at a time, in order; their memory is two
+ *    chunks or two windows.
+ *  - A full or read-only filesystem is MH_ENOSPC on every write path
+ *    (err_of_errno), logged once when it starts and once when writes
+ *    succeed again (note_space).
  */
 #include <dirent.h>
+#include <stddef.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -46,6 +54,21 @@
 /* tmp/ files untouched for this long are leftovers of a crash. */
 #define TMP_STALE_S (6 * 3600)
 
+/* Streams default to 4 MiB chunks and windows: large enough that a
+ * pwrite/pread per chunk costs nothing next to the bytes, small enough
+ * that two of them per stream stay far below the pack-memory budget. */
+#define CHUNK_DEFAULT (4u * 1024u * 1024u)
+/* Uploads through /_store/ (one per HTTP connection). */
+#define UPLOAD_CHUNK (1u * 1024u * 1024u)
+
+typedef struct fs_defer fs_defer_t;
+/* A piece of work to run on a later loop turn (a stream's callback). */
+struct fs_defer {
+    fs_defer_t *next;
+    void (*fn)(fs_defer_t *d);
+    bool queued;
+};
+
 typedef struct {
     mh_store_t base;
     int dirfd, mpacksfd, incomingfd, tmpfd;
@@ -53,8 +76,12 @@ typedef struct {
     char *public_url; /* without a trailing '/'; NULL: presign disabled */
     uint8_t *secret;
     size_t secret_len;
-    unsigned pending; /* ops queued + uploads open */
+    unsigned pending; /* ops queued + streams open + deferred work */
     bool closing;
+    bool full;        /* the last write failed for want of space (logged) */
+    uv_idle_t idle;   /* runs deferred work */
+    bool idle_init;
+    fs_defer_t *defer_head, *defer_tail;
 } fs_store_t;
 
 /* ----------------------------------------------------------------- utils */
@@ -64,7 +91,7 @@ static fs_store_t *as_fs(mh_store_t *s)
     return (s && s->ops == &mh_store_fs_ops) ? (fs_store_t *)s : NULL;
 }
 
-static void fs_free(fs_store_t *fs)
+static void fs_free_now(fs_store_t *fs)
 {
     int fds[] = {fs->dirfd, fs->mpacksfd, fs->incomingfd, fs->tmpfd};
     for (size_t i = 0; i < 4; i++)
@@ -78,6 +105,23 @@ static void fs_free(fs_store_t *fs)
     free(fs);
 }
 
+static void idle_closed_cb(uv_handle_t *h)
+{
+    fs_free_now(h->data);
+}
+
+/* The last user of a closed store is gone: close the idle handle, free
+ * in its close callback. */
+static void fs_free(fs_store_t *fs)
+{
+    if (!fs->idle_init) {
+        fs_free_now(fs);
+        return;
+    }
+    fs->idle_init = false;
+    uv_close((uv_handle_t *)&fs->idle, idle_closed_cb);
+}
+
 /* Called after an op or upload is finished: frees a closed store once the
  * last user is gone. */
 static void fs_release(fs_store_t *fs)
@@ -86,9 +130,65 @@ static void fs_release(fs_store_t *fs)
     if (fs->closing && fs->pending == 0) fs_free(fs);
 }
 
+/* ENOSPC, EDQUOT and EROFS mean the same to a client: the store cannot
+ * take more bytes (SPEC 4.8: 507). */
 static int err_of_errno(int e)
 {
-    return (e == ENOENT || e == ENOTDIR) ? MH_ENOENT : MH_EIO;
+    if (e == ENOENT || e == ENOTDIR) return MH_ENOENT;
+    if (e == ENOSPC || e == EDQUOT || e == EROFS) return MH_ENOSPC;
+    return MH_EIO;
+}
+
+/* After every write path (loop thread): one error line when the store
+ * becomes full or read-only, one info line when writes succeed again,
+ * nothing in between however many requests fail. */
+static void note_space(fs_store_t *fs, int err, int sys_errno)
+{
+    if (err == MH_ENOSPC && !fs->full) {
+        fs->full = true;
+        mh_error("store: fs %s cannot take more bytes (%s): writes are refused with 507 until space is freed",
+                 fs->dir, strerror(sys_errno ? sys_errno : ENOSPC));
+    } else if (err == 0 && fs->full) {
+        fs->full = false;
+        mh_info("store: fs %s accepts writes again", fs->dir);
+    }
+}
+
+/* --------------------------------------------------------------- defer */
+
+static void idle_cb(uv_idle_t *h)
+{
+    fs_store_t *fs = h->data;
+    fs_defer_t *list = fs->defer_head, *last = fs->defer_tail;
+    fs->defer_head = fs->defer_tail = NULL;
+    uv_idle_stop(h);
+    fs->pending++; /* the store outlives this loop even if a callback closes it */
+    while (list) {
+        fs_defer_t *d = list, *nx = d->next;
+        bool end = d == last;
+        d->queued = false;
+        d->next = NULL;
+        d->fn(d); /* may free d */
+        fs_release(fs);
+        if (end) break;
+        list = nx;
+    }
+    fs_release(fs);
+}
+
+/* Runs d->fn(d) on a later loop turn (once, however often it is asked
+ * before that). The store stays alive until it ran. */
+static void fs_defer(fs_store_t *fs, fs_defer_t *d, void (*fn)(fs_defer_t *d))
+{
+    if (d->queued) return;
+    d->queued = true;
+    d->fn = fn;
+    d->next = NULL;
+    if (fs->defer_tail) fs->defer_tail->next = d;
+    else fs->defer_head = d;
+    fs->defer_tail = d;
+    fs->pending++;
+    uv_idle_start(&fs->idle, idle_cb);
 }
 
 /* The fd of the directory that holds a (valid) key, to fsync after a
@@ -143,9 +243,11 @@ static int pread_full(int fd, void *buf, size_t n, uint64_t off)
     return 0;
 }
 
+static int sweep_tmp_dir(const fs_store_t *fs, uint32_t older_than_s, unsigned *removed);
+
 /* ----------------------------------------------------------- async ops */
 
-typedef enum { OP_GET, OP_RANGES, OP_PUT, OP_MOVE, OP_DELETE, OP_HEAD } op_kind_t;
+typedef enum { OP_GET, OP_RANGES, OP_PUT, OP_MOVE, OP_DELETE, OP_HEAD, OP_LIST, OP_SWEEP } op_kind_t;
 
 typedef struct {
     uv_work_t req;
@@ -162,10 +264,20 @@ typedef struct {
     size_t n;
     mh_buf_t buf;  /* get result, handed to the callback */
     uint64_t size; /* head */
+    /* list: the page (names in `buf`, entries point into it) */
+    char after[MH_STORE_KEY_MAX + 1];
+    mh_store_entry_t *entries;
+    size_t nentries;
+    bool more;
+    /* sweep */
+    uint32_t older_than_s;
+    unsigned removed;
     union {
         mh_store_get_cb get;
         mh_store_done_cb done;
         mh_store_head_cb head;
+        mh_store_list_cb list;
+        mh_store_count_cb count;
     } cb;
     void *ud;
 } fs_op_t;
@@ -173,10 +285,12 @@ typedef struct {
 static const mh_store_op_t op_metric[] = {
     [OP_GET] = MH_STORE_OP_GET,         [OP_RANGES] = MH_STORE_OP_GET_RANGES, [OP_PUT] = MH_STORE_OP_PUT,
     [OP_MOVE] = MH_STORE_OP_MOVE,       [OP_DELETE] = MH_STORE_OP_DELETE,     [OP_HEAD] = MH_STORE_OP_HEAD,
+    [OP_LIST] = MH_STORE_OP_LIST,       [OP_SWEEP] = MH_STORE_OP_SWEEP_TMP,
 };
 static const char *const op_label[] = {
     [OP_GET] = "get", [OP_RANGES] = "get_ranges", [OP_PUT] = "put",
     [OP_MOVE] = "move", [OP_DELETE] = "delete", [OP_HEAD] = "head",
+    [OP_LIST] = "list", [OP_SWEEP] = "sweep_tmp",
 };
 
 /* Records a system-call failure (worker thread; logged on the loop). */
@@ -424,6 +538,77 @@ static void do_head(fs_op_t *op)
     else op->size = (uint64_t)st.st_size;
 }
 
+/* Page size of a listing (S3's ListObjectsV2 maximum). */
+#define LIST_PAGE 1000
+
+typedef struct {
+    char name[MH_STORE_KEY_MAX + 1];
+    uint64_t size;
+    int64_t mtime;
+} list_ent_t;
+
+static int ent_cmp(const void *a, const void *b)
+{
+    return strcmp(((const list_ent_t *)a)->name, ((const list_ent_t *)b)->name);
+}
+
+/* Keeps the LIST_PAGE smallest keys above `after`: a bounded array that
+ * is sorted and cut whenever it doubles, so memory stays O(page) for a
+ * directory of any size. */
+static void do_list(fs_op_t *op)
+{
+    const char *sub = op->key[0] == 'm' ? "mpacks" : "incoming";
+    int dfd = openat(op->fs->dirfd, sub, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    DIR *d = dfd >= 0 ? fdopendir(dfd) : NULL;
+    if (!d) {
+        op_fail(op, "opendir", -errno);
+        if (dfd >= 0) close(dfd);
+        return;
+    }
+    size_t cap = 2 * LIST_PAGE, n = 0, plen = strlen(op->key);
+    list_ent_t *ents = malloc(cap * sizeof *ents);
+    struct dirent *e;
+    while (ents && (e = readdir(d)) != NULL) {
+        list_ent_t *x = &ents[n];
+        struct stat st;
+        int kn = snprintf(x->name, sizeof x->name, "%s%s", op->key, e->d_name);
+        if (kn < 0 || (size_t)kn > MH_STORE_KEY_MAX || !mh_store_key_valid(x->name, (size_t)kn)) continue;
+        if (op->after[0] && strcmp(x->name, op->after) <= 0) continue;
+        if (fstatat(dfd, x->name + plen, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(st.st_mode)) continue;
+        x->size = (uint64_t)st.st_size;
+        x->mtime = (int64_t)st.st_mtime;
+        if (++n == cap) {
+            qsort(ents, n, sizeof *ents, ent_cmp);
+            n = LIST_PAGE + 1; /* one more than a page tells "more follow" */
+        }
+    }
+    closedir(d);
+    if (!ents) {
+        op->err = MH_ENOMEM;
+        return;
+    }
+    qsort(ents, n, sizeof *ents, ent_cmp);
+    op->more = n > LIST_PAGE;
+    if (op->more) n = LIST_PAGE;
+    op->entries = n ? malloc(n * sizeof *op->entries) : NULL;
+    if (n && (!op->entries || mh_buf_reserve(&op->buf, n * sizeof *ents) != 0)) {
+        op->err = MH_ENOMEM;
+    } else if (n) {
+        memcpy(op->buf.p, ents, n * sizeof *ents);
+        const list_ent_t *kept = (const list_ent_t *)op->buf.p;
+        for (size_t i = 0; i < n; i++)
+            op->entries[i] = (mh_store_entry_t){kept[i].name, kept[i].size, kept[i].mtime};
+        op->nentries = n;
+    }
+    free(ents);
+}
+
+static void do_sweep(fs_op_t *op)
+{
+    int rc = sweep_tmp_dir(op->fs, op->older_than_s, &op->removed);
+    if (rc != 0) op_fail(op, "sweep tmp", rc);
+}
+
 static void op_work_cb(uv_work_t *req)
 {
     fs_op_t *op = req->data;
@@ -435,6 +620,8 @@ static void op_work_cb(uv_work_t *req)
     case OP_MOVE: do_move(op); break;
     case OP_DELETE: do_delete(op); break;
     case OP_HEAD: do_head(op); break;
+    case OP_LIST: do_list(op); break;
+    case OP_SWEEP: do_sweep(op); break;
     }
 }
 
@@ -449,6 +636,7 @@ static void op_after_cb(uv_work_t *req, int status)
         mh_debug("store: fs %s %s: %s: not found", op_label[op->kind], op->key, op->sys_what);
     else if (op->sys_what)
         mh_warn("store: fs %s %s: %s failed: %s", op_label[op->kind], op->key, op->sys_what, strerror(op->sys_errno));
+    if (op->kind == OP_PUT || op->kind == OP_MOVE) note_space(fs, op->err, op->sys_errno);
     mh_store_note(&fs->base, op_metric[op->kind], op->err);
     switch (op->kind) {
     case OP_GET:
@@ -463,6 +651,16 @@ static void op_after_cb(uv_work_t *req, int status)
     case OP_MOVE:
     case OP_DELETE: op->cb.done(op->ud, op->err); break;
     case OP_HEAD: op->cb.head(op->ud, op->err, op->err ? 0 : op->size); break;
+    case OP_LIST:
+        op->cb.list(op->ud, op->err, op->err ? NULL : op->entries, op->err ? 0 : op->nentries,
+                    !op->err && op->more ? op->entries[op->nentries - 1].key : NULL);
+        free(op->entries);
+        mh_buf_free(&op->buf);
+        break;
+    case OP_SWEEP:
+        if (op->removed) mh_info("store: removed %u stale temporary files from %s/tmp", op->removed, fs->dir);
+        op->cb.count(op->ud, op->err, op->removed);
+        break;
     }
     /* The callback took the bytes (or freed them); we never touch them. */
     free(op);
@@ -532,6 +730,25 @@ static void fs_head(mh_store_t *s, const char *key, mh_store_head_cb cb, void *u
     fs_op_t *op = op_new(s, OP_HEAD, ud);
     copy_key(op, op->key, key);
     op->cb.head = cb;
+    op_submit(op);
+}
+
+static void fs_list(mh_store_t *s, const char *prefix, const char *after, mh_store_list_cb cb, void *ud)
+{
+    fs_op_t *op = op_new(s, OP_LIST, ud);
+    op->cb.list = cb;
+    if (!prefix || (strcmp(prefix, "mpacks/") != 0 && strcmp(prefix, "incoming/") != 0)) op->err = MH_EINVAL;
+    else memcpy(op->key, prefix, strlen(prefix) + 1);
+    if (after && strlen(after) > MH_STORE_KEY_MAX) op->err = MH_EINVAL;
+    else if (after) memcpy(op->after, after, strlen(after) + 1);
+    op_submit(op);
+}
+
+static void fs_sweep_tmp(mh_store_t *s, uint32_t older_than_s, mh_store_count_cb cb, void *ud)
+{
+    fs_op_t *op = op_new(s, OP_SWEEP, ud);
+    op->cb.count = cb;
+    op->older_than_s = older_than_s;
     op_submit(op);
 }
 
@@ -680,157 +897,449 @@ int mh_store_fs_check_url(mh_store_t *s, const char *method, mh_str_t key, mh_st
     return rc;
 }
 
-/* ------------------------------------------------------ streamed upload */
+/* ----------------------------------------------------- streaming writer */
 
-struct mh_fs_upload {
+/* A writer (mh_store_writer_*) or an upload (the presigned PUT route):
+ * bytes fill `fill`; a full chunk moves to `flight` and one thread-pool
+ * job creates the temporary file if needed, hashes and writes it while
+ * the next chunk fills. finish runs one last job: the rest of the bytes,
+ * fsync, the hash, the checks, link(2) into place, unlink of the
+ * temporary name, fsync of the directory. At most one job is in flight. */
+typedef enum { W_WRITER, W_UPLOAD } w_mode_t;
+typedef enum { J_FLUSH, J_FINAL, J_CLEANUP } w_job_t;
+
+typedef struct {
+    struct mh_store_writer head;
     fs_store_t *fs;
-    int fd;
-    int err; /* sticky: the first failure of a write */
+    w_mode_t mode;
+    int fd;           /* -1 until a job creates the temporary file */
     char tmpname[48];
-    char key[MH_STORE_KEY_MAX + 1];
-    uint64_t size, written;
-    uint8_t sha[32];
-    mh_sha256_t *h;
-    /* async finish */
-    uv_work_t req;
-    mh_store_done_cb cb;
-    void *ud;
-    int sys_errno;
+    mh_buf_t flight;  /* the chunk on the thread pool (head.fill fills) */
+    mh_sha256_t *h;   /* NULL: the caller hashes */
+    uint8_t sha[32];  /* final digest (J_FINAL) */
+    bool busy, ended;
+    w_job_t job;
+    int job_err, sys_errno; /* of the job that just ran (pool side) */
     const char *sys_what;
-};
+    uint64_t flushed;       /* bytes on disk */
+    fs_defer_t wdefer; /* the write callback, on a later turn */
+    uint8_t up_sha[32]; /* upload: the signed hash (the length is head.limit) */
+    uv_work_t req;
+} fs_writer_t;
+
+static fs_writer_t *as_writer(mh_store_writer_t *w)
+{
+    return (fs_writer_t *)w;
+}
+
+static void w_pump(fs_writer_t *w);
+
+/* Records a failed system call of a job (pool thread). A missing
+ * directory is a store failure here, never "not found". */
+static int w_fail(fs_writer_t *w, const char *what, int neg_errno)
+{
+    int rc = err_of_errno(-neg_errno);
+    w->sys_what = what;
+    w->sys_errno = -neg_errno;
+    return w->job_err = rc == MH_ENOENT ? MH_EIO : rc;
+}
+
+/* Pool: creates the temporary file on first use, hashes and appends b. */
+static int w_write_buf(fs_writer_t *w, mh_buf_t *b)
+{
+    if (w->fd < 0) {
+        if (random_name(w->tmpname, sizeof w->tmpname, w->mode == W_UPLOAD ? "up-" : "w-") != 0)
+            return w->job_err = MH_EIO;
+        w->fd = openat(w->fs->tmpfd, w->tmpname, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+        if (w->fd < 0) {
+            w->tmpname[0] = 0;
+            return w_fail(w, "create tmp", -errno);
+        }
+    }
+    if (b->len == 0) return 0;
+    if (w->h) mh_sha256_update(w->h, b->p, b->len);
+    int rc = write_full(w->fd, b->p, b->len);
+    if (rc != 0) return w_fail(w, "write", rc);
+    w->flushed += b->len;
+    b->len = 0;
+    return 0;
+}
+
+/* Pool: the last job of a finish. */
+static void w_final(fs_writer_t *w)
+{
+    fs_store_t *fs = w->fs;
+    if (w_write_buf(w, &w->head.fill) != 0) return;
+    if (fsync(w->fd) != 0) {
+        w_fail(w, "fsync", -errno);
+        return;
+    }
+    if (w->h) mh_sha256_final(w->h, w->sha);
+    if (w->mode == W_UPLOAD) {
+        if (w->flushed != w->head.limit || memcmp(w->sha, w->up_sha, 32) != 0) {
+            w->job_err = MH_EHASH;
+            return;
+        }
+    } else if (!w->head.key_given) {
+        char hex[65];
+        mh_hex_encode(hex, w->sha, 32);
+        snprintf(w->head.key, sizeof w->head.key, "mpacks/%s", hex);
+    } else if (w->h) {
+        uint8_t want[32];
+        if (mh_hex_decode(want, w->head.key + 7, 32) != 0 || memcmp(want, w->sha, 32) != 0) {
+            w->job_err = MH_EHASH;
+            return;
+        }
+    }
+    /* link(2) never replaces: an upload finds its staging key taken
+     * (MH_EEXIST); a content-addressed pack that exists holds these very
+     * bytes, so ours are simply dropped. */
+    if (linkat(fs->tmpfd, w->tmpname, fs->dirfd, w->head.key, 0) != 0) {
+        if (errno != EEXIST) w_fail(w, "link", -errno);
+        else if (w->mode == W_UPLOAD) w->job_err = MH_EEXIST;
+        return;
+    }
+    if (fsync(parent_fd(fs, w->head.key)) != 0) w_fail(w, "fsync dir", -errno);
+}
+
+static void w_work_cb(uv_work_t *req)
+{
+    fs_writer_t *w = req->data;
+    switch (w->job) {
+    case J_FLUSH: w_write_buf(w, &w->flight); break;
+    case J_FINAL: w_final(w); break;
+    case J_CLEANUP: break;
+    }
+    /* Every job that ends the stream drops the temporary name and the fd. */
+    if (w->job != J_FLUSH || w->job_err) {
+        if (w->fd >= 0) close(w->fd);
+        w->fd = -1;
+        if (w->tmpname[0]) unlinkat(w->fs->tmpfd, w->tmpname, 0);
+        w->tmpname[0] = 0;
+    }
+}
+
+static void w_free(fs_writer_t *w)
+{
+    fs_store_t *fs = w->fs;
+    mh_buf_free(&w->head.fill);
+    mh_buf_free(&w->flight);
+    mh_sha256_free(w->h);
+    free(w);
+    fs_release(fs);
+}
+
+static void w_wcb_defer_cb(fs_defer_t *d)
+{
+    fs_writer_t *w = (fs_writer_t *)((char *)d - offsetof(fs_writer_t, wdefer));
+    if (w->head.aborted) {
+        w_pump(w); /* may free w */
+        return;
+    }
+    mh_store_writer_fire(&w->head);
+}
+
+/* Loop: the end of a finish (or of an abort's cleanup): logs, counts,
+ * calls back (unless aborted), then frees — or, while a deferred write
+ * callback is still queued, lets that deferred call come back here. */
+static void w_end(fs_writer_t *w, int rc)
+{
+    fs_store_t *fs = w->fs;
+    if (!w->ended) {
+        w->ended = true;
+        if (w->sys_what)
+            mh_warn("store: fs %s %s: %s failed: %s", w->mode == W_UPLOAD ? "upload" : "writer",
+                    w->head.key[0] ? w->head.key : "(unnamed)", w->sys_what, strerror(w->sys_errno));
+        else if (rc == MH_EHASH && w->mode == W_UPLOAD)
+            mh_info("store: fs upload %s refused: %" PRIu64 " of %" PRIu64 " bytes or SHA-256 differ", w->head.key,
+                    w->head.size, w->head.limit);
+        if (rc == 0 || rc == MH_ENOSPC) note_space(fs, rc, w->sys_errno);
+        if (rc == 0) fs->base.bytes_written += w->head.size;
+        mh_store_note(&fs->base, w->mode == W_UPLOAD ? MH_STORE_OP_UPLOAD : MH_STORE_OP_WRITER,
+                      w->head.aborted ? MH_ECANCELED : rc);
+        if (!w->head.aborted) {
+            if (!w->head.err) w->head.err = rc;
+            mh_store_writer_fire(&w->head); /* an outstanding write callback goes first */
+            if (w->head.fcb) w->head.fcb(w->head.fud, rc, rc == 0 && w->h ? w->sha : NULL, w->head.size);
+        }
+    }
+    if (w->wdefer.queued) {
+        w->head.aborted = true;
+        w->head.fcb = NULL;
+        w->head.wcb = NULL;
+        return;
+    }
+    w_free(w);
+}
+
+static void w_after_cb(uv_work_t *req, int status)
+{
+    fs_writer_t *w = req->data;
+    w->busy = false;
+    int rc = w->job_err ? w->job_err : status ? MH_ECANCELED : 0;
+    w->job_err = 0;
+    if (w->job == J_FLUSH) {
+        if (rc && !w->head.err) {
+            w->head.err = rc;
+            /* Logged now: an upload answers 507 and aborts right away. */
+            if (rc == MH_ENOSPC) note_space(w->fs, rc, w->sys_errno);
+        }
+        w_pump(w);
+        return;
+    }
+    w_end(w, w->job == J_CLEANUP ? (w->head.err ? w->head.err : MH_ECANCELED) : rc);
+}
+
+static void w_submit(fs_writer_t *w, w_job_t job)
+{
+    w->busy = true;
+    w->job = job;
+    w->req.data = w;
+    uv_queue_work(w->fs->base.loop, &w->req, w_work_cb, w_after_cb);
+}
+
+/* Loop: decides the next job, and whether the write callback may fire. */
+static void w_pump(fs_writer_t *w)
+{
+    if (w->busy) return;
+    if (w->head.aborted) {
+        if (w->wdefer.queued) return; /* the deferred callback comes back here */
+        if (!w->ended && (w->fd >= 0 || w->tmpname[0])) w_submit(w, J_CLEANUP);
+        else w_end(w, MH_ECANCELED);
+        return;
+    }
+    if (mh_store_writer_full(&w->head)) {
+        mh_store_writer_swap(&w->head, &w->flight);
+        w_submit(w, J_FLUSH);
+    } else if (w->head.finishing) {
+        w_submit(w, w->head.err ? J_CLEANUP : J_FINAL);
+        return;
+    }
+    if (mh_store_writer_room_due(&w->head)) fs_defer(w->fs, &w->wdefer, w_wcb_defer_cb);
+}
+
+static fs_writer_t *w_new(fs_store_t *fs, w_mode_t mode, size_t chunk, bool hash)
+{
+    fs_writer_t *w = calloc(1, sizeof *w);
+    if (!w) return NULL;
+    if (hash && !(w->h = mh_sha256_new())) {
+        free(w);
+        return NULL;
+    }
+    mh_store_writer_init(&w->head, &fs->base, chunk, hash);
+    w->fs = fs;
+    w->mode = mode;
+    w->fd = -1;
+    fs->pending++;
+    return w;
+}
+
+static int fs_writer_open(mh_store_t *s, size_t chunk, bool hash, mh_store_writer_t **out)
+{
+    fs_store_t *fs = (fs_store_t *)s;
+    if (fs->closing) return MH_EINVAL;
+    fs_writer_t *w = w_new(fs, W_WRITER, chunk, hash);
+    if (!w) return MH_ENOMEM;
+    *out = &w->head;
+    return 0;
+}
+
+static void fs_writer_pump(mh_store_writer_t *ww)
+{
+    w_pump(as_writer(ww));
+}
 
 int mh_store_fs_upload_open(mh_store_t *s, const char *key, uint64_t size, const uint8_t sha256[32],
-                            mh_fs_upload_t **out)
+                            mh_store_writer_t **out)
 {
     fs_store_t *fs = as_fs(s);
     *out = NULL;
-    if (!fs) return MH_EINVAL;
+    if (!fs || fs->closing) return MH_EINVAL;
     size_t kn = key ? strnlen(key, MH_STORE_KEY_MAX + 1) : 0;
     /* Only staging keys: a presigned PUT never names a final pack key. */
     int rc = (!key || kn > MH_STORE_KEY_MAX || !mh_store_key_is_staging(key, kn) || !sha256) ? MH_EINVAL : 0;
     struct stat st;
     if (rc == 0 && fstatat(fs->dirfd, key, &st, AT_SYMLINK_NOFOLLOW) == 0) rc = MH_EEXIST;
-    mh_fs_upload_t *u = rc ? NULL : calloc(1, sizeof *u);
-    if (rc == 0 && (!u || !(u->h = mh_sha256_new()))) rc = MH_ENOMEM;
-    if (rc == 0 && random_name(u->tmpname, sizeof u->tmpname, "up-") != 0) rc = MH_EIO;
-    if (rc == 0 && (u->fd = openat(fs->tmpfd, u->tmpname, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644)) < 0) {
-        mh_warn("store: fs upload %s: create tmp failed: %s", key, strerror(errno));
-        rc = MH_EIO;
-    }
+    fs_writer_t *w = rc ? NULL : w_new(fs, W_UPLOAD, UPLOAD_CHUNK, true);
+    if (rc == 0 && !w) rc = MH_ENOMEM;
     if (rc != 0) {
-        if (u) mh_sha256_free(u->h);
-        free(u);
         mh_store_note(s, MH_STORE_OP_UPLOAD, rc);
         return rc;
     }
-    u->fs = fs;
-    memcpy(u->key, key, kn + 1);
-    u->size = size;
-    memcpy(u->sha, sha256, 32);
-    fs->pending++;
-    *out = u;
+    memcpy(w->head.key, key, kn + 1);
+    w->head.limit = size;
+    w->head.key_fixed = true;
+    memcpy(w->up_sha, sha256, 32);
+    *out = &w->head;
     return 0;
 }
 
-int mh_store_fs_upload_write(mh_fs_upload_t *u, const void *data, size_t n)
+/* ----------------------------------------------------- streaming reader */
+
+/* The head (store_int.h) holds the plan and the two buffers; this adds
+ * the file and the job. The first job opens the file, learns its size and
+ * builds the plan; every job reads one run into a free buffer. */
+typedef struct {
+    struct mh_store_reader head;
+    fs_store_t *fs;
+    char key[MH_STORE_KEY_MAX + 1];
+    mh_range_t single;        /* sequential: the one range */
+    const mh_range_t *ranges; /* borrowed until close */
+    size_t nranges;           /* sequential: 1 */
+    int fd;
+    bool busy, closed;
+    int job_buf, job_err, sys_errno;
+    const char *sys_what;
+    uv_work_t req;
+    fs_defer_t defer;
+} fs_reader_t;
+
+static void r_pump(fs_reader_t *r, bool may_call);
+
+static void r_read_job(fs_reader_t *r)
 {
-    if (u->err) return u->err;
-    if (n > u->size - u->written) return u->err = MH_ELIMIT;
-    int rc = write_full(u->fd, data, n);
+    mh_store_reader_t *h = &r->head;
+    if (r->fd < 0) {
+        r->fd = openat(r->fs->dirfd, r->key, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        struct stat st;
+        if (r->fd < 0 || fstat(r->fd, &st) != 0) {
+            r->sys_what = "open", r->sys_errno = errno, r->job_err = err_of_errno(errno);
+            return;
+        }
+        if (!S_ISREG(st.st_mode)) {
+            r->job_err = MH_ENOENT;
+            return;
+        }
+        h->size = (uint64_t)st.st_size;
+    }
+    if (!h->planned) {
+        const mh_range_t *rg = r->ranges ? r->ranges : &r->single;
+        if ((r->job_err = mh_store_plan_build(rg, r->nranges, h->size, h->window, &h->plan)) != 0)
+            return;
+        h->planned = true;
+    }
+    const mh_store_run_t *run = &h->plan.runs[h->next_read];
+    mh_buf_t *b = &h->buf[r->job_buf];
+    b->len = 0;
+    if (run->len == 0) return;
+    if (b->cap < run->len && mh_buf_reserve(b, (size_t)run->len) != 0) {
+        r->job_err = MH_ENOMEM;
+        return;
+    }
+    int rc = pread_full(r->fd, b->p, (size_t)run->len, run->off);
     if (rc != 0) {
-        mh_warn("store: fs upload %s: write failed: %s", u->key, strerror(-rc));
-        return u->err = MH_EIO;
+        r->sys_what = "pread", r->sys_errno = -rc, r->job_err = MH_EIO;
+        return;
     }
-    mh_sha256_update(u->h, data, n);
-    u->written += n;
+    b->len = (size_t)run->len;
+}
+
+static void r_work_cb(uv_work_t *req)
+{
+    r_read_job(req->data);
+}
+
+static void r_free(fs_reader_t *r)
+{
+    fs_store_t *fs = r->fs;
+    if (r->fd >= 0) close(r->fd);
+    mh_store_note(&fs->base, MH_STORE_OP_READER, r->head.err);
+    mh_store_reader_fini(&r->head);
+    free(r);
+    fs_release(fs);
+}
+
+static void r_after_cb(uv_work_t *req, int status)
+{
+    fs_reader_t *r = req->data;
+    mh_store_reader_t *h = &r->head;
+    r->busy = false;
+    int rc = r->job_err ? r->job_err : status ? MH_ECANCELED : 0;
+    if (rc && !h->err) {
+        h->err = rc;
+        if (r->sys_what && r->sys_errno != ENOENT)
+            mh_warn("store: fs reader %s: %s failed: %s", r->key, r->sys_what, strerror(r->sys_errno));
+    }
+    if (!rc) {
+        r->fs->base.bytes_read += h->buf[r->job_buf].len;
+        mh_store_reader_filled(h, r->job_buf);
+    } else {
+        h->bstate[r->job_buf] = MH_RBUF_FREE;
+    }
+    r_pump(r, true);
+}
+
+static void r_defer_cb(fs_defer_t *d)
+{
+    r_pump((fs_reader_t *)((char *)d - offsetof(fs_reader_t, defer)), true);
+}
+
+/* Delivers what is due (only where calling back is allowed: may_call),
+ * then starts the next read ahead. */
+static void r_pump(fs_reader_t *r, bool may_call)
+{
+    mh_store_reader_t *h = &r->head;
+    if (r->closed) {
+        if (!r->busy && !r->defer.queued) r_free(r);
+        return;
+    }
+    if (mh_store_reader_due(h)) {
+        if (!may_call) {
+            fs_defer(r->fs, &r->defer, r_defer_cb);
+            return;
+        }
+        mh_store_window_t win;
+        int k = mh_store_reader_take(h, &win);
+        if (k < 0) {
+            h->cb(h->ud, k, NULL); /* the consumer closes */
+            return;
+        }
+        r_pump(r, false); /* read ahead before handing the window over */
+        if (!r->closed) h->cb(h->ud, 0, &win);
+        return;
+    }
+    if (h->err || r->busy || (h->planned && h->next_read >= h->plan.nruns)) return;
+    int fb = mh_store_reader_free_buf(h);
+    if (fb < 0) return;
+    r->busy = true;
+    r->job_buf = fb;
+    h->bstate[fb] = MH_RBUF_READING;
+    r->req.data = r;
+    uv_queue_work(r->fs->base.loop, &r->req, r_work_cb, r_after_cb);
+}
+
+static int fs_reader_open(mh_store_t *s, const char *key, const mh_range_t *ranges, size_t n, bool sequential,
+                          size_t window, mh_store_window_cb cb, void *ud, mh_store_reader_t **out)
+{
+    fs_store_t *fs = (fs_store_t *)s;
+    fs_reader_t *r = calloc(1, sizeof *r);
+    if (!r) return MH_ENOMEM;
+    r->head = (mh_store_reader_t){.s = s, .cb = cb, .ud = ud, .window = window};
+    r->fs = fs;
+    r->fd = -1;
+    if (sequential) r->single = ranges[0], r->nranges = 1;
+    else r->ranges = ranges, r->nranges = n;
+    size_t kn = key ? strnlen(key, MH_STORE_KEY_MAX + 1) : 0;
+    if (!key || kn > MH_STORE_KEY_MAX || !mh_store_key_valid(key, kn) || fs->closing) r->head.err = MH_EINVAL;
+    else memcpy(r->key, key, kn + 1);
+    fs->pending++;
+    *out = &r->head;
+    r_pump(r, false);
     return 0;
 }
 
-/* Loop side, before any I/O: are these the promised bytes? */
-static int upload_verify(mh_fs_upload_t *u)
+static void fs_reader_next(mh_store_reader_t *rr)
 {
-    if (u->err) return u->err;
-    if (u->written != u->size) return MH_EHASH;
-    uint8_t got[32];
-    mh_sha256_final(u->h, got);
-    return memcmp(got, u->sha, 32) == 0 ? 0 : MH_EHASH;
+    fs_reader_t *r = (fs_reader_t *)rr;
+    mh_store_reader_release(rr, false);
+    if (!r->closed && !rr->done) r_pump(r, false);
 }
 
-/* fsync, link into place (never replacing), drop the tmp name, fsync the
- * directory. Thread-safe: touches only u and the store's fds. */
-static int upload_commit(mh_fs_upload_t *u)
+static void fs_reader_close(mh_store_reader_t *rr)
 {
-    fs_store_t *fs = u->fs;
-    int rc = 0;
-    if (fsync(u->fd) != 0) {
-        u->sys_what = "fsync", u->sys_errno = errno, rc = MH_EIO;
-    } else if (linkat(fs->tmpfd, u->tmpname, fs->dirfd, u->key, 0) != 0) {
-        if (errno == EEXIST) rc = MH_EEXIST;
-        else u->sys_what = "link", u->sys_errno = errno, rc = MH_EIO;
-    }
-    unlinkat(fs->tmpfd, u->tmpname, 0);
-    if (rc == 0 && fsync(fs->incomingfd) != 0) u->sys_what = "fsync dir", u->sys_errno = errno, rc = MH_EIO;
-    return rc;
-}
-
-/* Loop side, last step of every upload: counts, logs, frees. The tmp
- * name is always dropped (a no-op when the commit already did): whatever
- * happened, nothing is left in tmp/. */
-static int upload_end(mh_fs_upload_t *u, int rc)
-{
-    fs_store_t *fs = u->fs;
-    unlinkat(fs->tmpfd, u->tmpname, 0);
-    close(u->fd);
-    if (u->sys_what) mh_warn("store: fs upload %s: %s failed: %s", u->key, u->sys_what, strerror(u->sys_errno));
-    else if (rc == MH_EHASH)
-        mh_info("store: fs upload %s refused: %" PRIu64 " of %" PRIu64 " bytes or SHA-256 differ", u->key,
-                u->written, u->size);
-    if (rc == 0) fs->base.bytes_written += u->size;
-    mh_store_note(&fs->base, MH_STORE_OP_UPLOAD, rc);
-    mh_sha256_free(u->h);
-    free(u);
-    fs_release(fs);
-    return rc;
-}
-
-int mh_store_fs_upload_finish(mh_fs_upload_t *u)
-{
-    int rc = upload_verify(u);
-    return upload_end(u, rc != 0 ? rc : upload_commit(u));
-}
-
-static void upload_work_cb(uv_work_t *req)
-{
-    mh_fs_upload_t *u = req->data;
-    if (!u->err) u->err = upload_commit(u);
-}
-
-static void upload_after_cb(uv_work_t *req, int status)
-{
-    mh_fs_upload_t *u = req->data;
-    mh_store_done_cb cb = u->cb;
-    void *ud = u->ud;
-    int rc = u->err ? u->err : status ? MH_ECANCELED : 0;
-    /* Keep the store alive across the callback (it may close the store). */
-    fs_store_t *fs = u->fs;
-    fs->pending++;
-    upload_end(u, rc);
-    cb(ud, rc);
-    fs_release(fs);
-}
-
-void mh_store_fs_upload_finish_async(mh_fs_upload_t *u, mh_store_done_cb cb, void *ud)
-{
-    u->cb = cb;
-    u->ud = ud;
-    u->err = upload_verify(u);
-    u->req.data = u;
-    uv_queue_work(u->fs->base.loop, &u->req, upload_work_cb, upload_after_cb);
-}
-
-void mh_store_fs_upload_abort(mh_fs_upload_t *u)
-{
-    if (u) upload_end(u, MH_ECANCELED);
+    fs_reader_t *r = (fs_reader_t *)rr;
+    r->closed = true;
+    r_pump(r, false);
 }
 
 /* --------------------------------------------------------- direct reads */
@@ -957,26 +1466,35 @@ static int load_secret(fs_store_t *fs, const mh_store_config_t *cfg)
     return rc;
 }
 
-/* Removes tmp/ files left by a crash. Only stale ones: other processes
- * sharing the directory may be writing theirs right now. */
-static void sweep_tmp(fs_store_t *fs)
+/* Removes tmp/ files older than older_than_s seconds (leftovers of a
+ * crash: other processes sharing the directory may be writing younger
+ * ones right now). Thread-safe; returns how many went, or -errno. */
+static int sweep_tmp_dir(const fs_store_t *fs, uint32_t older_than_s, unsigned *removed)
 {
-    int fd = dup(fs->tmpfd);
+    *removed = 0;
+    int fd = openat(fs->dirfd, "tmp", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
     if (!d) {
+        int e = errno;
         if (fd >= 0) close(fd);
-        return;
+        return -e;
     }
-    int64_t cutoff = mh_unix_time() - TMP_STALE_S;
-    unsigned removed = 0;
+    int64_t cutoff = mh_unix_time() - (int64_t)older_than_s;
     struct dirent *e;
     while ((e = readdir(d)) != NULL) {
         struct stat st;
         if (e->d_name[0] == '.') continue;
         if (fstatat(fs->tmpfd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(st.st_mode)) continue;
-        if ((int64_t)st.st_mtime < cutoff && unlinkat(fs->tmpfd, e->d_name, 0) == 0) removed++;
+        if ((int64_t)st.st_mtime < cutoff && unlinkat(fs->tmpfd, e->d_name, 0) == 0) (*removed)++;
     }
     closedir(d);
+    return 0;
+}
+
+static void sweep_tmp(fs_store_t *fs)
+{
+    unsigned removed = 0;
+    sweep_tmp_dir(fs, TMP_STALE_S, &removed);
     if (removed) mh_info("store: removed %u stale temporary files from %s/tmp", removed, fs->dir);
 }
 
@@ -1032,9 +1550,12 @@ int mh_store_fs_open(uv_loop_t *loop, const mh_store_config_t *cfg, const char *
     fs->dirfd = fs->mpacksfd = fs->incomingfd = fs->tmpfd = -1;
     int rc = fs_init(fs, cfg, dir);
     if (rc != 0) {
-        fs_free(fs);
+        fs_free_now(fs);
         return rc;
     }
+    uv_idle_init(loop, &fs->idle);
+    fs->idle.data = fs;
+    fs->idle_init = true;
     *out = &fs->base;
     return 0;
 }
@@ -1057,4 +1578,13 @@ const mh_store_ops_t mh_store_fs_ops = {
     .head = fs_head,
     .presign = fs_presign,
     .close = fs_close,
+    .writer_chunk_default = CHUNK_DEFAULT,
+    .writer_chunk_min = MH_STORE_WINDOW_MIN,
+    .writer_open = fs_writer_open,
+    .writer_pump = fs_writer_pump,
+    .reader_open = fs_reader_open,
+    .reader_next = fs_reader_next,
+    .reader_close = fs_reader_close,
+    .list = fs_list,
+    .sweep_tmp = fs_sweep_tmp,
 };

@@ -8,6 +8,10 @@
  *   path style (default): <endpoint>/<bucket>/<key>
  *   virtual-hosted:       <scheme>://<bucket>.<endpoint host>/<key>
  *
+ * This file is the transport and the whole-object operations; the
+ * streams (writer, reader, listings, the tmp sweep) are in s3_stream.c,
+ * on the same ops and transfers (s3_int.h).
+ *
  * Shape: an operation (op: get, get_ranges, put, move, delete, head) is a
  * small state machine (`state`, advanced by op_step()) that issues one or
  * more HTTP transfers (xfer). Transfers wait in a FIFO queue for one of
@@ -33,163 +37,21 @@
  *  - The store is freed only when no op is pending, the multi handle is
  *    cleaned up and every uv handle it owns has been closed.
  */
-#include <curl/curl.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "sigv4.h"
-#include "store_int.h"
+#include "s3_int.h"
 
-/* Transfers in flight at once (ENVIRONMENT.md: ~16 ran 34k req/s where
- * adding 20k at once ran 4.5k). */
-#define WINDOW 16
-/* Attempts per transfer: the first plus three retries. */
-#define MAX_ATTEMPTS 4
-#define CONNECT_TIMEOUT_MS 5000
-/* An attempt slower than LOW_SPEED_LIMIT bytes/s for LOW_SPEED_TIME s is
- * abandoned (then retried): a stalled store becomes an error, not a hang. */
-#define LOW_SPEED_LIMIT 1024
-#define LOW_SPEED_TIME_S 15
-/* Error bodies are only read for <Code>/<Message>. */
-#define ERRBODY_MAX 16384
-/* get_ranges: ranges closer than RANGE_GAP share one ranged GET (a few KiB
- * of gap cost less than a round trip); a run never exceeds RUN_MAX. */
-#define RANGE_GAP (64u * 1024u)
-#define RUN_MAX (8u * 1024u * 1024u)
-/* PUT bodies above this are hashed on the thread pool (libcrypto runs at
- * ~1.7 GiB/s: 256 KiB is ~150 us on the loop). */
-#define HASH_INLINE_MAX (256u * 1024u)
-
-typedef struct s3_store s3_store_t;
-typedef struct s3_op s3_op_t;
-typedef struct xfer xfer_t;
-typedef struct sock_ctx sock_ctx_t;
-
-/* A socket curl asked us to watch. */
-struct sock_ctx {
-    uv_poll_t poll;
-    curl_socket_t fd;
-    s3_store_t *s3;
-    sock_ctx_t *prev, *next;
-};
-
-struct s3_store {
-    mh_store_t base;
-    CURLM *multi;
-    uv_timer_t curl_timer; /* curl's timeout (CURLMOPT_TIMERFUNCTION) */
-    uv_timer_t kick;       /* retries that are due */
-    uv_async_t defer;      /* deferred completions (ref'd only while some wait) */
-    char *origin;          /* "http://127.0.0.1:9000" or "https://bucket.s3.amazonaws.com" */
-    char *host;            /* Host header and signed host: origin without the scheme */
-    char *path_prefix;     /* "/bucket" (path style) or "" (virtual-hosted) */
-    char *bucket, *region, *access_key, *secret_key;
-    mh_sigv4_cred_t cred;
-    xfer_t *queue_head, *queue_tail; /* waiting for a window slot */
-    xfer_t *delayed;                 /* retries waiting for their time */
-    xfer_t *doomed;                  /* to fail once curl has returned (socket_cb) */
-    s3_op_t *deferred;               /* completions waiting for the next loop turn */
-    sock_ctx_t *socks;
-    unsigned active;    /* easy handles in the multi */
-    unsigned pending;   /* ops not completed */
-    unsigned busy;      /* >0 inside an API call or a uv callback of ours */
-    unsigned api_depth; /* >0 inside an API call */
-    unsigned open_handles;
-    bool path_style;
-    bool closing, shut;
-    /* tunables (mh_store_s3_tune; tests shorten them) */
-    long connect_ms, low_speed_s;
-    uint64_t backoff_base_ms;
-};
-
-typedef enum { H_GET, H_HEAD, H_PUT, H_COPY, H_DELETE } http_kind_t;
-static const char *const http_method[] = {"GET", "HEAD", "PUT", "PUT", "DELETE"};
-static const char *const http_label[] = {"GET", "HEAD", "PUT", "COPY", "DELETE"};
-
-/* One HTTP request (and its retries). */
-struct xfer {
-    xfer_t *next; /* queue / delayed list */
-    s3_op_t *op;
-    http_kind_t kind;
-    const char *key;  /* points into op */
-    bool ranged;      /* GET with a Range header */
-    uint64_t off, len; /* ranged: bytes off..off+len-1; len UINT64_MAX = to the end */
-    size_t run;       /* get_ranges: which run */
-    CURL *easy;
-    struct curl_slist *hdrs;
-    long status;
-    CURLcode cc;
-    int attempt; /* 0-based */
-    uint64_t due; /* loop time of a delayed retry */
-    size_t up_pos; /* PUT: bytes handed to curl */
-    mh_buf_t body; /* response body (bounded, see write_cb) */
-    uint64_t seen;  /* body bytes received (200 to a ranged GET: position) */
-    bool started_body, nomem, overflow, range_done;
-    bool doomed;        /* on s3->doomed: its socket could not be watched */
-    xfer_t *doom_next;
-    uint64_t content_length; /* HEAD */
-    char errbuf[CURL_ERROR_SIZE];
-};
-
-typedef enum { OP_GET, OP_RANGES, OP_PUT, OP_MOVE, OP_DELETE, OP_HEAD } op_kind_t;
-
-typedef enum {
-    S_GET,         /* GET (maybe ranged) in flight */
-    S_GET_HEAD,    /* HEAD to check a zero-length read or an empty tail */
-    S_RANGES,      /* ranged GETs of the runs in flight */
-    S_RANGES_HEAD, /* HEAD: get_ranges with nothing to read */
-    S_PUT_HASH,    /* payload hash on the thread pool */
-    S_PUT,
-    S_MV_SAME,     /* move onto itself: HEAD src */
-    S_MV_HEAD_DST,
-    S_MV_HEAD_SRC,
-    S_MV_COPY,
-    S_MV_DELETE,
-    S_DELETE,
-    S_HEAD,
-    S_DONE,
-} op_state_t;
-
-typedef struct {
-    uint64_t off, len;
-    size_t out; /* position in the result */
-} seg_t;
-
-typedef struct {
-    uint64_t off, end;
-    size_t i, j; /* segs [i, j) */
-} run_t;
-
-struct s3_op {
-    s3_op_t *next; /* deferred list */
-    s3_store_t *s3;
-    op_kind_t kind;
-    op_state_t state;
-    int err;
-    unsigned xfers_out; /* transfers created and not finished */
-    char key[MH_STORE_KEY_MAX + 1], key2[MH_STORE_KEY_MAX + 1];
-    uint64_t off, len, size;
-    const uint8_t *data; /* put (borrowed until cb) */
-    size_t n;
-    char sha_hex[65];
-    uv_work_t work;
-    seg_t *segs;
-    size_t nsegs;
-    run_t *runs;
-    size_t nruns;
-    mh_buf_t out;
-    union {
-        mh_store_get_cb get;
-        mh_store_done_cb done;
-        mh_store_head_cb head;
-    } cb;
-    void *ud;
-};
+static const char *const http_method[] = {"GET", "HEAD", "PUT", "PUT", "DELETE", "POST"};
+static const char *const http_label[] = {"GET", "HEAD", "PUT", "COPY", "DELETE", "POST"};
 
 static const mh_store_op_t op_metric[] = {
-    [OP_GET] = MH_STORE_OP_GET,   [OP_RANGES] = MH_STORE_OP_GET_RANGES, [OP_PUT] = MH_STORE_OP_PUT,
-    [OP_MOVE] = MH_STORE_OP_MOVE, [OP_DELETE] = MH_STORE_OP_DELETE,     [OP_HEAD] = MH_STORE_OP_HEAD,
+    [OP_GET] = MH_STORE_OP_GET,       [OP_RANGES] = MH_STORE_OP_GET_RANGES, [OP_PUT] = MH_STORE_OP_PUT,
+    [OP_MOVE] = MH_STORE_OP_MOVE,     [OP_DELETE] = MH_STORE_OP_DELETE,     [OP_HEAD] = MH_STORE_OP_HEAD,
+    [OP_WRITER] = MH_STORE_OP_WRITER, [OP_READER] = MH_STORE_OP_READER,     [OP_LIST] = MH_STORE_OP_LIST,
+    [OP_SWEEP] = MH_STORE_OP_SWEEP_TMP,
 };
 
 static void pump(s3_store_t *s3);
@@ -203,19 +65,27 @@ static void maybe_shutdown(s3_store_t *s3);
 /* Every API function and uv callback brackets its work with enter/leave:
  * completions are deferred while an API call is on the stack, and the
  * store is shut down only when nothing of ours is. */
-static void enter(s3_store_t *s3, bool api)
+void mh__s3_enter(s3_store_t *s3, bool api)
 {
     s3->busy++;
     if (api) s3->api_depth++;
 }
 
-static void leave(s3_store_t *s3, bool api)
+void mh__s3_leave(s3_store_t *s3, bool api)
 {
     if (api) s3->api_depth--;
     if (--s3->busy == 0) maybe_shutdown(s3);
 }
 
 /* ---------------------------------------------------------------- ops */
+
+void mh__s3_op_init(s3_op_t *op, s3_store_t *s3, op_kind_t kind, void *ud)
+{
+    op->s3 = s3;
+    op->kind = kind;
+    op->ud = ud;
+    s3->pending++;
+}
 
 static s3_op_t *op_new(s3_store_t *s3, op_kind_t kind, void *ud)
 {
@@ -225,18 +95,21 @@ static s3_op_t *op_new(s3_store_t *s3, op_kind_t kind, void *ud)
         mh_error("store: s3: out of memory queuing an operation");
         abort();
     }
-    op->s3 = s3;
-    op->kind = kind;
-    op->ud = ud;
-    s3->pending++;
+    mh__s3_op_init(op, s3, kind, ud);
     return op;
 }
 
-/* Calls the user's callback, then frees the op. */
+/* Calls the user's callback, then frees the op (a stream's op: the
+ * stream code does both). */
 static void op_complete(s3_op_t *op)
 {
     s3_store_t *s3 = op->s3;
     int err = op->err;
+    if (op->embedded) {
+        mh__s3_stream_complete(op);
+        s3->pending--;
+        return;
+    }
     mh_store_note(&s3->base, op_metric[op->kind], err);
     switch (op->kind) {
     case OP_GET:
@@ -252,6 +125,10 @@ static void op_complete(s3_op_t *op)
     case OP_MOVE:
     case OP_DELETE: op->cb.done(op->ud, err); break;
     case OP_HEAD: op->cb.head(op->ud, err, err ? 0 : op->size); break;
+    case OP_WRITER:
+    case OP_READER:
+    case OP_LIST:
+    case OP_SWEEP: break; /* always embedded */
     }
     free(op->segs);
     free(op->runs);
@@ -261,7 +138,7 @@ static void op_complete(s3_op_t *op)
 
 /* Ends an op with err once its last transfer is back; never calls the
  * user back from inside an API call (DESIGN 3: not re-entrant). */
-static void op_finish(s3_op_t *op, int err)
+void mh__s3_op_finish(s3_op_t *op, int err)
 {
     if (!op->err) op->err = err;
     op->state = S_DONE;
@@ -274,7 +151,7 @@ static void op_finish(s3_op_t *op, int err)
     op_complete(op);
 }
 
-static bool copy_key(char *dst, const char *key)
+bool mh__s3_copy_key(char *dst, const char *key)
 {
     size_t n = key ? strnlen(key, MH_STORE_KEY_MAX + 1) : 0;
     if (!key || n > MH_STORE_KEY_MAX || !mh_store_key_valid(key, n)) {
@@ -294,6 +171,11 @@ static xfer_t *xfer_new(s3_op_t *op, http_kind_t kind, const char *key)
     x->op = op;
     x->kind = kind;
     x->key = key;
+    if (kind == H_PUT) { /* the whole-object PUT; streams override */
+        x->up_data = op->data;
+        x->up_n = op->n;
+        memcpy(x->payload_hex, op->sha_hex, sizeof x->payload_hex);
+    }
     op->xfers_out++;
     return x;
 }
@@ -331,11 +213,11 @@ static void enqueue(s3_store_t *s3, xfer_t *x)
 }
 
 /* Queues a new transfer of op; an allocation failure ends the op. */
-static void submit(s3_op_t *op, http_kind_t kind, const char *key, void (*setup)(xfer_t *, void *), void *arg)
+void mh__s3_submit(s3_op_t *op, http_kind_t kind, const char *key, void (*setup)(xfer_t *, void *), void *arg)
 {
     xfer_t *x = xfer_new(op, kind, key);
     if (!x) {
-        op_finish(op, MH_ENOMEM);
+        mh__s3_op_finish(op, MH_ENOMEM);
         return;
     }
     if (setup) setup(x, arg);
@@ -427,10 +309,9 @@ static size_t write_cb(char *p, size_t size, size_t nmemb, void *ud)
 static size_t read_cb(char *buf, size_t size, size_t nitems, void *ud)
 {
     xfer_t *x = ud;
-    s3_op_t *op = x->op;
-    size_t room = size * nitems, left = x->kind == H_PUT ? op->n - x->up_pos : 0;
+    size_t room = size * nitems, left = x->up_n - x->up_pos;
     size_t n = left < room ? left : room;
-    if (n) memcpy(buf, op->data + x->up_pos, n);
+    if (n) memcpy(buf, x->up_data + x->up_pos, n);
     x->up_pos += n;
     return n;
 }
@@ -440,10 +321,37 @@ static size_t read_cb(char *buf, size_t size, size_t nitems, void *ud)
 static int seek_cb(void *ud, curl_off_t off, int origin)
 {
     xfer_t *x = ud;
-    size_t n = x->kind == H_PUT ? x->op->n : 0;
-    if (origin != SEEK_SET || off < 0 || (uint64_t)off > n) return CURL_SEEKFUNC_FAIL;
+    if (origin != SEEK_SET || off < 0 || (uint64_t)off > x->up_n) return CURL_SEEKFUNC_FAIL;
     x->up_pos = (size_t)off;
     return CURL_SEEKFUNC_OK;
+}
+
+/* Keeps the ETag of the answer (UploadPart needs it for the completion). */
+static size_t header_cb(char *p, size_t size, size_t nitems, void *ud)
+{
+    xfer_t *x = ud;
+    size_t n = size * nitems;
+    if (n > 5 && strncasecmp(p, "etag:", 5) == 0) {
+        const char *v = p + 5, *e = p + n;
+        while (v < e && (*v == ' ' || *v == '\t')) v++;
+        while (e > v && (e[-1] == '\r' || e[-1] == '\n' || e[-1] == ' ')) e--;
+        size_t vn = (size_t)(e - v) < sizeof x->etag - 1 ? (size_t)(e - v) : sizeof x->etag - 1;
+        memcpy(x->etag, v, vn);
+        x->etag[vn] = 0;
+    }
+    return n;
+}
+
+int mh__s3_xfer_query(xfer_t *x, const char *name, const char *value)
+{
+    size_t nn = strlen(name) + 1, vn = strlen(value) + 1;
+    if (x->nquery >= sizeof x->query / sizeof x->query[0] || x->qlen + nn + vn > sizeof x->qbuf) return MH_EINVAL;
+    char *np = x->qbuf + x->qlen;
+    memcpy(np, name, nn);
+    memcpy(np + nn, value, vn);
+    x->qlen += nn + vn;
+    x->query[x->nquery++] = (mh_sigv4_kv_t){np, np + nn};
+    return 0;
 }
 
 /* ------------------------------------------------------- request setup */
@@ -452,6 +360,14 @@ static int seek_cb(void *ud, curl_off_t off, int origin)
 static int object_path(const s3_store_t *s3, const char *key, mh_buf_t *out)
 {
     return mh_buf_printf(out, "%s/%s", s3->path_prefix, key);
+}
+
+/* The path of x: its object, or the bucket itself for listings ("/bucket"
+ * in path style, "/" virtual-hosted). */
+static int xfer_path(const s3_store_t *s3, const xfer_t *x, mh_buf_t *out)
+{
+    if (!x->bucket_level) return object_path(s3, x->key, out);
+    return mh_buf_printf(out, "%s", s3->path_prefix[0] ? s3->path_prefix : "/");
 }
 
 static int add_header(struct curl_slist **l, const char *name, const char *value)
@@ -470,7 +386,7 @@ static int sign_request(s3_store_t *s3, xfer_t *x, const char *path)
 {
     char date[17], range[64] = "";
     mh_buf_t copy_src = {0}, auth = {0};
-    const char *payload = x->kind == H_PUT ? x->op->sha_hex : MH_SIGV4_EMPTY_SHA256;
+    const char *payload = x->payload_hex[0] ? x->payload_hex : MH_SIGV4_EMPTY_SHA256;
     mh_sigv4_amz_date(mh_unix_time(), date);
     mh_sigv4_kv_t h[6];
     size_t nh = 0;
@@ -487,20 +403,22 @@ static int sign_request(s3_store_t *s3, xfer_t *x, const char *path)
         /* x-amz-copy-source is "/<bucket>/<key>", URI-encoded, in both
          * addressing styles. */
         rc = mh_buf_printf(&copy_src, "/%s/", s3->bucket);
-        if (rc == 0) rc = mh_sigv4_uri_encode(&copy_src, x->op->key, strlen(x->op->key), true);
+        const char *src = x->copy_src ? x->copy_src : x->op->key;
+        if (rc == 0) rc = mh_sigv4_uri_encode(&copy_src, src, strlen(src), true);
         if (rc == 0) rc = mh_buf_append_byte(&copy_src, 0);
         if (rc == 0) h[nh++] = (mh_sigv4_kv_t){"x-amz-copy-source", (const char *)copy_src.p};
     }
-    mh_sigv4_req_t r = {.method = http_method[x->kind], .path = path, .headers = h, .nheaders = nh,
-                        .payload_hash = payload, .amz_date = date};
+    mh_sigv4_req_t r = {.method = http_method[x->kind], .path = path, .query = x->nquery ? x->query : NULL,
+                        .nquery = x->nquery, .headers = h, .nheaders = nh, .payload_hash = payload,
+                        .amz_date = date};
     if (rc == 0) rc = mh_sigv4_authorization(&s3->cred, &r, &auth);
     if (rc == 0) rc = mh_buf_append_byte(&auth, 0);
     /* curl sends exactly these values: Host is set explicitly so the
      * signed host can never differ from the one on the wire. */
     for (size_t i = 0; i < nh && rc == 0; i++) rc = add_header(&x->hdrs, h[i].name, h[i].value);
     if (rc == 0) rc = add_header(&x->hdrs, "authorization", (const char *)auth.p);
-    /* No "Expect: 100-continue" round trip before PUT bodies. */
-    if (rc == 0 && (x->kind == H_PUT || x->kind == H_COPY)) {
+    /* No "Expect: 100-continue" round trip before PUT/POST bodies. */
+    if (rc == 0 && (x->kind == H_PUT || x->kind == H_COPY || x->kind == H_POST)) {
         struct curl_slist *nl = curl_slist_append(x->hdrs, "Expect:");
         if (nl) x->hdrs = nl;
         else rc = MH_ENOMEM;
@@ -513,10 +431,17 @@ static int sign_request(s3_store_t *s3, xfer_t *x, const char *path)
 static int easy_setup(s3_store_t *s3, xfer_t *x)
 {
     mh_buf_t path = {0}, url = {0};
-    int rc = object_path(s3, x->key, &path);
+    int rc = xfer_path(s3, x, &path);
     if (rc == 0) rc = mh_buf_append_byte(&path, 0);
     if (rc == 0) rc = mh_buf_append_str(&url, s3->origin);
     if (rc == 0) rc = mh_sigv4_uri_encode(&url, (const char *)path.p, path.len - 1, true);
+    /* The query as sent; sigv4 signs the same parameters sorted. */
+    for (size_t i = 0; i < x->nquery && rc == 0; i++) {
+        rc = mh_buf_append_byte(&url, i ? '&' : '?');
+        if (rc == 0) rc = mh_sigv4_uri_encode(&url, x->query[i].name, strlen(x->query[i].name), false);
+        if (rc == 0) rc = mh_buf_append_byte(&url, '=');
+        if (rc == 0) rc = mh_sigv4_uri_encode(&url, x->query[i].value, strlen(x->query[i].value), false);
+    }
     if (rc == 0) rc = mh_buf_append_byte(&url, 0);
     if (rc == 0) rc = sign_request(s3, x, (const char *)path.p);
     if (rc == 0 && !(x->easy = curl_easy_init())) rc = MH_ENOMEM;
@@ -536,13 +461,20 @@ static int easy_setup(s3_store_t *s3, xfer_t *x)
         curl_easy_setopt(e, CURLOPT_LOW_SPEED_LIMIT, (long)LOW_SPEED_LIMIT);
         curl_easy_setopt(e, CURLOPT_LOW_SPEED_TIME, s3->low_speed_s);
         curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+        curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
+        curl_easy_setopt(e, CURLOPT_HEADERDATA, x);
         switch (x->kind) {
         case H_GET: break;
         case H_HEAD: curl_easy_setopt(e, CURLOPT_NOBODY, 1L); break;
+        case H_POST:
+            curl_easy_setopt(e, CURLOPT_POST, 1L);
+            curl_easy_setopt(e, CURLOPT_POSTFIELDS, x->up_n ? (const char *)x->up_data : "");
+            curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)x->up_n);
+            break;
         case H_PUT:
         case H_COPY:
             curl_easy_setopt(e, CURLOPT_UPLOAD, 1L);
-            curl_easy_setopt(e, CURLOPT_INFILESIZE_LARGE, (curl_off_t)(x->kind == H_PUT ? x->op->n : 0));
+            curl_easy_setopt(e, CURLOPT_INFILESIZE_LARGE, (curl_off_t)(x->kind == H_PUT ? x->up_n : 0));
             curl_easy_setopt(e, CURLOPT_READFUNCTION, read_cb);
             curl_easy_setopt(e, CURLOPT_READDATA, x);
             curl_easy_setopt(e, CURLOPT_SEEKFUNCTION, seek_cb);
@@ -564,7 +496,7 @@ static void pump(s3_store_t *s3)
         s3->queue_head = x->next;
         if (!s3->queue_head) s3->queue_tail = NULL;
         x->next = NULL;
-        int rc = easy_setup(s3, x);
+        int rc = x->setup_err ? x->setup_err : easy_setup(s3, x);
         if (rc == 0 && curl_multi_add_handle(s3->multi, x->easy) != CURLM_OK) rc = MH_ESTORE;
         if (rc != 0) {
             mh_error("store: s3 %s %s: cannot start the request: %s", http_label[x->kind], x->key, mh_strerror(rc));
@@ -596,6 +528,19 @@ static bool curl_retryable(CURLcode cc)
 
 /* How an attempt ended: 0, a final MH_E* error, or 1 = retry. code/msg
  * receive the S3 error, if any. */
+/* S3 answers that mean "no space for these bytes" (SPEC 4.8: 507):
+ * HTTP 507 (MinIO's XMinioStorageFull and friends), and quota codes of
+ * MinIO and Ceph RGW. Never retried: it will not get better by itself. */
+static bool full_answer(long status, const char *code)
+{
+    static const char *const codes[] = {"XMinioStorageFull", "QuotaExceeded", "XMinioAdminBucketQuotaExceeded",
+                                        "XMinioBucketQuotaExceeded", "InsufficientStorage"};
+    if (status == 507) return true;
+    for (size_t i = 0; i < sizeof codes / sizeof *codes; i++)
+        if (strcmp(code, codes[i]) == 0) return true;
+    return false;
+}
+
 static int classify(xfer_t *x, char *code, size_t cs, char *msg, size_t ms)
 {
     code[0] = msg[0] = 0;
@@ -607,10 +552,14 @@ static int classify(xfer_t *x, char *code, size_t cs, char *msg, size_t ms)
     bool err_body = x->kind != H_GET || !status_ok(x->status);
     if (err_body) mh_s3_xml_error((const char *)x->body.p, x->body.len, code, cs, msg, ms);
     if (status_ok(x->status)) {
-        /* CopyObject may fail after sending 200: the error is the body. */
-        if (x->kind == H_COPY && code[0]) return 1;
+        /* CopyObject and CompleteMultipartUpload may fail after sending
+         * 200: the error is the body. */
+        if ((x->kind == H_COPY || x->kind == H_POST) && code[0]) return full_answer(0, code) ? MH_ENOSPC : 1;
         return 0;
     }
+    if (full_answer(x->status, code)) return MH_ENOSPC;
+    /* A call the store does not implement will not start working. */
+    if (x->status == 501 || strcmp(code, "NotImplemented") == 0) return MH_ESTORE;
     if (x->status >= 500 || x->status == 429 || strcmp(code, "SlowDown") == 0) return 1;
     if (x->status == 404) return strcmp(code, "NoSuchBucket") == 0 ? MH_ESTORE : MH_ENOENT;
     if (x->status == 416) return MH_EINVAL;
@@ -620,10 +569,11 @@ static int classify(xfer_t *x, char *code, size_t cs, char *msg, size_t ms)
 static void log_attempt(const xfer_t *x, const char *code, const char *msg, const char *what)
 {
     if (x->cc != CURLE_OK)
-        mh_warn("store: s3 %s %s: %s (attempt %d/%d)%s", http_label[x->kind], x->key,
+        mh_warn("store: s3 %s %s: %s (attempt %d/%d)%s", http_label[x->kind], x->key ? x->key : "(bucket)",
                 x->errbuf[0] ? x->errbuf : curl_easy_strerror(x->cc), x->attempt + 1, MAX_ATTEMPTS, what);
     else
-        mh_warn("store: s3 %s %s: HTTP %ld %s%s%s (attempt %d/%d)%s", http_label[x->kind], x->key, x->status,
+        mh_warn("store: s3 %s %s: HTTP %ld %s%s%s (attempt %d/%d)%s", http_label[x->kind],
+                x->key ? x->key : "(bucket)", x->status,
                 code[0] ? code : "", msg[0] ? ": " : "", msg, x->attempt + 1, MAX_ATTEMPTS, what);
 }
 
@@ -657,6 +607,15 @@ static void xfer_done(s3_store_t *s3, xfer_t *x)
     }
     if (r == 1) r = MH_ESTORE;
     if (r == MH_ESTORE || r == MH_ENOMEM) log_attempt(x, code, msg, "");
+    /* A full store is logged once when it starts and once when writes
+     * succeed again, not per request. */
+    if (r == MH_ENOSPC && !s3->full) {
+        s3->full = true;
+        log_attempt(x, code, msg, ": the store is full, writes are refused with 507 until space is freed");
+    } else if (r == 0 && s3->full && (x->kind == H_PUT || x->kind == H_POST || x->kind == H_COPY)) {
+        s3->full = false;
+        mh_info("store: s3 bucket %s accepts writes again", s3->bucket);
+    }
     if (r == 0 && x->kind == H_HEAD) {
         curl_off_t cl = -1;
         curl_easy_getinfo(x->easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &cl);
@@ -717,10 +676,10 @@ static void poll_cb(uv_poll_t *h, int status, int events)
     if (status < 0) flags = CURL_CSELECT_ERR;
     if (events & UV_READABLE) flags |= CURL_CSELECT_IN;
     if (events & UV_WRITABLE) flags |= CURL_CSELECT_OUT;
-    enter(s3, false);
+    mh__s3_enter(s3, false);
     curl_multi_socket_action(s3->multi, c->fd, flags, &running);
     check_multi_info(s3);
-    leave(s3, false);
+    mh__s3_leave(s3, false);
 }
 
 /* Marks e's transfer to be failed by check_multi_info (no curl API call
@@ -775,10 +734,10 @@ static void curl_timer_cb(uv_timer_t *t)
 {
     s3_store_t *s3 = t->data;
     int running;
-    enter(s3, false);
+    mh__s3_enter(s3, false);
     curl_multi_socket_action(s3->multi, CURL_SOCKET_TIMEOUT, 0, &running);
     check_multi_info(s3);
-    leave(s3, false);
+    mh__s3_leave(s3, false);
 }
 
 /* CURLMOPT_TIMERFUNCTION: never act from inside curl; a 0 ms timer runs
@@ -806,13 +765,50 @@ static void defer_op(s3_op_t *op)
     uv_async_send(&s3->defer);
 }
 
+void mh__s3_defer(s3_store_t *s3, s3_defer_t *d, void (*fn)(s3_defer_t *d))
+{
+    if (d->queued) return;
+    d->queued = true;
+    d->fn = fn;
+    d->next = NULL;
+    if (s3->dwork_tail) s3->dwork_tail->next = d;
+    else s3->dwork_head = d;
+    s3->dwork_tail = d;
+    s3->pending++;
+    uv_ref((uv_handle_t *)&s3->defer);
+    uv_async_send(&s3->defer);
+}
+
+/* Deferred stream work, oldest first; work queued meanwhile waits for
+ * the next turn. */
+static void run_deferred_work(s3_store_t *s3)
+{
+    s3_defer_t *d = s3->dwork_head, *last = s3->dwork_tail;
+    s3->dwork_head = s3->dwork_tail = NULL;
+    while (d) {
+        s3_defer_t *nx = d->next;
+        bool end = d == last;
+        d->queued = false;
+        d->next = NULL;
+        d->fn(d); /* may free d */
+        s3->pending--;
+        if (end) break;
+        d = nx;
+    }
+}
+
 static void defer_cb(uv_async_t *h)
 {
     s3_store_t *s3 = h->data;
-    enter(s3, false);
+    mh__s3_enter(s3, false);
+    run_deferred_work(s3);
     s3_op_t *list = s3->deferred, *rev = NULL;
     s3->deferred = NULL;
     uv_unref((uv_handle_t *)&s3->defer);
+    if (s3->dwork_head) { /* queued by the work above: another turn */
+        uv_ref((uv_handle_t *)&s3->defer);
+        uv_async_send(&s3->defer);
+    }
     while (list) { /* oldest first */
         s3_op_t *nx = list->next;
         list->next = rev;
@@ -824,14 +820,14 @@ static void defer_cb(uv_async_t *h)
         op_complete(rev);
         rev = nx;
     }
-    leave(s3, false);
+    mh__s3_leave(s3, false);
 }
 
 /* The kick timer: retries whose backoff is over go back in the queue. */
 static void kick_cb(uv_timer_t *t)
 {
     s3_store_t *s3 = t->data;
-    enter(s3, false);
+    mh__s3_enter(s3, false);
     uint64_t now = uv_now(s3->base.loop);
     for (xfer_t **pp = &s3->delayed; *pp;) {
         xfer_t *x = *pp;
@@ -844,7 +840,7 @@ static void kick_cb(uv_timer_t *t)
     }
     pump(s3);
     arm_kick(s3);
-    leave(s3, false);
+    mh__s3_leave(s3, false);
 }
 
 static void arm_kick(s3_store_t *s3)
@@ -859,7 +855,7 @@ static void arm_kick(s3_store_t *s3)
 
 /* ---------------------------------------------------------- op states */
 
-static void set_range(xfer_t *x, void *arg)
+void mh__s3_set_range(xfer_t *x, void *arg)
 {
     const uint64_t *r = arg;
     x->ranged = true;
@@ -893,9 +889,9 @@ static void hash_after_cb(uv_work_t *w, int status)
 {
     s3_op_t *op = w->data;
     s3_store_t *s3 = op->s3;
-    enter(s3, false);
+    mh__s3_enter(s3, false);
     op_step(op, NULL, status == 0 ? 0 : MH_ECANCELED);
-    leave(s3, false);
+    mh__s3_leave(s3, false);
 }
 
 /* The single place where an op moves on: x is the transfer that just
@@ -908,7 +904,7 @@ static void op_step(s3_op_t *op, xfer_t *x, int err)
             /* 416 for "bytes=<off>-": off is at or past the end; reading
              * the empty tail of an object succeeds, so ask its size. */
             op->state = S_GET_HEAD;
-            submit(op, H_HEAD, op->key, NULL, NULL);
+            mh__s3_submit(op, H_HEAD, op->key, NULL, NULL);
             return;
         }
         if (err == 0 && op->len != UINT64_MAX && x->body.len != op->len) err = MH_EINVAL;
@@ -916,12 +912,12 @@ static void op_step(s3_op_t *op, xfer_t *x, int err)
             op->out = x->body;
             x->body = (mh_buf_t){0};
         }
-        op_finish(op, err);
+        mh__s3_op_finish(op, err);
         return;
     case S_GET_HEAD:
         if (err == 0 && (op->off > x->content_length || (op->len == UINT64_MAX && op->off != x->content_length)))
             err = MH_EINVAL;
-        op_finish(op, err);
+        mh__s3_op_finish(op, err);
         return;
     case S_RANGES:
         if (!op->err && err) {
@@ -931,48 +927,49 @@ static void op_step(s3_op_t *op, xfer_t *x, int err)
             op->err = take_run(op, x);
             if (op->err) cancel_waiting(op);
         }
-        if (op->xfers_out == 0) op_finish(op, op->err);
+        if (op->xfers_out == 0) mh__s3_op_finish(op, op->err);
         return;
-    case S_RANGES_HEAD: op_finish(op, err); return;
+    case S_RANGES_HEAD: mh__s3_op_finish(op, err); return;
     case S_PUT_HASH:
         if (err) {
-            op_finish(op, err);
+            mh__s3_op_finish(op, err);
             return;
         }
         op->state = S_PUT;
-        submit(op, H_PUT, op->key, NULL, NULL);
+        mh__s3_submit(op, H_PUT, op->key, NULL, NULL);
         return;
-    case S_PUT: op_finish(op, err); return;
-    case S_MV_SAME: op_finish(op, err); return;
+    case S_PUT: mh__s3_op_finish(op, err); return;
+    case S_MV_SAME: mh__s3_op_finish(op, err); return;
     case S_MV_HEAD_DST:
         if (err == 0) { /* same bytes by hash: only drop the source */
             op->state = S_MV_HEAD_SRC;
-            submit(op, H_HEAD, op->key, NULL, NULL);
+            mh__s3_submit(op, H_HEAD, op->key, NULL, NULL);
         } else if (err == MH_ENOENT) {
             op->state = S_MV_COPY;
-            submit(op, H_COPY, op->key2, NULL, NULL);
+            mh__s3_submit(op, H_COPY, op->key2, NULL, NULL);
         } else {
-            op_finish(op, err);
+            mh__s3_op_finish(op, err);
         }
         return;
     case S_MV_HEAD_SRC:
     case S_MV_COPY:
         if (err) {
-            op_finish(op, err); /* MH_ENOENT: the source is absent */
+            mh__s3_op_finish(op, err); /* MH_ENOENT: the source is absent */
             return;
         }
         op->state = S_MV_DELETE;
-        submit(op, H_DELETE, op->key, NULL, NULL);
+        mh__s3_submit(op, H_DELETE, op->key, NULL, NULL);
         return;
-    case S_MV_DELETE: op_finish(op, err == MH_ENOENT ? 0 : err); return;
-    case S_DELETE: op_finish(op, err == MH_ENOENT ? 0 : err); return;
+    case S_MV_DELETE: mh__s3_op_finish(op, err == MH_ENOENT ? 0 : err); return;
+    case S_DELETE: mh__s3_op_finish(op, err == MH_ENOENT ? 0 : err); return;
     case S_HEAD:
         if (err == 0) op->size = x->content_length;
-        op_finish(op, err);
+        mh__s3_op_finish(op, err);
         return;
+    case S_STREAM: mh__s3_stream_step(op, x, err); return;
     case S_DONE:
         /* A sibling transfer of a failed op: only wait for the last. */
-        if (op->xfers_out == 0) op_finish(op, op->err);
+        if (op->xfers_out == 0) mh__s3_op_finish(op, op->err);
         return;
     }
 }
@@ -982,25 +979,25 @@ static void op_step(s3_op_t *op, xfer_t *x, int err)
 static void s3_get(mh_store_t *s, const char *key, uint64_t off, uint64_t len, mh_store_get_cb cb, void *ud)
 {
     s3_store_t *s3 = (s3_store_t *)s;
-    enter(s3, true);
+    mh__s3_enter(s3, true);
     s3_op_t *op = op_new(s3, OP_GET, ud);
     op->cb.get = cb;
     op->off = off;
     op->len = len;
-    if (!copy_key(op->key, key) || (len != UINT64_MAX && (len > SIZE_MAX || off > UINT64_MAX - len))) {
-        op_finish(op, MH_EINVAL);
+    if (!mh__s3_copy_key(op->key, key) || (len != UINT64_MAX && (len > SIZE_MAX || off > UINT64_MAX - len))) {
+        mh__s3_op_finish(op, MH_EINVAL);
     } else if (len == 0) {
         op->state = S_GET_HEAD;
-        submit(op, H_HEAD, op->key, NULL, NULL);
+        mh__s3_submit(op, H_HEAD, op->key, NULL, NULL);
     } else if (off == 0 && len == UINT64_MAX) {
         op->state = S_GET;
-        submit(op, H_GET, op->key, NULL, NULL);
+        mh__s3_submit(op, H_GET, op->key, NULL, NULL);
     } else {
         uint64_t r[3] = {off, len, 0};
         op->state = S_GET;
-        submit(op, H_GET, op->key, set_range, r);
+        mh__s3_submit(op, H_GET, op->key, mh__s3_set_range, r);
     }
-    leave(s3, true);
+    mh__s3_leave(s3, true);
 }
 
 static int seg_cmp(const void *a, const void *b)
@@ -1048,41 +1045,41 @@ static void s3_get_ranges(mh_store_t *s, const char *key, const mh_range_t *rang
                           void *ud)
 {
     s3_store_t *s3 = (s3_store_t *)s;
-    enter(s3, true);
+    mh__s3_enter(s3, true);
     s3_op_t *op = op_new(s3, OP_RANGES, ud);
     op->cb.get = cb;
     size_t total = 0;
-    int rc = copy_key(op->key, key) && (n == 0 || ranges) ? 0 : MH_EINVAL;
+    int rc = mh__s3_copy_key(op->key, key) && (n == 0 || ranges) ? 0 : MH_EINVAL;
     if (rc == 0 && n > 0) rc = plan_ranges(op, ranges, n, &total);
     if (rc == 0 && total && mh_buf_reserve(&op->out, total) != 0) rc = MH_ENOMEM;
     if (rc != 0) {
-        op_finish(op, rc);
+        mh__s3_op_finish(op, rc);
     } else if (op->nruns == 0) {
         /* Nothing to read: still answer MH_ENOENT for an absent key. */
         op->state = S_RANGES_HEAD;
-        submit(op, H_HEAD, op->key, NULL, NULL);
+        mh__s3_submit(op, H_HEAD, op->key, NULL, NULL);
     } else {
         op->out.len = total;
         op->state = S_RANGES;
         for (size_t r = 0; r < op->nruns && op->state == S_RANGES; r++) {
             uint64_t a[3] = {op->runs[r].off, op->runs[r].end - op->runs[r].off, r};
-            submit(op, H_GET, op->key, set_range, a);
+            mh__s3_submit(op, H_GET, op->key, mh__s3_set_range, a);
         }
     }
-    leave(s3, true);
+    mh__s3_leave(s3, true);
 }
 
 static void s3_put(mh_store_t *s, const char *key, const void *data, size_t n, mh_store_done_cb cb, void *ud)
 {
     s3_store_t *s3 = (s3_store_t *)s;
-    enter(s3, true);
+    mh__s3_enter(s3, true);
     s3_op_t *op = op_new(s3, OP_PUT, ud);
     op->cb.done = cb;
     op->data = data;
     op->n = n;
     op->state = S_PUT_HASH;
-    if (!copy_key(op->key, key) || (n && !data)) {
-        op_finish(op, MH_EINVAL);
+    if (!mh__s3_copy_key(op->key, key) || (n && !data)) {
+        mh__s3_op_finish(op, MH_EINVAL);
     } else if (n > HASH_INLINE_MAX) {
         op->work.data = op;
         uv_queue_work(s3->base.loop, &op->work, hash_work_cb, hash_after_cb);
@@ -1090,55 +1087,55 @@ static void s3_put(mh_store_t *s, const char *key, const void *data, size_t n, m
         hash_work_cb(&(uv_work_t){.data = op});
         op_step(op, NULL, 0);
     }
-    leave(s3, true);
+    mh__s3_leave(s3, true);
 }
 
 static void s3_move(mh_store_t *s, const char *src, const char *dst, mh_store_done_cb cb, void *ud)
 {
     s3_store_t *s3 = (s3_store_t *)s;
-    enter(s3, true);
+    mh__s3_enter(s3, true);
     s3_op_t *op = op_new(s3, OP_MOVE, ud);
     op->cb.done = cb;
-    if (!copy_key(op->key, src) || !copy_key(op->key2, dst)) {
-        op_finish(op, MH_EINVAL);
+    if (!mh__s3_copy_key(op->key, src) || !mh__s3_copy_key(op->key2, dst)) {
+        mh__s3_op_finish(op, MH_EINVAL);
     } else if (strcmp(op->key, op->key2) == 0) {
         op->state = S_MV_SAME;
-        submit(op, H_HEAD, op->key, NULL, NULL);
+        mh__s3_submit(op, H_HEAD, op->key, NULL, NULL);
     } else {
         op->state = S_MV_HEAD_DST;
-        submit(op, H_HEAD, op->key2, NULL, NULL);
+        mh__s3_submit(op, H_HEAD, op->key2, NULL, NULL);
     }
-    leave(s3, true);
+    mh__s3_leave(s3, true);
 }
 
 static void s3_delete(mh_store_t *s, const char *key, mh_store_done_cb cb, void *ud)
 {
     s3_store_t *s3 = (s3_store_t *)s;
-    enter(s3, true);
+    mh__s3_enter(s3, true);
     s3_op_t *op = op_new(s3, OP_DELETE, ud);
     op->cb.done = cb;
-    if (!copy_key(op->key, key)) {
-        op_finish(op, MH_EINVAL);
+    if (!mh__s3_copy_key(op->key, key)) {
+        mh__s3_op_finish(op, MH_EINVAL);
     } else {
         op->state = S_DELETE;
-        submit(op, H_DELETE, op->key, NULL, NULL);
+        mh__s3_submit(op, H_DELETE, op->key, NULL, NULL);
     }
-    leave(s3, true);
+    mh__s3_leave(s3, true);
 }
 
 static void s3_head(mh_store_t *s, const char *key, mh_store_head_cb cb, void *ud)
 {
     s3_store_t *s3 = (s3_store_t *)s;
-    enter(s3, true);
+    mh__s3_enter(s3, true);
     s3_op_t *op = op_new(s3, OP_HEAD, ud);
     op->cb.head = cb;
-    if (!copy_key(op->key, key)) {
-        op_finish(op, MH_EINVAL);
+    if (!mh__s3_copy_key(op->key, key)) {
+        mh__s3_op_finish(op, MH_EINVAL);
     } else {
         op->state = S_HEAD;
-        submit(op, H_HEAD, op->key, NULL, NULL);
+        mh__s3_submit(op, H_HEAD, op->key, NULL, NULL);
     }
-    leave(s3, true);
+    mh__s3_leave(s3, true);
 }
 
 /* ------------------------------------------------------- presigned URLs */
@@ -1236,9 +1233,9 @@ static void maybe_shutdown(s3_store_t *s3)
 static void s3_close(mh_store_t *s)
 {
     s3_store_t *s3 = (s3_store_t *)s;
-    enter(s3, false);
+    mh__s3_enter(s3, false);
     s3->closing = true;
-    leave(s3, false);
+    mh__s3_leave(s3, false);
 }
 
 /* Splits MUSEHUB_S3_ENDPOINT ("http[s]://host[:port][/]") into origin
@@ -1398,4 +1395,13 @@ const mh_store_ops_t mh_store_s3_ops = {
     .head = s3_head,
     .presign = s3_presign,
     .close = s3_close,
+    .writer_chunk_default = 8u * 1024u * 1024u,
+    .writer_chunk_min = 5u * 1024u * 1024u, /* S3's smallest part but the last */
+    .writer_open = mh__s3_writer_open,
+    .writer_pump = mh__s3_writer_pump,
+    .reader_open = mh__s3_reader_open,
+    .reader_next = mh__s3_reader_next,
+    .reader_close = mh__s3_reader_close,
+    .list = mh__s3_list,
+    .sweep_tmp = mh__s3_sweep_tmp,
 };

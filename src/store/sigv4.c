@@ -398,3 +398,80 @@ int mh_s3_xml_error(const char *body, size_t n, char *code, size_t code_size, ch
     if (!element_text(e, end, "Message", msg, msg_size) && msg && msg_size) msg[0] = 0;
     return 0;
 }
+
+/* ------------------------------------------------------ S3 result bodies */
+
+const char *mh_s3_xml_next(const char *p, const char *end, const char *tag, const char **inner, size_t *inner_n)
+{
+    char open[40], close[40];
+    int on = snprintf(open, sizeof open, "<%s", tag), cn = snprintf(close, sizeof close, "</%s>", tag);
+    if (on <= 0 || (size_t)on >= sizeof open || cn <= 0 || (size_t)cn >= sizeof close || !p) return NULL;
+    const char *s = p;
+    for (;;) { /* "<tag>" or "<tag attr=...>" (S3 puts xmlns on the root) */
+        s = find(s, end, open, (size_t)on);
+        if (!s) return NULL;
+        s += on;
+        if (s < end && (*s == '>' || *s == ' ' || *s == '\t' || *s == '\r' || *s == '\n')) break;
+    }
+    const char *gt = memchr(s, '>', (size_t)(end - s));
+    if (!gt || gt[-1] == '/') return NULL; /* no end, or an empty element <tag/> */
+    s = gt + 1;
+    const char *e = find(s, end, close, (size_t)cn);
+    if (!e) return NULL;
+    *inner = s;
+    *inner_n = (size_t)(e - s);
+    return e + cn;
+}
+
+int mh_s3_xml_text(const char *p, size_t n, const char *tag, char *out, size_t size)
+{
+    const char *in;
+    size_t inn;
+    if (!mh_s3_xml_next(p, p + n, tag, &in, &inn)) return MH_EPARSE;
+    static const struct {
+        const char *ent;
+        char c;
+    } ents[] = {{"&amp;", '&'}, {"&lt;", '<'}, {"&gt;", '>'}, {"&quot;", '"'}, {"&apos;", '\''}};
+    size_t o = 0;
+    for (size_t i = 0; i < inn;) {
+        unsigned char c = (unsigned char)in[i];
+        if (c < 0x20 || c >= 0x7f) return MH_EINVAL;
+        size_t adv = 1;
+        if (c == '&') {
+            size_t k = 0;
+            for (; k < sizeof ents / sizeof *ents; k++) {
+                size_t en = strlen(ents[k].ent);
+                if (inn - i >= en && memcmp(in + i, ents[k].ent, en) == 0) {
+                    c = (unsigned char)ents[k].c;
+                    adv = en;
+                    break;
+                }
+            }
+            if (k == sizeof ents / sizeof *ents) return MH_EINVAL;
+        }
+        if (o + 1 >= size) return MH_ELIMIT;
+        out[o++] = (char)c;
+        i += adv;
+    }
+    if (size == 0) return MH_ELIMIT;
+    out[o] = 0;
+    return 0;
+}
+
+int mh_s3_iso_time(const char *s, int64_t *out)
+{
+    int y, mo, d, h, mi, sec;
+    if (sscanf(s, "%4d-%2d-%2dT%2d:%2d:%2d", &y, &mo, &d, &h, &mi, &sec) != 6 || y < 1970 || mo < 1 || mo > 12 ||
+        d < 1 || d > 31 || h > 23 || mi > 59 || sec > 60)
+        return MH_EPARSE;
+    /* Days from the civil date (Howard Hinnant's algorithm): no timegm,
+     * no locale, no time zone. */
+    int yy = y - (mo <= 2);
+    int era = yy / 400;
+    int yoe = yy - era * 400;
+    int doy = (153 * (mo + (mo > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    int doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    int64_t days = (int64_t)era * 146097 + doe - 719468;
+    *out = days * 86400 + h * 3600 + mi * 60 + sec;
+    return 0;
+}

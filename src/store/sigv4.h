@@ -119,4 +119,25 @@ int mh_sigv4_presign(mh_sigv4_cred_t *c, const mh_sigv4_req_t *r, uint32_t expir
 #define MH_S3_XML_SCAN_MAX 65536u
 int mh_s3_xml_error(const char *body, size_t n, char *code, size_t code_size, char *msg, size_t msg_size);
 
+/* --------------------------------------------------- S3 result bodies */
+
+/* Finds the next element <tag>...</tag> in [p, end) (tag a plain name,
+ * no attributes, as S3 writes them): *inner / *inner_n get its content;
+ * returns the position just past </tag>, or NULL when there is none.
+ * Linear; never reads outside [p, end). For ListObjectsV2 <Contents>,
+ * ListMultipartUploads <Upload>. */
+const char *mh_s3_xml_next(const char *p, const char *end, const char *tag, const char **inner, size_t *inner_n);
+
+/* Copies the text of the first <tag> inside p[0..n) into out (size
+ * bytes, NUL-terminated), decoding the five predefined XML entities.
+ * Errors: MH_EPARSE (absent), MH_ELIMIT (does not fit: never truncated,
+ * an UploadId or key cut short would name something else), MH_EINVAL (a
+ * byte outside printable ASCII, an unknown entity). */
+int mh_s3_xml_text(const char *p, size_t n, const char *tag, char *out, size_t size);
+
+/* Parses the leading "YYYY-MM-DDTHH:MM:SS" of an ISO-8601 UTC time (S3's
+ * LastModified, Initiated; fractions and the Z are ignored) into unix
+ * seconds. MH_EPARSE. */
+int mh_s3_iso_time(const char *s, int64_t *out);
+
 #endif

@@ -9,6 +9,12 @@
  * successful scan implies "<Error>" and "<Code>" occur in the scanned
  * prefix; a failed scan leaves both outputs empty; tiny output buffers
  * (sizes 0 and 1) are safe.
+ *
+ * The same bytes also go through the result-body helpers the streams use
+ * (mh_s3_xml_next over ListObjectsV2 / ListMultipartUploads shapes,
+ * mh_s3_xml_text, mh_s3_iso_time): every element found lies inside the
+ * input, texts are NUL-terminated printable ASCII within their buffer,
+ * and a walk always ends.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -41,6 +47,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     int rc2 = mh_s3_xml_error(body, size, tiny, sizeof tiny, NULL, 0);
     if (rc2 != rc || tiny[0]) abort();
     mh_s3_xml_error(body, size, NULL, 0, tiny, 0);
+
+    const char *end = body + size, *p = body, *in;
+    size_t inn, steps = 0;
+    while ((p = mh_s3_xml_next(p, end, "Contents", &in, &inn)) != NULL) {
+        if (in < body || in + inn > end || p > end || ++steps > size) abort();
+        char key[64], tm[40];
+        if (mh_s3_xml_text(in, inn, "Key", key, sizeof key) == 0) check_out(key, sizeof key);
+        int64_t t;
+        if (mh_s3_xml_text(in, inn, "LastModified", tm, sizeof tm) == 0) {
+            check_out(tm, sizeof tm);
+            mh_s3_iso_time(tm, &t);
+        }
+    }
+    char id[8];
+    if (mh_s3_xml_text(body, size, "UploadId", id, sizeof id) == 0) check_out(id, sizeof id);
     free(body);
     return 0;
 }

@@ -99,7 +99,7 @@ static void test_config(void)
     uint64_t size;
     uint8_t sha[32] = {0};
     int fd;
-    mh_fs_upload_t *u = NULL;
+    mh_store_writer_t *u = NULL;
     TAP_EQ_INT(mh_store_fs_check_url(s, "GET", MH_STR("mpacks/x"), MH_STR("a=b"), &size, sha), MH_EINVAL,
                "fs check_url refuses s3");
     TAP_EQ_INT(mh_store_fs_upload_open(s, "incoming/x", 1, sha, &u), MH_EINVAL, "fs upload_open refuses s3");
@@ -177,6 +177,8 @@ static struct {
     char log[MAX_LOG][512]; /* request heads, truncated */
     int waiting, waiting_max; /* requests received, not yet answered */
     const char *obj;          /* served when the script is used up (NULL: dflt) */
+    char postbody[8192];      /* body of the last POST (truncated) */
+    size_t body_bytes;        /* request body bytes received in all */
     size_t objlen;
 } fk;
 
@@ -194,6 +196,11 @@ typedef struct {
 static void script(int status, const char *body, int act)
 {
     fk.script[fk.nscript++] = (fresp_t){status, body, act, NULL};
+}
+
+static void script_h(int status, const char *body, const char *headers)
+{
+    fk.script[fk.nscript++] = (fresp_t){status, body, ACT_RESPOND, headers};
 }
 
 static void script_reset(void)
@@ -320,6 +327,12 @@ static void fread_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *b)
         if (!cl) cl = memmem(c->in.p, hl, "Content-Length:", 15);
         if (cl) bl = strtoul(cl + 15, NULL, 10);
         if (c->in.len < hl + bl) return;
+        if (memcmp(c->in.p, "POST ", 5) == 0) {
+            size_t keep = bl < sizeof fk.postbody - 1 ? bl : sizeof fk.postbody - 1;
+            memcpy(fk.postbody, c->in.p + hl, keep);
+            fk.postbody[keep] = 0;
+        }
+        fk.body_bytes += bl;
         fanswer(c, hl);
         if (c->closing) return;
         memmove(c->in.p, c->in.p + hl + bl, c->in.len - hl - bl);
@@ -357,6 +370,238 @@ static void fake_start(void)
 static bool logged(int i, const char *needle)
 {
     return i < fk.requests && i < MAX_LOG && strstr(fk.log[i], needle) != NULL;
+}
+
+/* The streams on the wire: the multipart writer's request sequence, the
+ * small-object PUT, "exists" dropping the upload, a full store (507 and
+ * quota codes -> MH_ENOSPC, not retried, upload aborted), the reader's
+ * HEAD + ranged GETs, a listing and the tmp sweep. */
+static void test_fake_streams(const char *ep)
+{
+    int err;
+    mh_store_t *s = open_s3(ep, "bkt", true, "AKID", "SECRET", &err);
+    mh_store_s3_tune(s, 500, 1, 5);
+    size_t n = 11u * 1024 * 1024;
+    uint8_t *data = malloc(n);
+    for (size_t i = 0; i < n; i++) data[i] = (uint8_t)(i * 31 + (i >> 13));
+    char key[72];
+    pack_key(key, data, n);
+    wres_t f;
+    char line[256];
+
+    TAP_EQ_INT(mh_store_writer_mem(s, NULL), 16u * 1024 * 1024, "s3 writer holds two 8 MiB parts");
+    mh_store_writer_opts_t small = {.chunk_bytes = 1024};
+    TAP_EQ_INT(mh_store_writer_mem(s, &small), 10u * 1024 * 1024, "parts below 5 MiB are raised to 5 MiB");
+
+    /* 11 MiB in 5 MiB parts: create, 2 parts, last part, HEAD, complete, copy, delete. */
+    script_reset();
+    script(200, "<InitiateMultipartUploadResult><Bucket>bkt</Bucket><Key>x</Key>"
+                "<UploadId>up&amp;1</UploadId></InitiateMultipartUploadResult>", ACT_RESPOND);
+    script_h(200, NULL, "ETag: \"e1\"\r\n");
+    script_h(200, NULL, "ETag: \"e2\"\r\n");
+    script_h(200, NULL, "ETag: \"e3\"\r\n");
+    script(404, NULL, ACT_RESPOND);
+    script(200, "<CompleteMultipartUploadResult><ETag>x</ETag></CompleteMultipartUploadResult>", ACT_RESPOND);
+    script(200, "<CopyObjectResult><ETag>x</ETag></CopyObjectResult>", ACT_RESPOND);
+    script(204, NULL, ACT_RESPOND);
+    fk.body_bytes = 0;
+    TAP_EQ_INT(stream_object(s, true, 5u * 1024 * 1024, data, n, 1024 * 1024, NULL, &f), 0, "multipart writer");
+    uint8_t sha[32];
+    mh_sha256(data, n, sha);
+    TAP_OK(f.has_sha && memcmp(f.sha, sha, 32) == 0 && f.size == n, "multipart writer: hash and size");
+    TAP_EQ_INT(fk.requests, 8, "eight requests");
+    TAP_OK(logged(0, "POST /bkt/tmp/") && logged(0, "?uploads= HTTP/1.1"), "CreateMultipartUpload on tmp/<random>");
+    TAP_OK(logged(1, "PUT /bkt/tmp/") && logged(1, "?partNumber=1&uploadId=up%261 HTTP/1.1") &&
+               logged(1, "Content-Length: 5242880"),
+           "UploadPart 1: 5 MiB, upload id from the XML (entity decoded, re-encoded)");
+    TAP_OK(logged(2, "?partNumber=2&uploadId=up%261") && logged(3, "?partNumber=3&") &&
+               logged(3, "Content-Length: 1048576"),
+           "UploadPart 2 and the short last part");
+    char *hexp = NULL;
+    char hex[65];
+    mh_hex_encode(hex, sha, 32);
+    snprintf(line, sizeof line, "HEAD /bkt/mpacks/%s ", hex);
+    TAP_OK(logged(4, line), "HEAD of the final key named by the hash");
+    TAP_OK(logged(5, "POST /bkt/tmp/") && logged(5, "?uploadId=up%261 HTTP/1.1"), "CompleteMultipartUpload");
+    snprintf(line, sizeof line, "PUT /bkt/mpacks/%s ", hex);
+    TAP_OK(logged(6, line) && logged(6, "x-amz-copy-source: /bkt/tmp/"), "CopyObject tmp -> final");
+    TAP_OK(logged(7, "DELETE /bkt/tmp/") && !logged(7, "uploadId"), "DeleteObject tmp");
+    TAP_OK(fk.body_bytes >= n, "every byte went up (%zu)", fk.body_bytes);
+    (void)hexp;
+
+    /* The Complete body lists the parts in order with their ETags. */
+    script_reset();
+    script(200, "<InitiateMultipartUploadResult><UploadId>U</UploadId></InitiateMultipartUploadResult>",
+           ACT_RESPOND);
+    script_h(200, NULL, "ETag: \"p1\"\r\n");
+    script_h(200, NULL, "ETag: \"p2\"\r\n");
+    script(404, NULL, ACT_RESPOND);
+    script(500, "<Error><Code>InternalError</Code></Error>", ACT_RESPOND); /* complete: retried */
+    script(200, "<CompleteMultipartUploadResult/>", ACT_RESPOND);
+    script(200, "<CopyObjectResult/>", ACT_RESPOND);
+    script(204, NULL, ACT_RESPOND);
+    mh_store_writer_opts_t o5 = {.hash = false, .chunk_bytes = 5u * 1024 * 1024};
+    mh_store_writer_t *w = NULL;
+    mh_store_writer_open(s, &o5, &w);
+    write_all(w, data, 6u * 1024 * 1024, 1024 * 1024);
+    TAP_EQ_INT(finish_writer(w, key, &f), 0, "caller-keyed multipart writer (complete retried once)");
+    TAP_OK(!f.has_sha, "no hash reported");
+    TAP_EQ_INT(fk.requests, 8, "eight requests");
+    snprintf(line, sizeof line, "HEAD /bkt/%s ", key);
+    TAP_OK(logged(3, line), "HEAD of the caller's key");
+    TAP_OK(logged(4, "POST ") && logged(5, "POST "), "complete retried after a 500");
+    TAP_EQ_STR(fk.postbody,
+               "<CompleteMultipartUpload><Part><PartNumber>1</PartNumber><ETag>\"p1\"</ETag></Part>"
+               "<Part><PartNumber>2</PartNumber><ETag>\"p2\"</ETag></Part></CompleteMultipartUpload>",
+               "the Complete body lists the parts in order with their ETags");
+
+    /* The final key exists: the upload is dropped, nothing copied. */
+    script_reset();
+    script(200, "<InitiateMultipartUploadResult><UploadId>U</UploadId></InitiateMultipartUploadResult>",
+           ACT_RESPOND);
+    script_h(200, NULL, "ETag: \"p1\"\r\n");
+    script_h(200, NULL, "ETag: \"p2\"\r\n");
+    script(200, NULL, ACT_RESPOND);  /* HEAD: exists */
+    script(204, NULL, ACT_RESPOND);  /* AbortMultipartUpload */
+    mh_store_writer_open(s, &o5, &w);
+    write_all(w, data, 6u * 1024 * 1024, 1024 * 1024);
+    TAP_EQ_INT(finish_writer(w, key, &f), 0, "existing final key: success");
+    TAP_OK(fk.requests == 5 && logged(4, "DELETE /bkt/tmp/") && logged(4, "?uploadId=U "),
+           "existing final key: AbortMultipartUpload, no copy");
+
+    /* One chunk or less: a single PUT to the final key. */
+    script_reset();
+    script(200, NULL, ACT_RESPOND);
+    TAP_EQ_INT(stream_object(s, true, 0, data, 1000, 300, NULL, &f), 0, "small object");
+    uint8_t sha1k[32];
+    mh_sha256(data, 1000, sha1k);
+    mh_hex_encode(hex, sha1k, 32);
+    snprintf(line, sizeof line, "PUT /bkt/mpacks/%s ", hex);
+    TAP_OK(fk.requests == 1 && logged(0, line) && logged(0, "Content-Length: 1000"), "one PUT to mpacks/<hash>");
+    snprintf(line, sizeof line, "x-amz-content-sha256: %s", hex);
+    TAP_OK(logged(0, line), "the PUT signs the object's hash");
+
+    /* A full store: 507 is MH_ENOSPC at once (no retries). */
+    script_reset();
+    script(507, "<Error><Code>XMinioStorageFull</Code><Message>Storage backend has reached its minimum free "
+                "drive threshold.</Message></Error>",
+           ACT_RESPOND);
+    TAP_EQ_INT(stream_object(s, true, 0, data, 1000, 1000, NULL, &f), MH_ENOSPC, "507 -> MH_ENOSPC");
+    TAP_EQ_INT(fk.requests, 1, "507 not retried");
+    script_reset();
+    script(403, "<Error><Code>QuotaExceeded</Code></Error>", ACT_RESPOND);
+    TAP_EQ_INT(do_put(s, key, "abc", 3), MH_ENOSPC, "a quota code -> MH_ENOSPC (put)");
+    /* Full during a part: the multipart upload is aborted, nothing kept. */
+    script_reset();
+    script(200, "<InitiateMultipartUploadResult><UploadId>U</UploadId></InitiateMultipartUploadResult>",
+           ACT_RESPOND);
+    script(507, "<Error><Code>XMinioStorageFull</Code></Error>", ACT_RESPOND);
+    script(204, NULL, ACT_RESPOND); /* AbortMultipartUpload */
+    mh_store_writer_open(s, &o5, &w);
+    int wrc = write_all(w, data, 6u * 1024 * 1024, 6u * 1024 * 1024);
+    int frc = finish_writer(w, key, &f);
+    TAP_OK(wrc == MH_ENOSPC || frc == MH_ENOSPC, "507 on a part -> MH_ENOSPC (write %d, finish %d)", wrc, frc);
+    TAP_OK(fk.requests == 3 && logged(2, "DELETE /bkt/tmp/") && logged(2, "uploadId=U"), "and the upload is aborted");
+
+    /* Abort mid-stream: AbortMultipartUpload; no callback. */
+    script_reset();
+    script(200, "<InitiateMultipartUploadResult><UploadId>U</UploadId></InitiateMultipartUploadResult>",
+           ACT_RESPOND);
+    script_h(200, NULL, "ETag: \"p1\"\r\n");
+    script(204, NULL, ACT_RESPOND);
+    mh_store_writer_open(s, &o5, &w);
+    res_t r = {0};
+    mh_store_writer_write(w, data, 5u * 1024 * 1024 + 10, done_cb, &r);
+    while (fk.requests < 2) uv_run(loop, UV_RUN_ONCE);
+    mh_store_writer_abort(w);
+    for (int i = 0; i < 200 && fk.requests < 3; i++) uv_run(loop, UV_RUN_ONCE);
+    uv_run(loop, UV_RUN_NOWAIT);
+    TAP_OK(fk.requests == 3 && logged(2, "DELETE /bkt/tmp/") && logged(2, "uploadId=U"), "abort: upload aborted");
+    TAP_OK(r.done <= 1, "abort: at most the room callback that was due before");
+
+    /* Reader: HEAD, then one ranged GET per window. */
+    static char obj[300001];
+    for (size_t i = 0; i < sizeof obj - 1; i++) obj[i] = (char)('a' + i % 23);
+    script_reset();
+    fk.obj = obj;
+    fk.objlen = sizeof obj - 1;
+    rdrive_t d = {0};
+    TAP_EQ_INT(read_seq(s, key, 0, UINT64_MAX, 64 * 1024, &d), 0, "reader over the fake");
+    TAP_OK(d.all.len == fk.objlen && memcmp(d.all.p, obj, fk.objlen) == 0, "reader: every byte");
+    TAP_OK(d.windows == 5 && logged(0, "HEAD ") && logged(1, "range: bytes=0-65535\r\n") &&
+               logged(5, "range: bytes=262144-299999\r\n"),
+           "reader: HEAD then 5 ranged GETs of 64 KiB");
+    rdrive_free(&d);
+    script_reset();
+    fk.obj = obj;
+    fk.objlen = sizeof obj - 1;
+    mh_range_t rg[] = {{10, 5}, {100, 10}, {200000, 7}, {5, 1}};
+    TAP_EQ_INT(read_ranges(s, key, rg, 4, 0, &d), 0, "ranged reader over the fake");
+    TAP_OK(ranges_match(&d, (const uint8_t *)obj, rg, 4), "ranged reader: the bytes");
+    TAP_OK(fk.requests == 4 && logged(1, "range: bytes=10-109\r\n") && logged(2, "range: bytes=200000-200006\r\n") &&
+               logged(3, "range: bytes=5-5\r\n"),
+           "ranged reader: HEAD + 3 GETs (coalesced, then a new run)");
+    rdrive_free(&d);
+    script_reset();
+    script(404, NULL, ACT_RESPOND);
+    TAP_EQ_INT(read_seq(s, key, 0, UINT64_MAX, 0, &d), MH_ENOENT, "reader of an absent key: ENOENT");
+    rdrive_free(&d);
+    fk.obj = NULL;
+
+    /* Listing. */
+    static lres_t l;
+    script_reset();
+    script(200,
+           "<ListBucketResult><IsTruncated>true</IsTruncated>"
+           "<Contents><Key>incoming/a1</Key><LastModified>2026-01-02T03:04:05.000Z</LastModified>"
+           "<Size>12</Size></Contents>"
+           "<Contents><Key>incoming/bad.name</Key><Size>1</Size></Contents>"
+           "<Contents><Key>incoming/b2</Key><LastModified>2026-01-02T03:04:06.000Z</LastModified>"
+           "<Size>0</Size></Contents></ListBucketResult>",
+           ACT_RESPOND);
+    TAP_EQ_INT(do_list(s, "incoming/", "incoming/a0", &l), 0, "list");
+    TAP_OK(logged(0, "GET /bkt?") && logged(0, "list-type=2") && logged(0, "prefix=incoming%2F") &&
+               logged(0, "start-after=incoming%2Fa0") && logged(0, "max-keys=1000"),
+           "ListObjectsV2 with start-after");
+    TAP_OK(l.n == 2 && !strcmp(l.keys[0], "incoming/a1") && l.sizes[0] == 12 && l.mtimes[0] == 1767323045 &&
+               !strcmp(l.keys[1], "incoming/b2"),
+           "valid keys, sizes and times");
+    TAP_OK(l.has_next && !strcmp(l.next, "incoming/b2"), "next = the last key");
+
+    /* Sweep: old tmp objects deleted, young and foreign ones kept; old
+     * incomplete uploads aborted. */
+    script_reset();
+    script(200,
+           "<ListBucketResult><IsTruncated>false</IsTruncated>"
+           "<Contents><Key>tmp/0123456789abcdef0123456789abcdef</Key>"
+           "<LastModified>2020-01-01T00:00:00Z</LastModified><Size>5</Size></Contents>"
+           "<Contents><Key>tmp/fedcba9876543210fedcba9876543210</Key>"
+           "<LastModified>2099-01-01T00:00:00Z</LastModified><Size>5</Size></Contents>"
+           "<Contents><Key>tmp/not-ours</Key><LastModified>2020-01-01T00:00:00Z</LastModified></Contents>"
+           "</ListBucketResult>",
+           ACT_RESPOND);
+    script(204, NULL, ACT_RESPOND);
+    script(200,
+           "<ListMultipartUploadsResult><Upload><Key>tmp/00000000000000000000000000000000</Key>"
+           "<UploadId>old-1</UploadId><Initiated>2020-01-01T00:00:00.000Z</Initiated></Upload>"
+           "<Upload><Key>tmp/11111111111111111111111111111111</Key><UploadId>new-1</UploadId>"
+           "<Initiated>2099-01-01T00:00:00.000Z</Initiated></Upload></ListMultipartUploadsResult>",
+           ACT_RESPOND);
+    script(204, NULL, ACT_RESPOND);
+    unsigned removed = 0;
+    TAP_EQ_INT(do_sweep_tmp(s, 3600, &removed), 0, "sweep");
+    TAP_EQ_INT(removed, 2, "one object and one upload removed");
+    TAP_OK(logged(1, "DELETE /bkt/tmp/0123456789abcdef0123456789abcdef ") && logged(2, "GET /bkt?") &&
+               logged(2, "uploads=") && logged(3, "DELETE /bkt/tmp/00000000000000000000000000000000?uploadId=old-1 ") &&
+               fk.requests == 4,
+           "sweep: the requests");
+    script_reset();
+    script(200, "<ListBucketResult><IsTruncated>false</IsTruncated></ListBucketResult>", ACT_RESPOND);
+    script(501, "<Error><Code>NotImplemented</Code></Error>", ACT_RESPOND);
+    TAP_EQ_INT(do_sweep_tmp(s, 3600, &removed), 0, "sweep on a store that cannot list uploads");
+    TAP_OK(removed == 0 && fk.requests == 2, "501 not retried; nothing removed");
+    close_store(s);
+    free(data);
 }
 
 static void test_fake(void)
@@ -610,6 +855,8 @@ static void test_fake(void)
     mh_buf_free(&m);
     close_store(s);
 
+    test_fake_streams(ep);
+
     /* Nothing listening: connection refused, retried, then MH_ESTORE. */
     uv_close((uv_handle_t *)&fk.listener, NULL);
     uv_run(loop, UV_RUN_NOWAIT);
@@ -664,6 +911,85 @@ static long http_do(const char *method, const char *url, const void *body, size_
     curl_easy_cleanup(e);
     mh_buf_free(&sink);
     return st;
+}
+
+/* The streams against the emulator (real multipart uploads, copies,
+ * ranged GETs, listings), with bytes checked end to end. */
+static void test_emulator_streams(mh_store_t *s, const char *uniq)
+{
+    size_t n = 19u * 1024 * 1024 + 777; /* three 8 MiB parts, the last one short */
+    uint8_t *data = malloc(n);
+    for (size_t i = 0; i < n; i++) data[i] = (uint8_t)((i * 2654435761u) >> 13) ^ (uint8_t)uniq[i % 6];
+    char key[72];
+    pack_key(key, data, n);
+    wres_t f;
+    mh_buf_t b = {0};
+
+    TAP_EQ_INT(stream_object(s, true, 0, data, n, 3u * 1024 * 1024, NULL, &f), 0, "emu: multipart writer, 19 MiB");
+    uint8_t sha[32];
+    mh_sha256(data, n, sha);
+    TAP_OK(f.has_sha && memcmp(f.sha, sha, 32) == 0 && f.size == n, "emu: writer hash and size");
+    TAP_EQ_INT(do_get(s, key, 0, UINT64_MAX, &b), 0, "emu: the object under mpacks/<hash>");
+    TAP_OK(b.len == n && memcmp(b.p, data, n) == 0, "emu: every byte");
+    mh_buf_free(&b);
+    TAP_EQ_INT(stream_object(s, true, 0, data, n, n, key, &f), 0, "emu: the same object again (exists: dropped)");
+    TAP_EQ_INT(do_get(s, key, 0, UINT64_MAX, &b), 0, "emu: still readable");
+    TAP_OK(b.len == n && memcmp(b.p, data, n) == 0, "emu: still the same bytes");
+    mh_buf_free(&b);
+
+    /* No tmp/ object is left visible (only the emulator's own leftovers
+     * of refused AbortMultipartUpload calls, which are not objects). */
+    unsigned removed = 7;
+    TAP_EQ_INT(do_sweep_tmp(s, 0, &removed), 0, "emu: tmp sweep runs (uploads listing unsupported: skipped)");
+    TAP_EQ_INT(removed, 0, "emu: the writers left no tmp/ object behind");
+
+    char key2[72];
+    pack_key(key2, data, 100000);
+    TAP_EQ_INT(stream_object(s, false, 0, data, 100000, 7000, key2, &f), 0, "emu: small caller-keyed object (one PUT)");
+    TAP_EQ_INT(do_get(s, key2, 0, UINT64_MAX, &b), 0, "emu: small object readable");
+    TAP_OK(b.len == 100000 && memcmp(b.p, data, 100000) == 0, "emu: small object bytes");
+    mh_buf_free(&b);
+
+    mh_store_writer_opts_t o = {.hash = true};
+    mh_store_writer_t *w = NULL;
+    mh_store_writer_open(s, &o, &w);
+    write_all(w, data, 9u * 1024 * 1024, 1024 * 1024);
+    mh_store_writer_abort(w);
+    for (int i = 0; i < 50; i++) uv_run(loop, UV_RUN_NOWAIT), usleep(2000);
+
+    rdrive_t d = {0};
+    TAP_EQ_INT(read_seq(s, key, 0, UINT64_MAX, 2u * 1024 * 1024, &d), 0, "emu: reader, 2 MiB windows");
+    TAP_OK(d.all.len == n && memcmp(d.all.p, data, n) == 0 && d.windows == 10 && d.max_window <= 2u * 1024 * 1024,
+           "emu: every byte in 10 windows of at most 2 MiB");
+    rdrive_free(&d);
+    mh_range_t rg[] = {{5, 10}, {3000, 4}, {8u * 1024 * 1024, 5u * 1024 * 1024}, {n - 3, 3}, {1, 2}};
+    TAP_EQ_INT(read_ranges(s, key, rg, 5, 0, &d), 0, "emu: ranged reader");
+    TAP_OK(ranges_match(&d, data, rg, 5), "emu: ranges whole and right, a 5 MiB range split");
+    rdrive_free(&d);
+    TAP_EQ_INT(read_seq(s, "incoming/nothing-here", 0, UINT64_MAX, 0, &d), MH_ENOENT, "emu: reader of absent key");
+    rdrive_free(&d);
+
+    static lres_t l;
+    char k[80];
+    for (int i = 0; i < 3; i++) {
+        snprintf(k, sizeof k, "incoming/ls%s_%d", uniq, i);
+        do_put(s, k, "abc", (size_t)i);
+    }
+    snprintf(k, sizeof k, "incoming/ls%s_", uniq);
+    TAP_EQ_INT(do_list(s, "incoming/", k, &l), 0, "emu: list after a key");
+    int mine = 0;
+    for (size_t i = 0; i < l.n; i++)
+        if (!strncmp(l.keys[i], k, strlen(k))) mine += l.sizes[i] == (uint64_t)(l.keys[i][strlen(k)] - '0');
+    TAP_EQ_INT(mine, 3, "emu: our three keys with their sizes");
+    TAP_OK(l.n > 0 && l.mtimes[0] > mh_unix_time() - 3600 && l.mtimes[0] <= mh_unix_time() + 5,
+           "emu: modification times are now");
+    for (int i = 0; i < 3; i++) {
+        snprintf(k, sizeof k, "incoming/ls%s_%d", uniq, i);
+        do_delete(s, k);
+    }
+    do_delete(s, key);
+    do_delete(s, key2);
+    free(data);
 }
 
 static void test_emulator(const char *ep)
@@ -768,6 +1094,8 @@ static void test_emulator(const char *ep)
     TAP_EQ_INT(mh_store_presign(s, &a, "GET", key2, 0, NULL, 1, &url), 0, "emu: presign GET for 1 s");
     sleep(2);
     TAP_EQ_INT(http_do("GET", url, NULL, 0, NULL), 403, "emu: expired presigned GET refused (403)");
+
+    test_emulator_streams(s, uniq);
 
     /* Many operations at once go through the window. */
     enum { MANY = 48 };

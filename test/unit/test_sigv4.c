@@ -279,6 +279,37 @@ static void test_xml(void)
     TAP_EQ_INT(mh_s3_xml_error(NULL, 0, code, sizeof code, msg, sizeof msg), MH_EPARSE, "xml: NULL body");
 }
 
+/* The result-body helpers of the streams: elements with attributes,
+ * entities, nothing truncated, times. */
+static void test_xml_results(void)
+{
+    const char *b = "<?xml version=\"1.0\"?><ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">"
+                    "<Contents><Key>a&amp;b</Key><Size>3</Size></Contents><Contents><Key>c</Key></Contents>"
+                    "<Empty/></ListBucketResult>";
+    const char *end = b + strlen(b), *in, *p;
+    size_t inn;
+    TAP_OK(mh_s3_xml_next(b, end, "ListBucketResult", &in, &inn) != NULL, "xml: root with an xmlns attribute");
+    p = mh_s3_xml_next(b, end, "Contents", &in, &inn);
+    char out[16];
+    TAP_OK(p && mh_s3_xml_text(in, inn, "Key", out, sizeof out) == 0 && !strcmp(out, "a&b"), "xml: entity decoded");
+    p = mh_s3_xml_next(p, end, "Contents", &in, &inn);
+    TAP_OK(p && mh_s3_xml_text(in, inn, "Key", out, sizeof out) == 0 && !strcmp(out, "c"), "xml: second element");
+    TAP_OK(mh_s3_xml_next(p, end, "Contents", &in, &inn) == NULL, "xml: no third");
+    TAP_OK(mh_s3_xml_next(b, end, "Empty", &in, &inn) == NULL, "xml: <Empty/> has no content");
+    TAP_OK(mh_s3_xml_next(b, end, "Content", &in, &inn) == NULL, "xml: a prefix of a tag name is not the tag");
+    char tiny[3];
+    TAP_EQ_INT(mh_s3_xml_text(b, strlen(b), "Size", tiny, sizeof tiny), 0, "xml: fits exactly");
+    TAP_EQ_INT(mh_s3_xml_text("<Id>abc</Id>", 12, "Id", tiny, sizeof tiny), MH_ELIMIT, "xml: never truncated");
+    TAP_EQ_INT(mh_s3_xml_text("<Id>a&nbsp;</Id>", 16, "Id", out, sizeof out), MH_EINVAL, "xml: unknown entity");
+    TAP_EQ_INT(mh_s3_xml_text("<Id>a\x01</Id>", 11, "Id", out, sizeof out), MH_EINVAL, "xml: control byte");
+    TAP_EQ_INT(mh_s3_xml_text("<X>a</X>", 8, "Id", out, sizeof out), MH_EPARSE, "xml: absent");
+    int64_t t = 0;
+    TAP_OK(mh_s3_iso_time("2026-01-02T03:04:05.000Z", &t) == 0 && t == 1767323045, "time: LastModified");
+    TAP_OK(mh_s3_iso_time("1970-01-01T00:00:00Z", &t) == 0 && t == 0, "time: the epoch");
+    TAP_OK(mh_s3_iso_time("2024-02-29T23:59:59Z", &t) == 0 && t == 1709251199, "time: a leap day");
+    TAP_EQ_INT(mh_s3_iso_time("yesterday", &t), MH_EPARSE, "time: garbage refused");
+}
+
 int main(void)
 {
     test_encode();
@@ -289,5 +320,6 @@ int main(void)
     test_botocore_vectors();
     test_key_cache_and_args();
     test_xml();
+    test_xml_results();
     return tap_done();
 }

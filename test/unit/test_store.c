@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <uv.h>
@@ -485,24 +486,36 @@ static void test_secret(mh_store_t *s)
     mh_arena_release(&a);
 }
 
-static mh_fs_upload_t *start_upload(mh_store_t *s, const char *key, const uint8_t *data, size_t n, size_t declared,
-                                    const uint8_t *sha, int *write_rc)
+/* Opens an upload of `declared` bytes hashing to sha and writes n bytes
+ * of data in 4 KiB pieces without waiting (as the HTTP route does while
+ * the writer has room); *write_rc gets the first error. */
+static mh_store_writer_t *start_upload(mh_store_t *s, const char *key, const uint8_t *data, size_t n, size_t declared,
+                                       const uint8_t *sha, int *write_rc)
 {
-    mh_fs_upload_t *u = NULL;
+    mh_store_writer_t *u = NULL;
     int rc = mh_store_fs_upload_open(s, key, declared, sha, &u);
     if (rc != 0) {
         *write_rc = rc;
         return NULL;
     }
     *write_rc = 0;
-    for (size_t off = 0; off < n && *write_rc == 0; off += 4096)
-        *write_rc = mh_store_fs_upload_write(u, data + off, n - off < 4096 ? n - off : 4096);
+    for (size_t off = 0; off < n && *write_rc == 0; off += 4096) {
+        *write_rc = mh_store_writer_write(u, data + off, n - off < 4096 ? n - off : 4096, NULL, NULL);
+        if (*write_rc == 0 && mh_store_writer_full(u)) {
+            res_t r = {0};
+            *write_rc = mh_store_writer_write(u, NULL, 0, done_cb, &r);
+            if (*write_rc == 0) {
+                wait_for(&r);
+                *write_rc = r.err;
+            }
+        }
+    }
     return u;
 }
 
 static void test_upload(mh_store_t *s)
 {
-    size_t n = 300000;
+    size_t n = 3 * 1024 * 1024 + 300000; /* several 1 MiB chunks: the full/drain path runs */
     uint8_t *data = pattern(n, 7), sha[32], bad[32];
     mh_sha256(data, n, sha);
     memcpy(bad, sha, 32);
@@ -510,12 +523,14 @@ static void test_upload(mh_store_t *s)
     int wrc;
     mh_buf_t b = {0};
     uint64_t sz;
+    wres_t f;
 
-    mh_fs_upload_t *u = start_upload(s, "incoming/good", data, n, n, sha, &wrc);
+    mh_store_writer_t *u = start_upload(s, "incoming/good", data, n, n, sha, &wrc);
     TAP_OK(u && wrc == 0, "upload writes");
     TAP_EQ_INT(count_entries("tmp"), 1, "upload in progress lives in tmp/");
     TAP_OK(!file_exists("incoming/good"), "key not visible before finish");
-    TAP_EQ_INT(u ? mh_store_fs_upload_finish(u) : -1, 0, "upload finish");
+    TAP_EQ_INT(u ? finish_writer(u, NULL, &f) : -1, 0, "upload finish");
+    TAP_OK(f.has_sha && memcmp(f.sha, sha, 32) == 0 && f.size == n, "finish reports hash and size");
     TAP_EQ_INT(do_get(s, "incoming/good", 0, UINT64_MAX, &b), 0, "uploaded key readable");
     TAP_OK(b.len == n && memcmp(b.p, data, n) == 0, "uploaded bytes kept");
     mh_buf_free(&b);
@@ -530,50 +545,241 @@ static void test_upload(mh_store_t *s)
     TAP_EQ_INT(mh_store_fs_upload_open(s, "incoming/../x", n, sha, &u), MH_EINVAL, "upload traversal key refused");
 
     u = start_upload(s, "incoming/badhash", data, n, n, bad, &wrc);
-    TAP_EQ_INT(u ? mh_store_fs_upload_finish(u) : -1, MH_EHASH, "wrong hash -> EHASH");
+    TAP_EQ_INT(u ? finish_writer(u, NULL, &f) : -1, MH_EHASH, "wrong hash -> EHASH");
     TAP_OK(!file_exists("incoming/badhash"), "wrong hash: nothing in incoming/");
     TAP_EQ_INT(count_entries("tmp"), 0, "wrong hash: nothing in tmp/");
 
     u = start_upload(s, "incoming/long", data, n, n - 1, sha, &wrc);
     TAP_EQ_INT(wrc, MH_ELIMIT, "too long -> ELIMIT on write");
-    TAP_EQ_INT(u ? mh_store_fs_upload_write(u, "x", 1) : -1, MH_ELIMIT, "error is sticky");
-    TAP_OK(u && mh_store_fs_upload_finish(u) != 0, "too long: finish fails");
+    TAP_EQ_INT(u ? mh_store_writer_write(u, "x", 1, NULL, NULL) : -1, MH_ELIMIT, "error is sticky");
+    TAP_OK(u && finish_writer(u, NULL, &f) == MH_ELIMIT, "too long: finish fails with it");
     TAP_OK(!file_exists("incoming/long"), "too long: nothing in incoming/");
     TAP_EQ_INT(count_entries("tmp"), 0, "too long: nothing in tmp/");
 
     u = start_upload(s, "incoming/short", data, n - 1, n, sha, &wrc);
-    TAP_EQ_INT(u ? mh_store_fs_upload_finish(u) : -1, MH_EHASH, "too short -> EHASH");
+    TAP_EQ_INT(u ? finish_writer(u, NULL, &f) : -1, MH_EHASH, "too short -> EHASH");
     TAP_OK(!file_exists("incoming/short"), "too short: nothing in incoming/");
     TAP_EQ_INT(count_entries("tmp"), 0, "too short: nothing in tmp/");
 
-    u = start_upload(s, "incoming/aborted", data, 1000, n, sha, &wrc);
-    mh_store_fs_upload_abort(u);
+    u = start_upload(s, "incoming/aborted", data, 2 * 1024 * 1024 + 10, n, sha, &wrc);
+    TAP_EQ_INT(count_entries("tmp"), 1, "abort: a temporary file was being written");
+    mh_store_writer_abort(u);
+    uv_run(loop, UV_RUN_DEFAULT);
     TAP_OK(!file_exists("incoming/aborted"), "abort: nothing in incoming/");
     TAP_EQ_INT(count_entries("tmp"), 0, "abort: nothing in tmp/");
 
     /* Two uploads racing for one key: the second finish must not replace. */
-    mh_fs_upload_t *u1 = start_upload(s, "incoming/race", data, n, n, sha, &wrc);
-    mh_fs_upload_t *u2 = start_upload(s, "incoming/race", data, n, n, sha, &wrc);
+    mh_store_writer_t *u1 = start_upload(s, "incoming/race", data, n, n, sha, &wrc);
+    mh_store_writer_t *u2 = start_upload(s, "incoming/race", data, n, n, sha, &wrc);
     TAP_OK(u1 && u2, "two uploads to one key opened");
-    TAP_EQ_INT(mh_store_fs_upload_finish(u1), 0, "first finish wins");
-    TAP_EQ_INT(mh_store_fs_upload_finish(u2), MH_EEXIST, "second finish -> EEXIST, no overwrite");
+    TAP_EQ_INT(finish_writer(u1, NULL, &f), 0, "first finish wins");
+    TAP_EQ_INT(finish_writer(u2, NULL, &f), MH_EEXIST, "second finish -> EEXIST, no overwrite");
     TAP_EQ_INT(count_entries("tmp"), 0, "race: nothing in tmp/");
+    TAP_EQ_INT(do_head(s, "incoming/race", &sz), 0, "race: the first upload kept");
 
-    /* Async finish. */
-    res_t r = {0};
-    u = start_upload(s, "incoming/async", data, n, n, sha, &wrc);
-    CALL(mh_store_fs_upload_finish_async(u, done_cb, &r));
-    wait_for(&r);
-    TAP_OK(r.done == 1 && !r.reentrant && r.err == 0, "async finish ok, deferred");
-    TAP_EQ_INT(do_head(s, "incoming/async", &sz), 0, "async upload kept");
-    r = (res_t){0};
-    u = start_upload(s, "incoming/async-bad", data, n, n, bad, &wrc);
-    CALL(mh_store_fs_upload_finish_async(u, done_cb, &r));
-    wait_for(&r);
-    TAP_OK(r.done == 1 && !r.reentrant && r.err == MH_EHASH, "async finish wrong hash -> EHASH, deferred");
-    TAP_OK(!file_exists("incoming/async-bad"), "async wrong hash: nothing kept");
-    TAP_EQ_INT(count_entries("tmp"), 0, "async: nothing in tmp/");
+    /* An empty upload. */
+    uint8_t esha[32];
+    mh_sha256("", 0, esha);
+    u = start_upload(s, "incoming/empty-up", data, 0, 0, esha, &wrc);
+    TAP_EQ_INT(u ? finish_writer(u, NULL, &f) : -1, 0, "empty upload");
+    TAP_EQ_INT(do_head(s, "incoming/empty-up", &sz), 0, "empty upload kept");
+    TAP_EQ_INT(sz, 0, "empty upload is empty");
+    u = start_upload(s, "incoming/keyed", data, 10, 10, sha, &wrc);
+    TAP_EQ_INT(u ? finish_writer(u, "mpacks/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", &f) : -1,
+               MH_EINVAL, "an upload's key cannot be changed at finish");
+    TAP_EQ_INT(count_entries("tmp"), 0, "nothing left in tmp/");
     free(data);
+}
+
+/* The streaming writer (store.h): multi-chunk objects with and without
+ * the store hashing, a given key, a wrong key, an existing key, abort at
+ * several points, the room callback, errors. */
+static void test_writer(mh_store_t *s)
+{
+    size_t n = 9u * 1024 * 1024 + 12345;
+    uint8_t *data = pattern(n, 41), sha[32];
+    mh_sha256(data, n, sha);
+    char key[MH_STORE_KEY_MAX + 1];
+    pack_key(key, data, n);
+    wres_t f;
+    mh_buf_t b = {0};
+    uint64_t sz;
+
+    TAP_EQ_INT(mh_store_writer_mem(s, NULL), 8u * 1024 * 1024, "fs writer holds two 4 MiB chunks");
+    mh_store_writer_opts_t o64 = {.chunk_bytes = 64u * 1024 * 1024 + 1};
+    mh_store_writer_t *w = NULL;
+    TAP_EQ_INT(mh_store_writer_open(s, &o64, &w), MH_EINVAL, "chunk above 64 MiB refused");
+
+    TAP_EQ_INT(stream_object(s, true, 1024 * 1024, data, n, 300000, NULL, &f), 0, "hashing writer, 1 MiB chunks");
+    TAP_OK(f.has_sha && memcmp(f.sha, sha, 32) == 0 && f.size == n, "writer's SHA-256 and size");
+    TAP_EQ_INT(do_get(s, key, 0, UINT64_MAX, &b), 0, "object under mpacks/<its hash>");
+    TAP_OK(b.len == n && memcmp(b.p, data, n) == 0, "the bytes");
+    mh_buf_free(&b);
+    TAP_EQ_INT(count_entries("tmp"), 0, "nothing left in tmp/");
+
+    TAP_EQ_INT(stream_object(s, true, 0, data, n, 5u * 1024 * 1024, key, &f), 0,
+               "existing key with the same bytes: success, ours dropped");
+    TAP_EQ_INT(count_entries("tmp"), 0, "nothing left in tmp/ (dropped)");
+    TAP_EQ_INT(stream_object(s, false, 0, data, n, 777777, key, &f), 0, "caller-hashed writer naming its key");
+    TAP_OK(!f.has_sha && f.size == n, "no hash reported when the caller hashes");
+    char other[MH_STORE_KEY_MAX + 1];
+    pack_key(other, "other", 5);
+    TAP_EQ_INT(stream_object(s, true, 0, data, 1000, 1000, other, &f), MH_EHASH, "a key that is not the hash: EHASH");
+    TAP_EQ_INT(do_head(s, other, &sz), MH_ENOENT, "nothing kept under the wrong key");
+    TAP_EQ_INT(stream_object(s, false, 0, data, 1000, 1000, NULL, &f), MH_EINVAL, "no key and no hash: EINVAL");
+    TAP_EQ_INT(stream_object(s, true, 0, data, 10, 10, "incoming/x", &f), MH_EINVAL, "a staging key refused");
+    TAP_EQ_INT(count_entries("tmp"), 0, "failed finishes leave nothing in tmp/");
+
+    /* Empty object. */
+    char ekey[MH_STORE_KEY_MAX + 1];
+    pack_key(ekey, "", 0);
+    TAP_EQ_INT(stream_object(s, true, 0, data, 0, 1, NULL, &f), 0, "empty object");
+    TAP_EQ_INT(do_head(s, ekey, &sz), 0, "empty object stored under the empty hash");
+    TAP_EQ_INT(do_delete(s, ekey), 0, "delete it");
+
+    /* Backpressure: a write without a callback may run ahead; the room
+     * callback fires once the filling chunk has room again. */
+    mh_store_writer_opts_t o = {.hash = true, .chunk_bytes = 1024 * 1024};
+    TAP_EQ_INT(mh_store_writer_open(s, &o, &w), 0, "open");
+    TAP_EQ_INT(mh_store_writer_write(w, data, 1024 * 1024, NULL, NULL), 0, "write a chunk (no cb): it goes to the pool");
+    TAP_OK(!mh_store_writer_full(w), "not full: the filling chunk is empty");
+    TAP_EQ_INT(mh_store_writer_write(w, data, 1024 * 1024 + 5, NULL, NULL), 0, "write another while it is written");
+    TAP_OK(mh_store_writer_full(w), "full: both chunks taken");
+    res_t r1 = {0}, r2 = {0};
+    CALL(TAP_EQ_INT(mh_store_writer_write(w, NULL, 0, done_cb, &r1), 0, "wait for room"));
+    TAP_EQ_INT(mh_store_writer_write(w, NULL, 0, done_cb, &r2), MH_EINVAL, "a second outstanding callback refused");
+    wait_for(&r1);
+    TAP_OK(r1.done == 1 && r1.err == 0 && !r1.reentrant, "room callback on a later turn");
+    TAP_EQ_INT(mh_store_writer_size(w), 2u * 1024 * 1024 + 5, "size counts accepted bytes");
+    /* Abort with a chunk on the thread pool: no callback after, no file left. */
+    TAP_EQ_INT(mh_store_writer_write(w, data, 1024 * 1024, done_cb, &r2), 0, "write with a callback");
+    mh_store_writer_abort(w);
+    uv_run(loop, UV_RUN_DEFAULT);
+    TAP_EQ_INT(r2.done, 0, "abort: the outstanding callback never fires");
+    TAP_EQ_INT(count_entries("tmp"), 0, "abort: the temporary file is gone");
+
+    /* Abort before any I/O, and right after open. */
+    TAP_EQ_INT(mh_store_writer_open(s, &o, &w), 0, "open");
+    mh_store_writer_abort(w);
+    TAP_EQ_INT(mh_store_writer_open(s, &o, &w), 0, "open");
+    mh_store_writer_write(w, data, 100, NULL, NULL);
+    mh_store_writer_abort(w);
+    uv_run(loop, UV_RUN_DEFAULT);
+    TAP_EQ_INT(count_entries("tmp"), 0, "early aborts leave nothing");
+    TAP_EQ_INT(do_delete(s, key), 0, "clean up");
+    free(data);
+}
+
+/* The streaming reader: sequential windows, read-ahead, ranges with
+ * coalescing and splitting, errors, close inside a callback. */
+static void test_reader(mh_store_t *s)
+{
+    size_t n = 5u * 1024 * 1024 + 4321;
+    uint8_t *data = pattern(n, 43);
+    char key[MH_STORE_KEY_MAX + 1];
+    pack_key(key, data, n);
+    TAP_EQ_INT(do_put(s, key, data, n), 0, "put 5 MiB");
+    rdrive_t d = {0};
+
+    TAP_EQ_INT(read_seq(s, key, 0, UINT64_MAX, 1024 * 1024, &d), 0, "sequential read, 1 MiB windows");
+    TAP_OK(d.all.len == n && memcmp(d.all.p, data, n) == 0, "every byte, in order");
+    TAP_EQ_INT(d.windows, 6, "six windows");
+    TAP_OK(d.max_window <= 1024 * 1024 && d.size == n, "windows bounded; size reported");
+    rdrive_free(&d);
+    TAP_EQ_INT(read_seq(s, key, 1000, 3u * 1024 * 1024, 0, &d), 0, "a range in default (4 MiB) windows");
+    TAP_OK(d.all.len == 3u * 1024 * 1024 && memcmp(d.all.p, data + 1000, d.all.len) == 0 && d.windows == 1,
+           "one window of the range");
+    rdrive_free(&d);
+    TAP_EQ_INT(read_seq(s, key, n, UINT64_MAX, 0, &d), 0, "empty tail");
+    TAP_OK(d.windows == 1 && d.all.len == 0 && d.last_seen, "one empty last window");
+    rdrive_free(&d);
+    TAP_EQ_INT(read_seq(s, key, n - 10, 11, 0, &d), MH_EINVAL, "range past the end: EINVAL");
+    rdrive_free(&d);
+    TAP_EQ_INT(read_seq(s, "incoming/none", 0, UINT64_MAX, 0, &d), MH_ENOENT, "absent key: ENOENT");
+    rdrive_free(&d);
+    TAP_EQ_INT(read_seq(s, "../x", 0, UINT64_MAX, 0, &d), MH_EINVAL, "bad key: EINVAL");
+    rdrive_free(&d);
+    d.close_after = 2;
+    TAP_EQ_INT(read_seq(s, key, 0, UINT64_MAX, 64 * 1024, &d), 0, "close inside the second window's callback");
+    TAP_OK(d.windows == 2 && d.closed, "nothing delivered after close");
+    rdrive_free(&d);
+    uv_run(loop, UV_RUN_DEFAULT); /* the read ahead in flight completes and is dropped */
+
+    mh_range_t rg[] = {
+        {10, 20},           {40, 5},    {60000, 10}, /* one run: gaps < 64 KiB */
+        {50, 10},                                     /* back, but inside the run: joins it */
+        {2000000, 2500000},                           /* split over 1 MiB windows */
+        {n - 1, 1},         {n - 1, 0}, {3, 0},
+    };
+    size_t nrg = sizeof rg / sizeof *rg;
+    TAP_EQ_INT(read_ranges(s, key, rg, nrg, 1024 * 1024, &d), 0, "ranged read");
+    TAP_OK(ranges_match(&d, data, rg, nrg), "every range whole, in the caller's order");
+    TAP_EQ_INT(d.windows, 6, "6 windows: 4 ranges coalesced, 3 of a split range, the tail, one going back before the run");
+    TAP_OK(d.max_window <= 1024 * 1024, "no window above 1 MiB");
+    rdrive_free(&d);
+    TAP_EQ_INT(read_ranges(s, key, NULL, 0, 0, &d), 0, "no ranges");
+    TAP_OK(d.windows == 1 && d.last_seen, "one empty window");
+    rdrive_free(&d);
+    mh_range_t oob[] = {{0, 1}, {n, 1}};
+    TAP_EQ_INT(read_ranges(s, key, oob, 2, 0, &d), MH_EINVAL, "a range outside the object: EINVAL");
+    rdrive_free(&d);
+    mh_store_reader_t *r = NULL;
+    TAP_EQ_INT(mh_store_reader_open_ranges(s, key, NULL, 2, 0, rwin_cb, &d, &r), MH_EINVAL, "NULL ranges refused");
+    TAP_EQ_INT(mh_store_reader_mem(0), 8u * 1024 * 1024, "a default reader holds two 4 MiB windows");
+    TAP_EQ_INT(do_delete(s, key), 0, "clean up");
+    free(data);
+}
+
+static void test_list_and_sweep(mh_store_t *s)
+{
+    static lres_t l;
+    char k[MH_STORE_KEY_MAX + 1];
+    for (int i = 0; i < 1203; i++) {
+        snprintf(k, sizeof k, "incoming/L%04d", i);
+        do_put(s, k, "x", (size_t)(i % 3));
+    }
+    size_t total = 0, pages = 0;
+    bool sorted = true, sizes = true;
+    char after[80] = "";
+    char prev[80] = "";
+    int rc;
+    do {
+        rc = do_list(s, "incoming/", after[0] ? after : NULL, &l);
+        pages++;
+        for (size_t i = 0; i < l.n; i++) {
+            if (strcmp(l.keys[i], prev) <= 0) sorted = false;
+            snprintf(prev, sizeof prev, "%s", l.keys[i]);
+            if (!strncmp(l.keys[i], "incoming/L", 10) && l.sizes[i] != (uint64_t)(atoi(l.keys[i] + 10) % 3))
+                sizes = false;
+            total += !strncmp(l.keys[i], "incoming/L", 10);
+        }
+        snprintf(after, sizeof after, "%s", l.next);
+    } while (rc == 0 && l.has_next);
+    TAP_EQ_INT(rc, 0, "list incoming/ page by page");
+    TAP_EQ_INT(total, 1203, "every key listed once");
+    TAP_OK(pages == 2 && sorted && sizes, "two pages, ascending, sizes right");
+    TAP_EQ_INT(do_list(s, "tmp/", NULL, &l), MH_EINVAL, "tmp/ is not listable");
+    TAP_EQ_INT(do_list(s, "mpacks/", "mpacks/ffff", &l), 0, "list after the last key");
+    TAP_OK(l.n == 0 && !l.has_next, "empty page, no next");
+    for (int i = 0; i < 1203; i++) {
+        snprintf(k, sizeof k, "incoming/L%04d", i);
+        do_delete(s, k);
+    }
+
+    char p[256];
+    snprintf(p, sizeof p, "%s/store/tmp/w-old", root);
+    int fd = open(p, O_CREAT | O_WRONLY, 0644);
+    if (fd >= 0) close(fd);
+    struct timespec old[2] = {{.tv_sec = mh_unix_time() - 100}, {.tv_sec = mh_unix_time() - 100}};
+    utimensat(AT_FDCWD, p, old, 0);
+    snprintf(p, sizeof p, "%s/store/tmp/w-new", root);
+    fd = open(p, O_CREAT | O_WRONLY, 0644);
+    if (fd >= 0) close(fd);
+    unsigned removed = 0;
+    TAP_EQ_INT(do_sweep_tmp(s, 60, &removed), 0, "sweep tmp/");
+    TAP_EQ_INT(removed, 1, "one stale temporary removed");
+    TAP_OK(!file_exists("tmp/w-old") && file_exists("tmp/w-new"), "the young one kept");
+    unlink(p);
 }
 
 static void test_close_in_flight(void)
@@ -589,17 +795,18 @@ static void test_close_in_flight(void)
     mh_arena_release(&a);
     res_t r[10] = {{0}};
     for (int i = 0; i < 10; i++) mh_store_get(s, "incoming/good", 0, UINT64_MAX, get_cb, &r[i]);
-    mh_fs_upload_t *u = NULL;
+    mh_store_writer_t *u = NULL;
     mh_store_fs_upload_open(s, "incoming/late", 1, (const uint8_t *)"01234567890123456789012345678901", &u);
     mh_store_close(s);
     uv_run(loop, UV_RUN_DEFAULT);
     int ok = 0;
     for (int i = 0; i < 10; i++) {
-        ok += r[i].done == 1 && r[i].err == 0 && r[i].buf.len == 300000;
+        ok += r[i].done == 1 && r[i].err == 0 && r[i].buf.len == 3 * 1024 * 1024 + 300000;
         mh_buf_free(&r[i].buf);
     }
     TAP_EQ_INT(ok, 10, "ops in flight at close complete");
-    mh_store_fs_upload_abort(u); /* frees the closed store */
+    mh_store_writer_abort(u); /* frees the closed store */
+    uv_run(loop, UV_RUN_DEFAULT);
     TAP_EQ_INT(count_entries("tmp"), 0, "upload aborted after close: tmp/ empty");
 }
 
@@ -642,6 +849,69 @@ static void test_metrics(mh_store_t *s)
     mh_buf_free(&m);
 }
 
+/* A full and a read-only store, for real: a 1 MiB tmpfs mounted under
+ * the test directory (needs CAP_SYS_ADMIN; skipped without it). Every
+ * write path answers MH_ENOSPC and leaves nothing behind (SPEC 4.8). */
+static void test_enospc(void)
+{
+    char mnt[128], spec[160];
+    snprintf(mnt, sizeof mnt, "%s/small", root);
+    mkdir(mnt, 0755);
+    if (mount("tmpfs", mnt, "tmpfs", 0, "size=1m") != 0) {
+        TAP_COMMENT("SKIP full-store tests: cannot mount a tmpfs (%s)", strerror(errno));
+        return;
+    }
+    snprintf(spec, sizeof spec, "fs:%s/store", mnt);
+    mh_store_config_t cfg = {.spec = spec, .public_url = "http://h"};
+    mh_store_t *s = NULL;
+    TAP_EQ_INT(mh_store_open(loop, &cfg, &s), 0, "store on a 1 MiB tmpfs");
+    if (!s) {
+        umount2(mnt, MNT_DETACH);
+        return;
+    }
+    size_t n = 2u * 1024 * 1024;
+    uint8_t *data = pattern(n, 77), sha[32];
+    mh_sha256(data, n, sha);
+    char key[MH_STORE_KEY_MAX + 1];
+    pack_key(key, data, n);
+    char sub[200];
+    snprintf(sub, sizeof sub, "%s/store/tmp", mnt);
+    wres_t f;
+
+    TAP_EQ_INT(do_put(s, key, data, n), MH_ENOSPC, "full: put -> ENOSPC");
+    TAP_EQ_INT(stream_object(s, true, 256 * 1024, data, n, 100000, NULL, &f), MH_ENOSPC, "full: writer -> ENOSPC");
+    int wrc = 0;
+    mh_store_writer_t *u = start_upload(s, "incoming/full", data, n, n, sha, &wrc);
+    int frc = u ? finish_writer(u, NULL, &f) : wrc;
+    TAP_OK(wrc == MH_ENOSPC || frc == MH_ENOSPC, "full: upload -> ENOSPC (write %d, finish %d)", wrc, frc);
+    DIR *dd = opendir(sub);
+    int left = 0;
+    struct dirent *e;
+    while (dd && (e = readdir(dd)))
+        if (e->d_name[0] != '.') left++;
+    if (dd) closedir(dd);
+    TAP_EQ_INT(left, 0, "full: nothing left in tmp/");
+    TAP_EQ_INT(do_head(s, "incoming/full", NULL), MH_ENOENT, "full: nothing under the staging key");
+    TAP_EQ_INT(do_put(s, "incoming/small", "abc", 3), 0, "a small put still fits");
+
+    TAP_EQ_INT(mount(NULL, mnt, NULL, MS_REMOUNT | MS_RDONLY, NULL), 0, "remount read-only");
+    TAP_EQ_INT(do_put(s, "incoming/ro", "abc", 3), MH_ENOSPC, "read-only: put -> ENOSPC");
+    TAP_EQ_INT(do_move(s, "incoming/small", key), MH_ENOSPC, "read-only: move -> ENOSPC");
+    TAP_EQ_INT(stream_object(s, true, 0, data, 1000, 1000, NULL, &f), MH_ENOSPC, "read-only: writer -> ENOSPC");
+    uint8_t sha3[32];
+    mh_sha256("abc", 3, sha3);
+    u = start_upload(s, "incoming/ro", (const uint8_t *)"abc", 3, 3, sha3, &wrc);
+    TAP_EQ_INT(u ? finish_writer(u, NULL, &f) : wrc, MH_ENOSPC, "read-only: upload -> ENOSPC");
+    mh_buf_t b = {0};
+    TAP_EQ_INT(do_get(s, "incoming/small", 0, UINT64_MAX, &b), 0, "read-only: reads still work");
+    mh_buf_free(&b);
+    mh_store_close(s);
+    uv_run(loop, UV_RUN_DEFAULT);
+    free(data);
+    umount2(mnt, MNT_DETACH);
+    rmdir(mnt);
+}
+
 static int rm_cb(const char *p, const struct stat *st, int flag, struct FTW *ftw)
 {
     (void)st, (void)flag, (void)ftw;
@@ -670,10 +940,14 @@ int main(void)
     test_presign(s);
     test_expiry();
     test_upload(s);
+    test_writer(s);
+    test_reader(s);
+    test_list_and_sweep(s);
     test_metrics(s);
     mh_store_close(s);
     test_close_in_flight();
     test_sweep();
+    test_enospc();
     uv_run(loop, UV_RUN_DEFAULT);
     uv_loop_close(loop);
     nftw(root, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
