@@ -17,10 +17,13 @@ if [ "${1:-}" != "--s3emu-only" ]; then
   [ "${1:-}" = "--bench" ] && BENCH_PKGS="git fcgiwrap wrk hyperfine valgrind"
   # nginx: test/e2e/test_nginx.py runs docs/nginx.conf in front of the server.
   # python3-prometheus-client: test/e2e/test_ops.py parses /metrics with it.
+  # python3-zstandard: the clients (scripts/muse) read and write mpack v2
+  # (and test/unit/mpack_xcheck.py cross-checks the C reader with it).
   # systemd: systemd-analyze verifies the installed unit (test_ops.py); nothing is started.
   PKGS="$BENCH_PKGS build-essential pkg-config libuv1-dev node-llhttp libpq-dev libmbedtls-dev libcurl4-openssl-dev
 libmsgpack-dev libjansson-dev libssl-dev libzstd-dev postgresql postgresql-client clang libclang-rt-14-dev
-python3 python3-pytest python3-httpx python3-msgpack python3-zstandard python3-cryptography python3-boto3 python3-prometheus-client
+python3 python3-pytest python3-httpx python3-msgpack python3-zstandard python3-cryptography python3-boto3
+python3-prometheus-client
 git curl nginx systemd"
   missing=""
   for p in $PKGS; do
