@@ -22,6 +22,11 @@ Workloads (--only takes a comma-separated subset, in this order):
            at 16 and 64 connections vs nginx's fixed body and git's info/refs
   workers  MUSEHUB_WORKERS=2 vs 1 under the same wrk load
   jobs     scripts/bench_jobs.py (mpack.index, mpack.gc), when present
+  clients  the command-line clients (git2muse, muse-push, muse-fetch,
+           muse-mirror) as processes on libuv's real history, next to git:
+           full push and clone, one new commit, upload throughput, client
+           peak RSS (scripts/bench/clients_bench.py; skipped without the
+           libuv bundle, $BENCH_LIBUV_BUNDLE)
 Peak RSS (VmHWM) of the server is recorded in each workload; the server is
 restarted at the start of each one.
 
@@ -70,7 +75,7 @@ import gitpeer  # noqa: E402
 from museclient import MSGPACK, OWNER, Muse  # noqa: E402
 from procs import REAPER, BenchError, Musehubd, run  # noqa: E402
 
-WORKLOADS = ("push", "clone", "incr", "stores", "latency", "wrk", "workers", "jobs")
+WORKLOADS = ("push", "clone", "incr", "stores", "latency", "wrk", "workers", "jobs", "clients")
 
 
 # =================================================================== stats
@@ -984,6 +989,10 @@ class Bench:
                     target=target, ok=(b / a <= limit) if limit else None)
         return sec
 
+    def w_clients(self) -> Section:
+        import clients_bench
+        return clients_bench.w_clients(self, Section, Stat, ratios)
+
     # ------------------------------------------------------------ driver
 
     def run(self, only: list[str]) -> None:
@@ -996,7 +1005,7 @@ class Bench:
                     plan.append((f"{w} {dims.commits}", (lambda w=w, d=dims: getattr(self, f"w_{w}")(d))))
                 if w == "push" and w in only:
                     plan.append((f"push breakdown {dims.commits}", (lambda d=dims: self.push_breakdown(d))))
-        for w in ("stores", "latency", "wrk", "workers", "jobs"):
+        for w in ("stores", "latency", "wrk", "workers", "jobs", "clients"):
             if w in only:
                 plan.append((w, getattr(self, f"w_{w}")))
         if self.a.large and any(w in only for w in ("push", "clone", "incr")):
@@ -1092,8 +1101,9 @@ def machine_info() -> dict[str, str]:
 
 
 def check_tools(only: list[str]) -> None:
-    need = {"git"} if any(w in only for w in ("push", "clone", "incr", "latency", "wrk")) else set()
-    if any(w in only for w in ("push", "clone", "incr", "latency", "wrk")):
+    need = {"git"} if any(w in only for w in ("push", "clone", "incr", "latency", "wrk",
+                                              "clients")) else set()
+    if any(w in only for w in ("push", "clone", "incr", "latency", "wrk", "clients")):
         need |= {"nginx", "fcgiwrap"}
     if any(w in only for w in ("wrk", "workers")):
         need.add("wrk")

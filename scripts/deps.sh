@@ -17,6 +17,8 @@ if [ "${1:-}" != "--s3emu-only" ]; then
   [ "${1:-}" = "--bench" ] && BENCH_PKGS="git fcgiwrap wrk hyperfine valgrind"
   # nginx: test/e2e/test_nginx.py runs docs/nginx.conf in front of the server.
   # python3-prometheus-client: test/e2e/test_ops.py parses /metrics with it.
+  # python3-zstandard: the clients (scripts/muse) read and write mpack v2
+  # (and test/unit/mpack_xcheck.py cross-checks the C reader with it).
   # systemd: systemd-analyze verifies the installed unit (test_ops.py); nothing is started.
   # universal-ctags: scripts/funclen.sh (function lengths); clang-format: the
   # pinned .clang-format.

@@ -147,7 +147,7 @@ def verify_plan(plan) -> tuple[dict, dict, dict]:
         assert muselib.blob_id(data) == e["mpack_key"]
         assert len(data) == e["size_bytes"]
         pack = muselib.parse_mpack(data)
-        assert pack["version"] == 1
+        assert pack["version"] == e.get("format", 1) and pack["version"] in (1, 2)
         mine = {c["commit_id"] for c in pack["commits"]}
         for c in pack["commits"]:
             for p in muselib.commit_parents(c):
@@ -255,8 +255,13 @@ def push_and_check(server, hub, repo, plan, git_repo, use_cli=False):
         assert files == git_files(git_repo, plan["git_heads"][br]), br
 
 
+# The server does not read mpack v2 yet: the online tests convert with
+# --format 1 (test_clients.py covers v2 end to end behind `needs_v2`).
+V1 = ("--format", "1")
+
+
 def test_push_synthetic(server, hub, repo, synth, tmp_path):
-    plan = git2muse(synth, tmp_path / "out", "--all")
+    plan = git2muse(synth, tmp_path / "out", "--all", *V1)
     push_and_check(server, hub, repo, plan, synth)
     # checkout through the command-line client equals git's tree
     wc = tmp_path / "wc"
@@ -270,7 +275,7 @@ def test_push_synthetic(server, hub, repo, synth, tmp_path):
 
 
 def test_push_split_plan_with_cli(server, hub, repo, synth, tmp_path):
-    plan = git2muse(synth, tmp_path / "out", "--all", "--max-pack-bytes", "1500")
+    plan = git2muse(synth, tmp_path / "out", "--all", "--max-pack-bytes", "1500", *V1)
     push_and_check(server, hub, repo, plan, synth, use_cli=True)
     # pushing the same plan again changes nothing
     again = muselib.push_plan(hub, OWNER, repo["slug"], plan)
@@ -281,13 +286,13 @@ def test_own_repository(server, hub, repo, tmp_path):
     if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "-q", "HEAD"],
                       stdout=subprocess.PIPE).returncode != 0:
         pytest.skip("this checkout has no commits yet")
-    plan = git2muse(ROOT, tmp_path / "out", "--ref", "HEAD:main")
+    plan = git2muse(ROOT, tmp_path / "out", "--ref", "HEAD:main", *V1)
     verify_plan(plan)
     push_and_check(server, hub, repo, plan, ROOT)
 
 
 def test_interrupted_plan_resumes(server, hub, repo, synth, tmp_path):
-    plan = git2muse(synth, tmp_path / "out", "--all", "--max-pack-bytes", "1500")
+    plan = git2muse(synth, tmp_path / "out", "--all", "--max-pack-bytes", "1500", *V1)
     k = len(plan["packs"]) // 2
     part = dict(plan, packs=plan["packs"][:k])
     muselib.push_plan(hub, OWNER, repo["slug"], part)     # "crashes" half-way

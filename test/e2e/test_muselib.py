@@ -175,7 +175,7 @@ def test_musegen_cli(tmp_path):
 
 
 @pytest.mark.parametrize("cmd", ["musegen", "muse-push", "muse-fetch", "git2muse",
-                                 "pgtmp.py"])
+                                 "muse-mirror", "msign.py", "pgtmp.py"])
 def test_help(cmd):
     r = subprocess.run([str(SCRIPTS / cmd), "--help"], stdout=subprocess.PIPE, check=True)
     assert b"usage" in r.stdout.lower()
