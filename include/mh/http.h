@@ -38,9 +38,12 @@ typedef struct mh_conn mh_conn_t;
 typedef void (*mh_handler_fn)(mh_req_t *req);
 
 /* One row of the route table. Patterns are '/'-separated segments;
- * "{name}" captures one non-empty segment; a final "{*name}" captures the
- * non-empty rest of the path (may contain '/'). Captures are
- * percent-decoded. Literal segments match exactly (raw bytes). First match
+ * "{name}" captures one non-empty segment; "{*name}" (one per pattern,
+ * followed by literal segments only) captures one or more segments with
+ * the '/' between them: all of the rest of the path when it is last, else
+ * what the literal segments after it leave ("/b/{*name}/protection" on
+ * "/b/x/y/protection" captures "x/y"). Matching runs on the raw path, so
+ * a '/' sent as %2F never ends a segment. Captures are percent-decoded. Literal segments match exactly (raw bytes). First match
  * in table order wins. HEAD is served by the first matching GET route
  * unless a HEAD route matches (the handler sees method "HEAD"; the body
  * it sends is dropped, Content-Length kept). No pattern matches: 404

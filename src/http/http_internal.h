@@ -148,6 +148,7 @@ typedef struct {
         size_t n;
         int kind; /* 0 literal, 1 {name}, 2 {*name} */
     } *segs;
+    int rest;     /* index of the {*name} segment, -1 when none */
     char **names; /* capture names, per capture (heap, NUL-terminated) */
     int metric;   /* index into s->metrics */
 } route_rt_t;

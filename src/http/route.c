@@ -4,9 +4,14 @@
  * percent-decoded into the request arena; also query-string lookup.
  *
  * Invariants: literal segments compare raw bytes (no decoding), "{name}"
- * takes exactly one non-empty segment, "{*name}" (last only) takes the
- * non-empty rest of the path including '/'. First match in table order
- * wins; a GET route also serves HEAD unless a HEAD route matches first.
+ * takes exactly one non-empty segment, "{*name}" (at most one per
+ * pattern, followed by literal segments only) takes one or more segments
+ * including the '/' between them, as many as leave the pattern's literal
+ * segments after it to match the path's last ones: "/b/{*name}/protection"
+ * on "/b/x/y/protection" captures "x/y". A '/' written %2F is part of a
+ * segment (matching runs on the raw path), so it never ends one. First
+ * match in table order wins; a GET route also serves HEAD unless a HEAD
+ * route matches first.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -73,6 +78,7 @@ static int compile_one(route_rt_t *rt, const char *pat)
     rt->names = calloc((size_t)n, sizeof *rt->names);
     if (!rt->segs || !rt->names) return MH_ENOMEM;
     rt->nseg = n;
+    rt->rest = -1;
     const char *p = pat + 1;
     int ncap = 0;
     for (int i = 0; i < n; i++) {
@@ -84,7 +90,8 @@ static int compile_one(route_rt_t *rt, const char *pat)
         sg->kind = 0;
         if (len >= 2 && p[0] == '{' && p[len - 1] == '}') {
             bool rest = len >= 3 && p[1] == '*';
-            if (rest && i != n - 1) return MH_EINVAL;
+            if (rest && rt->rest >= 0) return MH_EINVAL; /* one rest capture per pattern */
+            if (rest) rt->rest = i;
             const char *nm = p + (rest ? 2 : 1);
             size_t nl = len - (rest ? 3 : 2);
             if (!nl || ncap >= MH_MAX_PARAMS) return MH_EINVAL;
@@ -93,6 +100,7 @@ static int compile_one(route_rt_t *rt, const char *pat)
             ncap++;
             sg->kind = rest ? 2 : 1;
         }
+        if (rt->rest >= 0 && rt->rest < i && sg->kind) return MH_EINVAL; /* only literals after {*name} */
         p += len + 1;
     }
     return 0;
@@ -137,32 +145,43 @@ typedef struct {
     size_t n;
 } pseg_t;
 
+/* The path segments a {*name} at pattern segment i takes when the path
+ * has nps segments: [i, i + span); span < 1 means no match. */
+static int rest_span(const route_rt_t *rt, int nps) { return nps - (rt->nseg - 1); }
+
 /* True when the split path (segments after the leading '/') matches rt. */
 static bool seg_match(const route_rt_t *rt, const pseg_t *ps, int nps)
 {
-    int i = 0;
-    for (; i < rt->nseg; i++) {
+    int span = rt->rest >= 0 ? rest_span(rt, nps) : 1;
+    if (span < 1 || (rt->rest < 0 && rt->nseg != nps)) return false;
+    for (int i = 0, j = 0; i < rt->nseg; i++, j++) {
         const struct seg *sg = &rt->segs[i];
-        if (sg->kind == 2) return i < nps && !(i == nps - 1 && ps[i].n == 0);
-        if (i >= nps) return false;
-        if (sg->kind == 1) {
-            if (ps[i].n == 0) return false;
-        } else if (sg->n != ps[i].n || memcmp(sg->p, ps[i].p, sg->n) != 0) {
+        if (sg->kind == 2) {
+            /* The rest: one or more segments; not just a trailing '/'. */
+            if (span == 1 && ps[j].n == 0) return false;
+            j += span - 1;
+        } else if (sg->kind == 1) {
+            if (ps[j].n == 0) return false;
+        } else if (sg->n != ps[j].n || memcmp(sg->p, ps[j].p, sg->n) != 0) {
             return false;
         }
     }
-    return i == nps;
+    return true;
 }
 
-static int fill_params(req_t *q, const route_rt_t *rt, const pseg_t *ps, const char *path_end)
+static int fill_params(req_t *q, const route_rt_t *rt, const pseg_t *ps, int nps)
 {
     mh_req_t *r = &q->r;
-    int k = 0;
-    for (int i = 0; i < rt->nseg; i++) {
+    int k = 0, span = rt->rest >= 0 ? rest_span(rt, nps) : 1;
+    for (int i = 0, j = 0; i < rt->nseg; i++, j++) {
         const struct seg *sg = &rt->segs[i];
+        const char *p = ps[j].p;
+        size_t n = ps[j].n;
+        if (sg->kind == 2) {
+            j += span - 1;
+            n = (size_t)(ps[j].p + ps[j].n - p); /* through the rest's last segment */
+        }
         if (!sg->kind) continue;
-        const char *p = ps[i].p;
-        size_t n = sg->kind == 2 ? (size_t)(path_end - p) : ps[i].n;
         size_t on = n;
         bool pct = memchr(p, '%', n) != NULL;
         char *v = pct ? mh__pct_decode(&r->arena, p, n, false, &on) : mh_strndup(&r->arena, p, n);
@@ -234,7 +253,7 @@ int mh__route_match(mh_http_server_t *s, req_t *q, const char **allow)
     }
     r->route = &s->cfg.routes[pick];
     q->metric = s->rt[pick].metric;
-    return fill_params(q, &s->rt[pick], ps, end);
+    return fill_params(q, &s->rt[pick], ps, nps);
 }
 
 /* ---------------------------------------------------------- accessors */

@@ -260,6 +260,7 @@ static void h_items(mh_req_t *req)
     mh_map_put(&req->arena, m, "q", q.p ? mh_v_strn(q.p, q.n) : mh_v_nil());
     mh_map_put(&req->arena, m, "method", mh_v_str(req->method));
     mh_map_put(&req->arena, m, "peer", mh_v_str(req->peer));
+    mh_map_put(&req->arena, m, "route", mh_v_str(req->route->name));
     mh_res_val(req, 200, m);
 }
 
@@ -332,6 +333,7 @@ static const mh_route_t routes[] = {
     {"POST", "/slow", h_slow, "slow_post", 0, false},
     {"PUT", "/stream", h_stream, "stream", 8u << 20, true},
     {"PUT", "/stream-pause", h_stream_pause, "stream_pause", 8u << 20, true},
+    {"GET", "/items/{id}/{*rest}/rule", h_items, "items_rule", 0, false},
     {"GET", "/items/{id}/{*rest}", h_items, "items", 0, false},
     {"POST", "/json", h_json, "json", 0, false},
     {"GET", "/metrics", h_metrics, "metrics", 0, false},
@@ -736,6 +738,30 @@ static void t_errors(void)
     TAP_EQ_INT(cli_resp(c, &r, false), 400, "%%00 in a capture -> 400");
     cli_sends(c, "GET /items/a/ HTTP/1.1\r\nHost: x\r\n\r\n");
     TAP_EQ_INT(cli_resp(c, &r, false), 404, "empty rest capture -> 404");
+    /* A rest capture followed by a literal takes what the literal leaves;
+     * a %2F is part of a segment, so "x%2Frule" is not the literal. */
+    const struct {
+        const char *path, *rest, *route;
+    } rules[] = {
+        {"/items/a/x/y/rule", "x/y", "items_rule"},
+        {"/items/a/x/rule", "x", "items_rule"},
+        {"/items/a/x%2Frule", "x/rule", "items"},
+        {"/items/a/x%2Frule/rule", "x/rule", "items_rule"},
+        {"/items/a/rule", "rule", "items"},
+        {"/items/a/rule/rule", "rule", "items_rule"},
+    };
+    for (size_t i = 0; i < sizeof rules / sizeof *rules; i++) {
+        char rq[256], want[64];
+        snprintf(rq, sizeof rq, "GET %s HTTP/1.1\r\nHost: x\r\n\r\n", rules[i].path);
+        cli_sends(c, rq);
+        TAP_OK(cli_resp(c, &r, false) == 200, "%s matches", rules[i].path);
+        snprintf(want, sizeof want, "\"rest\":\"%s\"", rules[i].rest);
+        TAP_OK(strstr(r.body, want) != NULL, "%s: rest is '%s': %s", rules[i].path, rules[i].rest, r.body);
+        snprintf(want, sizeof want, "\"route\":\"%s\"", rules[i].route);
+        TAP_OK(strstr(r.body, want) != NULL, "%s: route %s: %s", rules[i].path, rules[i].route, r.body);
+    }
+    cli_sends(c, "GET /items/a//rule HTTP/1.1\r\nHost: x\r\n\r\n");
+    TAP_EQ_INT(cli_resp(c, &r, false), 200, "an empty segment before the literal is the other route's");
     cli_close(c);
 
     c = cli_open();
