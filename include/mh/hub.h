@@ -79,11 +79,6 @@ char *mh_repo_slug(mh_arena_t *a, const char *name, size_t n);
  * 4.1; a creation whose name gives such a slug is a 422). */
 bool mh_repo_slug_valid(const char *slug);
 
-/* True when p[0..n) is a valid branch name: 1..255 bytes of printable
- * ASCII other than space and ~^:?*[\\, no ".." or "//", not starting or
- * ending with '/' or '.' (git's rules, simplified; docs/architecture.md). */
-bool mh_branch_valid(const char *p, size_t n);
-
 /* Serialises a repository row as SPEC 4.1's object (with aliases). */
 mh_val_t *mh_repo_val(mh_req_t *req, const mh_repo_t *r);
 
@@ -157,14 +152,62 @@ void mh_hub_log_who(mh_req_t *req, const char **client, const char **user);
  * not the caller unless admin, 409 owner/slug exists, 422 bad fields);
  * GET /api/repos/{repo_id} -> 200 (404 also for unreadable private);
  * GET /api/repos?owner=H -> {repos: [...]} readable by the caller;
- * DELETE /api/repos/{repo_id} -> 204 (ADMIN permission; ref rows and
- * branches go, global rows and packs are left to GC). SPEC 4.2:
- * GET /{owner}/{slug}/refs -> {repo_id, default_branch, branch_heads}. */
+ * DELETE /api/repos/{repo_id} -> 204 (ADMIN permission; ref rows,
+ * branches, tags and protection rules go, global rows and packs are left
+ * to GC). SPEC 4.2: GET /{owner}/{slug}/refs -> {repo_id, default_branch,
+ * branch_heads: {name: head}, tags: {name: commit_id}}. */
 void mh_h_repo_create(mh_req_t *req);
 void mh_h_repo_get(mh_req_t *req);
 void mh_h_repo_list(mh_req_t *req);
 void mh_h_repo_delete(mh_req_t *req);
 void mh_h_refs(mh_req_t *req);
+
+/* Repository settings, branches, protection rules and tags
+ * (src/hub/refs_api.c). Every change runs under refwrite's lock order
+ * and is judged there (branch moves by mh_rw_move_check, protection
+ * included); names follow mh_ref_name_valid (422 invalid_name in a body;
+ * a URL naming an invalid name is a 404); a body key the call does not
+ * know is a 422 invalid_field. Permissions (SPEC 5): READ for reads,
+ * WRITE for branches and tags, ADMIN (owner, administrators, collaborator
+ * role admin) for settings and rules; 401 anonymous writes, 403 too
+ * little permission, 404 unknown or unreadable repository.
+ *
+ * SPEC 4.1 PATCH /api/repos/{repo_id} {description?, visibility?,
+ *   default_branch?} -> 200 the repository object; 422 a bad field or a
+ *   default_branch naming no branch.
+ * GET /api/repos/{repo_id}/branches -> {branches: [{name, head,
+ *   protection: rule|nil}]} by name; GET .../branches/{name} -> one (404).
+ * POST /api/repos/{repo_id}/branches {name, commit_id} -> 201 {name,
+ *   head}; 404 the commit is not in this repository, 409 exists, 403
+ *   protected (a rule with require_proposal outlived the branch).
+ * PATCH .../branches/{name} {commit_id, force?, expected_old_head?} ->
+ *   200 {name, head, old_head}: moves an existing branch (404 none; 404
+ *   unknown commit; 409 non_fast_forward without force, stale_head; 403
+ *   protected_branch).
+ * DELETE .../branches/{name} {expected_old_head?} -> 204 (404; 409
+ *   default_branch, stale_head; 403 protected_branch); only the ref goes.
+ * GET|PUT|DELETE .../branches/{name}/protection: the rule {branch,
+ *   allow_force_push, allow_delete, require_proposal, updated_by,
+ *   updated_at}; PUT {allow_force_push?, allow_delete?,
+ *   require_proposal?} (booleans, absent = false) -> 200 the rule (404 no
+ *   such branch); DELETE -> 204 (404 no rule); GET -> 200 (404 no rule).
+ * POST /api/repos/{repo_id}/tags {name, commit_id, message?} -> 201
+ *   {name, commit_id, message, tagger, created_at} (404 commit, 409
+ *   exists: tags never move); GET .../tags -> {tags: [...]} by name; GET
+ *   .../tags/{name} -> one (404); DELETE .../tags/{name} -> 204 (404). */
+void mh_h_repo_patch(mh_req_t *req);
+void mh_h_branch_list(mh_req_t *req);
+void mh_h_branch_get(mh_req_t *req);
+void mh_h_branch_create(mh_req_t *req);
+void mh_h_branch_move(mh_req_t *req);
+void mh_h_branch_delete(mh_req_t *req);
+void mh_h_protection_get(mh_req_t *req);
+void mh_h_protection_put(mh_req_t *req);
+void mh_h_protection_delete(mh_req_t *req);
+void mh_h_tag_list(mh_req_t *req);
+void mh_h_tag_get(mh_req_t *req);
+void mh_h_tag_create(mh_req_t *req);
+void mh_h_tag_delete(mh_req_t *req);
 
 /* SPEC 4.3 steps 1 and 3 (push.c): POST .../push/mpack-presign
  * {mpack_key, size_bytes} -> {upload_url, mpack_key, expires_in,

@@ -2,8 +2,8 @@
  * refwrite.h — the one write path of the repository refs (src/hub/
  * refwrite.c): every writer of a repository's ref rows and branches goes
  * through it — push, server-side commits, proposal merges, the
- * mpack.index and mpack.gc jobs, repository deletion (and, next, the
- * branch API). It alone owns:
+ * mpack.index and mpack.gc jobs, repository deletion, the branch, tag
+ * and protection API and repository settings. It alone owns:
  *
  *   - the transaction's lock order: (1) the repository row FOR UPDATE,
  *     (2) the pack's advisory lock, (3) rows of the operation's own (a
@@ -37,6 +37,14 @@
 /* Every MH_CHECKPOINT_INTERVAL links a snapshot row keeps its full
  * manifest (DESIGN section 4: bounded delta chains). */
 #define MH_CHECKPOINT_INTERVAL 64
+
+/* True when p[0..n) may name a branch or a tag (SPEC 4.2, git's ref-name
+ * rules): 1..255 bytes of printable ASCII (0x21..0x7e: no space, no
+ * control byte), none of ~^:?*[\, no "..", "//" or "@{", not starting or
+ * ending with '/' or '.', no '/'-separated segment starting with '.' or
+ * ending with ".lock". The one check of every ref name: push, server-side
+ * commits, proposals, the branch and tag API. Pure. */
+bool mh_ref_name_valid(const char *p, size_t n);
 
 /* --------------------------------------------- transaction, lock order */
 
@@ -121,29 +129,39 @@ int mh_rw_blob_pack(mh_rw_blob_t *blobs, size_t *n, bool verify, mh_buf_t *out, 
 int mh_rw_blob_rows(const mh_rw_blob_t *blobs, size_t n, mh_buf_t *out);
 
 /* Deleting a repository: the ref rows and the repository row (branches,
- * grants, proposals, collaborators and cached fetch answers go with it by
- * ON DELETE CASCADE). Global rows and packs are left to GC (SPEC 4.1). */
+ * tags, protection rules, grants, proposals, collaborators and cached
+ * fetch answers go with it by ON DELETE CASCADE). Global rows and packs
+ * are left to GC (SPEC 4.1). */
 void mh_rw_repo_delete_rows(mh_db_batch_t *b, const char *repo_id);
 
 /* ------------------------------------------------------- branch moves */
 
 typedef enum {
-    MH_MOVE_FAST_FORWARD, /* push: the new head must descend from the old one (or create the branch) */
-    MH_MOVE_FORCE,        /* push with force: any head */
+    MH_MOVE_FAST_FORWARD, /* push, API move: the new head must descend from the old one (or create the branch) */
+    MH_MOVE_FORCE,        /* push or API move with force: any head (a protected branch: a fast-forward) */
     MH_MOVE_COMMIT,       /* a server-side commit on top of the old head (or creating the branch) */
     MH_MOVE_MERGE,        /* a proposal merge: a merge commit on top of the old head (or creating it) */
-    MH_MOVE_CREATE,       /* a new branch only */
-    MH_MOVE_DELETE,       /* the branch goes (new_head NULL) */
+    MH_MOVE_CREATE,       /* a new branch only (the branch API) */
+    MH_MOVE_DELETE,       /* the branch goes (new_head NULL; the branch API) */
 } mh_move_kind_t;
 
 typedef enum {
     MH_MOVE_OK = 0,
     MH_MOVE_STALE,        /* cas: the branch is not at expected_old -> 409 stale_head */
     MH_MOVE_NOT_FF,       /* -> 409 non_fast_forward */
-    MH_MOVE_UNKNOWN_HEAD, /* the new head is no commit of this repository -> 422 unknown_head */
+    MH_MOVE_UNKNOWN_HEAD, /* the new head is no commit of this repository -> 422 unknown_head (api: 404) */
     MH_MOVE_EXISTS,       /* MH_MOVE_CREATE of an existing branch -> 409 exists */
     MH_MOVE_ABSENT,       /* MH_MOVE_DELETE of a missing branch -> 404 not_found */
+    MH_MOVE_DEFAULT,      /* MH_MOVE_DELETE of the default branch -> 409 default_branch */
+    MH_MOVE_PROTECTED,    /* the branch's protection rule forbids it -> 403 protected_branch */
 } mh_move_verdict_t;
+
+/* A branch's protection rule (SPEC 4.2; sql/0036). */
+typedef struct {
+    bool allow_force_push; /* a move that is not a fast-forward is allowed */
+    bool allow_delete;     /* deleting the branch is allowed */
+    bool require_proposal; /* no move but a proposal merge (MH_MOVE_MERGE) */
+} mh_rule_t;
 
 typedef struct {
     /* in */
@@ -154,22 +172,40 @@ typedef struct {
     bool cas;                 /* compare the current head with expected_old */
     const char *expected_old; /* with cas: NULL means "the branch does not exist" */
     bool head_written_here;   /* the new head's commit_refs row is written later in this transaction */
+    bool api;                 /* a move of the branch API: an unknown commit is 404 (SPEC 4.2), push's is 422 */
     /* out */
     bool exists;               /* the branch existed (locked) */
     char old_head[MH_ID_SIZE]; /* its head then ("" when it did not) */
+    bool is_default;           /* it is the repository's default branch */
+    bool has_rule;             /* a protection rule names it */
+    mh_rule_t rule;            /* that rule */
     mh_move_verdict_t verdict;
 } mh_move_t;
 
 /* The one judgement of every branch move: locks the branch row (the last
- * lock of the order), reads its head, and decides per kind, in this
- * order: the new head is a commit of this repository (unless written
- * here); cas; CREATE/DELETE preconditions; FORCE passes; the other kinds
- * need a fast-forward: creation, the same head, new_parent == old head, or
- * else a walk of parents from the new head pruned by generation (its cost
- * is the commits between the two heads). Protected-branch rules (SPEC
- * 4.2) belong here. The verdict is left in mv->verdict; the operation
- * goes on either way (mh_rw_move_refuse turns a verdict into SPEC's
- * answer). mv must live until the step after. */
+ * lock of the order), then, in a statement of its own (so it sees what
+ * the lock's previous holder committed), reads whether the new head is a
+ * commit of this repository, whether the branch is the default one and
+ * its protection rule; decides per kind, in this order:
+ *   - the new head is a commit of this repository (unless written here);
+ *   - DELETE of a missing branch: ABSENT;
+ *   - cas: STALE;
+ *   - CREATE of an existing branch: EXISTS; DELETE of the default: DEFAULT;
+ *   - the rule (SPEC 4.2): DELETE unless allow_delete; with
+ *     require_proposal any kind but MERGE that changes the head (creating
+ *     the branch included); FORCE unless allow_force_push or a
+ *     fast-forward: PROTECTED;
+ *   - the other kinds but FORCE, CREATE and DELETE need a fast-forward:
+ *     creation, the same head, new_parent == old head, or else a walk of
+ *     parents from the new head pruned by generation (its cost is the
+ *     commits between the two heads).
+ * Because the rule is read inside the move's transaction after the
+ * repository row and the branch row are held, and every rule change takes
+ * the repository row first (mh_rw_rule_rows), a rule set while a move is
+ * in flight either applies to it or was set after it committed. The
+ * verdict is left in mv->verdict; the operation goes on either way
+ * (mh_rw_move_refuse turns a verdict into SPEC's answer). mv must live
+ * until the step after. */
 void mh_rw_move_check(mh_step_t *s, mh_move_t *mv);
 
 /* mh_rw_move_check of a commit the server writes in this transaction
@@ -180,7 +216,7 @@ void mh_rw_commit_move(mh_step_t *s, mh_move_t *mv, const char *repo_id, const c
                        const char *new_head, const char *new_parent, const char *expected_old);
 
 /* Ends the operation with SPEC's refusal for a verdict (the detail names
- * the branch and heads). */
+ * the branch and heads, or the rule that refused). */
 void mh_rw_move_refuse(mh_step_t *s, const mh_move_t *mv);
 
 /* The statement that applies a judged move, for the operation's write
@@ -189,6 +225,44 @@ void mh_rw_move_refuse(mh_step_t *s, const mh_move_t *mv);
  * (the same head). Every branch move bumps it, which is what keeps the
  * per-process caches keyed by state_seq exact. */
 void mh_rw_move_rows(mh_db_batch_t *b, const mh_move_t *mv);
+
+/* ------------------------------------- protection, tags, settings */
+
+/* Statement builders for a transaction that holds the repository row
+ * (mh_rw_begin). Each is one statement; its result columns are listed. */
+
+/* Sets (inserts or replaces) the rule of branch `branch`, which must
+ * exist (its row is locked FOR UPDATE: the last lock of the order), and
+ * bumps state_seq; by = the caller's handle. Result: no row when the
+ * branch does not exist, else one: branch, allow_force_push,
+ * allow_delete, require_proposal ("t"/"f"), updated_by, updated_at
+ * (ISO-8601 UTC), state_seq. */
+void mh_rw_rule_rows(mh_db_batch_t *b, const char *repo_id, const char *branch, const mh_rule_t *r, const char *by);
+/* Deletes the rule of `branch` (the branch need not exist), bumping
+ * state_seq when there was one. Result: one row, the count deleted. */
+void mh_rw_rule_delete_rows(mh_db_batch_t *b, const char *repo_id, const char *branch);
+
+/* Creates tag `name` on commit_id (a commit of this repository) with
+ * message and tagger, bumping state_seq. Tags never move: an existing
+ * name is left alone. Result: one row: known ("t" when commit_id is this
+ * repository's), created_at (ISO-8601 UTC; NULL when nothing was
+ * inserted: unknown commit, or the tag exists). */
+void mh_rw_tag_rows(mh_db_batch_t *b, const char *repo_id, const char *name, const char *commit_id,
+                    const char *message, const char *tagger);
+/* Deletes tag `name` (only the ref: its commit stays), bumping state_seq
+ * when it existed. Result: one row, the count deleted. */
+void mh_rw_tag_delete_rows(mh_db_batch_t *b, const char *repo_id, const char *name);
+
+/* Repository settings (SPEC 4.1 PATCH): each of description, visibility
+ * and default_branch that is not NULL replaces the current value;
+ * default_branch must name an existing branch (read after the repository
+ * row lock, so a concurrent branch delete cannot slip between). Result:
+ * one row: ok ("f" when default_branch names no branch: nothing
+ * changed), then, when ok, the nine columns of a repository row in
+ * mh__repo_row's order (repo_id, owner, owner_id, name, slug, visibility,
+ * description, default_branch, created_at). */
+void mh_rw_settings_rows(mh_db_batch_t *b, const char *repo_id, const char *description, const char *visibility,
+                         const char *default_branch);
 
 /* ------------------------------------------------ server-side commits */
 

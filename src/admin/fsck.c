@@ -3,8 +3,9 @@
  * the database agree with itself and with the object store?
  *
  * What is checked (docs/operations.md, "Checking: fsck", lists the kinds):
- *  - ref rows: branch heads, commit_refs, snapshot_refs, object_refs and
- *    mpack_refs name rows that exist; a commit's parents and snapshot are
+ *  - ref rows: branch heads, tags, commit_refs, snapshot_refs, object_refs
+ *    and mpack_refs name rows that exist (heads and tags: commits of their
+ *    repository); a commit's parents and snapshot are
  *    in its repository; a snapshot's delta parent exists; every object a
  *    snapshot's delta names is referenced by the repository; every
  *    referenced object has an index row; no ref rows of deleted
@@ -58,6 +59,7 @@
 typedef enum {
     K_SCHEMA,
     K_BRANCH_HEAD,
+    K_TAG_COMMIT,
     K_COMMIT_REF,
     K_COMMIT_PARENT,
     K_COMMIT_SNAPSHOT,
@@ -84,6 +86,7 @@ static const struct {
 } kinds[NKINDS] = {
     [K_SCHEMA] = {"schema", "the database schema is not the one this binary expects", false},
     [K_BRANCH_HEAD] = {"branch-head", "a branch head is not a commit of its repository", false},
+    [K_TAG_COMMIT] = {"tag-commit", "a tag does not name a commit of its repository", false},
     [K_COMMIT_REF] = {"commit-ref", "a commit_refs row names a commit that does not exist", false},
     [K_COMMIT_PARENT] = {"commit-parent", "a commit's parent is not in its repository", false},
     [K_COMMIT_SNAPSHOT] = {"commit-snapshot", "a commit's snapshot is not in its repository", false},
@@ -262,6 +265,13 @@ static const struct {
      " FROM branches x LEFT JOIN repos r ON r.repo_id = x.repo_id"
      " WHERE ($1::text IS NULL OR x.repo_id = $1) AND NOT EXISTS (SELECT 1 FROM commit_refs cr"
      "  JOIN commits c ON c.commit_id = cr.commit_id WHERE cr.repo_id = x.repo_id AND cr.commit_id = x.head_commit_id)"},
+    {K_TAG_COMMIT,
+     "SELECT " REPO_NAME ", 'tag ' || x.name, x.commit_id ||"
+     " CASE WHEN NOT EXISTS (SELECT 1 FROM commits c WHERE c.commit_id = x.commit_id)"
+     " THEN ': no such commit' ELSE ': not a commit of the repository' END"
+     " FROM tags x LEFT JOIN repos r ON r.repo_id = x.repo_id"
+     " WHERE ($1::text IS NULL OR x.repo_id = $1) AND NOT EXISTS (SELECT 1 FROM commit_refs cr"
+     "  JOIN commits c ON c.commit_id = cr.commit_id WHERE cr.repo_id = x.repo_id AND cr.commit_id = x.commit_id)"},
     {K_COMMIT_REF,
      "SELECT " REPO_NAME ", 'commit ' || x.commit_id, 'no commits row'"
      " FROM commit_refs x LEFT JOIN repos r ON r.repo_id = x.repo_id"

@@ -4,7 +4,8 @@
  *
  *   repository lookups   (owner/slug or id, caller) -> row and role, 2 s,
  *                        dropped on NOTIFY musehub_repo (sql/0006)
- *   branch heads         (repository, state_seq) -> the refs answer
+ *   refs                 (repository, state_seq) -> the refs answer's
+ *                        branch heads and tags
  *   fetch answers        (repository, state_seq, request key) -> answer,
  *                        and the builds in flight that identical requests
  *                        wait for
@@ -236,7 +237,7 @@ void mh_hub_repo_cache_put(mh_hub_t *hub, uint64_t epoch, const char *key, size_
 struct refs_ent {
     char *repo_id;
     int64_t state_seq;
-    uint32_t n;
+    uint32_t nb, n; /* [0, nb) branches, [nb, n) tags */
     char **names, **heads; /* all in one heap block with the entry */
 };
 
@@ -245,18 +246,21 @@ static uint32_t refs_slot(const char *repo_id)
     return (uint32_t)mh_hash64(repo_id, strlen(repo_id)) & (REFS_SLOTS - 1);
 }
 
-bool mh__refs_cache_get(mh_hub_t *hub, const mh_repo_t *repo, uint32_t *n, char *const **names, char *const **heads)
+bool mh__refs_cache_get(mh_hub_t *hub, const mh_repo_t *repo, uint32_t *nb, uint32_t *n, char *const **names,
+                        char *const **heads)
 {
     mh_fetch_cache_t *fc = hub->fetch_cache;
     refs_ent_t *e = fc ? fc->refs[refs_slot(repo->repo_id)] : NULL;
     if (!e || e->state_seq != repo->state_seq || strcmp(e->repo_id, repo->repo_id) != 0) return false;
+    *nb = e->nb;
     *n = e->n;
     *names = e->names;
     *heads = e->heads;
     return true;
 }
 
-void mh__refs_cache_put(mh_hub_t *hub, const mh_repo_t *repo, uint32_t n, char *const *names, char *const *heads)
+void mh__refs_cache_put(mh_hub_t *hub, const mh_repo_t *repo, uint32_t nb, uint32_t n, char *const *names,
+                        char *const *heads)
 {
     mh_fetch_cache_t *fc = mh__caches(hub);
     if (!fc) return;
@@ -275,6 +279,7 @@ void mh__refs_cache_put(mh_hub_t *hub, const mh_repo_t *repo, uint32_t n, char *
         e->heads[i] = p;
         p = stpcpy(p, heads[i]) + 1;
     }
+    e->nb = nb;
     e->n = n;
     e->state_seq = repo->state_seq;
     uint32_t k = refs_slot(repo->repo_id);

@@ -194,7 +194,7 @@ static void parse_work(mh_step_t *s)
         return;
     }
     const mh_val_t *br = mh_val_get(&body, "branch");
-    if (!br || br->t != MH_V_STR || !mh_branch_valid(br->v.s.p, br->v.s.n)) {
+    if (!br || br->t != MH_V_STR || !mh_ref_name_valid(br->v.s.p, br->v.s.n)) {
         bad(s, "invalid_field", "'branch' must be a valid branch name");
         return;
     }

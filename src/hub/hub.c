@@ -27,6 +27,7 @@ const mh_route_t mh_hub_routes[] = {
     {"POST", "/api/repos", mh_h_repo_create, "repo_create", 0, false},
     {"GET", "/api/repos", mh_h_repo_list, "repo_list", 0, false},
     {"GET", "/api/repos/{repo_id}", mh_h_repo_get, "repo_get", 0, false},
+    {"PATCH", "/api/repos/{repo_id}", mh_h_repo_patch, "repo_patch", 0, false},
     {"DELETE", "/api/repos/{repo_id}", mh_h_repo_delete, "repo_delete", 0, false},
     {"POST", "/api/repos/{repo_id}/jobs", mh_h_jobs_create, "jobs_create", 0, false},
     {"GET", "/api/jobs/{job_id}", mh_h_job_get, "job_get", 0, false},
@@ -39,6 +40,24 @@ const mh_route_t mh_hub_routes[] = {
     {"GET", "/api/repos/{repo_id}/proposals/{proposal_id}", mh_h_proposal_get, "proposal_get", 0, false},
     {"POST", "/api/repos/{repo_id}/proposals/{proposal_id}/close", mh_h_proposal_close, "proposal_close", 0, false},
     {"POST", "/api/repos/{repo_id}/proposals/{proposal_id}/merge", mh_h_proposal_merge, "proposal_merge", 0, false},
+
+    /* Branches, protection rules and tags (SPEC 4.2; refs_api.c). A name
+     * may contain '/': {*name} takes the path up to a final literal
+     * "/protection"; a branch whose own name ends in "/protection" is
+     * named with %2F for that slash. The protection routes come first. */
+    {"GET", "/api/repos/{repo_id}/branches", mh_h_branch_list, "branch_list", 0, false},
+    {"POST", "/api/repos/{repo_id}/branches", mh_h_branch_create, "branch_create", 0, false},
+    {"GET", "/api/repos/{repo_id}/branches/{*name}/protection", mh_h_protection_get, "protection_get", 0, false},
+    {"PUT", "/api/repos/{repo_id}/branches/{*name}/protection", mh_h_protection_put, "protection_put", 0, false},
+    {"DELETE", "/api/repos/{repo_id}/branches/{*name}/protection", mh_h_protection_delete, "protection_delete", 0,
+     false},
+    {"GET", "/api/repos/{repo_id}/branches/{*name}", mh_h_branch_get, "branch_get", 0, false},
+    {"PATCH", "/api/repos/{repo_id}/branches/{*name}", mh_h_branch_move, "branch_move", 0, false},
+    {"DELETE", "/api/repos/{repo_id}/branches/{*name}", mh_h_branch_delete, "branch_delete", 0, false},
+    {"GET", "/api/repos/{repo_id}/tags", mh_h_tag_list, "tag_list", 0, false},
+    {"POST", "/api/repos/{repo_id}/tags", mh_h_tag_create, "tag_create", 0, false},
+    {"GET", "/api/repos/{repo_id}/tags/{*name}", mh_h_tag_get, "tag_get", 0, false},
+    {"DELETE", "/api/repos/{repo_id}/tags/{*name}", mh_h_tag_delete, "tag_delete", 0, false},
 
     /* Identities, keys and collaborators (SPEC 5, 4; identities.c). */
     {"POST", "/api/identities", mh_h_identity_create, "identity_create", 0, false},
@@ -115,7 +134,7 @@ bool mh__body_id(mh_req_t *req, const mh_val_t *body, const char *name, bool req
 bool mh__body_branch(mh_req_t *req, const mh_val_t *body, const char *name, char out[256])
 {
     const mh_val_t *v = mh_val_get(body, name);
-    if (!v || v->t != MH_V_STR || !mh_branch_valid(v->v.s.p, v->v.s.n)) {
+    if (!v || v->t != MH_V_STR || !mh_ref_name_valid(v->v.s.p, v->v.s.n)) {
         mh_res_error(req, 422, "invalid_field", "'%s' must be a valid branch name", name);
         return false;
     }

@@ -42,7 +42,7 @@ bool mh__body_map(mh_req_t *req, mh_val_t *body);
 /* An id field (sha256:<64 hex>) into out; absent is allowed unless
  * required (*present tells, when not NULL). */
 bool mh__body_id(mh_req_t *req, const mh_val_t *body, const char *name, bool required, mh_id_t *out, bool *present);
-/* A valid branch name (mh_branch_valid), NUL-terminated into out. */
+/* A valid branch name (mh_ref_name_valid), NUL-terminated into out. */
 bool mh__body_branch(mh_req_t *req, const mh_val_t *body, const char *name, char out[256]);
 /* An optional boolean (absent or nil: false). */
 bool mh__body_bool(mh_req_t *req, const mh_val_t *body, const char *name, bool *out);
@@ -172,11 +172,14 @@ mh__manifest_lru_t **mh__caches_manifests(mh_hub_t *hub, bool create);
 void mh__graph_cache_free(mh__graph_cache_t *gc);
 void mh__manifest_lru_free(mh__manifest_lru_t *l);
 
-/* Branch heads of (repo->repo_id, repo->state_seq): on a hit the arrays
- * (n names and heads, NUL-terminated) stay valid until the next put. */
-bool mh__refs_cache_get(mh_hub_t *hub, const mh_repo_t *repo, uint32_t *n, char *const **names, char *const **heads);
+/* The refs of (repo->repo_id, repo->state_seq): n names and the commit
+ * each names (NUL-terminated), the first nb branches, the others tags. On
+ * a hit the arrays stay valid until the next put. */
+bool mh__refs_cache_get(mh_hub_t *hub, const mh_repo_t *repo, uint32_t *nb, uint32_t *n, char *const **names,
+                        char *const **heads);
 /* Remembers them (copied; best effort). */
-void mh__refs_cache_put(mh_hub_t *hub, const mh_repo_t *repo, uint32_t n, char *const *names, char *const *heads);
+void mh__refs_cache_put(mh_hub_t *hub, const mh_repo_t *repo, uint32_t nb, uint32_t n, char *const *names,
+                        char *const *heads);
 
 /* A fetch answer: the pack ("" when nothing is to be sent) and counts. */
 typedef struct {

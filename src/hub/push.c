@@ -18,16 +18,18 @@
  *   REBUILD thread pool: manifests, ids, ghost guard, parents, COPY rows
  *   MARK    the grant's upload is verified (before it leaves its key)
  *   the transaction (refwrite's lock order): ACQUIRE, BEGIN (repository
- *           row, pack lock, temporary tables), PLACE (the pack to
- *           mpacks/<hex>, under its lock), COPY x3, INSERT (rows, refs,
- *           the pack's index, the grant consumed), CHECK (the branch row
- *           locked and the move judged), WRITE (the move, state_seq),
+ *           row, pack lock, temporary tables), COPY x3, INSERT (rows,
+ *           refs, the pack's index), CHECK (the branch row locked and the
+ *           move judged: compare-and-swap, fast-forward, protection),
+ *           PLACE (only an accepted move: the pack to mpacks/<hex>, under
+ *           its lock), WRITE (the move, state_seq, the grant consumed),
  *           COMMIT -> DONE
  *
  * Invariants: nothing is written to PostgreSQL before every check passed,
  * and then everything is written in one transaction; the staged pack is
- * never exposed under mpacks/ before its hash was checked; a grant is
- * only consumed by the transaction that moves the branch.
+ * never exposed under mpacks/ before its hash was checked, nor by a push
+ * whose move is refused (stale, not a fast-forward, protected); a grant
+ * is only consumed by the transaction that moves the branch.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -161,12 +163,12 @@ enum {
     U_MARK,
     U_ACQUIRE,
     U_BEGIN,
-    U_PLACE,
     U_COPY_COMMITS,
     U_COPY_SNAPSHOTS,
     U_COPY_OBJECTS,
     U_INSERT,
     U_CHECK,
+    U_PLACE,
     U_WRITE,
     U_COMMIT,
     U_DONE,
@@ -328,17 +330,16 @@ static void step_begin(mh_step_t *s)
     mh_rw_begin(s, u->op.repo->repo_id, u->key.s, u->rerun ? 0 : MH_RW_COMMITS | MH_RW_SNAPSHOTS | MH_RW_OBJECTS);
 }
 
-static void step_place(mh_step_t *s)
+static void step_copy_commits(mh_step_t *s)
 {
     unpack_t *u = U(s);
-    if (u->rerun) {
+    if (u->rerun) { /* nothing to copy or insert: straight to the move */
         mh_step_goto(s, U_CHECK);
         return;
     }
-    mh_rw_upload_place(s, &u->up);
+    mh_rw_copy(s, MH_RW_COMMITS, &u->x.commit_rows);
 }
 
-static void step_copy_commits(mh_step_t *s) { mh_rw_copy(s, MH_RW_COMMITS, &U(s)->x.commit_rows); }
 static void step_copy_snapshots(mh_step_t *s) { mh_rw_copy(s, MH_RW_SNAPSHOTS, &U(s)->x.snapshot_rows); }
 static void step_copy_objects(mh_step_t *s) { mh_rw_copy(s, MH_RW_OBJECTS, &U(s)->x.object_rows); }
 
@@ -374,13 +375,22 @@ static void step_check(mh_step_t *s)
     mh_rw_move_check(s, &u->mv);
 }
 
-static void step_write(mh_step_t *s)
+/* Only an accepted move places the pack: a refused push leaves nothing
+ * under mpacks/ (the transaction rolls back, the staged upload stays for
+ * a retry under its grant). */
+static void step_place(mh_step_t *s)
 {
     unpack_t *u = U(s);
     if (u->mv.verdict) {
         mh_rw_move_refuse(s, &u->mv);
         return;
     }
+    if (!u->rerun) mh_rw_upload_place(s, &u->up);
+}
+
+static void step_write(mh_step_t *s)
+{
+    unpack_t *u = U(s);
     mh_db_batch_t b = {0};
     mh_rw_move_rows(&b, &u->mv);
     mh_rw_upload_consume(&b, &u->up);
@@ -419,12 +429,12 @@ static const mh_step_def_t unpack_steps[] = {
     [U_MARK] = {"mark", step_mark},
     [U_ACQUIRE] = {"acquire", mh_step_acquire},
     [U_BEGIN] = {"begin", step_begin},
-    [U_PLACE] = {"place", step_place},
     [U_COPY_COMMITS] = {"copy_commits", step_copy_commits},
     [U_COPY_SNAPSHOTS] = {"copy_snapshots", step_copy_snapshots},
     [U_COPY_OBJECTS] = {"copy_objects", step_copy_objects},
     [U_INSERT] = {"insert", step_insert},
     [U_CHECK] = {"check", step_check},
+    [U_PLACE] = {"place", step_place},
     [U_WRITE] = {"write", step_write},
     [U_COMMIT] = {"commit", mh_step_commit},
     [U_DONE] = {"done", step_done},
@@ -473,17 +483,4 @@ void mh_h_push_unpack(mh_req_t *req)
         return;
     u->x = (mh__unpack_t){.key = u->key.s, .head = u->head.s, .a = &u->op.work};
     mh_hub_load_repo(req, MH_PERM_WRITE, mh__op_repo_cb);
-}
-
-/* A branch name: 1..255 bytes of printable ASCII other than space and
- * ~^:?*[\, no "..", no leading or trailing '/' or '.', no "//". */
-bool mh_branch_valid(const char *p, size_t n)
-{
-    if (n == 0 || n > 255 || p[0] == '/' || p[n - 1] == '/' || p[0] == '.' || p[n - 1] == '.') return false;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)p[i];
-        if (c <= ' ' || c >= 127 || strchr("~^:?*[\\", c)) return false;
-        if (i + 1 < n && ((c == '.' && p[i + 1] == '.') || (c == '/' && p[i + 1] == '/'))) return false;
-    }
-    return true;
 }

@@ -140,6 +140,8 @@ typedef struct {
     mh_repo_t *repo;
     const char *branch;
     bool branch_given;
+    bool tag_read;        /* no branch of that name: the tag was looked up */
+    const char *tag_head; /* its commit (NULL: no tag either) */
     uint32_t limit;
     const char *cursor;
     mh_graph_t *g;
@@ -184,6 +186,21 @@ static void send_empty_log(mh_req_t *req)
 }
 
 static void log_graph_cb(void *ud, mh_graph_t *g, int err, const char *errmsg);
+static void log_run(log_t *l);
+
+static const mh_stmt_t st_tag = {"hub_read_tag", "SELECT commit_id FROM tags WHERE repo_id = $1 AND name = $2", 2};
+
+static void log_tag_cb(void *ud, PGresult *res, int err, const char *errmsg)
+{
+    log_t *l = ud;
+    if (!mh__db_ok(l->req, err, errmsg)) return;
+    l->tag_read = true;
+    if (PQntuples(res) == 1 && !(l->tag_head = mh_strdup(&l->req->arena, mh_pq_str(res, 0, 0)))) {
+        mh_res_fail(l->req, MH_ENOMEM, "commits");
+        return;
+    }
+    log_run(l);
+}
 
 static void log_run(log_t *l)
 {
@@ -191,12 +208,22 @@ static void log_run(log_t *l)
     mh_hub_t *hub = req->app;
     mh_arena_t *a = &req->arena;
     mh_graph_t *g = l->g;
+    /* The branch, else the tag of that name (SPEC 4.5). */
     const mh_gbranch_t *b = mh__graph_branch(g, l->branch, strlen(l->branch));
-    if (!b) {
-        if (l->branch_given) mh_res_error(req, 404, "not_found", "no such branch");
-        else send_empty_log(req); /* a repository without commits yet */
+    uint32_t head = b ? b->node : MH_GNONE;
+    if (!b && !l->branch_given) {
+        send_empty_log(req); /* a repository without commits yet */
         return;
     }
+    if (!b && !l->tag_read) {
+        mh_db_exec(hub->db, &st_tag, (const char *[]){l->repo->repo_id, l->branch}, NULL, NULL, log_tag_cb, l);
+        return;
+    }
+    if (!b && !l->tag_head) {
+        mh_res_error(req, 404, "not_found", "no such branch or tag");
+        return;
+    }
+    if (!b) head = mh__graph_find(g, l->tag_head);
     uint32_t cursor = MH_GNONE;
     if (l->cursor) {
         cursor = mh__graph_find(g, l->cursor);
@@ -205,7 +232,7 @@ static void log_run(log_t *l)
             return;
         }
     }
-    if (b->node == MH_GNONE) {
+    if (head == MH_GNONE) {
         /* The head's ref row was added after this graph was read (the
          * state counter did not move): read the graph again once (the
          * load reads the ref rows added since the cached graph). */
@@ -222,7 +249,7 @@ static void log_run(log_t *l)
         mh_res_fail(req, MH_ENOMEM, "commits");
         return;
     }
-    int rc = mh__graph_log(g, b->node, cursor, l->limit, l->page, &l->npage, &l->more);
+    int rc = mh__graph_log(g, head, cursor, l->limit, l->page, &l->npage, &l->more);
     if (rc == MH_ENOENT) {
         mh_res_error(req, 422, "invalid_cursor", "cursor is not a commit of this branch");
         return;
@@ -393,11 +420,13 @@ static const mh_stmt_t st_tree_commit = {
     " LEFT JOIN snapshots s ON s.snapshot_id = c.snapshot_id WHERE r.repo_id = $1 AND r.commit_id = $2",
     2};
 
+/* A name: the branch, else the tag of that name (SPEC 4.5). */
 static const mh_stmt_t st_tree_branch = {
-    "hub_read_tree_branch2",
-    "SELECT c.commit_id, c.snapshot_id, s.entry_count FROM branches b JOIN commit_refs r ON r.repo_id = b.repo_id"
-    " AND r.commit_id = b.head_commit_id JOIN commits c ON c.commit_id = b.head_commit_id"
-    " LEFT JOIN snapshots s ON s.snapshot_id = c.snapshot_id WHERE b.repo_id = $1 AND b.name = $2",
+    "hub_read_tree_ref",
+    "SELECT c.commit_id, c.snapshot_id, s.entry_count FROM (SELECT head_commit_id AS id, 0 AS k FROM branches"
+    " WHERE repo_id = $1 AND name = $2 UNION ALL SELECT commit_id, 1 FROM tags WHERE repo_id = $1 AND name = $2"
+    " ORDER BY k LIMIT 1) x JOIN commit_refs r ON r.repo_id = $1 AND r.commit_id = x.id"
+    " JOIN commits c ON c.commit_id = x.id LEFT JOIN snapshots s ON s.snapshot_id = c.snapshot_id",
     2};
 
 static const mh_stmt_t st_sizes = {"hub_read_sizes",
@@ -700,13 +729,13 @@ static void tree_ref_cb(void *ud, PGresult *res, int err, const char *errmsg)
     if (PQntuples(res) != 1) {
         if (!t->tried_branch) {
             /* An id-shaped ref that is no commit here may still be a
-             * branch name. */
+             * branch or tag name. */
             t->tried_branch = true;
             const char *vals[2] = {t->repo->repo_id, t->ref};
             mh_db_exec(hub->db, &st_tree_branch, vals, NULL, NULL, tree_ref_cb, t);
             return;
         }
-        mh_res_error(req, 404, "not_found", "no such commit or branch in this repository");
+        mh_res_error(req, 404, "not_found", "no such commit, branch or tag in this repository");
         return;
     }
     t->commit_id = mh_strdup(a, mh_pq_str(res, 0, 0));
@@ -750,7 +779,7 @@ void mh_h_tree(mh_req_t *req)
     mh_arena_t *a = &req->arena;
     mh_str_t ref = mh_req_param(req, "ref");
     if (!ref.p || ref.n == 0 || ref.n > 1024 || memchr(ref.p, 0, ref.n)) {
-        mh_res_error(req, 422, "invalid_ref", "ref must be a commit id or a branch name");
+        mh_res_error(req, 422, "invalid_ref", "ref must be a commit id, a branch or a tag name");
         return;
     }
     tree_t *t = mh_calloc(a, sizeof *t);

@@ -239,35 +239,74 @@ void mh_rw_repo_delete_rows(mh_db_batch_t *b, const char *repo_id)
     for (size_t i = 0; i < sizeof sql / sizeof *sql; i++) mh_db_batch_add(b, sql[i], 1, repo_id);
 }
 
+/* ============================================================ ref names */
+
+bool mh_ref_name_valid(const char *p, size_t n)
+{
+    if (n == 0 || n > 255 || p[0] == '/' || p[n - 1] == '/' || p[0] == '.' || p[n - 1] == '.') return false;
+    size_t seg = 0; /* where the current '/'-separated segment starts */
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)p[i], next = i + 1 < n ? (unsigned char)p[i + 1] : 0;
+        if (c <= ' ' || c >= 127 || strchr("~^:?*[\\", c)) return false;
+        if ((c == '.' && next == '.') || (c == '/' && next == '/') || (c == '@' && next == '{')) return false;
+        if (i == seg && c == '.') return false; /* a hidden segment */
+        if (c == '/' || i + 1 == n) {
+            size_t end = c == '/' ? i : n; /* the segment is [seg, end) */
+            if (end - seg >= 5 && memcmp(p + end - 5, ".lock", 5) == 0) return false;
+            seg = i + 1;
+        }
+    }
+    return true;
+}
+
 /* ========================================================= branch moves */
 
 static int ancestry_done(mh_step_t *s, PGresult *res);
+
+/* The rule's verdict on a move that changes the head, before any
+ * fast-forward walk: PROTECTED, OK, or (FORCE under a rule without
+ * allow_force_push) NOT_FF meaning "only a fast-forward may pass". */
+static mh_move_verdict_t rule_verdict(const mh_move_t *mv)
+{
+    if (!mv->has_rule) return MH_MOVE_OK;
+    if (mv->kind == MH_MOVE_DELETE) return mv->rule.allow_delete ? MH_MOVE_OK : MH_MOVE_PROTECTED;
+    if (mv->rule.require_proposal && mv->kind != MH_MOVE_MERGE) return MH_MOVE_PROTECTED;
+    if (mv->kind == MH_MOVE_FORCE && !mv->rule.allow_force_push && mv->exists) return MH_MOVE_NOT_FF;
+    return MH_MOVE_OK;
+}
 
 /* Judges mv once the branch row is locked; MH_STEP_WAIT when a walk of
  * the history must decide. */
 static int judge(mh_step_t *s, mh_move_t *mv, bool head_known)
 {
     if (mv->new_head && !mv->head_written_here && !head_known) return mv->verdict = MH_MOVE_UNKNOWN_HEAD, 0;
+    if (mv->kind == MH_MOVE_DELETE && !mv->exists) return mv->verdict = MH_MOVE_ABSENT, 0;
     if (mv->cas && (mv->expected_old ? !mv->exists || strcmp(mv->old_head, mv->expected_old) != 0 : mv->exists))
         return mv->verdict = MH_MOVE_STALE, 0;
+    if (mv->kind == MH_MOVE_CREATE && mv->exists) return mv->verdict = MH_MOVE_EXISTS, 0;
+    if (mv->kind == MH_MOVE_DELETE && mv->is_default) return mv->verdict = MH_MOVE_DEFAULT, 0;
+    /* The same head is no move: nothing for a rule to refuse. */
+    bool same = mv->exists && mv->new_head && !strcmp(mv->old_head, mv->new_head);
+    mh_move_verdict_t rv = same ? MH_MOVE_OK : rule_verdict(mv);
+    if (rv == MH_MOVE_PROTECTED) return mv->verdict = rv, 0;
     switch (mv->kind) {
     case MH_MOVE_CREATE:
-        mv->verdict = mv->exists ? MH_MOVE_EXISTS : MH_MOVE_OK;
-        return 0;
     case MH_MOVE_DELETE:
-        mv->verdict = mv->exists ? MH_MOVE_OK : MH_MOVE_ABSENT;
-        return 0;
-    case MH_MOVE_FORCE:
         mv->verdict = MH_MOVE_OK;
         return 0;
+    case MH_MOVE_FORCE:
+        if (rv == MH_MOVE_OK) { /* no rule asks for a fast-forward */
+            mv->verdict = MH_MOVE_OK;
+            return 0;
+        }
+        break;
     case MH_MOVE_FAST_FORWARD:
     case MH_MOVE_COMMIT:
     case MH_MOVE_MERGE:
         break;
     }
     /* A fast-forward: creation, no move, or a commit built on the head. */
-    if (!mv->exists || !strcmp(mv->old_head, mv->new_head) ||
-        (mv->new_parent && !strcmp(mv->old_head, mv->new_parent))) {
+    if (!mv->exists || same || (mv->new_parent && !strcmp(mv->old_head, mv->new_parent))) {
         mv->verdict = MH_MOVE_OK;
         return 0;
     }
@@ -294,35 +333,53 @@ static int ancestry_done(mh_step_t *s, PGresult *res)
 {
     mh_move_t *mv = s->arg;
     if (!mv) return MH_EINVAL;
-    mv->verdict = mh_pq_str(res, 0, 0)[0] == 't' ? MH_MOVE_OK : MH_MOVE_NOT_FF;
+    /* A force move walks only when its rule allows fast-forwards alone. */
+    bool ff = mh_pq_str(res, 0, 0)[0] == 't';
+    mv->verdict = ff ? MH_MOVE_OK : mv->kind == MH_MOVE_FORCE ? MH_MOVE_PROTECTED : MH_MOVE_NOT_FF;
     return 0;
 }
 
-static int branch_locked(mh_step_t *s, PGresult *res)
+static bool pq_true(PGresult *res, int row, int col)
+{
+    return !mh_pq_isnull(res, row, col) && mh_pq_str(res, row, col)[0] == 't';
+}
+
+static int branch_locked(mh_step_t *s, PGresult **res, int n)
 {
     mh_move_t *mv = s->arg;
-    if (!mv || PQntuples(res) != 1) return MH_EDB;
-    /* Row: (current head or NULL, new head a commit of this repository?) */
-    mv->exists = !mh_pq_isnull(res, 0, 0);
-    snprintf(mv->old_head, sizeof mv->old_head, "%s", mv->exists ? mh_pq_str(res, 0, 0) : "");
-    return judge(s, mv, mh_pq_str(res, 0, 1)[0] == 't');
+    if (!mv || n != 2 || PQntuples(res[0]) != 1 || PQntuples(res[1]) != 1) return MH_EDB;
+    /* res[0]: the current head or NULL (locked); res[1]: the new head a
+     * commit of this repository?, the default branch?, the rule (NULLs
+     * when none). */
+    mv->exists = !mh_pq_isnull(res[0], 0, 0);
+    snprintf(mv->old_head, sizeof mv->old_head, "%s", mv->exists ? mh_pq_str(res[0], 0, 0) : "");
+    mv->is_default = pq_true(res[1], 0, 1);
+    mv->has_rule = !mh_pq_isnull(res[1], 0, 2);
+    mv->rule = (mh_rule_t){pq_true(res[1], 0, 2), pq_true(res[1], 0, 3), pq_true(res[1], 0, 4)};
+    return judge(s, mv, pq_true(res[1], 0, 0));
 }
 
 void mh_rw_move_check(mh_step_t *s, mh_move_t *mv)
 {
     s->arg = mv;
     mv->verdict = MH_MOVE_OK;
+    const char *head = mv->new_head ? mv->new_head : "";
+    mh_db_batch_t b = {0};
     /* FOR UPDATE waits for a concurrent holder and returns the row's
      * newest version, not this statement's snapshot: the judgement sees
      * the winner's head. */
-    mh_db_pq_t q = {NULL,
-                    "SELECT (SELECT head_commit_id FROM branches WHERE repo_id = $1 AND name = $2 FOR UPDATE),"
-                    " EXISTS (SELECT 1 FROM commit_refs WHERE repo_id = $1 AND commit_id = $3)",
-                    3,
-                    (const char *const[]){mv->repo_id, mv->branch, mv->new_head ? mv->new_head : ""},
-                    NULL,
-                    NULL};
-    mh_step_query(s, &q, branch_locked);
+    mh_db_batch_add(&b, "SELECT (SELECT head_commit_id FROM branches WHERE repo_id = $1 AND name = $2 FOR UPDATE)", 2,
+                    mv->repo_id, mv->branch);
+    /* A statement of its own, after the lock: its snapshot holds whatever
+     * the previous holder of the repository row committed, rules
+     * included. */
+    mh_db_batch_add(&b,
+                    "SELECT EXISTS (SELECT 1 FROM commit_refs WHERE repo_id = $1 AND commit_id = $3),"
+                    " r.default_branch = $2, p.allow_force_push, p.allow_delete, p.require_proposal"
+                    " FROM repos r LEFT JOIN branch_protection p ON p.repo_id = r.repo_id AND p.branch = $2"
+                    " WHERE r.repo_id = $1",
+                    3, mv->repo_id, mv->branch, head);
+    mh_step_batch(s, &b, branch_locked);
 }
 
 void mh_rw_commit_move(mh_step_t *s, mh_move_t *mv, const char *repo_id, const char *branch, mh_move_kind_t kind,
@@ -331,6 +388,14 @@ void mh_rw_commit_move(mh_step_t *s, mh_move_t *mv, const char *repo_id, const c
     /* The "in" members in their order: cas, and the head is written here. */
     *mv = (mh_move_t){repo_id, branch, kind, new_head, new_parent, true, expected_old, true};
     mh_rw_move_check(s, mv);
+}
+
+/* Which part of the rule refused a move. */
+static const char *rule_refusal(const mh_move_t *mv)
+{
+    if (mv->kind == MH_MOVE_DELETE) return "deleting it is not allowed (allow_delete is false)";
+    if (mv->rule.require_proposal) return "only a proposal merge may move it (require_proposal)";
+    return "a move that is not a fast-forward is not allowed (allow_force_push is false)";
 }
 
 void mh_rw_move_refuse(mh_step_t *s, const mh_move_t *mv)
@@ -349,13 +414,21 @@ void mh_rw_move_refuse(mh_step_t *s, const mh_move_t *mv)
                        mv->branch, old, mv->new_head);
         return;
     case MH_MOVE_UNKNOWN_HEAD:
-        mh_step_refuse(s, 422, "unknown_head", "head %s is neither in the pack nor in this repository", mv->new_head);
+        if (mv->api) mh_step_refuse(s, 404, "not_found", "commit %s is not in this repository", mv->new_head);
+        else mh_step_refuse(s, 422, "unknown_head", "head %s is neither in the pack nor in this repository", mv->new_head);
         return;
     case MH_MOVE_EXISTS:
         mh_step_refuse(s, 409, "exists", "branch '%s' exists", mv->branch);
         return;
     case MH_MOVE_ABSENT:
         mh_step_refuse(s, 404, "not_found", "no branch '%s'", mv->branch);
+        return;
+    case MH_MOVE_DEFAULT:
+        mh_step_refuse(s, 409, "default_branch",
+                       "'%s' is the repository's default branch; make another branch the default first", mv->branch);
+        return;
+    case MH_MOVE_PROTECTED:
+        mh_step_refuse(s, 403, "protected_branch", "branch '%s' is protected: %s", mv->branch, rule_refusal(mv));
         return;
     }
 }
@@ -380,6 +453,80 @@ void mh_rw_move_rows(mh_db_batch_t *b, const mh_move_t *mv)
                         " RETURNING 1)" BUMP,
                         3, mv->repo_id, mv->branch, mv->new_head);
 #undef BUMP
+}
+
+/* ========================================= protection, tags, settings */
+
+#define ISO_UTC(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"')"
+
+void mh_rw_rule_rows(mh_db_batch_t *b, const char *repo_id, const char *branch, const mh_rule_t *r, const char *by)
+{
+    /* The branch row is the last lock of the order; the rule records the
+     * state_seq its change makes (the bump below, same snapshot). */
+    mh_db_batch_add(b,
+                    "WITH br AS (SELECT 1 FROM branches WHERE repo_id = $1 AND name = $2 FOR UPDATE),"
+                    " p AS (INSERT INTO branch_protection (repo_id, branch, allow_force_push, allow_delete,"
+                    "  require_proposal, updated_by, state_seq)"
+                    "  SELECT $1, $2, $3::boolean, $4::boolean, $5::boolean, $6,"
+                    "   (SELECT state_seq + 1 FROM repos WHERE repo_id = $1) FROM br"
+                    "  ON CONFLICT (repo_id, branch) DO UPDATE SET allow_force_push = EXCLUDED.allow_force_push,"
+                    "   allow_delete = EXCLUDED.allow_delete, require_proposal = EXCLUDED.require_proposal,"
+                    "   updated_by = EXCLUDED.updated_by, updated_at = now(), state_seq = EXCLUDED.state_seq"
+                    "  RETURNING *),"
+                    " s AS (UPDATE repos SET state_seq = state_seq + 1, updated_at = now()"
+                    "  WHERE repo_id = $1 AND EXISTS (SELECT 1 FROM p))"
+                    " SELECT branch, allow_force_push, allow_delete, require_proposal, updated_by, " ISO_UTC(
+                        "updated_at") ", state_seq FROM p",
+                    6, repo_id, branch, r->allow_force_push ? "true" : "false", r->allow_delete ? "true" : "false",
+                    r->require_proposal ? "true" : "false", by);
+}
+
+/* DELETE ... RETURNING 1 as `d`, the state_seq bump when it deleted
+ * anything, and the count. */
+#define DELETE_BUMP(table, keycol)                                                                                     \
+    "WITH d AS (DELETE FROM " table " WHERE repo_id = $1 AND " keycol " = $2 RETURNING 1),"                           \
+    " s AS (UPDATE repos SET state_seq = state_seq + 1, updated_at = now()"                                            \
+    "  WHERE repo_id = $1 AND EXISTS (SELECT 1 FROM d))"                                                               \
+    " SELECT count(*) FROM d"
+
+void mh_rw_rule_delete_rows(mh_db_batch_t *b, const char *repo_id, const char *branch)
+{
+    mh_db_batch_add(b, DELETE_BUMP("branch_protection", "branch"), 2, repo_id, branch);
+}
+
+void mh_rw_tag_rows(mh_db_batch_t *b, const char *repo_id, const char *name, const char *commit_id,
+                    const char *message, const char *tagger)
+{
+    /* Tags never move: an existing name is left as it is (ON CONFLICT DO
+     * NOTHING inserts nothing, and the caller answers 409). */
+    mh_db_batch_add(b,
+                    "WITH c AS (SELECT EXISTS (SELECT 1 FROM commit_refs WHERE repo_id = $1 AND commit_id = $3) AS known),"
+                    " t AS (INSERT INTO tags (repo_id, name, commit_id, message, tagger)"
+                    "  SELECT $1, $2, $3, $4, $5 FROM c WHERE c.known ON CONFLICT DO NOTHING RETURNING created_at),"
+                    " s AS (UPDATE repos SET state_seq = state_seq + 1, updated_at = now()"
+                    "  WHERE repo_id = $1 AND EXISTS (SELECT 1 FROM t))"
+                    " SELECT (SELECT known FROM c), (SELECT " ISO_UTC("created_at") " FROM t)",
+                    5, repo_id, name, commit_id, message, tagger);
+}
+
+void mh_rw_tag_delete_rows(mh_db_batch_t *b, const char *repo_id, const char *name)
+{
+    mh_db_batch_add(b, DELETE_BUMP("tags", "name"), 2, repo_id, name);
+}
+
+void mh_rw_settings_rows(mh_db_batch_t *b, const char *repo_id, const char *description, const char *visibility,
+                         const char *default_branch)
+{
+    mh_db_batch_add(b,
+                    "WITH k AS (SELECT $4::text IS NULL OR EXISTS (SELECT 1 FROM branches WHERE repo_id = $1"
+                    "  AND name = $4) AS ok),"
+                    " u AS (UPDATE repos SET description = coalesce($2, description),"
+                    "  visibility = coalesce($3, visibility), default_branch = coalesce($4, default_branch),"
+                    "  updated_at = now() WHERE repo_id = $1 AND (SELECT ok FROM k)"
+                    "  RETURNING repo_id, owner, owner_id, name, slug, visibility, description, default_branch, "
+                    ISO_UTC("created_at") " AS created)"
+                    " SELECT k.ok, u.* FROM k LEFT JOIN u ON true",
+                    4, repo_id, description, visibility, default_branch);
 }
 
 /* ================================================== server-side commits */

@@ -179,8 +179,8 @@ void mh_h_repo_get(mh_req_t *req) { mh_hub_load_repo(req, MH_PERM_READ, repo_get
 
 /* Deleting a repository is a ref writer like any other: refwrite's lock
  * order and statements (the ref tables explicitly, sql/0007; branches,
- * grants and cached fetch answers by ON DELETE CASCADE; global rows and
- * packs are left to GC, SPEC 4.1). */
+ * tags, protection rules, grants and cached fetch answers by ON DELETE
+ * CASCADE; global rows and packs are left to GC, SPEC 4.1). */
 typedef struct {
     mh__op_t op;
 } delete_t;
@@ -253,28 +253,35 @@ void mh_h_repo_list(mh_req_t *req)
 
 /* ------------------------------------------------------------------ refs */
 
-static const mh_stmt_t st_branches = {"branches_of_repo",
-                                      "SELECT name, head_commit_id FROM branches WHERE repo_id = $1 ORDER BY name", 1};
+/* Branches first, then tags, each by name: one snapshot of both. */
+static const mh_stmt_t st_refs = {"refs_of_repo",
+                                  "SELECT 0 AS k, name, head_commit_id FROM branches WHERE repo_id = $1"
+                                  " UNION ALL SELECT 1, name, commit_id FROM tags WHERE repo_id = $1 ORDER BY 1, 2",
+                                  1};
 
-/* Clients read refs before every push and fetch, so the branch heads are
- * cached per process by (repository, state_seq) (caches.c): every branch
- * move bumps repos.state_seq in the same transaction (push, server-side
- * commits, merges), so an entry can never be served for a state it was
- * not read in, and no invalidation is needed. state_seq itself comes
- * from the repository lookup (NOTIFY-invalidated). */
+/* Clients read refs before every push and fetch, so the refs are cached
+ * per process by (repository, state_seq) (caches.c): every ref change
+ * bumps repos.state_seq in the same transaction (branch moves by push,
+ * server-side commits, merges and the branch API; tag creation and
+ * deletion), so an entry can never be served for a state it was not read
+ * in, and no invalidation is needed. state_seq itself comes from the
+ * repository lookup (NOTIFY-invalidated). */
 
-/* Answers from borrowed name/head arrays (the cache entry or the rows). */
-static void refs_send(mh_req_t *req, const mh_repo_t *repo, uint32_t n, char *const *names, char *const *heads)
+/* Answers from borrowed name/commit arrays (the cache entry or the rows):
+ * the first nb are branches, the rest tags. */
+static void refs_send(mh_req_t *req, const mh_repo_t *repo, uint32_t nb, uint32_t n, char *const *names,
+                      char *const *heads)
 {
     mh_vb_t *b = mh_res_build(req);
-    mh_val_t *out = mh_vb_map(b), *map = mh_vb_map(b);
+    mh_val_t *out = mh_vb_map(b), *branches = mh_vb_map(b), *tags = mh_vb_map(b);
     for (uint32_t i = 0; i < n; i++) {
         char *k = mh_strdup(&req->arena, names[i]);
-        mh_vb_put(b, map, k, k ? mh_vb_str(b, heads[i]) : mh_vb_node(b, NULL));
+        mh_vb_put(b, i < nb ? branches : tags, k, k ? mh_vb_str(b, heads[i]) : mh_vb_node(b, NULL));
     }
     mh_vb_put(b, out, "repo_id", mh_v_str(repo->repo_id));
     mh_vb_put(b, out, "default_branch", mh_v_str(repo->default_branch));
-    mh_vb_put(b, out, "branch_heads", mh_vb_node(b, map));
+    mh_vb_put(b, out, "branch_heads", mh_vb_node(b, branches));
+    mh_vb_put(b, out, "tags", mh_vb_node(b, tags));
     mh_res_val(req, 200, out);
 }
 
@@ -288,7 +295,7 @@ static void refs_rows_cb(void *ud, PGresult *res, int err, const char *errmsg)
     refs_t *r = ud;
     mh_req_t *req = r->req;
     if (!mh__db_ok(req, err, errmsg)) return;
-    uint32_t n = (uint32_t)PQntuples(res);
+    uint32_t n = (uint32_t)PQntuples(res), nb = 0;
     char **names = mh_alloc(&req->arena, (n + 1) * sizeof(char *));
     char **heads = mh_alloc(&req->arena, (n + 1) * sizeof(char *));
     if (!names || !heads) {
@@ -296,20 +303,21 @@ static void refs_rows_cb(void *ud, PGresult *res, int err, const char *errmsg)
         return;
     }
     for (uint32_t i = 0; i < n; i++) {
-        names[i] = (char *)mh_pq_str(res, (int)i, 0);
-        heads[i] = (char *)mh_pq_str(res, (int)i, 1);
+        nb += mh_pq_str(res, (int)i, 0)[0] == '0';
+        names[i] = (char *)mh_pq_str(res, (int)i, 1);
+        heads[i] = (char *)mh_pq_str(res, (int)i, 2);
     }
-    mh__refs_cache_put(req->app, r->repo, n, names, heads);
-    refs_send(req, r->repo, n, names, heads);
+    mh__refs_cache_put(req->app, r->repo, nb, n, names, heads);
+    refs_send(req, r->repo, nb, n, names, heads);
 }
 
 static void refs_repo_cb(mh_req_t *req, mh_repo_t *repo)
 {
     mh_hub_t *hub = req->app;
-    uint32_t n;
+    uint32_t nb, n;
     char *const *names, *const *heads;
-    if (mh__refs_cache_get(hub, repo, &n, &names, &heads)) {
-        refs_send(req, repo, n, names, heads);
+    if (mh__refs_cache_get(hub, repo, &nb, &n, &names, &heads)) {
+        refs_send(req, repo, nb, n, names, heads);
         return;
     }
     refs_t *r = mh__req_alloc(req, sizeof *r);
@@ -317,7 +325,7 @@ static void refs_repo_cb(mh_req_t *req, mh_repo_t *repo)
     r->req = req;
     r->repo = repo;
     const char *vals[1] = {repo->repo_id};
-    mh_db_exec(hub->db, &st_branches, vals, NULL, NULL, refs_rows_cb, r);
+    mh_db_exec(hub->db, &st_refs, vals, NULL, NULL, refs_rows_cb, r);
 }
 
 void mh_h_refs(mh_req_t *req) { mh_hub_load_repo(req, MH_PERM_READ, refs_repo_cb); }

@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "mh/hub.h"
+#include "mh/refwrite.h"
 #include "tap.h"
 
 int main(void)
@@ -40,14 +41,21 @@ int main(void)
                valid[i].ok ? "valid" : "refused");
     }
     TAP_OK(!mh_repo_slug_valid(NULL), "NULL slug refused");
-    TAP_OK(mh_branch_valid("main", 4), "main is a branch name");
-    TAP_OK(mh_branch_valid("feature/x-1", 11), "feature/x-1 is a branch name");
-    static const char *bad[] = {"", "/a", "a/", ".a", "a.", "a..b", "a//b", "a b", "a~b", "a:b", "a\\b", "a*b"};
+    /* SPEC 4.2: one rule for branch and tag names (git's ref-name rules). */
+    static const char *good[] = {"main", "feature/x-1", "v1.0.0", "release/2024.1", "a.lock.b", "x/y.locked",
+                                 "a@b", "@", "x/a.b/c", "UPPER_case-9", "a#b", "{braces}"};
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++)
+        TAP_OK(mh_ref_name_valid(good[i], strlen(good[i])), "ref name '%s' is valid", good[i]);
+    static const char *bad[] = {"",       "/a",       "a/",      ".a",      "a.",     "a..b",      "a//b",  "a b",
+                                "a~b",    "a:b",      "a\\b",   "a*b",     "a^b",    "a?b",       "a[b",   "a@{b",
+                                "@{",     "x/.hidden", "a/.b/c", "x.lock",  "a/b.lock", "a.lock/b", ".lock", "a\tb",
+                                "a\x7f", "caf\xc3\xa9", "a\nb"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
-        TAP_OK(!mh_branch_valid(bad[i], strlen(bad[i])), "refused branch name '%s'", bad[i]);
+        TAP_OK(!mh_ref_name_valid(bad[i], strlen(bad[i])), "refused ref name '%s'", bad[i]);
+    TAP_OK(!mh_ref_name_valid("a\0b", 3), "refused: a NUL byte");
     char long_name[300];
     memset(long_name, 'a', sizeof long_name);
-    TAP_OK(mh_branch_valid(long_name, 255) && !mh_branch_valid(long_name, 256), "255 bytes at most");
+    TAP_OK(mh_ref_name_valid(long_name, 255) && !mh_ref_name_valid(long_name, 256), "255 bytes at most");
     mh_arena_release(&a);
     return tap_done();
 }
