@@ -9,7 +9,8 @@ URLs when it lives elsewhere), large socket writes, streaming both ways:
   hub.upload_file(url, path, progress=None)     PUT a file, streamed
   hub.download_to(url, fileobj, progress=None)  GET into a file while
                                                 hashing -> (bytes, sha256 id)
-  hub.refs / create_repo / patch_repo / presign / unpack / fetch / ...
+  hub.refs / create_repo / patch_repo / delete_branch / create_tag /
+  delete_tag / presign / unpack / fetch / ...
 
 Request bodies are msgpack (or JSON with fmt="json"); answers are decoded
 by their Content-Type.  Every API request is signed with `signer` (MSign,
@@ -221,10 +222,25 @@ class Api:
 
     def delete_branch(self, repo_id: str, name: str,
                       expected_old_head: str | None = None) -> None:
-        """DELETE /api/repos/{id}/branches/{name} (SPEC 4.2, issue 17)."""
+        """DELETE /api/repos/{id}/branches/{name} (SPEC 4.2): only the ref
+        goes; with expected_old_head only if the branch points there."""
         body = {"expected_old_head": expected_old_head} if expected_old_head else None
         self.call("DELETE", f"/api/repos/{repo_id}/branches/"
                   f"{urllib.parse.quote(name, safe='')}", body, expect=(204,))
+
+    def create_tag(self, repo_id: str, name: str, commit_id: str,
+                   message: str | None = None) -> dict:
+        """POST /api/repos/{id}/tags (SPEC 4.2) -> {name, commit_id,
+        message, tagger, created_at}; a tag never moves (409 if it exists)."""
+        body: dict[str, Any] = {"name": name, "commit_id": commit_id}
+        if message is not None:
+            body["message"] = message
+        return self.call("POST", f"/api/repos/{repo_id}/tags", body, expect=(201,))
+
+    def delete_tag(self, repo_id: str, name: str) -> None:
+        """DELETE /api/repos/{id}/tags/{name} (SPEC 4.2)."""
+        self.call("DELETE", f"/api/repos/{repo_id}/tags/{urllib.parse.quote(name, safe='')}",
+                  expect=(204,))
 
     # -- push (SPEC 4.3) -----------------------------------------------------
 

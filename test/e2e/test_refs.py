@@ -685,3 +685,52 @@ def test_fsck_checks_tags(hub, make_repo, server):
     assert out.returncode == 1, out.stdout
     assert "tag-commit: 1" in out.stdout
     assert f"{scope}: tag v1: {other.head}: not a commit of the repository" in out.stdout
+
+
+# ---------------------------------------------------------------------------
+# the client: muse-push --tag / --delete / --delete-tag
+# ---------------------------------------------------------------------------
+
+def test_muse_push_tags_and_deletes(hub, make_repo, server, tmp_path):
+    from test_clients import json_lines, one_line_error, push_args, tool, write_pack
+    repo = make_repo()
+    h = small(commits=2, keep_manifests=True)
+    pack = write_pack(h, tmp_path / "h.mpack", 1)
+    r = tool("muse-push", *push_args(server, repo["slug"], "--json", "--tag", "v1", "--tag-message", "one",
+                                     str(pack)))
+    out = json_lines(r.stdout)
+    assert out[0]["head"] == h.head
+    assert {k: out[-1]["tag"][k] for k in ("name", "commit_id", "message")} == \
+        {"name": "v1", "commit_id": h.head, "message": "one"}
+    assert hub.refs(OWNER, repo["slug"])["tags"] == {"v1": h.head}
+    # --tag alone: at --branch's head on the server, or at --head.
+    first = h.commits[0]["commit_id"]
+    tool("muse-push", *push_args(server, repo["slug"], "--tag", "rel/2"))
+    tool("muse-push", *push_args(server, repo["slug"], "--tag", "old", "--head", first))
+    assert hub.refs(OWNER, repo["slug"])["tags"] == {"v1": h.head, "rel/2": h.head, "old": first}
+    # Tags never move: a one-line refusal.
+    one_line_error(tool("muse-push", *push_args(server, repo["slug"], "--tag", "v1", "--head", first), ok=False),
+                   1, "409", "exists")
+    one_line_error(tool("muse-push", *push_args(server, repo["slug"], "--tag", "x", "--branch", "nope"),
+                        ok=False), 1, "no branch 'nope'")
+    # Deletes.
+    hub.call("POST", api(repo, "branches"), {"name": "feature/x", "commit_id": first}, expect=(201,))
+    r = tool("muse-push", *push_args(server, repo["slug"], "--json", "--delete", "feature/x"))
+    assert json_lines(r.stdout) == [{"deleted_branch": "feature/x"}]
+    assert heads(hub, repo) == {"main": h.head}
+    one_line_error(tool("muse-push", *push_args(server, repo["slug"], "--delete", "main"), ok=False),
+                   1, "409", "default_branch")
+    one_line_error(tool("muse-push", *push_args(server, repo["slug"], "--delete", "gone"), ok=False), 1, "404")
+    tool("muse-push", *push_args(server, repo["slug"], "--delete-tag", "rel/2"))
+    assert set(hub.refs(OWNER, repo["slug"])["tags"]) == {"v1", "old"}
+    # Protected: refused with the server's reason.
+    hub.call("POST", api(repo, "branches"), {"name": "keep", "commit_id": first}, expect=(201,))
+    protect(hub, repo, "keep")
+    one_line_error(tool("muse-push", *push_args(server, repo["slug"], "--delete", "keep"), ok=False),
+                   1, "403", "protected_branch")
+    # Usage: the deletes stand alone; --help says how.
+    for bad in (["--delete", "x", str(pack)], ["--delete", "x", "--tag", "y"], ["--tag-message", "m", str(pack)],
+                ["--delete", "x", "--delete-tag", "y"], []):
+        assert tool("muse-push", *push_args(server, repo["slug"], *bad), ok=False).returncode == 2, bad
+    help_text = tool("muse-push", "--help").stdout
+    assert "--delete BRANCH" in help_text and "--tag NAME" in help_text and "--delete-tag NAME" in help_text
