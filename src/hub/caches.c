@@ -237,7 +237,7 @@ void mh_hub_repo_cache_put(mh_hub_t *hub, uint64_t epoch, const char *key, size_
 struct refs_ent {
     char *repo_id;
     int64_t state_seq;
-    uint32_t nb, n; /* [0, nb) branches, [nb, n) tags */
+    uint32_t nb, n;        /* [0, nb) branches, [nb, n) tags */
     char **names, **heads; /* all in one heap block with the entry */
 };
 

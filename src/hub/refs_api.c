@@ -73,7 +73,7 @@ struct refop {
 };
 
 #define O(s) MH_STEP_OP(s, refop_t, op.step)
-#define KIND(o) ((const refkind_t *)(o)->op.def)
+#define KIND_OF(o) ((const refkind_t *)(o)->op.def)
 
 /* ============================================================ fields */
 
@@ -88,7 +88,8 @@ static bool only_keys(mh_req_t *req, const mh_val_t *body, const char *const *ke
             known = k->t == MH_V_STR && k->v.s.n == strlen(*p) && !memcmp(k->v.s.p, *p, k->v.s.n);
         if (!known) {
             mh_res_error(req, 422, "invalid_field", "unknown field '%.*s'",
-                         k->t == MH_V_STR ? (int)(k->v.s.n > 64 ? 64 : k->v.s.n) : 1, k->t == MH_V_STR ? k->v.s.p : "?");
+                         k->t == MH_V_STR ? (int)(k->v.s.n > 64 ? 64 : k->v.s.n) : 1,
+                         k->t == MH_V_STR ? k->v.s.p : "?");
             return false;
         }
     }
@@ -134,18 +135,26 @@ static const char *caller_handle(mh_req_t *req)
 /* ========================================================= the steps */
 
 static void step_begin(mh_step_t *s) { mh_rw_begin(s, O(s)->op.repo->repo_id, NULL, 0); }
-static void step_act(mh_step_t *s) { KIND(O(s))->act(s); }
+static void step_act(mh_step_t *s) { KIND_OF(O(s))->act(s); }
 
 static void step_write(mh_step_t *s)
 {
     refop_t *o = O(s);
-    if (KIND(o)->write) KIND(o)->write(s);
+    if (KIND_OF(o)->write) KIND_OF(o)->write(s);
 }
 
 static const mh_step_def_t ref_steps[] = {
-    {"acquire", mh_step_acquire}, {"begin", step_begin},       {"act", step_act},
+    {"acquire", mh_step_acquire}, {"begin", step_begin},      {"act", step_act},
     {"write", step_write},        {"commit", mh_step_commit}, {"done", mh__op_step_done},
 };
+
+static void ref_finish(mh_step_t *s);
+
+/* A kind: its name in logs, permission, act, write and answer. */
+#define REFKIND(what, perm, act, write, answer)                                                                        \
+    {                                                                                                                  \
+        {what, MH__STEPS(ref_steps), ref_finish, NULL, 0}, perm, act, write, answer                                    \
+    }
 
 static void ref_finish(mh_step_t *s)
 {
@@ -153,7 +162,7 @@ static void ref_finish(mh_step_t *s)
     if (mh__op_failed(s, NULL)) return;
     mh_info("req %s: %s on %s/%s%s%s", o->op.req->id, o->op.def->what, o->op.repo->owner, o->op.repo->slug,
             o->name ? ": " : "", o->name ? o->name : "");
-    KIND(o)->answer(o);
+    KIND_OF(o)->answer(o);
 }
 
 /* A change of kind k (NULL after answering 503); the handler reads the
@@ -161,7 +170,7 @@ static void ref_finish(mh_step_t *s)
  * permission and runs the steps. */
 static refop_t *ref_new(mh_req_t *req, const refkind_t *k) { return MH__OP_NEW(req, refop_t, &k->def); }
 
-static void ref_start(refop_t *o) { mh_hub_load_repo(o->op.req, KIND(o)->perm, mh__op_repo_cb); }
+static void ref_start(refop_t *o) { mh_hub_load_repo(o->op.req, KIND_OF(o)->perm, mh__op_repo_cb); }
 
 /* ===================================================== branch moves */
 
@@ -205,23 +214,19 @@ static void branch_answer(refop_t *o)
     mh_res_val(req, o->mv.kind == MH_MOVE_CREATE ? 201 : 200, m);
 }
 
-static const refkind_t k_branch_create = {
-    {"branch create", MH__STEPS(ref_steps), ref_finish, NULL, 0}, MH_PERM_WRITE, branch_act, branch_write,
-    branch_answer};
-static const refkind_t k_branch_move = {
-    {"branch move", MH__STEPS(ref_steps), ref_finish, NULL, 0}, MH_PERM_WRITE, branch_act, branch_write,
-    branch_answer};
-static const refkind_t k_branch_delete = {
-    {"branch delete", MH__STEPS(ref_steps), ref_finish, NULL, 0}, MH_PERM_WRITE, branch_act, branch_write,
-    branch_answer};
+static const refkind_t k_branch_create =
+    REFKIND("branch create", MH_PERM_WRITE, branch_act, branch_write, branch_answer);
+static const refkind_t k_branch_move = REFKIND("branch move", MH_PERM_WRITE, branch_act, branch_write, branch_answer);
+static const refkind_t k_branch_delete =
+    REFKIND("branch delete", MH_PERM_WRITE, branch_act, branch_write, branch_answer);
 
 void mh_h_branch_create(mh_req_t *req)
 {
     refop_t *o = ref_new(req, &k_branch_create);
     mh_val_t body;
     static const char *const keys[] = {"name", "commit_id", NULL};
-    if (!o || !mh__body_map(req, &body) || !only_keys(req, &body, keys) ||
-        !(o->name = body_name(req, &body, "name")) || !mh__body_id(req, &body, "commit_id", true, &o->commit, NULL))
+    if (!o || !mh__body_map(req, &body) || !only_keys(req, &body, keys) || !(o->name = body_name(req, &body, "name")) ||
+        !mh__body_id(req, &body, "commit_id", true, &o->commit, NULL))
         return;
     o->mv = (mh_move_t){.kind = MH_MOVE_CREATE, .new_head = o->commit.s};
     ref_start(o);
@@ -329,12 +334,8 @@ static void rule_delete_act(mh_step_t *s)
 
 static void no_content(refop_t *o) { mh_res_send(o->op.req, 204, NULL, NULL, 0); }
 
-static const refkind_t k_rule_set = {
-    {"protection set", MH__STEPS(ref_steps), ref_finish, NULL, 0}, MH_PERM_ADMIN, rule_set_act, NULL,
-    rule_set_answer};
-static const refkind_t k_rule_delete = {
-    {"protection delete", MH__STEPS(ref_steps), ref_finish, NULL, 0}, MH_PERM_ADMIN, rule_delete_act, NULL,
-    no_content};
+static const refkind_t k_rule_set = REFKIND("protection set", MH_PERM_ADMIN, rule_set_act, NULL, rule_set_answer);
+static const refkind_t k_rule_delete = REFKIND("protection delete", MH_PERM_ADMIN, rule_delete_act, NULL, no_content);
 
 void mh_h_protection_put(mh_req_t *req)
 {
@@ -417,18 +418,16 @@ static void tag_delete_act(mh_step_t *s)
     mh_step_batch(s, &b, tag_deleted);
 }
 
-static const refkind_t k_tag_create = {
-    {"tag create", MH__STEPS(ref_steps), ref_finish, NULL, 0}, MH_PERM_WRITE, tag_act, NULL, tag_answer};
-static const refkind_t k_tag_delete = {
-    {"tag delete", MH__STEPS(ref_steps), ref_finish, NULL, 0}, MH_PERM_WRITE, tag_delete_act, NULL, no_content};
+static const refkind_t k_tag_create = REFKIND("tag create", MH_PERM_WRITE, tag_act, NULL, tag_answer);
+static const refkind_t k_tag_delete = REFKIND("tag delete", MH_PERM_WRITE, tag_delete_act, NULL, no_content);
 
 void mh_h_tag_create(mh_req_t *req)
 {
     refop_t *o = ref_new(req, &k_tag_create);
     mh_val_t body;
     static const char *const keys[] = {"name", "commit_id", "message", NULL};
-    if (!o || !mh__body_map(req, &body) || !only_keys(req, &body, keys) ||
-        !(o->name = body_name(req, &body, "name")) || !mh__body_id(req, &body, "commit_id", true, &o->commit, NULL))
+    if (!o || !mh__body_map(req, &body) || !only_keys(req, &body, keys) || !(o->name = body_name(req, &body, "name")) ||
+        !mh__body_id(req, &body, "commit_id", true, &o->commit, NULL))
         return;
     const mh_val_t *msg = mh_val_get(&body, "message");
     o->message = "";
@@ -459,8 +458,8 @@ static int settings_done(mh_step_t *s, PGresult **res, int n)
     }
     /* The row after the change: the nine columns after `ok`. */
     static const int cols = 9;
-    char **fields[] = {&o->repo.repo_id,    &o->repo.owner,       &o->repo.owner_id,
-                       &o->repo.name,       &o->repo.slug,        &o->repo.visibility,
+    char **fields[] = {&o->repo.repo_id,     &o->repo.owner,          &o->repo.owner_id,
+                       &o->repo.name,        &o->repo.slug,           &o->repo.visibility,
                        &o->repo.description, &o->repo.default_branch, &o->repo.created_at};
     for (int i = 0; i < cols; i++)
         if (!(*fields[i] = mh_strdup(&o->op.req->arena, mh_pq_str(res[0], 0, i + 1)))) return MH_ENOMEM;
@@ -477,8 +476,7 @@ static void settings_act(mh_step_t *s)
 
 static void settings_answer(refop_t *o) { mh_res_val(o->op.req, 200, mh_repo_val(o->op.req, &o->repo)); }
 
-static const refkind_t k_settings = {
-    {"settings", MH__STEPS(ref_steps), ref_finish, NULL, 0}, MH_PERM_ADMIN, settings_act, NULL, settings_answer};
+static const refkind_t k_settings = REFKIND("settings", MH_PERM_ADMIN, settings_act, NULL, settings_answer);
 
 void mh_h_repo_patch(mh_req_t *req)
 {
@@ -489,8 +487,8 @@ void mh_h_repo_patch(mh_req_t *req)
     const mh_val_t *d = mh_val_get(&body, "description"), *v = mh_val_get(&body, "visibility"),
                    *db = mh_val_get(&body, "default_branch");
     if (d && d->t != MH_V_NIL && !(o->description = mh__text_field(&req->arena, d, MAX_DESCRIPTION, true))) {
-        mh_res_error(req, 422, "invalid_field",
-                     "'description' must be a UTF-8 string of at most %d bytes without NUL", MAX_DESCRIPTION);
+        mh_res_error(req, 422, "invalid_field", "'description' must be a UTF-8 string of at most %d bytes without NUL",
+                     MAX_DESCRIPTION);
         return;
     }
     if (v && v->t != MH_V_NIL) {

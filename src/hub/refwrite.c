@@ -415,7 +415,9 @@ void mh_rw_move_refuse(mh_step_t *s, const mh_move_t *mv)
         return;
     case MH_MOVE_UNKNOWN_HEAD:
         if (mv->api) mh_step_refuse(s, 404, "not_found", "commit %s is not in this repository", mv->new_head);
-        else mh_step_refuse(s, 422, "unknown_head", "head %s is neither in the pack nor in this repository", mv->new_head);
+        else
+            mh_step_refuse(s, 422, "unknown_head", "head %s is neither in the pack nor in this repository",
+                           mv->new_head);
         return;
     case MH_MOVE_EXISTS:
         mh_step_refuse(s, 409, "exists", "branch '%s' exists", mv->branch);
@@ -458,6 +460,11 @@ void mh_rw_move_rows(mh_db_batch_t *b, const mh_move_t *mv)
 /* ========================================= protection, tags, settings */
 
 #define ISO_UTC(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"')"
+/* A repository row's nine columns in mh__repo_row's order. */
+#define REPO_COLS                                                                                                      \
+    "repo_id, owner, owner_id, name, slug, visibility, description, default_branch, " ISO_UTC("created_at")
+#define CREATED_AT ISO_UTC("created_at")
+#define RULE_COLS "branch, allow_force_push, allow_delete, require_proposal, updated_by, " ISO_UTC("updated_at")
 
 void mh_rw_rule_rows(mh_db_batch_t *b, const char *repo_id, const char *branch, const mh_rule_t *r, const char *by)
 {
@@ -475,8 +482,7 @@ void mh_rw_rule_rows(mh_db_batch_t *b, const char *repo_id, const char *branch, 
                     "  RETURNING *),"
                     " s AS (UPDATE repos SET state_seq = state_seq + 1, updated_at = now()"
                     "  WHERE repo_id = $1 AND EXISTS (SELECT 1 FROM p))"
-                    " SELECT branch, allow_force_push, allow_delete, require_proposal, updated_by, " ISO_UTC(
-                        "updated_at") ", state_seq FROM p",
+                    " SELECT " RULE_COLS ", state_seq FROM p",
                     6, repo_id, branch, r->allow_force_push ? "true" : "false", r->allow_delete ? "true" : "false",
                     r->require_proposal ? "true" : "false", by);
 }
@@ -484,7 +490,7 @@ void mh_rw_rule_rows(mh_db_batch_t *b, const char *repo_id, const char *branch, 
 /* DELETE ... RETURNING 1 as `d`, the state_seq bump when it deleted
  * anything, and the count. */
 #define DELETE_BUMP(table, keycol)                                                                                     \
-    "WITH d AS (DELETE FROM " table " WHERE repo_id = $1 AND " keycol " = $2 RETURNING 1),"                           \
+    "WITH d AS (DELETE FROM " table " WHERE repo_id = $1 AND " keycol " = $2 RETURNING 1),"                            \
     " s AS (UPDATE repos SET state_seq = state_seq + 1, updated_at = now()"                                            \
     "  WHERE repo_id = $1 AND EXISTS (SELECT 1 FROM d))"                                                               \
     " SELECT count(*) FROM d"
@@ -494,19 +500,20 @@ void mh_rw_rule_delete_rows(mh_db_batch_t *b, const char *repo_id, const char *b
     mh_db_batch_add(b, DELETE_BUMP("branch_protection", "branch"), 2, repo_id, branch);
 }
 
-void mh_rw_tag_rows(mh_db_batch_t *b, const char *repo_id, const char *name, const char *commit_id,
-                    const char *message, const char *tagger)
+void mh_rw_tag_rows(mh_db_batch_t *b, const char *repo_id, const char *name, const char *commit_id, const char *message,
+                    const char *tagger)
 {
     /* Tags never move: an existing name is left as it is (ON CONFLICT DO
      * NOTHING inserts nothing, and the caller answers 409). */
-    mh_db_batch_add(b,
-                    "WITH c AS (SELECT EXISTS (SELECT 1 FROM commit_refs WHERE repo_id = $1 AND commit_id = $3) AS known),"
-                    " t AS (INSERT INTO tags (repo_id, name, commit_id, message, tagger)"
-                    "  SELECT $1, $2, $3, $4, $5 FROM c WHERE c.known ON CONFLICT DO NOTHING RETURNING created_at),"
-                    " s AS (UPDATE repos SET state_seq = state_seq + 1, updated_at = now()"
-                    "  WHERE repo_id = $1 AND EXISTS (SELECT 1 FROM t))"
-                    " SELECT (SELECT known FROM c), (SELECT " ISO_UTC("created_at") " FROM t)",
-                    5, repo_id, name, commit_id, message, tagger);
+    mh_db_batch_add(
+        b,
+        "WITH c AS (SELECT EXISTS (SELECT 1 FROM commit_refs WHERE repo_id = $1 AND commit_id = $3) AS known),"
+        " t AS (INSERT INTO tags (repo_id, name, commit_id, message, tagger)"
+        "  SELECT $1, $2, $3, $4, $5 FROM c WHERE c.known ON CONFLICT DO NOTHING RETURNING created_at),"
+        " s AS (UPDATE repos SET state_seq = state_seq + 1, updated_at = now()"
+        "  WHERE repo_id = $1 AND EXISTS (SELECT 1 FROM t))"
+        " SELECT (SELECT known FROM c), (SELECT " CREATED_AT " FROM t)",
+        5, repo_id, name, commit_id, message, tagger);
 }
 
 void mh_rw_tag_delete_rows(mh_db_batch_t *b, const char *repo_id, const char *name)
@@ -522,9 +529,7 @@ void mh_rw_settings_rows(mh_db_batch_t *b, const char *repo_id, const char *desc
                     "  AND name = $4) AS ok),"
                     " u AS (UPDATE repos SET description = coalesce($2, description),"
                     "  visibility = coalesce($3, visibility), default_branch = coalesce($4, default_branch),"
-                    "  updated_at = now() WHERE repo_id = $1 AND (SELECT ok FROM k)"
-                    "  RETURNING repo_id, owner, owner_id, name, slug, visibility, description, default_branch, "
-                    ISO_UTC("created_at") " AS created)"
+                    "  updated_at = now() WHERE repo_id = $1 AND (SELECT ok FROM k) RETURNING " REPO_COLS ")"
                     " SELECT k.ok, u.* FROM k LEFT JOIN u ON true",
                     4, repo_id, description, visibility, default_branch);
 }

@@ -257,6 +257,25 @@ def test_tag_names_in_commits_and_tree(hub, make_repo):
     expect_error(hub, "GET", f"/{OWNER}/{repo['slug']}/tree/nope", None, 404, "not_found")
 
 
+def test_one_name_rule_on_every_path(hub, make_repo, server):
+    """Push, server-side commits and proposals refuse the names the API
+    refuses (one validator), and accept the ones it accepts."""
+    repo, h = pushed(hub, make_repo)
+    up = on_top(h)
+    snap = Snapshot(server, repo)
+    for bad in ("x.lock", "a/b.lock", "a@{1}", "a/.b", ".a", "a..b", "a b"):
+        with pytest.raises(muselib.HubError) as e:
+            hub.push(OWNER, repo["slug"], up.pack(), bad, up.head)
+        assert (e.value.status, e.value.code) == (422, "invalid_field"), bad
+        assert commit_files(hub, repo, bad, {"f": b"x"}, expect=(422,))["error"] == "invalid_field"
+        r = hub.raw("POST", api(repo, "proposals"), {"title": "t", "from_branch": "main", "to_branch": bad})
+        assert r.status_code == 422, bad
+    snap.unchanged()
+    for good in ("x.locked", "a/b@c", "rel/v1.0"):
+        assert hub.push(OWNER, repo["slug"], up.pack(), good, up.head)["branch"] == good
+    assert commit_files(hub, repo, "feat/a.b", {"f": b"x"})["branch"] == "feat/a.b"
+
+
 # ---------------------------------------------------------------------------
 # the branch API (SPEC 4.2's table)
 # ---------------------------------------------------------------------------

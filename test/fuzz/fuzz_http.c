@@ -79,6 +79,7 @@ static const mh_route_t routes[] = {
     {"POST", "/echo", h_echo, "echo", 64, false},
     {"POST", "/val", h_val, "val", 0, false},
     {"PUT", "/s/{name}", h_stream, "stream", 4096, true},
+    {"GET", "/q/{*rest}/rule", h_query, "query_rule", 0, false},
     {"GET", "/q/{*rest}", h_query, "query", 0, false},
     {"DELETE", "/q/{a}/{b}", h_hello, "del", 0, false},
     {NULL, NULL, NULL, NULL, 0, false},
