@@ -48,11 +48,15 @@
 typedef struct refop refop_t;
 
 /* One kind of ref change: its operation definition (first: the head's
- * def points at it), the permission it needs, its steps and its answer. */
+ * def points at it), the permission it needs, its steps and its answer.
+ * ACT is either act (a branch move's check) or, when act is NULL, the one
+ * statement rows() builds, whose result goes to done(). */
 typedef struct {
     mh__op_def_t def;
     mh_perm_t perm;
     void (*act)(mh_step_t *s);
+    void (*rows)(mh_db_batch_t *b, refop_t *o);
+    mh_step_pipe_fn done;
     void (*write)(mh_step_t *s); /* NULL: ACT wrote everything */
     void (*answer)(refop_t *o);
 } refkind_t;
@@ -135,7 +139,18 @@ static const char *caller_handle(mh_req_t *req)
 /* ========================================================= the steps */
 
 static void step_begin(mh_step_t *s) { mh_rw_begin(s, O(s)->op.repo->repo_id, NULL, 0); }
-static void step_act(mh_step_t *s) { KIND_OF(O(s))->act(s); }
+static void step_act(mh_step_t *s)
+{
+    refop_t *o = O(s);
+    const refkind_t *k = KIND_OF(o);
+    if (k->act) {
+        k->act(s);
+        return;
+    }
+    mh_db_batch_t b = {0};
+    k->rows(&b, o);
+    mh_step_batch(s, &b, k->done);
+}
 
 static void step_write(mh_step_t *s)
 {
@@ -150,10 +165,17 @@ static const mh_step_def_t ref_steps[] = {
 
 static void ref_finish(mh_step_t *s);
 
-/* A kind: its name in logs, permission, act, write and answer. */
-#define REFKIND(what, perm, act, write, answer)                                                                        \
+/* A branch kind (its ACT judges a move, its WRITE applies it) and a
+ * one-statement kind: name in logs, permission, statement, its result's
+ * handler, answer. */
+#define BRANCH_KIND(what)                                                                                              \
     {                                                                                                                  \
-        {what, MH__STEPS(ref_steps), ref_finish, NULL, 0}, perm, act, write, answer                                    \
+        {what, MH__STEPS(ref_steps), ref_finish, NULL, 0}, MH_PERM_WRITE, branch_act, NULL, NULL, branch_write,        \
+            branch_answer                                                                                              \
+    }
+#define ROWS_KIND(what, perm, rows, done, answer)                                                                      \
+    {                                                                                                                  \
+        {what, MH__STEPS(ref_steps), ref_finish, NULL, 0}, perm, NULL, rows, done, NULL, answer                        \
     }
 
 static void ref_finish(mh_step_t *s)
@@ -214,11 +236,9 @@ static void branch_answer(refop_t *o)
     mh_res_val(req, o->mv.kind == MH_MOVE_CREATE ? 201 : 200, m);
 }
 
-static const refkind_t k_branch_create =
-    REFKIND("branch create", MH_PERM_WRITE, branch_act, branch_write, branch_answer);
-static const refkind_t k_branch_move = REFKIND("branch move", MH_PERM_WRITE, branch_act, branch_write, branch_answer);
-static const refkind_t k_branch_delete =
-    REFKIND("branch delete", MH_PERM_WRITE, branch_act, branch_write, branch_answer);
+static const refkind_t k_branch_create = BRANCH_KIND("branch create");
+static const refkind_t k_branch_move = BRANCH_KIND("branch move");
+static const refkind_t k_branch_delete = BRANCH_KIND("branch delete");
 
 void mh_h_branch_create(mh_req_t *req)
 {
@@ -300,12 +320,9 @@ static int rule_set_done(mh_step_t *s, PGresult **res, int n)
     return o->updated_by && o->updated_at ? 0 : MH_ENOMEM;
 }
 
-static void rule_set_act(mh_step_t *s)
+static void rule_set_rows(mh_db_batch_t *b, refop_t *o)
 {
-    refop_t *o = O(s);
-    mh_db_batch_t b = {0};
-    mh_rw_rule_rows(&b, o->op.repo->repo_id, o->name, &o->rule, caller_handle(o->op.req));
-    mh_step_batch(s, &b, rule_set_done);
+    mh_rw_rule_rows(b, o->op.repo->repo_id, o->name, &o->rule, caller_handle(o->op.req));
 }
 
 static void rule_set_answer(refop_t *o)
@@ -324,18 +341,14 @@ static int deleted(mh_step_t *s, PGresult **res, int n, const char *absent)
 
 static int rule_deleted(mh_step_t *s, PGresult **res, int n) { return deleted(s, res, n, "no protection rule for"); }
 
-static void rule_delete_act(mh_step_t *s)
-{
-    refop_t *o = O(s);
-    mh_db_batch_t b = {0};
-    mh_rw_rule_delete_rows(&b, o->op.repo->repo_id, o->name);
-    mh_step_batch(s, &b, rule_deleted);
-}
+static void rule_delete_rows(mh_db_batch_t *b, refop_t *o) { mh_rw_rule_delete_rows(b, o->op.repo->repo_id, o->name); }
 
 static void no_content(refop_t *o) { mh_res_send(o->op.req, 204, NULL, NULL, 0); }
 
-static const refkind_t k_rule_set = REFKIND("protection set", MH_PERM_ADMIN, rule_set_act, NULL, rule_set_answer);
-static const refkind_t k_rule_delete = REFKIND("protection delete", MH_PERM_ADMIN, rule_delete_act, NULL, no_content);
+static const refkind_t k_rule_set =
+    ROWS_KIND("protection set", MH_PERM_ADMIN, rule_set_rows, rule_set_done, rule_set_answer);
+static const refkind_t k_rule_delete =
+    ROWS_KIND("protection delete", MH_PERM_ADMIN, rule_delete_rows, rule_deleted, no_content);
 
 void mh_h_protection_put(mh_req_t *req)
 {
@@ -394,12 +407,9 @@ static int tag_done(mh_step_t *s, PGresult **res, int n)
     return o->created_at ? 0 : MH_ENOMEM;
 }
 
-static void tag_act(mh_step_t *s)
+static void tag_rows(mh_db_batch_t *b, refop_t *o)
 {
-    refop_t *o = O(s);
-    mh_db_batch_t b = {0};
-    mh_rw_tag_rows(&b, o->op.repo->repo_id, o->name, o->commit.s, o->message, caller_handle(o->op.req));
-    mh_step_batch(s, &b, tag_done);
+    mh_rw_tag_rows(b, o->op.repo->repo_id, o->name, o->commit.s, o->message, caller_handle(o->op.req));
 }
 
 static void tag_answer(refop_t *o)
@@ -410,16 +420,10 @@ static void tag_answer(refop_t *o)
 
 static int tag_deleted(mh_step_t *s, PGresult **res, int n) { return deleted(s, res, n, "no tag"); }
 
-static void tag_delete_act(mh_step_t *s)
-{
-    refop_t *o = O(s);
-    mh_db_batch_t b = {0};
-    mh_rw_tag_delete_rows(&b, o->op.repo->repo_id, o->name);
-    mh_step_batch(s, &b, tag_deleted);
-}
+static void tag_delete_rows(mh_db_batch_t *b, refop_t *o) { mh_rw_tag_delete_rows(b, o->op.repo->repo_id, o->name); }
 
-static const refkind_t k_tag_create = REFKIND("tag create", MH_PERM_WRITE, tag_act, NULL, tag_answer);
-static const refkind_t k_tag_delete = REFKIND("tag delete", MH_PERM_WRITE, tag_delete_act, NULL, no_content);
+static const refkind_t k_tag_create = ROWS_KIND("tag create", MH_PERM_WRITE, tag_rows, tag_done, tag_answer);
+static const refkind_t k_tag_delete = ROWS_KIND("tag delete", MH_PERM_WRITE, tag_delete_rows, tag_deleted, no_content);
 
 void mh_h_tag_create(mh_req_t *req)
 {
@@ -466,17 +470,14 @@ static int settings_done(mh_step_t *s, PGresult **res, int n)
     return 0;
 }
 
-static void settings_act(mh_step_t *s)
+static void settings_rows(mh_db_batch_t *b, refop_t *o)
 {
-    refop_t *o = O(s);
-    mh_db_batch_t b = {0};
-    mh_rw_settings_rows(&b, o->op.repo->repo_id, o->description, o->visibility, o->default_branch);
-    mh_step_batch(s, &b, settings_done);
+    mh_rw_settings_rows(b, o->op.repo->repo_id, o->description, o->visibility, o->default_branch);
 }
 
 static void settings_answer(refop_t *o) { mh_res_val(o->op.req, 200, mh_repo_val(o->op.req, &o->repo)); }
 
-static const refkind_t k_settings = REFKIND("settings", MH_PERM_ADMIN, settings_act, NULL, settings_answer);
+static const refkind_t k_settings = ROWS_KIND("settings", MH_PERM_ADMIN, settings_rows, settings_done, settings_answer);
 
 void mh_h_repo_patch(mh_req_t *req)
 {

@@ -20,7 +20,6 @@ PATCH, 4.2, 4.5's tag names), black box, on both stores.
 from __future__ import annotations
 
 import base64
-import os
 import random
 import threading
 import time
@@ -31,6 +30,7 @@ import pytest
 import muselib
 from e2e_util import sql_str, unique
 from test_auth import Who
+from test_commits_api import packs_in_store
 
 OWNER = "gabriel"
 RULE_KEYS = ("allow_force_push", "allow_delete", "require_proposal")
@@ -87,19 +87,6 @@ def commit_files(hub, repo, branch, files, expect=(201,)):
 def protect(hub, repo, branch, expect=(200,), **rule):
     return hub.call("PUT", api(repo, "branches", q(branch), "protection"),
                     {k: rule.get(k, False) for k in RULE_KEYS}, fmt="json", expect=expect)
-
-
-def packs_in_store(server) -> set[str]:
-    d = server.store_path("mpacks/x").parent
-    if not d.exists():
-        return set()
-    out = set()
-    for f in os.listdir(d):
-        if f.endswith("._S3rver_object"):
-            f = f[:-len("._S3rver_object")]
-        if len(f) == 64:
-            out.add(f)
-    return out
 
 
 class Snapshot:
