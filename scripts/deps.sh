@@ -20,11 +20,12 @@ if [ "${1:-}" != "--s3emu-only" ]; then
   # python3-zstandard: the clients (scripts/muse) read and write mpack v2
   # (and test/unit/mpack_xcheck.py cross-checks the C reader with it).
   # systemd: systemd-analyze verifies the installed unit (test_ops.py); nothing is started.
+  # universal-ctags: scripts/funclen.sh (function lengths); clang-format: the
+  # pinned .clang-format.
   PKGS="$BENCH_PKGS build-essential pkg-config libuv1-dev node-llhttp libpq-dev libmbedtls-dev libcurl4-openssl-dev
 libmsgpack-dev libjansson-dev libssl-dev libzstd-dev postgresql postgresql-client clang libclang-rt-14-dev
-python3 python3-pytest python3-httpx python3-msgpack python3-zstandard python3-cryptography python3-boto3
-python3-prometheus-client
-git curl nginx systemd"
+python3 python3-pytest python3-httpx python3-msgpack python3-zstandard python3-cryptography python3-boto3 python3-prometheus-client
+git curl nginx systemd universal-ctags clang-format"
   missing=""
   for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"

@@ -131,6 +131,31 @@ mh_val_t *mh_v_arr(mh_arena_t *a);
  * literal or arena string). Strings are borrowed, not copied. */
 int mh_map_put(mh_arena_t *a, mh_val_t *map, const char *key, mh_val_t v);
 int mh_arr_push(mh_arena_t *a, mh_val_t *arr, mh_val_t v);
+
+/* A value builder whose errors are sticky: a whole answer is built
+ * without checking a single call. The first failure (ENOMEM, a NULL node
+ * from a failed allocation) is kept in err, every later call does
+ * nothing, and whoever sends the value checks err once (http's
+ * mh_res_val, the jobs' mh_job_done). Values live in arena a. */
+typedef struct {
+    mh_arena_t *a;
+    int err; /* 0 or the first MH_E* */
+} mh_vb_t;
+
+void mh_vb_init(mh_vb_t *b, mh_arena_t *a);
+/* New containers; NULL after (or on) a failure. */
+mh_val_t *mh_vb_map(mh_vb_t *b);
+mh_val_t *mh_vb_arr(mh_vb_t *b);
+/* map[key] = v / arr += v; key must outlive the value (a literal or an
+ * arena string). No-op once failed or when the container is NULL. */
+void mh_vb_put(mh_vb_t *b, mh_val_t *map, const char *key, mh_val_t v);
+void mh_vb_push(mh_vb_t *b, mh_val_t *arr, mh_val_t v);
+/* A string copied into the arena; nil for a NULL s (not an error). */
+mh_val_t mh_vb_str(mh_vb_t *b, const char *s);
+mh_val_t mh_vb_strn(mh_vb_t *b, const char *s, size_t n);
+/* *node (a container built above); nil, and MH_ENOMEM recorded, for
+ * NULL. */
+mh_val_t mh_vb_node(mh_vb_t *b, const mh_val_t *node);
 /* Convenience constructors (by value). */
 mh_val_t mh_v_nil(void);
 mh_val_t mh_v_bool(bool b);

@@ -145,11 +145,24 @@ char *mh_strdup(mh_arena_t *a, const char *s);
 
 /* printf into the arena; NULL on failure. */
 char *mh_sprintf(mh_arena_t *a, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+char *mh_vsprintf(mh_arena_t *a, const char *fmt, va_list ap) __attribute__((format(printf, 2, 0)));
 
 /* Registers fn(arg) to run when the arena is released (PGresult, fds,
  * curl handles). Returns MH_ENOMEM if it cannot be recorded, in which case
  * the caller still owns the resource. */
 int mh_arena_defer(mh_arena_t *a, void (*fn)(void *), void *arg);
+
+/* ----------------------------------------------------------- heap arrays */
+
+/* Room for `need` (>= 1) elements of `size` bytes in the heap array p (NULL: none
+ * yet) whose capacity is *cap elements: p itself when it has room, else
+ * the array realloc()ed to double the capacity (at least `first`, at
+ * least need) with *cap updated. NULL on ENOMEM or overflow, p and *cap
+ * then unchanged (the caller still owns p). The caller keeps the count:
+ *   T *v = mh_vec_grow(x->v, &x->cap, x->n + 1, sizeof *v, 16);
+ *   if (!v) return MH_ENOMEM;
+ *   x->v = v; */
+void *mh_vec_grow(void *p, size_t *cap, size_t need, size_t size, size_t first);
 
 /* ---------------------------------------------------------------- buffer */
 
@@ -188,14 +201,17 @@ bool mh_str_eq(mh_str_t a, const char *lit);
 
 /* Writes 2*n lowercase hex digits and a NUL into out (size >= 2n+1). */
 void mh_hex_encode(char *out, const uint8_t *in, size_t n);
-/* Decodes 2*n hex digits into n bytes; MH_EPARSE on a non-hex digit. */
+/* Decodes 2*n hex digits (either case) into n bytes; MH_EPARSE on a
+ * non-hex digit (out is then partly written). The one hex decoder. */
 int mh_hex_decode(uint8_t *out, const char *in, size_t n);
 
 /* Base64, standard alphabet (RFC 4648 section 4). Encoding writes
  * padded output, NUL-terminated (*outlen excludes the NUL); decoding is
  * strict (padding optional but exact when present, no whitespace, about
- * 1 GB/s: not constant-time, so not for secrets). Output allocated in the
- * arena. MH_EPARSE / MH_ENOMEM. */
+ * 1 GB/s: not constant-time, so not for secrets; unused bits of the last
+ * digit are not checked, as RFC 8941 4.2.7 asks) and NUL-terminates its
+ * output too (*outlen excludes the NUL). Output allocated in the arena.
+ * MH_EPARSE / MH_ENOMEM. The one base64 of the program. */
 int mh_base64_encode(mh_arena_t *a, const uint8_t *in, size_t n, char **out, size_t *outlen);
 int mh_base64_decode(mh_arena_t *a, const char *in, size_t n, uint8_t **out, size_t *outlen);
 
@@ -211,6 +227,9 @@ typedef struct {
 
 /* True when p[0..n) is exactly ^sha256:[0-9a-f]{64}$ (SPEC 1). */
 bool mh_id_valid(const char *p, size_t n);
+/* Checks and decodes an id in one pass: 0 and its 32-byte digest in out
+ * when p[0..n) is a valid id (as mh_id_valid), else MH_EPARSE. */
+int mh_id_digest(const char *p, size_t n, uint8_t out[32]);
 
 /* Formats a 32-byte digest as an id. */
 void mh_id_from_digest(mh_id_t *out, const uint8_t digest[32]);
@@ -237,6 +256,89 @@ int mh_random(void *out, size_t n);
 
 /* Constant-time comparison of n bytes; true when equal. */
 bool mh_ct_equal(const void *a, const void *b, size_t n);
+
+/* -------------------------------------------------------- keyed hashing */
+
+/* SipHash-c-d (Aumasson and Bernstein, 2012) of n bytes under a 128-bit
+ * key: a keyed 64-bit hash that an attacker who does not know the key
+ * cannot make collide. crounds/drounds: 2 and 4 for the reference
+ * SipHash-2-4, 1 and 3 for the faster SipHash-1-3. Thread-safe. */
+uint64_t mh_siphash(const uint8_t key[16], const void *p, size_t n, int crounds, int drounds);
+
+/* SipHash-1-3 of n bytes under this process's key (128 random bits drawn
+ * once, on first use, from the OS). The one hash of every table whose
+ * keys a client can choose (ids, request keys, names). Thread-safe. */
+uint64_t mh_hash64(const void *p, size_t n);
+
+/* ---------------------------------------------------------------- id map */
+
+/* One hash map for the whole program (redis dict.c's idea), from keys of
+ * a fixed length (an id's MH_ID_LEN text bytes, a 32-byte digest, ...)
+ * to the uint32 index of that key in the CALLER's array: the map stores
+ * indices only (8 bytes a slot) and asks key(ctx, index) for a key's
+ * bytes, so keys stay where they are and per-key data lives in the
+ * caller's parallel arrays. Hashed with mh_hash64, so chosen keys cannot
+ * pile up; open addressing with linear probing, at most 3/4 full: it
+ * doubles before that, so it never fills up, whatever the number of
+ * keys. Memory comes from an arena (released with it; a grown-out table
+ * stays in the arena until then) or, with arena NULL, from the heap
+ * (mh_idmap_free). Not thread-safe: one map, one thread at a time. */
+
+#define MH_IDMAP_NONE UINT32_MAX
+
+/* The key bytes (keylen of them) of the caller's entry v. */
+typedef const void *(*mh_idmap_key_fn)(const void *ctx, uint32_t v);
+
+typedef struct {
+    uint32_t v1; /* the entry's index + 1; 0: an empty slot */
+    uint32_t h;  /* low 32 bits of the key's hash */
+} mh_idmap_slot_t;
+
+typedef struct {
+    mh_idmap_slot_t *slots;
+    size_t cap; /* slots, a power of two; 0 until the first reserve/add */
+    size_t n;   /* entries held */
+    size_t keylen;
+    mh_idmap_key_fn key;
+    const void *ctx;
+    mh_arena_t *arena; /* NULL: heap */
+} mh_idmap_t;
+
+/* An empty map (allocates nothing yet). */
+void mh_idmap_init(mh_idmap_t *m, mh_arena_t *a, size_t keylen, mh_idmap_key_fn key, const void *ctx);
+/* Makes room for n entries in all without growing again. MH_ENOMEM. */
+int mh_idmap_reserve(mh_idmap_t *m, size_t n);
+/* The index of the entry whose key equals key[0..keylen), or
+ * MH_IDMAP_NONE. */
+uint32_t mh_idmap_find(const mh_idmap_t *m, const void *key);
+/* Adds entry v (its key: key(ctx, v)) unless an entry with an equal key
+ * is held. Returns 1 when added, 0 when one was held (its index in
+ * *found when found is not NULL), MH_ENOMEM (map unchanged). */
+int mh_idmap_add(mh_idmap_t *m, uint32_t v, uint32_t *found);
+/* A heap copy of src whose keys are looked up through ctx (the caller's
+ * copy of the entries, same indices). MH_ENOMEM. */
+int mh_idmap_clone(mh_idmap_t *dst, const mh_idmap_t *src, const void *ctx);
+/* Frees a heap map's table and empties it (no-op for an arena map). */
+void mh_idmap_free(mh_idmap_t *m);
+/* A key function for ctx = an array of key pointers (const char *const *)
+ * that does not move while the map is used. */
+const void *mh_idmap_key_strv(const void *ctx, uint32_t v);
+
+/* Distinct ids (MH_ID_LEN text bytes, borrowed) in first-seen order: an
+ * arena array and its id map. Do not move the struct once used (the map
+ * refers to it). */
+typedef struct {
+    const char **ids;
+    size_t n, cap;
+    mh_arena_t *arena;
+    mh_idmap_t map;
+} mh_idlist_t;
+
+void mh_idlist_init(mh_idlist_t *l, mh_arena_t *a);
+/* Appends id unless held: 1 added (at index l->n - 1), 0 held, MH_ENOMEM. */
+int mh_idlist_add(mh_idlist_t *l, const char *id);
+/* The index of id, or MH_IDMAP_NONE. */
+uint32_t mh_idlist_find(const mh_idlist_t *l, const char *id);
 
 /* ----------------------------------------------------------------- clock */
 

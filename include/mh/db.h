@@ -177,6 +177,30 @@ typedef void (*mh_db_pipeline_cb)(void *ud, PGresult **results, int n, int err, 
 void mh_dbconn_pipeline(mh_dbconn_t *c, const mh_db_pq_t *qs, int n, mh_db_pipeline_cb cb, void *ud);
 void mh_db_pipeline(mh_db_t *db, const mh_db_pq_t *qs, int n, mh_db_pipeline_cb cb, void *ud);
 
+/* A pipeline put together in a local variable: statements and their
+ * parameters (borrowed strings; the pipeline call copies everything, so
+ * the batch may go out of scope right after it). Adding past the bounds
+ * marks the batch full (a programming error; the call then fails with
+ * MH_EINVAL): size batches for their longest use. */
+#define MH_DB_BATCH_MAX 16
+#define MH_DB_BATCH_VALS 64
+typedef struct {
+    mh_db_pq_t q[MH_DB_BATCH_MAX];
+    const char *v[MH_DB_BATCH_VALS];
+    int lens[MH_DB_BATCH_VALS], fmts[MH_DB_BATCH_VALS];
+    int n, nv;
+    bool full;
+} mh_db_batch_t;
+
+/* Appends one statement with n text parameters (const char *, NULL for
+ * SQL NULL); returns its index in the batch, -1 when full. */
+int mh_db_batch_add(mh_db_batch_t *b, const char *sql, int n, ...);
+/* As mh_db_batch_add with a prepared statement (st->nparams parameters). */
+int mh_db_batch_stmt(mh_db_batch_t *b, const mh_stmt_t *st, ...);
+/* Makes parameter k (0-based) of the last statement a binary one of len
+ * bytes at p (bytea); p NULL is SQL NULL. */
+void mh_db_batch_bin(mh_db_batch_t *b, int k, const void *p, size_t len);
+
 /* LISTEN on a channel (case-sensitive, at most 63 bytes; NOTIFY it with
  * pg_notify('name', payload)) on a dedicated connection; cb(ud, channel,
  * payload) for every notification, called from the loop. After a dropped
@@ -210,6 +234,14 @@ int64_t mh_pq_int(const PGresult *res, int r, int c);
  * a binary-format column) into the arena: *out holds *n bytes. Returns 0,
  * MH_EPARSE (bad hex) or MH_ENOMEM. */
 int mh_pq_bytea(mh_arena_t *a, const PGresult *res, int r, int c, uint8_t **out, size_t *n);
+
+/* A text[] literal "{a,b,...}" of n items, to pass as one parameter
+ * ($1::text[]) instead of n parameters or SQL built around the values.
+ * Each item is len bytes long, or NUL-terminated when len is 0; items
+ * that need it (empty, NULL, whitespace or any of {}",\) are quoted and
+ * escaped, so any text round-trips; ids need none. NUL-terminated, in
+ * arena a; NULL on ENOMEM. The one array builder. */
+char *mh_pq_array(mh_arena_t *a, const char *const *items, size_t n, size_t len);
 
 /* ---------------------------------------------------------- migrations */
 

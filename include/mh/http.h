@@ -58,6 +58,10 @@ typedef struct {
      * it arrives (no buffering); otherwise the whole body is buffered in
      * req->body (up to max_body, else 413) before the handler runs. */
     bool stream_body;
+    /* The endpoint's answer format when Accept names none (SPEC 4):
+     * MH_FMT_JSON (0, the default) or MH_FMT_MSGPACK (fetch). Answers and
+     * error bodies alike follow it. */
+    mh_format_t format;
 } mh_route_t;
 
 typedef struct {
@@ -119,6 +123,10 @@ struct mh_req {
      * of the two (both then just clean up). */
     void (*gate)(mh_req_t *req, void *arg);
     void *gate_arg;
+
+    /* The answer under construction (mh_res_build): its first failure is
+     * kept here and checked once, by mh_res_val. */
+    mh_vb_t out;
 
     mh_conn_t *conn; /* internal */
     int status;      /* set when the response is sent */
@@ -197,9 +205,10 @@ mh_str_t mh_req_param(const mh_req_t *r, const char *name);
  * absent. */
 mh_str_t mh_req_query(mh_req_t *r, const char *name);
 
-/* Response format chosen by Accept (SPEC 4): msgpack when it names
- * application/x-msgpack, JSON when it names application/json, else dflt. */
-mh_format_t mh_req_format(const mh_req_t *r, mh_format_t dflt);
+/* Response format (SPEC 4): msgpack when Accept names
+ * application/x-msgpack, JSON when it names application/json, else the
+ * route's default (JSON when no route matched). */
+mh_format_t mh_req_format(const mh_req_t *r);
 
 /* Decodes the buffered body as msgpack or JSON by Content-Type (msgpack
  * for application/x-msgpack or application/msgpack, JSON for anything
@@ -251,13 +260,40 @@ void mh_res_send_buf(mh_req_t *r, int status, const char *content_type, mh_buf_t
 void mh_res_send_ext(mh_req_t *r, int status, const char *content_type, const void *body, size_t n,
                      void (*done)(void *arg), void *arg);
 
-/* Encodes v in the format mh_req_format(r, dflt) picks and sends it. */
-void mh_res_val(mh_req_t *r, int status, const mh_val_t *v, mh_format_t dflt);
+/* The builder of this request's answer: values built with it live in
+ * req->arena and its failures are sticky (codec.h, mh_vb_t). */
+mh_vb_t *mh_res_build(mh_req_t *r);
 
-/* Sends SPEC's error body {"error": code, "detail": text} (format by
- * Accept, JSON by default). */
+/* Ends the request with v (nginx's finalize_request: the one way an
+ * answer leaves): when the answer's builder recorded a failure, or v is
+ * NULL, answers that error through mh_res_fail instead; otherwise encodes
+ * v in mh_req_format(r) and sends it. */
+void mh_res_val(mh_req_t *r, int status, const mh_val_t *v);
+
+/* Sends SPEC's error body {"error": code, "detail": text} in
+ * mh_req_format(r) with the status SPEC gives that refusal. */
 void mh_res_error(mh_req_t *r, int status, const char *code, const char *detail_fmt, ...)
     __attribute__((format(printf, 4, 5)));
+
+/* The one error-to-HTTP table (res.c): what a client sees for an MH_E*
+ * code, whichever module it came from (SQLSTATE classes arrive as the db
+ * module's codes, store and codec failures as theirs, limits as
+ * MH_ELIMIT). Unknown codes get the 500 row. */
+typedef struct {
+    int err;            /* MH_E* */
+    int status;         /* HTTP status */
+    const char *code;   /* SPEC's "error" */
+    const char *detail; /* what a client reads, unless explain */
+    bool retry;         /* Retry-After: 2 */
+    bool explain;       /* a client error: the caller's reason is the detail */
+} mh_http_err_t;
+const mh_http_err_t *mh_http_err_of(int err);
+
+/* Ends the request with the table's answer for err. A client error whose
+ * row explains (malformed input, limits, not found) carries `what` as its
+ * detail; every other row carries its fixed detail, and `what` goes to
+ * the log with the request id (a server error's reason is never sent). */
+void mh_res_fail(mh_req_t *r, int err, const char *what);
 
 /* Standard reason phrase for a status code ("Not Found"). */
 const char *mh_http_reason(int status);

@@ -16,10 +16,10 @@
 #include "mh/db.h"
 #include "mh/http.h"
 #include "mh/mpack.h"
+#include "mh/refwrite.h"
 #include "mh/store.h"
 
-typedef struct mh_fetch_cache mh_fetch_cache_t;
-typedef struct mh_repo_cache mh_repo_cache_t;
+typedef struct mh_fetch_cache mh_fetch_cache_t; /* the per-process caches (src/hub/caches.c) */
 
 typedef struct mh_hub {
     uv_loop_t *loop;
@@ -30,9 +30,8 @@ typedef struct mh_hub {
     mh_caller_t dev_caller;  /* valid when cfg->dev_identity */
     bool has_dev_caller;
     char public_url[256];    /* no trailing '/' */
-    mh_fetch_cache_t *fetch_cache; /* per-process cache of fetch answers */
+    mh_fetch_cache_t *fetch_cache; /* per-process caches: lookups, refs, fetch answers, graphs, manifests */
     mh_auth_t *auth;         /* key cache and rate limits (MSign, SPEC 5) */
-    mh_repo_cache_t *repo_cache; /* per-process repository lookups (repo_cache.c) */
     mh_budget_t *budget;     /* the process's pack-memory budget (SPEC 4.8); NULL: unlimited */
     uint64_t started_ms;
 } mh_hub_t;
@@ -70,10 +69,6 @@ typedef void (*mh_repo_cb)(mh_req_t *req, mh_repo_t *repo);
  * called. */
 void mh_hub_load_repo(mh_req_t *req, mh_perm_t need, mh_repo_cb cb);
 
-/* Responds 503/500 for a database error code from a db callback, logging
- * errmsg. */
-void mh_hub_db_fail(mh_req_t *req, int err, const char *errmsg);
-
 /* The slug of a repository name (SPEC 4.1): lowercased (ASCII), every
  * run of bytes outside [a-z0-9._-] replaced by one '-'. NUL-terminated,
  * allocated in `a`; NULL on ENOMEM. */
@@ -104,7 +99,7 @@ bool mh_parse_range(mh_str_t h, uint64_t size, uint64_t *off, uint64_t *len, boo
 /* Per-process cache of mh_hub_load_repo's query result, keyed by
  * (owner/slug or repo_id, caller identity); invalidated across processes
  * by NOTIFY musehub_repo (a trigger on repos and collaborators), entries
- * expire after 2 s regardless. See repo_cache.c for the invariants. */
+ * expire after 2 s regardless. See caches.c for the invariants. */
 
 /* Drops every entry of repo_id (NULL: all) and bumps the epoch. */
 void mh_hub_repo_cache_invalidate(mh_hub_t *hub, const char *repo_id);
@@ -117,11 +112,10 @@ bool mh_hub_repo_cache_lookup(mh_hub_t *hub, const char *key, size_t klen, mh_ar
 /* Caches a looked-up row unless an invalidation happened since `epoch`. */
 void mh_hub_repo_cache_put(mh_hub_t *hub, uint64_t epoch, const char *key, size_t klen, const mh_repo_t *r,
                            const char *role);
-/* Frees the cache (shutdown). */
+/* Empties the cache (shutdown; mh_fetch_cache_free does it too). */
 void mh_hub_repo_cache_free(mh_hub_t *hub);
 
-/* Frees this process's cache of branch heads by (repository, state_seq)
- * (repos.c; shutdown). */
+/* Kept for callers: the branch-head cache is freed by mh_fetch_cache_free. */
 void mh_hub_refs_cache_free(void);
 
 /* Fetch-pack cache invalidation after a branch move in this process
@@ -273,10 +267,6 @@ void mh_h_store_get(mh_req_t *req);
 
 /* --------------------------------------------------- snapshot manifests */
 
-/* Every CHECKPOINT_INTERVAL links a snapshot row keeps its full manifest
- * (DESIGN section 4: bounded delta chains). */
-#define MH_CHECKPOINT_INTERVAL 64
-
 typedef void (*mh_manifest_cb)(void *ud, int err, const char *why);
 
 /* Rebuilds the full manifest of a stored snapshot: walks parent links
@@ -295,9 +285,10 @@ void mh_hub_load_manifest(mh_hub_t *hub, mh_arena_t *a, const char *snapshot_id,
  * the manifest is too large to cache. Loop thread only. */
 void mh_hub_manifest_cache_put(mh_hub_t *hub, const char *snapshot_id, const mh_manifest_t *m);
 
-/* Frees every per-process cache of hub (graphs, manifests, fetch
- * answers); call once at shutdown after the last request finished. Safe
- * when nothing was ever cached. */
+/* Frees every per-process cache of hub (repository lookups, branch heads,
+ * fetch answers and URLs, graphs, manifests); call once at shutdown after
+ * the last request finished. Safe when nothing was ever cached, and to
+ * call twice. */
 void mh_fetch_cache_free(mh_hub_t *hub);
 
 #endif

@@ -40,6 +40,7 @@
 #include "mh/core.h"
 #include "mh/db.h"
 #include "mh/mpack.h"
+#include "mh/refwrite.h"
 #include "mh/store.h"
 
 typedef struct mh_jobs mh_jobs_t;
@@ -117,31 +118,17 @@ uint32_t mh_job_backoff_s(int attempt);
 
 /* ------------------------------------------------ exposed for unit tests */
 
-/* One blob for the consolidated pack: id (MH_ID_LEN bytes, borrowed),
- * content (borrowed), and, on return from mh_gc_build_pack, the offset of
- * its content bytes inside the new pack. */
-typedef struct {
-    const char *id;
-    const uint8_t *content;
-    uint64_t len;
-    uint64_t new_off;
-} mh_gc_blob_t;
+/* One blob for the consolidated pack (refwrite's mh_rw_blob_t). */
+typedef mh_rw_blob_t mh_gc_blob_t;
 
-/* Builds the consolidated pack of mpack.gc: a v1 mpack with no commits,
- * snapshots or branch heads and every blob once, sorted by object id
- * (bytewise), so the bytes — and the key — depend only on the set of
- * blobs. Sorts blobs[] in place, drops duplicate ids (the first copy
- * wins; *n is updated), checks every blob's content against its id
- * (defence in depth: a wrong mpack_index byte range must not become a
- * poisoned pack), writes the pack into out (appending to an empty
- * buffer), sets each blob's new_off and the pack's key. Pure CPU, for the
- * thread pool. Errors: MH_EHASH (*bad = index, after sorting, of the first
- * blob whose content does not hash to its id), MH_ENOMEM. */
+/* Builds the consolidated pack of mpack.gc: refwrite's mh_rw_blob_pack
+ * with every blob checked against its id (defence in depth: a wrong
+ * mpack_index byte range must not become a poisoned pack). Errors:
+ * MH_EHASH (*bad = index, after sorting, of the first blob whose content
+ * does not hash to its id), MH_ENOMEM. */
 int mh_gc_build_pack(mh_gc_blob_t *blobs, size_t *n, mh_buf_t *out, mh_id_t *key, size_t *bad);
 
-/* The COPY rows "object_id \t byte_offset \t byte_length \n" of a parsed
- * pack's blobs, one per distinct object id (the first occurrence wins),
- * appended to out; *nrows receives their number. MH_ENOMEM. */
-int mh_index_copy_rows(const mh_pack_t *p, mh_buf_t *out, size_t *nrows);
+/* mh_index_copy_rows, the COPY rows of a pack's blobs, is refwrite's
+ * (mh/refwrite.h). */
 
 #endif

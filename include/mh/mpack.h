@@ -43,6 +43,12 @@ bool mh_path_valid(const char *p, size_t n);
 void mh_commit_id(const mh_str_t *parents, int nparents, mh_str_t snapshot_id, mh_str_t message,
                   mh_str_t committed_at, mh_str_t author, mh_id_t *out);
 
+/* The store key of a pack (SPEC 3): "mpacks/<64 hex>" for the pack id
+ * "sha256:<64 hex>" (MH_ID_LEN bytes at mpack_id), NUL-terminated into
+ * out. The one place that spells the layout. */
+#define MH_MPACK_KEY_SIZE 80
+void mh_mpack_key(char out[MH_MPACK_KEY_SIZE], const char *mpack_id);
+
 /* ------------------------------------------------------------ manifests */
 
 typedef struct {

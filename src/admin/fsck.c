@@ -468,13 +468,9 @@ static pack_t *find_pack(fsck_t *f, const char *id)
 
 static pack_t *new_pack(fsck_t *f, const char *id)
 {
-    if (f->npacks == f->cappacks) {
-        size_t nc = f->cappacks ? f->cappacks * 2 : 256;
-        pack_t *p = realloc(f->packs, nc * sizeof *p);
-        if (!p) return NULL;
-        f->packs = p;
-        f->cappacks = nc;
-    }
+    pack_t *v = mh_vec_grow(f->packs, &f->cappacks, f->npacks + 1, sizeof *v, 256);
+    if (!v) return NULL;
+    f->packs = v;
     pack_t *p = &f->packs[f->npacks++];
     memset(p, 0, sizeof *p);
     snprintf(p->id, sizeof p->id, "%s", id);

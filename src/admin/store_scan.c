@@ -47,13 +47,9 @@ static int push(mh__store_list_t *l, const char *key, size_t kn, uint64_t size, 
         l->skipped++;
         return 0;
     }
-    if (l->n == l->cap) {
-        size_t nc = l->cap ? l->cap * 2 : 256;
-        mh__store_obj_t *v = realloc(l->v, nc * sizeof *v);
-        if (!v) return -1;
-        l->v = v;
-        l->cap = nc;
-    }
+    mh__store_obj_t *v = mh_vec_grow(l->v, &l->cap, l->n + 1, sizeof *v, 256);
+    if (!v) return -1;
+    l->v = v;
     mh__store_obj_t *o = &l->v[l->n++];
     memcpy(o->key, key, kn);
     o->key[kn] = 0;

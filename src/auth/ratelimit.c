@@ -36,12 +36,9 @@ struct mh_ratelimit {
     uint32_t used;
 };
 
-static uint64_t hash_key(const char *k)
-{
-    uint64_t h = 1469598103934665603ull; /* FNV-1a: keys are server-derived, not attacker-chosen bytes */
-    for (; *k; k++) h = (h ^ (uint8_t)*k) * 1099511628211ull;
-    return h;
-}
+/* Keys are addresses and identities: a client picks its IPv6 address
+ * from a whole /64, so the table hashes with core's seeded hash. */
+static uint64_t hash_key(const char *k) { return mh_hash64(k, strlen(k)); }
 
 mh_ratelimit_t *mh_ratelimit_new(uint32_t per_minute, uint32_t max_keys)
 {

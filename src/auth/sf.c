@@ -181,52 +181,31 @@ static int parse_token(sfp_t *s, mh_sf_bare_t *out)
     return 0;
 }
 
-static int b64val(int c)
-{
-    if (c >= 'A' && c <= 'Z') return c - 'A';
-    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
-    if (c >= '0' && c <= '9') return c - '0' + 52;
-    if (c == '+') return 62;
-    if (c == '/') return 63;
-    return -1;
-}
+static bool is_b64(int c) { return is_alpha(c) || is_digit(c) || c == '+' || c == '/'; }
 
 /* 4.2.7 Parsing a Byte Sequence. Padding may be absent and pad bits are
  * not checked, as the RFC advises; '=' may only end the sequence and only
- * complete a 4-character group. */
+ * complete a 4-character group. Decoded by core's base64 (the one of the
+ * program), which has exactly these rules. */
 static int parse_bytes(sfp_t *s, mh_sf_bare_t *out)
 {
     s->p++; /* ':' */
     const char *start = s->p;
     while (s->p < s->end && *s->p != ':') {
         int c = (unsigned char)*s->p;
-        if (b64val(c) < 0 && c != '=') return fail(s, MH_EPARSE, "bad character in byte sequence");
+        if (!is_b64(c) && c != '=') return fail(s, MH_EPARSE, "bad character in byte sequence");
         s->p++;
     }
     if (at_end(s)) return fail(s, MH_EPARSE, "unterminated byte sequence");
     const char *stop = s->p;
     s->p++; /* ':' */
-    size_t n = (size_t)(stop - start), pad = 0;
-    while (pad < n && start[n - 1 - pad] == '=') pad++;
-    size_t data = n - pad;
-    if (pad > 2 || (pad && n % 4 != 0) || memchr(start, '=', data) || data % 4 == 1)
-        return fail(s, MH_EPARSE, "malformed base64 in byte sequence");
-    uint8_t *buf = mh_alloc(s->a, data * 3 / 4 + 1);
-    if (!buf) return fail(s, MH_ENOMEM, "out of memory");
-    size_t j = 0;
-    uint32_t acc = 0;
-    int bits = 0;
-    for (size_t i = 0; i < data; i++) {
-        acc = (acc << 6) | (uint32_t)b64val((unsigned char)start[i]);
-        bits += 6;
-        if (bits >= 8) {
-            bits -= 8;
-            buf[j++] = (uint8_t)(acc >> bits);
-        }
-    }
-    buf[j] = 0;
+    uint8_t *buf = NULL;
+    size_t n = 0;
+    int rc = mh_base64_decode(s->a, start, (size_t)(stop - start), &buf, &n);
+    if (rc == MH_ENOMEM) return fail(s, MH_ENOMEM, "out of memory");
+    if (rc) return fail(s, MH_EPARSE, "malformed base64 in byte sequence");
     out->t = MH_SF_BYTES;
-    out->s = (mh_str_t){(const char *)buf, j};
+    out->s = (mh_str_t){(const char *)buf, n};
     return 0;
 }
 

@@ -7,7 +7,7 @@
 #include "mh/codec.h"
 
 /* One UTF-8 step; see utf8.c. */
-bool mh_utf8_step(const uint8_t *p, size_t n, size_t *adv);
+bool mh__utf8_step(const uint8_t *p, size_t n, size_t *adv);
 
 /* Slots allocated for an array/map of n items. Every ARR/MAP node, decoded
  * or built, has exactly this capacity, which is how mh_arr_push/mh_map_put

@@ -154,7 +154,7 @@ static json_t *je_string(const char *s, size_t n)
     const uint8_t *p = (const uint8_t *)s;
     while (i < n) {
         size_t adv;
-        if (mh_utf8_step(p + i, n - i, &adv)) {
+        if (mh__utf8_step(p + i, n - i, &adv)) {
             memcpy(fixed + o, p + i, adv);
             o += adv;
         } else {

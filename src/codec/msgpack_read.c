@@ -91,41 +91,36 @@ static int check_count(rd_t *r, uint64_t n, unsigned per, uint32_t depth)
     return 0;
 }
 
+/* The checks of a container of n entries of `per` values each, and its
+ * block of entries of `size` bytes (NULL when empty); *rc the error. */
+static void *container(rd_t *r, uint64_t n, unsigned per, uint32_t depth, size_t size, int *rc)
+{
+    *rc = check_count(r, n, per, depth);
+    if (*rc || n == 0) return NULL;
+    void *p = mh_alloc(r->a, mh_val_cap(n) * size);
+    if (!p) *rc = fail(r, MH_ENOMEM, "out of memory");
+    return p;
+}
+
 static int read_arr(rd_t *r, mh_val_t *out, uint64_t n, uint32_t depth)
 {
-    int rc = check_count(r, n, 1, depth);
-    if (rc) return rc;
-    out->t = MH_V_ARR;
-    out->v.a.n = (uint32_t)n;
-    out->v.a.items = NULL;
-    if (n == 0) return 0;
-    mh_val_t *items = mh_alloc(r->a, mh_val_cap(n) * sizeof(*items));
-    if (!items) return fail(r, MH_ENOMEM, "out of memory");
-    out->v.a.items = items;
-    for (uint64_t i = 0; i < n; i++) {
-        rc = read_val(r, &items[i], depth + 1);
-        if (rc) return rc;
-    }
-    return 0;
+    int rc;
+    mh_val_t *items = container(r, n, 1, depth, sizeof *items, &rc);
+    *out = (mh_val_t){.t = MH_V_ARR, .v.a = {items, (uint32_t)n}};
+    for (uint64_t i = 0; !rc && i < n; i++) rc = read_val(r, &items[i], depth + 1);
+    return rc;
 }
 
 static int read_map(rd_t *r, mh_val_t *out, uint64_t n, uint32_t depth)
 {
-    int rc = check_count(r, n, 2, depth);
-    if (rc) return rc;
-    out->t = MH_V_MAP;
-    out->v.m.n = (uint32_t)n;
-    out->v.m.kv = NULL;
-    if (n == 0) return 0;
-    mh_kv_t *kv = mh_alloc(r->a, mh_val_cap(n) * sizeof(*kv));
-    if (!kv) return fail(r, MH_ENOMEM, "out of memory");
-    out->v.m.kv = kv;
-    for (uint64_t i = 0; i < n; i++) {
+    int rc;
+    mh_kv_t *kv = container(r, n, 2, depth, sizeof *kv, &rc);
+    *out = (mh_val_t){.t = MH_V_MAP, .v.m = {kv, (uint32_t)n}};
+    for (uint64_t i = 0; !rc && i < n; i++) {
         rc = read_val(r, &kv[i].k, depth + 1);
         if (!rc) rc = read_val(r, &kv[i].v, depth + 1);
-        if (rc) return rc;
     }
-    return 0;
+    return rc;
 }
 
 /* Stores a signed value, normalising non-negative ones to UINT so callers

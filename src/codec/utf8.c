@@ -3,7 +3,7 @@
  * forms, no surrogates, nothing above U+10FFFF) and the "maximal subpart"
  * step used to replace bad sequences with U+FFFD when writing JSON.
  *
- * Invariant: mh_utf8_step never reads past p + n and always advances by
+ * Invariant: mh__utf8_step never reads past p + n and always advances by
  * at least one byte, so callers' loops terminate on any input.
  */
 #include "codec_internal.h"
@@ -13,7 +13,7 @@
  * length. Returns false otherwise; *adv is then the length of the maximal
  * subpart (the lead byte plus the continuation bytes that were still
  * acceptable), at least 1, which is what one U+FFFD replaces. */
-bool mh_utf8_step(const uint8_t *p, size_t n, size_t *adv)
+bool mh__utf8_step(const uint8_t *p, size_t n, size_t *adv)
 {
     uint8_t c = p[0];
     size_t need;
@@ -58,7 +58,7 @@ bool mh_utf8_valid(const char *s, size_t n)
             continue;
         }
         size_t adv;
-        if (!mh_utf8_step(p + i, n - i, &adv)) return false;
+        if (!mh__utf8_step(p + i, n - i, &adv)) return false;
         i += adv;
     }
     return true;

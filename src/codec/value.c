@@ -143,3 +143,53 @@ int mh_arr_push(mh_arena_t *a, mh_val_t *arr, mh_val_t v)
     items[arr->v.a.n++] = v;
     return 0;
 }
+
+/* ------------------------------------------------------ sticky builder */
+
+void mh_vb_init(mh_vb_t *b, mh_arena_t *a) { *b = (mh_vb_t){a, 0}; }
+
+static mh_val_t *vb_check(mh_vb_t *b, mh_val_t *v)
+{
+    if (!v && !b->err) b->err = MH_ENOMEM;
+    return b->err ? NULL : v;
+}
+
+mh_val_t *mh_vb_map(mh_vb_t *b) { return b->err ? NULL : vb_check(b, mh_v_map(b->a)); }
+
+mh_val_t *mh_vb_arr(mh_vb_t *b) { return b->err ? NULL : vb_check(b, mh_v_arr(b->a)); }
+
+void mh_vb_put(mh_vb_t *b, mh_val_t *map, const char *key, mh_val_t v)
+{
+    if (b->err) return;
+    int rc = map ? mh_map_put(b->a, map, key, v) : MH_ENOMEM;
+    if (rc) b->err = rc;
+}
+
+void mh_vb_push(mh_vb_t *b, mh_val_t *arr, mh_val_t v)
+{
+    if (b->err) return;
+    int rc = arr ? mh_arr_push(b->a, arr, v) : MH_ENOMEM;
+    if (rc) b->err = rc;
+}
+
+mh_val_t mh_vb_strn(mh_vb_t *b, const char *s, size_t n)
+{
+    if (!s || b->err) return mh_v_nil();
+    char *c = mh_strndup(b->a, s, n);
+    if (!c) {
+        b->err = MH_ENOMEM;
+        return mh_v_nil();
+    }
+    return mh_v_strn(c, n);
+}
+
+mh_val_t mh_vb_str(mh_vb_t *b, const char *s) { return s ? mh_vb_strn(b, s, strlen(s)) : mh_v_nil(); }
+
+mh_val_t mh_vb_node(mh_vb_t *b, const mh_val_t *node)
+{
+    if (!node) {
+        if (!b->err) b->err = MH_ENOMEM;
+        return mh_v_nil();
+    }
+    return *node;
+}

@@ -301,16 +301,23 @@ char *mh_strndup(mh_arena_t *a, const char *s, size_t n)
 
 char *mh_strdup(mh_arena_t *a, const char *s) { return mh_strndup(a, s, strlen(s)); }
 
+char *mh_vsprintf(mh_arena_t *a, const char *fmt, va_list ap)
+{
+    va_list ap2;
+    va_copy(ap2, ap);
+    int n = vsnprintf(NULL, 0, fmt, ap2);
+    va_end(ap2);
+    char *p = NULL;
+    if (n >= 0 && (p = mh_alloc(a, (size_t)n + 1))) vsnprintf(p, (size_t)n + 1, fmt, ap);
+    return p;
+}
+
 char *mh_sprintf(mh_arena_t *a, const char *fmt, ...)
 {
-    va_list ap, ap2;
+    va_list ap;
     va_start(ap, fmt);
-    va_copy(ap2, ap);
-    int n = vsnprintf(NULL, 0, fmt, ap);
+    char *p = mh_vsprintf(a, fmt, ap);
     va_end(ap);
-    char *p = NULL;
-    if (n >= 0 && (p = mh_alloc(a, (size_t)n + 1))) vsnprintf(p, (size_t)n + 1, fmt, ap2);
-    va_end(ap2);
     return p;
 }
 
@@ -332,23 +339,24 @@ int mh_arena_defer(mh_arena_t *a, void (*fn)(void *), void *arg)
 
 /* ---------------------------------------------------------------- buffer */
 
+void *mh_vec_grow(void *p, size_t *cap, size_t need, size_t size, size_t first)
+{
+    if (need <= *cap) return p;
+    size_t n = *cap ? *cap : first ? first : 1;
+    while (n < need) n = n > SIZE_MAX / 2 ? need : n * 2;
+    if (size && n > SIZE_MAX / size) return NULL;
+    void *np = realloc(p, n * size);
+    if (np) *cap = n;
+    return np;
+}
+
 int mh_buf_reserve(mh_buf_t *b, size_t extra)
 {
     if (b->cap - b->len >= extra) return 0;
-    size_t need = b->len + extra;
-    if (need < b->len) return MH_ENOMEM;
-    size_t cap = b->cap ? b->cap : 256;
-    while (cap < need) {
-        if (cap > SIZE_MAX / 2) {
-            cap = need;
-            break;
-        }
-        cap *= 2;
-    }
-    uint8_t *p = realloc(b->p, cap);
+    if (b->len + extra < b->len) return MH_ENOMEM;
+    uint8_t *p = mh_vec_grow(b->p, &b->cap, b->len + extra, 1, 256);
     if (!p) return MH_ENOMEM;
     b->p = p;
-    b->cap = cap;
     return 0;
 }
 
@@ -416,22 +424,32 @@ void mh_hex_encode(char *out, const uint8_t *in, size_t n)
     out[2 * n] = 0;
 }
 
-static int hexval(char c)
+/* Hex digit values plus one (0: not a digit); bit 0x80 marks the
+ * uppercase digits, which ids do not allow. */
+static const uint8_t HEXP1[256] = {
+    ['0'] = 1,  ['1'] = 2,  ['2'] = 3,  ['3'] = 4,  ['4'] = 5,  ['5'] = 6,  ['6'] = 7,  ['7'] = 8,
+    ['8'] = 9,  ['9'] = 10, ['a'] = 11, ['b'] = 12, ['c'] = 13, ['d'] = 14, ['e'] = 15, ['f'] = 16,
+    ['A'] = 0x80 | 11, ['B'] = 0x80 | 12, ['C'] = 0x80 | 13, ['D'] = 0x80 | 14, ['E'] = 0x80 | 15, ['F'] = 0x80 | 16,
+};
+
+/* Decodes 2n digits; returns the OR of every digit's table entry with a
+ * zero entry turned into 0x100, so callers test "any non-digit" (0x100)
+ * and "any uppercase" (0x80) with one branch after the loop. */
+static unsigned hex_decode(uint8_t *out, const char *in, size_t n)
 {
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-    return -1;
+    const uint8_t *h = (const uint8_t *)in;
+    unsigned seen = 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned hi = HEXP1[h[2 * i]], lo = HEXP1[h[2 * i + 1]];
+        seen |= hi | lo | (hi == 0) << 8 | (lo == 0) << 8;
+        out[i] = (uint8_t)(((hi - 1) & 15) << 4 | ((lo - 1) & 15));
+    }
+    return seen;
 }
 
 int mh_hex_decode(uint8_t *out, const char *in, size_t n)
 {
-    for (size_t i = 0; i < n; i++) {
-        int hi = hexval(in[2 * i]), lo = hexval(in[2 * i + 1]);
-        if (hi < 0 || lo < 0) return MH_EPARSE;
-        out[i] = (uint8_t)(hi << 4 | lo);
-    }
-    return 0;
+    return hex_decode(out, in, n) & 0x100 ? MH_EPARSE : 0;
 }
 
 int mh_base64_encode(mh_arena_t *a, const uint8_t *in, size_t n, char **out, size_t *outlen)
@@ -492,6 +510,7 @@ int mh_base64_decode(mh_arena_t *a, const char *in, size_t n, uint8_t **out, siz
         o[k++] = (uint8_t)(v >> 16);
         if (rest == 3) o[k++] = (uint8_t)(v >> 8);
     }
+    o[k] = 0; /* room: at most n / 4 * 3 + 2 bytes are written */
     *out = o;
     *outlen = k;
     return 0;
@@ -507,6 +526,14 @@ bool mh_id_valid(const char *p, size_t n)
         if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
     }
     return true;
+}
+
+/* Graph loads decode every id of a history: one pass that checks and
+ * decodes (mh_id_valid then mh_hex_decode walked each id twice). */
+int mh_id_digest(const char *p, size_t n, uint8_t out[32])
+{
+    if (!p || n != MH_ID_LEN || memcmp(p, "sha256:", 7) != 0) return MH_EPARSE;
+    return hex_decode(out, p + 7, 32) & 0x180 ? MH_EPARSE : 0;
 }
 
 void mh_id_from_digest(mh_id_t *out, const uint8_t digest[32])

@@ -224,18 +224,7 @@ uint64_t mh_failalloc_failed(void) { return atomic_load(&failed); }
 
 /* ------------------------------------------------------------ wrappers */
 
-void *__wrap_malloc(size_t n);
-void *__wrap_calloc(size_t nmemb, size_t size);
-void *__wrap_realloc(void *p, size_t n);
-char *__wrap_strdup(const char *s);
-char *__wrap_strndup(const char *s, size_t n);
-void *__wrap_mh_alloc(mh_arena_t *a, size_t n);
-void *__wrap_mh_calloc(mh_arena_t *a, size_t n);
-char *__wrap_mh_strndup(mh_arena_t *a, const char *s, size_t n);
-char *__wrap_mh_strdup(mh_arena_t *a, const char *s);
-char *__wrap_mh_sprintf(mh_arena_t *a, const char *fmt, ...);
-int __wrap_mh_arena_defer(mh_arena_t *a, void (*fn)(void *), void *arg);
-
+/* The linker's --wrap targets (their prototypes are the real ones'). */
 void *__wrap_malloc(size_t n) { return should_fail() ? NULL : __real_malloc(n); }
 
 void *__wrap_calloc(size_t nmemb, size_t size) { return should_fail() ? NULL : __real_calloc(nmemb, size); }
@@ -264,20 +253,16 @@ char *__wrap_mh_strndup(mh_arena_t *a, const char *s, size_t n)
 
 char *__wrap_mh_strdup(mh_arena_t *a, const char *s) { return should_fail() ? NULL : __real_mh_strdup(a, s); }
 
-/* A variadic function cannot forward its arguments to __real_mh_sprintf,
- * so this repeats core's two-pass vsnprintf into the arena (same result,
- * same NULL on failure). */
+/* A variadic function cannot forward its arguments to __real_mh_sprintf:
+ * core's mh_vsprintf takes them (its own mh_alloc call stays unwrapped:
+ * --wrap only redirects calls between object files). */
 char *__wrap_mh_sprintf(mh_arena_t *a, const char *fmt, ...)
 {
     if (should_fail()) return NULL;
-    va_list ap, ap2;
+    va_list ap;
     va_start(ap, fmt);
-    va_copy(ap2, ap);
-    int n = vsnprintf(NULL, 0, fmt, ap);
+    char *p = mh_vsprintf(a, fmt, ap);
     va_end(ap);
-    char *p = NULL;
-    if (n >= 0 && (p = __real_mh_alloc(a, (size_t)n + 1))) vsnprintf(p, (size_t)n + 1, fmt, ap2);
-    va_end(ap2);
     return p;
 }
 

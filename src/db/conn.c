@@ -40,7 +40,7 @@
 #define CLIENT_GRACE_MS 2000 /* client timer = statement_timeout + this */
 #define COPY_CHUNK (64 * 1024)
 #define CONNECT_WARN_MS 10000
-#define DB_BIG_RESULT ((size_t)16 << 20) /* a result this large: recycle the session (db_conn_maybe_recycle) */
+#define DB_BIG_RESULT ((size_t)16 << 20) /* a result this large: recycle the session (mh__db_conn_maybe_recycle) */
 
 static void on_poll(uv_poll_t *h, int status, int events);
 static void on_timer(uv_timer_t *t);
@@ -65,7 +65,7 @@ static void copy_msg(char *dst, size_t cap, const char *src)
     dst[n] = '\0';
 }
 
-void db_notice_cb(void *arg, const char *message)
+void mh__db_notice_cb(void *arg, const char *message)
 {
     (void)arg;
     char msg[256];
@@ -80,7 +80,7 @@ static bool status_ok(ExecStatusType st)
 }
 
 /* The one place where PostgreSQL errors become MH_E* codes. */
-int db_translate(PGconn *pg, const PGresult *r, char *msg, size_t cap)
+int mh__db_translate(PGconn *pg, const PGresult *r, char *msg, size_t cap)
 {
     const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
     const char *m = r ? PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY) : NULL;
@@ -229,11 +229,11 @@ static void timer_close_cb(uv_handle_t *h)
     mh_dbconn_t *c = h->data;
     mh_db_t *db = c->db;
     prep_clear(c);
-    db_conn_freed(db, c);
+    mh__db_conn_freed(db, c);
     free(c);
 }
 
-mh_dbconn_t *db_conn_new(mh_db_t *db, bool is_listen)
+mh_dbconn_t *mh__db_conn_new(mh_db_t *db, bool is_listen)
 {
     mh_dbconn_t *c = calloc(1, sizeof *c);
     if (!c) return NULL;
@@ -262,7 +262,7 @@ static void conn_teardown(mh_dbconn_t *c)
 static void conn_schedule_retry(mh_dbconn_t *c)
 {
     if (c->db->closing && !c->held) {
-        db_conn_shutdown(c);
+        mh__db_conn_shutdown(c);
         return;
     }
     c->state = CS_DOWN;
@@ -289,7 +289,7 @@ static void conn_connect_failed(mh_dbconn_t *c, const char *why)
     c->recycling = false;
     conn_teardown(c);
     conn_schedule_retry(c);
-    db_conn_unreachable(c->db);
+    mh__db_conn_unreachable(c->db);
 }
 
 static void conn_connect(mh_dbconn_t *c)
@@ -305,7 +305,7 @@ static void conn_connect(mh_dbconn_t *c)
         conn_connect_failed(c, PQerrorMessage(c->pg));
         return;
     }
-    PQsetNoticeProcessor(c->pg, db_notice_cb, NULL);
+    PQsetNoticeProcessor(c->pg, mh__db_notice_cb, NULL);
     c->state = CS_CONNECTING;
     uv_timer_start(&c->timer, on_timer, (uint64_t)db->query_timeout_ms + CLIENT_GRACE_MS, 0);
     /* libpq: after PQconnectStart, act as if PQconnectPoll said WRITING. */
@@ -332,10 +332,10 @@ static void conn_connected(mh_dbconn_t *c)
     /* Watch for readability even when idle, to notice a server that
      * closes the session (restart, pg_terminate_backend). */
     if (conn_watch(c, UV_READABLE, true)) {
-        db_conn_lost(c, MH_EDBDOWN, "cannot watch the socket");
+        mh__db_conn_lost(c, MH_EDBDOWN, "cannot watch the socket");
         return;
     }
-    db_conn_ready(c);
+    mh__db_conn_ready(c);
 }
 
 static void conn_connect_step(mh_dbconn_t *c)
@@ -363,14 +363,14 @@ static void conn_drop(mh_dbconn_t *c, const char *why)
     copy_msg(msg, sizeof msg, why);
     if (c->state == CS_CLOSED) return;
     if (!c->db->closing) mh_warn("db: connection lost: %s", msg);
-    db_idle_remove(c->db, c);
+    mh__db_idle_remove(c->db, c);
     conn_teardown(c);
     if (c->held) c->broken = true;
     conn_schedule_retry(c);
-    db_conn_unreachable(c->db);
+    mh__db_conn_unreachable(c->db);
 }
 
-void db_conn_lost(mh_dbconn_t *c, int err, const char *msg)
+void mh__db_conn_lost(mh_dbconn_t *c, int err, const char *msg)
 {
     char why[256];
     copy_msg(why, sizeof why, msg);
@@ -384,17 +384,17 @@ void db_conn_lost(mh_dbconn_t *c, int err, const char *msg)
         op->err = head ? err : MH_EDBDOWN;
         copy_msg(op->errmsg, sizeof op->errmsg, why);
         if (next)
-            db_defer(c->db, op);
+            mh__db_defer(c->db, op);
         else
-            db_op_finished(c, op);
+            mh__db_op_finished(c, op);
         op = next;
     }
 }
 
-void db_conn_shutdown(mh_dbconn_t *c)
+void mh__db_conn_shutdown(mh_dbconn_t *c)
 {
     if (c->state == CS_CLOSED) return;
-    db_idle_remove(c->db, c);
+    mh__db_idle_remove(c->db, c);
     db_op_t *op = c->op;
     c->op = NULL;
     conn_teardown(c);
@@ -406,9 +406,9 @@ void db_conn_shutdown(mh_dbconn_t *c)
         op->err = MH_ECANCELED;
         copy_msg(op->errmsg, sizeof op->errmsg, "the database pool is closing");
         if (next)
-            db_defer(c->db, op);
+            mh__db_defer(c->db, op);
         else
-            db_op_finished(c, op);
+            mh__db_op_finished(c, op);
         op = next;
     }
 }
@@ -429,7 +429,7 @@ static void on_timer(uv_timer_t *t)
     case CS_BUSY:
         snprintf(msg, sizeof msg, "no answer from the database within %u ms",
                  (unsigned)(c->db->query_timeout_ms + CLIENT_GRACE_MS));
-        db_conn_lost(c, MH_ETIMEDOUT, msg);
+        mh__db_conn_lost(c, MH_ETIMEDOUT, msg);
         break;
     default:
         break;
@@ -496,25 +496,25 @@ static int conn_flush(mh_dbconn_t *c)
     db_op_t *op = c->op;
     int r = PQflush(c->pg);
     if (r < 0) {
-        db_conn_lost(c, MH_EDBDOWN, PQerrorMessage(c->pg));
+        mh__db_conn_lost(c, MH_EDBDOWN, PQerrorMessage(c->pg));
         return -1;
     }
     op->flushing = r == 1;
     if (conn_watch(c, r == 1 ? UV_READABLE | UV_WRITABLE : UV_READABLE, false)) {
-        db_conn_lost(c, MH_EDBDOWN, "cannot watch the socket");
+        mh__db_conn_lost(c, MH_EDBDOWN, "cannot watch the socket");
         return -1;
     }
     return 0;
 }
 
-void db_conn_run(mh_dbconn_t *c, db_op_t *ops)
+void mh__db_conn_run(mh_dbconn_t *c, db_op_t *ops)
 {
     bool batch = ops->next != NULL;
     c->op = ops;
     c->state = CS_BUSY;
     for (db_op_t *op = ops; op; op = op->next) plan(c, op, batch);
     if (ops->pipelined && !PQenterPipelineMode(c->pg)) {
-        db_conn_lost(c, MH_EDB, PQerrorMessage(c->pg));
+        mh__db_conn_lost(c, MH_EDB, PQerrorMessage(c->pg));
         return;
     }
     for (db_op_t *op = ops; op; op = op->next) {
@@ -527,11 +527,11 @@ void db_conn_run(mh_dbconn_t *c, db_op_t *ops)
                 c->state = CS_READY;
                 op->err = MH_EDB;
                 copy_msg(op->errmsg, sizeof op->errmsg, PQerrorMessage(c->pg));
-                db_op_finished(c, op);
+                mh__db_op_finished(c, op);
                 return;
             }
             /* Half a pipeline may be queued: the session cannot be trusted. */
-            db_conn_lost(c, PQstatus(c->pg) == CONNECTION_OK ? MH_EDB : MH_EDBDOWN, PQerrorMessage(c->pg));
+            mh__db_conn_lost(c, PQstatus(c->pg) == CONNECTION_OK ? MH_EDB : MH_EDBDOWN, PQerrorMessage(c->pg));
             return;
         }
     }
@@ -552,26 +552,26 @@ static void op_evaluate(mh_dbconn_t *c, db_op_t *op)
             prep_remove(c, op->q[s->qidx].stmt->name); /* 42P05: it does exist */
         if (s->kind == ST_EXEC && state && !strcmp(state, "26000"))
             prep_remove(c, op->q[s->qidx].stmt->name); /* the session lost it */
-        if (!op->err) op->err = db_translate(c->pg, s->res, op->errmsg, sizeof op->errmsg);
+        if (!op->err) op->err = mh__db_translate(c->pg, s->res, op->errmsg, sizeof op->errmsg);
         /* Our own refusal comes back as 57014 query_canceled: not a timeout. */
         if (op->copy_refused && op->err == MH_ETIMEDOUT) op->err = MH_EDB;
     }
 }
 
-/* Notes an op whose results are huge (see db_conn_maybe_recycle). */
+/* Notes an op whose results are huge (see mh__db_conn_maybe_recycle). */
 static void note_big_results(mh_dbconn_t *c, const db_op_t *op)
 {
     for (int i = 0; i < op->nsteps; i++)
         if (op->steps[i].res && PQresultMemorySize(op->steps[i].res) > DB_BIG_RESULT) c->recycle = true;
 }
 
-bool db_conn_maybe_recycle(mh_dbconn_t *c)
+bool mh__db_conn_maybe_recycle(mh_dbconn_t *c)
 {
     if (!c->recycle || c->op || c->state != CS_READY) return false;
     c->recycle = false;
     c->recycling = true;
     mh_debug("db: reopening a session that received a result over %zu MiB", DB_BIG_RESULT >> 20);
-    db_idle_remove(c->db, c);
+    mh__db_idle_remove(c->db, c);
     conn_teardown(c);
     conn_connect(c);
     return true;
@@ -592,7 +592,7 @@ static void conn_op_done(mh_dbconn_t *c)
     } else if (conn_watch(c, UV_READABLE, false)) {
         conn_drop(c, "cannot watch the socket");
     }
-    db_op_finished(c, op);
+    mh__db_op_finished(c, op);
 }
 
 /* The head op of a batch got its Sync: report it, go on with the next.
@@ -608,8 +608,8 @@ static void conn_segment_done(mh_dbconn_t *c)
     bool dead = op->err == MH_EDBDOWN || PQstatus(c->pg) == CONNECTION_BAD;
     char msg[256];
     memcpy(msg, op->errmsg, sizeof msg);
-    db_defer(c->db, op);
-    if (dead) db_conn_lost(c, MH_EDBDOWN, msg[0] ? msg : "connection lost");
+    mh__db_defer(c->db, op);
+    if (dead) mh__db_conn_lost(c, MH_EDBDOWN, msg[0] ? msg : "connection lost");
 }
 
 static void step_store(db_step_t *s, PGresult *r)
@@ -631,7 +631,7 @@ static void conn_drain(mh_dbconn_t *c)
     db_op_t *op;
     while ((op = c->op) && !op->copying) {
         if (PQisBusy(pg)) {
-            if (PQstatus(pg) == CONNECTION_BAD) db_conn_lost(c, MH_EDBDOWN, PQerrorMessage(pg));
+            if (PQstatus(pg) == CONNECTION_BAD) mh__db_conn_lost(c, MH_EDBDOWN, PQerrorMessage(pg));
             return;
         }
         PGresult *r = PQgetResult(pg);
@@ -643,7 +643,7 @@ static void conn_drain(mh_dbconn_t *c)
             /* Pipeline: the end of one step's results. The Sync step is
              * answered by its own PGRES_PIPELINE_SYNC result instead. */
             if (op->recv + 1 >= op->nsteps) {
-                db_conn_lost(c, MH_EDB, "unexpected end of pipeline results");
+                mh__db_conn_lost(c, MH_EDB, "unexpected end of pipeline results");
                 return;
             }
             op->recv++;
@@ -658,7 +658,7 @@ static void conn_drain(mh_dbconn_t *c)
                 continue;
             }
             if (!PQexitPipelineMode(pg)) {
-                db_conn_lost(c, MH_EDB, PQerrorMessage(pg));
+                mh__db_conn_lost(c, MH_EDB, PQerrorMessage(pg));
                 return;
             }
             conn_op_done(c);
@@ -674,19 +674,19 @@ static void conn_drain(mh_dbconn_t *c)
              * server reports it and the session stays usable. */
             op->copy_refused = true;
             if (PQputCopyEnd(pg, "COPY FROM STDIN needs mh_dbconn_copy_in") < 0 || conn_flush(c)) {
-                if (c->op) db_conn_lost(c, MH_EDBDOWN, PQerrorMessage(pg));
+                if (c->op) mh__db_conn_lost(c, MH_EDBDOWN, PQerrorMessage(pg));
                 return;
             }
             break;
         case PGRES_COPY_OUT:
         case PGRES_COPY_BOTH:
             PQclear(r);
-            db_conn_lost(c, MH_EDB, "COPY TO STDOUT is not supported");
+            mh__db_conn_lost(c, MH_EDB, "COPY TO STDOUT is not supported");
             return;
         default:
             if (op->recv >= op->nsteps) {
                 PQclear(r);
-                db_conn_lost(c, MH_EDB, "more results than queries");
+                mh__db_conn_lost(c, MH_EDB, "more results than queries");
                 return;
             }
             step_store(&op->steps[op->recv], r);
@@ -717,12 +717,12 @@ static void conn_copy_pump(mh_dbconn_t *c)
         if (r == 0) { /* would block: libpq could not queue it */
             op->flushing = true;
             if (conn_watch(c, UV_READABLE | UV_WRITABLE, false))
-                db_conn_lost(c, MH_EDBDOWN, "cannot watch the socket");
+                mh__db_conn_lost(c, MH_EDBDOWN, "cannot watch the socket");
             return;
         }
         if (r < 0) {
             if (PQstatus(pg) == CONNECTION_BAD) {
-                db_conn_lost(c, MH_EDBDOWN, PQerrorMessage(pg));
+                mh__db_conn_lost(c, MH_EDBDOWN, PQerrorMessage(pg));
                 return;
             }
             /* The server ended the COPY (an error): collect the result. */
@@ -738,7 +738,7 @@ static void conn_notifies(mh_dbconn_t *c)
 {
     PGnotify *n;
     while (c->pg && (n = PQnotifies(c->pg))) {
-        if (c->is_listen) db_notify(c->db, n->relname, n->extra);
+        if (c->is_listen) mh__db_notify(c->db, n->relname, n->extra);
         PQfreemem(n);
     }
 }
@@ -754,18 +754,18 @@ static void on_poll(uv_poll_t *h, int status, int events)
         /* libuv reports POLLERR (a reset socket) as UV_EBADF: read what
          * the server said last, it explains the loss better. */
         bool bad = !PQconsumeInput(c->pg) || PQstatus(c->pg) == CONNECTION_BAD;
-        db_conn_lost(c, MH_EDBDOWN, bad ? PQerrorMessage(c->pg) : uv_strerror(status));
+        mh__db_conn_lost(c, MH_EDBDOWN, bad ? PQerrorMessage(c->pg) : uv_strerror(status));
         return;
     }
     if ((events & UV_READABLE) && !PQconsumeInput(c->pg)) {
-        db_conn_lost(c, MH_EDBDOWN, PQerrorMessage(c->pg));
+        mh__db_conn_lost(c, MH_EDBDOWN, PQerrorMessage(c->pg));
         return;
     }
     conn_notifies(c);
     if (c->state != CS_READY && c->state != CS_BUSY) return; /* a callback closed it */
     db_op_t *op = c->op;
     if (!op) {
-        if (PQstatus(c->pg) == CONNECTION_BAD) db_conn_lost(c, MH_EDBDOWN, PQerrorMessage(c->pg));
+        if (PQstatus(c->pg) == CONNECTION_BAD) mh__db_conn_lost(c, MH_EDBDOWN, PQerrorMessage(c->pg));
         return;
     }
     if (op->flushing && conn_flush(c)) return;

@@ -8,8 +8,10 @@
  * written as \\ \t \n \r. Every backslash in the data is doubled, so no
  * value can ever produce the end-of-data marker "\." on its own line.
  */
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "mh/db.h"
 
@@ -121,4 +123,90 @@ int mh_pq_bytea(mh_arena_t *a, const PGresult *res, int r, int c, uint8_t **out,
     *out = d;
     *n = m;
     return 0;
+}
+
+/* ------------------------------------------------------------ arrays */
+
+static bool needs_quotes(const char *p, size_t n)
+{
+    if (n == 0 || (n == 4 && strncasecmp(p, "null", 4) == 0)) return true;
+    for (size_t i = 0; i < n; i++)
+        if (strchr("{}\",\\ \t\n\r\v\f", p[i]) && p[i]) return true;
+    return false;
+}
+
+char *mh_pq_array(mh_arena_t *a, const char *const *items, size_t n, size_t len)
+{
+    size_t total = 3;
+    for (size_t i = 0; i < n; i++) total += 2 * (len ? len : strlen(items[i])) + 3;
+    char *s = mh_alloc(a, total), *o = s;
+    if (!s) return NULL;
+    *o++ = '{';
+    for (size_t i = 0; i < n; i++) {
+        size_t m = len ? len : strlen(items[i]);
+        const char *p = items[i];
+        if (i) *o++ = ',';
+        if (!needs_quotes(p, m)) {
+            memcpy(o, p, m);
+            o += m;
+            continue;
+        }
+        *o++ = '"';
+        for (size_t k = 0; k < m; k++) {
+            if (p[k] == '"' || p[k] == '\\') *o++ = '\\';
+            *o++ = p[k];
+        }
+        *o++ = '"';
+    }
+    *o++ = '}';
+    *o = 0;
+    return s;
+}
+
+/* ------------------------------------------------------------ batches */
+
+static int batch_add(mh_db_batch_t *b, const mh_stmt_t *st, const char *sql, int n, va_list ap)
+{
+    if (b->full || b->n == MH_DB_BATCH_MAX || b->nv + n > MH_DB_BATCH_VALS) {
+        b->full = true;
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        b->v[b->nv + i] = va_arg(ap, const char *);
+        b->lens[b->nv + i] = 0;
+        b->fmts[b->nv + i] = 0;
+    }
+    b->q[b->n] = (mh_db_pq_t){st, sql, n, b->v + b->nv, b->lens + b->nv, b->fmts + b->nv};
+    b->nv += n;
+    return b->n++;
+}
+
+int mh_db_batch_add(mh_db_batch_t *b, const char *sql, int n, ...)
+{
+    va_list ap;
+    va_start(ap, n);
+    int i = batch_add(b, NULL, sql, n, ap);
+    va_end(ap);
+    return i;
+}
+
+int mh_db_batch_stmt(mh_db_batch_t *b, const mh_stmt_t *st, ...)
+{
+    va_list ap;
+    va_start(ap, st);
+    int i = batch_add(b, st, NULL, st->nparams, ap);
+    va_end(ap);
+    return i;
+}
+
+void mh_db_batch_bin(mh_db_batch_t *b, int k, const void *p, size_t len)
+{
+    if (b->full || !b->n || k >= b->q[b->n - 1].nparams) {
+        b->full = true;
+        return;
+    }
+    int j = (int)(b->q[b->n - 1].vals - b->v) + k;
+    b->v[j] = p;
+    b->lens[j] = (int)len;
+    b->fmts[j] = 1;
 }

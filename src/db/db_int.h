@@ -10,7 +10,7 @@
  *    arguments as soon as the call returns.
  *  - A connection runs at most one operation at a time (c->op).
  *  - User callbacks are only ever called from the pool's uv_idle handle
- *    (pool.c: db_defer), never from inside a public call; notifications
+ *    (pool.c: mh__db_defer), never from inside a public call; notifications
  *    are delivered from the listen connection's poll callback.
  *  - A connection struct is freed only in its timer's close callback, so
  *    it stays valid for the rest of any callback that shut it down.
@@ -156,46 +156,46 @@ struct mh_db {
 };
 
 /* ----- conn.c */
-mh_dbconn_t *db_conn_new(mh_db_t *db, bool is_listen);
+mh_dbconn_t *mh__db_conn_new(mh_db_t *db, bool is_listen);
 /* Runs op on a READY connection (no other op). ops may be a batch (a
  * list through ->next of OP_QUERY/OP_PIPELINE ops from the waiters
  * queue): sent back to back in one pipeline, one Sync per op, so each op
  * is still its own implicit transaction and fails alone. */
-void db_conn_run(mh_dbconn_t *c, db_op_t *ops);
+void mh__db_conn_run(mh_dbconn_t *c, db_op_t *ops);
 /* Tears the session down and schedules a reconnect; fails the op in
  * flight with err/msg. */
-void db_conn_lost(mh_dbconn_t *c, int err, const char *msg);
+void mh__db_conn_lost(mh_dbconn_t *c, int err, const char *msg);
 /* Closes for good (pool closing). Fails an op in flight with
  * MH_ECANCELED. */
-void db_conn_shutdown(mh_dbconn_t *c);
+void mh__db_conn_shutdown(mh_dbconn_t *c);
 /* When c->recycle is set (it received a result over DB_BIG_RESULT
  * bytes), closes the session and opens a new one at once, and returns
  * true: libpq's input buffer only ever grows, so one huge row (a
  * million-entry snapshot delta) would otherwise pin that much memory on
  * a pooled connection for good. The connection rejoins the pool when the
  * new session is ready. Only for a connection that is not busy. */
-bool db_conn_maybe_recycle(mh_dbconn_t *c);
+bool mh__db_conn_maybe_recycle(mh_dbconn_t *c);
 /* Translates a failed result (or the connection's state) to MH_E* and
  * copies the server's message into msg. */
-int db_translate(PGconn *pg, const PGresult *r, char *msg, size_t cap);
-void db_notice_cb(void *arg, const char *message);
+int mh__db_translate(PGconn *pg, const PGresult *r, char *msg, size_t cap);
+void mh__db_notice_cb(void *arg, const char *message);
 
 /* ----- pool.c */
 /* A connection became READY with no op: hand it to the next waiter. */
-void db_conn_ready(mh_dbconn_t *c);
+void mh__db_conn_ready(mh_dbconn_t *c);
 /* A connect attempt failed or a session was lost: when no connection is
  * left, waiters now wait at most DOWN_WAIT_MS (pool.c). */
-void db_conn_unreachable(mh_db_t *db);
+void mh__db_conn_unreachable(mh_db_t *db);
 /* An operation ended (ok, failed or connection lost) and is detached from
  * c: delivers it (deferred) and decides what c does next. */
-void db_op_finished(mh_dbconn_t *c, db_op_t *op);
-void db_idle_remove(mh_db_t *db, mh_dbconn_t *c);
-void db_conn_freed(mh_db_t *db, mh_dbconn_t *c);
-void db_notify(mh_db_t *db, const char *channel, const char *payload);
-void db_op_free(db_op_t *op);
+void mh__db_op_finished(mh_dbconn_t *c, db_op_t *op);
+void mh__db_idle_remove(mh_db_t *db, mh_dbconn_t *c);
+void mh__db_conn_freed(mh_db_t *db, mh_dbconn_t *c);
+void mh__db_notify(mh_db_t *db, const char *channel, const char *payload);
+void mh__db_op_free(db_op_t *op);
 /* Queues op's callback for the next loop turn (the only way user
  * callbacks are called). */
-void db_defer(mh_db_t *db, db_op_t *op);
-db_op_t *db_op_internal(mh_db_t *db, const char *sql, void (*done)(mh_dbconn_t *, db_op_t *));
+void mh__db_defer(mh_db_t *db, db_op_t *op);
+db_op_t *mh__db_op_internal(mh_db_t *db, const char *sql, void (*done)(mh_dbconn_t *, db_op_t *));
 
 #endif

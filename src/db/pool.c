@@ -11,7 +11,7 @@
  *  - A pooled connection is in exactly one place: the idle list, running
  *    an op, held by a caller, or reconnecting (and it rejoins the pool
  *    when it is READY again).
- *  - Every user callback goes through db_defer() and is called from the
+ *  - Every user callback goes through mh__db_defer() and is called from the
  *    uv_idle handle, so none fires from inside the call that started the
  *    operation, and each fires exactly once.
  *  - A held connection is returned in a clean state: a transaction left
@@ -170,13 +170,13 @@ static db_op_t *op_bare(mh_db_t *db, int kind)
     return op;
 }
 
-void db_op_free(db_op_t *op)
+void mh__db_op_free(db_op_t *op)
 {
     for (int i = 0; i < op->nsteps; i++) PQclear(op->steps[i].res);
     free(op);
 }
 
-db_op_t *db_op_internal(mh_db_t *db, const char *sql, void (*done)(mh_dbconn_t *, db_op_t *))
+db_op_t *mh__db_op_internal(mh_db_t *db, const char *sql, void (*done)(mh_dbconn_t *, db_op_t *))
 {
     int err;
     db_op_t *op = op_new(db, OP_INTERNAL, NULL, 0, sql, NULL, 0, &err);
@@ -186,21 +186,25 @@ db_op_t *db_op_internal(mh_db_t *db, const char *sql, void (*done)(mh_dbconn_t *
 
 /* -------------------------------------------------- deferred delivery */
 
-void db_defer(mh_db_t *db, db_op_t *op)
+/* Appends op to the FIFO list head..tail (linked through ->next). */
+static void op_append(db_op_t **head, db_op_t **tail, db_op_t *op)
+{
+    op->next = NULL;
+    if (*tail) (*tail)->next = op;
+    else *head = op;
+    *tail = op;
+}
+
+void mh__db_defer(mh_db_t *db, db_op_t *op)
 {
     if (db->finishing) {
         /* Called between the end of mh_db_close and its done callback:
          * the idle handle is closing, nothing can be delivered. */
         mh_error("db: operation started after mh_db_close: dropped");
-        db_op_free(op);
+        mh__db_op_free(op);
         return;
     }
-    op->next = NULL;
-    if (db->done_tail)
-        db->done_tail->next = op;
-    else
-        db->done_head = op;
-    db->done_tail = op;
+    op_append(&db->done_head, &db->done_tail, op);
     if (!uv_is_active((uv_handle_t *)&db->idle)) uv_idle_start(&db->idle, on_idle);
 }
 
@@ -208,7 +212,7 @@ static void op_fail(db_op_t *op, int err, const char *msg)
 {
     op->err = err;
     snprintf(op->errmsg, sizeof op->errmsg, "%s", msg);
-    db_defer(op->db, op);
+    mh__db_defer(op->db, op);
 }
 
 static PGresult *op_result(const db_op_t *op)
@@ -257,7 +261,7 @@ static void op_deliver(db_op_t *op)
         op->cb.res(op->ud, op->err ? NULL : op_result(op), op->err, em);
         break;
     }
-    db_op_free(op);
+    mh__db_op_free(op);
 }
 
 static void on_idle(uv_idle_t *h)
@@ -289,7 +293,7 @@ static void idle_push(mh_db_t *db, mh_dbconn_t *c)
     db->nidle++;
 }
 
-void db_idle_remove(mh_db_t *db, mh_dbconn_t *c)
+void mh__db_idle_remove(mh_db_t *db, mh_dbconn_t *c)
 {
     if (!c->in_idle) return;
     if (c->idle_prev)
@@ -310,9 +314,9 @@ static void give(mh_dbconn_t *c, db_op_t *op)
         c->held = true;
         c->db->nheld++;
         op->conn = c;
-        db_defer(c->db, op);
+        mh__db_defer(c->db, op);
     } else {
-        db_conn_run(c, op);
+        mh__db_conn_run(c, op);
     }
 }
 
@@ -335,10 +339,10 @@ static void conn_available(mh_dbconn_t *c)
 {
     mh_db_t *db = c->db;
     if (db->closing) {
-        db_conn_shutdown(c);
+        mh__db_conn_shutdown(c);
         return;
     }
-    if (db_conn_maybe_recycle(c)) return; /* back when the new session is ready */
+    if (mh__db_conn_maybe_recycle(c)) return; /* back when the new session is ready */
     db_op_t *op = wait_pop(db);
     if (!op) {
         idle_push(db, c);
@@ -362,7 +366,7 @@ static void pool_submit(mh_db_t *db, db_op_t *op)
     if (op->kind != OP_ACQUIRE) db->queries++;
     if (!db->wait_head && db->idle_head) {
         mh_dbconn_t *c = db->idle_head;
-        db_idle_remove(db, c);
+        mh__db_idle_remove(db, c);
         give(c, op);
         return;
     }
@@ -371,12 +375,7 @@ static void pool_submit(mh_db_t *db, db_op_t *op)
         return;
     }
     op->enq_ms = mh_now_ms();
-    op->next = NULL;
-    if (db->wait_tail)
-        db->wait_tail->next = op;
-    else
-        db->wait_head = op;
-    db->wait_tail = op;
+    op_append(&db->wait_head, &db->wait_tail, op);
     db->nwait++;
     if (!uv_is_active((uv_handle_t *)&db->wait_timer))
         uv_timer_start(&db->wait_timer, on_wait_timer, wait_limit(db), 0);
@@ -416,7 +415,7 @@ static void on_wait_timer(uv_timer_t *t)
     if (db->wait_head) uv_timer_start(t, on_wait_timer, db->wait_head->enq_ms + limit - now, 0);
 }
 
-void db_conn_unreachable(mh_db_t *db)
+void mh__db_conn_unreachable(mh_db_t *db)
 {
     db->tried = true;
     /* Waiters queued under the normal limit may be due sooner now. */
@@ -425,7 +424,7 @@ void db_conn_unreachable(mh_db_t *db)
 
 static void release_now(mh_dbconn_t *c);
 
-void db_conn_ready(mh_dbconn_t *c)
+void mh__db_conn_ready(mh_dbconn_t *c)
 {
     if (c->is_listen)
         listen_sync(c);
@@ -433,14 +432,14 @@ void db_conn_ready(mh_dbconn_t *c)
         conn_available(c);
 }
 
-void db_op_finished(mh_dbconn_t *c, db_op_t *op)
+void mh__db_op_finished(mh_dbconn_t *c, db_op_t *op)
 {
     if (op->kind == OP_INTERNAL) {
         op->internal_done(c, op);
-        db_op_free(op);
+        mh__db_op_free(op);
         return;
     }
-    db_defer(c->db, op);
+    mh__db_defer(c->db, op);
     if (c->held) {
         if (c->release_pending) release_now(c);
     } else if (c->state == CS_READY) {
@@ -457,7 +456,7 @@ static void rollback_done(mh_dbconn_t *c, db_op_t *op)
 {
     if (c->state != CS_READY) return; /* lost: rejoins the pool when reconnected */
     if (op->err || PQtransactionStatus(c->pg) != PQTRANS_IDLE)
-        db_conn_lost(c, MH_EDBDOWN, "rollback on release failed: resetting the session");
+        mh__db_conn_lost(c, MH_EDBDOWN, "rollback on release failed: resetting the session");
     else
         conn_available(c);
 }
@@ -470,7 +469,7 @@ static void release_now(mh_dbconn_t *c)
     db->nheld--;
     if (c->state == CS_CLOSED) return;
     if (db->closing) {
-        db_conn_shutdown(c);
+        mh__db_conn_shutdown(c);
         return;
     }
     if (c->state != CS_READY) return; /* reconnecting: joins the pool when READY */
@@ -484,14 +483,14 @@ static void release_now(mh_dbconn_t *c)
         return;
     }
     if (ts == PQTRANS_INTRANS || ts == PQTRANS_INERROR) {
-        db_op_t *op = db_op_internal(db, "ROLLBACK", rollback_done);
+        db_op_t *op = mh__db_op_internal(db, "ROLLBACK", rollback_done);
         if (op) {
-            db_conn_run(c, op);
+            mh__db_conn_run(c, op);
             return;
         }
     }
     /* Closing the session rolls back whatever it held. */
-    db_conn_lost(c, MH_EDBDOWN, "resetting a released session");
+    mh__db_conn_lost(c, MH_EDBDOWN, "resetting a released session");
 }
 
 void mh_dbconn_release(mh_dbconn_t *c)
@@ -515,7 +514,7 @@ static void held_submit(mh_dbconn_t *c, db_op_t *op)
         op_fail(op, MH_EDBDOWN, "the database connection was lost");
     } else {
         c->db->queries++;
-        db_conn_run(c, op);
+        mh__db_conn_run(c, op);
     }
 }
 
@@ -648,17 +647,17 @@ static void listen_sync(mh_dbconn_t *c)
         rc = id ? mh_buf_printf(&sql, "LISTEN %s;", id) : MH_ENOMEM;
         PQfreemem(id);
     }
-    db_op_t *op = rc ? NULL : (mh_buf_append_byte(&sql, 0) ? NULL : db_op_internal(db, (char *)sql.p, listen_done));
+    db_op_t *op = rc ? NULL : (mh_buf_append_byte(&sql, 0) ? NULL : mh__db_op_internal(db, (char *)sql.p, listen_done));
     mh_buf_free(&sql);
     if (!op) {
-        db_conn_lost(c, MH_ENOMEM, "out of memory building LISTEN");
+        mh__db_conn_lost(c, MH_ENOMEM, "out of memory building LISTEN");
         return;
     }
     op->internal_arg = db->nchans;
-    db_conn_run(c, op);
+    mh__db_conn_run(c, op);
 }
 
-void db_notify(mh_db_t *db, const char *channel, const char *payload)
+void mh__db_notify(mh_db_t *db, const char *channel, const char *payload)
 {
     /* Index loop: a callback may add channels (realloc). */
     for (size_t i = 0; i < db->nchans && !db->closing; i++)
@@ -681,7 +680,7 @@ int mh_db_listen(mh_db_t *db, const char *channel,
     if (!name) return MH_ENOMEM;
     db->chans[db->nchans++] = (db_chan_t){name, cb, ud};
     if (!db->listen) {
-        db->listen = db_conn_new(db, true);
+        db->listen = mh__db_conn_new(db, true);
         if (!db->listen) {
             free(db->chans[--db->nchans].channel);
             return MH_ENOMEM;
@@ -751,7 +750,7 @@ int mh_db_open(uv_loop_t *loop, const mh_db_config_t *cfg, mh_db_t **out)
     uv_timer_init(loop, &db->wait_timer);
     db->wait_timer.data = db;
     for (uint32_t i = 0; i < db->pool_size; i++) {
-        db->conns[i] = db_conn_new(db, false);
+        db->conns[i] = mh__db_conn_new(db, false);
         if (!db->conns[i]) {
             mh_db_close(db, NULL, NULL); /* freed on a later loop turn */
             return MH_ENOMEM;
@@ -785,7 +784,7 @@ static void db_maybe_finish(mh_db_t *db)
     uv_close((uv_handle_t *)&db->wait_timer, handle_closed);
 }
 
-void db_conn_freed(mh_db_t *db, mh_dbconn_t *c)
+void mh__db_conn_freed(mh_db_t *db, mh_dbconn_t *c)
 {
     for (uint32_t i = 0; i < db->pool_size; i++)
         if (db->conns[i] == c) db->conns[i] = NULL;
@@ -806,26 +805,20 @@ void mh_db_close(mh_db_t *db, void (*done)(void *arg), void *arg)
     /* Busy ones close when their op ends, held ones when released. */
     for (uint32_t i = 0; i < db->pool_size; i++) {
         mh_dbconn_t *c = db->conns[i];
-        if (c && !c->held && !c->op) db_conn_shutdown(c);
+        if (c && !c->held && !c->op) mh__db_conn_shutdown(c);
     }
-    if (db->listen) db_conn_shutdown(db->listen);
+    if (db->listen) mh__db_conn_shutdown(db->listen);
     db_maybe_finish(db);
 }
 
 void mh_db_stats(mh_db_t *db, mh_db_stats_t *st)
 {
-    memset(st, 0, sizeof *st);
-    st->size = db->pool_size;
+    *st = (mh_db_stats_t){.size = db->pool_size, .idle = db->nidle, .held = db->nheld, .waiters = db->nwait,
+                          .queries = db->queries, .errors = db->errors, .reconnects = db->reconnects};
     for (uint32_t i = 0; i < db->pool_size; i++) {
         const mh_dbconn_t *c = db->conns[i];
         if (c && (c->state == CS_READY || c->state == CS_BUSY)) st->connected++;
     }
-    st->idle = db->nidle;
-    st->held = db->nheld;
-    st->waiters = db->nwait;
-    st->queries = db->queries;
-    st->errors = db->errors;
-    st->reconnects = db->reconnects;
 }
 
 int mh_db_metrics_write(mh_db_t *db, mh_buf_t *out)

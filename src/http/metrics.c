@@ -314,9 +314,11 @@ typedef struct {
 typedef struct {
     mh_arena_t a;
     family_t *fam;
-    int nfam, capfam;
+    int nfam;
+    size_t capfam;
     series_t *ser;
-    int nser, capser;
+    int nser;
+    size_t capser;
     int *slots;      /* hash of series keys -> index + 1 */
     size_t nslots;
 } merge_t;
@@ -333,14 +335,10 @@ static int family_of(merge_t *m, const char *name, size_t n)
 {
     for (int i = m->nfam - 1; i >= 0; i--)
         if (strlen(m->fam[i].name) == n && !memcmp(m->fam[i].name, name, n)) return i;
-    if (m->nfam == m->capfam) {
-        int nc = m->capfam ? m->capfam * 2 : 64;
-        family_t *f = realloc(m->fam, (size_t)nc * sizeof *f);
-        if (!f) return -1;
-        m->fam = f;
-        m->capfam = nc;
-    }
-    family_t *f = &m->fam[m->nfam];
+    family_t *v = mh_vec_grow(m->fam, &m->capfam, (size_t)m->nfam + 1, sizeof *v, 64);
+    if (!v) return -1;
+    m->fam = v;
+    family_t *f = &v[m->nfam];
     memset(f, 0, sizeof *f);
     if (!(f->name = mh_strndup(&m->a, name, n))) return -1;
     f->first = f->last = -1;
@@ -404,14 +402,10 @@ static int add_sample(merge_t *m, int family, const char *key, size_t klen, cons
         }
         h = (h + 1) & (m->nslots - 1);
     }
-    if (m->nser == m->capser) {
-        int nc = m->capser ? m->capser * 2 : 256;
-        series_t *s = realloc(m->ser, (size_t)nc * sizeof *s);
-        if (!s) return MH_ENOMEM;
-        m->ser = s;
-        m->capser = nc;
-    }
-    series_t *s = &m->ser[m->nser];
+    series_t *v = mh_vec_grow(m->ser, &m->capser, (size_t)m->nser + 1, sizeof *v, 256);
+    if (!v) return MH_ENOMEM;
+    m->ser = v;
+    series_t *s = &v[m->nser];
     if (!(s->key = mh_strndup(&m->a, key, klen))) return MH_ENOMEM;
     s->klen = klen;
     s->family = family;

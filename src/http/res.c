@@ -37,8 +37,9 @@ static bool ci_contains(mh_str_t hay, const char *needle)
     return false;
 }
 
-mh_format_t mh_req_format(const mh_req_t *r, mh_format_t dflt)
+mh_format_t mh_req_format(const mh_req_t *r)
 {
+    mh_format_t dflt = r->route ? r->route->format : MH_FMT_JSON;
     mh_str_t acc = mh_req_header(r, "accept");
     if (!acc.p) return dflt;
     if (ci_contains(acc, "application/x-msgpack") || ci_contains(acc, "application/msgpack")) return MH_FMT_MSGPACK;
@@ -337,10 +338,16 @@ void mh_res_send_ext(mh_req_t *r, int status, const char *content_type, const vo
 
 static const char *ctype_of(mh_format_t f) { return f == MH_FMT_MSGPACK ? "application/x-msgpack" : "application/json"; }
 
-void mh_res_val(mh_req_t *r, int status, const mh_val_t *v, mh_format_t dflt)
+mh_vb_t *mh_res_build(mh_req_t *r)
 {
-    if (second_response(r)) return;
-    mh_format_t f = mh_req_format(r, dflt);
+    if (!r->out.a) mh_vb_init(&r->out, &r->arena);
+    return &r->out;
+}
+
+/* Encodes and sends; the caller checked that v is a whole answer. */
+static void send_val(mh_req_t *r, int status, const mh_val_t *v)
+{
+    mh_format_t f = mh_req_format(r);
     mh_buf_t b = {0};
     if (mh_encode(v, f, &b)) {
         mh_buf_free(&b);
@@ -349,6 +356,30 @@ void mh_res_val(mh_req_t *r, int status, const mh_val_t *v, mh_format_t dflt)
         return;
     }
     mh_res_send_buf(r, status, ctype_of(f), &b);
+}
+
+void mh_res_val(mh_req_t *r, int status, const mh_val_t *v)
+{
+    if (second_response(r)) return;
+    if (r->out.err || !v) {
+        mh_res_fail(r, r->out.err ? r->out.err : MH_ENOMEM, "building the answer");
+        return;
+    }
+    send_val(r, status, v);
+}
+
+/* The error body, built outside the request's builder (whose error may be
+ * the reason we are here). */
+static void send_error(mh_req_t *r, int status, const char *code, const char *detail)
+{
+    mh_val_t *m = mh_v_map(&r->arena);
+    if (!m || !detail || mh_map_put(&r->arena, m, "error", mh_v_str(code)) ||
+        mh_map_put(&r->arena, m, "detail", mh_v_str(detail))) {
+        static const char body[] = "{\"error\":\"unavailable\",\"detail\":\"out of memory\"}";
+        res_emit(Q(r), status, "application/json", body, sizeof body - 1);
+        return;
+    }
+    send_val(r, status, m);
 }
 
 void mh_res_error(mh_req_t *r, int status, const char *code, const char *detail_fmt, ...)
@@ -362,12 +393,61 @@ void mh_res_error(mh_req_t *r, int status, const char *code, const char *detail_
     char *detail = n >= 0 ? mh_alloc(&r->arena, (size_t)n + 1) : NULL;
     if (detail) vsnprintf(detail, (size_t)n + 1, detail_fmt, ap2);
     va_end(ap2);
-    mh_val_t *m = mh_v_map(&r->arena);
-    if (!m || !detail || mh_map_put(&r->arena, m, "error", mh_v_str(code)) ||
-        mh_map_put(&r->arena, m, "detail", mh_v_str(detail))) {
-        static const char body[] = "{\"error\":\"unavailable\",\"detail\":\"out of memory\"}";
-        res_emit(Q(r), status, "application/json", body, sizeof body - 1);
-        return;
-    }
-    mh_res_val(r, status, m, MH_FMT_JSON);
+    send_error(r, status, code, detail);
+}
+
+/* ------------------------------------------------- the error table */
+
+/* Every MH_E* a handler can meet, and what the client sees for it
+ * (DESIGN 7: one place turns an error into an answer; handlers never
+ * pick a status for an error code themselves). The sources name where
+ * each code is made: PostgreSQL's SQLSTATE classes are translated once,
+ * by the db module (src/db/conn.c, mh__db_translate). */
+static const mh_http_err_t errors[] = {
+    /* resources of this process */
+    {MH_ENOMEM, 503, "unavailable", "the server is out of memory; retry shortly", true, false},
+    {MH_ECANCELED, 503, "unavailable", "the server is stopping; retry shortly", true, false},
+    /* db: SQLSTATE class 08 (connection exception), 57P01..57P03 (shutdown),
+     * no connection in time, the pool's wait queue full */
+    {MH_EDBDOWN, 503, "unavailable", "the database is unavailable; retry shortly", true, false},
+    /* db: 57014 query_canceled (statement_timeout), the client-side timeout */
+    {MH_ETIMEDOUT, 503, "unavailable", "the database is unavailable; retry shortly", true, false},
+    /* db: 23505 unique_violation, 40001 serialization_failure,
+     * 40P01 deadlock_detected: a concurrent writer won */
+    {MH_ECONFLICT, 409, "conflict", "a concurrent change won; retry", false, false},
+    /* db: every other SQLSTATE */
+    {MH_EDB, 500, "internal", "database error", false, false},
+    /* store: S3 5xx and transport errors, fs I/O errors */
+    {MH_ESTORE, 503, "store_unavailable", "the object store is unavailable; retry shortly", true, false},
+    {MH_EIO, 503, "store_unavailable", "the object store is unavailable; retry shortly", true, false},
+    /* store: a full disk or bucket (SPEC 4.8) */
+    {MH_ENOSPC, 507, "insufficient_storage", "no space left in the object store", false, false},
+    /* budget: the pack-memory budget stayed spent for the queue timeout */
+    {MH_EBUDGET, 503, "busy", "the server's memory for pack work is spent; retry later", true, false},
+    /* limits: body sizes, pack sizes, entry counts */
+    {MH_ELIMIT, 413, "too_large", "the input exceeds a configured limit", false, true},
+    /* codec, mpack: malformed input; bytes that do not hash to their id */
+    {MH_EPARSE, 422, "invalid_body", "malformed input", false, true},
+    {MH_EHASH, 422, "hash_mismatch", "content does not hash to its id", false, true},
+    {MH_ENOENT, 404, "not_found", "not found", false, true},
+    {MH_EAUTH, 401, "unauthorized", "authentication failed", false, false},
+};
+
+static const mh_http_err_t internal_error = {0, 500, "internal", "internal error", false, false};
+
+const mh_http_err_t *mh_http_err_of(int err)
+{
+    for (size_t i = 0; i < sizeof errors / sizeof errors[0]; i++)
+        if (errors[i].err == err) return &errors[i];
+    return &internal_error;
+}
+
+void mh_res_fail(mh_req_t *r, int err, const char *what)
+{
+    const mh_http_err_t *e = mh_http_err_of(err);
+    if (!e->explain) MH_LOG(e->status >= 500 ? MH_LOG_ERROR : MH_LOG_INFO, "req %s: %s (%s)", r->id,
+                                  mh_strerror(err), what ? what : "");
+    if (e->retry) mh_res_header(r, "Retry-After", "2");
+    if (second_response(r)) return;
+    send_error(r, e->status, e->code, e->explain && what ? what : e->detail);
 }

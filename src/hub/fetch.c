@@ -1,19 +1,18 @@
 /*
  * fetch.c — POST /{owner}/{slug}/fetch (SPEC 4.4, DESIGN 4 "Fetch"): the
  * want/have negotiation answered with a presigned URL of a v1 mpack built
- * from the repository's stored history, and the caches that make a
- * repeated fetch cost one repository lookup and one presign.
+ * from the repository's stored history.
  *
  * Invariants:
  *  - Answers are cached by (repo_id, state_seq, request key), the key
  *    being SHA-256 over the sorted, de-duplicated want and have lists.
- *    First a per-process map keyed by the request as sent (the hot path:
- *    no query beyond the repository lookup); on a miss the commit graph
- *    (cached per process and state) resolves the ids and the fetch_packs
- *    table, shared by all processes, is asked with the key of the known
- *    ids only, so unknown haves neither force a rebuild nor add rows.
- *    Every branch move bumps state_seq: a cached answer always describes
- *    the state it was built for.
+ *    First a per-process map keyed by the request as sent (caches.c; the
+ *    hot path: no query beyond the repository lookup); on a miss the
+ *    commit graph (cached per process and state) resolves the ids and the
+ *    fetch_packs table, shared by all processes, is asked with the key of
+ *    the known ids only, so unknown haves neither force a rebuild nor add
+ *    rows. Every branch move bumps state_seq: a cached answer always
+ *    describes the state it was built for.
  *  - The same request on the same state builds the same bytes: commits by
  *    (generation, id), snapshots parent first in that order, blobs by
  *    object id, branch_heads (the branches whose head is in the pack) by
@@ -29,296 +28,39 @@
  *  - Identical misses in flight are coalesced: the first request builds,
  *    later ones wait for its answer (or its error).
  *
- * The build is a state machine (DESIGN 3): callbacks record their result,
- * set the next state and call advance().
+ * The build is an operation of the step kit (mh/step.h); fetch_steps at
+ * the end of the file is the protocol.
  */
 #include "hub_internal.h"
 
-#include <libpq-fe.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_IDS 10000            /* per list; a client sends tips, not histories */
-#define MAX_HAVE_MANIFESTS 64    /* have tips whose objects are subtracted */
-#define READS_IN_FLIGHT 8        /* source packs read concurrently */
+#define MAX_IDS 10000               /* per list; a client sends tips, not histories */
+#define MAX_HAVE_MANIFESTS 64       /* have tips whose objects are subtracted */
+#define READS_IN_FLIGHT 8           /* source packs read concurrently */
 #define POOL_THRESHOLD (256u << 10) /* blob bytes above which the build runs in the thread pool */
-#define AC_SLOTS 8192            /* cached answers per process (FIFO) */
-#define AC_BUCKETS 16384
 /* A build keeps row copies and decoded deltas in its own arena: the
  * request arena's 64 MiB cap is sized for API bodies, not for histories.
  * Blob bytes and the pack itself are heap buffers outside both. */
 #define BUILD_ARENA_LIMIT ((size_t)1 << 30)
-/* A walk flag of our own (mh_graph_walk uses the low four bits): the
+/* A walk flag of our own (mh__graph_walk uses the low four bits): the
  * commit is in the pack. */
 #define GW_SENT 0x10
 
-/* ================================================================ caches */
-
-typedef struct {
-    char mpack_id[MH_ID_SIZE]; /* "" when nothing is to be sent */
-    uint32_t commits, snapshots, blobs;
-} answer_t;
-
-static void url_cache_free(void);
-
-typedef struct ac_ent {
-    struct ac_ent *next;
-    char *key;
-    uint64_t hash;
-    answer_t ans;
-} ac_ent_t;
-
-typedef struct fetch fetch_t;
-
-typedef struct inflight {
-    struct inflight *next;
-    char *key;
-    fetch_t **waiters;
-    size_t n, cap;
-} inflight_t;
-
-struct mh_answer_cache {
-    ac_ent_t *buckets[AC_BUCKETS];
-    ac_ent_t *ring[AC_SLOTS];
-    uint32_t head;
-    inflight_t *inflight;
-};
-
-mh_fetch_cache_t *mh_hub_cache(mh_hub_t *hub)
-{
-    if (!hub->fetch_cache) {
-        mh_fetch_cache_t *fc = calloc(1, sizeof *fc);
-        if (!fc) return NULL;
-        fc->hub = hub;
-        hub->fetch_cache = fc;
-    }
-    return hub->fetch_cache;
-}
-
-static mh_answer_cache_t *answers(mh_hub_t *hub)
-{
-    mh_fetch_cache_t *fc = mh_hub_cache(hub);
-    if (!fc) return NULL;
-    if (!fc->answers) fc->answers = calloc(1, sizeof *fc->answers);
-    return fc->answers;
-}
-
-static void ac_unlink(mh_answer_cache_t *ac, ac_ent_t *e)
-{
-    ac_ent_t **pp = &ac->buckets[e->hash % AC_BUCKETS];
-    while (*pp && *pp != e) pp = &(*pp)->next;
-    if (*pp) *pp = e->next;
-    free(e->key);
-    free(e);
-}
-
-static const answer_t *ac_get(mh_answer_cache_t *ac, const char *key)
-{
-    uint64_t h = mh_hub_hash_bytes(key, strlen(key));
-    for (ac_ent_t *e = ac->buckets[h % AC_BUCKETS]; e; e = e->next)
-        if (e->hash == h && strcmp(e->key, key) == 0) return &e->ans;
-    return NULL;
-}
-
-static void ac_put(mh_answer_cache_t *ac, const char *key, const answer_t *ans)
-{
-    if (ac_get(ac, key)) return;
-    ac_ent_t *e = calloc(1, sizeof *e);
-    if (!e || !(e->key = strdup(key))) {
-        free(e);
-        return;
-    }
-    e->hash = mh_hub_hash_bytes(key, strlen(key));
-    e->ans = *ans;
-    /* FIFO eviction: the ring slot's previous occupant goes. */
-    uint32_t slot = ac->head++ % AC_SLOTS;
-    if (ac->ring[slot]) ac_unlink(ac, ac->ring[slot]);
-    ac->ring[slot] = e;
-    e->next = ac->buckets[e->hash % AC_BUCKETS];
-    ac->buckets[e->hash % AC_BUCKETS] = e;
-}
-
-void mh_fetch_cache_invalidate(mh_hub_t *hub, const char *repo_id)
-{
-    /* This process changed the repository: drop its lookup now rather
-     * than when our own NOTIFY comes back. */
-    mh_hub_repo_cache_invalidate(hub, repo_id);
-    if (!hub->fetch_cache) return;
-    /* The commit graph stays: it is keyed by state_seq, so it is never
-     * used for the new state, and the next load extends a copy of it with
-     * the new ref rows instead of reading the whole history again
-     * (graph.c). */
-    mh_answer_cache_t *ac = hub->fetch_cache->answers;
-    if (!ac || !repo_id) return;
-    size_t rl = strlen(repo_id);
-    for (uint32_t i = 0; i < AC_SLOTS; i++) {
-        ac_ent_t *e = ac->ring[i];
-        if (e && strncmp(e->key, repo_id, rl) == 0 && e->key[rl] == '|') {
-            ac_unlink(ac, e);
-            ac->ring[i] = NULL;
-        }
-    }
-}
-
-void mh_fetch_cache_free(mh_hub_t *hub)
-{
-    url_cache_free();
-    mh_fetch_cache_t *fc = hub->fetch_cache;
-    if (!fc) return;
-    if (fc->answers) {
-        for (uint32_t i = 0; i < AC_SLOTS; i++)
-            if (fc->answers->ring[i]) ac_unlink(fc->answers, fc->answers->ring[i]);
-        for (inflight_t *n, *x = fc->answers->inflight; x; x = n) {
-            n = x->next;
-            free(x->waiters);
-            free(x->key);
-            free(x);
-        }
-        free(fc->answers);
-    }
-    mh_graph_cache_free(fc->graphs);
-    mh_manifest_lru_free(fc->manifests);
-    free(fc);
-    hub->fetch_cache = NULL;
-}
-
-/* =============================================================== helpers */
-
-char *mh_hub_pg_array(mh_arena_t *a, const char *const *ids, size_t n)
-{
-    size_t len = 3;
-    for (size_t i = 0; i < n; i++) len += strlen(ids[i]) + 1;
-    char *s = mh_alloc(a, len);
-    if (!s) return NULL;
-    char *p = s;
-    *p++ = '{';
-    for (size_t i = 0; i < n; i++) {
-        if (i) *p++ = ',';
-        size_t l = strlen(ids[i]);
-        memcpy(p, ids[i], l);
-        p += l;
-    }
-    *p++ = '}';
-    *p = 0;
-    return s;
-}
-
-void mh_hub_fail(mh_req_t *req, int err, const char *what)
-{
-    switch (err) {
-    case MH_EDB:
-    case MH_EDBDOWN:
-    case MH_ETIMEDOUT:
-    case MH_ECONFLICT:
-        mh_hub_db_fail(req, err, what);
-        return;
-    case MH_ENOMEM:
-        mh_error("req %s: out of memory (%s)", req->id, what ? what : "");
-        mh_res_header(req, "Retry-After", "2");
-        mh_res_error(req, 503, "unavailable", "the server is out of memory; retry shortly");
-        return;
-    case MH_ESTORE:
-    case MH_EIO:
-        mh_error("req %s: object store: %s (%s)", req->id, mh_strerror(err), what ? what : "");
-        mh_res_header(req, "Retry-After", "2");
-        mh_res_error(req, 503, "store_unavailable", "the object store is unavailable; retry shortly");
-        return;
-    default:
-        mh_error("req %s: %s (%s)", req->id, mh_strerror(err), what ? what : "");
-        mh_res_error(req, 500, "internal", "internal error: %s", what ? what : mh_strerror(err));
-        return;
-    }
-}
-
-/* An arena-held hash map from id text (MH_ID_LEN bytes) to a uint32,
- * sized once for at most `cap` keys. */
-typedef struct {
-    const char **keys;
-    uint32_t *vals;
-    uint32_t mask, n;
-} idmap_t;
-
-static int idmap_init(mh_arena_t *a, idmap_t *m, size_t cap)
-{
-    size_t size = 16;
-    while (size < cap * 2) size <<= 1;
-    m->keys = mh_calloc(a, size * sizeof *m->keys);
-    m->vals = mh_alloc(a, size * sizeof *m->vals);
-    m->mask = (uint32_t)(size - 1);
-    m->n = 0;
-    return m->keys && m->vals ? 0 : MH_ENOMEM;
-}
-
-static uint32_t idmap_slot(const idmap_t *m, const char *id)
-{
-    uint32_t i = (uint32_t)mh_id_hash(id) & m->mask;
-    while (m->keys[i] && memcmp(m->keys[i], id, MH_ID_LEN) != 0) i = (i + 1) & m->mask;
-    return i;
-}
-
-static const uint32_t *idmap_get(const idmap_t *m, const char *id)
-{
-    if (!m->keys) return NULL;
-    uint32_t i = idmap_slot(m, id);
-    return m->keys[i] ? &m->vals[i] : NULL;
-}
-
-/* Inserts (id -> v) unless present; true when inserted. `id` is borrowed.
- * The caller sized the map: a full map refuses (false). */
-static bool idmap_put(idmap_t *m, const char *id, uint32_t v)
-{
-    uint32_t i = idmap_slot(m, id);
-    if (m->keys[i] || m->n + 1 > (m->mask + 1) / 2 + (m->mask + 1) / 4) return false;
-    m->keys[i] = id;
-    m->vals[i] = v;
-    m->n++;
-    return true;
-}
-
-/* The cache key of a request: SHA-256 (hex) of "want\n" + each want id +
- * "\n", then "have\n" + each have id + "\n", over lists already sorted
- * and de-duplicated. With g, haves that graph does not hold are left out:
- * they cannot change the answer, so garbage haves neither force a rebuild
- * nor add rows. */
-static int ids_key(mh_arena_t *a, char *const *want, size_t nw, char *const *have, size_t nh, const mh_graph_t *g,
-                   char out[65])
-{
-    char *buf = mh_alloc(a, 16 + (nw + nh) * (MH_ID_LEN + 1)), *p = buf;
-    if (!buf) return MH_ENOMEM;
-    memcpy(p, "want\n", 5);
-    p += 5;
-    for (size_t i = 0; i < nw; i++) {
-        memcpy(p, want[i], MH_ID_LEN);
-        p += MH_ID_LEN;
-        *p++ = '\n';
-    }
-    memcpy(p, "have\n", 5);
-    p += 5;
-    for (size_t i = 0; i < nh; i++) {
-        if (g && mh_graph_find(g, have[i]) == MH_GNONE) continue;
-        memcpy(p, have[i], MH_ID_LEN);
-        p += MH_ID_LEN;
-        *p++ = '\n';
-    }
-    uint8_t d[32];
-    mh_sha256(buf, (size_t)(p - buf), d);
-    mh_hex_encode(out, d, 32);
-    return 0;
-}
-
-static void free_manifest_cb(void *p) { mh_manifest_free(p); }
-static void free_buf_cb(void *p) { mh_buf_free(p); }
+typedef mh__answer_t answer_t;
 
 /* ================================================================= state */
 
 typedef enum { SNAP_DELTA, SNAP_ROOT_STORED, SNAP_ROOT_REBUILD } snap_kind_t;
 
 typedef struct {
-    char *id, *parent;   /* parent: stored parent id or NULL */
-    uint8_t *up, *rm;    /* stored delta (msgpack map / array) */
+    const char *id;
+    char *parent;     /* stored parent id or NULL */
+    uint8_t *up, *rm; /* stored delta (msgpack map / array) */
     size_t upn, rmn;
-    mh_val_t upv;        /* the upsert map, decoded */
+    mh_val_t upv; /* the upsert map, decoded */
     snap_kind_t kind;
     mh_manifest_t *full; /* SNAP_ROOT_REBUILD: the whole manifest */
     mh_buf_t *full_mp;   /* ... encoded as the root's upsert map */
@@ -339,51 +81,26 @@ typedef struct {
     const uint8_t *content;
 } blob_t;
 
+typedef struct fetch fetch_t;
+
 typedef struct {
     fetch_t *f;
-    char key[80];       /* "mpacks/<hex>" */
-    uint32_t first, n;  /* f->order[first .. first+n) */
+    char key[MH_MPACK_KEY_SIZE];
+    uint32_t first, n; /* f->order[first .. first+n) */
     mh_range_t *ranges;
     mh_buf_t *buf;
 } src_t;
 
-typedef enum {
-    S_GRAPH,    /* the repository's commit graph */
-    S_RESOLVE,  /* want/have ids to graph nodes; the normalised request key */
-    S_LOOKUP,   /* fetch_packs row of (repo, state, normalised request) */
-    S_WALK,     /* want/have walk, snapshot plan */
-    S_ROWS,     /* commit and snapshot rows */
-    S_MANIFESTS,/* manifests of have tips and of roots without their parent */
-    S_BLOBSET,  /* which blobs to send */
-    S_LOCATE,   /* where they are */
-    S_READ,     /* their bytes */
-    S_BUILD,    /* the pack */
-    S_PUT,      /* into the store */
-    S_RECORD,   /* mpacks + fetch_packs rows */
-    S_ANSWER,
-    S_WAIT,     /* an async step is running */
-} fstate_t;
-
-typedef struct {
-    int status;
-    const char *code;
-    const char *detail;
-    bool retry;
-} ferr_t;
-
 struct fetch {
-    mh_req_t *req;
-    mh_hub_t *hub;
-    mh_arena_t *a;
-    fstate_t state;
-    mh_repo_t *repo;
+    mh__op_t op;
+    mh_arena_t *a; /* the build arena: op.work (BUILD_ARENA_LIMIT) */
     char **want, **have;
     size_t nwant, nhave;
-    char reqkey[65];    /* SHA-256 of the request as sent (sorted, unique) */
-    char normkey[65];   /* ... of the known ids only (unknown haves dropped) */
-    char *key;          /* answer-cache key: repo_id|state_seq|reqkey */
-    inflight_t *infl;   /* set on the request that builds */
-    int64_t seq;        /* the state the answer describes */
+    char reqkey[65];      /* SHA-256 of the request as sent (sorted, unique) */
+    char normkey[65];     /* ... of the known ids only (unknown haves dropped) */
+    char *key;            /* answer-cache key: repo_id|state_seq|reqkey */
+    mh__inflight_t *infl; /* set on the request that builds */
+    int64_t seq;          /* the state the answer describes */
     mh_graph_t *g;
     bool g_cached, g_reloaded;
     uint32_t *want_idx, *have_idx;
@@ -391,37 +108,49 @@ struct fetch {
     uint32_t *send;
     size_t nsend;
     uint8_t *flags;
-    idmap_t have_snaps; /* snapshots of commits the client has */
-    const char **snap_ids;
-    size_t nsnap_ids;
+    mh_idlist_t have_snaps; /* snapshots of commits the client has */
+    mh_idlist_t snap_ids;   /* snapshots to send; snaps[] is parallel */
     crow_t *commits;
-    snap_t *snaps;      /* parallel to snap_ids */
-    idmap_t snap_map;   /* snapshot id -> index in snaps */
-    idmap_t blob_map;   /* object id -> index in blobs (sorted) */
-    uint32_t *emit;     /* snapshot indices, parents first */
+    snap_t *snaps;
+    mh_idmap_t blob_map; /* blobs[] (sorted) by object id */
+    uint32_t *emit;      /* snapshot indices, parents first */
     size_t nemit;
     mh_manifest_t **havem;
     size_t nhavem;
-    size_t pending;
+    size_t pending; /* manifest loads in flight */
     int perr;
     const char *pwhy;
     blob_t *blobs;
     size_t nblobs;
-    uint32_t *order;    /* blob indices by (pack, offset) */
+    uint32_t *order; /* blob indices by (pack, offset) */
     src_t *srcs;
     size_t nsrcs, next_src, reads_inflight;
     uint64_t blob_bytes;
     mh_buf_t *pack;
     mh_id_t mpack_id;
-    uv_work_t work;
-    int build_err;
     answer_t ans;
-    uint64_t t0, t_mark;
+    uint64_t t_mark;
     char timing[256];
     size_t tlen;
 };
 
-static void advance(fetch_t *f);
+#define F(s) MH_STEP_OP(s, fetch_t, op.step)
+
+enum {
+    S_GRAPH,
+    S_RESOLVE,
+    S_LOOKUP,
+    S_WALK,
+    S_ROWS,
+    S_MANIFESTS,
+    S_BLOBSET,
+    S_LOCATE,
+    S_READ,
+    S_BUILD,
+    S_PUT,
+    S_RECORD,
+    S_ANSWER
+};
 
 static void tmark(fetch_t *f, const char *name)
 {
@@ -434,260 +163,211 @@ static void tmark(fetch_t *f, const char *name)
     f->t_mark = now;
 }
 
-/* ============================================================ responding */
+static void free_manifest_cb(void *p) { mh_manifest_free(p); }
+static void free_buf_cb(void *p) { mh_buf_free(p); }
 
-static uint32_t presign_ttl(const mh_hub_t *hub)
+/* The cache key of a request: SHA-256 (hex) of "want\n" + each want id +
+ * "\n", then "have\n" + each have id + "\n", over lists already sorted
+ * and de-duplicated. With g, haves that graph does not hold are left out:
+ * they cannot change the answer, so garbage haves neither force a rebuild
+ * nor add rows. */
+static int ids_key(mh_arena_t *a, char *const *want, size_t nw, char *const *have, size_t nh, const mh_graph_t *g,
+                   char out[65])
 {
-    uint32_t ttl = hub->cfg && hub->cfg->presign_ttl ? hub->cfg->presign_ttl : 3600;
-    return ttl > 604800 ? 604800 : ttl;
-}
-
-/* Presigned GET URLs of packs, reused while at least half their lifetime
- * is left: presigning (an HMAC and the URL's formatting) was half of a
- * cached fetch answer's instructions (docs/benchmarks.md). Per process,
- * direct-mapped by pack id; expires_in reports the URL's real remaining
- * lifetime. */
-#define URL_SLOTS 256
-
-typedef struct {
-    char mpack_id[MH_ID_SIZE];
-    int64_t signed_at, expires_at; /* unix seconds */
-    char url[];
-} url_ent_t;
-
-static url_ent_t *url_slots[URL_SLOTS];
-
-static void url_cache_free(void)
-{
-    for (size_t i = 0; i < URL_SLOTS; i++) {
-        free(url_slots[i]);
-        url_slots[i] = NULL;
+    char *buf = mh_alloc(a, 16 + (nw + nh) * (MH_ID_LEN + 1)), *p = buf;
+    if (!buf) return MH_ENOMEM;
+    for (int list = 0; list < 2; list++) {
+        char *const *ids = list ? have : want;
+        memcpy(p, list ? "have\n" : "want\n", 5);
+        p += 5;
+        for (size_t i = 0; i < (list ? nh : nw); i++) {
+            if (list && g && mh__graph_find(g, ids[i]) == MH_GNONE) continue;
+            memcpy(p, ids[i], MH_ID_LEN);
+            p += MH_ID_LEN;
+            *p++ = '\n';
+        }
     }
-}
-
-/* The URL (in arena a) and its remaining lifetime in seconds. */
-static int pack_url(mh_hub_t *hub, mh_arena_t *a, const char *mpack_id, char **url, uint32_t *expires_in)
-{
-    uint32_t ttl = presign_ttl(hub);
-    int64_t now = mh_unix_time();
-    size_t slot = (size_t)mh_id_hash(mpack_id) & (URL_SLOTS - 1);
-    url_ent_t *e = url_slots[slot];
-    if (e && strcmp(e->mpack_id, mpack_id) == 0 && now - e->signed_at < (int64_t)ttl / 2 && now < e->expires_at) {
-        *url = mh_strdup(a, e->url);
-        *expires_in = (uint32_t)(e->expires_at - now);
-        return *url ? 0 : MH_ENOMEM;
-    }
-    char key[80];
-    snprintf(key, sizeof key, "mpacks/%s", mpack_id + 7);
-    int rc = mh_store_presign(hub->store, a, "GET", key, 0, NULL, ttl, url);
-    if (rc) return rc;
-    *expires_in = ttl;
-    size_t n = strlen(*url);
-    url_ent_t *ne = malloc(sizeof *ne + n + 1);
-    if (ne) { /* a cache: best effort */
-        snprintf(ne->mpack_id, sizeof ne->mpack_id, "%s", mpack_id);
-        ne->signed_at = now;
-        ne->expires_at = now + ttl;
-        memcpy(ne->url, *url, n + 1);
-        free(url_slots[slot]);
-        url_slots[slot] = ne;
-    }
+    uint8_t d[32];
+    mh_sha256(buf, (size_t)(p - buf), d);
+    mh_hex_encode(out, d, 32);
     return 0;
 }
+
+/* ============================================================ answering */
 
 static void respond_answer(mh_req_t *req, const answer_t *ans)
 {
     mh_hub_t *hub = req->app;
-    mh_arena_t *a = &req->arena;
-    uint32_t ttl = presign_ttl(hub);
+    uint32_t ttl = mh__presign_ttl(hub);
     char *url = NULL;
     if (ans->mpack_id[0]) {
-        int rc = pack_url(hub, a, ans->mpack_id, &url, &ttl);
+        int rc = mh__pack_url(hub, &req->arena, ans->mpack_id, &url, &ttl);
         if (rc) {
-            mh_hub_fail(req, rc, "presigning the pack");
+            mh_res_fail(req, rc, "presigning the pack");
             return;
         }
     }
-    mh_val_t *m = mh_v_map(a);
-    if (!m) {
-        mh_hub_fail(req, MH_ENOMEM, "answer");
+    mh_vb_t *b = mh_res_build(req);
+    mh_val_t *m = mh_vb_map(b);
+    mh_vb_put(b, m, "mpack_url", url ? mh_v_str(url) : mh_v_nil());
+    mh_vb_put(b, m, "mpack_id", ans->mpack_id[0] ? mh_vb_str(b, ans->mpack_id) : mh_v_nil());
+    mh_vb_put(b, m, "commit_count", mh_v_int(ans->commits));
+    mh_vb_put(b, m, "snapshot_count", mh_v_int(ans->snapshots));
+    mh_vb_put(b, m, "blob_count", mh_v_int(ans->blobs));
+    mh_vb_put(b, m, "object_count", mh_v_int(ans->blobs));
+    mh_vb_put(b, m, "expires_in", mh_v_int(ttl));
+    mh_res_val(req, 200, m);
+}
+
+static void answer_each(mh_req_t *waiter, void *arg) { respond_answer(waiter, arg); }
+static void error_each(mh_req_t *waiter, void *arg) { mh__res_err(waiter, arg); }
+
+/* The builder's end, for itself and every request waiting on the same
+ * key: the same answer, or the same error. */
+static void fetch_finish(mh_step_t *s)
+{
+    fetch_t *f = F(s);
+    mh_hub_t *hub = f->op.hub;
+    mh__inflight_t *x = f->infl;
+    mh__err_t e;
+    if (mh__op_error(s, NULL, &e)) {
+        mh__res_err(f->op.req, &e);
+        mh__inflight_done(hub, x, error_each, &e);
         return;
     }
-    char *mpack_id = ans->mpack_id[0] ? mh_strdup(a, ans->mpack_id) : NULL;
-    int rc = ans->mpack_id[0] && !mpack_id ? MH_ENOMEM : 0; /* never answer an empty id */
-    rc |= mh_map_put(a, m, "mpack_url", url ? mh_v_str(url) : mh_v_nil());
-    rc |= mh_map_put(a, m, "mpack_id", mpack_id ? mh_v_str(mpack_id) : mh_v_nil());
-    rc |= mh_map_put(a, m, "commit_count", mh_v_int(ans->commits));
-    rc |= mh_map_put(a, m, "snapshot_count", mh_v_int(ans->snapshots));
-    rc |= mh_map_put(a, m, "blob_count", mh_v_int(ans->blobs));
-    rc |= mh_map_put(a, m, "object_count", mh_v_int(ans->blobs));
-    rc |= mh_map_put(a, m, "expires_in", mh_v_int(ttl));
-    if (rc) {
-        mh_hub_fail(req, MH_ENOMEM, "answer");
-        return;
-    }
-    mh_res_val(req, 200, m, MH_FMT_MSGPACK);
-}
-
-static void respond_error(mh_req_t *req, const ferr_t *e)
-{
-    if (e->retry) mh_res_header(req, "Retry-After", "2");
-    mh_res_error(req, e->status, e->code, "%s", e->detail);
-}
-
-static ferr_t err_of(int err)
-{
-    switch (err) {
-    case MH_EDBDOWN:
-    case MH_ETIMEDOUT:
-        return (ferr_t){503, "unavailable", "the database is unavailable; retry shortly", true};
-    case MH_ENOMEM:
-        return (ferr_t){503, "unavailable", "the server is out of memory; retry shortly", true};
-    case MH_ESTORE:
-    case MH_EIO:
-        return (ferr_t){503, "store_unavailable", "the object store is unavailable; retry shortly", true};
-    default:
-        return (ferr_t){500, "internal", "internal error", false};
-    }
-}
-
-/* Removes the in-flight record of f (the builder) and answers every
- * waiter with the same outcome. */
-static void wake_waiters(fetch_t *f, const answer_t *ans, const ferr_t *e)
-{
-    inflight_t *x = f->infl;
-    if (!x) return;
-    f->infl = NULL;
-    mh_answer_cache_t *ac = answers(f->hub);
-    if (ac) {
-        inflight_t **pp = &ac->inflight;
-        while (*pp && *pp != x) pp = &(*pp)->next;
-        if (*pp) *pp = x->next;
-    }
-    for (size_t i = 0; i < x->n; i++) {
-        if (ans) respond_answer(x->waiters[i]->req, ans);
-        else respond_error(x->waiters[i]->req, e);
-    }
-    free(x->waiters);
-    free(x->key);
-    free(x);
-}
-
-static void fail(fetch_t *f, ferr_t e)
-{
-    f->state = S_WAIT;
-    respond_error(f->req, &e);
-    wake_waiters(f, NULL, &e);
-}
-
-static void fail_err(fetch_t *f, int err, const char *what)
-{
-    if (err == MH_EDB || err == MH_EDBDOWN || err == MH_ETIMEDOUT || err == MH_ECONFLICT)
-        mh_error("req %s: fetch: database: %s (%s)", f->req->id, mh_strerror(err), what ? what : "");
-    else
-        mh_error("req %s: fetch: %s (%s)", f->req->id, mh_strerror(err), what ? what : "");
-    fail(f, err_of(err));
-}
-
-static void finish(fetch_t *f)
-{
-    mh_answer_cache_t *ac = answers(f->hub);
+    if (f->pack)
+        mh_info("fetch %s/%s: %zu commits, %zu snapshots, %zu blobs, %zu bytes, %s in %.1f ms:%s", f->op.repo->owner,
+                f->op.repo->slug, f->nsend, f->nemit, f->nblobs, f->pack->len, f->mpack_id.s,
+                (double)(mh_now_us() - s->t0) / 1000.0, f->timing);
     /* Under the key this request was looked up with, and under the state
      * the answer was built for when the graph was newer. */
-    char *key = mh_sprintf(f->a, "%s|%lld|%s", f->repo->repo_id, (long long)f->seq, f->reqkey);
-    if (ac && f->key) ac_put(ac, f->key, &f->ans);
-    if (ac && key && (!f->key || strcmp(key, f->key) != 0)) ac_put(ac, key, &f->ans);
-    respond_answer(f->req, &f->ans);
-    wake_waiters(f, &f->ans, NULL);
+    char *key = mh_sprintf(f->a, "%s|%lld|%s", f->op.repo->repo_id, (long long)f->seq, f->reqkey);
+    if (f->key) mh__answer_put(hub, f->key, &f->ans);
+    if (key && (!f->key || strcmp(key, f->key) != 0)) mh__answer_put(hub, key, &f->ans);
+    answer_t ans = f->ans; /* the request (and f) may be freed by its answer */
+    respond_answer(f->op.req, &ans);
+    mh__inflight_done(hub, x, answer_each, &ans);
 }
 
 /* ============================================================= the steps */
-
-/* Each step either starts one asynchronous operation (state S_WAIT; its
- * callback sets the next state and calls advance), finishes synchronously
- * (state = the next step), or fails (fail() answers; state S_WAIT). */
-
-/* --- S_LOOKUP: the shared table of built answers */
-
-static const mh_stmt_t st_lookup = {
-    "hub_fetch_lookup",
-    "SELECT mpack_id, commit_count, snapshot_count, blob_count FROM fetch_packs"
-    " WHERE repo_id = $1 AND request_key = $2 AND state_seq = $3",
-    3};
-
-static void lookup_cb(void *ud, PGresult *res, int err, const char *errmsg)
-{
-    fetch_t *f = ud;
-    if (err) {
-        fail_err(f, err, errmsg);
-        return;
-    }
-    if (PQntuples(res) == 1) {
-        answer_t *ans = &f->ans;
-        if (!mh_pq_isnull(res, 0, 0)) snprintf(ans->mpack_id, sizeof ans->mpack_id, "%s", mh_pq_str(res, 0, 0));
-        ans->commits = (uint32_t)mh_pq_int(res, 0, 1);
-        ans->snapshots = (uint32_t)mh_pq_int(res, 0, 2);
-        ans->blobs = (uint32_t)mh_pq_int(res, 0, 3);
-        tmark(f, "lookup_hit");
-        f->state = S_ANSWER;
-    } else {
-        tmark(f, "lookup");
-        f->state = S_WALK;
-    }
-    advance(f);
-}
-
-static void step_lookup(fetch_t *f)
-{
-    char seq[24];
-    snprintf(seq, sizeof seq, "%lld", (long long)f->seq);
-    const char *vals[3] = {f->repo->repo_id, f->normkey, seq};
-    f->state = S_WAIT;
-    mh_db_exec(f->hub->db, &st_lookup, vals, NULL, NULL, lookup_cb, f);
-}
 
 /* --- S_GRAPH: the repository's commit graph, cached per state */
 
 static void graph_cb(void *ud, mh_graph_t *g, int err, const char *errmsg)
 {
-    fetch_t *f = ud;
-    if (err) {
-        if (err == MH_ENOENT) fail(f, (ferr_t){404, "not_found", "repository not found", false});
-        else fail_err(f, err, errmsg);
-        return;
+    fetch_t *f = F(ud);
+    if (err == MH_ENOENT) {
+        mh_step_refuse(&f->op.step, 404, "not_found", "repository not found");
+        err = 0;
+    } else if (!err && mh__graph_hold(f->a, g)) {
+        err = MH_ENOMEM;
+    } else if (!err) {
+        f->g = g;
+        f->g_cached = false;
+        tmark(f, "graph_load");
     }
-    if (mh_graph_hold(f->a, g)) {
-        fail_err(f, MH_ENOMEM, "graph");
-        return;
-    }
-    f->g = g;
-    f->g_cached = false;
-    tmark(f, "graph_load");
-    f->state = S_RESOLVE;
-    advance(f);
+    mh_step_resume(&f->op.step, err, errmsg);
 }
 
-static void step_graph(fetch_t *f, bool force)
+static void load_graph(mh_step_t *s, bool force)
 {
-    mh_graph_t *g = force ? NULL : mh_graph_cache_get(f->hub, f->repo->repo_id, f->seq);
+    fetch_t *f = F(s);
+    mh_graph_t *g = force ? NULL : mh__graph_cache_get(f->op.hub, f->op.repo->repo_id, f->seq);
     if (g) {
-        if (mh_graph_hold(f->a, g)) {
-            fail_err(f, MH_ENOMEM, "graph");
+        if (mh__graph_hold(f->a, g)) {
+            mh_step_fail(s, MH_ENOMEM, "graph");
             return;
         }
         f->g = g;
         f->g_cached = true;
-        f->state = S_RESOLVE;
         return;
     }
     /* Forced or not, the load reads only the ref rows added since the
      * cached graph of this repository (graph.c), which include the one a
      * forced reload looks for. */
-    f->state = S_WAIT;
-    if (mh_graph_load(f->hub, f->a, f->repo->repo_id, graph_cb, f)) fail_err(f, MH_ENOMEM, "graph");
+    mh_step_wait(s);
+    if (mh__graph_load(f->op.hub, f->a, f->op.repo->repo_id, graph_cb, s)) mh_step_resume(s, MH_ENOMEM, "graph");
 }
 
-/* --- S_WALK: resolve ids, walk, list the snapshots to send */
+static void step_graph(mh_step_t *s) { load_graph(s, false); }
+
+/* --- S_RESOLVE: want/have ids to graph nodes; the normalised key */
+
+static void step_resolve(mh_step_t *s)
+{
+    fetch_t *f = F(s);
+    mh_graph_t *g = f->g;
+    f->want_idx = mh_alloc(f->a, (f->nwant + 1) * sizeof(uint32_t));
+    f->have_idx = mh_alloc(f->a, (f->nhave + 1) * sizeof(uint32_t));
+    if (!f->want_idx || !f->have_idx) {
+        mh_step_fail(s, MH_ENOMEM, "resolve");
+        return;
+    }
+    f->nwant_idx = f->nhave_idx = 0;
+    for (size_t i = 0; i < f->nwant; i++) {
+        uint32_t x = mh__graph_find(g, f->want[i]);
+        if (x != MH_GNONE) {
+            f->want_idx[f->nwant_idx++] = x;
+            continue;
+        }
+        /* A cached graph could predate a ref row added without a branch
+         * move: ask the database once more before a 404. */
+        if (f->g_cached && !f->g_reloaded) {
+            f->g_reloaded = true;
+            mh_step_goto(s, S_RESOLVE);
+            load_graph(s, true);
+            return;
+        }
+        mh_step_refuse(s, 404, "not_found", "a wanted commit is not in this repository");
+        return;
+    }
+    for (size_t i = 0; i < f->nhave; i++) {
+        uint32_t x = mh__graph_find(g, f->have[i]);
+        if (x != MH_GNONE) f->have_idx[f->nhave_idx++] = x; /* unknown haves are ignored */
+    }
+    /* The answer describes the state the graph was read at. */
+    f->seq = g->state_seq;
+    if (ids_key(f->a, f->want, f->nwant, f->have, f->nhave, g, f->normkey)) {
+        mh_step_fail(s, MH_ENOMEM, "resolve");
+        return;
+    }
+    tmark(f, "resolve");
+}
+
+/* --- S_LOOKUP: the shared table of built answers */
+
+static const mh_stmt_t st_lookup = {"hub_fetch_lookup",
+                                    "SELECT mpack_id, commit_count, snapshot_count, blob_count FROM fetch_packs"
+                                    " WHERE repo_id = $1 AND request_key = $2 AND state_seq = $3",
+                                    3};
+
+static int looked_up(mh_step_t *s, PGresult *res)
+{
+    fetch_t *f = F(s);
+    if (PQntuples(res) != 1) {
+        tmark(f, "lookup");
+        return 0;
+    }
+    answer_t *ans = &f->ans;
+    if (!mh_pq_isnull(res, 0, 0)) snprintf(ans->mpack_id, sizeof ans->mpack_id, "%s", mh_pq_str(res, 0, 0));
+    ans->commits = (uint32_t)mh_pq_int(res, 0, 1);
+    ans->snapshots = (uint32_t)mh_pq_int(res, 0, 2);
+    ans->blobs = (uint32_t)mh_pq_int(res, 0, 3);
+    tmark(f, "lookup_hit");
+    mh_step_goto(s, S_ANSWER);
+    return 0;
+}
+
+static void step_lookup(mh_step_t *s)
+{
+    fetch_t *f = F(s);
+    char seq[24];
+    snprintf(seq, sizeof seq, "%lld", (long long)f->seq);
+    mh_db_pq_t q = {&st_lookup, NULL, 0, (const char *const[]){f->op.repo->repo_id, f->normkey, seq}, NULL, NULL};
+    mh_step_query(s, &q, looked_up);
+}
+
+/* --- S_WALK: walk, list the snapshots to send */
 
 static int cmp_gen_id(const void *x, const void *y, void *arg)
 {
@@ -697,95 +377,62 @@ static int cmp_gen_id(const void *x, const void *y, void *arg)
     return memcmp(a->id, b->id, 32);
 }
 
+/* A snapshot id of the graph, copied into the build arena (id lists
+ * borrow their keys). */
+static const char *snap_text(fetch_t *f, uint32_t node)
+{
+    mh_id_t sid;
+    mh__graph_snap_id(f->g, node, &sid);
+    return mh_strndup(f->a, sid.s, MH_ID_LEN);
+}
+
 static int plan_snapshots(fetch_t *f)
 {
     mh_graph_t *g = f->g;
-    mh_arena_t *a = f->a;
     /* Snapshots the client has: those of every commit the walk met on the
      * have side (the have tips, their ancestors down to the frontier). */
-    size_t nh = 0;
-    for (uint32_t i = 0; i < g->n; i++) nh += (f->flags[i] & MH_GW_HAVE) != 0;
-    if (idmap_init(a, &f->have_snaps, nh)) return MH_ENOMEM;
+    mh_idlist_init(&f->have_snaps, f->a);
     for (uint32_t i = 0; i < g->n; i++) {
         if (!(f->flags[i] & MH_GW_HAVE)) continue;
-        mh_id_t sid;
-        mh_graph_snap_id(g, i, &sid);
-        if (idmap_get(&f->have_snaps, sid.s)) continue;
-        char *s = mh_strndup(a, sid.s, MH_ID_LEN);
-        if (!s) return MH_ENOMEM;
-        idmap_put(&f->have_snaps, s, i);
+        const char *sid = snap_text(f, i);
+        if (!sid || mh_idlist_add(&f->have_snaps, sid) < 0) return MH_ENOMEM;
     }
     /* Snapshots to send: those of the sent commits, once each, in commit
      * order, unless the client has them already. */
-    f->snap_ids = mh_alloc(a, f->nsend * sizeof *f->snap_ids);
-    if (!f->snap_ids || idmap_init(a, &f->snap_map, f->nsend)) return MH_ENOMEM;
+    mh_idlist_init(&f->snap_ids, f->a);
     for (size_t i = 0; i < f->nsend; i++) {
-        mh_id_t sid;
-        mh_graph_snap_id(g, f->send[i], &sid);
-        if (idmap_get(&f->have_snaps, sid.s) || idmap_get(&f->snap_map, sid.s)) continue;
-        char *s = mh_strndup(a, sid.s, MH_ID_LEN);
-        if (!s) return MH_ENOMEM;
-        idmap_put(&f->snap_map, s, (uint32_t)f->nsnap_ids);
-        f->snap_ids[f->nsnap_ids++] = s;
+        const char *sid = snap_text(f, f->send[i]);
+        if (!sid) return MH_ENOMEM;
+        if (mh_idlist_find(&f->have_snaps, sid) == MH_IDMAP_NONE && mh_idlist_add(&f->snap_ids, sid) < 0)
+            return MH_ENOMEM;
     }
     return 0;
 }
 
-static void step_resolve(fetch_t *f)
+static void step_walk(mh_step_t *s)
 {
+    fetch_t *f = F(s);
     mh_graph_t *g = f->g;
-    mh_arena_t *a = f->a;
-    f->want_idx = mh_alloc(a, (f->nwant + 1) * sizeof(uint32_t));
-    f->have_idx = mh_alloc(a, (f->nhave + 1) * sizeof(uint32_t));
-    if (!f->want_idx || !f->have_idx) { fail_err(f, MH_ENOMEM, "resolve"); return; }
-    f->nwant_idx = f->nhave_idx = 0;
-    for (size_t i = 0; i < f->nwant; i++) {
-        uint32_t x = mh_graph_find(g, f->want[i]);
-        if (x == MH_GNONE) {
-            /* A cached graph could predate a ref row added without a
-             * branch move: ask the database once more before a 404. */
-            if (f->g_cached && !f->g_reloaded) {
-                f->g_reloaded = true;
-                step_graph(f, true);
-                return;
-            }
-            fail(f, (ferr_t){404, "not_found", "a wanted commit is not in this repository", false});
-            return;
-        }
-        f->want_idx[f->nwant_idx++] = x;
+    f->flags = mh_calloc(f->a, g->n ? g->n : 1);
+    f->send = mh_alloc(f->a, (g->n ? g->n : 1) * sizeof(uint32_t));
+    if (!f->flags || !f->send) {
+        mh_step_fail(s, MH_ENOMEM, "walk");
+        return;
     }
-    for (size_t i = 0; i < f->nhave; i++) {
-        uint32_t x = mh_graph_find(g, f->have[i]);
-        if (x != MH_GNONE) f->have_idx[f->nhave_idx++] = x; /* unknown haves are ignored */
+    int rc = mh__graph_walk(g, f->want_idx, f->nwant_idx, f->have_idx, f->nhave_idx, f->flags, f->send, &f->nsend);
+    if (rc) {
+        mh_step_fail(s, rc, "walk");
+        return;
     }
-    /* The answer describes the state the graph was read at. */
-    f->seq = g->state_seq;
-    if (ids_key(a, f->want, f->nwant, f->have, f->nhave, g, f->normkey)) { fail_err(f, MH_ENOMEM, "resolve"); return; }
-    tmark(f, "resolve");
-    f->state = S_LOOKUP;
-}
-
-static void step_walk(fetch_t *f)
-{
-    mh_graph_t *g = f->g;
-    mh_arena_t *a = f->a;
-    f->flags = mh_calloc(a, g->n ? g->n : 1);
-    f->send = mh_alloc(a, (g->n ? g->n : 1) * sizeof(uint32_t));
-    if (!f->flags || !f->send) { fail_err(f, MH_ENOMEM, "walk"); return; }
-    int rc = mh_graph_walk(g, f->want_idx, f->nwant_idx, f->have_idx, f->nhave_idx, f->flags, f->send, &f->nsend);
-    if (rc) { fail_err(f, rc, "walk"); return; }
-    if (f->nsend == 0) {
-        tmark(f, "walk");
-        f->state = S_RECORD; /* nothing to send: record the empty answer */
+    tmark(f, "walk");
+    if (f->nsend == 0) { /* nothing to send: record the empty answer */
+        mh_step_goto(s, S_RECORD);
         return;
     }
     /* Pack order: parents before children (generation), then by id. */
     qsort_r(f->send, f->nsend, sizeof *f->send, cmp_gen_id, g);
     for (size_t i = 0; i < f->nsend; i++) f->flags[f->send[i]] |= GW_SENT;
-    rc = plan_snapshots(f);
-    if (rc) { fail_err(f, rc, "walk"); return; }
-    tmark(f, "walk");
-    f->state = S_ROWS;
+    if (plan_snapshots(f)) mh_step_fail(s, MH_ENOMEM, "walk");
 }
 
 /* --- S_ROWS: commit rows (in pack order) and snapshot delta rows, one
@@ -812,22 +459,18 @@ static char *dup_col(mh_arena_t *a, PGresult *res, int r, int c)
 
 static int copy_commits(fetch_t *f, PGresult *res)
 {
-    mh_arena_t *a = f->a;
     if ((size_t)PQntuples(res) != f->nsend) return MH_ENOENT;
-    f->commits = mh_calloc(a, f->nsend * sizeof *f->commits);
+    f->commits = mh_calloc(f->a, f->nsend * sizeof *f->commits);
     if (!f->commits) return MH_ENOMEM;
     for (size_t i = 0; i < f->nsend; i++) {
         crow_t *c = &f->commits[i];
         int r = (int)i;
-        char **cols[8] = {&c->commit_id, &c->p1, &c->p2, &c->snap, &c->message, &c->author, &c->committed_at,
-                          &c->branch};
-        for (int k = 0; k < 8; k++) {
-            *cols[k] = dup_col(a, res, r, k);
-            if (!*cols[k] && !mh_pq_isnull(res, r, k)) return MH_ENOMEM;
-        }
-        if (!c->commit_id || !c->snap || !c->message || !c->author || !c->committed_at || !c->branch)
-            return MH_EPARSE;
-        int brc = mh_pq_isnull(res, r, 8) ? 0 : mh_pq_bytea(a, res, r, 8, &c->meta, &c->metan);
+        char **cols[8] = {&c->commit_id, &c->p1,     &c->p2,           &c->snap,
+                          &c->message,   &c->author, &c->committed_at, &c->branch};
+        for (int k = 0; k < 8; k++)
+            if (!(*cols[k] = dup_col(f->a, res, r, k)) && !mh_pq_isnull(res, r, k)) return MH_ENOMEM;
+        if (!c->commit_id || !c->snap || !c->message || !c->author || !c->committed_at || !c->branch) return MH_EPARSE;
+        int brc = mh_pq_isnull(res, r, 8) ? 0 : mh_pq_bytea(f->a, res, r, 8, &c->meta, &c->metan);
         if (brc) return brc == MH_ENOMEM ? brc : MH_EPARSE;
         /* An empty meta map adds no keys: splice nothing. */
         if (c->metan == 1 && c->meta[0] == 0x80) c->metan = 0;
@@ -837,95 +480,82 @@ static int copy_commits(fetch_t *f, PGresult *res)
 
 static int copy_snapshots(fetch_t *f, PGresult *res)
 {
-    mh_arena_t *a = f->a;
-    f->snaps = mh_calloc(a, (f->nsnap_ids ? f->nsnap_ids : 1) * sizeof *f->snaps);
+    f->snaps = mh_calloc(f->a, (f->snap_ids.n + 1) * sizeof *f->snaps);
     if (!f->snaps) return MH_ENOMEM;
-    int rows = PQntuples(res);
     size_t found = 0;
-    for (int r = 0; r < rows; r++) {
+    for (int r = 0; r < PQntuples(res); r++) {
         const char *id = mh_pq_str(res, r, 0);
-        if (!mh_id_valid(id, strlen(id))) continue;
-        const uint32_t *ix = idmap_get(&f->snap_map, id);
-        if (!ix || f->snaps[*ix].id) continue;
-        snap_t *s = &f->snaps[*ix];
-        s->id = (char *)f->snap_ids[*ix];
-        s->parent = dup_col(a, res, r, 1);
+        uint32_t ix = mh_id_valid(id, strlen(id)) ? mh_idlist_find(&f->snap_ids, id) : MH_IDMAP_NONE;
+        if (ix == MH_IDMAP_NONE || f->snaps[ix].id) continue;
+        snap_t *s = &f->snaps[ix];
+        s->id = f->snap_ids.ids[ix];
         /* A parent lost to ENOMEM would turn the delta into a root and
          * build (and cache) a wrong pack. */
-        if (!s->parent && !mh_pq_isnull(res, r, 1)) return MH_ENOMEM;
+        if (!(s->parent = dup_col(f->a, res, r, 1)) && !mh_pq_isnull(res, r, 1)) return MH_ENOMEM;
         if (s->parent && !mh_id_valid(s->parent, strlen(s->parent))) return MH_EPARSE;
-        int brc = mh_pq_bytea(a, res, r, 2, &s->up, &s->upn);
-        if (!brc) brc = mh_pq_bytea(a, res, r, 3, &s->rm, &s->rmn);
+        int brc = mh_pq_bytea(f->a, res, r, 2, &s->up, &s->upn);
+        if (!brc) brc = mh_pq_bytea(f->a, res, r, 3, &s->rm, &s->rmn);
         if (brc) return brc == MH_ENOMEM ? brc : MH_EPARSE;
         found++;
     }
-    return found == f->nsnap_ids ? 0 : MH_ENOENT;
+    return found == f->snap_ids.n ? 0 : MH_ENOENT;
 }
 
-static void rows_cb(void *ud, PGresult **results, int n, int err, const char *errmsg)
+static int rows_read(mh_step_t *s, PGresult **res, int n)
 {
-    fetch_t *f = ud;
+    fetch_t *f = F(s);
     (void)n;
-    if (err) { fail_err(f, err, errmsg); return; }
-    int rc = copy_commits(f, results[0]);
-    if (rc) { fail_err(f, rc == MH_ENOMEM ? rc : MH_EDB, "commit rows missing or malformed"); return; }
-    rc = copy_snapshots(f, results[1]);
-    if (rc) { fail_err(f, rc == MH_ENOMEM ? rc : MH_EDB, "snapshot rows missing or malformed"); return; }
-    tmark(f, "rows");
-    f->state = S_MANIFESTS;
-    advance(f);
+    /* Missing or malformed stored rows are the server's fault. */
+    int rc = copy_commits(f, res[0]);
+    if (rc) mh_step_fail(s, rc == MH_ENOMEM ? rc : MH_EDB, "commit rows missing or malformed");
+    else if ((rc = copy_snapshots(f, res[1])))
+        mh_step_fail(s, rc == MH_ENOMEM ? rc : MH_EDB, "snapshot rows missing or malformed");
+    else tmark(f, "rows");
+    return 0;
 }
 
-static void step_rows(fetch_t *f)
+static void step_rows(mh_step_t *s)
 {
-    mh_arena_t *a = f->a;
-    const char **ids = mh_alloc(a, f->nsend * sizeof *ids);
-    const char **v1 = mh_alloc(a, 2 * sizeof *v1), **v2 = mh_alloc(a, sizeof *v2);
-    if (!ids || !v1 || !v2) { fail_err(f, MH_ENOMEM, "rows"); return; }
+    fetch_t *f = F(s);
+    const char **ids = mh_alloc(f->a, f->nsend * sizeof *ids);
+    if (!ids) {
+        mh_step_fail(s, MH_ENOMEM, "rows");
+        return;
+    }
     for (size_t i = 0; i < f->nsend; i++) {
         mh_id_t cid;
-        mh_graph_id(f->g, f->send[i], &cid);
-        if (!(ids[i] = mh_strndup(a, cid.s, MH_ID_LEN))) { fail_err(f, MH_ENOMEM, "rows"); return; }
+        mh__graph_id(f->g, f->send[i], &cid);
+        if (!(ids[i] = mh_strndup(f->a, cid.s, MH_ID_LEN))) {
+            mh_step_fail(s, MH_ENOMEM, "rows");
+            return;
+        }
     }
-    v1[0] = mh_hub_pg_array(a, ids, f->nsend);
-    v1[1] = f->repo->repo_id; /* branch and metadata are this repository's */
-    v2[0] = mh_hub_pg_array(a, f->snap_ids, f->nsnap_ids);
-    if (!v1[0] || !v2[0]) { fail_err(f, MH_ENOMEM, "rows"); return; }
-    mh_db_pq_t qs[2] = {
-        {.stmt = &st_commits, .nparams = 2, .vals = v1},
-        {.stmt = &st_snapshots, .nparams = 1, .vals = v2},
-    };
-    f->state = S_WAIT;
-    mh_db_pipeline(f->hub->db, qs, 2, rows_cb, f);
+    const char *commits = mh_pq_array(f->a, ids, f->nsend, MH_ID_LEN);
+    const char *snaps = mh_pq_array(f->a, f->snap_ids.ids, f->snap_ids.n, MH_ID_LEN);
+    if (!commits || !snaps) {
+        mh_step_fail(s, MH_ENOMEM, "rows");
+        return;
+    }
+    mh_db_batch_t b = {0};
+    mh_db_batch_stmt(&b, &st_commits, commits, f->op.repo->repo_id); /* branch and metadata are this repository's */
+    mh_db_batch_stmt(&b, &st_snapshots, snaps);
+    mh_step_batch(s, &b, rows_read);
 }
 
 /* --- S_MANIFESTS: delta or root per snapshot; the manifests of the have
  * tips (their objects are not sent) and of roots whose stored parent the
- * client lacks (sent whole). */
+ * client lacks (sent whole), loaded in parallel. */
 
-static void manifest_done(fetch_t *f)
-{
-    if (--f->pending > 0) return;
-    if (f->perr) {
-        int e = f->perr;
-        /* Missing or corrupt stored history is a server fault, not the
-         * client's. */
-        if (e == MH_ENOENT || e == MH_EHASH || e == MH_EPARSE || e == MH_ELIMIT || e == MH_EINVAL) e = MH_EDB;
-        { fail_err(f, e, f->pwhy ? f->pwhy : "manifest"); return; }
-    }
-    tmark(f, "manifests");
-    f->state = S_BLOBSET;
-    advance(f);
-}
-
-static void manifest_cb(void *ud, int err, const char *why)
+static void manifest_loaded(void *ud, int err, const char *why)
 {
     fetch_t *f = ud;
     if (err && !f->perr) {
-        f->perr = err;
+        f->perr = mh__manifest_err(err);
         f->pwhy = why ? mh_strdup(f->a, why) : NULL;
     }
-    manifest_done(f);
+    if (--f->pending > 0) return;
+    if (!f->perr) tmark(f, "manifests");
+    mh_step_resume(&f->op.step, f->perr, f->pwhy ? f->pwhy : "manifest");
 }
 
 static int start_manifest(fetch_t *f, const char *sid, mh_manifest_t **out)
@@ -934,48 +564,47 @@ static int start_manifest(fetch_t *f, const char *sid, mh_manifest_t **out)
     if (!m || mh_arena_defer(f->a, free_manifest_cb, m)) return MH_ENOMEM;
     *out = m;
     f->pending++;
-    mh_hub_load_manifest(f->hub, f->a, sid, m, manifest_cb, f);
+    mh_hub_load_manifest(f->op.hub, f->a, sid, m, manifest_loaded, f);
     return 0;
 }
 
-static void step_manifests(fetch_t *f)
+static void step_manifests(mh_step_t *s)
 {
-    for (size_t i = 0; i < f->nsnap_ids; i++) {
-        snap_t *s = &f->snaps[i];
-        if (!s->parent) s->kind = SNAP_ROOT_STORED;
-        else if (idmap_get(&f->have_snaps, s->parent) || idmap_get(&f->snap_map, s->parent)) s->kind = SNAP_DELTA;
-        else s->kind = SNAP_ROOT_REBUILD;
+    fetch_t *f = F(s);
+    for (size_t i = 0; i < f->snap_ids.n; i++) {
+        snap_t *sn = &f->snaps[i];
+        if (!sn->parent) sn->kind = SNAP_ROOT_STORED;
+        else if (mh_idlist_find(&f->have_snaps, sn->parent) != MH_IDMAP_NONE ||
+                 mh_idlist_find(&f->snap_ids, sn->parent) != MH_IDMAP_NONE)
+            sn->kind = SNAP_DELTA;
+        else sn->kind = SNAP_ROOT_REBUILD;
     }
     /* Distinct snapshots of the have tips, at most MAX_HAVE_MANIFESTS:
      * subtracting fewer only sends more blobs, never too few. */
-    const char **hs = mh_alloc(f->a, (f->nhave_idx + 1) * sizeof *hs);
+    mh_idlist_t tips;
+    mh_idlist_init(&tips, f->a);
     f->havem = mh_calloc(f->a, (f->nhave_idx + 1) * sizeof *f->havem);
-    idmap_t seen;
-    if (!hs || !f->havem || idmap_init(f->a, &seen, f->nhave_idx + 1)) { fail_err(f, MH_ENOMEM, "manifests"); return; }
-    size_t nhs = 0;
-    for (size_t i = 0; i < f->nhave_idx && nhs < MAX_HAVE_MANIFESTS; i++) {
-        mh_id_t sid;
-        mh_graph_snap_id(f->g, f->have_idx[i], &sid);
-        char *s = mh_strndup(f->a, sid.s, MH_ID_LEN);
-        if (!s) { fail_err(f, MH_ENOMEM, "manifests"); return; }
-        if (idmap_put(&seen, s, 0)) hs[nhs++] = s;
+    if (!f->havem) {
+        mh_step_fail(s, MH_ENOMEM, "manifests");
+        return;
+    }
+    for (size_t i = 0; i < f->nhave_idx && tips.n < MAX_HAVE_MANIFESTS; i++) {
+        const char *sid = snap_text(f, f->have_idx[i]);
+        if (!sid || mh_idlist_add(&tips, sid) < 0) {
+            mh_step_fail(s, MH_ENOMEM, "manifests");
+            return;
+        }
     }
     /* pending holds one extra count while loads are being started, so no
      * callback can complete the step early. */
-    f->state = S_WAIT;
+    mh_step_wait(s);
     f->pending = 1;
     int rc = 0;
-    for (size_t i = 0; i < nhs && !rc; i++) {
-        rc = start_manifest(f, hs[i], &f->havem[i]);
-        if (!rc) f->nhavem++;
-    }
-    for (size_t i = 0; i < f->nsnap_ids && !rc; i++)
+    for (size_t i = 0; i < tips.n && !rc; i++)
+        if (!(rc = start_manifest(f, tips.ids[i], &f->havem[i]))) f->nhavem++;
+    for (size_t i = 0; i < f->snap_ids.n && !rc; i++)
         if (f->snaps[i].kind == SNAP_ROOT_REBUILD) rc = start_manifest(f, f->snaps[i].id, &f->snaps[i].full);
-    if (rc && !f->perr) {
-        f->perr = rc;
-        f->pwhy = "out of memory";
-    }
-    manifest_done(f);
+    manifest_loaded(f, rc, "out of memory");
 }
 
 /* --- S_BLOBSET: the objects the sent snapshots add, minus those of the
@@ -986,29 +615,27 @@ static int cmp_blob(const void *x, const void *y)
     return memcmp(((const blob_t *)x)->id, ((const blob_t *)y)->id, MH_ID_LEN);
 }
 
-static bool valid_oid(const mh_val_t *v)
-{
-    return v->t == MH_V_STR && v->v.s.n == MH_ID_LEN && mh_id_valid(v->v.s.p, MH_ID_LEN);
-}
+static const void *blob_key(const void *ctx, uint32_t v) { return ((const fetch_t *)ctx)->blobs[v].id; }
 
 /* Snapshots parent first: each snapshot is preceded by the chain of its
  * in-pack ancestors (DFS along stored parents, iterative). */
 static int order_snapshots(fetch_t *f)
 {
-    f->emit = mh_alloc(f->a, (f->nsnap_ids + 1) * sizeof *f->emit);
-    uint32_t *stack = mh_alloc(f->a, (f->nsnap_ids + 1) * sizeof *stack);
+    size_t n = f->snap_ids.n;
+    f->emit = mh_alloc(f->a, (n + 1) * sizeof *f->emit);
+    uint32_t *stack = mh_alloc(f->a, (n + 1) * sizeof *stack);
     if (!f->emit || !stack) return MH_ENOMEM;
-    for (size_t i = 0; i < f->nsnap_ids; i++) {
+    for (size_t i = 0; i < n; i++) {
         size_t sp = 0;
         uint32_t cur = (uint32_t)i;
         while (f->snaps[cur].mark == 0) {
             f->snaps[cur].mark = 1;
             stack[sp++] = cur;
             if (f->snaps[cur].kind != SNAP_DELTA) break;
-            const uint32_t *p = idmap_get(&f->snap_map, f->snaps[cur].parent);
-            if (!p) break; /* the client has the parent */
-            if (f->snaps[*p].mark == 1) return MH_EPARSE; /* a cycle: corrupt rows */
-            cur = *p;
+            uint32_t p = mh_idlist_find(&f->snap_ids, f->snaps[cur].parent);
+            if (p == MH_IDMAP_NONE) break;               /* the client has the parent */
+            if (f->snaps[p].mark == 1) return MH_EPARSE; /* a cycle: corrupt rows */
+            cur = p;
         }
         while (sp > 0) {
             uint32_t x = stack[--sp];
@@ -1019,56 +646,79 @@ static int order_snapshots(fetch_t *f)
     return 0;
 }
 
-static void step_blobset(fetch_t *f)
+/* Decodes each delta (encodes each rebuilt root) and counts the objects
+ * the sent snapshots name. */
+static int prepare_snapshots(fetch_t *f, size_t *count)
 {
-    mh_arena_t *a = f->a;
-    int rc = order_snapshots(f);
-    if (rc) { fail_err(f, rc == MH_ENOMEM ? rc : MH_EDB, "snapshot parent cycle"); return; }
-    size_t cap = 0;
-    for (size_t i = 0; i < f->nsnap_ids; i++) {
+    *count = 0;
+    for (size_t i = 0; i < f->snap_ids.n; i++) {
         snap_t *s = &f->snaps[i];
         if (s->kind == SNAP_ROOT_REBUILD) {
-            s->full_mp = mh_calloc(a, sizeof *s->full_mp);
-            if (!s->full_mp || mh_arena_defer(a, free_buf_cb, s->full_mp) || mh_manifest_encode(s->full, s->full_mp))
-                { fail_err(f, MH_ENOMEM, "blobset"); return; }
-            cap += s->full->n;
+            s->full_mp = mh_calloc(f->a, sizeof *s->full_mp);
+            if (!s->full_mp || mh_arena_defer(f->a, free_buf_cb, s->full_mp) || mh_manifest_encode(s->full, s->full_mp))
+                return MH_ENOMEM;
+            *count += s->full->n;
             continue;
         }
         const char *why = NULL;
-        rc = mh_msgpack_decode(a, s->up, s->upn, &mh_decode_limits_default, &s->upv, &why);
-        if (rc || s->upv.t != MH_V_MAP) { fail_err(f, rc == MH_ENOMEM ? rc : MH_EDB, "stored delta is corrupt"); return; }
-        cap += s->upv.v.m.n;
+        int rc = mh_msgpack_decode(f->a, s->up, s->upn, &mh_decode_limits_default, &s->upv, &why);
+        if (rc == MH_ENOMEM) return rc;
+        if (rc || s->upv.t != MH_V_MAP) return MH_EPARSE;
+        *count += s->upv.v.m.n;
     }
-    size_t hcap = 0;
-    for (size_t i = 0; i < f->nhavem; i++) hcap += f->havem[i]->n;
-    idmap_t have_objs = {0}, set;
-    if ((hcap && idmap_init(a, &have_objs, hcap)) || idmap_init(a, &set, cap + 1))
-        { fail_err(f, MH_ENOMEM, "blobset"); return; }
-    for (size_t i = 0; i < f->nhavem; i++)
-        for (size_t k = 0; k < f->havem[i]->n; k++) idmap_put(&have_objs, f->havem[i]->e[k].id, 0);
-    f->blobs = mh_calloc(a, (cap + 1) * sizeof *f->blobs);
-    if (!f->blobs) { fail_err(f, MH_ENOMEM, "blobset"); return; }
-    for (size_t i = 0; i < f->nsnap_ids; i++) {
-        snap_t *s = &f->snaps[i];
-        size_t n = s->kind == SNAP_ROOT_REBUILD ? s->full->n : s->upv.v.m.n;
-        for (size_t k = 0; k < n; k++) {
-            const char *id;
-            if (s->kind == SNAP_ROOT_REBUILD) {
-                id = s->full->e[k].id;
-            } else {
-                const mh_val_t *v = &s->upv.v.m.kv[k].v;
-                if (!valid_oid(v)) { fail_err(f, MH_EDB, "stored delta names a malformed object id"); return; }
-                id = v->v.s.p;
-            }
-            if (idmap_get(&have_objs, id)) continue;
-            if (idmap_put(&set, id, 0)) f->blobs[f->nblobs++].id = id;
+    return 0;
+}
+
+/* Adds the objects snapshot s names that the have tips do not hold. */
+static int add_blobs(fetch_t *f, const snap_t *s, const mh_idlist_t *have)
+{
+    size_t n = s->kind == SNAP_ROOT_REBUILD ? s->full->n : s->upv.v.m.n;
+    for (size_t k = 0; k < n; k++) {
+        const char *id;
+        if (s->kind == SNAP_ROOT_REBUILD) {
+            id = s->full->e[k].id;
+        } else {
+            const mh_val_t *v = &s->upv.v.m.kv[k].v;
+            if (v->t != MH_V_STR || v->v.s.n != MH_ID_LEN || !mh_id_valid(v->v.s.p, MH_ID_LEN)) return MH_EPARSE;
+            id = v->v.s.p;
         }
+        if (mh_idlist_find(have, id) != MH_IDMAP_NONE) continue;
+        f->blobs[f->nblobs].id = id;
+        int added = mh_idmap_add(&f->blob_map, (uint32_t)f->nblobs, NULL);
+        if (added < 0) return added;
+        f->nblobs += (size_t)added;
     }
+    return 0;
+}
+
+static void step_blobset(mh_step_t *s)
+{
+    fetch_t *f = F(s);
+    size_t cap = 0;
+    int rc = order_snapshots(f);
+    if (!rc) rc = prepare_snapshots(f, &cap);
+    mh_idlist_t have;
+    mh_idlist_init(&have, f->a);
+    for (size_t i = 0; i < f->nhavem && !rc; i++)
+        for (size_t k = 0; k < f->havem[i]->n && !rc; k++) rc = mh_idlist_add(&have, f->havem[i]->e[k].id) < 0;
+    f->blobs = rc ? NULL : mh_calloc(f->a, (cap + 1) * sizeof *f->blobs);
+    mh_idmap_init(&f->blob_map, f->a, MH_ID_LEN, blob_key, f);
+    if (!rc && !f->blobs) rc = MH_ENOMEM;
+    for (size_t i = 0; i < f->snap_ids.n && !rc; i++) rc = add_blobs(f, &f->snaps[i], &have);
+    if (rc) {
+        mh_step_fail(s, rc == MH_ENOMEM ? rc : MH_EDB, "stored snapshots are corrupt");
+        return;
+    }
+    /* By object id, and the map follows. */
     qsort(f->blobs, f->nblobs, sizeof *f->blobs, cmp_blob);
-    if (idmap_init(a, &f->blob_map, f->nblobs + 1)) { fail_err(f, MH_ENOMEM, "blobset"); return; }
-    for (size_t i = 0; i < f->nblobs; i++) idmap_put(&f->blob_map, f->blobs[i].id, (uint32_t)i);
+    mh_idmap_init(&f->blob_map, f->a, MH_ID_LEN, blob_key, f);
+    for (size_t i = 0; i < f->nblobs && !rc; i++) rc = mh_idmap_add(&f->blob_map, (uint32_t)i, NULL) < 0;
+    if (rc) {
+        mh_step_fail(s, MH_ENOMEM, "blobset");
+        return;
+    }
     tmark(f, "blobset");
-    f->state = f->nblobs ? S_LOCATE : S_BUILD;
+    if (!f->nblobs) mh_step_goto(s, S_BUILD);
 }
 
 /* --- S_LOCATE: each blob's source pack and byte range, through this
@@ -1111,67 +761,65 @@ static const mh_stmt_t st_locate_all = {
     " LEFT JOIN mpacks p ON p.mpack_id = m.mpack_id WHERE r.repo_id = $1",
     1};
 
-static void locate_cb(void *ud, PGresult *res, int err, const char *errmsg)
+/* Row r as the source of its blob, unless a better one is known: a live
+ * pack, then the smallest pack id (st_locate's ORDER BY). */
+static int take_source(fetch_t *f, PGresult *res, int r)
 {
-    fetch_t *f = ud;
-    if (err) { fail_err(f, err, errmsg); return; }
-    int rows = PQntuples(res);
-    for (int r = 0; r < rows; r++) {
-        const char *oid = mh_pq_str(res, r, 0);
-        if (!mh_id_valid(oid, strlen(oid))) continue;
-        const uint32_t *ix = idmap_get(&f->blob_map, oid);
-        if (!ix) continue;
-        blob_t *b = &f->blobs[*ix];
-        const char *mp = mh_pq_str(res, r, 1);
-        int64_t off = mh_pq_int(res, r, 2), len = mh_pq_int(res, r, 3);
-        bool sup = PQnfields(res) > 4 && strcmp(mh_pq_str(res, r, 4), "t") == 0;
-        if (!mh_id_valid(mp, strlen(mp)) || off < 0 || len < 0) continue;
-        /* Same choice as st_locate's ORDER BY: a live pack, then the
-         * smallest pack id. */
-        if (b->mpack && (sup > b->superseded || (sup == b->superseded && strcmp(mp, b->mpack) >= 0))) continue;
-        if (!(b->mpack = mh_strdup(f->a, mp))) { fail_err(f, MH_ENOMEM, "locate"); return; }
-        b->superseded = sup;
-        b->off = (uint64_t)off;
-        b->len = (uint64_t)len;
-    }
+    const char *oid = mh_pq_str(res, r, 0), *mp = mh_pq_str(res, r, 1);
+    uint32_t ix = mh_id_valid(oid, strlen(oid)) ? mh_idmap_find(&f->blob_map, oid) : MH_IDMAP_NONE;
+    int64_t off = mh_pq_int(res, r, 2), len = mh_pq_int(res, r, 3);
+    if (ix == MH_IDMAP_NONE || !mh_id_valid(mp, strlen(mp)) || off < 0 || len < 0) return 0;
+    blob_t *b = &f->blobs[ix];
+    bool sup = PQnfields(res) > 4 && strcmp(mh_pq_str(res, r, 4), "t") == 0;
+    if (b->mpack && (sup > b->superseded || (sup == b->superseded && strcmp(mp, b->mpack) >= 0))) return 0;
+    if (!(b->mpack = mh_strdup(f->a, mp))) return MH_ENOMEM;
+    b->superseded = sup;
+    b->off = (uint64_t)off;
+    b->len = (uint64_t)len;
+    return 0;
+}
+
+static int located(mh_step_t *s, PGresult *res)
+{
+    fetch_t *f = F(s);
+    for (int r = 0; r < PQntuples(res); r++)
+        if (take_source(f, res, r)) return MH_ENOMEM;
     size_t missing = 0;
     for (size_t i = 0; i < f->nblobs; i++) {
         if (f->blobs[i].mpack) continue;
-        if (!missing) mh_info("req %s: fetch: object %s has no mpack index row yet", f->req->id, f->blobs[i].id);
+        if (!missing) mh_info("req %s: fetch: object %s has no mpack index row yet", f->op.req->id, f->blobs[i].id);
         missing++;
     }
-    if (missing) {
-        char *d = mh_sprintf(f->a, "%zu needed objects are not indexed yet; retry shortly", missing);
-        { fail(f, (ferr_t){503, "not_indexed", d ? d : "objects are not indexed yet", true}); return; }
-    }
-    tmark(f, "locate");
-    f->state = S_READ;
-    advance(f);
+    if (missing)
+        mh_step_refuse(s, 503, "not_indexed", "%zu needed objects are not indexed yet; retry shortly", missing);
+    else tmark(f, "locate");
+    return 0;
 }
 
-static void step_locate(fetch_t *f)
+static void step_locate(mh_step_t *s)
 {
-    mh_arena_t *a = f->a;
-    const char **vals = mh_alloc(a, 2 * sizeof *vals);
-    if (!vals) { fail_err(f, MH_ENOMEM, "locate"); return; }
-    vals[0] = f->repo->repo_id;
+    fetch_t *f = F(s);
+    mh_db_batch_t b = {0};
     if (f->nsend * 2 >= f->g->n) {
-        f->state = S_WAIT;
-        mh_db_exec(f->hub->db, &st_locate_all, vals, NULL, NULL, locate_cb, f);
-        return;
+        mh_db_batch_stmt(&b, &st_locate_all, f->op.repo->repo_id);
+    } else {
+        const char **ids = mh_alloc(f->a, f->nblobs * sizeof *ids);
+        if (!ids) {
+            mh_step_fail(s, MH_ENOMEM, "locate");
+            return;
+        }
+        for (size_t i = 0; i < f->nblobs; i++) ids[i] = f->blobs[i].id;
+        const char *arr = mh_pq_array(f->a, ids, f->nblobs, MH_ID_LEN);
+        if (!arr) {
+            mh_step_fail(s, MH_ENOMEM, "locate");
+            return;
+        }
+        mh_db_batch_stmt(&b, f->nblobs <= LOCATE_FEW ? &st_locate_few : &st_locate, f->op.repo->repo_id, arr);
     }
-    const char **ids = mh_alloc(a, f->nblobs * sizeof *ids);
-    if (!ids) { fail_err(f, MH_ENOMEM, "locate"); return; }
-    for (size_t i = 0; i < f->nblobs; i++)
-        if (!(ids[i] = mh_strndup(a, f->blobs[i].id, MH_ID_LEN))) { fail_err(f, MH_ENOMEM, "locate"); return; }
-    vals[1] = mh_hub_pg_array(a, ids, f->nblobs);
-    if (!vals[1]) { fail_err(f, MH_ENOMEM, "locate"); return; }
-    f->state = S_WAIT;
-    mh_db_exec(f->hub->db, f->nblobs <= LOCATE_FEW ? &st_locate_few : &st_locate, vals, NULL, NULL, locate_cb, f);
+    mh_step_query(s, &b.q[0], located);
 }
 
 /* --- S_READ: one ranged read per source pack, a few packs at a time */
-
 
 static int cmp_order(const void *x, const void *y, void *arg)
 {
@@ -1184,36 +832,36 @@ static int cmp_order(const void *x, const void *y, void *arg)
 
 static void start_reads(fetch_t *f);
 
+/* Hands a source's bytes to its blobs (in read order). */
+static int take_read(fetch_t *f, src_t *src, mh_buf_t *data)
+{
+    /* The buffer is ours: free it with the request. */
+    src->buf = mh_alloc(f->a, sizeof *src->buf);
+    if (!src->buf || mh_arena_defer(f->a, free_buf_cb, src->buf)) {
+        mh_buf_free(data);
+        return MH_ENOMEM;
+    }
+    *src->buf = *data;
+    *data = (mh_buf_t){0};
+    uint64_t pos = 0;
+    for (uint32_t k = 0; k < src->n; k++) {
+        blob_t *b = &f->blobs[f->order[src->first + k]];
+        if (pos + b->len > src->buf->len) return MH_ESTORE;
+        b->content = src->buf->p + pos;
+        pos += b->len;
+    }
+    return pos == src->buf->len ? 0 : MH_ESTORE;
+}
+
 static void read_cb(void *ud, int err, mh_buf_t *data)
 {
-    src_t *s = ud;
-    fetch_t *f = s->f;
+    src_t *src = ud;
+    fetch_t *f = src->f;
     f->reads_inflight--;
-    if (!err) {
-        /* The buffer is ours: free it with the request. */
-        s->buf = mh_alloc(f->a, sizeof *s->buf);
-        if (!s->buf || mh_arena_defer(f->a, free_buf_cb, s->buf)) {
-            mh_buf_free(data);
-            err = MH_ENOMEM;
-        } else {
-            *s->buf = *data;
-            *data = (mh_buf_t){0};
-            uint64_t pos = 0;
-            for (uint32_t k = 0; k < s->n; k++) {
-                blob_t *b = &f->blobs[f->order[s->first + k]];
-                if (pos + b->len > s->buf->len) {
-                    err = MH_ESTORE;
-                    break;
-                }
-                b->content = s->buf->p + pos;
-                pos += b->len;
-            }
-            if (!err && pos != s->buf->len) err = MH_ESTORE;
-            if (err) mh_error("req %s: fetch: short read of %s", f->req->id, s->key);
-        }
-    } else {
-        mh_error("req %s: fetch: reading %s: %s", f->req->id, s->key, mh_strerror(err));
-    }
+    if (!err && (err = take_read(f, src, data)) == MH_ESTORE)
+        mh_error("req %s: fetch: short read of %s", f->op.req->id, src->key);
+    else if (err && err != MH_ENOMEM)
+        mh_error("req %s: fetch: reading %s: %s", f->op.req->id, src->key, mh_strerror(err));
     if (err && !f->perr) f->perr = err == MH_ENOENT ? MH_ESTORE : err;
     start_reads(f);
 }
@@ -1221,57 +869,83 @@ static void read_cb(void *ud, int err, mh_buf_t *data)
 static void start_reads(fetch_t *f)
 {
     while (!f->perr && f->next_src < f->nsrcs && f->reads_inflight < READS_IN_FLIGHT) {
-        src_t *s = &f->srcs[f->next_src++];
+        src_t *src = &f->srcs[f->next_src++];
         f->reads_inflight++;
-        mh_store_get_ranges(f->hub->store, s->key, s->ranges, s->n, read_cb, s);
+        mh_store_get_ranges(f->op.hub->store, src->key, src->ranges, src->n, read_cb, src);
     }
-    if (f->reads_inflight > 0) return;
-    if (f->perr) { fail_err(f, f->perr, "reading source packs"); return; }
-    if (f->next_src < f->nsrcs) return;
-    tmark(f, "read");
-    f->state = S_BUILD;
-    advance(f);
+    if (f->reads_inflight > 0 || (!f->perr && f->next_src < f->nsrcs)) return;
+    if (!f->perr) tmark(f, "read");
+    mh_step_resume(&f->op.step, f->perr, "reading source packs");
 }
 
-static void step_read(fetch_t *f)
+static void step_read(mh_step_t *s)
 {
-    mh_arena_t *a = f->a;
-    f->order = mh_alloc(a, f->nblobs * sizeof *f->order);
-    if (!f->order) { fail_err(f, MH_ENOMEM, "read"); return; }
+    fetch_t *f = F(s);
+    f->order = mh_alloc(f->a, f->nblobs * sizeof *f->order);
+    mh_range_t *ranges = mh_alloc(f->a, f->nblobs * sizeof *ranges);
+    if (!f->order || !ranges) {
+        mh_step_fail(s, MH_ENOMEM, "read");
+        return;
+    }
     for (size_t i = 0; i < f->nblobs; i++) {
         f->order[i] = (uint32_t)i;
         f->blob_bytes += f->blobs[i].len;
     }
     qsort_r(f->order, f->nblobs, sizeof *f->order, cmp_order, f);
-    size_t ns = 0;
-    for (size_t i = 0; i < f->nblobs; i++)
-        if (i == 0 || strcmp(f->blobs[f->order[i]].mpack, f->blobs[f->order[i - 1]].mpack) != 0) ns++;
-    f->srcs = mh_calloc(a, ns * sizeof *f->srcs);
-    mh_range_t *ranges = mh_alloc(a, f->nblobs * sizeof *ranges);
-    if (!f->srcs || !ranges) { fail_err(f, MH_ENOMEM, "read"); return; }
+    f->srcs = mh_calloc(f->a, f->nblobs * sizeof *f->srcs);
+    if (!f->srcs) {
+        mh_step_fail(s, MH_ENOMEM, "read");
+        return;
+    }
     for (size_t i = 0; i < f->nblobs; i++) {
         blob_t *b = &f->blobs[f->order[i]];
         if (i == 0 || strcmp(b->mpack, f->blobs[f->order[i - 1]].mpack) != 0) {
-            src_t *s = &f->srcs[f->nsrcs++];
-            s->f = f;
-            snprintf(s->key, sizeof s->key, "mpacks/%s", b->mpack + 7);
-            s->first = (uint32_t)i;
-            s->ranges = &ranges[i];
+            src_t *src = &f->srcs[f->nsrcs++];
+            src->f = f;
+            mh_mpack_key(src->key, b->mpack);
+            src->first = (uint32_t)i;
+            src->ranges = &ranges[i];
         }
-        src_t *s = &f->srcs[f->nsrcs - 1];
         ranges[i] = (mh_range_t){b->off, b->len};
-        s->n++;
+        f->srcs[f->nsrcs - 1].n++;
     }
-    f->state = S_WAIT;
+    mh_step_wait(s);
     f->perr = 0;
     start_reads(f);
 }
 
 /* --- S_BUILD: the v1 pack and its id (thread pool when large) */
 
-static int build_pack(fetch_t *f)
+#define S(x) ((mh_str_t){(x), (x) ? strlen(x) : 0})
+
+static void write_snapshots(fetch_t *f, mh_packw_t *w)
 {
     static const uint8_t empty_arr[1] = {0x90};
+    mh_packw_snapshots(w, (uint32_t)f->nemit);
+    for (size_t i = 0; i < f->nemit; i++) {
+        const snap_t *s = &f->snaps[f->emit[i]];
+        if (s->kind == SNAP_DELTA) mh_packw_snapshot(w, S(s->id), S(s->parent), s->up, s->upn, s->rm, s->rmn);
+        else if (s->kind == SNAP_ROOT_STORED)
+            mh_packw_snapshot(w, S(s->id), (mh_str_t){NULL, 0}, s->up, s->upn, s->rm, s->rmn);
+        else mh_packw_snapshot(w, S(s->id), (mh_str_t){NULL, 0}, s->full_mp->p, s->full_mp->len, empty_arr, 1);
+    }
+}
+
+/* The branches whose head is in this pack (a client can resolve every
+ * head it is told about), sorted by name. */
+static void write_branch_heads(fetch_t *f, mh_packw_t *w)
+{
+    uint32_t nb = 0;
+    const mh_gbranch_t *br = f->g->branches;
+    for (uint32_t i = 0; i < f->g->nbranches; i++) nb += br[i].node != MH_GNONE && (f->flags[br[i].node] & GW_SENT);
+    mh_packw_branch_heads(w, nb);
+    for (uint32_t i = 0; i < f->g->nbranches; i++)
+        if (br[i].node != MH_GNONE && (f->flags[br[i].node] & GW_SENT))
+            mh_packw_branch_head(w, S(br[i].name), (mh_str_t){br[i].head.s, MH_ID_LEN});
+}
+
+static int build_pack(fetch_t *f)
+{
     mh_buf_t *out = f->pack;
     size_t est = 64 + (size_t)f->blob_bytes + f->nblobs * 96 + f->nsend * 512;
     for (size_t i = 0; i < f->nemit; i++) {
@@ -1284,111 +958,69 @@ static int build_pack(fetch_t *f)
     mh_packw_commits(&w, (uint32_t)f->nsend);
     for (size_t i = 0; i < f->nsend; i++) {
         const crow_t *c = &f->commits[i];
-#define S(x) ((mh_str_t){(x), (x) ? strlen(x) : 0})
         mh_packw_commit(&w, S(c->commit_id), S(c->p1), S(c->p2), S(c->snap), S(c->message), S(c->author),
                         S(c->committed_at), S(c->branch), c->metan ? c->meta : NULL, c->metan);
     }
-    mh_packw_snapshots(&w, (uint32_t)f->nemit);
-    for (size_t i = 0; i < f->nemit; i++) {
-        const snap_t *s = &f->snaps[f->emit[i]];
-        switch (s->kind) {
-        case SNAP_DELTA:
-            mh_packw_snapshot(&w, S(s->id), S(s->parent), s->up, s->upn, s->rm, s->rmn);
-            break;
-        case SNAP_ROOT_STORED:
-            mh_packw_snapshot(&w, S(s->id), (mh_str_t){NULL, 0}, s->up, s->upn, s->rm, s->rmn);
-            break;
-        case SNAP_ROOT_REBUILD:
-            mh_packw_snapshot(&w, S(s->id), (mh_str_t){NULL, 0}, s->full_mp->p, s->full_mp->len, empty_arr, 1);
-            break;
-        }
-    }
+    write_snapshots(f, &w);
     mh_packw_blobs(&w, (uint32_t)f->nblobs);
     for (size_t i = 0; i < f->nblobs; i++)
         mh_packw_blob(&w, (mh_str_t){f->blobs[i].id, MH_ID_LEN}, f->blobs[i].content, f->blobs[i].len);
-    /* The branches whose head is in this pack (a client can resolve every
-     * head it is told about), sorted by name. */
-    uint32_t nb = 0;
-    const mh_gbranch_t *br = f->g->branches;
-    for (uint32_t i = 0; i < f->g->nbranches; i++) nb += br[i].node != MH_GNONE && (f->flags[br[i].node] & GW_SENT);
-    mh_packw_branch_heads(&w, nb);
-    for (uint32_t i = 0; i < f->g->nbranches; i++)
-        if (br[i].node != MH_GNONE && (f->flags[br[i].node] & GW_SENT))
-            mh_packw_branch_head(&w, S(br[i].name), (mh_str_t){br[i].head.s, MH_ID_LEN});
-#undef S
+    write_branch_heads(f, &w);
     int rc = mh_packw_finish(&w);
     if (rc) return rc;
     mh_blob_id(out->p, out->len, &f->mpack_id);
     return 0;
 }
 
-static void build_work(uv_work_t *w)
-{
-    fetch_t *f = w->data;
-    f->build_err = build_pack(f);
-}
+#undef S
 
-static void build_after(uv_work_t *w, int status)
-{
-    fetch_t *f = w->data;
-    if (status) f->build_err = MH_ECANCELED;
-    if (f->build_err) { fail_err(f, f->build_err, "building the pack"); return; }
-    tmark(f, "build");
-    f->state = S_PUT;
-    advance(f);
-}
+static void build_work(mh_step_t *s) { s->work_err = build_pack(F(s)); }
 
-static void step_build(fetch_t *f)
+static void step_build(mh_step_t *s)
 {
+    fetch_t *f = F(s);
     f->pack = mh_calloc(f->a, sizeof *f->pack);
-    if (!f->pack || mh_arena_defer(f->a, free_buf_cb, f->pack)) { fail_err(f, MH_ENOMEM, "build"); return; }
-    if (f->blob_bytes > POOL_THRESHOLD) {
-        /* Nothing else touches f while the job runs: the request waits. */
-        f->work.data = f;
-        f->state = S_WAIT;
-        int rc = uv_queue_work(f->hub->loop, &f->work, build_work, build_after);
-        if (rc) fail_err(f, MH_ENOMEM, "queueing the build");
+    if (!f->pack || mh_arena_defer(f->a, free_buf_cb, f->pack)) {
+        mh_step_fail(s, MH_ENOMEM, "build");
         return;
     }
-    int rc = build_pack(f);
-    if (rc) { fail_err(f, rc, "building the pack"); return; }
-    tmark(f, "build");
-    f->state = S_PUT;
+    /* Small packs are built here; nothing else touches f while a large
+     * one is built on the thread pool: the request waits. */
+    if (f->blob_bytes > POOL_THRESHOLD) mh_step_work(s, build_work);
+    else if ((s->work_err = build_pack(f))) mh_step_fail(s, s->work_err, "building the pack");
 }
 
 /* --- S_PUT: store the pack under its own hash */
 
-static void put_cb(void *ud, int err)
+static int put_done(mh_step_t *s, int err)
 {
-    fetch_t *f = ud;
-    if (err) { fail_err(f, err, "storing the pack"); return; }
-    tmark(f, "put");
-    f->state = S_RECORD;
-    advance(f);
+    if (err) mh_step_fail(s, err, "storing the pack");
+    else tmark(F(s), "put");
+    return err;
 }
 
-static void head_cb(void *ud, int err, uint64_t size)
+static int head_done(mh_step_t *s, int err, uint64_t size)
 {
-    fetch_t *f = ud;
-    char key[80];
-    snprintf(key, sizeof key, "mpacks/%s", f->mpack_id.s + 7);
+    fetch_t *f = F(s);
     if (!err && size == f->pack->len) {
         /* Content-addressed: the same key holds the same bytes (another
          * process, or an earlier state, built this pack). */
         tmark(f, "put_skipped");
-        f->state = S_RECORD;
-        advance(f);
-        return;
+        return 0;
     }
-    mh_store_put(f->hub->store, key, f->pack->p, f->pack->len, put_cb, f);
+    char key[MH_MPACK_KEY_SIZE];
+    mh_mpack_key(key, f->mpack_id.s);
+    mh_step_put(s, key, f->pack->p, f->pack->len, put_done);
+    return MH_STEP_WAIT;
 }
 
-static void step_put(fetch_t *f)
+static void step_put(mh_step_t *s)
 {
-    char key[80];
-    snprintf(key, sizeof key, "mpacks/%s", f->mpack_id.s + 7);
-    f->state = S_WAIT;
-    mh_store_head(f->hub->store, key, head_cb, f);
+    fetch_t *f = F(s);
+    tmark(f, "build");
+    char key[MH_MPACK_KEY_SIZE];
+    mh_mpack_key(key, f->mpack_id.s);
+    mh_step_head(s, key, head_done);
 }
 
 /* --- S_RECORD: the mpacks row (a cache pack: kind 'fetch') and the
@@ -1404,22 +1036,22 @@ static const mh_stmt_t st_ins_answer = {
     " VALUES ($1, $2::bigint, $3, $4, $5::int, $6::int, $7::int) ON CONFLICT DO NOTHING",
     7};
 
-static void record_cb(void *ud, PGresult **results, int n, int err, const char *errmsg)
+static void recorded(void *ud, PGresult **results, int n, int err, const char *errmsg)
 {
     fetch_t *f = ud;
     (void)results;
     (void)n;
     /* The pack is stored: a failed bookkeeping row only costs a rebuild
      * later, so answer anyway. */
-    if (err) mh_warn("req %s: fetch: recording the answer: %s (%s)", f->req->id, mh_strerror(err), errmsg ? errmsg : "");
+    if (err)
+        mh_warn("req %s: fetch: recording the answer: %s (%s)", f->op.req->id, mh_strerror(err), errmsg ? errmsg : "");
     tmark(f, "record");
-    f->state = S_ANSWER;
-    advance(f);
+    mh_step_resume(&f->op.step, 0, NULL);
 }
 
-static void step_record(fetch_t *f)
+static void step_record(mh_step_t *s)
 {
-    mh_arena_t *a = f->a;
+    fetch_t *f = F(s);
     answer_t *ans = &f->ans;
     memset(ans, 0, sizeof *ans);
     if (f->pack) {
@@ -1428,57 +1060,39 @@ static void step_record(fetch_t *f)
         ans->snapshots = (uint32_t)f->nemit;
         ans->blobs = (uint32_t)f->nblobs;
     }
-    char **v = mh_alloc(a, 9 * sizeof *v);
-    if (!v) { fail_err(f, MH_ENOMEM, "record"); return; }
-    v[0] = ans->mpack_id;
-    v[1] = mh_sprintf(a, "%zu", f->pack ? f->pack->len : 0);
-    v[2] = f->repo->repo_id;
-    v[3] = mh_sprintf(a, "%lld", (long long)f->seq);
-    v[4] = f->normkey;
-    v[5] = ans->mpack_id[0] ? ans->mpack_id : NULL;
-    v[6] = mh_sprintf(a, "%u", ans->commits);
-    v[7] = mh_sprintf(a, "%u", ans->snapshots);
-    v[8] = mh_sprintf(a, "%u", ans->blobs);
-    if (!v[1] || !v[3] || !v[6] || !v[7] || !v[8]) { fail_err(f, MH_ENOMEM, "record"); return; }
-    mh_db_pq_t qs[2] = {
-        {.stmt = &st_ins_mpack, .nparams = 2, .vals = (const char *const *)v},
-        {.stmt = &st_ins_answer, .nparams = 7, .vals = (const char *const *)v + 2},
-    };
-    f->state = S_WAIT;
-    if (f->pack) mh_db_pipeline(f->hub->db, qs, 2, record_cb, f);
-    else mh_db_pipeline(f->hub->db, qs + 1, 1, record_cb, f);
+    char size[24], seq[24], nc[12], ns[12], nb[12];
+    snprintf(size, sizeof size, "%zu", f->pack ? f->pack->len : 0);
+    snprintf(seq, sizeof seq, "%lld", (long long)f->seq);
+    snprintf(nc, sizeof nc, "%u", ans->commits);
+    snprintf(ns, sizeof ns, "%u", ans->snapshots);
+    snprintf(nb, sizeof nb, "%u", ans->blobs);
+    mh_db_batch_t b = {0};
+    if (f->pack) mh_db_batch_stmt(&b, &st_ins_mpack, ans->mpack_id, size);
+    mh_db_batch_stmt(&b, &st_ins_answer, f->op.repo->repo_id, seq, f->normkey, f->pack ? ans->mpack_id : NULL, nc, ns,
+                     nb);
+    mh_step_wait(s);
+    mh_db_pipeline(f->op.hub->db, b.q, b.n, recorded, f);
 }
 
-/* --- the loop */
+static void step_answer(mh_step_t *s) { mh_step_done(s); }
 
-static void advance(fetch_t *f)
-{
-    for (;;) {
-        switch (f->state) {
-        case S_GRAPH: step_graph(f, false); break;
-        case S_RESOLVE: step_resolve(f); break;
-        case S_LOOKUP: step_lookup(f); break;
-        case S_WALK: step_walk(f); break;
-        case S_ROWS: step_rows(f); break;
-        case S_MANIFESTS: step_manifests(f); break;
-        case S_BLOBSET: step_blobset(f); break;
-        case S_LOCATE: step_locate(f); break;
-        case S_READ: step_read(f); break;
-        case S_BUILD: step_build(f); break;
-        case S_PUT: step_put(f); break;
-        case S_RECORD: step_record(f); break;
-        case S_ANSWER:
-            f->state = S_WAIT;
-            if (f->pack)
-                mh_info("fetch %s/%s: %zu commits, %zu snapshots, %zu blobs, %zu bytes, %s in %.1f ms:%s",
-                        f->repo->owner, f->repo->slug, f->nsend, f->nemit, f->nblobs, f->pack->len, f->mpack_id.s,
-                        (double)(mh_now_us() - f->t0) / 1000.0, f->timing);
-            finish(f);
-            return;
-        case S_WAIT: return;
-        }
-    }
-}
+/* --- the protocol */
+
+static const mh_step_def_t fetch_steps[] = {
+    [S_GRAPH] = {"graph", step_graph},             /* the repository's commit graph */
+    [S_RESOLVE] = {"resolve", step_resolve},       /* want/have to graph nodes; the normalised key */
+    [S_LOOKUP] = {"lookup", step_lookup},          /* fetch_packs row of (repo, state, normalised key) */
+    [S_WALK] = {"walk", step_walk},                /* want/have walk, snapshot plan */
+    [S_ROWS] = {"rows", step_rows},                /* commit and snapshot rows */
+    [S_MANIFESTS] = {"manifests", step_manifests}, /* of have tips and of roots without their parent */
+    [S_BLOBSET] = {"blobset", step_blobset},       /* which blobs to send */
+    [S_LOCATE] = {"locate", step_locate},          /* where they are */
+    [S_READ] = {"read", step_read},                /* their bytes */
+    [S_BUILD] = {"build", step_build},             /* the pack */
+    [S_PUT] = {"put", step_put},                   /* into the store */
+    [S_RECORD] = {"record", step_record},          /* mpacks + fetch_packs rows */
+    [S_ANSWER] = {"answer", step_answer},
+};
 
 /* ============================================================== handler */
 
@@ -1506,84 +1120,65 @@ static const char *parse_ids(mh_arena_t *a, const mh_val_t *body, const char *na
         if (!(ids[i] = mh_strndup(a, x->v.s.p, x->v.s.n))) return ids_oom;
     }
     size_t k = 0;
-    if (v->v.a.n) {
-        qsort(ids, v->v.a.n, sizeof *ids, cmp_str);
-        for (uint32_t i = 0; i < v->v.a.n; i++)
-            if (k == 0 || strcmp(ids[k - 1], ids[i]) != 0) ids[k++] = ids[i];
-    }
+    if (v->v.a.n) qsort(ids, v->v.a.n, sizeof *ids, cmp_str);
+    for (uint32_t i = 0; i < v->v.a.n; i++)
+        if (k == 0 || strcmp(ids[k - 1], ids[i]) != 0) ids[k++] = ids[i];
     *out = ids;
     *n = k;
     return NULL;
 }
 
-static void release_arena_cb(void *p) { mh_arena_release(p); }
-
 static void repo_cb(mh_req_t *req, mh_repo_t *repo)
 {
     fetch_t *f = req->user;
-    f->repo = repo;
+    f->op.repo = repo;
     f->seq = repo->state_seq;
-    f->key = mh_sprintf(f->a, "%s|%lld|%s", repo->repo_id, (long long)repo->state_seq, f->reqkey);
-    mh_answer_cache_t *ac = answers(f->hub);
-    if (!f->key || !ac) { mh_hub_fail(req, MH_ENOMEM, "fetch"); return; }
-    const answer_t *hit = ac_get(ac, f->key);
+    f->key = mh_sprintf(&req->arena, "%s|%lld|%s", repo->repo_id, (long long)repo->state_seq, f->reqkey);
+    if (!f->key) {
+        mh_res_fail(req, MH_ENOMEM, "fetch");
+        return;
+    }
+    const answer_t *hit = mh__answer_get(f->op.hub, f->key);
     if (hit) {
         respond_answer(req, hit);
         return;
     }
     /* The same miss already being built: wait for its outcome. */
-    for (inflight_t *x = ac->inflight; x; x = x->next) {
-        if (strcmp(x->key, f->key) != 0) continue;
-        if (x->n == x->cap) {
-            size_t cap = x->cap ? x->cap * 2 : 8;
-            fetch_t **w = realloc(x->waiters, cap * sizeof *w);
-            if (!w) { mh_hub_fail(req, MH_ENOMEM, "fetch"); return; }
-            x->waiters = w;
-            x->cap = cap;
-        }
-        f->state = S_WAIT;
-        x->waiters[x->n++] = f;
+    int rc = mh__inflight_join(f->op.hub, f->key, req, &f->infl);
+    if (rc) {
+        if (rc < 0) mh_res_fail(req, rc, "fetch");
         return;
     }
-    inflight_t *x = calloc(1, sizeof *x);
-    if (!x || !(x->key = strdup(f->key))) {
-        free(x);
-        mh_hub_fail(req, MH_ENOMEM, "fetch");
-        return;
-    }
-    x->next = ac->inflight;
-    ac->inflight = x;
-    f->infl = x;
-    mh_arena_t *ba = mh_alloc(&req->arena, sizeof *ba);
-    if (ba) mh_arena_init(ba, BUILD_ARENA_LIMIT);
-    if (!ba || mh_arena_defer(&req->arena, release_arena_cb, ba)) {
-        fail_err(f, MH_ENOMEM, "fetch");
-        return;
-    }
-    f->a = ba;
-    f->state = S_GRAPH;
-    advance(f);
+    mh_step_run(&f->op.step);
 }
+
+static const mh__op_def_t fetch_def = {"fetch", MH__STEPS(fetch_steps), fetch_finish, NULL, BUILD_ARENA_LIMIT};
 
 void mh_h_fetch(mh_req_t *req)
 {
     mh_val_t body;
     if (!mh_req_body_val(req, &body)) return;
     mh_arena_t *a = &req->arena;
-    fetch_t *f = mh_calloc(a, sizeof *f);
-    if (!f) { mh_hub_fail(req, MH_ENOMEM, "fetch"); return; }
-    f->req = req;
-    f->hub = req->app;
-    f->a = a;
-    f->t0 = f->t_mark = mh_now_us();
-    if (body.t != MH_V_MAP) { mh_res_error(req, 422, "invalid_request", "the body must be a map {want, have}"); return; }
-    const char *why = parse_ids(a, &body, "want", true, &f->want, &f->nwant);
-    if (why == ids_oom) { mh_hub_fail(req, MH_ENOMEM, "fetch"); return; }
-    if (why) { mh_res_error(req, 422, "invalid_request", "want %s", why); return; }
-    why = parse_ids(a, &body, "have", false, &f->have, &f->nhave);
-    if (why == ids_oom) { mh_hub_fail(req, MH_ENOMEM, "fetch"); return; }
-    if (why) { mh_res_error(req, 422, "invalid_request", "have %s", why); return; }
-    if (ids_key(a, f->want, f->nwant, f->have, f->nhave, NULL, f->reqkey)) { mh_hub_fail(req, MH_ENOMEM, "fetch"); return; }
-    req->user = f;
+    fetch_t *f = MH__OP_NEW(req, fetch_t, &fetch_def);
+    if (!f) return;
+    f->a = &f->op.work;
+    f->t_mark = f->op.step.t0;
+    if (body.t != MH_V_MAP) {
+        mh_res_error(req, 422, "invalid_request", "the body must be a map {want, have}");
+        return;
+    }
+    const char *list = "want", *why = parse_ids(a, &body, "want", true, &f->want, &f->nwant);
+    if (!why) {
+        list = "have";
+        why = parse_ids(a, &body, "have", false, &f->have, &f->nhave);
+    }
+    if (why == ids_oom || (!why && ids_key(a, f->want, f->nwant, f->have, f->nhave, NULL, f->reqkey))) {
+        mh_res_fail(req, MH_ENOMEM, "fetch");
+        return;
+    }
+    if (why) {
+        mh_res_error(req, 422, "invalid_request", "%s %s", list, why);
+        return;
+    }
     mh_hub_load_repo(req, MH_PERM_READ, repo_cb);
 }

@@ -33,116 +33,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ------------------------------------------------------------ hashing */
-
-static uint64_t id_seed;
-static bool id_seeded;
-
-static uint64_t mix64(uint64_t z)
-{
-    /* splitmix64's finaliser: every output bit depends on every input bit,
-     * so the low bits used as a bucket index cannot be targeted without
-     * knowing the seed. */
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-
-static uint64_t seed(void)
-{
-    if (!id_seeded) {
-        if (mh_random(&id_seed, sizeof id_seed)) id_seed = (uint64_t)mh_now_us() * 0x9e3779b97f4a7c15ULL;
-        id_seeded = true;
-    }
-    return id_seed;
-}
-
-static uint64_t digest_hash(const uint8_t d[32])
-{
-    uint64_t x = 0;
-    for (int i = 0; i < 8; i++) x = (x << 8) | d[i];
-    return mix64(x ^ seed());
-}
-
-uint64_t mh_hub_hash_bytes(const void *p, size_t n)
-{
-    /* FNV-1a from a secret starting point, then a full mix. */
-    const uint8_t *b = p;
-    uint64_t h = 0xcbf29ce484222325ULL ^ seed();
-    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 0x100000001b3ULL;
-    return mix64(h);
-}
-
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    return 0;
-}
-
-uint64_t mh_id_hash(const char *id)
-{
-    /* The same value digest_hash gives for the decoded id. */
-    uint64_t x = 0;
-    for (int i = 0; i < 16; i++) x = (x << 4) | (uint64_t)hexval(id[7 + i]);
-    return mix64(x ^ seed());
-}
-
-/* Hex digit value + 1; 0 for anything else (uppercase included, as in
- * mh_id_valid). */
-static const uint8_t hexlut[256] = {
-    ['0'] = 1,  ['1'] = 2,  ['2'] = 3,  ['3'] = 4,  ['4'] = 5,  ['5'] = 6,  ['6'] = 7,  ['7'] = 8,
-    ['8'] = 9,  ['9'] = 10, ['a'] = 11, ['b'] = 12, ['c'] = 13, ['d'] = 14, ['e'] = 15, ['f'] = 16,
-};
-
-/* Checks and decodes an id in one pass: graph loads parse every id of a
- * history, and mh_id_valid + mh_hex_decode walked each twice (a quarter
- * of a graph load's instructions, docs/benchmarks.md). */
-static int id_digest(const char *id, uint8_t out[32])
-{
-    if (!id || strlen(id) != MH_ID_LEN || memcmp(id, "sha256:", 7) != 0) return MH_EPARSE;
-    const uint8_t *h = (const uint8_t *)id + 7;
-    int bad = 0;
-    for (int i = 0; i < 32; i++) {
-        int hi = hexlut[h[2 * i]], lo = hexlut[h[2 * i + 1]];
-        bad |= (hi == 0) | (lo == 0);
-        out[i] = (uint8_t)(((hi - 1) & 15) << 4 | ((lo - 1) & 15));
-    }
-    return bad ? MH_EPARSE : 0;
-}
-
 /* ------------------------------------------------------------ builder */
 
-static uint32_t probe(const mh_graph_t *g, const uint8_t d[32], bool *found)
-{
-    uint32_t i = (uint32_t)digest_hash(d) & g->mask;
-    while (g->slots[i]) {
-        if (memcmp(g->nodes[g->slots[i] - 1].id, d, 32) == 0) {
-            *found = true;
-            return i;
-        }
-        i = (i + 1) & g->mask;
-    }
-    *found = false;
-    return i;
-}
-
-static int rehash(mh_graph_t *g, uint32_t want_slots)
-{
-    uint32_t size = 16;
-    while (size < want_slots) size <<= 1;
-    uint32_t *slots = calloc(size, sizeof *slots);
-    if (!slots) return MH_ENOMEM;
-    free(g->slots);
-    g->slots = slots;
-    g->mask = size - 1;
-    for (uint32_t k = 0; k < g->n; k++) {
-        bool found;
-        uint32_t i = probe(g, g->nodes[k].id, &found);
-        g->slots[i] = k + 1;
-    }
-    return 0;
-}
+/* Node lookup is core's id map over node indices, keyed by the nodes'
+ * digests: seeded, so ids a client chose cannot pile into one bucket, and
+ * 8 bytes a slot; an extension copies it with one memcpy. */
+static const void *node_key(const void *ctx, uint32_t v) { return ((const mh_graph_t *)ctx)->nodes[v].id; }
 
 static int grow(mh_graph_t *g, uint32_t cap)
 {
@@ -159,83 +55,79 @@ static int grow(mh_graph_t *g, uint32_t cap)
     if (!pm) return MH_ENOMEM;
     g->tmp_pmask = pm;
     g->cap = cap;
-    /* Keep the table at most half full. */
-    if ((uint64_t)cap * 2 > (uint64_t)g->mask + 1) return rehash(g, cap * 2);
-    return 0;
+    return mh_idmap_reserve(&g->map, cap);
 }
 
-mh_graph_t *mh_graph_new(const char *repo_id, int64_t state_seq, uint32_t ncommits)
+mh_graph_t *mh__graph_new(const char *repo_id, int64_t state_seq, uint32_t ncommits)
 {
     mh_graph_t *g = calloc(1, sizeof *g);
     if (!g) return NULL;
     g->repo_id = strdup(repo_id ? repo_id : "");
     g->state_seq = state_seq;
     g->refs = 1;
-    if (!g->repo_id || rehash(g, 16) || grow(g, ncommits ? ncommits : 16)) {
+    mh_idmap_init(&g->map, NULL, 32, node_key, g);
+    if (!g->repo_id || grow(g, ncommits ? ncommits : 16)) {
         g->refs = 1;
-        mh_graph_unref(g);
+        mh__graph_unref(g);
         return NULL;
     }
     return g;
 }
 
-mh_graph_t *mh_graph_extend(const mh_graph_t *base, int64_t state_seq, uint32_t nmore)
+mh_graph_t *mh__graph_extend(const mh_graph_t *base, int64_t state_seq, uint32_t nmore)
 {
     if (nmore < 16) nmore = 16;
     if (nmore > UINT32_MAX / 2 - base->n) return NULL;
     mh_graph_t *g = calloc(1, sizeof *g);
     if (!g) return NULL;
     g->refs = 1;
+    mh_idmap_init(&g->map, NULL, 32, node_key, g);
     g->repo_id = strdup(base->repo_id);
     g->state_seq = state_seq;
     g->ref_seq = base->ref_seq;
     /* Allocated at the final size once: a copy is the whole cost of an
      * extension, so it must not be copied again by a realloc. */
     uint32_t cap = base->n + nmore;
-    size_t sb = ((size_t)base->mask + 1) * sizeof *g->slots;
     g->nodes = malloc((size_t)cap * sizeof *g->nodes);
-    g->slots = malloc(sb);
     g->tmp_parents = malloc((size_t)nmore * sizeof *g->tmp_parents);
     g->tmp_pmask = malloc(nmore);
     g->pend = base->npend ? malloc((size_t)base->npend * sizeof *g->pend) : NULL;
-    if (!g->repo_id || !g->nodes || !g->slots || !g->tmp_parents || !g->tmp_pmask || (base->npend && !g->pend)) {
-        mh_graph_unref(g);
+    if (!g->repo_id || !g->nodes || !g->tmp_parents || !g->tmp_pmask || (base->npend && !g->pend) ||
+        mh_idmap_clone(&g->map, &base->map, g)) {
+        mh__graph_unref(g);
         return NULL;
     }
     memcpy(g->nodes, base->nodes, (size_t)base->n * sizeof *g->nodes);
-    memcpy(g->slots, base->slots, sb);
     if (base->npend) memcpy(g->pend, base->pend, (size_t)base->npend * sizeof *g->pend);
     g->n = g->nsealed = base->n;
     g->cap = cap;
-    g->mask = base->mask;
     g->npend = g->cappend = base->npend;
-    /* Keep the table at most half full, as grow() does. */
-    if ((uint64_t)cap * 2 > (uint64_t)g->mask + 1 && rehash(g, cap * 2)) {
-        mh_graph_unref(g);
+    if (mh_idmap_reserve(&g->map, cap)) {
+        mh__graph_unref(g);
         return NULL;
     }
     return g;
 }
 
-int mh_graph_add(mh_graph_t *g, const char *commit_id, const char *p1, const char *p2, const char *snapshot_id,
-                 uint32_t gen)
+/* The digest of a NUL-terminated id; MH_EPARSE when it is not one. */
+static int digest_of(const char *id, uint8_t out[32]) { return mh_id_digest(id, id ? strlen(id) : 0, out); }
+
+int mh__graph_add(mh_graph_t *g, const char *commit_id, const char *p1, const char *p2, const char *snapshot_id,
+                  uint32_t gen)
 {
     uint8_t d[32], s[32], pd[2][32];
     uint8_t pm = 0;
-    if (id_digest(commit_id, d) || id_digest(snapshot_id, s)) return MH_EPARSE;
+    if (digest_of(commit_id, d) || digest_of(snapshot_id, s)) return MH_EPARSE;
     if (p1 && *p1) {
-        if (id_digest(p1, pd[0])) return MH_EPARSE;
+        if (digest_of(p1, pd[0])) return MH_EPARSE;
         pm |= 1;
     }
     if (p2 && *p2) {
-        if (id_digest(p2, pd[1])) return MH_EPARSE;
+        if (digest_of(p2, pd[1])) return MH_EPARSE;
         pm |= 2;
     }
-    bool found;
-    probe(g, d, &found);
-    if (found) return 0;
     if (g->n == g->cap && grow(g, g->cap * 2)) return MH_ENOMEM;
-    uint32_t slot = probe(g, d, &found); /* the table may have been rebuilt */
+    /* Written in place first: the map's key is the node's own digest. */
     mh_gnode_t *nd = &g->nodes[g->n];
     memcpy(nd->id, d, 32);
     memcpy(nd->snap, s, 32);
@@ -243,21 +135,19 @@ int mh_graph_add(mh_graph_t *g, const char *commit_id, const char *p1, const cha
     nd->gen = gen;
     memcpy(g->tmp_parents[g->n - g->nsealed], pd, sizeof pd);
     g->tmp_pmask[g->n - g->nsealed] = pm;
-    g->slots[slot] = ++g->n;
+    int added = mh_idmap_add(&g->map, g->n, NULL); /* 0: a duplicate, ignored */
+    if (added < 0) return MH_ENOMEM;
+    g->n += (uint32_t)added;
     return 0;
 }
 
-int mh_graph_add_branch(mh_graph_t *g, const char *name, const char *head_id)
+int mh__graph_add_branch(mh_graph_t *g, const char *name, const char *head_id)
 {
     if (!head_id || !mh_id_valid(head_id, strlen(head_id))) return MH_EPARSE;
-    if (g->nbranches == g->capb) {
-        uint32_t cap = g->capb ? g->capb * 2 : 8;
-        mh_gbranch_t *b = realloc(g->branches, cap * sizeof *b);
-        if (!b) return MH_ENOMEM;
-        g->branches = b;
-        g->capb = cap;
-    }
-    mh_gbranch_t *b = &g->branches[g->nbranches];
+    mh_gbranch_t *v = mh_vec_grow(g->branches, &g->capb, (size_t)g->nbranches + 1, sizeof *v, 8);
+    if (!v) return MH_ENOMEM;
+    g->branches = v;
+    mh_gbranch_t *b = &v[g->nbranches];
     b->name = strdup(name);
     if (!b->name) return MH_ENOMEM;
     memcpy(b->head.s, head_id, MH_ID_LEN);
@@ -274,28 +164,22 @@ static int branch_cmp(const void *a, const void *b)
 
 static uint32_t lookup(const mh_graph_t *g, const uint8_t d[32])
 {
-    bool found;
-    uint32_t i = probe(g, d, &found);
-    return found ? g->slots[i] - 1 : MH_GNONE;
+    return mh_idmap_find(&g->map, d); /* MH_IDMAP_NONE is MH_GNONE */
 }
 
 static int pend_push(mh_graph_t *g, uint32_t node, uint32_t j, const uint8_t d[32])
 {
-    if (g->npend == g->cappend) {
-        uint32_t cap = g->cappend ? g->cappend * 2 : 8;
-        mh_gpend_t *p = realloc(g->pend, (size_t)cap * sizeof *p);
-        if (!p) return MH_ENOMEM;
-        g->pend = p;
-        g->cappend = cap;
-    }
-    mh_gpend_t *p = &g->pend[g->npend++];
+    mh_gpend_t *v = mh_vec_grow(g->pend, &g->cappend, (size_t)g->npend + 1, sizeof *v, 8);
+    if (!v) return MH_ENOMEM;
+    g->pend = v;
+    mh_gpend_t *p = &v[g->npend++];
     p->node = node;
     p->j = j;
     memcpy(p->d, d, 32);
     return 0;
 }
 
-int mh_graph_seal(mh_graph_t *g)
+int mh__graph_seal(mh_graph_t *g)
 {
     /* Parents an earlier load did not have may have arrived now. */
     uint32_t keep = 0;
@@ -323,21 +207,21 @@ int mh_graph_seal(mh_graph_t *g)
     g->tmp_pmask = NULL;
     g->nsealed = g->n;
     if (g->nbranches) qsort(g->branches, g->nbranches, sizeof *g->branches, branch_cmp);
-    for (uint32_t b = 0; b < g->nbranches; b++) g->branches[b].node = mh_graph_find(g, g->branches[b].head.s);
-    g->bytes = sizeof *g + (size_t)g->cap * sizeof(mh_gnode_t) + ((size_t)g->mask + 1) * 4 +
+    for (uint32_t b = 0; b < g->nbranches; b++) g->branches[b].node = mh__graph_find(g, g->branches[b].head.s);
+    g->bytes = sizeof *g + (size_t)g->cap * sizeof(mh_gnode_t) + g->map.cap * sizeof(mh_idmap_slot_t) +
                (size_t)g->nbranches * (sizeof(mh_gbranch_t) + 32) + (size_t)g->cappend * sizeof(mh_gpend_t);
     return 0;
 }
 
-void mh_graph_ref(mh_graph_t *g) { g->refs++; }
+void mh__graph_ref(mh_graph_t *g) { g->refs++; }
 
-void mh_graph_unref(mh_graph_t *g)
+void mh__graph_unref(mh_graph_t *g)
 {
     if (!g || --g->refs > 0) return;
     for (uint32_t b = 0; b < g->nbranches; b++) free(g->branches[b].name);
     free(g->branches);
     free(g->nodes);
-    free(g->slots);
+    mh_idmap_free(&g->map);
     free(g->tmp_parents);
     free(g->tmp_pmask);
     free(g->pend);
@@ -345,29 +229,27 @@ void mh_graph_unref(mh_graph_t *g)
     free(g);
 }
 
-static void unref_cb(void *arg) { mh_graph_unref(arg); }
+static void unref_cb(void *arg) { mh__graph_unref(arg); }
 
-int mh_graph_hold(mh_arena_t *a, mh_graph_t *g)
+int mh__graph_hold(mh_arena_t *a, mh_graph_t *g)
 {
     int rc = mh_arena_defer(a, unref_cb, g);
-    if (rc) mh_graph_unref(g);
+    if (rc) mh__graph_unref(g);
     return rc;
 }
 
-uint32_t mh_graph_find(const mh_graph_t *g, const char *commit_id)
+uint32_t mh__graph_find(const mh_graph_t *g, const char *commit_id)
 {
     uint8_t d[32];
-    if (!mh_id_valid(commit_id, MH_ID_LEN) || mh_hex_decode(d, commit_id + 7, 32)) return MH_GNONE;
-    bool found;
-    uint32_t i = probe(g, d, &found);
-    return found ? g->slots[i] - 1 : MH_GNONE;
+    if (mh_id_digest(commit_id, MH_ID_LEN, d)) return MH_GNONE;
+    return lookup(g, d);
 }
 
-void mh_graph_id(const mh_graph_t *g, uint32_t i, mh_id_t *out) { mh_id_from_digest(out, g->nodes[i].id); }
+void mh__graph_id(const mh_graph_t *g, uint32_t i, mh_id_t *out) { mh_id_from_digest(out, g->nodes[i].id); }
 
-void mh_graph_snap_id(const mh_graph_t *g, uint32_t i, mh_id_t *out) { mh_id_from_digest(out, g->nodes[i].snap); }
+void mh__graph_snap_id(const mh_graph_t *g, uint32_t i, mh_id_t *out) { mh_id_from_digest(out, g->nodes[i].snap); }
 
-const mh_gbranch_t *mh_graph_branch(const mh_graph_t *g, const char *name, size_t n)
+const mh_gbranch_t *mh__graph_branch(const mh_graph_t *g, const char *name, size_t n)
 {
     uint32_t lo = 0, hi = g->nbranches;
     while (lo < hi) {
@@ -453,8 +335,8 @@ static void mark(walk_t *w, uint32_t x, uint8_t f)
      * generations all its children were popped before it. */
 }
 
-int mh_graph_walk(const mh_graph_t *g, const uint32_t *want, size_t nwant, const uint32_t *have, size_t nhave,
-                  uint8_t *flags, uint32_t *out, size_t *nout)
+int mh__graph_walk(const mh_graph_t *g, const uint32_t *want, size_t nwant, const uint32_t *have, size_t nhave,
+                   uint8_t *flags, uint32_t *out, size_t *nout)
 {
     *nout = 0;
     if (!g->n) return 0;
@@ -483,8 +365,8 @@ int mh_graph_walk(const mh_graph_t *g, const uint32_t *want, size_t nwant, const
     return 0;
 }
 
-int mh_graph_log(const mh_graph_t *g, uint32_t head, uint32_t cursor, uint32_t limit, uint32_t *out,
-                 uint32_t *nout, bool *more)
+int mh__graph_log(const mh_graph_t *g, uint32_t head, uint32_t cursor, uint32_t limit, uint32_t *out, uint32_t *nout,
+                  bool *more)
 {
     *nout = 0;
     *more = false;
@@ -528,30 +410,30 @@ int mh_graph_log(const mh_graph_t *g, uint32_t head, uint32_t cursor, uint32_t l
 #define GC_SLOTS 32
 #define GC_MAX_BYTES ((size_t)512 << 20)
 
-struct mh_graph_cache {
+struct mh__graph_cache {
     mh_graph_t *g[GC_SLOTS];
     uint64_t used[GC_SLOTS];
     uint64_t tick;
 };
 
-static mh_graph_cache_t *gcache(mh_hub_t *hub, bool create)
+static mh__graph_cache_t *gcache(mh_hub_t *hub, bool create)
 {
-    mh_fetch_cache_t *fc = create ? mh_hub_cache(hub) : hub->fetch_cache;
-    if (!fc) return NULL;
-    if (!fc->graphs && create) fc->graphs = calloc(1, sizeof *fc->graphs);
-    return fc->graphs;
+    mh__graph_cache_t **gc = mh__caches_graphs(hub, create);
+    if (!gc) return NULL;
+    if (!*gc && create) *gc = calloc(1, sizeof **gc);
+    return *gc;
 }
 
-mh_graph_t *mh_graph_cache_get(mh_hub_t *hub, const char *repo_id, int64_t state_seq)
+mh_graph_t *mh__graph_cache_get(mh_hub_t *hub, const char *repo_id, int64_t state_seq)
 {
-    mh_graph_cache_t *gc = gcache(hub, false);
+    mh__graph_cache_t *gc = gcache(hub, false);
     if (!gc) return NULL;
     for (int i = 0; i < GC_SLOTS; i++) {
         mh_graph_t *g = gc->g[i];
         if (!g || strcmp(g->repo_id, repo_id) != 0) continue;
         if (g->state_seq != state_seq) return NULL;
         gc->used[i] = ++gc->tick;
-        mh_graph_ref(g);
+        mh__graph_ref(g);
         return g;
     }
     return NULL;
@@ -561,11 +443,11 @@ mh_graph_t *mh_graph_cache_get(mh_hub_t *hub, const char *repo_id, int64_t state
  * the caller, or NULL: the base a load extends. */
 static mh_graph_t *cache_latest(mh_hub_t *hub, const char *repo_id)
 {
-    mh_graph_cache_t *gc = gcache(hub, false);
+    mh__graph_cache_t *gc = gcache(hub, false);
     if (!gc) return NULL;
     for (int i = 0; i < GC_SLOTS; i++) {
         if (gc->g[i] && strcmp(gc->g[i]->repo_id, repo_id) == 0) {
-            mh_graph_ref(gc->g[i]);
+            mh__graph_ref(gc->g[i]);
             return gc->g[i];
         }
     }
@@ -574,7 +456,7 @@ static mh_graph_t *cache_latest(mh_hub_t *hub, const char *repo_id)
 
 static void cache_put(mh_hub_t *hub, mh_graph_t *g)
 {
-    mh_graph_cache_t *gc = gcache(hub, true);
+    mh__graph_cache_t *gc = gcache(hub, true);
     if (!gc || g->bytes > GC_MAX_BYTES / 2) return;
     int slot = -1;
     size_t total = g->bytes;
@@ -588,7 +470,7 @@ static void cache_put(mh_hub_t *hub, mh_graph_t *g)
              * state (of one state, the one with more ref rows). */
             const mh_graph_t *c = gc->g[i];
             if (c->state_seq > g->state_seq || (c->state_seq == g->state_seq && c->ref_seq > g->ref_seq)) return;
-            mh_graph_unref(gc->g[i]);
+            mh__graph_unref(gc->g[i]);
             gc->g[i] = NULL;
             slot = i;
             continue;
@@ -602,32 +484,32 @@ static void cache_put(mh_hub_t *hub, mh_graph_t *g)
             if (gc->g[i] && (lru < 0 || gc->used[i] < gc->used[lru])) lru = i;
         if (lru < 0) break;
         total -= gc->g[lru]->bytes;
-        mh_graph_unref(gc->g[lru]);
+        mh__graph_unref(gc->g[lru]);
         gc->g[lru] = NULL;
         if (slot < 0) slot = lru;
     }
     if (slot < 0) return;
-    mh_graph_ref(g);
+    mh__graph_ref(g);
     gc->g[slot] = g;
     gc->used[slot] = ++gc->tick;
 }
 
-void mh_graph_cache_drop(mh_hub_t *hub, const char *repo_id)
+void mh__graph_cache_drop(mh_hub_t *hub, const char *repo_id)
 {
-    mh_graph_cache_t *gc = gcache(hub, false);
+    mh__graph_cache_t *gc = gcache(hub, false);
     if (!gc) return;
     for (int i = 0; i < GC_SLOTS; i++) {
         if (gc->g[i] && (!repo_id || strcmp(gc->g[i]->repo_id, repo_id) == 0)) {
-            mh_graph_unref(gc->g[i]);
+            mh__graph_unref(gc->g[i]);
             gc->g[i] = NULL;
         }
     }
 }
 
-void mh_graph_cache_free(mh_graph_cache_t *gc)
+void mh__graph_cache_free(mh__graph_cache_t *gc)
 {
     if (!gc) return;
-    for (int i = 0; i < GC_SLOTS; i++) mh_graph_unref(gc->g[i]);
+    for (int i = 0; i < GC_SLOTS; i++) mh__graph_unref(gc->g[i]);
     free(gc);
 }
 
@@ -635,11 +517,11 @@ void mh_graph_cache_free(mh_graph_cache_t *gc)
 
 /* One statement = one snapshot: the state counter, the branches and the
  * commit graph cannot come from two different repository states. */
-#define GRAPH_SQL                                                                                            \
-    "SELECT 0, state_seq::text, NULL::text, NULL::text, NULL::text, 0, 0::bigint FROM repos WHERE repo_id = $1" \
-    " UNION ALL SELECT 1, name, head_commit_id, NULL::text, NULL::text, 0, 0::bigint FROM branches"              \
-    " WHERE repo_id = $1"                                                                                     \
-    " UNION ALL SELECT 2, c.commit_id, c.parent_commit_id, c.parent2_commit_id, c.snapshot_id, c.generation,"   \
+#define GRAPH_SQL                                                                                                      \
+    "SELECT 0, state_seq::text, NULL::text, NULL::text, NULL::text, 0, 0::bigint FROM repos WHERE repo_id = $1"        \
+    " UNION ALL SELECT 1, name, head_commit_id, NULL::text, NULL::text, 0, 0::bigint FROM branches"                    \
+    " WHERE repo_id = $1"                                                                                              \
+    " UNION ALL SELECT 2, c.commit_id, c.parent_commit_id, c.parent2_commit_id, c.snapshot_id, c.generation,"          \
     " r.ref_seq FROM commit_refs r JOIN commits c ON c.commit_id = r.commit_id WHERE r.repo_id = $1"
 
 static const mh_stmt_t st_graph = {"hub_graph_load", GRAPH_SQL, 1};
@@ -671,7 +553,7 @@ static mh_graph_t *build(const loader_t *l, PGresult *res, int *err, const char 
         *why = "repository not found";
         return NULL;
     }
-    mh_graph_t *g = l->base ? mh_graph_extend(l->base, seq, ncommits) : mh_graph_new(l->repo_id, seq, ncommits);
+    mh_graph_t *g = l->base ? mh__graph_extend(l->base, seq, ncommits) : mh__graph_new(l->repo_id, seq, ncommits);
     if (!g) {
         *err = MH_ENOMEM;
         *why = "out of memory";
@@ -682,19 +564,21 @@ static mh_graph_t *build(const loader_t *l, PGresult *res, int *err, const char 
         int kind = (int)mh_pq_int(res, r, 0);
         rc = 0;
         if (kind == 1) {
-            rc = mh_graph_add_branch(g, mh_pq_str(res, r, 1), mh_pq_str(res, r, 2));
+            rc = mh__graph_add_branch(g, mh_pq_str(res, r, 1), mh_pq_str(res, r, 2));
         } else if (kind == 2) {
             const char *p1 = mh_pq_isnull(res, r, 2) ? NULL : mh_pq_str(res, r, 2);
             const char *p2 = mh_pq_isnull(res, r, 3) ? NULL : mh_pq_str(res, r, 3);
             int64_t gen = mh_pq_int(res, r, 5), rs = mh_pq_int(res, r, 6);
             if (rs > g->ref_seq) g->ref_seq = rs;
-            rc = mh_graph_add(g, mh_pq_str(res, r, 1), p1, p2, mh_pq_str(res, r, 4),
-                              gen < 0 ? 0 : gen > UINT32_MAX ? UINT32_MAX : (uint32_t)gen);
+            rc = mh__graph_add(g, mh_pq_str(res, r, 1), p1, p2, mh_pq_str(res, r, 4),
+                               gen < 0            ? 0
+                               : gen > UINT32_MAX ? UINT32_MAX
+                                                  : (uint32_t)gen);
         }
         if (rc && rc != MH_ENOMEM) mh_warn("graph of %s: skipping a row with a malformed id", l->repo_id);
     }
-    if (rc == MH_ENOMEM || mh_graph_seal(g)) {
-        mh_graph_unref(g);
+    if (rc == MH_ENOMEM || mh__graph_seal(g)) {
+        mh__graph_unref(g);
         *err = MH_ENOMEM;
         *why = "out of memory";
         return NULL;
@@ -718,13 +602,13 @@ static void load_cb(void *ud, PGresult *res, int err, const char *errmsg)
         } else {
             errmsg = why;
             /* A deleted repository: its graph is of no further use. */
-            if (err == MH_ENOENT) mh_graph_cache_drop(l->hub, l->repo_id);
+            if (err == MH_ENOENT) mh__graph_cache_drop(l->hub, l->repo_id);
         }
     }
     l->cb(l->ud, g, err, errmsg);
 }
 
-int mh_graph_load(mh_hub_t *hub, mh_arena_t *a, const char *repo_id, mh_graph_cb cb, void *ud)
+int mh__graph_load(mh_hub_t *hub, mh_arena_t *a, const char *repo_id, mh_graph_cb cb, void *ud)
 {
     loader_t *l = mh_alloc(a, sizeof *l);
     if (!l || !(l->repo_id = mh_strdup(a, repo_id))) return MH_ENOMEM;
@@ -735,8 +619,8 @@ int mh_graph_load(mh_hub_t *hub, mh_arena_t *a, const char *repo_id, mh_graph_cb
      * meanwhile; without it (or its hold) the load is a full one. */
     mh_graph_t *base = cache_latest(hub, repo_id);
     char *since = base ? mh_sprintf(a, "%lld", (long long)base->ref_seq) : NULL;
-    if (base && (!since || mh_graph_hold(a, base))) { /* the hold unrefs on failure */
-        if (!since) mh_graph_unref(base);
+    if (base && (!since || mh__graph_hold(a, base))) { /* the hold unrefs on failure */
+        if (!since) mh__graph_unref(base);
         base = NULL;
     }
     l->base = base;

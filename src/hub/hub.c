@@ -8,9 +8,10 @@
  * private repository the caller may not read (never 403: that would leak
  * its existence).
  */
-#include "mh/hub.h"
+#include "hub_internal.h"
 
 #include <libpq-fe.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -56,7 +57,7 @@ const mh_route_t mh_hub_routes[] = {
     {"GET", "/{owner}/{slug}/refs", mh_h_refs, "refs", 0, false},
     {"POST", "/{owner}/{slug}/push/mpack-presign", mh_h_push_presign, "push_presign", 0, false},
     {"POST", "/{owner}/{slug}/push/unpack-mpack", mh_h_push_unpack, "push_unpack", 0, false},
-    {"POST", "/{owner}/{slug}/fetch", mh_h_fetch, "fetch", 0, false},
+    {"POST", "/{owner}/{slug}/fetch", mh_h_fetch, "fetch", 0, false, MH_FMT_MSGPACK},
     {"GET", "/{owner}/{slug}/commits", mh_h_commits, "commits", 0, false},
     {"GET", "/{owner}/{slug}/commits/{commit_id}", mh_h_commit, "commit", 0, false},
     {"GET", "/{owner}/{slug}/tree/{*ref}", mh_h_tree, "tree", 0, false},
@@ -80,18 +81,205 @@ void mh_hub_pre_route(mh_req_t *req)
     mh_auth_pre_route(hub->auth, req, hub->has_dev_caller ? &hub->dev_caller : NULL);
 }
 
-/* ------------------------------------------------------------ db errors */
+/* --------------------------------------------------------- request fields */
 
-void mh_hub_db_fail(mh_req_t *req, int err, const char *errmsg)
+bool mh__body_map(mh_req_t *req, mh_val_t *body)
 {
-    mh_error("req %s: database error: %s (%s)", req->id, mh_strerror(err), errmsg ? errmsg : "");
-    if (err == MH_EDBDOWN || err == MH_ETIMEDOUT) {
-        mh_res_header(req, "Retry-After", "2");
-        mh_res_error(req, 503, "unavailable", "the database is unavailable; retry shortly");
-    } else {
-        mh_res_error(req, 500, "internal", "database error");
+    if (!mh_req_body_val(req, body)) return false;
+    if (body->t != MH_V_MAP) {
+        mh_res_error(req, 422, "invalid_body", "the body must be a map");
+        return false;
     }
+    return true;
 }
+
+bool mh__body_id(mh_req_t *req, const mh_val_t *body, const char *name, bool required, mh_id_t *out, bool *present)
+{
+    const mh_val_t *v = mh_val_get(body, name);
+    if (present) *present = false;
+    if (!v || v->t == MH_V_NIL) {
+        if (!required) return true;
+        mh_res_error(req, 422, "invalid_field", "'%s' is required", name);
+        return false;
+    }
+    if (v->t != MH_V_STR || !mh_id_valid(v->v.s.p, v->v.s.n)) {
+        mh_res_error(req, 422, "invalid_id", "'%s' must be sha256:<64 lowercase hex>", name);
+        return false;
+    }
+    memcpy(out->s, v->v.s.p, MH_ID_LEN);
+    out->s[MH_ID_LEN] = 0;
+    if (present) *present = true;
+    return true;
+}
+
+bool mh__body_branch(mh_req_t *req, const mh_val_t *body, const char *name, char out[256])
+{
+    const mh_val_t *v = mh_val_get(body, name);
+    if (!v || v->t != MH_V_STR || !mh_branch_valid(v->v.s.p, v->v.s.n)) {
+        mh_res_error(req, 422, "invalid_field", "'%s' must be a valid branch name", name);
+        return false;
+    }
+    memcpy(out, v->v.s.p, v->v.s.n);
+    out[v->v.s.n] = 0;
+    return true;
+}
+
+bool mh__body_bool(mh_req_t *req, const mh_val_t *body, const char *name, bool *out)
+{
+    const mh_val_t *v = mh_val_get(body, name);
+    *out = false;
+    if (!v || v->t == MH_V_NIL) return true;
+    if (v->t != MH_V_BOOL) {
+        mh_res_error(req, 422, "invalid_field", "'%s' must be a boolean", name);
+        return false;
+    }
+    *out = v->v.b;
+    return true;
+}
+
+bool mh__db_ok(mh_req_t *req, int err, const char *errmsg)
+{
+    if (err) mh_res_fail(req, err, errmsg);
+    return !err;
+}
+
+bool mh__db_one(mh_req_t *req, PGresult *res, int err, const char *errmsg, const char *absent)
+{
+    if (!mh__db_ok(req, err, errmsg)) return false;
+    if (PQntuples(res) == 1) return true;
+    mh_res_error(req, 404, "not_found", "%s", absent);
+    return false;
+}
+
+const mh_caller_t *mh__signed_caller(mh_req_t *req, const char *what)
+{
+    const mh_caller_t *c = mh_req_caller(req);
+    if (!c->anonymous) return c;
+    mh_res_error(req, 401, "unauthorized", "%s needs a signed request", what);
+    return NULL;
+}
+
+void mh__list_answer(mh_req_t *req, PGresult *res, int err, const char *errmsg, const char *name, mh__row_fn row)
+{
+    if (!mh__db_ok(req, err, errmsg)) return;
+    mh_vb_t *b = mh_res_build(req);
+    mh_val_t *arr = mh_vb_arr(b), *out = mh_vb_map(b);
+    for (int i = 0; i < PQntuples(res); i++) mh_vb_push(b, arr, mh_vb_node(b, row(req, b, res, i)));
+    mh_vb_put(b, out, name, mh_vb_node(b, arr));
+    mh_res_val(req, 200, out);
+}
+
+void *mh__req_alloc(mh_req_t *req, size_t n)
+{
+    void *p = mh_calloc(&req->arena, n);
+    if (!p) mh_res_fail(req, MH_ENOMEM, "request state");
+    return p;
+}
+
+char *mh__param_handle(mh_req_t *req)
+{
+    mh_str_t h = mh_req_param(req, "handle");
+    if (!h.p || !mh_handle_valid(h.p, h.n)) {
+        mh_res_error(req, 404, "not_found", "no such identity");
+        return NULL;
+    }
+    char *s = mh_strndup(&req->arena, h.p, h.n);
+    if (!s) mh_res_fail(req, MH_ENOMEM, "handle");
+    return s;
+}
+
+char *mh__text_field(mh_arena_t *a, const mh_val_t *v, size_t max, bool allow_empty)
+{
+    if (!v || v->t != MH_V_STR || v->v.s.n > max || (!allow_empty && v->v.s.n == 0)) return NULL;
+    if (memchr(v->v.s.p, 0, v->v.s.n) || !mh_utf8_valid(v->v.s.p, v->v.s.n)) return NULL;
+    return mh_strndup(a, v->v.s.p, v->v.s.n);
+}
+
+/* ------------------------------------------------- operations' ends */
+
+static void op_release(void *p)
+{
+    mh__op_t *op = p;
+    if (op->def->cleanup) op->def->cleanup(op);
+    mh_arena_release(&op->work);
+}
+
+void *mh__op_new(mh_req_t *req, size_t size, const mh__op_def_t *def)
+{
+    mh_hub_t *hub = req->app;
+    mh__op_t *op = mh_calloc(&req->arena, size);
+    if (op) {
+        op->def = def;
+        mh_arena_init(&op->work, def->work_limit);
+    }
+    if (!op || mh_arena_defer(&req->arena, op_release, op)) {
+        mh_res_fail(req, MH_ENOMEM, def->what);
+        return NULL;
+    }
+    mh_step_init(&op->step, def->steps, def->nsteps, def->what, req->id,
+                 &(mh_step_env_t){hub->loop, hub->db, hub->store}, def->finish);
+    op->req = req;
+    op->hub = hub;
+    req->user = op;
+    return op;
+}
+
+void mh__op_step_done(mh_step_t *s)
+{
+    mh__op_t *op = (mh__op_t *)s;
+    mh_fetch_cache_invalidate(op->hub, op->repo->repo_id);
+    if (op->new_sid) mh_hub_manifest_cache_put(op->hub, op->new_sid, op->new_m);
+    mh_step_done(s);
+}
+
+void mh__op_repo_cb(mh_req_t *req, mh_repo_t *repo)
+{
+    mh__op_t *op = req->user;
+    op->repo = repo;
+    mh_step_run(&op->step);
+}
+
+bool mh__op_error(const mh_step_t *s, const char *invalid, mh__err_t *e)
+{
+    if (!s->status && !s->err) return false;
+    const char *why = s->why[0] ? s->why : s->err ? mh_strerror(s->err) : "";
+    if (s->status) {
+        *e = (mh__err_t){s->status, s->code, s->status == 503};
+    } else if (invalid && (s->err == MH_EPARSE || s->err == MH_EHASH)) {
+        *e = (mh__err_t){422, invalid, false};
+    } else {
+        const mh_http_err_t *t = mh_http_err_of(s->err);
+        *e = (mh__err_t){t->status, t->code, t->retry};
+        if (t->status >= 500) mh_error("req %s: %s failed: %s (%s)", s->id, s->what, mh_strerror(s->err), why);
+        if (!t->explain) why = t->detail;
+    }
+    if (e->status < 500) mh_info("req %s: %s refused: %d %s: %s", s->id, s->what, e->status, e->code, why);
+    snprintf(e->detail, sizeof e->detail, "%s", why);
+    return true;
+}
+
+void mh__res_err(mh_req_t *req, const mh__err_t *e)
+{
+    if (e->retry) mh_res_header(req, "Retry-After", "2");
+    mh_res_error(req, e->status, e->code, "%s", e->detail);
+}
+
+bool mh__op_failed(mh_step_t *s, const char *invalid)
+{
+    mh__err_t e;
+    if (!mh__op_error(s, invalid, &e)) return false;
+    mh__res_err(((mh__op_t *)s)->req, &e);
+    return true;
+}
+
+int mh__manifest_err(int err)
+{
+    /* Missing or corrupt stored history is the server's fault. */
+    if (err == MH_ENOENT || err == MH_EHASH || err == MH_EPARSE || err == MH_ELIMIT || err == MH_EINVAL) return MH_EDB;
+    return err;
+}
+
+void mh__manifest_step_cb(void *ud, int err, const char *why) { mh_step_resume(ud, mh__manifest_err(err), why); }
 
 /* ---------------------------------------------------- repo resolution */
 
@@ -131,8 +319,8 @@ static void load_repo_finish(load_repo_t *lr, mh_repo_t *r, const char *role)
         return;
     }
     if (r->perm < lr->need) {
-        if (caller->anonymous) mh_res_error(req, 401, "unauthorized", "this call needs a signed request");
-        else mh_res_error(req, 403, "forbidden", "you may read this repository but not change it");
+        if (mh__signed_caller(req, "this call"))
+            mh_res_error(req, 403, "forbidden", "you may read this repository but not change it");
         return;
     }
     lr->cb(req, r);
@@ -142,34 +330,29 @@ static void load_repo_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     load_repo_t *lr = ud;
     mh_req_t *req = lr->req;
-    if (err) {
-        mh_hub_db_fail(req, err, errmsg);
-        return;
-    }
-    if (PQntuples(res) != 1) {
-        mh_res_error(req, 404, "not_found", "repository not found");
-        return;
-    }
+    if (!mh__db_one(req, res, err, errmsg, "repository not found")) return;
     mh_arena_t *a = &req->arena;
     mh_repo_t *r = mh_calloc(a, sizeof *r);
-    if (!r) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
-        return;
-    }
-    char **fields[] = {&r->repo_id, &r->owner, &r->owner_id, &r->name, &r->slug,
-                       &r->visibility, &r->description, &r->default_branch, &r->created_at};
-    bool oom = false;
-    for (int i = 0; i < 9; i++) oom |= !(*fields[i] = mh_strdup(a, mh_pq_str(res, 0, i)));
-    r->state_seq = mh_pq_int(res, 0, 9);
+    bool ok = r && mh__repo_row(a, res, 0, r);
+    if (ok) r->state_seq = mh_pq_int(res, 0, 9);
     const char *role = mh_pq_isnull(res, 0, 10) ? NULL : mh_strdup(a, mh_pq_str(res, 0, 10));
     /* A field (or the role) lost to ENOMEM must neither reach the handler
      * nor be cached: a missing role would read as "no permission". */
-    if (oom || (!role && !mh_pq_isnull(res, 0, 10))) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
+    if (!ok || (!role && !mh_pq_isnull(res, 0, 10))) {
+        mh_res_fail(req, MH_ENOMEM, "repository");
         return;
     }
     mh_hub_repo_cache_put(req->app, lr->epoch, lr->key, lr->klen, r, role);
     load_repo_finish(lr, r, role);
+}
+
+bool mh__repo_row(mh_arena_t *a, PGresult *res, int row, mh_repo_t *r)
+{
+    char **fields[] = {&r->repo_id,    &r->owner,       &r->owner_id,       &r->name,      &r->slug,
+                       &r->visibility, &r->description, &r->default_branch, &r->created_at};
+    bool ok = true;
+    for (int i = 0; i < 9; i++) ok &= (*fields[i] = mh_strdup(a, mh_pq_str(res, row, i))) != NULL;
+    return ok;
 }
 
 /* Cache key: kind byte, the route captures and the caller, NUL-separated. */
@@ -192,11 +375,8 @@ static char *repo_key(mh_arena_t *a, char kind, const char *x, const char *y, co
 void mh_hub_load_repo(mh_req_t *req, mh_perm_t need, mh_repo_cb cb)
 {
     mh_hub_t *hub = req->app;
-    load_repo_t *lr = mh_alloc(&req->arena, sizeof *lr);
-    if (!lr) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
-        return;
-    }
+    load_repo_t *lr = mh__req_alloc(req, sizeof *lr);
+    if (!lr) return;
     lr->req = req;
     lr->need = need;
     lr->cb = cb;
@@ -208,7 +388,7 @@ void mh_hub_load_repo(mh_req_t *req, mh_perm_t need, mh_repo_cb cb)
     const char *x = id.p ? mh_strndup(a, id.p, id.n) : mh_strndup(a, owner.p, owner.n);
     const char *y = id.p ? "" : mh_strndup(a, slug.p, slug.n);
     if (!x || !y || !(lr->key = repo_key(a, id.p ? 'i' : 'o', x, y, who, &lr->klen))) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
+        mh_res_fail(req, MH_ENOMEM, "repository");
         return;
     }
     mh_repo_t *r = mh_calloc(a, sizeof *r);
@@ -229,22 +409,18 @@ void mh_hub_load_repo(mh_req_t *req, mh_perm_t need, mh_repo_cb cb)
 
 mh_val_t *mh_repo_val(mh_req_t *req, const mh_repo_t *r)
 {
-    mh_arena_t *a = &req->arena;
-    mh_val_t *m = mh_v_map(a);
-    if (!m) return NULL;
-    int rc = 0;
-    rc |= mh_map_put(a, m, "repo_id", mh_v_str(r->repo_id));
-    rc |= mh_map_put(a, m, "repoId", mh_v_str(r->repo_id));
-    rc |= mh_map_put(a, m, "owner", mh_v_str(r->owner));
-    rc |= mh_map_put(a, m, "name", mh_v_str(r->name));
-    rc |= mh_map_put(a, m, "slug", mh_v_str(r->slug));
-    rc |= mh_map_put(a, m, "visibility", mh_v_str(r->visibility));
-    rc |= mh_map_put(a, m, "description", mh_v_str(r->description));
-    rc |= mh_map_put(a, m, "default_branch", mh_v_str(r->default_branch));
-    rc |= mh_map_put(a, m, "defaultBranch", mh_v_str(r->default_branch));
-    rc |= mh_map_put(a, m, "created_at", mh_v_str(r->created_at));
-    rc |= mh_map_put(a, m, "createdAt", mh_v_str(r->created_at));
-    return rc ? NULL : m;
+    /* SPEC 4.1's object with its camelCase aliases. */
+    static const char *const keys[] = {"repo_id",       "repoId",     "owner",       "name",
+                                       "slug",          "visibility", "description", "default_branch",
+                                       "defaultBranch", "created_at", "createdAt"};
+    const char *vals[] = {r->repo_id,        r->repo_id,    r->owner,       r->name,
+                          r->slug,           r->visibility, r->description, r->default_branch,
+                          r->default_branch, r->created_at, r->created_at};
+    mh_vb_t *b = mh_res_build(req);
+    mh_val_t *m = mh_vb_map(b);
+    for (size_t i = 0; i < sizeof keys / sizeof *keys; i++)
+        mh_vb_put(b, m, keys[i], vals[i] ? mh_v_str(vals[i]) : mh_vb_node(b, NULL));
+    return b->err ? NULL : m;
 }
 
 /* Blocking: start-up only, before the loop runs. */

@@ -21,7 +21,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "mh/hub.h"
+#include "hub_internal.h"
 #include "mh/jobs.h"
 
 typedef struct {
@@ -36,28 +36,20 @@ static void create_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     jcreate_t *c = ud;
     mh_req_t *req = c->req;
-    if (err) {
-        mh_hub_db_fail(req, err, errmsg);
-        return;
-    }
+    if (!mh__db_ok(req, err, errmsg)) return;
     if (PQntuples(res) != 1) {
         mh_res_error(req, 404, "not_found",
                      "this repository neither references mpack %s nor holds an unexpired push grant for it",
                      c->mpack_key.s);
         return;
     }
-    mh_arena_t *a = &req->arena;
-    mh_val_t *m = mh_v_map(a);
-    int rc = m ? 0 : MH_ENOMEM;
-    if (!rc) rc = mh_map_put(a, m, "job_id", mh_v_str(c->job_id.s));
-    if (!rc) rc = mh_map_put(a, m, "status", mh_v_str(mh_strdup(a, mh_pq_str(res, 0, 0))));
-    if (!rc) rc = mh_map_put(a, m, "job_type", mh_v_str(c->type));
-    if (rc) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
-        return;
-    }
+    mh_vb_t *b = mh_res_build(req);
+    mh_val_t *m = mh_vb_map(b);
+    mh_vb_put(b, m, "job_id", mh_v_str(c->job_id.s));
+    mh_vb_put(b, m, "status", mh_vb_str(b, mh_pq_str(res, 0, 0)));
+    mh_vb_put(b, m, "job_type", mh_v_str(c->type));
     mh_info("req %s: job %s (%s) enqueued", req->id, c->job_id.s, c->type);
-    mh_res_val(req, 202, m, MH_FMT_JSON);
+    mh_res_val(req, 202, m);
 }
 
 static void create_repo_cb(mh_req_t *req, mh_repo_t *repo)
@@ -99,7 +91,7 @@ void mh_h_jobs_create(mh_req_t *req)
     jcreate_t *c = mh_calloc(a, sizeof *c);
     mh_val_t *payload = mh_v_map(a);
     if (!c || !payload) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
+        mh_res_fail(req, MH_ENOMEM, "jobs");
         return;
     }
     c->req = req;
@@ -123,14 +115,14 @@ void mh_h_jobs_create(mh_req_t *req)
         memcpy(c->mpack_key.s, k->v.s.p, MH_ID_LEN);
         c->mpack_key.s[MH_ID_LEN] = 0;
         if (mh_map_put(a, payload, "mpack_key", mh_v_str(c->mpack_key.s))) {
-            mh_res_error(req, 503, "unavailable", "out of memory");
+            mh_res_fail(req, MH_ENOMEM, "jobs");
             return;
         }
     }
     mh_buf_t out = {0};
     if (mh_encode(payload, MH_FMT_JSON, &out) || !(c->payload_json = mh_strndup(a, (char *)out.p, out.len))) {
         mh_buf_free(&out);
-        mh_res_error(req, 503, "unavailable", "out of memory");
+        mh_res_fail(req, MH_ENOMEM, "jobs");
         return;
     }
     mh_buf_free(&out);
@@ -143,10 +135,7 @@ void mh_h_jobs_create(mh_req_t *req)
 static void get_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     mh_req_t *req = ud;
-    if (err) {
-        mh_hub_db_fail(req, err, errmsg);
-        return;
-    }
+    if (!mh__db_ok(req, err, errmsg)) return;
     const mh_caller_t *caller = mh_req_caller(req);
     bool visible = false;
     if (PQntuples(res) == 1 && !caller->anonymous) {
@@ -170,22 +159,21 @@ static void get_cb(void *ud, PGresult *res, int err, const char *errmsg)
             return;
         }
     }
-    mh_val_t *m = mh_v_map(a);
-    int rc = m ? 0 : MH_ENOMEM;
-#define COL(i) mh_strdup(a, mh_pq_str(res, 0, (i)))
-    if (!rc) rc = mh_map_put(a, m, "job_id", mh_v_str(COL(0)));
-    if (!rc) rc = mh_map_put(a, m, "job_type", mh_v_str(COL(1)));
-    if (!rc) rc = mh_map_put(a, m, "status", mh_v_str(COL(2)));
-    if (!rc) rc = mh_map_put(a, m, "attempt", mh_v_int(mh_pq_int(res, 0, 3)));
-    if (!rc) rc = mh_map_put(a, m, "max_attempts", mh_v_int(mh_pq_int(res, 0, 9)));
-    if (!rc) rc = mh_map_put(a, m, "result", result);
-    if (!rc) rc = mh_map_put(a, m, "error", mh_pq_isnull(res, 0, 5) ? mh_v_nil() : mh_v_str(COL(5)));
-    if (!rc) rc = mh_map_put(a, m, "repo_id", mh_pq_isnull(res, 0, 10) ? mh_v_nil() : mh_v_str(COL(10)));
-    if (!rc) rc = mh_map_put(a, m, "created_at", mh_v_str(COL(11)));
-    if (!rc) rc = mh_map_put(a, m, "updated_at", mh_v_str(COL(12)));
+    mh_vb_t *b = mh_res_build(req);
+    mh_val_t *m = mh_vb_map(b);
+#define COL(i) (mh_pq_isnull(res, 0, (i)) ? mh_v_nil() : mh_vb_str(b, mh_pq_str(res, 0, (i))))
+    mh_vb_put(b, m, "job_id", COL(0));
+    mh_vb_put(b, m, "job_type", COL(1));
+    mh_vb_put(b, m, "status", COL(2));
+    mh_vb_put(b, m, "attempt", mh_v_int(mh_pq_int(res, 0, 3)));
+    mh_vb_put(b, m, "max_attempts", mh_v_int(mh_pq_int(res, 0, 9)));
+    mh_vb_put(b, m, "result", result);
+    mh_vb_put(b, m, "error", COL(5));
+    mh_vb_put(b, m, "repo_id", COL(10));
+    mh_vb_put(b, m, "created_at", COL(11));
+    mh_vb_put(b, m, "updated_at", COL(12));
 #undef COL
-    if (rc) mh_res_error(req, 503, "unavailable", "out of memory");
-    else mh_res_val(req, 200, m, MH_FMT_JSON);
+    mh_res_val(req, 200, m);
 }
 
 static const mh_stmt_t st_job_get = {
@@ -214,7 +202,7 @@ void mh_h_job_get(mh_req_t *req)
     }
     const char *vals[2] = {mh_strndup(&req->arena, id.p, id.n), caller->identity_id.s};
     if (!vals[0]) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
+        mh_res_fail(req, MH_ENOMEM, "jobs");
         return;
     }
     mh_db_exec(hub->db, &st_job_get, vals, NULL, NULL, get_cb, req);

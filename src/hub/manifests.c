@@ -38,24 +38,24 @@ typedef struct {
     uint64_t used;
 } lru_ent_t;
 
-struct mh_manifest_lru {
+struct mh__manifest_lru {
     lru_ent_t ent[LRU_SLOTS];
     size_t bytes;
     uint64_t tick;
     uint64_t hits, misses;
 };
 
-static mh_manifest_lru_t *lru(mh_hub_t *hub)
+static mh__manifest_lru_t *lru(mh_hub_t *hub)
 {
-    mh_fetch_cache_t *fc = mh_hub_cache(hub);
-    if (!fc) return NULL;
-    if (!fc->manifests) fc->manifests = calloc(1, sizeof *fc->manifests);
-    return fc->manifests;
+    mh__manifest_lru_t **l = mh__caches_manifests(hub, true);
+    if (!l) return NULL;
+    if (!*l) *l = calloc(1, sizeof **l);
+    return *l;
 }
 
 static size_t ent_bytes(const lru_ent_t *e) { return e->pool_len + e->m.cap * sizeof(mh_mentry_t) + 256; }
 
-static void ent_clear(mh_manifest_lru_t *l, lru_ent_t *e)
+static void ent_clear(mh__manifest_lru_t *l, lru_ent_t *e)
 {
     if (!e->sid[0]) return;
     l->bytes -= ent_bytes(e);
@@ -64,14 +64,14 @@ static void ent_clear(mh_manifest_lru_t *l, lru_ent_t *e)
     memset(e, 0, sizeof *e);
 }
 
-void mh_manifest_lru_free(mh_manifest_lru_t *l)
+void mh__manifest_lru_free(mh__manifest_lru_t *l)
 {
     if (!l) return;
     for (int i = 0; i < LRU_SLOTS; i++) ent_clear(l, &l->ent[i]);
     free(l);
 }
 
-static lru_ent_t *lru_find(mh_manifest_lru_t *l, const char *sid)
+static lru_ent_t *lru_find(mh__manifest_lru_t *l, const char *sid)
 {
     for (int i = 0; i < LRU_SLOTS; i++)
         if (l->ent[i].sid[0] && memcmp(l->ent[i].sid, sid, MH_ID_LEN) == 0) return &l->ent[i];
@@ -101,7 +101,7 @@ static int lru_copy_out(const lru_ent_t *e, mh_arena_t *a, mh_manifest_t *out)
 
 void mh_hub_manifest_cache_put(mh_hub_t *hub, const char *snapshot_id, const mh_manifest_t *m)
 {
-    mh_manifest_lru_t *l = lru(hub);
+    mh__manifest_lru_t *l = lru(hub);
     if (!l || !mh_id_valid(snapshot_id, MH_ID_LEN)) return;
     size_t pool_len = 0;
     for (size_t i = 0; i < m->n; i++) pool_len += m->e[i].plen + MH_ID_LEN;
@@ -297,8 +297,8 @@ static void deliver_after(uv_work_t *w, int status)
     finish(ml, ml->err, ml->why);
 }
 
-void mh_hub_load_manifest(mh_hub_t *hub, mh_arena_t *a, const char *snapshot_id, mh_manifest_t *out,
-                          mh_manifest_cb cb, void *ud)
+void mh_hub_load_manifest(mh_hub_t *hub, mh_arena_t *a, const char *snapshot_id, mh_manifest_t *out, mh_manifest_cb cb,
+                          void *ud)
 {
     *out = (mh_manifest_t){0};
     /* Heap, not arena: it must outlive nothing but this operation, and
@@ -309,11 +309,7 @@ void mh_hub_load_manifest(mh_hub_t *hub, mh_arena_t *a, const char *snapshot_id,
         cb(ud, MH_ENOMEM, "out of memory");
         return;
     }
-    ml->hub = hub;
-    ml->a = a;
-    ml->out = out;
-    ml->cb = cb;
-    ml->ud = ud;
+    *ml = (mload_t){.hub = hub, .a = a, .out = out, .cb = cb, .ud = ud};
     ml->work.data = ml;
     if (!snapshot_id || !mh_id_valid(snapshot_id, strlen(snapshot_id))) {
         ml->err = MH_EINVAL;
@@ -322,7 +318,7 @@ void mh_hub_load_manifest(mh_hub_t *hub, mh_arena_t *a, const char *snapshot_id,
         return;
     }
     memcpy(ml->sid, snapshot_id, MH_ID_SIZE);
-    mh_manifest_lru_t *l = lru(hub);
+    mh__manifest_lru_t *l = lru(hub);
     lru_ent_t *e = l ? lru_find(l, snapshot_id) : NULL;
     if (e) {
         e->used = ++l->tick;

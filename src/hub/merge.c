@@ -55,8 +55,8 @@ static bool is_at(const mh_mentry_t *e, const mh_mentry_t *m)
 
 /* --------------------------------------------------------- three-way */
 
-int mh_merge_manifests(const mh_manifest_t *base, const mh_manifest_t *ours, const mh_manifest_t *theirs,
-                       mh_manifest_t *out, mh_mpath_t **conf, size_t *nconf)
+int mh__merge_manifests(const mh_manifest_t *base, const mh_manifest_t *ours, const mh_manifest_t *theirs,
+                        mh_manifest_t *out, mh_mpath_t **conf, size_t *nconf)
 {
     *conf = NULL;
     *nconf = 0;
@@ -137,7 +137,7 @@ static void changes_walk(const mh_manifest_t *from, const mh_manifest_t *to, mh_
     c->nremoved = nr;
 }
 
-int mh_manifest_changes(mh_arena_t *a, const mh_manifest_t *from, const mh_manifest_t *to, mh_mchanges_t *out)
+int mh__manifest_changes(mh_arena_t *a, const mh_manifest_t *from, const mh_manifest_t *to, mh_mchanges_t *out)
 {
     memset(out, 0, sizeof *out);
     changes_walk(from, to, out, false);
@@ -201,7 +201,7 @@ static uint32_t hpop(gheap_t *h)
     return top;
 }
 
-int mh_graph_merge_base(const mh_graph_t *g, uint32_t x, uint32_t y, uint32_t *out)
+int mh__graph_merge_base(const mh_graph_t *g, uint32_t x, uint32_t y, uint32_t *out)
 {
     *out = MH_GNONE;
     if (x >= g->n || y >= g->n) return MH_EINVAL;

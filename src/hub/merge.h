@@ -42,8 +42,8 @@ typedef struct {
  * conf:  receives a heap array (free() it; NULL when *nconf == 0) of the
  *        conflicting paths in path order, *nconf their number.
  * Returns 0 or MH_ENOMEM (out empty, *conf NULL). O(|b| + |o| + |t|). */
-int mh_merge_manifests(const mh_manifest_t *base, const mh_manifest_t *ours, const mh_manifest_t *theirs,
-                       mh_manifest_t *out, mh_mpath_t **conf, size_t *nconf);
+int mh__merge_manifests(const mh_manifest_t *base, const mh_manifest_t *ours, const mh_manifest_t *theirs,
+                        mh_manifest_t *out, mh_mpath_t **conf, size_t *nconf);
 
 /* The paths that differ from `from` to `to`, each list in path order:
  * added (only in to), changed (in both, different object id), removed
@@ -54,7 +54,7 @@ typedef struct {
     mh_mpath_t *added, *changed, *removed;
     size_t nadded, nchanged, nremoved;
 } mh_mchanges_t;
-int mh_manifest_changes(mh_arena_t *a, const mh_manifest_t *from, const mh_manifest_t *to, mh_mchanges_t *out);
+int mh__manifest_changes(mh_arena_t *a, const mh_manifest_t *from, const mh_manifest_t *to, mh_mchanges_t *out);
 
 /* The merge base of nodes x and y of g (SPEC 4.6, "the best common
  * ancestor"): among the common ancestors of x and y (each node counts as
@@ -70,6 +70,6 @@ int mh_manifest_changes(mh_arena_t *a, const mh_manifest_t *from, const mh_manif
  * times). *out is MH_GNONE when the histories share no commit.
  * Thread-safe (reads g only). Returns 0, MH_EINVAL (x or y out of range)
  * or MH_ENOMEM. */
-int mh_graph_merge_base(const mh_graph_t *g, uint32_t x, uint32_t y, uint32_t *out);
+int mh__graph_merge_base(const mh_graph_t *g, uint32_t x, uint32_t y, uint32_t *out);
 
 #endif

@@ -23,14 +23,26 @@
 #define LOG_DEFAULT 50
 #define LOG_MAX 500
 
+/* Runs st with $1 = the text[] of n ids and, when st takes two, $2 =
+ * second; answers 503 when the array does not fit in memory. */
+static void exec_ids(mh_req_t *req, const mh_stmt_t *st, const char *const *ids, size_t n, const char *second,
+                     mh_db_result_cb cb, void *ud)
+{
+    mh_hub_t *hub = req->app;
+    const char *vals[2] = {mh_pq_array(&req->arena, ids, n, MH_ID_LEN), second};
+    if (vals[0]) mh_db_exec(hub->db, st, vals, NULL, NULL, cb, ud);
+    else mh_res_fail(req, MH_ENOMEM, st->name);
+}
+
 /* ---------------------------------------------------------- commit maps */
 
-#define COMMIT_COLS                                                                                             \
-    "c.commit_id, c.parent_commit_id, c.parent2_commit_id, c.snapshot_id, c.message, c.author, c.committed_at," \
+#define COMMIT_COLS                                                                                                    \
+    "c.commit_id, c.parent_commit_id, c.parent2_commit_id, c.snapshot_id, c.message, c.author, c.committed_at,"        \
     " r.branch, c.generation, r.meta"
 
-static const char *const std_keys[] = {"commit_id", "parent_commit_id", "parent2_commit_id", "parent_ids",
-                                       "snapshot_id", "message", "author", "committed_at", "branch", "generation"};
+static const char *const std_keys[] = {
+    "commit_id", "parent_commit_id", "parent2_commit_id", "parent_ids", "snapshot_id",
+    "message",   "author",           "committed_at",      "branch",     "generation"};
 
 static bool is_std_key(const char *p, size_t n)
 {
@@ -39,101 +51,86 @@ static bool is_std_key(const char *p, size_t n)
     return false;
 }
 
-static mh_val_t str_or_nil(mh_arena_t *a, PGresult *res, int r, int c)
+static mh_val_t str_or_nil(mh_vb_t *b, PGresult *res, int r, int c)
 {
-    if (mh_pq_isnull(res, r, c)) return mh_v_nil();
-    char *s = mh_strdup(a, mh_pq_str(res, r, c));
-    return s ? mh_v_str(s) : mh_v_nil();
+    return mh_pq_isnull(res, r, c) ? mh_v_nil() : mh_vb_str(b, mh_pq_str(res, r, c));
+}
+
+/* The optional metadata kept verbatim at push (SPEC 2): its keys join the
+ * commit map. */
+static void put_meta(mh_vb_t *b, mh_val_t *m, PGresult *res, int r)
+{
+    uint8_t *mp;
+    size_t n;
+    mh_val_t meta;
+    const char *why;
+    if (mh_pq_isnull(res, r, 9) || mh_pq_bytea(b->a, res, r, 9, &mp, &n) ||
+        mh_msgpack_decode(b->a, mp, n, &mh_decode_limits_default, &meta, &why) || meta.t != MH_V_MAP)
+        return;
+    for (uint32_t i = 0; i < meta.v.m.n; i++) {
+        const mh_kv_t *kv = &meta.v.m.kv[i];
+        if (kv->k.t != MH_V_STR || is_std_key(kv->k.v.s.p, kv->k.v.s.n)) continue;
+        char *k = mh_strndup(b->a, kv->k.v.s.p, kv->k.v.s.n);
+        mh_vb_put(b, m, k, k ? kv->v : mh_vb_node(b, NULL));
+    }
 }
 
 /* Row r of a COMMIT_COLS result as the commit map of SPEC 2, plus
- * parent_ids and generation, plus the stored metadata keys. NULL on
- * ENOMEM. */
-static mh_val_t *commit_val(mh_arena_t *a, PGresult *res, int r)
+ * parent_ids and generation, plus the stored metadata keys. */
+static mh_val_t *commit_val(mh_vb_t *b, PGresult *res, int r)
 {
-    mh_val_t *m = mh_v_map(a), *parents = mh_v_arr(a);
-    if (!m || !parents) return NULL;
-    int rc = 0;
-    mh_val_t p1 = str_or_nil(a, res, r, 1), p2 = str_or_nil(a, res, r, 2);
-    if (p1.t == MH_V_STR) rc |= mh_arr_push(a, parents, p1);
-    if (p2.t == MH_V_STR) rc |= mh_arr_push(a, parents, p2);
-    rc |= mh_map_put(a, m, "commit_id", str_or_nil(a, res, r, 0));
-    rc |= mh_map_put(a, m, "parent_commit_id", p1);
-    rc |= mh_map_put(a, m, "parent2_commit_id", p2);
-    rc |= mh_map_put(a, m, "parent_ids", *parents);
-    rc |= mh_map_put(a, m, "snapshot_id", str_or_nil(a, res, r, 3));
-    rc |= mh_map_put(a, m, "message", str_or_nil(a, res, r, 4));
-    rc |= mh_map_put(a, m, "author", str_or_nil(a, res, r, 5));
-    rc |= mh_map_put(a, m, "committed_at", str_or_nil(a, res, r, 6));
-    rc |= mh_map_put(a, m, "branch", str_or_nil(a, res, r, 7));
-    rc |= mh_map_put(a, m, "generation", mh_v_int(mh_pq_int(res, r, 8)));
-    if (rc) return NULL;
-    if (!mh_pq_isnull(res, r, 9)) {
-        /* Optional metadata, kept verbatim at push (SPEC 2). */
-        uint8_t *mp;
-        size_t n;
-        mh_val_t meta;
-        const char *why;
-        if (mh_pq_bytea(a, res, r, 9, &mp, &n) == 0 &&
-            mh_msgpack_decode(a, mp, n, &mh_decode_limits_default, &meta, &why) == 0 && meta.t == MH_V_MAP) {
-            for (uint32_t i = 0; i < meta.v.m.n; i++) {
-                const mh_kv_t *kv = &meta.v.m.kv[i];
-                if (kv->k.t != MH_V_STR || is_std_key(kv->k.v.s.p, kv->k.v.s.n)) continue;
-                char *k = mh_strndup(a, kv->k.v.s.p, kv->k.v.s.n);
-                if (!k || mh_map_put(a, m, k, kv->v)) return NULL;
-            }
-        }
-    }
+    static const char *const keys[8] = {"commit_id", "parent_commit_id", "parent2_commit_id", "snapshot_id",
+                                        "message",   "author",           "committed_at",      "branch"};
+    mh_val_t *m = mh_vb_map(b), *parents = mh_vb_arr(b);
+    for (int c = 1; c <= 2; c++)
+        if (!mh_pq_isnull(res, r, c)) mh_vb_push(b, parents, str_or_nil(b, res, r, c));
+    for (int c = 0; c < 8; c++) mh_vb_put(b, m, keys[c], str_or_nil(b, res, r, c));
+    mh_vb_put(b, m, "parent_ids", mh_vb_node(b, parents));
+    mh_vb_put(b, m, "generation", mh_v_int(mh_pq_int(res, r, 8)));
+    put_meta(b, m, res, r);
     return m;
 }
 
-/* --------------------------------------------------- GET .../commits/{id} */
-
-static const mh_stmt_t st_commit = {
-    "hub_read_commit",
-    "SELECT " COMMIT_COLS " FROM commit_refs r JOIN commits c ON c.commit_id = r.commit_id"
-    " WHERE r.repo_id = $1 AND r.commit_id = $2",
+/* The rows (COMMIT_COLS, any order) of this repository's commits among
+ * the ids of $1 (a text[]); $2 the repository. One commit or a page. */
+static const mh_stmt_t st_commits = {
+    "hub_read_commits",
+    "SELECT " COMMIT_COLS " FROM commits c JOIN commit_refs r ON r.commit_id = c.commit_id AND r.repo_id = $2"
+    " WHERE c.commit_id = ANY($1::text[])",
     2};
+
+/* --------------------------------------------------- GET .../commits/{id} */
 
 static void commit_row_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     mh_req_t *req = ud;
-    if (err) {
-        mh_hub_db_fail(req, err, errmsg);
-        return;
-    }
-    if (PQntuples(res) != 1) {
-        mh_res_error(req, 404, "not_found", "commit not found in this repository");
-        return;
-    }
-    mh_val_t *m = commit_val(&req->arena, res, 0);
-    if (!m) {
-        mh_hub_fail(req, MH_ENOMEM, "commit");
-        return;
-    }
-    mh_res_val(req, 200, m, MH_FMT_JSON);
+    if (!mh__db_one(req, res, err, errmsg, "commit not found in this repository")) return;
+    mh_res_val(req, 200, commit_val(mh_res_build(req), res, 0));
 }
 
 static void commit_repo_cb(mh_req_t *req, mh_repo_t *repo)
 {
-    mh_hub_t *hub = req->app;
-    const char *vals[2] = {repo->repo_id, req->user};
-    mh_db_exec(hub->db, &st_commit, vals, NULL, NULL, commit_row_cb, req);
+    exec_ids(req, &st_commits, (const char *const[]){req->user}, 1, repo->repo_id, commit_row_cb, req);
+}
+
+/* The route capture `name` as an id, NUL-terminated in the request
+ * arena; NULL after answering 422 invalid_id ("<what> id must be ...")
+ * or 503. */
+static char *param_id(mh_req_t *req, const char *name, const char *what)
+{
+    mh_str_t id = mh_req_param(req, name);
+    if (!id.p || !mh_id_valid(id.p, id.n)) {
+        mh_res_error(req, 422, "invalid_id", "%s id must be sha256:<64 hex>", what);
+        return NULL;
+    }
+    char *s = mh_strndup(&req->arena, id.p, id.n);
+    if (!s) mh_res_fail(req, MH_ENOMEM, what);
+    return s;
 }
 
 void mh_h_commit(mh_req_t *req)
 {
-    mh_str_t id = mh_req_param(req, "commit_id");
-    if (!id.p || !mh_id_valid(id.p, id.n)) {
-        mh_res_error(req, 422, "invalid_id", "commit id must be sha256:<64 hex>");
-        return;
-    }
-    req->user = mh_strndup(&req->arena, id.p, id.n);
-    if (!req->user) {
-        mh_hub_fail(req, MH_ENOMEM, "commit");
-        return;
-    }
-    mh_hub_load_repo(req, MH_PERM_READ, commit_repo_cb);
+    if ((req->user = param_id(req, "commit_id", "commit"))) mh_hub_load_repo(req, MH_PERM_READ, commit_repo_cb);
 }
 
 /* ---------------------------------------------------- GET .../commits */
@@ -153,58 +150,37 @@ typedef struct {
     const char **ids;
 } log_t;
 
-static const mh_stmt_t st_commits_page = {
-    "hub_read_commits_page",
-    "SELECT " COMMIT_COLS " FROM commits c JOIN commit_refs r ON r.commit_id = c.commit_id AND r.repo_id = $2"
-    " WHERE c.commit_id = ANY($1::text[])",
-    2};
-
 static void log_rows_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     log_t *l = ud;
     mh_req_t *req = l->req;
-    mh_arena_t *a = &req->arena;
-    if (err) {
-        mh_hub_db_fail(req, err, errmsg);
-        return;
-    }
-    mh_val_t *arr = mh_v_arr(a), *out = mh_v_map(a);
-    if (!arr || !out) {
-        mh_hub_fail(req, MH_ENOMEM, "commits");
-        return;
-    }
+    if (!mh__db_ok(req, err, errmsg)) return;
+    mh_vb_t *b = mh_res_build(req);
+    mh_val_t *arr = mh_vb_arr(b), *out = mh_vb_map(b);
     /* Rows come back in any order: place each by its position in the page. */
     int rows = PQntuples(res);
     for (uint32_t i = 0; i < l->npage; i++) {
         int r = 0;
         while (r < rows && strcmp(mh_pq_str(res, r, 0), l->ids[i]) != 0) r++;
         if (r == rows) {
-            mh_hub_fail(req, MH_EDB, "a commit row of the graph is missing");
+            mh_res_fail(req, MH_EDB, "a commit row of the graph is missing");
             return;
         }
-        mh_val_t *c = commit_val(a, res, r);
-        if (!c || mh_arr_push(a, arr, *c)) {
-            mh_hub_fail(req, MH_ENOMEM, "commits");
-            return;
-        }
+        mh_vb_push(b, arr, mh_vb_node(b, commit_val(b, res, r)));
     }
     const char *next = l->more && l->npage ? l->ids[l->npage - 1] : NULL;
-    if (mh_map_put(a, out, "commits", *arr) || mh_map_put(a, out, "next_cursor", next ? mh_v_str(next) : mh_v_nil())) {
-        mh_hub_fail(req, MH_ENOMEM, "commits");
-        return;
-    }
-    mh_res_val(req, 200, out, MH_FMT_JSON);
+    mh_vb_put(b, out, "commits", mh_vb_node(b, arr));
+    mh_vb_put(b, out, "next_cursor", next ? mh_v_str(next) : mh_v_nil());
+    mh_res_val(req, 200, out);
 }
 
 static void send_empty_log(mh_req_t *req)
 {
-    mh_arena_t *a = &req->arena;
-    mh_val_t *out = mh_v_map(a), *arr = mh_v_arr(a);
-    if (!out || !arr || mh_map_put(a, out, "commits", *arr) || mh_map_put(a, out, "next_cursor", mh_v_nil())) {
-        mh_hub_fail(req, MH_ENOMEM, "commits");
-        return;
-    }
-    mh_res_val(req, 200, out, MH_FMT_JSON);
+    mh_vb_t *b = mh_res_build(req);
+    mh_val_t *out = mh_vb_map(b);
+    mh_vb_put(b, out, "commits", mh_vb_node(b, mh_vb_arr(b)));
+    mh_vb_put(b, out, "next_cursor", mh_v_nil());
+    mh_res_val(req, 200, out);
 }
 
 static void log_graph_cb(void *ud, mh_graph_t *g, int err, const char *errmsg);
@@ -215,7 +191,7 @@ static void log_run(log_t *l)
     mh_hub_t *hub = req->app;
     mh_arena_t *a = &req->arena;
     mh_graph_t *g = l->g;
-    const mh_gbranch_t *b = mh_graph_branch(g, l->branch, strlen(l->branch));
+    const mh_gbranch_t *b = mh__graph_branch(g, l->branch, strlen(l->branch));
     if (!b) {
         if (l->branch_given) mh_res_error(req, 404, "not_found", "no such branch");
         else send_empty_log(req); /* a repository without commits yet */
@@ -223,7 +199,7 @@ static void log_run(log_t *l)
     }
     uint32_t cursor = MH_GNONE;
     if (l->cursor) {
-        cursor = mh_graph_find(g, l->cursor);
+        cursor = mh__graph_find(g, l->cursor);
         if (cursor == MH_GNONE) {
             mh_res_error(req, 422, "invalid_cursor", "cursor is not a commit of this branch");
             return;
@@ -235,24 +211,24 @@ static void log_run(log_t *l)
          * load reads the ref rows added since the cached graph). */
         if (!l->reloaded) {
             l->reloaded = true;
-            if (mh_graph_load(hub, a, l->repo->repo_id, log_graph_cb, l)) mh_hub_fail(req, MH_ENOMEM, "commits");
+            if (mh__graph_load(hub, a, l->repo->repo_id, log_graph_cb, l)) mh_res_fail(req, MH_ENOMEM, "commits");
             return;
         }
-        mh_hub_fail(req, MH_EDB, "branch head is not among the repository's commits");
+        mh_res_fail(req, MH_EDB, "branch head is not among the repository's commits");
         return;
     }
     l->page = mh_alloc(a, (l->limit + 1) * sizeof *l->page);
     if (!l->page) {
-        mh_hub_fail(req, MH_ENOMEM, "commits");
+        mh_res_fail(req, MH_ENOMEM, "commits");
         return;
     }
-    int rc = mh_graph_log(g, b->node, cursor, l->limit, l->page, &l->npage, &l->more);
+    int rc = mh__graph_log(g, b->node, cursor, l->limit, l->page, &l->npage, &l->more);
     if (rc == MH_ENOENT) {
         mh_res_error(req, 422, "invalid_cursor", "cursor is not a commit of this branch");
         return;
     }
     if (rc) {
-        mh_hub_fail(req, rc, "commits");
+        mh_res_fail(req, rc, "commits");
         return;
     }
     if (l->npage == 0) {
@@ -260,26 +236,19 @@ static void log_run(log_t *l)
         return;
     }
     l->ids = mh_alloc(a, l->npage * sizeof *l->ids);
-    const char **vals = mh_alloc(a, 2 * sizeof *vals);
-    if (!l->ids || !vals) {
-        mh_hub_fail(req, MH_ENOMEM, "commits");
+    if (!l->ids) {
+        mh_res_fail(req, MH_ENOMEM, "commits");
         return;
     }
     for (uint32_t i = 0; i < l->npage; i++) {
         mh_id_t id;
-        mh_graph_id(g, l->page[i], &id);
+        mh__graph_id(g, l->page[i], &id);
         if (!(l->ids[i] = mh_strndup(a, id.s, MH_ID_LEN))) {
-            mh_hub_fail(req, MH_ENOMEM, "commits");
+            mh_res_fail(req, MH_ENOMEM, "commits");
             return;
         }
     }
-    vals[0] = mh_hub_pg_array(a, l->ids, l->npage);
-    vals[1] = l->repo->repo_id;
-    if (!vals[0]) {
-        mh_hub_fail(req, MH_ENOMEM, "commits");
-        return;
-    }
-    mh_db_exec(hub->db, &st_commits_page, vals, NULL, NULL, log_rows_cb, l);
+    exec_ids(req, &st_commits, l->ids, l->npage, l->repo->repo_id, log_rows_cb, l);
 }
 
 static void log_graph_cb(void *ud, mh_graph_t *g, int err, const char *errmsg)
@@ -287,11 +256,11 @@ static void log_graph_cb(void *ud, mh_graph_t *g, int err, const char *errmsg)
     log_t *l = ud;
     if (err) {
         if (err == MH_ENOENT) mh_res_error(l->req, 404, "not_found", "repository not found");
-        else mh_hub_db_fail(l->req, err, errmsg);
+        else mh_res_fail(l->req, err, errmsg);
         return;
     }
-    if (mh_graph_hold(&l->req->arena, g)) {
-        mh_hub_fail(l->req, MH_ENOMEM, "commits");
+    if (mh__graph_hold(&l->req->arena, g)) {
+        mh_res_fail(l->req, MH_ENOMEM, "commits");
         return;
     }
     l->g = g;
@@ -304,16 +273,16 @@ static void log_repo_cb(mh_req_t *req, mh_repo_t *repo)
     mh_hub_t *hub = req->app;
     l->repo = repo;
     if (!l->branch) l->branch = repo->default_branch;
-    l->g = mh_graph_cache_get(hub, repo->repo_id, repo->state_seq);
+    l->g = mh__graph_cache_get(hub, repo->repo_id, repo->state_seq);
     if (l->g) {
-        if (mh_graph_hold(&req->arena, l->g)) {
-            mh_hub_fail(req, MH_ENOMEM, "commits");
+        if (mh__graph_hold(&req->arena, l->g)) {
+            mh_res_fail(req, MH_ENOMEM, "commits");
             return;
         }
         log_run(l);
         return;
     }
-    if (mh_graph_load(hub, &req->arena, repo->repo_id, log_graph_cb, l)) mh_hub_fail(req, MH_ENOMEM, "commits");
+    if (mh__graph_load(hub, &req->arena, repo->repo_id, log_graph_cb, l)) mh_res_fail(req, MH_ENOMEM, "commits");
 }
 
 /* Parses a decimal limit in [1, 10^9]; false when malformed. */
@@ -333,11 +302,8 @@ static bool parse_limit(mh_str_t s, uint32_t *out)
 void mh_h_commits(mh_req_t *req)
 {
     mh_arena_t *a = &req->arena;
-    log_t *l = mh_calloc(a, sizeof *l);
-    if (!l) {
-        mh_hub_fail(req, MH_ENOMEM, "commits");
-        return;
-    }
+    log_t *l = mh__req_alloc(req, sizeof *l);
+    if (!l) return;
     l->req = req;
     l->limit = LOG_DEFAULT;
     mh_str_t branch = mh_req_query(req, "branch"), limit = mh_req_query(req, "limit"),
@@ -413,10 +379,10 @@ typedef struct tree_t {
     mh_arena_t batch; /* one batch: ids, sizes; released per batch */
     mh_buf_t out;     /* one batch's encoding */
     mh_format_t fmt;
-    size_t next;      /* first entry of the next batch */
-    size_t lo, hi;    /* the batch being sized or written */
+    size_t next;   /* first entry of the next batch */
+    size_t lo, hi; /* the batch being sized or written */
     bool streaming, querying, ended;
-    size_t want, reserved; /* bytes of the tree budget asked for / held */
+    size_t want, reserved;  /* bytes of the tree budget asked for / held */
     struct tree_wait *wait; /* while queued for the budget */
     struct tree_t *wnext;
 } tree_t;
@@ -434,8 +400,8 @@ static const mh_stmt_t st_tree_branch = {
     " LEFT JOIN snapshots s ON s.snapshot_id = c.snapshot_id WHERE b.repo_id = $1 AND b.name = $2",
     2};
 
-static const mh_stmt_t st_sizes = {
-    "hub_read_sizes", "SELECT object_id, size_bytes FROM objects WHERE object_id = ANY($1::text[])", 1};
+static const mh_stmt_t st_sizes = {"hub_read_sizes",
+                                   "SELECT object_id, size_bytes FROM objects WHERE object_id = ANY($1::text[])", 1};
 
 /* ------------------------------------- the per-process budget for trees */
 
@@ -507,7 +473,7 @@ static void tree_budget_take(tree_t *t)
     }
     tree_wait_t *w = calloc(1, sizeof *w);
     if (!w) {
-        mh_hub_fail(t->req, MH_ENOMEM, "tree");
+        mh_res_fail(t->req, MH_ENOMEM, "tree");
         return;
     }
     w->t = t;
@@ -576,11 +542,13 @@ static int tree_prefix(tree_t *t)
         return w.err;
     }
     int rc = mh_buf_append_str(&t->out, "{\"commit_id\":");
-    if (!rc) rc = mh_encode(&(mh_val_t){.t = MH_V_STR, .v.s = {t->commit_id, (uint32_t)strlen(t->commit_id)}},
-                            MH_FMT_JSON, &t->out);
+    if (!rc)
+        rc = mh_encode(&(mh_val_t){.t = MH_V_STR, .v.s = {t->commit_id, (uint32_t)strlen(t->commit_id)}}, MH_FMT_JSON,
+                       &t->out);
     if (!rc) rc = mh_buf_append_str(&t->out, ",\"snapshot_id\":");
-    if (!rc) rc = mh_encode(&(mh_val_t){.t = MH_V_STR, .v.s = {t->snapshot_id, (uint32_t)strlen(t->snapshot_id)}},
-                            MH_FMT_JSON, &t->out);
+    if (!rc)
+        rc = mh_encode(&(mh_val_t){.t = MH_V_STR, .v.s = {t->snapshot_id, (uint32_t)strlen(t->snapshot_id)}},
+                       MH_FMT_JSON, &t->out);
     if (!rc) rc = mh_buf_append_str(&t->out, ",\"entries\":[");
     return rc;
 }
@@ -620,7 +588,7 @@ static void tree_write(tree_t *t, const sz_t *sz, size_t nsz)
                                      MH_LEN_UNKNOWN, tree_drain, tree_abort, t);
         if (rc) {
             t->ended = true; /* never begun: nothing to end */
-            mh_hub_fail(req, rc, "tree");
+            mh_res_fail(req, rc, "tree");
             return;
         }
         if (!mh_res_stream_wants_body(req)) { /* HEAD */
@@ -661,7 +629,7 @@ static void sizes_cb(void *ud, PGresult *res, int err, const char *errmsg)
             mh_error("req %s: tree sizes: %s (%s)", req->id, mh_strerror(err), errmsg ? errmsg : "");
             tree_end(t, err);
         } else {
-            mh_hub_db_fail(req, err, errmsg);
+            mh_res_fail(req, err, errmsg);
         }
         return;
     }
@@ -673,7 +641,7 @@ static void sizes_cb(void *ud, PGresult *res, int err, const char *errmsg)
     }
     if (!sz) {
         if (t->streaming) tree_end(t, MH_ENOMEM);
-        else mh_hub_fail(req, MH_ENOMEM, "tree");
+        else mh_res_fail(req, MH_ENOMEM, "tree");
         return;
     }
     qsort(sz, (size_t)rows, sizeof *sz, cmp_sz);
@@ -697,10 +665,10 @@ static void tree_batch(tree_t *t)
     const char **ids = mh_alloc(a, (t->hi - t->lo) * sizeof *ids), **vals = mh_alloc(a, sizeof *vals);
     for (size_t i = t->lo; ids && i < t->hi; i++)
         if (!(ids[i - t->lo] = mh_strndup(a, t->m.e[i].id, MH_ID_LEN))) ids = NULL;
-    if (ids && vals) vals[0] = mh_hub_pg_array(a, ids, t->hi - t->lo);
+    if (ids && vals) vals[0] = mh_pq_array(a, ids, t->hi - t->lo, MH_ID_LEN);
     if (!ids || !vals || !vals[0]) {
         if (t->streaming) tree_end(t, MH_ENOMEM);
-        else mh_hub_fail(req, MH_ENOMEM, "tree");
+        else mh_res_fail(req, MH_ENOMEM, "tree");
         return;
     }
     t->querying = true;
@@ -715,11 +683,10 @@ static void tree_manifest_cb(void *ud, int err, const char *why)
         /* A memory failure stays one (503, retry later); a snapshot that
          * does not rebuild is the server's data problem (500), never the
          * other way round. */
-        if (err == MH_EDBDOWN || err == MH_ETIMEDOUT || err == MH_EDB || err == MH_ENOMEM) mh_hub_fail(req, err, why);
-        else mh_hub_fail(req, MH_EINVAL, why ? why : "snapshot cannot be rebuilt");
+        mh_res_fail(req, mh__manifest_err(err), why ? why : "snapshot cannot be rebuilt");
         return;
     }
-    t->fmt = mh_req_format(req, MH_FMT_JSON);
+    t->fmt = mh_req_format(req);
     tree_batch(t);
 }
 
@@ -729,10 +696,7 @@ static void tree_ref_cb(void *ud, PGresult *res, int err, const char *errmsg)
     mh_req_t *req = t->req;
     mh_hub_t *hub = req->app;
     mh_arena_t *a = &req->arena;
-    if (err) {
-        mh_hub_db_fail(req, err, errmsg);
-        return;
-    }
+    if (!mh__db_ok(req, err, errmsg)) return;
     if (PQntuples(res) != 1) {
         if (!t->tried_branch) {
             /* An id-shaped ref that is no commit here may still be a
@@ -748,7 +712,7 @@ static void tree_ref_cb(void *ud, PGresult *res, int err, const char *errmsg)
     t->commit_id = mh_strdup(a, mh_pq_str(res, 0, 0));
     t->snapshot_id = mh_strdup(a, mh_pq_str(res, 0, 1));
     if (!t->commit_id || !t->snapshot_id) {
-        mh_hub_fail(req, MH_ENOMEM, "tree");
+        mh_res_fail(req, MH_ENOMEM, "tree");
         return;
     }
     int64_t entries = mh_pq_int(res, 0, 2);
@@ -791,13 +755,13 @@ void mh_h_tree(mh_req_t *req)
     }
     tree_t *t = mh_calloc(a, sizeof *t);
     if (!t || !(t->ref = mh_strndup(a, ref.p, ref.n))) {
-        mh_hub_fail(req, MH_ENOMEM, "tree");
+        mh_res_fail(req, MH_ENOMEM, "tree");
         return;
     }
     mh_arena_init(&t->work, TREE_WORK_MAX);
     mh_arena_init(&t->batch, 0);
     if (mh_arena_defer(a, tree_cleanup, t)) {
-        mh_hub_fail(req, MH_ENOMEM, "tree");
+        mh_res_fail(req, MH_ENOMEM, "tree");
         return;
     }
     t->req = req;
@@ -822,7 +786,7 @@ static const mh_stmt_t st_object = {
     " WHERE r.repo_id = $1 AND r.object_id = $2",
     2};
 
-bool mh_hub_etag_matches(mh_str_t inm, const char *etag)
+bool mh__etag_matches(mh_str_t inm, const char *etag)
 {
     size_t el = strlen(etag);
     const char *p = inm.p, *end = inm.p + inm.n;
@@ -857,7 +821,7 @@ static void object_read_cb(void *ud, int err, mh_buf_t *data)
     objread_t *r = ud;
     mh_req_t *req = r->o->req;
     if (err || !data) {
-        mh_hub_fail(req, err == MH_ENOENT ? MH_ESTORE : err, "reading the object's pack");
+        mh_res_fail(req, err == MH_ENOENT ? MH_ESTORE : err, "reading the object's pack");
         return;
     }
     mh_res_send_buf(req, r->status, "application/octet-stream", data);
@@ -869,14 +833,7 @@ static void object_row_cb(void *ud, PGresult *res, int err, const char *errmsg)
     mh_req_t *req = o->req;
     mh_hub_t *hub = req->app;
     mh_arena_t *a = &req->arena;
-    if (err) {
-        mh_hub_db_fail(req, err, errmsg);
-        return;
-    }
-    if (PQntuples(res) != 1) {
-        mh_res_error(req, 404, "not_found", "object not found in this repository");
-        return;
-    }
+    if (!mh__db_one(req, res, err, errmsg, "object not found in this repository")) return;
     if (mh_pq_isnull(res, 0, 0)) {
         mh_res_header(req, "Retry-After", "2");
         mh_res_error(req, 503, "not_indexed", "the object is not indexed yet; retry shortly");
@@ -885,11 +842,11 @@ static void object_row_cb(void *ud, PGresult *res, int err, const char *errmsg)
     const char *mpack = mh_pq_str(res, 0, 0);
     int64_t base = mh_pq_int(res, 0, 1), size = mh_pq_int(res, 0, 2);
     if (!mh_id_valid(mpack, strlen(mpack)) || base < 0 || size < 0) {
-        mh_hub_fail(req, MH_EDB, "malformed mpack_index row");
+        mh_res_fail(req, MH_EDB, "malformed mpack_index row");
         return;
     }
     mh_str_t inm = mh_req_header(req, "if-none-match");
-    if (inm.p && mh_hub_etag_matches(inm, o->etag)) {
+    if (inm.p && mh__etag_matches(inm, o->etag)) {
         object_headers(req, o);
         mh_res_send(req, 304, NULL, NULL, 0);
         return;
@@ -918,9 +875,10 @@ static void object_row_cb(void *ud, PGresult *res, int err, const char *errmsg)
         return;
     }
     objread_t *r = mh_alloc(a, sizeof *r);
-    char *key = mh_sprintf(a, "mpacks/%s", mpack + 7);
+    char *key = mh_alloc(a, MH_MPACK_KEY_SIZE);
+    if (key) mh_mpack_key(key, mpack);
     if (!r || !key) {
-        mh_hub_fail(req, MH_ENOMEM, "object");
+        mh_res_fail(req, MH_ENOMEM, "object");
         return;
     }
     r->o = o;
@@ -938,18 +896,11 @@ static void object_repo_cb(mh_req_t *req, mh_repo_t *repo)
 
 void mh_h_object(mh_req_t *req)
 {
-    mh_arena_t *a = &req->arena;
-    mh_str_t id = mh_req_param(req, "object_id");
-    if (!id.p || !mh_id_valid(id.p, id.n)) {
-        mh_res_error(req, 422, "invalid_id", "object id must be sha256:<64 hex>");
-        return;
-    }
-    obj_t *o = mh_calloc(a, sizeof *o);
-    if (!o || !(o->oid = mh_strndup(a, id.p, id.n))) {
-        mh_hub_fail(req, MH_ENOMEM, "object");
-        return;
-    }
+    char *oid = param_id(req, "object_id", "object");
+    obj_t *o = oid ? mh__req_alloc(req, sizeof *o) : NULL;
+    if (!o) return;
     o->req = req;
+    o->oid = oid;
     snprintf(o->etag, sizeof o->etag, "\"%s\"", o->oid);
     req->user = o;
     mh_hub_load_repo(req, MH_PERM_READ, object_repo_cb);

@@ -44,8 +44,7 @@ bool mh_repo_slug_valid(const char *slug)
 }
 
 /* A string field of the body: present, a STR, 1..max bytes, no NUL. */
-static const char *body_str(mh_req_t *req, const mh_val_t *body, const char *key, size_t max, bool required,
-                            bool *bad)
+static const char *body_str(mh_req_t *req, const mh_val_t *body, const char *key, size_t max, bool required, bool *bad)
 {
     const mh_val_t *v = mh_val_get(body, key);
     if (!v || v->t == MH_V_NIL) {
@@ -81,47 +80,27 @@ static const char sql_create[] =
     " b AS (INSERT INTO branches (repo_id, name, head_commit_id) SELECT repo_id, 'main', $9 FROM r WHERE $10::boolean)"
     " SELECT created FROM r";
 
-typedef struct {
-    mh_req_t *req;
-    mh_repo_t repo;
-} create_t;
-
 static void create_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
-    create_t *c = ud;
-    mh_req_t *req = c->req;
+    mh_req_t *req = ud;
+    mh_repo_t *repo = req->user;
     if (err == MH_ECONFLICT) {
-        mh_res_error(req, 409, "conflict", "repository %s/%s already exists", c->repo.owner, c->repo.slug);
+        mh_res_error(req, 409, "conflict", "repository %s/%s already exists", repo->owner, repo->slug);
         return;
     }
-    if (err) {
-        mh_hub_db_fail(req, err, errmsg);
-        return;
-    }
-    c->repo.created_at = mh_strdup(&req->arena, mh_pq_str(res, 0, 0));
-    mh_val_t *v = mh_repo_val(req, &c->repo);
-    if (!v) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
-        return;
-    }
-    mh_info("repo created %s/%s id=%s", c->repo.owner, c->repo.slug, c->repo.repo_id);
-    mh_res_val(req, 201, v, MH_FMT_JSON);
+    if (!mh__db_ok(req, err, errmsg)) return;
+    repo->created_at = mh_strdup(&req->arena, mh_pq_str(res, 0, 0));
+    mh_info("repo created %s/%s id=%s", repo->owner, repo->slug, repo->repo_id);
+    mh_res_val(req, 201, mh_repo_val(req, repo));
 }
 
 void mh_h_repo_create(mh_req_t *req)
 {
     mh_hub_t *hub = req->app;
-    const mh_caller_t *caller = mh_req_caller(req);
-    if (caller->anonymous) {
-        mh_res_error(req, 401, "unauthorized", "creating a repository needs a signed request");
-        return;
-    }
+    const mh_caller_t *caller = mh__signed_caller(req, "creating a repository");
+    if (!caller) return;
     mh_val_t body;
-    if (!mh_req_body_val(req, &body)) return;
-    if (body.t != MH_V_MAP) {
-        mh_res_error(req, 422, "invalid_body", "the body must be a map");
-        return;
-    }
+    if (!mh__body_map(req, &body)) return;
     bool bad = false;
     const char *owner = body_str(req, &body, "owner", 100, true, &bad);
     if (bad) return;
@@ -137,31 +116,24 @@ void mh_h_repo_create(mh_req_t *req)
         mh_res_error(req, 422, "invalid_field", "'visibility' is required: \"public\" or \"private\"");
         return;
     }
-    const mh_val_t *init = mh_val_get(&body, "initialize");
-    bool initialize = false;
-    if (init && init->t != MH_V_NIL) {
-        if (init->t != MH_V_BOOL) {
-            mh_res_error(req, 422, "invalid_field", "'initialize' must be a boolean");
-            return;
-        }
-        initialize = init->v.b;
-    }
+    bool initialize;
+    if (!mh__body_bool(req, &body, "initialize", &initialize)) return;
     if (!caller->is_admin && strcmp(owner, caller->handle) != 0) {
         mh_res_error(req, 403, "forbidden", "you may only create repositories you own");
         return;
     }
 
-    create_t *c = mh_calloc(&req->arena, sizeof *c);
+    mh_repo_t *r = mh_calloc(&req->arena, sizeof *r);
     char *slug = mh_repo_slug(&req->arena, name, strlen(name));
     uint8_t rnd[32];
     mh_id_t repo_id, owner_id, snap_id, commit_id;
-    if (!c || !slug || mh_random(rnd, sizeof rnd)) {
+    if (!r || !slug || mh_random(rnd, sizeof rnd)) {
         mh_res_error(req, 503, "unavailable", "out of resources");
         return;
     }
     if (!mh_repo_slug_valid(slug)) {
-        mh_res_error(req, 422, "invalid_field", "the name gives the slug '%s': a slug may not be empty or start with '.'",
-                     slug);
+        mh_res_error(req, 422, "invalid_field",
+                     "the name gives the slug '%s': a slug may not be empty or start with '.'", slug);
         return;
     }
     mh_id_from_digest(&repo_id, rnd);
@@ -176,123 +148,89 @@ void mh_h_repo_create(mh_req_t *req)
     mh_commit_id(NULL, 0, (mh_str_t){snap_id.s, MH_ID_LEN}, MH_STR(msg), (mh_str_t){now, strlen(now)},
                  (mh_str_t){owner, strlen(owner)}, &commit_id);
 
-    c->req = req;
-    c->repo.repo_id = mh_strdup(&req->arena, repo_id.s);
-    c->repo.owner = (char *)owner;
-    c->repo.name = (char *)name;
-    c->repo.slug = slug;
-    c->repo.visibility = (char *)visibility;
-    c->repo.description = (char *)(description ? description : "");
-    c->repo.default_branch = "main";
-    const char *vals[12] = {c->repo.repo_id, owner, owner_id.s, name, slug, visibility, c->repo.description,
-                            snap_id.s, commit_id.s, initialize ? "true" : "false", msg, now};
-    mh_db_query(hub->db, sql_create, 12, vals, NULL, NULL, create_cb, c);
+    r->repo_id = mh_strdup(&req->arena, repo_id.s);
+    r->owner = (char *)owner;
+    r->name = (char *)name;
+    r->slug = slug;
+    r->visibility = (char *)visibility;
+    r->description = (char *)(description ? description : "");
+    r->default_branch = "main";
+    req->user = r;
+    const char *vals[12] = {r->repo_id,
+                            owner,
+                            owner_id.s,
+                            name,
+                            slug,
+                            visibility,
+                            r->description,
+                            snap_id.s,
+                            commit_id.s,
+                            initialize ? "true" : "false",
+                            msg,
+                            now};
+    mh_db_query(hub->db, sql_create, 12, vals, NULL, NULL, create_cb, req);
 }
 
 /* ------------------------------------------------------------ get, delete */
 
-static void repo_get_cb(mh_req_t *req, mh_repo_t *repo)
-{
-    mh_val_t *v = mh_repo_val(req, repo);
-    if (!v) mh_res_error(req, 503, "unavailable", "out of memory");
-    else mh_res_val(req, 200, v, MH_FMT_JSON);
-}
+static void repo_get_cb(mh_req_t *req, mh_repo_t *repo) { mh_res_val(req, 200, mh_repo_val(req, repo)); }
 
 void mh_h_repo_get(mh_req_t *req) { mh_hub_load_repo(req, MH_PERM_READ, repo_get_cb); }
 
+/* Deleting a repository is a ref writer like any other: refwrite's lock
+ * order and statements (the ref tables explicitly, sql/0007; branches,
+ * grants and cached fetch answers by ON DELETE CASCADE; global rows and
+ * packs are left to GC, SPEC 4.1). */
 typedef struct {
-    mh_req_t *req;
-    mh_repo_t *repo;
-    mh_dbconn_t *conn;
+    mh__op_t op;
 } delete_t;
 
-static void repo_delete_done(void *ud, PGresult *res, int err, const char *errmsg)
+#define D(s) (&MH_STEP_OP(s, delete_t, op.step)->op)
+
+static void del_begin(mh_step_t *s) { mh_rw_begin(s, D(s)->repo->repo_id, NULL, 0); }
+
+static void del_rows(mh_step_t *s)
 {
-    (void)res;
-    delete_t *d = ud;
-    mh_dbconn_release(d->conn); /* rolls back if the script failed midway */
-    if (err) {
-        mh_hub_db_fail(d->req, err, errmsg);
-        return;
-    }
+    mh_db_batch_t b = {0};
+    mh_rw_repo_delete_rows(&b, D(s)->repo->repo_id);
+    mh_step_batch(s, &b, NULL);
+}
+
+static const mh_step_def_t delete_steps[] = {
+    {"acquire", mh_step_acquire}, {"begin", del_begin},   {"rows", del_rows},
+    {"commit", mh_step_commit},   {"done", mh_step_done},
+};
+
+static void delete_finish(mh_step_t *s)
+{
+    mh__op_t *d = D(s);
+    if (mh__op_failed(s, NULL)) return;
     mh_info("repo deleted %s/%s id=%s", d->repo->owner, d->repo->slug, d->repo->repo_id);
-    mh_fetch_cache_invalidate(d->req->app, d->repo->repo_id);
-    mh_graph_cache_drop(d->req->app, d->repo->repo_id); /* graphs outlive states, not the repository */
+    mh_fetch_cache_invalidate(d->hub, d->repo->repo_id);
+    mh__graph_cache_drop(d->hub, d->repo->repo_id); /* graphs outlive states, not the repository */
     mh_res_send(d->req, 204, NULL, NULL, 0);
 }
 
-static void repo_delete_conn_cb(void *ud, mh_dbconn_t *c, int err)
-{
-    delete_t *d = ud;
-    if (err) {
-        mh_hub_db_fail(d->req, err, "no connection");
-        return;
-    }
-    d->conn = c;
-    /* Ref rows, branches, grants and cached fetch answers go with the
-     * repository (ref tables explicitly, sql/0007; the rest by ON DELETE
-     * CASCADE); global rows and packs are left to GC (SPEC 4.1). The row
-     * lock is its own statement so the deletes that follow (each with a
-     * fresh snapshot under READ COMMITTED) see the refs of a push that
-     * held the lock before us. The id is ours (checked format), safe to
-     * inline in this parameterless script. */
-    const char *id = d->repo->repo_id;
-    char *sql = mh_sprintf(&d->req->arena,
-                           "BEGIN;"
-                           "SELECT 1 FROM repos WHERE repo_id = '%s' FOR UPDATE;"
-                           "DELETE FROM commit_refs WHERE repo_id = '%s';"
-                           "DELETE FROM snapshot_refs WHERE repo_id = '%s';"
-                           "DELETE FROM object_refs WHERE repo_id = '%s';"
-                           "DELETE FROM mpack_refs WHERE repo_id = '%s';"
-                           "DELETE FROM repos WHERE repo_id = '%s';"
-                           "COMMIT",
-                           id, id, id, id, id, id);
-    if (!sql) {
-        mh_dbconn_release(c);
-        mh_res_error(d->req, 503, "unavailable", "out of memory");
-        return;
-    }
-    mh_dbconn_script(c, sql, repo_delete_done, d);
-}
+static const mh__op_def_t delete_def = {"delete", MH__STEPS(delete_steps), delete_finish, NULL, 0};
 
-static void repo_delete_cb(mh_req_t *req, mh_repo_t *repo)
+void mh_h_repo_delete(mh_req_t *req)
 {
-    mh_hub_t *hub = req->app;
-    delete_t *d = mh_calloc(&req->arena, sizeof *d);
-    if (!d || !mh_id_valid(repo->repo_id, strlen(repo->repo_id))) {
-        mh_res_error(req, 503, "unavailable", "cannot delete");
-        return;
-    }
-    d->req = req;
-    d->repo = repo;
-    mh_db_acquire(hub->db, repo_delete_conn_cb, d);
+    if (MH__OP_NEW(req, delete_t, &delete_def)) mh_hub_load_repo(req, MH_PERM_ADMIN, mh__op_repo_cb);
 }
-
-void mh_h_repo_delete(mh_req_t *req) { mh_hub_load_repo(req, MH_PERM_ADMIN, repo_delete_cb); }
 
 /* ------------------------------------------------------------------ list */
 
+static mh_val_t *repo_row(mh_req_t *req, mh_vb_t *b, PGresult *res, int i)
+{
+    (void)b;
+    mh_repo_t r = {0};
+    mh__repo_row(&req->arena, res, i, &r);
+    return mh_repo_val(req, &r);
+}
+
 static void repo_list_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
-    mh_req_t *req = ud;
-    if (err) {
-        mh_hub_db_fail(req, err, errmsg);
-        return;
-    }
-    mh_arena_t *a = &req->arena;
-    mh_val_t *arr = mh_v_arr(a), *out = mh_v_map(a);
-    int rc = (!arr || !out) ? MH_ENOMEM : 0;
-    for (int i = 0; !rc && i < PQntuples(res); i++) {
-        mh_repo_t r = {0};
-        char **fields[] = {&r.repo_id, &r.owner, &r.owner_id, &r.name, &r.slug,
-                           &r.visibility, &r.description, &r.default_branch, &r.created_at};
-        for (int f = 0; f < 9; f++) *fields[f] = mh_strdup(a, mh_pq_str(res, i, f));
-        mh_val_t *v = mh_repo_val(req, &r);
-        rc = v ? mh_arr_push(a, arr, *v) : MH_ENOMEM;
-    }
-    if (!rc) rc = mh_map_put(a, out, "repos", *arr);
-    if (rc) mh_res_error(req, 503, "unavailable", "out of memory");
-    else mh_res_val(req, 200, out, MH_FMT_JSON);
+    mh__list_answer(ud, res, err, errmsg, "repos", repo_row);
 }
 
 void mh_h_repo_list(mh_req_t *req)
@@ -315,81 +253,29 @@ void mh_h_repo_list(mh_req_t *req)
 
 /* ------------------------------------------------------------------ refs */
 
-static const mh_stmt_t st_branches = {
-    "branches_of_repo", "SELECT name, head_commit_id FROM branches WHERE repo_id = $1 ORDER BY name", 1};
+static const mh_stmt_t st_branches = {"branches_of_repo",
+                                      "SELECT name, head_commit_id FROM branches WHERE repo_id = $1 ORDER BY name", 1};
 
 /* Clients read refs before every push and fetch, so the branch heads are
- * cached per process by (repository, state_seq): every branch move bumps
- * repos.state_seq in the same transaction (push, server-side commits,
- * merges), so an entry can never be served for a state it was not read
- * in, and no invalidation is needed. state_seq itself comes from the
- * repository lookup (repo_cache.c: NOTIFY-invalidated). */
-#define REFS_SLOTS 1024 /* power of two, direct-mapped */
-
-typedef struct {
-    char *repo_id;
-    int64_t state_seq;
-    uint32_t n;
-    char **names, **heads; /* all in one heap block with the entry */
-} refs_entry_t;
-
-static refs_entry_t *refs_slots[REFS_SLOTS];
-
-static uint32_t refs_slot(const char *repo_id)
-{
-    uint32_t h = 2166136261u;
-    for (const char *p = repo_id; *p; p++) h = (h ^ (uint8_t)*p) * 16777619u;
-    return h & (REFS_SLOTS - 1);
-}
-
-void mh_hub_refs_cache_free(void)
-{
-    for (uint32_t i = 0; i < REFS_SLOTS; i++) {
-        free(refs_slots[i]);
-        refs_slots[i] = NULL;
-    }
-}
-
-static void refs_cache_put(const mh_repo_t *repo, PGresult *res)
-{
-    uint32_t n = (uint32_t)PQntuples(res);
-    size_t bytes = sizeof(refs_entry_t) + 2 * n * sizeof(char *) + strlen(repo->repo_id) + 1;
-    for (uint32_t i = 0; i < n; i++) bytes += strlen(mh_pq_str(res, (int)i, 0)) + strlen(mh_pq_str(res, (int)i, 1)) + 2;
-    refs_entry_t *e = malloc(bytes);
-    if (!e) return; /* a cache: best effort */
-    e->names = (char **)(e + 1);
-    e->heads = e->names + n;
-    char *p = (char *)(e->heads + n);
-    e->repo_id = p;
-    p = stpcpy(p, repo->repo_id) + 1;
-    for (uint32_t i = 0; i < n; i++) {
-        e->names[i] = p;
-        p = stpcpy(p, mh_pq_str(res, (int)i, 0)) + 1;
-        e->heads[i] = p;
-        p = stpcpy(p, mh_pq_str(res, (int)i, 1)) + 1;
-    }
-    e->n = n;
-    e->state_seq = repo->state_seq;
-    uint32_t k = refs_slot(repo->repo_id);
-    free(refs_slots[k]);
-    refs_slots[k] = e;
-}
+ * cached per process by (repository, state_seq) (caches.c): every branch
+ * move bumps repos.state_seq in the same transaction (push, server-side
+ * commits, merges), so an entry can never be served for a state it was
+ * not read in, and no invalidation is needed. state_seq itself comes
+ * from the repository lookup (NOTIFY-invalidated). */
 
 /* Answers from borrowed name/head arrays (the cache entry or the rows). */
 static void refs_send(mh_req_t *req, const mh_repo_t *repo, uint32_t n, char *const *names, char *const *heads)
 {
-    mh_arena_t *a = &req->arena;
-    mh_val_t *out = mh_v_map(a), *map = mh_v_map(a);
-    int rc = (!out || !map) ? MH_ENOMEM : 0;
-    for (uint32_t i = 0; !rc && i < n; i++) {
-        char *k = mh_strdup(a, names[i]), *v = mh_strdup(a, heads[i]);
-        rc = k && v ? mh_map_put(a, map, k, mh_v_str(v)) : MH_ENOMEM;
+    mh_vb_t *b = mh_res_build(req);
+    mh_val_t *out = mh_vb_map(b), *map = mh_vb_map(b);
+    for (uint32_t i = 0; i < n; i++) {
+        char *k = mh_strdup(&req->arena, names[i]);
+        mh_vb_put(b, map, k, k ? mh_vb_str(b, heads[i]) : mh_vb_node(b, NULL));
     }
-    if (!rc) rc = mh_map_put(a, out, "repo_id", mh_v_str(repo->repo_id));
-    if (!rc) rc = mh_map_put(a, out, "default_branch", mh_v_str(repo->default_branch));
-    if (!rc) rc = mh_map_put(a, out, "branch_heads", *map);
-    if (rc) mh_res_error(req, 503, "unavailable", "out of memory");
-    else mh_res_val(req, 200, out, MH_FMT_JSON);
+    mh_vb_put(b, out, "repo_id", mh_v_str(repo->repo_id));
+    mh_vb_put(b, out, "default_branch", mh_v_str(repo->default_branch));
+    mh_vb_put(b, out, "branch_heads", mh_vb_node(b, map));
+    mh_res_val(req, 200, out);
 }
 
 typedef struct {
@@ -401,38 +287,33 @@ static void refs_rows_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     refs_t *r = ud;
     mh_req_t *req = r->req;
-    if (err) {
-        mh_hub_db_fail(req, err, errmsg);
-        return;
-    }
-    refs_cache_put(r->repo, res);
+    if (!mh__db_ok(req, err, errmsg)) return;
     uint32_t n = (uint32_t)PQntuples(res);
     char **names = mh_alloc(&req->arena, (n + 1) * sizeof(char *));
     char **heads = mh_alloc(&req->arena, (n + 1) * sizeof(char *));
     if (!names || !heads) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
+        mh_res_fail(req, MH_ENOMEM, "refs");
         return;
     }
     for (uint32_t i = 0; i < n; i++) {
         names[i] = (char *)mh_pq_str(res, (int)i, 0);
         heads[i] = (char *)mh_pq_str(res, (int)i, 1);
     }
+    mh__refs_cache_put(req->app, r->repo, n, names, heads);
     refs_send(req, r->repo, n, names, heads);
 }
 
 static void refs_repo_cb(mh_req_t *req, mh_repo_t *repo)
 {
     mh_hub_t *hub = req->app;
-    refs_entry_t *e = refs_slots[refs_slot(repo->repo_id)];
-    if (e && e->state_seq == repo->state_seq && strcmp(e->repo_id, repo->repo_id) == 0) {
-        refs_send(req, repo, e->n, e->names, e->heads);
+    uint32_t n;
+    char *const *names, *const *heads;
+    if (mh__refs_cache_get(hub, repo, &n, &names, &heads)) {
+        refs_send(req, repo, n, names, heads);
         return;
     }
-    refs_t *r = mh_alloc(&req->arena, sizeof *r);
-    if (!r) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
-        return;
-    }
+    refs_t *r = mh__req_alloc(req, sizeof *r);
+    if (!r) return;
     r->req = req;
     r->repo = repo;
     const char *vals[1] = {repo->repo_id};

@@ -38,9 +38,27 @@ void mh_h_healthz(mh_req_t *req)
  * The probe outlives the answer: the query's callback still comes. */
 #define READYZ_MS 1500
 
+/* A zeroed heap context of `size` bytes that starts with a uv_timer_t,
+ * the timer (data = the context) started for ms on hub's loop: for a
+ * request that waits on the database with a deadline. The context is
+ * freed in the timer's close callback. NULL after answering 503. */
+static void *deadline_new(mh_req_t *req, size_t size, uint64_t ms, uv_timer_cb cb)
+{
+    mh_hub_t *hub = req->app;
+    uv_timer_t *t = calloc(1, size);
+    if (!t) {
+        mh_res_fail(req, MH_ENOMEM, "probe");
+        return NULL;
+    }
+    uv_timer_init(hub->loop, t);
+    t->data = t;
+    uv_timer_start(t, cb, ms, 0);
+    return t;
+}
+
 typedef struct {
-    uv_timer_t timer;
-    mh_req_t *req; /* NULL once answered (the request may be gone) */
+    uv_timer_t timer; /* first: deadline_new */
+    mh_req_t *req;    /* NULL once answered (the request may be gone) */
 } readyz_t;
 
 static void readyz_answer(readyz_t *p, int err, const char *why)
@@ -76,15 +94,9 @@ static void readyz_cb(void *ud, PGresult *res, int err, const char *errmsg)
 void mh_h_readyz(mh_req_t *req)
 {
     mh_hub_t *hub = req->app;
-    readyz_t *p = calloc(1, sizeof *p);
-    if (!p) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
-        return;
-    }
+    readyz_t *p = deadline_new(req, sizeof *p, READYZ_MS, readyz_timer_cb);
+    if (!p) return;
     p->req = req;
-    p->timer.data = p;
-    uv_timer_init(hub->loop, &p->timer);
-    uv_timer_start(&p->timer, readyz_timer_cb, READYZ_MS, 0);
     mh_db_query(hub->db, "SELECT 1", 0, NULL, NULL, NULL, readyz_cb, p);
 }
 
@@ -141,15 +153,15 @@ int mh_hub_metrics_render(void *arg, mh_buf_t *out)
 #define QUEUE_WAIT_MS 2000
 
 typedef struct {
+    uv_timer_t timer; /* first: deadline_new */
     mh_req_t *req;
     mh_hub_t *hub;
-    int refs;         /* the collection, the queue query, the timer */
+    int refs; /* the collection, the queue query, the timer */
     bool collected, queue_over, answered;
     mh_buf_t merged;
     bool merged_ok;
     uint32_t workers, fresh, stale;
-    mh_buf_t queue;   /* the queue lines, empty when not known */
-    uv_timer_t timer;
+    mh_buf_t queue; /* the queue lines, empty when not known */
 } scrape_t;
 
 static void scrape_unref(scrape_t *sc)
@@ -195,7 +207,7 @@ static void maybe_answer(scrape_t *sc)
     if (!rc && sc->queue.len) rc = mh_buf_append(&sc->merged, sc->queue.p, sc->queue.len);
     if (!rc) rc = server_lines(sc, &sc->merged);
     if (rc) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
+        mh_res_fail(req, MH_ENOMEM, "metrics");
         return;
     }
     mh_res_send_buf(req, 200, "text/plain; version=0.0.4; charset=utf-8", &sc->merged);
@@ -266,8 +278,7 @@ static void queue_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     scrape_t *sc = ud;
     if (err) {
-        if (!sc->queue_over)
-            mh_warn("metrics: job queue query: %s (%s)", mh_strerror(err), errmsg ? errmsg : "");
+        if (!sc->queue_over) mh_warn("metrics: job queue query: %s (%s)", mh_strerror(err), errmsg ? errmsg : "");
     } else if (!sc->queue_over) {
         mh_buf_t *o = &sc->queue;
         int rc = mh_buf_append_str(o, "# HELP musehub_jobs_queue Jobs in the queue table, by type and status "
@@ -289,17 +300,11 @@ static void queue_cb(void *ud, PGresult *res, int err, const char *errmsg)
 void mh_h_metrics(mh_req_t *req)
 {
     mh_hub_t *hub = req->app;
-    scrape_t *sc = calloc(1, sizeof *sc);
-    if (!sc) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
-        return;
-    }
+    scrape_t *sc = deadline_new(req, sizeof *sc, QUEUE_WAIT_MS, queue_timeout_cb);
+    if (!sc) return;
     sc->req = req;
     sc->hub = hub;
     sc->refs = 3;
-    uv_timer_init(hub->loop, &sc->timer);
-    sc->timer.data = sc;
-    uv_timer_start(&sc->timer, queue_timeout_cb, QUEUE_WAIT_MS, 0);
     mh_db_query(hub->db,
                 "SELECT job_type, status, count(*),"
                 " coalesce(floor(extract(epoch FROM now() - min(run_after)"

@@ -87,9 +87,21 @@ static void upload_fail(upload_t *u, int rc)
         mh_res_error(req, 503, "busy", "the server's memory for pack work is spent; retry later");
         break;
     }
-    case MH_ENOMEM: mh_res_error(req, 503, "unavailable", "out of memory"); break;
+    case MH_ENOMEM: mh_res_fail(req, rc, "upload"); break;
     default: mh_res_error(req, 500, "internal", "upload failed: %s", mh_strerror(rc)); break;
     }
+}
+
+/* The URL's signature (method "PUT" or "GET"; for PUT also the signed
+ * size and hash): false after answering 403. */
+static bool url_ok(mh_req_t *req, const char *method, mh_str_t key, uint64_t *size, uint8_t *sha)
+{
+    mh_hub_t *hub = req->app;
+    int rc = mh_store_fs_check_url(hub->store, method, key, req->query, size, sha);
+    const char *what = strcmp(method, "PUT") ? "download" : "upload";
+    if (rc == MH_ETIMEDOUT) mh_res_error(req, 403, "expired", "this %s URL has expired", what);
+    else if (rc) mh_res_error(req, 403, "forbidden", "bad %s URL signature", what);
+    return !rc;
 }
 
 static void upload_abort(mh_req_t *req)
@@ -164,15 +176,7 @@ void mh_h_store_put(mh_req_t *req)
     mh_str_t key = store_key(req);
     uint64_t size = 0;
     uint8_t sha[32];
-    int rc = mh_store_fs_check_url(hub->store, "PUT", key, req->query, &size, sha);
-    if (rc == MH_ETIMEDOUT) {
-        mh_res_error(req, 403, "expired", "this upload URL has expired");
-        return;
-    }
-    if (rc) {
-        mh_res_error(req, 403, "forbidden", "bad upload URL signature");
-        return;
-    }
+    if (!url_ok(req, "PUT", key, &size, sha)) return;
     if (req->content_length != UINT64_MAX && req->content_length != size) {
         mh_res_error(req, 400, "size_mismatch", "Content-Length %llu differs from the signed size %llu",
                      (unsigned long long)req->content_length, (unsigned long long)size);
@@ -181,11 +185,11 @@ void mh_h_store_put(mh_req_t *req)
     upload_t *u = mh_calloc(&req->arena, sizeof *u);
     char *k = mh_strndup(&req->arena, key.p, key.n);
     if (!u || !k || mh_arena_defer(&req->arena, upload_drop, u) != 0) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
+        mh_res_fail(req, MH_ENOMEM, "store");
         return;
     }
     u->req = req;
-    rc = mh_store_fs_upload_open(hub->store, k, size, sha, &u->up);
+    int rc = mh_store_fs_upload_open(hub->store, k, size, sha, &u->up);
     if (rc) {
         upload_fail(u, rc);
         return;
@@ -344,19 +348,11 @@ void mh_h_store_get(mh_req_t *req)
 {
     mh_hub_t *hub = req->app;
     mh_str_t key = store_key(req);
-    int rc = mh_store_fs_check_url(hub->store, "GET", key, req->query, NULL, NULL);
-    if (rc == MH_ETIMEDOUT) {
-        mh_res_error(req, 403, "expired", "this download URL has expired");
-        return;
-    }
-    if (rc) {
-        mh_res_error(req, 403, "forbidden", "bad download URL signature");
-        return;
-    }
+    if (!url_ok(req, "GET", key, NULL, NULL)) return;
     char *k = mh_strndup(&req->arena, key.p, key.n);
     int fd = -1;
     uint64_t size = 0;
-    rc = k ? mh_store_fs_open_read(hub->store, k, &fd, &size) : MH_ENOMEM;
+    int rc = k ? mh_store_fs_open_read(hub->store, k, &fd, &size) : MH_ENOMEM;
     if (rc == MH_ENOENT) {
         mh_res_error(req, 404, "not_found", "no such object");
         return;
@@ -368,7 +364,7 @@ void mh_h_store_get(mh_req_t *req)
     dl_t *d = mh_calloc(&req->arena, sizeof *d);
     if (!d || mh_arena_defer(&req->arena, dl_cleanup, d)) {
         close(fd);
-        mh_res_error(req, 503, "unavailable", "out of memory");
+        mh_res_fail(req, MH_ENOMEM, "store");
         return;
     }
     *d = (dl_t){.req = req, .loop = hub->loop, .fd = fd, .off = 0, .end = size};
@@ -395,7 +391,7 @@ void mh_h_store_get(mh_req_t *req)
     mh_res_header(req, "Cache-Control", "private, max-age=3600, immutable");
     rc = mh_res_stream_begin(req, status, "application/octet-stream", d->end - d->off, dl_drain, dl_abort, d);
     if (rc) {
-        mh_res_error(req, 503, "unavailable", "out of memory");
+        mh_res_fail(req, MH_ENOMEM, "store");
         return;
     }
     if (!mh_res_stream_wants_body(req) || d->off >= d->end) dl_end(d, 0);

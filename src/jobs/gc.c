@@ -10,21 +10,21 @@
  *   LOCATE  one source byte range per object the repository references,
  *           preferring its own packs, then packs not superseded
  *   READ    one ranged read per source pack (ranges coalesced by the store)
- *   BUILD   thread pool: sort, drop duplicates, check every blob against
- *           its id, write the pack, record the new byte ranges, hash
- *   TX      one transaction on a held connection:
- *             LOCK   the repository's GC lock and the new pack's lock;
- *                    check the packs read in PACKS are all still referenced
- *                    (a concurrent GC of the same repository: retry)
- *             PUT    the pack to mpacks/<hex> (under the pack's lock, so a
- *                    sweep of an identical, long-superseded pack cannot
- *                    delete the bytes between the put and the commit)
- *             APPLY  mpacks row (kind gc, no longer superseded), its
- *                    mpack_index rows, mpack_refs swapped (old packs out,
- *                    new in), and for each old pack that no repository
- *                    references any more: its index rows for the
- *                    consolidated objects deleted and superseded_at set;
- *                    objects.storage_uri repointed
+ *   BUILD   thread pool: refwrite's server pack with every blob checked
+ *           against its id, the new byte ranges, the key
+ *   the transaction, refwrite's lock order (the repository row, then the
+ *   new pack's lock, as every ref writer):
+ *     RECOUNT the packs read in PACKS are all still referenced (a
+ *             concurrent GC of the same repository: retry)
+ *     PUT     the pack to mpacks/<hex> (under the pack's lock, so a sweep
+ *             of an identical, long-superseded pack cannot delete the
+ *             bytes between the put and the commit)
+ *     COPY, APPLY  refwrite's pack rows (kind gc, no longer superseded;
+ *             its mpack_index rows; its mpack_refs row), the old packs'
+ *             refs removed, and for each old pack that no repository
+ *             references any more: its index rows for the consolidated
+ *             objects deleted and superseded_at set; objects.storage_uri
+ *             repointed
  *   DONE    {packs_before, packs_after, consolidated_key, skipped, objects,
  *            bytes_read, bytes_written, elapsed_ms}
  *
@@ -39,6 +39,7 @@
  *    pack another repository still references is neither superseded nor
  *    stripped of its index rows.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -46,202 +47,154 @@
 
 #define READS_IN_FLIGHT 2
 
-typedef enum {
-    G_PACKS,
-    G_LOCATE,
-    G_READ,
-    G_BUILD,
-    G_ACQUIRE,
-    G_BEGIN,
-    G_LOCK,
-    G_PUT,
-    G_COPY,
-    G_APPLY,
-    G_COMMIT,
-    G_COMMITTED,
-    G_DONE,
-} gstate_t;
-
 typedef struct gc gc_t;
 
 typedef struct {
     gc_t *g;
-    char key[80];       /* mpacks/<hex> */
-    size_t first, n;    /* blobs[first .. first+n) in read order */
+    char key[MH_MPACK_KEY_SIZE];
+    size_t first, n; /* blobs[first .. first+n) in read order */
     mh_range_t *ranges;
     mh_buf_t buf;
 } src_t;
 
 struct gc {
+    mh_step_t step;
     mh_job_t *j;
-    gstate_t state;
-    bool busy;
-    char **old;         /* the repository's packs (ids) */
+    char **old; /* the repository's packs (ids) */
     size_t nold;
-    char *old_array;    /* text[] literal of old */
-    mh_gc_blob_t *blobs;
+    char *old_array; /* text[] literal of old */
+    bool skipped;
+    mh_rw_blob_t *blobs;
     size_t nblobs, unindexed;
     src_t *srcs;
     size_t nsrcs, next_src, inflight;
     int read_err;
     uint64_t bytes_read;
-    mh_buf_t pack;
+    mh_buf_t pack, rows;
     mh_id_t key;
-    char pack_key[80];
-    mh_buf_t rows;
-    uv_work_t uvw;
-    int work_err;
+    char pack_key[MH_MPACK_KEY_SIZE], size[24];
     size_t bad;
-    mh_dbconn_t *conn;
+    bool permanent;
     int64_t packs_after;
-    const char *lock_vals[3], *lock_vals2[2]; /* G_LOCK's pipeline */
-    mh_db_pq_t lock_qs[2];
 };
 
-static void advance(gc_t *g);
+#define GC(s) MH_STEP_OP(s, gc_t, step)
 
-static void gc_cleanup_cb(void *arg)
-{
-    gc_t *g = arg;
-    if (g->conn) mh_dbconn_release(g->conn);
-    g->conn = NULL;
-    for (size_t i = 0; i < g->nsrcs; i++) mh_buf_free(&g->srcs[i].buf);
-    mh_buf_free(&g->pack);
-    mh_buf_free(&g->rows);
-    free(g->blobs);
-}
-
-static void end_fail(gc_t *g, bool permanent, const char *what, int err, const char *detail)
-{
-    g->state = G_DONE;
-    if (g->conn) {
-        mh_dbconn_release(g->conn); /* rolls back */
-        g->conn = NULL;
-    }
-    mh_job_fail(g->j, permanent, "mpack.gc: %s: %s%s%s", what, mh_strerror(err), detail && *detail ? ": " : "",
-                detail ? detail : "");
-}
-
-static void respond(gc_t *g, bool skipped, int64_t before, int64_t after, const char *key)
-{
-    mh_job_t *j = g->j;
-    mh_arena_t *a = &j->arena;
-    g->state = G_DONE;
-    mh_val_t *m = mh_v_map(a);
-    int rc = m ? 0 : MH_ENOMEM;
-    if (!rc) rc = mh_map_put(a, m, "packs_before", mh_v_int(before));
-    if (!rc) rc = mh_map_put(a, m, "packs_after", mh_v_int(after));
-    if (!rc) rc = mh_map_put(a, m, "consolidated_key", key ? mh_v_str(key) : mh_v_nil());
-    if (!rc) rc = mh_map_put(a, m, "skipped", mh_v_bool(skipped));
-    if (!skipped) {
-        if (!rc) rc = mh_map_put(a, m, "objects", mh_v_int((int64_t)g->nblobs));
-        if (!rc) rc = mh_map_put(a, m, "bytes_read", mh_v_int((int64_t)g->bytes_read));
-        if (!rc) rc = mh_map_put(a, m, "bytes_written", mh_v_int((int64_t)g->pack.len));
-        if (!rc && g->unindexed) rc = mh_map_put(a, m, "unindexed_objects", mh_v_int((int64_t)g->unindexed));
-    }
-    if (!rc) rc = mh_map_put(a, m, "elapsed_ms", mh_v_int(mh_job_elapsed_ms_int(j)));
-    if (rc) mh_job_fail(j, false, "out of memory");
-    else mh_job_done(j, m);
-}
+enum { G_PACKS, G_LOCATE, G_READ, G_BUILD, G_ACQUIRE, G_BEGIN, G_RECOUNT, G_PUT, G_COPY, G_APPLY, G_COMMIT, G_DONE };
 
 /* --------------------------------------------------------------- PACKS */
 
-static void packs_cb(void *ud, PGresult *res, int err, const char *errmsg)
+static int packs_read(mh_step_t *s, PGresult *res)
 {
-    gc_t *g = ud;
-    g->busy = false;
-    if (err) {
-        end_fail(g, false, "listing the repository's packs", err, errmsg);
-        return;
-    }
+    gc_t *g = GC(s);
     mh_arena_t *a = &g->j->arena;
     int n = PQntuples(res);
     g->nold = (size_t)n;
-    g->old = mh_alloc(a, (size_t)(n ? n : 1) * sizeof *g->old);
-    if (!g->old) {
-        end_fail(g, false, "listing the repository's packs", MH_ENOMEM, NULL);
-        return;
-    }
+    g->old = mh_alloc(a, (size_t)(n + 1) * sizeof *g->old);
+    if (!g->old) return MH_ENOMEM;
     for (int i = 0; i < n; i++)
-        if (!(g->old[i] = mh_strdup(a, mh_pq_str(res, i, 0)))) {
-            end_fail(g, false, "listing the repository's packs", MH_ENOMEM, NULL);
-            return;
-        }
+        if (!(g->old[i] = mh_strdup(a, mh_pq_str(res, i, 0)))) return MH_ENOMEM;
     if (n <= 1) {
         /* Nothing to consolidate: report the single pack as the result so
          * a second run after a real consolidation reports the same key. */
-        respond(g, true, n, n, n == 1 ? g->old[0] : NULL);
-        return;
+        g->skipped = true;
+        g->packs_after = n;
+        mh_step_done(s);
+        return 0;
     }
-    if (!(g->old_array = mh_jobs_pg_array(a, g->old, g->nold))) {
-        end_fail(g, false, "listing the repository's packs", MH_ENOMEM, NULL);
-        return;
-    }
-    g->state = G_LOCATE;
-    advance(g);
+    g->old_array = mh_pq_array(a, (const char *const *)g->old, g->nold, 0);
+    return g->old_array ? 0 : MH_ENOMEM;
+}
+
+/* The repository's packs, fetch caches excluded (a ref without an mpacks
+ * row counts: it can only come from a push). */
+#define SQL_PACKS                                                                                                    \
+    "FROM mpack_refs r LEFT JOIN mpacks m ON m.mpack_id = r.mpack_id"                                               \
+    " WHERE r.repo_id = $1 AND coalesce(m.kind, 'push') <> 'fetch'"
+
+static void step_packs(mh_step_t *s)
+{
+    mh_db_pq_t q = {NULL, "SELECT r.mpack_id " SQL_PACKS " ORDER BY r.mpack_id COLLATE \"C\"", 1,
+                    (const char *const[]){GC(s)->j->repo_id}, NULL, NULL};
+    mh_step_query(s, &q, packs_read);
 }
 
 /* -------------------------------------------------------------- LOCATE */
 
-static void locate_cb(void *ud, PGresult *res, int err, const char *errmsg)
+/* Rows come ordered by (source pack, offset): one source per run. */
+static int add_blob(gc_t *g, PGresult *res, int r, mh_range_t *ranges, const char **prev)
 {
-    gc_t *g = ud;
-    g->busy = false;
-    if (err) {
-        end_fail(g, false, "locating the repository's objects", err, errmsg);
-        return;
+    mh_arena_t *a = &g->j->arena;
+    const char *oid = mh_pq_str(res, r, 0), *mp = mh_pq_str(res, r, 1);
+    int64_t off = mh_pq_int(res, r, 2), len = mh_pq_int(res, r, 3);
+    if (!mh_id_valid(oid, strlen(oid)) || !mh_id_valid(mp, strlen(mp)) || off < 0 || len < 0) {
+        g->permanent = true;
+        return MH_EPARSE;
     }
+    if (!*prev || strcmp(*prev, mp) != 0) {
+        src_t *src = &g->srcs[g->nsrcs++];
+        src->g = g;
+        mh_mpack_key(src->key, mp);
+        src->first = g->nblobs;
+        src->ranges = &ranges[g->nblobs];
+        *prev = mp;
+    }
+    mh_rw_blob_t *b = &g->blobs[g->nblobs];
+    if (!(b->id = mh_strndup(a, oid, MH_ID_LEN))) return MH_ENOMEM;
+    b->len = (uint64_t)len;
+    ranges[g->nblobs++] = (mh_range_t){(uint64_t)off, (uint64_t)len};
+    g->srcs[g->nsrcs - 1].n++;
+    return 0;
+}
+
+static int located(mh_step_t *s, PGresult *res)
+{
+    gc_t *g = GC(s);
     mh_arena_t *a = &g->j->arena;
     size_t rows = (size_t)PQntuples(res);
-    g->blobs = calloc(rows ? rows : 1, sizeof *g->blobs);
-    mh_range_t *ranges = mh_alloc(a, (rows ? rows : 1) * sizeof *ranges);
-    g->srcs = mh_calloc(a, (rows ? rows : 1) * sizeof *g->srcs);
-    if (!g->blobs || !ranges || !g->srcs) {
-        end_fail(g, false, "locating the repository's objects", MH_ENOMEM, NULL);
-        return;
-    }
-    /* Rows come ordered by (source pack, offset): one source per run. */
+    g->blobs = calloc(rows + 1, sizeof *g->blobs);
+    mh_range_t *ranges = mh_alloc(a, (rows + 1) * sizeof *ranges);
+    g->srcs = mh_calloc(a, (rows + 1) * sizeof *g->srcs);
+    if (!g->blobs || !ranges || !g->srcs) return MH_ENOMEM;
     const char *prev = NULL;
     uint64_t total = 0;
     for (size_t r = 0; r < rows; r++) {
-        const char *oid = mh_pq_str(res, (int)r, 0);
         if (mh_pq_isnull(res, (int)r, 1)) {
-            if (!g->unindexed) mh_warn("job %s: mpack.gc: object %s has no mpack_index row; left out", g->j->id, oid);
+            if (!g->unindexed)
+                mh_warn("job %s: mpack.gc: object %s has no mpack_index row; left out", g->j->id,
+                        mh_pq_str(res, (int)r, 0));
             g->unindexed++;
             continue;
         }
-        const char *mp = mh_pq_str(res, (int)r, 1);
-        int64_t off = mh_pq_int(res, (int)r, 2), len = mh_pq_int(res, (int)r, 3);
-        if (!mh_id_valid(oid, strlen(oid)) || !mh_id_valid(mp, strlen(mp)) || off < 0 || len < 0) {
-            end_fail(g, true, "locating the repository's objects", MH_EPARSE, "malformed mpack_index row");
-            return;
+        int rc = add_blob(g, res, (int)r, ranges, &prev);
+        if (rc) {
+            mh_step_fail(s, rc, "malformed mpack_index row");
+            return rc;
         }
-        if (!prev || strcmp(prev, mp) != 0) {
-            src_t *s = &g->srcs[g->nsrcs++];
-            s->g = g;
-            mh_jobs_pack_key(s->key, sizeof s->key, mp);
-            s->first = g->nblobs;
-            s->ranges = &ranges[g->nblobs];
-            prev = mp;
-        }
-        src_t *s = &g->srcs[g->nsrcs - 1];
-        mh_gc_blob_t *b = &g->blobs[g->nblobs];
-        if (!(b->id = mh_strndup(a, oid, MH_ID_LEN))) {
-            end_fail(g, false, "locating the repository's objects", MH_ENOMEM, NULL);
-            return;
-        }
-        b->len = (uint64_t)len;
-        ranges[g->nblobs] = (mh_range_t){(uint64_t)off, (uint64_t)len};
-        s->n++;
-        g->nblobs++;
-        total += (uint64_t)len;
+        total += g->blobs[g->nblobs - 1].len;
     }
     if (total > g->j->cfg->max_pack_bytes) {
-        end_fail(g, true, "consolidating", MH_ELIMIT, "the repository's blobs exceed the largest pack allowed");
-        return;
+        g->permanent = true;
+        mh_step_fail(s, MH_ELIMIT, "the repository's blobs exceed the largest pack allowed");
     }
-    g->state = G_READ;
-    advance(g);
+    return 0;
+}
+
+static void step_locate(mh_step_t *s)
+{
+    gc_t *g = GC(s);
+    /* One source per object: the repository's own packs first, then packs
+     * not superseded, then by id so reruns agree. */
+    mh_db_pq_t q = {NULL,
+                    "SELECT r.object_id, i.mpack_id, i.byte_offset, i.byte_length FROM object_refs r"
+                    " LEFT JOIN LATERAL (SELECT m.mpack_id, m.byte_offset, m.byte_length FROM mpack_index m"
+                    "  LEFT JOIN mpacks p ON p.mpack_id = m.mpack_id"
+                    "  WHERE m.object_id = r.object_id AND coalesce(p.kind, 'push') <> 'fetch'"
+                    "  ORDER BY m.mpack_id <> ALL ($2::text[]), p.superseded_at IS NOT NULL,"
+                    "  m.mpack_id COLLATE \"C\" LIMIT 1) i ON true"
+                    " WHERE r.repo_id = $1 ORDER BY i.mpack_id COLLATE \"C\", i.byte_offset",
+                    2, (const char *const[]){g->j->repo_id, g->old_array}, NULL, NULL};
+    mh_step_query(s, &q, located);
 }
 
 /* ---------------------------------------------------------------- READ */
@@ -250,405 +203,214 @@ static void start_reads(gc_t *g);
 
 static void read_cb(void *ud, int err, mh_buf_t *data)
 {
-    src_t *s = ud;
-    gc_t *g = s->g;
+    src_t *src = ud;
+    gc_t *g = src->g;
     g->inflight--;
     if (!err) {
-        s->buf = *data;
+        src->buf = *data;
         *data = (mh_buf_t){0};
         uint64_t pos = 0;
-        for (size_t k = 0; k < s->n; k++) {
-            mh_gc_blob_t *b = &g->blobs[s->first + k];
-            if (pos + b->len > s->buf.len) {
-                err = MH_ESTORE;
-                break;
-            }
-            b->content = s->buf.p + pos;
+        for (size_t k = 0; k < src->n && !err; k++) {
+            mh_rw_blob_t *b = &g->blobs[src->first + k];
+            if (pos + b->len > src->buf.len) err = MH_ESTORE;
+            b->content = src->buf.p + pos;
             pos += b->len;
         }
-        if (!err && pos != s->buf.len) err = MH_ESTORE;
-        g->bytes_read += s->buf.len;
+        if (!err && pos != src->buf.len) err = MH_ESTORE;
+        g->bytes_read += src->buf.len;
     }
     if (err && !g->read_err) {
         g->read_err = err;
-        mh_warn("job %s: mpack.gc: reading %s: %s", g->j->id, s->key, mh_strerror(err));
+        mh_warn("job %s: mpack.gc: reading %s: %s", g->j->id, src->key, mh_strerror(err));
     }
     start_reads(g);
 }
 
 static void start_reads(gc_t *g)
 {
-    while (!g->read_err && !mh_job_cancelled(g->j) && g->next_src < g->nsrcs && g->inflight < READS_IN_FLIGHT) {
-        src_t *s = &g->srcs[g->next_src++];
+    while (!g->read_err && !mh__job_cancelled(g->j) && g->next_src < g->nsrcs && g->inflight < READS_IN_FLIGHT) {
+        src_t *src = &g->srcs[g->next_src++];
         g->inflight++;
-        mh_store_get_ranges(g->j->store, s->key, s->ranges, s->n, read_cb, s);
+        mh_store_get_ranges(g->j->store, src->key, src->ranges, src->n, read_cb, src);
     }
-    if (g->inflight) return;
-    g->busy = false;
-    if (g->read_err) {
-        end_fail(g, false, "reading the source packs", g->read_err, NULL);
-        return;
-    }
-    g->state = G_BUILD; /* cancellation is noticed by advance() */
-    advance(g);
+    /* Cancellation is noticed by the kit before the next step. */
+    if (!g->inflight) mh_step_resume(&g->step, g->read_err, "reading the source packs");
+}
+
+static void step_read(mh_step_t *s)
+{
+    gc_t *g = GC(s);
+    mh_step_wait(s);
+    start_reads(g);
 }
 
 /* --------------------------------------------------------------- BUILD */
 
-static void build_work(uv_work_t *w)
+static void build_work(mh_step_t *s)
 {
-    gc_t *g = w->data;
-    g->work_err = mh_gc_build_pack(g->blobs, &g->nblobs, &g->pack, &g->key, &g->bad);
-    if (g->work_err) return;
-    for (size_t i = 0; i < g->nblobs && !g->work_err; i++) {
-        const mh_gc_blob_t *b = &g->blobs[i];
-        g->work_err = mh_copy_field(&g->rows, b->id, MH_ID_LEN, false);
-        if (!g->work_err) g->work_err = mh_copy_int(&g->rows, (int64_t)b->new_off, false);
-        if (!g->work_err) g->work_err = mh_copy_int(&g->rows, (int64_t)b->len, true);
-    }
-}
-
-static void build_done_cb(uv_work_t *w, int status)
-{
-    gc_t *g = w->data;
-    g->busy = false;
-    if (status) g->work_err = MH_ECANCELED;
-    if (g->work_err == MH_EHASH) {
+    gc_t *g = GC(s);
+    int rc = mh_gc_build_pack(g->blobs, &g->nblobs, &g->pack, &g->key, &g->bad);
+    if (!rc) rc = mh_rw_blob_rows(g->blobs, g->nblobs, &g->rows);
+    if (rc == MH_EHASH) {
         /* An index row whose byte range does not hold the object: never
          * spread it into a new pack. Retrying will not fix it. */
-        char detail[160];
-        snprintf(detail, sizeof detail, "object %.*s: the indexed byte range does not hash to its id", MH_ID_LEN,
-                 g->blobs[g->bad].id);
-        end_fail(g, true, "building the pack", MH_EHASH, detail);
-        return;
+        g->permanent = true;
+        s->work_why = mh_sprintf(&g->j->arena, "object %.*s: the indexed byte range does not hash to its id",
+                                 MH_ID_LEN, g->blobs[g->bad].id);
     }
-    if (g->work_err) {
-        end_fail(g, false, "building the pack", g->work_err, NULL);
-        return;
-    }
-    /* The sources are no longer needed: free them before the transaction. */
-    for (size_t i = 0; i < g->nsrcs; i++) mh_buf_free(&g->srcs[i].buf);
-    mh_jobs_pack_key(g->pack_key, sizeof g->pack_key, g->key.s);
-    g->state = G_ACQUIRE;
-    advance(g);
+    s->work_err = rc;
 }
+
+static void step_build(mh_step_t *s) { mh_step_work(s, build_work); }
 
 /* ------------------------------------------------------------------ TX */
 
-static void step_cb(void *ud, PGresult *res, int err, const char *errmsg)
+static void step_acquire(mh_step_t *s)
 {
-    (void)res;
-    gc_t *g = ud;
-    g->busy = false;
-    if (err) {
-        end_fail(g, false, "database", err, errmsg);
-        return;
-    }
-    g->state++;
-    advance(g);
+    gc_t *g = GC(s);
+    /* The sources are no longer needed: free them before the transaction. */
+    for (size_t i = 0; i < g->nsrcs; i++) mh_buf_free(&g->srcs[i].buf);
+    mh_mpack_key(g->pack_key, g->key.s);
+    snprintf(g->size, sizeof g->size, "%zu", g->pack.len);
+    mh_step_acquire(s);
 }
 
-static void acquire_cb(void *ud, mh_dbconn_t *c, int err)
+static void step_begin(mh_step_t *s)
 {
-    gc_t *g = ud;
-    g->busy = false;
-    if (err) {
-        end_fail(g, false, "no database connection", err, NULL);
-        return;
-    }
-    g->conn = c;
-    g->state = G_BEGIN;
-    advance(g);
+    gc_t *g = GC(s);
+    /* The repository row serialises every GC of one repository (and every
+     * other ref writer); then the new pack's lock. */
+    mh_rw_begin(s, g->j->repo_id, g->key.s, MH_RW_OBJECTS);
 }
 
-static void lock_cb(void *ud, PGresult *res, int err, const char *errmsg)
+/* Under READ COMMITTED this statement, after the locks, sees what a GC
+ * that held the repository row before us committed. */
+static int recounted(mh_step_t *s, PGresult *res)
 {
-    gc_t *g = ud;
-    g->busy = false;
-    if (err) {
-        end_fail(g, false, "locking", err, errmsg);
-        return;
-    }
-    int64_t still = mh_pq_int(res, 0, 2);
-    if (still != (int64_t)g->nold) {
-        end_fail(g, false, "consolidating", MH_ECONFLICT,
-                 "the repository's packs changed during the GC (a concurrent GC); retrying");
-        return;
-    }
-    g->state = G_PUT;
-    advance(g);
+    gc_t *g = GC(s);
+    if (mh_pq_int(res, 0, 0) != (int64_t)g->nold)
+        mh_step_fail(s, MH_ECONFLICT, "the repository's packs changed during the GC (a concurrent GC); retrying");
+    return 0;
 }
 
-/* G_LOCK's two statements: the locks, then the recount (results[1]). */
-static void lock_pipeline_cb(void *ud, PGresult **results, int n, int err, const char *errmsg)
+static void step_recount(mh_step_t *s)
 {
-    lock_cb(ud, err || n < 2 ? NULL : results[1], err ? err : (n < 2 ? MH_EDB : 0), errmsg);
+    gc_t *g = GC(s);
+    mh_db_pq_t q = {NULL, "SELECT count(*) FROM mpack_refs WHERE repo_id = $1 AND mpack_id = ANY ($2::text[])", 2,
+                    (const char *const[]){g->j->repo_id, g->old_array}, NULL, NULL};
+    mh_step_query(s, &q, recounted);
 }
 
-static void put_cb(void *ud, int err)
+static int put_done(mh_step_t *s, int err)
 {
-    gc_t *g = ud;
-    g->busy = false;
-    if (err) {
-        end_fail(g, false, "storing the consolidated pack", err, g->pack_key);
-        return;
-    }
-    g->state = G_COPY;
-    advance(g);
+    if (err) mh_step_fail(s, err, "storing the consolidated pack");
+    return err;
 }
 
-static void apply_cb(void *ud, PGresult **results, int n, int err, const char *errmsg)
+static void step_put(mh_step_t *s) { mh_step_put(s, GC(s)->pack_key, GC(s)->pack.p, GC(s)->pack.len, put_done); }
+
+static void step_copy(mh_step_t *s) { mh_rw_copy(s, MH_RW_OBJECTS, &GC(s)->rows); }
+
+static int applied(mh_step_t *s, PGresult **res, int n)
 {
-    gc_t *g = ud;
-    g->busy = false;
-    if (err || n != 7) {
-        end_fail(g, false, "repointing the index", err ? err : MH_EDB, errmsg);
-        return;
-    }
-    g->packs_after = mh_pq_int(results[6], 0, 0);
+    gc_t *g = GC(s);
+    g->packs_after = mh_pq_int(res[n - 1], 0, 0);
     mh_debug("job %s: mpack.gc: %lld index rows of superseded packs deleted, %lld packs superseded", g->j->id,
-             (long long)mh_pq_int(results[4], 0, 0), (long long)mh_pq_int(results[4], 0, 1));
-    g->state = G_COMMIT;
-    advance(g);
+             (long long)mh_pq_int(res[n - 3], 0, 0), (long long)mh_pq_int(res[n - 3], 0, 1));
+    return 0;
 }
 
-static const char sql_begin[] =
-    "BEGIN;"
-    "CREATE TEMP TABLE tmp_gc (object_id text, byte_offset bigint, byte_length bigint) ON COMMIT DROP";
-
-/* The repository's packs, fetch caches excluded (a ref without an mpacks
- * row counts: it can only come from a push). */
-static const char sql_packs[] =
-    "SELECT r.mpack_id FROM mpack_refs r LEFT JOIN mpacks m ON m.mpack_id = r.mpack_id"
-    " WHERE r.repo_id = $1 AND coalesce(m.kind, 'push') <> 'fetch' ORDER BY r.mpack_id COLLATE \"C\"";
-
-static void apply(gc_t *g)
+static void step_apply(mh_step_t *s)
 {
-    mh_arena_t *a = &g->j->arena;
-    /* Parameter sets: (key, size), (key, repo, old packs), (key, old packs), (repo). */
-    const char **v = mh_alloc(a, 2 * sizeof *v), **v3 = mh_alloc(a, 3 * sizeof *v3),
-               **vko = mh_alloc(a, 2 * sizeof *vko), **vr = mh_alloc(a, sizeof *vr);
-    char *size = mh_sprintf(a, "%zu", g->pack.len);
-    if (!v || !v3 || !vko || !vr || !size) {
-        end_fail(g, false, "repointing the index", MH_ENOMEM, NULL);
-        return;
-    }
-    v[0] = v3[0] = vko[0] = g->key.s;
-    v[1] = size;
-    v3[1] = vr[0] = g->j->repo_id;
-    v3[2] = vko[1] = g->old_array;
-    mh_db_pq_t qs[7] = {
-        /* 0: the pack row; a pack GC recreates is live again. */
-        {NULL,
-         "INSERT INTO mpacks (mpack_id, size_bytes, kind) VALUES ($1, $2::bigint, 'gc')"
-         " ON CONFLICT (mpack_id) DO UPDATE SET superseded_at = NULL WHERE mpacks.superseded_at IS NOT NULL",
-         2, v, NULL, NULL},
-        /* 1: where each blob now is. */
-        {NULL,
-         "INSERT INTO mpack_index (object_id, mpack_id, byte_offset, byte_length)"
-         " SELECT object_id, $1::text, byte_offset, byte_length FROM tmp_gc ON CONFLICT DO NOTHING",
-         1, v, NULL, NULL},
-        /* 2, 3: the repository's refs: old packs out, the new one in. */
-        {NULL, "DELETE FROM mpack_refs WHERE repo_id = $2 AND mpack_id = ANY ($3::text[]) AND mpack_id <> $1", 3, v3,
-         NULL, NULL},
-        {NULL, "INSERT INTO mpack_refs (repo_id, mpack_id) VALUES ($2, $1) ON CONFLICT DO NOTHING", 2, v3, NULL,
-         NULL},
-        /* 4: old packs no repository references any more lose the index
-         * rows of the objects now in the new pack and are superseded; one
-         * still referenced elsewhere is left as it is (its index rows
-         * serve that repository). */
-        {NULL,
-         "WITH gone AS (SELECT u.id FROM unnest($2::text[]) AS u(id)"
-         "  WHERE u.id <> $1 AND NOT EXISTS (SELECT 1 FROM mpack_refs r WHERE r.mpack_id = u.id)),"
-         " d AS (DELETE FROM mpack_index i USING gone WHERE i.mpack_id = gone.id"
-         "  AND EXISTS (SELECT 1 FROM tmp_gc t WHERE t.object_id = i.object_id) RETURNING 1),"
-         " s AS (UPDATE mpacks m SET superseded_at = now() FROM gone WHERE m.mpack_id = gone.id RETURNING 1)"
-         " SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM s)",
-         2, vko, NULL, NULL},
-        /* 5: the objects' informational URI follows the index. */
-        {NULL,
-         "UPDATE objects o SET storage_uri = 'mpack://' || $1::text || '#' || t.byte_offset || ':' || t.byte_length"
-         " FROM tmp_gc t WHERE o.object_id = t.object_id"
-         " AND o.storage_uri IS DISTINCT FROM ('mpack://' || $1::text || '#' || t.byte_offset || ':' || t.byte_length)",
-         1, v, NULL, NULL},
-        /* 6: packs_after (a push landing meanwhile counts). */
-        {NULL,
-         "SELECT count(*) FROM mpack_refs r LEFT JOIN mpacks m ON m.mpack_id = r.mpack_id"
-         " WHERE r.repo_id = $1 AND coalesce(m.kind, 'push') <> 'fetch'",
-         1, vr, NULL, NULL},
-    };
-    g->busy = true;
-    mh_dbconn_pipeline(g->conn, qs, 7, apply_cb, g);
+    gc_t *g = GC(s);
+    const char *repo = g->j->repo_id, *key = g->key.s;
+    mh_rw_pack_t pack = {repo, key, g->size, "gc", false};
+    mh_db_batch_t b = {0};
+    mh_rw_pack_rows(&b, &pack, NULL, NULL);
+    /* The repository's refs: old packs out (the new one came in above). */
+    mh_db_batch_add(&b, "DELETE FROM mpack_refs WHERE repo_id = $2 AND mpack_id = ANY ($3::text[]) AND mpack_id <> $1",
+                    3, key, repo, g->old_array);
+    /* Old packs no repository references any more lose the index rows of
+     * the objects now in the new pack and are superseded; one still
+     * referenced elsewhere is left as it is (its rows serve that
+     * repository). */
+    mh_db_batch_add(&b,
+                    "WITH gone AS (SELECT u.id FROM unnest($2::text[]) AS u(id)"
+                    "  WHERE u.id <> $1 AND NOT EXISTS (SELECT 1 FROM mpack_refs r WHERE r.mpack_id = u.id)),"
+                    " d AS (DELETE FROM mpack_index i USING gone WHERE i.mpack_id = gone.id"
+                    "  AND EXISTS (SELECT 1 FROM tmp_objects t WHERE t.object_id = i.object_id) RETURNING 1),"
+                    " s AS (UPDATE mpacks m SET superseded_at = now() FROM gone WHERE m.mpack_id = gone.id RETURNING 1)"
+                    " SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM s)",
+                    2, key, g->old_array);
+    /* The objects' informational URI follows the index. */
+    mh_db_batch_add(&b,
+                    "UPDATE objects o SET storage_uri = 'mpack://' || $1::text || '#' || t.byte_offset || ':' ||"
+                    " t.byte_length FROM tmp_objects t WHERE o.object_id = t.object_id AND o.storage_uri IS DISTINCT"
+                    " FROM ('mpack://' || $1::text || '#' || t.byte_offset || ':' || t.byte_length)",
+                    1, key);
+    /* packs_after (a push landing meanwhile counts). */
+    mh_db_batch_add(&b, "SELECT count(*) " SQL_PACKS, 1, repo);
+    mh_step_batch(s, &b, applied);
 }
 
-/* ------------------------------------------------------------- advance */
 
-static const char *const gstate_names[] = {"packs", "locate", "read",   "build",  "acquire",   "begin", "lock",
-                                           "put",   "copy",   "apply", "commit", "committed", "done"};
-
-static void advance(gc_t *g)
+static void step_done(mh_step_t *s)
 {
-    mh_job_t *j = g->j;
-    while (!g->busy && g->state != G_DONE) {
-        if (g->state != G_COMMITTED && mh_job_cancelled(j)) {
-            end_fail(g, false, "stopped", MH_ECANCELED, "cancelled");
-            return;
-        }
-        mh_debug("job %s: mpack.gc step %s (%.1f ms)", j->id, gstate_names[g->state], mh_job_elapsed_ms(j));
-        switch (g->state) {
-        case G_PACKS: {
-            g->busy = true;
-            const char *vals[1] = {j->repo_id};
-            mh_db_query(j->db, sql_packs, 1, vals, NULL, NULL, packs_cb, g);
-            break;
-        }
-        case G_LOCATE: {
-            /* One source per object: the repository's own packs first,
-             * then packs not superseded, then by id so reruns agree. */
-            g->busy = true;
-            const char *vals[2] = {j->repo_id, g->old_array};
-            mh_db_query(j->db,
-                        "SELECT r.object_id, i.mpack_id, i.byte_offset, i.byte_length FROM object_refs r"
-                        " LEFT JOIN LATERAL (SELECT m.mpack_id, m.byte_offset, m.byte_length FROM mpack_index m"
-                        "  LEFT JOIN mpacks p ON p.mpack_id = m.mpack_id"
-                        "  WHERE m.object_id = r.object_id AND coalesce(p.kind, 'push') <> 'fetch'"
-                        "  ORDER BY m.mpack_id <> ALL ($2::text[]), p.superseded_at IS NOT NULL,"
-                        "  m.mpack_id COLLATE \"C\" LIMIT 1) i ON true"
-                        " WHERE r.repo_id = $1 ORDER BY i.mpack_id COLLATE \"C\", i.byte_offset",
-                        2, vals, NULL, NULL, locate_cb, g);
-            break;
-        }
-        case G_READ:
-            g->busy = true;
-            start_reads(g);
-            break;
-        case G_BUILD:
-            g->busy = true;
-            g->uvw.data = g;
-            uv_queue_work(j->loop, &g->uvw, build_work, build_done_cb);
-            break;
-        case G_ACQUIRE:
-            g->busy = true;
-            mh_db_acquire(j->db, acquire_cb, g);
-            break;
-        case G_BEGIN:
-            g->busy = true;
-            mh_dbconn_script(g->conn, sql_begin, step_cb, g);
-            break;
-        case G_LOCK: {
-            g->busy = true;
-            /* Locks first (GC's own, the repository row like every ref
-             * writer, then the pack: the order push and index use too),
-             * and the recount in a second statement: under READ COMMITTED
-             * a statement reads the snapshot taken when it started, so a
-             * count in the locking statement could predate a concurrent
-             * GC that held the lock meanwhile. */
-            g->lock_vals[0] = j->repo_id;
-            g->lock_vals[1] = g->key.s;
-            g->lock_vals[2] = g->old_array;
-            g->lock_qs[0] = (mh_db_pq_t){NULL,
-                                         "SELECT pg_advisory_xact_lock(hashtextextended('musehub:gc:' || $1::text, 0)),"
-                                         " (SELECT count(*) FROM (SELECT 1 FROM repos WHERE repo_id = $1 FOR UPDATE) r), "
-                                         MH_SQL_LOCK_MPACK("$2::text"),
-                                         2, g->lock_vals, NULL, NULL};
-            g->lock_vals2[0] = j->repo_id;
-            g->lock_vals2[1] = g->old_array;
-            g->lock_qs[1] = (mh_db_pq_t){NULL,
-                                         "SELECT NULL, NULL, (SELECT count(*) FROM mpack_refs WHERE repo_id = $1"
-                                         " AND mpack_id = ANY ($2::text[]))",
-                                         2, g->lock_vals2, NULL, NULL};
-            mh_dbconn_pipeline(g->conn, g->lock_qs, 2, lock_pipeline_cb, g);
-            break;
-        }
-        case G_PUT:
-            g->busy = true;
-            mh_store_put(j->store, g->pack_key, g->pack.p, g->pack.len, put_cb, g);
-            break;
-        case G_COPY:
-            g->busy = true;
-            mh_dbconn_copy_in(g->conn, "COPY tmp_gc FROM STDIN", g->rows.p, g->rows.len, step_cb, g);
-            break;
-        case G_APPLY:
-            apply(g);
-            break;
-        case G_COMMIT:
-            g->busy = true;
-            mh_dbconn_script(g->conn, "COMMIT", step_cb, g);
-            break;
-        case G_COMMITTED:
-            mh_dbconn_release(g->conn);
-            g->conn = NULL;
-            mh_info("job %s: mpack.gc of repo %s: %zu packs -> %s (%zu objects, %llu bytes read, %zu written)", j->id,
-                    j->repo_id, g->nold, g->key.s, g->nblobs, (unsigned long long)g->bytes_read, g->pack.len);
-            respond(g, false, (int64_t)g->nold, g->packs_after, g->key.s);
-            return;
-        case G_DONE:
-            break;
-        }
-    }
+    gc_t *g = GC(s);
+    mh_info("job %s: mpack.gc of repo %s: %zu packs -> %s (%zu objects, %llu bytes read, %zu written)", g->j->id,
+            g->j->repo_id, g->nold, g->key.s, g->nblobs, (unsigned long long)g->bytes_read, g->pack.len);
+    mh_step_done(s);
 }
 
-void mh_job_gc_start(mh_job_t *j)
+static const mh_step_def_t gc_steps[] = {
+    [G_PACKS] = {"packs", step_packs},       [G_LOCATE] = {"locate", step_locate}, [G_READ] = {"read", step_read},
+    [G_BUILD] = {"build", step_build},       [G_ACQUIRE] = {"acquire", step_acquire},
+    [G_BEGIN] = {"begin", step_begin},       [G_RECOUNT] = {"recount", step_recount},
+    [G_PUT] = {"put", step_put},             [G_COPY] = {"copy", step_copy},       [G_APPLY] = {"apply", step_apply},
+    [G_COMMIT] = {"commit", mh_step_commit},    [G_DONE] = {"done", step_done},
+};
+
+static void gc_finish(mh_step_t *s)
 {
-    gc_t *g = mh_calloc(&j->arena, sizeof *g);
-    if (!g || mh_arena_defer(&j->arena, gc_cleanup_cb, g)) {
-        mh_job_fail(j, false, "out of memory");
-        return;
+    gc_t *g = GC(s);
+    mh_vb_t b;
+    mh_vb_init(&b, &g->j->arena);
+    mh_val_t *m = mh_vb_map(&b);
+    const char *key = g->skipped ? (g->nold == 1 ? g->old[0] : NULL) : g->key.s;
+    mh_vb_put(&b, m, "packs_before", mh_v_int((int64_t)g->nold));
+    mh_vb_put(&b, m, "packs_after", mh_v_int(g->packs_after));
+    mh_vb_put(&b, m, "consolidated_key", key ? mh_v_str(key) : mh_v_nil());
+    mh_vb_put(&b, m, "skipped", mh_v_bool(g->skipped));
+    if (!g->skipped) {
+        mh_vb_put(&b, m, "objects", mh_v_int((int64_t)g->nblobs));
+        mh_vb_put(&b, m, "bytes_read", mh_v_int((int64_t)g->bytes_read));
+        mh_vb_put(&b, m, "bytes_written", mh_v_int((int64_t)g->pack.len));
+        if (g->unindexed) mh_vb_put(&b, m, "unindexed_objects", mh_v_int((int64_t)g->unindexed));
     }
+    mh_vb_put(&b, m, "elapsed_ms", mh_v_int(mh__job_elapsed_ms_int(g->j)));
+    mh__job_end(g->j, s, "mpack.gc", g->permanent || s->err == MH_ENOENT, &b, m);
+}
+
+static void gc_cleanup_cb(void *arg)
+{
+    gc_t *g = arg;
+    for (size_t i = 0; i < g->nsrcs; i++) mh_buf_free(&g->srcs[i].buf);
+    mh_buf_free(&g->pack);
+    mh_buf_free(&g->rows);
+    free(g->blobs);
+}
+
+void mh__job_gc_start(mh_job_t *j)
+{
+    gc_t *g = MH__JOB_NEW(j, gc_t, gc_steps, G_DONE, gc_finish, gc_cleanup_cb);
+    if (!g) return;
     g->j = j;
-    j->state = g;
-    g->state = G_PACKS;
-    advance(g);
+    mh_step_run(&g->step);
 }
 
 /* ------------------------------------------------------- pack building */
 
-static int cmp_blob(const void *x, const void *y)
-{
-    const mh_gc_blob_t *a = x, *b = y;
-    return memcmp(a->id, b->id, MH_ID_LEN);
-}
-
 int mh_gc_build_pack(mh_gc_blob_t *blobs, size_t *n, mh_buf_t *out, mh_id_t *key, size_t *bad)
 {
-    size_t m = *n;
-    if (m > 1) qsort(blobs, m, sizeof *blobs, cmp_blob);
-    size_t k = 0;
-    uint64_t bytes = 0;
-    for (size_t i = 0; i < m; i++) {
-        if (k && !memcmp(blobs[k - 1].id, blobs[i].id, MH_ID_LEN)) continue;
-        blobs[k++] = blobs[i];
-        bytes += blobs[i].len;
-    }
-    *n = k;
-    /* Check before writing anything: content must hash to its id. */
-    for (size_t i = 0; i < k; i++) {
-        mh_id_t got;
-        static const uint8_t none[1] = {0};
-        mh_blob_id(blobs[i].len ? blobs[i].content : none, blobs[i].len, &got);
-        if (memcmp(got.s, blobs[i].id, MH_ID_LEN) != 0) {
-            if (bad) *bad = i;
-            return MH_EHASH;
-        }
-    }
-    if (bytes > SIZE_MAX / 2 || mh_buf_reserve(out, (size_t)bytes + k * (MH_ID_LEN + 32) + 64)) return MH_ENOMEM;
-    mh_packw_t w;
-    mh_packw_init(&w, out);
-    mh_packw_commits(&w, 0);
-    mh_packw_snapshots(&w, 0);
-    mh_packw_blobs(&w, (uint32_t)k);
-    static const uint8_t empty[1] = {0};
-    for (size_t i = 0; i < k; i++) {
-        const uint8_t *c = blobs[i].len ? blobs[i].content : empty;
-        mh_packw_blob(&w, (mh_str_t){blobs[i].id, MH_ID_LEN}, c, (size_t)blobs[i].len);
-        /* The writer ends each blob map with its content bytes. */
-        blobs[i].new_off = out->len - blobs[i].len;
-    }
-    mh_packw_branch_heads(&w, 0);
-    int rc = mh_packw_finish(&w);
-    if (rc) return rc;
-    uint8_t d[32];
-    mh_sha256(out->p, out->len, d);
-    mh_id_from_digest(key, d);
-    return 0;
+    return mh_rw_blob_pack(blobs, n, true, out, key, bad);
 }

@@ -89,12 +89,12 @@ static int type_index(const char *t)
     return T_OTHER;
 }
 
-void mh_jobs_count_swept(int n)
+void mh__jobs_count_swept(int n)
 {
     if (n > 0) stats.swept += (uint64_t)n;
 }
 
-void mh_jobs_count_staged_swept(int uploads, unsigned tmp)
+void mh__jobs_count_staged_swept(int uploads, unsigned tmp)
 {
     if (uploads > 0) stats.staged_swept += (uint64_t)uploads;
     stats.tmp_swept += tmp;
@@ -165,40 +165,50 @@ uint32_t mh_job_backoff_s(int attempt)
     return s > 3600 ? 3600 : (uint32_t)s;
 }
 
-void mh_jobs_pack_key(char *out, size_t size, const char *mpack_id)
-{
-    snprintf(out, size, "mpacks/%s", mpack_id + 7);
-}
-
-char *mh_jobs_pg_array(mh_arena_t *a, char *const *ids, size_t n)
-{
-    size_t len = 3;
-    for (size_t i = 0; i < n; i++) len += strlen(ids[i]) + 1;
-    char *s = mh_alloc(a, len);
-    if (!s) return NULL;
-    char *p = s;
-    *p++ = '{';
-    for (size_t i = 0; i < n; i++) {
-        if (i) *p++ = ',';
-        size_t l = strlen(ids[i]);
-        memcpy(p, ids[i], l);
-        p += l;
-    }
-    *p++ = '}';
-    *p = 0;
-    return s;
-}
-
-double mh_job_elapsed_ms(const mh_job_t *j)
+double mh__job_elapsed_ms(const mh_job_t *j)
 {
     double ms = (double)(mh_now_us() - j->t0_us) / 1000.0;
     return ms > 0.001 ? ms : 0.001;
 }
 
-int64_t mh_job_elapsed_ms_int(const mh_job_t *j)
+int64_t mh__job_elapsed_ms_int(const mh_job_t *j)
 {
     uint64_t ms = (mh_now_us() - j->t0_us + 999) / 1000;
     return ms ? (int64_t)ms : 1;
+}
+
+static bool job_stopping(mh_step_t *s) { return mh__job_cancelled(s->user); }
+
+void mh__job_step_init(mh_job_t *j, mh_step_t *s, const mh_step_def_t *steps, int n, int final,
+                       void (*finish)(mh_step_t *s))
+{
+    mh_step_init(s, steps, n, j->type, j->id, &(mh_step_env_t){j->loop, j->db, j->store}, finish);
+    s->final = final;
+    s->stopping = job_stopping;
+    s->user = j;
+}
+
+void *mh__job_new(mh_job_t *j, size_t size, const mh_step_def_t *steps, int n, int final, void (*finish)(mh_step_t *s),
+                  void (*cleanup)(void *op))
+{
+    mh_step_t *s = mh_calloc(&j->arena, size);
+    if (!s || (cleanup && mh_arena_defer(&j->arena, cleanup, s))) {
+        mh__job_fail(j, false, "out of memory");
+        return NULL;
+    }
+    mh__job_step_init(j, s, steps, n, final, finish);
+    j->state = s;
+    return s;
+}
+
+void mh__job_end(mh_job_t *j, const mh_step_t *s, const char *what, bool permanent, const mh_vb_t *b,
+                 const mh_val_t *result)
+{
+    if (s->err)
+        mh__job_fail(j, permanent, "%s: %s%s%s", what, s->why[0] ? s->why : "", s->why[0] ? ": " : "",
+                     mh_strerror(s->err));
+    else if (b->err || !result) mh__job_fail(j, false, "%s: out of memory building the result", what);
+    else mh_job_done(j, result);
 }
 
 static void try_claim(mh_jobs_t *r);
@@ -221,11 +231,6 @@ static void job_unref(mh_job_t *j)
     stats.running--;
     if (r->stopping) maybe_stopped(r);
     else try_claim(r);
-}
-
-static void heartbeat_closed_cb(uv_handle_t *h)
-{
-    job_unref(h->data);
 }
 
 static const mh_stmt_t st_heartbeat = {
@@ -262,10 +267,7 @@ static void heartbeat_timer_cb(uv_timer_t *t)
     mh_db_exec(j->db, &st_heartbeat, vals, NULL, NULL, heartbeat_cb, j);
 }
 
-bool mh_job_cancelled(const mh_job_t *j)
-{
-    return j->runner->stopping || j->lease_lost;
-}
+bool mh__job_cancelled(const mh_job_t *j) { return j->runner->stopping || j->lease_lost; }
 
 static const mh_stmt_t st_done = {
     "jobs_done",
@@ -313,6 +315,8 @@ static void finish_cb(void *ud, PGresult *res, int err, const char *errmsg)
     job_unref(j);
 }
 
+static void heartbeat_closed_cb(uv_handle_t *h) { job_unref(h->data); }
+
 static void finish(mh_job_t *j, int outcome, const char *result_json, const char *error, bool permanent)
 {
     if (j->ended) {
@@ -322,7 +326,7 @@ static void finish(mh_job_t *j, int outcome, const char *result_json, const char
     j->ended = true;
     mh_jobs_t *r = j->runner;
     int t = type_index(j->type);
-    observe_duration(t, mh_job_elapsed_ms(j) / 1000.0);
+    observe_duration(t, mh__job_elapsed_ms(j) / 1000.0);
     uv_timer_stop(&j->heartbeat);
     uv_close((uv_handle_t *)&j->heartbeat, heartbeat_closed_cb);
 
@@ -372,18 +376,18 @@ void mh_job_done(mh_job_t *j, const mh_val_t *result)
         return;
     }
     mh_info("job %s (%s, repo %s, attempt %d) done in %.1f ms: %s", j->id, j->type, j->repo_id ? j->repo_id : "-",
-            j->attempt, mh_job_elapsed_ms(j), json);
+            j->attempt, mh__job_elapsed_ms(j), json);
     finish(j, O_DONE, json, NULL, false);
 }
 
-void mh_job_fail(mh_job_t *j, bool permanent, const char *fmt, ...)
+void mh__job_fail(mh_job_t *j, bool permanent, const char *fmt, ...)
 {
     char msg[1024];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    if (!mh_job_cancelled(j))
+    if (!mh__job_cancelled(j))
         mh_warn("job %s (%s, repo %s, attempt %d/%d) failed%s: %s", j->id, j->type, j->repo_id ? j->repo_id : "-",
                 j->attempt, j->max_attempts, permanent ? " permanently" : "", msg);
     finish(j, O_RETRY, NULL, msg, permanent);
@@ -431,8 +435,8 @@ static void start_job(mh_jobs_t *r, PGresult *res)
     j->heartbeat.data = j;
     uint64_t beat = (uint64_t)r->cfg.lease_s * 1000 / 3;
     uv_timer_start(&j->heartbeat, heartbeat_timer_cb, beat, beat);
-    mh_debug("job %s (%s, repo %s): claimed, attempt %d/%d", j->id, j->type, j->repo_id ? j->repo_id : "-",
-             j->attempt, j->max_attempts);
+    mh_debug("job %s (%s, repo %s): claimed, attempt %d/%d", j->id, j->type, j->repo_id ? j->repo_id : "-", j->attempt,
+             j->max_attempts);
 
     if (r->stopping) {
         finish(j, O_ABANDONED, NULL, "shutdown", false);
@@ -440,7 +444,7 @@ static void start_job(mh_jobs_t *r, PGresult *res)
     }
     if (j->attempt > j->max_attempts) {
         /* Its worker died on the last attempt (the lease expired). */
-        mh_job_fail(j, true, "the worker running the last attempt stopped (lease expired)");
+        mh__job_fail(j, true, "the worker running the last attempt stopped (lease expired)");
         return;
     }
     const char *why = NULL;
@@ -448,13 +452,13 @@ static void start_job(mh_jobs_t *r, PGresult *res)
     if (!j->repo_id ||
         mh_json_decode(&j->arena, (const uint8_t *)payload, strlen(payload), &mh_decode_limits_default, &v, &why) ||
         v.t != MH_V_MAP) {
-        mh_job_fail(j, true, j->repo_id ? "payload is not a JSON object" : "the job names no repository");
+        mh__job_fail(j, true, j->repo_id ? "payload is not a JSON object" : "the job names no repository");
         return;
     }
     j->payload = v;
-    if (!strcmp(j->type, "mpack.index")) mh_job_index_start(j);
-    else if (!strcmp(j->type, "mpack.gc")) mh_job_gc_start(j);
-    else mh_job_fail(j, true, "unknown job type '%s'", j->type);
+    if (!strcmp(j->type, "mpack.index")) mh__job_index_start(j);
+    else if (!strcmp(j->type, "mpack.gc")) mh__job_gc_start(j);
+    else mh__job_fail(j, true, "unknown job type '%s'", j->type);
 }
 
 static void claim_cb(void *ud, PGresult *res, int err, const char *errmsg)
@@ -501,10 +505,7 @@ static void notify_cb(void *ud, const char *channel, const char *payload)
     if (!r->stopping) try_claim(r);
 }
 
-static void poll_cb(uv_timer_t *t)
-{
-    try_claim(t->data);
-}
+static void poll_cb(uv_timer_t *t) { try_claim(t->data); }
 
 /* --------------------------------------------------------- maintenance */
 
@@ -514,10 +515,7 @@ static const mh_stmt_t st_prune = {
     " AND updated_at < now() - make_interval(hours => $1::int) RETURNING 1) SELECT count(*) FROM d",
     1};
 
-static bool sweep_stopping(void *arg)
-{
-    return ((mh_jobs_t *)arg)->stopping;
-}
+static bool sweep_stopping(void *arg) { return ((mh_jobs_t *)arg)->stopping; }
 
 static void staged_done_cb(void *arg, int uploads, unsigned tmp)
 {
@@ -537,7 +535,7 @@ static void sweep_done_cb(void *arg, int deleted)
         maybe_stopped(r);
         return;
     }
-    mh_jobs_sweep_staged(r->db, r->store, r->cfg.grace_s, sweep_stopping, staged_done_cb, r);
+    mh__jobs_sweep_staged(r->db, r->store, r->cfg.grace_s, sweep_stopping, staged_done_cb, r);
 }
 
 static void prune_cb(void *ud, PGresult *res, int err, const char *errmsg)
@@ -557,7 +555,7 @@ static void prune_cb(void *ud, PGresult *res, int err, const char *errmsg)
         maybe_stopped(r);
         return;
     }
-    mh_jobs_sweep(r->db, r->store, r->cfg.grace_s, sweep_stopping, sweep_done_cb, r);
+    mh__jobs_sweep(r->db, r->store, r->cfg.grace_s, sweep_stopping, sweep_done_cb, r);
 }
 
 static void maint_cb(uv_timer_t *t)
@@ -648,7 +646,4 @@ void mh_jobs_stop(mh_jobs_t *r, void (*done)(void *arg), void *arg)
     uv_close((uv_handle_t *)&r->maint, timer_closed_cb);
 }
 
-void mh_jobs_free(mh_jobs_t *r)
-{
-    free(r);
-}
+void mh_jobs_free(mh_jobs_t *r) { free(r); }

@@ -54,7 +54,7 @@ typedef struct {
     size_t n, next;
     int deleted;
     mh_dbconn_t *conn;
-    char key[80];
+    char key[MH_MPACK_KEY_SIZE];
     mh_arena_t arena;
 } sweep_t;
 
@@ -63,7 +63,7 @@ static void next_pack(sweep_t *s);
 static void sweep_end(sweep_t *s)
 {
     if (s->conn) mh_dbconn_release(s->conn);
-    mh_jobs_count_swept(s->deleted);
+    mh__jobs_count_swept(s->deleted);
     void (*done)(void *, int) = s->done;
     void *arg = s->arg;
     int deleted = s->deleted;
@@ -136,7 +136,7 @@ static void begin_cb(void *ud, PGresult *res, int err, const char *errmsg)
     v[0] = id;
     v[1] = s->grace;
     mh_db_pq_t qs[2] = {
-        {NULL, "SELECT " MH_SQL_LOCK_MPACK("$1::text"), 1, v, NULL, NULL},
+        {NULL, mh_rw_sql_pack_lock, 1, v, NULL, NULL},
         {NULL,
          "DELETE FROM mpacks m WHERE m.mpack_id = $1 AND m.superseded_at < now() - make_interval(secs => $2::int)"
          " AND NOT EXISTS (SELECT 1 FROM mpack_index i WHERE i.mpack_id = m.mpack_id)"
@@ -165,21 +165,24 @@ static void next_pack(sweep_t *s)
         return;
     }
     const char *id = s->ids[s->next++];
-    mh_jobs_pack_key(s->key, sizeof s->key, id);
+    mh_mpack_key(s->key, id);
     mh_db_acquire(s->db, acquire_cb, s);
+}
+
+/* The rows of a sweep's listing query, -1 when it failed (logged unless
+ * the pool is closing). */
+static int listed(PGresult *res, int err, const char *errmsg, const char *what)
+{
+    if (!err) return PQntuples(res);
+    if (err != MH_ECANCELED) mh_warn("sweep: listing %s: %s (%s)", what, mh_strerror(err), errmsg ? errmsg : "");
+    return -1;
 }
 
 static void candidates_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     sweep_t *s = ud;
-    if (err) {
-        if (err != MH_ECANCELED) mh_warn("sweep: listing candidates: %s (%s)", mh_strerror(err), errmsg ? errmsg : "");
-        sweep_end(s);
-        return;
-    }
-    int n = PQntuples(res);
-    s->ids = mh_alloc(&s->arena, (size_t)(n ? n : 1) * sizeof *s->ids);
-    if (!s->ids) {
+    int n = listed(res, err, errmsg, "candidates");
+    if (n < 0 || !(s->ids = mh_alloc(&s->arena, (size_t)(n ? n : 1) * sizeof *s->ids))) {
         sweep_end(s);
         return;
     }
@@ -192,19 +195,15 @@ static void candidates_cb(void *ud, PGresult *res, int err, const char *errmsg)
     next_pack(s);
 }
 
-void mh_jobs_sweep(mh_db_t *db, mh_store_t *store, uint32_t grace_s, bool (*stopping)(void *arg),
-                   void (*done)(void *arg, int deleted), void *arg)
+void mh__jobs_sweep(mh_db_t *db, mh_store_t *store, uint32_t grace_s, bool (*stopping)(void *arg),
+                    void (*done)(void *arg, int deleted), void *arg)
 {
     sweep_t *s = calloc(1, sizeof *s);
     if (!s) {
         done(arg, 0); /* called from a db callback: already a later turn */
         return;
     }
-    s->db = db;
-    s->store = store;
-    s->stopping = stopping;
-    s->done = done;
-    s->arg = arg;
+    *s = (sweep_t){.db = db, .store = store, .stopping = stopping, .done = done, .arg = arg};
     mh_arena_init(&s->arena, 0);
     snprintf(s->grace, sizeof s->grace, "%u", grace_s);
     const char *vals[2] = {s->grace, NULL};
@@ -244,7 +243,7 @@ static void gsweep_end(gsweep_t *g)
     void *arg = g->arg;
     int removed = g->removed;
     unsigned tmp = g->tmp_removed;
-    mh_jobs_count_staged_swept(removed, tmp);
+    mh__jobs_count_staged_swept(removed, tmp);
     mh_arena_release(&g->arena);
     free(g);
     done(arg, removed, tmp);
@@ -300,15 +299,10 @@ static void next_grant(gsweep_t *g)
 static void grants_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     gsweep_t *g = ud;
-    if (err) {
-        if (err != MH_ECANCELED) mh_warn("sweep: listing expired grants: %s (%s)", mh_strerror(err), errmsg ? errmsg : "");
-        gsweep_end(g);
-        return;
-    }
-    int n = PQntuples(res);
-    g->ids = mh_alloc(&g->arena, (size_t)(n ? n : 1) * sizeof *g->ids);
-    g->keys = mh_alloc(&g->arena, (size_t)(n ? n : 1) * sizeof *g->keys);
-    if (!g->ids || !g->keys) {
+    int n = listed(res, err, errmsg, "expired grants");
+    size_t cap = n > 0 ? (size_t)n : 1;
+    if (n < 0 || !(g->ids = mh_alloc(&g->arena, cap * sizeof *g->ids)) ||
+        !(g->keys = mh_alloc(&g->arena, cap * sizeof *g->keys))) {
         gsweep_end(g);
         return;
     }
@@ -327,7 +321,7 @@ static void grants_cb(void *ud, PGresult *res, int err, const char *errmsg)
     next_grant(g);
 }
 
-void mh_jobs_sweep_staged(mh_db_t *db, mh_store_t *store, uint32_t grace_s, bool (*stopping)(void *arg),
+void mh__jobs_sweep_staged(mh_db_t *db, mh_store_t *store, uint32_t grace_s, bool (*stopping)(void *arg),
                           void (*done)(void *arg, int uploads, unsigned tmp), void *arg)
 {
     gsweep_t *g = calloc(1, sizeof *g);

@@ -72,3 +72,10 @@ void mh_commit_id(const mh_str_t *parents, int nparents, mh_str_t snapshot_id, m
     SHA256_Final(digest, &c);
     mh_id_from_digest(out, digest);
 }
+
+void mh_mpack_key(char out[MH_MPACK_KEY_SIZE], const char *mpack_id)
+{
+    memcpy(out, "mpacks/", 7);
+    memcpy(out + 7, mpack_id + 7, 64);
+    out[71] = 0;
+}

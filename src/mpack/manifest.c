@@ -54,7 +54,7 @@ void mh_manifest_free(mh_manifest_t *m)
     memset(m, 0, sizeof(*m));
 }
 
-int mh_manifest_reserve(mh_manifest_t *m, size_t need)
+int mh__manifest_reserve(mh_manifest_t *m, size_t need)
 {
     if (need <= m->cap) return 0;
     if (need > SIZE_MAX / 2 / sizeof(mh_mentry_t)) return MH_ENOMEM; /* doubling cannot overflow below */
@@ -97,14 +97,14 @@ int mh_manifest_clone(mh_manifest_t *dst, const mh_manifest_t *src)
     if (dst == src) return 0;
     dst->n = 0;
     dst->dirty = 0; /* on failure below, no stale cached id survives */
-    int rc = mh_manifest_reserve(dst, src->n);
+    int rc = mh__manifest_reserve(dst, src->n);
     if (rc) return rc;
     if (src->n) memcpy(dst->e, src->e, src->n * sizeof(*src->e));
     dst->n = src->n;
     return clone_cache(dst, src);
 }
 
-size_t mh_manifest_lower_bound(const mh_manifest_t *m, const char *path, size_t plen)
+size_t mh__manifest_lower_bound(const mh_manifest_t *m, const char *path, size_t plen)
 {
     size_t lo = 0, hi = m->n;
     while (lo < hi) {
@@ -118,21 +118,21 @@ size_t mh_manifest_lower_bound(const mh_manifest_t *m, const char *path, size_t 
 
 const mh_mentry_t *mh_manifest_find(const mh_manifest_t *m, const char *path, size_t plen)
 {
-    size_t i = mh_manifest_lower_bound(m, path, plen);
+    size_t i = mh__manifest_lower_bound(m, path, plen);
     if (i < m->n && mh_path_cmp(m->e[i].path, m->e[i].plen, path, plen) == 0) return &m->e[i];
     return NULL;
 }
 
 int mh_manifest_upsert(mh_manifest_t *m, const char *path, uint32_t plen, const char *id)
 {
-    size_t i = mh_manifest_lower_bound(m, path, plen);
+    size_t i = mh__manifest_lower_bound(m, path, plen);
     if (i < m->n && mh_path_cmp(m->e[i].path, m->e[i].plen, path, plen) == 0) {
         /* Same bytes, same hash: only a real change invalidates states. */
         if (memcmp(m->e[i].id, id, MH_ID_LEN) != 0) mh_manifest_dirty(m, i);
         m->e[i].id = id;
         return 0;
     }
-    int rc = mh_manifest_reserve(m, m->n + 1);
+    int rc = mh__manifest_reserve(m, m->n + 1);
     if (rc) return rc;
     memmove(&m->e[i + 1], &m->e[i], (m->n - i) * sizeof(*m->e));
     m->e[i] = (mh_mentry_t){.path = path, .plen = plen, .id = id};
@@ -143,7 +143,7 @@ int mh_manifest_upsert(mh_manifest_t *m, const char *path, uint32_t plen, const 
 
 int mh_manifest_remove(mh_manifest_t *m, const char *path, size_t plen)
 {
-    size_t i = mh_manifest_lower_bound(m, path, plen);
+    size_t i = mh__manifest_lower_bound(m, path, plen);
     if (i >= m->n || mh_path_cmp(m->e[i].path, m->e[i].plen, path, plen) != 0) return MH_ENOENT;
     memmove(&m->e[i], &m->e[i + 1], (m->n - i - 1) * sizeof(*m->e));
     m->n--;
@@ -242,7 +242,7 @@ void mh_manifest_id(const mh_manifest_t *cm, mh_id_t *out)
     }
     /* Otherwise the cache is logical-const state (like C++ `mutable`): the
      * id does not change, only how fast it is found. Such a manifest was
-     * grown by mh_manifest_reserve, so it is never an object defined
+     * grown by mh__manifest_reserve, so it is never an object defined
      * const, and writing through the cast is well-defined. */
     mh_manifest_t *m = (mh_manifest_t *)cm;
     if (m->hc && m->dirty == SIZE_MAX) {

@@ -96,7 +96,7 @@ static int apply_removes(mh_manifest_t *m, const mh_val_t *rm, const char **why)
     size_t lowest = SIZE_MAX;
     for (uint32_t j = 0; j < r; j++) {
         const mh_val_t *p = &rm->v.a.items[j];
-        size_t i = mh_manifest_lower_bound(m, p->v.s.p, p->v.s.n);
+        size_t i = mh__manifest_lower_bound(m, p->v.s.p, p->v.s.n);
         if (i >= m->n || m->e[i].id == NULL || mh_path_cmp(m->e[i].path, m->e[i].plen, p->v.s.p, p->v.s.n) != 0) {
             while (j-- > 0) m->e[mk[j].i].id = mk[j].id;
             free(mk);
@@ -193,7 +193,7 @@ int mh_manifest_decode(mh_arena_t *a, const uint8_t *buf, size_t n, mh_manifest_
     int rc = mh_msgpack_decode(a, buf, n, &lim, &v, &why);
     if (rc) return rc == MH_ENOMEM ? rc : MH_EPARSE;
     if (v.t != MH_V_MAP) return MH_EPARSE;
-    rc = mh_manifest_reserve(m, v.v.m.n);
+    rc = mh__manifest_reserve(m, v.v.m.n);
     if (rc) return rc;
     for (uint32_t i = 0; i < v.v.m.n; i++) {
         const mh_kv_t *kv = &v.v.m.kv[i];

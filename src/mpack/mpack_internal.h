@@ -33,7 +33,7 @@ static inline bool mh_id_ok(const char *p, size_t n)
 }
 
 /* Index of the first entry whose path is >= (path, plen). */
-size_t mh_manifest_lower_bound(const mh_manifest_t *m, const char *path, size_t plen);
+size_t mh__manifest_lower_bound(const mh_manifest_t *m, const char *path, size_t plen);
 
 /* Records that entries from index i on may have changed (cache upkeep). */
 static inline void mh_manifest_dirty(mh_manifest_t *m, size_t i)
@@ -42,7 +42,7 @@ static inline void mh_manifest_dirty(mh_manifest_t *m, size_t i)
 }
 
 /* Makes room for at least `need` entries. MH_ENOMEM. */
-int mh_manifest_reserve(mh_manifest_t *m, size_t need);
+int mh__manifest_reserve(mh_manifest_t *m, size_t need);
 
 /* Decodes the 64 hex digits of an id that passed mh_id_ok into its
  * digest (lowercase only, without the branches of a general decoder). */

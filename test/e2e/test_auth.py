@@ -73,9 +73,10 @@ def signed(who: Who, method: str, url: str, body: bytes = b"", **kw) -> dict:
 
 def assert_401(r: httpx.Response, signature: bool = True) -> None:
     """401 with SPEC's error body; for a refused signature the detail is the
-    same whatever the reason (the reason stays in the server log)."""
+    same whatever the reason (the reason stays in the server log).  The
+    body is in the endpoint's format (msgpack for fetch, SPEC 4.4)."""
     assert r.status_code == 401, (r.status_code, r.text)
-    body = r.json()
+    body = muselib.decode_body(r)
     assert body["error"] == "unauthorized"
     if signature:
         assert body["detail"] == "the request signature was not accepted", body

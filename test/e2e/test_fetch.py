@@ -236,6 +236,29 @@ def test_fetch_response_formats(hub, repo):
     assert json.loads(r.content)["commit_count"] == 3
 
 
+def test_fetch_error_formats(hub, repo):
+    """Regression (hardening 15.8): SPEC 4 makes msgpack fetch's default
+    format, and error bodies follow the same rule as answers; they came
+    back as JSON when the request had no Accept.  Other endpoints keep
+    JSON, and Accept still decides."""
+    h = small()
+    hub.push(OWNER, repo["slug"], h.pack(), "main", h.head)
+    for body, status in (({"want": ["sha256:" + "b" * 64], "have": []}, 404), ({"want": []}, 422)):
+        r = fetch_raw(hub, repo["slug"], body)
+        assert r.status_code == status
+        assert r.headers["content-type"].startswith("application/x-msgpack"), r.headers
+        err = msgpack.unpackb(r.content, raw=False)
+        assert isinstance(err["error"], str) and isinstance(err["detail"], str), err
+        r = fetch_raw(hub, repo["slug"], body, accept="application/json", fmt="json")
+        assert r.status_code == status
+        assert r.headers["content-type"].startswith("application/json")
+        assert isinstance(json.loads(r.content)["error"], str)
+    r = fetch_raw(hub, unique("none"), {"want": [h.head], "have": []})  # no such repository
+    assert r.status_code == 404 and r.headers["content-type"].startswith("application/x-msgpack")
+    r = hub.raw("GET", f"/{OWNER}/{repo['slug']}/commits/" + "sha256:" + "b" * 64)
+    assert r.status_code == 404 and r.headers["content-type"].startswith("application/json")
+
+
 def test_tampered_download_url_refused(hub, repo):
     h = small()
     hub.push(OWNER, repo["slug"], h.pack(), "main", h.head)

@@ -286,6 +286,22 @@ def test_index_staged_pack_writes_rows(server, hub, repo, db):
                     f" AND mpack_key = {sql_str(key)} AND verified_at IS NOT NULL") == 1
 
 
+def test_index_two_grants_uses_the_uploaded_one(hub, repo, db):
+    """Regression (hardening 15.9), the index job's side of the grant
+    lookup it shares with unpack: presign, upload, presign again; the job
+    reads the grant that has the upload, not the newest one."""
+    h = small_history()
+    pack = h.pack()
+    key = stage(hub, repo["slug"], pack)
+    assert not hub.presign(OWNER, repo["slug"], key, len(pack))["already_present"]
+    done = run_job(hub, repo["repo_id"], "mpack.index", {"mpack_key": key})
+    assert done["status"] == "done", done
+    assert done["result"]["objects_written"] == len(h.blobs)
+    rid = sql_str(repo["repo_id"])
+    assert db.count(f"SELECT count(*) FROM push_grants WHERE repo_id = {rid}"
+                    f" AND mpack_key = {sql_str(key)} AND verified_at IS NOT NULL") == 1
+
+
 def test_index_is_idempotent(hub, repo, db):
     """Invariant 6: a second run writes nothing and reports zeros."""
     h = small_history()

@@ -216,6 +216,41 @@ def test_small_push_and_incremental(hub, repo):
     assert hub.refs(OWNER, repo["slug"])["branch_heads"] == {"main": h2.head}
 
 
+def test_move_5000_files_without_blobs(server, repo):
+    """Regression (hardening 15.2): a commit that moves 5,000 files to a new
+    directory resends none of their blobs, so its snapshot names 5,000
+    objects that are outside the pack.  Unpack collected them in an id set
+    of fixed capacity 4096 that probed forever on the 4097th id: the
+    request never answered and a thread-pool thread was lost for good
+    (four such pushes stopped the pool)."""
+    n = 5000
+    hub = server.hub(timeout=120)
+    try:
+        blobs, old = {}, {}
+        for i in range(n):
+            data = f"file {i}\n".encode()
+            oid = muselib.blob_id(data)
+            blobs[oid] = data
+            old[f"old/f{i:05d}.txt"] = oid
+        pack1, head1 = root_pack(old, blobs)
+        res = hub.push(OWNER, repo["slug"], pack1, "main", head1)
+        assert res["objects_written"] == n
+        new = {"new/" + p[len("old/"):]: o for p, o in old.items()}
+        sid0, sid1 = muselib.snapshot_id(old), muselib.snapshot_id(new)
+        snap = muselib.snapshot_map(sid1, sid0, old, new)
+        assert len(snap["delta_upsert"]) == n and len(snap["delta_remove"]) == n
+        c = reid_commit({"commit_id": "", "parent_commit_id": head1, "parent2_commit_id": None,
+                         "snapshot_id": sid1, "message": "move everything", "author": OWNER,
+                         "committed_at": "2026-02-02T00:00:00+00:00", "branch": "main"})
+        res = hub.push(OWNER, repo["slug"], rebuild([c], [snap], []), "main", c["commit_id"])
+        assert (res["commits_written"], res["snapshots_written"], res["objects_written"]) == (1, 1, 0)
+        tree = hub.tree(OWNER, repo["slug"], "main")
+        assert tree["snapshot_id"] == sid1 and len(tree["entries"]) == n
+        assert all(e["path"].startswith("new/") for e in tree["entries"])
+    finally:
+        hub.close()
+
+
 def test_v0_pack(hub, repo):
     h = small(commits=4)
     data = h.pack(version=0)
@@ -505,6 +540,24 @@ def test_unpack_without_grant_404(hub, db, repo):
                  "head": "sha256:" + "e" * 64})
     assert r.status_code == 404
     assert_untouched(hub, db, repo)
+
+
+def test_two_grants_the_uploaded_one_is_used(hub, db, repo):
+    """Regression (hardening 15.9): presign, upload, presign again (a second
+    grant, nothing uploaded under it), unpack.  SPEC 4.3: any unexpired
+    grant with a completed upload is used; the newest grant was picked and
+    the unpack answered 404 not_staged."""
+    h = small()
+    data = h.pack()
+    key = stage(hub, repo["slug"], data)
+    again = hub.presign(OWNER, repo["slug"], key, len(data))
+    assert again["already_present"] is False
+    res = hub.unpack(OWNER, repo["slug"], key, "main", h.head)
+    assert res["commits_written"] == 3
+    assert hub.refs(OWNER, repo["slug"])["branch_heads"] == {"main": h.head}
+    # the grant that had the upload is the one consumed
+    q = f"SELECT count(*) FROM push_grants WHERE repo_id = {sql_str(repo['repo_id'])} AND consumed_at IS NOT NULL"
+    assert db.count(q) == 1
 
 
 def test_anonymous_push_401(anon_hub, repo):

@@ -26,7 +26,7 @@ static void h_echo(mh_req_t *req) { mh_res_send(req, 200, NULL, req->body.p, req
 static void h_val(mh_req_t *req)
 {
     mh_val_t v;
-    if (mh_req_body_val(req, &v)) mh_res_val(req, 201, &v, MH_FMT_JSON);
+    if (mh_req_body_val(req, &v)) mh_res_val(req, 201, &v);
 }
 
 static void st_body(mh_req_t *req, const uint8_t *d, size_t n)

@@ -227,6 +227,25 @@ static void test_params(void)
     TAP_EQ_STR(r.val, "9223372036854775807", "int8 text");
 }
 
+/* mh_pq_array: any text round-trips through a text[] parameter. */
+static void test_array(void)
+{
+    static const char *const items[] = {"a", "", "NULL", "null", "x\"y", "b\\c", "sp ace", "{}", "a,b", "\xc3\xa9"};
+    mh_arena_t a;
+    mh_arena_init(&a, 0);
+    const char *vals[1] = {mh_pq_array(&a, items, 10, 0)};
+    params_t p = {0};
+    API(mh_db_query(db,
+                    "SELECT ($1::text[] = ARRAY['a', '', 'NULL', 'null', 'x\"y', E'b\\\\c', 'sp ace', '{}', 'a,b',"
+                    " E'\\xc3\\xa9'])::text, NULL::int, '\\x'::bytea",
+                    1, vals, NULL, NULL, params_cb, &p));
+    wait_for(&p.done, 1, 10000, "array");
+    TAP_OK(p.err == 0 && !strcmp(p.text, "true"), "text[] literal round trip (%s: %s)", vals[0], p.text);
+    const char *ids[2] = {"sha256:aaXX", "sha256:bbYY"};
+    TAP_EQ_STR(mh_pq_array(&a, ids, 2, 9), "{sha256:aa,sha256:bb}", "text[] of fixed-length items");
+    mh_arena_release(&a);
+}
+
 static const mh_stmt_t st_add = {"t_add", "SELECT $1::int + 1", 1};
 static const mh_stmt_t st_kv = {"t_kv", "SELECT v FROM kv WHERE id = $1", 1};
 
@@ -1032,6 +1051,7 @@ int main(void)
     db = open_pool(4, 5000, 0);
     test_simple();
     test_params();
+    test_array();
     test_prepared();
     test_concurrent();
     test_fifo_exact();

@@ -3,7 +3,7 @@
  * log order (SPEC 4.5) on synthetic graphs: linear history, merges, a
  * have that is not an ancestor of the want, unknown parents, random
  * DAGs checked against a brute-force reachability oracle, and graphs
- * extended step by step (mh_graph_extend) against the graph built at once.
+ * extended step by step (mh__graph_extend) against the graph built at once.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,17 +59,17 @@ static void dag_add(dag_t *d, int i, int a, int b)
  * indices differ from commit numbers. */
 static mh_graph_t *dag_build(dag_t *d)
 {
-    mh_graph_t *g = mh_graph_new("repo", 7, 4); /* small: exercise growth */
+    mh_graph_t *g = mh__graph_new("repo", 7, 4); /* small: exercise growth */
     for (int k = 0; k < d->n; k++) {
         int i = (k * 7919) % d->n;
         if (d->n % 7919 == 0) i = k;
         cid(i);
         const char *a = d->p[i][0] >= 0 ? cid(d->p[i][0]) : NULL;
         const char *b = d->p[i][1] >= 0 ? cid(d->p[i][1]) : NULL;
-        if (mh_graph_add(g, cid(i), a, b, snaps[i], d->gen[i])) return NULL;
+        if (mh__graph_add(g, cid(i), a, b, snaps[i], d->gen[i])) return NULL;
     }
-    mh_graph_seal(g);
-    for (int i = 0; i < d->n; i++) d->idx[i] = (int)mh_graph_find(g, cid(i));
+    mh__graph_seal(g);
+    for (int i = 0; i < d->n; i++) d->idx[i] = (int)mh__graph_find(g, cid(i));
     d->g = g;
     return g;
 }
@@ -82,7 +82,7 @@ static int walk(dag_t *d, const int *want, int nw, const int *have, int nh, char
     for (int i = 0; i < nh; i++) h[i] = (uint32_t)d->idx[have[i]];
     uint8_t *flags = calloc(d->g->n, 1);
     size_t n = 0;
-    int rc = mh_graph_walk(d->g, w, (size_t)nw, h, (size_t)nh, flags, out, &n);
+    int rc = mh__graph_walk(d->g, w, (size_t)nw, h, (size_t)nh, flags, out, &n);
     memset(sent, 0, MAXN);
     for (size_t k = 0; k < n; k++)
         for (int i = 0; i < d->n; i++)
@@ -164,19 +164,19 @@ static void test_linear(void)
     /* The log: newest first, pages by cursor. */
     uint32_t out[16], n;
     bool more;
-    TAP_EQ_INT(mh_graph_log(d.g, (uint32_t)d.idx[9], MH_GNONE, 3, out, &n, &more), 0, "log: first page");
+    TAP_EQ_INT(mh__graph_log(d.g, (uint32_t)d.idx[9], MH_GNONE, 3, out, &n, &more), 0, "log: first page");
     TAP_OK(n == 3 && out[0] == (uint32_t)d.idx[9] && out[1] == (uint32_t)d.idx[8] && out[2] == (uint32_t)d.idx[7] &&
                more,
            "log: 9 8 7, more");
-    TAP_EQ_INT(mh_graph_log(d.g, (uint32_t)d.idx[9], (uint32_t)d.idx[7], 3, out, &n, &more), 0, "log: second page");
+    TAP_EQ_INT(mh__graph_log(d.g, (uint32_t)d.idx[9], (uint32_t)d.idx[7], 3, out, &n, &more), 0, "log: second page");
     TAP_OK(n == 3 && out[0] == (uint32_t)d.idx[6] && out[2] == (uint32_t)d.idx[4] && more, "log: 6 5 4, more");
-    TAP_EQ_INT(mh_graph_log(d.g, (uint32_t)d.idx[9], (uint32_t)d.idx[2], 3, out, &n, &more), 0, "log: last page");
+    TAP_EQ_INT(mh__graph_log(d.g, (uint32_t)d.idx[9], (uint32_t)d.idx[2], 3, out, &n, &more), 0, "log: last page");
     TAP_OK(n == 2 && out[0] == (uint32_t)d.idx[1] && out[1] == (uint32_t)d.idx[0] && !more, "log: 1 0, no more");
-    TAP_EQ_INT(mh_graph_log(d.g, (uint32_t)d.idx[9], (uint32_t)d.idx[0], 3, out, &n, &more), 0, "log: past the end");
+    TAP_EQ_INT(mh__graph_log(d.g, (uint32_t)d.idx[9], (uint32_t)d.idx[0], 3, out, &n, &more), 0, "log: past the end");
     TAP_OK(n == 0 && !more, "log: empty page after the root");
-    TAP_EQ_INT(mh_graph_log(d.g, (uint32_t)d.idx[4], (uint32_t)d.idx[7], 3, out, &n, &more), MH_ENOENT,
+    TAP_EQ_INT(mh__graph_log(d.g, (uint32_t)d.idx[4], (uint32_t)d.idx[7], 3, out, &n, &more), MH_ENOENT,
                "log: a cursor that is not an ancestor is refused");
-    mh_graph_unref(d.g);
+    mh__graph_unref(d.g);
 }
 
 /*
@@ -218,7 +218,7 @@ static void test_merge(void)
     uint32_t ww[1] = {(uint32_t)d.idx[6]}, hh[1] = {(uint32_t)d.idx[8]}, out[16];
     uint8_t flags[16] = {0};
     size_t n;
-    mh_graph_walk(d.g, ww, 1, hh, 1, flags, out, &n);
+    mh__graph_walk(d.g, ww, 1, hh, 1, flags, out, &n);
     TAP_OK((flags[d.idx[8]] & MH_GW_HAVE) && (flags[d.idx[7]] & MH_GW_HAVE) && (flags[d.idx[1]] & MH_GW_HAVE) &&
                !(flags[d.idx[2]] & MH_GW_HAVE),
            "merge: have-side commits carry HAVE");
@@ -226,7 +226,7 @@ static void test_merge(void)
     /* Log across a merge: generation desc, ties by id desc. */
     uint32_t lo[16], ln;
     bool more;
-    mh_graph_log(d.g, (uint32_t)d.idx[6], MH_GNONE, 16, lo, &ln, &more);
+    mh__graph_log(d.g, (uint32_t)d.idx[6], MH_GNONE, 16, lo, &ln, &more);
     TAP_EQ_INT(ln, 7, "log: merge history has 7 commits");
     bool sorted = true;
     for (uint32_t i = 1; i < ln; i++) {
@@ -234,41 +234,41 @@ static void test_merge(void)
         if (a->gen < b->gen || (a->gen == b->gen && memcmp(a->id, b->id, 32) < 0)) sorted = false;
     }
     TAP_OK(sorted && lo[0] == (uint32_t)d.idx[6] && lo[6] == (uint32_t)d.idx[0], "log: ordered newest first");
-    mh_graph_unref(d.g);
+    mh__graph_unref(d.g);
 }
 
 static void test_unknown_parent(void)
 {
     /* A parent outside the repository's refs is not walked. */
-    mh_graph_t *g = mh_graph_new("r", 1, 0);
+    mh_graph_t *g = mh__graph_new("r", 1, 0);
     cid(100);
     cid(101);
     cid(102);
-    TAP_EQ_INT(mh_graph_add(g, cid(101), cid(100), NULL, snaps[101], 2), 0, "orphan: add with foreign parent");
-    TAP_EQ_INT(mh_graph_add(g, cid(102), cid(101), NULL, snaps[102], 3), 0, "orphan: add child");
-    TAP_EQ_INT(mh_graph_add(g, cid(102), cid(101), NULL, snaps[102], 3), 0, "orphan: duplicate ignored");
-    TAP_EQ_INT(mh_graph_add(g, "sha256:xyz", NULL, NULL, snaps[102], 3), MH_EPARSE, "orphan: bad id refused");
-    TAP_EQ_INT(mh_graph_add_branch(g, "main", cid(102)), 0, "branch main");
-    TAP_EQ_INT(mh_graph_add_branch(g, "dev", cid(100)), 0, "branch dev (head outside)");
-    mh_graph_seal(g);
+    TAP_EQ_INT(mh__graph_add(g, cid(101), cid(100), NULL, snaps[101], 2), 0, "orphan: add with foreign parent");
+    TAP_EQ_INT(mh__graph_add(g, cid(102), cid(101), NULL, snaps[102], 3), 0, "orphan: add child");
+    TAP_EQ_INT(mh__graph_add(g, cid(102), cid(101), NULL, snaps[102], 3), 0, "orphan: duplicate ignored");
+    TAP_EQ_INT(mh__graph_add(g, "sha256:xyz", NULL, NULL, snaps[102], 3), MH_EPARSE, "orphan: bad id refused");
+    TAP_EQ_INT(mh__graph_add_branch(g, "main", cid(102)), 0, "branch main");
+    TAP_EQ_INT(mh__graph_add_branch(g, "dev", cid(100)), 0, "branch dev (head outside)");
+    mh__graph_seal(g);
     TAP_EQ_INT(g->n, 2, "orphan: two nodes");
-    uint32_t i101 = mh_graph_find(g, cid(101));
+    uint32_t i101 = mh__graph_find(g, cid(101));
     TAP_OK(i101 != MH_GNONE && g->nodes[i101].p[0] == MH_GNONE, "orphan: foreign parent resolves to none");
-    TAP_EQ_INT(mh_graph_find(g, cid(100)), MH_GNONE, "orphan: foreign commit not found");
+    TAP_EQ_INT(mh__graph_find(g, cid(100)), MH_GNONE, "orphan: foreign commit not found");
     TAP_EQ_STR(g->branches[0].name, "dev", "branches sorted by name");
-    const mh_gbranch_t *b = mh_graph_branch(g, "main", 4);
-    TAP_OK(b && b->node == mh_graph_find(g, cid(102)), "branch lookup resolves the head");
-    TAP_OK(mh_graph_branch(g, "mai", 3) == NULL && mh_graph_branch(g, "mainx", 5) == NULL, "branch lookup is exact");
+    const mh_gbranch_t *b = mh__graph_branch(g, "main", 4);
+    TAP_OK(b && b->node == mh__graph_find(g, cid(102)), "branch lookup resolves the head");
+    TAP_OK(mh__graph_branch(g, "mai", 3) == NULL && mh__graph_branch(g, "mainx", 5) == NULL, "branch lookup is exact");
     TAP_OK(g->branches[0].node == MH_GNONE, "a head outside the graph has no node");
-    uint32_t w[1] = {mh_graph_find(g, cid(102))}, out[4];
+    uint32_t w[1] = {mh__graph_find(g, cid(102))}, out[4];
     uint8_t flags[4] = {0};
     size_t n;
-    mh_graph_walk(g, w, 1, NULL, 0, flags, out, &n);
+    mh__graph_walk(g, w, 1, NULL, 0, flags, out, &n);
     TAP_EQ_INT(n, 2, "orphan: walk stops at the repository's edge");
     mh_id_t s;
-    mh_graph_snap_id(g, i101, &s);
+    mh__graph_snap_id(g, i101, &s);
     TAP_EQ_STR(s.s, snaps[101], "snapshot id round-trips");
-    mh_graph_unref(g);
+    mh__graph_unref(g);
 }
 
 static unsigned rnd_state = 12345;
@@ -306,7 +306,7 @@ static void test_random(void)
             runs++;
             if (!walk_ok(&d, w, nw, h, nh)) bad++;
         }
-        mh_graph_unref(d.g);
+        mh__graph_unref(d.g);
     }
     TAP_OK(bad == 0, "random DAGs: %d walks match the oracle (%d bad)", runs, bad);
 }
@@ -324,8 +324,8 @@ static bool same_graph(const mh_graph_t *a, const mh_graph_t *b)
     }
     for (uint32_t k = 0; k < a->n; k++) {
         mh_id_t id;
-        mh_graph_id(a, k, &id);
-        uint32_t x = mh_graph_find(b, id.s);
+        mh__graph_id(a, k, &id);
+        uint32_t x = mh__graph_find(b, id.s);
         if (x == MH_GNONE) return false;
         const mh_gnode_t *na = &a->nodes[k], *nb = &b->nodes[x];
         if (memcmp(na->snap, nb->snap, 32) || na->gen != nb->gen) return false;
@@ -348,7 +348,7 @@ static int add_commit(mh_graph_t *g, dag_t *d, int i)
 {
     const char *a = d->p[i][0] >= 0 ? cid(d->p[i][0]) : NULL;
     const char *b = d->p[i][1] >= 0 ? cid(d->p[i][1]) : NULL;
-    return mh_graph_add(g, cid(i), a, b, snaps[i], d->gen[i]);
+    return mh__graph_add(g, cid(i), a, b, snaps[i], d->gen[i]);
 }
 
 static void test_extend_late_parent(void)
@@ -360,61 +360,61 @@ static void test_extend_late_parent(void)
     dag_add(&d, 1, 0, -1);
     dag_add(&d, 3, 0, -1);
     dag_add(&d, 2, 1, 3);
-    mh_graph_t *g1 = mh_graph_new("r", 1, 0);
+    mh_graph_t *g1 = mh__graph_new("r", 1, 0);
     add_commit(g1, &d, 0);
     add_commit(g1, &d, 1);
     add_commit(g1, &d, 2);
-    mh_graph_add_branch(g1, "main", cid(2));
-    TAP_EQ_INT(mh_graph_seal(g1), 0, "late parent: first step sealed");
+    mh__graph_add_branch(g1, "main", cid(2));
+    TAP_EQ_INT(mh__graph_seal(g1), 0, "late parent: first step sealed");
     g1->ref_seq = 42;
-    uint32_t i2 = mh_graph_find(g1, cid(2));
+    uint32_t i2 = mh__graph_find(g1, cid(2));
     TAP_OK(g1->nodes[i2].p[1] == MH_GNONE && g1->npend == 1, "late parent: the missing parent is pending");
     uint32_t w[1] = {i2}, out[8];
     uint8_t flags[8] = {0};
     size_t n;
-    TAP_EQ_INT(mh_graph_walk(g1, w, 1, NULL, 0, flags, out, &n), 0, "late parent: walk with a missing parent");
+    TAP_EQ_INT(mh__graph_walk(g1, w, 1, NULL, 0, flags, out, &n), 0, "late parent: walk with a missing parent");
     TAP_EQ_INT(n, 3, "late parent: it sends what it has");
 
-    mh_graph_t *g2 = mh_graph_extend(g1, 2, 1);
+    mh_graph_t *g2 = mh__graph_extend(g1, 2, 1);
     TAP_OK(g2 && g2->ref_seq == 42 && g2->n == 3 && g2->nbranches == 0, "extend: copy of the base, no branches");
     TAP_EQ_INT(add_commit(g2, &d, 3), 0, "extend: add the parent");
     TAP_EQ_INT(add_commit(g2, &d, 1), 0, "extend: a commit already there is ignored");
-    mh_graph_add_branch(g2, "main", cid(2));
-    mh_graph_add_branch(g2, "side", cid(3));
-    TAP_EQ_INT(mh_graph_seal(g2), 0, "extend: sealed");
+    mh__graph_add_branch(g2, "main", cid(2));
+    mh__graph_add_branch(g2, "side", cid(3));
+    TAP_EQ_INT(mh__graph_seal(g2), 0, "extend: sealed");
     TAP_OK(g2->n == 4 && g2->state_seq == 2 && g2->npend == 0, "extend: 4 nodes, nothing pending");
-    i2 = mh_graph_find(g2, cid(2));
-    TAP_OK(g2->nodes[i2].p[1] == mh_graph_find(g2, cid(3)), "extend: the late parent is linked");
-    TAP_OK(g1->n == 3 && g1->npend == 1 && g1->nodes[mh_graph_find(g1, cid(2))].p[1] == MH_GNONE &&
+    i2 = mh__graph_find(g2, cid(2));
+    TAP_OK(g2->nodes[i2].p[1] == mh__graph_find(g2, cid(3)), "extend: the late parent is linked");
+    TAP_OK(g1->n == 3 && g1->npend == 1 && g1->nodes[mh__graph_find(g1, cid(2))].p[1] == MH_GNONE &&
                g1->nbranches == 1,
            "extend: the base is unchanged");
     memset(flags, 0, sizeof flags);
     w[0] = i2;
-    mh_graph_walk(g2, w, 1, NULL, 0, flags, out, &n);
+    mh__graph_walk(g2, w, 1, NULL, 0, flags, out, &n);
     TAP_EQ_INT(n, 4, "extend: the walk now reaches the late parent");
     dag_build(&d);
-    mh_graph_add_branch(d.g, "main", cid(2)); /* after sealing: compare names/heads only */
-    mh_graph_add_branch(d.g, "side", cid(3));
-    d.g->branches[0].node = mh_graph_find(d.g, cid(2));
-    d.g->branches[1].node = mh_graph_find(d.g, cid(3));
+    mh__graph_add_branch(d.g, "main", cid(2)); /* after sealing: compare names/heads only */
+    mh__graph_add_branch(d.g, "side", cid(3));
+    d.g->branches[0].node = mh__graph_find(d.g, cid(2));
+    d.g->branches[1].node = mh__graph_find(d.g, cid(3));
     TAP_OK(same_graph(g2, d.g), "extend: equals the graph built at once");
-    mh_graph_unref(d.g);
-    mh_graph_unref(g1);
+    mh__graph_unref(d.g);
+    mh__graph_unref(g1);
 
     /* Extending an empty graph, with nothing new: an empty copy. */
-    mh_graph_t *e = mh_graph_new("r", 1, 0);
-    mh_graph_seal(e);
-    mh_graph_t *e2 = mh_graph_extend(e, 2, 0);
-    TAP_OK(e2 && mh_graph_seal(e2) == 0 && e2->n == 0, "extend: empty base, nothing new");
-    mh_graph_t *e3 = mh_graph_extend(e2, 3, 2);
+    mh_graph_t *e = mh__graph_new("r", 1, 0);
+    mh__graph_seal(e);
+    mh_graph_t *e2 = mh__graph_extend(e, 2, 0);
+    TAP_OK(e2 && mh__graph_seal(e2) == 0 && e2->n == 0, "extend: empty base, nothing new");
+    mh_graph_t *e3 = mh__graph_extend(e2, 3, 2);
     add_commit(e3, &d, 0);
     add_commit(e3, &d, 1);
-    TAP_OK(mh_graph_seal(e3) == 0 && e3->n == 2 && e3->nodes[mh_graph_find(e3, cid(1))].p[0] == mh_graph_find(e3, cid(0)),
+    TAP_OK(mh__graph_seal(e3) == 0 && e3->n == 2 && e3->nodes[mh__graph_find(e3, cid(1))].p[0] == mh__graph_find(e3, cid(0)),
            "extend: an empty base grows");
-    mh_graph_unref(e);
-    mh_graph_unref(e2);
-    mh_graph_unref(e3);
-    mh_graph_unref(g2);
+    mh__graph_unref(e);
+    mh__graph_unref(e2);
+    mh__graph_unref(e3);
+    mh__graph_unref(g2);
 }
 
 static void test_extend_random(void)
@@ -442,12 +442,12 @@ static void test_extend_random(void)
                 order[i] = order[j];
                 order[j] = x;
             }
-        mh_graph_t *g = mh_graph_new("r", 0, 4);
-        mh_graph_seal(g);
+        mh_graph_t *g = mh__graph_new("r", 0, 4);
+        mh__graph_seal(g);
         int steps = 1 + (int)(rnd() % 6), done = 0;
         for (int s = 1; s <= steps; s++) {
             int upto = s == steps ? n : done + (int)(rnd() % (unsigned)(n - done + 1));
-            mh_graph_t *x = mh_graph_extend(g, s, (uint32_t)(upto - done));
+            mh_graph_t *x = mh__graph_extend(g, s, (uint32_t)(upto - done));
             if (!x) {
                 bad++;
                 break;
@@ -457,30 +457,30 @@ static void test_extend_random(void)
             char name[16];
             for (int b = 0; b < s; b++) {
                 snprintf(name, sizeof name, "b%d", b);
-                mh_graph_add_branch(x, name, cid(order[(upto ? upto - 1 : 0) * b / s]));
+                mh__graph_add_branch(x, name, cid(order[(upto ? upto - 1 : 0) * b / s]));
             }
-            if (mh_graph_seal(x)) bad++;
-            mh_graph_unref(g);
+            if (mh__graph_seal(x)) bad++;
+            mh__graph_unref(g);
             g = x;
         }
         mh_graph_t *inc = g;
         dag_build(&d);
         mh_graph_t *all = d.g;
         /* The branches of the last step, on the graph built at once. */
-        for (uint32_t b = 0; b < inc->nbranches; b++) mh_graph_add_branch(all, inc->branches[b].name, inc->branches[b].head.s);
-        for (uint32_t b = 0; b < all->nbranches; b++) all->branches[b].node = mh_graph_find(all, all->branches[b].head.s);
+        for (uint32_t b = 0; b < inc->nbranches; b++) mh__graph_add_branch(all, inc->branches[b].name, inc->branches[b].head.s);
+        for (uint32_t b = 0; b < all->nbranches; b++) all->branches[b].node = mh__graph_find(all, all->branches[b].head.s);
         graphs++;
         if (!same_graph(inc, all) || inc->npend != 0) bad++;
         /* And the walks on the extended graph match the oracle. */
-        for (int i = 0; i < d.n; i++) d.idx[i] = (int)mh_graph_find(inc, cid(i));
+        for (int i = 0; i < d.n; i++) d.idx[i] = (int)mh__graph_find(inc, cid(i));
         d.g = inc;
         for (int q = 0; q < 10; q++) {
             int w[2] = {(int)(rnd() % (unsigned)n), (int)(rnd() % (unsigned)n)}, h[1] = {(int)(rnd() % (unsigned)n)};
             runs++;
             if (!walk_ok(&d, w, 2, h, 1)) bad++;
         }
-        mh_graph_unref(all);
-        mh_graph_unref(inc);
+        mh__graph_unref(all);
+        mh__graph_unref(inc);
     }
     TAP_OK(bad == 0, "extend: %d graphs built in 1-6 steps equal the graph built at once; %d walks match (%d bad)",
            graphs, runs, bad);
@@ -488,7 +488,7 @@ static void test_extend_random(void)
 
 static void test_ids(void)
 {
-    mh_graph_t *g = mh_graph_new("r", 1, 0);
+    mh_graph_t *g = mh__graph_new("r", 1, 0);
     char up[MH_ID_SIZE], bad[MH_ID_SIZE], longer[MH_ID_SIZE + 1];
     memcpy(up, cid(0), MH_ID_SIZE);
     for (int i = 7; i < MH_ID_LEN; i++)
@@ -498,18 +498,18 @@ static void test_ids(void)
     memcpy(longer, cid(0), MH_ID_LEN);
     longer[MH_ID_LEN] = '0';
     longer[MH_ID_LEN + 1] = 0;
-    TAP_EQ_INT(mh_graph_add(g, up, NULL, NULL, snaps[0], 1), MH_EPARSE, "ids: uppercase hex refused");
-    TAP_EQ_INT(mh_graph_add(g, bad, NULL, NULL, snaps[0], 1), MH_EPARSE, "ids: a non-hex digit refused");
-    TAP_EQ_INT(mh_graph_add(g, longer, NULL, NULL, snaps[0], 1), MH_EPARSE, "ids: too long refused");
-    TAP_EQ_INT(mh_graph_add(g, cid(0) + 1, NULL, NULL, snaps[0], 1), MH_EPARSE, "ids: no prefix refused");
-    TAP_EQ_INT(mh_graph_add(g, cid(1), bad, NULL, snaps[1], 2), MH_EPARSE, "ids: a bad parent refused");
-    TAP_EQ_INT(mh_graph_add(g, cid(0), NULL, NULL, snaps[0], 1), 0, "ids: a good id accepted");
-    mh_graph_seal(g);
+    TAP_EQ_INT(mh__graph_add(g, up, NULL, NULL, snaps[0], 1), MH_EPARSE, "ids: uppercase hex refused");
+    TAP_EQ_INT(mh__graph_add(g, bad, NULL, NULL, snaps[0], 1), MH_EPARSE, "ids: a non-hex digit refused");
+    TAP_EQ_INT(mh__graph_add(g, longer, NULL, NULL, snaps[0], 1), MH_EPARSE, "ids: too long refused");
+    TAP_EQ_INT(mh__graph_add(g, cid(0) + 1, NULL, NULL, snaps[0], 1), MH_EPARSE, "ids: no prefix refused");
+    TAP_EQ_INT(mh__graph_add(g, cid(1), bad, NULL, snaps[1], 2), MH_EPARSE, "ids: a bad parent refused");
+    TAP_EQ_INT(mh__graph_add(g, cid(0), NULL, NULL, snaps[0], 1), 0, "ids: a good id accepted");
+    mh__graph_seal(g);
     mh_id_t id;
-    mh_graph_id(g, 0, &id);
+    mh__graph_id(g, 0, &id);
     TAP_EQ_STR(id.s, cid(0), "ids: the id round-trips");
     TAP_EQ_INT(g->n, 1, "ids: only the good one added");
-    mh_graph_unref(g);
+    mh__graph_unref(g);
 }
 
 static void test_big_linear(void)
@@ -517,7 +517,7 @@ static void test_big_linear(void)
     /* Walk cost depends on what is sent: a one-commit delta on a long
      * chain pops a handful of nodes. */
     enum { N = 200000 };
-    mh_graph_t *g = mh_graph_new("big", 1, 0);
+    mh_graph_t *g = mh__graph_new("big", 1, 0);
     char prev[MH_ID_SIZE] = "", cur[MH_ID_SIZE];
     for (int i = 0; i < N; i++) {
         char s[32];
@@ -525,40 +525,40 @@ static void test_big_linear(void)
         mh_id_t id;
         mh_blob_id(s, strlen(s), &id);
         memcpy(cur, id.s, MH_ID_SIZE);
-        mh_graph_add(g, cur, prev[0] ? prev : NULL, NULL, cur, (uint32_t)i + 1);
+        mh__graph_add(g, cur, prev[0] ? prev : NULL, NULL, cur, (uint32_t)i + 1);
         memcpy(prev, cur, MH_ID_SIZE);
     }
     uint64_t tb = mh_now_us();
-    mh_graph_seal(g);
+    mh__graph_seal(g);
     /* One more commit the incremental way: a copy plus one row. */
     uint64_t te0 = mh_now_us();
-    mh_graph_t *g2 = mh_graph_extend(g, 2, 1);
+    mh_graph_t *g2 = mh__graph_extend(g, 2, 1);
     mh_id_t nid;
     mh_blob_id("one more", 8, &nid);
-    mh_graph_add(g2, nid.s, prev, NULL, nid.s, N + 1);
-    mh_graph_seal(g2);
+    mh__graph_add(g2, nid.s, prev, NULL, nid.s, N + 1);
+    mh__graph_seal(g2);
     uint64_t te1 = mh_now_us();
-    TAP_OK(g2->n == N + 1 && g2->nodes[mh_graph_find(g2, nid.s)].p[0] == mh_graph_find(g2, prev),
+    TAP_OK(g2->n == N + 1 && g2->nodes[mh__graph_find(g2, nid.s)].p[0] == mh__graph_find(g2, prev),
            "big: extended by one commit");
     TAP_COMMENT("200k-commit chain: seal %llu us, extension by one commit %llu us", (unsigned long long)(te0 - tb),
                 (unsigned long long)(te1 - te0));
-    mh_graph_unref(g2);
+    mh__graph_unref(g2);
     uint32_t head = g->n - 1, have = g->n - 2, *out = malloc(N * sizeof *out);
     uint8_t *flags = calloc(N, 1);
     size_t n;
     uint64_t t0 = mh_now_us();
-    mh_graph_walk(g, &head, 1, &have, 1, flags, out, &n);
+    mh__graph_walk(g, &head, 1, &have, 1, flags, out, &n);
     uint64_t t1 = mh_now_us();
     TAP_EQ_INT(n, 1, "big: one commit ahead sends one");
     memset(flags, 0, N);
-    mh_graph_walk(g, &head, 1, NULL, 0, flags, out, &n);
+    mh__graph_walk(g, &head, 1, NULL, 0, flags, out, &n);
     uint64_t t2 = mh_now_us();
     TAP_EQ_INT(n, N, "big: a full clone sends all");
     TAP_COMMENT("200k-commit chain: delta walk %llu us, full walk %llu us", (unsigned long long)(t1 - t0),
                 (unsigned long long)(t2 - t1));
     free(out);
     free(flags);
-    mh_graph_unref(g);
+    mh__graph_unref(g);
 }
 
 int main(void)

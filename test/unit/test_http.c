@@ -260,7 +260,7 @@ static void h_items(mh_req_t *req)
     mh_map_put(&req->arena, m, "q", q.p ? mh_v_strn(q.p, q.n) : mh_v_nil());
     mh_map_put(&req->arena, m, "method", mh_v_str(req->method));
     mh_map_put(&req->arena, m, "peer", mh_v_str(req->peer));
-    mh_res_val(req, 200, m, MH_FMT_JSON);
+    mh_res_val(req, 200, m);
 }
 
 static void h_metrics(mh_req_t *req)
@@ -277,7 +277,21 @@ static void h_json(mh_req_t *req)
     const mh_val_t *a = mh_val_get(&v, "a");
     mh_val_t *m = mh_v_map(&req->arena);
     mh_map_put(&req->arena, m, "a", a ? mh_v_ref(a) : mh_v_nil());
-    mh_res_val(req, 200, m, MH_FMT_JSON);
+    mh_res_val(req, 200, m);
+}
+
+/* The error table answers for a code, in the route's format. */
+static void h_fail(mh_req_t *req) { mh_res_fail(req, MH_EDBDOWN, "test: the database went away"); }
+
+/* A builder failure is kept and answered once, at the end. */
+static void h_sticky(mh_req_t *req)
+{
+    mh_vb_t *b = mh_res_build(req);
+    mh_val_t *m = mh_vb_map(b);
+    mh_vb_put(b, m, "ok", mh_v_bool(true));
+    mh_vb_push(b, NULL, mh_v_nil()); /* as after a failed mh_vb_arr */
+    mh_vb_put(b, m, "after", mh_v_int(1));
+    mh_res_val(req, 200, m);
 }
 
 static void gate_timer_cb(uv_timer_t *t)
@@ -322,6 +336,9 @@ static const mh_route_t routes[] = {
     {"POST", "/json", h_json, "json", 0, false},
     {"GET", "/metrics", h_metrics, "metrics", 0, false},
     {"GET", "/big", h_big, "big", 0, false},
+    {"GET", "/fail", h_fail, "fail", 0, false},
+    {"GET", "/fail-mp", h_fail, "fail_mp", 0, false, MH_FMT_MSGPACK},
+    {"GET", "/sticky", h_sticky, "sticky", 0, false},
     {"GET", "/gen", h_gen, "gen", 0, false},
     {NULL, NULL, NULL, NULL, 0, false},
 };
@@ -667,6 +684,34 @@ static void t_bodies(void)
     TAP_OK(cli_eof(c), "EOF after chunked 413");
     cli_close(c);
     free(body);
+    free(r.body);
+}
+
+/* The error table, the route's default format, the sticky builder. */
+static void t_answers(void)
+{
+    resp_t r = {0};
+    char v[256];
+    cli_t *c = cli_open();
+    cli_sends(c, "GET /fail HTTP/1.1\r\nHost: x\r\n\r\n");
+    TAP_EQ_INT(cli_resp(c, &r, false), 503, "table: MH_EDBDOWN -> 503");
+    TAP_EQ_STR(hdr(&r, "retry-after", v, sizeof v), "2", "table: Retry-After");
+    TAP_OK(strstr(r.body, "\"error\":\"unavailable\"") && !strstr(r.body, "went away"),
+           "table: code and fixed detail, the log message not sent: %s", r.body);
+    cli_sends(c, "GET /fail-mp HTTP/1.1\r\nHost: x\r\n\r\n");
+    TAP_EQ_INT(cli_resp(c, &r, false), 503, "msgpack route: 503");
+    TAP_EQ_STR(hdr(&r, "content-type", v, sizeof v), "application/x-msgpack", "msgpack route: error body in msgpack");
+    TAP_OK((uint8_t)r.body[0] == 0x82, "msgpack route: a 2-entry map");
+    cli_sends(c, "GET /fail-mp HTTP/1.1\r\nHost: x\r\nAccept: application/json\r\n\r\n");
+    TAP_EQ_INT(cli_resp(c, &r, false), 503, "msgpack route, Accept JSON: 503");
+    TAP_EQ_STR(hdr(&r, "content-type", v, sizeof v), "application/json", "Accept still decides");
+    cli_sends(c, "GET /sticky HTTP/1.1\r\nHost: x\r\n\r\n");
+    TAP_EQ_INT(cli_resp(c, &r, false), 503, "sticky builder: a failure answers 503");
+    TAP_OK(strstr(r.body, "out of memory") != NULL, "sticky builder: the table's detail (%s)", r.body);
+    TAP_OK(mh_http_err_of(MH_ENOSPC)->status == 507 && !strcmp(mh_http_err_of(MH_ENOSPC)->code, "insufficient_storage"),
+           "table: MH_ENOSPC -> 507 insufficient_storage (SPEC 4.8)");
+    TAP_OK(mh_http_err_of(-12345)->status == 500, "table: an unknown code -> 500");
+    cli_close(c);
     free(r.body);
 }
 
@@ -1166,6 +1211,7 @@ int main(void)
     t_pipelining();
     t_bodies();
     t_errors();
+    t_answers();
     t_framing();
     t_pipeline_bound();
     t_stream_out();

@@ -86,7 +86,7 @@ static bool check_merge(const int *pb, const int *po, const int *pt, char *why, 
     build(&t, pt);
     mh_mpath_t *conf = NULL;
     size_t nconf = 0;
-    bool ok = mh_merge_manifests(&b, &o, &t, &out, &conf, &nconf) == 0;
+    bool ok = mh__merge_manifests(&b, &o, &t, &out, &conf, &nconf) == 0;
     /* expected conflicts, in path order (PATHS is not sorted: sort by
      * walking the merged union in manifest order) */
     int want_conf = 0, want_n = 0;
@@ -193,7 +193,7 @@ static void test_named_cases(void)
     mh_manifest_remove(&t, "gone", 4);
     mh_manifest_upsert(&o, "new/o", 5, Y);
     mh_manifest_upsert(&t, "new/t", 5, Z);
-    TAP_EQ_INT(mh_merge_manifests(&b, &o, &t, &out, &conf, &nconf), 0, "clean merge returns 0");
+    TAP_EQ_INT(mh__merge_manifests(&b, &o, &t, &out, &conf, &nconf), 0, "clean merge returns 0");
     TAP_EQ_INT(nconf, 0, "clean merge: no conflicts");
     TAP_OK(conf == NULL, "clean merge: no conflict array");
     TAP_EQ_INT(out.n, 6, "clean merge: 6 entries (gone removed, two added)");
@@ -219,7 +219,7 @@ static void test_named_cases(void)
     mh_manifest_upsert(&t, "keep", 4, Z);
     mh_manifest_upsert(&o, "gone", 4, Y); /* theirs deleted it */
     mh_manifest_upsert(&o, "new/t", 5, Y); /* both added, differently */
-    TAP_EQ_INT(mh_merge_manifests(&b, &o, &t, &out, &conf, &nconf), 0, "conflicting merge returns 0");
+    TAP_EQ_INT(mh__merge_manifests(&b, &o, &t, &out, &conf, &nconf), 0, "conflicting merge returns 0");
     TAP_EQ_INT(nconf, 3, "three conflicts");
     TAP_OK(nconf == 3 && conf[0].plen == 4 && !memcmp(conf[0].path, "gone", 4) && conf[1].plen == 4 &&
                !memcmp(conf[1].path, "keep", 4) && conf[2].plen == 5 && !memcmp(conf[2].path, "new/t", 5),
@@ -233,19 +233,19 @@ static void test_named_cases(void)
     mh_manifest_upsert(&one, "s", 1, Z);
     mh_manifest_upsert(&two, "b", 1, Y);
     mh_manifest_upsert(&two, "s", 1, Z);
-    TAP_OK(mh_merge_manifests(&empty, &one, &two, &out, &conf, &nconf) == 0 && nconf == 0 && out.n == 3,
+    TAP_OK(mh__merge_manifests(&empty, &one, &two, &out, &conf, &nconf) == 0 && nconf == 0 && out.n == 3,
            "empty base: disjoint paths and identical shared ones merge");
     mh_manifest_upsert(&two, "s", 1, Y);
-    TAP_OK(mh_merge_manifests(&empty, &one, &two, &out, &conf, &nconf) == 0 && nconf == 1 && conf[0].plen == 1 &&
+    TAP_OK(mh__merge_manifests(&empty, &one, &two, &out, &conf, &nconf) == 0 && nconf == 1 && conf[0].plen == 1 &&
                conf[0].path[0] == 's',
            "empty base: a shared path with different contents conflicts");
     free(conf);
     /* all empty */
-    TAP_OK(mh_merge_manifests(&empty, &empty, &empty, &out, &conf, &nconf) == 0 && nconf == 0 && out.n == 0,
+    TAP_OK(mh__merge_manifests(&empty, &empty, &empty, &out, &conf, &nconf) == 0 && nconf == 0 && out.n == 0,
            "three empty manifests merge to an empty one");
     /* out reused: its old entries are replaced */
-    TAP_OK(mh_merge_manifests(&empty, &one, &empty, &out, &conf, &nconf) == 0 && out.n == 2 &&
-               mh_merge_manifests(&empty, &empty, &empty, &out, &conf, &nconf) == 0 && out.n == 0,
+    TAP_OK(mh__merge_manifests(&empty, &one, &empty, &out, &conf, &nconf) == 0 && out.n == 2 &&
+               mh__merge_manifests(&empty, &empty, &empty, &out, &conf, &nconf) == 0 && out.n == 0,
            "out's previous entries are replaced");
     mh_id_t e1, e2;
     mh_manifest_id(&out, &e1);
@@ -306,7 +306,7 @@ static void test_changes(void)
         mh_arena_t a;
         mh_arena_init(&a, 0);
         mh_mchanges_t ch;
-        int rc = mh_manifest_changes(&a, &f, &t, &ch);
+        int rc = mh__manifest_changes(&a, &f, &t, &ch);
         size_t na = 0, nc = 0, nr = 0;
         bool ok = rc == 0;
         for (int i = 0; ok && i < NPATHS; i++) {
@@ -333,7 +333,7 @@ static void test_changes(void)
     mh_arena_t a;
     mh_arena_init(&a, 0);
     mh_mchanges_t ch;
-    TAP_OK(mh_manifest_changes(&a, &e, &e, &ch) == 0 && ch.added && ch.changed && ch.removed &&
+    TAP_OK(mh__manifest_changes(&a, &e, &e, &ch) == 0 && ch.added && ch.changed && ch.removed &&
                ch.nadded + ch.nchanged + ch.nremoved == 0,
            "empty to empty: three empty, non-NULL lists");
     mh_arena_release(&a);
@@ -363,26 +363,26 @@ static const char *cid(int i)
  * generation numbers computed as push does. */
 static mh_graph_t *make_graph(int n, const int *p1, const int *p2, int *gen)
 {
-    mh_graph_t *g = mh_graph_new("sha256:test", 1, (uint32_t)n);
+    mh_graph_t *g = mh__graph_new("sha256:test", 1, (uint32_t)n);
     for (int i = 0; i < n; i++) {
         int g1 = p1[i] >= 0 ? gen[p1[i]] : 0, g2 = p2[i] >= 0 ? gen[p2[i]] : 0;
         gen[i] = (g1 > g2 ? g1 : g2) + 1;
         cid(i);
-        mh_graph_add(g, cids[i], p1[i] >= 0 ? cid(p1[i]) : NULL, p2[i] >= 0 ? cid(p2[i]) : NULL, sids[i],
+        mh__graph_add(g, cids[i], p1[i] >= 0 ? cid(p1[i]) : NULL, p2[i] >= 0 ? cid(p2[i]) : NULL, sids[i],
                      (uint32_t)gen[i]);
     }
-    mh_graph_seal(g);
+    mh__graph_seal(g);
     return g;
 }
 
 static int base_of(mh_graph_t *g, int x, int y)
 {
     uint32_t out = 0;
-    int rc = mh_graph_merge_base(g, mh_graph_find(g, cid(x)), mh_graph_find(g, cid(y)), &out);
+    int rc = mh__graph_merge_base(g, mh__graph_find(g, cid(x)), mh__graph_find(g, cid(y)), &out);
     if (rc) return -100;
     if (out == MH_GNONE) return -1;
     mh_id_t id;
-    mh_graph_id(g, out, &id);
+    mh__graph_id(g, out, &id);
     for (int i = 0; i < MAXN; i++)
         if (cids[i][0] && !strcmp(cids[i], id.s)) return i;
     return -99;
@@ -427,21 +427,21 @@ static void test_base_shapes(void)
         TAP_EQ_INT(base_of(g, 3, 1), 1, "linear: base of a commit and its ancestor is the ancestor");
         TAP_EQ_INT(base_of(g, 1, 3), 1, "linear: symmetric");
         TAP_EQ_INT(base_of(g, 2, 2), 2, "a commit with itself");
-        mh_graph_unref(g);
+        mh__graph_unref(g);
     }
     /* diverged: 0-1-2 (ours), 1-3-4 (theirs) */
     {
         int p1[] = {-1, 0, 1, 1, 3}, p2[] = {-1, -1, -1, -1, -1};
         mh_graph_t *g = make_graph(5, p1, p2, gen);
         TAP_EQ_INT(base_of(g, 2, 4), 1, "diverged: the fork point");
-        mh_graph_unref(g);
+        mh__graph_unref(g);
     }
     /* after a merge: 0-1(main)-3(merge of 1,2), 0-2(feature)-4; base(3,4) = 2 */
     {
         int p1[] = {-1, 0, 0, 1, 2}, p2[] = {-1, -1, -1, 2, -1};
         mh_graph_t *g = make_graph(5, p1, p2, gen);
         TAP_EQ_INT(base_of(g, 3, 4), 2, "after a merge: the merged feature commit");
-        mh_graph_unref(g);
+        mh__graph_unref(g);
     }
     /* criss-cross: 1 and 2 fork from 0; 3 = merge(1,2), 4 = merge(2,1);
      * both 1 and 2 are best bases of 3 and 4 (same generation): the
@@ -451,14 +451,14 @@ static void test_base_shapes(void)
         mh_graph_t *g = make_graph(5, p1, p2, gen);
         int want = strcmp(cid(1), cid(2)) < 0 ? 1 : 2;
         TAP_EQ_INT(base_of(g, 3, 4), want, "criss-cross: of two best bases, the smaller id");
-        mh_graph_unref(g);
+        mh__graph_unref(g);
     }
     /* unrelated: two roots */
     {
         int p1[] = {-1, 0, -1, 2}, p2[] = {-1, -1, -1, -1};
         mh_graph_t *g = make_graph(4, p1, p2, gen);
         TAP_EQ_INT(base_of(g, 1, 3), -1, "unrelated histories: no base");
-        mh_graph_unref(g);
+        mh__graph_unref(g);
     }
     /* deeper common ancestor is not chosen over a higher one: 0-1-2, 1-3,
      * 2-4(merge 2,3), 3-5; base(4,5) = 3 (gen 3), not 1 */
@@ -466,15 +466,15 @@ static void test_base_shapes(void)
         int p1[] = {-1, 0, 1, 1, 2, 3}, p2[] = {-1, -1, -1, -1, 3, -1};
         mh_graph_t *g = make_graph(6, p1, p2, gen);
         TAP_EQ_INT(base_of(g, 4, 5), 3, "the common ancestor of highest generation");
-        mh_graph_unref(g);
+        mh__graph_unref(g);
     }
     /* out of range */
     {
         int p1[] = {-1}, p2[] = {-1};
         mh_graph_t *g = make_graph(1, p1, p2, gen);
         uint32_t out;
-        TAP_EQ_INT(mh_graph_merge_base(g, 0, 7, &out), MH_EINVAL, "a node out of range: MH_EINVAL");
-        mh_graph_unref(g);
+        TAP_EQ_INT(mh__graph_merge_base(g, 0, 7, &out), MH_EINVAL, "a node out of range: MH_EINVAL");
+        mh__graph_unref(g);
     }
 }
 
@@ -508,7 +508,7 @@ static void test_base_random(void)
                 bad++;
             }
         }
-        mh_graph_unref(g);
+        mh__graph_unref(g);
     }
     TAP_OK(bad == 0, "%d merge bases on random DAGs agree with brute force (%d unrelated pairs)", checks, none);
 }

@@ -1,0 +1,628 @@
+/*
+ * refwrite.c — the one write path of a repository's refs (mh/refwrite.h):
+ * the transaction's lock order, the ref rows and the global rows they
+ * name, every branch move, server-side commits, and the staged-upload
+ * grant protocol. Push, server-side commits, merges, mpack.index,
+ * mpack.gc and repository deletion all write through here; the SQL that
+ * touches ref rows or branches exists nowhere else.
+ *
+ * Invariants:
+ *  - Lock order, each lock its own statement: (1) the repository row FOR
+ *    UPDATE (mh_rw_begin), (2) the pack's advisory lock (mh_rw_begin, and
+ *    the sweep's own transaction), (3) rows an operation adds (a
+ *    proposal), (4) the branch row FOR UPDATE (mh_rw_move_check). Under
+ *    READ COMMITTED every statement after a lock sees what the previous
+ *    holder committed; a locked row is re-read at its newest version.
+ *  - Every writer of a repository's ref rows holds its repository row, so
+ *    ref rows are inserted with a sorted anti-join and a plain INSERT
+ *    (ON CONFLICT doubled the cost), and commit_refs.ref_seq numbers
+ *    become visible in order (graph.c relies on it, sql/0009).
+ *  - Every branch move bumps repos.state_seq in its statement: the caches
+ *    keyed by (repository, state_seq) never serve a state they were not
+ *    built for.
+ *  - Parameters only: no SQL is built from ids.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mh/refwrite.h"
+
+/* ================================================ transaction, lock order */
+
+static const char sql_tmp_commits[] =
+    "CREATE TEMP TABLE tmp_commits (commit_id text, parent_commit_id text, parent2_commit_id text,"
+    " snapshot_id text, message text, author text, committed_at text, branch text, generation int, meta bytea)"
+    " ON COMMIT DROP";
+static const char sql_tmp_snapshots[] =
+    "CREATE TEMP TABLE tmp_snapshots (snapshot_id text, parent_snapshot_id text, delta_upsert bytea COMPRESSION lz4,"
+    " delta_remove bytea COMPRESSION lz4, entry_count int, depth int, checkpoint bytea COMPRESSION lz4) ON COMMIT DROP";
+static const char sql_tmp_objects[] =
+    "CREATE TEMP TABLE tmp_objects (object_id text, byte_offset bigint, byte_length bigint) ON COMMIT DROP";
+
+const char mh_rw_sql_pack_lock[] = "SELECT pg_advisory_xact_lock(hashtextextended('musehub:mpack:' || $1::text, 0))";
+
+/* The repository row: the first lock of every ref writer. Its count tells
+ * whether the repository still exists. */
+static const char sql_repo_lock[] = "SELECT count(*) FROM (SELECT 1 FROM repos WHERE repo_id = $1 FOR UPDATE) r";
+
+static int repo_locked(mh_step_t *s, PGresult **res, int n)
+{
+    /* The repository lock is the statement after BEGIN and the tables. */
+    for (int i = 0; i < n; i++)
+        if (PQnfields(res[i]) == 1 && PQntuples(res[i]) == 1 && !strcmp(PQfname(res[i], 0), "count")) {
+            if (mh_pq_int(res[i], 0, 0) == 1) return 0;
+            mh_step_fail(s, MH_ENOENT, "the repository was deleted");
+            return MH_ENOENT;
+        }
+    return MH_EDB;
+}
+
+void mh_rw_begin(mh_step_t *s, const char *repo_id, const char *mpack_id, unsigned tmp)
+{
+    mh_db_batch_t b = {0};
+    mh_db_batch_add(&b, "BEGIN", 0);
+    if (tmp & MH_RW_COMMITS) mh_db_batch_add(&b, sql_tmp_commits, 0);
+    if (tmp & MH_RW_SNAPSHOTS) mh_db_batch_add(&b, sql_tmp_snapshots, 0);
+    if (tmp & MH_RW_OBJECTS) mh_db_batch_add(&b, sql_tmp_objects, 0);
+    mh_db_batch_add(&b, sql_repo_lock, 1, repo_id);
+    if (mpack_id) mh_db_batch_add(&b, mh_rw_sql_pack_lock, 1, mpack_id);
+    mh_step_batch(s, &b, repo_locked);
+}
+
+void mh_rw_copy(mh_step_t *s, unsigned table, const mh_buf_t *rows)
+{
+    const char *sql = table == MH_RW_COMMITS     ? "COPY tmp_commits FROM STDIN"
+                      : table == MH_RW_SNAPSHOTS ? "COPY tmp_snapshots FROM STDIN"
+                                                 : "COPY tmp_objects FROM STDIN";
+    mh_step_copy(s, sql, rows->p, rows->len);
+}
+
+/* ============================================================ rows, refs */
+
+static void store_index(int *where, int i)
+{
+    if (where) *where = i;
+}
+
+void mh_rw_history_rows(mh_db_batch_t *b, const char *repo_id, int *i_commits, int *i_snapshots)
+{
+    mh_db_batch_add(b,
+                    "INSERT INTO commits (commit_id, parent_commit_id, parent2_commit_id, snapshot_id, message, author,"
+                    " committed_at, branch, generation, meta)"
+                    " SELECT * FROM tmp_commits ORDER BY commit_id ON CONFLICT DO NOTHING",
+                    0);
+    mh_db_batch_add(b,
+                    "INSERT INTO snapshots (snapshot_id, parent_snapshot_id, delta_upsert, delta_remove, entry_count,"
+                    " depth, checkpoint) SELECT * FROM tmp_snapshots ORDER BY snapshot_id ON CONFLICT DO NOTHING",
+                    0);
+    store_index(i_commits,
+                mh_db_batch_add(b,
+                                "WITH x AS (INSERT INTO commit_refs (repo_id, commit_id, branch, meta)"
+                                " SELECT DISTINCT ON (t.commit_id) $1::text, t.commit_id, t.branch, t.meta"
+                                " FROM tmp_commits t WHERE NOT EXISTS (SELECT 1 FROM commit_refs r WHERE r.repo_id = $1"
+                                " AND r.commit_id = t.commit_id) ORDER BY t.commit_id RETURNING 1)"
+                                " SELECT count(*) FROM x",
+                                1, repo_id));
+    store_index(i_snapshots,
+                mh_db_batch_add(b,
+                                "WITH x AS (INSERT INTO snapshot_refs (repo_id, snapshot_id) SELECT DISTINCT $1::text,"
+                                " t.snapshot_id FROM tmp_snapshots t WHERE NOT EXISTS (SELECT 1 FROM snapshot_refs r"
+                                " WHERE r.repo_id = $1 AND r.snapshot_id = t.snapshot_id) ORDER BY 2 RETURNING 1)"
+                                " SELECT count(*) FROM x",
+                                1, repo_id));
+}
+
+void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int *i_refs)
+{
+    if (p->new_objects)
+        mh_db_batch_add(b,
+                        "INSERT INTO objects (object_id, size_bytes, storage_uri)"
+                        " SELECT object_id, byte_length, 'mpack://' || $1::text || '#' || byte_offset || ':' ||"
+                        " byte_length FROM tmp_objects ORDER BY object_id ON CONFLICT DO NOTHING",
+                        1, p->mpack_id);
+    store_index(i_index,
+                mh_db_batch_add(b,
+                                "WITH x AS (INSERT INTO mpack_index (object_id, mpack_id, byte_offset, byte_length)"
+                                " SELECT object_id, $1::text, byte_offset, byte_length FROM tmp_objects"
+                                " ORDER BY object_id ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM x",
+                                1, p->mpack_id));
+    /* Referenced again: a superseded pack is live again, out of the
+     * sweep's reach. */
+    mh_db_batch_add(b,
+                    "INSERT INTO mpacks (mpack_id, size_bytes, kind) VALUES ($1, $2::bigint, $3)"
+                    " ON CONFLICT (mpack_id) DO UPDATE SET superseded_at = NULL WHERE mpacks.superseded_at IS NOT NULL",
+                    3, p->mpack_id, p->size, p->kind);
+    mh_db_batch_add(b, "INSERT INTO mpack_refs (repo_id, mpack_id) VALUES ($1, $2) ON CONFLICT DO NOTHING", 2,
+                    p->repo_id, p->mpack_id);
+    if (p->new_objects)
+        store_index(i_refs,
+                    mh_db_batch_add(b,
+                                    "WITH x AS (INSERT INTO object_refs (repo_id, object_id) SELECT DISTINCT $1::text,"
+                                    " t.object_id FROM tmp_objects t WHERE NOT EXISTS (SELECT 1 FROM object_refs r"
+                                    " WHERE r.repo_id = $1 AND r.object_id = t.object_id) ORDER BY 2 RETURNING 1)"
+                                    " SELECT count(*) FROM x",
+                                    1, p->repo_id));
+}
+
+static const void *blob_key(const void *ctx, uint32_t v) { return ((const mh_pack_t *)ctx)->blobs[v].object_id.p; }
+
+int mh_index_copy_rows(const mh_pack_t *p, mh_buf_t *out, size_t *nrows)
+{
+    *nrows = 0;
+    /* Ids come from the pack as sent: core's seeded map, never a table a
+     * client could fill with colliding ids. */
+    mh_idmap_t seen;
+    mh_idmap_init(&seen, NULL, MH_ID_LEN, blob_key, p);
+    int rc = mh_idmap_reserve(&seen, p->nblobs);
+    if (!rc) rc = mh_buf_reserve(out, p->nblobs * (MH_ID_LEN + 24));
+    for (size_t i = 0; i < p->nblobs && !rc; i++) {
+        const mh_pack_blob_t *bl = &p->blobs[i];
+        int added = mh_idmap_add(&seen, (uint32_t)i, NULL);
+        if (added <= 0) {
+            rc = added;
+            continue;
+        }
+        rc = mh_copy_field(out, bl->object_id.p, bl->object_id.n, false);
+        if (!rc) rc = mh_copy_int(out, (int64_t)bl->offset, false);
+        if (!rc) rc = mh_copy_int(out, (int64_t)bl->length, true);
+        if (!rc) (*nrows)++;
+    }
+    mh_idmap_free(&seen);
+    return rc;
+}
+
+static int cmp_blob(const void *x, const void *y)
+{
+    return memcmp(((const mh_rw_blob_t *)x)->id, ((const mh_rw_blob_t *)y)->id, MH_ID_LEN);
+}
+
+int mh_rw_blob_pack(mh_rw_blob_t *blobs, size_t *n, bool verify, mh_buf_t *out, mh_id_t *key, size_t *bad)
+{
+    size_t m = *n, k = 0;
+    if (m > 1) qsort(blobs, m, sizeof *blobs, cmp_blob);
+    uint64_t bytes = 0;
+    for (size_t i = 0; i < m; i++) {
+        if (k && !memcmp(blobs[k - 1].id, blobs[i].id, MH_ID_LEN)) continue;
+        blobs[k++] = blobs[i];
+        bytes += blobs[i].len;
+    }
+    *n = k;
+    static const uint8_t empty[1] = {0};
+    /* Checked before anything is written: content must hash to its id. */
+    for (size_t i = 0; verify && i < k; i++) {
+        mh_id_t got;
+        mh_blob_id(blobs[i].len ? blobs[i].content : empty, blobs[i].len, &got);
+        if (memcmp(got.s, blobs[i].id, MH_ID_LEN) != 0) {
+            if (bad) *bad = i;
+            return MH_EHASH;
+        }
+    }
+    if (bytes > SIZE_MAX / 2 || mh_buf_reserve(out, (size_t)bytes + k * (MH_ID_LEN + 32) + 64)) return MH_ENOMEM;
+    mh_packw_t w;
+    mh_packw_init(&w, out);
+    mh_packw_commits(&w, 0);
+    mh_packw_snapshots(&w, 0);
+    mh_packw_blobs(&w, (uint32_t)k);
+    for (size_t i = 0; i < k; i++) {
+        mh_packw_blob(&w, (mh_str_t){blobs[i].id, MH_ID_LEN}, blobs[i].len ? blobs[i].content : empty,
+                      (size_t)blobs[i].len);
+        /* The writer ends each blob map with its content bytes. */
+        blobs[i].new_off = out->len - blobs[i].len;
+    }
+    mh_packw_branch_heads(&w, 0);
+    int rc = mh_packw_finish(&w);
+    if (rc) return rc;
+    mh_blob_id(out->p, out->len, key);
+    return 0;
+}
+
+int mh_rw_blob_rows(const mh_rw_blob_t *blobs, size_t n, mh_buf_t *out)
+{
+    int rc = mh_buf_reserve(out, n * (MH_ID_LEN + 24));
+    for (size_t i = 0; i < n && !rc; i++) {
+        rc = mh_copy_field(out, blobs[i].id, MH_ID_LEN, false);
+        if (!rc) rc = mh_copy_int(out, (int64_t)blobs[i].new_off, false);
+        if (!rc) rc = mh_copy_int(out, (int64_t)blobs[i].len, true);
+    }
+    return rc;
+}
+
+void mh_rw_repo_delete_rows(mh_db_batch_t *b, const char *repo_id)
+{
+    /* Each its own statement after the lock (mh_rw_begin): a fresh
+     * snapshot that sees the refs of a writer that held the lock before. */
+    static const char *const sql[] = {
+        "DELETE FROM commit_refs WHERE repo_id = $1", "DELETE FROM snapshot_refs WHERE repo_id = $1",
+        "DELETE FROM object_refs WHERE repo_id = $1", "DELETE FROM mpack_refs WHERE repo_id = $1",
+        "DELETE FROM repos WHERE repo_id = $1"};
+    for (size_t i = 0; i < sizeof sql / sizeof *sql; i++) mh_db_batch_add(b, sql[i], 1, repo_id);
+}
+
+/* ========================================================= branch moves */
+
+static int ancestry_done(mh_step_t *s, PGresult *res);
+
+/* Judges mv once the branch row is locked; MH_STEP_WAIT when a walk of
+ * the history must decide. */
+static int judge(mh_step_t *s, mh_move_t *mv, bool head_known)
+{
+    if (mv->new_head && !mv->head_written_here && !head_known) return mv->verdict = MH_MOVE_UNKNOWN_HEAD, 0;
+    if (mv->cas && (mv->expected_old ? !mv->exists || strcmp(mv->old_head, mv->expected_old) != 0 : mv->exists))
+        return mv->verdict = MH_MOVE_STALE, 0;
+    switch (mv->kind) {
+    case MH_MOVE_CREATE:
+        mv->verdict = mv->exists ? MH_MOVE_EXISTS : MH_MOVE_OK;
+        return 0;
+    case MH_MOVE_DELETE:
+        mv->verdict = mv->exists ? MH_MOVE_OK : MH_MOVE_ABSENT;
+        return 0;
+    case MH_MOVE_FORCE:
+        mv->verdict = MH_MOVE_OK;
+        return 0;
+    case MH_MOVE_FAST_FORWARD:
+    case MH_MOVE_COMMIT:
+    case MH_MOVE_MERGE:
+        break;
+    }
+    /* A fast-forward: creation, no move, or a commit built on the head. */
+    if (!mv->exists || !strcmp(mv->old_head, mv->new_head) ||
+        (mv->new_parent && !strcmp(mv->old_head, mv->new_parent))) {
+        mv->verdict = MH_MOVE_OK;
+        return 0;
+    }
+    /* Is the old head an ancestor of the new one? Walk parents from the new
+     * head, pruned by generation number: the cost is the number of commits
+     * between them. */
+    s->on.res = NULL;
+    mh_db_pq_t q = {NULL,
+                    "WITH RECURSIVE g AS (SELECT generation FROM commits WHERE commit_id = $2),"
+                    " anc(id) AS (SELECT $1::text UNION"
+                    "  SELECT p.id FROM anc JOIN commits c ON c.commit_id = anc.id,"
+                    "  LATERAL (VALUES (c.parent_commit_id), (c.parent2_commit_id)) AS p(id)"
+                    "  WHERE p.id IS NOT NULL AND c.generation > (SELECT generation FROM g))"
+                    " SELECT EXISTS (SELECT 1 FROM anc WHERE id = $2)",
+                    2,
+                    (const char *const[]){mv->new_head, mv->old_head},
+                    NULL,
+                    NULL};
+    mh_step_query(s, &q, ancestry_done);
+    return MH_STEP_WAIT;
+}
+
+static int ancestry_done(mh_step_t *s, PGresult *res)
+{
+    mh_move_t *mv = s->arg;
+    if (!mv) return MH_EINVAL;
+    mv->verdict = mh_pq_str(res, 0, 0)[0] == 't' ? MH_MOVE_OK : MH_MOVE_NOT_FF;
+    return 0;
+}
+
+static int branch_locked(mh_step_t *s, PGresult *res)
+{
+    mh_move_t *mv = s->arg;
+    if (!mv || PQntuples(res) != 1) return MH_EDB;
+    /* Row: (current head or NULL, new head a commit of this repository?) */
+    mv->exists = !mh_pq_isnull(res, 0, 0);
+    snprintf(mv->old_head, sizeof mv->old_head, "%s", mv->exists ? mh_pq_str(res, 0, 0) : "");
+    return judge(s, mv, mh_pq_str(res, 0, 1)[0] == 't');
+}
+
+void mh_rw_move_check(mh_step_t *s, mh_move_t *mv)
+{
+    s->arg = mv;
+    mv->verdict = MH_MOVE_OK;
+    /* FOR UPDATE waits for a concurrent holder and returns the row's
+     * newest version, not this statement's snapshot: the judgement sees
+     * the winner's head. */
+    mh_db_pq_t q = {NULL,
+                    "SELECT (SELECT head_commit_id FROM branches WHERE repo_id = $1 AND name = $2 FOR UPDATE),"
+                    " EXISTS (SELECT 1 FROM commit_refs WHERE repo_id = $1 AND commit_id = $3)",
+                    3,
+                    (const char *const[]){mv->repo_id, mv->branch, mv->new_head ? mv->new_head : ""},
+                    NULL,
+                    NULL};
+    mh_step_query(s, &q, branch_locked);
+}
+
+void mh_rw_commit_move(mh_step_t *s, mh_move_t *mv, const char *repo_id, const char *branch, mh_move_kind_t kind,
+                       const char *new_head, const char *new_parent, const char *expected_old)
+{
+    /* The "in" members in their order: cas, and the head is written here. */
+    *mv = (mh_move_t){repo_id, branch, kind, new_head, new_parent, true, expected_old, true};
+    mh_rw_move_check(s, mv);
+}
+
+void mh_rw_move_refuse(mh_step_t *s, const mh_move_t *mv)
+{
+    const char *old = mv->exists ? mv->old_head : "(no branch)";
+    switch (mv->verdict) {
+    case MH_MOVE_OK:
+        return;
+    case MH_MOVE_STALE:
+        mh_step_refuse(s, 409, "stale_head", "branch '%s' is at %s, not at %s; fetch and retry", mv->branch, old,
+                       mv->expected_old ? mv->expected_old : "(no branch)");
+        return;
+    case MH_MOVE_NOT_FF:
+        mh_step_refuse(s, 409, "non_fast_forward",
+                       "moving '%s' from %s to %s is not a fast-forward; fetch and merge, or push with force",
+                       mv->branch, old, mv->new_head);
+        return;
+    case MH_MOVE_UNKNOWN_HEAD:
+        mh_step_refuse(s, 422, "unknown_head", "head %s is neither in the pack nor in this repository", mv->new_head);
+        return;
+    case MH_MOVE_EXISTS:
+        mh_step_refuse(s, 409, "exists", "branch '%s' exists", mv->branch);
+        return;
+    case MH_MOVE_ABSENT:
+        mh_step_refuse(s, 404, "not_found", "no branch '%s'", mv->branch);
+        return;
+    }
+}
+
+void mh_rw_move_rows(mh_db_batch_t *b, const mh_move_t *mv)
+{
+    /* The branch statement and the state_seq bump are one statement; no
+     * change (the same head) bumps nothing. */
+#define BUMP                                                                                                           \
+    " UPDATE repos SET state_seq = state_seq + 1, updated_at = now() WHERE repo_id = $1 AND EXISTS (SELECT 1 FROM b)"
+    if (mv->kind == MH_MOVE_DELETE)
+        mh_db_batch_add(b, "WITH b AS (DELETE FROM branches WHERE repo_id = $1 AND name = $2 RETURNING 1)" BUMP, 2,
+                        mv->repo_id, mv->branch);
+    else if (mv->exists)
+        mh_db_batch_add(b,
+                        "WITH b AS (UPDATE branches SET head_commit_id = $3, updated_at = now()"
+                        " WHERE repo_id = $1 AND name = $2 AND head_commit_id <> $3 RETURNING 1)" BUMP,
+                        3, mv->repo_id, mv->branch, mv->new_head);
+    else
+        mh_db_batch_add(b,
+                        "WITH b AS (INSERT INTO branches (repo_id, name, head_commit_id) VALUES ($1, $2, $3)"
+                        " RETURNING 1)" BUMP,
+                        3, mv->repo_id, mv->branch, mv->new_head);
+#undef BUMP
+}
+
+/* ================================================== server-side commits */
+
+int mh_rw_commit_build(mh_rw_commit_t *c)
+{
+    static const mh_manifest_t empty = {0};
+    mh_manifest_id(c->m, &c->sid);
+    snprintf(c->entries, sizeof c->entries, "%zu", c->m->n);
+    /* An unchanged tree reuses the first parent's row. */
+    c->new_snapshot = !c->parent_snap || strcmp(c->sid.s, c->parent_snap) != 0;
+    c->depth = 0;
+    if (c->new_snapshot) {
+        uint32_t nu, nr;
+        c->up.len = c->rm.len = c->cp.len = 0;
+        if (mh_manifest_diff(c->parent_m ? c->parent_m : &empty, c->m, &c->up, &nu, &c->rm, &nr)) return MH_ENOMEM;
+        c->depth = c->parent_snap ? c->parent_depth + 1 : 0;
+        c->checkpoint = c->depth >= MH_CHECKPOINT_INTERVAL;
+        if (c->checkpoint) {
+            c->depth = 0;
+            if (mh_manifest_encode(c->m, &c->cp)) return MH_ENOMEM;
+        }
+    }
+    mh_iso_now(c->committed_at, sizeof c->committed_at);
+    mh_str_t parents[2];
+    int64_t g = 0;
+    for (int i = 0; i < c->nparents; i++) {
+        parents[i] = (mh_str_t){c->parents[i], MH_ID_LEN};
+        if (c->parent_gens[i] > g) g = c->parent_gens[i];
+    }
+    mh_commit_id(parents, c->nparents, (mh_str_t){c->sid.s, MH_ID_LEN}, (mh_str_t){c->message, strlen(c->message)},
+                 (mh_str_t){c->committed_at, strlen(c->committed_at)}, (mh_str_t){c->author, strlen(c->author)},
+                 &c->cid);
+    c->gen = g + 1;
+    snprintf(c->depth_s, sizeof c->depth_s, "%lld", (long long)c->depth);
+    snprintf(c->gen_s, sizeof c->gen_s, "%lld", (long long)c->gen);
+    return 0;
+}
+
+void mh_rw_commit_rows(mh_db_batch_t *b, const char *repo_id, const mh_rw_commit_t *c)
+{
+    if (c->new_snapshot) {
+        /* Deltas are binary parameters: no hex round trip. */
+        mh_db_batch_add(b,
+                        "INSERT INTO snapshots (snapshot_id, parent_snapshot_id, delta_upsert, delta_remove,"
+                        " entry_count, depth, checkpoint) VALUES ($1, $2, $3, $4, $5::int, $6::int, $7)"
+                        " ON CONFLICT DO NOTHING",
+                        7, c->sid.s, c->parent_snap, NULL, NULL, c->entries, c->depth_s, NULL);
+        mh_db_batch_bin(b, 2, c->up.p ? c->up.p : (const uint8_t *)"", c->up.len);
+        mh_db_batch_bin(b, 3, c->rm.p ? c->rm.p : (const uint8_t *)"", c->rm.len);
+        mh_db_batch_bin(b, 6, c->checkpoint ? c->cp.p : NULL, c->checkpoint ? c->cp.len : 0);
+    }
+    mh_db_batch_add(b,
+                    "INSERT INTO commits (commit_id, parent_commit_id, parent2_commit_id, snapshot_id, message, author,"
+                    " committed_at, branch, generation) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::int)"
+                    " ON CONFLICT DO NOTHING",
+                    9, c->cid.s, c->nparents > 0 ? c->parents[0] : NULL, c->nparents > 1 ? c->parents[1] : NULL,
+                    c->sid.s, c->message, c->author, c->committed_at, c->branch, c->gen_s);
+    /* The branch is this repository's own (per-repository metadata,
+     * sql/0008). */
+    mh_db_batch_add(b,
+                    "INSERT INTO commit_refs (repo_id, commit_id, branch) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    3, repo_id, c->cid.s, c->branch);
+    mh_db_batch_add(b, "INSERT INTO snapshot_refs (repo_id, snapshot_id) VALUES ($1, $2) ON CONFLICT DO NOTHING", 2,
+                    repo_id, c->sid.s);
+}
+
+void mh_rw_commit_free(mh_rw_commit_t *c)
+{
+    mh_buf_free(&c->up);
+    mh_buf_free(&c->rm);
+    mh_buf_free(&c->cp);
+}
+
+/* ====================================================== staged uploads */
+
+#define MAX_GRANTS 64 /* tried per unpack: a client presigning more is asking for trouble */
+
+void mh_rw_upload_init(mh_upload_t *up, mh_arena_t *a, const char *repo_id, const char *mpack_id)
+{
+    memset(up, 0, sizeof *up);
+    up->arena = a;
+    up->repo_id = repo_id;
+    up->mpack_id = mpack_id;
+    mh_mpack_key(up->pack_key, mpack_id);
+}
+
+void mh_rw_upload_free(mh_upload_t *up) { mh_buf_free(&up->bytes); }
+
+static int grants_read(mh_step_t *s, PGresult *res)
+{
+    mh_upload_t *up = s->arg;
+    int rows = PQntuples(res);
+    if (!up || rows < 1) return MH_EDB;
+    /* Every row repeats the two flags; grant columns are NULL without one. */
+    up->referenced = mh_pq_str(res, 0, 0)[0] == 't';
+    up->head_known = mh_pq_str(res, 0, 1)[0] == 't';
+    up->grants = mh_calloc(up->arena, (size_t)rows * sizeof *up->grants);
+    if (!up->grants) return MH_ENOMEM;
+    for (int r = 0; r < rows; r++) {
+        if (mh_pq_isnull(res, r, 2)) continue;
+        mh_grant_t *g = &up->grants[up->ngrants++];
+        g->grant_id = mh_strdup(up->arena, mh_pq_str(res, r, 2));
+        g->staging_key = mh_strdup(up->arena, mh_pq_str(res, r, 3));
+        g->verified = mh_pq_str(res, r, 4)[0] == 't';
+        g->size = (uint64_t)mh_pq_int(res, r, 5);
+        if (!g->grant_id || !g->staging_key) return MH_ENOMEM;
+    }
+    return 0;
+}
+
+void mh_rw_upload_lookup(mh_step_t *s, mh_upload_t *up)
+{
+    s->arg = up;
+    char limit[8];
+    snprintf(limit, sizeof limit, "%d", MAX_GRANTS);
+    mh_db_pq_t q = {NULL,
+                    "SELECT EXISTS (SELECT 1 FROM mpack_refs WHERE repo_id = $1 AND mpack_id = $2),"
+                    " EXISTS (SELECT 1 FROM commit_refs WHERE repo_id = $1 AND commit_id = $3),"
+                    " g.grant_id, g.staging_key, (g.verified_at IS NOT NULL)::text, g.size_bytes"
+                    " FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT grant_id, staging_key, verified_at, size_bytes"
+                    "  FROM push_grants WHERE repo_id = $1 AND mpack_key = $2 AND consumed_at IS NULL"
+                    "  AND expires_at > now() ORDER BY verified_at IS NOT NULL DESC, created_at DESC LIMIT $4::int) g"
+                    " ON true",
+                    4,
+                    (const char *const[]){up->repo_id, up->mpack_id, up->head ? up->head : "", limit},
+                    NULL,
+                    NULL};
+    mh_step_query(s, &q, grants_read);
+}
+
+static int upload_got(mh_step_t *s, int err, mh_buf_t *data);
+
+/* Reads the next candidate: the pack key when referenced, else the next
+ * grant's staged key; MH_STEP_WAIT, or 0 when none is left. */
+static int read_next(mh_step_t *s, mh_upload_t *up)
+{
+    if (up->referenced && !up->src) {
+        up->src = up->pack_key;
+        up->trusted = true;
+    } else if (up->next < up->ngrants) {
+        up->grant = &up->grants[up->next++];
+        up->src = up->grant->staging_key;
+        up->trusted = up->grant->verified;
+    } else {
+        up->outcome = up->ngrants || up->referenced ? MH_UPLOAD_NOT_STAGED : MH_UPLOAD_NO_GRANT;
+        up->grant = NULL;
+        return 0;
+    }
+    mh_step_get(s, up->src, 0, UINT64_MAX, upload_got);
+    return MH_STEP_WAIT;
+}
+
+static int upload_got(mh_step_t *s, int err, mh_buf_t *data)
+{
+    mh_upload_t *up = s->arg;
+    if (!up) return MH_EINVAL;
+    if (err == MH_ENOENT && up->grant && up->grant->verified && up->src != up->pack_key) {
+        /* This grant's upload was verified by an earlier attempt that moved
+         * it into place and then failed: read it from its final key. Only
+         * a verified grant may (an unverified one must upload: SPEC 4.3). */
+        up->src = up->pack_key;
+        mh_step_get(s, up->src, 0, UINT64_MAX, upload_got);
+        return MH_STEP_WAIT;
+    }
+    if (err == MH_ENOENT && up->grant) return read_next(s, up); /* nothing uploaded under this grant */
+    if (err) {
+        mh_step_fail(s, err == MH_ENOENT ? MH_ESTORE : err, up->src);
+        return err;
+    }
+    up->bytes = *data;
+    *data = (mh_buf_t){0};
+    up->outcome = MH_UPLOAD_READ;
+    if (up->grant && up->src != up->pack_key && up->bytes.len != up->grant->size) up->outcome = MH_UPLOAD_SIZE_MISMATCH;
+    return 0;
+}
+
+void mh_rw_upload_read(mh_step_t *s, mh_upload_t *up)
+{
+    s->arg = up;
+    up->next = 0;
+    up->src = NULL;
+    up->grant = NULL;
+    read_next(s, up); /* none to read: no call, the outcome says why */
+}
+
+void mh_rw_upload_verified(mh_step_t *s, const mh_upload_t *up)
+{
+    if (!up->grant) return; /* read as referenced: nothing to record */
+    mh_db_pq_t q = {NULL, "UPDATE push_grants SET verified_at = coalesce(verified_at, now()) WHERE grant_id = $1",
+                    1,    (const char *const[]){up->grant->grant_id},
+                    NULL, NULL};
+    mh_step_query(s, &q, NULL);
+}
+
+static int placed_check(mh_step_t *s, int err, uint64_t size)
+{
+    mh_upload_t *up = s->arg;
+    if (!up) return MH_EINVAL;
+    /* Whatever the store says, a pack that is not in place is its fault. */
+    if (err || size != up->bytes.len) {
+        mh_step_fail(s, err == MH_ENOSPC ? err : MH_ESTORE, "the staged upload vanished and the pack is not in place");
+        return MH_ESTORE;
+    }
+    return 0;
+}
+
+static int moved(mh_step_t *s, int err)
+{
+    mh_upload_t *up = s->arg;
+    if (!up) return MH_EINVAL;
+    if (err == MH_ENOENT) {
+        /* The staged key is gone: another attempt under this grant moved it
+         * meanwhile. Make sure it is in place before referencing it. */
+        mh_step_head(s, up->pack_key, placed_check);
+        return MH_STEP_WAIT;
+    }
+    if (err) mh_step_fail(s, err, "moving the pack into place");
+    return err;
+}
+
+void mh_rw_upload_place(mh_step_t *s, mh_upload_t *up)
+{
+    if (up->src == up->pack_key) return; /* already at its final key */
+    s->arg = up;
+    mh_step_move(s, up->src, up->pack_key, moved);
+}
+
+void mh_rw_upload_rows(mh_db_batch_t *b, mh_upload_t *up)
+{
+    snprintf(up->size, sizeof up->size, "%zu", up->bytes.len);
+    mh_rw_pack_t pack = {up->repo_id, up->mpack_id, up->size, "push", true};
+    mh_rw_pack_rows(b, &pack, &up->i_index, &up->i_refs);
+}
+
+void mh_rw_upload_written(mh_upload_t *up, PGresult **res)
+{
+    up->indexed = mh_pq_int(res[up->i_index], 0, 0);
+    up->referenced_new = mh_pq_int(res[up->i_refs], 0, 0);
+}
+
+void mh_rw_upload_consume(mh_db_batch_t *b, const mh_upload_t *up)
+{
+    if (up->grant)
+        mh_db_batch_add(b, "UPDATE push_grants SET consumed_at = now() WHERE grant_id = $1", 1, up->grant->grant_id);
+}
