@@ -59,6 +59,8 @@ typedef struct {
     uint32_t maintenance_s;   /* period of pruning and sweeping, seconds; 60
                                  (MUSEHUB_JOB_MAINTENANCE_SECONDS) */
     uint64_t max_pack_bytes;  /* largest pack indexed or built; 2 GiB (MUSEHUB_MAX_MPACK_BYTES) */
+    uint64_t max_unpacked;    /* largest decompressed total of a v2 pack read; 16 GiB
+                                 (MUSEHUB_MAX_UNPACKED_BYTES) */
     mh_budget_t *budget;      /* the process's pack-memory budget (borrowed; NULL: unlimited) */
 } mh_jobs_config_t;
 
