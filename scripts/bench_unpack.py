@@ -125,6 +125,9 @@ def run_one(args, pg: str, emu: dict | None, pack: Path, head: str, n: int, work
         proc.terminate()
         proc.wait(30)
         log.close()
+        if args.keep_logs:
+            os.makedirs(args.keep_logs, exist_ok=True)
+            shutil.copy(work / f"server-{n}.log", Path(args.keep_logs) / f"{pack.name}-{n}.log")
         pgtmp.psql(pg, sql=f"DROP DATABASE IF EXISTS bench_unpack_{os.getpid()}_{n}")
         shutil.rmtree(store, ignore_errors=True)
 
@@ -136,6 +139,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--pack-memory", type=int, default=0, help="MUSEHUB_PACK_MEMORY (default: the server's)")
     ap.add_argument("--env", action="append", default=[], help="extra NAME=VALUE for the server")
+    ap.add_argument("--keep-logs", metavar="DIR", help="copy each run's server log into DIR")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-unpack-", dir="/tmp"))
     work.chmod(0o755)  # the postgres user must reach the cluster's directory

@@ -130,7 +130,7 @@ typedef mh_rw_blob_t mh_gc_blob_t;
  * does not hash to its id), MH_ENOMEM. */
 int mh_gc_build_pack(mh_gc_blob_t *blobs, size_t *n, mh_buf_t *out, mh_id_t *key, size_t *bad);
 
-/* mh_index_copy_rows, the COPY rows of a pack's blobs, is refwrite's
- * (mh/refwrite.h). */
+/* mh_rw_index_rows, the COPY rows of a pack's blobs (and v2 frames), is
+ * refwrite's (mh/refwrite.h). */
 
 #endif

@@ -168,10 +168,7 @@ void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int 
                                     1, p->repo_id));
 }
 
-static const void *blob_key(const void *ctx, uint32_t v)
-{
-    return ((const mh_packr_result_t *)ctx)->blobs[v].id;
-}
+static const void *blob_key(const void *ctx, uint32_t v) { return ((const mh_packr_result_t *)ctx)->blobs[v].id; }
 
 /* One tmp_frames row per v2 frame, in index order. */
 static int frame_rows(const mh_packr_result_t *p, mh_buf_t *out)

@@ -43,6 +43,8 @@
 /* Growth asks for at least this much more than it needs, so that a pack
  * whose metadata grows steadily does not wait for the budget per window. */
 #define GROW_MIN ((size_t)1 << 20)
+/* The largest window read from S3 (see default_window). */
+#define S3_WINDOW ((size_t)16 << 20)
 
 /* ============================================================== lookup */
 
@@ -162,10 +164,10 @@ struct mh__upstream {
     mh_store_reader_t *rd;
     mh_store_window_t w; /* the window being worked on (a copy: the reader's is on its stack) */
     uv_work_t parse, hash;
-    int pending;       /* thread-pool jobs of this window still running */
-    int parse_err;     /* mh_packr_feed's */
-    bool cancelled;    /* a job was cancelled (the loop is closing) */
-    mh_sha256_t *sha;  /* the pack's hash; NULL for trusted bytes */
+    int pending;      /* thread-pool jobs of this window still running */
+    int parse_err;    /* mh_packr_feed's */
+    bool cancelled;   /* a job was cancelled (the loop is closing) */
+    mh_sha256_t *sha; /* the pack's hash; NULL for trusted bytes */
 };
 
 /* The bytes the stream holds beside the reader. */
@@ -322,6 +324,24 @@ static void budget_cb(void *ud, int err)
     else mh_store_reader_next(st->rd);
 }
 
+/* The store reader's window when the caller leaves it open: on fs a
+ * window is one pread and the default (4 MiB) is plenty; on S3 each
+ * window is one ranged GET whose fixed cost (a request's round trips,
+ * signing, the store's own per-request work) is paid per window, so
+ * windows are larger there: 16 MiB, but at most a sixteenth of the
+ * budget (two are held), and never below the default. */
+static size_t default_window(const mh_store_t *store, const mh_budget_t *budget)
+{
+    if (strcmp(mh_store_kind(store), "s3") != 0) return MH_STORE_WINDOW_DEFAULT;
+    size_t w = S3_WINDOW;
+    if (budget) {
+        mh_budget_stats_t bs;
+        mh_budget_stats(budget, &bs);
+        if (bs.total / 16 < w) w = (size_t)(bs.total / 16);
+    }
+    return w < MH_STORE_WINDOW_DEFAULT ? MH_STORE_WINDOW_DEFAULT : w;
+}
+
 void mh_rw_upload_stream(mh_step_t *s, mh_upload_t *up, const mh_rw_stream_opts_t *opts)
 {
     mh_step_wait(s);
@@ -334,7 +354,7 @@ void mh_rw_upload_stream(mh_step_t *s, mh_upload_t *up, const mh_rw_stream_opts_
     st->up = up;
     up->st = st;
     up->budget = opts->budget;
-    st->window = opts->window ? opts->window : MH_STORE_WINDOW_DEFAULT;
+    st->window = opts->window ? opts->window : default_window(s->store, opts->budget);
     /* Bytes verified when they entered are only parsed (their frames'
      * structure still checked); a new upload is hashed whole and blob by
      * blob (SPEC 4.3). */

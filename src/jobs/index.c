@@ -78,7 +78,8 @@ static void step_locate(mh_step_t *s)
     index_t *x = X(s);
     if (!x->up.referenced && !x->up.ngrants) {
         x->permanent = true;
-        mh_step_fail(s, MH_ENOENT, "the repository neither references this pack nor holds an unexpired push grant for it");
+        mh_step_fail(s, MH_ENOENT,
+                     "the repository neither references this pack nor holds an unexpired push grant for it");
         return;
     }
     mh_rw_upload_locate(s, &x->up);
@@ -189,8 +190,8 @@ static void index_finish(mh_step_t *s)
     snprintf(what, sizeof what, "mpack.index %s", x->key.s);
     /* A pack that does not parse or hash, or is too large, will not do
      * better on a retry; nor will a repository that was deleted. */
-    bool permanent = x->permanent || s->err == MH_EPARSE || s->err == MH_EHASH || s->err == MH_ELIMIT ||
-                     s->err == MH_ENOENT;
+    bool permanent =
+        x->permanent || s->err == MH_EPARSE || s->err == MH_EHASH || s->err == MH_ELIMIT || s->err == MH_ENOENT;
     if (s->err) mh_rw_upload_unplace(s, &x->up);
     mh_vb_t b;
     mh_vb_init(&b, a);
