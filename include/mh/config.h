@@ -30,6 +30,7 @@ typedef struct {
     bool jobs;                   /* MUSEHUB_JOBS, 1 */
     uint32_t presign_ttl;        /* MUSEHUB_PRESIGN_TTL seconds, 3600, at most 604800 */
     uint64_t max_mpack_bytes;    /* MUSEHUB_MAX_MPACK_BYTES, 2 GiB */
+    uint64_t max_unpacked_bytes; /* MUSEHUB_MAX_UNPACKED_BYTES, 16 GiB: a v2 pack's decompressed total (SPEC 2.1) */
     const char *signing_secret;  /* MUSEHUB_SIGNING_SECRET, NULL = generated into the store dir */
     const char *dev_identity;    /* MUSEHUB_DEV_IDENTITY, NULL */
     const char *log_level;       /* MUSEHUB_LOG_LEVEL, "info": debug, info, warn, error */

@@ -216,7 +216,10 @@ void mh_h_tag_delete(mh_req_t *req);
  * expected_old_head?} -> {commits_written, snapshots_written,
  * objects_written, branch, head, elapsed_ms} (404 no grant / nothing
  * staged, 409 not a fast-forward or stale expected_old_head, 422 any
- * failed check; nothing is written unless every check passed). */
+ * failed check of a v0, v1 or v2 pack, 503 busy + Retry-After when the
+ * pack-memory budget stayed spent, 507 a full store; the staged pack is
+ * read as a stream, nothing is written unless every check passed, and
+ * nothing is placed under mpacks/ unless the push succeeds). */
 void mh_h_push_presign(mh_req_t *req);
 void mh_h_push_unpack(mh_req_t *req);
 

@@ -59,6 +59,8 @@ typedef struct {
     uint32_t maintenance_s;   /* period of pruning and sweeping, seconds; 60
                                  (MUSEHUB_JOB_MAINTENANCE_SECONDS) */
     uint64_t max_pack_bytes;  /* largest pack indexed or built; 2 GiB (MUSEHUB_MAX_MPACK_BYTES) */
+    uint64_t max_unpacked;    /* largest decompressed total of a v2 pack read; 16 GiB
+                                 (MUSEHUB_MAX_UNPACKED_BYTES) */
     mh_budget_t *budget;      /* the process's pack-memory budget (borrowed; NULL: unlimited) */
 } mh_jobs_config_t;
 
@@ -128,7 +130,7 @@ typedef mh_rw_blob_t mh_gc_blob_t;
  * does not hash to its id), MH_ENOMEM. */
 int mh_gc_build_pack(mh_gc_blob_t *blobs, size_t *n, mh_buf_t *out, mh_id_t *key, size_t *bad);
 
-/* mh_index_copy_rows, the COPY rows of a pack's blobs, is refwrite's
- * (mh/refwrite.h). */
+/* mh_rw_index_rows, the COPY rows of a pack's blobs (and v2 frames), is
+ * refwrite's (mh/refwrite.h). */
 
 #endif

@@ -18,7 +18,8 @@
  *     one way to apply it with the state_seq bump (mh_rw_move_rows);
  *   - building a server-side commit (delta against the parent manifest,
  *     the checkpoint rule, ids, generation);
- *   - the staged-upload grant protocol of push and mpack.index.
+ *   - the staged-upload grant protocol of push and mpack.index, and the
+ *     streaming read of the upload both share (src/hub/upload.c).
  *
  * Everything here runs as steps of the caller's operation (mh/step.h): a
  * function that takes the mh_step_t starts one asynchronous call and the
@@ -26,11 +27,13 @@
  * operation (MH_E* through its finish, SPEC refusals through
  * mh_step_refuse). Loop thread only, except mh_rw_commit_build.
  *
- * Depends on core, db, store and mpack only, so jobs and hub both use it.
+ * Depends on core, db, store, budget and mpack only, so jobs and hub both
+ * use it.
  */
 #ifndef MH_REFWRITE_H
 #define MH_REFWRITE_H
 
+#include "mh/budget.h"
 #include "mh/mpack.h"
 #include "mh/step.h"
 
@@ -57,9 +60,15 @@ bool mh_ref_name_valid(const char *p, size_t n);
  *   tmp_snapshots snapshot_id, parent_snapshot_id, delta_upsert (bytea,
  *                 msgpack map), delta_remove (bytea, msgpack array),
  *                 entry_count, depth (int), checkpoint (bytea or NULL)
- *   tmp_objects   object_id, byte_offset, byte_length (a pack's blobs:
- *                 mh_index_copy_rows writes them) */
-enum { MH_RW_COMMITS = 1, MH_RW_SNAPSHOTS = 2, MH_RW_OBJECTS = 4 };
+ *   tmp_objects   object_id, byte_offset, byte_length, frame_no (a
+ *                 pack's blobs: v1 the content bytes in the file and
+ *                 frame_no NULL (\N); v2 the blob inside its frame's
+ *                 decompressed data and the frame's index;
+ *                 mh_rw_index_rows and mh_rw_blob_rows write them)
+ *   tmp_frames    frame_no, data_offset, data_length, codec ("zstd" or
+ *                 "none"), size, blob_count (a v2 pack's frames, sql/0030:
+ *                 mh_rw_index_rows writes them) */
+enum { MH_RW_COMMITS = 1, MH_RW_SNAPSHOTS = 2, MH_RW_OBJECTS = 4, MH_RW_FRAMES = 8 };
 
 /* On the operation's held connection (mh_step_acquire first), one round
  * trip: BEGIN, the temporary tables in `tmp`, then the first two locks of
@@ -92,20 +101,27 @@ void mh_rw_history_rows(mh_db_batch_t *b, const char *repo_id, int *i_commits, i
 
 /* A pack and its blobs (tmp_objects): the pack's mpacks row (kind "push",
  * "commit" or "gc"; a superseded pack is live again), its mpack_index
- * rows (count: rows added) and this repository's mpack_refs row; with
- * new_objects also the objects rows (mpack:// URIs; a known object keeps
- * its URI) and the object_refs rows (count: refs added). `size` is the
- * pack's byte count as text. */
+ * rows (count: rows added; frame_no from tmp_objects) and this
+ * repository's mpack_refs row; with `frames` (a v2 pack, tmp_frames
+ * filled) its mpack_frames rows (sql/0030); with new_objects also the
+ * objects rows (mpack:// URIs, SPEC 2 and 2.1: v1
+ * "mpack://<id>#<off>:<len>", v2 "mpack://<id>#<data_offset>:
+ * <data_length>/<off>:<len>"; a known object keeps its URI) and the
+ * object_refs rows (count: refs added). `size` is the pack's byte count
+ * as text. */
 typedef struct {
     const char *repo_id, *mpack_id, *size, *kind;
     bool new_objects; /* false for GC: the repository references them already */
+    bool frames;      /* a v2 pack: tmp_frames holds its frames (mh_rw_begin with MH_RW_FRAMES) */
 } mh_rw_pack_t;
 void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int *i_refs);
 
-/* The COPY rows (tmp_objects) of a parsed pack's blobs, one per distinct
- * object id (the first occurrence wins), appended to out; *nrows their
- * number. MH_ENOMEM. */
-int mh_index_copy_rows(const mh_pack_t *p, mh_buf_t *out, size_t *nrows);
+/* The COPY rows of a pack read by mh_packr (SPEC 2, 2.1): tmp_objects
+ * rows of its blobs, one per distinct object id (the first occurrence
+ * wins), appended to `objects`, *nrows their number; for a v2 pack also
+ * one tmp_frames row per frame (index order), appended to `frames`.
+ * Pure CPU. MH_ENOMEM. */
+int mh_rw_index_rows(const mh_packr_result_t *p, mh_buf_t *objects, mh_buf_t *frames, size_t *nrows);
 
 /* The packs the server writes itself (a server-side commit's new blobs,
  * mpack.gc's consolidated pack): v1, no commits, snapshots or branch
@@ -125,7 +141,8 @@ typedef struct {
  * sets each blob's new_off and the pack's key. Pure CPU, for the thread
  * pool. MH_EHASH, MH_ENOMEM. */
 int mh_rw_blob_pack(mh_rw_blob_t *blobs, size_t *n, bool verify, mh_buf_t *out, mh_id_t *key, size_t *bad);
-/* The tmp_objects COPY rows of such a pack's blobs. MH_ENOMEM. */
+/* The tmp_objects COPY rows of such a pack's blobs (v1: frame_no NULL).
+ * MH_ENOMEM. */
 int mh_rw_blob_rows(const mh_rw_blob_t *blobs, size_t n, mh_buf_t *out);
 
 /* Deleting a repository: the ref rows and the repository row (branches,
@@ -305,6 +322,7 @@ int mh_rw_commit_build(mh_rw_commit_t *c);
 void mh_rw_commit_rows(mh_db_batch_t *b, const char *repo_id, const mh_rw_commit_t *c);
 void mh_rw_commit_free(mh_rw_commit_t *c);
 
+
 /* --------------------------------------------------- staged uploads */
 
 /* A push grant (SPEC 4.3): the right to import one uploaded pack. */
@@ -314,64 +332,129 @@ typedef struct {
     uint64_t size; /* the size it promised */
 } mh_grant_t;
 
-/* The grant protocol of push and mpack.index: which bytes a repository
- * may import under mpack_id, and reading, checking and placing them.
+/* The grant protocol of push and mpack.index (src/hub/upload.c): which
+ * bytes a repository may import under mpack_id, and reading, checking and
+ * placing them. In order:
  *   lookup    does the repository reference the pack? its unexpired,
  *             unconsumed grants for it, verified first, then newest;
- *   read      the pack key when referenced; else each grant in that order
+ *   locate    the pack key when referenced; else each grant in that order
  *             until one has a completed upload (SPEC 4.3: any grant with a
  *             completed upload, not just the newest): its staged key, or,
  *             for a verified grant whose staged key is gone (an earlier
  *             attempt moved it), the pack key; an unverified grant never
- *             reads the pack key (naming a hash imports nothing);
+ *             reads the pack key (naming a hash imports nothing). One HEAD
+ *             per candidate: nothing is read yet;
+ *   stream    reads the located bytes through the pack reader in windows
+ *             (never the whole pack), on the thread pool, within the
+ *             pack-memory budget (below);
  *   verified  records that the server hashed the upload (before it leaves
  *             its staging key, so a retry may read it from its final key);
  *   place     moves the upload to mpacks/<hex> (inside the transaction,
- *             under the pack's lock); when the staged key is gone, the
- *             pack must already be in place with the same size. */
+ *             under the pack's lock, once nothing can refuse the
+ *             operation any more); when the staged key is gone, the pack
+ *             must already be in place with the same size;
+ *   unplace   after an operation that placed its upload failed anyway: the
+ *             upload goes back to its staging key unless a committed row
+ *             references the pack (issue 15 item 4: nothing is left under
+ *             mpacks/ without a row). */
+typedef struct mh__upstream mh__upstream_t; /* a stream in flight (internal) */
 typedef struct {
     /* in */
     const char *repo_id, *mpack_id;
     const char *head;  /* optional: lookup also tells whether this commit is the repository's */
-    mh_arena_t *arena; /* grants and keys */
+    mh_arena_t *arena; /* grants, keys, and the metadata of the pack read (the reader's arena) */
     /* out */
     char pack_key[MH_MPACK_KEY_SIZE];
     bool referenced; /* the repository references the pack (mpack_refs) */
     bool head_known; /* head is one of the repository's commits */
     mh_grant_t *grants;
-    size_t ngrants, next;    /* next: the grant read tries next */
-    const mh_grant_t *grant; /* the grant whose upload was read (NULL: read from the pack key as referenced) */
-    const char *src;         /* the key the bytes came from */
+    size_t ngrants, next;    /* next: the grant locate tries next */
+    const mh_grant_t *grant; /* the grant whose upload was located (NULL: the pack key, as referenced) */
+    const char *src;         /* the key the bytes are read from */
     bool trusted;            /* referenced, or a verified grant: the bytes were hashed when they entered */
-    mh_buf_t bytes;          /* the pack (mh_rw_upload_free) */
-    char size[24];           /* its byte count as text (mh_rw_upload_rows) */
-    int i_index, i_refs;     /* where mh_rw_upload_rows put its two counts */
-    int64_t indexed;         /* mh_rw_upload_written: mpack_index rows added */
-    int64_t referenced_new;  /* mh_rw_upload_written: object_refs rows added */
+    uint64_t size;           /* the pack's byte count (HEAD of src) */
     enum {
-        MH_UPLOAD_READ = 0,     /* bytes read */
+        MH_UPLOAD_READ = 0,     /* located */
         MH_UPLOAD_NO_GRANT,     /* not referenced and no grant -> 404 no_grant */
         MH_UPLOAD_NOT_STAGED,   /* grants, none with a completed upload -> 404 not_staged */
         MH_UPLOAD_SIZE_MISMATCH /* the staged upload's size is not the grant's -> 422 size_mismatch */
-    } outcome;                  /* of read */
+    } outcome;                  /* of locate */
+    /* stream out: the reader, its result valid until mh_rw_upload_free */
+    mh_packr_t *reader;
+    const mh_packr_result_t *pack;
+    mh_budget_t *budget; /* the budget charged (NULL: none) */
+    mh_budget_res_t mem; /* what this operation holds of it: the reader's records and metadata, rows */
+    bool placed;         /* place moved the upload from its staging key to the pack key */
+    /* rows */
+    char size_s[24];        /* the byte count as text (mh_rw_upload_rows) */
+    int i_index, i_refs;    /* where mh_rw_upload_rows put its two counts */
+    int64_t indexed;        /* mh_rw_upload_written: mpack_index rows added */
+    int64_t referenced_new; /* mh_rw_upload_written: object_refs rows added */
+    mh__upstream_t *st;
 } mh_upload_t;
 
 void mh_rw_upload_init(mh_upload_t *up, mh_arena_t *a, const char *repo_id, const char *mpack_id);
 void mh_rw_upload_lookup(mh_step_t *s, mh_upload_t *up);
-/* Reads as above; the outcome goes to up->outcome (the operation goes
+/* Locates as above; the outcome goes to up->outcome (the operation goes
  * on; store errors end it). */
-void mh_rw_upload_read(mh_step_t *s, mh_upload_t *up);
+void mh_rw_upload_locate(mh_step_t *s, mh_upload_t *up);
+
+/* How mh_rw_upload_stream reads. */
+typedef struct {
+    mh_budget_t *budget;         /* the process's pack-memory budget; NULL: unmetered */
+    const mh_pack_limits_t *lim; /* NULL: mh_pack_limits_default */
+    size_t window;               /* store reader window, bytes; 0: MH_STORE_WINDOW_DEFAULT */
+} mh_rw_stream_opts_t;
+
+/* Reads the located pack (outcome MH_UPLOAD_READ) as a stream, SPEC 4.3
+ * and 4.8: the store reader delivers windows of up->src (fs: pread,
+ * s3: ranged GETs; the next window is read while this one is worked on);
+ * each window is fed to an mh_packr on the thread pool while, for an
+ * untrusted upload, a second thread-pool job runs the whole-pack SHA-256
+ * over the same window (the two big CPU costs on two cores). Untrusted
+ * bytes are read with MH_PACKR_VERIFY (every blob hashed against its id,
+ * every v2 frame decompressed within its bounds) and the pack's hash is
+ * compared with mpack_id; trusted bytes (referenced, or a verified grant)
+ * with MH_PACKR_NO_DECOMPRESS and no hashing. Nothing of the pack is kept
+ * but its metadata (in up->arena) and the reader's records.
+ * Memory: before opening, the two windows plus a little are reserved
+ * from opts->budget (in up->mem); after each window the reservation grows
+ * to cover mh_packr_mem (waiting for the budget while the store reader
+ * holds its next window); at the end the windows are given back and the
+ * reader's memory stays reserved until mh_rw_upload_free.
+ * Ends the step with: 0 (up->reader and up->pack set); MH_EPARSE with
+ * the reader's reason (malformed pack, a limit of opts->lim: all 422 at
+ * push), MH_EHASH ("the pack does not hash to mpack_key", or a blob that
+ * does not hash to its id), MH_EBUDGET (the budget stayed spent: 503 with
+ * Retry-After), MH_ENOMEM, store errors (MH_ESTORE also when the staged
+ * key vanished under the read: a concurrent unpack of the same upload). */
+void mh_rw_upload_stream(mh_step_t *s, mh_upload_t *up, const mh_rw_stream_opts_t *opts);
+/* Grows up->mem by `bytes` (rows built from the pack), waiting for the
+ * budget as the stream does (MH_EBUDGET); nothing without a budget. */
+void mh_rw_upload_charge(mh_step_t *s, mh_upload_t *up, size_t bytes);
+
 void mh_rw_upload_verified(mh_step_t *s, const mh_upload_t *up);
 void mh_rw_upload_place(mh_step_t *s, mh_upload_t *up);
+/* For an operation's finish when it failed after mh_rw_upload_place moved
+ * the upload (up->placed): starts, on its own, a transaction that takes
+ * the pack's lock and, unless an mpacks row references the pack (a
+ * concurrent operation committed it meanwhile), moves the pack back to
+ * its staging key, where a retry under the grant finds it until the grant
+ * expires (SPEC 4.3). Nothing when the upload was not placed. Logs its
+ * own failures (fsck --repair covers a crash). */
+void mh_rw_upload_unplace(const mh_step_t *s, const mh_upload_t *up);
 /* The rows of the pack read (mh_rw_pack_rows, kind "push", with its new
- * objects). up must stay in place until the batch is sent (its size
- * text); mh_rw_upload_written then reads the two counts from the
- * batch's results into up->indexed and up->referenced_new. */
+ * objects; with frames when it is v2). up must stay in place until the
+ * batch is sent (its size text); mh_rw_upload_written then reads the two
+ * counts from the batch's results into up->indexed and
+ * up->referenced_new. */
 void mh_rw_upload_rows(mh_db_batch_t *b, mh_upload_t *up);
 void mh_rw_upload_written(mh_upload_t *up, PGresult **res);
 /* The statement that consumes the grant read from (none: nothing), for
  * the transaction that moves the branch (SPEC 4.3). */
 void mh_rw_upload_consume(mh_db_batch_t *b, const mh_upload_t *up);
+/* Frees the reader and gives back the budget (the metadata stays in the
+ * arena). */
 void mh_rw_upload_free(mh_upload_t *up);
 
 #endif

@@ -129,9 +129,11 @@ class Pusher:
     """Pushes pack files to one repository, incrementally.
 
     hub, owner, slug    where
-    version             format of the packs sent (2, or 1 for a server
-                        without v2); a pack already in that format that
-                        needs no filtering is sent as it is
+    version             format of the packs sent (2, or 1 on request); a
+                        pack already in that format that needs no
+                        filtering is sent as it is; a pack the server
+                        refuses is an error (never re-sent in another
+                        format)
     full                send every pack whole (no filtering)
     progress_factory    (label, total) -> callable(bytes) or None
     say                 callable(str) for a person's messages
@@ -147,8 +149,6 @@ class Pusher:
         self.say = say or (lambda m: None)
         self.server_heads: dict[str, str] | None = None
         self.refs_answer: dict | None = None
-        #: when the server refuses a v2 pack for its version, send v1 instead
-        self.fallback = False
         self.warn: Callable[[str], None] = self.say
 
     def refresh(self) -> dict[str, str]:
@@ -166,27 +166,7 @@ class Pusher:
         Returns a result dict: the unpack answer (or `up_to_date`), what
         was sent (`sent` {commits, snapshots, blobs, bytes, version}),
         `timings`."""
-        try:
-            return self._push_pack(path, branch, head, force, expected_old_head, label,
-                                   entry)
-        except HubError as e:
-            # A server that refuses the v2 pack (422: an older one names the
-            # version; one that reads v2 only partly names something else)
-            # gets the same history as v1.  A pack that is really bad is
-            # refused again as v1, and that answer is the one reported.
-            if not (self.fallback and self.version == 2 and e.status == 422
-                    and e.code in (None, "invalid_pack")):
-                raise
-            self.version = 1
-            try:
-                res = self._push_pack(path, branch, head, force, expected_old_head, label,
-                                      entry)
-            except BaseException:
-                self.version = 2
-                raise
-            self.warn(f"the server does not read mpack v2 (it answered {e.brief()}); "
-                      f"sent v1, and v1 for the rest of this run")
-            return res
+        return self._push_pack(path, branch, head, force, expected_old_head, label, entry)
 
     def _push_pack(self, path: str, branch: str, head: str | None,
                    force: bool, expected_old_head: str | None,

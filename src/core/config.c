@@ -75,6 +75,8 @@ static const setting_t settings[] = {
     S("JOBS", K_BOOL, jobs, "1", "0: this process runs no jobs"),
     S_RANGE("PRESIGN_TTL", K_U32, presign_ttl, "3600", 1, 604800, "presigned URL lifetime, seconds (at most 604800)"),
     S_RANGE("MAX_MPACK_BYTES", K_U64, max_mpack_bytes, "2147483648", 1, 0, "largest pack accepted, bytes"),
+    S_RANGE("MAX_UNPACKED_BYTES", K_U64, max_unpacked_bytes, "17179869184", 1, 0,
+            "largest total decompressed size of one v2 pack (frames and meta), bytes"),
     S_CHECK("SIGNING_SECRET", signing_secret, NULL, check_secret,
             "HMAC key of fs URLs, at least 16 characters (default: generated into the store dir)"),
     S("DEV_IDENTITY", K_STR, dev_identity, NULL,

@@ -269,6 +269,9 @@ bool mh__op_error(const mh_step_t *s, const char *invalid, mh__err_t *e)
     } else {
         const mh_http_err_t *t = mh_http_err_of(s->err);
         *e = (mh__err_t){t->status, t->code, t->retry};
+        /* Busy: come back once the queue of pack work could have moved. */
+        const mh_hub_t *hub = ((const mh__op_t *)s)->hub;
+        if (s->err == MH_EBUDGET && hub && hub->budget) e->retry_s = mh_budget_retry_after_s(hub->budget);
         if (t->status >= 500) mh_error("req %s: %s failed: %s (%s)", s->id, s->what, mh_strerror(s->err), why);
         if (!t->explain) why = t->detail;
     }
@@ -279,7 +282,9 @@ bool mh__op_error(const mh_step_t *s, const char *invalid, mh__err_t *e)
 
 void mh__res_err(mh_req_t *req, const mh__err_t *e)
 {
-    if (e->retry) mh_res_header(req, "Retry-After", "2");
+    char ra[16];
+    snprintf(ra, sizeof ra, "%u", e->retry_s ? e->retry_s : 2);
+    if (e->retry) mh_res_header(req, "Retry-After", ra);
     mh_res_error(req, e->status, e->code, "%s", e->detail);
 }
 

@@ -139,7 +139,8 @@ void *mh__req_alloc(mh_req_t *req, size_t n);
 typedef struct {
     int status;
     const char *code; /* static */
-    bool retry;       /* Retry-After: 2 */
+    bool retry;       /* Retry-After: retry_s */
+    uint32_t retry_s; /* seconds: 2, or the pack-memory queue timeout for MH_EBUDGET */
     char detail[512];
 } mh__err_t;
 bool mh__op_error(const mh_step_t *s, const char *invalid, mh__err_t *e);
@@ -221,14 +222,13 @@ typedef struct {
 
 typedef struct {
     /* in */
-    const uint8_t *buf; /* the pack */
-    size_t len;
-    const char *key;  /* its id (MH_ID_LEN bytes) */
-    const char *head; /* the head the branch moves to */
-    mh_arena_t *a;    /* everything below (the loop does not touch it while a check runs) */
-    /* VERIFY out */
-    mh_pack_t pack;
-    mh_idmap_t commits, snaps, blobs;                /* the pack's entries by id */
+    const mh_packr_result_t *pack; /* the pack as read and verified by the stream (mh_rw_upload_stream) */
+    const char *key;               /* its id (MH_ID_LEN bytes) */
+    const char *head;              /* the head the branch moves to */
+    mh_arena_t *a;                 /* everything below (the loop does not touch it while a check runs) */
+    /* INDEX out */
+    mh_idmap_t commits, snaps;                       /* the pack's entries by id (text) */
+    mh_idmap_t blobs;                                /* its blobs by digest (32 bytes) */
     mh_idlist_t ext_parents, ext_snaps, ext_objects; /* ids it names outside itself */
     bool head_in_pack;
     /* in: what the repository holds of those (push.c's CONTEXT) */
@@ -240,13 +240,14 @@ typedef struct {
     size_t nbases;
     mh_idmap_t base_map;
     /* REBUILD out: refwrite's temporary tables' COPY rows */
-    mh_buf_t commit_rows, snapshot_rows, object_rows;
+    mh_buf_t commit_rows, snapshot_rows, object_rows, frame_rows;
     const char *why; /* the reason of an MH_EPARSE / MH_EHASH (in a) */
 } mh__unpack_t;
 
-/* Each returns 0, MH_EPARSE or MH_EHASH (a bad pack: 422 invalid_pack,
- * why set) or MH_ENOMEM. Thread-safe (one check per mh__unpack_t). */
-int mh__unpack_verify(mh__unpack_t *x);
+/* Each returns 0, MH_EPARSE (a bad pack: 422 invalid_pack, why set) or
+ * MH_ENOMEM. Thread-safe (one check per mh__unpack_t). INDEX: the
+ * pack's entries by id and the ids it names outside itself. */
+int mh__unpack_index(mh__unpack_t *x);
 int mh__unpack_bases(mh__unpack_t *x);
 int mh__unpack_rebuild(mh__unpack_t *x);
 void mh__unpack_free(mh__unpack_t *x);

@@ -6,30 +6,38 @@
  * Unpack is an operation of the step kit (mh/step.h); its step table is
  * the protocol:
  *
- *   LOOKUP  the grants (refwrite): a pack this repository references whose
+ *   LOOKUP  the grants (upload.c): a pack this repository references whose
  *           head it knows needs no pack work (a re-push): straight to the
  *           transaction
- *   READ    the staged bytes: any grant with a completed upload (refwrite)
- *   VERIFY  thread pool: pack hash, parse, every blob against its id, the
- *           ids the pack names outside itself (push_check.c)
+ *   LOCATE  which staged bytes: any grant with a completed upload
+ *   STREAM  the pack read in store windows through the pack reader on the
+ *           thread pool, the pack hash beside it on a second thread, every
+ *           blob against its id, every v2 frame within its bounds, within
+ *           the pack-memory budget (upload.c); only metadata and blob
+ *           records are kept
+ *   INDEX   thread pool: the pack's entries by id, the ids it names outside
+ *           itself (push_check.c)
  *   CONTEXT what this repository holds of those: commits (generations),
  *           snapshots (depths), objects (the ghost guard), the head
  *   BASES   the stored manifests pack snapshots are deltas against
  *   REBUILD thread pool: manifests, ids, ghost guard, parents, COPY rows
+ *   CHARGE  the COPY rows reserved from the budget too
  *   MARK    the grant's upload is verified (before it leaves its key)
  *   the transaction (refwrite's lock order): ACQUIRE, BEGIN (repository
- *           row, pack lock, temporary tables), COPY x3, INSERT (rows,
- *           refs, the pack's index), CHECK (the branch row locked and the
- *           move judged: compare-and-swap, fast-forward, protection),
- *           PLACE (only an accepted move: the pack to mpacks/<hex>, under
- *           its lock), WRITE (the move, state_seq, the grant consumed),
- *           COMMIT -> DONE
+ *           row, pack lock, temporary tables), COPY x4, INSERT (rows,
+ *           refs, the pack's index and frames), CHECK (the branch row
+ *           locked and the move judged: compare-and-swap,
+ *           fast-forward, protection), PLACE (the pack to mpacks/<hex>,
+ *           under its lock, once the move is accepted), WRITE (the move,
+ *           state_seq, the grant consumed), COMMIT -> DONE
  *
  * Invariants: nothing is written to PostgreSQL before every check passed,
  * and then everything is written in one transaction; the staged pack is
- * never exposed under mpacks/ before its hash was checked, nor by a push
- * whose move is refused (stale, not a fast-forward, protected); a grant
- * is only consumed by the transaction that moves the branch.
+ * never exposed under mpacks/ before its hash was checked, nor before the
+ * transaction holds the branch and has judged the move (a refused push
+ * leaves its upload staged, for a retry under the grant); an operation
+ * that fails after the move takes the upload back (mh_rw_upload_unplace);
+ * a grant is only consumed by the transaction that moves the branch.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -143,6 +151,8 @@ typedef struct {
     /* the pack and its checks */
     mh_upload_t up;
     bool rerun; /* a re-push of a referenced pack whose head is known: no pack work */
+    bool v2;    /* the pack has frames (mpack_frames rows) */
+    mh_pack_limits_t lim;
     mh__unpack_t x;
     size_t next_base;
     /* the transaction */
@@ -155,17 +165,20 @@ typedef struct {
 
 enum {
     U_LOOKUP,
-    U_READ,
-    U_VERIFY,
+    U_LOCATE,
+    U_STREAM,
+    U_INDEX,
     U_CONTEXT,
     U_BASES,
     U_REBUILD,
+    U_CHARGE,
     U_MARK,
     U_ACQUIRE,
     U_BEGIN,
     U_COPY_COMMITS,
     U_COPY_SNAPSHOTS,
     U_COPY_OBJECTS,
+    U_COPY_FRAMES,
     U_INSERT,
     U_CHECK,
     U_PLACE,
@@ -174,7 +187,7 @@ enum {
     U_DONE,
 };
 
-/* --- LOOKUP, READ: which bytes this repository may import */
+/* --- LOOKUP, LOCATE, STREAM: which bytes this repository may import */
 
 static void step_lookup(mh_step_t *s)
 {
@@ -184,7 +197,7 @@ static void step_lookup(mh_step_t *s)
     mh_rw_upload_lookup(s, &u->up);
 }
 
-static void step_read(mh_step_t *s)
+static void step_locate(mh_step_t *s)
 {
     unpack_t *u = U(s);
     if (u->up.referenced && u->up.head_known) {
@@ -197,19 +210,10 @@ static void step_read(mh_step_t *s)
     /* A referenced pack whose history this repository lacks (an
      * mpack.index job ran, say) is unpacked in full from its final key:
      * the reference already is the right. */
-    mh_rw_upload_read(s, &u->up);
+    mh_rw_upload_locate(s, &u->up);
 }
 
-/* --- VERIFY (thread pool) */
-
-static void verify_work(mh_step_t *s)
-{
-    unpack_t *u = U(s);
-    s->work_err = mh__unpack_verify(&u->x);
-    s->work_why = u->x.why;
-}
-
-static void step_verify(mh_step_t *s)
+static void step_stream(mh_step_t *s)
 {
     unpack_t *u = U(s);
     switch (u->up.outcome) {
@@ -222,13 +226,32 @@ static void step_verify(mh_step_t *s)
         mh_step_refuse(s, 404, "not_staged", "nothing was uploaded for %s under this repository's grant", u->key.s);
         return;
     case MH_UPLOAD_SIZE_MISMATCH:
-        mh_step_refuse(s, 422, "size_mismatch", "the staged pack has %zu bytes, the grant says %llu", u->up.bytes.len,
-                       (unsigned long long)u->up.grant->size);
+        mh_step_refuse(s, 422, "size_mismatch", "the staged pack has %llu bytes, the grant says %llu",
+                       (unsigned long long)u->up.size, (unsigned long long)u->up.grant->size);
         return;
     }
-    u->x.buf = u->up.bytes.p;
-    u->x.len = u->up.bytes.len;
-    mh_step_work(s, verify_work);
+    mh_hub_t *hub = u->op.hub;
+    u->lim = mh_pack_limits_default;
+    u->lim.max_unpacked = hub->cfg->max_unpacked_bytes;
+    mh_rw_stream_opts_t o = {hub->budget, &u->lim, 0};
+    mh_rw_upload_stream(s, &u->up, &o);
+}
+
+/* --- INDEX (thread pool) */
+
+static void index_work(mh_step_t *s)
+{
+    unpack_t *u = U(s);
+    s->work_err = mh__unpack_index(&u->x);
+    s->work_why = u->x.why;
+}
+
+static void step_index(mh_step_t *s)
+{
+    unpack_t *u = U(s);
+    u->x.pack = u->up.pack;
+    u->v2 = u->up.pack->version == 2;
+    mh_step_work(s, index_work);
 }
 
 /* --- CONTEXT: what this repository holds of the ids outside the pack */
@@ -306,7 +329,7 @@ static void step_bases(mh_step_t *s)
     mh_hub_load_manifest(u->op.hub, &u->op.work, b->id, &b->m, mh__manifest_step_cb, s);
 }
 
-/* --- REBUILD (thread pool), MARK */
+/* --- REBUILD (thread pool), CHARGE, MARK */
 
 static void rebuild_work(mh_step_t *s)
 {
@@ -316,6 +339,13 @@ static void rebuild_work(mh_step_t *s)
 }
 
 static void step_rebuild(mh_step_t *s) { mh_step_work(s, rebuild_work); }
+
+static void step_charge(mh_step_t *s)
+{
+    mh__unpack_t *x = &U(s)->x;
+    mh_rw_upload_charge(s, &U(s)->up,
+                        x->commit_rows.cap + x->snapshot_rows.cap + x->object_rows.cap + x->frame_rows.cap);
+}
 
 static void step_mark(mh_step_t *s) { mh_rw_upload_verified(s, &U(s)->up); }
 
@@ -327,7 +357,8 @@ static void step_begin(mh_step_t *s)
     /* Pushes to one repository serialise on its row for the length of
      * this transaction (the CPU-heavy checks ran before it); then the
      * pack's lock, which the sweep deletes superseded packs under. */
-    mh_rw_begin(s, u->op.repo->repo_id, u->key.s, u->rerun ? 0 : MH_RW_COMMITS | MH_RW_SNAPSHOTS | MH_RW_OBJECTS);
+    unsigned tmp = MH_RW_COMMITS | MH_RW_SNAPSHOTS | MH_RW_OBJECTS | (u->v2 ? MH_RW_FRAMES : 0);
+    mh_rw_begin(s, u->op.repo->repo_id, u->key.s, u->rerun ? 0 : tmp);
 }
 
 static void step_copy_commits(mh_step_t *s)
@@ -342,6 +373,11 @@ static void step_copy_commits(mh_step_t *s)
 
 static void step_copy_snapshots(mh_step_t *s) { mh_rw_copy(s, MH_RW_SNAPSHOTS, &U(s)->x.snapshot_rows); }
 static void step_copy_objects(mh_step_t *s) { mh_rw_copy(s, MH_RW_OBJECTS, &U(s)->x.object_rows); }
+
+static void step_copy_frames(mh_step_t *s)
+{
+    if (U(s)->v2) mh_rw_copy(s, MH_RW_FRAMES, &U(s)->x.frame_rows);
+}
 
 static int inserted(mh_step_t *s, PGresult **res, int n)
 {
@@ -382,9 +418,12 @@ static void step_place(mh_step_t *s)
 {
     unpack_t *u = U(s);
     if (u->mv.verdict) {
+        /* Refused: the upload stays staged (a retry may use it). */
         mh_rw_move_refuse(s, &u->mv);
         return;
     }
+    /* Nothing refuses the push any more: the pack goes to its final key
+     * under the pack's lock, in the transaction that references it. */
     if (!u->rerun) mh_rw_upload_place(s, &u->up);
 }
 
@@ -421,17 +460,20 @@ static void step_done(mh_step_t *s)
 
 static const mh_step_def_t unpack_steps[] = {
     [U_LOOKUP] = {"lookup", step_lookup},
-    [U_READ] = {"read", step_read},
-    [U_VERIFY] = {"verify", step_verify},
+    [U_LOCATE] = {"locate", step_locate},
+    [U_STREAM] = {"stream", step_stream},
+    [U_INDEX] = {"index", step_index},
     [U_CONTEXT] = {"context", step_context},
     [U_BASES] = {"bases", step_bases},
     [U_REBUILD] = {"rebuild", step_rebuild},
+    [U_CHARGE] = {"charge", step_charge},
     [U_MARK] = {"mark", step_mark},
     [U_ACQUIRE] = {"acquire", mh_step_acquire},
     [U_BEGIN] = {"begin", step_begin},
     [U_COPY_COMMITS] = {"copy_commits", step_copy_commits},
     [U_COPY_SNAPSHOTS] = {"copy_snapshots", step_copy_snapshots},
     [U_COPY_OBJECTS] = {"copy_objects", step_copy_objects},
+    [U_COPY_FRAMES] = {"copy_frames", step_copy_frames},
     [U_INSERT] = {"insert", step_insert},
     [U_CHECK] = {"check", step_check},
     [U_PLACE] = {"place", step_place},
@@ -446,6 +488,9 @@ static void unpack_finish(mh_step_t *s)
 {
     unpack_t *u = U(s);
     mh_req_t *req = u->op.req;
+    /* Failed after the pack went to its final key (the write or the
+     * COMMIT): it goes back unless a row references it. */
+    if (s->err || s->status) mh_rw_upload_unplace(s, &u->up);
     if (mh__op_failed(s, "invalid_pack")) return;
     uint64_t ms = (mh_now_us() - s->t0) / 1000;
     mh_info("req %s: unpack %s into %s/%s branch %s -> %s: %lld commits, %lld snapshots, %lld objects in %llu ms",

@@ -1,23 +1,24 @@
 /*
  * push_check.c — the CPU half of push unpack (SPEC 4.3), run on the
  * thread pool: everything that is checked about a pack before a single
- * row is written. push.c does the rest (grants, queries, the
- * transaction); the two meet only in mh__unpack_t, so a streaming reader
- * can replace VERIFY and REBUILD without touching the transaction.
+ * row is written, once the stream (mh_rw_upload_stream, upload.c) has
+ * read it, hashed it against its key, parsed it and hashed every blob
+ * against its id. push.c does the rest (grants, queries, the
+ * transaction); the two meet only in mh__unpack_t.
  *
- *   VERIFY   the pack hashes to its key, parses (mpack_read: v0/v1),
- *            every blob hashes to its id; the ids it names outside itself
- *            (parents, snapshots, objects) for the repository to resolve
+ *   INDEX    the pack's commits, snapshots and blobs by id; the ids it
+ *            names outside itself (parents, snapshots, objects) for the
+ *            repository to resolve
  *   BASES    which stored snapshots pack snapshots are deltas against
  *   REBUILD  every manifest from its delta (parents first; a chain hands
  *            its manifest down without copying), every snapshot and
  *            commit id, the ghost guard, parents and generations, and the
  *            COPY rows of refwrite's temporary tables
  *
- * Invariants: a client error is MH_EPARSE or MH_EHASH with `why` (422
- * invalid_pack); nothing here reads anything but the pack and what the
- * caller looked up; every table is core's seeded id map over indices of
- * the pack's own arrays.
+ * Invariants: a client error is MH_EPARSE with `why` (422 invalid_pack);
+ * nothing here reads anything but the pack and what the caller looked
+ * up; every table is core's seeded id map over indices of the pack's own
+ * arrays (blobs by their 32-byte digest, as the reader keeps them).
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -27,15 +28,25 @@
 #include "hub_internal.h"
 #include "mh/refwrite.h"
 
-static const void *commit_key(const void *ctx, uint32_t v) { return ((const mh_pack_t *)ctx)->commits[v].commit_id.p; }
+static const void *commit_key(const void *ctx, uint32_t v)
+{
+    return ((const mh_packr_result_t *)ctx)->commits[v].commit_id.p;
+}
 static const void *snap_key(const void *ctx, uint32_t v)
 {
-    return ((const mh_pack_t *)ctx)->snapshots[v].snapshot_id.p;
+    return ((const mh_packr_result_t *)ctx)->snapshots[v].snapshot_id.p;
 }
-static const void *blob_key(const void *ctx, uint32_t v) { return ((const mh_pack_t *)ctx)->blobs[v].object_id.p; }
+static const void *blob_key(const void *ctx, uint32_t v) { return ((const mh_packr_result_t *)ctx)->blobs[v].id; }
 static const void *base_key(const void *ctx, uint32_t v) { return ((const mh__unpack_t *)ctx)->bases[v].id; }
 
 static bool has(const mh_idmap_t *m, const char *id) { return mh_idmap_find(m, id) != MH_IDMAP_NONE; }
+
+/* Whether the pack holds the blob whose id (text, valid) is `id`. */
+static bool has_blob(const mh__unpack_t *x, const char *id)
+{
+    uint8_t d[32];
+    return mh_id_digest(id, MH_ID_LEN, d) == 0 && mh_idmap_find(&x->blobs, d) != MH_IDMAP_NONE;
+}
 
 /* A client error: its reason, formatted in the work arena. */
 static int reject(mh__unpack_t *x, int err, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -50,22 +61,22 @@ static int reject(mh__unpack_t *x, int err, const char *fmt, ...)
     return x->why ? err : MH_ENOMEM;
 }
 
-/* ================================================================ VERIFY */
+/* ================================================================= INDEX */
 
-/* Adds id unless the pack holds it (in `own`) or the list has it. */
-static int outside(mh_idlist_t *l, const mh_idmap_t *own, const char *id)
+/* Adds id unless the pack holds it (`held`) or the list has it. */
+static int outside(mh_idlist_t *l, bool held, const char *id)
 {
-    if (!id || has(own, id)) return 0;
+    if (!id || held) return 0;
     int rc = mh_idlist_add(l, id);
     return rc < 0 ? rc : 0;
 }
 
 static int index_pack(mh__unpack_t *x)
 {
-    mh_pack_t *p = &x->pack;
+    const mh_packr_result_t *p = x->pack;
     mh_idmap_init(&x->commits, x->a, MH_ID_LEN, commit_key, p);
     mh_idmap_init(&x->snaps, x->a, MH_ID_LEN, snap_key, p);
-    mh_idmap_init(&x->blobs, x->a, MH_ID_LEN, blob_key, p);
+    mh_idmap_init(&x->blobs, x->a, 32, blob_key, p);
     int rc = 0;
     /* A snapshot may appear more than once (two commits with the same
      * tree): the map keeps the first, every entry is rebuilt and checked
@@ -80,46 +91,33 @@ static int index_pack(mh__unpack_t *x)
  * (parents and commits' trees) and upserted objects. */
 static int collect_outside(mh__unpack_t *x)
 {
-    mh_pack_t *p = &x->pack;
+    const mh_packr_result_t *p = x->pack;
     mh_idlist_init(&x->ext_parents, x->a);
     mh_idlist_init(&x->ext_snaps, x->a);
     mh_idlist_init(&x->ext_objects, x->a);
     int rc = 0;
     for (size_t i = 0; i < p->ncommits && !rc; i++) {
         const mh_pack_commit_t *c = &p->commits[i];
-        rc = outside(&x->ext_parents, &x->commits, c->parent.p);
-        if (!rc) rc = outside(&x->ext_parents, &x->commits, c->parent2.p);
-        if (!rc) rc = outside(&x->ext_snaps, &x->snaps, c->snapshot_id.p);
+        rc = outside(&x->ext_parents, c->parent.p && has(&x->commits, c->parent.p), c->parent.p);
+        if (!rc) rc = outside(&x->ext_parents, c->parent2.p && has(&x->commits, c->parent2.p), c->parent2.p);
+        if (!rc) rc = outside(&x->ext_snaps, has(&x->snaps, c->snapshot_id.p), c->snapshot_id.p);
     }
     for (size_t i = 0; i < p->nsnapshots && !rc; i++) {
         const mh_pack_snapshot_t *s = &p->snapshots[i];
-        rc = outside(&x->ext_snaps, &x->snaps, s->parent.p);
+        rc = outside(&x->ext_snaps, s->parent.p && has(&x->snaps, s->parent.p), s->parent.p);
         for (uint32_t k = 0; k < s->upsert->v.m.n && !rc; k++) {
             const mh_val_t *v = &s->upsert->v.m.kv[k].v;
             if (v->t != MH_V_STR || !mh_id_valid(v->v.s.p, v->v.s.n)) continue; /* REBUILD reports it */
-            rc = outside(&x->ext_objects, &x->blobs, v->v.s.p);
+            rc = outside(&x->ext_objects, has_blob(x, v->v.s.p), v->v.s.p);
         }
     }
     x->head_in_pack = has(&x->commits, x->head);
     return rc;
 }
 
-int mh__unpack_verify(mh__unpack_t *x)
+int mh__unpack_index(mh__unpack_t *x)
 {
-    uint8_t d[32];
-    mh_id_t got;
-    mh_sha256(x->buf, x->len, d);
-    mh_id_from_digest(&got, d);
-    if (memcmp(got.s, x->key, MH_ID_LEN) != 0) return reject(x, MH_EHASH, "the pack does not hash to mpack_key");
-    const char *why = NULL;
-    int rc = mh_pack_read(x->a, x->buf, x->len, &mh_pack_limits_default, &x->pack, &why);
-    if (rc == MH_ENOMEM) return rc;
-    if (rc) return reject(x, MH_EPARSE, "%s", why ? why : mh_strerror(rc));
-    size_t bad = 0;
-    if (mh_pack_verify_blobs(x->buf, &x->pack, &bad))
-        return reject(x, MH_EHASH, "blobs[%zu] (%.*s): content does not hash to its object_id", bad,
-                      (int)x->pack.blobs[bad].object_id.n, x->pack.blobs[bad].object_id.p);
-    rc = index_pack(x);
+    int rc = index_pack(x);
     return rc ? rc : collect_outside(x);
 }
 
@@ -127,7 +125,7 @@ int mh__unpack_verify(mh__unpack_t *x)
 
 int mh__unpack_bases(mh__unpack_t *x)
 {
-    const mh_pack_t *p = &x->pack;
+    const mh_packr_result_t *p = x->pack;
     mh_idmap_t have;
     mh_idmap_init(&have, x->a, MH_ID_LEN, mh_idmap_key_strv, x->have_snaps);
     x->bases = mh_calloc(x->a, (x->nhave_snaps + 1) * sizeof *x->bases);
@@ -179,7 +177,7 @@ static int have_init(mh__unpack_t *x, have_t *h)
  * stored in this repository. */
 static int order_snapshots(mh__unpack_t *x, const have_t *h, uint32_t *order, int *children)
 {
-    const mh_pack_t *p = &x->pack;
+    const mh_packr_result_t *p = x->pack;
     size_t ns = p->nsnapshots, no = 0;
     uint8_t *mark = mh_calloc(x->a, ns + 1);
     uint32_t *stack = mh_alloc(x->a, (ns + 1) * sizeof *stack);
@@ -223,7 +221,7 @@ static int order_snapshots(mh__unpack_t *x, const have_t *h, uint32_t *order, in
  * a stored base's, or empty for a root. */
 static int start_manifest(mh__unpack_t *x, mh_manifest_t *ms, int *children, const int *depth, uint32_t i, int *pdepth)
 {
-    const mh_pack_snapshot_t *s = &x->pack.snapshots[i];
+    const mh_pack_snapshot_t *s = &x->pack->snapshots[i];
     *pdepth = -1;
     if (!s->parent.p) {
         ms[i] = (mh_manifest_t){0};
@@ -274,7 +272,7 @@ static int snapshot_row(mh__unpack_t *x, const mh_pack_snapshot_t *s, const mh_m
 static int rebuild_snapshot(mh__unpack_t *x, const have_t *h, mh_manifest_t *ms, int *children, int *depth, uint32_t i,
                             mh_buf_t tmp[3])
 {
-    const mh_pack_snapshot_t *s = &x->pack.snapshots[i];
+    const mh_pack_snapshot_t *s = &x->pack->snapshots[i];
     int pdepth;
     int rc = start_manifest(x, ms, children, depth, i, &pdepth);
     if (rc) return rc;
@@ -291,7 +289,7 @@ static int rebuild_snapshot(mh__unpack_t *x, const have_t *h, mh_manifest_t *ms,
                       sid.s, MH_ID_LEN, s->snapshot_id.p);
     for (uint32_t k = 0; k < s->upsert->v.m.n; k++) {
         const mh_kv_t *kv = &s->upsert->v.m.kv[k];
-        if (!has(&x->blobs, kv->v.v.s.p) && !has(&h->objects, kv->v.v.s.p))
+        if (!has_blob(x, kv->v.v.s.p) && !has(&h->objects, kv->v.v.s.p))
             return reject(x, MH_EPARSE,
                           "snapshots[%u]: object %.*s (%.*s) is neither in the pack nor in this repository", i,
                           MH_ID_LEN, kv->v.v.s.p, (int)kv->k.v.s.n, kv->k.v.s.p);
@@ -306,7 +304,7 @@ static int rebuild_snapshot(mh__unpack_t *x, const have_t *h, mh_manifest_t *ms,
 
 static int rebuild_snapshots(mh__unpack_t *x, const have_t *h)
 {
-    size_t ns = x->pack.nsnapshots;
+    size_t ns = x->pack->nsnapshots;
     mh_manifest_t *ms = calloc(ns + 1, sizeof *ms);
     int *children = mh_calloc(x->a, (ns + 1) * sizeof *children), *depth = mh_alloc(x->a, (ns + 1) * sizeof *depth);
     uint32_t *order = mh_alloc(x->a, (ns + 1) * sizeof *order);
@@ -323,7 +321,7 @@ static int rebuild_snapshots(mh__unpack_t *x, const have_t *h)
 /* Commits parents first (iterative DFS over both parents). */
 static int order_commits(mh__unpack_t *x, uint32_t *order)
 {
-    const mh_pack_t *p = &x->pack;
+    const mh_packr_result_t *p = x->pack;
     size_t nc = p->ncommits, no = 0;
     uint8_t *mark = mh_calloc(x->a, nc + 1);
     /* A commit is pushed when a child finds it unvisited: at most twice
@@ -369,7 +367,7 @@ static int order_commits(mh__unpack_t *x, uint32_t *order)
  * writes its tmp_commits row. */
 static int check_commit(mh__unpack_t *x, const have_t *h, int *gen, uint32_t i, mh_buf_t *meta)
 {
-    const mh_pack_commit_t *c = &x->pack.commits[i];
+    const mh_pack_commit_t *c = &x->pack->commits[i];
     if (!c->parent.p && c->parent2.p)
         return reject(x, MH_EPARSE, "commits[%u]: parent2_commit_id without parent_commit_id", i);
     mh_str_t ps[2];
@@ -415,7 +413,7 @@ static int check_commit(mh__unpack_t *x, const have_t *h, int *gen, uint32_t i, 
 
 static int rebuild_commits(mh__unpack_t *x, const have_t *h)
 {
-    size_t nc = x->pack.ncommits;
+    size_t nc = x->pack->ncommits;
     int *gen = mh_calloc(x->a, (nc + 1) * sizeof *gen);
     uint32_t *order = mh_alloc(x->a, (nc + 1) * sizeof *order);
     mh_buf_t meta = {0};
@@ -432,7 +430,7 @@ int mh__unpack_rebuild(mh__unpack_t *x)
     if (!rc) rc = rebuild_snapshots(x, &h);
     if (!rc) rc = rebuild_commits(x, &h);
     size_t nrows;
-    if (!rc) rc = mh_index_copy_rows(&x->pack, &x->object_rows, &nrows);
+    if (!rc) rc = mh_rw_index_rows(x->pack, &x->object_rows, &x->frame_rows, &nrows);
     return rc;
 }
 
@@ -441,5 +439,6 @@ void mh__unpack_free(mh__unpack_t *x)
     mh_buf_free(&x->commit_rows);
     mh_buf_free(&x->snapshot_rows);
     mh_buf_free(&x->object_rows);
+    mh_buf_free(&x->frame_rows);
     for (size_t i = 0; i < x->nbases; i++) mh_manifest_free(&x->bases[i].m);
 }

@@ -1,8 +1,8 @@
 /*
  * refwrite.c — the one write path of a repository's refs (mh/refwrite.h):
  * the transaction's lock order, the ref rows and the global rows they
- * name, every branch move, server-side commits, and the staged-upload
- * grant protocol. Push, server-side commits, merges, mpack.index,
+ * name, every branch move and server-side commits (the staged-upload
+ * grant protocol is in upload.c). Push, server-side commits, merges, mpack.index,
  * mpack.gc and repository deletion all write through here; the SQL that
  * touches ref rows or branches exists nowhere else.
  *
@@ -38,7 +38,11 @@ static const char sql_tmp_snapshots[] =
     "CREATE TEMP TABLE tmp_snapshots (snapshot_id text, parent_snapshot_id text, delta_upsert bytea COMPRESSION lz4,"
     " delta_remove bytea COMPRESSION lz4, entry_count int, depth int, checkpoint bytea COMPRESSION lz4) ON COMMIT DROP";
 static const char sql_tmp_objects[] =
-    "CREATE TEMP TABLE tmp_objects (object_id text, byte_offset bigint, byte_length bigint) ON COMMIT DROP";
+    "CREATE TEMP TABLE tmp_objects (object_id text, byte_offset bigint, byte_length bigint, frame_no int)"
+    " ON COMMIT DROP";
+static const char sql_tmp_frames[] =
+    "CREATE TEMP TABLE tmp_frames (frame_no int, data_offset bigint, data_length bigint, codec text, size bigint,"
+    " blob_count int) ON COMMIT DROP";
 
 const char mh_rw_sql_pack_lock[] = "SELECT pg_advisory_xact_lock(hashtextextended('musehub:mpack:' || $1::text, 0))";
 
@@ -65,6 +69,7 @@ void mh_rw_begin(mh_step_t *s, const char *repo_id, const char *mpack_id, unsign
     if (tmp & MH_RW_COMMITS) mh_db_batch_add(&b, sql_tmp_commits, 0);
     if (tmp & MH_RW_SNAPSHOTS) mh_db_batch_add(&b, sql_tmp_snapshots, 0);
     if (tmp & MH_RW_OBJECTS) mh_db_batch_add(&b, sql_tmp_objects, 0);
+    if (tmp & MH_RW_FRAMES) mh_db_batch_add(&b, sql_tmp_frames, 0);
     mh_db_batch_add(&b, sql_repo_lock, 1, repo_id);
     if (mpack_id) mh_db_batch_add(&b, mh_rw_sql_pack_lock, 1, mpack_id);
     mh_step_batch(s, &b, repo_locked);
@@ -74,6 +79,7 @@ void mh_rw_copy(mh_step_t *s, unsigned table, const mh_buf_t *rows)
 {
     const char *sql = table == MH_RW_COMMITS     ? "COPY tmp_commits FROM STDIN"
                       : table == MH_RW_SNAPSHOTS ? "COPY tmp_snapshots FROM STDIN"
+                      : table == MH_RW_FRAMES    ? "COPY tmp_frames FROM STDIN"
                                                  : "COPY tmp_objects FROM STDIN";
     mh_step_copy(s, sql, rows->p, rows->len);
 }
@@ -115,18 +121,35 @@ void mh_rw_history_rows(mh_db_batch_t *b, const char *repo_id, int *i_commits, i
 
 void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int *i_refs)
 {
-    if (p->new_objects)
+    /* A v2 blob's URI names its frame's data bytes, then the blob inside
+     * the decompressed frame (SPEC 2.1); numbers as bigint text are the
+     * canonical decimal mh_blob_uri_parse wants. */
+    if (p->new_objects && p->frames)
+        mh_db_batch_add(b,
+                        "INSERT INTO objects (object_id, size_bytes, storage_uri)"
+                        " SELECT o.object_id, o.byte_length, 'mpack://' || $1::text || '#' || CASE WHEN f.frame_no"
+                        " IS NULL THEN o.byte_offset || ':' || o.byte_length ELSE f.data_offset || ':' ||"
+                        " f.data_length || '/' || o.byte_offset || ':' || o.byte_length END"
+                        " FROM tmp_objects o LEFT JOIN tmp_frames f ON f.frame_no = o.frame_no"
+                        " ORDER BY o.object_id ON CONFLICT DO NOTHING",
+                        1, p->mpack_id);
+    else if (p->new_objects)
         mh_db_batch_add(b,
                         "INSERT INTO objects (object_id, size_bytes, storage_uri)"
                         " SELECT object_id, byte_length, 'mpack://' || $1::text || '#' || byte_offset || ':' ||"
                         " byte_length FROM tmp_objects ORDER BY object_id ON CONFLICT DO NOTHING",
                         1, p->mpack_id);
-    store_index(i_index,
-                mh_db_batch_add(b,
-                                "WITH x AS (INSERT INTO mpack_index (object_id, mpack_id, byte_offset, byte_length)"
-                                " SELECT object_id, $1::text, byte_offset, byte_length FROM tmp_objects"
-                                " ORDER BY object_id ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM x",
-                                1, p->mpack_id));
+    if (p->frames)
+        mh_db_batch_add(b,
+                        "INSERT INTO mpack_frames (mpack_id, frame_no, data_offset, data_length, codec, size,"
+                        " blob_count) SELECT $1::text, * FROM tmp_frames ORDER BY frame_no ON CONFLICT DO NOTHING",
+                        1, p->mpack_id);
+    store_index(i_index, mh_db_batch_add(b,
+                                         "WITH x AS (INSERT INTO mpack_index (object_id, mpack_id, byte_offset,"
+                                         " byte_length, frame_no) SELECT object_id, $1::text, byte_offset,"
+                                         " byte_length, frame_no FROM tmp_objects ORDER BY object_id"
+                                         " ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM x",
+                                         1, p->mpack_id));
     /* Referenced again: a superseded pack is live again, out of the
      * sweep's reach. */
     mh_db_batch_add(b,
@@ -145,30 +168,53 @@ void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int 
                                     1, p->repo_id));
 }
 
-static const void *blob_key(const void *ctx, uint32_t v) { return ((const mh_pack_t *)ctx)->blobs[v].object_id.p; }
+static const void *blob_key(const void *ctx, uint32_t v) { return ((const mh_packr_result_t *)ctx)->blobs[v].id; }
 
-int mh_index_copy_rows(const mh_pack_t *p, mh_buf_t *out, size_t *nrows)
+/* One tmp_frames row per v2 frame, in index order. */
+static int frame_rows(const mh_packr_result_t *p, mh_buf_t *out)
+{
+    int rc = mh_buf_reserve(out, p->nframes * 64);
+    for (size_t i = 0; i < p->nframes && !rc; i++) {
+        const mh_pack_frame_t *f = &p->frames[i];
+        const char *codec = f->codec == MH_PACK_NONE ? "none" : "zstd";
+        rc = mh_copy_int(out, (int64_t)i, false);
+        if (!rc) rc = mh_copy_int(out, (int64_t)f->data_offset, false);
+        if (!rc) rc = mh_copy_int(out, (int64_t)f->data_length, false);
+        if (!rc) rc = mh_copy_field(out, codec, strlen(codec), false);
+        if (!rc) rc = mh_copy_int(out, (int64_t)f->size, false);
+        if (!rc) rc = mh_copy_int(out, (int64_t)f->nblobs, true);
+    }
+    return rc;
+}
+
+int mh_rw_index_rows(const mh_packr_result_t *p, mh_buf_t *objects, mh_buf_t *frames, size_t *nrows)
 {
     *nrows = 0;
     /* Ids come from the pack as sent: core's seeded map, never a table a
      * client could fill with colliding ids. */
     mh_idmap_t seen;
-    mh_idmap_init(&seen, NULL, MH_ID_LEN, blob_key, p);
+    mh_idmap_init(&seen, NULL, 32, blob_key, p);
     int rc = mh_idmap_reserve(&seen, p->nblobs);
-    if (!rc) rc = mh_buf_reserve(out, p->nblobs * (MH_ID_LEN + 24));
+    if (!rc) rc = mh_buf_reserve(objects, p->nblobs * (MH_ID_LEN + 32));
     for (size_t i = 0; i < p->nblobs && !rc; i++) {
-        const mh_pack_blob_t *bl = &p->blobs[i];
+        const mh_packr_blob_t *bl = &p->blobs[i];
         int added = mh_idmap_add(&seen, (uint32_t)i, NULL);
         if (added <= 0) {
             rc = added;
             continue;
         }
-        rc = mh_copy_field(out, bl->object_id.p, bl->object_id.n, false);
-        if (!rc) rc = mh_copy_int(out, (int64_t)bl->offset, false);
-        if (!rc) rc = mh_copy_int(out, (int64_t)bl->length, true);
+        mh_id_t id;
+        mh_id_from_digest(&id, bl->id);
+        rc = mh_copy_field(objects, id.s, MH_ID_LEN, false);
+        if (!rc) rc = mh_copy_int(objects, (int64_t)bl->offset, false);
+        if (!rc) rc = mh_copy_int(objects, (int64_t)bl->length, false);
+        if (!rc)
+            rc = bl->frame == MH_PACK_NOFRAME ? mh_copy_field(objects, NULL, 0, true)
+                                              : mh_copy_int(objects, (int64_t)bl->frame, true);
         if (!rc) (*nrows)++;
     }
     mh_idmap_free(&seen);
+    if (!rc && p->version == 2) rc = frame_rows(p, frames);
     return rc;
 }
 
@@ -223,7 +269,8 @@ int mh_rw_blob_rows(const mh_rw_blob_t *blobs, size_t n, mh_buf_t *out)
     for (size_t i = 0; i < n && !rc; i++) {
         rc = mh_copy_field(out, blobs[i].id, MH_ID_LEN, false);
         if (!rc) rc = mh_copy_int(out, (int64_t)blobs[i].new_off, false);
-        if (!rc) rc = mh_copy_int(out, (int64_t)blobs[i].len, true);
+        if (!rc) rc = mh_copy_int(out, (int64_t)blobs[i].len, false);
+        if (!rc) rc = mh_copy_field(out, NULL, 0, true); /* frame_no: a v1 pack */
     }
     return rc;
 }
@@ -604,177 +651,4 @@ void mh_rw_commit_free(mh_rw_commit_t *c)
     mh_buf_free(&c->up);
     mh_buf_free(&c->rm);
     mh_buf_free(&c->cp);
-}
-
-/* ====================================================== staged uploads */
-
-#define MAX_GRANTS 64 /* tried per unpack: a client presigning more is asking for trouble */
-
-void mh_rw_upload_init(mh_upload_t *up, mh_arena_t *a, const char *repo_id, const char *mpack_id)
-{
-    memset(up, 0, sizeof *up);
-    up->arena = a;
-    up->repo_id = repo_id;
-    up->mpack_id = mpack_id;
-    mh_mpack_key(up->pack_key, mpack_id);
-}
-
-void mh_rw_upload_free(mh_upload_t *up) { mh_buf_free(&up->bytes); }
-
-static int grants_read(mh_step_t *s, PGresult *res)
-{
-    mh_upload_t *up = s->arg;
-    int rows = PQntuples(res);
-    if (!up || rows < 1) return MH_EDB;
-    /* Every row repeats the two flags; grant columns are NULL without one. */
-    up->referenced = mh_pq_str(res, 0, 0)[0] == 't';
-    up->head_known = mh_pq_str(res, 0, 1)[0] == 't';
-    up->grants = mh_calloc(up->arena, (size_t)rows * sizeof *up->grants);
-    if (!up->grants) return MH_ENOMEM;
-    for (int r = 0; r < rows; r++) {
-        if (mh_pq_isnull(res, r, 2)) continue;
-        mh_grant_t *g = &up->grants[up->ngrants++];
-        g->grant_id = mh_strdup(up->arena, mh_pq_str(res, r, 2));
-        g->staging_key = mh_strdup(up->arena, mh_pq_str(res, r, 3));
-        g->verified = mh_pq_str(res, r, 4)[0] == 't';
-        g->size = (uint64_t)mh_pq_int(res, r, 5);
-        if (!g->grant_id || !g->staging_key) return MH_ENOMEM;
-    }
-    return 0;
-}
-
-void mh_rw_upload_lookup(mh_step_t *s, mh_upload_t *up)
-{
-    s->arg = up;
-    char limit[8];
-    snprintf(limit, sizeof limit, "%d", MAX_GRANTS);
-    mh_db_pq_t q = {NULL,
-                    "SELECT EXISTS (SELECT 1 FROM mpack_refs WHERE repo_id = $1 AND mpack_id = $2),"
-                    " EXISTS (SELECT 1 FROM commit_refs WHERE repo_id = $1 AND commit_id = $3),"
-                    " g.grant_id, g.staging_key, (g.verified_at IS NOT NULL)::text, g.size_bytes"
-                    " FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT grant_id, staging_key, verified_at, size_bytes"
-                    "  FROM push_grants WHERE repo_id = $1 AND mpack_key = $2 AND consumed_at IS NULL"
-                    "  AND expires_at > now() ORDER BY verified_at IS NOT NULL DESC, created_at DESC LIMIT $4::int) g"
-                    " ON true",
-                    4,
-                    (const char *const[]){up->repo_id, up->mpack_id, up->head ? up->head : "", limit},
-                    NULL,
-                    NULL};
-    mh_step_query(s, &q, grants_read);
-}
-
-static int upload_got(mh_step_t *s, int err, mh_buf_t *data);
-
-/* Reads the next candidate: the pack key when referenced, else the next
- * grant's staged key; MH_STEP_WAIT, or 0 when none is left. */
-static int read_next(mh_step_t *s, mh_upload_t *up)
-{
-    if (up->referenced && !up->src) {
-        up->src = up->pack_key;
-        up->trusted = true;
-    } else if (up->next < up->ngrants) {
-        up->grant = &up->grants[up->next++];
-        up->src = up->grant->staging_key;
-        up->trusted = up->grant->verified;
-    } else {
-        up->outcome = up->ngrants || up->referenced ? MH_UPLOAD_NOT_STAGED : MH_UPLOAD_NO_GRANT;
-        up->grant = NULL;
-        return 0;
-    }
-    mh_step_get(s, up->src, 0, UINT64_MAX, upload_got);
-    return MH_STEP_WAIT;
-}
-
-static int upload_got(mh_step_t *s, int err, mh_buf_t *data)
-{
-    mh_upload_t *up = s->arg;
-    if (!up) return MH_EINVAL;
-    if (err == MH_ENOENT && up->grant && up->grant->verified && up->src != up->pack_key) {
-        /* This grant's upload was verified by an earlier attempt that moved
-         * it into place and then failed: read it from its final key. Only
-         * a verified grant may (an unverified one must upload: SPEC 4.3). */
-        up->src = up->pack_key;
-        mh_step_get(s, up->src, 0, UINT64_MAX, upload_got);
-        return MH_STEP_WAIT;
-    }
-    if (err == MH_ENOENT && up->grant) return read_next(s, up); /* nothing uploaded under this grant */
-    if (err) {
-        mh_step_fail(s, err == MH_ENOENT ? MH_ESTORE : err, up->src);
-        return err;
-    }
-    up->bytes = *data;
-    *data = (mh_buf_t){0};
-    up->outcome = MH_UPLOAD_READ;
-    if (up->grant && up->src != up->pack_key && up->bytes.len != up->grant->size) up->outcome = MH_UPLOAD_SIZE_MISMATCH;
-    return 0;
-}
-
-void mh_rw_upload_read(mh_step_t *s, mh_upload_t *up)
-{
-    s->arg = up;
-    up->next = 0;
-    up->src = NULL;
-    up->grant = NULL;
-    read_next(s, up); /* none to read: no call, the outcome says why */
-}
-
-void mh_rw_upload_verified(mh_step_t *s, const mh_upload_t *up)
-{
-    if (!up->grant) return; /* read as referenced: nothing to record */
-    mh_db_pq_t q = {NULL, "UPDATE push_grants SET verified_at = coalesce(verified_at, now()) WHERE grant_id = $1",
-                    1,    (const char *const[]){up->grant->grant_id},
-                    NULL, NULL};
-    mh_step_query(s, &q, NULL);
-}
-
-static int placed_check(mh_step_t *s, int err, uint64_t size)
-{
-    mh_upload_t *up = s->arg;
-    if (!up) return MH_EINVAL;
-    /* Whatever the store says, a pack that is not in place is its fault. */
-    if (err || size != up->bytes.len) {
-        mh_step_fail(s, err == MH_ENOSPC ? err : MH_ESTORE, "the staged upload vanished and the pack is not in place");
-        return MH_ESTORE;
-    }
-    return 0;
-}
-
-static int moved(mh_step_t *s, int err)
-{
-    mh_upload_t *up = s->arg;
-    if (!up) return MH_EINVAL;
-    if (err == MH_ENOENT) {
-        /* The staged key is gone: another attempt under this grant moved it
-         * meanwhile. Make sure it is in place before referencing it. */
-        mh_step_head(s, up->pack_key, placed_check);
-        return MH_STEP_WAIT;
-    }
-    if (err) mh_step_fail(s, err, "moving the pack into place");
-    return err;
-}
-
-void mh_rw_upload_place(mh_step_t *s, mh_upload_t *up)
-{
-    if (up->src == up->pack_key) return; /* already at its final key */
-    s->arg = up;
-    mh_step_move(s, up->src, up->pack_key, moved);
-}
-
-void mh_rw_upload_rows(mh_db_batch_t *b, mh_upload_t *up)
-{
-    snprintf(up->size, sizeof up->size, "%zu", up->bytes.len);
-    mh_rw_pack_t pack = {up->repo_id, up->mpack_id, up->size, "push", true};
-    mh_rw_pack_rows(b, &pack, &up->i_index, &up->i_refs);
-}
-
-void mh_rw_upload_written(mh_upload_t *up, PGresult **res)
-{
-    up->indexed = mh_pq_int(res[up->i_index], 0, 0);
-    up->referenced_new = mh_pq_int(res[up->i_refs], 0, 0);
-}
-
-void mh_rw_upload_consume(mh_db_batch_t *b, const mh_upload_t *up)
-{
-    if (up->grant)
-        mh_db_batch_add(b, "UPDATE push_grants SET consumed_at = now() WHERE grant_id = $1", 1, up->grant->grant_id);
 }

@@ -1,25 +1,31 @@
 /*
  * index.c — the mpack.index job (SPEC 4.7): records, for every blob of one
- * pack, an objects row (mpack://<key>#<offset>:<length>), an mpack_index
- * row and an object ref for the job's repository, plus the pack's mpacks
- * and mpack_refs rows, in one transaction written with COPY.
+ * pack, an objects row (mpack:// URI: v1 the content's byte range, v2 its
+ * frame and its place inside it), an mpack_index row and an object ref
+ * for the job's repository, plus the pack's mpacks, mpack_refs and (v2)
+ * mpack_frames rows, in one transaction written with COPY.
  *
- * Which bytes it may read, and what it must check (DESIGN 5: bytes are
- * verified once, where they enter), is push's grant protocol (refwrite's
- * mh_rw_upload_*, the same code unpack runs):
+ * Which bytes it may read, how it reads them and what it must check
+ * (DESIGN 5: bytes are verified once, where they enter) is push's grant
+ * protocol and stream (upload.c, mh_rw_upload_*: the same code unpack
+ * runs):
  *  - the repository references the pack (mpack_refs): the pack was
- *    verified when it entered or the server built it -> mpacks/<hex>, no
- *    hashing at all;
+ *    verified when it entered or the server built it -> mpacks/<hex>, read
+ *    as a stream without hashing or decompressing anything
+ *    (MH_PACKR_NO_DECOMPRESS: the frames' structure is still checked);
  *  - the repository holds an unexpired grant with a completed upload the
  *    server has already verified -> the staged key, or mpacks/<hex> when
- *    an unpack already moved it there; no hashing;
+ *    an unpack already moved it there; read the same way;
  *  - an unexpired grant never verified, with a completed upload -> the
  *    staged key only; the whole pack is hashed against its key AND every
- *    blob against its id (the unpack checks: a false id would poison
- *    every repository sharing the object); then the grant is marked
- *    verified and the pack moved to mpacks/<hex>;
+ *    blob against its id, v2 frames decompressed within their bounds (the
+ *    unpack checks: a false id would poison every repository sharing the
+ *    object); then the grant is marked verified and the pack moved to
+ *    mpacks/<hex> in the transaction (and back, should that fail);
  *  - none of these: permanent failure (the API refuses such jobs with
  *    404; this covers a grant that expired before the job ran).
+ * What it holds is reserved from the pack-memory budget (the stream's
+ * windows, the reader's records, the rows).
  *
  * Idempotent: every insert is ON CONFLICT DO NOTHING or an anti-join, so a
  * second run (a retry after a crash, a duplicate job) writes nothing and
@@ -39,62 +45,47 @@ typedef struct {
     mh_job_t *j;
     mh_id_t key;
     mh_upload_t up;
-    mh_pack_t pack;
-    mh_buf_t rows;
+    mh_pack_limits_t lim;
+    bool v2;
+    mh_buf_t rows, frames;
     size_t nrows;
     bool permanent; /* the failure cannot get better: no retry */
 } index_t;
 
 #define X(s) MH_STEP_OP(s, index_t, step)
 
-enum { I_LOOKUP, I_READ, I_PARSE, I_MARK, I_ACQUIRE, I_BEGIN, I_PLACE, I_COPY, I_INSERT, I_COMMIT, I_DONE };
+enum {
+    I_LOOKUP,
+    I_LOCATE,
+    I_STREAM,
+    I_ROWS,
+    I_CHARGE,
+    I_MARK,
+    I_ACQUIRE,
+    I_BEGIN,
+    I_COPY,
+    I_COPY_FRAMES,
+    I_INSERT,
+    I_PLACE,
+    I_COMMIT,
+    I_DONE
+};
 
 static void step_lookup(mh_step_t *s) { mh_rw_upload_lookup(s, &X(s)->up); }
 
-static void step_read(mh_step_t *s)
+static void step_locate(mh_step_t *s)
 {
     index_t *x = X(s);
     if (!x->up.referenced && !x->up.ngrants) {
         x->permanent = true;
-        mh_step_fail(s, MH_ENOENT, "the repository neither references this pack nor holds an unexpired push grant for it");
+        mh_step_fail(s, MH_ENOENT,
+                     "the repository neither references this pack nor holds an unexpired push grant for it");
         return;
     }
-    mh_rw_upload_read(s, &x->up);
+    mh_rw_upload_locate(s, &x->up);
 }
 
-/* Thread pool: (untrusted only) pack hash and blob hashes; parse; rows. */
-static void parse_work(mh_step_t *s)
-{
-    index_t *x = X(s);
-    mh_arena_t *a = &x->j->arena; /* not touched by the loop meanwhile */
-    const mh_buf_t *b = &x->up.bytes;
-    if (!x->up.trusted) {
-        mh_id_t got;
-        mh_blob_id(b->p, b->len, &got);
-        if (memcmp(got.s, x->key.s, MH_ID_LEN) != 0) {
-            s->work_err = MH_EHASH;
-            s->work_why = "the staged upload does not hash to mpack_key";
-            return;
-        }
-    }
-    const char *why = NULL;
-    int rc = mh_pack_read(a, b->p, b->len, &mh_pack_limits_default, &x->pack, &why);
-    if (rc) {
-        s->work_err = rc == MH_ENOMEM ? rc : MH_EPARSE;
-        s->work_why = why;
-        return;
-    }
-    size_t bad = 0;
-    if (!x->up.trusted && mh_pack_verify_blobs(b->p, &x->pack, &bad)) {
-        s->work_err = MH_EHASH;
-        s->work_why = mh_sprintf(a, "blobs[%zu] (%.*s): content does not hash to its object_id", bad,
-                                 (int)x->pack.blobs[bad].object_id.n, x->pack.blobs[bad].object_id.p);
-        return;
-    }
-    s->work_err = mh_index_copy_rows(&x->pack, &x->rows, &x->nrows);
-}
-
-static void step_parse(mh_step_t *s)
+static void step_stream(mh_step_t *s)
 {
     index_t *x = X(s);
     /* Retried when nothing is staged yet: an upload may still be in flight. */
@@ -106,12 +97,30 @@ static void step_parse(mh_step_t *s)
         mh_step_fail(s, MH_EHASH, "the staged upload's size is not the grant's");
         return;
     }
-    if (x->up.bytes.len > x->j->cfg->max_pack_bytes) {
+    if (x->up.size > x->j->cfg->max_pack_bytes) {
         mh_step_fail(s, MH_ELIMIT, "pack too large");
         return;
     }
-    mh_step_work(s, parse_work);
+    x->lim = mh_pack_limits_default;
+    if (x->j->cfg->max_unpacked) x->lim.max_unpacked = x->j->cfg->max_unpacked;
+    mh_rw_stream_opts_t o = {x->j->cfg->budget, &x->lim, 0};
+    mh_rw_upload_stream(s, &x->up, &o);
 }
+
+/* Thread pool: the COPY rows of the pack read. */
+static void rows_work(mh_step_t *s)
+{
+    index_t *x = X(s);
+    s->work_err = mh_rw_index_rows(x->up.pack, &x->rows, &x->frames, &x->nrows);
+}
+
+static void step_rows(mh_step_t *s)
+{
+    X(s)->v2 = X(s)->up.pack->version == 2;
+    mh_step_work(s, rows_work);
+}
+
+static void step_charge(mh_step_t *s) { mh_rw_upload_charge(s, &X(s)->up, X(s)->rows.cap + X(s)->frames.cap); }
 
 static void step_mark(mh_step_t *s)
 {
@@ -121,19 +130,21 @@ static void step_mark(mh_step_t *s)
     if (!x->up.trusted) mh_rw_upload_verified(s, &x->up);
 }
 
-
 static void step_begin(mh_step_t *s)
 {
     index_t *x = X(s);
     /* The repository row, then the pack's lock: the sweep deletes a
      * superseded pack's row and bytes under it, so it either finished
      * before (and the move recreates the bytes) or sees the new refs. */
-    mh_rw_begin(s, x->j->repo_id, x->key.s, MH_RW_OBJECTS);
+    mh_rw_begin(s, x->j->repo_id, x->key.s, MH_RW_OBJECTS | (x->v2 ? MH_RW_FRAMES : 0));
 }
 
-static void step_place(mh_step_t *s) { mh_rw_upload_place(s, &X(s)->up); }
-
 static void step_copy(mh_step_t *s) { mh_rw_copy(s, MH_RW_OBJECTS, &X(s)->rows); }
+
+static void step_copy_frames(mh_step_t *s)
+{
+    if (X(s)->v2) mh_rw_copy(s, MH_RW_FRAMES, &X(s)->frames);
+}
 
 static int inserted(mh_step_t *s, PGresult **res, int n)
 {
@@ -149,12 +160,25 @@ static void step_insert(mh_step_t *s)
     mh_step_batch(s, &b, inserted);
 }
 
+/* Last before COMMIT: nothing can fail in between but the COMMIT itself,
+ * after which index_finish takes the upload back. */
+static void step_place(mh_step_t *s) { mh_rw_upload_place(s, &X(s)->up); }
 
 static const mh_step_def_t index_steps[] = {
-    [I_LOOKUP] = {"lookup", step_lookup}, [I_READ] = {"read", step_read},       [I_PARSE] = {"parse", step_parse},
-    [I_MARK] = {"mark", step_mark},       [I_ACQUIRE] = {"acquire", mh_step_acquire}, [I_BEGIN] = {"begin", step_begin},
-    [I_PLACE] = {"place", step_place},    [I_COPY] = {"copy", step_copy},       [I_INSERT] = {"insert", step_insert},
-    [I_COMMIT] = {"commit", mh_step_commit}, [I_DONE] = {"done", mh_step_done},
+    [I_LOOKUP] = {"lookup", step_lookup},
+    [I_LOCATE] = {"locate", step_locate},
+    [I_STREAM] = {"stream", step_stream},
+    [I_ROWS] = {"rows", step_rows},
+    [I_CHARGE] = {"charge", step_charge},
+    [I_MARK] = {"mark", step_mark},
+    [I_ACQUIRE] = {"acquire", mh_step_acquire},
+    [I_BEGIN] = {"begin", step_begin},
+    [I_COPY] = {"copy", step_copy},
+    [I_COPY_FRAMES] = {"copy_frames", step_copy_frames},
+    [I_INSERT] = {"insert", step_insert},
+    [I_PLACE] = {"place", step_place},
+    [I_COMMIT] = {"commit", mh_step_commit},
+    [I_DONE] = {"done", mh_step_done},
 };
 
 static void index_finish(mh_step_t *s)
@@ -166,8 +190,9 @@ static void index_finish(mh_step_t *s)
     snprintf(what, sizeof what, "mpack.index %s", x->key.s);
     /* A pack that does not parse or hash, or is too large, will not do
      * better on a retry; nor will a repository that was deleted. */
-    bool permanent = x->permanent || s->err == MH_EPARSE || s->err == MH_EHASH || s->err == MH_ELIMIT ||
-                     s->err == MH_ENOENT;
+    bool permanent =
+        x->permanent || s->err == MH_EPARSE || s->err == MH_EHASH || s->err == MH_ELIMIT || s->err == MH_ENOENT;
+    if (s->err) mh_rw_upload_unplace(s, &x->up);
     mh_vb_t b;
     mh_vb_init(&b, a);
     mh_val_t *m = mh_vb_map(&b);
@@ -184,6 +209,7 @@ static void index_cleanup_cb(void *arg)
     index_t *x = arg;
     mh_rw_upload_free(&x->up);
     mh_buf_free(&x->rows);
+    mh_buf_free(&x->frames);
 }
 
 void mh__job_index_start(mh_job_t *j)

@@ -1534,6 +1534,19 @@ int mh_packr_finish(mh_packr_t *r)
     if (r->res.version == 2 && !(r->outer.seen & (1u << K_FRAMES)))
         return fail(r, MH_EPARSE, "pack.frames: missing (required in a v2 pack)");
     if (r->flags & MH_PACKR_HASH_PACK) SHA256_Final(r->res.pack_digest, &r->packsha);
+    /* Done reading: only the result is kept (its holder charges
+     * mh_packr_mem against the pack-memory budget until it frees it). */
+    ps_release(&r->outer);
+    if (r->meta) {
+        ps_release(r->meta);
+        free(r->meta);
+        r->meta = NULL;
+    }
+    mh_buf_free(&r->fr.reorder);
+    ZSTD_freeDCtx(r->dctx);
+    r->dctx = NULL;
+    free(r->zout);
+    r->zout = NULL;
     return 0;
 }
 

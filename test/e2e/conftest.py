@@ -32,8 +32,6 @@ Store modes
        MUSEHUB_S3_ACCESS_KEY/SECRET_KEY, MUSEHUB_S3_PATH_STYLE=1, and all
        servers share the bucket (store_dir is still created, but unused).
   Tests marked @pytest.mark.store("fs") (or "s3") run only in that mode.
-  Tests marked @pytest.mark.needs_v2 (mpack v2 end to end) run only with
-  MUSEHUB_SERVER_V2=1 in the environment.
   Server.store_path(key) is the file holding an object's bytes in either
   mode (fs: <store_dir>/<key>; s3: the emulator's file for the key).
 
@@ -93,9 +91,6 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
     config.addinivalue_line("markers", "store(kind): needs a given store backend")
-    config.addinivalue_line("markers", "needs_v2: pushes/fetches mpack v2 end to end; "
-                                       "skipped unless MUSEHUB_SERVER_V2=1 (the server "
-                                       "reads v2)")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -122,11 +117,7 @@ def store_kind(request) -> str:
 
 def pytest_collection_modifyitems(config, items):
     kind = config.getoption("--store")
-    v2 = os.environ.get("MUSEHUB_SERVER_V2") == "1"
     for item in items:
-        if not v2 and item.get_closest_marker("needs_v2"):
-            item.add_marker(pytest.mark.skip(reason="needs a server that reads mpack v2 "
-                                                    "(set MUSEHUB_SERVER_V2=1)"))
         m = item.get_closest_marker("store")
         if m and m.args and m.args[0] != kind:
             item.add_marker(pytest.mark.skip(reason=f"needs the {m.args[0]} store (running --store {kind})"))

@@ -3,8 +3,8 @@ git2muse's incremental conversion, muse-mirror, streaming transfers in
 bounded memory, and every error path ending in one line and a non-zero
 exit (no traceback).
 
-Tests that need the server to read mpack v2 are marked `needs_v2`; the
-others send v1 (--format 1) where the server must accept the pack."""
+The tools send mpack v2 by default; tests that pin a format say so
+(--format 1 or 2)."""
 from __future__ import annotations
 
 import json
@@ -121,25 +121,40 @@ def test_incremental_push_v1(server, hub, repo, tmp_path):
     assert hub.refs(OWNER, repo["slug"])["branch_heads"] == {"main": more.head}
 
 
-@pytest.mark.needs_v2
 def test_incremental_push_v2(server, hub, repo, tmp_path):
     more = incremental_push(server, repo, tmp_path, "2")
     assert hub.refs(OWNER, repo["slug"])["branch_heads"] == {"main": more.head}
 
 
-def test_default_format_is_v2(server, hub, repo, tmp_path):
-    """Without --format the pack sent is v2; a server that cannot read it
-    gets the same history as v1, with a warning (never silently)."""
+def test_default_format_is_v2(server, hub, repo, db, tmp_path):
+    """Without --format the pack sent is v2 (a v1 file is re-encoded) and
+    the server keeps it as sent: frames rows, no warning, no second
+    format."""
     h = muse.generate(commits=5, files=10, changed=2, blob_size=100, seed=unique("fmt"))
     pack = write_pack(h, tmp_path / "h.mpack", 1)
     r = tool("muse-push", *push_args(server, repo["slug"], "--json", str(pack)))
     (res,) = json_lines(r.stdout)
-    assert res["commits_written"] == 5
-    if res["sent"]["version"] == 1:
-        assert "does not read mpack v2" in r.stderr, r.stderr
-    else:
-        assert res["sent"]["version"] == 2 and "v2" not in r.stderr
+    assert res["commits_written"] == 5 and res["sent"]["version"] == 2
+    assert "warning" not in r.stderr, r.stderr
     assert hub.refs(OWNER, repo["slug"])["branch_heads"] == {"main": h.head}
+    rid = repo["repo_id"]
+    (key,) = [k for (k,) in db.rows(f"SELECT mpack_id FROM mpack_refs WHERE repo_id = '{rid}'")]
+    assert db.count(f"SELECT count(*) FROM mpack_frames WHERE mpack_id = '{key}'") >= 1
+
+
+def test_refused_v2_pack_is_an_error(server, repo, tmp_path):
+    """A pack the server refuses is reported as refused (one line, exit 1),
+    never sent again in another format."""
+    h = muse.generate(commits=2, files=3, changed=1, blob_size=50, seed=unique("bad2"))
+    bad = {"commit_id": "sha256:" + "0" * 64}  # ids are recomputed: a lie is refused
+    commits = [dict(c, **bad) if i == 1 else c for i, c in enumerate(h.commits)]
+    data = muse.build_mpack(commits, h.snapshots, h.blobs, version=2)
+    pack = tmp_path / "bad.mpack"
+    pack.write_bytes(data)
+    r = tool("muse-push", *push_args(server, repo["slug"], "--head", bad["commit_id"], str(pack)),
+             ok=False)
+    line = one_line_error(r, 1, "422")
+    assert "v1" not in line and "sent" not in r.stderr.lower()
 
 
 def test_musegen_writes_v2_by_default(tmp_path):
@@ -176,7 +191,6 @@ def test_fetch_checkout_and_formats(server, hub, repo, tmp_path):
     assert (tmp_path / "p.mpack").read_bytes()[:5] == b"MUSE\x01"
 
 
-@pytest.mark.needs_v2
 def test_fetch_v2_same_ids_as_v1(server, hub, repo, tmp_path):
     seed = unique("f2")
     h = muse.generate(commits=8, files=12, changed=2, blob_size=200, seed=seed)
@@ -353,7 +367,7 @@ def test_git2muse_incremental_push(gsrv, ghub, tmp_path):
     first = json.loads(tool("git2muse", "--repo", str(g), "--out-dir", str(out),
                             "--ref", "main", "--format", "1").stdout)
     assert first["converted"] > 5
-    tool("muse-push", *push_args(gsrv, repo["slug"], "--plan", str(out / "push.json")))
+    tool("muse-push", *push_args(gsrv, repo["slug"], "--format", "1", "--plan", str(out / "push.json")))
     # nothing new in git: nothing converted, nothing pushed
     again = json.loads(tool("git2muse", "--repo", str(g), "--out-dir", str(out),
                             "--ref", "main", "--format", "1").stdout)
@@ -368,7 +382,7 @@ def test_git2muse_incremental_push(gsrv, ghub, tmp_path):
     plan = json.loads((out / "push.json").read_text())
     last = plan["packs"][-1]
     assert (last["commits"], last["snapshots"], last["blobs"]) == (1, 1, 1)
-    r = tool("muse-push", *push_args(gsrv, repo["slug"], "--json",
+    r = tool("muse-push", *push_args(gsrv, repo["slug"], "--json", "--format", "1",
                                      "--plan", str(out / "push.json")))
     results = json_lines(r.stdout)
     assert len(results) == 1 and results[0]["commits_written"] == 1
@@ -470,7 +484,6 @@ def test_mirror(gsrv, ghub, tmp_path):
     ghub.delete_repo(ghub.refs(OWNER, slug)["repo_id"])
 
 
-@pytest.mark.needs_v2
 def test_mirror_v2(gsrv, tmp_path):
     g = make_git_repo(tmp_path / "g")
     slug = unique("mirror2")
@@ -553,7 +566,6 @@ def test_streaming_1gb_v1(server, hub, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.needs_v2
 def test_streaming_1gb_v2(server, hub, tmp_path):
     streaming_round_trip(server, hub, tmp_path, 2)
 

@@ -113,43 +113,43 @@ def _wait_for(cond, timeout: float, what: str, interval: float = 0.05):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def test_pg_connection_dropped_mid_unpack_transaction(start_server):
-    """Deterministic: the unpack's transaction has written every row and
-    waits for the branch row lock (held by us); its backend is terminated.
-    The push gets a clean 503, nothing of it is visible, and the same
-    unpack succeeds afterwards without a new upload."""
+def _second_push_staged(start_server, prefix: str):
+    """A server, a repository holding h1, and h2 on top of it staged (not
+    unpacked): (srv, hub, pusher, slug, repo_id, h1, h2, ledger before)."""
     srv = start_server()
     hub = srv.hub(timeout=60)
     p = Pusher(srv.url)
-    slug, rid = _new_repo(hub, "pgdrop")
-    h1, h2 = chain(2, seed=unique("pd"))
+    slug, rid = _new_repo(hub, prefix)
+    h1, h2 = chain(2, seed=unique(prefix))
     hub.push(OWNER, slug, h1.pack(), "main", h1.head)
     before = ledger(srv.db, rid)
     assert p.stage(slug, h2.pack())[0] == 200
+    return srv, hub, p, slug, rid, h1, h2, before
 
-    locker = PgSession(srv.database_url, "fault-locker")
-    res: dict = {}
-    try:
-        locker.send(f"BEGIN; SELECT 1 FROM branches WHERE repo_id = {sql_str(rid)} AND name = 'main' FOR UPDATE;")
-        _wait_for(lambda: srv.db.count("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fault-locker'"
-                                       " AND state = 'idle in transaction'"), 10, "the locker to hold the row")
-        t = threading.Thread(target=lambda: res.update(r=p.unpack(slug, h2.pack(), h2.head)))
-        t.start()
-        pid = _wait_for(lambda: srv.db.scalar(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'musehubd'"
-            " AND wait_event_type = 'Lock'"), 30, "the unpack to wait for the branch lock")
-        # Its transaction holds the COPY'd and inserted rows by now.
-        assert srv.db.scalar(f"SELECT pg_terminate_backend({pid})") == "t"
-        t.join(60)
-        assert not t.is_alive(), "unpack did not answer within 60 s of its connection being dropped"
-    finally:
-        locker.send("ROLLBACK;")
-        locker.close()
-    _assert_clean_error(res["r"], (503,))
-    assert ledger(srv.db, rid) == before, "the dropped transaction left rows behind"
-    assert srv.db.count(f"SELECT count(*) FROM commits WHERE commit_id = {sql_str(h2.head)}") == 0
 
-    r = p.unpack(slug, h2.pack(), h2.head)  # no new presign, no upload
+def _hold(srv, appname: str, sql: str) -> PgSession:
+    """A psql session that takes row locks with `sql` and keeps them."""
+    s = PgSession(srv.database_url, appname)
+    s.send(f"BEGIN; {sql};")
+    _wait_for(lambda: srv.db.count(f"SELECT count(*) FROM pg_stat_activity WHERE application_name = '{appname}'"
+                                   " AND state = 'idle in transaction'"), 10, f"{appname} to hold its rows")
+    return s
+
+
+def _release(s: PgSession) -> None:
+    s.send("ROLLBACK;")
+    s.close()
+
+
+def _lock_waiter(srv):
+    """The pid of a musehubd backend waiting for a lock, or None."""
+    return srv.db.scalar("SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                         " AND application_name = 'musehubd' AND wait_event_type = 'Lock'")
+
+
+def _retry_succeeds(srv, hub, p, slug, rid, h1, h2) -> None:
+    """The same unpack again, without a new presign or upload, succeeds."""
+    r = p.unpack(slug, h2.pack(), h2.head)
     assert r.status_code == 200, _status(r)
     assert r.json()["commits_written"] == len(h2.commits)
     after = ledger(srv.db, rid)
@@ -158,6 +158,75 @@ def test_pg_connection_dropped_mid_unpack_transaction(start_server):
     clone_verify(hub, slug, h2.head, expect_commits=len(h1.commits) + len(h2.commits))
     p.close()
     hub.close()
+
+
+def test_pg_connection_dropped_mid_unpack_transaction(start_server):
+    """Deterministic: the unpack's transaction has written every row and
+    waits for the branch row lock (held by us); its backend is terminated.
+    The push gets a clean 503, nothing of it is visible, and the same
+    unpack succeeds afterwards without a new upload."""
+    srv, hub, p, slug, rid, h1, h2, before = _second_push_staged(start_server, "pgdrop")
+    locker = _hold(srv, "fault-locker", f"SELECT 1 FROM branches WHERE repo_id = {sql_str(rid)} AND name = 'main'"
+                   " FOR UPDATE")
+    res: dict = {}
+    try:
+        t = threading.Thread(target=lambda: res.update(r=p.unpack(slug, h2.pack(), h2.head)))
+        t.start()
+        pid = _wait_for(lambda: _lock_waiter(srv), 30, "the unpack to wait for the branch lock")
+        # Its transaction holds the COPY'd and inserted rows by now.
+        assert srv.db.scalar(f"SELECT pg_terminate_backend({pid})") == "t"
+        t.join(60)
+        assert not t.is_alive(), "unpack did not answer within 60 s of its connection being dropped"
+    finally:
+        _release(locker)
+    _assert_clean_error(res["r"], (503,))
+    assert ledger(srv.db, rid) == before, "the dropped transaction left rows behind"
+    assert srv.db.count(f"SELECT count(*) FROM commits WHERE commit_id = {sql_str(h2.head)}") == 0
+    _retry_succeeds(srv, hub, p, slug, rid, h1, h2)
+
+
+def test_pg_connection_dropped_after_the_pack_was_placed(start_server):
+    """Issue 15 item 4, the failure after the move: the unpack's
+    transaction has judged the move and placed the pack under mpacks/, and
+    waits for its grant's row (held by us) to consume it; its backend is
+    terminated. The push gets a clean 503, the pack goes back to its
+    staging key (nothing under mpacks/ without a row), and the same unpack
+    succeeds afterwards without a new upload."""
+    srv, hub, p, slug, rid, h1, h2, before = _second_push_staged(start_server, "placed")
+    key = muselib.blob_id(h2.pack())
+    grant, staging = srv.db.rows(f"SELECT grant_id, staging_key FROM push_grants WHERE mpack_key = {sql_str(key)}")[0]
+    # The branch row first (the unpack has marked its grant verified and
+    # waits in its transaction to judge the move), then the grant's row,
+    # then the branch goes: the unpack places the pack and waits to
+    # consume the grant.
+    branch = _hold(srv, "fault-locker", f"SELECT 1 FROM branches WHERE repo_id = {sql_str(rid)} AND name = 'main'"
+                   " FOR UPDATE")
+    grants = None
+    res: dict = {}
+    try:
+        t = threading.Thread(target=lambda: res.update(r=p.unpack(slug, h2.pack(), h2.head)))
+        t.start()
+        _wait_for(lambda: _lock_waiter(srv), 30, "the unpack to wait for the branch row")
+        assert not srv.store_path(key).exists(), "not placed before the move is judged"
+        grants = _hold(srv, "fault-locker2", f"SELECT 1 FROM push_grants WHERE grant_id = {sql_str(grant)} FOR UPDATE")
+        _release(branch)
+        branch = None
+        _wait_for(lambda: srv.store_path(key).exists() and _lock_waiter(srv), 30, "the pack placed, the unpack waiting")
+        assert not srv.store_path(staging).exists()
+        assert srv.db.scalar(f"SELECT pg_terminate_backend({_lock_waiter(srv)})") == "t"
+        t.join(60)
+        assert not t.is_alive(), "unpack did not answer within 60 s of its connection being dropped"
+    finally:
+        for s in (branch, grants):
+            if s is not None:
+                _release(s)
+    _assert_clean_error(res["r"], (503,))
+    assert ledger(srv.db, rid) == before, "the dropped transaction left rows behind"
+    assert srv.db.count(f"SELECT count(*) FROM mpacks WHERE mpack_id = {sql_str(key)}") == 0
+    _wait_for(lambda: not srv.store_path(key).exists() and srv.store_path(staging).exists(), 10,
+              "the pack to go back to its staging key")
+    _retry_succeeds(srv, hub, p, slug, rid, h1, h2)
+    assert srv.store_path(key).exists() and not srv.store_path(staging).exists()
 
 
 # A killer running inside PostgreSQL: every ~2 ms it terminates this

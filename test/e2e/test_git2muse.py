@@ -238,7 +238,7 @@ def test_single_ref_rename(synth, tmp_path):
 def push_and_check(server, hub, repo, plan, git_repo, use_cli=False):
     if use_cli:
         r = subprocess.run([PY, str(SCRIPTS / "muse-push"), "--url", server.url,
-                            "--owner", OWNER, "--repo", repo["slug"], "--plan",
+                            "--owner", OWNER, "--repo", repo["slug"], *V1, "--plan",
                             str(Path(plan["_dir"]) / "push.json")],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=600)
         assert r.returncode == 0, (r.stdout.decode(), r.stderr.decode())
@@ -255,8 +255,9 @@ def push_and_check(server, hub, repo, plan, git_repo, use_cli=False):
         assert files == git_files(git_repo, plan["git_heads"][br]), br
 
 
-# The server does not read mpack v2 yet: the online tests convert with
-# --format 1 (test_clients.py covers v2 end to end behind `needs_v2`).
+# The online tests convert and push with --format 1: they check out what
+# they pushed through a fetch, and the fetch builder reads v1 source packs
+# only until it reads v2 ones too (test_push_v2.py covers v2 pushes).
 V1 = ("--format", "1")
 
 

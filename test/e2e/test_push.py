@@ -11,6 +11,7 @@ import os
 import threading
 import time
 import urllib.parse
+from pathlib import Path
 
 import pytest
 
@@ -694,6 +695,67 @@ def test_concurrent_diverging_pushes(server, repo):
         win = a if status["a"] == 200 else b
         assert hub.refs(OWNER, repo["slug"])["branch_heads"] == {"main": win.head}, i
         head, manifest = win.head, win.manifest
+    for h in hubs + [hub]:
+        h.close()
+
+
+def packs_in_store(srv) -> set[str]:
+    """Pack ids ("sha256:<hex>") of every object under mpacks/ (fs store)."""
+    d = Path(srv.store_dir) / "mpacks"
+    return {"sha256:" + f.name for f in d.iterdir() if len(f.name) == 64}
+
+
+@pytest.mark.slow
+def test_refused_pushes_leave_no_pack_behind(start_server, store_kind):
+    """Issue 15 item 4: rounds of four diverging pushes racing for one
+    branch (one wins, three get 409). A refused unpack leaves nothing
+    under mpacks/: every pack there has its mpacks row (before: each 409
+    left its moved pack behind), and the refused upload stays staged
+    under its grant, so a forced retry needs no new upload."""
+    srv = start_server()
+    hub = srv.hub()
+    slug = hub.create_repo(OWNER, unique("orphans"))["slug"]
+    base = small(commits=1)
+    hub.push(OWNER, slug, base.pack(), "main", base.head)
+    head, manifest = base.head, base.manifest
+    seed = unique("orph")
+    hubs = [srv.hub() for _ in range(4)]
+    staged: list[str] = []
+    loser = None
+    for i in range(10):
+        hs = [small(commits=1, parent=(head, manifest), seed=f"{seed}-{k}", first_index=i + 1) for k in range(4)]
+        keys = [stage(hub, slug, x.pack()) for x in hs]
+        staged += keys
+        barrier = threading.Barrier(len(hs))
+        status: dict[int, int] = {}
+
+        def go(k):
+            barrier.wait(10)
+            r = hubs[k].raw("POST", f"/{OWNER}/{slug}/push/unpack-mpack",
+                            {"mpack_key": keys[k], "branch": "main", "head": hs[k].head})
+            status[k] = r.status_code
+
+        ts = [threading.Thread(target=go, args=(k,)) for k in range(len(hs))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+        assert sorted(status.values()) == [200, 409, 409, 409], (i, status)
+        win = next(k for k, v in status.items() if v == 200)
+        loser = (keys[(win + 1) % 4], hs[(win + 1) % 4])
+        head, manifest = hs[win].head, hs[win].manifest
+    rows = {r[0] for r in srv.db.rows("SELECT mpack_id FROM mpacks")}
+    for key in staged:
+        assert srv.store_path(key).exists() == (key in rows), key
+    if store_kind == "fs":
+        assert packs_in_store(srv) == rows
+    # The last round's refused upload is still staged: a forced retry
+    # under the same grant needs no upload.
+    r = hub.raw("POST", f"/{OWNER}/{slug}/push/unpack-mpack",
+                {"mpack_key": loser[0], "branch": "main", "head": loser[1].head, "force": True})
+    assert r.status_code == 200, r.text
+    assert hub.refs(OWNER, slug)["branch_heads"] == {"main": loser[1].head}
+    assert srv.store_path(loser[0]).exists()
     for h in hubs + [hub]:
         h.close()
 

@@ -144,16 +144,63 @@ static void test_gc_pack(void)
     mh_packw_blob(&w, (mh_str_t){tb[0].id.s, MH_ID_LEN}, tb[0].content, tb[0].len);
     mh_packw_branch_heads(&w, 0);
     TAP_EQ_INT(mh_packw_finish(&w), 0, "pack with a repeated blob written");
-    mh_pack_t pr;
-    rc = mh_pack_read(&a, v0.p, v0.len, &mh_pack_limits_default, &pr, &why);
-    mh_buf_t rows = {0};
+    mh_packr_t *rd = NULL;
+    rc = mh_packr_new(&a, NULL, MH_PACKR_VERIFY, v0.len, &rd);
+    if (!rc) rc = mh_packr_feed(rd, v0.p, v0.len);
+    if (!rc) rc = mh_packr_finish(rd);
+    const mh_packr_result_t *pr = mh_packr_result(rd);
+    mh_buf_t rows = {0}, frows = {0};
     size_t nrows = 0;
-    TAP_OK(rc == 0 && mh_index_copy_rows(&pr, &rows, &nrows) == 0, "index rows built");
+    TAP_OK(rc == 0 && mh_rw_index_rows(pr, &rows, &frows, &nrows) == 0, "index rows built");
     TAP_EQ_INT(nrows, 2, "one row per distinct object id");
+    TAP_EQ_INT(frows.len, 0, "no frame rows for a v1 pack");
     char expect[256];
-    snprintf(expect, sizeof expect, "%s\t%llu\t%llu\n", tb[0].id.s, (unsigned long long)pr.blobs[0].offset,
-             (unsigned long long)pr.blobs[0].length);
-    TAP_OK(rows.len > strlen(expect) && !memcmp(rows.p, expect, strlen(expect)), "COPY row: id, offset, length");
+    snprintf(expect, sizeof expect, "%s\t%llu\t%llu\t\\N\n", tb[0].id.s, (unsigned long long)pr->blobs[0].offset,
+             (unsigned long long)pr->blobs[0].length);
+    TAP_OK(rows.len > strlen(expect) && !memcmp(rows.p, expect, strlen(expect)),
+           "COPY row: id, offset, length, no frame");
+    mh_packr_free(rd);
+
+    /* v2 (SPEC 2.1, sql/0030): one row per frame, blobs name their frame
+     * and their place inside its decompressed bytes. */
+    mh_buf_t v2 = {0};
+    mh_packw_opts_t wo = {3, false};
+    mh_packw_init_v2(&w, &v2, &wo);
+    mh_packw_commits(&w, 0);
+    mh_packw_snapshots(&w, 0);
+    mh_packw_branch_heads(&w, 0);
+    mh_packw_frames(&w, 2);
+    mh_packw_frame_begin(&w, MH_PACK_ZSTD);
+    for (int k = 0; k < 2; k++) {
+        mh_packw_frame_blob(&w, (mh_str_t){tb[k].id.s, MH_ID_LEN}, tb[k].len);
+        mh_packw_frame_data(&w, tb[k].content, tb[k].len);
+    }
+    mh_packw_frame_end(&w);
+    uint64_t f0_off = w.frame_offset, f0_len = w.frame_length;
+    mh_packw_frame_begin(&w, MH_PACK_NONE);
+    mh_packw_frame_blob(&w, (mh_str_t){tb[2].id.s, MH_ID_LEN}, tb[2].len);
+    mh_packw_frame_data(&w, tb[2].content, tb[2].len);
+    mh_packw_frame_end(&w);
+    uint64_t f1_off = w.frame_offset, f1_len = w.frame_length;
+    TAP_EQ_INT(mh_packw_finish(&w), 0, "v2 pack of two frames written");
+    rc = mh_packr_new(&a, NULL, MH_PACKR_NO_DECOMPRESS, v2.len, &rd);
+    if (!rc) rc = mh_packr_feed(rd, v2.p, v2.len);
+    if (!rc) rc = mh_packr_finish(rd);
+    pr = mh_packr_result(rd);
+    rows.len = frows.len = 0;
+    TAP_OK(rc == 0 && mh_rw_index_rows(pr, &rows, &frows, &nrows) == 0 && nrows == 3, "v2 index rows built");
+    char wanted[1024];
+    snprintf(wanted, sizeof wanted, "%s\t0\t%zu\t0\n%s\t%zu\t%zu\t0\n%s\t0\t%zu\t1\n", tb[0].id.s, tb[0].len,
+             tb[1].id.s, tb[0].len, tb[1].len, tb[2].id.s, tb[2].len);
+    TAP_OK(rows.len == strlen(wanted) && !memcmp(rows.p, wanted, rows.len), "v2 COPY rows: offsets inside the frame, frame_no");
+    snprintf(wanted, sizeof wanted, "0\t%llu\t%llu\tzstd\t%zu\t2\n1\t%llu\t%llu\tnone\t%zu\t1\n",
+             (unsigned long long)f0_off, (unsigned long long)f0_len, tb[0].len + tb[1].len,
+             (unsigned long long)f1_off, (unsigned long long)f1_len, tb[2].len);
+    TAP_OK(frows.len == strlen(wanted) && !memcmp(frows.p, wanted, frows.len),
+           "frame rows: data range in the file, codec, size, blob count");
+    mh_packr_free(rd);
+    mh_buf_free(&v2);
+    mh_buf_free(&frows);
 
     mh_buf_free(&rows);
     mh_buf_free(&v0);
