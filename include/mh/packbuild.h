@@ -7,19 +7,20 @@
  * in path order, and where its bytes are: a byte range of a v1 source
  * pack, a blob inside a frame of a v2 source pack, or memory) and gives
  * a callback that writes the metadata (commits, snapshots, branch heads).
- * The builder plans the output, then streams it:
+ * The builder plans the output, then streams it. Blobs go in path order
+ * (all versions of a path together, oldest first; blobs without a path
+ * last, by id) in both versions, so the output depends on the blobs and
+ * not on where they are stored (a v1 clone is the same pack before and
+ * after GC):
  *
- *   - v1 output: blobs in source order (pack, then place in it), each
- *     written as its bytes arrive (a v2 source frame is decompressed once
- *     for all its wanted blobs);
- *   - v2 output: blobs in path order (all versions of a path together,
- *     oldest first; blobs without a path last, by id), in frames of
- *     MH_PB_FRAME_TARGET bytes: a source frame whose blobs are all wanted
- *     is copied verbatim (git's pack reuse; opts.reuse_frames), a blob of
- *     at least MH_PB_FRAME_TARGET gets a frame of its own, compressed in
- *     two passes (mh_zsizer_t, then the writer) so it is never held; the
- *     others are gathered into built frames. A frame zstd cannot shrink
- *     is written with codec "none".
+ *   - v1 output: each blob raw;
+ *   - v2 output: frames of MH_PB_FRAME_TARGET bytes: a source frame whose
+ *     blobs are all wanted is copied verbatim (git's pack reuse;
+ *     opts.reuse_frames: the output then depends on the sources too), a
+ *     blob of at least MH_PB_FRAME_TARGET gets a frame of its own,
+ *     compressed in two passes (mh_zsizer_t, then the writer) so it is
+ *     never held; the others are gathered into built frames. A frame
+ *     zstd cannot shrink is written with codec "none".
  *
  * Source bytes come from bounded ranged reads of the source packs
  * (mh_store_reader_open_ranges, one reader at a time, ranges in the order
@@ -143,6 +144,9 @@ int mh_pb_new(const mh_pb_opts_t *opts, mh_pb_t **out);
  * its index. MH_ENOMEM, MH_EINVAL (after the run started). */
 int mh_pb_add(mh_pb_t *b, const char *id, uint64_t len, const char *path, uint32_t plen, uint32_t age,
               size_t *index);
+/* Sets (or replaces) blob `index`'s place in path order, as mh_pb_add
+ * (for callers that learn paths after the blobs). */
+void mh_pb_set_path(mh_pb_t *b, size_t index, const char *path, uint32_t plen, uint32_t age);
 /* Blob `index`'s bytes are content[0..len) (borrowed until mh_pb_free). */
 void mh_pb_src_mem(mh_pb_t *b, size_t index, const void *content);
 /* Blob `index`'s bytes are in pack mpack_id (MH_ID_LEN bytes, copied):

@@ -225,6 +225,14 @@ int mh_pb_add(mh_pb_t *b, const char *id, uint64_t len, const char *path, uint32
     return 0;
 }
 
+void mh_pb_set_path(mh_pb_t *b, size_t index, const char *path, uint32_t plen, uint32_t age)
+{
+    pblob_t *x = &b->bl[index];
+    x->path = path;
+    x->plen = path ? plen : 0;
+    x->age = age;
+}
+
 void mh_pb_src_mem(mh_pb_t *b, size_t index, const void *content)
 {
     pblob_t *x = &b->bl[index];
@@ -401,15 +409,6 @@ static int items_by_source(mh_pb_t *b, uint8_t act, uint32_t unit, uint32_t firs
     return 0;
 }
 
-static int plan_v1(mh_pb_t *b)
-{
-    b->tg = malloc((b->nbl + 1) * sizeof *b->tg);
-    if (!b->tg) return MH_ENOMEM;
-    for (size_t i = 0; i < b->nbl; i++) b->tg[i] = (uint32_t)i;
-    b->ntg = b->nbl;
-    return items_by_source(b, A_V1, 0, 0, (uint32_t)b->nbl);
-}
-
 static unit_t *new_unit(mh_pb_t *b, uint8_t kind)
 {
     unit_t *v = mh_vec_grow(b->un, &b->capun, b->nun + 1, sizeof *v, 64);
@@ -457,7 +456,9 @@ static int emit_large(mh_pb_t *b, uint32_t blob)
     b->tg[b->ntg++] = blob;
     b->bl[blob].out_off = 0;
     int rc;
-    if (x->pack == MH_PB_MEM) {
+    if (b->o.version == 1) {
+        rc = add_item(b, A_V1, ui, (uint32_t)b->ntg - 1, 1); /* streamed as it arrives */
+    } else if (x->pack == MH_PB_MEM) {
         rc = add_item(b, A_PUT, ui, (uint32_t)b->ntg - 1, 1);
     } else {
         rc = add_item(b, A_SIZE, ui, (uint32_t)b->ntg - 1, 1);
@@ -538,7 +539,7 @@ static int frames_index(mh_pb_t *b, uint32_t **byf_out, uint32_t **start_out)
 /* Tries to copy the frame blob x lies in: 1 done (x is in it), 0 not. */
 static int try_reuse(mh_pb_t *b, const pblob_t *x, const uint32_t *byf, const uint32_t *start)
 {
-    if (!b->o.reuse_frames || x->sframe == NOFRAME || x->pack == MH_PB_MEM) return 0;
+    if (!b->o.reuse_frames || b->o.version != 2 || x->sframe == NOFRAME || x->pack == MH_PB_MEM) return 0;
     psframe_t *s = &b->sf[x->sframe];
     if (s->emitted) return 1;
     if (s->wanted != s->f.blob_count || s->wanted_bytes != s->f.size) return 0;
@@ -547,7 +548,7 @@ static int try_reuse(mh_pb_t *b, const pblob_t *x, const uint32_t *byf, const ui
     return rc;
 }
 
-static int plan_v2(mh_pb_t *b)
+static int plan_order(mh_pb_t *b)
 {
     uint32_t *byf = NULL, *start = NULL;
     int rc = frames_index(b, &byf, &start);
@@ -618,6 +619,7 @@ static size_t plan_mem(const mh_pb_t *b, const mh_pb_env_t *env)
         mh_store_writer_opts_t wo = {false, 0};
         m += mh_store_writer_mem(env->store, &wo);
     }
+    if (b->o.version == 1 && b->any_group) m += 2 * (size_t)FRAME_T; /* a group's content, written out */
     if (b->o.version == 2) {
         ZSTD_compressionParameters cp = ZSTD_getCParams(b->level, FRAME_T, 0);
         size_t cctx = ZSTD_estimateCCtxSize_usingCParams(cp);
@@ -645,13 +647,8 @@ static int plan(mh_pb_t *b)
     b->order = malloc((b->nbl + 1) * sizeof *b->order);
     b->ub = malloc((b->nbl + 1) * sizeof *b->ub);
     if (!b->order || !b->ub) return MH_ENOMEM;
-    int rc;
-    if (b->o.version == 1) {
-        rc = plan_v1(b);
-    } else {
-        b->tg = malloc((b->nbl + 1) * sizeof *b->tg);
-        rc = b->tg ? plan_v2(b) : MH_ENOMEM;
-    }
+    b->tg = malloc((b->nbl + 1) * sizeof *b->tg);
+    int rc = b->tg ? plan_order(b) : MH_ENOMEM;
     if (!rc) rc = plan_segments(b);
     b->planned = !rc;
     return rc;
@@ -829,7 +826,7 @@ static void record_frame(mh_pb_t *b, const unit_t *u, uint8_t kind)
 static void group_end(mh_pb_t *b, const unit_t *u)
 {
     for (uint32_t i = 0; i < u->n; i++) {
-        const pblob_t *x = &b->bl[b->ub[u->first + i]];
+        pblob_t *x = &b->bl[b->ub[u->first + i]];
         b->refs[i] = (mh_packw_blobref_t){{x->id, MH_ID_LEN}, x->len};
         if (!b->o.verify) continue;
         mh_id_t got;
@@ -839,7 +836,19 @@ static void group_end(mh_pb_t *b, const unit_t *u)
             return;
         }
     }
-    mh_packw_frame_put(&b->w, b->refs, u->n, u->size ? b->content : (const uint8_t *)"", (size_t)u->size);
+    if (b->o.version == 2) {
+        mh_packw_frame_put(&b->w, b->refs, u->n, u->size ? b->content : (const uint8_t *)"", (size_t)u->size);
+    } else {
+        /* v1: the group's blobs, raw, in path order; out_off becomes the
+         * content's place in the file. */
+        for (uint32_t i = 0; i < u->n; i++) {
+            pblob_t *x = &b->bl[b->ub[u->first + i]];
+            uint64_t at = x->out_off;
+            mh_packw_blob_begin(&b->w, (mh_str_t){x->id, MH_ID_LEN}, x->len);
+            x->out_off = b->w.pos;
+            mh_packw_blob_data(&b->w, b->content + at, (size_t)x->len);
+        }
+    }
     wsync(b);
 }
 
@@ -850,7 +859,7 @@ static void item_end(mh_pb_t *b, item_t *it)
         mh_framer_free(b->fr);
         b->fr = NULL;
     }
-    unit_t *u = b->o.version == 2 ? &b->un[it->unit] : NULL;
+    unit_t *u = &b->un[it->unit];
     switch (it->act) {
     case A_COPY:
     case A_LARGE: mh_packw_frame_end(&b->w); break;
@@ -868,9 +877,10 @@ static void item_end(mh_pb_t *b, item_t *it)
     default: break;
     }
     wsync(b);
-    if (b->err || !u || u->last_item != b->cur) return;
+    if (b->err || u->last_item != b->cur) return;
     if (u->kind == U_GROUP) group_end(b, u);
-    if (!b->err) record_frame(b, u, u->kind == U_GROUP ? MH_PB_BUILT : u->kind == U_REUSE ? MH_PB_REUSED : MH_PB_LARGE);
+    if (!b->err && b->o.version == 2)
+        record_frame(b, u, u->kind == U_GROUP ? MH_PB_BUILT : u->kind == U_REUSE ? MH_PB_REUSED : MH_PB_LARGE);
 }
 
 /* Consumes up to n bytes of the current item (at most STEP_BYTES of
