@@ -353,3 +353,171 @@ def test_objects_with_range_v1_and_v2(server, hub, repo, db):
     assert r.status_code == 200 and r.content == b""
     r = hub.object(OWNER, repo["slug"], oid, headers={"If-None-Match": f'"{oid}"'})
     assert r.status_code == 304
+
+
+# ---------------------------------------------------------------------------
+# memory: a history of several hundred MB within a 32 MiB budget
+# ---------------------------------------------------------------------------
+
+MiB = 1 << 20
+BUDGET = 32 * MiB
+# What the server holds beside the budget: the idle process (binary,
+# libraries, database pool: about 12 MiB), the fetch's metadata (commits,
+# snapshot deltas, index rows), serving the download (fs: 1.3 MiB), and
+# what one build that needs more than a small budget holds past it while
+# it runs alone (s3: the writer's two 8 MiB parts make a build about
+# 40 MiB). Measured: fs 45 MiB, s3 54 MiB at most for a 32 MiB budget.
+OVERHEAD = 32 * MiB
+
+
+def vm(srv, field="VmHWM"):
+    for line in open(f"/proc/{srv.proc.pid}/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(field)
+
+
+def is_asan(srv):
+    return "libasan" in open(f"/proc/{srv.proc.pid}/maps").read()
+
+
+def big_history(total, seed):
+    """A linear history whose blobs add up to about `total` bytes: 120
+    paths, each commit rewriting 8 of them; contents are text that
+    compresses (two thirds) or random bytes (one third), from 64 KiB to
+    9 MiB (blobs above the 4 MiB frame target get frames of their own).
+    Returns [(commits, snapshots, blobs)] in batches of about 60 MB, and
+    the head."""
+    rnd = random.Random(seed)
+    words = [f"w{i:04d}".encode() for i in range(3000)]
+    man: dict[str, str] = {}
+    parent = psid = None
+    batches, cur, size, n = [], ([], [], []), 0, 0
+    while size < total:
+        new = dict(man)
+        blobs = []
+        for _ in range(8):
+            p = f"dir{rnd.randrange(6)}/file{rnd.randrange(120):03d}.dat"
+            ln = int(rnd.choice([64 << 10, 300 << 10, 1 << 20, 2500 << 10, 9 << 20]) * rnd.uniform(0.7, 1.0))
+            if rnd.random() < 1 / 3:
+                c = rnd.randbytes(ln)
+            else:
+                c = b" ".join(rnd.choice(words) for _ in range(ln // 5 + 1))[:ln]
+            oid = muselib.blob_id(c)
+            new[p] = oid
+            blobs.append({"object_id": oid, "content": c})
+            size += ln
+        sid = muselib.snapshot_id(new)
+        ts = f"2026-01-01T00:00:{n % 60:02d}.{n:06d}+00:00"
+        cid = muselib.commit_id([parent] if parent else [], sid, f"c{n}", ts, "gabriel")
+        cur[0].append({"commit_id": cid, "parent_commit_id": parent, "parent2_commit_id": None,
+                       "snapshot_id": sid, "message": f"c{n}", "author": "gabriel", "committed_at": ts,
+                       "branch": "main"})
+        cur[1].append(muselib.snapshot_map(sid, psid, man if psid else None, new))
+        cur[2].extend(blobs)
+        man, parent, psid, n = new, cid, sid, n + 1
+        if sum(len(b["content"]) for b in cur[2]) > 60 * MiB:
+            batches.append(cur)
+            cur = ([], [], [])
+    if cur[0]:
+        batches.append(cur)
+    return batches, parent, man
+
+
+def verified_clone(hub, slug, head, formats, have=None):
+    res = fetch(hub, slug, [head], have, formats)
+    data, pack = get_pack(hub, res)
+    muselib.rebuild_and_verify(pack, {}, set())
+    return res, len(data), {b["object_id"] for b in pack["blobs"]}
+
+
+@pytest.mark.slow
+def test_clone_of_a_large_history_stays_within_the_budget(start_server):
+    a = start_server()  # pushes and GC (its memory is not measured)
+    b = start_server(share=a, MUSEHUB_JOBS="0", MUSEHUB_PACK_MEMORY=str(BUDGET),
+                     MUSEHUB_PACK_QUEUE_TIMEOUT_MS="60000")
+    with a.hub() as ha, b.hub() as hb:
+        r = ha.create_repo(OWNER, unique("big"))
+        batches, head, man = big_history(300 * MiB, 5)
+        for commits, snaps, blobs in batches:
+            ha.push(OWNER, r["slug"], muselib.build_mpack(commits, snaps, blobs), "main", commits[-1]["commit_id"])
+        want_ids = set().union(*[{b["object_id"] for b in c[2]} for c in batches])
+        base = vm(b, "VmRSS")
+        sizes, peaks = {}, {}
+        for src in ("v1", "v2"):
+            if src == "v2":  # one GC pack: v2 sources, frames copied by [1, 2]
+                g = run_job(ha, r["repo_id"], "mpack.gc", timeout=300)["result"]
+                assert g["packs_after"] == 1
+                bump_state(a.db, r["repo_id"])
+            for formats in ([1], [1, 2]):
+                res, n, ids = verified_clone(hb, r["slug"], head, formats)
+                assert ids == want_ids and res["mpack_version"] == formats[-1]
+                sizes[f"{src}->v{formats[-1]}"] = round(n / MiB, 1)
+                peaks[f"{src}->v{formats[-1]}"] = round(vm(b) / MiB, 1)
+        peak = max(peaks.values()) * MiB
+        print(f"\n# clones of {sum(len(x['content']) for c in batches for x in c[2]) / MiB:.0f} MiB of blobs "
+              f"(sources->output): pack MiB {sizes}; server VmHWM after each, MiB {peaks}; idle RSS "
+              f"{base / MiB:.1f} MiB (bound: budget {BUDGET / MiB:.0f} MiB + {OVERHEAD / MiB:.0f} MiB)")
+        if not is_asan(b):
+            assert peak <= BUDGET + OVERHEAD, f"VmHWM {peak / MiB:.1f} MiB"
+
+
+@pytest.mark.slow
+def test_concurrent_clones_beyond_the_budget_wait_or_retry(start_server):
+    a = start_server()
+    b = start_server(share=a, MUSEHUB_JOBS="0", MUSEHUB_PACK_MEMORY=str(BUDGET),
+                     MUSEHUB_PACK_QUEUE_TIMEOUT_MS="300")
+    with a.hub() as ha:
+        r = ha.create_repo(OWNER, unique("conc"))
+        batches, head, man = big_history(60 * MiB, 9)
+        for commits, snaps, blobs in batches:
+            ha.push(OWNER, r["slug"], muselib.build_mpack(commits, snaps, blobs), "main", commits[-1]["commit_id"])
+        want_ids = set().union(*[{b["object_id"] for b in c[2]} for c in batches])
+        commits = [c for bt in batches for c in bt[0]]
+    # Six different requests at once (different versions and depths: no
+    # two share a build), each holding most of the budget while it builds.
+    reqs = [([1], None), ([1, 2], None), ([1], 2), ([1, 2], 2), ([1], 3), ([1, 2], 3)]
+    out, busy, errors = {}, [], []
+
+    def one(i, formats, depth):
+        try:
+            with b.hub() as h:
+                for attempt in range(60):
+                    resp = h.raw("POST", f"/{OWNER}/{r['slug']}/fetch",
+                                 {"want": [head], "have": [], "formats": formats,
+                                  **({"depth": depth} if depth else {})})
+                    if resp.status_code == 503:
+                        assert resp.headers.get("retry-after", "").isdigit(), resp.headers
+                        busy.append(i)
+                        time.sleep(int(resp.headers["retry-after"]))
+                        continue
+                    assert resp.status_code == 200, resp.text
+                    res = muselib.decode_body(resp)
+                    data, pack = get_pack(h, res)
+                    muselib.rebuild_and_verify(pack, {}, set())
+                    out[i] = (res, {x["object_id"] for x in pack["blobs"]})
+                    return
+                raise AssertionError("never built")
+        except BaseException as e:
+            errors.append(e)
+
+    th = [threading.Thread(target=one, args=(i, f, d)) for i, (f, d) in enumerate(reqs)]
+    for t in th:
+        t.start()
+    for t in th:
+        t.join(600)
+    assert not errors, errors[0]
+    assert len(out) == len(reqs)
+    for i, (formats, depth) in enumerate(reqs):
+        res, ids = out[i]
+        assert res["mpack_version"] == formats[-1]
+        assert res["commit_count"] == (depth or len(commits))
+        if depth is None:
+            assert ids == want_ids
+    text = b.hub().raw("GET", "/metrics").text
+    waits = int(re.search(r"^musehub_pack_memory_waits_total (\d+)$", text, re.M).group(1))
+    timeouts = int(re.search(r"^musehub_pack_memory_timeouts_total (\d+)$", text, re.M).group(1))
+    # Beyond the budget: builds queued (and, past the 300 ms queue timeout,
+    # were answered 503 + Retry-After and retried).
+    assert waits >= 1 and timeouts == len(busy), (waits, timeouts, len(busy))
+    print(f"\n# {len(reqs)} clones at once: {waits} waited, {len(busy)} answered 503 and retried")
