@@ -152,8 +152,8 @@ e2e: all
 # clients and refs (nothing left in the store by a refused move) suites
 # again with the s3 backend, against an S3 emulator that checks
 # signatures (started by the harness).
-E2E_S3 ?= test/e2e/test_push.py test/e2e/test_fetch.py test/e2e/test_jobs.py test/e2e/test_store.py \
-	test/e2e/test_ops.py test/e2e/test_clients.py test/e2e/test_refs.py
+E2E_S3 ?= test/e2e/test_push.py test/e2e/test_fetch.py test/e2e/test_fetch_v2.py test/e2e/test_jobs.py \
+	test/e2e/test_store.py test/e2e/test_ops.py test/e2e/test_clients.py test/e2e/test_refs.py
 e2e-s3: all deps-s3emu
 	@MUSEHUB_BIN=$(CURDIR)/$(BUILD)/musehubd /usr/bin/python3 -m pytest -q -p no:cacheprovider --store s3 $(PYTEST_ARGS) $(E2E_S3)
 

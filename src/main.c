@@ -20,6 +20,7 @@
  * have exited cleanly.
  */
 #include <arpa/inet.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -209,6 +210,7 @@ static void jobs_config(const mh_config_t *cfg, mh_jobs_config_t *jc)
     jc->maintenance_s = cfg->job_maintenance_seconds;
     jc->max_pack_bytes = cfg->max_mpack_bytes;
     jc->max_unpacked = cfg->max_unpacked_bytes;
+    jc->gc_level = cfg->gc_zstd_level;
 }
 
 /* The budget is created with the store (open_store), before the runner. */
@@ -586,6 +588,15 @@ static int cmd_fsck(int argc, char **argv)
 int main(int argc, char **argv)
 {
     signal(SIGPIPE, SIG_IGN);
+    /* Buffers of 1 MiB and more (pack frames, read windows, writer chunks,
+     * zstd contexts) are mapped and unmapped, so memory freed after pack
+     * work goes back to the system at once. glibc's default threshold
+     * grows with the first large buffers freed, after which they come
+     * from the heap of the thread-pool thread that allocated them and
+     * stay there: each pack build then left its frames' worth behind in
+     * another thread's heap (docs/architecture.md, "The pack builder").
+     * Setting it fixes it at 1 MiB. */
+    mallopt(M_MMAP_THRESHOLD, 1 << 20);
     if (argc > 1 && (!strcmp(argv[1], "--version") || !strcmp(argv[1], "-V") || !strcmp(argv[1], "version"))) {
         printf("musehubd %s (git %s)\n", mh_version, mh_git_commit);
         return 0;

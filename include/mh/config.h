@@ -49,6 +49,8 @@ typedef struct {
     uint32_t mpack_grace_seconds;     /* MUSEHUB_MPACK_GRACE_SECONDS, superseded packs kept for, 3600 */
     uint64_t pack_memory;             /* MUSEHUB_PACK_MEMORY, bytes of pack work per process, 256 MiB (SPEC 4.8) */
     uint32_t pack_queue_timeout_ms;   /* MUSEHUB_PACK_QUEUE_TIMEOUT_MS, longest wait for pack memory, 10000 */
+    uint32_t zstd_level;              /* MUSEHUB_ZSTD_LEVEL, frames of fetch packs and server-side commits, 3 */
+    uint32_t gc_zstd_level;           /* MUSEHUB_GC_ZSTD_LEVEL, frames of GC's consolidated packs, 9 */
 } mh_config_t;
 
 /* Fills cfg from the environment, then applies flags from argv[0..argc)

@@ -58,9 +58,10 @@ typedef struct {
                                  (MUSEHUB_MPACK_GRACE_SECONDS) */
     uint32_t maintenance_s;   /* period of pruning and sweeping, seconds; 60
                                  (MUSEHUB_JOB_MAINTENANCE_SECONDS) */
-    uint64_t max_pack_bytes;  /* largest pack indexed or built; 2 GiB (MUSEHUB_MAX_MPACK_BYTES) */
+    uint64_t max_pack_bytes;  /* largest pack indexed; 2 GiB (MUSEHUB_MAX_MPACK_BYTES) */
     uint64_t max_unpacked;    /* largest decompressed total of a v2 pack read; 16 GiB
                                  (MUSEHUB_MAX_UNPACKED_BYTES) */
+    uint32_t gc_level;        /* zstd level of GC's consolidated packs; 9 (MUSEHUB_GC_ZSTD_LEVEL) */
     mh_budget_t *budget;      /* the process's pack-memory budget (borrowed; NULL: unlimited) */
 } mh_jobs_config_t;
 
@@ -119,16 +120,6 @@ bool mh_job_type_known(const char *type, size_t n);
 uint32_t mh_job_backoff_s(int attempt);
 
 /* ------------------------------------------------ exposed for unit tests */
-
-/* One blob for the consolidated pack (refwrite's mh_rw_blob_t). */
-typedef mh_rw_blob_t mh_gc_blob_t;
-
-/* Builds the consolidated pack of mpack.gc: refwrite's mh_rw_blob_pack
- * with every blob checked against its id (defence in depth: a wrong
- * mpack_index byte range must not become a poisoned pack). Errors:
- * MH_EHASH (*bad = index, after sorting, of the first blob whose content
- * does not hash to its id), MH_ENOMEM. */
-int mh_gc_build_pack(mh_gc_blob_t *blobs, size_t *n, mh_buf_t *out, mh_id_t *key, size_t *bad);
 
 /* mh_rw_index_rows, the COPY rows of a pack's blobs (and v2 frames), is
  * refwrite's (mh/refwrite.h). */

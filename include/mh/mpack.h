@@ -420,6 +420,7 @@ typedef struct {
     /* After mh_packw_frame_end: the frame's `data` bytes in the pack
      * (offset, length) and its decompressed size, for index rows. */
     uint64_t frame_offset, frame_length, frame_size;
+    int frame_codec;  /* ... and its codec (MH_PACK_ZSTD or MH_PACK_NONE) */
     mh__packw_z_t *z; /* v2: compression state (internal; freed by finish/free) */
 } mh_packw_t;
 
@@ -503,6 +504,17 @@ typedef struct {
     uint64_t length;
 } mh_packw_blobref_t;
 
+/* v2 frame, kind (a'), built from the caller's buffer in one call: the
+ * blobs (ids and lengths, in order; the lengths must add up to len) and
+ * their contents raw[0..len) (borrowed for the call). Compressed with
+ * zstd at the writer's level; when that does not make it smaller
+ * (already-compressed content) the frame is written with codec "none"
+ * and data = raw. The frame is complete when the call returns (no
+ * _frame_end); w->frame_* describe it. Holds one compressed copy while
+ * it runs (ZSTD_compressBound(len)). More than MH_PACK_FRAME_MAX with
+ * several blobs, or lengths that do not add up: MH_EINVAL. */
+void mh_packw_frame_put(mh_packw_t *w, const mh_packw_blobref_t *blobs, uint32_t nblobs, const void *raw, size_t len);
+
 /* v2 frame, kind (b), copied verbatim from a source v2 pack (git's pack
  * reuse): codec, size and the blob list as read (their lengths must add
  * up to size), and the `data` length; the map up to the data is written
@@ -572,6 +584,16 @@ int mh_framer_new(int codec, uint64_t size, uint64_t off, uint64_t len, uint32_t
  * MH_ENOMEM / the callback's code. Bytes after the range was delivered
  * are ignored. */
 int mh_framer_feed(mh_framer_t *f, const void *p, size_t n, mh_frame_out_cb out_cb, void *ud);
+/* mh_framer_feed with a bound on the work of one call: stops once about
+ * max_out decompressed bytes (128 KiB units; codec none: exactly max_out
+ * input bytes) were produced, range or not, and sets *used to the input
+ * bytes consumed (all n once the range is out or the frame ended). The
+ * caller feeds p + *used later. For producers that must not queue more
+ * than a bound per step (a streamed response, a pack build whose output
+ * is drained between steps): a small `data` can decompress to up to
+ * `size` bytes. Errors as mh_framer_feed. */
+int mh_framer_feed_some(mh_framer_t *f, const void *p, size_t n, uint64_t max_out, mh_frame_out_cb out_cb, void *ud,
+                        size_t *used);
 /* True once the whole range was delivered (the caller may stop reading). */
 bool mh_framer_done(const mh_framer_t *f);
 /* End of the data: 0 when the range was delivered, else MH_EPARSE

@@ -35,6 +35,7 @@
 
 #include "mh/budget.h"
 #include "mh/mpack.h"
+#include "mh/packbuild.h"
 #include "mh/step.h"
 
 /* Every MH_CHECKPOINT_INTERVAL links a snapshot row keeps its full
@@ -64,10 +65,10 @@ bool mh_ref_name_valid(const char *p, size_t n);
  *                 pack's blobs: v1 the content bytes in the file and
  *                 frame_no NULL (\N); v2 the blob inside its frame's
  *                 decompressed data and the frame's index;
- *                 mh_rw_index_rows and mh_rw_blob_rows write them)
+ *                 mh_rw_index_rows and mh_rw_built_rows write them)
  *   tmp_frames    frame_no, data_offset, data_length, codec ("zstd" or
- *                 "none"), size, blob_count (a v2 pack's frames, sql/0030:
- *                 mh_rw_index_rows writes them) */
+ *                 "none"), size, blob_count (a v2 pack's frames, sql/0030;
+ *                 created with tmp_objects) */
 enum { MH_RW_COMMITS = 1, MH_RW_SNAPSHOTS = 2, MH_RW_OBJECTS = 4, MH_RW_FRAMES = 8 };
 
 /* On the operation's held connection (mh_step_acquire first), one round
@@ -99,20 +100,16 @@ extern const char mh_rw_sql_pack_lock[];
  * the repository row lock makes ON CONFLICT unnecessary. */
 void mh_rw_history_rows(mh_db_batch_t *b, const char *repo_id, int *i_commits, int *i_snapshots);
 
-/* A pack and its blobs (tmp_objects): the pack's mpacks row (kind "push",
- * "commit" or "gc"; a superseded pack is live again), its mpack_index
- * rows (count: rows added; frame_no from tmp_objects) and this
- * repository's mpack_refs row; with `frames` (a v2 pack, tmp_frames
- * filled) its mpack_frames rows (sql/0030); with new_objects also the
- * objects rows (mpack:// URIs, SPEC 2 and 2.1: v1
- * "mpack://<id>#<off>:<len>", v2 "mpack://<id>#<data_offset>:
- * <data_length>/<off>:<len>"; a known object keeps its URI) and the
- * object_refs rows (count: refs added). `size` is the pack's byte count
- * as text. */
+/* A pack and its blobs (tmp_objects, tmp_frames): the pack's mpacks row
+ * (kind "push", "commit" or "gc"; a superseded pack is live again), its
+ * mpack_frames rows (v2), its mpack_index rows (count: rows added) and
+ * this repository's mpack_refs row; with new_objects also the objects
+ * rows (mpack:// URIs, the v2 form for framed blobs; a known object keeps
+ * its URI) and the object_refs rows (count: refs added). `size` is the
+ * pack's byte count as text. */
 typedef struct {
     const char *repo_id, *mpack_id, *size, *kind;
     bool new_objects; /* false for GC: the repository references them already */
-    bool frames;      /* a v2 pack: tmp_frames holds its frames (mh_rw_begin with MH_RW_FRAMES) */
 } mh_rw_pack_t;
 void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int *i_refs);
 
@@ -123,27 +120,14 @@ void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int 
  * Pure CPU. MH_ENOMEM. */
 int mh_rw_index_rows(const mh_packr_result_t *p, mh_buf_t *objects, mh_buf_t *frames, size_t *nrows);
 
-/* The packs the server writes itself (a server-side commit's new blobs,
- * mpack.gc's consolidated pack): v1, no commits, snapshots or branch
- * heads, every blob once, sorted by object id (bytewise), so the bytes —
- * and the key — depend only on the set of blobs. */
-typedef struct {
-    const char *id;         /* MH_ID_LEN bytes, borrowed */
-    const uint8_t *content; /* borrowed */
-    uint64_t len;
-    uint64_t new_off; /* out: where its content starts in the new pack */
-} mh_rw_blob_t;
+/* The tmp_objects and tmp_frames COPY rows of a pack the builder wrote
+ * (mh_pb_place, mh_pb_frames after a successful run), appended to
+ * objects and frames. MH_ENOMEM. */
+int mh_rw_built_rows(const mh_pb_t *pb, mh_buf_t *objects, mh_buf_t *frames);
 
-/* Sorts blobs[] in place, drops duplicate ids (the first copy wins; *n is
- * updated), with `verify` checks every blob's content against its id
- * (MH_EHASH, *bad = its index after sorting: a wrong byte range must not
- * become a poisoned pack), writes the pack into out (an empty buffer),
- * sets each blob's new_off and the pack's key. Pure CPU, for the thread
- * pool. MH_EHASH, MH_ENOMEM. */
-int mh_rw_blob_pack(mh_rw_blob_t *blobs, size_t *n, bool verify, mh_buf_t *out, mh_id_t *key, size_t *bad);
-/* The tmp_objects COPY rows of such a pack's blobs (v1: frame_no NULL).
- * MH_ENOMEM. */
-int mh_rw_blob_rows(const mh_rw_blob_t *blobs, size_t n, mh_buf_t *out);
+/* The statement that repoints objects.storage_uri at pack mpack_id for
+ * the objects in tmp_objects (GC's swap). */
+void mh_rw_objects_repoint(mh_db_batch_t *b, const char *mpack_id);
 
 /* Deleting a repository: the ref rows and the repository row (branches,
  * tags, protection rules, grants, proposals, collaborators and cached

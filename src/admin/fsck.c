@@ -596,10 +596,13 @@ bool mh__fsck_parse_location(const char *uri, loc_t *l)
     return false;
 }
 
-/* How an mpack_index row reads as a location: v1 rows are byte ranges.
- * When index rows of v2 frame ranges land (their frame columns), this
- * expression renders them as mpack://<id>#<foff>:<flen>/<off>:<len>. */
-#define INDEX_ROW_URI "'mpack://' || i.mpack_id || '#' || i.byte_offset || ':' || i.byte_length"
+/* How an mpack_index row reads as a location: v1 rows are byte ranges;
+ * v2 rows (frame_no set, sql/0030) with their frame f are
+ * mpack://<id>#<foff>:<flen>/<off>:<len> (NULL, hence reported, when the
+ * frame has no mpack_frames row). */
+#define INDEX_ROW_URI                                                                                                  \
+    "'mpack://' || i.mpack_id || '#' || CASE WHEN i.frame_no IS NULL THEN i.byte_offset || ':' || i.byte_length"      \
+    " ELSE f.data_offset || ':' || f.data_length || '/' || i.byte_offset || ':' || i.byte_length END"
 
 static void check_location(fsck_t *f, const char *object, const char *size, const char *source, const char *uri)
 {
@@ -641,8 +644,9 @@ static void check_locations(fsck_t *f)
     static const char *const sql[2] = {
         "SELECT o.object_id, o.size_bytes, 'storage_uri', o.storage_uri FROM objects o"
         " WHERE $1::text IS NULL OR EXISTS (SELECT 1 FROM object_refs x WHERE x.repo_id = $1 AND x.object_id = o.object_id)",
-        "SELECT i.object_id, o.size_bytes, 'index row', " INDEX_ROW_URI
+        "SELECT i.object_id, o.size_bytes, 'index row', coalesce(" INDEX_ROW_URI ", '')"
         " FROM mpack_index i LEFT JOIN objects o ON o.object_id = i.object_id"
+        " LEFT JOIN mpack_frames f ON f.mpack_id = i.mpack_id AND f.frame_no = i.frame_no"
         " WHERE $1::text IS NULL OR EXISTS (SELECT 1 FROM object_refs x WHERE x.repo_id = $1 AND x.object_id = i.object_id)",
     };
     const char *v[1] = {scope(f)};
@@ -859,9 +863,10 @@ static bool repair_one(fsck_t *f, kind_t k, const char *key)
                      unref);
         else
             snprintf(sql, sizeof sql,
-                     "DELETE FROM mpacks m WHERE m.mpack_id = $1"
+                     "WITH d AS (DELETE FROM mpacks m WHERE m.mpack_id = $1"
                      " AND coalesce(m.superseded_at, m.created_at) < now() - make_interval(secs => $2::int) AND%s"
-                     " RETURNING 1",
+                     " RETURNING m.mpack_id), fr AS (DELETE FROM mpack_frames x USING d WHERE x.mpack_id = d.mpack_id)"
+                     " SELECT 1 FROM d",
                      unref);
         r = q(f, f->db, sql, 2, v);
         if (r && PQntuples(r) == 1) gone = store_delete(f, key) == 0;

@@ -107,6 +107,12 @@ static const setting_t settings[] = {
             "bytes of pack work (unpack, pack building, GC, uploads) one process holds at once"),
     S_RANGE("PACK_QUEUE_TIMEOUT_MS", K_U32, pack_queue_timeout_ms, "10000", 0, 600000,
             "pack work that does not fit the budget waits this long, then answers 503 (0: no wait), ms"),
+    /* mpack v2 frames (SPEC 2.1): levels 1..19 (above, zstd's windows
+     * outgrow what readers accept). */
+    S_RANGE("ZSTD_LEVEL", K_U32, zstd_level, "3", 1, 19,
+            "zstd level of the frames the server compresses for fetch packs and server-side commits"),
+    S_RANGE("GC_ZSTD_LEVEL", K_U32, gc_zstd_level, "9", 1, 19,
+            "zstd level of the frames of the packs GC consolidates (higher: smaller, slower, more memory)"),
 };
 #define NSETTINGS (sizeof settings / sizeof settings[0])
 

@@ -315,6 +315,7 @@ static void answer_unlink(mh_fetch_cache_t *fc, answer_ent_t *e)
     while (*pp && *pp != e) pp = &(*pp)->next;
     if (*pp) *pp = e->next;
     free(e->key);
+    free(e->ans.shallow);
     free(e);
 }
 
@@ -339,6 +340,16 @@ void mh__answer_put(mh_hub_t *hub, const char *key, const mh__answer_t *ans)
     }
     e->hash = mh_hash64(key, strlen(key));
     e->ans = *ans;
+    e->ans.shallow = NULL;
+    if (ans->nshallow) {
+        size_t n = (size_t)ans->nshallow * MH_ID_SIZE;
+        if (!(e->ans.shallow = malloc(n))) {
+            free(e->key);
+            free(e);
+            return;
+        }
+        memcpy(e->ans.shallow, ans->shallow, n);
+    }
     /* FIFO eviction: the ring slot's previous occupant goes. */
     uint32_t slot = fc->head++ % ANSWER_SLOTS;
     if (fc->ring[slot]) answer_unlink(fc, fc->ring[slot]);

@@ -5,10 +5,12 @@
  * The commit and its snapshot live in PostgreSQL only (refwrite builds
  * them: delta against the parent's snapshot, checkpoints, ids,
  * generation). The blobs this repository does not reference yet go into
- * ONE new v1 mpack (blobs only, sorted by object id, so the same new
- * contents always make the same pack), stored under mpacks/<hex> and
- * indexed with the byte ranges known from writing it. That pack is the
- * only store write; none when every blob is known.
+ * ONE new v2 mpack (SPEC 2.1: blobs only, in path order, in zstd frames
+ * at MUSEHUB_ZSTD_LEVEL), built in memory by the pack builder
+ * (mh/packbuild.h; the same new contents at the same paths always make
+ * the same pack), stored under mpacks/<hex> and indexed with the frames
+ * and byte ranges known from writing it. That pack is the only store
+ * write; none when every blob is known.
  *
  * An operation of the step kit:
  *
@@ -20,11 +22,13 @@
  *   BUILD    thread pool: decode and hash the files, the new manifest,
  *            the commit (mh_rw_commit_build)
  *   KNOWN    which blobs this repository already references
- *   PACK     thread pool: the pack of the new blobs, its id, its rows
+ *   PACK     the builder (thread pool): the pack of the new blobs, its
+ *            id, its index and frames rows
  *   the transaction: ACQUIRE, BEGIN (the repository row, the pack's
  *            lock), CHECK (the branch row; the move judged: it must still
  *            be at the parent the commit was built on), PUT (the pack,
- *            inside the locks: a loser never writes to the store), COPY,
+ *            inside the locks: a loser never writes to the store), COPY
+ *            (index rows), COPY_FRAMES,
  *            WRITE (rows, refs, index, the move, state_seq), COMMIT
  *
  * Invariants: nothing is written anywhere before every check passed and
@@ -47,8 +51,11 @@
 #define MAX_AUTHOR 255
 
 typedef struct {
-    mh_rw_blob_t b; /* id, content, length, offset in the new pack */
-    bool known;     /* already referenced by this repository */
+    const char *id; /* MH_ID_LEN bytes */
+    const uint8_t *content;
+    uint64_t len;
+    mh_str_t path; /* a path it is written at (the first, in path order) */
+    bool known;    /* already referenced by this repository */
 } cblob_t;
 
 typedef struct {
@@ -69,9 +76,9 @@ typedef struct {
     mh_rw_commit_t c;
     cblob_t *blobs; /* distinct, sorted by id */
     size_t nblobs;
-    mh_rw_blob_t *pack_blobs;
-    size_t npack;
-    mh_buf_t pack, rows;
+    size_t npack;   /* blobs not known: the pack's */
+    mh_pb_t *pb;
+    mh_buf_t pack, rows, frows;
     mh_id_t pack_id;
     char pack_key[MH_MPACK_KEY_SIZE], pack_size[24];
     /* the transaction */
@@ -92,6 +99,7 @@ enum {
     C_CHECK,
     C_PUT,
     C_COPY,
+    C_COPY_FRAMES,
     C_WRITE,
     C_COMMIT,
     C_DONE
@@ -305,9 +313,15 @@ static int cmp_pstr(const void *x, const void *y)
     return r ? r : (a->n > b->n) - (a->n < b->n);
 }
 
+/* By id; the same content at several paths: the first path wins. */
 static int cmp_blob(const void *x, const void *y)
 {
-    return memcmp(((const cblob_t *)x)->b.id, ((const cblob_t *)y)->b.id, MH_ID_LEN);
+    const cblob_t *a = x, *b = y;
+    int c = memcmp(a->id, b->id, MH_ID_LEN);
+    if (c) return c;
+    size_t m = a->path.n < b->path.n ? a->path.n : b->path.n;
+    c = memcmp(a->path.p, b->path.p, m);
+    return c ? c : (a->path.n > b->path.n) - (a->path.n < b->path.n);
 }
 
 /* The contents, their blob ids and the upsert map path -> id; false after
@@ -333,7 +347,7 @@ static bool decode_files(mh_step_t *s, mh_kv_t *kv, pstr_t *paths)
         mh_id_t bid;
         mh_blob_id(len ? data : (const uint8_t *)"", len, &bid);
         memcpy(id, bid.s, MH_ID_SIZE);
-        c->blobs[i] = (cblob_t){.b = {.id = id, .content = data, .len = len}};
+        c->blobs[i] = (cblob_t){.id = id, .content = data, .len = len, .path = {f->k.v.s.p, f->k.v.s.n}};
         kv[i].k = f->k;
         kv[i].v = mh_v_strn(id, MH_ID_LEN);
         paths[i] = (pstr_t){f->k.v.s.p, f->k.v.s.n};
@@ -411,7 +425,7 @@ static void build_work(mh_step_t *s)
     if (nf > 1) qsort(c->blobs, nf, sizeof *c->blobs, cmp_blob);
     size_t k = 0;
     for (uint32_t i = 0; i < nf; i++)
-        if (!k || memcmp(c->blobs[k - 1].b.id, c->blobs[i].b.id, MH_ID_LEN) != 0) c->blobs[k++] = c->blobs[i];
+        if (!k || memcmp(c->blobs[k - 1].id, c->blobs[i].id, MH_ID_LEN) != 0) c->blobs[k++] = c->blobs[i];
     c->nblobs = k;
 }
 
@@ -421,7 +435,7 @@ static void step_build(mh_step_t *s) { mh_step_work(s, build_work); }
 
 static int cmp_id_key(const void *key, const void *elem)
 {
-    return memcmp(key, ((const cblob_t *)elem)->b.id, MH_ID_LEN);
+    return memcmp(key, ((const cblob_t *)elem)->id, MH_ID_LEN);
 }
 
 static int known_read(mh_step_t *s, PGresult *res)
@@ -433,12 +447,10 @@ static int known_read(mh_step_t *s, PGresult *res)
         if (b) b->known = true;
     }
     uint64_t bytes = 0;
-    c->pack_blobs = mh_alloc(&c->op.work, (c->nblobs + 1) * sizeof *c->pack_blobs);
-    if (!c->pack_blobs) return MH_ENOMEM;
     for (size_t i = 0; i < c->nblobs; i++)
         if (!c->blobs[i].known) {
-            c->pack_blobs[c->npack++] = c->blobs[i].b;
-            bytes += c->blobs[i].b.len;
+            c->npack++;
+            bytes += c->blobs[i].len;
         }
     if (c->npack && bytes > c->op.hub->cfg->max_mpack_bytes) {
         mh_step_refuse(s, 413, "too_large", "the new contents (%llu bytes) exceed the largest pack (%llu bytes)",
@@ -457,7 +469,7 @@ static void step_known(mh_step_t *s)
         mh_step_fail(s, MH_ENOMEM, "known");
         return;
     }
-    for (size_t i = 0; i < c->nblobs; i++) ids[i] = c->blobs[i].b.id;
+    for (size_t i = 0; i < c->nblobs; i++) ids[i] = c->blobs[i].id;
     const char *arr = mh_pq_array(&c->op.work, ids, c->nblobs, MH_ID_LEN);
     if (!arr) {
         mh_step_fail(s, MH_ENOMEM, "known");
@@ -471,22 +483,42 @@ static void step_known(mh_step_t *s)
 
 /* ============================================================ PACK */
 
-/* The pack of the blobs not yet referenced (refwrite's server pack: its
- * bytes depend only on the set of new contents) and its index rows. */
-static void pack_work(mh_step_t *s)
+/* The pack of the blobs not yet referenced, built by the pack builder
+ * in memory (v2, path order: its bytes depend only on the new contents
+ * and their paths), and its index and frames rows. */
+static void packed_cb(void *ud, int err)
+{
+    commit_t *c = ud;
+    if (!err) {
+        c->pack_id = *mh_pb_id(c->pb);
+        mh_mpack_key(c->pack_key, c->pack_id.s);
+        snprintf(c->pack_size, sizeof c->pack_size, "%zu", c->pack.len);
+        err = mh_rw_built_rows(c->pb, &c->rows, &c->frows);
+    }
+    mh_step_resume(&c->op.step, err, err ? mh_pb_why(c->pb) : NULL);
+}
+
+static void step_pack(mh_step_t *s)
 {
     commit_t *c = C(s);
-    int rc = mh_rw_blob_pack(c->pack_blobs, &c->npack, false, &c->pack, &c->pack_id, NULL);
-    if (!rc) rc = mh_rw_blob_rows(c->pack_blobs, c->npack, &c->rows);
+    mh_hub_t *hub = c->op.hub;
+    mh_pb_opts_t o = {.version = 2, .level = (int)hub->cfg->zstd_level};
+    int rc = mh_pb_new(&o, &c->pb);
+    for (size_t i = 0; i < c->nblobs && !rc; i++) {
+        const cblob_t *x = &c->blobs[i];
+        size_t ix;
+        if (x->known) continue;
+        if (!(rc = mh_pb_add(c->pb, x->id, x->len, x->path.p, (uint32_t)x->path.n, 0, &ix)))
+            mh_pb_src_mem(c->pb, ix, x->content);
+    }
     if (rc) {
         mh_step_fail(s, rc, "building the pack");
         return;
     }
-    mh_mpack_key(c->pack_key, c->pack_id.s);
-    snprintf(c->pack_size, sizeof c->pack_size, "%zu", c->pack.len);
+    mh_pb_env_t env = {hub->loop, hub->store, hub->budget, &c->pack, false};
+    mh_step_wait(s);
+    mh_pb_run(c->pb, &env, packed_cb, c);
 }
-
-static void step_pack(mh_step_t *s) { mh_step_work(s, pack_work); }
 
 /* ====================================================== transaction */
 
@@ -529,6 +561,8 @@ static void step_put(mh_step_t *s)
 
 static void step_copy(mh_step_t *s) { mh_rw_copy(s, MH_RW_OBJECTS, &C(s)->rows); }
 
+static void step_copy_frames(mh_step_t *s) { mh_rw_copy(s, MH_RW_FRAMES, &C(s)->frows); }
+
 static void step_write(mh_step_t *s)
 {
     commit_t *c = C(s);
@@ -559,6 +593,7 @@ static const mh_step_def_t commit_steps[] = {
     [C_CHECK] = {"check", step_check},
     [C_PUT] = {"put", step_put},
     [C_COPY] = {"copy", step_copy},
+    [C_COPY_FRAMES] = {"copy_frames", step_copy_frames},
     [C_WRITE] = {"write", step_write},
     [C_COMMIT] = {"commit", mh_step_commit},
     [C_DONE] = {"done", mh__op_step_done},
@@ -597,8 +632,10 @@ static void commit_free(void *arg)
     mh_manifest_free(&c->base);
     mh_manifest_free(&c->m);
     mh_rw_commit_free(&c->c);
+    mh_pb_free(c->pb);
     mh_buf_free(&c->pack);
     mh_buf_free(&c->rows);
+    mh_buf_free(&c->frows);
 }
 
 /* The work arena holds the decoded body, contents and manifests. */

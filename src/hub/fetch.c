@@ -1,27 +1,32 @@
 /*
  * fetch.c — POST /{owner}/{slug}/fetch (SPEC 4.4, DESIGN 4 "Fetch"): the
- * want/have negotiation answered with a presigned URL of a v1 mpack built
- * from the repository's stored history.
+ * want/have negotiation answered with a presigned URL of an mpack built
+ * from the repository's stored history: v2 (SPEC 2.1) when the request
+ * lists 2 in `formats`, else v1; shallow with `depth`.
  *
  * Invariants:
  *  - Answers are cached by (repo_id, state_seq, request key), the key
- *    being SHA-256 over the sorted, de-duplicated want and have lists.
- *    First a per-process map keyed by the request as sent (caches.c; the
- *    hot path: no query beyond the repository lookup); on a miss the
- *    commit graph (cached per process and state) resolves the ids and the
- *    fetch_packs table, shared by all processes, is asked with the key of
- *    the known ids only, so unknown haves neither force a rebuild nor add
- *    rows. Every branch move bumps state_seq: a cached answer always
- *    describes the state it was built for.
+ *    being SHA-256 over the sorted, de-duplicated want and have lists,
+ *    the pack version answered and the depth. First a per-process map
+ *    keyed by the request as sent (caches.c; the hot path: no query beyond
+ *    the repository lookup); on a miss the commit graph (cached per
+ *    process and state) resolves the ids and the fetch_packs table,
+ *    shared by all processes, is asked with the key of the known ids
+ *    only, so unknown haves neither force a rebuild nor add rows. Every
+ *    branch move bumps state_seq: a cached answer always describes the
+ *    state it was built for.
  *  - The same request on the same state builds the same bytes: commits by
- *    (generation, id), snapshots parent first in that order, blobs by
- *    object id, branch_heads (the branches whose head is in the pack) by
- *    name. So mpack_id is reproducible and concurrent builds in several
- *    processes store identical packs.
+ *    (generation, id), snapshots parent first in that order, branch_heads
+ *    (the branches whose head is in the pack) by name, and the blobs as
+ *    the pack builder orders them (v1: by source; v2: by path, each
+ *    blob's path and age taken from the first snapshot of the pack that
+ *    adds it). So mpack_id is reproducible and concurrent builds in
+ *    several processes store identical packs.
  *  - Commits and snapshots come from PostgreSQL only; blob bytes come from
- *    the source packs' recorded byte ranges (one ranged read per pack,
- *    coalesced by the store) and are never hashed again: only the whole
- *    new pack is hashed, to name it.
+ *    the source packs' recorded byte ranges and frames, read and written
+ *    as a stream by the pack builder (mh/packbuild.h) within the
+ *    pack-memory budget, never hashed again: only the whole new pack is
+ *    hashed, to name it.
  *  - Access goes through this repository's ref rows only: wants must be
  *    in its commit graph (commit_refs), blobs are located through its
  *    object_refs.
@@ -37,16 +42,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_IDS 10000               /* per list; a client sends tips, not histories */
-#define MAX_HAVE_MANIFESTS 64       /* have tips whose objects are subtracted */
-#define READS_IN_FLIGHT 8           /* source packs read concurrently */
-#define POOL_THRESHOLD (256u << 10) /* blob bytes above which the build runs in the thread pool */
+#define MAX_IDS 10000         /* per list; a client sends tips, not histories */
+#define MAX_HAVE_MANIFESTS 64 /* have tips whose objects are subtracted */
+#define MAX_FORMATS 16        /* entries of `formats` */
+#define MAX_DEPTH ((uint64_t)1 << 31)
 /* A build keeps row copies and decoded deltas in its own arena: the
  * request arena's 64 MiB cap is sized for API bodies, not for histories.
- * Blob bytes and the pack itself are heap buffers outside both. */
+ * Blob bytes never come into memory beyond the builder's frames. */
 #define BUILD_ARENA_LIMIT ((size_t)1 << 30)
-/* A walk flag of our own (mh__graph_walk uses the low four bits): the
- * commit is in the pack. */
+/* A walk flag of our own (mh__graph_walk_ex uses the others): the commit
+ * is in the pack. */
 #define GW_SENT 0x10
 
 typedef mh__answer_t answer_t;
@@ -74,28 +79,25 @@ typedef struct {
 } crow_t;
 
 typedef struct {
-    const char *id;  /* object id (borrowed from a delta or manifest) */
+    const char *id;   /* object id (borrowed from a delta or manifest) */
+    const char *path; /* the path the first snapshot adding it has it at */
+    uint32_t plen, age;
     char *mpack;     /* source pack id */
     bool superseded; /* that pack was replaced by GC (still readable) */
     uint64_t off, len;
-    const uint8_t *content;
+    bool framed; /* a v2 source: off is inside frame fr */
+    mh_pb_frame_t fr;
 } blob_t;
 
 typedef struct fetch fetch_t;
-
-typedef struct {
-    fetch_t *f;
-    char key[MH_MPACK_KEY_SIZE];
-    uint32_t first, n; /* f->order[first .. first+n) */
-    mh_range_t *ranges;
-    mh_buf_t *buf;
-} src_t;
 
 struct fetch {
     mh__op_t op;
     mh_arena_t *a; /* the build arena: op.work (BUILD_ARENA_LIMIT) */
     char **want, **have;
     size_t nwant, nhave;
+    int version;          /* the pack version answered: 1 or 2 */
+    uint64_t depth;       /* 0: the whole history */
     char reqkey[65];      /* SHA-256 of the request as sent (sorted, unique) */
     char normkey[65];     /* ... of the known ids only (unknown haves dropped) */
     char *key;            /* answer-cache key: repo_id|state_seq|reqkey */
@@ -108,6 +110,8 @@ struct fetch {
     uint32_t *send;
     size_t nsend;
     uint8_t *flags;
+    char *shallow; /* sent commits whose parents were left out: nshallow ids of MH_ID_SIZE */
+    uint32_t nshallow;
     mh_idlist_t have_snaps; /* snapshots of commits the client has */
     mh_idlist_t snap_ids;   /* snapshots to send; snaps[] is parallel */
     crow_t *commits;
@@ -122,11 +126,11 @@ struct fetch {
     const char *pwhy;
     blob_t *blobs;
     size_t nblobs;
-    uint32_t *order; /* blob indices by (pack, offset) */
-    src_t *srcs;
-    size_t nsrcs, next_src, reads_inflight;
-    uint64_t blob_bytes;
-    mh_buf_t *pack;
+    mh_pb_t *pb;
+    int mphase; /* the metadata writer's place: section, element */
+    size_t mi;
+    mh_pb_stats_t st;
+    bool built;
     mh_id_t mpack_id;
     answer_t ans;
     uint64_t t_mark;
@@ -136,21 +140,7 @@ struct fetch {
 
 #define F(s) MH_STEP_OP(s, fetch_t, op.step)
 
-enum {
-    S_GRAPH,
-    S_RESOLVE,
-    S_LOOKUP,
-    S_WALK,
-    S_ROWS,
-    S_MANIFESTS,
-    S_BLOBSET,
-    S_LOCATE,
-    S_READ,
-    S_BUILD,
-    S_PUT,
-    S_RECORD,
-    S_ANSWER
-};
+enum { S_GRAPH, S_RESOLVE, S_LOOKUP, S_WALK, S_ROWS, S_MANIFESTS, S_BLOBSET, S_LOCATE, S_BUILD, S_RECORD, S_ANSWER };
 
 static void tmark(fetch_t *f, const char *name)
 {
@@ -168,13 +158,14 @@ static void free_buf_cb(void *p) { mh_buf_free(p); }
 
 /* The cache key of a request: SHA-256 (hex) of "want\n" + each want id +
  * "\n", then "have\n" + each have id + "\n", over lists already sorted
- * and de-duplicated. With g, haves that graph does not hold are left out:
+ * and de-duplicated, then "v<version>\n" and, for a shallow fetch,
+ * "depth <n>\n". With g, haves that graph does not hold are left out:
  * they cannot change the answer, so garbage haves neither force a rebuild
  * nor add rows. */
-static int ids_key(mh_arena_t *a, char *const *want, size_t nw, char *const *have, size_t nh, const mh_graph_t *g,
-                   char out[65])
+static int ids_key(mh_arena_t *a, char *const *want, size_t nw, char *const *have, size_t nh, int version,
+                   uint64_t depth, const mh_graph_t *g, char out[65])
 {
-    char *buf = mh_alloc(a, 16 + (nw + nh) * (MH_ID_LEN + 1)), *p = buf;
+    char *buf = mh_alloc(a, 64 + (nw + nh) * (MH_ID_LEN + 1)), *p = buf;
     if (!buf) return MH_ENOMEM;
     for (int list = 0; list < 2; list++) {
         char *const *ids = list ? have : want;
@@ -187,6 +178,8 @@ static int ids_key(mh_arena_t *a, char *const *want, size_t nw, char *const *hav
             *p++ = '\n';
         }
     }
+    p += sprintf(p, "v%d\n", version);
+    if (depth) p += sprintf(p, "depth %llu\n", (unsigned long long)depth);
     uint8_t d[32];
     mh_sha256(buf, (size_t)(p - buf), d);
     mh_hex_encode(out, d, 32);
@@ -208,14 +201,17 @@ static void respond_answer(mh_req_t *req, const answer_t *ans)
         }
     }
     mh_vb_t *b = mh_res_build(req);
-    mh_val_t *m = mh_vb_map(b);
+    mh_val_t *m = mh_vb_map(b), *sh = mh_vb_arr(b);
+    for (uint32_t i = 0; i < ans->nshallow; i++) mh_vb_push(b, sh, mh_vb_str(b, ans->shallow + (size_t)i * MH_ID_SIZE));
     mh_vb_put(b, m, "mpack_url", url ? mh_v_str(url) : mh_v_nil());
     mh_vb_put(b, m, "mpack_id", ans->mpack_id[0] ? mh_vb_str(b, ans->mpack_id) : mh_v_nil());
+    mh_vb_put(b, m, "mpack_version", mh_v_int(ans->version));
     mh_vb_put(b, m, "commit_count", mh_v_int(ans->commits));
     mh_vb_put(b, m, "snapshot_count", mh_v_int(ans->snapshots));
     mh_vb_put(b, m, "blob_count", mh_v_int(ans->blobs));
     mh_vb_put(b, m, "object_count", mh_v_int(ans->blobs));
     mh_vb_put(b, m, "expires_in", mh_v_int(ttl));
+    mh_vb_put(b, m, "shallow", mh_vb_node(b, sh));
     mh_res_val(req, 200, m);
 }
 
@@ -235,18 +231,35 @@ static void fetch_finish(mh_step_t *s)
         mh__inflight_done(hub, x, error_each, &e);
         return;
     }
-    if (f->pack)
-        mh_info("fetch %s/%s: %zu commits, %zu snapshots, %zu blobs, %zu bytes, %s in %.1f ms:%s", f->op.repo->owner,
-                f->op.repo->slug, f->nsend, f->nemit, f->nblobs, f->pack->len, f->mpack_id.s,
+    if (f->built)
+        mh_info("fetch %s/%s: v%d%s%s: %zu commits (%u shallow), %zu snapshots, %zu blobs, %llu bytes (frames: %u built, "
+                "%u copied, %u large; %llu bytes read), %s in %.1f ms:%s",
+                f->op.repo->owner, f->op.repo->slug, f->version, f->depth ? " depth " : "",
+                f->depth ? mh_sprintf(f->a, "%llu", (unsigned long long)f->depth) : "", f->nsend, f->nshallow,
+                f->nemit, f->nblobs, (unsigned long long)f->st.bytes, f->st.frames_built, f->st.frames_reused,
+                f->st.frames_large, (unsigned long long)f->st.bytes_read, f->mpack_id.s,
                 (double)(mh_now_us() - s->t0) / 1000.0, f->timing);
     /* Under the key this request was looked up with, and under the state
      * the answer was built for when the graph was newer. */
     char *key = mh_sprintf(f->a, "%s|%lld|%s", f->op.repo->repo_id, (long long)f->seq, f->reqkey);
     if (f->key) mh__answer_put(hub, f->key, &f->ans);
     if (key && (!f->key || strcmp(key, f->key) != 0)) mh__answer_put(hub, key, &f->ans);
-    answer_t ans = f->ans; /* the request (and f) may be freed by its answer */
+    /* The request (and f, and its arenas) may be freed by its answer:
+     * the waiters' copy lives on the heap. */
+    answer_t ans = f->ans;
+    size_t n = (size_t)ans.nshallow * MH_ID_SIZE;
+    char *sh = n ? malloc(n) : NULL;
+    if (n && !sh) {
+        e = (mh__err_t){503, "unavailable", true, 2, "out of memory"};
+        mh__res_err(f->op.req, &e);
+        mh__inflight_done(hub, x, error_each, &e);
+        return;
+    }
+    if (n) memcpy(sh, ans.shallow, n);
+    ans.shallow = sh;
     respond_answer(f->op.req, &ans);
     mh__inflight_done(hub, x, answer_each, &ans);
+    free(sh);
 }
 
 /* ============================================================= the steps */
@@ -327,7 +340,7 @@ static void step_resolve(mh_step_t *s)
     }
     /* The answer describes the state the graph was read at. */
     f->seq = g->state_seq;
-    if (ids_key(f->a, f->want, f->nwant, f->have, f->nhave, g, f->normkey)) {
+    if (ids_key(f->a, f->want, f->nwant, f->have, f->nhave, f->version, f->depth, g, f->normkey)) {
         mh_step_fail(s, MH_ENOMEM, "resolve");
         return;
     }
@@ -336,10 +349,33 @@ static void step_resolve(mh_step_t *s)
 
 /* --- S_LOOKUP: the shared table of built answers */
 
-static const mh_stmt_t st_lookup = {"hub_fetch_lookup",
-                                    "SELECT mpack_id, commit_count, snapshot_count, blob_count FROM fetch_packs"
-                                    " WHERE repo_id = $1 AND request_key = $2 AND state_seq = $3",
-                                    3};
+static const mh_stmt_t st_lookup = {
+    "hub_fetch_lookup",
+    "SELECT mpack_id, commit_count, snapshot_count, blob_count, mpack_version, shallow FROM fetch_packs"
+    " WHERE repo_id = $1 AND request_key = $2 AND state_seq = $3",
+    3};
+
+/* The shallow ids of a text[] literal: "{sha256:...,sha256:...}" (ids
+ * need no quoting); NULL is none. MH_EPARSE, MH_ENOMEM. */
+static int shallow_read(fetch_t *f, PGresult *res, int r, int c)
+{
+    if (mh_pq_isnull(res, r, c)) return 0;
+    const char *v = mh_pq_str(res, r, c);
+    size_t n = strlen(v);
+    if (n < 2 || v[0] != '{' || v[n - 1] != '}') return MH_EPARSE;
+    size_t count = n == 2 ? 0 : (n - 1) / (MH_ID_LEN + 1);
+    if (count && count * (MH_ID_LEN + 1) + 1 != n) return MH_EPARSE;
+    f->shallow = mh_alloc(f->a, count * MH_ID_SIZE + 1);
+    if (!f->shallow) return MH_ENOMEM;
+    for (size_t i = 0; i < count; i++) {
+        const char *id = v + 1 + i * (MH_ID_LEN + 1);
+        if (!mh_id_valid(id, MH_ID_LEN)) return MH_EPARSE;
+        memcpy(f->shallow + i * MH_ID_SIZE, id, MH_ID_LEN);
+        f->shallow[i * MH_ID_SIZE + MH_ID_LEN] = 0;
+    }
+    f->nshallow = (uint32_t)count;
+    return 0;
+}
 
 static int looked_up(mh_step_t *s, PGresult *res)
 {
@@ -353,6 +389,11 @@ static int looked_up(mh_step_t *s, PGresult *res)
     ans->commits = (uint32_t)mh_pq_int(res, 0, 1);
     ans->snapshots = (uint32_t)mh_pq_int(res, 0, 2);
     ans->blobs = (uint32_t)mh_pq_int(res, 0, 3);
+    ans->version = (int)mh_pq_int(res, 0, 4);
+    int rc = shallow_read(f, res, 0, 5);
+    if (rc) return rc == MH_ENOMEM ? rc : MH_EDB;
+    ans->shallow = f->shallow;
+    ans->nshallow = f->nshallow;
     tmark(f, "lookup_hit");
     mh_step_goto(s, S_ANSWER);
     return 0;
@@ -409,6 +450,29 @@ static int plan_snapshots(fetch_t *f)
     return 0;
 }
 
+static int cmp_idz(const void *x, const void *y) { return memcmp(x, y, MH_ID_LEN); }
+
+/* The sent commits whose parents were left out (SPEC 4.4 `shallow`): a
+ * parent neither sent nor the client's. By id. */
+static int plan_shallow(fetch_t *f)
+{
+    const mh_graph_t *g = f->g;
+    f->shallow = mh_alloc(f->a, f->nsend * MH_ID_SIZE + 1);
+    if (!f->shallow) return MH_ENOMEM;
+    for (size_t i = 0; i < f->nsend; i++) {
+        const mh_gnode_t *x = &g->nodes[f->send[i]];
+        bool cut = false;
+        for (int j = 0; j < 2; j++)
+            cut |= x->p[j] != MH_GNONE && !(f->flags[x->p[j]] & (GW_SENT | MH_GW_HAVE));
+        if (!cut) continue;
+        mh_id_t cid;
+        mh__graph_id(g, f->send[i], &cid);
+        memcpy(f->shallow + (size_t)f->nshallow++ * MH_ID_SIZE, cid.s, MH_ID_SIZE);
+    }
+    if (f->nshallow > 1) qsort(f->shallow, f->nshallow, MH_ID_SIZE, cmp_idz);
+    return 0;
+}
+
 static void step_walk(mh_step_t *s)
 {
     fetch_t *f = F(s);
@@ -419,7 +483,8 @@ static void step_walk(mh_step_t *s)
         mh_step_fail(s, MH_ENOMEM, "walk");
         return;
     }
-    int rc = mh__graph_walk(g, f->want_idx, f->nwant_idx, f->have_idx, f->nhave_idx, f->flags, f->send, &f->nsend);
+    int rc = mh__graph_walk_ex(g, f->want_idx, f->nwant_idx, f->have_idx, f->nhave_idx, f->depth, f->flags, f->send,
+                               &f->nsend);
     if (rc) {
         mh_step_fail(s, rc, "walk");
         return;
@@ -432,7 +497,7 @@ static void step_walk(mh_step_t *s)
     /* Pack order: parents before children (generation), then by id. */
     qsort_r(f->send, f->nsend, sizeof *f->send, cmp_gen_id, g);
     for (size_t i = 0; i < f->nsend; i++) f->flags[f->send[i]] |= GW_SENT;
-    if (plan_snapshots(f)) mh_step_fail(s, MH_ENOMEM, "walk");
+    if (plan_shallow(f) || plan_snapshots(f)) mh_step_fail(s, MH_ENOMEM, "walk");
 }
 
 /* --- S_ROWS: commit rows (in pack order) and snapshot delta rows, one
@@ -669,21 +734,30 @@ static int prepare_snapshots(fetch_t *f, size_t *count)
     return 0;
 }
 
-/* Adds the objects snapshot s names that the have tips do not hold. */
-static int add_blobs(fetch_t *f, const snap_t *s, const mh_idlist_t *have)
+/* Adds the objects snapshot s names that the have tips do not hold, each
+ * with the path s has it at and age `age` (its place in the pack: the
+ * first snapshot that adds a blob gives its place in path order). */
+static int add_blobs(fetch_t *f, const snap_t *s, const mh_idlist_t *have, uint32_t age)
 {
     size_t n = s->kind == SNAP_ROOT_REBUILD ? s->full->n : s->upv.v.m.n;
     for (size_t k = 0; k < n; k++) {
-        const char *id;
+        const char *id, *path;
+        uint32_t plen;
         if (s->kind == SNAP_ROOT_REBUILD) {
             id = s->full->e[k].id;
+            path = s->full->e[k].path;
+            plen = s->full->e[k].plen;
         } else {
-            const mh_val_t *v = &s->upv.v.m.kv[k].v;
-            if (v->t != MH_V_STR || v->v.s.n != MH_ID_LEN || !mh_id_valid(v->v.s.p, MH_ID_LEN)) return MH_EPARSE;
+            const mh_kv_t *kv = &s->upv.v.m.kv[k];
+            const mh_val_t *v = &kv->v;
+            if (v->t != MH_V_STR || v->v.s.n != MH_ID_LEN || !mh_id_valid(v->v.s.p, MH_ID_LEN) || kv->k.t != MH_V_STR)
+                return MH_EPARSE;
             id = v->v.s.p;
+            path = kv->k.v.s.p;
+            plen = kv->k.v.s.n;
         }
         if (mh_idlist_find(have, id) != MH_IDMAP_NONE) continue;
-        f->blobs[f->nblobs].id = id;
+        f->blobs[f->nblobs] = (blob_t){.id = id, .path = path, .plen = plen, .age = age};
         int added = mh_idmap_add(&f->blob_map, (uint32_t)f->nblobs, NULL);
         if (added < 0) return added;
         f->nblobs += (size_t)added;
@@ -704,7 +778,8 @@ static void step_blobset(mh_step_t *s)
     f->blobs = rc ? NULL : mh_calloc(f->a, (cap + 1) * sizeof *f->blobs);
     mh_idmap_init(&f->blob_map, f->a, MH_ID_LEN, blob_key, f);
     if (!rc && !f->blobs) rc = MH_ENOMEM;
-    for (size_t i = 0; i < f->snap_ids.n && !rc; i++) rc = add_blobs(f, &f->snaps[i], &have);
+    /* Oldest first: the pack's order (parents first). */
+    for (size_t i = 0; i < f->nemit && !rc; i++) rc = add_blobs(f, &f->snaps[f->emit[i]], &have, (uint32_t)i);
     if (rc) {
         mh_step_fail(s, rc == MH_ENOMEM ? rc : MH_EDB, "stored snapshots are corrupt");
         return;
@@ -724,14 +799,22 @@ static void step_blobset(mh_step_t *s)
 /* --- S_LOCATE: each blob's source pack and byte range, through this
  * repository's object refs */
 
+/* Every locate query returns, per row: object id, pack id, byte offset,
+ * byte length (v1: in the file; v2: in the frame), then the frame of a v2
+ * row (frame_no, data_offset, data_length, codec, size, blob_count: NULL
+ * for v1), and for st_locate_all whether the pack is superseded. */
+#define LOC_COLS "m.object_id, m.mpack_id, m.byte_offset, m.byte_length, m.frame_no, fr.data_offset, fr.data_length," \
+                 " fr.codec, fr.size, fr.blob_count"
+#define LOC_FRAME " LEFT JOIN mpack_frames fr ON fr.mpack_id = m.mpack_id AND fr.frame_no = m.frame_no"
+
 /* DISTINCT ON keeps one row per object: a pack not superseded by GC
  * first, then the smallest pack id (deterministic). About 2.5x faster
  * than a LATERAL ... LIMIT 1 per object on the seed-000 clone. */
 static const mh_stmt_t st_locate = {
     "hub_fetch_locate",
-    "SELECT DISTINCT ON (m.object_id COLLATE \"C\") m.object_id, m.mpack_id, m.byte_offset, m.byte_length"
+    "SELECT DISTINCT ON (m.object_id COLLATE \"C\") " LOC_COLS
     " FROM object_refs r JOIN mpack_index m ON m.object_id = r.object_id"
-    " LEFT JOIN mpacks p ON p.mpack_id = m.mpack_id"
+    " LEFT JOIN mpacks p ON p.mpack_id = m.mpack_id" LOC_FRAME
     " WHERE r.repo_id = $1 AND r.object_id = ANY($2::text[])"
     " ORDER BY m.object_id COLLATE \"C\", p.superseded_at IS NOT NULL, m.mpack_id COLLATE \"C\"",
     2};
@@ -744,11 +827,11 @@ static const mh_stmt_t st_locate = {
 #define LOCATE_FEW 256
 static const mh_stmt_t st_locate_few = {
     "hub_fetch_locate_few",
-    "SELECT u.id, i.mpack_id, i.byte_offset, i.byte_length FROM unnest($2::text[]) u(id)"
-    " CROSS JOIN LATERAL (SELECT m.mpack_id, m.byte_offset, m.byte_length FROM mpack_index m"
-    " LEFT JOIN mpacks p ON p.mpack_id = m.mpack_id WHERE m.object_id = u.id"
+    "SELECT " LOC_COLS " FROM unnest($2::text[]) u(id)"
+    " CROSS JOIN LATERAL (SELECT u.id AS object_id, m.mpack_id, m.byte_offset, m.byte_length, m.frame_no"
+    " FROM mpack_index m LEFT JOIN mpacks p ON p.mpack_id = m.mpack_id WHERE m.object_id = u.id"
     " AND EXISTS (SELECT 1 FROM object_refs r WHERE r.repo_id = $1 AND r.object_id = u.id)"
-    " ORDER BY p.superseded_at IS NOT NULL, m.mpack_id COLLATE \"C\" LIMIT 1) i",
+    " ORDER BY p.superseded_at IS NOT NULL, m.mpack_id COLLATE \"C\" LIMIT 1) m" LOC_FRAME,
     2};
 
 /* For fetches covering most of the history (full clones): every index row
@@ -756,26 +839,35 @@ static const mh_stmt_t st_locate_few = {
  * and the best source per object are picked here. */
 static const mh_stmt_t st_locate_all = {
     "hub_fetch_locate_all",
-    "SELECT m.object_id, m.mpack_id, m.byte_offset, m.byte_length, p.superseded_at IS NOT NULL"
+    "SELECT " LOC_COLS ", p.superseded_at IS NOT NULL"
     " FROM object_refs r JOIN mpack_index m ON m.object_id = r.object_id"
-    " LEFT JOIN mpacks p ON p.mpack_id = m.mpack_id WHERE r.repo_id = $1",
+    " LEFT JOIN mpacks p ON p.mpack_id = m.mpack_id" LOC_FRAME " WHERE r.repo_id = $1",
     1};
 
 /* Row r as the source of its blob, unless a better one is known: a live
- * pack, then the smallest pack id (st_locate's ORDER BY). */
+ * pack, then the smallest pack id (st_locate's ORDER BY). A v2 row whose
+ * frame has no row is skipped (the object then reads as not indexed). */
 static int take_source(fetch_t *f, PGresult *res, int r)
 {
     const char *oid = mh_pq_str(res, r, 0), *mp = mh_pq_str(res, r, 1);
     uint32_t ix = mh_id_valid(oid, strlen(oid)) ? mh_idmap_find(&f->blob_map, oid) : MH_IDMAP_NONE;
     int64_t off = mh_pq_int(res, r, 2), len = mh_pq_int(res, r, 3);
-    if (ix == MH_IDMAP_NONE || !mh_id_valid(mp, strlen(mp)) || off < 0 || len < 0) return 0;
+    bool framed = !mh_pq_isnull(res, r, 4);
+    if (ix == MH_IDMAP_NONE || !mh_id_valid(mp, strlen(mp)) || off < 0 || len < 0 || (framed && mh_pq_isnull(res, r, 5)))
+        return 0;
     blob_t *b = &f->blobs[ix];
-    bool sup = PQnfields(res) > 4 && strcmp(mh_pq_str(res, r, 4), "t") == 0;
+    bool sup = PQnfields(res) > 10 && strcmp(mh_pq_str(res, r, 10), "t") == 0;
     if (b->mpack && (sup > b->superseded || (sup == b->superseded && strcmp(mp, b->mpack) >= 0))) return 0;
     if (!(b->mpack = mh_strdup(f->a, mp))) return MH_ENOMEM;
     b->superseded = sup;
     b->off = (uint64_t)off;
     b->len = (uint64_t)len;
+    b->framed = framed;
+    if (framed)
+        b->fr = (mh_pb_frame_t){(uint32_t)mh_pq_int(res, r, 4), (uint64_t)mh_pq_int(res, r, 5),
+                                (uint64_t)mh_pq_int(res, r, 6), (uint64_t)mh_pq_int(res, r, 8),
+                                (uint32_t)mh_pq_int(res, r, 9),
+                                strcmp(mh_pq_str(res, r, 7), "zstd") == 0 ? MH_PACK_ZSTD : MH_PACK_NONE};
     return 0;
 }
 
@@ -819,116 +911,17 @@ static void step_locate(mh_step_t *s)
     mh_step_query(s, &b.q[0], located);
 }
 
-/* --- S_READ: one ranged read per source pack, a few packs at a time */
-
-static int cmp_order(const void *x, const void *y, void *arg)
-{
-    const fetch_t *f = arg;
-    const blob_t *a = &f->blobs[*(const uint32_t *)x], *b = &f->blobs[*(const uint32_t *)y];
-    int c = strcmp(a->mpack, b->mpack);
-    if (c) return c;
-    return a->off < b->off ? -1 : a->off > b->off;
-}
-
-static void start_reads(fetch_t *f);
-
-/* Hands a source's bytes to its blobs (in read order). */
-static int take_read(fetch_t *f, src_t *src, mh_buf_t *data)
-{
-    /* The buffer is ours: free it with the request. */
-    src->buf = mh_alloc(f->a, sizeof *src->buf);
-    if (!src->buf || mh_arena_defer(f->a, free_buf_cb, src->buf)) {
-        mh_buf_free(data);
-        return MH_ENOMEM;
-    }
-    *src->buf = *data;
-    *data = (mh_buf_t){0};
-    uint64_t pos = 0;
-    for (uint32_t k = 0; k < src->n; k++) {
-        blob_t *b = &f->blobs[f->order[src->first + k]];
-        if (pos + b->len > src->buf->len) return MH_ESTORE;
-        b->content = src->buf->p + pos;
-        pos += b->len;
-    }
-    return pos == src->buf->len ? 0 : MH_ESTORE;
-}
-
-static void read_cb(void *ud, int err, mh_buf_t *data)
-{
-    src_t *src = ud;
-    fetch_t *f = src->f;
-    f->reads_inflight--;
-    if (!err && (err = take_read(f, src, data)) == MH_ESTORE)
-        mh_error("req %s: fetch: short read of %s", f->op.req->id, src->key);
-    else if (err && err != MH_ENOMEM)
-        mh_error("req %s: fetch: reading %s: %s", f->op.req->id, src->key, mh_strerror(err));
-    if (err && !f->perr) f->perr = err == MH_ENOENT ? MH_ESTORE : err;
-    start_reads(f);
-}
-
-static void start_reads(fetch_t *f)
-{
-    while (!f->perr && f->next_src < f->nsrcs && f->reads_inflight < READS_IN_FLIGHT) {
-        src_t *src = &f->srcs[f->next_src++];
-        f->reads_inflight++;
-        mh_store_get_ranges(f->op.hub->store, src->key, src->ranges, src->n, read_cb, src);
-    }
-    if (f->reads_inflight > 0 || (!f->perr && f->next_src < f->nsrcs)) return;
-    if (!f->perr) tmark(f, "read");
-    mh_step_resume(&f->op.step, f->perr, "reading source packs");
-}
-
-static void step_read(mh_step_t *s)
-{
-    fetch_t *f = F(s);
-    f->order = mh_alloc(f->a, f->nblobs * sizeof *f->order);
-    mh_range_t *ranges = mh_alloc(f->a, f->nblobs * sizeof *ranges);
-    if (!f->order || !ranges) {
-        mh_step_fail(s, MH_ENOMEM, "read");
-        return;
-    }
-    for (size_t i = 0; i < f->nblobs; i++) {
-        f->order[i] = (uint32_t)i;
-        f->blob_bytes += f->blobs[i].len;
-    }
-    qsort_r(f->order, f->nblobs, sizeof *f->order, cmp_order, f);
-    f->srcs = mh_calloc(f->a, f->nblobs * sizeof *f->srcs);
-    if (!f->srcs) {
-        mh_step_fail(s, MH_ENOMEM, "read");
-        return;
-    }
-    for (size_t i = 0; i < f->nblobs; i++) {
-        blob_t *b = &f->blobs[f->order[i]];
-        if (i == 0 || strcmp(b->mpack, f->blobs[f->order[i - 1]].mpack) != 0) {
-            src_t *src = &f->srcs[f->nsrcs++];
-            src->f = f;
-            mh_mpack_key(src->key, b->mpack);
-            src->first = (uint32_t)i;
-            src->ranges = &ranges[i];
-        }
-        ranges[i] = (mh_range_t){b->off, b->len};
-        f->srcs[f->nsrcs - 1].n++;
-    }
-    mh_step_wait(s);
-    f->perr = 0;
-    start_reads(f);
-}
-
-/* --- S_BUILD: the v1 pack and its id (thread pool when large) */
+/* --- S_BUILD: the pack, streamed by the builder into the store */
 
 #define S(x) ((mh_str_t){(x), (x) ? strlen(x) : 0})
 
-static void write_snapshots(fetch_t *f, mh_packw_t *w)
+static void write_snapshot(fetch_t *f, mh_packw_t *w, const snap_t *s)
 {
     static const uint8_t empty_arr[1] = {0x90};
-    mh_packw_snapshots(w, (uint32_t)f->nemit);
-    for (size_t i = 0; i < f->nemit; i++) {
-        const snap_t *s = &f->snaps[f->emit[i]];
-        if (s->kind == SNAP_DELTA) mh_packw_snapshot(w, S(s->id), S(s->parent), s->up, s->upn, s->rm, s->rmn);
-        else if (s->kind == SNAP_ROOT_STORED)
-            mh_packw_snapshot(w, S(s->id), (mh_str_t){NULL, 0}, s->up, s->upn, s->rm, s->rmn);
-        else mh_packw_snapshot(w, S(s->id), (mh_str_t){NULL, 0}, s->full_mp->p, s->full_mp->len, empty_arr, 1);
-    }
+    if (s->kind == SNAP_DELTA) mh_packw_snapshot(w, S(s->id), S(s->parent), s->up, s->upn, s->rm, s->rmn);
+    else if (s->kind == SNAP_ROOT_STORED) mh_packw_snapshot(w, S(s->id), (mh_str_t){NULL, 0}, s->up, s->upn, s->rm, s->rmn);
+    else mh_packw_snapshot(w, S(s->id), (mh_str_t){NULL, 0}, s->full_mp->p, s->full_mp->len, empty_arr, 1);
+    (void)f;
 }
 
 /* The branches whose head is in this pack (a client can resolve every
@@ -944,83 +937,78 @@ static void write_branch_heads(fetch_t *f, mh_packw_t *w)
             mh_packw_branch_head(w, S(br[i].name), (mh_str_t){br[i].head.s, MH_ID_LEN});
 }
 
-static int build_pack(fetch_t *f)
+/* The builder's metadata callback (thread pool): commits, snapshots and
+ * (v2) branch heads, resumable after any element once `room` bytes are
+ * pending; v1's branch heads come after the blobs (MH_PB_META_TAIL). */
+static int fetch_meta(void *ud, mh_packw_t *w, int part, size_t room, bool *done)
 {
-    mh_buf_t *out = f->pack;
-    size_t est = 64 + (size_t)f->blob_bytes + f->nblobs * 96 + f->nsend * 512;
-    for (size_t i = 0; i < f->nemit; i++) {
-        const snap_t *s = &f->snaps[f->emit[i]];
-        est += 160 + (s->full_mp ? s->full_mp->len : s->upn + s->rmn);
+    fetch_t *f = ud;
+    *done = false;
+    if (part == MH_PB_META_TAIL) {
+        if (w->version == 1) write_branch_heads(f, w);
+        *done = true;
+        return 0;
     }
-    if (mh_buf_reserve(out, est)) return MH_ENOMEM;
-    mh_packw_t w;
-    mh_packw_init(&w, out);
-    mh_packw_commits(&w, (uint32_t)f->nsend);
-    for (size_t i = 0; i < f->nsend; i++) {
-        const crow_t *c = &f->commits[i];
-        mh_packw_commit(&w, S(c->commit_id), S(c->p1), S(c->p2), S(c->snap), S(c->message), S(c->author),
-                        S(c->committed_at), S(c->branch), c->metan ? c->meta : NULL, c->metan);
+    while (w->out->len < room && !w->err) {
+        if (f->mphase == 0) {
+            mh_packw_commits(w, (uint32_t)f->nsend);
+            f->mphase = 1;
+            f->mi = 0;
+        } else if (f->mphase == 1 && f->mi < f->nsend) {
+            const crow_t *c = &f->commits[f->mi++];
+            mh_packw_commit(w, S(c->commit_id), S(c->p1), S(c->p2), S(c->snap), S(c->message), S(c->author),
+                            S(c->committed_at), S(c->branch), c->metan ? c->meta : NULL, c->metan);
+        } else if (f->mphase == 1) {
+            mh_packw_snapshots(w, (uint32_t)f->nemit);
+            f->mphase = 2;
+            f->mi = 0;
+        } else if (f->mi < f->nemit) {
+            write_snapshot(f, w, &f->snaps[f->emit[f->mi++]]);
+        } else {
+            if (w->version == 2) write_branch_heads(f, w);
+            *done = true;
+            return 0;
+        }
     }
-    write_snapshots(f, &w);
-    mh_packw_blobs(&w, (uint32_t)f->nblobs);
-    for (size_t i = 0; i < f->nblobs; i++)
-        mh_packw_blob(&w, (mh_str_t){f->blobs[i].id, MH_ID_LEN}, f->blobs[i].content, f->blobs[i].len);
-    write_branch_heads(f, &w);
-    int rc = mh_packw_finish(&w);
-    if (rc) return rc;
-    mh_blob_id(out->p, out->len, &f->mpack_id);
     return 0;
 }
 
 #undef S
 
-static void build_work(mh_step_t *s) { s->work_err = build_pack(F(s)); }
+static void built_cb(void *ud, int err)
+{
+    fetch_t *f = ud;
+    if (!err) {
+        f->built = true;
+        f->mpack_id = *mh_pb_id(f->pb);
+        mh_pb_stats(f->pb, &f->st);
+        tmark(f, "build");
+    } else {
+        mh_error("req %s: fetch: building the pack: %s", f->op.req->id, mh_pb_why(f->pb));
+    }
+    mh_step_resume(&f->op.step, err, err ? mh_pb_why(f->pb) : NULL);
+}
 
 static void step_build(mh_step_t *s)
 {
     fetch_t *f = F(s);
-    f->pack = mh_calloc(f->a, sizeof *f->pack);
-    if (!f->pack || mh_arena_defer(f->a, free_buf_cb, f->pack)) {
-        mh_step_fail(s, MH_ENOMEM, "build");
+    mh_hub_t *hub = f->op.hub;
+    mh_pb_opts_t o = {.version = f->version, .level = (int)hub->cfg->zstd_level, .reuse_frames = true,
+                      .meta_frame = true, .meta = fetch_meta, .meta_ud = f};
+    int rc = mh_pb_new(&o, &f->pb);
+    for (size_t i = 0; i < f->nblobs && !rc; i++) {
+        const blob_t *b = &f->blobs[i];
+        size_t ix;
+        rc = mh_pb_add(f->pb, b->id, b->len, b->path, b->plen, b->age, &ix);
+        if (!rc) rc = mh_pb_src_pack(f->pb, ix, b->mpack, b->framed ? &b->fr : NULL, b->off);
+    }
+    if (rc) {
+        mh_step_fail(s, rc, "planning the pack");
         return;
     }
-    /* Small packs are built here; nothing else touches f while a large
-     * one is built on the thread pool: the request waits. */
-    if (f->blob_bytes > POOL_THRESHOLD) mh_step_work(s, build_work);
-    else if ((s->work_err = build_pack(f))) mh_step_fail(s, s->work_err, "building the pack");
-}
-
-/* --- S_PUT: store the pack under its own hash */
-
-static int put_done(mh_step_t *s, int err)
-{
-    if (err) mh_step_fail(s, err, "storing the pack");
-    else tmark(F(s), "put");
-    return err;
-}
-
-static int head_done(mh_step_t *s, int err, uint64_t size)
-{
-    fetch_t *f = F(s);
-    if (!err && size == f->pack->len) {
-        /* Content-addressed: the same key holds the same bytes (another
-         * process, or an earlier state, built this pack). */
-        tmark(f, "put_skipped");
-        return 0;
-    }
-    char key[MH_MPACK_KEY_SIZE];
-    mh_mpack_key(key, f->mpack_id.s);
-    mh_step_put(s, key, f->pack->p, f->pack->len, put_done);
-    return MH_STEP_WAIT;
-}
-
-static void step_put(mh_step_t *s)
-{
-    fetch_t *f = F(s);
-    tmark(f, "build");
-    char key[MH_MPACK_KEY_SIZE];
-    mh_mpack_key(key, f->mpack_id.s);
-    mh_step_head(s, key, head_done);
+    mh_pb_env_t env = {hub->loop, hub->store, hub->budget, NULL, false};
+    mh_step_wait(s);
+    mh_pb_run(f->pb, &env, built_cb, f);
 }
 
 /* --- S_RECORD: the mpacks row (a cache pack: kind 'fetch') and the
@@ -1032,9 +1020,10 @@ static const mh_stmt_t st_ins_mpack = {
 
 static const mh_stmt_t st_ins_answer = {
     "hub_fetch_ins_answer",
-    "INSERT INTO fetch_packs (repo_id, state_seq, request_key, mpack_id, commit_count, snapshot_count, blob_count)"
-    " VALUES ($1, $2::bigint, $3, $4, $5::int, $6::int, $7::int) ON CONFLICT DO NOTHING",
-    7};
+    "INSERT INTO fetch_packs (repo_id, state_seq, request_key, mpack_id, commit_count, snapshot_count, blob_count,"
+    " mpack_version, depth, shallow) VALUES ($1, $2::bigint, $3, $4, $5::int, $6::int, $7::int, $8::smallint,"
+    " $9::bigint, $10::text[]) ON CONFLICT DO NOTHING",
+    10};
 
 static void recorded(void *ud, PGresult **results, int n, int err, const char *errmsg)
 {
@@ -1054,22 +1043,36 @@ static void step_record(mh_step_t *s)
     fetch_t *f = F(s);
     answer_t *ans = &f->ans;
     memset(ans, 0, sizeof *ans);
-    if (f->pack) {
+    ans->version = f->version;
+    ans->shallow = f->shallow;
+    ans->nshallow = f->nshallow;
+    if (f->built) {
         memcpy(ans->mpack_id, f->mpack_id.s, MH_ID_SIZE);
         ans->commits = (uint32_t)f->nsend;
         ans->snapshots = (uint32_t)f->nemit;
         ans->blobs = (uint32_t)f->nblobs;
     }
-    char size[24], seq[24], nc[12], ns[12], nb[12];
-    snprintf(size, sizeof size, "%zu", f->pack ? f->pack->len : 0);
+    char size[24], seq[24], nc[12], ns[12], nb[12], ver[8], depth[24];
+    snprintf(size, sizeof size, "%llu", (unsigned long long)f->st.bytes);
     snprintf(seq, sizeof seq, "%lld", (long long)f->seq);
     snprintf(nc, sizeof nc, "%u", ans->commits);
     snprintf(ns, sizeof ns, "%u", ans->snapshots);
     snprintf(nb, sizeof nb, "%u", ans->blobs);
+    snprintf(ver, sizeof ver, "%d", f->version);
+    snprintf(depth, sizeof depth, "%llu", (unsigned long long)f->depth);
+    const char *shallow = NULL;
+    if (f->nshallow) {
+        const char **ids = mh_alloc(f->a, f->nshallow * sizeof *ids);
+        for (uint32_t i = 0; ids && i < f->nshallow; i++) ids[i] = f->shallow + (size_t)i * MH_ID_SIZE;
+        if (!ids || !(shallow = mh_pq_array(f->a, ids, f->nshallow, MH_ID_LEN))) {
+            mh_step_fail(s, MH_ENOMEM, "record");
+            return;
+        }
+    }
     mh_db_batch_t b = {0};
-    if (f->pack) mh_db_batch_stmt(&b, &st_ins_mpack, ans->mpack_id, size);
-    mh_db_batch_stmt(&b, &st_ins_answer, f->op.repo->repo_id, seq, f->normkey, f->pack ? ans->mpack_id : NULL, nc, ns,
-                     nb);
+    if (f->built) mh_db_batch_stmt(&b, &st_ins_mpack, ans->mpack_id, size);
+    mh_db_batch_stmt(&b, &st_ins_answer, f->op.repo->repo_id, seq, f->normkey, f->built ? ans->mpack_id : NULL, nc, ns,
+                     nb, ver, f->depth ? depth : NULL, shallow);
     mh_step_wait(s);
     mh_db_pipeline(f->op.hub->db, b.q, b.n, recorded, f);
 }
@@ -1087,9 +1090,7 @@ static const mh_step_def_t fetch_steps[] = {
     [S_MANIFESTS] = {"manifests", step_manifests}, /* of have tips and of roots without their parent */
     [S_BLOBSET] = {"blobset", step_blobset},       /* which blobs to send */
     [S_LOCATE] = {"locate", step_locate},          /* where they are */
-    [S_READ] = {"read", step_read},                /* their bytes */
-    [S_BUILD] = {"build", step_build},             /* the pack */
-    [S_PUT] = {"put", step_put},                   /* into the store */
+    [S_BUILD] = {"build", step_build},             /* the pack, streamed into the store */
     [S_RECORD] = {"record", step_record},          /* mpacks + fetch_packs rows */
     [S_ANSWER] = {"answer", step_answer},
 };
@@ -1152,7 +1153,43 @@ static void repo_cb(mh_req_t *req, mh_repo_t *repo)
     mh_step_run(&f->op.step);
 }
 
-static const mh__op_def_t fetch_def = {"fetch", MH__STEPS(fetch_steps), fetch_finish, NULL, BUILD_ARENA_LIMIT};
+/* `formats` (SPEC 4.4): the versions the client reads, default [1]; the
+ * answer is the highest the server writes (1, 2). NULL, or the reason of
+ * a 422. */
+static const char *parse_formats(const mh_val_t *body, int *version)
+{
+    const mh_val_t *v = mh_val_get(body, "formats");
+    *version = 1;
+    if (!v || v->t == MH_V_NIL) return NULL;
+    if (v->t != MH_V_ARR || v->v.a.n == 0 || v->v.a.n > MAX_FORMATS)
+        return "formats must be a non-empty array of pack versions (integers)";
+    int best = 0;
+    for (uint32_t i = 0; i < v->v.a.n; i++) {
+        const mh_val_t *x = &v->v.a.items[i];
+        if (x->t != MH_V_UINT && x->t != MH_V_INT) return "formats must be a non-empty array of pack versions (integers)";
+        if (x->t == MH_V_UINT && (x->v.u == 1 || x->v.u == 2) && (int)x->v.u > best) best = (int)x->v.u;
+    }
+    if (!best) return "formats lists no pack version this server writes (1, 2)";
+    *version = best;
+    return NULL;
+}
+
+/* `depth` (SPEC 4.4): absent or nil for the whole history, else an
+ * integer 1 .. 2^31. */
+static const char *parse_depth(const mh_val_t *body, uint64_t *depth)
+{
+    const mh_val_t *v = mh_val_get(body, "depth");
+    *depth = 0;
+    if (!v || v->t == MH_V_NIL) return NULL;
+    if (v->t != MH_V_UINT || v->v.u < 1 || v->v.u > MAX_DEPTH) return "depth must be an integer from 1 to 2^31";
+    *depth = v->v.u;
+    return NULL;
+}
+
+static void fetch_cleanup(void *op) { mh_pb_free(((fetch_t *)op)->pb); }
+
+static const mh__op_def_t fetch_def = {"fetch", MH__STEPS(fetch_steps), fetch_finish, fetch_cleanup,
+                                       BUILD_ARENA_LIMIT};
 
 void mh_h_fetch(mh_req_t *req)
 {
@@ -1167,17 +1204,22 @@ void mh_h_fetch(mh_req_t *req)
         mh_res_error(req, 422, "invalid_request", "the body must be a map {want, have}");
         return;
     }
-    const char *list = "want", *why = parse_ids(a, &body, "want", true, &f->want, &f->nwant);
+    const char *list = "want ", *why = parse_ids(a, &body, "want", true, &f->want, &f->nwant);
     if (!why) {
-        list = "have";
+        list = "have ";
         why = parse_ids(a, &body, "have", false, &f->have, &f->nhave);
     }
-    if (why == ids_oom || (!why && ids_key(a, f->want, f->nwant, f->have, f->nhave, NULL, f->reqkey))) {
+    if (!why) {
+        list = "";
+        if (!(why = parse_formats(&body, &f->version))) why = parse_depth(&body, &f->depth);
+    }
+    if (why == ids_oom ||
+        (!why && ids_key(a, f->want, f->nwant, f->have, f->nhave, f->version, f->depth, NULL, f->reqkey))) {
         mh_res_fail(req, MH_ENOMEM, "fetch");
         return;
     }
     if (why) {
-        mh_res_error(req, 422, "invalid_request", "%s %s", list, why);
+        mh_res_error(req, 422, "invalid_request", "%s%s", list, why);
         return;
     }
     mh_hub_load_repo(req, MH_PERM_READ, repo_cb);

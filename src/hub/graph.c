@@ -365,6 +365,57 @@ int mh__graph_walk(const mh_graph_t *g, const uint32_t *want, size_t nwant, cons
     return 0;
 }
 
+/* Marks x WANT at distance d from the wants (the smallest wins). */
+static void mark_want(walk_t *w, uint32_t *dist, uint32_t x, uint64_t d)
+{
+    if (dist && (!(w->flags[x] & MH_GW_WANT) || dist[x] > d)) dist[x] = (uint32_t)(d > UINT32_MAX ? UINT32_MAX : d);
+    mark(w, x, MH_GW_WANT);
+}
+
+int mh__graph_walk_ex(const mh_graph_t *g, const uint32_t *want, size_t nwant, const uint32_t *have, size_t nhave,
+                      uint64_t depth, uint8_t *flags, uint32_t *out, size_t *nout)
+{
+    *nout = 0;
+    if (!g->n) return 0;
+    walk_t w = {.h = {.v = malloc((size_t)g->n * sizeof(uint32_t)), .g = g}, .flags = flags};
+    uint32_t *dist = depth ? malloc((size_t)g->n * sizeof *dist) : NULL;
+    if (!w.h.v || (depth && !dist)) {
+        free(w.h.v);
+        free(dist);
+        return MH_ENOMEM;
+    }
+    for (size_t i = 0; i < nhave; i++)
+        if (have[i] < g->n) mark(&w, have[i], MH_GW_HAVE);
+    for (size_t i = 0; i < nwant; i++)
+        if (want[i] < g->n && !(flags[want[i]] & MH_GW_HAVE)) {
+            flags[want[i]] |= MH_GW_XWANT;
+            mark_want(&w, dist, want[i], 0);
+        }
+    size_t k = 0;
+    while (w.pending > 0 && w.h.n > 0) {
+        uint32_t x = heap_pop(&w.h);
+        flags[x] &= (uint8_t)~MH_GW_QUEUED;
+        const uint32_t *par = g->nodes[x].p;
+        if (flags[x] & MH_GW_HAVE) {
+            /* The client's history does not flow into a commit it asks
+             * for: that is how a shallow client deepens. */
+            for (int j = 0; j < 2; j++)
+                if (par[j] != MH_GNONE && !(flags[par[j]] & MH_GW_XWANT)) mark(&w, par[j], MH_GW_HAVE);
+            continue;
+        }
+        w.pending--;
+        out[k++] = x;
+        uint64_t d = dist ? (uint64_t)dist[x] + 1 : 0;
+        if (depth && d >= depth) continue; /* its parents are left out */
+        for (int j = 0; j < 2; j++)
+            if (par[j] != MH_GNONE) mark_want(&w, dist, par[j], d);
+    }
+    free(w.h.v);
+    free(dist);
+    *nout = k;
+    return 0;
+}
+
 int mh__graph_log(const mh_graph_t *g, uint32_t head, uint32_t cursor, uint32_t limit, uint32_t *out, uint32_t *nout,
                   bool *more)
 {

@@ -182,10 +182,15 @@ bool mh__refs_cache_get(mh_hub_t *hub, const mh_repo_t *repo, uint32_t *nb, uint
 void mh__refs_cache_put(mh_hub_t *hub, const mh_repo_t *repo, uint32_t nb, uint32_t n, char *const *names,
                         char *const *heads);
 
-/* A fetch answer: the pack ("" when nothing is to be sent) and counts. */
+/* A fetch answer: the pack ("" when nothing is to be sent), counts, the
+ * pack version, and the shallow commits (nshallow ids of MH_ID_SIZE
+ * bytes each, NUL-terminated, back to back; the cache keeps a copy). */
 typedef struct {
     char mpack_id[MH_ID_SIZE];
     uint32_t commits, snapshots, blobs;
+    int version;
+    char *shallow;
+    uint32_t nshallow;
 } mh__answer_t;
 
 /* Answers by key "repo_id|state_seq|request key" (FIFO, 8192). The
@@ -333,8 +338,9 @@ void mh__graph_snap_id(const mh_graph_t *g, uint32_t i, mh_id_t *out);
 /* The branch named name[0..n), or NULL. */
 const mh_gbranch_t *mh__graph_branch(const mh_graph_t *g, const char *name, size_t n);
 
-/* Walk flags (one byte per node). */
-enum { MH_GW_WANT = 1, MH_GW_HAVE = 2, MH_GW_QUEUED = 4, MH_GW_SEEN = 8 };
+/* Walk flags (one byte per node). XWANT: a commit the request names in
+ * want (mh__graph_walk_ex). 0x10 and up are the caller's. */
+enum { MH_GW_WANT = 1, MH_GW_HAVE = 2, MH_GW_QUEUED = 4, MH_GW_SEEN = 8, MH_GW_XWANT = 0x40 };
 
 /* The want/have walk (SPEC 4.4, DESIGN 4): the commits reachable from
  * `want` and not from `have`. A max-heap by generation pops commits
@@ -348,6 +354,22 @@ enum { MH_GW_WANT = 1, MH_GW_HAVE = 2, MH_GW_QUEUED = 4, MH_GW_SEEN = 8 };
  * Thread-safe (reads g only). Returns 0 or MH_ENOMEM. */
 int mh__graph_walk(const mh_graph_t *g, const uint32_t *want, size_t nwant, const uint32_t *have, size_t nhave,
                    uint8_t *flags, uint32_t *out, size_t *nout);
+
+/* The fetch walk (SPEC 4.4): mh__graph_walk with two additions.
+ *  - A commit named in `want` and not in `have` is sent even when a have
+ *    commit descends from it: the HAVE flag does not flow into it, nor
+ *    through it (a shallow client lists its shallow commits as haves and
+ *    asks for a left-out parent by id to deepen). The cost: a client that
+ *    asks for a commit it has without listing it in have gets it again.
+ *  - depth (0: no limit; else 1..2^31): only commits fewer than `depth`
+ *    parent links from a want (along commits the client lacks) are sent;
+ *    the parents of the last ones are left out (flags 0, or HAVE).
+ * flags, out, *nout as mh__graph_walk; a sent commit's parent that is
+ * neither sent nor marked HAVE was left out by the depth (or is one the
+ * walk stopped before reaching: the walk ends once no commit it queued
+ * can be sent). Thread-safe. MH_ENOMEM. */
+int mh__graph_walk_ex(const mh_graph_t *g, const uint32_t *want, size_t nwant, const uint32_t *have, size_t nhave,
+                      uint64_t depth, uint8_t *flags, uint32_t *out, size_t *nout);
 
 /* The commit log (SPEC 4.5): ancestors of `head` (inclusive) ordered
  * newest first: generation descending, then commit id descending

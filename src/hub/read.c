@@ -800,18 +800,49 @@ void mh_h_tree(mh_req_t *req)
 
 /* ------------------------------------------------ GET .../objects/{id} */
 
+/* Reads of at most SMALL_READ file bytes (whose decompressed output is at
+ * most SMALL_OUT) are one store get and one buffer; larger ones stream:
+ * windows of OBJ_WINDOW bytes, decompressed (v2) OBJ_STEP bytes at a time
+ * into the streamed response, the memory reserved from the pack-memory
+ * budget (SPEC 4.8). */
+#define SMALL_READ ((uint64_t)1 << 20)
+#define SMALL_OUT ((uint64_t)8 << 20)
+#define OBJ_WINDOW ((size_t)256 << 10)
+#define OBJ_STEP ((uint64_t)256 << 10)
+
 typedef struct {
     mh_req_t *req;
     char *oid;
     char etag[MH_ID_SIZE + 2];
 } obj_t;
 
+/* Where the requested bytes are: v1 (codec MH_PACK_RAW): file bytes
+ * [foff, foff + flen); v2: the frame's data [foff, foff + flen), size
+ * fsize decompressed, and the bytes [boff, boff + blen) of it. */
+typedef struct {
+    obj_t *o;
+    int status;
+    char key[MH_MPACK_KEY_SIZE];
+    int codec;
+    uint64_t foff, flen, fsize, boff, blen;
+    /* streaming */
+    mh_store_reader_t *rd;
+    mh_store_window_t win;
+    bool have_win;
+    size_t wat;
+    mh_framer_t *fr;
+    mh_budget_res_t res;
+    bool writable, ended;
+} objread_t;
+
 static const mh_stmt_t st_object = {
     "hub_read_object",
-    "SELECT i.mpack_id, i.byte_offset, i.byte_length FROM object_refs r"
-    " LEFT JOIN LATERAL (SELECT m.mpack_id, m.byte_offset, m.byte_length FROM mpack_index m"
+    "SELECT i.mpack_id, i.byte_offset, i.byte_length, i.frame_no, f.data_offset, f.data_length, f.codec, f.size"
+    " FROM object_refs r"
+    " LEFT JOIN LATERAL (SELECT m.mpack_id, m.byte_offset, m.byte_length, m.frame_no FROM mpack_index m"
     " LEFT JOIN mpacks p ON p.mpack_id = m.mpack_id WHERE m.object_id = r.object_id"
     " ORDER BY p.superseded_at IS NOT NULL, m.mpack_id COLLATE \"C\" LIMIT 1) i ON true"
+    " LEFT JOIN mpack_frames f ON f.mpack_id = i.mpack_id AND f.frame_no = i.frame_no"
     " WHERE r.repo_id = $1 AND r.object_id = $2",
     2};
 
@@ -840,10 +871,7 @@ static void object_headers(mh_req_t *req, const obj_t *o)
     mh_res_header(req, "Accept-Ranges", "bytes");
 }
 
-typedef struct {
-    obj_t *o;
-    int status;
-} objread_t;
+/* --- one get: small reads */
 
 static void object_read_cb(void *ud, int err, mh_buf_t *data)
 {
@@ -853,7 +881,168 @@ static void object_read_cb(void *ud, int err, mh_buf_t *data)
         mh_res_fail(req, err == MH_ENOENT ? MH_ESTORE : err, "reading the object's pack");
         return;
     }
-    mh_res_send_buf(req, r->status, "application/octet-stream", data);
+    if (r->codec == MH_PACK_RAW) {
+        mh_res_send_buf(req, r->status, "application/octet-stream", data);
+        return;
+    }
+    mh_buf_t out = {0};
+    int rc = mh_frame_extract(r->codec, data->p, data->len, r->fsize, r->boff, r->blen, &out);
+    mh_buf_free(data);
+    if (rc) {
+        mh_res_fail(req, rc == MH_ENOMEM ? rc : MH_EDB, "the object's frame does not decompress as indexed");
+        return;
+    }
+    mh_res_send_buf(req, r->status, "application/octet-stream", &out);
+}
+
+/* --- streamed reads */
+
+static void ostream_end(objread_t *r, int err)
+{
+    if (r->ended) return;
+    r->ended = true;
+    mh_store_reader_close(r->rd);
+    r->rd = NULL;
+    mh_framer_free(r->fr);
+    r->fr = NULL;
+    mh_budget_release(&r->res);
+    if (err) mh_warn("req %s: object %s: streaming: %s", r->o->req->id, r->o->oid, mh_strerror(err));
+    mh_res_stream_end(r->o->req, err);
+}
+
+static int ostream_out_cb(void *ud, const uint8_t *p, size_t n)
+{
+    objread_t *r = ud;
+    if (!mh_res_stream_write(r->o->req, p, n)) r->writable = false;
+    return 0;
+}
+
+/* Moves window bytes into the response until the client's queue is full,
+ * the window is used up (then the next one is asked for) or the range is
+ * out. */
+static void ostream_pump(objread_t *r)
+{
+    r->writable = true;
+    while (r->have_win && r->writable && !r->ended) {
+        const uint8_t *p = r->win.p + r->wat;
+        size_t n = r->win.n - r->wat;
+        if (r->codec == MH_PACK_RAW) {
+            size_t take = n < OBJ_STEP ? n : (size_t)OBJ_STEP;
+            ostream_out_cb(r, p, take);
+            r->wat += take;
+        } else if (n) {
+            size_t used = 0;
+            int rc = mh_framer_feed_some(r->fr, p, n, OBJ_STEP, ostream_out_cb, r, &used);
+            if (rc) {
+                ostream_end(r, rc == MH_ENOMEM ? rc : MH_EDB);
+                return;
+            }
+            r->wat += used;
+            if (mh_framer_done(r->fr)) {
+                ostream_end(r, 0);
+                return;
+            }
+        }
+        if (r->wat < r->win.n) continue;
+        r->have_win = false;
+        if (!r->win.last) {
+            mh_store_reader_next(r->rd);
+            return;
+        }
+        int rc = r->codec == MH_PACK_RAW ? 0 : mh_framer_finish(r->fr);
+        ostream_end(r, rc == MH_ENOMEM ? rc : rc ? MH_EDB : 0);
+    }
+}
+
+static void ostream_window_cb(void *ud, int err, const mh_store_window_t *w)
+{
+    objread_t *r = ud;
+    if (err) {
+        ostream_end(r, err == MH_ENOENT ? MH_ESTORE : err);
+        return;
+    }
+    r->win = *w;
+    r->have_win = true;
+    r->wat = 0;
+    if (mh_res_stream_wants_body(r->o->req)) ostream_pump(r);
+    else ostream_end(r, 0); /* HEAD */
+}
+
+static void ostream_drain_cb(mh_req_t *req, void *arg)
+{
+    (void)req;
+    ostream_pump(arg);
+}
+
+static void ostream_abort_cb(mh_req_t *req, void *arg)
+{
+    (void)req;
+    ostream_end(arg, MH_ECANCELED);
+}
+
+static void ostream_start_cb(void *ud, int err)
+{
+    objread_t *r = ud;
+    mh_req_t *req = r->o->req;
+    int rc = err;
+    if (!rc && r->codec != MH_PACK_RAW) rc = mh_framer_new(r->codec, r->fsize, r->boff, r->blen, 0, &r->fr);
+    if (rc) {
+        mh_budget_release(&r->res);
+        mh_res_fail(req, rc == MH_EINVAL ? MH_EDB : rc, "reading the object");
+        return;
+    }
+    rc = mh_res_stream_begin(req, r->status, "application/octet-stream", r->blen, ostream_drain_cb, ostream_abort_cb, r);
+    if (rc) {
+        mh_framer_free(r->fr);
+        r->fr = NULL;
+        mh_budget_release(&r->res);
+        mh_res_fail(req, rc, "reading the object");
+        return;
+    }
+    rc = mh_store_reader_open(((mh_hub_t *)req->app)->store, r->key, r->foff, r->flen,
+                              OBJ_WINDOW, ostream_window_cb, r, &r->rd);
+    if (rc) ostream_end(r, rc);
+}
+
+/* A large object (or range): the reader's windows and the framer, within
+ * the budget. */
+static void object_stream(objread_t *r)
+{
+    mh_hub_t *hub = r->o->req->app;
+    uint64_t window = r->codec == MH_PACK_RAW ? 0 : (r->fsize < ((uint64_t)1 << 24) ? r->fsize : (uint64_t)1 << 24);
+    uint64_t mem = mh_store_reader_mem(OBJ_WINDOW) + window + ((uint64_t)256 << 10);
+    if (!hub->budget) {
+        ostream_start_cb(r, 0);
+        return;
+    }
+    mh_budget_acquire(&r->res, hub->budget, mem, ostream_start_cb, r);
+}
+
+/* The row's location and the requested range [off, off + len) of the
+ * object into r; false after answering a malformed row. */
+static bool object_where(mh_req_t *req, PGresult *res, objread_t *r, uint64_t off, uint64_t len)
+{
+    const char *mpack = mh_pq_str(res, 0, 0);
+    int64_t base = mh_pq_int(res, 0, 1);
+    mh_mpack_key(r->key, mpack);
+    r->blen = len;
+    if (mh_pq_isnull(res, 0, 3)) {
+        r->codec = MH_PACK_RAW;
+        r->foff = (uint64_t)base + off;
+        r->flen = len;
+        return true;
+    }
+    int64_t foff = mh_pq_int(res, 0, 4), flen = mh_pq_int(res, 0, 5), fsize = mh_pq_int(res, 0, 7);
+    if (mh_pq_isnull(res, 0, 4) || foff < 0 || flen < 0 || fsize < 0) {
+        mh_res_fail(req, MH_EDB, "an index row names a frame without a row");
+        return false;
+    }
+    r->codec = strcmp(mh_pq_str(res, 0, 6), "zstd") == 0 ? MH_PACK_ZSTD : MH_PACK_NONE;
+    r->foff = (uint64_t)foff;
+    r->flen = (uint64_t)flen;
+    r->fsize = (uint64_t)fsize;
+    r->boff = (uint64_t)base + off;
+    return true;
 }
 
 static void object_row_cb(void *ud, PGresult *res, int err, const char *errmsg)
@@ -903,16 +1092,18 @@ static void object_row_cb(void *ud, PGresult *res, int err, const char *errmsg)
         mh_res_send(req, status, "application/octet-stream", "", 0);
         return;
     }
-    objread_t *r = mh_alloc(a, sizeof *r);
-    char *key = mh_alloc(a, MH_MPACK_KEY_SIZE);
-    if (key) mh_mpack_key(key, mpack);
-    if (!r || !key) {
+    objread_t *r = mh_calloc(a, sizeof *r);
+    if (!r) {
         mh_res_fail(req, MH_ENOMEM, "object");
         return;
     }
     r->o = o;
     r->status = status;
-    mh_store_get(hub->store, key, (uint64_t)base + off, len, object_read_cb, r);
+    if (!object_where(req, res, r, off, len)) return;
+    /* v2: one ranged read of the frame, one bounded decompression. */
+    if (r->flen <= SMALL_READ && (r->codec == MH_PACK_RAW || (r->fsize <= SMALL_OUT && r->blen <= SMALL_OUT)))
+        mh_store_get(hub->store, r->key, r->foff, r->flen, object_read_cb, r);
+    else object_stream(r);
 }
 
 static void object_repo_cb(mh_req_t *req, mh_repo_t *repo)

@@ -69,7 +69,7 @@ void mh_rw_begin(mh_step_t *s, const char *repo_id, const char *mpack_id, unsign
     if (tmp & MH_RW_COMMITS) mh_db_batch_add(&b, sql_tmp_commits, 0);
     if (tmp & MH_RW_SNAPSHOTS) mh_db_batch_add(&b, sql_tmp_snapshots, 0);
     if (tmp & MH_RW_OBJECTS) mh_db_batch_add(&b, sql_tmp_objects, 0);
-    if (tmp & MH_RW_FRAMES) mh_db_batch_add(&b, sql_tmp_frames, 0);
+    if (tmp & (MH_RW_OBJECTS | MH_RW_FRAMES)) mh_db_batch_add(&b, sql_tmp_frames, 0);
     mh_db_batch_add(&b, sql_repo_lock, 1, repo_id);
     if (mpack_id) mh_db_batch_add(&b, mh_rw_sql_pack_lock, 1, mpack_id);
     mh_step_batch(s, &b, repo_locked);
@@ -119,37 +119,36 @@ void mh_rw_history_rows(mh_db_batch_t *b, const char *repo_id, int *i_commits, i
                                 1, repo_id));
 }
 
+/* An object's storage URI (SPEC 2, 2.1) from tmp_objects t LEFT JOIN
+ * tmp_frames f, the pack id being $1: mpack://<id>#<off>:<len> (v1) or
+ * mpack://<id>#<frame off>:<frame len>/<off>:<len> (v2). */
+#define SQL_URI                                                                                                        \
+    "'mpack://' || $1::text || '#' || CASE WHEN t.frame_no IS NULL THEN t.byte_offset || ':' || t.byte_length"        \
+    " ELSE f.data_offset || ':' || f.data_length || '/' || t.byte_offset || ':' || t.byte_length END"
+
 void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int *i_refs)
 {
     /* A v2 blob's URI names its frame's data bytes, then the blob inside
-     * the decompressed frame (SPEC 2.1); numbers as bigint text are the
-     * canonical decimal mh_blob_uri_parse wants. */
-    if (p->new_objects && p->frames)
+     * the decompressed frame (SPEC 2.1). */
+    if (p->new_objects)
         mh_db_batch_add(b,
-                        "INSERT INTO objects (object_id, size_bytes, storage_uri)"
-                        " SELECT o.object_id, o.byte_length, 'mpack://' || $1::text || '#' || CASE WHEN f.frame_no"
-                        " IS NULL THEN o.byte_offset || ':' || o.byte_length ELSE f.data_offset || ':' ||"
-                        " f.data_length || '/' || o.byte_offset || ':' || o.byte_length END"
-                        " FROM tmp_objects o LEFT JOIN tmp_frames f ON f.frame_no = o.frame_no"
-                        " ORDER BY o.object_id ON CONFLICT DO NOTHING",
+                        "INSERT INTO objects (object_id, size_bytes, storage_uri) SELECT t.object_id, t.byte_length, "
+                        SQL_URI " FROM tmp_objects t LEFT JOIN tmp_frames f ON f.frame_no = t.frame_no"
+                        " ORDER BY t.object_id ON CONFLICT DO NOTHING",
                         1, p->mpack_id);
-    else if (p->new_objects)
-        mh_db_batch_add(b,
-                        "INSERT INTO objects (object_id, size_bytes, storage_uri)"
-                        " SELECT object_id, byte_length, 'mpack://' || $1::text || '#' || byte_offset || ':' ||"
-                        " byte_length FROM tmp_objects ORDER BY object_id ON CONFLICT DO NOTHING",
-                        1, p->mpack_id);
-    if (p->frames)
-        mh_db_batch_add(b,
-                        "INSERT INTO mpack_frames (mpack_id, frame_no, data_offset, data_length, codec, size,"
-                        " blob_count) SELECT $1::text, * FROM tmp_frames ORDER BY frame_no ON CONFLICT DO NOTHING",
-                        1, p->mpack_id);
-    store_index(i_index, mh_db_batch_add(b,
-                                         "WITH x AS (INSERT INTO mpack_index (object_id, mpack_id, byte_offset,"
-                                         " byte_length, frame_no) SELECT object_id, $1::text, byte_offset,"
-                                         " byte_length, frame_no FROM tmp_objects ORDER BY object_id"
-                                         " ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM x",
-                                         1, p->mpack_id));
+    /* A v2 pack's frames (shared decision sql/0030): with its index rows. */
+    mh_db_batch_add(b,
+                    "INSERT INTO mpack_frames (mpack_id, frame_no, data_offset, data_length, codec, size, blob_count)"
+                    " SELECT $1::text, frame_no, data_offset, data_length, codec, size, blob_count FROM tmp_frames"
+                    " ORDER BY frame_no ON CONFLICT DO NOTHING",
+                    1, p->mpack_id);
+    store_index(i_index,
+                mh_db_batch_add(b,
+                                "WITH x AS (INSERT INTO mpack_index (object_id, mpack_id, byte_offset, byte_length,"
+                                " frame_no) SELECT object_id, $1::text, byte_offset, byte_length, frame_no FROM"
+                                " tmp_objects ORDER BY object_id ON CONFLICT DO NOTHING RETURNING 1)"
+                                " SELECT count(*) FROM x",
+                                1, p->mpack_id));
     /* Referenced again: a superseded pack is live again, out of the
      * sweep's reach. */
     mh_db_batch_add(b,
@@ -169,6 +168,41 @@ void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int 
 }
 
 static const void *blob_key(const void *ctx, uint32_t v) { return ((const mh_packr_result_t *)ctx)->blobs[v].id; }
+
+void mh_rw_objects_repoint(mh_db_batch_t *b, const char *mpack_id)
+{
+    mh_db_batch_add(b,
+                    "UPDATE objects o SET storage_uri = " SQL_URI " FROM tmp_objects t LEFT JOIN tmp_frames f"
+                    " ON f.frame_no = t.frame_no WHERE o.object_id = t.object_id AND o.storage_uri IS DISTINCT FROM"
+                    " (" SQL_URI ")",
+                    1, mpack_id);
+}
+
+int mh_rw_built_rows(const mh_pb_t *pb, mh_buf_t *objects, mh_buf_t *frames)
+{
+    size_t n = mh_pb_count(pb), nf = 0;
+    int rc = mh_buf_reserve(objects, n * (MH_ID_LEN + 32));
+    for (size_t i = 0; i < n && !rc; i++) {
+        mh_pb_place_t pl;
+        mh_pb_place(pb, i, &pl);
+        rc = mh_copy_field(objects, pl.id, MH_ID_LEN, false);
+        if (!rc) rc = mh_copy_int(objects, (int64_t)pl.offset, false);
+        if (!rc) rc = mh_copy_int(objects, (int64_t)pl.length, false);
+        if (!rc && pl.frame == MH_PACK_NOFRAME) rc = mh_copy_field(objects, NULL, 0, true);
+        else if (!rc) rc = mh_copy_int(objects, (int64_t)pl.frame, true);
+    }
+    const mh_pb_outframe_t *of = mh_pb_frames(pb, &nf);
+    for (size_t i = 0; i < nf && !rc; i++) {
+        const char *codec = of[i].codec == MH_PACK_ZSTD ? "zstd" : "none";
+        rc = mh_copy_int(frames, (int64_t)i, false);
+        if (!rc) rc = mh_copy_int(frames, (int64_t)of[i].data_offset, false);
+        if (!rc) rc = mh_copy_int(frames, (int64_t)of[i].data_length, false);
+        if (!rc) rc = mh_copy_field(frames, codec, strlen(codec), false);
+        if (!rc) rc = mh_copy_int(frames, (int64_t)of[i].size, false);
+        if (!rc) rc = mh_copy_int(frames, (int64_t)of[i].nblobs, true);
+    }
+    return rc;
+}
 
 /* One tmp_frames row per v2 frame, in index order. */
 static int frame_rows(const mh_packr_result_t *p, mh_buf_t *out)
@@ -215,63 +249,6 @@ int mh_rw_index_rows(const mh_packr_result_t *p, mh_buf_t *objects, mh_buf_t *fr
     }
     mh_idmap_free(&seen);
     if (!rc && p->version == 2) rc = frame_rows(p, frames);
-    return rc;
-}
-
-static int cmp_blob(const void *x, const void *y)
-{
-    return memcmp(((const mh_rw_blob_t *)x)->id, ((const mh_rw_blob_t *)y)->id, MH_ID_LEN);
-}
-
-int mh_rw_blob_pack(mh_rw_blob_t *blobs, size_t *n, bool verify, mh_buf_t *out, mh_id_t *key, size_t *bad)
-{
-    size_t m = *n, k = 0;
-    if (m > 1) qsort(blobs, m, sizeof *blobs, cmp_blob);
-    uint64_t bytes = 0;
-    for (size_t i = 0; i < m; i++) {
-        if (k && !memcmp(blobs[k - 1].id, blobs[i].id, MH_ID_LEN)) continue;
-        blobs[k++] = blobs[i];
-        bytes += blobs[i].len;
-    }
-    *n = k;
-    static const uint8_t empty[1] = {0};
-    /* Checked before anything is written: content must hash to its id. */
-    for (size_t i = 0; verify && i < k; i++) {
-        mh_id_t got;
-        mh_blob_id(blobs[i].len ? blobs[i].content : empty, blobs[i].len, &got);
-        if (memcmp(got.s, blobs[i].id, MH_ID_LEN) != 0) {
-            if (bad) *bad = i;
-            return MH_EHASH;
-        }
-    }
-    if (bytes > SIZE_MAX / 2 || mh_buf_reserve(out, (size_t)bytes + k * (MH_ID_LEN + 32) + 64)) return MH_ENOMEM;
-    mh_packw_t w;
-    mh_packw_init(&w, out);
-    mh_packw_commits(&w, 0);
-    mh_packw_snapshots(&w, 0);
-    mh_packw_blobs(&w, (uint32_t)k);
-    for (size_t i = 0; i < k; i++) {
-        mh_packw_blob(&w, (mh_str_t){blobs[i].id, MH_ID_LEN}, blobs[i].len ? blobs[i].content : empty,
-                      (size_t)blobs[i].len);
-        /* The writer ends each blob map with its content bytes. */
-        blobs[i].new_off = out->len - blobs[i].len;
-    }
-    mh_packw_branch_heads(&w, 0);
-    int rc = mh_packw_finish(&w);
-    if (rc) return rc;
-    mh_blob_id(out->p, out->len, key);
-    return 0;
-}
-
-int mh_rw_blob_rows(const mh_rw_blob_t *blobs, size_t n, mh_buf_t *out)
-{
-    int rc = mh_buf_reserve(out, n * (MH_ID_LEN + 24));
-    for (size_t i = 0; i < n && !rc; i++) {
-        rc = mh_copy_field(out, blobs[i].id, MH_ID_LEN, false);
-        if (!rc) rc = mh_copy_int(out, (int64_t)blobs[i].new_off, false);
-        if (!rc) rc = mh_copy_int(out, (int64_t)blobs[i].len, false);
-        if (!rc) rc = mh_copy_field(out, NULL, 0, true); /* frame_no: a v1 pack */
-    }
     return rc;
 }
 

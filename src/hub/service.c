@@ -121,6 +121,11 @@ static int w_jobs(mh_hub_t *h, mh_buf_t *o)
     return mh_jobs_metrics_write(o);
 }
 static int w_budget(mh_hub_t *h, mh_buf_t *o) { return h->budget ? mh_budget_metrics_write(h->budget, o) : 0; }
+static int w_packbuild(mh_hub_t *h, mh_buf_t *o)
+{
+    (void)h;
+    return mh_pb_metrics_write(o);
+}
 static int w_process(mh_hub_t *h, mh_buf_t *o)
 {
     (void)h;
@@ -135,7 +140,8 @@ static const struct {
     const char *module;
     int (*write)(mh_hub_t *hub, mh_buf_t *out);
 } process_metrics[] = {
-    {"http", w_http}, {"db", w_db}, {"store", w_store}, {"jobs", w_jobs}, {"budget", w_budget}, {"process", w_process},
+    {"http", w_http},     {"db", w_db},           {"store", w_store},     {"jobs", w_jobs},
+    {"budget", w_budget}, {"packbuild", w_packbuild}, {"process", w_process},
 };
 
 int mh_hub_metrics_render(void *arg, mh_buf_t *out)

@@ -1,32 +1,43 @@
 /*
  * gc.c — the mpack.gc job (SPEC 4.7, seed 002): consolidates the packs a
- * repository references into one v1 pack holding only blobs (commits and
- * snapshots live in PostgreSQL), sorted by object id so its key depends
- * only on the set of blobs: a second run produces the same key, and a
- * repository left with at most one pack is skipped.
+ * repository references into ONE v2 pack (SPEC 2.1) holding only blobs
+ * (commits and snapshots live in PostgreSQL), in path order (all versions
+ * of a path together, oldest first) at MUSEHUB_GC_ZSTD_LEVEL, built as a
+ * stream by the pack builder (mh/packbuild.h): its key depends only on
+ * the blobs and the paths the repository's snapshots give them, so a
+ * second run produces the same key, and a repository left with at most
+ * one pack is skipped.
  *
  *   PACKS   the repository's packs: mpack_refs rows whose pack is not a
  *           fetch cache (kinds push, commit, gc); <= 1: skipped
- *   LOCATE  one source byte range per object the repository references,
- *           preferring its own packs, then packs not superseded
- *   READ    one ranged read per source pack (ranges coalesced by the store)
- *   BUILD   thread pool: refwrite's server pack with every blob checked
- *           against its id, the new byte ranges, the key
+ *   LOCATE  one source per object the repository references (its own
+ *           packs first, then packs not superseded), with the frame of a
+ *           v2 source (mpack_frames)
+ *   PATHS   every snapshot delta of the repository, oldest commit first
+ *   ORDER   thread pool: each object's path and age (the first snapshot
+ *           that names it)
+ *   BUILD   the builder: ranged reads of the sources, frames recompressed
+ *           (never copied: GC's level and path order are the point),
+ *           every blob hashed against its id, into a store writer left
+ *           open; the pack-memory budget is reserved for it
  *   the transaction, refwrite's lock order (the repository row, then the
  *   new pack's lock, as every ref writer):
  *     RECOUNT the packs read in PACKS are all still referenced (a
  *             concurrent GC of the same repository: retry)
- *     PUT     the pack to mpacks/<hex> (under the pack's lock, so a sweep
- *             of an identical, long-superseded pack cannot delete the
- *             bytes between the put and the commit)
- *     COPY, APPLY  refwrite's pack rows (kind gc, no longer superseded;
- *             its mpack_index rows; its mpack_refs row), the old packs'
- *             refs removed, and for each old pack that no repository
- *             references any more: its index rows for the consolidated
- *             objects deleted and superseded_at set; objects.storage_uri
- *             repointed
+ *     PUT     the writer finished: mpacks/<hex> appears (under the pack's
+ *             lock, so a sweep of an identical, long-superseded pack
+ *             cannot delete the bytes between the put and the commit)
+ *     COPY    the new pack's index rows (tmp_objects) and frames
+ *             (tmp_frames)
+ *     APPLY   refwrite's pack rows (kind gc, no longer superseded; its
+ *             mpack_frames and mpack_index rows; its mpack_refs row), the
+ *             old packs' refs removed, and for each old pack that no
+ *             repository references any more: its index rows for the
+ *             consolidated objects deleted and superseded_at set (the
+ *             sweep deletes it, its frames rows with it, after the grace
+ *             period); objects.storage_uri repointed
  *   DONE    {packs_before, packs_after, consolidated_key, skipped, objects,
- *            bytes_read, bytes_written, elapsed_ms}
+ *            bytes_read, bytes_written, frames, elapsed_ms}
  *
  * Safety while pushes and fetches run:
  *  - A push that lands during the GC adds its own pack and ref; the swap
@@ -45,17 +56,7 @@
 
 #include "jobs_internal.h"
 
-#define READS_IN_FLIGHT 2
-
 typedef struct gc gc_t;
-
-typedef struct {
-    gc_t *g;
-    char key[MH_MPACK_KEY_SIZE];
-    size_t first, n; /* blobs[first .. first+n) in read order */
-    mh_range_t *ranges;
-    mh_buf_t buf;
-} src_t;
 
 struct gc {
     mh_step_t step;
@@ -64,23 +65,36 @@ struct gc {
     size_t nold;
     char *old_array; /* text[] literal of old */
     bool skipped;
-    mh_rw_blob_t *blobs;
+    mh_pb_t *pb;       /* the builder; its blobs in object id order */
+    const char **ids;  /* their ids, sorted (bytewise) */
     size_t nblobs, unindexed;
-    src_t *srcs;
-    size_t nsrcs, next_src, inflight;
-    int read_err;
-    uint64_t bytes_read;
-    mh_buf_t pack, rows;
-    mh_id_t key;
+    mh_buf_t deltas;   /* PATHS: per snapshot, oldest first: u32 age, u32 length, the delta_upsert bytes */
+    mh_buf_t rows, frows;
+    mh_pb_stats_t st;
     char pack_key[MH_MPACK_KEY_SIZE], size[24];
-    size_t bad;
+    const char *key;
     bool permanent;
     int64_t packs_after;
 };
 
 #define GC(s) MH_STEP_OP(s, gc_t, step)
 
-enum { G_PACKS, G_LOCATE, G_READ, G_BUILD, G_ACQUIRE, G_BEGIN, G_RECOUNT, G_PUT, G_COPY, G_APPLY, G_COMMIT, G_DONE };
+enum {
+    G_PACKS,
+    G_LOCATE,
+    G_PATHS,
+    G_ORDER,
+    G_BUILD,
+    G_ACQUIRE,
+    G_BEGIN,
+    G_RECOUNT,
+    G_PUT,
+    G_COPY,
+    G_COPY_FRAMES,
+    G_APPLY,
+    G_COMMIT,
+    G_DONE
+};
 
 /* --------------------------------------------------------------- PACKS */
 
@@ -121,43 +135,44 @@ static void step_packs(mh_step_t *s)
 
 /* -------------------------------------------------------------- LOCATE */
 
-/* Rows come ordered by (source pack, offset): one source per run. */
-static int add_blob(gc_t *g, PGresult *res, int r, mh_range_t *ranges, const char **prev)
+/* One source row: a v1 byte range, or a blob inside a v2 frame. */
+static int add_blob(gc_t *g, PGresult *res, int r)
 {
     mh_arena_t *a = &g->j->arena;
     const char *oid = mh_pq_str(res, r, 0), *mp = mh_pq_str(res, r, 1);
     int64_t off = mh_pq_int(res, r, 2), len = mh_pq_int(res, r, 3);
+    bool framed = !mh_pq_isnull(res, r, 4);
     if (!mh_id_valid(oid, strlen(oid)) || !mh_id_valid(mp, strlen(mp)) || off < 0 || len < 0) {
         g->permanent = true;
+        mh_step_fail(&g->step, MH_EPARSE, "malformed mpack_index row");
         return MH_EPARSE;
     }
-    if (!*prev || strcmp(*prev, mp) != 0) {
-        src_t *src = &g->srcs[g->nsrcs++];
-        src->g = g;
-        mh_mpack_key(src->key, mp);
-        src->first = g->nblobs;
-        src->ranges = &ranges[g->nblobs];
-        *prev = mp;
+    if (framed && mh_pq_isnull(res, r, 5)) {
+        g->permanent = true;
+        char *why = mh_sprintf(a, "object %s: its index row names frame %s of pack %s, which has no mpack_frames row",
+                               oid, mh_pq_str(res, r, 4), mp);
+        mh_step_fail(&g->step, MH_EPARSE, why ? why : "an index row names a frame without a row");
+        return MH_EPARSE;
     }
-    mh_rw_blob_t *b = &g->blobs[g->nblobs];
-    if (!(b->id = mh_strndup(a, oid, MH_ID_LEN))) return MH_ENOMEM;
-    b->len = (uint64_t)len;
-    ranges[g->nblobs++] = (mh_range_t){(uint64_t)off, (uint64_t)len};
-    g->srcs[g->nsrcs - 1].n++;
-    return 0;
+    const char *id = mh_strndup(a, oid, MH_ID_LEN);
+    size_t ix;
+    if (!id || mh_pb_add(g->pb, id, (uint64_t)len, NULL, 0, 0, &ix)) return MH_ENOMEM;
+    g->ids[g->nblobs++] = id;
+    if (!framed) return mh_pb_src_pack(g->pb, ix, mp, NULL, (uint64_t)off);
+    mh_pb_frame_t f = {(uint32_t)mh_pq_int(res, r, 4),  (uint64_t)mh_pq_int(res, r, 5), (uint64_t)mh_pq_int(res, r, 6),
+                       (uint64_t)mh_pq_int(res, r, 8),  (uint32_t)mh_pq_int(res, r, 9),
+                       strcmp(mh_pq_str(res, r, 7), "zstd") == 0 ? MH_PACK_ZSTD : MH_PACK_NONE};
+    return mh_pb_src_pack(g->pb, ix, mp, &f, (uint64_t)off);
 }
 
 static int located(mh_step_t *s, PGresult *res)
 {
     gc_t *g = GC(s);
-    mh_arena_t *a = &g->j->arena;
     size_t rows = (size_t)PQntuples(res);
-    g->blobs = calloc(rows + 1, sizeof *g->blobs);
-    mh_range_t *ranges = mh_alloc(a, (rows + 1) * sizeof *ranges);
-    g->srcs = mh_calloc(a, (rows + 1) * sizeof *g->srcs);
-    if (!g->blobs || !ranges || !g->srcs) return MH_ENOMEM;
-    const char *prev = NULL;
-    uint64_t total = 0;
+    mh_pb_opts_t o = {.version = 2, .level = (int)g->j->cfg->gc_level, .verify = true};
+    int rc = mh_pb_new(&o, &g->pb);
+    g->ids = rc ? NULL : mh_alloc(&g->j->arena, (rows + 1) * sizeof *g->ids);
+    if (rc || !g->ids) return rc ? rc : MH_ENOMEM;
     for (size_t r = 0; r < rows; r++) {
         if (mh_pq_isnull(res, (int)r, 1)) {
             if (!g->unindexed)
@@ -166,16 +181,7 @@ static int located(mh_step_t *s, PGresult *res)
             g->unindexed++;
             continue;
         }
-        int rc = add_blob(g, res, (int)r, ranges, &prev);
-        if (rc) {
-            mh_step_fail(s, rc, "malformed mpack_index row");
-            return rc;
-        }
-        total += g->blobs[g->nblobs - 1].len;
-    }
-    if (total > g->j->cfg->max_pack_bytes) {
-        g->permanent = true;
-        mh_step_fail(s, MH_ELIMIT, "the repository's blobs exceed the largest pack allowed");
+        if ((rc = add_blob(g, res, (int)r))) return rc == MH_EPARSE ? 0 : rc;
     }
     return 0;
 }
@@ -184,94 +190,132 @@ static void step_locate(mh_step_t *s)
 {
     gc_t *g = GC(s);
     /* One source per object: the repository's own packs first, then packs
-     * not superseded, then by id so reruns agree. */
+     * not superseded, then by id so reruns agree. Objects by id
+     * (bytewise): ORDER looks them up by bisection. */
     mh_db_pq_t q = {NULL,
-                    "SELECT r.object_id, i.mpack_id, i.byte_offset, i.byte_length FROM object_refs r"
-                    " LEFT JOIN LATERAL (SELECT m.mpack_id, m.byte_offset, m.byte_length FROM mpack_index m"
+                    "SELECT r.object_id, i.mpack_id, i.byte_offset, i.byte_length, i.frame_no, f.data_offset,"
+                    " f.data_length, f.codec, f.size, f.blob_count FROM object_refs r"
+                    " LEFT JOIN LATERAL (SELECT m.mpack_id, m.byte_offset, m.byte_length, m.frame_no FROM mpack_index m"
                     "  LEFT JOIN mpacks p ON p.mpack_id = m.mpack_id"
                     "  WHERE m.object_id = r.object_id AND coalesce(p.kind, 'push') <> 'fetch'"
                     "  ORDER BY m.mpack_id <> ALL ($2::text[]), p.superseded_at IS NOT NULL,"
                     "  m.mpack_id COLLATE \"C\" LIMIT 1) i ON true"
-                    " WHERE r.repo_id = $1 ORDER BY i.mpack_id COLLATE \"C\", i.byte_offset",
+                    " LEFT JOIN mpack_frames f ON f.mpack_id = i.mpack_id AND f.frame_no = i.frame_no"
+                    " WHERE r.repo_id = $1 ORDER BY r.object_id COLLATE \"C\"",
                     2, (const char *const[]){g->j->repo_id, g->old_array}, NULL, NULL};
     mh_step_query(s, &q, located);
 }
 
-/* ---------------------------------------------------------------- READ */
+/* --------------------------------------------------------- PATHS, ORDER */
 
-static void start_reads(gc_t *g);
+/* Each snapshot's upserts once, by the oldest commit that has it. Binary
+ * results: the deltas arrive as bytes. */
+static const mh_stmt_t st_paths = {
+    "gc_paths",
+    "SELECT s.delta_upsert, x.g::text FROM (SELECT c.snapshot_id, min(c.generation) AS g FROM commit_refs r"
+    " JOIN commits c ON c.commit_id = r.commit_id WHERE r.repo_id = $1 GROUP BY c.snapshot_id) x"
+    " JOIN snapshots s ON s.snapshot_id = x.snapshot_id ORDER BY x.g, s.snapshot_id COLLATE \"C\"",
+    1, 1};
 
-static void read_cb(void *ud, int err, mh_buf_t *data)
-{
-    src_t *src = ud;
-    gc_t *g = src->g;
-    g->inflight--;
-    if (!err) {
-        src->buf = *data;
-        *data = (mh_buf_t){0};
-        uint64_t pos = 0;
-        for (size_t k = 0; k < src->n && !err; k++) {
-            mh_rw_blob_t *b = &g->blobs[src->first + k];
-            if (pos + b->len > src->buf.len) err = MH_ESTORE;
-            b->content = src->buf.p + pos;
-            pos += b->len;
-        }
-        if (!err && pos != src->buf.len) err = MH_ESTORE;
-        g->bytes_read += src->buf.len;
-    }
-    if (err && !g->read_err) {
-        g->read_err = err;
-        mh_warn("job %s: mpack.gc: reading %s: %s", g->j->id, src->key, mh_strerror(err));
-    }
-    start_reads(g);
-}
-
-static void start_reads(gc_t *g)
-{
-    while (!g->read_err && !mh__job_cancelled(g->j) && g->next_src < g->nsrcs && g->inflight < READS_IN_FLIGHT) {
-        src_t *src = &g->srcs[g->next_src++];
-        g->inflight++;
-        mh_store_get_ranges(g->j->store, src->key, src->ranges, src->n, read_cb, src);
-    }
-    /* Cancellation is noticed by the kit before the next step. */
-    if (!g->inflight) mh_step_resume(&g->step, g->read_err, "reading the source packs");
-}
-
-static void step_read(mh_step_t *s)
+static int paths_read(mh_step_t *s, PGresult *res)
 {
     gc_t *g = GC(s);
-    mh_step_wait(s);
-    start_reads(g);
+    for (int r = 0; r < PQntuples(res); r++) {
+        if (mh_pq_isnull(res, r, 0)) continue;
+        const char *p = PQgetvalue(res, r, 0);
+        uint32_t n = (uint32_t)PQgetlength(res, r, 0), age = (uint32_t)mh_pq_int(res, r, 1);
+        if (mh_buf_append(&g->deltas, &age, 4) || mh_buf_append(&g->deltas, &n, 4) ||
+            mh_buf_append(&g->deltas, p, n))
+            return MH_ENOMEM;
+    }
+    return 0;
 }
+
+static void step_paths(mh_step_t *s)
+{
+    gc_t *g = GC(s);
+    if (!g->nblobs) { /* nothing indexed: an empty pack */
+        mh_step_goto(s, G_BUILD);
+        return;
+    }
+    mh_db_pq_t q = {&st_paths, NULL, 0, (const char *const[]){g->j->repo_id}, NULL, NULL};
+    mh_step_query(s, &q, paths_read);
+}
+
+static int cmp_idp(const void *key, const void *elem) { return memcmp(key, *(const char *const *)elem, MH_ID_LEN); }
+
+/* Gives each blob the path and age of the first snapshot (oldest first)
+ * whose delta names it; the others keep no path (they go last, by id). */
+static void order_work(mh_step_t *s)
+{
+    gc_t *g = GC(s);
+    bool *seen = calloc(g->nblobs + 1, 1);
+    if (!seen) {
+        s->work_err = MH_ENOMEM;
+        return;
+    }
+    for (size_t at = 0; at + 8 <= g->deltas.len && !s->work_err;) {
+        uint32_t age, n;
+        memcpy(&age, g->deltas.p + at, 4);
+        memcpy(&n, g->deltas.p + at + 4, 4);
+        const uint8_t *p = g->deltas.p + at + 8;
+        at += 8 + (size_t)n;
+        mh_arena_t tmp;
+        mh_arena_init(&tmp, 0);
+        mh_val_t m;
+        const char *why = NULL;
+        int rc = mh_msgpack_decode(&tmp, p, n, NULL, &m, &why);
+        if (rc == MH_ENOMEM) s->work_err = rc;
+        for (uint32_t k = 0; !rc && m.t == MH_V_MAP && k < m.v.m.n; k++) {
+            const mh_val_t *kk = &m.v.m.kv[k].k, *v = &m.v.m.kv[k].v;
+            if (kk->t != MH_V_STR || v->t != MH_V_STR || v->v.s.n != MH_ID_LEN) continue;
+            const char **hit = bsearch(v->v.s.p, g->ids, g->nblobs, sizeof *g->ids, cmp_idp);
+            if (!hit || seen[hit - g->ids]) continue;
+            seen[hit - g->ids] = true;
+            mh_pb_set_path(g->pb, (size_t)(hit - g->ids), kk->v.s.p, kk->v.s.n, age);
+        }
+        mh_arena_release(&tmp);
+    }
+    free(seen);
+}
+
+static void step_order(mh_step_t *s) { mh_step_work(s, order_work); }
 
 /* --------------------------------------------------------------- BUILD */
 
-static void build_work(mh_step_t *s)
+static void built_cb(void *ud, int err)
 {
-    gc_t *g = GC(s);
-    int rc = mh_gc_build_pack(g->blobs, &g->nblobs, &g->pack, &g->key, &g->bad);
-    if (!rc) rc = mh_rw_blob_rows(g->blobs, g->nblobs, &g->rows);
-    if (rc == MH_EHASH) {
-        /* An index row whose byte range does not hold the object: never
-         * spread it into a new pack. Retrying will not fix it. */
+    gc_t *g = ud;
+    if (err == MH_EHASH || err == MH_EPARSE) {
+        /* An index row whose byte range does not hold the object, or a
+         * corrupt stored pack: never spread it into a new pack. Retrying
+         * will not fix it. */
         g->permanent = true;
-        s->work_why = mh_sprintf(&g->j->arena, "object %.*s: the indexed byte range does not hash to its id",
-                                 MH_ID_LEN, g->blobs[g->bad].id);
     }
-    s->work_err = rc;
+    if (!err) {
+        mh_pb_stats(g->pb, &g->st);
+        err = mh_rw_built_rows(g->pb, &g->rows, &g->frows);
+    }
+    mh_step_resume(&g->step, err, err ? mh_pb_why(g->pb) : NULL);
 }
 
-static void step_build(mh_step_t *s) { mh_step_work(s, build_work); }
+static void step_build(mh_step_t *s)
+{
+    gc_t *g = GC(s);
+    mh_pb_env_t env = {g->j->loop, g->j->store, g->j->cfg->budget, NULL, true};
+    mh_step_wait(s);
+    mh_pb_run(g->pb, &env, built_cb, g);
+}
 
 /* ------------------------------------------------------------------ TX */
 
 static void step_acquire(mh_step_t *s)
 {
     gc_t *g = GC(s);
-    /* The sources are no longer needed: free them before the transaction. */
-    for (size_t i = 0; i < g->nsrcs; i++) mh_buf_free(&g->srcs[i].buf);
-    mh_mpack_key(g->pack_key, g->key.s);
-    snprintf(g->size, sizeof g->size, "%zu", g->pack.len);
+    mh_buf_free(&g->deltas);
+    g->key = mh_pb_id(g->pb)->s;
+    mh_mpack_key(g->pack_key, g->key);
+    snprintf(g->size, sizeof g->size, "%llu", (unsigned long long)g->st.bytes);
     mh_step_acquire(s);
 }
 
@@ -280,7 +324,7 @@ static void step_begin(mh_step_t *s)
     gc_t *g = GC(s);
     /* The repository row serialises every GC of one repository (and every
      * other ref writer); then the new pack's lock. */
-    mh_rw_begin(s, g->j->repo_id, g->key.s, MH_RW_OBJECTS);
+    mh_rw_begin(s, g->j->repo_id, g->key, MH_RW_OBJECTS);
 }
 
 /* Under READ COMMITTED this statement, after the locks, sees what a GC
@@ -301,15 +345,22 @@ static void step_recount(mh_step_t *s)
     mh_step_query(s, &q, recounted);
 }
 
-static int put_done(mh_step_t *s, int err)
+static void stored_cb(void *ud, int err)
 {
-    if (err) mh_step_fail(s, err, "storing the consolidated pack");
-    return err;
+    gc_t *g = ud;
+    mh_step_resume(&g->step, err, err ? "storing the consolidated pack" : NULL);
 }
 
-static void step_put(mh_step_t *s) { mh_step_put(s, GC(s)->pack_key, GC(s)->pack.p, GC(s)->pack.len, put_done); }
+/* The writer left open by BUILD is finished: the pack appears. */
+static void step_put(mh_step_t *s)
+{
+    mh_step_wait(s);
+    mh_pb_store(GC(s)->pb, stored_cb, GC(s));
+}
 
 static void step_copy(mh_step_t *s) { mh_rw_copy(s, MH_RW_OBJECTS, &GC(s)->rows); }
+
+static void step_copy_frames(mh_step_t *s) { mh_rw_copy(s, MH_RW_FRAMES, &GC(s)->frows); }
 
 static int applied(mh_step_t *s, PGresult **res, int n)
 {
@@ -323,7 +374,7 @@ static int applied(mh_step_t *s, PGresult **res, int n)
 static void step_apply(mh_step_t *s)
 {
     gc_t *g = GC(s);
-    const char *repo = g->j->repo_id, *key = g->key.s;
+    const char *repo = g->j->repo_id, *key = g->key;
     mh_rw_pack_t pack = {repo, key, g->size, "gc", false};
     mh_db_batch_t b = {0};
     mh_rw_pack_rows(&b, &pack, NULL, NULL);
@@ -343,11 +394,7 @@ static void step_apply(mh_step_t *s)
                     " SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM s)",
                     2, key, g->old_array);
     /* The objects' informational URI follows the index. */
-    mh_db_batch_add(&b,
-                    "UPDATE objects o SET storage_uri = 'mpack://' || $1::text || '#' || t.byte_offset || ':' ||"
-                    " t.byte_length FROM tmp_objects t WHERE o.object_id = t.object_id AND o.storage_uri IS DISTINCT"
-                    " FROM ('mpack://' || $1::text || '#' || t.byte_offset || ':' || t.byte_length)",
-                    1, key);
+    mh_rw_objects_repoint(&b, key);
     /* packs_after (a push landing meanwhile counts). */
     mh_db_batch_add(&b, "SELECT count(*) " SQL_PACKS, 1, repo);
     mh_step_batch(s, &b, applied);
@@ -357,17 +404,29 @@ static void step_apply(mh_step_t *s)
 static void step_done(mh_step_t *s)
 {
     gc_t *g = GC(s);
-    mh_info("job %s: mpack.gc of repo %s: %zu packs -> %s (%zu objects, %llu bytes read, %zu written)", g->j->id,
-            g->j->repo_id, g->nold, g->key.s, g->nblobs, (unsigned long long)g->bytes_read, g->pack.len);
+    mh_info("job %s: mpack.gc of repo %s: %zu packs -> %s (%zu objects, %llu bytes read, %llu written, %u frames, "
+            "level %u, %.1f ms)",
+            g->j->id, g->j->repo_id, g->nold, g->key, g->nblobs, (unsigned long long)g->st.bytes_read,
+            (unsigned long long)g->st.bytes, g->st.frames_built + g->st.frames_large, g->j->cfg->gc_level,
+            mh__job_elapsed_ms(g->j));
     mh_step_done(s);
 }
 
 static const mh_step_def_t gc_steps[] = {
-    [G_PACKS] = {"packs", step_packs},       [G_LOCATE] = {"locate", step_locate}, [G_READ] = {"read", step_read},
-    [G_BUILD] = {"build", step_build},       [G_ACQUIRE] = {"acquire", step_acquire},
-    [G_BEGIN] = {"begin", step_begin},       [G_RECOUNT] = {"recount", step_recount},
-    [G_PUT] = {"put", step_put},             [G_COPY] = {"copy", step_copy},       [G_APPLY] = {"apply", step_apply},
-    [G_COMMIT] = {"commit", mh_step_commit},    [G_DONE] = {"done", step_done},
+    [G_PACKS] = {"packs", step_packs},
+    [G_LOCATE] = {"locate", step_locate},
+    [G_PATHS] = {"paths", step_paths},
+    [G_ORDER] = {"order", step_order},
+    [G_BUILD] = {"build", step_build},
+    [G_ACQUIRE] = {"acquire", step_acquire},
+    [G_BEGIN] = {"begin", step_begin},
+    [G_RECOUNT] = {"recount", step_recount},
+    [G_PUT] = {"put", step_put},
+    [G_COPY] = {"copy", step_copy},
+    [G_COPY_FRAMES] = {"copy_frames", step_copy_frames},
+    [G_APPLY] = {"apply", step_apply},
+    [G_COMMIT] = {"commit", mh_step_commit},
+    [G_DONE] = {"done", step_done},
 };
 
 static void gc_finish(mh_step_t *s)
@@ -376,15 +435,16 @@ static void gc_finish(mh_step_t *s)
     mh_vb_t b;
     mh_vb_init(&b, &g->j->arena);
     mh_val_t *m = mh_vb_map(&b);
-    const char *key = g->skipped ? (g->nold == 1 ? g->old[0] : NULL) : g->key.s;
+    const char *key = g->skipped ? (g->nold == 1 ? g->old[0] : NULL) : g->key;
     mh_vb_put(&b, m, "packs_before", mh_v_int((int64_t)g->nold));
     mh_vb_put(&b, m, "packs_after", mh_v_int(g->packs_after));
     mh_vb_put(&b, m, "consolidated_key", key ? mh_v_str(key) : mh_v_nil());
     mh_vb_put(&b, m, "skipped", mh_v_bool(g->skipped));
     if (!g->skipped) {
         mh_vb_put(&b, m, "objects", mh_v_int((int64_t)g->nblobs));
-        mh_vb_put(&b, m, "bytes_read", mh_v_int((int64_t)g->bytes_read));
-        mh_vb_put(&b, m, "bytes_written", mh_v_int((int64_t)g->pack.len));
+        mh_vb_put(&b, m, "bytes_read", mh_v_int((int64_t)g->st.bytes_read));
+        mh_vb_put(&b, m, "bytes_written", mh_v_int((int64_t)g->st.bytes));
+        mh_vb_put(&b, m, "frames", mh_v_int((int64_t)(g->st.frames_built + g->st.frames_large)));
         if (g->unindexed) mh_vb_put(&b, m, "unindexed_objects", mh_v_int((int64_t)g->unindexed));
     }
     mh_vb_put(&b, m, "elapsed_ms", mh_v_int(mh__job_elapsed_ms_int(g->j)));
@@ -394,10 +454,10 @@ static void gc_finish(mh_step_t *s)
 static void gc_cleanup_cb(void *arg)
 {
     gc_t *g = arg;
-    for (size_t i = 0; i < g->nsrcs; i++) mh_buf_free(&g->srcs[i].buf);
-    mh_buf_free(&g->pack);
+    mh_pb_free(g->pb); /* a pack built but not stored is dropped */
+    mh_buf_free(&g->deltas);
     mh_buf_free(&g->rows);
-    free(g->blobs);
+    mh_buf_free(&g->frows);
 }
 
 void mh__job_gc_start(mh_job_t *j)
@@ -406,11 +466,4 @@ void mh__job_gc_start(mh_job_t *j)
     if (!g) return;
     g->j = j;
     mh_step_run(&g->step);
-}
-
-/* ------------------------------------------------------- pack building */
-
-int mh_gc_build_pack(mh_gc_blob_t *blobs, size_t *n, mh_buf_t *out, mh_id_t *key, size_t *bad)
-{
-    return mh_rw_blob_pack(blobs, n, true, out, key, bad);
 }

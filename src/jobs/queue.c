@@ -590,6 +590,7 @@ int mh_jobs_start(uv_loop_t *loop, mh_db_t *db, mh_store_t *store, const mh_jobs
     if (!c->grace_s) c->grace_s = 3600;
     if (!c->maintenance_s) c->maintenance_s = 60;
     if (!c->max_pack_bytes) c->max_pack_bytes = 2147483648ull;
+    if (!c->gc_level) c->gc_level = 9;
     snprintf(r->lease_str, sizeof r->lease_str, "%u", c->lease_s);
     char host[64] = "host";
     gethostname(host, sizeof host - 1);

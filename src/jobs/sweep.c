@@ -135,12 +135,16 @@ static void begin_cb(void *ud, PGresult *res, int err, const char *errmsg)
     }
     v[0] = id;
     v[1] = s->grace;
+    /* The pack's frames rows (v2, sql/0030) go with its row. */
     mh_db_pq_t qs[2] = {
         {NULL, mh_rw_sql_pack_lock, 1, v, NULL, NULL},
         {NULL,
-         "DELETE FROM mpacks m WHERE m.mpack_id = $1 AND m.superseded_at < now() - make_interval(secs => $2::int)"
+         "WITH d AS (DELETE FROM mpacks m WHERE m.mpack_id = $1"
+         " AND m.superseded_at < now() - make_interval(secs => $2::int)"
          " AND NOT EXISTS (SELECT 1 FROM mpack_index i WHERE i.mpack_id = m.mpack_id)"
-         " AND NOT EXISTS (SELECT 1 FROM mpack_refs r WHERE r.mpack_id = m.mpack_id) RETURNING 1",
+         " AND NOT EXISTS (SELECT 1 FROM mpack_refs r WHERE r.mpack_id = m.mpack_id) RETURNING m.mpack_id),"
+         " f AS (DELETE FROM mpack_frames x USING d WHERE x.mpack_id = d.mpack_id)"
+         " SELECT 1 FROM d",
          2, v, NULL, NULL},
     };
     mh_dbconn_pipeline(s->conn, qs, 2, delete_cb, s);

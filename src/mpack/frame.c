@@ -178,15 +178,21 @@ static int emit(mh_framer_t *f, const uint8_t *p, size_t n, mh_frame_out_cb cb, 
     return rc ? ffail(f, rc, "the output callback failed") : 0;
 }
 
-int mh_framer_feed(mh_framer_t *f, const void *p, size_t n, mh_frame_out_cb cb, void *ud)
+int mh_framer_feed_some(mh_framer_t *f, const void *p, size_t n, uint64_t max_out, mh_frame_out_cb cb, void *ud,
+                        size_t *used)
 {
+    *used = 0;
     if (f->err) return f->err;
     if (f->codec == MH_PACK_NONE) {
-        if (n > f->size - f->produced) return ffail(f, MH_EPARSE, "frame data is longer than size");
-        return emit(f, p, n, cb, ud);
+        /* The bytes are the data: at most max_out of them at a time. */
+        size_t take = max_out < n ? (size_t)max_out : n;
+        if (take > f->size - f->produced) return ffail(f, MH_EPARSE, "frame data is longer than size");
+        *used = take;
+        return emit(f, p, take, cb, ud);
     }
     ZSTD_inBuffer in = {p, n, 0};
-    while (!f->zdone && f->produced < f->target) {
+    uint64_t out = 0;
+    while (!f->zdone && f->produced < f->target && out < max_out) {
         uint64_t room = f->target - f->produced;
         ZSTD_outBuffer o = {f->buf, room < FOUT_CAP ? (size_t)room : FOUT_CAP, 0};
         size_t ret = ZSTD_decompressStream(f->d, &o, &in);
@@ -197,13 +203,27 @@ int mh_framer_feed(mh_framer_t *f, const void *p, size_t n, mh_frame_out_cb cb, 
                 return ffail(f, MH_ELIMIT, "the zstd window is larger than the limit");
             return ffail(f, MH_EPARSE, "frame data is not a valid zstd frame");
         }
+        out += o.pos;
         int rc = o.pos ? emit(f, f->buf, o.pos, cb, ud) : 0;
         if (rc) return rc;
         if (ret == 0) f->zdone = true;
         else if (in.pos == in.size && o.pos < o.size) break; /* needs more input */
     }
     if (f->zdone && in.pos < in.size) return ffail(f, MH_EPARSE, "bytes after the end of the zstd frame");
+    /* Once the range is out, the rest of the input is not needed. */
+    *used = f->zdone || f->produced >= f->target ? n : in.pos;
     return 0;
+}
+
+int mh_framer_feed(mh_framer_t *f, const void *p, size_t n, mh_frame_out_cb cb, void *ud)
+{
+    size_t used;
+    if (f->codec == MH_PACK_NONE) {
+        if (f->err) return f->err;
+        if (n > f->size - f->produced) return ffail(f, MH_EPARSE, "frame data is longer than size");
+        return emit(f, p, n, cb, ud);
+    }
+    return mh_framer_feed_some(f, p, n, UINT64_MAX, cb, ud, &used);
 }
 
 bool mh_framer_done(const mh_framer_t *f)

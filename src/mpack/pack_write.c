@@ -573,6 +573,51 @@ static void built_end(mh_packw_t *w, size_t o0)
     if (z->comp.cap > 2 * MH_PACK_FRAME_MAX) mh_buf_free(&z->comp);
 }
 
+void mh_packw_frame_put(mh_packw_t *w, const mh_packw_blobref_t *blobs, uint32_t nblobs, const void *raw, size_t len)
+{
+    uint64_t sum = 0;
+    for (uint32_t i = 0; i < nblobs && !w->err; i++) {
+        if (!mh_id_ok(blobs[i].object_id.p, blobs[i].object_id.n) || blobs[i].length > UINT64_MAX - sum) break;
+        sum += blobs[i].length;
+    }
+    if (w->err) return;
+    if (sum != len || (nblobs != 1 && len > MH_PACK_FRAME_MAX) || (len && !raw)) {
+        wfail(w, MH_EINVAL);
+        return;
+    }
+    if (!frame_open(w, F_BUILT, MH_PACK_ZSTD)) return;
+    struct mh__packw_z *z = w->z;
+    const uint8_t *data = raw;
+    size_t dlen = len;
+    z->comp.len = 0;
+    if (!cctx(w)) return;
+    if (mh_buf_reserve(&z->comp, ZSTD_compressBound(len))) {
+        wfail(w, MH_ENOMEM);
+        return;
+    }
+    int rc = mh__zcctx_frame(z->cctx, z->level, len);
+    size_t got = rc ? 0 : ZSTD_compress2(z->cctx, z->comp.p, z->comp.cap, len ? raw : (const void *)"", len);
+    if (rc || ZSTD_isError(got)) {
+        wfail(w, rc ? rc : MH_ENOMEM);
+        return;
+    }
+    /* Content zstd cannot shrink (already-compressed media) is stored as
+     * is: the same bytes, and no decompression for its readers. */
+    if (got < len) {
+        data = z->comp.p;
+        dlen = got;
+    } else {
+        z->codec = MH_PACK_NONE;
+    }
+    ENTER(w);
+    frame_head(w, len, blobs, nblobs, dlen, o0_);
+    if (!w->err && dlen && mh_buf_append(w->out, data, dlen)) wfail(w, MH_ENOMEM);
+    w->frame_codec = z->codec;
+    z->fkind = F_NONE;
+    if (z->comp.cap > 2 * MH_PACK_FRAME_MAX) mh_buf_free(&z->comp);
+    LEAVE(w);
+}
+
 void mh_packw_frame_copy_begin(mh_packw_t *w, int codec, uint64_t size, const mh_packw_blobref_t *blobs,
                                uint32_t nblobs, uint64_t data_len)
 {
@@ -673,6 +718,7 @@ void mh_packw_frame_end(mh_packw_t *w)
         }
         break;
     }
+    w->frame_codec = z->codec;
     z->fkind = F_NONE;
     LEAVE(w);
 }

@@ -1184,7 +1184,7 @@ typedef struct {
     fs_store_t *fs;
     char key[MH_STORE_KEY_MAX + 1];
     mh_range_t single;        /* sequential: the one range */
-    const mh_range_t *ranges; /* borrowed until close */
+    mh_range_t *ranges;       /* a copy: the planning job may still run after close */
     size_t nranges;           /* sequential: 1 */
     int fd;
     bool busy, closed;
@@ -1245,6 +1245,7 @@ static void r_free(fs_reader_t *r)
     if (r->fd >= 0) close(r->fd);
     mh_store_note(&fs->base, MH_STORE_OP_READER, r->head.err);
     mh_store_reader_fini(&r->head);
+    free(r->ranges);
     free(r);
     fs_release(fs);
 }
@@ -1317,10 +1318,21 @@ static int fs_reader_open(mh_store_t *s, const char *key, const mh_range_t *rang
     r->head = (mh_store_reader_t){.s = s, .cb = cb, .ud = ud, .window = window};
     r->fs = fs;
     r->fd = -1;
-    if (sequential) r->single = ranges[0], r->nranges = 1;
-    else r->ranges = ranges, r->nranges = n;
+    if (sequential) {
+        r->single = ranges[0], r->nranges = 1;
+    } else {
+        /* The caller may free its ranges once it closed the reader, while
+         * the job that plans with them is still on the thread pool. */
+        r->nranges = n;
+        if (!(r->ranges = malloc((n ? n : 1) * sizeof *r->ranges))) r->head.err = MH_ENOMEM;
+        else if (n) memcpy(r->ranges, ranges, n * sizeof *ranges);
+    }
     size_t kn = key ? strnlen(key, MH_STORE_KEY_MAX + 1) : 0;
-    if (!key || kn > MH_STORE_KEY_MAX || !mh_store_key_valid(key, kn) || fs->closing) r->head.err = MH_EINVAL;
+    if (r->head.err) {
+        /* reported through the callback */
+    } else if (!key || kn > MH_STORE_KEY_MAX || !mh_store_key_valid(key, kn) || fs->closing) {
+        r->head.err = MH_EINVAL;
+    }
     else memcpy(r->key, key, kn + 1);
     fs->pending++;
     *out = &r->head;

@@ -20,6 +20,7 @@ import os
 import threading
 
 import pytest
+import zstandard
 
 import muselib
 from e2e_util import sql_str, unique
@@ -106,24 +107,34 @@ def test_root_commit_rows_and_pack(hub, db, repo, server):
     assert db.scalar(f"SELECT kind FROM mpacks WHERE mpack_id = {sql_str(mid)}") == "commit"
     assert db.count(f"SELECT count(*) FROM mpack_refs WHERE repo_id = {rid} AND mpack_id = {sql_str(mid)}") == 1
 
-    # exactly one new pack in the store, named by its hash: blobs only, sorted
+    # exactly one new pack in the store, named by its hash: a v2 pack
+    # (SPEC 2.1, 4.6) of blobs only, in path order
     after = packs_in_store(server)
     assert after - before == {mid[len("sha256:"):]}
     data = server.store_path(mid).read_bytes()
-    assert muselib.blob_id(data) == mid and data[:5] == b"MUSE\x01"
+    assert muselib.blob_id(data) == mid and data[:5] == b"MUSE\x02"
     pack = muselib.parse_mpack(data)
-    assert pack["commits"] == [] and pack["snapshots"] == []
+    assert pack["version"] == 2 and pack["commits"] == [] and pack["snapshots"] == []
     ids = [b["object_id"] for b in pack["blobs"]]
-    assert ids == sorted(manifest_of(files).values())
-    # BOS-3: mpack:// URIs whose byte ranges hold the content
+    assert ids == [muselib.blob_id(files[p]) for p in sorted(files)]
+    frames = db.rows(f"SELECT frame_no, data_offset, data_length, codec, size, blob_count FROM mpack_frames"
+                     f" WHERE mpack_id = {sql_str(mid)} ORDER BY frame_no")
+    assert len(frames) == 1 and frames[0][0] == "0" and frames[0][5] == "3"
+    foff, flen, codec, fsize = int(frames[0][1]), int(frames[0][2]), frames[0][3], int(frames[0][4])
+    fdata = data[foff:foff + flen]
+    frame = fdata if codec == "none" else zstandard.ZstdDecompressor().decompress(fdata)
+    assert len(frame) == fsize == sum(len(c) for c in files.values())
+    # BOS-3: mpack:// URIs (SPEC 2.1's frame form) whose ranges hold the content
     for p, content in files.items():
         oid = muselib.blob_id(content)
         uri = db.scalar(f"SELECT storage_uri FROM objects WHERE object_id = {sql_str(oid)}")
-        assert uri.startswith(f"mpack://{mid}#"), uri
-        off, ln = map(int, uri.split("#", 1)[1].split(":"))
-        assert data[off:off + ln] == content
-        assert db.rows(f"SELECT byte_offset, byte_length FROM mpack_index WHERE object_id = {sql_str(oid)}"
-                       f" AND mpack_id = {sql_str(mid)}") == [(str(off), str(ln))]
+        assert uri.startswith(f"mpack://{mid}#{foff}:{flen}/"), uri
+        off, ln = map(int, uri.split("/", 3)[3].split(":"))
+        assert frame[off:off + ln] == content
+        assert db.rows(f"SELECT byte_offset, byte_length, frame_no FROM mpack_index WHERE object_id = {sql_str(oid)}"
+                       f" AND mpack_id = {sql_str(mid)}") == [(str(off), str(ln), "0")]
+        r = hub.object(OWNER, repo["slug"], oid)
+        assert r.status_code == 200 and r.content == content
     assert hub.refs(OWNER, repo["slug"])["branch_heads"] == {"main": cid}
     assert tree(hub, repo, "main") == manifest_of(files)
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import zstandard
 
 import muselib
 from e2e_util import sql_str, unique
@@ -125,31 +126,66 @@ def bump_state(db, repo_id):
     db.execute(f"UPDATE repos SET state_seq = state_seq + 1 WHERE repo_id = {sql_str(repo_id)}")
 
 
+def located(server, files, key, file_off, file_len, codec=None, off=0, length=None):
+    """The bytes a location names: v1 (codec None): bytes [file_off,
+    +file_len) of pack `key`; v2: that range is a frame's data (codec
+    "zstd" or "none"), and the blob is [off, +length) of it decompressed."""
+    if key not in files:
+        p = pack_path(server, key)
+        assert p.exists(), f"a location names {key}, absent from the store"
+        files[key] = p.read_bytes()
+    data = files[key][file_off:file_off + file_len]
+    if codec is None:
+        return data
+    frame = data if codec == "none" else zstandard.ZstdDecompressor().decompress(data)
+    return frame[off:off + length]
+
+
+def frame_codecs(db, keys):
+    """{(pack, data_offset): codec} of the packs' mpack_frames rows."""
+    if not keys:
+        return {}
+    rows = db.rows("SELECT mpack_id, data_offset, codec FROM mpack_frames WHERE mpack_id IN ("
+                   + ",".join(sql_str(k) for k in keys) + ")")
+    return {(k, int(o)): c for k, o, c in rows}
+
+
 def check_objects_readable(db, server, repo_id, hists):
     """Every object the repository references resolves, through its index
-    rows and objects.storage_uri, to bytes in the store that hash to it."""
+    rows (v1 ranges, or v2 frames and ranges inside them) and
+    objects.storage_uri (both URI forms), to bytes in the store that hash
+    to it."""
     content = {b["object_id"]: b["content"] for h in hists for b in h.blobs}
     rid = sql_str(repo_id)
     rows = db.rows("SELECT r.object_id, o.storage_uri FROM object_refs r JOIN objects o USING (object_id)"
                    f" WHERE r.repo_id = {rid}")
     assert {r[0] for r in rows} == set(content)
     files: dict[str, bytes] = {}
+    codecs = frame_codecs(db, {uri[len("mpack://"):].split("#")[0] for _, uri in rows})
     for oid, uri in rows:
         assert uri.startswith("mpack://"), uri
         key, rng = uri[len("mpack://"):].split("#")
-        off, ln = (int(x) for x in rng.split(":"))
-        if key not in files:
-            files[key] = pack_path(server, key).read_bytes()
-        assert files[key][off:off + ln] == content[oid], (oid, uri)
-    idx = db.rows("SELECT i.object_id, i.mpack_id, i.byte_offset, i.byte_length FROM object_refs r"
-                  f" JOIN mpack_index i USING (object_id) WHERE r.repo_id = {rid}")
+        if "/" in rng:
+            fr, br = rng.split("/")
+            foff, flen = (int(x) for x in fr.split(":"))
+            off, ln = (int(x) for x in br.split(":"))
+            got = located(server, files, key, foff, flen, codecs[(key, foff)], off, ln)
+        else:
+            off, ln = (int(x) for x in rng.split(":"))
+            got = located(server, files, key, off, ln)
+        assert got == content[oid], (oid, uri)
+    idx = db.rows("SELECT i.object_id, i.mpack_id, i.byte_offset, i.byte_length, f.data_offset, f.data_length,"
+                  " f.codec, i.frame_no FROM object_refs r JOIN mpack_index i USING (object_id)"
+                  " LEFT JOIN mpack_frames f ON f.mpack_id = i.mpack_id AND f.frame_no = i.frame_no"
+                  f" WHERE r.repo_id = {rid}")
     assert {r[0] for r in idx} == set(content)
-    for oid, key, off, ln in idx:
-        if key not in files:
-            p = pack_path(server, key)
-            assert p.exists(), f"index row of {oid} names {key}, absent from the store"
-            files[key] = p.read_bytes()
-        assert files[key][int(off):int(off) + int(ln)] == content[oid]
+    for oid, key, off, ln, foff, flen, codec, frame_no in idx:
+        if frame_no is None:
+            got = located(server, files, key, int(off), int(ln))
+        else:
+            assert codec is not None, f"index row of {oid} names frame {frame_no} of {key}, which has no row"
+            got = located(server, files, key, int(foff), int(flen), codec, int(off), int(ln))
+        assert got == content[oid], (oid, key)
 
 
 def clone_blobs(hub, slug, head, have=None, known=None):
@@ -437,19 +473,40 @@ def test_pg3_consolidated_pack_contains_every_object(server, hub, repo, db):
     data = pack_path(server, key).read_bytes()
     assert "sha256:" + hashlib.sha256(data).hexdigest() == key
     assert done["result"]["bytes_written"] == len(data)
+    # SPEC 4.7: one v2 pack (SPEC 2.1), blobs only, every blob checked.
+    assert data[:5] == b"MUSE\x02"
     pack = muselib.parse_mpack(data)
-    assert pack["version"] == 1
+    assert pack["version"] == 2
     assert pack["commits"] == [] and pack["snapshots"] == [] and pack["branch_heads"] == {}
     ids = [b["object_id"] for b in pack["blobs"]]
-    assert set(ids) == all_blob_ids(hists)
-    assert ids == sorted(ids), "blobs are sorted by id (the key depends only on content)"
+    assert set(ids) == all_blob_ids(hists) and len(ids) == len(set(ids))
     for b in pack["blobs"]:
         assert muselib.blob_id(b["content"]) == b["object_id"]
+    # Path order: all versions of a path together, oldest first. Each
+    # object's path and age: the first commit (oldest first) whose tree
+    # gives it that path.
+    mans = {cid: m for h in hists for cid, m in h.manifests.items()}
+    first: dict[str, tuple] = {}
+    for age, c in enumerate(c for h in hists for c in h.commits):
+        for path, oid in sorted(mans[c["commit_id"]].items()):
+            first.setdefault(oid, (path.encode(), age))
+    assert ids == sorted(ids, key=lambda i: (first[i], i)), "blobs in path order, oldest first"
+    # Its frames are indexed: one mpack_frames row per frame, every index
+    # row names its frame.
+    frames = db.rows(f"SELECT frame_no, data_offset, data_length, codec, size, blob_count FROM mpack_frames"
+                     f" WHERE mpack_id = {sql_str(key)} ORDER BY frame_no")
+    assert frames and [int(f[0]) for f in frames] == list(range(len(frames)))
+    assert sum(int(f[5]) for f in frames) == len(ids)
+    assert db.count(f"SELECT count(*) FROM mpack_index WHERE mpack_id = {sql_str(key)} AND frame_no IS NULL") == 0
+    for f in frames:
+        raw = located(server, {key: data}, key, int(f[1]), int(f[2]), f[3], 0, int(f[4]))
+        assert len(raw) == int(f[4])
     # objects.storage_uri follows the index to the consolidated pack.
     assert db.count(
         "SELECT count(*) FROM object_refs r JOIN objects o USING (object_id)"
         f" WHERE r.repo_id = {sql_str(repo['repo_id'])}"
-        f" AND o.storage_uri NOT LIKE {sql_str('mpack://' + key + '#%')}") == 0
+        f" AND o.storage_uri NOT LIKE {sql_str('mpack://' + key + '#%/%')}") == 0
+    check_objects_readable(db, server, repo["repo_id"], hists)
 
 
 def test_pg4_gc_is_idempotent(hub, repo, db):

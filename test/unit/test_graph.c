@@ -312,6 +312,126 @@ static void test_random(void)
 }
 
 
+/* ---------------------------------------------- the fetch walk (depth) */
+
+/* mh__graph_walk_ex against its definition: the client's side is every
+ * ancestor of a have reached without passing through a want that is not
+ * a have; the sent commits are those reachable from the wants (not
+ * haves) through commits outside the client's side, fewer than `depth`
+ * links away (0: no limit). Also checks the shallow rule: a sent commit's
+ * parent that is neither sent nor the client's was cut by the depth. */
+static bool walk_ex_ok(dag_t *d, const int *want, int nw, const int *have, int nh, uint64_t depth)
+{
+    char xwant[MAXN] = {0}, hside[MAXN] = {0}, expect[MAXN] = {0};
+    int dist[MAXN], stack[MAXN * 2], sp = 0;
+    for (int i = 0; i < nh; i++) stack[sp++] = have[i];
+    for (int i = 0; i < nw; i++) xwant[want[i]] = 1;
+    for (int i = 0; i < nh; i++) xwant[have[i]] = 0;
+    while (sp) {
+        int x = stack[--sp];
+        if (x < 0 || hside[x]) continue;
+        hside[x] = 1;
+        for (int j = 0; j < 2; j++)
+            if (d->p[x][j] >= 0 && !xwant[d->p[x][j]]) stack[sp++] = d->p[x][j];
+    }
+    /* BFS by links from the wants (a queue over commit numbers). */
+    int queue[MAXN], qh = 0, qt = 0;
+    for (int i = 0; i < d->n; i++) dist[i] = -1;
+    for (int i = 0; i < nw; i++)
+        if (!hside[want[i]] && dist[want[i]] < 0) dist[want[i]] = 0, queue[qt++] = want[i];
+    while (qh < qt) {
+        int x = queue[qh++];
+        expect[x] = 1;
+        if (depth && (uint64_t)dist[x] + 1 >= depth) continue;
+        for (int j = 0; j < 2; j++) {
+            int p = d->p[x][j];
+            if (p >= 0 && !hside[p] && dist[p] < 0) dist[p] = dist[x] + 1, queue[qt++] = p;
+        }
+    }
+    uint32_t w[MAXN], h[MAXN], out[MAXN];
+    for (int i = 0; i < nw; i++) w[i] = (uint32_t)d->idx[want[i]];
+    for (int i = 0; i < nh; i++) h[i] = (uint32_t)d->idx[have[i]];
+    uint8_t *flags = calloc(d->g->n, 1);
+    size_t n = 0;
+    bool ok = mh__graph_walk_ex(d->g, w, (size_t)nw, h, (size_t)nh, depth, flags, out, &n) == 0;
+    char sent[MAXN] = {0};
+    for (size_t k = 0; k < n; k++)
+        for (int i = 0; i < d->n; i++)
+            if ((uint32_t)d->idx[i] == out[k]) sent[i]++;
+    for (int i = 0; i < d->n && ok; i++)
+        if (sent[i] != expect[i]) {
+            printf("# walk_ex: commit %d sent %d, expected %d (depth %llu)\n", i, sent[i], expect[i],
+                   (unsigned long long)depth);
+            ok = false;
+        }
+    /* A sent commit's parent the walk marks neither sent nor HAVE is one
+     * the depth cut (or, for the walk that stops early, one the client
+     * may have: never one the client lacks that should have been sent). */
+    for (int i = 0; i < d->n && ok; i++)
+        for (int j = 0; sent[i] && j < 2; j++) {
+            int p = d->p[i][j];
+            if (p >= 0 && !sent[p] && !(flags[d->idx[p]] & MH_GW_HAVE) && !hside[p] &&
+                !(depth && (uint64_t)dist[i] + 1 >= depth)) {
+                printf("# walk_ex: commit %d's parent %d left out without depth\n", i, p);
+                ok = false;
+            }
+        }
+    free(flags);
+    return ok;
+}
+
+static void test_walk_ex(void)
+{
+    /* A line 0 <- 1 <- ... <- 9. */
+    dag_t d;
+    dag_init(&d);
+    for (int i = 0; i < 10; i++) dag_add(&d, i, i - 1, -1);
+    TAP_OK(dag_build(&d) != NULL, "walk_ex: line built");
+    int w9[] = {9}, h5[] = {5}, w4[] = {4}, h3[] = {3};
+    TAP_OK(walk_ex_ok(&d, w9, 1, NULL, 0, 1), "walk_ex: depth 1 sends the want alone");
+    TAP_OK(walk_ex_ok(&d, w9, 1, NULL, 0, 3), "walk_ex: depth 3 sends three commits");
+    TAP_OK(walk_ex_ok(&d, w9, 1, NULL, 0, 100), "walk_ex: a depth past the root sends everything");
+    TAP_OK(walk_ex_ok(&d, w9, 1, h5, 1, 0), "walk_ex: incremental: only what is new");
+    TAP_OK(walk_ex_ok(&d, w4, 1, h5, 1, 0), "walk_ex: a want below a have (deepening) sends it and its history");
+    TAP_OK(walk_ex_ok(&d, w4, 1, h5, 1, 2), "walk_ex: deepening by two");
+    TAP_OK(walk_ex_ok(&d, w4, 1, h3, 1, 0), "walk_ex: a want above a have");
+    uint32_t ww = (uint32_t)d.idx[9], hh = (uint32_t)d.idx[9], out[16];
+    uint8_t flags[16] = {0};
+    size_t n = 99;
+    mh__graph_walk_ex(d.g, &ww, 1, &hh, 1, 0, flags, out, &n);
+    TAP_EQ_INT(n, 0, "walk_ex: a want that is also a have sends nothing");
+    mh__graph_unref(d.g);
+
+    int bad = 0, runs = 0;
+    for (int t = 0; t < 30; t++) {
+        dag_init(&d);
+        int nn = 40 + (int)(rnd() % 200);
+        for (int i = 0; i < nn; i++) {
+            int a = i ? (int)(rnd() % (unsigned)i) : -1;
+            if (i && rnd() % 4) a = i - 1;
+            int b = (i > 1 && rnd() % 5 == 0) ? (int)(rnd() % (unsigned)i) : -1;
+            if (b == a) b = -1;
+            if (i && rnd() % 30 == 0) a = -1;
+            dag_add(&d, i, a, b);
+        }
+        if (!dag_build(&d)) {
+            bad++;
+            continue;
+        }
+        for (int q = 0; q < 30; q++) {
+            int w[3], h[4];
+            int nw = 1 + (int)(rnd() % 3), nh = (int)(rnd() % 5);
+            for (int i = 0; i < nw; i++) w[i] = (int)(rnd() % (unsigned)nn);
+            for (int i = 0; i < nh; i++) h[i] = (int)(rnd() % (unsigned)nn);
+            uint64_t depth = rnd() % 3 ? 1 + rnd() % 12 : 0;
+            runs++;
+            if (!walk_ex_ok(&d, w, nw, h, nh, depth)) bad++;
+        }
+        mh__graph_unref(d.g);
+    }
+    TAP_OK(bad == 0, "walk_ex: random DAGs: %d walks match the definition (%d bad)", runs, bad);
+}
+
 /* ------------------------------------------------------------ extension */
 
 /* Same commits, snapshots, generations, parent edges (by id) and branches,
@@ -567,6 +687,7 @@ int main(void)
     test_merge();
     test_unknown_parent();
     test_random();
+    test_walk_ex();
     test_extend_late_parent();
     test_extend_random();
     test_ids();
