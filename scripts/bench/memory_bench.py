@@ -95,7 +95,7 @@ def make_pack(work: Path, version: int, seed: str, commits: int = 8, files: int 
 
 
 def fetch_download(url: str, slug: str, want: str, formats: list[int],
-                   waits: list[float] | None = None) -> dict:
+                   depth: int | None = None) -> dict:
     """POST fetch (503 + Retry-After waited out, up to 20 times), GET the
     pack into nothing while hashing; {bytes, fetch_s, download_s, wall_s,
     retries}.  Raises BenchError when the hash is not mpack_id."""
@@ -106,7 +106,7 @@ def fetch_download(url: str, slug: str, want: str, formats: list[int],
     while True:
         t1 = time.perf_counter()
         try:
-            ans = hub.fetch(OWNER, slug, [want], [], formats=formats)
+            ans = hub.fetch(OWNER, slug, [want], [], formats=formats, depth=depth)
             break
         except HubError as e:
             wait = e.headers.get("retry-after") or e.headers.get("Retry-After")
@@ -240,44 +240,41 @@ def one_store(b: Any, sec: Any, Stat: Any, work: Path, store: str, packs: dict,
             row(label, kib, f"pack built in {f['fetch_s']:.1f} s = "
                 f"{f['bytes'] / MIB / f['fetch_s']:.0f} MiB/s ({f['bytes'] / MIB:.0f} MiB, "
                 f"v{f['version']}); download {f['bytes'] / MIB / max(f['download_s'], 1e-9):.0f} MiB/s")
-        # 8 concurrent first clones of a 1 GiB history
-        s = fresh()
+        # 8 concurrent first clones of a 1 GiB history: the same request
+        # (the server may build it once for all), then 8 different ones
+        # (depth 1-4 x formats [1] / [1, 2]: the same 1 GiB of blobs, since
+        # every commit adds files, but 8 packs to build at once)
         want = packs[1]["heads"][3]
-        got: list[dict] = []
-        errs: list[BaseException] = []
-        peak = [0]
-        stop = threading.Event()
+        for kind, reqs in (("same", [(None, [1, 2])] * 8),
+                           ("distinct", [(d, f) for d in (1, 2, 3, 4) for f in ([1], [1, 2])])):
+            s = fresh()
+            got: list[dict] = []
+            errs: list[BaseException] = []
 
-        def one() -> None:
-            try:
-                got.append(fetch_download(s.url, slug[1], want, [1, 2]))
-            except BaseException as e:    # reported below
-                errs.append(e)
-
-        def sample() -> None:
-            while not stop.is_set():
-                peak[0] = max(peak[0], s.memory()["rss_kib"])
-                time.sleep(0.05)
-        th = [threading.Thread(target=one) for _ in range(8)]
-        sm = threading.Thread(target=sample)
-        t = time.perf_counter()
-        sm.start()
-        for x in th:
-            x.start()
-        for x in th:
-            x.join()
-        stop.set()
-        sm.join()
-        wall = time.perf_counter() - t
-        kib = hwm(s)
-        if errs:
-            raise BenchError(f"8 clones: {len(errs)} failed: {errs[0]}")
-        out["8 clones"] = {"clients": got, "hwm_kib": kib, "wall_s": wall}
-        retries = sum(g["retries"] for g in got)
-        row(f"8 concurrent first clones, {packs[1]['raw'] // 2 // MIB} MiB", kib,
-            f"all 8 in {wall:.1f} s (each {min(g['wall_s'] for g in got):.1f}-"
-            f"{max(g['wall_s'] for g in got):.1f} s); {retries} 503 + Retry-After waited out; "
-            f"pack {got[0]['bytes'] / MIB:.0f} MiB v{got[0]['version']}")
+            def one(depth: int | None, formats: list[int]) -> None:
+                try:
+                    got.append(fetch_download(s.url, slug[1], want, formats, depth))
+                except BaseException as e:    # reported below
+                    errs.append(e)
+            th = [threading.Thread(target=one, args=r) for r in reqs]
+            t = time.perf_counter()
+            for x in th:
+                x.start()
+            for x in th:
+                x.join()
+            wall = time.perf_counter() - t
+            kib = hwm(s)
+            if errs:
+                raise BenchError(f"8 clones ({kind}): {len(errs)} failed: {errs[0]}")
+            out[f"8 clones {kind}"] = {"clients": got, "hwm_kib": kib, "wall_s": wall}
+            retries = sum(g["retries"] for g in got)
+            sizes = sorted({round(g["bytes"] / MIB) for g in got})
+            row(f"8 first clones at once, {kind}", kib,
+                f"{packs[1]['raw'] // 2 // MIB} MiB history; all 8 in {wall:.1f} s (each "
+                f"{min(g['wall_s'] for g in got):.1f}-{max(g['wall_s'] for g in got):.1f} s); "
+                f"{retries} 503 + Retry-After waited out; packs {'/'.join(map(str, sizes))} MiB"
+                + ("; identical misses in flight are coalesced (fetch.c): one build" if kind == "same" else
+                   "; depth 1-4 x formats [1] / [1, 2]"))
     finally:
         if srv is not None:
             srv.stop()
