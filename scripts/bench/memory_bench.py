@@ -264,15 +264,18 @@ def one_store(b: Any, sec: Any, Stat: Any, work: Path, store: str, packs: dict,
                 x.join()
             wall = time.perf_counter() - t
             kib = hwm(s)
-            if errs:
-                raise BenchError(f"8 clones ({kind}): {len(errs)} failed: {errs[0]}")
-            out[f"8 clones {kind}"] = {"clients": got, "hwm_kib": kib, "wall_s": wall}
+            out[f"8 clones {kind}"] = {"clients": got, "hwm_kib": kib, "wall_s": wall,
+                                       "errors": [str(e)[:300] for e in errs]}
             retries = sum(g["retries"] for g in got)
             sizes = sorted({round(g["bytes"] / MIB) for g in got})
+            if errs:      # the figure stands; the failures are said (and fail the run)
+                b.failed = True
             row(f"8 first clones at once, {kind}", kib,
-                f"{packs[1]['raw'] // 2 // MIB} MiB history; all 8 in {wall:.1f} s (each "
-                f"{min(g['wall_s'] for g in got):.1f}-{max(g['wall_s'] for g in got):.1f} s); "
-                f"{retries} 503 + Retry-After waited out; packs {'/'.join(map(str, sizes))} MiB"
+                f"{packs[1]['raw'] // 2 // MIB} MiB history; {len(got)} of 8 done in {wall:.1f} s"
+                + (f" (each {min(g['wall_s'] for g in got):.1f}-{max(g['wall_s'] for g in got):.1f} s)"
+                   if got else "")
+                + (f"; {len(errs)} FAILED: {str(errs[0])[:160]}" if errs else "")
+                + f"; {retries} 503 + Retry-After waited out; packs {'/'.join(map(str, sizes))} MiB"
                 + ("; identical misses in flight are coalesced (fetch.c): one build" if kind == "same" else
                    "; depth 1-4 x formats [1] / [1, 2]"))
     finally:

@@ -222,6 +222,40 @@ def test_fetch_v2_same_ids_as_v1(server, hub, repo, tmp_path):
     assert got == {p: contents[o] for p, o in h2.manifest.items()}
 
 
+def test_fetch_depth(server, hub, repo, tmp_path):
+    """muse-fetch --depth N: a shallow clone (SPEC 4.4) that verifies on its
+    own and checks out, then an incremental fetch into its state."""
+    seed = unique("d")
+    h = muse.generate(commits=8, files=12, changed=2, blob_size=200, seed=seed)
+    hub.push(OWNER, repo["slug"], h.pack(), "main", h.head)
+    contents = {b["object_id"]: b["content"] for b in h.blobs}
+    wc = tmp_path / "wc"
+    r = tool("muse-fetch", *push_args(server, repo["slug"], "--depth", "1", "--checkout",
+                                      str(wc), "--json"))
+    out = json.loads(r.stdout)
+    assert out["commit_count"] == 1 and out["shallow"] == [h.head]
+    files = {str(p.relative_to(wc)): p.read_bytes() for p in wc.rglob("*") if p.is_file()}
+    assert files == {p: contents[o] for p, o in h.manifest.items()}
+    st = tmp_path / "st"
+    r = tool("muse-fetch", *push_args(server, repo["slug"], "--depth", "3", "--state", str(st),
+                                      "--json"))
+    out = json.loads(r.stdout)
+    assert out["commit_count"] == 3 and out["shallow"] == [h.commits[-3]["commit_id"]]
+    h2 = muse.generate(commits=2, files=12, changed=2, blob_size=200, seed=seed,
+                       parent=(h.head, h.manifest), first_index=8)
+    hub.push(OWNER, repo["slug"], h2.pack(), "main", h2.head)
+    wc2 = tmp_path / "wc2"
+    r = tool("muse-fetch", *push_args(server, repo["slug"], "--state", str(st), "--json",
+                                      "--checkout", str(wc2)))
+    out = json.loads(r.stdout)
+    assert out["commit_count"] == 2 and out["have"] == [h.head]
+    contents.update({b["object_id"]: b["content"] for b in h2.blobs})
+    got = {str(p.relative_to(wc2)): p.read_bytes() for p in wc2.rglob("*") if p.is_file()}
+    assert got == {p: contents[o] for p, o in h2.manifest.items()}
+    r = tool("muse-fetch", *push_args(server, repo["slug"], "--depth", "0"), ok=False)
+    assert r.returncode == 2 and "--depth must be at least 1" in r.stderr
+
+
 def test_fetch_have_without_state(server, hub, repo, tmp_path):
     """--have without --state saves what is new (--out) after verifying
     what the pack alone proves; with --checkout, or without --out, it is
