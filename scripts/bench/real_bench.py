@@ -119,6 +119,20 @@ def git_meter(git: Any) -> SampledCpu:
     return SampledCpu(git)
 
 
+def store_read(url: str) -> tuple[int, int]:
+    """(bytes read from the store, readers opened) so far: the server's
+    /metrics counters (musehub_store_bytes_read_total, and the get, open_read,
+    reader and get_ranges operations)."""
+    import re
+    import urllib.request
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        t = r.read().decode()
+    m = re.search(r"^musehub_store_bytes_read_total\{[^}]*\} (\d+)", t, re.M)
+    ops = sum(int(x) for x in re.findall(
+        r'^musehub_store_operations_total\{[^}]*op="(?:get|reader|get_ranges|open_read)"[^}]*\} (\d+)', t, re.M))
+    return (int(m.group(1)) if m else 0), ops
+
+
 def compare_trees(ours: Path, git_wc: Path) -> tuple[int, list[str]]:
     """Files of git's work tree (symlinks as their target, as git2muse stores
     them) against muse's checkout: (files compared, differences)."""
@@ -276,7 +290,7 @@ def w_real(b: Any, Section: Any, Stat: Any, ratios: Any) -> Any:
     # -- full clone: formats [1] and [1, 2] vs git clone --bare ------------------
     slug = "uv1-0"
     C: dict[str, dict[str, list[float]]] = {
-        k: {"wall": [], "server": [], "cpu": [], "rss": [], "bytes": []}
+        k: {"wall": [], "server": [], "cpu": [], "rss": [], "bytes": [], "read": [], "reads": []}
         for k in ("f1", "f12", "git")}
     gdest = work / "git-clone"
     for k in range(reps):
@@ -284,11 +298,15 @@ def w_real(b: Any, Section: Any, Stat: Any, ratios: Any) -> Any:
             st = work / f"state-{fmts}-{k}"
             shutil.rmtree(st, ignore_errors=True)
             m_srv, _ = b.meters(srv)
+            r0 = store_read(srv.url)
             args = ["--format", "1"] if fmts == "f1" else []
             wall, kib, r = tool(work, "muse-fetch", *base, "--repo", slug, "--state", str(st),
                                 "--branch", "v1.x", "--json", "-q", *args)
             d = C[fmts]
             d["cpu"].append(m_srv.stop())
+            r1 = store_read(srv.url)
+            d["read"].append(r1[0] - r0[0])
+            d["reads"].append(r1[1] - r0[1])
             d["wall"].append(wall)
             d["rss"].append(kib)
             out = json.loads(r.stdout.decode())
@@ -319,8 +337,10 @@ def w_real(b: Any, Section: Any, Stat: Any, ratios: Any) -> Any:
                      f"first run builds the pack, then the cache")
         sec.add(f"  {label}: server wall (fetch request), first / cached",
                 Stat(d["server"][:1]),
-                note=("cached " + ", ".join(f"{x * 1e3:.1f} ms" for x in d["server"][1:]))
-                if len(d["server"]) > 1 else "")
+                note=(("cached " + ", ".join(f"{x * 1e3:.1f} ms" for x in d["server"][1:]) + "; ")
+                      if len(d["server"]) > 1 else "")
+                + f"first build read {d['read'][0] / 1e6:.1f} MB from the store "
+                  f"({d['reads'][0]} reader(s))")
         sec.add(f"  {label}: server CPU", Stat(d["cpu"]), note="musehubd, 10 ms ticks")
         sec.add(f"  {label}: muse-fetch peak RSS", Stat(d["rss"], "kib"))
     res["clone"] = C
