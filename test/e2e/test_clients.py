@@ -429,6 +429,27 @@ def test_git2muse_incremental_push(gsrv, ghub, tmp_path):
     assert got == git_files(g, "main")
 
 
+def test_git2muse_is_deterministic(tmp_path, monkeypatch):
+    """The same git history converts to the same packs byte for byte,
+    whatever the interpreter's hash seed: the tree diff walks names in a
+    fixed order (it iterated a set, so the order of a commit's changed
+    paths, and with it the packs' bytes and keys, changed from run to run)."""
+    src = make_git_repo(tmp_path / "g")
+    for d in ("x", "y/z"):
+        (src / d).mkdir(parents=True)
+        for i in range(24):
+            (src / d / f"f{i:02d}.txt").write_text(f"{d} {i}\n")
+    git(src, "add", "-A")
+    git_commit(src, "many files", "2026-01-03T00:00:00")
+    keys = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / f"out{seed}"
+        monkeypatch.setenv("PYTHONHASHSEED", seed)
+        tool("git2muse", "--repo", str(src), "--out-dir", str(out), "--format", "1", "-q")
+        keys.append([p["mpack_key"] for p in json.loads((out / "push.json").read_text())["packs"]])
+    assert keys[0] == keys[1] == keys[2]
+
+
 def test_git2muse_state_is_tree_bounded(tmp_path):
     """A long history converts with the state, not manifests, growing: the
     converter keeps a bounded number of manifests (32)."""
