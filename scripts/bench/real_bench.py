@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clients_bench import bundle_path, json_lines, tool
-from procs import BenchError, run
+from clients_bench import json_lines, libuv_clone, one_git_commit, tool
+from procs import BenchError
 
 OWNER = "bench"
 
@@ -162,20 +162,12 @@ def compare_trees(ours: Path, git_wc: Path) -> tuple[int, list[str]]:
 def w_real(b: Any, Section: Any, Stat: Any, ratios: Any) -> Any:
     store = b.a.store
     sec = Section(f"real history: libuv v1.x, store {store}")
-    bundle = bundle_path()
-    if not bundle.exists():
-        sec.add("skipped", note=f"{bundle} is absent")
+    got = libuv_clone(b, sec, "real")
+    if got is None:
         return sec
-    from muse.hub import Hub
-    work = b.work / "real"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+    work, src, n_commits = got
     env = b.git_env
-    src = work / "libuv"
-    run(["git", "clone", "-q", "-b", "v1.x", str(bundle), str(src)], timeout=600, env=env)
-    n_commits = len(run(["git", "-C", str(src), "rev-list", "HEAD"], timeout=60,
-                        env=env).stdout.split())
-    sec.title += f" ({n_commits} commits)"
+    from muse.hub import Hub
     res: dict[str, Any] = {"commits": n_commits, "store": store}
     reps = 1 if b.quick else 2
 
@@ -390,13 +382,7 @@ def w_real(b: Any, Section: Any, Stat: Any, ratios: Any) -> Any:
                                  "client": []}
     n = 3 if b.quick else 5
     for k in range(n):
-        f = src / "bench-one-commit.txt"
-        f.write_text(f"one more line {k}\n" * (k + 1))
-        run(["git", "-C", str(src), "add", "-A"], timeout=60, env=env)
-        run(["git", "-C", str(src), "commit", "-q", "-m", f"bench commit {k}"], timeout=60, env=env)
-        wall, _, _ = tool(work, "git2muse", "--repo", str(src), "--out-dir", str(work / "g2m-v2"),
-                          "-q")
-        O["conv"].append(wall)
+        O["conv"].append(one_git_commit(b, work, src, k, work / "g2m-v2"))
 
         def o() -> None:
             wall, _kib, r = tool(work, "muse-push", *base, "--repo", "uv2-0", "-q", "--json",

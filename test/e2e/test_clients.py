@@ -191,6 +191,24 @@ def test_fetch_checkout_and_formats(server, hub, repo, tmp_path):
     assert (tmp_path / "p.mpack").read_bytes()[:5] == b"MUSE\x01"
 
 
+def two_more_into_state(server, hub, repo, h: muse.History, seed: str, st: Path,
+                        wc: Path) -> dict:
+    """Pushes two commits on top of h (8 commits of 12 files), then
+    muse-fetch --state st --checkout wc: checks that only those two came
+    and that wc holds the new head's files; returns the tool's JSON."""
+    h2 = muse.generate(commits=2, files=12, changed=2, blob_size=200, seed=seed,
+                       parent=(h.head, h.manifest), first_index=8)
+    hub.push(OWNER, repo["slug"], h2.pack(), "main", h2.head)
+    r = tool("muse-fetch", *push_args(server, repo["slug"], "--state", str(st), "--json",
+                                      "--checkout", str(wc)))
+    out = json.loads(r.stdout)
+    assert out["commit_count"] == 2
+    contents = {x["object_id"]: x["content"] for x in h.blobs + h2.blobs}
+    got = {str(p.relative_to(wc)): p.read_bytes() for p in wc.rglob("*") if p.is_file()}
+    assert got == {p: contents[o] for p, o in h2.manifest.items()}
+    return out
+
+
 def test_fetch_v2_same_ids_as_v1(server, hub, repo, tmp_path):
     seed = unique("f2")
     h = muse.generate(commits=8, files=12, changed=2, blob_size=200, seed=seed)
@@ -209,17 +227,8 @@ def test_fetch_v2_same_ids_as_v1(server, hub, repo, tmp_path):
     # a v2 state: an incremental fetch, then a checkout from pack + state
     st = tmp_path / "st"
     tool("muse-fetch", *push_args(server, repo["slug"], "--state", str(st)))
-    h2 = muse.generate(commits=2, files=12, changed=2, blob_size=200, seed=seed,
-                       parent=(h.head, h.manifest), first_index=8)
-    hub.push(OWNER, repo["slug"], h2.pack(), "main", h2.head)
-    wc = tmp_path / "wc"
-    r = tool("muse-fetch", *push_args(server, repo["slug"], "--state", str(st), "--json",
-                                      "--checkout", str(wc)))
-    out = json.loads(r.stdout)
-    assert out["commit_count"] == 2 and out["mpack_version"] == 2
-    contents = {x["object_id"]: x["content"] for x in h.blobs + h2.blobs}
-    got = {str(p.relative_to(wc)): p.read_bytes() for p in wc.rglob("*") if p.is_file()}
-    assert got == {p: contents[o] for p, o in h2.manifest.items()}
+    out = two_more_into_state(server, hub, repo, h, seed, st, tmp_path / "wc")
+    assert out["mpack_version"] == 2
 
 
 def test_fetch_depth(server, hub, repo, tmp_path):
@@ -241,17 +250,8 @@ def test_fetch_depth(server, hub, repo, tmp_path):
                                       "--json"))
     out = json.loads(r.stdout)
     assert out["commit_count"] == 3 and out["shallow"] == [h.commits[-3]["commit_id"]]
-    h2 = muse.generate(commits=2, files=12, changed=2, blob_size=200, seed=seed,
-                       parent=(h.head, h.manifest), first_index=8)
-    hub.push(OWNER, repo["slug"], h2.pack(), "main", h2.head)
-    wc2 = tmp_path / "wc2"
-    r = tool("muse-fetch", *push_args(server, repo["slug"], "--state", str(st), "--json",
-                                      "--checkout", str(wc2)))
-    out = json.loads(r.stdout)
-    assert out["commit_count"] == 2 and out["have"] == [h.head]
-    contents.update({b["object_id"]: b["content"] for b in h2.blobs})
-    got = {str(p.relative_to(wc2)): p.read_bytes() for p in wc2.rglob("*") if p.is_file()}
-    assert got == {p: contents[o] for p, o in h2.manifest.items()}
+    out = two_more_into_state(server, hub, repo, h, seed, st, tmp_path / "wc2")
+    assert out["have"] == [h.head]
     r = tool("muse-fetch", *push_args(server, repo["slug"], "--depth", "0"), ok=False)
     assert r.returncode == 2 and "--depth must be at least 1" in r.stderr
 
