@@ -27,6 +27,9 @@
  * abandoned (then retried): a stalled store becomes an error, not a hang. */
 #define LOW_SPEED_LIMIT 1024
 #define LOW_SPEED_TIME_S 15
+/* ... and for the calls that answer only when the store has done the work
+ * (CopyObject, CompleteMultipartUpload), SLOW_ANSWER_TIME_S s. */
+#define SLOW_ANSWER_TIME_S 120
 /* Error bodies are only read for <Code>/<Message>. */
 #define ERRBODY_MAX 16384
 /* get_ranges: ranges closer than RANGE_GAP share one ranged GET (a few KiB
