@@ -16,7 +16,7 @@ typedef struct {
     mh__store_list_t *out;
     bool done;
     int err;
-    char next[128]; /* start-after of the following page; "" on the last */
+    char next[1024]; /* start-after of the following page (any name the store listed); "" on the last */
 } page_wait_t;
 
 static void page_cb(void *ud, int err, const mh_store_entry_t *e, size_t n, const char *next)
@@ -41,7 +41,7 @@ static void page_cb(void *ud, int err, const mh_store_entry_t *e, size_t n, cons
         o->size = e[i].size;
         o->mtime = e[i].mtime;
     }
-    if (next && strlen(next) >= sizeof w->next) w->err = MH_ESTORE; /* keys are short: not a key of ours */
+    if (next && strlen(next) >= sizeof w->next) w->err = MH_ESTORE; /* longer than S3 allows */
     else if (next) snprintf(w->next, sizeof w->next, "%s", next);
 }
 
