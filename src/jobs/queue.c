@@ -141,27 +141,24 @@ int mh_jobs_metrics_write(mh_buf_t *out)
                                "musehub_jobs_duration_seconds_count{type=\"%s\"} %llu\n",
                                type_names[t], stats.seconds[t], type_names[t], (unsigned long long)stats.dur_count[t]);
     }
-    if (!rc)
-        rc = mh_buf_printf(out,
-                           "# HELP musehub_mpacks_swept_total Superseded packs deleted from the store.\n"
-                           "# TYPE musehub_mpacks_swept_total counter\nmusehub_mpacks_swept_total %llu\n"
-                           "# HELP musehub_jobs_pruned_total Finished jobs deleted after the retention period.\n"
-                           "# TYPE musehub_jobs_pruned_total counter\nmusehub_jobs_pruned_total %llu\n"
-                           "# HELP musehub_staged_uploads_swept_total Abandoned staged uploads (expired push "
-                           "grants) removed.\n"
-                           "# TYPE musehub_staged_uploads_swept_total counter\nmusehub_staged_uploads_swept_total %llu\n"
-                           "# HELP musehub_store_tmp_swept_total Stale store temporaries removed.\n"
-                           "# TYPE musehub_store_tmp_swept_total counter\nmusehub_store_tmp_swept_total %llu\n"
-                           "# HELP musehub_fetch_cache_pruned_total Fetch answers (fetch_packs rows) deleted after "
-                           "MUSEHUB_FETCH_CACHE_SECONDS.\n"
-                           "# TYPE musehub_fetch_cache_pruned_total counter\nmusehub_fetch_cache_pruned_total %llu\n"
-                           "# HELP musehub_fetch_packs_superseded_total Fetch packs no answer names any more, "
-                           "handed to the sweep.\n"
-                           "# TYPE musehub_fetch_packs_superseded_total counter\nmusehub_fetch_packs_superseded_total "
-                           "%llu\n",
-                           (unsigned long long)stats.swept, (unsigned long long)stats.pruned,
-                           (unsigned long long)stats.staged_swept, (unsigned long long)stats.tmp_swept,
-                           (unsigned long long)stats.fetch_rows_pruned, (unsigned long long)stats.fetch_packs_superseded);
+    /* The maintenance pass's counters: one family each. */
+    const struct {
+        const char *name, *help;
+        uint64_t v;
+    } counters[] = {
+        {"musehub_mpacks_swept_total", "Superseded packs deleted from the store.", stats.swept},
+        {"musehub_jobs_pruned_total", "Finished jobs deleted after the retention period.", stats.pruned},
+        {"musehub_staged_uploads_swept_total", "Abandoned staged uploads (expired push grants) removed.",
+         stats.staged_swept},
+        {"musehub_store_tmp_swept_total", "Stale store temporaries removed.", stats.tmp_swept},
+        {"musehub_fetch_cache_pruned_total",
+         "Fetch answers (fetch_packs rows) deleted after MUSEHUB_FETCH_CACHE_SECONDS.", stats.fetch_rows_pruned},
+        {"musehub_fetch_packs_superseded_total", "Fetch packs no answer names any more, handed to the sweep.",
+         stats.fetch_packs_superseded},
+    };
+    for (size_t i = 0; i < sizeof counters / sizeof counters[0] && !rc; i++)
+        rc = mh_buf_printf(out, "# HELP %s %s\n# TYPE %s counter\n%s %llu\n", counters[i].name, counters[i].help,
+                           counters[i].name, counters[i].name, (unsigned long long)counters[i].v);
     return rc;
 }
 
