@@ -140,7 +140,8 @@ struct fetch {
 
 #define F(s) MH_STEP_OP(s, fetch_t, op.step)
 
-enum { S_GRAPH, S_RESOLVE, S_LOOKUP, S_WALK, S_ROWS, S_MANIFESTS, S_BLOBSET, S_LOCATE, S_BUILD, S_RECORD, S_ANSWER };
+enum { S_GRAPH, S_RESOLVE, S_LOOKUP, S_WALK, S_ROWS, S_MANIFESTS, S_BLOBSET, S_LOCATE, S_BUILD, S_ACQUIRE, S_BEGIN, S_PUT,
+       S_RECORD, S_COMMIT, S_ANSWER };
 
 static void tmark(fetch_t *f, const char *name)
 {
@@ -349,9 +350,17 @@ static void step_resolve(mh_step_t *s)
 
 /* --- S_LOOKUP: the shared table of built answers */
 
+/* How long an answer is reused (MUSEHUB_FETCH_CACHE_SECONDS): its row is
+ * pruned then, and its pack swept one grace period later. */
+static int64_t cache_seconds(const mh_hub_t *hub)
+{
+    return hub->cfg && hub->cfg->fetch_cache_seconds ? hub->cfg->fetch_cache_seconds : 86400;
+}
+
 static const mh_stmt_t st_lookup = {
     "hub_fetch_lookup",
-    "SELECT mpack_id, commit_count, snapshot_count, blob_count, mpack_version, shallow FROM fetch_packs"
+    "SELECT mpack_id, commit_count, snapshot_count, blob_count, mpack_version, shallow,"
+    " floor(extract(epoch FROM created_at))::bigint FROM fetch_packs"
     " WHERE repo_id = $1 AND request_key = $2 AND state_seq = $3",
     3};
 
@@ -390,6 +399,7 @@ static int looked_up(mh_step_t *s, PGresult *res)
     ans->snapshots = (uint32_t)mh_pq_int(res, 0, 2);
     ans->blobs = (uint32_t)mh_pq_int(res, 0, 3);
     ans->version = (int)mh_pq_int(res, 0, 4);
+    ans->expires_at = mh_pq_int(res, 0, 6) + cache_seconds(f->op.hub);
     int rc = shallow_read(f, res, 0, 5);
     if (rc) return rc == MH_ENOMEM ? rc : MH_EDB;
     ans->shallow = f->shallow;
@@ -1015,17 +1025,57 @@ static void step_build(mh_step_t *s)
         mh_step_fail(s, rc, "planning the pack");
         return;
     }
-    mh_pb_env_t env = {hub->loop, hub->store, hub->budget, NULL, false};
+    mh_pb_env_t env = {hub->loop, hub->store, hub->budget, NULL, true};
     mh_step_wait(s);
     mh_pb_run(f->pb, &env, built_cb, f);
 }
 
-/* --- S_RECORD: the mpacks row (a cache pack: kind 'fetch') and the
- * shared answer row */
+/* --- S_ACQUIRE .. S_COMMIT: the pack appears under its lock, with its
+ * rows. The maintenance pass prunes old answers and supersedes their
+ * packs; the sweep deletes a superseded pack under the same lock once no
+ * row names it. Finishing the writer inside this transaction means an
+ * identical pack being swept at the same moment is either gone before our
+ * bytes appear, or sees our fetch_packs row and stays. Nothing to send:
+ * no pack, only the answer row, straight on the pool. */
 
+static void step_acquire(mh_step_t *s)
+{
+    fetch_t *f = F(s);
+    if (!f->built) {
+        mh_step_goto(s, S_RECORD);
+        return;
+    }
+    mh_step_acquire(s);
+}
+
+static void step_begin(mh_step_t *s)
+{
+    fetch_t *f = F(s);
+    mh_db_batch_t b = {0};
+    mh_db_batch_add(&b, "BEGIN", 0);
+    mh_db_batch_add(&b, mh_rw_sql_pack_lock, 1, f->mpack_id.s);
+    mh_step_batch(s, &b, NULL);
+}
+
+static void stored_cb(void *ud, int err)
+{
+    fetch_t *f = ud;
+    mh_step_resume(&f->op.step, err, err ? "storing the pack" : NULL);
+}
+
+static void step_put(mh_step_t *s)
+{
+    mh_step_wait(s);
+    mh_pb_store(F(s)->pb, stored_cb, F(s));
+}
+
+/* The mpacks row (a cache pack: kind 'fetch'; a superseded one of the
+ * same bytes is revived) and the shared answer row. */
 static const mh_stmt_t st_ins_mpack = {
     "hub_fetch_ins_mpack",
-    "INSERT INTO mpacks (mpack_id, size_bytes, kind) VALUES ($1, $2::bigint, 'fetch') ON CONFLICT DO NOTHING", 2};
+    "INSERT INTO mpacks (mpack_id, size_bytes, kind) VALUES ($1, $2::bigint, 'fetch') ON CONFLICT (mpack_id) DO UPDATE"
+    " SET superseded_at = NULL WHERE mpacks.kind = 'fetch' AND mpacks.superseded_at IS NOT NULL",
+    2};
 
 static const mh_stmt_t st_ins_answer = {
     "hub_fetch_ins_answer",
@@ -1034,17 +1084,14 @@ static const mh_stmt_t st_ins_answer = {
     " $9::bigint, $10::text[]) ON CONFLICT DO NOTHING",
     10};
 
-static void recorded(void *ud, PGresult **results, int n, int err, const char *errmsg)
+static int recorded(mh_step_t *s, PGresult **res, int n)
 {
-    fetch_t *f = ud;
-    (void)results;
+    (void)res;
     (void)n;
-    /* The pack is stored: a failed bookkeeping row only costs a rebuild
-     * later, so answer anyway. */
-    if (err)
-        mh_warn("req %s: fetch: recording the answer: %s (%s)", f->op.req->id, mh_strerror(err), errmsg ? errmsg : "");
+    fetch_t *f = F(s);
     tmark(f, "record");
-    mh_step_resume(&f->op.step, 0, NULL);
+    if (!f->built) mh_step_goto(s, S_ANSWER);
+    return 0;
 }
 
 static void step_record(mh_step_t *s)
@@ -1055,6 +1102,7 @@ static void step_record(mh_step_t *s)
     ans->version = f->version;
     ans->shallow = f->shallow;
     ans->nshallow = f->nshallow;
+    ans->expires_at = mh_unix_time() + cache_seconds(f->op.hub);
     if (f->built) {
         memcpy(ans->mpack_id, f->mpack_id.s, MH_ID_SIZE);
         ans->commits = (uint32_t)f->nsend;
@@ -1082,8 +1130,7 @@ static void step_record(mh_step_t *s)
     if (f->built) mh_db_batch_stmt(&b, &st_ins_mpack, ans->mpack_id, size);
     mh_db_batch_stmt(&b, &st_ins_answer, f->op.repo->repo_id, seq, f->normkey, f->built ? ans->mpack_id : NULL, nc, ns,
                      nb, ver, f->depth ? depth : NULL, shallow);
-    mh_step_wait(s);
-    mh_db_pipeline(f->op.hub->db, b.q, b.n, recorded, f);
+    mh_step_batch(s, &b, recorded);
 }
 
 static void step_answer(mh_step_t *s) { mh_step_done(s); }
@@ -1099,8 +1146,12 @@ static const mh_step_def_t fetch_steps[] = {
     [S_MANIFESTS] = {"manifests", step_manifests}, /* of have tips and of roots without their parent */
     [S_BLOBSET] = {"blobset", step_blobset},       /* which blobs to send */
     [S_LOCATE] = {"locate", step_locate},          /* where they are */
-    [S_BUILD] = {"build", step_build},             /* the pack, streamed into the store */
+    [S_BUILD] = {"build", step_build},             /* the pack, streamed into the store (writer left open) */
+    [S_ACQUIRE] = {"acquire", step_acquire},       /* a connection for the transaction (a pack was built) */
+    [S_BEGIN] = {"begin", step_begin},             /* BEGIN, the pack's lock */
+    [S_PUT] = {"put", step_put},                   /* the pack appears under mpacks/ */
     [S_RECORD] = {"record", step_record},          /* mpacks + fetch_packs rows */
+    [S_COMMIT] = {"commit", mh_step_commit},
     [S_ANSWER] = {"answer", step_answer},
 };
 

@@ -571,7 +571,10 @@ def test_fsck_clean_then_finds_what_was_broken(start_server, s3emu):
     db.execute(f"DELETE FROM commits WHERE commit_id = {sql_str(hist.commits[0]['commit_id'])}")
     victim = db.scalar(f"SELECT object_id FROM object_refs WHERE repo_id = {rid} ORDER BY object_id LIMIT 1")
     db.execute(f"DELETE FROM object_refs WHERE repo_id = {rid} AND object_id = {sql_str(victim)}")
-    bad = db.scalar(f"SELECT object_id FROM object_refs WHERE repo_id = {rid} ORDER BY object_id DESC LIMIT 1")
+    # The first blob of its pack: one byte more still lies inside the pack,
+    # so the finding is the length (the last blob's would lie outside).
+    bad = db.scalar(f"SELECT i.object_id FROM object_refs x JOIN mpack_index i USING (object_id)"
+                    f" WHERE x.repo_id = {rid} ORDER BY i.byte_offset, i.object_id LIMIT 1")
     db.execute(f"UPDATE mpack_index SET byte_length = byte_length + 1 WHERE object_id = {sql_str(bad)}")
 
     out = fsck(srv)
