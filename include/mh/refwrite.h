@@ -102,11 +102,12 @@ void mh_rw_history_rows(mh_db_batch_t *b, const char *repo_id, int *i_commits, i
 
 /* A pack and its blobs (tmp_objects, tmp_frames): the pack's mpacks row
  * (kind "push", "commit" or "gc"; a superseded pack is live again), its
- * mpack_frames rows (v2), its mpack_index rows (count: rows added) and
- * this repository's mpack_refs row; with new_objects also the objects
- * rows (mpack:// URIs, the v2 form for framed blobs; a known object keeps
- * its URI) and the object_refs rows (count: refs added). `size` is the
- * pack's byte count as text. */
+ * mpack_frames rows (v2), its mpack_index rows (count: rows added; the
+ * `objects` view reads its sizes and mpack:// URIs from them, sql/0040)
+ * and this repository's mpack_refs row; with new_objects also the
+ * object_refs rows (count: refs added). `size` is the pack's byte count
+ * as text. The caller holds the pack's lock (mh_rw_begin with mpack_id):
+ * the index rows are inserted without ON CONFLICT. */
 typedef struct {
     const char *repo_id, *mpack_id, *size, *kind;
     bool new_objects; /* false for GC: the repository references them already */
@@ -124,10 +125,6 @@ int mh_rw_index_rows(const mh_packr_result_t *p, mh_buf_t *objects, mh_buf_t *fr
  * (mh_pb_place, mh_pb_frames after a successful run), appended to
  * objects and frames. MH_ENOMEM. */
 int mh_rw_built_rows(const mh_pb_t *pb, mh_buf_t *objects, mh_buf_t *frames);
-
-/* The statement that repoints objects.storage_uri at pack mpack_id for
- * the objects in tmp_objects (GC's swap). */
-void mh_rw_objects_repoint(mh_db_batch_t *b, const char *mpack_id);
 
 /* Deleting a repository: the ref rows and the repository row (branches,
  * tags, protection rules, grants, proposals, collaborators and cached

@@ -45,9 +45,6 @@
 
 #include "hub_internal.h"
 
-/* Rows a push must add before the ref tables are re-analyzed. */
-#define ANALYZE_AFTER_ROWS 2000
-
 /* ============================================================ presign */
 
 typedef struct {
@@ -302,16 +299,25 @@ static void step_context(mh_step_t *s)
     }
     const char *repo = u->op.repo->repo_id;
     mh_db_batch_t b = {0};
+    /* The ids are looked up one by one in the global table, then probed
+     * in the repository's refs by their whole key (OFFSET 0: no join the
+     * planner could turn into a scan of all the repository's refs when
+     * its statistics are stale): the cost follows the ids asked, not the
+     * repository (issue 20). */
     mh_db_batch_add(&b,
-                    "SELECT c.commit_id, c.generation FROM commit_refs r JOIN commits c USING (commit_id)"
-                    " WHERE r.repo_id = $1 AND r.commit_id = ANY ($2::text[])",
+                    "SELECT c.commit_id, c.generation FROM commits c WHERE c.commit_id = ANY ($2::text[])"
+                    " AND EXISTS (SELECT 1 FROM commit_refs r WHERE r.repo_id = $1 AND r.commit_id = c.commit_id"
+                    " OFFSET 0)",
                     2, repo, parents);
     mh_db_batch_add(&b,
-                    "SELECT s.snapshot_id, s.depth FROM snapshot_refs r JOIN snapshots s USING (snapshot_id)"
-                    " WHERE r.repo_id = $1 AND r.snapshot_id = ANY ($2::text[])",
+                    "SELECT s.snapshot_id, s.depth FROM snapshots s WHERE s.snapshot_id = ANY ($2::text[])"
+                    " AND EXISTS (SELECT 1 FROM snapshot_refs r WHERE r.repo_id = $1 AND r.snapshot_id = s.snapshot_id"
+                    " OFFSET 0)",
                     2, repo, snaps);
-    mh_db_batch_add(&b, "SELECT object_id FROM object_refs WHERE repo_id = $1 AND object_id = ANY ($2::text[])", 2,
-                    repo, objs);
+    mh_db_batch_add(&b,
+                    "SELECT u.id FROM unnest ($2::text[]) AS u(id) WHERE EXISTS (SELECT 1 FROM object_refs r"
+                    " WHERE r.repo_id = $1 AND r.object_id = u.id OFFSET 0)",
+                    2, repo, objs);
     mh_db_batch_add(&b, "SELECT 1 FROM commit_refs WHERE repo_id = $1 AND commit_id = $2", 2, repo, u->head.s);
     mh_step_batch(s, &b, context_read);
 }
@@ -436,27 +442,6 @@ static void step_write(mh_step_t *s)
     mh_step_batch(s, &b, NULL);
 }
 
-static void analyzed_cb(void *ud, PGresult *res, int err, const char *errmsg)
-{
-    (void)ud;
-    (void)res;
-    if (err) mh_warn("ANALYZE after a large push failed: %s", errmsg ? errmsg : mh_strerror(err));
-}
-
-static void step_done(mh_step_t *s)
-{
-    unpack_t *u = U(s);
-    /* After a bulk load the ref tables' statistics predate this
-     * repository's rows: PostgreSQL then estimates one row for repo_id = X,
-     * scans the repository's whole key prefix and filters object_id
-     * (52,250 rows read to find 5 right after a 10,310-commit push;
-     * EXPLAIN ANALYZE). Refresh them in the background, off the response
-     * path; autovacuum would take a minute or more. */
-    if (u->up.referenced_new + u->commits_written > ANALYZE_AFTER_ROWS)
-        mh_db_query(u->op.hub->db, "ANALYZE commit_refs, snapshot_refs, object_refs, mpack_index", 0, NULL, NULL, NULL,
-                    analyzed_cb, NULL);
-    mh__op_step_done(s);
-}
 
 static const mh_step_def_t unpack_steps[] = {
     [U_LOOKUP] = {"lookup", step_lookup},
@@ -479,7 +464,7 @@ static const mh_step_def_t unpack_steps[] = {
     [U_PLACE] = {"place", step_place},
     [U_WRITE] = {"write", step_write},
     [U_COMMIT] = {"commit", mh_step_commit},
-    [U_DONE] = {"done", step_done},
+    [U_DONE] = {"done", mh__op_step_done},
 };
 
 /* --- the end */
