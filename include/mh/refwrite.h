@@ -60,7 +60,10 @@ bool mh_ref_name_valid(const char *p, size_t n);
  *                 commit's other keys, NULL when none)
  *   tmp_snapshots snapshot_id, parent_snapshot_id, delta_upsert (bytea,
  *                 msgpack map), delta_remove (bytea, msgpack array),
- *                 entry_count, depth (int), checkpoint (bytea or NULL)
+ *                 entry_count, depth (int), checkpoint (bytea or NULL);
+ *                 in COPY BINARY format (mh_copyb_*, db.h), whole: header,
+ *                 rows, trailer (the deltas and checkpoints are most of a
+ *                 push's bytes: raw, not hex)
  *   tmp_objects   object_id, byte_offset, byte_length, frame_no (a
  *                 pack's blobs: v1 the content bytes in the file and
  *                 frame_no NULL (\N); v2 the blob inside its frame's

@@ -243,34 +243,41 @@ static int start_manifest(mh__unpack_t *x, mh_manifest_t *ms, int *children, con
     return mh_manifest_clone(&ms[i], &x->bases[bi].m);
 }
 
-/* The tmp_snapshots row: delta form; a checkpoint every
- * MH_CHECKPOINT_INTERVAL links. */
+/* The tmp_snapshots row (COPY binary format: the deltas and checkpoints
+ * are written as raw bytes where they are encoded, no hex): delta form; a
+ * checkpoint every MH_CHECKPOINT_INTERVAL links. */
 static int snapshot_row(mh__unpack_t *x, const mh_pack_snapshot_t *s, const mh_manifest_t *m, int depth,
-                        bool checkpoint, mh_buf_t tmp[3])
+                        bool checkpoint)
 {
-    for (int k = 0; k < 3; k++) tmp[k].len = 0;
-    /* One writer per buffer: each keeps its own sticky error. */
-    mh_mpw_t mw, mr;
-    mh_mpw_init(&mw, &tmp[0]);
-    mh_mpw_val(&mw, s->upsert);
-    mh_mpw_init(&mr, &tmp[1]);
-    mh_mpw_val(&mr, s->remove);
-    if (mw.err || mr.err || (checkpoint && mh_manifest_encode(m, &tmp[2]))) return MH_ENOMEM;
     mh_buf_t *b = &x->snapshot_rows;
-    int rc = mh_copy_field(b, s->snapshot_id.p, s->snapshot_id.n, false);
-    rc |= mh_copy_field(b, s->parent.p, s->parent.p ? s->parent.n : 0, false);
-    rc |= mh_copy_bytea(b, tmp[0].p, tmp[0].len, false);
-    rc |= mh_copy_bytea(b, tmp[1].p, tmp[1].len, false);
-    rc |= mh_copy_int(b, (int64_t)m->n, false);
-    rc |= mh_copy_int(b, depth, false);
-    rc |= checkpoint ? mh_copy_bytea(b, tmp[2].p, tmp[2].len, true) : mh_copy_field(b, NULL, 0, true);
+    size_t at;
+    int rc = mh_copyb_row(b, 7);
+    if (!rc) rc = mh_copyb_field(b, s->snapshot_id.p, s->snapshot_id.n);
+    if (!rc) rc = mh_copyb_field(b, s->parent.p, s->parent.p ? s->parent.n : 0);
+    /* One writer per field: each keeps its own sticky error. */
+    const mh_val_t *delta[2] = {s->upsert, s->remove};
+    for (int k = 0; k < 2 && !rc; k++) {
+        mh_mpw_t w;
+        rc = mh_copyb_open(b, &at);
+        if (rc) break;
+        mh_mpw_init(&w, b);
+        mh_mpw_val(&w, delta[k]);
+        rc = w.err ? w.err : mh_copyb_close(b, at);
+    }
+    if (!rc) rc = mh_copyb_int4(b, (int32_t)m->n);
+    if (!rc) rc = mh_copyb_int4(b, depth);
+    if (!rc && checkpoint) {
+        rc = mh_copyb_open(b, &at);
+        if (!rc) rc = mh_manifest_encode(m, b);
+        if (!rc) rc = mh_copyb_close(b, at);
+    } else if (!rc)
+        rc = mh_copyb_field(b, NULL, 0);
     return rc ? MH_ENOMEM : 0;
 }
 
 /* Rebuilds snapshot i: its delta applied, its id, the ghost guard (every
  * object it adds is in the pack or already this repository's), its row. */
-static int rebuild_snapshot(mh__unpack_t *x, const have_t *h, mh_manifest_t *ms, int *children, int *depth, uint32_t i,
-                            mh_buf_t tmp[3])
+static int rebuild_snapshot(mh__unpack_t *x, const have_t *h, mh_manifest_t *ms, int *children, int *depth, uint32_t i)
 {
     const mh_pack_snapshot_t *s = &x->pack->snapshots[i];
     int pdepth;
@@ -297,7 +304,7 @@ static int rebuild_snapshot(mh__unpack_t *x, const have_t *h, mh_manifest_t *ms,
     depth[i] = pdepth + 1;
     bool checkpoint = depth[i] >= MH_CHECKPOINT_INTERVAL;
     if (checkpoint) depth[i] = 0;
-    rc = snapshot_row(x, s, &ms[i], depth[i], checkpoint, tmp);
+    rc = snapshot_row(x, s, &ms[i], depth[i], checkpoint);
     if (children[i] == 0) mh_manifest_free(&ms[i]);
     return rc;
 }
@@ -308,13 +315,12 @@ static int rebuild_snapshots(mh__unpack_t *x, const have_t *h)
     mh_manifest_t *ms = calloc(ns + 1, sizeof *ms);
     int *children = mh_calloc(x->a, (ns + 1) * sizeof *children), *depth = mh_alloc(x->a, (ns + 1) * sizeof *depth);
     uint32_t *order = mh_alloc(x->a, (ns + 1) * sizeof *order);
-    mh_buf_t tmp[3] = {{0}};
     int rc = ms && children && depth && order ? order_snapshots(x, h, order, children) : MH_ENOMEM;
-    for (size_t oi = 0; oi < ns && !rc; oi++) rc = rebuild_snapshot(x, h, ms, children, depth, order[oi], tmp);
+    for (size_t oi = 0; oi < ns && !rc; oi++) rc = rebuild_snapshot(x, h, ms, children, depth, order[oi]);
+    if (!rc && mh_copyb_end(&x->snapshot_rows)) rc = MH_ENOMEM;
     if (ms)
         for (size_t i = 0; i < ns; i++) mh_manifest_free(&ms[i]);
     free(ms);
-    for (int k = 0; k < 3; k++) mh_buf_free(&tmp[k]);
     return rc;
 }
 

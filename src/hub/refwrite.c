@@ -78,7 +78,7 @@ void mh_rw_begin(mh_step_t *s, const char *repo_id, const char *mpack_id, unsign
 void mh_rw_copy(mh_step_t *s, unsigned table, const mh_buf_t *rows)
 {
     const char *sql = table == MH_RW_COMMITS     ? "COPY tmp_commits FROM STDIN"
-                      : table == MH_RW_SNAPSHOTS ? "COPY tmp_snapshots FROM STDIN"
+                      : table == MH_RW_SNAPSHOTS ? "COPY tmp_snapshots FROM STDIN (FORMAT binary)"
                       : table == MH_RW_FRAMES    ? "COPY tmp_frames FROM STDIN"
                                                  : "COPY tmp_objects FROM STDIN";
     mh_step_copy(s, sql, rows->p, rows->len);
