@@ -96,12 +96,15 @@ extern const char mh_rw_sql_pack_lock[];
  * is noted, the statement returns one row with one integer, and its index
  * in the batch is stored through the pointer (which may be NULL). */
 
-/* From tmp_commits and tmp_snapshots: the global commit and snapshot rows
- * (ON CONFLICT DO NOTHING, in key order: other repositories race for the
- * same rows), and this repository's commit_refs (count: refs added) and
- * snapshot_refs (count). Ref rows are inserted with a sorted anti-join:
- * the repository row lock makes ON CONFLICT unnecessary. */
-void mh_rw_history_rows(mh_db_batch_t *b, const char *repo_id, int *i_commits, int *i_snapshots);
+/* From tmp_commits (tables has MH_RW_COMMITS) and tmp_snapshots
+ * (MH_RW_SNAPSHOTS): the global commit and snapshot rows (ON CONFLICT DO
+ * NOTHING, in key order: other repositories race for the same rows), and
+ * this repository's commit_refs (count: refs added) and snapshot_refs
+ * (count). Ref rows are inserted with a sorted anti-join: the repository
+ * row lock makes ON CONFLICT unnecessary; each pushed row is probed by
+ * its whole key (none when the repository has no ref of that kind), so
+ * the cost follows the rows written, not the repository. */
+void mh_rw_history_rows(mh_db_batch_t *b, const char *repo_id, unsigned tables, int *i_commits, int *i_snapshots);
 
 /* A pack and its blobs (tmp_objects, tmp_frames): the pack's mpacks row
  * (kind "push", "commit" or "gc"; a superseded pack is live again), its

@@ -10,10 +10,12 @@
  *            names outside itself (parents, snapshots, objects) for the
  *            repository to resolve
  *   BASES    which stored snapshots pack snapshots are deltas against
+ *   PREPARE  the repository's side as maps; every commit id, parents
+ *            and generations; the commit, object and frame COPY rows
  *   REBUILD  every manifest from its delta (parents first; a chain hands
- *            its manifest down without copying), every snapshot and
- *            commit id, the ghost guard, parents and generations, and the
- *            COPY rows of refwrite's temporary tables
+ *            its manifest down without copying), every snapshot id, the
+ *            ghost guard, and the snapshot COPY rows — on a thread of its
+ *            own while push.c runs the transaction's first statements
  *
  * Invariants: a client error is MH_EPARSE with `why` (422 invalid_pack);
  * nothing here reads anything but the pack and what the caller looked
@@ -150,10 +152,7 @@ int mh__unpack_bases(mh__unpack_t *x)
 
 /* =============================================================== REBUILD */
 
-/* The repository's side, as maps over the looked-up arrays. */
-typedef struct {
-    mh_idmap_t objects, snaps, commits;
-} have_t;
+typedef mh__have_t have_t;
 
 static int have_init(mh__unpack_t *x, have_t *h)
 {
@@ -429,16 +428,16 @@ static int rebuild_commits(mh__unpack_t *x, const have_t *h)
     return rc;
 }
 
-int mh__unpack_rebuild(mh__unpack_t *x)
+int mh__unpack_prepare(mh__unpack_t *x)
 {
-    have_t h;
-    int rc = have_init(x, &h);
-    if (!rc) rc = rebuild_snapshots(x, &h);
-    if (!rc) rc = rebuild_commits(x, &h);
+    int rc = have_init(x, &x->have);
+    if (!rc) rc = rebuild_commits(x, &x->have);
     size_t nrows;
     if (!rc) rc = mh_rw_index_rows(x->pack, &x->object_rows, &x->frame_rows, &nrows);
     return rc;
 }
+
+int mh__unpack_rebuild(mh__unpack_t *x) { return rebuild_snapshots(x, &x->have); }
 
 void mh__unpack_free(mh__unpack_t *x)
 {
