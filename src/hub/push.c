@@ -459,6 +459,8 @@ static void step_charge_snapshots(mh_step_t *s)
     /* Nothing waits for memory while holding the repository's row: the
      * transaction is given up, the memory waited for, and the
      * transaction started over (the rows are all built by now). */
+    mh_info("req %s: unpack: the snapshot rows (%zu bytes) wait for the pack-memory budget outside the transaction",
+            u->op.req->id, need);
     mh_step_rollback(s);
     u->snaps_charged = true;
     mh_step_goto(s, U_ACQUIRE);
