@@ -71,7 +71,8 @@ bool mh_ref_name_valid(const char *p, size_t n);
  *                 mh_rw_index_rows and mh_rw_built_rows write them)
  *   tmp_frames    frame_no, data_offset, data_length, codec ("zstd" or
  *                 "none"), size, blob_count (a v2 pack's frames, sql/0030;
- *                 created with tmp_objects) */
+ *                 only with MH_RW_FRAMES: a v1 pack's writer saves the
+ *                 table's creation) */
 enum { MH_RW_COMMITS = 1, MH_RW_SNAPSHOTS = 2, MH_RW_OBJECTS = 4, MH_RW_FRAMES = 8 };
 
 /* On the operation's held connection (mh_step_acquire first), one round
@@ -117,6 +118,7 @@ void mh_rw_history_rows(mh_db_batch_t *b, const char *repo_id, unsigned tables, 
 typedef struct {
     const char *repo_id, *mpack_id, *size, *kind;
     bool new_objects; /* false for GC: the repository references them already */
+    bool frames;      /* tmp_frames exists (mh_rw_begin with MH_RW_FRAMES): mpack_frames rows */
 } mh_rw_pack_t;
 void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int *i_refs);
 

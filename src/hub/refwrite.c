@@ -69,7 +69,7 @@ void mh_rw_begin(mh_step_t *s, const char *repo_id, const char *mpack_id, unsign
     if (tmp & MH_RW_COMMITS) mh_db_batch_add(&b, sql_tmp_commits, 0);
     if (tmp & MH_RW_SNAPSHOTS) mh_db_batch_add(&b, sql_tmp_snapshots, 0);
     if (tmp & MH_RW_OBJECTS) mh_db_batch_add(&b, sql_tmp_objects, 0);
-    if (tmp & (MH_RW_OBJECTS | MH_RW_FRAMES)) mh_db_batch_add(&b, sql_tmp_frames, 0);
+    if (tmp & MH_RW_FRAMES) mh_db_batch_add(&b, sql_tmp_frames, 0);
     mh_db_batch_add(&b, sql_repo_lock, 1, repo_id);
     if (mpack_id) mh_db_batch_add(&b, mh_rw_sql_pack_lock, 1, mpack_id);
     mh_step_batch(s, &b, repo_locked);
@@ -145,12 +145,14 @@ void mh_rw_history_rows(mh_db_batch_t *b, const char *repo_id, unsigned tables, 
 void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int *i_refs)
 {
     /* objects is a view over mpack_index (sql/0040): the index rows below
-     * are the objects' only rows. A v2 pack's frames (shared decision sql/0030): with its index rows. */
-    mh_db_batch_add(b,
-                    "INSERT INTO mpack_frames (mpack_id, frame_no, data_offset, data_length, codec, size, blob_count)"
-                    " SELECT $1::text, frame_no, data_offset, data_length, codec, size, blob_count FROM tmp_frames"
-                    " ORDER BY frame_no ON CONFLICT DO NOTHING",
-                    1, p->mpack_id);
+     * are the objects' only rows. A v2 pack's frames (shared decision
+     * sql/0030): with its index rows. */
+    if (p->frames)
+        mh_db_batch_add(b,
+                        "INSERT INTO mpack_frames (mpack_id, frame_no, data_offset, data_length, codec, size,"
+                        " blob_count) SELECT $1::text, frame_no, data_offset, data_length, codec, size, blob_count"
+                        " FROM tmp_frames ORDER BY frame_no ON CONFLICT DO NOTHING",
+                        1, p->mpack_id);
     /* Every writer of a pack's index rows holds the pack's lock
      * (mh_rw_begin), so a plain INSERT cannot collide (ON CONFLICT cost a
      * third more): a pack with no index row yet (every first write; the

@@ -324,7 +324,7 @@ static void step_begin(mh_step_t *s)
     gc_t *g = GC(s);
     /* The repository row serialises every GC of one repository (and every
      * other ref writer); then the new pack's lock. */
-    mh_rw_begin(s, g->j->repo_id, g->key, MH_RW_OBJECTS);
+    mh_rw_begin(s, g->j->repo_id, g->key, MH_RW_OBJECTS | MH_RW_FRAMES);
 }
 
 /* Under READ COMMITTED this statement, after the locks, sees what a GC
@@ -375,7 +375,7 @@ static void step_apply(mh_step_t *s)
 {
     gc_t *g = GC(s);
     const char *repo = g->j->repo_id, *key = g->key;
-    mh_rw_pack_t pack = {repo, key, g->size, "gc", false};
+    mh_rw_pack_t pack = {repo, key, g->size, "gc", false, true};
     mh_db_batch_t b = {0};
     mh_rw_pack_rows(&b, &pack, NULL, NULL);
     /* The repository's refs: old packs out (the new one came in above). */
