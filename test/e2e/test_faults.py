@@ -147,6 +147,24 @@ def _lock_waiter(srv):
                          " AND application_name = 'musehubd' AND wait_event_type = 'Lock'")
 
 
+def _unpack_dropped_while_waiting(srv, p, slug, h, appname: str, what: str, rows_sql: str):
+    """Unpacks h while a psql session holds the rows of `rows_sql` FOR
+    UPDATE; once the unpack's backend waits for them it is terminated.
+    Returns the unpack's answer (within 60 s of the drop)."""
+    locker = _hold(srv, appname, rows_sql + " FOR UPDATE")
+    res: dict = {}
+    try:
+        t = threading.Thread(target=lambda: res.update(r=p.unpack(slug, h.pack(), h.head)))
+        t.start()
+        pid = _wait_for(lambda: _lock_waiter(srv), 30, f"the unpack to wait for {what}")
+        assert srv.db.scalar(f"SELECT pg_terminate_backend({pid})") == "t"
+        t.join(60)
+        assert not t.is_alive(), "unpack did not answer within 60 s of its connection being dropped"
+    finally:
+        _release(locker)
+    return res["r"]
+
+
 def _retry_succeeds(srv, hub, p, slug, rid, h1, h2) -> None:
     """The same unpack again, without a new presign or upload, succeeds."""
     r = p.unpack(slug, h2.pack(), h2.head)
@@ -166,20 +184,10 @@ def test_pg_connection_dropped_mid_unpack_transaction(start_server):
     The push gets a clean 503, nothing of it is visible, and the same
     unpack succeeds afterwards without a new upload."""
     srv, hub, p, slug, rid, h1, h2, before = _second_push_staged(start_server, "pgdrop")
-    locker = _hold(srv, "fault-locker", f"SELECT 1 FROM branches WHERE repo_id = {sql_str(rid)} AND name = 'main'"
-                   " FOR UPDATE")
-    res: dict = {}
-    try:
-        t = threading.Thread(target=lambda: res.update(r=p.unpack(slug, h2.pack(), h2.head)))
-        t.start()
-        pid = _wait_for(lambda: _lock_waiter(srv), 30, "the unpack to wait for the branch lock")
-        # Its transaction holds the COPY'd and inserted rows by now.
-        assert srv.db.scalar(f"SELECT pg_terminate_backend({pid})") == "t"
-        t.join(60)
-        assert not t.is_alive(), "unpack did not answer within 60 s of its connection being dropped"
-    finally:
-        _release(locker)
-    _assert_clean_error(res["r"], (503,))
+    # Its transaction holds the COPY'd and inserted rows when it waits.
+    r = _unpack_dropped_while_waiting(srv, p, slug, h2, "fault-locker", "the branch lock",
+                                      f"SELECT 1 FROM branches WHERE repo_id = {sql_str(rid)} AND name = 'main'")
+    _assert_clean_error(r, (503,))
     assert ledger(srv.db, rid) == before, "the dropped transaction left rows behind"
     assert srv.db.count(f"SELECT count(*) FROM commits WHERE commit_id = {sql_str(h2.head)}") == 0
     _retry_succeeds(srv, hub, p, slug, rid, h1, h2)
@@ -1097,18 +1105,9 @@ def test_transaction_fails_while_the_snapshots_are_rebuilt(start_server):
     h = muselib.generate(commits=400, files=2000, changed=5, blob_size=16, seed=unique("rebuilding"))
     before = ledger(srv.db, rid)
     assert p.stage(slug, h.pack())[0] == 200
-    locker = _hold(srv, "rebuild-locker", f"SELECT 1 FROM repos WHERE repo_id = {sql_str(rid)} FOR UPDATE")
-    res: dict = {}
-    try:
-        t = threading.Thread(target=lambda: res.update(r=p.unpack(slug, h.pack(), h.head)))
-        t.start()
-        pid = _wait_for(lambda: _lock_waiter(srv), 30, "the unpack to wait for its repository row")
-        assert srv.db.scalar(f"SELECT pg_terminate_backend({pid})") == "t"
-        t.join(60)
-        assert not t.is_alive(), "unpack did not answer within 60 s of its connection being dropped"
-    finally:
-        _release(locker)
-    _assert_clean_error(res["r"], (503,))
+    r = _unpack_dropped_while_waiting(srv, p, slug, h, "rebuild-locker", "its repository row",
+                                      f"SELECT 1 FROM repos WHERE repo_id = {sql_str(rid)}")
+    _assert_clean_error(r, (503,))
     assert ledger(srv.db, rid) == before, "the dropped transaction left rows behind"
     r = p.unpack(slug, h.pack(), h.head)
     assert r.status_code == 200, _status(r)
