@@ -79,7 +79,8 @@ int mh_copy_int(mh_buf_t *b, int64_t v, bool last)
 
 /* "PGCOPY\n\377\r\n\0", then flags and the header extension's length
  * (both 0). */
-static const uint8_t copyb_header[19] = {'P', 'G', 'C', 'O', 'P', 'Y', '\n', 0xff, '\r', '\n', 0, 0, 0, 0, 0, 0, 0, 0, 0};
+static const uint8_t copyb_header[19] = {'P', 'G', 'C', 'O', 'P', 'Y', '\n', 0xff, '\r', '\n',
+                                         0,   0,   0,   0,   0,   0,   0,    0,    0};
 
 static void put_be(uint8_t *o, uint32_t v, int n)
 {

@@ -572,7 +572,6 @@ static void step_write(mh_step_t *s)
     mh_step_batch(s, &b, NULL);
 }
 
-
 static const mh_step_def_t unpack_steps[] = {
     [U_LOOKUP] = {"lookup", step_lookup},
     [U_LOCATE] = {"locate", step_locate},

@@ -269,8 +269,7 @@ static int snapshot_row(mh__unpack_t *x, const mh_pack_snapshot_t *s, const mh_m
         rc = mh_copyb_open(b, &at);
         if (!rc) rc = mh_manifest_encode(m, b);
         if (!rc) rc = mh_copyb_close(b, at);
-    } else if (!rc)
-        rc = mh_copyb_field(b, NULL, 0);
+    } else if (!rc) rc = mh_copyb_field(b, NULL, 0);
     return rc ? MH_ENOMEM : 0;
 }
 

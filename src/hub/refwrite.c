@@ -99,47 +99,51 @@ static void store_index(int *where, int i)
  * tested — a cost that grows with the rows written, not with the
  * repository (docs/benchmarks.md, issue 20). */
 #define PROBE " OFFSET 0"
-/* Whether the repository ($1) has no row in a ref table: an uncorrelated
- * subquery, evaluated once per statement; when true (a first push) no
- * row needs its probe at all. */
-#define FRESH(table) "NOT EXISTS (SELECT 1 FROM " table " WHERE repo_id = $1)"
+
+/* The ref anti-joins probe the primary key once per pushed row (PROBE),
+ * unless the repository has no such ref at all (the uncorrelated NOT
+ * EXISTS first, evaluated once: a first push): their cost follows the
+ * push, whatever the statistics say about the repository. */
+static const char sql_commit_refs[] =
+    "WITH x AS (INSERT INTO commit_refs (repo_id, commit_id, branch, meta)"
+    " SELECT DISTINCT ON (t.commit_id) $1::text, t.commit_id, t.branch, t.meta FROM tmp_commits t"
+    " WHERE NOT EXISTS (SELECT 1 FROM commit_refs WHERE repo_id = $1)"
+    " OR NOT EXISTS (SELECT 1 FROM commit_refs r WHERE r.repo_id = $1 AND r.commit_id = t.commit_id" PROBE ")"
+    " ORDER BY t.commit_id RETURNING 1)"
+    " SELECT count(*) FROM x";
+static const char sql_snapshot_refs[] =
+    "WITH x AS (INSERT INTO snapshot_refs (repo_id, snapshot_id)"
+    " SELECT DISTINCT $1::text, t.snapshot_id FROM tmp_snapshots t"
+    " WHERE NOT EXISTS (SELECT 1 FROM snapshot_refs WHERE repo_id = $1)"
+    " OR NOT EXISTS (SELECT 1 FROM snapshot_refs r WHERE r.repo_id = $1 AND r.snapshot_id = t.snapshot_id" PROBE ")"
+    " ORDER BY 2 RETURNING 1)"
+    " SELECT count(*) FROM x";
+static const char sql_object_refs[] =
+    "WITH x AS (INSERT INTO object_refs (repo_id, object_id)"
+    " SELECT DISTINCT $1::text, t.object_id FROM tmp_objects t"
+    " WHERE NOT EXISTS (SELECT 1 FROM object_refs WHERE repo_id = $1)"
+    " OR NOT EXISTS (SELECT 1 FROM object_refs r WHERE r.repo_id = $1 AND r.object_id = t.object_id" PROBE ")"
+    " ORDER BY 2 RETURNING 1)"
+    " SELECT count(*) FROM x";
 
 void mh_rw_history_rows(mh_db_batch_t *b, const char *repo_id, unsigned tables, int *i_commits, int *i_snapshots)
 {
-    if (tables & MH_RW_COMMITS)
+    if (tables & MH_RW_COMMITS) {
         mh_db_batch_add(b,
-                        "INSERT INTO commits (commit_id, parent_commit_id, parent2_commit_id, snapshot_id, message, author,"
-                        " committed_at, branch, generation, meta)"
+                        "INSERT INTO commits (commit_id, parent_commit_id, parent2_commit_id, snapshot_id, message,"
+                        " author, committed_at, branch, generation, meta)"
                         " SELECT * FROM tmp_commits ORDER BY commit_id ON CONFLICT DO NOTHING",
                         0);
-    if (tables & MH_RW_SNAPSHOTS)
+        store_index(i_commits, mh_db_batch_add(b, sql_commit_refs, 1, repo_id));
+    }
+    if (tables & MH_RW_SNAPSHOTS) {
         mh_db_batch_add(b,
-                        "INSERT INTO snapshots (snapshot_id, parent_snapshot_id, delta_upsert, delta_remove, entry_count,"
-                        " depth, checkpoint) SELECT * FROM tmp_snapshots ORDER BY snapshot_id ON CONFLICT DO NOTHING",
+                        "INSERT INTO snapshots (snapshot_id, parent_snapshot_id, delta_upsert, delta_remove,"
+                        " entry_count, depth, checkpoint) SELECT * FROM tmp_snapshots ORDER BY snapshot_id"
+                        " ON CONFLICT DO NOTHING",
                         0);
-    /* The ref anti-joins probe the primary key once per pushed row
-     * (PROBE), unless the repository has no such ref at all (FRESH): their
-     * cost follows the push, whatever the statistics say about the
-     * repository. */
-    if (tables & MH_RW_COMMITS)
-        store_index(i_commits,
-                    mh_db_batch_add(b,
-                                    "WITH x AS (INSERT INTO commit_refs (repo_id, commit_id, branch, meta)"
-                                    " SELECT DISTINCT ON (t.commit_id) $1::text, t.commit_id, t.branch, t.meta"
-                                    " FROM tmp_commits t WHERE " FRESH("commit_refs") " OR NOT EXISTS (SELECT 1 FROM"
-                                    " commit_refs r WHERE r.repo_id = $1 AND r.commit_id = t.commit_id" PROBE ")"
-                                    " ORDER BY t.commit_id RETURNING 1)"
-                                    " SELECT count(*) FROM x",
-                                    1, repo_id));
-    if (tables & MH_RW_SNAPSHOTS)
-        store_index(i_snapshots,
-                    mh_db_batch_add(b,
-                                    "WITH x AS (INSERT INTO snapshot_refs (repo_id, snapshot_id) SELECT DISTINCT $1::text,"
-                                    " t.snapshot_id FROM tmp_snapshots t WHERE " FRESH("snapshot_refs") " OR NOT EXISTS"
-                                    " (SELECT 1 FROM snapshot_refs r WHERE r.repo_id = $1 AND r.snapshot_id = t.snapshot_id"
-                                    PROBE ") ORDER BY 2 RETURNING 1)"
-                                    " SELECT count(*) FROM x",
-                                    1, repo_id));
+        store_index(i_snapshots, mh_db_batch_add(b, sql_snapshot_refs, 1, repo_id));
+    }
 }
 
 void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int *i_refs)
@@ -176,15 +180,7 @@ void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int 
                     3, p->mpack_id, p->size, p->kind);
     mh_db_batch_add(b, "INSERT INTO mpack_refs (repo_id, mpack_id) VALUES ($1, $2) ON CONFLICT DO NOTHING", 2,
                     p->repo_id, p->mpack_id);
-    if (p->new_objects)
-        store_index(i_refs,
-                    mh_db_batch_add(b,
-                                    "WITH x AS (INSERT INTO object_refs (repo_id, object_id) SELECT DISTINCT $1::text,"
-                                    " t.object_id FROM tmp_objects t WHERE " FRESH("object_refs") " OR NOT EXISTS"
-                                    " (SELECT 1 FROM object_refs r WHERE r.repo_id = $1 AND r.object_id = t.object_id"
-                                    PROBE ") ORDER BY 2 RETURNING 1)"
-                                    " SELECT count(*) FROM x",
-                                    1, p->repo_id));
+    if (p->new_objects) store_index(i_refs, mh_db_batch_add(b, sql_object_refs, 1, p->repo_id));
 }
 
 static const void *blob_key(const void *ctx, uint32_t v) { return ((const mh_packr_result_t *)ctx)->blobs[v].id; }
