@@ -950,7 +950,9 @@ static void ostream_pump(objread_t *r)
             return;
         }
         int rc = r->codec == MH_PACK_RAW ? 0 : mh_framer_finish(r->fr);
+        /* The request, and r in its arena, may be gone once ended. */
         ostream_end(r, rc == MH_ENOMEM ? rc : rc ? MH_EDB : 0);
+        return;
     }
 }
 
