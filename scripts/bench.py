@@ -27,6 +27,14 @@ Workloads (--only takes a comma-separated subset, in this order):
            full push and clone, one new commit, upload throughput, client
            peak RSS (scripts/bench/clients_bench.py; skipped without the
            libuv bundle, $BENCH_LIBUV_BUNDLE)
+  real     libuv's real history on the run's store: git2muse, push as v1 and
+           v2, GC, clone with formats [1] and [1, 2], depth-1 clone, one new
+           commit, next to git push / git clone / git clone --depth 1 over
+           smart HTTP (scripts/bench/real_bench.py; skipped without the bundle)
+  memory   (opt-in: --only memory or --large) the server's VmHWM pushing and
+           cloning 2 GiB packs (v1, v2) and 8 concurrent 1 GiB first clones,
+           fs and s3 stores, default MUSEHUB_PACK_MEMORY
+           (scripts/bench/memory_bench.py; needs ~14 GiB free disk)
 Peak RSS (VmHWM) of the server is recorded in each workload; the server is
 restarted at the start of each one.
 
@@ -75,7 +83,10 @@ import gitpeer  # noqa: E402
 from museclient import MSGPACK, OWNER, Muse  # noqa: E402
 from procs import REAPER, BenchError, Musehubd, run  # noqa: E402
 
-WORKLOADS = ("push", "clone", "incr", "stores", "latency", "wrk", "workers", "jobs", "clients")
+WORKLOADS = ("push", "clone", "incr", "stores", "latency", "wrk", "workers", "jobs", "clients",
+             "real", "memory")
+# Heavy (2 GiB packs, ~14 GiB of disk): only with --only memory or --large.
+OPT_IN = ("memory",)
 
 
 # =================================================================== stats
@@ -423,9 +434,9 @@ class Bench:
 
     def push_breakdown(self, dims: Dims) -> Section:
         """Where one push's time goes: a push of a fresh history to a server
-        at MUSEHUB_LOG_LEVEL=debug, whose unpack state machine logs "unpack
-        state N at T ms" on entering each state (names from the ustate_t
-        enum of src/hub/push.c), with PostgreSQL logging every statement's
+        at MUSEHUB_LOG_LEVEL=debug, whose unpack logs "<id>: unpack step
+        <name> (<ms> ms)" on entering each step (the step kit's debug
+        line), with PostgreSQL logging every statement's
         duration meanwhile (our throwaway cluster only).  COPY durations
         include the time musehubd takes to stream the rows."""
         sec = Section(f"where one push's time goes ({dims.commits} commits; debug log, one run)")
@@ -982,6 +993,22 @@ class Bench:
         import clients_bench
         return clients_bench.w_clients(self, Section, Stat, ratios)
 
+    def w_real(self) -> Section:
+        import real_bench
+        from muse.hub import HubError
+        try:
+            return real_bench.w_real(self, Section, Stat, ratios)
+        except HubError as e:       # the client library's errors: a failed workload
+            raise BenchError(str(e)) from e
+
+    def w_memory(self) -> Section:
+        import memory_bench
+        from muse.hub import HubError
+        try:
+            return memory_bench.w_memory(self, Section, Stat, ratios)
+        except HubError as e:
+            raise BenchError(str(e)) from e
+
     # ------------------------------------------------------------ driver
 
     def run(self, only: list[str]) -> None:
@@ -994,7 +1021,7 @@ class Bench:
                     plan.append((f"{w} {dims.commits}", (lambda w=w, d=dims: getattr(self, f"w_{w}")(d))))
                 if w == "push" and w in only:
                     plan.append((f"push breakdown {dims.commits}", (lambda d=dims: self.push_breakdown(d))))
-        for w in ("stores", "latency", "wrk", "workers", "jobs", "clients"):
+        for w in ("stores", "latency", "wrk", "workers", "jobs", "clients", "real", "memory"):
             if w in only:
                 plan.append((w, getattr(self, f"w_{w}")))
         if self.a.large and any(w in only for w in ("push", "clone", "incr")):
@@ -1091,8 +1118,8 @@ def machine_info() -> dict[str, str]:
 
 def check_tools(only: list[str]) -> None:
     need = {"git"} if any(w in only for w in ("push", "clone", "incr", "latency", "wrk",
-                                              "clients")) else set()
-    if any(w in only for w in ("push", "clone", "incr", "latency", "wrk", "clients")):
+                                              "clients", "real")) else set()
+    if any(w in only for w in ("push", "clone", "incr", "latency", "wrk", "clients", "real")):
         need |= {"nginx", "fcgiwrap"}
     if any(w in only for w in ("wrk", "workers")):
         need.add("wrk")
@@ -1110,7 +1137,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--only", default=os.environ.get("BENCH_ONLY", ""),
                     help=f"comma-separated workloads among {','.join(WORKLOADS)} (BENCH_ONLY)")
     ap.add_argument("--large", action="store_true", default=os.environ.get("BENCH_LARGE") == "1",
-                    help="also run push/clone/incr on a 10x history (BENCH_LARGE=1)")
+                    help="also run push/clone/incr on a 10x history, and the memory "
+                         "workload (BENCH_LARGE=1)")
     ap.add_argument("--store", choices=("fs", "s3"), default=os.environ.get("BENCH_STORE", "fs"),
                     help="musehubd's object store (BENCH_STORE)")
     ap.add_argument("--reps", type=int, default=env_int("BENCH_REPS", 0),
@@ -1125,7 +1153,8 @@ def main(argv: list[str]) -> int:
     if a.profile:
         import profile_server
         return profile_server.main(a)
-    only = [w.strip() for w in a.only.split(",") if w.strip()] or list(WORKLOADS)
+    only = [w.strip() for w in a.only.split(",") if w.strip()] or \
+        [w for w in WORKLOADS if w not in OPT_IN or a.large]
     bad = [w for w in only if w not in WORKLOADS]
     if bad:
         ap.error(f"unknown workload(s) {', '.join(bad)}; choose among {', '.join(WORKLOADS)}")

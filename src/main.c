@@ -208,6 +208,7 @@ static void jobs_config(const mh_config_t *cfg, mh_jobs_config_t *jc)
     jc->retention_hours = cfg->job_retention_hours;
     jc->grace_s = cfg->mpack_grace_seconds;
     jc->maintenance_s = cfg->job_maintenance_seconds;
+    jc->fetch_cache_s = cfg->fetch_cache_seconds;
     jc->max_pack_bytes = cfg->max_mpack_bytes;
     jc->max_unpacked = cfg->max_unpacked_bytes;
     jc->gc_level = cfg->gc_zstd_level;

@@ -107,6 +107,12 @@ int mh_json_decode(mh_arena_t *a, const uint8_t *buf, size_t len, const mh_decod
 const mh_val_t *mh_val_get(const mh_val_t *map, const char *key);
 /* True when v is a str equal to lit. */
 bool mh_val_streq(const mh_val_t *v, const char *lit);
+/* Deep equality of two values: same type, and the same scalar, bytes, or
+ * items (arrays and maps in order, map keys compared as values). A float
+ * equals a float of the same value, and NaN equals NaN (a decode of an
+ * encode keeps it). INT and UINT are different types even for the same
+ * number. For tests and round-trip checks. */
+bool mh_val_equal(const mh_val_t *a, const mh_val_t *b);
 /* NUL-terminated copy of a STR value into the arena; NULL if not a STR,
  * if the string contains a NUL byte (it would be silently truncated), or
  * on ENOMEM. */

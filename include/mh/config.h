@@ -47,6 +47,7 @@ typedef struct {
     uint32_t job_retention_hours;     /* MUSEHUB_JOB_RETENTION_HOURS, finished jobs kept for, 168 */
     uint32_t job_maintenance_seconds; /* MUSEHUB_JOB_MAINTENANCE_SECONDS, prune + sweep period, 60 */
     uint32_t mpack_grace_seconds;     /* MUSEHUB_MPACK_GRACE_SECONDS, superseded packs kept for, 3600 */
+    uint32_t fetch_cache_seconds;     /* MUSEHUB_FETCH_CACHE_SECONDS, fetch answers kept for, 86400 */
     uint64_t pack_memory;             /* MUSEHUB_PACK_MEMORY, bytes of pack work per process, 256 MiB (SPEC 4.8) */
     uint32_t pack_queue_timeout_ms;   /* MUSEHUB_PACK_QUEUE_TIMEOUT_MS, longest wait for pack memory, 10000 */
     uint32_t zstd_level;              /* MUSEHUB_ZSTD_LEVEL, frames of fetch packs and server-side commits, 3 */

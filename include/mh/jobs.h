@@ -58,6 +58,9 @@ typedef struct {
                                  (MUSEHUB_MPACK_GRACE_SECONDS) */
     uint32_t maintenance_s;   /* period of pruning and sweeping, seconds; 60
                                  (MUSEHUB_JOB_MAINTENANCE_SECONDS) */
+    uint32_t fetch_cache_s;   /* fetch answers (fetch_packs rows) are pruned after, seconds,
+                                 and their packs handed to the sweep; 86400
+                                 (MUSEHUB_FETCH_CACHE_SECONDS) */
     uint64_t max_pack_bytes;  /* largest pack indexed; 2 GiB (MUSEHUB_MAX_MPACK_BYTES) */
     uint64_t max_unpacked;    /* largest decompressed total of a v2 pack read; 16 GiB
                                  (MUSEHUB_MAX_UNPACKED_BYTES) */

@@ -52,6 +52,39 @@ def tool(work: Path, name: str, *args: str, check: bool = True,
     return wall, kib, r
 
 
+def libuv_clone(b: Any, sec: Any, name: str) -> tuple[Path, Path, int] | None:
+    """A fresh work directory b.work/name holding a clone of the bundle's
+    v1.x branch; (work directory, clone, number of commits), its commit
+    count added to sec's title.  None, with a `skipped` row in sec, when
+    the bundle is absent."""
+    bundle = bundle_path()
+    if not bundle.exists():
+        sec.add("skipped", note=f"{bundle} is absent")
+        return None
+    work = b.work / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    src = work / "libuv"
+    run(["git", "clone", "-q", "-b", "v1.x", str(bundle), str(src)], timeout=600, env=b.git_env)
+    n = len(run(["git", "-C", str(src), "rev-list", "HEAD"], timeout=60,
+                env=b.git_env).stdout.split())
+    sec.title += f" ({n} commits)"
+    return work, src, n
+
+
+def one_git_commit(b: Any, work: Path, src: Path, k: int, out: Path, *g2m: str) -> float:
+    """Commit number k (one file changed) in the git clone src, then
+    convert it with git2muse (incremental, into out; g2m: more options);
+    returns git2muse's wall time in seconds."""
+    f = src / "bench-one-commit.txt"
+    f.write_text(f"one more line {k}\n" * (k + 1))
+    run(["git", "-C", str(src), "add", "-A"], timeout=60, env=b.git_env)
+    run(["git", "-C", str(src), "commit", "-q", "-m", f"bench commit {k}"], timeout=60,
+        env=b.git_env)
+    wall, _, _ = tool(work, "git2muse", "--repo", str(src), "--out-dir", str(out), *g2m, "-q")
+    return wall
+
+
 def json_lines(r: Any) -> list[dict]:
     return [json.loads(ln) for ln in r.stdout.decode().splitlines() if ln.strip().startswith("{")]
 
@@ -59,19 +92,11 @@ def json_lines(r: Any) -> list[dict]:
 def w_clients(b: Any, Section: Any, Stat: Any, ratios: Any) -> Any:
     """The workload (b: the Bench; the table types are passed in)."""
     sec = Section("clients on a real history: libuv v1.x")
-    bundle = bundle_path()
-    if not bundle.exists():
-        sec.add("skipped", note=f"{bundle} is absent")
+    got = libuv_clone(b, sec, "clients")
+    if got is None:
         return sec
-    work = b.work / "clients"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+    work, src, n_commits = got
     env = b.git_env
-    src = work / "libuv"
-    run(["git", "clone", "-q", "-b", "v1.x", str(bundle), str(src)], timeout=600, env=env)
-    n_commits = len(run(["git", "-C", str(src), "rev-list", "HEAD"], timeout=60,
-                        env=env).stdout.split())
-    sec.title += f" ({n_commits} commits)"
     res: dict[str, Any] = {"commits": n_commits}
     reps = 1 if b.quick else 2
 
@@ -176,13 +201,7 @@ def w_clients(b: Any, Section: Any, Stat: Any, ratios: Any) -> Any:
     conv, push, mirror, gpush, rss_one = [], [], [], [], []
     n = 3 if b.quick else 5
     for k in range(n):
-        f = src / "bench-one-commit.txt"
-        f.write_text(f"one more line {k}\n" * (k + 1))
-        run(["git", "-C", str(src), "add", "-A"], timeout=60, env=env)
-        run(["git", "-C", str(src), "commit", "-q", "-m", f"bench commit {k}"], timeout=60, env=env)
-        wall, _, _ = tool(work, "git2muse", "--repo", str(src), "--out-dir", str(work / "g2m-v1"),
-                          "--format", "1", "-q")
-        conv.append(wall)
+        conv.append(one_git_commit(b, work, src, k, work / "g2m-v1", "--format", "1"))
 
         def o() -> None:
             wall, kib, r = tool(work, "muse-push", *base, "--repo", slug, "-q", "--json",

@@ -41,7 +41,8 @@ class Fetched:
 def fetch_pack(hub: Hub, owner: str, slug: str, want: list[str], have: list[str], *,
                formats: list[int] | None = None, state: LocalState | None = None,
                keep_commit: str | None = None, workdir: str | None = None,
-               progress_factory: Callable[[str, int | None], Any] | None = None) -> Fetched:
+               progress_factory: Callable[[str, int | None], Any] | None = None,
+               depth: int | None = None) -> Fetched:
     """POST fetch, GET the pack into a file under `workdir` (or the state's
     directory), check its hash, then read and verify it in one pass:
     every blob against its id, every snapshot rebuilt and its id checked,
@@ -50,12 +51,16 @@ def fetch_pack(hub: Hub, owner: str, slug: str, want: list[str], have: list[str]
     empty; and without a state and with `have`, snapshots that are deltas
     against the client's own are left unchecked: nothing here holds their
     parents).  The manifest of `keep_commit`'s snapshot, when the pack holds
-    it, is kept in .manifests.  Raises HubError, PackError/ValueError."""
+    it, is kept in .manifests.  depth (SPEC 4.4, shallow fetch): only the
+    wanted commits and depth-1 generations of their ancestors; the oldest
+    ones' snapshots come as roots, so the pack verifies on its own, and the
+    answer's `shallow` lists the commits whose parents were left out.
+    Raises HubError, PackError/ValueError."""
     out = Fetched()
     t0 = time.perf_counter()
     for attempt in range(4):
         try:
-            ans = hub.fetch(owner, slug, want, have, formats=formats or FORMATS)
+            ans = hub.fetch(owner, slug, want, have, formats=formats or FORMATS, depth=depth)
             break
         except HubError as e:
             # 503 + Retry-After: the server's pack memory is spent or an

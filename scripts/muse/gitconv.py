@@ -158,7 +158,7 @@ class Trees:
             return changed, removed
         a = {n: (k, h) for n, k, h in self.entries(old)}
         b = {n: (k, h) for n, k, h in self.entries(new)}
-        for name in a.keys() | b.keys():
+        for name in sorted(a.keys() | b.keys()):  # fixed order: same history, same packs
             path = prefix + name
             ea, eb = a.get(name), b.get(name)
             if ea == eb:

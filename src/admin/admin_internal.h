@@ -1,14 +1,15 @@
 /*
  * admin_internal.h — private to src/admin/: the database session of a
- * command, and listing the object store (which the store interface does
- * not offer yet: fsck needs every key under a prefix).
+ * command, and listing every key under a prefix of the object store.
  */
 #ifndef MH_ADMIN_INTERNAL_H
 #define MH_ADMIN_INTERNAL_H
 
 #include <libpq-fe.h>
+#include <uv.h>
 
 #include "mh/admin.h"
+#include "mh/store.h"
 
 /* A blocking libpq session for command `what` ("fsck", ...), with
  * application_name=musehubd-admin; prints "musehubd <what>: <error>" and
@@ -25,26 +26,16 @@ typedef struct {
 typedef struct {
     mh__store_obj_t *v;
     size_t n, cap;
-    size_t skipped;    /* entries whose names are not store keys (left alone) */
 } mh__store_list_t;
 
-/* Lists every key under `prefix` ("mpacks/" or "incoming/") of the store
- * MUSEHUB_STORE names, sorted by key: fs: the directory <dir>/<prefix>
- * (regular files only); s3: ListObjectsV2 pages (SigV4 by libcurl,
- * CURLOPT_AWS_SIGV4). Names that are not valid keys are counted in
- * `skipped`. Appends to *out (free with mh__store_list_free). Returns 0,
- * or -1 after printing one line to stderr. */
-int mh__store_list(const mh_config_t *cfg, const char *prefix, mh__store_list_t *out);
+/* Lists every key under `prefix` ("mpacks/" or "incoming/") of `store`
+ * (open on `loop`, which this runs until each page has arrived), sorted by
+ * key: the store's own listing (mh_store_list, which passes over names
+ * that are not valid keys). Appends to *out (free with
+ * mh__store_list_free). Returns 0, or -1 after printing one line to
+ * stderr. */
+int mh__store_list(mh_store_t *store, uv_loop_t *loop, const char *prefix, mh__store_list_t *out);
 void mh__store_list_free(mh__store_list_t *l);
-
-/* Reads one ListObjectsV2 answer body (S3 XML, untrusted bytes: every
- * scan is bounded by n): each <Contents> with a <Key>, <Size> and
- * <LastModified> that is a store key is appended to out; when
- * <IsTruncated> is true, *next_token receives a malloc'd copy of
- * <NextContinuationToken> (NULL otherwise). Returns 0, or -1 for a
- * truncated page without a token or ENOMEM (*next_token NULL). Exposed
- * for the fuzz target (test/fuzz/fuzz_s3list.c). */
-int mh__s3_list_page(const char *body, size_t n, mh__store_list_t *out, char **next_token);
 
 /* A location of an object's bytes, parsed by fsck: the pack, the byte
  * range of the pack file it names (the blob's own bytes for v1; the

@@ -151,6 +151,8 @@ typedef struct {
     mh_store_t *store;
 } fsck_t;
 
+static bool list_store(fsck_t *f, const char *prefix, mh__store_list_t *out);
+
 static void add(fsck_t *f, kind_t k, const char *key, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
 static void add(fsck_t *f, kind_t k, const char *key, const char *fmt, ...)
 {
@@ -515,10 +517,7 @@ static void load_packs(fsck_t *f)
     size_t nrows = f->npacks;
 
     mh__store_list_t l = {0};
-    if (mh__store_list(f->cfg, "mpacks/", &l)) {
-        f->incomplete = true;
-        return;
-    }
+    if (!list_store(f, "mpacks/", &l)) return;
     for (size_t i = 0; i < l.n; i++) {
         char id[MH_ID_SIZE];
         snprintf(id, sizeof id, "sha256:%s", l.v[i].key + 7);
@@ -738,10 +737,7 @@ static int cmp_obj(const void *a, const void *b)
 
 static void check_uploads(fsck_t *f)
 {
-    if (mh__store_list(f->cfg, "incoming/", &f->uploads)) {
-        f->incomplete = true;
-        return;
-    }
+    if (!list_store(f, "incoming/", &f->uploads)) return;
     if (!f->uploads.n) return;
     mh_buf_t arr = {0};
     int rc = mh_buf_append_byte(&arr, '{');
@@ -801,24 +797,46 @@ static void deleted_cb(void *ud, int err)
     w->done = true;
 }
 
-static int store_delete(fsck_t *f, const char *key)
+/* The store, opened on the command's private loop at first use (listing,
+ * repair). */
+static int open_store(fsck_t *f)
 {
-    if (!f->store) {
+    if (f->store) return 0;
+    if (!f->loop_open) {
         if (uv_loop_init(&f->loop)) return MH_ENOMEM;
         f->loop_open = true;
-        mh_store_config_t sc = {
-            .spec = f->cfg->store,
-            .public_url = NULL,
-            .signing_secret = f->cfg->signing_secret,
-            .s3_endpoint = f->cfg->s3_endpoint,
-            .s3_region = f->cfg->s3_region,
-            .s3_access_key = f->cfg->s3_access_key,
-            .s3_secret_key = f->cfg->s3_secret_key,
-            .s3_path_style = f->cfg->s3_path_style,
-        };
-        int rc = mh_store_open(&f->loop, &sc, &f->store);
-        if (rc) return rc;
     }
+    mh_store_config_t sc = {
+        .spec = f->cfg->store,
+        .public_url = NULL,
+        .signing_secret = f->cfg->signing_secret,
+        .s3_endpoint = f->cfg->s3_endpoint,
+        .s3_region = f->cfg->s3_region,
+        .s3_access_key = f->cfg->s3_access_key,
+        .s3_secret_key = f->cfg->s3_secret_key,
+        .s3_path_style = f->cfg->s3_path_style,
+    };
+    return mh_store_open(&f->loop, &sc, &f->store);
+}
+
+/* Every key under prefix, sorted; false (and the check incomplete) when
+ * the store could not be listed. */
+static bool list_store(fsck_t *f, const char *prefix, mh__store_list_t *out)
+{
+    int rc = open_store(f);
+    if (rc) {
+        fprintf(stderr, "musehubd fsck: opening the store %s: %s\n", f->cfg->store, mh_strerror(rc));
+    } else if (mh__store_list(f->store, &f->loop, prefix, out) == 0) {
+        return true;
+    }
+    f->incomplete = true;
+    return false;
+}
+
+static int store_delete(fsck_t *f, const char *key)
+{
+    int rc = open_store(f);
+    if (rc) return rc;
     wait_t w = {false, 0};
     mh_store_delete(f->store, key, deleted_cb, &w);
     while (!w.done) uv_run(&f->loop, UV_RUN_ONCE);

@@ -7,6 +7,7 @@
  * (the old one is simply abandoned: arenas do not free), doubling, so the
  * total cost stays linear.
  */
+#include <math.h>
 #include <string.h>
 
 #include "codec_internal.h"
@@ -27,6 +28,32 @@ bool mh_val_streq(const mh_val_t *v, const char *lit)
     if (!v || v->t != MH_V_STR) return false;
     size_t n = strlen(lit);
     return v->v.s.n == n && memcmp(v->v.s.p, lit, n) == 0;
+}
+
+bool mh_val_equal(const mh_val_t *a, const mh_val_t *b)
+{
+    if (a->t != b->t) return false;
+    switch (a->t) {
+    case MH_V_NIL: return true;
+    case MH_V_BOOL: return a->v.b == b->v.b;
+    case MH_V_INT: return a->v.i == b->v.i;
+    case MH_V_UINT: return a->v.u == b->v.u;
+    case MH_V_FLOAT: return a->v.f == b->v.f || (isnan(a->v.f) && isnan(b->v.f));
+    case MH_V_STR:
+    case MH_V_BIN: return a->v.s.n == b->v.s.n && (a->v.s.n == 0 || memcmp(a->v.s.p, b->v.s.p, a->v.s.n) == 0);
+    case MH_V_ARR:
+        if (a->v.a.n != b->v.a.n) return false;
+        for (uint32_t i = 0; i < a->v.a.n; i++)
+            if (!mh_val_equal(&a->v.a.items[i], &b->v.a.items[i])) return false;
+        return true;
+    case MH_V_MAP:
+        if (a->v.m.n != b->v.m.n) return false;
+        for (uint32_t i = 0; i < a->v.m.n; i++)
+            if (!mh_val_equal(&a->v.m.kv[i].k, &b->v.m.kv[i].k) || !mh_val_equal(&a->v.m.kv[i].v, &b->v.m.kv[i].v))
+                return false;
+        return true;
+    }
+    return false;
 }
 
 char *mh_val_cstr(mh_arena_t *a, const mh_val_t *v)

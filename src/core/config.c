@@ -102,6 +102,9 @@ static const setting_t settings[] = {
     S_RANGE("MPACK_GRACE_SECONDS", K_U32, mpack_grace_seconds, "3600", 1, 0,
             "packs superseded by GC (and orphans found by fsck) stay in the store for, seconds; also how long after "
             "its grant expired an abandoned staged upload is removed"),
+    S_RANGE("FETCH_CACHE_SECONDS", K_U32, fetch_cache_seconds, "86400", 1, 0,
+            "built fetch answers are reused for, seconds; then the maintenance pass drops them and their packs "
+            "follow after the grace period"),
     /* The pack-memory budget (SPEC 4.8, include/mh/budget.h). */
     S_RANGE("PACK_MEMORY", K_U64, pack_memory, "268435456", 1048576, 1ull << 48,
             "bytes of pack work (unpack, pack building, GC, uploads) one process holds at once"),

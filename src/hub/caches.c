@@ -325,14 +325,22 @@ const mh__answer_t *mh__answer_get(mh_hub_t *hub, const char *key)
     if (!fc) return NULL;
     uint64_t h = mh_hash64(key, strlen(key));
     for (answer_ent_t *e = fc->buckets[h % ANSWER_BUCKETS]; e; e = e->next)
-        if (e->hash == h && strcmp(e->key, key) == 0) return &e->ans;
+        if (e->hash == h && strcmp(e->key, key) == 0) return e->ans.expires_at > mh_unix_time() ? &e->ans : NULL;
     return NULL;
 }
 
 void mh__answer_put(mh_hub_t *hub, const char *key, const mh__answer_t *ans)
 {
     mh_fetch_cache_t *fc = mh__caches(hub);
-    if (!fc || mh__answer_get(hub, key)) return;
+    if (!fc) return;
+    uint64_t h = mh_hash64(key, strlen(key));
+    for (answer_ent_t *x = fc->buckets[h % ANSWER_BUCKETS]; x; x = x->next)
+        if (x->hash == h && strcmp(x->key, key) == 0) {
+            if (ans->expires_at > x->ans.expires_at && x->ans.nshallow == ans->nshallow &&
+                strcmp(x->ans.mpack_id, ans->mpack_id) == 0)
+                x->ans.expires_at = ans->expires_at; /* the same answer, recorded again */
+            return;
+        }
     answer_ent_t *e = calloc(1, sizeof *e);
     if (!e || !(e->key = strdup(key))) { /* a cache: best effort */
         free(e);

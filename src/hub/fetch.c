@@ -140,7 +140,8 @@ struct fetch {
 
 #define F(s) MH_STEP_OP(s, fetch_t, op.step)
 
-enum { S_GRAPH, S_RESOLVE, S_LOOKUP, S_WALK, S_ROWS, S_MANIFESTS, S_BLOBSET, S_LOCATE, S_BUILD, S_RECORD, S_ANSWER };
+enum { S_GRAPH, S_RESOLVE, S_LOOKUP, S_WALK, S_ROWS, S_MANIFESTS, S_BLOBSET, S_LOCATE, S_BUILD, S_ACQUIRE, S_BEGIN, S_PUT,
+       S_RECORD, S_COMMIT, S_ANSWER };
 
 static void tmark(fetch_t *f, const char *name)
 {
@@ -349,9 +350,17 @@ static void step_resolve(mh_step_t *s)
 
 /* --- S_LOOKUP: the shared table of built answers */
 
+/* How long an answer is reused (MUSEHUB_FETCH_CACHE_SECONDS): its row is
+ * pruned then, and its pack swept one grace period later. */
+static int64_t cache_seconds(const mh_hub_t *hub)
+{
+    return hub->cfg && hub->cfg->fetch_cache_seconds ? hub->cfg->fetch_cache_seconds : 86400;
+}
+
 static const mh_stmt_t st_lookup = {
     "hub_fetch_lookup",
-    "SELECT mpack_id, commit_count, snapshot_count, blob_count, mpack_version, shallow FROM fetch_packs"
+    "SELECT mpack_id, commit_count, snapshot_count, blob_count, mpack_version, shallow,"
+    " floor(extract(epoch FROM created_at))::bigint FROM fetch_packs"
     " WHERE repo_id = $1 AND request_key = $2 AND state_seq = $3",
     3};
 
@@ -390,6 +399,7 @@ static int looked_up(mh_step_t *s, PGresult *res)
     ans->snapshots = (uint32_t)mh_pq_int(res, 0, 2);
     ans->blobs = (uint32_t)mh_pq_int(res, 0, 3);
     ans->version = (int)mh_pq_int(res, 0, 4);
+    ans->expires_at = mh_pq_int(res, 0, 6) + cache_seconds(f->op.hub);
     int rc = shallow_read(f, res, 0, 5);
     if (rc) return rc == MH_ENOMEM ? rc : MH_EDB;
     ans->shallow = f->shallow;
@@ -808,7 +818,10 @@ static void step_blobset(mh_step_t *s)
 #define LOC_FRAME " LEFT JOIN mpack_frames fr ON fr.mpack_id = m.mpack_id AND fr.frame_no = m.frame_no"
 
 /* DISTINCT ON keeps one row per object: a pack not superseded by GC
- * first, then the smallest pack id (deterministic). About 2.5x faster
+ * first, then a v2 pack (its frames: fewer bytes to read, and whole
+ * frames copied verbatim; a raw v1 pack of the same blobs, pushed to
+ * another repository, would make a clone read ~20x the bytes), then the
+ * smallest pack id (deterministic). About 2.5x faster
  * than a LATERAL ... LIMIT 1 per object on the seed-000 clone. */
 static const mh_stmt_t st_locate = {
     "hub_fetch_locate",
@@ -816,7 +829,7 @@ static const mh_stmt_t st_locate = {
     " FROM object_refs r JOIN mpack_index m ON m.object_id = r.object_id"
     " LEFT JOIN mpacks p ON p.mpack_id = m.mpack_id" LOC_FRAME
     " WHERE r.repo_id = $1 AND r.object_id = ANY($2::text[])"
-    " ORDER BY m.object_id COLLATE \"C\", p.superseded_at IS NOT NULL, m.mpack_id COLLATE \"C\"",
+    " ORDER BY m.object_id COLLATE \"C\", p.superseded_at IS NOT NULL, m.frame_no IS NULL, m.mpack_id COLLATE \"C\"",
     2};
 
 /* For small blob sets (incremental fetches): one index probe per id,
@@ -831,7 +844,7 @@ static const mh_stmt_t st_locate_few = {
     " CROSS JOIN LATERAL (SELECT u.id AS object_id, m.mpack_id, m.byte_offset, m.byte_length, m.frame_no"
     " FROM mpack_index m LEFT JOIN mpacks p ON p.mpack_id = m.mpack_id WHERE m.object_id = u.id"
     " AND EXISTS (SELECT 1 FROM object_refs r WHERE r.repo_id = $1 AND r.object_id = u.id)"
-    " ORDER BY p.superseded_at IS NOT NULL, m.mpack_id COLLATE \"C\" LIMIT 1) m" LOC_FRAME,
+    " ORDER BY p.superseded_at IS NOT NULL, m.frame_no IS NULL, m.mpack_id COLLATE \"C\" LIMIT 1) m" LOC_FRAME,
     2};
 
 /* For fetches covering most of the history (full clones): every index row
@@ -845,7 +858,7 @@ static const mh_stmt_t st_locate_all = {
     1};
 
 /* Row r as the source of its blob, unless a better one is known: a live
- * pack, then the smallest pack id (st_locate's ORDER BY). A v2 row whose
+ * pack, then a v2 one, then the smallest pack id (st_locate's ORDER BY). A v2 row whose
  * frame has no row is skipped (the object then reads as not indexed). */
 static int take_source(fetch_t *f, PGresult *res, int r)
 {
@@ -857,7 +870,13 @@ static int take_source(fetch_t *f, PGresult *res, int r)
         return 0;
     blob_t *b = &f->blobs[ix];
     bool sup = PQnfields(res) > 10 && strcmp(mh_pq_str(res, r, 10), "t") == 0;
-    if (b->mpack && (sup > b->superseded || (sup == b->superseded && strcmp(mp, b->mpack) >= 0))) return 0;
+    if (b->mpack) {
+        /* The better source sorts first: (superseded, v1, pack id). */
+        int c = (int)sup - (int)b->superseded;
+        if (!c) c = (int)!framed - (int)!b->framed;
+        if (!c) c = strcmp(mp, b->mpack);
+        if (c >= 0) return 0;
+    }
     if (!(b->mpack = mh_strdup(f->a, mp))) return MH_ENOMEM;
     b->superseded = sup;
     b->off = (uint64_t)off;
@@ -1006,17 +1025,57 @@ static void step_build(mh_step_t *s)
         mh_step_fail(s, rc, "planning the pack");
         return;
     }
-    mh_pb_env_t env = {hub->loop, hub->store, hub->budget, NULL, false};
+    mh_pb_env_t env = {hub->loop, hub->store, hub->budget, NULL, true};
     mh_step_wait(s);
     mh_pb_run(f->pb, &env, built_cb, f);
 }
 
-/* --- S_RECORD: the mpacks row (a cache pack: kind 'fetch') and the
- * shared answer row */
+/* --- S_ACQUIRE .. S_COMMIT: the pack appears under its lock, with its
+ * rows. The maintenance pass prunes old answers and supersedes their
+ * packs; the sweep deletes a superseded pack under the same lock once no
+ * row names it. Finishing the writer inside this transaction means an
+ * identical pack being swept at the same moment is either gone before our
+ * bytes appear, or sees our fetch_packs row and stays. Nothing to send:
+ * no pack, only the answer row, straight on the pool. */
 
+static void step_acquire(mh_step_t *s)
+{
+    fetch_t *f = F(s);
+    if (!f->built) {
+        mh_step_goto(s, S_RECORD);
+        return;
+    }
+    mh_step_acquire(s);
+}
+
+static void step_begin(mh_step_t *s)
+{
+    fetch_t *f = F(s);
+    mh_db_batch_t b = {0};
+    mh_db_batch_add(&b, "BEGIN", 0);
+    mh_db_batch_add(&b, mh_rw_sql_pack_lock, 1, f->mpack_id.s);
+    mh_step_batch(s, &b, NULL);
+}
+
+static void stored_cb(void *ud, int err)
+{
+    fetch_t *f = ud;
+    mh_step_resume(&f->op.step, err, err ? "storing the pack" : NULL);
+}
+
+static void step_put(mh_step_t *s)
+{
+    mh_step_wait(s);
+    mh_pb_store(F(s)->pb, stored_cb, F(s));
+}
+
+/* The mpacks row (a cache pack: kind 'fetch'; a superseded one of the
+ * same bytes is revived) and the shared answer row. */
 static const mh_stmt_t st_ins_mpack = {
     "hub_fetch_ins_mpack",
-    "INSERT INTO mpacks (mpack_id, size_bytes, kind) VALUES ($1, $2::bigint, 'fetch') ON CONFLICT DO NOTHING", 2};
+    "INSERT INTO mpacks (mpack_id, size_bytes, kind) VALUES ($1, $2::bigint, 'fetch') ON CONFLICT (mpack_id) DO UPDATE"
+    " SET superseded_at = NULL WHERE mpacks.kind = 'fetch' AND mpacks.superseded_at IS NOT NULL",
+    2};
 
 static const mh_stmt_t st_ins_answer = {
     "hub_fetch_ins_answer",
@@ -1025,17 +1084,14 @@ static const mh_stmt_t st_ins_answer = {
     " $9::bigint, $10::text[]) ON CONFLICT DO NOTHING",
     10};
 
-static void recorded(void *ud, PGresult **results, int n, int err, const char *errmsg)
+static int recorded(mh_step_t *s, PGresult **res, int n)
 {
-    fetch_t *f = ud;
-    (void)results;
+    (void)res;
     (void)n;
-    /* The pack is stored: a failed bookkeeping row only costs a rebuild
-     * later, so answer anyway. */
-    if (err)
-        mh_warn("req %s: fetch: recording the answer: %s (%s)", f->op.req->id, mh_strerror(err), errmsg ? errmsg : "");
+    fetch_t *f = F(s);
     tmark(f, "record");
-    mh_step_resume(&f->op.step, 0, NULL);
+    if (!f->built) mh_step_goto(s, S_ANSWER);
+    return 0;
 }
 
 static void step_record(mh_step_t *s)
@@ -1046,6 +1102,7 @@ static void step_record(mh_step_t *s)
     ans->version = f->version;
     ans->shallow = f->shallow;
     ans->nshallow = f->nshallow;
+    ans->expires_at = mh_unix_time() + cache_seconds(f->op.hub);
     if (f->built) {
         memcpy(ans->mpack_id, f->mpack_id.s, MH_ID_SIZE);
         ans->commits = (uint32_t)f->nsend;
@@ -1073,8 +1130,7 @@ static void step_record(mh_step_t *s)
     if (f->built) mh_db_batch_stmt(&b, &st_ins_mpack, ans->mpack_id, size);
     mh_db_batch_stmt(&b, &st_ins_answer, f->op.repo->repo_id, seq, f->normkey, f->built ? ans->mpack_id : NULL, nc, ns,
                      nb, ver, f->depth ? depth : NULL, shallow);
-    mh_step_wait(s);
-    mh_db_pipeline(f->op.hub->db, b.q, b.n, recorded, f);
+    mh_step_batch(s, &b, recorded);
 }
 
 static void step_answer(mh_step_t *s) { mh_step_done(s); }
@@ -1090,8 +1146,12 @@ static const mh_step_def_t fetch_steps[] = {
     [S_MANIFESTS] = {"manifests", step_manifests}, /* of have tips and of roots without their parent */
     [S_BLOBSET] = {"blobset", step_blobset},       /* which blobs to send */
     [S_LOCATE] = {"locate", step_locate},          /* where they are */
-    [S_BUILD] = {"build", step_build},             /* the pack, streamed into the store */
+    [S_BUILD] = {"build", step_build},             /* the pack, streamed into the store (writer left open) */
+    [S_ACQUIRE] = {"acquire", step_acquire},       /* a connection for the transaction (a pack was built) */
+    [S_BEGIN] = {"begin", step_begin},             /* BEGIN, the pack's lock */
+    [S_PUT] = {"put", step_put},                   /* the pack appears under mpacks/ */
     [S_RECORD] = {"record", step_record},          /* mpacks + fetch_packs rows */
+    [S_COMMIT] = {"commit", mh_step_commit},
     [S_ANSWER] = {"answer", step_answer},
 };
 

@@ -184,17 +184,22 @@ void mh__refs_cache_put(mh_hub_t *hub, const mh_repo_t *repo, uint32_t nb, uint3
 
 /* A fetch answer: the pack ("" when nothing is to be sent), counts, the
  * pack version, and the shallow commits (nshallow ids of MH_ID_SIZE
- * bytes each, NUL-terminated, back to back; the cache keeps a copy). */
+ * bytes each, NUL-terminated, back to back; the cache keeps a copy);
+ * reusable until expires_at (unix s: its fetch_packs row's creation plus
+ * MUSEHUB_FETCH_CACHE_SECONDS, when the maintenance pass prunes the row
+ * and hands the pack to the sweep). */
 typedef struct {
     char mpack_id[MH_ID_SIZE];
     uint32_t commits, snapshots, blobs;
     int version;
     char *shallow;
     uint32_t nshallow;
+    int64_t expires_at;
 } mh__answer_t;
 
-/* Answers by key "repo_id|state_seq|request key" (FIFO, 8192). The
- * pointer from _get is valid until the next put. */
+/* Answers by key "repo_id|state_seq|request key" (FIFO, 8192); an answer
+ * past its expires_at is not returned. The pointer from _get is valid
+ * until the next put. */
 const mh__answer_t *mh__answer_get(mh_hub_t *hub, const char *key);
 void mh__answer_put(mh_hub_t *hub, const char *key, const mh__answer_t *ans);
 

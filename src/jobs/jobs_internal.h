@@ -106,10 +106,19 @@ void mh__jobs_sweep(mh_db_t *db, mh_store_t *store, uint32_t grace_s, bool (*sto
 void mh__jobs_sweep_staged(mh_db_t *db, mh_store_t *store, uint32_t grace_s, bool (*stopping)(void *arg),
                           void (*done)(void *arg, int uploads, unsigned tmp), void *arg);
 
+/* One pass over the fetch-answer cache (SPEC 4.4): deletes up to a batch
+ * of fetch_packs rows older than age_s seconds and marks superseded each
+ * fetch pack (kind 'fetch') that no younger row, mpack_refs or
+ * mpack_index row names, so the sweep deletes it one grace period later.
+ * done(arg, rows, packs) fires once on a later loop turn (0, 0 after a
+ * database error, which is logged). */
+void mh__jobs_prune_fetch(mh_db_t *db, uint32_t age_s, void (*done)(void *arg, int rows, int packs), void *arg);
+
 /* ------------------------------------------------------------ helpers */
 
 /* Process-wide counters (queue.c), for metrics. */
 void mh__jobs_count_swept(int n);
 void mh__jobs_count_staged_swept(int uploads, unsigned tmp);
+void mh__jobs_count_fetch_pruned(int rows, int packs);
 
 #endif

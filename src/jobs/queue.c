@@ -70,6 +70,7 @@ static struct {
     int64_t running;
     uint64_t swept, pruned;
     uint64_t staged_swept, tmp_swept;
+    uint64_t fetch_rows_pruned, fetch_packs_superseded;
 } stats;
 
 /* One finished run of a job of type t that took secs. */
@@ -98,6 +99,12 @@ void mh__jobs_count_staged_swept(int uploads, unsigned tmp)
 {
     if (uploads > 0) stats.staged_swept += (uint64_t)uploads;
     stats.tmp_swept += tmp;
+}
+
+void mh__jobs_count_fetch_pruned(int rows, int packs)
+{
+    if (rows > 0) stats.fetch_rows_pruned += (uint64_t)rows;
+    if (packs > 0) stats.fetch_packs_superseded += (uint64_t)packs;
 }
 
 int mh_jobs_metrics_write(mh_buf_t *out)
@@ -134,19 +141,24 @@ int mh_jobs_metrics_write(mh_buf_t *out)
                                "musehub_jobs_duration_seconds_count{type=\"%s\"} %llu\n",
                                type_names[t], stats.seconds[t], type_names[t], (unsigned long long)stats.dur_count[t]);
     }
-    if (!rc)
-        rc = mh_buf_printf(out,
-                           "# HELP musehub_mpacks_swept_total Superseded packs deleted from the store.\n"
-                           "# TYPE musehub_mpacks_swept_total counter\nmusehub_mpacks_swept_total %llu\n"
-                           "# HELP musehub_jobs_pruned_total Finished jobs deleted after the retention period.\n"
-                           "# TYPE musehub_jobs_pruned_total counter\nmusehub_jobs_pruned_total %llu\n"
-                           "# HELP musehub_staged_uploads_swept_total Abandoned staged uploads (expired push "
-                           "grants) removed.\n"
-                           "# TYPE musehub_staged_uploads_swept_total counter\nmusehub_staged_uploads_swept_total %llu\n"
-                           "# HELP musehub_store_tmp_swept_total Stale store temporaries removed.\n"
-                           "# TYPE musehub_store_tmp_swept_total counter\nmusehub_store_tmp_swept_total %llu\n",
-                           (unsigned long long)stats.swept, (unsigned long long)stats.pruned,
-                           (unsigned long long)stats.staged_swept, (unsigned long long)stats.tmp_swept);
+    /* The maintenance pass's counters: one family each. */
+    const struct {
+        const char *name, *help;
+        uint64_t v;
+    } counters[] = {
+        {"musehub_mpacks_swept_total", "Superseded packs deleted from the store.", stats.swept},
+        {"musehub_jobs_pruned_total", "Finished jobs deleted after the retention period.", stats.pruned},
+        {"musehub_staged_uploads_swept_total", "Abandoned staged uploads (expired push grants) removed.",
+         stats.staged_swept},
+        {"musehub_store_tmp_swept_total", "Stale store temporaries removed.", stats.tmp_swept},
+        {"musehub_fetch_cache_pruned_total",
+         "Fetch answers (fetch_packs rows) deleted after MUSEHUB_FETCH_CACHE_SECONDS.", stats.fetch_rows_pruned},
+        {"musehub_fetch_packs_superseded_total", "Fetch packs no answer names any more, handed to the sweep.",
+         stats.fetch_packs_superseded},
+    };
+    for (size_t i = 0; i < sizeof counters / sizeof counters[0] && !rc; i++)
+        rc = mh_buf_printf(out, "# HELP %s %s\n# TYPE %s counter\n%s %llu\n", counters[i].name, counters[i].help,
+                           counters[i].name, counters[i].name, (unsigned long long)counters[i].v);
     return rc;
 }
 
@@ -538,6 +550,21 @@ static void sweep_done_cb(void *arg, int deleted)
     mh__jobs_sweep_staged(r->db, r->store, r->cfg.grace_s, sweep_stopping, staged_done_cb, r);
 }
 
+static void fetch_pruned_cb(void *arg, int rows, int packs)
+{
+    mh_jobs_t *r = arg;
+    mh__jobs_count_fetch_pruned(rows, packs);
+    if (rows > 0)
+        mh_info("jobs: pruned %d fetch answer(s) older than %u s; %d fetch pack(s) superseded", rows,
+                r->cfg.fetch_cache_s, packs);
+    if (r->stopping) {
+        r->maint_busy = false;
+        maybe_stopped(r);
+        return;
+    }
+    mh__jobs_sweep(r->db, r->store, r->cfg.grace_s, sweep_stopping, sweep_done_cb, r);
+}
+
 static void prune_cb(void *ud, PGresult *res, int err, const char *errmsg)
 {
     mh_jobs_t *r = ud;
@@ -555,7 +582,7 @@ static void prune_cb(void *ud, PGresult *res, int err, const char *errmsg)
         maybe_stopped(r);
         return;
     }
-    mh__jobs_sweep(r->db, r->store, r->cfg.grace_s, sweep_stopping, sweep_done_cb, r);
+    mh__jobs_prune_fetch(r->db, r->cfg.fetch_cache_s, fetch_pruned_cb, r);
 }
 
 static void maint_cb(uv_timer_t *t)
@@ -588,6 +615,7 @@ int mh_jobs_start(uv_loop_t *loop, mh_db_t *db, mh_store_t *store, const mh_jobs
     if (!c->poll_ms) c->poll_ms = 2000;
     if (!c->retention_hours) c->retention_hours = 168;
     if (!c->grace_s) c->grace_s = 3600;
+    if (!c->fetch_cache_s) c->fetch_cache_s = 86400;
     if (!c->maintenance_s) c->maintenance_s = 60;
     if (!c->max_pack_bytes) c->max_pack_bytes = 2147483648ull;
     if (!c->gc_level) c->gc_level = 9;

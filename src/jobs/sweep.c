@@ -5,7 +5,9 @@
  * a pack GC replaced stays readable for a
  * grace period, so a fetch or object read that located its bytes before
  * the swap still finds them; afterwards, once no mpack_index row points at
- * it and no mpack_refs row names it, its row and its bytes go.
+ * it and no mpack_refs or fetch_packs row names it, its row and its bytes
+ * go. Fetch packs (kind 'fetch') get there through the fetch-cache prune
+ * (4. below).
  *
  * Per pack, one transaction on a held connection:
  *   BEGIN; the pack's advisory lock; DELETE its mpacks row if it is still
@@ -31,6 +33,17 @@
  * 3. Then the store's own temporaries older than six hours
  * (mh_store_sweep_tmp: fs tmp/ files, s3 tmp/ objects and incomplete
  * multipart uploads of writers whose process died).
+ *
+ * 4. The fetch-answer cache (SPEC 4.4: fetch may answer from built
+ * packs): fetch_packs rows older than MUSEHUB_FETCH_CACHE_SECONDS are
+ * deleted, a batch per pass, in one statement that also supersedes each
+ * fetch pack (kind 'fetch') none of the remaining rows names and no
+ * mpack_refs or mpack_index row holds (a client may have pushed the same
+ * bytes). The sweep (1.) then deletes the pack one grace period later,
+ * re-checking every reference under the pack's lock; a fetch that
+ * rebuilds the same bytes meanwhile revives it (fetch.c takes the same
+ * lock and clears superseded_at). Rows of older ref states are never hit
+ * again (answers are keyed by state_seq) and go the same way.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -142,7 +155,8 @@ static void begin_cb(void *ud, PGresult *res, int err, const char *errmsg)
          "WITH d AS (DELETE FROM mpacks m WHERE m.mpack_id = $1"
          " AND m.superseded_at < now() - make_interval(secs => $2::int)"
          " AND NOT EXISTS (SELECT 1 FROM mpack_index i WHERE i.mpack_id = m.mpack_id)"
-         " AND NOT EXISTS (SELECT 1 FROM mpack_refs r WHERE r.mpack_id = m.mpack_id) RETURNING m.mpack_id),"
+         " AND NOT EXISTS (SELECT 1 FROM mpack_refs r WHERE r.mpack_id = m.mpack_id)"
+         " AND NOT EXISTS (SELECT 1 FROM fetch_packs fp WHERE fp.mpack_id = m.mpack_id) RETURNING m.mpack_id),"
          " f AS (DELETE FROM mpack_frames x USING d WHERE x.mpack_id = d.mpack_id)"
          " SELECT 1 FROM d",
          2, v, NULL, NULL},
@@ -219,8 +233,54 @@ void mh__jobs_sweep(mh_db_t *db, mh_store_t *store, uint32_t grace_s, bool (*sto
                 " WHERE m.superseded_at < now() - make_interval(secs => $1::int)"
                 " AND NOT EXISTS (SELECT 1 FROM mpack_index i WHERE i.mpack_id = m.mpack_id)"
                 " AND NOT EXISTS (SELECT 1 FROM mpack_refs r WHERE r.mpack_id = m.mpack_id)"
+                " AND NOT EXISTS (SELECT 1 FROM fetch_packs fp WHERE fp.mpack_id = m.mpack_id)"
                 " ORDER BY m.superseded_at LIMIT $2::int",
                 2, vals, NULL, NULL, candidates_cb, s);
+}
+
+/* ------------------------------------------------ the fetch-answer cache */
+
+#define FETCH_PRUNE_BATCH 10000
+
+typedef struct {
+    void (*done)(void *arg, int rows, int packs);
+    void *arg;
+} fprune_t;
+
+static void fetch_pruned_cb(void *ud, PGresult *res, int err, const char *errmsg)
+{
+    fprune_t p = *(fprune_t *)ud;
+    free(ud);
+    int n = listed(res, err, errmsg, "old fetch answers");
+    p.done(p.arg, n > 0 ? (int)mh_pq_int(res, 0, 0) : 0, n > 0 ? (int)mh_pq_int(res, 0, 1) : 0);
+}
+
+void mh__jobs_prune_fetch(mh_db_t *db, uint32_t age_s, void (*done)(void *arg, int rows, int packs), void *arg)
+{
+    fprune_t *p = malloc(sizeof *p);
+    if (!p) {
+        done(arg, 0, 0); /* called from a db callback: already a later turn */
+        return;
+    }
+    *p = (fprune_t){done, arg};
+    char age[16], batch[16];
+    snprintf(age, sizeof age, "%u", age_s);
+    snprintf(batch, sizeof batch, "%d", FETCH_PRUNE_BATCH);
+    const char *vals[2] = {age, batch};
+    /* One snapshot: "the remaining rows" are those younger than the
+     * cutoff; a row committed meanwhile is seen by the sweep's re-check
+     * under the pack's lock, which never deletes a named pack. */
+    mh_db_query(db,
+                "WITH d AS (DELETE FROM fetch_packs WHERE ctid = ANY (ARRAY(SELECT ctid FROM fetch_packs"
+                "   WHERE created_at < now() - make_interval(secs => $1::int) LIMIT $2::int)) RETURNING mpack_id),"
+                " s AS (UPDATE mpacks m SET superseded_at = now() WHERE m.kind = 'fetch'"
+                "   AND m.mpack_id IN (SELECT mpack_id FROM d WHERE mpack_id IS NOT NULL)"
+                "   AND NOT EXISTS (SELECT 1 FROM fetch_packs fp WHERE fp.mpack_id = m.mpack_id"
+                "     AND fp.created_at >= now() - make_interval(secs => $1::int))"
+                "   AND NOT EXISTS (SELECT 1 FROM mpack_refs r WHERE r.mpack_id = m.mpack_id)"
+                "   AND NOT EXISTS (SELECT 1 FROM mpack_index i WHERE i.mpack_id = m.mpack_id) RETURNING 1)"
+                " SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM s)",
+                2, vals, NULL, NULL, fetch_pruned_cb, p);
 }
 
 /* ------------------------------------------------ abandoned staged uploads */

@@ -27,6 +27,9 @@
  * abandoned (then retried): a stalled store becomes an error, not a hang. */
 #define LOW_SPEED_LIMIT 1024
 #define LOW_SPEED_TIME_S 15
+/* ... and for the calls that answer only when the store has done the work
+ * (CopyObject, CompleteMultipartUpload), SLOW_ANSWER_TIME_S s. */
+#define SLOW_ANSWER_TIME_S 120
 /* Error bodies are only read for <Code>/<Message>. */
 #define ERRBODY_MAX 16384
 /* get_ranges: ranges closer than RANGE_GAP share one ranged GET (a few KiB
@@ -233,5 +236,30 @@ void mh__s3_reader_next(mh_store_reader_t *r);
 void mh__s3_reader_close(mh_store_reader_t *r);
 void mh__s3_list(mh_store_t *s, const char *prefix, const char *after, mh_store_list_cb cb, void *ud);
 void mh__s3_sweep_tmp(mh_store_t *s, uint32_t older_than_s, mh_store_count_cb cb, void *ud);
+
+/* ------------------------------------------------- listing (s3_stream.c) */
+
+/* Keys per ListObjectsV2 page (S3's max-keys limit). */
+#define MH__S3_LIST_PAGE 1000
+
+/* One page of a listing, read from a ListObjectsV2 answer. */
+typedef struct {
+    const char *prefix;                  /* keys kept start with it ("mpacks/", "incoming/") */
+    mh_store_entry_t *entries;           /* n of them, pointing into names */
+    char (*names)[MH_STORE_KEY_MAX + 1]; /* MH__S3_LIST_PAGE slots */
+    size_t n;
+    char next[1024]; /* the page's last key, kept or not: start-after of the next page */
+    bool more;       /* <IsTruncated>true */
+} mh__s3_page_t;
+
+/* Reads a ListObjectsV2 answer body (untrusted bytes: every scan stays
+ * within body->len) into pg: each <Contents> whose <Key> is a valid store
+ * key under pg->prefix (others are passed over), at most
+ * MH__S3_LIST_PAGE; `next` and `more` as above. Allocates entries and
+ * names on first use (free with mh__s3_page_free). 0, MH_ESTORE (not a
+ * ListBucketResult, a <Contents> without <Key>), MH_ENOMEM. Used by
+ * mh_store_list (fsck, the sweeps) and test/fuzz/fuzz_s3list.c. */
+int mh__s3_list_page(const mh_buf_t *body, mh__s3_page_t *pg);
+void mh__s3_page_free(mh__s3_page_t *pg);
 
 #endif

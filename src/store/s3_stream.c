@@ -621,19 +621,13 @@ static void r_complete(s3_reader_t *r)
 
 /* ============================================================= listing */
 
-#define LIST_PAGE 1000
-
 typedef struct {
     s3_op_t op;
     mh_store_list_cb cb;
     void *ud;
     char prefix[16];
     char after[1024];
-    char next[1024];
-    bool more;
-    mh_store_entry_t *entries;
-    char (*names)[MH_STORE_KEY_MAX + 1];
-    size_t n;
+    mh__s3_page_t page;
 } s3_list_t;
 
 /* One ListObjectsV2 page: every <Contents> (key, size, mtime), the last
@@ -670,30 +664,43 @@ static int parse_objects(const mh_buf_t *body, bool (*keep)(const char *key, voi
     return 0;
 }
 
-static bool list_keep(const char *key, void *arg)
+static bool page_keep(const char *key, void *arg)
 {
-    const s3_list_t *l = arg;
+    const mh__s3_page_t *pg = arg;
     size_t n = strlen(key);
-    return l->n < LIST_PAGE && n <= MH_STORE_KEY_MAX && mh_store_key_valid(key, n) &&
-           strncmp(key, l->prefix, strlen(l->prefix)) == 0;
+    return pg->n < MH__S3_LIST_PAGE && n <= MH_STORE_KEY_MAX && mh_store_key_valid(key, n) &&
+           strncmp(key, pg->prefix, strlen(pg->prefix)) == 0;
 }
 
-static void list_add(const obj_t *o, void *arg)
+static void page_add(const obj_t *o, void *arg)
 {
-    s3_list_t *l = arg;
-    memcpy(l->names[l->n], o->key, strlen(o->key) + 1); /* list_keep checked the length */
-    l->entries[l->n] = (mh_store_entry_t){l->names[l->n], o->size, o->mtime};
-    l->n++;
+    mh__s3_page_t *pg = arg;
+    memcpy(pg->names[pg->n], o->key, strlen(o->key) + 1); /* page_keep checked the length */
+    pg->entries[pg->n] = (mh_store_entry_t){pg->names[pg->n], o->size, o->mtime};
+    pg->n++;
+}
+
+int mh__s3_list_page(const mh_buf_t *body, mh__s3_page_t *pg)
+{
+    pg->n = 0;
+    if (!pg->entries) pg->entries = malloc(MH__S3_LIST_PAGE * sizeof *pg->entries);
+    if (!pg->names) pg->names = malloc(MH__S3_LIST_PAGE * sizeof *pg->names);
+    if (!pg->entries || !pg->names) return MH_ENOMEM;
+    return parse_objects(body, page_keep, pg, page_add, pg->next, sizeof pg->next, &pg->more);
+}
+
+void mh__s3_page_free(mh__s3_page_t *pg)
+{
+    free(pg->entries);
+    free(pg->names);
+    pg->entries = NULL;
+    pg->names = NULL;
+    pg->n = 0;
 }
 
 static void list_step(s3_list_t *l, xfer_t *x, int err)
 {
-    if (!err) {
-        l->entries = malloc(LIST_PAGE * sizeof *l->entries);
-        l->names = malloc(LIST_PAGE * sizeof *l->names);
-        if (!l->entries || !l->names) err = MH_ENOMEM;
-    }
-    if (!err) err = parse_objects(&x->body, list_keep, l, list_add, l->next, sizeof l->next, &l->more);
+    if (!err) err = mh__s3_list_page(&x->body, &l->page);
     if (err == MH_ESTORE) mh_warn("store: s3 list %s: an answer that is not a ListObjectsV2 result", l->prefix);
     mh__s3_op_finish(&l->op, err);
 }
@@ -702,9 +709,9 @@ static void list_complete(s3_list_t *l)
 {
     int err = l->op.err;
     mh_store_note(&l->op.s3->base, MH_STORE_OP_LIST, err);
-    l->cb(l->ud, err, err ? NULL : l->entries, err ? 0 : l->n, !err && l->more && l->next[0] ? l->next : NULL);
-    free(l->entries);
-    free(l->names);
+    const mh__s3_page_t *pg = &l->page;
+    l->cb(l->ud, err, err ? NULL : pg->entries, err ? 0 : pg->n, !err && pg->more && pg->next[0] ? pg->next : NULL);
+    mh__s3_page_free(&l->page);
     free(l);
 }
 
@@ -727,6 +734,7 @@ void mh__s3_list(mh_store_t *s, const char *prefix, const char *after, mh_store_
         mh__s3_op_finish(&l->op, MH_EINVAL);
     } else {
         snprintf(l->prefix, sizeof l->prefix, "%s", prefix);
+        l->page.prefix = l->prefix;
         if (after) snprintf(l->after, sizeof l->after, "%s", after);
         spec_t sp = {.bucket = true,
                      .qn = {"list-type", "prefix", "max-keys", after ? "start-after" : NULL},
@@ -768,7 +776,7 @@ static bool sweep_keep(const char *key, void *arg)
 static void sweep_add(const obj_t *o, void *arg)
 {
     s3_sweep_t *w = arg;
-    if (w->n < LIST_PAGE && tmp_key_ours(o->key) && o->mtime > 0 && o->mtime < w->cutoff)
+    if (w->n < MH__S3_LIST_PAGE && tmp_key_ours(o->key) && o->mtime > 0 && o->mtime < w->cutoff)
         memcpy(w->keys[w->n++], o->key, 37); /* tmp_key_ours: 36 characters */
 }
 
@@ -816,7 +824,7 @@ static void sweep_parse_uploads(s3_sweep_t *w, const mh_buf_t *body)
 {
     const char *p = (const char *)body->p, *end = p + body->len, *in;
     size_t inn;
-    while (w->n < LIST_PAGE && (p = mh_s3_xml_next(p, end, "Upload", &in, &inn)) != NULL) {
+    while (w->n < MH__S3_LIST_PAGE && (p = mh_s3_xml_next(p, end, "Upload", &in, &inn)) != NULL) {
         char key[64], id[512], tm[40];
         int64_t t = 0;
         if (mh_s3_xml_text(in, inn, "Key", key, sizeof key) != 0 || !tmp_key_ours(key)) continue;
@@ -882,8 +890,8 @@ void mh__s3_sweep_tmp(mh_store_t *s, uint32_t older_than_s, mh_store_count_cb cb
     mh__s3_enter(s3, true);
     s3_sweep_t *w = calloc(1, sizeof *w);
     if (w) {
-        w->keys = malloc(LIST_PAGE * sizeof *w->keys);
-        w->ids = malloc(LIST_PAGE * sizeof *w->ids);
+        w->keys = malloc(MH__S3_LIST_PAGE * sizeof *w->keys);
+        w->ids = malloc(MH__S3_LIST_PAGE * sizeof *w->ids);
     }
     if (!w || !w->keys || !w->ids) {
         mh_error("store: s3: out of memory queuing a sweep");

@@ -7,9 +7,11 @@
   RawHTTP                a raw socket client for protocol-level tests
   read_response(f)       parse one HTTP/1.1 response from a binary file object
   repo_counts(db, id)    ref-row counts of a repository
+  packs_in_store(srv)    hex names of the packs a server's store holds (fs or s3)
 """
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -163,3 +165,18 @@ class RawHTTP:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def packs_in_store(server) -> set[str]:
+    """Hex names of the packs under mpacks/ (fs: one file each; s3: the
+    emulator's object file, its metadata beside it)."""
+    d = server.store_path("mpacks/x").parent
+    if not d.exists():
+        return set()
+    names = set()
+    for f in os.listdir(d):
+        if f.endswith("._S3rver_object"):
+            f = f[:-len("._S3rver_object")]
+        if len(f) == 64 and all(ch in "0123456789abcdef" for ch in f):
+            names.add(f)
+    return names

@@ -191,6 +191,24 @@ def test_fetch_checkout_and_formats(server, hub, repo, tmp_path):
     assert (tmp_path / "p.mpack").read_bytes()[:5] == b"MUSE\x01"
 
 
+def two_more_into_state(server, hub, repo, h: muse.History, seed: str, st: Path,
+                        wc: Path) -> dict:
+    """Pushes two commits on top of h (8 commits of 12 files), then
+    muse-fetch --state st --checkout wc: checks that only those two came
+    and that wc holds the new head's files; returns the tool's JSON."""
+    h2 = muse.generate(commits=2, files=12, changed=2, blob_size=200, seed=seed,
+                       parent=(h.head, h.manifest), first_index=8)
+    hub.push(OWNER, repo["slug"], h2.pack(), "main", h2.head)
+    r = tool("muse-fetch", *push_args(server, repo["slug"], "--state", str(st), "--json",
+                                      "--checkout", str(wc)))
+    out = json.loads(r.stdout)
+    assert out["commit_count"] == 2
+    contents = {x["object_id"]: x["content"] for x in h.blobs + h2.blobs}
+    got = {str(p.relative_to(wc)): p.read_bytes() for p in wc.rglob("*") if p.is_file()}
+    assert got == {p: contents[o] for p, o in h2.manifest.items()}
+    return out
+
+
 def test_fetch_v2_same_ids_as_v1(server, hub, repo, tmp_path):
     seed = unique("f2")
     h = muse.generate(commits=8, files=12, changed=2, blob_size=200, seed=seed)
@@ -209,17 +227,33 @@ def test_fetch_v2_same_ids_as_v1(server, hub, repo, tmp_path):
     # a v2 state: an incremental fetch, then a checkout from pack + state
     st = tmp_path / "st"
     tool("muse-fetch", *push_args(server, repo["slug"], "--state", str(st)))
-    h2 = muse.generate(commits=2, files=12, changed=2, blob_size=200, seed=seed,
-                       parent=(h.head, h.manifest), first_index=8)
-    hub.push(OWNER, repo["slug"], h2.pack(), "main", h2.head)
+    out = two_more_into_state(server, hub, repo, h, seed, st, tmp_path / "wc")
+    assert out["mpack_version"] == 2
+
+
+def test_fetch_depth(server, hub, repo, tmp_path):
+    """muse-fetch --depth N: a shallow clone (SPEC 4.4) that verifies on its
+    own and checks out, then an incremental fetch into its state."""
+    seed = unique("d")
+    h = muse.generate(commits=8, files=12, changed=2, blob_size=200, seed=seed)
+    hub.push(OWNER, repo["slug"], h.pack(), "main", h.head)
+    contents = {b["object_id"]: b["content"] for b in h.blobs}
     wc = tmp_path / "wc"
-    r = tool("muse-fetch", *push_args(server, repo["slug"], "--state", str(st), "--json",
-                                      "--checkout", str(wc)))
+    r = tool("muse-fetch", *push_args(server, repo["slug"], "--depth", "1", "--checkout",
+                                      str(wc), "--json"))
     out = json.loads(r.stdout)
-    assert out["commit_count"] == 2 and out["mpack_version"] == 2
-    contents = {x["object_id"]: x["content"] for x in h.blobs + h2.blobs}
-    got = {str(p.relative_to(wc)): p.read_bytes() for p in wc.rglob("*") if p.is_file()}
-    assert got == {p: contents[o] for p, o in h2.manifest.items()}
+    assert out["commit_count"] == 1 and out["shallow"] == [h.head]
+    files = {str(p.relative_to(wc)): p.read_bytes() for p in wc.rglob("*") if p.is_file()}
+    assert files == {p: contents[o] for p, o in h.manifest.items()}
+    st = tmp_path / "st"
+    r = tool("muse-fetch", *push_args(server, repo["slug"], "--depth", "3", "--state", str(st),
+                                      "--json"))
+    out = json.loads(r.stdout)
+    assert out["commit_count"] == 3 and out["shallow"] == [h.commits[-3]["commit_id"]]
+    out = two_more_into_state(server, hub, repo, h, seed, st, tmp_path / "wc2")
+    assert out["have"] == [h.head]
+    r = tool("muse-fetch", *push_args(server, repo["slug"], "--depth", "0"), ok=False)
+    assert r.returncode == 2 and "--depth must be at least 1" in r.stderr
 
 
 def test_fetch_have_without_state(server, hub, repo, tmp_path):
@@ -393,6 +427,27 @@ def test_git2muse_incremental_push(gsrv, ghub, tmp_path):
     tool("muse-fetch", *push_args(gsrv, repo["slug"], "--checkout", str(wc)))
     got = {str(p.relative_to(wc)): p.read_bytes() for p in wc.rglob("*") if p.is_file()}
     assert got == git_files(g, "main")
+
+
+def test_git2muse_is_deterministic(tmp_path, monkeypatch):
+    """The same git history converts to the same packs byte for byte,
+    whatever the interpreter's hash seed: the tree diff walks names in a
+    fixed order (it iterated a set, so the order of a commit's changed
+    paths, and with it the packs' bytes and keys, changed from run to run)."""
+    src = make_git_repo(tmp_path / "g")
+    for d in ("x", "y/z"):
+        (src / d).mkdir(parents=True)
+        for i in range(24):
+            (src / d / f"f{i:02d}.txt").write_text(f"{d} {i}\n")
+    git(src, "add", "-A")
+    git_commit(src, "many files", "2026-01-03T00:00:00")
+    keys = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / f"out{seed}"
+        monkeypatch.setenv("PYTHONHASHSEED", seed)
+        tool("git2muse", "--repo", str(src), "--out-dir", str(out), "--format", "1", "-q")
+        keys.append([p["mpack_key"] for p in json.loads((out / "push.json").read_text())["packs"]])
+    assert keys[0] == keys[1] == keys[2]
 
 
 def test_git2muse_state_is_tree_bounded(tmp_path):

@@ -23,7 +23,7 @@ import pytest
 import zstandard
 
 import muselib
-from e2e_util import sql_str, unique
+from e2e_util import packs_in_store, sql_str, unique
 
 OWNER = "gabriel"
 
@@ -44,21 +44,6 @@ def commit(hub, repo, branch, files=None, remove=None, message="change", fmt="js
     if remove is not None:
         body["remove"] = remove
     return hub.call("POST", f"/api/repos/{repo['repo_id']}/commits", body, fmt=fmt, expect=expect)
-
-
-def packs_in_store(server) -> set[str]:
-    """Hex names of the packs under mpacks/ (fs: one file each; s3: the
-    emulator's object file, its metadata beside it)."""
-    d = server.store_path("mpacks/x").parent
-    if not d.exists():
-        return set()
-    names = set()
-    for f in os.listdir(d):
-        if f.endswith("._S3rver_object"):
-            f = f[:-len("._S3rver_object")]
-        if len(f) == 64 and all(ch in "0123456789abcdef" for ch in f):
-            names.add(f)
-    return names
 
 
 def tree(hub, repo, ref) -> dict[str, str]:

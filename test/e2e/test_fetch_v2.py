@@ -188,6 +188,33 @@ def test_clone_of_gc_pack_copies_frames(server, hub, make_repo, db):
     check_objects_readable(db, server, r["repo_id"], hists)
 
 
+def test_clone_prefers_the_v2_source_to_a_v1_copy(server, hub, make_repo):
+    """The same blobs stored twice, raw in a v1 pack another repository
+    pushed (its key sorting first) and in this repository's GC pack: the
+    builder reads the v2 frames, not the raw copy (a clone of libuv's
+    history read 364 MB through 91 v1 packs instead of one 5.6 MB pack)."""
+    r, hists, key = gc_repo(hub, make_repo, n=3, commits=4, files=20, changed=3, blob_size=1500)
+    commits = [c for h in hists for c in h.commits]
+    snaps = [s for h in hists for s in h.snapshots]
+    blobs = list({b["object_id"]: b for h in hists for b in h.blobs}.values())
+    rnd = random.Random(7)
+    for _ in range(64):  # each order gives another key; half sort first
+        rnd.shuffle(blobs)
+        raw = muselib.build_mpack(commits, snaps, blobs)
+        if "sha256:" + hashlib.sha256(raw).hexdigest() < key:
+            break
+    else:
+        pytest.fail("no v1 pack order with a key before the GC pack's")
+    other = make_repo()
+    assert hub.push(OWNER, other["slug"], raw, "main", hists[-1].head)["objects_written"] == len(blobs)
+    gc_frames = set(frames_data(server.store_path(key).read_bytes()))
+    before = metric(hub, "musehub_pack_build_frames_total", '{kind="reused"}')
+    res, pack, _ = clone(hub, r["slug"], [hists[-1].head], formats=[1, 2])
+    assert ids_of(pack)[2] == all_blob_ids(hists)
+    assert set(frames_data(hub.download(res["mpack_url"]))) == gc_frames
+    assert metric(hub, "musehub_pack_build_frames_total", '{kind="reused"}') - before == len(gc_frames)
+
+
 def test_partial_fetch_recompresses(server, hub, make_repo):
     r, hists, key = gc_repo(hub, make_repo, n=3, commits=5, files=30, changed=3, blob_size=1500)
     mid = hists[0].head

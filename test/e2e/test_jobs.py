@@ -661,6 +661,93 @@ def test_finished_jobs_are_pruned(start_server):
         assert get_job(hub, new["job_id"])["status"] == "done"
 
 
+def test_fetch_cache_is_pruned_and_its_packs_swept(start_server):
+    """The fetch-answer cache is pruned (issue: fetch_packs rows and fetch
+    packs were never deleted): answers older than
+    MUSEHUB_FETCH_CACHE_SECONDS lose their row in the maintenance pass, and
+    a pack no remaining answer names is superseded, then swept after the
+    grace period, in the store too. Never a pack still referenced: one a
+    younger answer names (the same request on a newer state builds the
+    same bytes), nor one a client pushed into a repository."""
+    srv = start_server(MUSEHUB_FETCH_CACHE_SECONDS="3600", MUSEHUB_MPACK_GRACE_SECONDS="1",
+                       MUSEHUB_JOB_MAINTENANCE_SECONDS="1")
+    db = srv.db
+    with srv.hub() as hub:
+        r = hub.create_repo(OWNER, unique("fcache"))
+        other = hub.create_repo(OWNER, unique("fcache-b"))
+        h = small_history()
+        hub.push(OWNER, r["slug"], h.pack(), "main", h.head)
+        rid = sql_str(r["repo_id"])
+
+        def fetch(want=h.head, **kw):
+            res = hub.fetch(OWNER, r["slug"], [want], **kw)
+            assert res["mpack_id"] and res["mpack_url"], res
+            return res
+
+        def age(mpack_id, seq=None):
+            cond = f" AND state_seq = {seq}" if seq is not None else ""
+            db.execute(f"UPDATE fetch_packs SET created_at = now() - interval '2 hours'"
+                       f" WHERE repo_id = {rid} AND mpack_id = {sql_str(mpack_id)}{cond}")
+
+        kept = fetch(formats=[2])["mpack_id"]        # named again by a younger answer
+        old_seq = db.scalar(f"SELECT state_seq FROM repos WHERE repo_id = {rid}")
+        bump_state(db, r["repo_id"])
+        assert fetch(formats=[2])["mpack_id"] == kept  # same request, new state: the same bytes
+        gone = fetch(formats=[1])                       # only this answer names it
+        below = h.commits[-2]["commit_id"]
+        pushed = fetch(want=below, formats=[2])         # a client pushes these bytes elsewhere
+        hub.push(OWNER, other["slug"], hub.download(pushed["mpack_url"]), "main", below)
+        assert db.count(f"SELECT count(*) FROM mpack_refs WHERE mpack_id = {sql_str(pushed['mpack_id'])}") == 1
+        assert len({kept, gone["mpack_id"], pushed["mpack_id"]}) == 3
+        for k in (kept, gone["mpack_id"], pushed["mpack_id"]):
+            assert db.scalar(f"SELECT kind FROM mpacks WHERE mpack_id = {sql_str(k)}") == "fetch"
+            assert pack_path(srv, k).exists()
+        age(kept, old_seq)
+        age(gone["mpack_id"])
+        age(pushed["mpack_id"])
+
+        deadline = time.monotonic() + 20
+        while (pack_path(srv, gone["mpack_id"]).exists()
+               or db.count(f"SELECT count(*) FROM mpacks WHERE mpack_id = {sql_str(gone['mpack_id'])}")):
+            assert time.monotonic() < deadline, "the pruned answer's pack was not swept"
+            time.sleep(0.2)
+        assert db.count(f"SELECT count(*) FROM fetch_packs WHERE repo_id = {rid}"
+                        " AND created_at < now() - interval '1 hour'") == 0
+        # Still referenced: kept, in the store and not superseded.
+        for k in (kept, pushed["mpack_id"]):
+            assert pack_path(srv, k).exists(), k
+            assert db.scalar(f"SELECT superseded_at IS NULL FROM mpacks WHERE mpack_id = {sql_str(k)}") == "t", k
+        assert db.count(f"SELECT count(*) FROM fetch_packs WHERE mpack_id = {sql_str(kept)}") == 1
+        assert hub.download(fetch(formats=[2])["mpack_url"])  # the younger answer
+
+
+def test_a_pruned_fetch_answer_is_built_again(start_server):
+    """A process's own answer cache expires with the answer's row
+    (MUSEHUB_FETCH_CACHE_SECONDS): once the maintenance pass has pruned the
+    row and the sweep has deleted the pack, the same request is built
+    again, recorded and downloadable, never answered with the deleted
+    pack's URL."""
+    srv = start_server(MUSEHUB_FETCH_CACHE_SECONDS="2", MUSEHUB_MPACK_GRACE_SECONDS="1",
+                       MUSEHUB_JOB_MAINTENANCE_SECONDS="1")
+    db = srv.db
+    with srv.hub() as hub:
+        r = hub.create_repo(OWNER, unique("fcache2"))
+        h = small_history()
+        hub.push(OWNER, r["slug"], h.pack(), "main", h.head)
+        first = hub.fetch(OWNER, r["slug"], [h.head], formats=[2])
+        key = sql_str(first["mpack_id"])
+        assert pack_path(srv, first["mpack_id"]).exists()
+        deadline = time.monotonic() + 30
+        while pack_path(srv, first["mpack_id"]).exists() or db.count(f"SELECT count(*) FROM mpacks WHERE mpack_id = {key}"):
+            assert time.monotonic() < deadline, "the expired answer's pack was not swept"
+            time.sleep(0.2)
+        assert db.count(f"SELECT count(*) FROM fetch_packs WHERE mpack_id = {key}") == 0
+        again = hub.fetch(OWNER, r["slug"], [h.head], formats=[2])
+        assert again["mpack_id"] == first["mpack_id"]  # the same request on the same state: the same bytes
+        assert muselib.blob_id(hub.download(again["mpack_url"])) == first["mpack_id"]
+        assert db.scalar(f"SELECT superseded_at IS NULL FROM mpacks WHERE mpack_id = {key}") == "t"
+
+
 # ---------------------------------------------------------------------------
 # Workers, crashes, concurrency
 # ---------------------------------------------------------------------------

@@ -16,14 +16,13 @@
 from __future__ import annotations
 
 import base64
-import os
 import threading
 import time
 
 import pytest
 
 import muselib
-from e2e_util import sql_str, unique
+from e2e_util import packs_in_store, sql_str, unique
 
 OWNER = "gabriel"
 
@@ -67,21 +66,6 @@ def tree(hub, repo, ref) -> dict[str, str]:
 
 def ids(files: dict[str, bytes]) -> dict[str, str]:
     return {p: muselib.blob_id(c) for p, c in files.items()}
-
-
-def packs_in_store(server) -> set[str]:
-    """Hex names of the packs under mpacks/ (fs: one file each; s3: the
-    emulator's object file, its metadata beside it)."""
-    d = server.store_path("mpacks/x").parent
-    if not d.exists():
-        return set()
-    names = set()
-    for f in os.listdir(d):
-        if f.endswith("._S3rver_object"):
-            f = f[:-len("._S3rver_object")]
-        if len(f) == 64 and all(ch in "0123456789abcdef" for ch in f):
-            names.add(f)
-    return names
 
 
 def written(db) -> tuple:

@@ -131,6 +131,35 @@ def test_read_only_store_upload_is_507(start_server, small_fs):
         assert res["head"] == h.head
 
 
+@pytest.mark.store("fs")
+def test_full_store_server_side_commit_is_507_and_writes_nothing(start_server, small_fs):
+    """A server-side commit whose new pack does not fit the store (SPEC 4.6,
+    4.8): 507 insufficient_storage, no commit, the branch unmoved, no pack
+    and no temporary left; once space is free the same commit works."""
+    store = small_fs / "store"
+    srv = start_server(store_dir=str(store))
+    with srv.hub() as hub:
+        r = hub.create_repo(OWNER, unique("fullc"), initialize=True)
+        head0 = hub.refs(OWNER, r["slug"])["branch_heads"]["main"]
+        filler = small_fs / "filler"
+        free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+        filler.write_bytes(b"\0" * max(free - 512 * 1024, 0))  # leave less than the commit needs
+        content = os.urandom(2 * 1024 * 1024)  # incompressible: the pack is larger than what is left
+        body = {"branch": "main", "message": "too big", "files": {"big.bin": content}}
+        resp = hub.raw("POST", f"/api/repos/{r['repo_id']}/commits", body)
+        assert resp.status_code == 507, resp.text
+        assert muselib.decode_body(resp)["error"] == "insufficient_storage"
+        assert hub.refs(OWNER, r["slug"])["branch_heads"]["main"] == head0
+        assert srv.db.count("SELECT count(*) FROM commit_refs WHERE repo_id = "
+                            f"{sql_str(r['repo_id'])}") == 1  # the initial commit only
+        packs0 = {p.name for p in (store / "mpacks").glob("*")}
+        assert not packs0 and not list((store / "tmp").glob("*")), packs0
+        filler.unlink()
+        res = hub.call("POST", f"/api/repos/{r['repo_id']}/commits", body, expect=(201,))
+        assert hub.refs(OWNER, r["slug"])["branch_heads"]["main"] == res["commit_id"]
+        assert (store / "mpacks" / res["mpack_id"].split(":", 1)[1]).exists()
+
+
 # ---------------------------------------------------------------------------
 # Nothing left behind: the staged-upload and temporaries sweeps
 # ---------------------------------------------------------------------------

@@ -17,31 +17,6 @@ static mh_arena_t A;
 
 /* ---------------------------------------------------------------- helpers */
 
-static bool val_eq(const mh_val_t *a, const mh_val_t *b)
-{
-    if (a->t != b->t) return false;
-    switch (a->t) {
-    case MH_V_NIL: return true;
-    case MH_V_BOOL: return a->v.b == b->v.b;
-    case MH_V_INT: return a->v.i == b->v.i;
-    case MH_V_UINT: return a->v.u == b->v.u;
-    case MH_V_FLOAT: return a->v.f == b->v.f || (isnan(a->v.f) && isnan(b->v.f));
-    case MH_V_STR:
-    case MH_V_BIN: return a->v.s.n == b->v.s.n && (a->v.s.n == 0 || memcmp(a->v.s.p, b->v.s.p, a->v.s.n) == 0);
-    case MH_V_ARR:
-        if (a->v.a.n != b->v.a.n) return false;
-        for (uint32_t i = 0; i < a->v.a.n; i++)
-            if (!val_eq(&a->v.a.items[i], &b->v.a.items[i])) return false;
-        return true;
-    case MH_V_MAP:
-        if (a->v.m.n != b->v.m.n) return false;
-        for (uint32_t i = 0; i < a->v.m.n; i++)
-            if (!val_eq(&a->v.m.kv[i].k, &b->v.m.kv[i].k) || !val_eq(&a->v.m.kv[i].v, &b->v.m.kv[i].v)) return false;
-        return true;
-    }
-    return false;
-}
-
 static int dec(const void *p, size_t n, mh_val_t *out, const char **why)
 {
     return mh_msgpack_decode(&A, p, n, NULL, out, why);
@@ -107,7 +82,7 @@ static void test_roundtrip_msgpack(void)
     mh_val_t back;
     const char *why;
     TAP_EQ_INT(dec(b.p, b.len, &back, &why), 0, "msgpack round trip decodes");
-    TAP_OK(val_eq(root, &back), "msgpack round trip: every type equal");
+    TAP_OK(mh_val_equal(root, &back), "msgpack round trip: every type equal");
     /* str/bin point into the input buffer (zero-copy) */
     const mh_val_t *s = mh_val_get(&back, "str"), *bn = mh_val_get(&back, "bin");
     TAP_OK(s && (const uint8_t *)s->v.s.p > b.p && (const uint8_t *)s->v.s.p < b.p + b.len, "str borrows the input");
@@ -133,7 +108,7 @@ static void test_roundtrip_json(void)
     mh_val_t back;
     const char *why;
     TAP_EQ_INT(mh_json_decode(&A, (const uint8_t *)js, strlen(js), NULL, &back, &why), 0, "json decodes back");
-    TAP_OK(val_eq(root, &back), "json round trip equal");
+    TAP_OK(mh_val_equal(root, &back), "json round trip equal");
 }
 
 /* ------------------------------------------- msgpack types and boundaries */
@@ -168,7 +143,7 @@ static void check_strbin(bool is_bin, size_t n, uint8_t first)
     mh_buf_t b = enc_mp(&v);
     const char *why;
     int rc = dec(b.p, b.len, &back, &why);
-    TAP_OK(rc == 0 && val_eq(&v, &back) && b.p[0] == first, "%s of %zu bytes (0x%02x)", is_bin ? "bin" : "str", n,
+    TAP_OK(rc == 0 && mh_val_equal(&v, &back) && b.p[0] == first, "%s of %zu bytes (0x%02x)", is_bin ? "bin" : "str", n,
            first);
     /* one byte short must fail */
     TAP_OK(dec(b.p, b.len - 1, &back, &why) == MH_EPARSE, "%s of %zu bytes, truncated: error", is_bin ? "bin" : "str",
@@ -188,7 +163,7 @@ static void check_container(bool is_map, uint32_t n, uint8_t first)
     mh_val_t back;
     const char *why;
     int rc = dec(b.p, b.len, &back, &why);
-    TAP_OK(rc == 0 && val_eq(c, &back) && b.p[0] == first, "%s of %u (0x%02x)", is_map ? "map" : "array", n, first);
+    TAP_OK(rc == 0 && mh_val_equal(c, &back) && b.p[0] == first, "%s of %u (0x%02x)", is_map ? "map" : "array", n, first);
     mh_buf_free(&b);
 }
 
@@ -418,6 +393,17 @@ static void test_values(void)
     TAP_OK(ok && m->v.m.n == 1000, "map grows to 1000 pairs, lookups find them");
     TAP_OK(mh_val_get(m, "nope") == NULL && mh_val_get(NULL, "x") == NULL, "absent key is NULL");
     TAP_OK(mh_map_put(&A, mh_v_arr(&A), "k", mh_v_nil()) == MH_EINVAL, "map_put on an array: MH_EINVAL");
+
+    /* mh_val_equal: deep, typed, NaN equal to NaN */
+    mh_val_t nan1 = mh_v_float(NAN), nan2 = mh_v_float(NAN), one_i = mh_v_int(-1), one_u = mh_v_uint(1);
+    TAP_OK(mh_val_equal(&nan1, &nan2) && mh_val_equal(m, m), "equal: NaN to NaN, a map to itself");
+    mh_val_t i1 = mh_v_int(1);
+    TAP_OK(!mh_val_equal(&one_i, &one_u) && mh_val_equal(&i1, &one_u), "equal: by type and value (1 is UINT)");
+    mh_val_t *m2 = mh_v_map(&A);
+    for (int i = 0; i < 999; i++) mh_map_put(&A, m2, keys[i], mh_v_int(i));
+    TAP_OK(!mh_val_equal(m, m2), "equal: a map with one pair fewer differs");
+    mh_map_put(&A, m2, keys[999], mh_v_int(1000));
+    TAP_OK(!mh_val_equal(m, m2), "equal: a different value differs");
 
     /* decoded containers can grow too */
     static const uint8_t three[] = {0x93, 0x01, 0x02, 0x03};
