@@ -434,20 +434,12 @@ class Bench:
 
     def push_breakdown(self, dims: Dims) -> Section:
         """Where one push's time goes: a push of a fresh history to a server
-        at MUSEHUB_LOG_LEVEL=debug, whose unpack state machine logs "unpack
-        state N at T ms" on entering each state (names from the ustate_t
-        enum of src/hub/push.c), with PostgreSQL logging every statement's
+        at MUSEHUB_LOG_LEVEL=debug, whose unpack logs "<id>: unpack step
+        <name> (<ms> ms)" on entering each step (the step kit's debug
+        line), with PostgreSQL logging every statement's
         duration meanwhile (our throwaway cluster only).  COPY durations
         include the time musehubd takes to stream the rows."""
         sec = Section(f"where one push's time goes ({dims.commits} commits; debug log, one run)")
-        names: list[str] = []
-        try:
-            src = (ROOT / "src" / "hub" / "push.c").read_text()
-            m = re.search(r"typedef enum \{([^}]*)\}\s*ustate_t;", src)
-            if m:
-                names = [x.strip().split("=")[0].strip() for x in m.group(1).split(",") if x.strip()]
-        except OSError:
-            pass
         env = dict(self.env_base, MUSEHUB_LOG_LEVEL="debug")
         srv = Musehubd(self.binary, self.work, env, name=f"musehubd-debug-{dims.key()}").start()
         pglog = self.work / "pg" / "postgres.log"
@@ -472,21 +464,18 @@ class Bench:
         finally:
             srv.stop()
         sec.add("unpack (this run)", Stat([t["unpack"]]))
-        by_req: dict[str, list[tuple[int, float]]] = {}
+        by_req: dict[str, list[tuple[str, float]]] = {}
         for line in srv.log_path.read_text(errors="replace").splitlines():
-            mm = re.search(r"req (\S+): unpack state (\d+) at ([0-9.]+) ms", line)
+            # The step kit's debug line: "<request id>: unpack step <name> (<ms> ms)".
+            mm = re.search(r"(\S+): unpack step (\w+) \(([0-9.]+) ms\)", line)
             if mm:
-                by_req.setdefault(mm.group(1), []).append((int(mm.group(2)), float(mm.group(3))))
+                by_req.setdefault(mm.group(1), []).append((mm.group(2), float(mm.group(3))))
         marks = list(by_req.values())[-1] if by_req else []     # the push's unpack
         if len(marks) >= 2:
-            def nm(i: int) -> str:
-                return names[i][2:].lower() if i < len(names) and names[i].startswith("U_") else f"state {i}"
             acc: dict[str, float] = {}
             for (st, t0), (st2, t1) in zip(marks, marks[1:]):
-                # From entering one state to entering the next: a handler
-                # may set the next state before its async step runs (BASES
-                # queues the rebuild as REBUILD), so both ends are named.
-                label = f"{nm(st)} -> {nm(st2)}"
+                # From entering one step to entering the next.
+                label = f"{st} -> {st2}"
                 acc[label] = acc.get(label, 0.0) + (t1 - t0)
             total = marks[-1][1]
             rest = 0.0

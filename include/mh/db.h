@@ -222,6 +222,25 @@ int mh_copy_bytea(mh_buf_t *b, const void *p, size_t n, bool last);
 /* Decimal integer field, then the separator. */
 int mh_copy_int(mh_buf_t *b, int64_t v, bool last);
 
+/* COPY binary format (PostgreSQL docs, "COPY: Binary Format"), for
+ * "COPY t FROM STDIN (FORMAT binary)": values are sent as they are stored
+ * (bytea as raw bytes, not hex: half the bytes, no decoding on the
+ * server). A buffer is: the header, then rows, then the trailer.
+ * mh_copyb_row starts a row of nfields fields (writing the header first
+ * when b is empty); each field follows with mh_copyb_field (text or bytea
+ * bytes; NULL p is SQL NULL; n below 2^31), mh_copyb_int4 (an int column)
+ * or mh_copyb_open / mh_copyb_close around bytes appended to b in place
+ * (open returns the field's start, close writes its length: no copy of a
+ * large value); mh_copyb_end writes the trailer (and the header of a
+ * buffer without rows). Returns 0, MH_ENOMEM, or MH_EINVAL (a field of
+ * 2^31 bytes or more). */
+int mh_copyb_row(mh_buf_t *b, uint16_t nfields);
+int mh_copyb_field(mh_buf_t *b, const void *p, size_t n);
+int mh_copyb_int4(mh_buf_t *b, int32_t v);
+int mh_copyb_open(mh_buf_t *b, size_t *at);
+int mh_copyb_close(mh_buf_t *b, size_t at);
+int mh_copyb_end(mh_buf_t *b);
+
 /* ------------------------------------------------------------ helpers */
 
 /* Value of row r, column c as a NUL-terminated string (never NULL: ""

@@ -60,7 +60,10 @@ bool mh_ref_name_valid(const char *p, size_t n);
  *                 commit's other keys, NULL when none)
  *   tmp_snapshots snapshot_id, parent_snapshot_id, delta_upsert (bytea,
  *                 msgpack map), delta_remove (bytea, msgpack array),
- *                 entry_count, depth (int), checkpoint (bytea or NULL)
+ *                 entry_count, depth (int), checkpoint (bytea or NULL);
+ *                 in COPY BINARY format (mh_copyb_*, db.h), whole: header,
+ *                 rows, trailer (the deltas and checkpoints are most of a
+ *                 push's bytes: raw, not hex)
  *   tmp_objects   object_id, byte_offset, byte_length, frame_no (a
  *                 pack's blobs: v1 the content bytes in the file and
  *                 frame_no NULL (\N); v2 the blob inside its frame's
@@ -68,7 +71,8 @@ bool mh_ref_name_valid(const char *p, size_t n);
  *                 mh_rw_index_rows and mh_rw_built_rows write them)
  *   tmp_frames    frame_no, data_offset, data_length, codec ("zstd" or
  *                 "none"), size, blob_count (a v2 pack's frames, sql/0030;
- *                 created with tmp_objects) */
+ *                 only with MH_RW_FRAMES: a v1 pack's writer saves the
+ *                 table's creation) */
 enum { MH_RW_COMMITS = 1, MH_RW_SNAPSHOTS = 2, MH_RW_OBJECTS = 4, MH_RW_FRAMES = 8 };
 
 /* On the operation's held connection (mh_step_acquire first), one round
@@ -93,23 +97,28 @@ extern const char mh_rw_sql_pack_lock[];
  * is noted, the statement returns one row with one integer, and its index
  * in the batch is stored through the pointer (which may be NULL). */
 
-/* From tmp_commits and tmp_snapshots: the global commit and snapshot rows
- * (ON CONFLICT DO NOTHING, in key order: other repositories race for the
- * same rows), and this repository's commit_refs (count: refs added) and
- * snapshot_refs (count). Ref rows are inserted with a sorted anti-join:
- * the repository row lock makes ON CONFLICT unnecessary. */
-void mh_rw_history_rows(mh_db_batch_t *b, const char *repo_id, int *i_commits, int *i_snapshots);
+/* From tmp_commits (tables has MH_RW_COMMITS) and tmp_snapshots
+ * (MH_RW_SNAPSHOTS): the global commit and snapshot rows (ON CONFLICT DO
+ * NOTHING, in key order: other repositories race for the same rows), and
+ * this repository's commit_refs (count: refs added) and snapshot_refs
+ * (count). Ref rows are inserted with a sorted anti-join: the repository
+ * row lock makes ON CONFLICT unnecessary; each pushed row is probed by
+ * its whole key (none when the repository has no ref of that kind), so
+ * the cost follows the rows written, not the repository. */
+void mh_rw_history_rows(mh_db_batch_t *b, const char *repo_id, unsigned tables, int *i_commits, int *i_snapshots);
 
 /* A pack and its blobs (tmp_objects, tmp_frames): the pack's mpacks row
  * (kind "push", "commit" or "gc"; a superseded pack is live again), its
- * mpack_frames rows (v2), its mpack_index rows (count: rows added) and
- * this repository's mpack_refs row; with new_objects also the objects
- * rows (mpack:// URIs, the v2 form for framed blobs; a known object keeps
- * its URI) and the object_refs rows (count: refs added). `size` is the
- * pack's byte count as text. */
+ * mpack_frames rows (v2), its mpack_index rows (count: rows added; the
+ * `objects` view reads its sizes and mpack:// URIs from them, sql/0040)
+ * and this repository's mpack_refs row; with new_objects also the
+ * object_refs rows (count: refs added). `size` is the pack's byte count
+ * as text. The caller holds the pack's lock (mh_rw_begin with mpack_id):
+ * the index rows are inserted without ON CONFLICT. */
 typedef struct {
     const char *repo_id, *mpack_id, *size, *kind;
     bool new_objects; /* false for GC: the repository references them already */
+    bool frames;      /* tmp_frames exists (mh_rw_begin with MH_RW_FRAMES): mpack_frames rows */
 } mh_rw_pack_t;
 void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int *i_refs);
 
@@ -124,10 +133,6 @@ int mh_rw_index_rows(const mh_packr_result_t *p, mh_buf_t *objects, mh_buf_t *fr
  * (mh_pb_place, mh_pb_frames after a successful run), appended to
  * objects and frames. MH_ENOMEM. */
 int mh_rw_built_rows(const mh_pb_t *pb, mh_buf_t *objects, mh_buf_t *frames);
-
-/* The statement that repoints objects.storage_uri at pack mpack_id for
- * the objects in tmp_objects (GC's swap). */
-void mh_rw_objects_repoint(mh_db_batch_t *b, const char *mpack_id);
 
 /* Deleting a repository: the ref rows and the repository row (branches,
  * tags, protection rules, grants, proposals, collaborators and cached

@@ -11,15 +11,16 @@
  *    referenced object has an index row; no ref rows of deleted
  *    repositories. These are SQL anti-joins (sql_checks[]), plus one pass
  *    over the snapshot deltas (msgpack, decoded here).
- *  - locations: every objects.storage_uri and every mpack_index row, read
- *    as a URI and parsed by the form it has (uri_forms[]: today mpack v1
- *    byte ranges and mpack v2 frame ranges), names a pack that has an
- *    `mpacks` row and is in the store, a byte range inside that pack, and
- *    the object's size. A new kind of index row is one new expression in
+ *  - locations: every mpack_index row, read as a URI and parsed by the
+ *    form it has (uri_forms[]: today mpack v1 byte ranges and mpack v2
+ *    frame ranges), names a pack that has an `mpacks` row and is in the
+ *    store, and a byte range inside that pack. (objects.storage_uri is a
+ *    view of these rows since sql/0040: checking it too would report
+ *    every bad row twice.) A new kind of index row is one new expression in
  *    INDEX_ROW_URI and, for a new URI shape, one row in uri_forms[].
  *  - packs: every `mpacks` row is in the store with its size; (whole
  *    server) every pack in the store has a row, and every row is
- *    referenced (mpack_refs, mpack_index, fetch_packs, objects) unless it
+ *    referenced (mpack_refs, mpack_index, fetch_packs) unless it
  *    is younger than MUSEHUB_MPACK_GRACE_SECONDS.
  *  - staged uploads (whole server, or the repository's grants): every key
  *    under incoming/ belongs to a live push grant (not consumed, not
@@ -640,16 +641,13 @@ static void check_location(fsck_t *f, const char *object, const char *size, cons
 /* Streams every location in scope. */
 static void check_locations(fsck_t *f)
 {
-    static const char *const sql[2] = {
-        "SELECT o.object_id, o.size_bytes, 'storage_uri', o.storage_uri FROM objects o"
-        " WHERE $1::text IS NULL OR EXISTS (SELECT 1 FROM object_refs x WHERE x.repo_id = $1 AND x.object_id = o.object_id)",
-        "SELECT i.object_id, o.size_bytes, 'index row', coalesce(" INDEX_ROW_URI ", '')"
-        " FROM mpack_index i LEFT JOIN objects o ON o.object_id = i.object_id"
-        " LEFT JOIN mpack_frames f ON f.mpack_id = i.mpack_id AND f.frame_no = i.frame_no"
+    static const char *const sql[1] = {
+        "SELECT i.object_id, i.byte_length, 'index row', coalesce(" INDEX_ROW_URI ", '')"
+        " FROM mpack_index i LEFT JOIN mpack_frames f ON f.mpack_id = i.mpack_id AND f.frame_no = i.frame_no"
         " WHERE $1::text IS NULL OR EXISTS (SELECT 1 FROM object_refs x WHERE x.repo_id = $1 AND x.object_id = i.object_id)",
     };
     const char *v[1] = {scope(f)};
-    for (int s = 0; s < 2; s++) {
+    for (int s = 0; s < 1; s++) {
         if (!PQsendQueryParams(f->db, sql[s], 1, NULL, v, NULL, NULL, 0) || !PQsetSingleRowMode(f->db)) {
             fprintf(stderr, "musehubd fsck: %s", PQerrorMessage(f->db));
             f->incomplete = true;
@@ -872,8 +870,9 @@ static bool repair_one(fsck_t *f, kind_t k, const char *key)
         static const char unref[] =
             " NOT EXISTS (SELECT 1 FROM mpack_refs x WHERE x.mpack_id = $1)"
             " AND NOT EXISTS (SELECT 1 FROM mpack_index i WHERE i.mpack_id = $1)"
-            " AND NOT EXISTS (SELECT 1 FROM fetch_packs fp WHERE fp.mpack_id = $1)"
-            " AND NOT EXISTS (SELECT 1 FROM objects o WHERE o.storage_uri LIKE 'mpack://' || $1 || '#%')";
+            " AND NOT EXISTS (SELECT 1 FROM fetch_packs fp WHERE fp.mpack_id = $1)";
+        /* objects.storage_uri names a pack only through an mpack_index
+         * row of it (objects is a view over them, sql/0040). */
         char sql[1024];
         if (k == K_PACK_ORPHAN)
             snprintf(sql, sizeof sql,

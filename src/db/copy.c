@@ -1,6 +1,6 @@
 /*
- * copy.c — COPY text-format writers (mh_copy_*) and PGresult readers
- * (mh_pq_*). Pure functions, no I/O.
+ * copy.c — COPY text-format writers (mh_copy_*), binary-format writers
+ * (mh_copyb_*) and PGresult readers (mh_pq_*). Pure functions, no I/O.
  *
  * COPY text format (PostgreSQL docs, "COPY: Text Format"): fields are
  * separated by a tab, rows end with a newline, \N is NULL, and a
@@ -73,6 +73,77 @@ int mh_copy_int(mh_buf_t *b, int64_t v, bool last)
     } while (u);
     if (v < 0) *--s = '-';
     return mh_buf_append(b, s, (size_t)(e - s));
+}
+
+/* ------------------------------------------------------ binary format */
+
+/* "PGCOPY\n\377\r\n\0", then flags and the header extension's length
+ * (both 0). */
+static const uint8_t copyb_header[19] = {'P', 'G', 'C', 'O', 'P', 'Y', '\n', 0xff, '\r', '\n',
+                                         0,   0,   0,   0,   0,   0,   0,    0,    0};
+
+static void put_be(uint8_t *o, uint32_t v, int n)
+{
+    for (int i = n - 1; i >= 0; i--, v >>= 8) o[i] = (uint8_t)v;
+}
+
+static int put_word(mh_buf_t *b, uint32_t v, int n)
+{
+    int rc = mh_buf_reserve(b, (size_t)n);
+    if (rc) return rc;
+    put_be(b->p + b->len, v, n);
+    b->len += (size_t)n;
+    return 0;
+}
+
+int mh_copyb_row(mh_buf_t *b, uint16_t nfields)
+{
+    if (b->len == 0) {
+        int rc = mh_buf_append(b, copyb_header, sizeof copyb_header);
+        if (rc) return rc;
+    }
+    return put_word(b, nfields, 2);
+}
+
+int mh_copyb_field(mh_buf_t *b, const void *p, size_t n)
+{
+    if (!p) return put_word(b, UINT32_MAX, 4); /* -1: NULL */
+    if (n > INT32_MAX) return MH_EINVAL;
+    int rc = mh_buf_reserve(b, 4 + n);
+    if (rc) return rc;
+    put_be(b->p + b->len, (uint32_t)n, 4);
+    if (n) memcpy(b->p + b->len + 4, p, n);
+    b->len += 4 + n;
+    return 0;
+}
+
+int mh_copyb_int4(mh_buf_t *b, int32_t v)
+{
+    int rc = put_word(b, 4, 4);
+    return rc ? rc : put_word(b, (uint32_t)v, 4);
+}
+
+int mh_copyb_open(mh_buf_t *b, size_t *at)
+{
+    *at = b->len;
+    return put_word(b, 0, 4);
+}
+
+int mh_copyb_close(mh_buf_t *b, size_t at)
+{
+    size_t n = b->len - at - 4;
+    if (n > INT32_MAX) return MH_EINVAL;
+    put_be(b->p + at, (uint32_t)n, 4);
+    return 0;
+}
+
+int mh_copyb_end(mh_buf_t *b)
+{
+    if (b->len == 0) {
+        int rc = mh_buf_append(b, copyb_header, sizeof copyb_header);
+        if (rc) return rc;
+    }
+    return put_word(b, 0xffff, 2); /* a field count of -1 */
 }
 
 /* ------------------------------------------------------------ readers */

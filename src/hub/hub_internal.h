@@ -230,6 +230,11 @@ typedef struct {
     bool loaded;
 } mh__base_t;
 
+/* The repository's side of a check, as maps over the looked-up arrays. */
+typedef struct {
+    mh_idmap_t objects, snaps, commits;
+} mh__have_t;
+
 typedef struct {
     /* in */
     const mh_packr_result_t *pack; /* the pack as read and verified by the stream (mh_rw_upload_stream) */
@@ -249,16 +254,26 @@ typedef struct {
     mh__base_t *bases;
     size_t nbases;
     mh_idmap_t base_map;
-    /* REBUILD out: refwrite's temporary tables' COPY rows */
+    /* PREPARE out: the maps REBUILD reads too, and refwrite's temporary
+     * tables' COPY rows (REBUILD: snapshot_rows) */
+    mh__have_t have;
     mh_buf_t commit_rows, snapshot_rows, object_rows, frame_rows;
     const char *why; /* the reason of an MH_EPARSE / MH_EHASH (in a) */
 } mh__unpack_t;
 
 /* Each returns 0, MH_EPARSE (a bad pack: 422 invalid_pack, why set) or
  * MH_ENOMEM. Thread-safe (one check per mh__unpack_t). INDEX: the
- * pack's entries by id and the ids it names outside itself. */
+ * pack's entries by id and the ids it names outside itself. BASES: which
+ * stored manifests snapshots start from. PREPARE: the repository's side
+ * as maps, every commit checked (parents, generations, tree known, id)
+ * and the commit, object and frame COPY rows. REBUILD, after PREPARE:
+ * every snapshot rebuilt and checked (manifest id, ghost guard) and the
+ * snapshot COPY rows; it reads the pack, the maps and the bases only and
+ * allocates from x->a only, so the loop may run the transaction's first
+ * steps meanwhile (push.c) as long as it leaves x->a alone. */
 int mh__unpack_index(mh__unpack_t *x);
 int mh__unpack_bases(mh__unpack_t *x);
+int mh__unpack_prepare(mh__unpack_t *x);
 int mh__unpack_rebuild(mh__unpack_t *x);
 void mh__unpack_free(mh__unpack_t *x);
 

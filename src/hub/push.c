@@ -20,19 +20,30 @@
  *   CONTEXT what this repository holds of those: commits (generations),
  *           snapshots (depths), objects (the ghost guard), the head
  *   BASES   the stored manifests pack snapshots are deltas against
- *   REBUILD thread pool: manifests, ids, ghost guard, parents, COPY rows
- *   CHARGE  the COPY rows reserved from the budget too
+ *   PREPARE thread pool: commit ids, parents, generations; the commit,
+ *           object and frame COPY rows
+ *   CHARGE  those rows reserved from the budget too
  *   MARK    the grant's upload is verified (before it leaves its key)
- *   the transaction (refwrite's lock order): ACQUIRE, BEGIN (repository
- *           row, pack lock, temporary tables), COPY x4, INSERT (rows,
- *           refs, the pack's index and frames), CHECK (the branch row
- *           locked and the move judged: compare-and-swap,
- *           fast-forward, protection), PLACE (the pack to mpacks/<hex>,
- *           under its lock, once the move is accepted), WRITE (the move,
- *           state_seq, the grant consumed), COMMIT -> DONE
+ *   REBUILD thread pool, in the background: manifests, snapshot ids,
+ *           ghost guard, the snapshot COPY rows
+ *   the transaction (refwrite's lock order), meanwhile: ACQUIRE, BEGIN
+ *           (repository row, pack lock, temporary tables), COPY commits,
+ *           objects, frames, INSERT (commit rows and refs, the pack's
+ *           index, frames and object refs); then JOIN (the rebuild's
+ *           verdict), CHARGE_SNAPSHOTS (reserved without waiting, else
+ *           the transaction is rolled back, the memory waited for and
+ *           the transaction started over), COPY snapshots,
+ *           INSERT_SNAPSHOTS, CHECK (the branch row locked and the move
+ *           judged: compare-and-swap, fast-forward, protection), PLACE
+ *           (the pack to mpacks/<hex>, under its lock, once the move is
+ *           accepted), WRITE (the move, state_seq, the grant consumed),
+ *           COMMIT -> DONE
  *
- * Invariants: nothing is written to PostgreSQL before every check passed,
- * and then everything is written in one transaction; the staged pack is
+ * Invariants: nothing is committed to PostgreSQL unless every check
+ * passed (the transaction's first statements run while the snapshots are
+ * still being checked; a failed check rolls them back), and everything is
+ * written in one transaction; the operation never ends (answers, frees)
+ * while REBUILD runs on its thread; the staged pack is
  * never exposed under mpacks/ before its hash was checked, nor before the
  * transaction holds the branch and has judged the move (a refused push
  * leaves its upload staged, for a retry under the grant); an operation
@@ -44,9 +55,6 @@
 #include <string.h>
 
 #include "hub_internal.h"
-
-/* Rows a push must add before the ref tables are re-analyzed. */
-#define ANALYZE_AFTER_ROWS 2000
 
 /* ============================================================ presign */
 
@@ -155,6 +163,14 @@ typedef struct {
     mh_pack_limits_t lim;
     mh__unpack_t x;
     size_t next_base;
+    /* REBUILD on the thread pool beside the transaction's first steps */
+    mh_arena_t rebuild_arena; /* REBUILD's allocations: the loop keeps to op.work meanwhile */
+    uv_work_t rebuild;
+    bool rebuilding;      /* REBUILD is on the thread pool */
+    bool joining;         /* JOIN waits for it */
+    bool finish_deferred; /* the operation ended first: finish once it is back */
+    bool snaps_charged;   /* the snapshot rows are reserved from the budget */
+    int rebuild_err;
     /* the transaction */
     mh_move_t mv;
     int64_t commits_written, snapshots_written;
@@ -170,16 +186,20 @@ enum {
     U_INDEX,
     U_CONTEXT,
     U_BASES,
-    U_REBUILD,
+    U_PREPARE,
     U_CHARGE,
     U_MARK,
+    U_REBUILD,
     U_ACQUIRE,
     U_BEGIN,
     U_COPY_COMMITS,
-    U_COPY_SNAPSHOTS,
     U_COPY_OBJECTS,
     U_COPY_FRAMES,
     U_INSERT,
+    U_JOIN,
+    U_CHARGE_SNAPSHOTS,
+    U_COPY_SNAPSHOTS,
+    U_INSERT_SNAPSHOTS,
     U_CHECK,
     U_PLACE,
     U_WRITE,
@@ -302,16 +322,25 @@ static void step_context(mh_step_t *s)
     }
     const char *repo = u->op.repo->repo_id;
     mh_db_batch_t b = {0};
+    /* The ids are looked up one by one in the global table, then probed
+     * in the repository's refs by their whole key (OFFSET 0: no join the
+     * planner could turn into a scan of all the repository's refs when
+     * its statistics are stale): the cost follows the ids asked, not the
+     * repository (issue 20). */
     mh_db_batch_add(&b,
-                    "SELECT c.commit_id, c.generation FROM commit_refs r JOIN commits c USING (commit_id)"
-                    " WHERE r.repo_id = $1 AND r.commit_id = ANY ($2::text[])",
+                    "SELECT c.commit_id, c.generation FROM commits c WHERE c.commit_id = ANY ($2::text[])"
+                    " AND EXISTS (SELECT 1 FROM commit_refs r WHERE r.repo_id = $1 AND r.commit_id = c.commit_id"
+                    " OFFSET 0)",
                     2, repo, parents);
     mh_db_batch_add(&b,
-                    "SELECT s.snapshot_id, s.depth FROM snapshot_refs r JOIN snapshots s USING (snapshot_id)"
-                    " WHERE r.repo_id = $1 AND r.snapshot_id = ANY ($2::text[])",
+                    "SELECT s.snapshot_id, s.depth FROM snapshots s WHERE s.snapshot_id = ANY ($2::text[])"
+                    " AND EXISTS (SELECT 1 FROM snapshot_refs r WHERE r.repo_id = $1 AND r.snapshot_id = s.snapshot_id"
+                    " OFFSET 0)",
                     2, repo, snaps);
-    mh_db_batch_add(&b, "SELECT object_id FROM object_refs WHERE repo_id = $1 AND object_id = ANY ($2::text[])", 2,
-                    repo, objs);
+    mh_db_batch_add(&b,
+                    "SELECT u.id FROM unnest ($2::text[]) AS u(id) WHERE EXISTS (SELECT 1 FROM object_refs r"
+                    " WHERE r.repo_id = $1 AND r.object_id = u.id OFFSET 0)",
+                    2, repo, objs);
     mh_db_batch_add(&b, "SELECT 1 FROM commit_refs WHERE repo_id = $1 AND commit_id = $2", 2, repo, u->head.s);
     mh_step_batch(s, &b, context_read);
 }
@@ -329,25 +358,114 @@ static void step_bases(mh_step_t *s)
     mh_hub_load_manifest(u->op.hub, &u->op.work, b->id, &b->m, mh__manifest_step_cb, s);
 }
 
-/* --- REBUILD (thread pool), CHARGE, MARK */
+/* --- PREPARE (thread pool), CHARGE, MARK */
 
-static void rebuild_work(mh_step_t *s)
+static void prepare_work(mh_step_t *s)
 {
     unpack_t *u = U(s);
-    s->work_err = mh__unpack_rebuild(&u->x);
+    s->work_err = mh__unpack_prepare(&u->x);
     s->work_why = u->x.why;
 }
 
-static void step_rebuild(mh_step_t *s) { mh_step_work(s, rebuild_work); }
+static void step_prepare(mh_step_t *s) { mh_step_work(s, prepare_work); }
 
 static void step_charge(mh_step_t *s)
 {
     mh__unpack_t *x = &U(s)->x;
-    mh_rw_upload_charge(s, &U(s)->up,
-                        x->commit_rows.cap + x->snapshot_rows.cap + x->object_rows.cap + x->frame_rows.cap);
+    mh_rw_upload_charge(s, &U(s)->up, x->commit_rows.cap + x->object_rows.cap + x->frame_rows.cap);
 }
 
 static void step_mark(mh_step_t *s) { mh_rw_upload_verified(s, &U(s)->up); }
+
+/* --- REBUILD: on the thread pool while the loop runs the transaction
+ * from ACQUIRE to INSERT (PostgreSQL inserting the commit, index and ref
+ * rows on one core, the manifests rebuilt on the other); JOIN waits for
+ * it. Nothing is visible before COMMIT, so a snapshot that fails its
+ * check rolls everything back like any other refusal. */
+
+static void unpack_finish(mh_step_t *s);
+
+static void rebuild_work(uv_work_t *w)
+{
+    unpack_t *u = w->data;
+    u->rebuild_err = mh__unpack_rebuild(&u->x);
+}
+
+/* The rebuild's verdict as the operation's: an MH_EPARSE is 422
+ * invalid_pack with the check's reason. */
+static void joined(mh_step_t *s)
+{
+    unpack_t *u = U(s);
+    if (u->rebuild_err) mh_step_fail(s, u->rebuild_err, u->rebuild_err == MH_ECANCELED ? "cancelled" : u->x.why);
+}
+
+static void rebuilt_cb(uv_work_t *w, int status)
+{
+    unpack_t *u = w->data;
+    mh_step_t *s = &u->op.step;
+    u->rebuilding = false;
+    if (status) u->rebuild_err = MH_ECANCELED;
+    if (u->finish_deferred) {
+        /* The operation ended while the rebuild ran (a failed statement,
+         * a refusal): its finish waited for the thread to let go. */
+        unpack_finish(s);
+        return;
+    }
+    if (!u->joining) return;
+    u->joining = false;
+    mh_step_resume(s, 0, NULL);
+}
+
+static void step_rebuild(mh_step_t *s)
+{
+    unpack_t *u = U(s);
+    /* From here on the loop leaves x->a to the thread. */
+    u->x.a = &u->rebuild_arena;
+    u->rebuild.data = u;
+    if (uv_queue_work(s->loop, &u->rebuild, rebuild_work, rebuilt_cb) != 0) {
+        mh_step_fail(s, MH_ENOMEM, "cannot queue thread-pool work");
+        return;
+    }
+    u->rebuilding = true;
+}
+
+static void step_join(mh_step_t *s)
+{
+    unpack_t *u = U(s);
+    if (u->rebuilding) {
+        u->joining = true;
+        mh_step_wait(s);
+        /* rebuilt_cb resumes; JOIN's verdict is then read in CHARGE_SNAPSHOTS */
+        return;
+    }
+    joined(s);
+}
+
+static void step_charge_snapshots(mh_step_t *s)
+{
+    unpack_t *u = U(s);
+    if (u->rebuild_err) { /* JOIN waited: its verdict */
+        joined(s);
+        return;
+    }
+    size_t need = u->x.snapshot_rows.cap;
+    if (u->snaps_charged || !u->up.budget || !need) return;
+    int rc = mh_budget_try_acquire(&u->up.mem, u->up.budget, need);
+    if (rc != MH_EBUDGET) {
+        u->snaps_charged = rc == 0;
+        if (rc) mh_step_fail(s, rc, "the pack-memory budget");
+        return;
+    }
+    /* Nothing waits for memory while holding the repository's row: the
+     * transaction is given up, the memory waited for, and the
+     * transaction started over (the rows are all built by now). */
+    mh_info("req %s: unpack: the snapshot rows (%zu bytes) wait for the pack-memory budget outside the transaction",
+            u->op.req->id, need);
+    mh_step_rollback(s);
+    u->snaps_charged = true;
+    mh_step_goto(s, U_ACQUIRE);
+    mh_rw_upload_charge(s, &u->up, need);
+}
 
 /* --- the transaction */
 
@@ -371,7 +489,6 @@ static void step_copy_commits(mh_step_t *s)
     mh_rw_copy(s, MH_RW_COMMITS, &u->x.commit_rows);
 }
 
-static void step_copy_snapshots(mh_step_t *s) { mh_rw_copy(s, MH_RW_SNAPSHOTS, &U(s)->x.snapshot_rows); }
 static void step_copy_objects(mh_step_t *s) { mh_rw_copy(s, MH_RW_OBJECTS, &U(s)->x.object_rows); }
 
 static void step_copy_frames(mh_step_t *s)
@@ -379,24 +496,43 @@ static void step_copy_frames(mh_step_t *s)
     if (U(s)->v2) mh_rw_copy(s, MH_RW_FRAMES, &U(s)->x.frame_rows);
 }
 
+static void step_copy_snapshots(mh_step_t *s) { mh_rw_copy(s, MH_RW_SNAPSHOTS, &U(s)->x.snapshot_rows); }
+
 static int inserted(mh_step_t *s, PGresult **res, int n)
 {
     unpack_t *u = U(s);
     (void)n;
     /* What this repository newly references. */
     u->commits_written = mh_pq_int(res[u->i_commits], 0, 0);
-    u->snapshots_written = mh_pq_int(res[u->i_snapshots], 0, 0);
     mh_rw_upload_written(&u->up, res);
     return 0;
 }
 
+/* The commit rows and the pack's (index, frames, refs): what does not
+ * wait for the manifests. */
 static void step_insert(mh_step_t *s)
 {
     unpack_t *u = U(s);
     mh_db_batch_t b = {0};
-    mh_rw_history_rows(&b, u->op.repo->repo_id, &u->i_commits, &u->i_snapshots);
+    mh_rw_history_rows(&b, u->op.repo->repo_id, MH_RW_COMMITS, &u->i_commits, NULL);
     mh_rw_upload_rows(&b, &u->up);
     mh_step_batch(s, &b, inserted);
+}
+
+static int snapshots_inserted(mh_step_t *s, PGresult **res, int n)
+{
+    unpack_t *u = U(s);
+    (void)n;
+    u->snapshots_written = mh_pq_int(res[u->i_snapshots], 0, 0);
+    return 0;
+}
+
+static void step_insert_snapshots(mh_step_t *s)
+{
+    unpack_t *u = U(s);
+    mh_db_batch_t b = {0};
+    mh_rw_history_rows(&b, u->op.repo->repo_id, MH_RW_SNAPSHOTS, NULL, &u->i_snapshots);
+    mh_step_batch(s, &b, snapshots_inserted);
 }
 
 static void step_check(mh_step_t *s)
@@ -436,28 +572,6 @@ static void step_write(mh_step_t *s)
     mh_step_batch(s, &b, NULL);
 }
 
-static void analyzed_cb(void *ud, PGresult *res, int err, const char *errmsg)
-{
-    (void)ud;
-    (void)res;
-    if (err) mh_warn("ANALYZE after a large push failed: %s", errmsg ? errmsg : mh_strerror(err));
-}
-
-static void step_done(mh_step_t *s)
-{
-    unpack_t *u = U(s);
-    /* After a bulk load the ref tables' statistics predate this
-     * repository's rows: PostgreSQL then estimates one row for repo_id = X,
-     * scans the repository's whole key prefix and filters object_id
-     * (52,250 rows read to find 5 right after a 10,310-commit push;
-     * EXPLAIN ANALYZE). Refresh them in the background, off the response
-     * path; autovacuum would take a minute or more. */
-    if (u->up.referenced_new + u->commits_written > ANALYZE_AFTER_ROWS)
-        mh_db_query(u->op.hub->db, "ANALYZE commit_refs, snapshot_refs, object_refs, mpack_index", 0, NULL, NULL, NULL,
-                    analyzed_cb, NULL);
-    mh__op_step_done(s);
-}
-
 static const mh_step_def_t unpack_steps[] = {
     [U_LOOKUP] = {"lookup", step_lookup},
     [U_LOCATE] = {"locate", step_locate},
@@ -465,21 +579,25 @@ static const mh_step_def_t unpack_steps[] = {
     [U_INDEX] = {"index", step_index},
     [U_CONTEXT] = {"context", step_context},
     [U_BASES] = {"bases", step_bases},
-    [U_REBUILD] = {"rebuild", step_rebuild},
+    [U_PREPARE] = {"prepare", step_prepare},
     [U_CHARGE] = {"charge", step_charge},
     [U_MARK] = {"mark", step_mark},
+    [U_REBUILD] = {"rebuild", step_rebuild},
     [U_ACQUIRE] = {"acquire", mh_step_acquire},
     [U_BEGIN] = {"begin", step_begin},
     [U_COPY_COMMITS] = {"copy_commits", step_copy_commits},
-    [U_COPY_SNAPSHOTS] = {"copy_snapshots", step_copy_snapshots},
     [U_COPY_OBJECTS] = {"copy_objects", step_copy_objects},
     [U_COPY_FRAMES] = {"copy_frames", step_copy_frames},
     [U_INSERT] = {"insert", step_insert},
+    [U_JOIN] = {"join", step_join},
+    [U_CHARGE_SNAPSHOTS] = {"charge_snapshots", step_charge_snapshots},
+    [U_COPY_SNAPSHOTS] = {"copy_snapshots", step_copy_snapshots},
+    [U_INSERT_SNAPSHOTS] = {"insert_snapshots", step_insert_snapshots},
     [U_CHECK] = {"check", step_check},
     [U_PLACE] = {"place", step_place},
     [U_WRITE] = {"write", step_write},
     [U_COMMIT] = {"commit", mh_step_commit},
-    [U_DONE] = {"done", step_done},
+    [U_DONE] = {"done", mh__op_step_done},
 };
 
 /* --- the end */
@@ -488,6 +606,12 @@ static void unpack_finish(mh_step_t *s)
 {
     unpack_t *u = U(s);
     mh_req_t *req = u->op.req;
+    if (u->rebuilding) {
+        /* The thread still reads the pack and writes x: answer (and free)
+         * once it is back (rebuilt_cb). */
+        u->finish_deferred = true;
+        return;
+    }
     /* Failed after the pack went to its final key (the write or the
      * COMMIT): it goes back unless a row references it. */
     if (s->err || s->status) mh_rw_upload_unplace(s, &u->up);
@@ -512,6 +636,7 @@ static void unpack_free(void *arg)
     unpack_t *u = arg;
     mh__unpack_free(&u->x);
     mh_rw_upload_free(&u->up);
+    mh_arena_release(&u->rebuild_arena);
 }
 
 static const mh__op_def_t unpack_def = {"unpack", MH__STEPS(unpack_steps), unpack_finish, unpack_free, 0};
@@ -521,6 +646,7 @@ void mh_h_push_unpack(mh_req_t *req)
     mh_val_t body;
     unpack_t *u = MH__OP_NEW(req, unpack_t, &unpack_def);
     if (!u) return;
+    mh_arena_init(&u->rebuild_arena, 0);
     if (!mh__body_map(req, &body) || !mh__body_id(req, &body, "mpack_key", true, &u->key, NULL) ||
         !mh__body_id(req, &body, "head", true, &u->head, NULL) ||
         !mh__body_id(req, &body, "expected_old_head", false, &u->expected_old, &u->has_expected_old) ||

@@ -10,10 +10,12 @@
  *            names outside itself (parents, snapshots, objects) for the
  *            repository to resolve
  *   BASES    which stored snapshots pack snapshots are deltas against
+ *   PREPARE  the repository's side as maps; every commit id, parents
+ *            and generations; the commit, object and frame COPY rows
  *   REBUILD  every manifest from its delta (parents first; a chain hands
- *            its manifest down without copying), every snapshot and
- *            commit id, the ghost guard, parents and generations, and the
- *            COPY rows of refwrite's temporary tables
+ *            its manifest down without copying), every snapshot id, the
+ *            ghost guard, and the snapshot COPY rows — on a thread of its
+ *            own while push.c runs the transaction's first statements
  *
  * Invariants: a client error is MH_EPARSE with `why` (422 invalid_pack);
  * nothing here reads anything but the pack and what the caller looked
@@ -150,10 +152,7 @@ int mh__unpack_bases(mh__unpack_t *x)
 
 /* =============================================================== REBUILD */
 
-/* The repository's side, as maps over the looked-up arrays. */
-typedef struct {
-    mh_idmap_t objects, snaps, commits;
-} have_t;
+typedef mh__have_t have_t;
 
 static int have_init(mh__unpack_t *x, have_t *h)
 {
@@ -243,34 +242,40 @@ static int start_manifest(mh__unpack_t *x, mh_manifest_t *ms, int *children, con
     return mh_manifest_clone(&ms[i], &x->bases[bi].m);
 }
 
-/* The tmp_snapshots row: delta form; a checkpoint every
- * MH_CHECKPOINT_INTERVAL links. */
+/* The tmp_snapshots row (COPY binary format: the deltas and checkpoints
+ * are written as raw bytes where they are encoded, no hex): delta form; a
+ * checkpoint every MH_CHECKPOINT_INTERVAL links. */
 static int snapshot_row(mh__unpack_t *x, const mh_pack_snapshot_t *s, const mh_manifest_t *m, int depth,
-                        bool checkpoint, mh_buf_t tmp[3])
+                        bool checkpoint)
 {
-    for (int k = 0; k < 3; k++) tmp[k].len = 0;
-    /* One writer per buffer: each keeps its own sticky error. */
-    mh_mpw_t mw, mr;
-    mh_mpw_init(&mw, &tmp[0]);
-    mh_mpw_val(&mw, s->upsert);
-    mh_mpw_init(&mr, &tmp[1]);
-    mh_mpw_val(&mr, s->remove);
-    if (mw.err || mr.err || (checkpoint && mh_manifest_encode(m, &tmp[2]))) return MH_ENOMEM;
     mh_buf_t *b = &x->snapshot_rows;
-    int rc = mh_copy_field(b, s->snapshot_id.p, s->snapshot_id.n, false);
-    rc |= mh_copy_field(b, s->parent.p, s->parent.p ? s->parent.n : 0, false);
-    rc |= mh_copy_bytea(b, tmp[0].p, tmp[0].len, false);
-    rc |= mh_copy_bytea(b, tmp[1].p, tmp[1].len, false);
-    rc |= mh_copy_int(b, (int64_t)m->n, false);
-    rc |= mh_copy_int(b, depth, false);
-    rc |= checkpoint ? mh_copy_bytea(b, tmp[2].p, tmp[2].len, true) : mh_copy_field(b, NULL, 0, true);
+    size_t at;
+    int rc = mh_copyb_row(b, 7);
+    if (!rc) rc = mh_copyb_field(b, s->snapshot_id.p, s->snapshot_id.n);
+    if (!rc) rc = mh_copyb_field(b, s->parent.p, s->parent.p ? s->parent.n : 0);
+    /* One writer per field: each keeps its own sticky error. */
+    const mh_val_t *delta[2] = {s->upsert, s->remove};
+    for (int k = 0; k < 2 && !rc; k++) {
+        mh_mpw_t w;
+        rc = mh_copyb_open(b, &at);
+        if (rc) break;
+        mh_mpw_init(&w, b);
+        mh_mpw_val(&w, delta[k]);
+        rc = w.err ? w.err : mh_copyb_close(b, at);
+    }
+    if (!rc) rc = mh_copyb_int4(b, (int32_t)m->n);
+    if (!rc) rc = mh_copyb_int4(b, depth);
+    if (!rc && checkpoint) {
+        rc = mh_copyb_open(b, &at);
+        if (!rc) rc = mh_manifest_encode(m, b);
+        if (!rc) rc = mh_copyb_close(b, at);
+    } else if (!rc) rc = mh_copyb_field(b, NULL, 0);
     return rc ? MH_ENOMEM : 0;
 }
 
 /* Rebuilds snapshot i: its delta applied, its id, the ghost guard (every
  * object it adds is in the pack or already this repository's), its row. */
-static int rebuild_snapshot(mh__unpack_t *x, const have_t *h, mh_manifest_t *ms, int *children, int *depth, uint32_t i,
-                            mh_buf_t tmp[3])
+static int rebuild_snapshot(mh__unpack_t *x, const have_t *h, mh_manifest_t *ms, int *children, int *depth, uint32_t i)
 {
     const mh_pack_snapshot_t *s = &x->pack->snapshots[i];
     int pdepth;
@@ -297,7 +302,7 @@ static int rebuild_snapshot(mh__unpack_t *x, const have_t *h, mh_manifest_t *ms,
     depth[i] = pdepth + 1;
     bool checkpoint = depth[i] >= MH_CHECKPOINT_INTERVAL;
     if (checkpoint) depth[i] = 0;
-    rc = snapshot_row(x, s, &ms[i], depth[i], checkpoint, tmp);
+    rc = snapshot_row(x, s, &ms[i], depth[i], checkpoint);
     if (children[i] == 0) mh_manifest_free(&ms[i]);
     return rc;
 }
@@ -308,13 +313,12 @@ static int rebuild_snapshots(mh__unpack_t *x, const have_t *h)
     mh_manifest_t *ms = calloc(ns + 1, sizeof *ms);
     int *children = mh_calloc(x->a, (ns + 1) * sizeof *children), *depth = mh_alloc(x->a, (ns + 1) * sizeof *depth);
     uint32_t *order = mh_alloc(x->a, (ns + 1) * sizeof *order);
-    mh_buf_t tmp[3] = {{0}};
     int rc = ms && children && depth && order ? order_snapshots(x, h, order, children) : MH_ENOMEM;
-    for (size_t oi = 0; oi < ns && !rc; oi++) rc = rebuild_snapshot(x, h, ms, children, depth, order[oi], tmp);
+    for (size_t oi = 0; oi < ns && !rc; oi++) rc = rebuild_snapshot(x, h, ms, children, depth, order[oi]);
+    if (!rc && mh_copyb_end(&x->snapshot_rows)) rc = MH_ENOMEM;
     if (ms)
         for (size_t i = 0; i < ns; i++) mh_manifest_free(&ms[i]);
     free(ms);
-    for (int k = 0; k < 3; k++) mh_buf_free(&tmp[k]);
     return rc;
 }
 
@@ -423,16 +427,16 @@ static int rebuild_commits(mh__unpack_t *x, const have_t *h)
     return rc;
 }
 
-int mh__unpack_rebuild(mh__unpack_t *x)
+int mh__unpack_prepare(mh__unpack_t *x)
 {
-    have_t h;
-    int rc = have_init(x, &h);
-    if (!rc) rc = rebuild_snapshots(x, &h);
-    if (!rc) rc = rebuild_commits(x, &h);
+    int rc = have_init(x, &x->have);
+    if (!rc) rc = rebuild_commits(x, &x->have);
     size_t nrows;
     if (!rc) rc = mh_rw_index_rows(x->pack, &x->object_rows, &x->frame_rows, &nrows);
     return rc;
 }
+
+int mh__unpack_rebuild(mh__unpack_t *x) { return rebuild_snapshots(x, &x->have); }
 
 void mh__unpack_free(mh__unpack_t *x)
 {

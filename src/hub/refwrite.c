@@ -69,7 +69,7 @@ void mh_rw_begin(mh_step_t *s, const char *repo_id, const char *mpack_id, unsign
     if (tmp & MH_RW_COMMITS) mh_db_batch_add(&b, sql_tmp_commits, 0);
     if (tmp & MH_RW_SNAPSHOTS) mh_db_batch_add(&b, sql_tmp_snapshots, 0);
     if (tmp & MH_RW_OBJECTS) mh_db_batch_add(&b, sql_tmp_objects, 0);
-    if (tmp & (MH_RW_OBJECTS | MH_RW_FRAMES)) mh_db_batch_add(&b, sql_tmp_frames, 0);
+    if (tmp & MH_RW_FRAMES) mh_db_batch_add(&b, sql_tmp_frames, 0);
     mh_db_batch_add(&b, sql_repo_lock, 1, repo_id);
     if (mpack_id) mh_db_batch_add(&b, mh_rw_sql_pack_lock, 1, mpack_id);
     mh_step_batch(s, &b, repo_locked);
@@ -78,7 +78,7 @@ void mh_rw_begin(mh_step_t *s, const char *repo_id, const char *mpack_id, unsign
 void mh_rw_copy(mh_step_t *s, unsigned table, const mh_buf_t *rows)
 {
     const char *sql = table == MH_RW_COMMITS     ? "COPY tmp_commits FROM STDIN"
-                      : table == MH_RW_SNAPSHOTS ? "COPY tmp_snapshots FROM STDIN"
+                      : table == MH_RW_SNAPSHOTS ? "COPY tmp_snapshots FROM STDIN (FORMAT binary)"
                       : table == MH_RW_FRAMES    ? "COPY tmp_frames FROM STDIN"
                                                  : "COPY tmp_objects FROM STDIN";
     mh_step_copy(s, sql, rows->p, rows->len);
@@ -91,62 +91,85 @@ static void store_index(int *where, int i)
     if (where) *where = i;
 }
 
-void mh_rw_history_rows(mh_db_batch_t *b, const char *repo_id, int *i_commits, int *i_snapshots)
-{
-    mh_db_batch_add(b,
-                    "INSERT INTO commits (commit_id, parent_commit_id, parent2_commit_id, snapshot_id, message, author,"
-                    " committed_at, branch, generation, meta)"
-                    " SELECT * FROM tmp_commits ORDER BY commit_id ON CONFLICT DO NOTHING",
-                    0);
-    mh_db_batch_add(b,
-                    "INSERT INTO snapshots (snapshot_id, parent_snapshot_id, delta_upsert, delta_remove, entry_count,"
-                    " depth, checkpoint) SELECT * FROM tmp_snapshots ORDER BY snapshot_id ON CONFLICT DO NOTHING",
-                    0);
-    store_index(i_commits,
-                mh_db_batch_add(b,
-                                "WITH x AS (INSERT INTO commit_refs (repo_id, commit_id, branch, meta)"
-                                " SELECT DISTINCT ON (t.commit_id) $1::text, t.commit_id, t.branch, t.meta"
-                                " FROM tmp_commits t WHERE NOT EXISTS (SELECT 1 FROM commit_refs r WHERE r.repo_id = $1"
-                                " AND r.commit_id = t.commit_id) ORDER BY t.commit_id RETURNING 1)"
-                                " SELECT count(*) FROM x",
-                                1, repo_id));
-    store_index(i_snapshots,
-                mh_db_batch_add(b,
-                                "WITH x AS (INSERT INTO snapshot_refs (repo_id, snapshot_id) SELECT DISTINCT $1::text,"
-                                " t.snapshot_id FROM tmp_snapshots t WHERE NOT EXISTS (SELECT 1 FROM snapshot_refs r"
-                                " WHERE r.repo_id = $1 AND r.snapshot_id = t.snapshot_id) ORDER BY 2 RETURNING 1)"
-                                " SELECT count(*) FROM x",
-                                1, repo_id));
-}
+/* Ends a NOT EXISTS subquery that looks one row up by its whole primary
+ * key: OFFSET 0 keeps PostgreSQL from turning it into an anti join (whose
+ * plan follows the statistics: right after a bulk load they say the
+ * repository has no rows, and a hash or merge anti join then reads all of
+ * them, 52,250 rows to insert 5), so it stays one index probe per row
+ * tested — a cost that grows with the rows written, not with the
+ * repository (docs/benchmarks.md, issue 20). */
+#define PROBE " OFFSET 0"
 
-/* An object's storage URI (SPEC 2, 2.1) from tmp_objects t LEFT JOIN
- * tmp_frames f, the pack id being $1: mpack://<id>#<off>:<len> (v1) or
- * mpack://<id>#<frame off>:<frame len>/<off>:<len> (v2). */
-#define SQL_URI                                                                                                        \
-    "'mpack://' || $1::text || '#' || CASE WHEN t.frame_no IS NULL THEN t.byte_offset || ':' || t.byte_length"        \
-    " ELSE f.data_offset || ':' || f.data_length || '/' || t.byte_offset || ':' || t.byte_length END"
+/* The ref anti-joins probe the primary key once per pushed row (PROBE),
+ * unless the repository has no such ref at all (the uncorrelated NOT
+ * EXISTS first, evaluated once: a first push): their cost follows the
+ * push, whatever the statistics say about the repository. */
+static const char sql_commit_refs[] =
+    "WITH x AS (INSERT INTO commit_refs (repo_id, commit_id, branch, meta)"
+    " SELECT DISTINCT ON (t.commit_id) $1::text, t.commit_id, t.branch, t.meta FROM tmp_commits t"
+    " WHERE NOT EXISTS (SELECT 1 FROM commit_refs WHERE repo_id = $1)"
+    " OR NOT EXISTS (SELECT 1 FROM commit_refs r WHERE r.repo_id = $1 AND r.commit_id = t.commit_id" PROBE ")"
+    " ORDER BY t.commit_id RETURNING 1)"
+    " SELECT count(*) FROM x";
+static const char sql_snapshot_refs[] =
+    "WITH x AS (INSERT INTO snapshot_refs (repo_id, snapshot_id)"
+    " SELECT DISTINCT $1::text, t.snapshot_id FROM tmp_snapshots t"
+    " WHERE NOT EXISTS (SELECT 1 FROM snapshot_refs WHERE repo_id = $1)"
+    " OR NOT EXISTS (SELECT 1 FROM snapshot_refs r WHERE r.repo_id = $1 AND r.snapshot_id = t.snapshot_id" PROBE ")"
+    " ORDER BY 2 RETURNING 1)"
+    " SELECT count(*) FROM x";
+static const char sql_object_refs[] =
+    "WITH x AS (INSERT INTO object_refs (repo_id, object_id)"
+    " SELECT DISTINCT $1::text, t.object_id FROM tmp_objects t"
+    " WHERE NOT EXISTS (SELECT 1 FROM object_refs WHERE repo_id = $1)"
+    " OR NOT EXISTS (SELECT 1 FROM object_refs r WHERE r.repo_id = $1 AND r.object_id = t.object_id" PROBE ")"
+    " ORDER BY 2 RETURNING 1)"
+    " SELECT count(*) FROM x";
+
+void mh_rw_history_rows(mh_db_batch_t *b, const char *repo_id, unsigned tables, int *i_commits, int *i_snapshots)
+{
+    if (tables & MH_RW_COMMITS) {
+        mh_db_batch_add(b,
+                        "INSERT INTO commits (commit_id, parent_commit_id, parent2_commit_id, snapshot_id, message,"
+                        " author, committed_at, branch, generation, meta)"
+                        " SELECT * FROM tmp_commits ORDER BY commit_id ON CONFLICT DO NOTHING",
+                        0);
+        store_index(i_commits, mh_db_batch_add(b, sql_commit_refs, 1, repo_id));
+    }
+    if (tables & MH_RW_SNAPSHOTS) {
+        mh_db_batch_add(b,
+                        "INSERT INTO snapshots (snapshot_id, parent_snapshot_id, delta_upsert, delta_remove,"
+                        " entry_count, depth, checkpoint) SELECT * FROM tmp_snapshots ORDER BY snapshot_id"
+                        " ON CONFLICT DO NOTHING",
+                        0);
+        store_index(i_snapshots, mh_db_batch_add(b, sql_snapshot_refs, 1, repo_id));
+    }
+}
 
 void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int *i_refs)
 {
-    /* A v2 blob's URI names its frame's data bytes, then the blob inside
-     * the decompressed frame (SPEC 2.1). */
-    if (p->new_objects)
+    /* objects is a view over mpack_index (sql/0040): the index rows below
+     * are the objects' only rows. A v2 pack's frames (shared decision
+     * sql/0030): with its index rows. */
+    if (p->frames)
         mh_db_batch_add(b,
-                        "INSERT INTO objects (object_id, size_bytes, storage_uri) SELECT t.object_id, t.byte_length, "
-                        SQL_URI " FROM tmp_objects t LEFT JOIN tmp_frames f ON f.frame_no = t.frame_no"
-                        " ORDER BY t.object_id ON CONFLICT DO NOTHING",
+                        "INSERT INTO mpack_frames (mpack_id, frame_no, data_offset, data_length, codec, size,"
+                        " blob_count) SELECT $1::text, frame_no, data_offset, data_length, codec, size, blob_count"
+                        " FROM tmp_frames ORDER BY frame_no ON CONFLICT DO NOTHING",
                         1, p->mpack_id);
-    /* A v2 pack's frames (shared decision sql/0030): with its index rows. */
-    mh_db_batch_add(b,
-                    "INSERT INTO mpack_frames (mpack_id, frame_no, data_offset, data_length, codec, size, blob_count)"
-                    " SELECT $1::text, frame_no, data_offset, data_length, codec, size, blob_count FROM tmp_frames"
-                    " ORDER BY frame_no ON CONFLICT DO NOTHING",
-                    1, p->mpack_id);
+    /* Every writer of a pack's index rows holds the pack's lock
+     * (mh_rw_begin), so a plain INSERT cannot collide (ON CONFLICT cost a
+     * third more): a pack with no index row yet (every first write; the
+     * uncorrelated NOT EXISTS is evaluated once) takes all of tmp_objects,
+     * one already indexed (a re-run; GC may have deleted some of its
+     * rows) only the rows it lacks. tmp_objects holds each id once. */
     store_index(i_index,
                 mh_db_batch_add(b,
                                 "WITH x AS (INSERT INTO mpack_index (object_id, mpack_id, byte_offset, byte_length,"
-                                " frame_no) SELECT object_id, $1::text, byte_offset, byte_length, frame_no FROM"
-                                " tmp_objects ORDER BY object_id ON CONFLICT DO NOTHING RETURNING 1)"
+                                " frame_no) SELECT t.object_id, $1::text, t.byte_offset, t.byte_length, t.frame_no FROM"
+                                " tmp_objects t WHERE NOT EXISTS (SELECT 1 FROM mpack_index WHERE mpack_id = $1)"
+                                " OR NOT EXISTS (SELECT 1 FROM mpack_index i WHERE i.object_id = t.object_id"
+                                " AND i.mpack_id = $1" PROBE ") ORDER BY t.object_id RETURNING 1)"
                                 " SELECT count(*) FROM x",
                                 1, p->mpack_id));
     /* Referenced again: a superseded pack is live again, out of the
@@ -157,26 +180,10 @@ void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int 
                     3, p->mpack_id, p->size, p->kind);
     mh_db_batch_add(b, "INSERT INTO mpack_refs (repo_id, mpack_id) VALUES ($1, $2) ON CONFLICT DO NOTHING", 2,
                     p->repo_id, p->mpack_id);
-    if (p->new_objects)
-        store_index(i_refs,
-                    mh_db_batch_add(b,
-                                    "WITH x AS (INSERT INTO object_refs (repo_id, object_id) SELECT DISTINCT $1::text,"
-                                    " t.object_id FROM tmp_objects t WHERE NOT EXISTS (SELECT 1 FROM object_refs r"
-                                    " WHERE r.repo_id = $1 AND r.object_id = t.object_id) ORDER BY 2 RETURNING 1)"
-                                    " SELECT count(*) FROM x",
-                                    1, p->repo_id));
+    if (p->new_objects) store_index(i_refs, mh_db_batch_add(b, sql_object_refs, 1, p->repo_id));
 }
 
 static const void *blob_key(const void *ctx, uint32_t v) { return ((const mh_packr_result_t *)ctx)->blobs[v].id; }
-
-void mh_rw_objects_repoint(mh_db_batch_t *b, const char *mpack_id)
-{
-    mh_db_batch_add(b,
-                    "UPDATE objects o SET storage_uri = " SQL_URI " FROM tmp_objects t LEFT JOIN tmp_frames f"
-                    " ON f.frame_no = t.frame_no WHERE o.object_id = t.object_id AND o.storage_uri IS DISTINCT FROM"
-                    " (" SQL_URI ")",
-                    1, mpack_id);
-}
 
 int mh_rw_built_rows(const mh_pb_t *pb, mh_buf_t *objects, mh_buf_t *frames)
 {

@@ -35,7 +35,7 @@
  *             repository references any more: its index rows for the
  *             consolidated objects deleted and superseded_at set (the
  *             sweep deletes it, its frames rows with it, after the grace
- *             period); objects.storage_uri repointed
+ *             period); objects.storage_uri (a view, sql/0040) follows
  *   DONE    {packs_before, packs_after, consolidated_key, skipped, objects,
  *            bytes_read, bytes_written, frames, elapsed_ms}
  *
@@ -324,7 +324,7 @@ static void step_begin(mh_step_t *s)
     gc_t *g = GC(s);
     /* The repository row serialises every GC of one repository (and every
      * other ref writer); then the new pack's lock. */
-    mh_rw_begin(s, g->j->repo_id, g->key, MH_RW_OBJECTS);
+    mh_rw_begin(s, g->j->repo_id, g->key, MH_RW_OBJECTS | MH_RW_FRAMES);
 }
 
 /* Under READ COMMITTED this statement, after the locks, sees what a GC
@@ -375,7 +375,7 @@ static void step_apply(mh_step_t *s)
 {
     gc_t *g = GC(s);
     const char *repo = g->j->repo_id, *key = g->key;
-    mh_rw_pack_t pack = {repo, key, g->size, "gc", false};
+    mh_rw_pack_t pack = {repo, key, g->size, "gc", false, true};
     mh_db_batch_t b = {0};
     mh_rw_pack_rows(&b, &pack, NULL, NULL);
     /* The repository's refs: old packs out (the new one came in above). */
@@ -393,8 +393,8 @@ static void step_apply(mh_step_t *s)
                     " s AS (UPDATE mpacks m SET superseded_at = now() FROM gone WHERE m.mpack_id = gone.id RETURNING 1)"
                     " SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM s)",
                     2, key, g->old_array);
-    /* The objects' informational URI follows the index. */
-    mh_rw_objects_repoint(&b, key);
+    /* The objects' URIs follow by themselves: the view (sql/0040) prefers
+     * a pack that is not superseded. */
     /* packs_after (a push landing meanwhile counts). */
     mh_db_batch_add(&b, "SELECT count(*) " SQL_PACKS, 1, repo);
     mh_step_batch(s, &b, applied);

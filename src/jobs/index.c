@@ -30,8 +30,8 @@
  * Idempotent: every insert is ON CONFLICT DO NOTHING or an anti-join, so a
  * second run (a retry after a crash, a duplicate job) writes nothing and
  * reports 0. objects_written counts the blobs this run newly indexed in
- * this pack (mpack_index rows inserted; their objects rows are inserted
- * alongside when the object was unknown), object_refs_written the object
+ * this pack (mpack_index rows inserted: the objects view reads them,
+ * sql/0040), object_refs_written the object
  * refs the repository newly gained.
  */
 #include <stdio.h>

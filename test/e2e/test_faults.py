@@ -147,6 +147,24 @@ def _lock_waiter(srv):
                          " AND application_name = 'musehubd' AND wait_event_type = 'Lock'")
 
 
+def _unpack_dropped_while_waiting(srv, p, slug, h, appname: str, what: str, rows_sql: str):
+    """Unpacks h while a psql session holds the rows of `rows_sql` FOR
+    UPDATE; once the unpack's backend waits for them it is terminated.
+    Returns the unpack's answer (within 60 s of the drop)."""
+    locker = _hold(srv, appname, rows_sql + " FOR UPDATE")
+    res: dict = {}
+    try:
+        t = threading.Thread(target=lambda: res.update(r=p.unpack(slug, h.pack(), h.head)))
+        t.start()
+        pid = _wait_for(lambda: _lock_waiter(srv), 30, f"the unpack to wait for {what}")
+        assert srv.db.scalar(f"SELECT pg_terminate_backend({pid})") == "t"
+        t.join(60)
+        assert not t.is_alive(), "unpack did not answer within 60 s of its connection being dropped"
+    finally:
+        _release(locker)
+    return res["r"]
+
+
 def _retry_succeeds(srv, hub, p, slug, rid, h1, h2) -> None:
     """The same unpack again, without a new presign or upload, succeeds."""
     r = p.unpack(slug, h2.pack(), h2.head)
@@ -166,20 +184,10 @@ def test_pg_connection_dropped_mid_unpack_transaction(start_server):
     The push gets a clean 503, nothing of it is visible, and the same
     unpack succeeds afterwards without a new upload."""
     srv, hub, p, slug, rid, h1, h2, before = _second_push_staged(start_server, "pgdrop")
-    locker = _hold(srv, "fault-locker", f"SELECT 1 FROM branches WHERE repo_id = {sql_str(rid)} AND name = 'main'"
-                   " FOR UPDATE")
-    res: dict = {}
-    try:
-        t = threading.Thread(target=lambda: res.update(r=p.unpack(slug, h2.pack(), h2.head)))
-        t.start()
-        pid = _wait_for(lambda: _lock_waiter(srv), 30, "the unpack to wait for the branch lock")
-        # Its transaction holds the COPY'd and inserted rows by now.
-        assert srv.db.scalar(f"SELECT pg_terminate_backend({pid})") == "t"
-        t.join(60)
-        assert not t.is_alive(), "unpack did not answer within 60 s of its connection being dropped"
-    finally:
-        _release(locker)
-    _assert_clean_error(res["r"], (503,))
+    # Its transaction holds the COPY'd and inserted rows when it waits.
+    r = _unpack_dropped_while_waiting(srv, p, slug, h2, "fault-locker", "the branch lock",
+                                      f"SELECT 1 FROM branches WHERE repo_id = {sql_str(rid)} AND name = 'main'")
+    _assert_clean_error(r, (503,))
     assert ledger(srv.db, rid) == before, "the dropped transaction left rows behind"
     assert srv.db.count(f"SELECT count(*) FROM commits WHERE commit_id = {sql_str(h2.head)}") == 0
     _retry_succeeds(srv, hub, p, slug, rid, h1, h2)
@@ -1018,3 +1026,92 @@ def test_pg_down_answers_503_fast_and_recovers(start_server):
         assert hub.raw("GET", f"/{OWNER}/{r['slug']}/refs").status_code == 200
     finally:
         pgtmp.destroy(d)
+
+
+# ===========================================================================
+# The snapshot rebuild beside the transaction (issue 20)
+# ===========================================================================
+
+def _metric(srv, name: str) -> float:
+    text = srv.hub().raw("GET", "/metrics").text
+    return float(next(l.split()[1] for l in text.splitlines() if l.startswith(name + " ")))
+
+
+def test_snapshot_rows_wait_for_the_budget_outside_the_transaction(start_server):
+    """The snapshots are rebuilt while the transaction inserts the other
+    rows, so their COPY rows are reserved inside the transaction, where
+    nothing may wait for memory (the repository row is held). Deterministic:
+    push A waits for its repository row (held by us) with its pack's
+    records and rows reserved; push B then queues for the budget (its two
+    stream windows do not fit beside A's); A's row is released. A's
+    snapshot rows cannot be reserved without waiting (B is first in line),
+    so A rolls its transaction back, waits for the memory without a lock,
+    and starts the transaction over: B gives up (503 busy, memory-queue
+    timeout), A lands whole, B's retry lands, nothing stays reserved."""
+    mib = 1 << 20
+    # 9 MiB: one stream's two 4 MiB windows and A's ~1 MiB, not two streams.
+    srv = start_server(MUSEHUB_PACK_MEMORY=str(9 * mib), MUSEHUB_PACK_QUEUE_TIMEOUT_MS="3000")
+    hub = srv.hub(timeout=60)
+    p = Pusher(srv.url)
+    slug_a, rid_a = _new_repo(hub, "snapsa")
+    slug_b, _ = _new_repo(hub, "snapsb")
+    # 130 commits over 3,000 files: two checkpoint manifests (~0.6 MB of
+    # snapshot rows), ~1 MB of records and rows held before them.
+    a = muselib.generate(commits=130, files=3000, changed=3, blob_size=16, seed=unique("snapsa"))
+    (b,) = chain(1, seed=unique("snapsb"))
+    assert p.stage(slug_a, a.pack())[0] == 200 and p.stage(slug_b, b.pack())[0] == 200
+    locker = _hold(srv, "snaps-locker", f"SELECT 1 FROM repos WHERE repo_id = {sql_str(rid_a)} FOR UPDATE")
+    res: dict = {}
+    ta = threading.Thread(target=lambda: res.update(a=p.unpack(slug_a, a.pack(), a.head)))
+    tb = None
+    try:
+        ta.start()
+        _wait_for(lambda: _lock_waiter(srv), 30, "push A to wait for its repository row")
+        pb = Pusher(srv.url)
+        tb = threading.Thread(target=lambda: res.update(b=pb.unpack(slug_b, b.pack(), b.head)))
+        tb.start()
+        _wait_for(lambda: _metric(srv, "musehub_pack_memory_waiting") >= 1, 30, "push B to queue for the budget")
+    finally:
+        _release(locker)
+    ta.join(60)
+    if tb:
+        tb.join(60)
+    assert res["a"].status_code == 200, _status(res["a"])
+    assert res["a"].json()["commits_written"] == 130 and res["a"].json()["snapshots_written"] == 130
+    assert hub.refs(OWNER, slug_a)["branch_heads"] == {"main": a.head}
+    log = Path(srv.log_path).read_text(errors="replace")
+    assert "wait for the pack-memory budget outside the transaction" in log, "A never started over"
+    assert res["b"].status_code in (200, 503), _status(res["b"])
+    if res["b"].status_code == 503:
+        assert res["b"].json()["error"] == "busy"
+        r = p.unpack(slug_b, b.pack(), b.head)
+        assert r.status_code == 200, _status(r)
+    assert hub.refs(OWNER, slug_b)["branch_heads"] == {"main": b.head}
+    assert _metric(srv, "musehub_pack_memory_in_use_bytes") == 0
+    p.close()
+    hub.close()
+
+
+def test_transaction_fails_while_the_snapshots_are_rebuilt(start_server):
+    """The transaction's first statements run while the thread pool
+    rebuilds the snapshots: a transaction that fails then (its backend
+    terminated while it waits for the repository row) ends the push only
+    once the rebuild let go of the pack (the answer waits for it): a
+    clean 503, nothing written, and the same unpack succeeds afterwards."""
+    srv = start_server()
+    hub = srv.hub(timeout=60)
+    p = Pusher(srv.url)
+    slug, rid = _new_repo(hub, "rebuilding")
+    h = muselib.generate(commits=400, files=2000, changed=5, blob_size=16, seed=unique("rebuilding"))
+    before = ledger(srv.db, rid)
+    assert p.stage(slug, h.pack())[0] == 200
+    r = _unpack_dropped_while_waiting(srv, p, slug, h, "rebuild-locker", "its repository row",
+                                      f"SELECT 1 FROM repos WHERE repo_id = {sql_str(rid)}")
+    _assert_clean_error(r, (503,))
+    assert ledger(srv.db, rid) == before, "the dropped transaction left rows behind"
+    r = p.unpack(slug, h.pack(), h.head)
+    assert r.status_code == 200, _status(r)
+    assert r.json()["snapshots_written"] == 400
+    assert hub.refs(OWNER, slug)["branch_heads"] == {"main": h.head}
+    p.close()
+    hub.close()

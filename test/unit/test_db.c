@@ -166,6 +166,34 @@ static void test_copy_helpers(void)
     mh_buf_free(&b);
 }
 
+static void test_copyb_helpers(void)
+{
+    mh_buf_t b = {0};
+    size_t at;
+    TAP_OK(mh_copyb_row(&b, 4) == 0, "binary COPY: a row");
+    mh_copyb_field(&b, "ab", 2);
+    mh_copyb_field(&b, NULL, 0);
+    mh_copyb_int4(&b, -2);
+    mh_copyb_open(&b, &at);
+    mh_buf_append(&b, "\0\1\2", 3);
+    TAP_OK(mh_copyb_close(&b, at) == 0, "binary COPY: a field written in place");
+    mh_copyb_end(&b);
+    static const uint8_t want[] = {'P', 'G', 'C', 'O', 'P', 'Y', '\n', 0xff, '\r', '\n', 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                   0, 4,                               /* fields */
+                                   0, 0, 0, 2, 'a', 'b',               /* text */
+                                   0xff, 0xff, 0xff, 0xff,             /* NULL */
+                                   0, 0, 0, 4, 0xff, 0xff, 0xff, 0xfe, /* int4 -2 */
+                                   0, 0, 0, 3, 0, 1, 2,                /* bytes in place */
+                                   0xff, 0xff};                        /* trailer */
+    TAP_OK(b.len == sizeof want && memcmp(b.p, want, sizeof want) == 0,
+           "binary COPY: header, length-prefixed fields, NULL, int4, trailer (%zu bytes)", b.len);
+    b.len = 0;
+    mh_copyb_end(&b);
+    TAP_OK(b.len == 21 && memcmp(b.p, want, 19) == 0, "binary COPY without rows: header and trailer");
+    TAP_OK(mh_copyb_field(&b, "x", (size_t)INT32_MAX + 1) == MH_EINVAL, "binary COPY: a field of 2^31 bytes refused");
+    mh_buf_free(&b);
+}
+
 /* ---------------------------------------------------------- db tests */
 
 static void test_simple(void)
@@ -482,6 +510,27 @@ static void test_copy_transaction(void)
     TAP_OK(r.err == MH_EDB && strstr(r.msg, "invalid input"), "bad COPY data -> MH_EDB (%s)", r.msg);
     r = CQ(c, "SELECT 1");
     TAP_OK(r.err == 0, "connection usable after a failed COPY");
+    /* Binary format: the values arrive as they were (bytea raw, a NULL, a
+     * text with a tab and a backslash, no escaping). */
+    r = CQ(c, "CREATE TABLE copyb_t (id int, name text, data bytea)");
+    TAP_OK(r.err == 0, "create table (%s)", r.msg);
+    mh_buf_t bb = {0};
+    for (int i = 0; i < 2; i++) {
+        mh_copyb_row(&bb, 3);
+        mh_copyb_int4(&bb, 200000 + i);
+        mh_copyb_field(&bb, i ? "t\tab\\" : NULL, i ? 5 : 0);
+        mh_copyb_field(&bb, "\0\\\n\xff", 4);
+    }
+    mh_copyb_end(&bb);
+    r = (res_t){0};
+    API(mh_dbconn_copy_in(c, "COPY copyb_t (id, name, data) FROM STDIN (FORMAT binary)", bb.p, bb.len, res_cb, &r));
+    mh_buf_free(&bb);
+    wait_for(&r.done, 1, 10000, "binary copy");
+    TAP_OK(r.err == 0 && !strcmp(r.cmd, "2"), "binary COPY of 2 rows (%s) %s", r.cmd, r.msg);
+    r = CQ(c, "SELECT count(*) FILTER (WHERE name IS NULL AND data = '\\x005c0aff'::bytea),"
+              " count(*) FILTER (WHERE name = E't\\tab\\\\' AND data = '\\x005c0aff'::bytea)"
+              " FROM copyb_t");
+    TAP_OK(!strcmp(r.val, "1") && !strcmp(r.val2, "1"), "binary COPY round trip (%s %s)", r.val, r.val2);
     r = CS(c, "COPY copy_t FROM STDIN");
     TAP_OK(r.err == MH_EDB, "COPY FROM STDIN inside a script is refused cleanly (%s)", r.msg);
     r = CQ(c, "SELECT 2");
@@ -1036,6 +1085,7 @@ int main(void)
     setvbuf(stdout, NULL, _IOLBF, 0);
     mh_log_set_level(getenv("MH_TEST_LOG") ? getenv("MH_TEST_LOG") : "error");
     test_copy_helpers();
+    test_copyb_helpers();
     const char *base = getenv("MUSEHUB_TEST_DATABASE_URL");
     if (!base || !*base) {
         printf("ok %d # SKIP no database\n", ++tap_n);
