@@ -6,6 +6,7 @@
 #ifndef MH_TAP_H
 #define MH_TAP_H
 
+#include <ftw.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -53,5 +54,14 @@ static inline int tap_done(void)
     if (tap_failed) printf("# %d of %d failed\n", tap_failed, tap_n);
     return tap_failed ? 1 : 0;
 }
+
+/* Removes the directory tree at root (a test's scratch directory),
+ * deepest entries first, without following symlinks. */
+static int tap__rm_cb(const char *p, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st, (void)flag, (void)ftw;
+    return remove(p);
+}
+static inline void tap_rm_tree(const char *root) { nftw(root, tap__rm_cb, 16, FTW_DEPTH | FTW_PHYS); }
 
 #endif

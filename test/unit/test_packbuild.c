@@ -531,12 +531,6 @@ static void test_mem_sources(void)
     mh_pb_free(b);
 }
 
-static int rm_cb(const char *p, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st, (void)flag, (void)ftw;
-    return remove(p);
-}
-
 int main(void)
 {
     mh_log_set_level("error");
@@ -559,6 +553,6 @@ int main(void)
     uv_run(loop, UV_RUN_DEFAULT);
     v2src_free(&v2);
     for (int k = 0; k < NB; k++) free(bl[k].p);
-    nftw(root, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
+    tap_rm_tree(root);
     return tap_done();
 }

@@ -912,12 +912,6 @@ static void test_enospc(void)
     rmdir(mnt);
 }
 
-static int rm_cb(const char *p, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st, (void)flag, (void)ftw;
-    return remove(p);
-}
-
 int main(void)
 {
     mh_log_set_level("error");
@@ -950,6 +944,6 @@ int main(void)
     test_enospc();
     uv_run(loop, UV_RUN_DEFAULT);
     uv_loop_close(loop);
-    nftw(root, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
+    tap_rm_tree(root);
     return tap_done();
 }
