@@ -556,6 +556,27 @@ class Bench:
                 gits.append(self.git_cmd("clone", "-q", "--bare", git.repo_url(name), str(dest)))
             for f in ((ours, theirs) if k % 2 == 0 else (theirs, ours)):
                 f()
+        # A shallow clone (SPEC 4.4, depth 1) next to git's, the same way:
+        # a fresh process, refs + fetch + download against git clone --depth 1.
+        d1: list[float] = []
+        gd1: list[float] = []
+        d1_size = 0.0
+        for k, (name, h) in enumerate(repos):
+            dest = self.work / "git-clone"
+
+            def ours_d1() -> None:
+                nonlocal d1_size
+                mu = Muse(self.fresh_server().url)
+                t = mu.pull(name, [], expect_commits=1, depth=1)
+                d1_size = t["bytes"]
+                d1.append(t["total"])
+                mu.close()
+
+            def theirs_d1() -> None:
+                shutil.rmtree(dest, ignore_errors=True)
+                gd1.append(self.git_cmd("clone", "-q", "--bare", "--depth", "1", git.repo_url(name), str(dest)))
+            for f in ((ours_d1, theirs_d1) if k % 2 == 0 else (theirs_d1, ours_d1)):
+                f()
         shutil.rmtree(self.work / "git-clone", ignore_errors=True)
         sec.add("refs", Stat(cold["refs"]))
         fs = Stat(cold["fetch"])
@@ -568,11 +589,16 @@ class Bench:
                 ok=tot.median <= 0.2 if seed else None)
         sec.add("whole clone vs git", tot, "git clone --bare", gs, rat, target="<= git",
                 ok=rat.median <= 1.0)
+        rd1 = ratios(d1, gd1)
+        sec.add(f"depth-1 clone ({d1_size / 1e6:.2f} MB) vs git", Stat(d1), "git clone --depth 1", Stat(gd1), rd1,
+                target="<= git", ok=rd1.median <= 1.0, note="fresh process; refs + fetch (depth 1) + download")
         sec.add("fetch again, cached answer", Stat(warm), note="same process, same request")
         sec.add("server peak RSS", Stat(hwm, "kib"), note="VmHWM, one fresh process per run")
         self.results[f"clone {dims.key()}"] = {"cold": {k: Stat(v).to_json() for k, v in cold.items()},
                                                "warm_fetch": Stat(warm).to_json(), "git": gs.to_json(),
-                                               "ratio": rat.to_json(), "pack_bytes": size}
+                                               "ratio": rat.to_json(), "pack_bytes": size,
+                                               "depth1": {"ours": Stat(d1).to_json(), "git": Stat(gd1).to_json(),
+                                                          "ratio": rd1.to_json(), "pack_bytes": d1_size}}
         return sec
 
     def w_incr(self, dims: Dims) -> Section:

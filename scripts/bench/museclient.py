@@ -74,17 +74,18 @@ class Muse:
                 "server": (t1 - t0) + (t2 - t1) + (t4 - t3), "total": t4 - t0,
                 "elapsed_ms": float(res.get("elapsed_ms") or 0)}
 
-    def fetch(self, slug: str, want: list[str], have: list[str]) -> dict:
-        return self.call("POST", f"/{OWNER}/{slug}/fetch", {"want": want, "have": have})
+    def fetch(self, slug: str, want: list[str], have: list[str], **extra: object) -> dict:
+        """POST fetch; extra adds request fields (depth, formats)."""
+        return self.call("POST", f"/{OWNER}/{slug}/fetch", {"want": want, "have": have, **extra})
 
     def pull(self, slug: str, have: list[str], want: str | None = None,
-             expect_commits: int | None = None) -> dict[str, float]:
+             expect_commits: int | None = None, **extra: object) -> dict[str, float]:
         """GET refs, fetch (want = the branch head), download the pack.
         The pack's hash is checked after the clock stops."""
         t0 = time.perf_counter()
         head = want or self.refs(slug)["branch_heads"]["main"]
         t1 = time.perf_counter()
-        ans = self.fetch(slug, [head], have)
+        ans = self.fetch(slug, [head], have, **extra)
         t2 = time.perf_counter()
         data = b""
         if ans.get("mpack_url"):
