@@ -411,6 +411,9 @@ def w_real(b: Any, Section: Any, Stat: Any, ratios: Any) -> Any:
                  f"ms; outside the steps (start, imports, refs) "
                  f"{statistics.median(O['client']) * 1e3:.0f} ms")
     res["one_commit"] = O
+    # One server process served every step above (pushes of 296 MB, GC,
+    # clones): its peak RSS is the whole workload's.
+    b.memory_row(sec, srv, "server peak RSS (whole workload)")
     b.results[f"real {store}"] = res
     hub.close()
     shutil.rmtree(work, ignore_errors=True)
