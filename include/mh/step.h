@@ -52,7 +52,6 @@ typedef struct {
 typedef int (*mh_step_res_fn)(mh_step_t *s, PGresult *res);
 typedef int (*mh_step_pipe_fn)(mh_step_t *s, PGresult **res, int n);
 /* Store handlers see the error (a missing key may be an answer). */
-typedef int (*mh_step_get_fn)(mh_step_t *s, int err, mh_buf_t *data);
 typedef int (*mh_step_done_fn)(mh_step_t *s, int err);
 typedef int (*mh_step_head_fn)(mh_step_t *s, int err, uint64_t size);
 
@@ -90,7 +89,6 @@ struct mh_step {
     union {            /* the handler of the call in flight */
         mh_step_res_fn res;
         mh_step_pipe_fn pipe;
-        mh_step_get_fn get;
         mh_step_done_fn done;
         mh_step_head_fn head;
     } on;
@@ -140,9 +138,8 @@ void mh_step_pipeline(mh_step_t *s, const mh_db_pq_t *qs, int n, mh_step_pipe_fn
 /* mh_step_pipeline of a batch (mh_db_batch_t); a full batch ends the
  * operation with MH_EINVAL. */
 void mh_step_batch(mh_step_t *s, const mh_db_batch_t *b, mh_step_pipe_fn on);
-/* Held connection only: a parameterless script; COPY ... FROM STDIN of
- * data[0..n) (borrowed until the step goes on). */
-void mh_step_script(mh_step_t *s, const char *sql);
+/* Held connection only: COPY ... FROM STDIN of data[0..n) (borrowed
+ * until the step goes on). */
 void mh_step_copy(mh_step_t *s, const char *copy_sql, const void *data, size_t n);
 /* Takes a connection out of the pool into s->conn. */
 void mh_step_acquire(mh_step_t *s);
@@ -154,7 +151,6 @@ void mh_step_rollback(mh_step_t *s);
 
 /* -------------------------------------------------------------- store */
 
-void mh_step_get(mh_step_t *s, const char *key, uint64_t off, uint64_t len, mh_step_get_fn on);
 void mh_step_put(mh_step_t *s, const char *key, const void *data, size_t n, mh_step_done_fn on);
 void mh_step_move(mh_step_t *s, const char *src, const char *dst, mh_step_done_fn on);
 void mh_step_head(mh_step_t *s, const char *key, mh_step_head_fn on);

@@ -169,12 +169,6 @@ void mh_step_batch(mh_step_t *s, const mh_db_batch_t *b, mh_step_pipe_fn on)
     mh_step_pipeline(s, b->q, b->n, on);
 }
 
-void mh_step_script(mh_step_t *s, const char *sql)
-{
-    start(s);
-    mh_dbconn_script(s->conn, sql, res_cb, s);
-}
-
 void mh_step_copy(mh_step_t *s, const char *copy_sql, const void *data, size_t n)
 {
     start(s);
@@ -217,12 +211,6 @@ void mh_step_rollback(mh_step_t *s)
 
 /* -------------------------------------------------------------- store */
 
-static void get_cb(void *ud, int err, mh_buf_t *data)
-{
-    mh_step_t *s = took(ud);
-    after(s, s->on.get(s, err, data));
-}
-
 static void done_cb(void *ud, int err)
 {
     mh_step_t *s = took(ud);
@@ -233,13 +221,6 @@ static void head_cb(void *ud, int err, uint64_t size)
 {
     mh_step_t *s = took(ud);
     after(s, s->on.head(s, err, size));
-}
-
-void mh_step_get(mh_step_t *s, const char *key, uint64_t off, uint64_t len, mh_step_get_fn on)
-{
-    start(s);
-    s->on.get = on;
-    mh_store_get(s->store, key, off, len, get_cb, s);
 }
 
 void mh_step_put(mh_step_t *s, const char *key, const void *data, size_t n, mh_step_done_fn on)
