@@ -232,6 +232,12 @@ enum {
      * mapping): metadata then points into the chunks instead of being
      * copied. Without it, nothing of a chunk is kept after feed returns. */
     MH_PACKR_BORROW = 1u << 3,
+    /* With MH_PACKR_VERIFY: hash the blobs of v2 frames on a second
+     * thread the reader starts at the first blob frame, while this one
+     * decompresses the next bytes (about 2 MiB more memory, counted in
+     * mh_packr_mem; joined by finish or free). Verdicts and messages are
+     * the same as without it; worth it for packs of many MiB. */
+    MH_PACKR_PARALLEL = 1u << 4,
 };
 
 /* One blob as read. The id is kept as its 32-byte digest (the id text is

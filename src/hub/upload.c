@@ -43,6 +43,9 @@
 /* Growth asks for at least this much more than it needs, so that a pack
  * whose metadata grows steadily does not wait for the budget per window. */
 #define GROW_MIN ((size_t)1 << 20)
+/* From this pack size on, v2 blobs are hashed on a second thread
+ * (MH_PACKR_PARALLEL). */
+#define PARALLEL_HASH_MIN ((uint64_t)1 << 20)
 /* The largest window read from S3 (see default_window). */
 #define S3_WINDOW ((size_t)16 << 20)
 
@@ -359,6 +362,10 @@ void mh_rw_upload_stream(mh_step_t *s, mh_upload_t *up, const mh_rw_stream_opts_
      * structure still checked); a new upload is hashed whole and blob by
      * blob (SPEC 4.3). */
     unsigned flags = up->trusted ? MH_PACKR_NO_DECOMPRESS : MH_PACKR_VERIFY;
+    /* A pack of some size has its v2 blobs hashed on a second thread
+     * while this one decompresses (docs/benchmarks.md, issue 20); a small
+     * push does not pay for the thread. */
+    if (!up->trusted && up->size >= PARALLEL_HASH_MIN) flags |= MH_PACKR_PARALLEL;
     int rc = mh_packr_new(up->arena, opts->lim, flags, up->size, &up->reader);
     if (!rc && !up->trusted && !(st->sha = mh_sha256_new())) rc = MH_ENOMEM;
     if (rc) {

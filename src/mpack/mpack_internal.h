@@ -97,4 +97,40 @@ int mh__zlevel(int level, int *out);
  * Returns 0 or MH_ENOMEM/MH_EINVAL. `cctx` is a ZSTD_CCtx *. */
 int mh__zcctx_frame(void *cctx, int level, uint64_t size);
 
+/* ------------------------------- the blob hasher's thread (blob_hash.c) */
+
+/* One blob of a frame, as the hasher checks it. */
+typedef struct {
+    uint8_t id[32];
+    uint64_t length;
+} mh__bhash_blob_t;
+
+/* The first mismatch the hasher found: frame index, blob index within
+ * the frame, the id the bytes did not hash to. */
+typedef struct {
+    size_t frame_idx;
+    uint32_t blob;
+    uint8_t id[32];
+} mh__bhash_bad_t;
+
+typedef struct mh__bhash mh__bhash_t;
+
+/* Starts a hasher thread with its chunk buffers (2 MiB). MH_ENOMEM. The
+ * caller frees it with mh__bhash_free. */
+int mh__bhash_new(mh__bhash_t **out);
+/* A blob frame starts: its blobs (ids, lengths) are copied. MH_EHASH when
+ * a mismatch was found already, MH_ENOMEM. May wait for queue room. */
+int mh__bhash_frame(mh__bhash_t *h, size_t frame_idx, const mh_packr_blob_t *blobs, uint32_t n);
+/* The frame's next decompressed bytes (copied). MH_EHASH when a mismatch
+ * was found already. May wait for a free chunk buffer. */
+int mh__bhash_data(mh__bhash_t *h, const uint8_t *p, size_t n);
+/* Waits until everything handed over is hashed; true (and *bad filled
+ * when bad is not NULL) when a mismatch was found. */
+bool mh__bhash_sync(mh__bhash_t *h, mh__bhash_bad_t *bad);
+/* Bytes the hasher holds (its buffers and the frames queued). */
+size_t mh__bhash_mem(mh__bhash_t *h);
+/* Stops the thread (what is queued is dropped) and frees everything.
+ * NULL is a no-op. */
+void mh__bhash_free(mh__bhash_t *h);
+
 #endif

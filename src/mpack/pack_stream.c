@@ -170,12 +170,16 @@ struct mh_packr {
     SHA256_CTX packsha;    /* MH_PACKR_HASH_PACK */
     ZSTD_DCtx *dctx;
     uint8_t *zout;
+    mh__bhash_t *bh;       /* MH_PACKR_PARALLEL: v2 blob hashing on a second thread */
 };
 
 /* ---------------------------------------------------------------- errors */
 
+static int hash_first(mh_packr_t *r);
+
 static int fail(mh_packr_t *r, int err, const char *why)
 {
+    if (!r->err && r->bh && hash_first(r)) return r->err;
     if (!r->err) {
         r->err = err;
         r->why = why;
@@ -187,6 +191,7 @@ static int failf(mh_packr_t *r, int err, const char *fallback, const char *fmt, 
     __attribute__((format(printf, 4, 5)));
 static int failf(mh_packr_t *r, int err, const char *fallback, const char *fmt, ...)
 {
+    if (!r->err && r->bh) hash_first(r);
     if (r->err) return r->err;
     char buf[512];
     va_list ap;
@@ -212,6 +217,7 @@ static int malformed(ps_t *s, int err, const char *what)
 static int ebad(ps_t *s, int err, const char *sect, size_t idx, const char *field, const char *msg)
 {
     mh__rd_t rd = {.a = s->r->a, .why = &s->r->why, .sect = sect, .idx = idx};
+    if (!s->r->err && s->r->bh) hash_first(s->r);
     if (s->r->err) return s->r->err;
     s->r->err = err;
     return mh__bad(&rd, err, field, msg);
@@ -530,6 +536,23 @@ static int hash_mismatch(mh_packr_t *r, const char *where, const uint8_t id[32])
                  where, t.s);
 }
 
+/* With the hasher thread: waits for it and, when it found a mismatch,
+ * makes that the reader's error: the mismatch lies before the reader's
+ * position, so it comes first, as in a read on one thread. Returns the
+ * reader's error (0: none). */
+static int hash_first(mh_packr_t *r)
+{
+    mh__bhash_t *h = r->bh;
+    if (!h || r->err) return r->err;
+    mh__bhash_bad_t bad;
+    if (!mh__bhash_sync(h, &bad)) return 0;
+    r->bh = NULL; /* the message below fails through here again */
+    mh__bhash_free(h);
+    char w[80];
+    snprintf(w, sizeof w, "frames[%zu].blobs[%u]", bad.frame_idx, bad.blob);
+    return hash_mismatch(r, w, bad.id);
+}
+
 static int frame_blob_done(mh_packr_t *r, const uint8_t *got)
 {
     frame_t *f = &r->fr;
@@ -566,6 +589,7 @@ static int deliver(mh_packr_t *r, const uint8_t *p, size_t n)
     frame_t *f = &r->fr;
     if (f->kind == FR_META) return ps_feed(r->meta, p, n);
     if (!(r->flags & MH_PACKR_VERIFY)) return 0;
+    if (r->bh) return mh__bhash_data(r->bh, p, n) ? hash_first(r) : 0;
     while (n) {
         if (f->cur >= f->n) return fbad(r, MH_EPARSE, ": data is longer than its blobs"); /* size == bsum: unreachable */
         size_t take = f->cur_left < n ? (size_t)f->cur_left : n;
@@ -608,7 +632,13 @@ static int sink_start(mh_packr_t *r)
         ps_release(r->meta);
         return ps_init(r, r->meta, true, f->size);
     }
-    return (r->flags & MH_PACKR_VERIFY) ? frame_settle(r) : 0;
+    if (!(r->flags & MH_PACKR_VERIFY)) return 0;
+    if (r->flags & MH_PACKR_PARALLEL) {
+        if (!r->bh && mh__bhash_new(&r->bh)) return nomem(r);
+        int rc = mh__bhash_frame(r->bh, f->idx, r->res.blobs + f->first, f->n);
+        return rc == MH_ENOMEM ? nomem(r) : rc ? hash_first(r) : 0;
+    }
+    return frame_settle(r);
 }
 
 static int zfail(mh_packr_t *r, size_t ret)
@@ -1531,6 +1561,11 @@ int mh_packr_finish(mh_packr_t *r)
     r->finished = true;
     int rc = ps_end(&r->outer);
     if (rc) return rc;
+    if (r->bh) {
+        if ((rc = hash_first(r))) return rc;
+        mh__bhash_free(r->bh);
+        r->bh = NULL;
+    }
     if (r->res.version == 2 && !(r->outer.seen & (1u << K_FRAMES)))
         return fail(r, MH_EPARSE, "pack.frames: missing (required in a v2 pack)");
     if (r->flags & MH_PACKR_HASH_PACK) SHA256_Final(r->res.pack_digest, &r->packsha);
@@ -1573,12 +1608,14 @@ size_t mh_packr_mem(const mh_packr_t *r)
     if (r->meta) m += sizeof *r->meta + ps_mem(r->meta, r);
     if (r->zout) m += ZOUT_CAP;
     if (r->dctx) m += ZSTD_sizeof_DCtx(r->dctx);
+    if (r->bh) m += mh__bhash_mem(r->bh);
     return m;
 }
 
 void mh_packr_free(mh_packr_t *r)
 {
     if (!r) return;
+    mh__bhash_free(r->bh);
     ps_release(&r->outer);
     if (r->meta) {
         ps_release(r->meta);

@@ -296,6 +296,37 @@ def test_malformed_v2_pack_is_422_and_writes_nothing(server, hub, repo, db, case
     assert server.store_path(staging).exists()
 
 
+def test_large_v2_pack_with_a_late_lying_blob_is_422_and_writes_nothing(server, hub, repo, db):
+    """From 1 MiB on, the server hashes a v2 pack's blobs on a second
+    thread while it decompresses the next ones (MH_PACKR_PARALLEL). A blob
+    that lies in a late frame is still refused, named as a read on one
+    thread names it, with nothing written; the honest pack is accepted."""
+    h = muselib.generate(commits=4, files=40, changed=3, blob_size=50000, seed=unique("v2"))
+    pairs = [(b["object_id"], b["content"]) for b in h.blobs]
+    groups = [pairs[i:i + 4] for i in range(0, len(pairs), 4)]
+    meta = {"commits": h.commits, "snapshots": h.snapshots}
+    k = len(groups) - 2
+    g = groups[k]
+    flipped = g[1][1][:-1] + bytes([g[1][1][-1] ^ 1])
+    frames = [frame(x, codec="zstd" if i % 4 == 0 else "none") for i, x in enumerate(groups)]
+    frames[k] = frame([g[0], (g[1][0], flipped)] + g[2:], codec="none")
+    data = raw_v2(dict(meta, frames=frames))
+    assert len(data) > 1 << 20
+    key = stage(hub, repo["slug"], data)
+    r = unpack(hub, repo["slug"], key, h.head)
+    assert r.status_code == 422, (r.status_code, r.text)
+    err = muselib.decode_body(r)
+    assert err["error"] == "invalid_pack", err
+    assert f"frames[{k}].blobs[1] ({g[1][0]}): content does not hash to its object_id" in err["detail"], err
+    assert_nothing_written(server, db, repo, h, key)
+    frames[k] = frame(g, codec="none")
+    good = raw_v2(dict(meta, frames=frames))
+    key = stage(hub, repo["slug"], good)
+    r = unpack(hub, repo["slug"], key, h.head)
+    assert r.status_code == 200, (r.status_code, r.text)
+    check_v2_rows(db, good, h)
+
+
 def test_v2_over_max_unpacked_bytes_is_422(start_server):
     """MUSEHUB_MAX_UNPACKED_BYTES bounds a pack's decompressed total; the
     sizes are added as they are read, so nothing is decompressed."""

@@ -393,7 +393,8 @@ static void check_all_chunkings(const char *name, const uint8_t *buf, size_t len
     for (size_t c = 0; c < sizeof chunks / sizeof *chunks; c++) {
         if (chunks[c] == 1 && len > (8u << 20)) continue; /* 1-byte feeds of a large pack: too slow for a unit test */
         mh_packr_t *r;
-        rc = read_split(&a, buf, len, chunks[c], MH_PACKR_VERIFY | MH_PACKR_HASH_PACK, NULL, &r);
+        unsigned par = c % 2 ? MH_PACKR_PARALLEL : 0; /* every other one with the hasher thread */
+        rc = read_split(&a, buf, len, chunks[c], MH_PACKR_VERIFY | MH_PACKR_HASH_PACK | par, NULL, &r);
         const mh_packr_result_t *X = mh_packr_result(r);
         int b = rc != 0 || X->version != R->version || X->ncommits != R->ncommits ||
                 X->nsnapshots != R->nsnapshots || X->nblobs != R->nblobs || X->nframes != R->nframes ||
@@ -408,7 +409,8 @@ static void check_all_chunkings(const char *name, const uint8_t *buf, size_t len
         bad += b;
         mh_packr_free(r);
     }
-    TAP_EQ_INT(bad, 0, "  the same result fed 1, 2, 7, 64, 4096, 65536 bytes at a time and in random splits");
+    TAP_EQ_INT(bad, 0, "  the same result fed 1, 2, 7, 64, 4096, 65536 bytes at a time and in random splits"
+                       " (half of them hashing on a second thread)");
     /* the whole-buffer reader agrees */
     mh_pack_t p;
     const char *why = NULL;
@@ -735,10 +737,11 @@ static void test_bad_v2(void)
         build_bad(&b, k);
         mh_arena_t a;
         mh_arena_init(&a, 0);
-        mh_packr_t *r1, *r2, *r3;
+        mh_packr_t *r1, *r2, *r3, *r5;
         int rc1 = read_split(&a, b.p, b.len, b.len, MH_PACKR_VERIFY, NULL, &r1);
         int rc2 = read_split(&a, b.p, b.len, 1, MH_PACKR_VERIFY, NULL, &r2);
         int rc3 = read_split(&a, b.p, b.len, 0, MH_PACKR_VERIFY, NULL, &r3);
+        int rc5 = read_split(&a, b.p, b.len, 0, MH_PACKR_VERIFY | MH_PACKR_PARALLEL, NULL, &r5);
         const char *why = mh_packr_why(r1);
         bool msg_ok = bads[k].why ? why && strstr(why, bads[k].why) : why == NULL;
         TAP_OK(rc1 == bads[k].rc && msg_ok, "%s: %s (%s)", bads[k].rc ? "refused" : "accepted", bads[k].name,
@@ -748,6 +751,9 @@ static void test_bad_v2(void)
         const char *w2 = mh_packr_why(r2), *w3 = mh_packr_why(r3);
         TAP_OK(rc2 == rc1 && rc3 == rc1 && (why ? w2 && w3 && !strcmp(w2, why) && !strcmp(w3, why) : !w2 && !w3),
                "  the same fed 1 byte at a time and in random pieces");
+        const char *w5 = mh_packr_why(r5);
+        TAP_OK(rc5 == rc1 && (why ? w5 && !strcmp(w5, why) : !w5), "  the same with the blobs hashed on a second thread");
+        mh_packr_free(r5);
         if (k == B_OK_REORDER)
             TAP_OK(mh_packr_result(r1)->reorder_peak == (uint64_t)mh_packr_result(r1)->frames[0].data_length,
                    "  the out-of-order data was buffered and counted (%llu bytes)",
@@ -1006,6 +1012,86 @@ static void test_memory(void)
     free(buf);
     mh_buf_free(&big);
     mh_buf_free(&z);
+}
+
+/* The blob hasher's thread (MH_PACKR_PARALLEL): the same verdicts and
+ * messages as a read on one thread, the first mismatch reported ahead of
+ * a later error of the reader's own, and bounded memory. */
+static void test_parallel(void)
+{
+    mh_buf_t good = {0}, bad = {0};
+    const int nframes = 12, per = 4;
+    const size_t blen = 200000;
+    uint8_t *buf = malloc(blen);
+    for (int pass = 0; pass < 2; pass++) {
+        mh_buf_t *out = pass ? &bad : &good;
+        mh_packw_t w;
+        mh_packw_opts_t po = {.level = 1};
+        v2_no_meta(&w, out, &po);
+        mh_packw_frames(&w, (uint32_t)nframes);
+        for (int fi = 0; fi < nframes; fi++) {
+            mh_packw_frame_begin(&w, MH_PACK_ZSTD);
+            for (int bi = 0; bi < per; bi++) {
+                size_t n = bi == 1 ? 0 : blen; /* an empty blob in every frame */
+                for (size_t k = 0; k < n; k++) buf[k] = (uint8_t)((k * 31 + (size_t)fi * 7 + (size_t)bi) ^ (rnd() & 7));
+                mh_id_t id;
+                mh_blob_id(buf, n, &id);
+                if (pass && fi == 7 && bi == 2) buf[blen / 2] ^= 1; /* frames[7].blobs[2] lies */
+                mh_packw_frame_blob(&w, S(id.s), n);
+                if (n) mh_packw_frame_data(&w, buf, n);
+            }
+            mh_packw_frame_end(&w);
+        }
+        TAP_OK(mh_packw_finish(&w) == 0, "a v2 pack of %d frames of %d blobs (%s): written", nframes, per,
+               pass ? "frames[7].blobs[2] does not hash to its id" : "all good");
+    }
+    free(buf);
+    mh_arena_t a;
+    mh_arena_init(&a, 0);
+    const unsigned P = MH_PACKR_VERIFY | MH_PACKR_PARALLEL;
+    size_t chunks[] = {good.len, 1 << 20, 4096, 0, 0};
+    int diff = 0;
+    size_t peak = 0;
+    for (size_t c = 0; c < sizeof chunks / sizeof *chunks; c++) {
+        mh_packr_t *r1, *r2;
+        int rc1 = read_split(&a, good.p, good.len, chunks[c], MH_PACKR_VERIFY, NULL, &r1);
+        int rc2 = read_split(&a, good.p, good.len, chunks[c], P, NULL, &r2);
+        const mh_packr_result_t *X = mh_packr_result(r1), *Y = mh_packr_result(r2);
+        diff += rc1 != 0 || rc2 != 0 || X->nblobs != Y->nblobs ||
+                memcmp(X->blobs, Y->blobs, X->nblobs * sizeof *X->blobs) != 0;
+        if (Y->mem_peak > peak) peak = Y->mem_peak;
+        mh_packr_free(r1);
+        mh_packr_free(r2);
+    }
+    TAP_EQ_INT(diff, 0, "  accepted with and without the hasher thread, the same blob records, in every chunking");
+    TAP_OK(peak < (5u << 20), "  reader peak with the hasher thread %zu bytes (pack %zu bytes)", peak, good.len);
+    /* the lie, then (cut) a truncation past it: the mismatch comes first */
+    size_t cuts[] = {bad.len, bad.len - 1000, bad.len - bad.len / 8};
+    diff = 0;
+    for (size_t k = 0; k < sizeof cuts / sizeof *cuts; k++)
+        for (size_t c = 0; c < sizeof chunks / sizeof *chunks; c++) {
+            mh_packr_t *r1, *r2;
+            int rc1 = read_split(&a, bad.p, cuts[k], chunks[c], MH_PACKR_VERIFY, NULL, &r1);
+            int rc2 = read_split(&a, bad.p, cuts[k], chunks[c], P, NULL, &r2);
+            const char *w1 = mh_packr_why(r1), *w2 = mh_packr_why(r2);
+            bool same = rc1 == MH_EHASH && rc2 == rc1 && w1 && w2 && !strcmp(w1, w2) &&
+                        strstr(w1, "frames[7].blobs[2] (sha256:");
+            if (!same) printf("# cut %zu chunk %zu: %d %s / %d %s\n", cuts[k], chunks[c], rc1, w1 ? w1 : "-", rc2,
+                              w2 ? w2 : "-");
+            diff += !same;
+            mh_packr_free(r1);
+            mh_packr_free(r2);
+        }
+    TAP_EQ_INT(diff, 0, "  a lying blob: MH_EHASH naming frames[7].blobs[2] on both, also when the pack is cut after it");
+    /* freed mid-stream, with work queued: nothing leaks, nothing waits */
+    mh_packr_t *r;
+    int rc = mh_packr_new(&a, NULL, P, good.len, &r);
+    if (!rc) rc = mh_packr_feed(r, good.p, good.len / 2);
+    TAP_EQ_INT(rc, 0, "  half a pack fed to a reader with the hasher thread");
+    mh_packr_free(r);
+    mh_arena_release(&a);
+    mh_buf_free(&good);
+    mh_buf_free(&bad);
 }
 
 /* ============================================================ writer */
@@ -1496,6 +1582,8 @@ int main(int argc, char **argv)
     lap("limits");
     test_memory();
     lap("memory");
+    test_parallel();
+    lap("parallel");
     test_writer_misuse();
     lap("writer_misuse");
     test_sizer();
