@@ -29,7 +29,6 @@ import subprocess
 import sys
 import time
 from collections import OrderedDict
-from typing import Callable
 
 import msgpack
 
@@ -37,9 +36,14 @@ from .ids import Manifest, blob_id, commit_id, valid_path
 from .mpack import PackWriter
 from .plan import load_plan, save_plan
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2.5 ms)
+if TYPE_CHECKING:
+    from typing import Callable
+
+    Log = Callable[[str], None]
+
 STATE_FILE = "git2muse-state.msgpack"
 STATE_VERSION = 2
-Log = Callable[[str], None]
 
 
 def _stderr_log(msg: str) -> None:
@@ -235,8 +239,6 @@ def decode(b: bytes, enc: str) -> str:
         return b.decode(enc, "replace")
     except LookupError:
         return b.decode("utf-8", "replace")
-
-
 
 
 def branch_name(git: Git, ref: str) -> str:

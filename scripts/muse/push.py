@@ -19,12 +19,15 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import Any, BinaryIO, Callable
 
 from .history import pack_tips
 from .hub import Hub, HubError
 from .ids import commit_parents
 from .mpack import INMEM_FRAME, PackIndex, PackWriter, read_pack
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2.5 ms)
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO, Callable
 
 
 class Outgoing:

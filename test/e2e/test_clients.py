@@ -429,6 +429,56 @@ def test_git2muse_incremental_push(gsrv, ghub, tmp_path):
     assert got == git_files(g, "main")
 
 
+def imported(name: str, *args: str, ok: bool = True) -> tuple[subprocess.CompletedProcess, set]:
+    """Run a tool under -X importtime: (its result, the modules it imported)."""
+    r = subprocess.run([PY, "-X", "importtime", str(SCRIPTS / name), *args],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
+    mods = {ln.rsplit("|", 1)[1].strip() for ln in r.stderr.splitlines()
+            if ln.startswith("import time:") and "|" in ln}
+    if ok:
+        assert r.returncode == 0, (r.stdout, r.stderr[-2000:])
+    return r, mods
+
+
+def test_start_up_imports(gsrv, ghub, tmp_path):
+    """Issue 19: a one-commit push loads neither the idna codec (an ASCII
+    host name is resolved as bytes, and a name like `localhost` still
+    connects) nor tempfile (a small meta frame is inflated in memory);
+    --help and usage errors load no HTTP client and no zstandard.  An
+    internationalised host name still goes through idna (it is resolved,
+    not refused)."""
+    for t in ("muse-push", "muse-fetch"):
+        r, mods = imported(t, "--help")
+        assert "usage:" in r.stdout
+        assert not mods & {"http.client", "ssl", "zstandard", "muse.hub", "tempfile"}, t
+    r, mods = imported("muse-push", "--owner", OWNER, ok=False)
+    assert r.returncode == 2 and "http.client" not in mods
+    repo = ghub.create_repo(OWNER, unique("boot"))
+    g = make_git_repo(tmp_path / "g")
+    out = tmp_path / "o"
+    tool("git2muse", "--repo", str(g), "--out-dir", str(out), "--ref", "main")
+    url = gsrv.url.replace("127.0.0.1", "localhost")
+    args = ["--url", url, "--owner", OWNER, "--repo", repo["slug"], "--json", "-q",
+            "--plan", str(out / "push.json")]
+    tool("muse-push", *args)
+    (g / "boot.txt").write_text("one more line\n")
+    git(g, "add", "-A")
+    git_commit(g, "boot", 1700002000)
+    tool("git2muse", "--repo", str(g), "--out-dir", str(out), "--ref", "main")
+    r, mods = imported("muse-push", *args)
+    (res,) = json_lines(r.stdout)
+    assert res["commits_written"] == 1 and res["sent"]["version"] == 2
+    assert "http.client" in mods and "zstandard" in mods  # the test sees imports
+    assert not mods & {"encodings.idna", "stringprep", "tempfile"}, mods
+    assert ghub.refs(OWNER, repo["slug"])["branch_heads"]["main"] == res["head"]
+    # a non-ASCII host is looked up through idna, not refused as bytes
+    r, mods = imported("muse-push", "--url", "http://b\u00fccher.invalid:9", "--owner", OWNER,
+                       "--repo", "x", "--tag", "t", ok=False)
+    assert "encodings.idna" in mods
+    errs = [ln for ln in r.stderr.splitlines() if not ln.startswith("import time:")]
+    assert r.returncode == 1 and len(errs) == 1 and "cannot resolve the host" in errs[0], errs
+
+
 def test_git2muse_is_deterministic(tmp_path, monkeypatch):
     """The same git history converts to the same packs byte for byte,
     whatever the interpreter's hash seed: the tree diff walks names in a
