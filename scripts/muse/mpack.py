@@ -726,6 +726,10 @@ class PackWriter:
     def blob_count(self) -> int:
         return len(self._blobs) + len(self._copied)
 
+    def blob_ids(self) -> list[str]:
+        """Ids of every blob added (copied frames' included)."""
+        return list(self._blobs) + list(self._copied)
+
     @property
     def blob_bytes(self) -> int:
         return sum(b[2] for b in self._blobs.values()) + sum(self._copied.values())
