@@ -28,11 +28,13 @@ from muse.mpwalk import PackError  # noqa: F401
 from muse.history import (SEED_EPOCH, History, _need, generate,  # noqa: F401
                           manifest_delta, pack_tips, rebuild_and_verify, snapshot_map,
                           topo_commits, verify_history)
-from muse.hub import (JSON, MSGPACK, Api, HubError, Signer,  # noqa: F401
+from muse.hub import (JSON, MSGPACK, Api, HubError,  # noqa: F401
                       decode_payload, encode_body)
 from muse.state import LocalState, _atomic_write  # noqa: F401
 from muse.plan import load_plan, plan_resume_point  # noqa: F401
 
+#: (method, url, body) -> headers: an MSign request signer (SPEC 5)
+Signer = Callable[[str, str, bytes], Mapping[str, str]]
 
 __all__ = [
     "EMPTY_SNAPSHOT_ID", "ID_PREFIX", "MAX_PATH_BYTES", "Manifest", "blob_id",

@@ -13,13 +13,16 @@ import os
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Mapping
 
 from .history import verify_history
 from .hub import Hub, HubError
 from .ids import Manifest, valid_path
 from .mpack import INMEM_FRAME, PackIndex, check_blobs, read_pack
 from .state import LocalState
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2.5 ms)
+if TYPE_CHECKING:
+    from typing import Any, Callable, Mapping
 
 FORMATS = [1, 2]
 

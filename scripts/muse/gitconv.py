@@ -29,17 +29,22 @@ import subprocess
 import sys
 import time
 from collections import OrderedDict
-from typing import Callable
 
 import msgpack
 
 from .ids import Manifest, blob_id, commit_id, valid_path
 from .mpack import PackWriter
 from .plan import load_plan, save_plan
+from .push import PLAN_COMMIT_IDS, pack_closed
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2.5 ms)
+if TYPE_CHECKING:
+    from typing import Callable
+
+    Log = Callable[[str], None]
 
 STATE_FILE = "git2muse-state.msgpack"
 STATE_VERSION = 2
-Log = Callable[[str], None]
 
 
 def _stderr_log(msg: str) -> None:
@@ -235,8 +240,6 @@ def decode(b: bytes, enc: str) -> str:
         return b.decode(enc, "replace")
     except LookupError:
         return b.decode("utf-8", "replace")
-
-
 
 
 def branch_name(git: Git, ref: str) -> str:
@@ -631,13 +634,17 @@ class Converter:
     def _close(self, w: PackWriter, branch: str, head: str, force: bool,
                expected_old_head: str | None) -> dict:
         w.branch_heads[branch] = head
+        closed = pack_closed(w.commits, w.snapshots, w.blob_ids())
+        ids = [c["commit_id"] for c in w.commits] if len(w.commits) <= PLAN_COMMIT_IDS else None
         info = w.close()
         name = f"pack-{info['mpack_key'][7:23]}.mpack"
         os.replace(w.path, os.path.join(self.out_dir, name))
         e = {"file": name, "mpack_key": info["mpack_key"], "size_bytes": info["size_bytes"],
              "head": head, "branch": branch, "commits": info["commits"],
              "snapshots": info["snapshots"], "blobs": info["blobs"],
-             "format": self.version}
+             "format": self.version, "closed": closed}
+        if ids:
+            e["commit_ids"] = ids   # a small pack goes unread (Pusher.push_pack)
         if force:
             e["force"] = True
         if expected_old_head:

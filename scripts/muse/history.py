@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import datetime
 from collections import OrderedDict
-from typing import Any, Iterable, Mapping
 
 from .ids import (Manifest, blob_id, commit_id, commit_id_of, commit_parents,
                   snapshot_id, valid_id, valid_path)
 from .mpack import build_mpack
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2.5 ms)
+if TYPE_CHECKING:
+    from typing import Any, Iterable, Mapping
 
 
 def manifest_delta(old: Mapping[str, str] | None,
@@ -250,8 +253,6 @@ def pack_tips(commits: list[dict]) -> list[str]:
     """Commit ids in the list that no other commit in the list names as parent."""
     parents = {p for c in commits for p in commit_parents(c)}
     return [c["commit_id"] for c in commits if c["commit_id"] not in parents]
-
-
 
 
 # Synthetic histories (seed 000's _populate)

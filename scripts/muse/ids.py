@@ -15,7 +15,10 @@ from __future__ import annotations
 import bisect
 import hashlib
 import re
-from typing import Any, Iterable, Mapping
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2.5 ms)
+if TYPE_CHECKING:
+    from typing import Any, Iterable, Mapping
 
 ID_PREFIX = "sha256:"
 _ID_RE = re.compile(r"sha256:[0-9a-f]{64}")

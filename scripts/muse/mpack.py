@@ -27,15 +27,19 @@ Nothing here talks to a server.
 """
 from __future__ import annotations
 
+import collections.abc
 import hashlib
 import io
 import struct
-from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 import msgpack
 
 from .ids import valid_id
 from .mpwalk import PackError, Walker
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2.5 ms)
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 MPACK_MAGIC = b"MUSE"
 FRAME_MAX = 64 << 20            # decompressed bytes of a frame of several blobs
@@ -528,8 +532,13 @@ def read_pack(f: BinaryIO, *, verify: bool = True, start: int = 0,
             raise PackError(f"a v2 pack carries `{key}` (blobs go in frames)")
         if key == "meta":
             codec, size, _b, doff, dlen = frame_map(w, True)
-            import tempfile
-            with tempfile.TemporaryFile() as tmp:
+            if size <= INMEM_FRAME:
+                # in memory: no temporary file (nor tempfile's imports)
+                tmp: BinaryIO = io.BytesIO()
+            else:
+                import tempfile
+                tmp = tempfile.TemporaryFile()
+            with tmp:
                 inflate(f, doff, dlen, codec, size, tmp.write)
                 mw = Walker(tmp, 0, size)
                 mn = mw.map_header()
@@ -717,6 +726,10 @@ class PackWriter:
     def blob_count(self) -> int:
         return len(self._blobs) + len(self._copied)
 
+    def blob_ids(self) -> list[str]:
+        """Ids of every blob added (copied frames' included)."""
+        return list(self._blobs) + list(self._copied)
+
     @property
     def blob_bytes(self) -> int:
         return sum(b[2] for b in self._blobs.values()) + sum(self._copied.values())
@@ -893,7 +906,7 @@ class PackWriter:
 
 def _blob_list(blobs: Any) -> list[dict]:
     """Accept a list of {object_id, content} maps or a dict id -> bytes."""
-    if isinstance(blobs, Mapping):
+    if isinstance(blobs, collections.abc.Mapping):
         return [{"object_id": k, "content": bytes(v)} for k, v in blobs.items()]
     return list(blobs or [])
 

@@ -21,9 +21,12 @@ the offset.
 from __future__ import annotations
 
 import struct
-from typing import Any, BinaryIO, Iterator
 
 import msgpack
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2.5 ms)
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO, Iterator
 
 #: the largest single decoded value (a commit map, a root snapshot's delta)
 MAX_VALUE_BYTES = 1 << 30

@@ -54,18 +54,21 @@ import os
 import sys
 import time
 import urllib.parse
-from typing import Callable, Mapping
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2.5 ms)
+if TYPE_CHECKING:
+    from typing import Callable, Mapping
+
+    Signer = Callable[[str, str, bytes], Mapping[str, str]]
 
 LABEL = "msign"
 ALG = "ecdsa-p256-sha256"
 P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # group order
 COMPONENTS_BODY = ("@method", "@path", "@query", "content-digest")
 COMPONENTS_NO_BODY = ("@method", "@path", "@query")
-
-Signer = Callable[[str, str, bytes], Mapping[str, str]]
 
 
 # --------------------------------------------------------------------------

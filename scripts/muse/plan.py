@@ -1,17 +1,26 @@
 """git2muse's push plan (DIR/push.json) and where a re-run resumes.
 
   {"version": 1, "packs": [{file, mpack_key, size_bytes, head, branch,
-   force?, expected_old_head?, commits, snapshots, blobs, format}],
+   force?, expected_old_head?, commits, snapshots, blobs, format,
+   closed, commit_ids?}],
    "branch_heads": {branch: muse id}, "git_heads": {branch: git id},
    "default_branch": branch}
 
-Files are relative to the plan's directory.
+Files are relative to the plan's directory.  `closed`: a push onto a
+repository that knows none of the pack's commits sends the whole pack
+(muse.push.pack_closed); `commit_ids`: every commit id of the pack, for
+packs of at most 64 commits.  With both, muse-push sends such a pack
+without reading it when no branch head of the server is among those ids.
+Plans without them (older git2muse) are read as before.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2.5 ms)
+if TYPE_CHECKING:
+    from typing import Any, Mapping
 
 
 def load_plan(path: str) -> dict:

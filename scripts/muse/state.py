@@ -19,13 +19,16 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import OrderedDict
-from typing import Any, Callable, Mapping
 
 import msgpack
 
 from .history import pack_tips
 from .ids import Manifest, valid_id
 from .mpack import PackIndex, inflate
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2.5 ms)
+if TYPE_CHECKING:
+    from typing import Any, Callable, Mapping
 
 
 class _ManifestView:

@@ -429,6 +429,100 @@ def test_git2muse_incremental_push(gsrv, ghub, tmp_path):
     assert got == git_files(g, "main")
 
 
+def imported(name: str, *args: str, ok: bool = True) -> tuple[subprocess.CompletedProcess, set]:
+    """Run a tool under -X importtime: (its result, the modules it imported)."""
+    r = subprocess.run([PY, "-X", "importtime", str(SCRIPTS / name), *args],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
+    mods = {ln.rsplit("|", 1)[1].strip() for ln in r.stderr.splitlines()
+            if ln.startswith("import time:") and "|" in ln}
+    if ok:
+        assert r.returncode == 0, (r.stdout, r.stderr[-2000:])
+    return r, mods
+
+
+def test_start_up_imports(gsrv, ghub, tmp_path):
+    """Issue 19: a one-commit push of a git2muse plan loads neither the
+    idna codec (an ASCII host name is resolved as bytes, and a name like
+    `localhost` still connects) nor zstandard and tempfile (the entry
+    lists its commit and the server knows none of it: the pack goes
+    unread); --help and usage errors load no HTTP client and no
+    zstandard.  An internationalised host name still goes through idna
+    (it is resolved, not refused)."""
+    for t in ("muse-push", "muse-fetch"):
+        r, mods = imported(t, "--help")
+        assert "usage:" in r.stdout
+        assert not mods & {"http.client", "ssl", "zstandard", "muse.hub", "tempfile"}, t
+    r, mods = imported("muse-push", "--owner", OWNER, ok=False)
+    assert r.returncode == 2 and "http.client" not in mods
+    repo = ghub.create_repo(OWNER, unique("boot"))
+    g = make_git_repo(tmp_path / "g")
+    out = tmp_path / "o"
+    tool("git2muse", "--repo", str(g), "--out-dir", str(out), "--ref", "main")
+    url = gsrv.url.replace("127.0.0.1", "localhost")
+    args = ["--url", url, "--owner", OWNER, "--repo", repo["slug"], "--json", "-q",
+            "--plan", str(out / "push.json")]
+    tool("muse-push", *args)
+    (g / "boot.txt").write_text("one more line\n")
+    git(g, "add", "-A")
+    git_commit(g, "boot", 1700002000)
+    tool("git2muse", "--repo", str(g), "--out-dir", str(out), "--ref", "main")
+    r, mods = imported("muse-push", *args)
+    (res,) = json_lines(r.stdout)
+    assert res["commits_written"] == 1 and res["sent"]["version"] == 2
+    plan = json.loads((out / "push.json").read_text())
+    last = plan["packs"][-1]
+    assert last["closed"] is True and last["commit_ids"] == [res["head"]]
+    assert res["uploaded_bytes"] == last["size_bytes"] and res["mpack_key"] == last["mpack_key"]
+    assert "http.client" in mods and "muse.push" in mods  # the test sees imports
+    assert not mods & {"encodings.idna", "stringprep", "zstandard", "tempfile"}, mods
+    assert ghub.refs(OWNER, repo["slug"])["branch_heads"]["main"] == res["head"]
+    # a non-ASCII host is looked up through idna, not refused as bytes
+    r, mods = imported("muse-push", "--url", "http://b\u00fccher.invalid:9", "--owner", OWNER,
+                       "--repo", "x", "--tag", "t", ok=False)
+    assert "encodings.idna" in mods
+    errs = [ln for ln in r.stderr.splitlines() if not ln.startswith("import time:")]
+    assert r.returncode == 1 and len(errs) == 1 and "cannot resolve the host" in errs[0], errs
+
+
+def test_plan_entry_read_when_the_server_knows_a_commit(gsrv, ghub, tmp_path):
+    """A plan entry that lists its commits goes unread only while the
+    server knows none of them: here the new commit reached the server on
+    another branch first, so muse-push reads the pack and sends no
+    commit again (only main moves), as it does without the list."""
+    repo = ghub.create_repo(OWNER, unique("known"))
+    g = make_git_repo(tmp_path / "g")
+    out = tmp_path / "o"
+    tool("git2muse", "--repo", str(g), "--out-dir", str(out), "--ref", "main")
+    tool("muse-push", *push_args(gsrv, repo["slug"], "--plan", str(out / "push.json")))
+    (g / "known.txt").write_text("known\n")
+    git(g, "add", "-A")
+    git_commit(g, "known", 1700003000)
+    tool("git2muse", "--repo", str(g), "--out-dir", str(out), "--ref", "main")
+    last = json.loads((out / "push.json").read_text())["packs"][-1]
+    assert last["commit_ids"] == [last["head"]] and last["closed"] is True
+    r = tool("muse-push", *push_args(gsrv, repo["slug"], "--json", "--branch", "side",
+                                     str(out / last["file"])))
+    assert json_lines(r.stdout)[0]["commits_written"] == 1
+    r, mods = imported("muse-push", *push_args(gsrv, repo["slug"], "--json",
+                                               "--plan", str(out / "push.json")))
+    (res,) = json_lines(r.stdout)
+    assert "zstandard" in mods                  # the pack was read
+    assert res["sent"]["commits"] == 0 and res["skipped_known"] == {"commits": 1}
+    assert ghub.refs(OWNER, repo["slug"])["branch_heads"] == {"main": last["head"],
+                                                             "side": last["head"]}
+
+
+def test_pack_closed():
+    """git2muse's `closed`: a pack whose every snapshot a commit needs and
+    whose every blob a snapshot upserts; an extra blob opens it."""
+    from muse.push import pack_closed
+    h = muse.generate(commits=3, files=4, changed=1, blob_size=20, seed=unique("closed"))
+    ids = [b["object_id"] for b in h.blobs]
+    assert pack_closed(h.commits, h.snapshots, ids)
+    assert not pack_closed(h.commits, h.snapshots, ids + ["sha256:" + "0" * 64])
+    assert not pack_closed(h.commits[:1], h.snapshots, ids)   # snapshots no commit needs
+
+
 def test_git2muse_is_deterministic(tmp_path, monkeypatch):
     """The same git history converts to the same packs byte for byte,
     whatever the interpreter's hash seed: the tree diff walks names in a
