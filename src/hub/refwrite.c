@@ -118,12 +118,17 @@ static const char sql_snapshot_refs[] =
     " OR NOT EXISTS (SELECT 1 FROM snapshot_refs r WHERE r.repo_id = $1 AND r.snapshot_id = t.snapshot_id" PROBE ")"
     " ORDER BY 2 RETURNING 1)"
     " SELECT count(*) FROM x";
+/* tmp_objects holds each id once, in id order (mh_rw_index_rows,
+ * mh_rw_built_rows): its rows go in as they were copied, without the
+ * DISTINCT and the sort (a third of the statement at 52,250 rows; a
+ * fresh temporary table is read back in the order it was written, and
+ * the order matters only for the index's locality, not for the result). */
 static const char sql_object_refs[] =
     "WITH x AS (INSERT INTO object_refs (repo_id, object_id)"
-    " SELECT DISTINCT $1::text, t.object_id FROM tmp_objects t"
+    " SELECT $1::text, t.object_id FROM tmp_objects t"
     " WHERE NOT EXISTS (SELECT 1 FROM object_refs WHERE repo_id = $1)"
     " OR NOT EXISTS (SELECT 1 FROM object_refs r WHERE r.repo_id = $1 AND r.object_id = t.object_id" PROBE ")"
-    " ORDER BY 2 RETURNING 1)"
+    " RETURNING 1)"
     " SELECT count(*) FROM x";
 
 void mh_rw_history_rows(mh_db_batch_t *b, const char *repo_id, unsigned tables, int *i_commits, int *i_snapshots)
@@ -162,14 +167,15 @@ void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int 
      * third more): a pack with no index row yet (every first write; the
      * uncorrelated NOT EXISTS is evaluated once) takes all of tmp_objects,
      * one already indexed (a re-run; GC may have deleted some of its
-     * rows) only the rows it lacks. tmp_objects holds each id once. */
+     * rows) only the rows it lacks. tmp_objects holds each id once, in
+     * id order (no sort here: see sql_object_refs). */
     store_index(i_index,
                 mh_db_batch_add(b,
                                 "WITH x AS (INSERT INTO mpack_index (object_id, mpack_id, byte_offset, byte_length,"
                                 " frame_no) SELECT t.object_id, $1::text, t.byte_offset, t.byte_length, t.frame_no FROM"
                                 " tmp_objects t WHERE NOT EXISTS (SELECT 1 FROM mpack_index WHERE mpack_id = $1)"
                                 " OR NOT EXISTS (SELECT 1 FROM mpack_index i WHERE i.object_id = t.object_id"
-                                " AND i.mpack_id = $1" PROBE ") ORDER BY t.object_id RETURNING 1)"
+                                " AND i.mpack_id = $1" PROBE ") RETURNING 1)"
                                 " SELECT count(*) FROM x",
                                 1, p->mpack_id));
     /* Referenced again: a superseded pack is live again, out of the
@@ -185,19 +191,35 @@ void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int 
 
 static const void *blob_key(const void *ctx, uint32_t v) { return ((const mh_packr_result_t *)ctx)->blobs[v].id; }
 
+static int cmp_place(const void *a, const void *b, void *ctx)
+{
+    const mh_pb_place_t *pa = (const mh_pb_place_t *)ctx + *(const uint32_t *)a;
+    const mh_pb_place_t *pb = (const mh_pb_place_t *)ctx + *(const uint32_t *)b;
+    return memcmp(pa->id, pb->id, MH_ID_LEN);
+}
+
 int mh_rw_built_rows(const mh_pb_t *pb, mh_buf_t *objects, mh_buf_t *frames)
 {
     size_t n = mh_pb_count(pb), nf = 0;
-    int rc = mh_buf_reserve(objects, n * (MH_ID_LEN + 32));
+    /* In id order (see sql_object_refs). */
+    mh_pb_place_t *pls = malloc((n ? n : 1) * sizeof *pls);
+    uint32_t *ord = malloc((n ? n : 1) * sizeof *ord);
+    int rc = pls && ord ? mh_buf_reserve(objects, n * (MH_ID_LEN + 32)) : MH_ENOMEM;
     for (size_t i = 0; i < n && !rc; i++) {
-        mh_pb_place_t pl;
-        mh_pb_place(pb, i, &pl);
+        mh_pb_place(pb, i, &pls[i]);
+        ord[i] = (uint32_t)i;
+    }
+    if (!rc) qsort_r(ord, n, sizeof *ord, cmp_place, pls);
+    for (size_t i = 0; i < n && !rc; i++) {
+        const mh_pb_place_t pl = pls[ord[i]];
         rc = mh_copy_field(objects, pl.id, MH_ID_LEN, false);
         if (!rc) rc = mh_copy_int(objects, (int64_t)pl.offset, false);
         if (!rc) rc = mh_copy_int(objects, (int64_t)pl.length, false);
         if (!rc && pl.frame == MH_PACK_NOFRAME) rc = mh_copy_field(objects, NULL, 0, true);
         else if (!rc) rc = mh_copy_int(objects, (int64_t)pl.frame, true);
     }
+    free(pls);
+    free(ord);
     const mh_pb_outframe_t *of = mh_pb_frames(pb, &nf);
     for (size_t i = 0; i < nf && !rc; i++) {
         const char *codec = of[i].codec == MH_PACK_ZSTD ? "zstd" : "none";
@@ -228,6 +250,12 @@ static int frame_rows(const mh_packr_result_t *p, mh_buf_t *out)
     return rc;
 }
 
+static int cmp_blob(const void *a, const void *b, void *ctx)
+{
+    const mh_packr_blob_t *bl = ctx;
+    return memcmp(bl[*(const uint32_t *)a].id, bl[*(const uint32_t *)b].id, 32);
+}
+
 int mh_rw_index_rows(const mh_packr_result_t *p, mh_buf_t *objects, mh_buf_t *frames, size_t *nrows)
 {
     *nrows = 0;
@@ -235,15 +263,20 @@ int mh_rw_index_rows(const mh_packr_result_t *p, mh_buf_t *objects, mh_buf_t *fr
      * client could fill with colliding ids. */
     mh_idmap_t seen;
     mh_idmap_init(&seen, NULL, 32, blob_key, p);
-    int rc = mh_idmap_reserve(&seen, p->nblobs);
+    uint32_t *ord = malloc((p->nblobs ? p->nblobs : 1) * sizeof *ord);
+    size_t n = 0;
+    int rc = ord ? mh_idmap_reserve(&seen, p->nblobs) : MH_ENOMEM;
     if (!rc) rc = mh_buf_reserve(objects, p->nblobs * (MH_ID_LEN + 32));
     for (size_t i = 0; i < p->nblobs && !rc; i++) {
-        const mh_packr_blob_t *bl = &p->blobs[i];
         int added = mh_idmap_add(&seen, (uint32_t)i, NULL);
-        if (added <= 0) {
-            rc = added;
-            continue;
-        }
+        if (added < 0) rc = added;
+        else if (added) ord[n++] = (uint32_t)i;
+    }
+    /* Each id once, in id order (see sql_object_refs): a digest's byte
+     * order is its hex text's order. */
+    if (!rc) qsort_r(ord, n, sizeof *ord, cmp_blob, p->blobs);
+    for (size_t k = 0; k < n && !rc; k++) {
+        const mh_packr_blob_t *bl = &p->blobs[ord[k]];
         mh_id_t id;
         mh_id_from_digest(&id, bl->id);
         rc = mh_copy_field(objects, id.s, MH_ID_LEN, false);
@@ -254,6 +287,7 @@ int mh_rw_index_rows(const mh_packr_result_t *p, mh_buf_t *objects, mh_buf_t *fr
                                               : mh_copy_int(objects, (int64_t)bl->frame, true);
         if (!rc) (*nrows)++;
     }
+    free(ord);
     mh_idmap_free(&seen);
     if (!rc && p->version == 2) rc = frame_rows(p, frames);
     return rc;
