@@ -415,14 +415,60 @@ static int check_commit(mh__unpack_t *x, const have_t *h, int *gen, uint32_t i, 
     return rc ? MH_ENOMEM : 0;
 }
 
+typedef struct {
+    const mh_pack_commit_t *commits;
+    const uint32_t *order;
+} row_ctx_t;
+
+static int cmp_row(const void *a, const void *b, void *ctx)
+{
+    const row_ctx_t *c = ctx;
+    return memcmp(c->commits[c->order[*(const uint32_t *)a]].commit_id.p,
+                  c->commits[c->order[*(const uint32_t *)b]].commit_id.p, MH_ID_LEN);
+}
+
+/* The commit rows (written parents first) again in commit id order, each
+ * id once: the inserts then need no sort and no DISTINCT (refwrite.c,
+ * mh_rw_history_rows). at[k] is where row k starts, at[n] the end. */
+static int sort_commit_rows(mh__unpack_t *x, const uint32_t *order, const size_t *at, size_t n)
+{
+    uint32_t *k = malloc((n + 1) * sizeof *k);
+    mh_buf_t out = {0};
+    int rc = k ? mh_buf_reserve(&out, x->commit_rows.len) : MH_ENOMEM;
+    for (size_t i = 0; i < n && !rc; i++) k[i] = (uint32_t)i;
+    row_ctx_t ctx = {x->pack->commits, order};
+    if (!rc) qsort_r(k, n, sizeof *k, cmp_row, &ctx);
+    for (size_t i = 0; i < n && !rc; i++) {
+        if (i && cmp_row(&k[i - 1], &k[i], &ctx) == 0) continue; /* the same commit twice in the pack */
+        rc = mh_buf_append(&out, x->commit_rows.p + at[k[i]], at[k[i] + 1] - at[k[i]]);
+    }
+    free(k);
+    if (rc) {
+        mh_buf_free(&out);
+        return MH_ENOMEM;
+    }
+    mh_buf_free(&x->commit_rows);
+    x->commit_rows = out;
+    return 0;
+}
+
 static int rebuild_commits(mh__unpack_t *x, const have_t *h)
 {
     size_t nc = x->pack->ncommits;
     int *gen = mh_calloc(x->a, (nc + 1) * sizeof *gen);
     uint32_t *order = mh_alloc(x->a, (nc + 1) * sizeof *order);
+    size_t *at = malloc((nc + 1) * sizeof *at);
     mh_buf_t meta = {0};
-    int rc = gen && order ? order_commits(x, order) : MH_ENOMEM;
-    for (size_t oi = 0; oi < nc && !rc; oi++) rc = check_commit(x, h, gen, order[oi], &meta);
+    int rc = gen && order && at ? order_commits(x, order) : MH_ENOMEM;
+    for (size_t oi = 0; oi < nc && !rc; oi++) {
+        at[oi] = x->commit_rows.len;
+        rc = check_commit(x, h, gen, order[oi], &meta);
+    }
+    if (!rc) {
+        at[nc] = x->commit_rows.len;
+        rc = sort_commit_rows(x, order, at, nc);
+    }
+    free(at);
     mh_buf_free(&meta);
     return rc;
 }

@@ -104,12 +104,14 @@ static void store_index(int *where, int i)
  * unless the repository has no such ref at all (the uncorrelated NOT
  * EXISTS first, evaluated once: a first push): their cost follows the
  * push, whatever the statistics say about the repository. */
+/* tmp_commits holds each commit once, in id order (push_check.c
+ * sort_commit_rows): no DISTINCT, no sort (see sql_object_refs). */
 static const char sql_commit_refs[] =
     "WITH x AS (INSERT INTO commit_refs (repo_id, commit_id, branch, meta)"
-    " SELECT DISTINCT ON (t.commit_id) $1::text, t.commit_id, t.branch, t.meta FROM tmp_commits t"
+    " SELECT $1::text, t.commit_id, t.branch, t.meta FROM tmp_commits t"
     " WHERE NOT EXISTS (SELECT 1 FROM commit_refs WHERE repo_id = $1)"
     " OR NOT EXISTS (SELECT 1 FROM commit_refs r WHERE r.repo_id = $1 AND r.commit_id = t.commit_id" PROBE ")"
-    " ORDER BY t.commit_id RETURNING 1)"
+    " RETURNING 1)"
     " SELECT count(*) FROM x";
 static const char sql_snapshot_refs[] =
     "WITH x AS (INSERT INTO snapshot_refs (repo_id, snapshot_id)"
@@ -137,7 +139,7 @@ void mh_rw_history_rows(mh_db_batch_t *b, const char *repo_id, unsigned tables, 
         mh_db_batch_add(b,
                         "INSERT INTO commits (commit_id, parent_commit_id, parent2_commit_id, snapshot_id, message,"
                         " author, committed_at, branch, generation, meta)"
-                        " SELECT * FROM tmp_commits ORDER BY commit_id ON CONFLICT DO NOTHING",
+                        " SELECT * FROM tmp_commits ON CONFLICT DO NOTHING",
                         0);
         store_index(i_commits, mh_db_batch_add(b, sql_commit_refs, 1, repo_id));
     }

@@ -217,6 +217,22 @@ def test_small_push_and_incremental(hub, repo):
     assert hub.refs(OWNER, repo["slug"])["branch_heads"] == {"main": h2.head}
 
 
+def test_pack_listing_commits_and_blobs_twice(hub, db, repo):
+    """A pack may list a commit or a blob twice (the same id: the same
+    content); each is written once (the server's COPY rows hold each id
+    once, in id order, and the inserts rely on it)."""
+    h = small(commits=6)
+    dup = h.commits + h.commits[::-1][:3]
+    data = rebuild(dup, h.snapshots, h.blobs + h.blobs[:2])
+    res = hub.push(OWNER, repo["slug"], data, "main", h.head)
+    assert (res["commits_written"], res["snapshots_written"], res["objects_written"]) == (6, 6, len(h.blobs))
+    counts = repo_counts(db, repo["repo_id"])
+    assert (counts["commit_refs"], counts["object_refs"]) == (6, len(h.blobs))
+    ids = ",".join(sql_str(c["commit_id"]) for c in h.commits)
+    assert db.count(f"SELECT count(*) FROM commits WHERE commit_id IN ({ids})") == 6
+    assert hub.refs(OWNER, repo["slug"])["branch_heads"] == {"main": h.head}
+
+
 def test_move_5000_files_without_blobs(server, repo):
     """Regression (hardening 15.2): a commit that moves 5,000 files to a new
     directory resends none of their blobs, so its snapshot names 5,000
