@@ -21,8 +21,6 @@
  * (pack_stream.c, hash_first): the verdict and the message are the ones a
  * single-threaded read gives.
  */
-#define OPENSSL_SUPPRESS_DEPRECATED 1
-#include <openssl/sha.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,7 +34,7 @@
 typedef struct bh_frame {
     size_t idx;
     uint32_t n;
-    mh__bhash_blob_t b[];
+    mh_packr_blob_t b[];
 } bh_frame_t;
 
 typedef struct {
@@ -61,9 +59,7 @@ struct mh__bhash {
     size_t frames_mem; /* bytes of the frame copies queued and current (under mu) */
     /* The thread's side. */
     bh_frame_t *cur_frame;
-    uint32_t cur;
-    uint64_t cur_left;
-    SHA256_CTX sha;
+    mh__bcur_t bc;
     /* The verdict (under mu). */
     bool bad;
     mh__bhash_bad_t why;
@@ -78,54 +74,61 @@ static const uint8_t sha_empty[32] = {0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 
                                       0xc8, 0x99, 0x6f, 0xb9, 0x24, 0x27, 0xae, 0x41, 0xe4, 0x64, 0x9b,
                                       0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55};
 
+/* ------------------------------------------------------- the blob cursor */
+
+/* Past the empty blobs at the cursor (each against the empty digest);
+ * starts hashing the next blob with bytes. */
+static bool settle(mh__bcur_t *c)
+{
+    while (c->cur < c->n && c->b[c->cur].length == 0) {
+        if (memcmp(c->b[c->cur].id, sha_empty, 32) != 0) return false;
+        c->cur++;
+    }
+    if (c->cur < c->n) {
+        c->left = c->b[c->cur].length;
+        SHA256_Init(&c->sha);
+    }
+    return true;
+}
+
+bool mh__bcur_start(mh__bcur_t *c, const mh_packr_blob_t *b, uint32_t n)
+{
+    c->b = b;
+    c->n = n;
+    c->cur = 0;
+    c->left = 0;
+    return settle(c);
+}
+
+bool mh__bcur_feed(mh__bcur_t *c, const uint8_t *p, size_t n)
+{
+    while (n) {
+        if (c->cur >= c->n) return false; /* past the last blob */
+        size_t take = c->left < n ? (size_t)c->left : n;
+        SHA256_Update(&c->sha, p, take);
+        p += take;
+        n -= take;
+        c->left -= take;
+        if (c->left == 0) {
+            uint8_t got[32];
+            SHA256_Final(got, &c->sha);
+            if (memcmp(got, c->b[c->cur].id, 32) != 0) return false;
+            c->cur++;
+            if (!settle(c)) return false;
+        }
+    }
+    return true;
+}
+
 /* ------------------------------------------------------- the thread's side */
 
-/* Records a mismatch of the current blob (the thread's own state; the
- * verdict is published under the lock by the caller). Returns false. */
+/* The current blob did not hash to its id: what the reader reports. */
 static bool mismatch(mh__bhash_t *h, mh__bhash_bad_t *out)
 {
     out->frame_idx = h->cur_frame->idx;
-    out->blob = h->cur;
-    memcpy(out->id, h->cur_frame->b[h->cur].id, 32);
+    out->blob = h->bc.cur;
+    memcpy(out->id, h->cur_frame->b[h->bc.cur].id, 32);
     return false;
-}
-
-/* Past the empty blobs at the cursor (each checked against the empty
- * digest); starts hashing the next blob with bytes. False on a mismatch. */
-static bool settle(mh__bhash_t *h, mh__bhash_bad_t *out)
-{
-    bh_frame_t *f = h->cur_frame;
-    while (h->cur < f->n && f->b[h->cur].length == 0) {
-        if (memcmp(f->b[h->cur].id, sha_empty, 32) != 0) return mismatch(h, out);
-        h->cur++;
-    }
-    if (h->cur < f->n) {
-        h->cur_left = f->b[h->cur].length;
-        SHA256_Init(&h->sha);
-    }
-    return true;
-}
-
-static bool hash_bytes(mh__bhash_t *h, const uint8_t *p, size_t n, mh__bhash_bad_t *out)
-{
-    bh_frame_t *f = h->cur_frame;
-    while (n && f && h->cur < f->n) {
-        size_t take = h->cur_left < n ? (size_t)h->cur_left : n;
-        SHA256_Update(&h->sha, p, take);
-        p += take;
-        n -= take;
-        h->cur_left -= take;
-        if (h->cur_left == 0) {
-            uint8_t got[32];
-            SHA256_Final(got, &h->sha);
-            if (memcmp(got, f->b[h->cur].id, 32) != 0) return mismatch(h, out);
-            h->cur++;
-            if (!settle(h, out)) return false;
-        }
-    }
-    /* Bytes past the frame's blobs cannot come: the reader checked that
-     * the lengths add up to the frame's size and stops past it. */
-    return true;
 }
 
 static void *bh_main(void *arg)
@@ -151,11 +154,11 @@ static void *bh_main(void *arg)
         bool ok = true;
         mh__bhash_bad_t why;
         free(old);
-        if (it.frame) {
-            h->cur = 0;
-            if (!skip) ok = settle(h, &why);
-        }
-        if (it.buf >= 0 && !skip) ok = hash_bytes(h, h->bufs[it.buf], it.len, &why);
+        if (it.frame && !skip && !mh__bcur_start(&h->bc, it.frame->b, it.frame->n)) ok = mismatch(h, &why);
+        /* bytes past the last blob cannot come: the reader checked that
+         * the lengths add up to the frame's size and stops past it */
+        if (ok && it.buf >= 0 && !skip && !mh__bcur_feed(&h->bc, h->bufs[it.buf], it.len) && h->bc.cur < h->bc.n)
+            ok = mismatch(h, &why);
 
         pthread_mutex_lock(&h->mu);
         if (it.buf >= 0) h->busy[it.buf] = false;
@@ -224,10 +227,7 @@ int mh__bhash_frame(mh__bhash_t *h, size_t frame_idx, const mh_packr_blob_t *blo
     if (!f) return MH_ENOMEM;
     f->idx = frame_idx;
     f->n = n;
-    for (uint32_t i = 0; i < n; i++) {
-        memcpy(f->b[i].id, blobs[i].id, 32);
-        f->b[i].length = blobs[i].length;
-    }
+    memcpy(f->b, blobs, (size_t)n * sizeof *blobs);
     pthread_mutex_lock(&h->mu);
     flush(h);
     enqueue(h, f, -1, 0);

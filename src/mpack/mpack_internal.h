@@ -6,6 +6,11 @@
 
 #include <string.h>
 
+#ifndef OPENSSL_SUPPRESS_DEPRECATED
+#define OPENSSL_SUPPRESS_DEPRECATED 1 /* SHA256_Init & co., as everywhere here */
+#endif
+#include <openssl/sha.h>
+
 #include "mh/mpack.h"
 
 /* Bytewise path order, a proper prefix first. Since paths hold no NUL,
@@ -97,13 +102,27 @@ int mh__zlevel(int level, int *out);
  * Returns 0 or MH_ENOMEM/MH_EINVAL. `cctx` is a ZSTD_CCtx *. */
 int mh__zcctx_frame(void *cctx, int level, uint64_t size);
 
-/* ------------------------------- the blob hasher's thread (blob_hash.c) */
+/* ------------------------------------------ blob hashing (blob_hash.c) */
 
-/* One blob of a frame, as the hasher checks it. */
+/* A walk over one v2 frame's blobs as its decompressed bytes pass: each
+ * blob's bytes hashed and compared with its id, empty blobs with the
+ * empty digest. Used by the reader on its own thread and by the hasher
+ * thread (MH_PACKR_PARALLEL). */
 typedef struct {
-    uint8_t id[32];
-    uint64_t length;
-} mh__bhash_blob_t;
+    const mh_packr_blob_t *b; /* the frame's blobs (not owned) */
+    uint32_t n, cur;          /* cur: the blob being hashed; after a false
+                                 return, the blob that does not hash to its
+                                 id, or n when bytes came past the last blob */
+    uint64_t left;            /* bytes of blob cur still to come */
+    SHA256_CTX sha;
+} mh__bcur_t;
+
+/* Starts at the frame's first blob (past the empty ones). False when an
+ * empty blob's id is not the empty digest (c->cur names it). */
+bool mh__bcur_start(mh__bcur_t *c, const mh_packr_blob_t *b, uint32_t n);
+/* The frame's next n decompressed bytes. False on a mismatch (c->cur <
+ * c->n names the blob) or on bytes past the last blob (c->cur == c->n). */
+bool mh__bcur_feed(mh__bcur_t *c, const uint8_t *p, size_t n);
 
 /* The first mismatch the hasher found: frame index, blob index within
  * the frame, the id the bytes did not hash to. */
@@ -118,7 +137,7 @@ typedef struct mh__bhash mh__bhash_t;
 /* Starts a hasher thread with its chunk buffers (2 MiB). MH_ENOMEM. The
  * caller frees it with mh__bhash_free. */
 int mh__bhash_new(mh__bhash_t **out);
-/* A blob frame starts: its blobs (ids, lengths) are copied. MH_EHASH when
+/* A blob frame starts: its blob records are copied. MH_EHASH when
  * a mismatch was found already, MH_ENOMEM. May wait for queue room. */
 int mh__bhash_frame(mh__bhash_t *h, size_t frame_idx, const mh_packr_blob_t *blobs, uint32_t n);
 /* The frame's next decompressed bytes (copied). MH_EHASH when a mismatch

@@ -148,8 +148,7 @@ typedef struct {
     /* sink */
     uint64_t produced;
     bool zdone;
-    uint32_t cur;          /* blob being hashed (relative to first) */
-    uint64_t cur_left;
+    mh__bcur_t bc;         /* MH_PACKR_VERIFY on this thread: the blobs' hashes */
 } frame_t;
 
 struct mh_packr {
@@ -524,10 +523,6 @@ static int decode_val(ps_t *s, const mh_val_t **out)
 
 /* ------------------------------------------------------------- the sink */
 
-static const uint8_t sha_empty[32] = {0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4,
-                                      0xc8, 0x99, 0x6f, 0xb9, 0x24, 0x27, 0xae, 0x41, 0xe4, 0x64, 0x9b,
-                                      0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55};
-
 static int hash_mismatch(mh_packr_t *r, const char *where, const uint8_t id[32])
 {
     mh_id_t t;
@@ -553,32 +548,15 @@ static int hash_first(mh_packr_t *r)
     return hash_mismatch(r, w, bad.id);
 }
 
-static int frame_blob_done(mh_packr_t *r, const uint8_t *got)
+/* The frame's blob the cursor stopped at does not hash to its id, or
+ * bytes came past its last blob. */
+static int frame_blob_bad(mh_packr_t *r)
 {
     frame_t *f = &r->fr;
-    const mh_packr_blob_t *b = &r->res.blobs[f->first + f->cur];
-    if (memcmp(got, b->id, 32) != 0) {
-        char fn[40], w[80];
-        snprintf(w, sizeof w, "%s.blobs[%u]", fname(r, fn, sizeof fn), f->cur);
-        return hash_mismatch(r, w, b->id);
-    }
-    f->cur++;
-    return 0;
-}
-
-/* Moves to the next blob with bytes, checking the empty ones passed. */
-static int frame_settle(mh_packr_t *r)
-{
-    frame_t *f = &r->fr;
-    while (f->cur < f->n && r->res.blobs[f->first + f->cur].length == 0) {
-        int rc = frame_blob_done(r, sha_empty);
-        if (rc) return rc;
-    }
-    if (f->cur < f->n) {
-        f->cur_left = r->res.blobs[f->first + f->cur].length;
-        SHA256_Init(&r->sha);
-    }
-    return 0;
+    if (f->bc.cur >= f->n) return fbad(r, MH_EPARSE, ": data is longer than its blobs"); /* size == bsum: unreachable */
+    char fn[40], w[80];
+    snprintf(w, sizeof w, "%s.blobs[%u]", fname(r, fn, sizeof fn), f->bc.cur);
+    return hash_mismatch(r, w, r->res.blobs[f->first + f->bc.cur].id);
 }
 
 static int ps_feed(ps_t *s, const uint8_t *p, size_t n);
@@ -590,22 +568,7 @@ static int deliver(mh_packr_t *r, const uint8_t *p, size_t n)
     if (f->kind == FR_META) return ps_feed(r->meta, p, n);
     if (!(r->flags & MH_PACKR_VERIFY)) return 0;
     if (r->bh) return mh__bhash_data(r->bh, p, n) ? hash_first(r) : 0;
-    while (n) {
-        if (f->cur >= f->n) return fbad(r, MH_EPARSE, ": data is longer than its blobs"); /* size == bsum: unreachable */
-        size_t take = f->cur_left < n ? (size_t)f->cur_left : n;
-        SHA256_Update(&r->sha, p, take);
-        p += take;
-        n -= take;
-        f->cur_left -= take;
-        if (f->cur_left == 0) {
-            uint8_t got[32];
-            SHA256_Final(got, &r->sha);
-            int rc = frame_blob_done(r, got);
-            if (!rc) rc = frame_settle(r);
-            if (rc) return rc;
-        }
-    }
-    return 0;
+    return mh__bcur_feed(&f->bc, p, n) ? 0 : frame_blob_bad(r);
 }
 
 static int ps_init(mh_packr_t *r, ps_t *s, bool inner, uint64_t total);
@@ -616,7 +579,6 @@ static int sink_start(mh_packr_t *r)
     frame_t *f = &r->fr;
     f->produced = 0;
     f->zdone = false;
-    f->cur = 0;
     if (f->codec == MH_PACK_ZSTD) {
         if (!r->dctx) {
             r->dctx = ZSTD_createDCtx();
@@ -638,7 +600,7 @@ static int sink_start(mh_packr_t *r)
         int rc = mh__bhash_frame(r->bh, f->idx, r->res.blobs + f->first, f->n);
         return rc == MH_ENOMEM ? nomem(r) : rc ? hash_first(r) : 0;
     }
-    return frame_settle(r);
+    return mh__bcur_start(&f->bc, r->res.blobs + f->first, f->n) ? 0 : frame_blob_bad(r);
 }
 
 static int zfail(mh_packr_t *r, size_t ret)
