@@ -391,12 +391,11 @@ static void rebuild_work(uv_work_t *w)
     u->rebuild_err = mh__unpack_rebuild(&u->x);
 }
 
-/* The rebuild's verdict as the operation's: an MH_EPARSE is 422
- * invalid_pack with the check's reason. */
-static void joined(mh_step_t *s)
+/* The reason that goes with the rebuild's verdict (an MH_EPARSE is 422
+ * invalid_pack with the check's reason). */
+static const char *rebuild_why(const unpack_t *u)
 {
-    unpack_t *u = U(s);
-    if (u->rebuild_err) mh_step_fail(s, u->rebuild_err, u->rebuild_err == MH_ECANCELED ? "cancelled" : u->x.why);
+    return u->rebuild_err == MH_ECANCELED ? "cancelled" : u->x.why;
 }
 
 static void rebuilt_cb(uv_work_t *w, int status)
@@ -413,7 +412,7 @@ static void rebuilt_cb(uv_work_t *w, int status)
     }
     if (!u->joining) return;
     u->joining = false;
-    mh_step_resume(s, 0, NULL);
+    mh_step_resume(s, u->rebuild_err, rebuild_why(u)); /* JOIN's verdict */
 }
 
 static void step_rebuild(mh_step_t *s)
@@ -434,20 +433,15 @@ static void step_join(mh_step_t *s)
     unpack_t *u = U(s);
     if (u->rebuilding) {
         u->joining = true;
-        mh_step_wait(s);
-        /* rebuilt_cb resumes; JOIN's verdict is then read in CHARGE_SNAPSHOTS */
+        mh_step_wait(s); /* rebuilt_cb resumes with the verdict */
         return;
     }
-    joined(s);
+    if (u->rebuild_err) mh_step_fail(s, u->rebuild_err, rebuild_why(u));
 }
 
 static void step_charge_snapshots(mh_step_t *s)
 {
     unpack_t *u = U(s);
-    if (u->rebuild_err) { /* JOIN waited: its verdict */
-        joined(s);
-        return;
-    }
     size_t need = u->x.snapshot_rows.cap;
     if (u->snaps_charged || !u->up.budget || !need) return;
     int rc = mh_budget_try_acquire(&u->up.mem, u->up.budget, need);
