@@ -368,8 +368,8 @@ static int order_commits(mh__unpack_t *x, uint32_t *order)
 }
 
 /* Checks commit i (parents, tree, id) given its parents' generations, and
- * writes its tmp_commits row. */
-static int check_commit(mh__unpack_t *x, const have_t *h, int *gen, uint32_t i, mh_buf_t *meta)
+ * sets its own. */
+static int check_commit(mh__unpack_t *x, const have_t *h, int *gen, uint32_t i)
 {
     const mh_pack_commit_t *c = &x->pack->commits[i];
     if (!c->parent.p && c->parent2.p)
@@ -398,6 +398,13 @@ static int check_commit(mh__unpack_t *x, const have_t *h, int *gen, uint32_t i, 
     if (memcmp(cid.s, c->commit_id.p, MH_ID_LEN) != 0)
         return reject(x, MH_EPARSE, "commits[%u]: the fields hash to %s, not to commit_id %.*s", i, cid.s, MH_ID_LEN,
                       c->commit_id.p);
+    return 0;
+}
+
+/* Commit i's tmp_commits row. */
+static int commit_row(mh__unpack_t *x, int gen, uint32_t i, mh_buf_t *meta)
+{
+    const mh_pack_commit_t *c = &x->pack->commits[i];
     uint32_t nmeta = 0;
     meta->len = 0;
     if (mh_pack_commit_meta(c, meta, &nmeta)) return MH_ENOMEM;
@@ -410,65 +417,34 @@ static int check_commit(mh__unpack_t *x, const have_t *h, int *gen, uint32_t i, 
     rc |= mh_copy_field(b, c->author.p, c->author.n, false);
     rc |= mh_copy_field(b, c->committed_at.p, c->committed_at.n, false);
     rc |= mh_copy_field(b, c->branch.p ? c->branch.p : "", c->branch.p ? c->branch.n : 0, false);
-    rc |= mh_copy_int(b, gen[i], false);
+    rc |= mh_copy_int(b, gen, false);
     rc |= nmeta ? mh_copy_bytea(b, meta->p, meta->len, true) : mh_copy_field(b, NULL, 0, true);
     return rc ? MH_ENOMEM : 0;
 }
 
-typedef struct {
-    const mh_pack_commit_t *commits;
-    const uint32_t *order;
-} row_ctx_t;
-
-static int cmp_row(const void *a, const void *b, void *ctx)
+static int cmp_commit(const void *a, const void *b, void *ctx)
 {
-    const row_ctx_t *c = ctx;
-    return memcmp(c->commits[c->order[*(const uint32_t *)a]].commit_id.p,
-                  c->commits[c->order[*(const uint32_t *)b]].commit_id.p, MH_ID_LEN);
+    const mh_pack_commit_t *c = ctx;
+    return memcmp(c[*(const uint32_t *)a].commit_id.p, c[*(const uint32_t *)b].commit_id.p, MH_ID_LEN);
 }
 
-/* The commit rows (written parents first) again in commit id order, each
- * id once: the inserts then need no sort and no DISTINCT (refwrite.c,
- * mh_rw_history_rows). at[k] is where row k starts, at[n] the end. */
-static int sort_commit_rows(mh__unpack_t *x, const uint32_t *order, const size_t *at, size_t n)
-{
-    uint32_t *k = malloc((n + 1) * sizeof *k);
-    mh_buf_t out = {0};
-    int rc = k ? mh_buf_reserve(&out, x->commit_rows.len) : MH_ENOMEM;
-    for (size_t i = 0; i < n && !rc; i++) k[i] = (uint32_t)i;
-    row_ctx_t ctx = {x->pack->commits, order};
-    if (!rc) qsort_r(k, n, sizeof *k, cmp_row, &ctx);
-    for (size_t i = 0; i < n && !rc; i++) {
-        if (i && cmp_row(&k[i - 1], &k[i], &ctx) == 0) continue; /* the same commit twice in the pack */
-        rc = mh_buf_append(&out, x->commit_rows.p + at[k[i]], at[k[i] + 1] - at[k[i]]);
-    }
-    free(k);
-    if (rc) {
-        mh_buf_free(&out);
-        return MH_ENOMEM;
-    }
-    mh_buf_free(&x->commit_rows);
-    x->commit_rows = out;
-    return 0;
-}
-
+/* Every commit checked parents first (generations need it), then the
+ * rows written in commit id order, each id once (a pack may list a commit
+ * twice): the inserts need no sort and no DISTINCT (refwrite.c,
+ * mh_rw_history_rows). */
 static int rebuild_commits(mh__unpack_t *x, const have_t *h)
 {
     size_t nc = x->pack->ncommits;
     int *gen = mh_calloc(x->a, (nc + 1) * sizeof *gen);
     uint32_t *order = mh_alloc(x->a, (nc + 1) * sizeof *order);
-    size_t *at = malloc((nc + 1) * sizeof *at);
     mh_buf_t meta = {0};
-    int rc = gen && order && at ? order_commits(x, order) : MH_ENOMEM;
-    for (size_t oi = 0; oi < nc && !rc; oi++) {
-        at[oi] = x->commit_rows.len;
-        rc = check_commit(x, h, gen, order[oi], &meta);
-    }
-    if (!rc) {
-        at[nc] = x->commit_rows.len;
-        rc = sort_commit_rows(x, order, at, nc);
-    }
-    free(at);
+    int rc = gen && order ? order_commits(x, order) : MH_ENOMEM;
+    for (size_t oi = 0; oi < nc && !rc; oi++) rc = check_commit(x, h, gen, order[oi]);
+    for (size_t k = 0; k < nc && !rc; k++) order[k] = (uint32_t)k;
+    if (!rc) qsort_r(order, nc, sizeof *order, cmp_commit, (void *)x->pack->commits);
+    for (size_t k = 0; k < nc && !rc; k++)
+        if (k == 0 || cmp_commit(&order[k - 1], &order[k], (void *)x->pack->commits) != 0)
+            rc = commit_row(x, gen[order[k]], order[k], &meta);
     mh_buf_free(&meta);
     return rc;
 }

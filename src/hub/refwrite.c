@@ -103,9 +103,9 @@ static void store_index(int *where, int i)
 /* The ref anti-joins probe the primary key once per pushed row (PROBE),
  * unless the repository has no such ref at all (the uncorrelated NOT
  * EXISTS first, evaluated once: a first push): their cost follows the
- * push, whatever the statistics say about the repository. */
-/* tmp_commits holds each commit once, in id order (push_check.c
- * sort_commit_rows): no DISTINCT, no sort (see sql_object_refs). */
+ * push, whatever the statistics say about the repository. tmp_commits
+ * holds each commit once, in id order (push_check.c rebuild_commits): no
+ * DISTINCT, no sort (see sql_object_refs). */
 static const char sql_commit_refs[] =
     "WITH x AS (INSERT INTO commit_refs (repo_id, commit_id, branch, meta)"
     " SELECT $1::text, t.commit_id, t.branch, t.meta FROM tmp_commits t"
