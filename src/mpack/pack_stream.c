@@ -190,8 +190,7 @@ static int failf(mh_packr_t *r, int err, const char *fallback, const char *fmt, 
     __attribute__((format(printf, 4, 5)));
 static int failf(mh_packr_t *r, int err, const char *fallback, const char *fmt, ...)
 {
-    if (!r->err && r->bh) hash_first(r);
-    if (r->err) return r->err;
+    if (r->err) return r->err; /* (a hasher thread's mismatch comes first through fail) */
     char buf[512];
     va_list ap;
     va_start(ap, fmt);
@@ -531,6 +530,14 @@ static int hash_mismatch(mh_packr_t *r, const char *where, const uint8_t id[32])
                  where, t.s);
 }
 
+/* Blob `blob` of frame `frame_idx` does not hash to its id. */
+static int blob_mismatch(mh_packr_t *r, size_t frame_idx, uint32_t blob, const uint8_t id[32])
+{
+    char w[80];
+    snprintf(w, sizeof w, "frames[%zu].blobs[%u]", frame_idx, blob);
+    return hash_mismatch(r, w, id);
+}
+
 /* With the hasher thread: waits for it and, when it found a mismatch,
  * makes that the reader's error: the mismatch lies before the reader's
  * position, so it comes first, as in a read on one thread. Returns the
@@ -543,9 +550,7 @@ static int hash_first(mh_packr_t *r)
     if (!mh__bhash_sync(h, &bad)) return 0;
     r->bh = NULL; /* the message below fails through here again */
     mh__bhash_free(h);
-    char w[80];
-    snprintf(w, sizeof w, "frames[%zu].blobs[%u]", bad.frame_idx, bad.blob);
-    return hash_mismatch(r, w, bad.id);
+    return blob_mismatch(r, bad.frame_idx, bad.blob, bad.id);
 }
 
 /* The frame's blob the cursor stopped at does not hash to its id, or
@@ -554,9 +559,7 @@ static int frame_blob_bad(mh_packr_t *r)
 {
     frame_t *f = &r->fr;
     if (f->bc.cur >= f->n) return fbad(r, MH_EPARSE, ": data is longer than its blobs"); /* size == bsum: unreachable */
-    char fn[40], w[80];
-    snprintf(w, sizeof w, "%s.blobs[%u]", fname(r, fn, sizeof fn), f->bc.cur);
-    return hash_mismatch(r, w, r->res.blobs[f->first + f->bc.cur].id);
+    return blob_mismatch(r, f->idx, f->bc.cur, r->res.blobs[f->first + f->bc.cur].id);
 }
 
 static int ps_feed(ps_t *s, const uint8_t *p, size_t n);
