@@ -37,9 +37,8 @@ from typing import Any
 
 import procs
 from clients_bench import json_lines, libuv_clone, one_git_commit, tool
+from museclient import OWNER
 from procs import BenchError
-
-OWNER = "bench"
 
 
 def _git_pack_bytes(bare: Path) -> int:
