@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from clients_bench import json_lines, tool
+from museclient import OWNER
 from procs import REAPER, BenchError, Musehubd
 
-OWNER = "bench"
 MIB = 1 << 20
 BUDGET = 256 * MIB            # musehubd's default MUSEHUB_PACK_MEMORY
 OVERHEAD = 64 * MIB           # the fixed allowance

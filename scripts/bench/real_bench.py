@@ -35,10 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import procs
 from clients_bench import json_lines, libuv_clone, one_git_commit, tool
+from museclient import OWNER
 from procs import BenchError
-
-OWNER = "bench"
 
 
 def _git_pack_bytes(bare: Path) -> int:
@@ -81,9 +81,7 @@ class SampledCpu:
     missed)."""
 
     def __init__(self, git: Any) -> None:
-        import procs
         import threading
-        self.procs = procs
         self.groups = [x.pid for x in (git.nginx, git.fcgiwrap) if x is not None]
         self.first: dict[int, int] = {}
         self.last: dict[int, int] = {}
@@ -94,8 +92,8 @@ class SampledCpu:
 
     def _sample(self, initial: bool = False) -> None:
         for g in self.groups:
-            for p in self.procs.group_pids(g):
-                f = self.procs._stat_fields(p)
+            for p in procs.group_pids(g):
+                f = procs._stat_fields(p)
                 if f is None:
                     continue
                 t = int(f[11]) + int(f[12])
@@ -112,11 +110,7 @@ class SampledCpu:
         self.th.join()
         self._sample()
         ticks = sum(t - self.first.get(p, 0) for p, t in self.last.items())
-        return max(0, ticks) / self.procs.CLK_TCK
-
-
-def git_meter(git: Any) -> SampledCpu:
-    return SampledCpu(git)
+        return max(0, ticks) / procs.CLK_TCK
 
 
 def store_read(url: str) -> tuple[int, int]:
@@ -217,7 +211,7 @@ def w_real(b: Any, Section: Any, Stat: Any, ratios: Any) -> Any:
             nonlocal gsize
             slug = f"uvg-{k}"
             bare = git.new_bare(slug, env)
-            gm = git_meter(git)
+            gm = SampledCpu(git)
             t = b.git_cmd("push", "-q", git.repo_url(slug), "v1.x:refs/heads/v1.x", cwd=str(src))
             P["git"]["cpu"].append(gm.stop())
             P["git"]["wall"].append(t)
@@ -310,7 +304,7 @@ def w_real(b: Any, Section: Any, Stat: Any, ratios: Any) -> Any:
 
         def git_clone() -> None:
             shutil.rmtree(gdest, ignore_errors=True)
-            gm = git_meter(git)
+            gm = SampledCpu(git)
             C["git"]["wall"].append(b.git_cmd("clone", "-q", "--bare", git.repo_url("uvg-0"),
                                               str(gdest)))
             C["git"]["cpu"].append(gm.stop())

@@ -143,24 +143,6 @@ def _create_connection(address: tuple, *args: Any, **kw: Any) -> socket.socket:
     return socket.create_connection((host, port), *args, **kw)
 
 
-class _HTTPConnection(http.client.HTTPConnection):
-    """http.client's connection, resolving its host through
-    _create_connection: the hook http.client's connect() calls, so the
-    rest (timeouts, TCP_NODELAY, the Host header) stays http.client's."""
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self._create_connection = _create_connection
-
-
-class _HTTPSConnection(http.client.HTTPSConnection):
-    """The same for https; the TLS server_hostname stays the str host."""
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self._create_connection = _create_connection
-
-
 class Api:
     """The API's endpoints (SPEC 4), on top of a subclass's raw()/call()
     transport; muse.Hub (http.client) and muselib.Hub (httpx, the e2e
@@ -389,10 +371,14 @@ class Hub(Api):
                 if self._ssl is None:
                     import ssl
                     self._ssl = ssl.create_default_context()
-                c = _HTTPSConnection(u.hostname, port, timeout=self.timeout,
-                                     context=self._ssl, blocksize=BLOCK)
+                c = http.client.HTTPSConnection(u.hostname, port, timeout=self.timeout,
+                                                context=self._ssl, blocksize=BLOCK)
             else:
-                c = _HTTPConnection(u.hostname, port, timeout=self.timeout, blocksize=BLOCK)
+                c = http.client.HTTPConnection(u.hostname, port, timeout=self.timeout,
+                                               blocksize=BLOCK)
+            # the hook connect() calls (set by __init__): the host resolved
+            # as bytes; timeouts, TCP_NODELAY, Host and TLS stay http.client's
+            c._create_connection = _create_connection
             self._conns[key] = c
         target = u.path or "/"
         if u.query:
