@@ -96,13 +96,13 @@ static int put_word(mh_buf_t *b, uint32_t v, int n)
     return 0;
 }
 
+/* The header, when b is still empty. */
+static int header_once(mh_buf_t *b) { return b->len ? 0 : mh_buf_append(b, copyb_header, sizeof copyb_header); }
+
 int mh_copyb_row(mh_buf_t *b, uint16_t nfields)
 {
-    if (b->len == 0) {
-        int rc = mh_buf_append(b, copyb_header, sizeof copyb_header);
-        if (rc) return rc;
-    }
-    return put_word(b, nfields, 2);
+    int rc = header_once(b);
+    return rc ? rc : put_word(b, nfields, 2);
 }
 
 int mh_copyb_field(mh_buf_t *b, const void *p, size_t n)
@@ -139,11 +139,8 @@ int mh_copyb_close(mh_buf_t *b, size_t at)
 
 int mh_copyb_end(mh_buf_t *b)
 {
-    if (b->len == 0) {
-        int rc = mh_buf_append(b, copyb_header, sizeof copyb_header);
-        if (rc) return rc;
-    }
-    return put_word(b, 0xffff, 2); /* a field count of -1 */
+    int rc = header_once(b);
+    return rc ? rc : put_word(b, 0xffff, 2); /* a field count of -1 */
 }
 
 /* ------------------------------------------------------------ readers */

@@ -329,6 +329,18 @@ const mh__answer_t *mh__answer_get(mh_hub_t *hub, const char *key)
     return NULL;
 }
 
+/* ans with a heap copy of its shallow ids; false on ENOMEM. */
+static bool answer_copy(mh__answer_t *dst, const mh__answer_t *ans)
+{
+    size_t n = (size_t)ans->nshallow * MH_ID_SIZE;
+    char *sh = n ? malloc(n) : NULL;
+    if (n && !sh) return false;
+    if (n) memcpy(sh, ans->shallow, n);
+    *dst = *ans;
+    dst->shallow = sh;
+    return true;
+}
+
 void mh__answer_put(mh_hub_t *hub, const char *key, const mh__answer_t *ans)
 {
     mh_fetch_cache_t *fc = mh__caches(hub);
@@ -336,28 +348,22 @@ void mh__answer_put(mh_hub_t *hub, const char *key, const mh__answer_t *ans)
     uint64_t h = mh_hash64(key, strlen(key));
     for (answer_ent_t *x = fc->buckets[h % ANSWER_BUCKETS]; x; x = x->next)
         if (x->hash == h && strcmp(x->key, key) == 0) {
-            if (ans->expires_at > x->ans.expires_at && x->ans.nshallow == ans->nshallow &&
-                strcmp(x->ans.mpack_id, ans->mpack_id) == 0)
-                x->ans.expires_at = ans->expires_at; /* the same answer, recorded again */
+            /* A newer record of the key (its row pruned, the answer built
+             * again, perhaps into another pack) replaces the old one. */
+            mh__answer_t copy;
+            if (ans->expires_at > x->ans.expires_at && answer_copy(&copy, ans)) {
+                free(x->ans.shallow);
+                x->ans = copy;
+            }
             return;
         }
     answer_ent_t *e = calloc(1, sizeof *e);
-    if (!e || !(e->key = strdup(key))) { /* a cache: best effort */
+    if (!e || !(e->key = strdup(key)) || !answer_copy(&e->ans, ans)) { /* a cache: best effort */
+        if (e) free(e->key);
         free(e);
         return;
     }
-    e->hash = mh_hash64(key, strlen(key));
-    e->ans = *ans;
-    e->ans.shallow = NULL;
-    if (ans->nshallow) {
-        size_t n = (size_t)ans->nshallow * MH_ID_SIZE;
-        if (!(e->ans.shallow = malloc(n))) {
-            free(e->key);
-            free(e);
-            return;
-        }
-        memcpy(e->ans.shallow, ans->shallow, n);
-    }
+    e->hash = h;
     /* FIFO eviction: the ring slot's previous occupant goes. */
     uint32_t slot = fc->head++ % ANSWER_SLOTS;
     if (fc->ring[slot]) answer_unlink(fc, fc->ring[slot]);

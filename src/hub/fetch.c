@@ -350,13 +350,6 @@ static void step_resolve(mh_step_t *s)
 
 /* --- S_LOOKUP: the shared table of built answers */
 
-/* How long an answer is reused (MUSEHUB_FETCH_CACHE_SECONDS): its row is
- * pruned then, and its pack swept one grace period later. */
-static int64_t cache_seconds(const mh_hub_t *hub)
-{
-    return hub->cfg && hub->cfg->fetch_cache_seconds ? hub->cfg->fetch_cache_seconds : 86400;
-}
-
 static const mh_stmt_t st_lookup = {
     "hub_fetch_lookup",
     "SELECT mpack_id, commit_count, snapshot_count, blob_count, mpack_version, shallow,"
@@ -399,7 +392,9 @@ static int looked_up(mh_step_t *s, PGresult *res)
     ans->snapshots = (uint32_t)mh_pq_int(res, 0, 2);
     ans->blobs = (uint32_t)mh_pq_int(res, 0, 3);
     ans->version = (int)mh_pq_int(res, 0, 4);
-    ans->expires_at = mh_pq_int(res, 0, 6) + cache_seconds(f->op.hub);
+    /* Reused until the row is pruned (MUSEHUB_FETCH_CACHE_SECONDS after
+     * its creation); its pack is swept one grace period later. */
+    ans->expires_at = mh_pq_int(res, 0, 6) + f->op.hub->cfg->fetch_cache_seconds;
     int rc = shallow_read(f, res, 0, 5);
     if (rc) return rc == MH_ENOMEM ? rc : MH_EDB;
     ans->shallow = f->shallow;
@@ -1102,7 +1097,7 @@ static void step_record(mh_step_t *s)
     ans->version = f->version;
     ans->shallow = f->shallow;
     ans->nshallow = f->nshallow;
-    ans->expires_at = mh_unix_time() + cache_seconds(f->op.hub);
+    ans->expires_at = mh_unix_time() + f->op.hub->cfg->fetch_cache_seconds;
     if (f->built) {
         memcpy(ans->mpack_id, f->mpack_id.s, MH_ID_SIZE);
         ans->commits = (uint32_t)f->nsend;

@@ -198,7 +198,8 @@ typedef struct {
 } mh__answer_t;
 
 /* Answers by key "repo_id|state_seq|request key" (FIFO, 8192); an answer
- * past its expires_at is not returned. The pointer from _get is valid
+ * past its expires_at is not returned, and a put of a known key with a
+ * later expires_at replaces its answer. The pointer from _get is valid
  * until the next put. */
 const mh__answer_t *mh__answer_get(mh_hub_t *hub, const char *key);
 void mh__answer_put(mh_hub_t *hub, const char *key, const mh__answer_t *ans);

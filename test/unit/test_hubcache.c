@@ -131,9 +131,46 @@ static void test_helpers(void)
     TAP_OK(!mh__etag_matches(MH_STR("W/"), tag), "etag: bare W/");
 }
 
+/* The answer cache: an answer is not returned past its expires_at, and a
+ * newer record of the same key replaces it, whatever it says (a pruned
+ * answer built again may name another pack). */
+static void test_answers(void)
+{
+    mh_hub_t hub = {0};
+    int64_t now = mh_unix_time();
+    char sh[2 * MH_ID_SIZE] = {0};
+    mh_id_t x;
+    mh_blob_id("x", 1, &x);
+    memcpy(sh, x.s, MH_ID_LEN);
+    memcpy(sh + MH_ID_SIZE, x.s, MH_ID_LEN);
+    mh__answer_t old = {.version = 2, .commits = 3, .expires_at = now - 1};
+    memcpy(old.mpack_id, x.s, MH_ID_SIZE);
+    mh__answer_put(&hub, "r|1|k", &old);
+    TAP_OK(mh__answer_get(&hub, "r|1|k") == NULL, "answer: expired, not returned");
+
+    mh__answer_t again = {.version = 2, .commits = 4, .shallow = sh, .nshallow = 2, .expires_at = now + 60};
+    mh_id_t y;
+    mh_blob_id("y", 1, &y);
+    memcpy(again.mpack_id, y.s, MH_ID_SIZE);
+    mh__answer_put(&hub, "r|1|k", &again);
+    const mh__answer_t *got = mh__answer_get(&hub, "r|1|k");
+    TAP_OK(got && strcmp(got->mpack_id, y.s) == 0 && got->commits == 4 && got->nshallow == 2 && got->shallow != sh &&
+               memcmp(got->shallow, sh, sizeof sh) == 0,
+           "answer: a newer record replaces an expired one naming another pack");
+
+    mh__answer_t older = again;
+    older.commits = 5;
+    older.expires_at = now + 30;
+    mh__answer_put(&hub, "r|1|k", &older);
+    got = mh__answer_get(&hub, "r|1|k");
+    TAP_OK(got && got->commits == 4 && got->expires_at == now + 60, "answer: an older record does not replace it");
+    mh_fetch_cache_free(&hub);
+}
+
 int main(void)
 {
     test_manifest_lru();
     test_helpers();
+    test_answers();
     return tap_done();
 }
