@@ -99,7 +99,7 @@ static const struct {
     [K_OBJECT_UNINDEXED] = {"object-unindexed", "a referenced object has no mpack_index row (its bytes cannot be found)",
                             false},
     [K_REF_ORPHAN] = {"ref-orphan", "ref rows of a repository that does not exist", false},
-    [K_LOCATION] = {"location", "an object location (storage_uri or mpack_index row) does not point at its bytes",
+    [K_LOCATION] = {"location", "an mpack_index row (the objects view's storage_uri) does not point at its bytes",
                     false},
     [K_PACK_REF] = {"pack-ref", "an mpack_refs row names a pack without an mpacks row", false},
     [K_PACK_MISSING] = {"pack-missing", "a pack has an mpacks row but is not in the store", false},
