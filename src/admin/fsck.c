@@ -99,7 +99,7 @@ static const struct {
     [K_OBJECT_UNINDEXED] = {"object-unindexed", "a referenced object has no mpack_index row (its bytes cannot be found)",
                             false},
     [K_REF_ORPHAN] = {"ref-orphan", "ref rows of a repository that does not exist", false},
-    [K_LOCATION] = {"location", "an object location (storage_uri or mpack_index row) does not point at its bytes",
+    [K_LOCATION] = {"location", "an mpack_index row (the objects view's storage_uri) does not point at its bytes",
                     false},
     [K_PACK_REF] = {"pack-ref", "an mpack_refs row names a pack without an mpacks row", false},
     [K_PACK_MISSING] = {"pack-missing", "a pack has an mpacks row but is not in the store", false},
@@ -604,17 +604,16 @@ bool mh__fsck_parse_location(const char *uri, loc_t *l)
     "'mpack://' || i.mpack_id || '#' || CASE WHEN i.frame_no IS NULL THEN i.byte_offset || ':' || i.byte_length"      \
     " ELSE f.data_offset || ':' || f.data_length || '/' || i.byte_offset || ':' || i.byte_length END"
 
-static void check_location(fsck_t *f, const char *object, const char *size, const char *source, const char *uri)
+/* One index row's location: it parses, names a pack with an mpacks row,
+ * and its byte range lies inside that pack. (Its length is the row's
+ * byte_length, the object's size_bytes in the objects view: nothing to
+ * compare it with.) */
+static void check_location(fsck_t *f, const char *object, const char *uri)
 {
     f->n_locations++;
     loc_t l;
     if (!mh__fsck_parse_location(uri, &l)) {
-        add(f, K_LOCATION, NULL, "object %s: %s '%.200s' is not an mpack:// location", object, source, uri);
-        return;
-    }
-    if (!size) {
-        add(f, K_LOCATION, NULL, "object %s: %s points into pack %s, but the object has no objects row", object,
-            source, l.pack);
+        add(f, K_LOCATION, NULL, "object %s: index row '%.200s' is not an mpack:// location", object, uri);
         return;
     }
     pack_t *p = find_pack(f, l.pack);
@@ -624,47 +623,38 @@ static void check_location(fsck_t *f, const char *object, const char *size, cons
         p->referenced = true;
     }
     if (!p || !p->row) {
-        add(f, K_LOCATION, NULL, "object %s: %s points into pack %s, which has no mpacks row", object, source, l.pack);
+        add(f, K_LOCATION, NULL, "object %s: index row points into pack %s, which has no mpacks row", object, l.pack);
         return;
     }
     uint64_t psize = p->in_store ? p->store_size : (uint64_t)p->row_size;
-    if (l.file_off > psize || l.file_len > psize - l.file_off) {
-        add(f, K_LOCATION, NULL, "object %s: %s bytes %llu+%llu lie outside pack %s (%llu bytes)", object, source,
+    if (l.file_off > psize || l.file_len > psize - l.file_off)
+        add(f, K_LOCATION, NULL, "object %s: index row bytes %llu+%llu lie outside pack %s (%llu bytes)", object,
             (unsigned long long)l.file_off, (unsigned long long)l.file_len, l.pack, (unsigned long long)psize);
-        return;
-    }
-    if (strtoull(size, NULL, 10) != l.blob_len)
-        add(f, K_LOCATION, NULL, "object %s: %s names %llu bytes, the object has %s", object, source,
-            (unsigned long long)l.blob_len, size);
 }
 
-/* Streams every location in scope. */
+/* Streams every index row in scope. */
 static void check_locations(fsck_t *f)
 {
-    static const char *const sql[1] = {
-        "SELECT i.object_id, i.byte_length, 'index row', coalesce(" INDEX_ROW_URI ", '')"
+    static const char sql[] =
+        "SELECT i.object_id, coalesce(" INDEX_ROW_URI ", '')"
         " FROM mpack_index i LEFT JOIN mpack_frames f ON f.mpack_id = i.mpack_id AND f.frame_no = i.frame_no"
-        " WHERE $1::text IS NULL OR EXISTS (SELECT 1 FROM object_refs x WHERE x.repo_id = $1 AND x.object_id = i.object_id)",
-    };
+        " WHERE $1::text IS NULL OR EXISTS (SELECT 1 FROM object_refs x WHERE x.repo_id = $1 AND x.object_id = i.object_id)";
     const char *v[1] = {scope(f)};
-    for (int s = 0; s < 1; s++) {
-        if (!PQsendQueryParams(f->db, sql[s], 1, NULL, v, NULL, NULL, 0) || !PQsetSingleRowMode(f->db)) {
-            fprintf(stderr, "musehubd fsck: %s", PQerrorMessage(f->db));
+    if (!PQsendQueryParams(f->db, sql, 1, NULL, v, NULL, NULL, 0) || !PQsetSingleRowMode(f->db)) {
+        fprintf(stderr, "musehubd fsck: %s", PQerrorMessage(f->db));
+        f->incomplete = true;
+        return;
+    }
+    PGresult *r;
+    while ((r = PQgetResult(f->db))) {
+        ExecStatusType st = PQresultStatus(r);
+        if (st == PGRES_SINGLE_TUPLE) {
+            check_location(f, PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 1));
+        } else if (st != PGRES_TUPLES_OK) {
+            fprintf(stderr, "musehubd fsck: reading locations: %s", PQresultErrorMessage(r));
             f->incomplete = true;
-            return;
         }
-        PGresult *r;
-        while ((r = PQgetResult(f->db))) {
-            ExecStatusType st = PQresultStatus(r);
-            if (st == PGRES_SINGLE_TUPLE) {
-                check_location(f, PQgetvalue(r, 0, 0), PQgetisnull(r, 0, 1) ? NULL : PQgetvalue(r, 0, 1),
-                               PQgetvalue(r, 0, 2), PQgetvalue(r, 0, 3));
-            } else if (st != PGRES_TUPLES_OK) {
-                fprintf(stderr, "musehubd fsck: reading locations: %s", PQresultErrorMessage(r));
-                f->incomplete = true;
-            }
-            PQclear(r);
-        }
+        PQclear(r);
     }
 }
 

@@ -52,6 +52,19 @@
 #include "jobs_internal.h"
 
 #define SWEEP_BATCH 100
+
+/* SQL over a pack `m`: no index row locates an object in it and no
+ * repository references it ... */
+#define PACK_UNHELD                                                                                                    \
+    " NOT EXISTS (SELECT 1 FROM mpack_index i WHERE i.mpack_id = m.mpack_id)"                                          \
+    " AND NOT EXISTS (SELECT 1 FROM mpack_refs r WHERE r.mpack_id = m.mpack_id)"
+/* ... and, superseded more than the grace period (the text of a $n
+ * parameter, seconds) ago, no fetch answer names it either: what the
+ * sweep deletes. The candidates' query and the re-check under the pack's
+ * lock share it. */
+#define PACK_SWEEPABLE(grace)                                                                                          \
+    " m.superseded_at < now() - make_interval(secs => " grace "::int) AND" PACK_UNHELD                                 \
+    " AND NOT EXISTS (SELECT 1 FROM fetch_packs fp WHERE fp.mpack_id = m.mpack_id)"
 /* Temporaries untouched this long belong to no live stream (fs.c keeps
  * the same bound for its sweep at start-up). */
 #define TMP_STALE_S (6u * 3600u)
@@ -152,11 +165,7 @@ static void begin_cb(void *ud, PGresult *res, int err, const char *errmsg)
     mh_db_pq_t qs[2] = {
         {NULL, mh_rw_sql_pack_lock, 1, v, NULL, NULL},
         {NULL,
-         "WITH d AS (DELETE FROM mpacks m WHERE m.mpack_id = $1"
-         " AND m.superseded_at < now() - make_interval(secs => $2::int)"
-         " AND NOT EXISTS (SELECT 1 FROM mpack_index i WHERE i.mpack_id = m.mpack_id)"
-         " AND NOT EXISTS (SELECT 1 FROM mpack_refs r WHERE r.mpack_id = m.mpack_id)"
-         " AND NOT EXISTS (SELECT 1 FROM fetch_packs fp WHERE fp.mpack_id = m.mpack_id) RETURNING m.mpack_id),"
+         "WITH d AS (DELETE FROM mpacks m WHERE m.mpack_id = $1 AND" PACK_SWEEPABLE("$2") " RETURNING m.mpack_id),"
          " f AS (DELETE FROM mpack_frames x USING d WHERE x.mpack_id = d.mpack_id)"
          " SELECT 1 FROM d",
          2, v, NULL, NULL},
@@ -229,12 +238,7 @@ void mh__jobs_sweep(mh_db_t *db, mh_store_t *store, uint32_t grace_s, bool (*sto
     snprintf(batch, sizeof batch, "%d", SWEEP_BATCH);
     vals[1] = batch;
     mh_db_query(db,
-                "SELECT m.mpack_id FROM mpacks m"
-                " WHERE m.superseded_at < now() - make_interval(secs => $1::int)"
-                " AND NOT EXISTS (SELECT 1 FROM mpack_index i WHERE i.mpack_id = m.mpack_id)"
-                " AND NOT EXISTS (SELECT 1 FROM mpack_refs r WHERE r.mpack_id = m.mpack_id)"
-                " AND NOT EXISTS (SELECT 1 FROM fetch_packs fp WHERE fp.mpack_id = m.mpack_id)"
-                " ORDER BY m.superseded_at LIMIT $2::int",
+                "SELECT m.mpack_id FROM mpacks m WHERE" PACK_SWEEPABLE("$1") " ORDER BY m.superseded_at LIMIT $2::int",
                 2, vals, NULL, NULL, candidates_cb, s);
 }
 
@@ -277,8 +281,7 @@ void mh__jobs_prune_fetch(mh_db_t *db, uint32_t age_s, void (*done)(void *arg, i
                 "   AND m.mpack_id IN (SELECT mpack_id FROM d WHERE mpack_id IS NOT NULL)"
                 "   AND NOT EXISTS (SELECT 1 FROM fetch_packs fp WHERE fp.mpack_id = m.mpack_id"
                 "     AND fp.created_at >= now() - make_interval(secs => $1::int))"
-                "   AND NOT EXISTS (SELECT 1 FROM mpack_refs r WHERE r.mpack_id = m.mpack_id)"
-                "   AND NOT EXISTS (SELECT 1 FROM mpack_index i WHERE i.mpack_id = m.mpack_id) RETURNING 1)"
+                "   AND" PACK_UNHELD " RETURNING 1)"
                 " SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM s)",
                 2, vals, NULL, NULL, fetch_pruned_cb, p);
 }
