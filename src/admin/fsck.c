@@ -68,7 +68,6 @@ typedef enum {
     K_SNAPSHOT_PARENT,
     K_SNAPSHOT_OBJECT,
     K_OBJECT_REF,
-    K_OBJECT_UNINDEXED,
     K_REF_ORPHAN,
     K_LOCATION,
     K_PACK_REF,
@@ -96,8 +95,6 @@ static const struct {
     [K_SNAPSHOT_OBJECT] = {"snapshot-object", "a snapshot's delta names an object its repository does not reference",
                            false},
     [K_OBJECT_REF] = {"object-ref", "an object_refs row names an object that does not exist", false},
-    [K_OBJECT_UNINDEXED] = {"object-unindexed", "a referenced object has no mpack_index row (its bytes cannot be found)",
-                            false},
     [K_REF_ORPHAN] = {"ref-orphan", "ref rows of a repository that does not exist", false},
     [K_LOCATION] = {"location", "an mpack_index row (the objects view's storage_uri) does not point at its bytes",
                     false},
@@ -308,12 +305,6 @@ static const struct {
      " FROM object_refs x LEFT JOIN repos r ON r.repo_id = x.repo_id"
      " WHERE ($1::text IS NULL OR x.repo_id = $1)"
      " AND NOT EXISTS (SELECT 1 FROM objects o WHERE o.object_id = x.object_id)"},
-    {K_OBJECT_UNINDEXED,
-     "SELECT " REPO_NAME ", 'object ' || x.object_id, 'no mpack_index row'"
-     " FROM object_refs x LEFT JOIN repos r ON r.repo_id = x.repo_id"
-     " WHERE ($1::text IS NULL OR x.repo_id = $1)"
-     " AND EXISTS (SELECT 1 FROM objects o WHERE o.object_id = x.object_id)"
-     " AND NOT EXISTS (SELECT 1 FROM mpack_index i WHERE i.object_id = x.object_id)"},
     {K_PACK_REF,
      "SELECT " REPO_NAME ", 'pack ' || x.mpack_id, 'no mpacks row'"
      " FROM mpack_refs x LEFT JOIN repos r ON r.repo_id = x.repo_id"
