@@ -33,7 +33,12 @@
  *    that declares the connection dead (closed, then reconnected; the
  *    callback gets MH_ETIMEDOUT) so no caller hangs. A held connection
  *    that SETs a longer statement_timeout is still cut at timeout + 2 s.
- *  - Every session has application_name=musehubd.
+ *  - Every session has application_name=musehubd and jit=off: the
+ *    planner's JIT decision follows its cost estimates, which for a bulk
+ *    push's statements (or a branch of one that never runs) pass the
+ *    inlining threshold and cost 100+ ms of LLVM compilation for a
+ *    statement that runs in a few ms (docs/benchmarks.md, issue 20). The
+ *    URL's own options (or PGOPTIONS) come after ours and may turn it on.
  */
 #ifndef MH_DB_H
 #define MH_DB_H

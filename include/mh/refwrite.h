@@ -10,9 +10,11 @@
  *     proposal), (4) the branch row FOR UPDATE; every ref writer holds the
  *     repository row, so writers of one repository are serialised and
  *     cannot deadlock (docs/architecture.md);
- *   - the ref rows (commit_refs, snapshot_refs, object_refs, mpack_refs),
- *     the global rows they name (commits, snapshots, objects, mpack_index,
- *     mpacks), the temporary tables bulk writers COPY into;
+ *   - the ref rows (commit_refs, snapshot_refs, mpack_refs; object_refs
+ *     is a view: a repository holds the blobs of the packs it references,
+ *     sql/0050), the global rows they name (commits, snapshots,
+ *     mpack_index, mpacks; objects is a view of mpack_index, sql/0040),
+ *     the temporary tables bulk writers COPY into;
  *   - every branch move: ONE judgement (mh_rw_move_check: compare-and-swap,
  *     fast-forward, the kind of move; protection rules belong there) and
  *     one way to apply it with the state_seq bump (mh_rw_move_rows);
@@ -37,6 +39,19 @@
 #include "mh/mpack.h"
 #include "mh/packbuild.h"
 #include "mh/step.h"
+
+/* SQL text: true when repository REPO holds blob OBJ (both SQL
+ * expressions, e.g. "$1" and "u.id"): a pack it references indexes the
+ * blob, or a row kept by sql/0050 names it. The same answer as
+ * `EXISTS (SELECT 1 FROM object_refs ...)` without the view's UNION: two
+ * index probes (mpack_index by object id, then mpack_refs by its key),
+ * each in a correlated subquery the planner cannot turn into a join that
+ * reads all of the repository's blobs when its statistics are stale
+ * (OFFSET 0; docs/benchmarks.md, issue 20). SPEC 3. */
+#define MH_SQL_HOLDS_BLOB(REPO, OBJ)                                                                        \
+    "(EXISTS (SELECT 1 FROM mpack_index hi JOIN mpack_refs hr ON hr.mpack_id = hi.mpack_id WHERE hi.object_id = " \
+    OBJ " AND hr.repo_id = " REPO " OFFSET 0) OR EXISTS (SELECT 1 FROM object_refs_kept hk WHERE hk.repo_id = "  \
+    REPO " AND hk.object_id = " OBJ "))"
 
 /* Every MH_CHECKPOINT_INTERVAL links a snapshot row keeps its full
  * manifest (DESIGN section 4: bounded delta chains). */
@@ -111,13 +126,17 @@ void mh_rw_history_rows(mh_db_batch_t *b, const char *repo_id, unsigned tables, 
  * (kind "push", "commit" or "gc"; a superseded pack is live again), its
  * mpack_frames rows (v2), its mpack_index rows (count: rows added; the
  * `objects` view reads its sizes and mpack:// URIs from them, sql/0040)
- * and this repository's mpack_refs row; with new_objects also the
- * object_refs rows (count: refs added). `size` is the pack's byte count
- * as text. The caller holds the pack's lock (mh_rw_begin with mpack_id):
- * the index rows are inserted without ON CONFLICT. */
+ * and this repository's mpack_refs row, which gives the repository the
+ * pack's blobs (the object_refs view, sql/0050). With new_objects, also
+ * how many of tmp_objects' blobs the repository did not hold before (the
+ * count SPEC 4.3 reports as objects_written; *i_refs is its statement):
+ * every blob when the repository referenced no pack, else one probe per
+ * blob. `size` is the pack's byte count as text. The caller holds the
+ * pack's lock (mh_rw_begin with mpack_id): the index rows are inserted
+ * without ON CONFLICT. */
 typedef struct {
     const char *repo_id, *mpack_id, *size, *kind;
-    bool new_objects; /* false for GC: the repository references them already */
+    bool new_objects; /* count the blobs new to the repository (false for GC: it holds them all) */
     bool frames;      /* tmp_frames exists (mh_rw_begin with MH_RW_FRAMES): mpack_frames rows */
 } mh_rw_pack_t;
 void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int *i_refs);
@@ -378,7 +397,7 @@ typedef struct {
     char size_s[24];        /* the byte count as text (mh_rw_upload_rows) */
     int i_index, i_refs;    /* where mh_rw_upload_rows put its two counts */
     int64_t indexed;        /* mh_rw_upload_written: mpack_index rows added */
-    int64_t referenced_new; /* mh_rw_upload_written: object_refs rows added */
+    int64_t referenced_new; /* mh_rw_upload_written: blobs the repository did not hold before */
     mh__upstream_t *st;
 } mh_upload_t;
 

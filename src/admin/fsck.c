@@ -3,8 +3,8 @@
  * the database agree with itself and with the object store?
  *
  * What is checked (docs/operations.md, "Checking: fsck", lists the kinds):
- *  - ref rows: branch heads, tags, commit_refs, snapshot_refs, object_refs
- *    and mpack_refs name rows that exist (heads and tags: commits of their
+ *  - ref rows: branch heads, tags, commit_refs, snapshot_refs,
+ *    object_refs_kept and mpack_refs name rows that exist (heads and tags: commits of their
  *    repository); a commit's parents and snapshot are
  *    in its repository; a snapshot's delta parent exists; every object a
  *    snapshot's delta names is referenced by the repository; every
@@ -49,6 +49,7 @@
 #include "mh/codec.h"
 #include "mh/db.h"
 #include "mh/jobs.h"
+#include "mh/refwrite.h"
 #include "mh/store.h"
 
 #define EXAMPLES 20         /* lines printed per kind */
@@ -94,7 +95,7 @@ static const struct {
     [K_SNAPSHOT_PARENT] = {"snapshot-parent", "a snapshot's delta parent does not exist", false},
     [K_SNAPSHOT_OBJECT] = {"snapshot-object", "a snapshot's delta names an object its repository does not reference",
                            false},
-    [K_OBJECT_REF] = {"object-ref", "an object_refs row names an object that does not exist", false},
+    [K_OBJECT_REF] = {"object-ref", "an object_refs_kept row names an object that does not exist", false},
     [K_REF_ORPHAN] = {"ref-orphan", "ref rows of a repository that does not exist", false},
     [K_LOCATION] = {"location", "an mpack_index row (the objects view's storage_uri) does not point at its bytes",
                     false},
@@ -302,7 +303,7 @@ static const struct {
      " AND NOT EXISTS (SELECT 1 FROM snapshots p WHERE p.snapshot_id = s.parent_snapshot_id)"},
     {K_OBJECT_REF,
      "SELECT " REPO_NAME ", 'object ' || x.object_id, 'no objects row'"
-     " FROM object_refs x LEFT JOIN repos r ON r.repo_id = x.repo_id"
+     " FROM object_refs_kept x LEFT JOIN repos r ON r.repo_id = x.repo_id"
      " WHERE ($1::text IS NULL OR x.repo_id = $1)"
      " AND NOT EXISTS (SELECT 1 FROM objects o WHERE o.object_id = x.object_id)"},
     {K_PACK_REF,
@@ -314,7 +315,7 @@ static const struct {
      "SELECT '(repository ' || x.repo_id || ')', x.t, x.n || ' rows left behind'"
      " FROM (SELECT 'commit_refs' t, repo_id, count(*) n FROM commit_refs GROUP BY repo_id"
      "  UNION ALL SELECT 'snapshot_refs', repo_id, count(*) FROM snapshot_refs GROUP BY repo_id"
-     "  UNION ALL SELECT 'object_refs', repo_id, count(*) FROM object_refs GROUP BY repo_id"
+     "  UNION ALL SELECT 'object_refs_kept', repo_id, count(*) FROM object_refs_kept GROUP BY repo_id"
      "  UNION ALL SELECT 'mpack_refs', repo_id, count(*) FROM mpack_refs GROUP BY repo_id) x"
      " WHERE $1::text IS NULL AND NOT EXISTS (SELECT 1 FROM repos r WHERE r.repo_id = x.repo_id)"},
 };
@@ -361,7 +362,7 @@ static void batch_flush(fsck_t *f, batch_t *b)
     const char *v[2] = {b->repo, (const char *)b->arr.p};
     PGresult *r = q(f, f->db2,
                     "SELECT u.i FROM unnest($2::text[]) WITH ORDINALITY AS u(x, i)"
-                    " WHERE NOT EXISTS (SELECT 1 FROM object_refs o WHERE o.repo_id = $1 AND o.object_id = u.x)",
+                    " WHERE NOT " MH_SQL_HOLDS_BLOB("$1", "u.x"),
                     2, v);
     if (r) {
         for (int k = 0; k < PQntuples(r); k++) {
@@ -629,7 +630,7 @@ static void check_locations(fsck_t *f)
     static const char sql[] =
         "SELECT i.object_id, coalesce(" INDEX_ROW_URI ", '')"
         " FROM mpack_index i LEFT JOIN mpack_frames f ON f.mpack_id = i.mpack_id AND f.frame_no = i.frame_no"
-        " WHERE $1::text IS NULL OR EXISTS (SELECT 1 FROM object_refs x WHERE x.repo_id = $1 AND x.object_id = i.object_id)";
+        " WHERE $1::text IS NULL OR " MH_SQL_HOLDS_BLOB("$1", "i.object_id");
     const char *v[1] = {scope(f)};
     if (!PQsendQueryParams(f->db, sql, 1, NULL, v, NULL, NULL, 0) || !PQsetSingleRowMode(f->db)) {
         fprintf(stderr, "musehubd fsck: %s", PQerrorMessage(f->db));
@@ -657,8 +658,10 @@ static void count_kept_packs(fsck_t *f)
 {
     PGresult *r = q(f, f->db,
                     "SELECT count(*) FROM mpacks m WHERE NOT " PACK_HAS_REFS " AND NOT (" PACK_IN_FETCH ")"
-                    " AND " PACK_HAS_INDEX " AND NOT EXISTS (SELECT 1 FROM mpack_index i JOIN object_refs o ON o.object_id = i.object_id"
-                    "  WHERE i.mpack_id = m.mpack_id)",
+                    " AND " PACK_HAS_INDEX " AND NOT EXISTS (SELECT 1 FROM mpack_index i WHERE i.mpack_id = m.mpack_id"
+                    "  AND (EXISTS (SELECT 1 FROM mpack_index j JOIN mpack_refs r ON r.mpack_id = j.mpack_id"
+                    "  WHERE j.object_id = i.object_id) OR EXISTS (SELECT 1 FROM object_refs_kept k"
+                    "  WHERE k.object_id = i.object_id)))",
                     0, NULL);
     if (r) f->kept_packs = strtoull(PQgetvalue(r, 0, 0), NULL, 10);
     PQclear(r);

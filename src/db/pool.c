@@ -709,8 +709,9 @@ static char *options_with_timeout(const char *url, uint32_t timeout_ms, int *err
         if (!strcmp(o->keyword, "options") && o->val && *o->val) base = o->val;
     if (!base) base = getenv("PGOPTIONS");
     char *s = NULL;
-    /* The URL's own options are kept: ours are appended (later -c wins). */
-    if (asprintf(&s, "%s%s-c statement_timeout=%u", base ? base : "", base && *base ? " " : "",
+    /* The URL's own options are kept: jit=off goes before them (a URL may
+     * turn JIT back on, mh/db.h), the timeout after (later -c wins). */
+    if (asprintf(&s, "-c jit=off %s%s-c statement_timeout=%u", base ? base : "", base && *base ? " " : "",
                  (unsigned)timeout_ms) < 0)
         s = NULL;
     PQconninfoFree(opts);

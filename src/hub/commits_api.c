@@ -475,7 +475,7 @@ static void step_known(mh_step_t *s)
         mh_step_fail(s, MH_ENOMEM, "known");
         return;
     }
-    mh_db_pq_t q = {NULL, "SELECT object_id FROM object_refs WHERE repo_id = $1 AND object_id = ANY ($2::text[])",
+    mh_db_pq_t q = {NULL, "SELECT u.id FROM unnest ($2::text[]) AS u(id) WHERE " MH_SQL_HOLDS_BLOB("$1", "u.id"),
                     2,    (const char *const[]){c->op.repo->repo_id, arr},
                     NULL, NULL};
     mh_step_query(s, &q, known_read);

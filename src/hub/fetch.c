@@ -28,8 +28,8 @@
  *    pack-memory budget, never hashed again: only the whole new pack is
  *    hashed, to name it.
  *  - Access goes through this repository's ref rows only: wants must be
- *    in its commit graph (commit_refs), blobs are located through its
- *    object_refs.
+ *    in its commit graph (commit_refs), blobs are located through the
+ *    packs it references (mpack_refs: the object_refs view, sql/0050).
  *  - Identical misses in flight are coalesced: the first request builds,
  *    later ones wait for its answer (or its error).
  *
@@ -830,26 +830,31 @@ static const mh_stmt_t st_locate = {
 /* For small blob sets (incremental fetches): one index probe per id,
  * whatever the planner's statistics say. Right after a bulk push they are
  * stale (estimates of one row), and the set-based form above then scans
- * the repository's whole object_refs range: 18 ms instead of 1.5 ms for
- * 50 ids among 27,000. */
+ * the repository's whole range of refs: 18 ms instead of 1.5 ms for 50
+ * ids among 27,000. */
 #define LOCATE_FEW 256
 static const mh_stmt_t st_locate_few = {
     "hub_fetch_locate_few",
     "SELECT " LOC_COLS " FROM unnest($2::text[]) u(id)"
     " CROSS JOIN LATERAL (SELECT u.id AS object_id, m.mpack_id, m.byte_offset, m.byte_length, m.frame_no"
     " FROM mpack_index m LEFT JOIN mpacks p ON p.mpack_id = m.mpack_id WHERE m.object_id = u.id"
-    " AND EXISTS (SELECT 1 FROM object_refs r WHERE r.repo_id = $1 AND r.object_id = u.id)"
+    " AND " MH_SQL_HOLDS_BLOB("$1", "u.id")
     " ORDER BY p.superseded_at IS NOT NULL, m.frame_no IS NULL, m.mpack_id COLLATE \"C\" LIMIT 1) m" LOC_FRAME,
     2};
 
 /* For fetches covering most of the history (full clones): every index row
- * of the repository, without shipping a large id array; the rows needed
- * and the best source per object are picked here. */
+ * of the repository's blobs, without shipping a large id array; the rows
+ * needed and the best source per object are picked here (take_source).
+ * The repository's blobs are its packs' (sql/0050), read without the
+ * object_refs view's UNION: a blob two of its packs hold comes once per
+ * pack, and take_source keeps one source. */
 static const mh_stmt_t st_locate_all = {
     "hub_fetch_locate_all",
     "SELECT " LOC_COLS ", p.superseded_at IS NOT NULL"
-    " FROM object_refs r JOIN mpack_index m ON m.object_id = r.object_id"
-    " LEFT JOIN mpacks p ON p.mpack_id = m.mpack_id" LOC_FRAME " WHERE r.repo_id = $1",
+    " FROM (SELECT hi.object_id FROM mpack_refs hr JOIN mpack_index hi ON hi.mpack_id = hr.mpack_id"
+    "  WHERE hr.repo_id = $1 UNION ALL SELECT object_id FROM object_refs_kept WHERE repo_id = $1) r"
+    " JOIN mpack_index m ON m.object_id = r.object_id"
+    " LEFT JOIN mpacks p ON p.mpack_id = m.mpack_id" LOC_FRAME,
     1};
 
 /* Row r as the source of its blob, unless a better one is known: a live

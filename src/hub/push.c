@@ -338,8 +338,7 @@ static void step_context(mh_step_t *s)
                     " OFFSET 0)",
                     2, repo, snaps);
     mh_db_batch_add(&b,
-                    "SELECT u.id FROM unnest ($2::text[]) AS u(id) WHERE EXISTS (SELECT 1 FROM object_refs r"
-                    " WHERE r.repo_id = $1 AND r.object_id = u.id OFFSET 0)",
+                    "SELECT u.id FROM unnest ($2::text[]) AS u(id) WHERE " MH_SQL_HOLDS_BLOB("$1", "u.id"),
                     2, repo, objs);
     mh_db_batch_add(&b, "SELECT 1 FROM commit_refs WHERE repo_id = $1 AND commit_id = $2", 2, repo, u->head.s);
     mh_step_batch(s, &b, context_read);

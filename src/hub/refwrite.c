@@ -105,7 +105,7 @@ static void store_index(int *where, int i)
  * EXISTS first, evaluated once: a first push): their cost follows the
  * push, whatever the statistics say about the repository. tmp_commits
  * holds each commit once, in id order (push_check.c rebuild_commits): no
- * DISTINCT, no sort (see sql_object_refs). */
+ * DISTINCT, no sort (see mh_rw_pack_rows). */
 static const char sql_commit_refs[] =
     "WITH x AS (INSERT INTO commit_refs (repo_id, commit_id, branch, meta)"
     " SELECT $1::text, t.commit_id, t.branch, t.meta FROM tmp_commits t"
@@ -120,18 +120,17 @@ static const char sql_snapshot_refs[] =
     " OR NOT EXISTS (SELECT 1 FROM snapshot_refs r WHERE r.repo_id = $1 AND r.snapshot_id = t.snapshot_id" PROBE ")"
     " ORDER BY 2 RETURNING 1)"
     " SELECT count(*) FROM x";
-/* tmp_objects holds each id once, in id order (mh_rw_index_rows,
- * mh_rw_built_rows): its rows go in as they were copied, without the
- * DISTINCT and the sort (a third of the statement at 52,250 rows; a
- * fresh temporary table is read back in the order it was written, and
- * the order matters only for the index's locality, not for the result). */
-static const char sql_object_refs[] =
-    "WITH x AS (INSERT INTO object_refs (repo_id, object_id)"
-    " SELECT $1::text, t.object_id FROM tmp_objects t"
-    " WHERE NOT EXISTS (SELECT 1 FROM object_refs WHERE repo_id = $1)"
-    " OR NOT EXISTS (SELECT 1 FROM object_refs r WHERE r.repo_id = $1 AND r.object_id = t.object_id" PROBE ")"
-    " RETURNING 1)"
-    " SELECT count(*) FROM x";
+/* How many of tmp_objects' blobs repository $1 does not hold yet (SPEC
+ * 4.3's objects_written), asked before its mpack_refs row for the pack is
+ * written (the pack's index rows may already be in: without the ref they
+ * give the repository nothing). A repository that references no pack
+ * holds none of them (a first push: no probe at all); otherwise one
+ * MH_SQL_HOLDS_BLOB per blob. */
+static const char sql_objects_new[] =
+    "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM mpack_refs WHERE repo_id = $1)"
+    " AND NOT EXISTS (SELECT 1 FROM object_refs_kept WHERE repo_id = $1)"
+    " THEN (SELECT count(*) FROM tmp_objects)"
+    " ELSE (SELECT count(*) FROM tmp_objects t WHERE NOT " MH_SQL_HOLDS_BLOB("$1", "t.object_id") ") END";
 
 void mh_rw_history_rows(mh_db_batch_t *b, const char *repo_id, unsigned tables, int *i_commits, int *i_snapshots)
 {
@@ -170,7 +169,9 @@ void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int 
      * uncorrelated NOT EXISTS is evaluated once) takes all of tmp_objects,
      * one already indexed (a re-run; GC may have deleted some of its
      * rows) only the rows it lacks. tmp_objects holds each id once, in
-     * id order (no sort here: see sql_object_refs). */
+     * id order (mh_rw_index_rows, mh_rw_built_rows): no DISTINCT and no
+     * sort here (a fresh temporary table is read back in the order it was
+     * written; the order matters only for the index's locality). */
     store_index(i_index,
                 mh_db_batch_add(b,
                                 "WITH x AS (INSERT INTO mpack_index (object_id, mpack_id, byte_offset, byte_length,"
@@ -180,15 +181,17 @@ void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int 
                                 " AND i.mpack_id = $1" PROBE ") RETURNING 1)"
                                 " SELECT count(*) FROM x",
                                 1, p->mpack_id));
+    if (p->new_objects && i_refs) store_index(i_refs, mh_db_batch_add(b, sql_objects_new, 1, p->repo_id));
     /* Referenced again: a superseded pack is live again, out of the
      * sweep's reach. */
     mh_db_batch_add(b,
                     "INSERT INTO mpacks (mpack_id, size_bytes, kind) VALUES ($1, $2::bigint, $3)"
                     " ON CONFLICT (mpack_id) DO UPDATE SET superseded_at = NULL WHERE mpacks.superseded_at IS NOT NULL",
                     3, p->mpack_id, p->size, p->kind);
+    /* The repository's blobs are its packs' (the object_refs view,
+     * sql/0050): this row is what gives it the pack's blobs. */
     mh_db_batch_add(b, "INSERT INTO mpack_refs (repo_id, mpack_id) VALUES ($1, $2) ON CONFLICT DO NOTHING", 2,
                     p->repo_id, p->mpack_id);
-    if (p->new_objects) store_index(i_refs, mh_db_batch_add(b, sql_object_refs, 1, p->repo_id));
 }
 
 static const void *blob_key(const void *ctx, uint32_t v) { return ((const mh_packr_result_t *)ctx)->blobs[v].id; }
@@ -203,7 +206,7 @@ static int cmp_place(const void *a, const void *b, void *ctx)
 int mh_rw_built_rows(const mh_pb_t *pb, mh_buf_t *objects, mh_buf_t *frames)
 {
     size_t n = mh_pb_count(pb), nf = 0;
-    /* In id order (see sql_object_refs). */
+    /* In id order (see mh_rw_pack_rows). */
     mh_pb_place_t *pls = malloc((n ? n : 1) * sizeof *pls);
     uint32_t *ord = malloc((n ? n : 1) * sizeof *ord);
     int rc = pls && ord ? mh_buf_reserve(objects, n * (MH_ID_LEN + 32)) : MH_ENOMEM;
@@ -274,7 +277,7 @@ int mh_rw_index_rows(const mh_packr_result_t *p, mh_buf_t *objects, mh_buf_t *fr
         if (added < 0) rc = added;
         else if (added) ord[n++] = (uint32_t)i;
     }
-    /* Each id once, in id order (see sql_object_refs): a digest's byte
+    /* Each id once, in id order (see mh_rw_pack_rows): a digest's byte
      * order is its hex text's order. */
     if (!rc) qsort_r(ord, n, sizeof *ord, cmp_blob, p->blobs);
     for (size_t k = 0; k < n && !rc; k++) {
@@ -301,7 +304,7 @@ void mh_rw_repo_delete_rows(mh_db_batch_t *b, const char *repo_id)
      * snapshot that sees the refs of a writer that held the lock before. */
     static const char *const sql[] = {
         "DELETE FROM commit_refs WHERE repo_id = $1", "DELETE FROM snapshot_refs WHERE repo_id = $1",
-        "DELETE FROM object_refs WHERE repo_id = $1", "DELETE FROM mpack_refs WHERE repo_id = $1",
+        "DELETE FROM object_refs_kept WHERE repo_id = $1", "DELETE FROM mpack_refs WHERE repo_id = $1",
         "DELETE FROM repos WHERE repo_id = $1"};
     for (size_t i = 0; i < sizeof sql / sizeof *sql; i++) mh_db_batch_add(b, sql[i], 1, repo_id);
 }

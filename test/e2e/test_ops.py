@@ -553,6 +553,37 @@ def pushed_repo(srv, name=None, commits=4):
     return r, hist, res
 
 
+def test_migration_0050_keeps_every_object_ref_the_packs_do_not_back(pg):
+    """sql/0050 turns object_refs into a view of the packs a repository
+    references. Run on a database of the shape before it, every row is
+    still there afterwards: rows a referenced pack backs come from the
+    view, the others (the blob only in another repository's pack, or in no
+    pack at all) are kept in object_refs_kept, which the view includes."""
+    from e2e_util import DB
+    url = pgtmp.createdb(pg, f"m50_{unique('m').replace('-', '_')}")
+    assert musehubd("migrate", env=clean_env(MUSEHUB_DATABASE_URL=url)).returncode == 0
+    db = DB(url)
+    db.execute("DROP VIEW object_refs; DROP TABLE object_refs_kept;"
+               " CREATE TABLE object_refs (repo_id text NOT NULL, object_id text NOT NULL,"
+               " PRIMARY KEY (repo_id, object_id))")
+    h = lambda c: "sha256:" + c * 64  # noqa: E731
+    pa, pb, x, y, z, w = h("a"), h("b"), h("1"), h("2"), h("3"), h("4")
+    db.execute(f"INSERT INTO mpack_refs VALUES ('r1', '{pa}'), ('r2', '{pb}');"
+               f" INSERT INTO mpack_index (object_id, mpack_id, byte_offset, byte_length) VALUES"
+               f" ('{x}', '{pa}', 0, 1), ('{y}', '{pa}', 1, 1), ('{z}', '{pb}', 0, 1);"
+               f" INSERT INTO object_refs VALUES ('r1', '{x}'), ('r1', '{y}'), ('r1', '{z}'), ('r1', '{w}'),"
+               f" ('r2', '{z}')")
+    pgtmp.psql(url, "-f", str(REPO_ROOT / "sql" / "0050_object_refs_from_packs.sql"))
+    assert db.scalar("SELECT relkind FROM pg_class WHERE relname = 'object_refs'") == "v"
+    held = lambda r: {o for (o,) in db.rows(f"SELECT object_id FROM object_refs WHERE repo_id = '{r}'")}  # noqa: E731
+    assert held("r1") == {x, y, z, w} and held("r2") == {z}
+    assert set(db.rows("SELECT repo_id, object_id FROM object_refs_kept")) == {("r1", z), ("r1", w)}
+    # A blob two referenced packs hold is one row of the view.
+    db.execute(f"INSERT INTO mpack_refs VALUES ('r2', '{pa}'); INSERT INTO mpack_index (object_id, mpack_id,"
+               f" byte_offset, byte_length) VALUES ('{x}', '{pb}', 1, 1)")
+    assert db.count("SELECT count(*) FROM object_refs WHERE repo_id = 'r2'") == 3
+
+
 def test_fsck_clean_then_finds_what_was_broken(start_server, s3emu):
     srv = start_server(**own_store(s3emu))
     r, hist, res = pushed_repo(srv)
@@ -565,13 +596,16 @@ def test_fsck_clean_then_finds_what_was_broken(start_server, s3emu):
     rid = sql_str(r["repo_id"])
     db = srv.db
     # A branch head that names no commit, a commit ref without its row,
-    # an object dropped from the repository's refs, an index row whose
-    # bytes lie past the pack's end (its only record: objects is a view of
-    # the index rows, sql/0040).
+    # an object dropped from the repository (its index row in the
+    # repository's pack: object_refs is a view of the packs a repository
+    # references, sql/0050), an index row whose bytes lie past the pack's
+    # end (its only record: objects is a view of the index rows, sql/0040).
     db.execute(f"UPDATE branches SET head_commit_id = 'sha256:{'e' * 64}' WHERE repo_id = {rid}")
     db.execute(f"DELETE FROM commits WHERE commit_id = {sql_str(hist.commits[0]['commit_id'])}")
     victim = db.scalar(f"SELECT object_id FROM object_refs WHERE repo_id = {rid} ORDER BY object_id LIMIT 1")
-    db.execute(f"DELETE FROM object_refs WHERE repo_id = {rid} AND object_id = {sql_str(victim)}")
+    db.execute(f"DELETE FROM mpack_index WHERE object_id = {sql_str(victim)}"
+               f" AND mpack_id IN (SELECT mpack_id FROM mpack_refs WHERE repo_id = {rid})")
+    assert db.count(f"SELECT count(*) FROM object_refs WHERE repo_id = {rid} AND object_id = {sql_str(victim)}") == 0
     bad = db.scalar(f"SELECT object_id FROM object_refs WHERE repo_id = {rid} ORDER BY object_id DESC LIMIT 1")
     db.execute(f"UPDATE mpack_index SET byte_offset = byte_offset + 1000000000 WHERE object_id = {sql_str(bad)}")
 

@@ -204,6 +204,8 @@ static void test_simple(void)
     TAP_EQ_STR(r.val, "5s", "statement_timeout set from query_timeout_ms at connect");
     r = Q("SHOW application_name");
     TAP_EQ_STR(r.val, "musehubd", "application_name=musehubd");
+    r = Q("SHOW jit");
+    TAP_EQ_STR(r.val, "off", "jit=off at connect (mh/db.h)");
     r = Q("");
     TAP_OK(r.done == 1 && r.err == 0, "empty query is not an error");
     r = Q("SELEKT nonsense");
