@@ -812,27 +812,18 @@ static void step_blobset(mh_step_t *s)
                  " fr.codec, fr.size, fr.blob_count"
 #define LOC_FRAME " LEFT JOIN mpack_frames fr ON fr.mpack_id = m.mpack_id AND fr.frame_no = m.frame_no"
 
-/* DISTINCT ON keeps one row per object: a pack not superseded by GC
- * first, then a v2 pack (its frames: fewer bytes to read, and whole
- * frames copied verbatim; a raw v1 pack of the same blobs, pushed to
- * another repository, would make a clone read ~20x the bytes), then the
- * smallest pack id (deterministic). About 2.5x faster
- * than a LATERAL ... LIMIT 1 per object on the seed-000 clone. */
-static const mh_stmt_t st_locate = {
-    "hub_fetch_locate",
-    "SELECT DISTINCT ON (m.object_id COLLATE \"C\") " LOC_COLS
-    " FROM object_refs r JOIN mpack_index m ON m.object_id = r.object_id"
-    " LEFT JOIN mpacks p ON p.mpack_id = m.mpack_id" LOC_FRAME
-    " WHERE r.repo_id = $1 AND r.object_id = ANY($2::text[])"
-    " ORDER BY m.object_id COLLATE \"C\", p.superseded_at IS NOT NULL, m.frame_no IS NULL, m.mpack_id COLLATE \"C\"",
-    2};
-
-/* For small blob sets (incremental fetches): one index probe per id,
- * whatever the planner's statistics say. Right after a bulk push they are
- * stale (estimates of one row), and the set-based form above then scans
- * the repository's whole range of refs: 18 ms instead of 1.5 ms for 50
- * ids among 27,000. */
-#define LOCATE_FEW 256
+/* Up to LOCATE_PROBE blobs (incremental and shallow fetches): one probe
+ * per id, whatever the planner's statistics say — the best row of the
+ * blob's index rows (a pack not superseded by GC first, then a v2 pack:
+ * its frames are fewer bytes to read and are copied verbatim, where a raw
+ * v1 copy another repository pushed would make a clone read ~20x the
+ * bytes; then the smallest pack id, deterministic), if the repository
+ * holds the blob (MH_SQL_HOLDS_BLOB). About 10 us per id. A set-based
+ * join was cheaper per id when its plan was right, but with the
+ * statistics a bulk push leaves (or a database of a few large packs) it
+ * hash-joined a scan of every index row of every repository: 30 ms for
+ * the 700 blobs of a depth-1 fetch among 52,250, 7 ms this way. */
+#define LOCATE_PROBE 16384
 static const mh_stmt_t st_locate_few = {
     "hub_fetch_locate_few",
     "SELECT " LOC_COLS " FROM unnest($2::text[]) u(id)"
@@ -842,23 +833,28 @@ static const mh_stmt_t st_locate_few = {
     " ORDER BY p.superseded_at IS NOT NULL, m.frame_no IS NULL, m.mpack_id COLLATE \"C\" LIMIT 1) m" LOC_FRAME,
     2};
 
-/* For fetches covering most of the history (full clones): every index row
- * of the repository's blobs, without shipping a large id array; the rows
- * needed and the best source per object are picked here (take_source).
- * The repository's blobs are its packs' (sql/0050), read without the
- * object_refs view's UNION: a blob two of its packs hold comes once per
- * pack, and take_source keeps one source. */
+/* Fetches covering most of the history (full clones) or more blobs than
+ * LOCATE_PROBE: the index rows of the repository's own packs, read by
+ * pack without shipping an id array or probing per blob (the
+ * repository's blobs are its packs', sql/0050; a pack a repository
+ * references is not superseded), plus every index row of a blob only
+ * object_refs_kept names. The rows needed and the best source per blob
+ * are picked here (take_source); a blob two of its packs hold comes once
+ * per pack. A v1-pushed repository reads its own raw packs until GC
+ * rewrites them as v2, even where another repository holds the same
+ * blobs in v2 frames (looking for those cost a probe per blob: 115 ms
+ * of a 10,310-commit clone). */
 static const mh_stmt_t st_locate_all = {
     "hub_fetch_locate_all",
     "SELECT " LOC_COLS ", p.superseded_at IS NOT NULL"
-    " FROM (SELECT hi.object_id FROM mpack_refs hr JOIN mpack_index hi ON hi.mpack_id = hr.mpack_id"
-    "  WHERE hr.repo_id = $1 UNION ALL SELECT object_id FROM object_refs_kept WHERE repo_id = $1) r"
-    " JOIN mpack_index m ON m.object_id = r.object_id"
+    " FROM (SELECT hi.* FROM mpack_refs hr JOIN mpack_index hi ON hi.mpack_id = hr.mpack_id WHERE hr.repo_id = $1"
+    "  UNION ALL SELECT mi.* FROM object_refs_kept k JOIN mpack_index mi ON mi.object_id = k.object_id"
+    "  WHERE k.repo_id = $1) m"
     " LEFT JOIN mpacks p ON p.mpack_id = m.mpack_id" LOC_FRAME,
     1};
 
 /* Row r as the source of its blob, unless a better one is known: a live
- * pack, then a v2 one, then the smallest pack id (st_locate's ORDER BY). A v2 row whose
+ * pack, then a v2 one, then the smallest pack id (st_locate_few's ORDER BY). A v2 row whose
  * frame has no row is skipped (the object then reads as not indexed). */
 static int take_source(fetch_t *f, PGresult *res, int r)
 {
@@ -911,7 +907,7 @@ static void step_locate(mh_step_t *s)
 {
     fetch_t *f = F(s);
     mh_db_batch_t b = {0};
-    if (f->nsend * 2 >= f->g->n) {
+    if (f->nsend * 2 >= f->g->n || f->nblobs > LOCATE_PROBE) {
         mh_db_batch_stmt(&b, &st_locate_all, f->op.repo->repo_id);
     } else {
         const char **ids = mh_alloc(f->a, f->nblobs * sizeof *ids);
@@ -925,7 +921,7 @@ static void step_locate(mh_step_t *s)
             mh_step_fail(s, MH_ENOMEM, "locate");
             return;
         }
-        mh_db_batch_stmt(&b, f->nblobs <= LOCATE_FEW ? &st_locate_few : &st_locate, f->op.repo->repo_id, arr);
+        mh_db_batch_stmt(&b, &st_locate_few, f->op.repo->repo_id, arr);
     }
     mh_step_query(s, &b.q[0], located);
 }
