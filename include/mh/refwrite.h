@@ -43,15 +43,16 @@
 /* SQL text: true when repository REPO holds blob OBJ (both SQL
  * expressions, e.g. "$1" and "u.id"): a pack it references indexes the
  * blob, or a row kept by sql/0050 names it. The same answer as
- * `EXISTS (SELECT 1 FROM object_refs ...)` without the view's UNION: two
- * index probes (mpack_index by object id, then mpack_refs by its key),
- * each in a correlated subquery the planner cannot turn into a join that
- * reads all of the repository's blobs when its statistics are stale
- * (OFFSET 0; docs/benchmarks.md, issue 20). SPEC 3. */
-#define MH_SQL_HOLDS_BLOB(REPO, OBJ)                                                                        \
-    "(EXISTS (SELECT 1 FROM mpack_index hi JOIN mpack_refs hr ON hr.mpack_id = hi.mpack_id WHERE hi.object_id = " \
-    OBJ " AND hr.repo_id = " REPO " OFFSET 0) OR EXISTS (SELECT 1 FROM object_refs_kept hk WHERE hk.repo_id = "  \
-    REPO " AND hk.object_id = " OBJ "))"
+ * `EXISTS (SELECT 1 FROM object_refs ...)` without the view's UNION: the
+ * blob's index rows by object id (the inner OFFSET 0 keeps the planner
+ * from reaching them through the index on mpack_id, a read of the whole
+ * pack per probe when its statistics are stale), then mpack_refs by its
+ * key; a correlated subquery, never a join that reads all of the
+ * repository's blobs (docs/benchmarks.md, issue 20). SPEC 3. */
+#define MH_SQL_HOLDS_BLOB(REPO, OBJ)                                                                         \
+    "(EXISTS (SELECT 1 FROM (SELECT hi.mpack_id FROM mpack_index hi WHERE hi.object_id = " OBJ " OFFSET 0) hi" \
+    " JOIN mpack_refs hr ON hr.mpack_id = hi.mpack_id AND hr.repo_id = " REPO ") OR EXISTS (SELECT 1 FROM"    \
+    " object_refs_kept hk WHERE hk.repo_id = " REPO " AND hk.object_id = " OBJ "))"
 
 /* Every MH_CHECKPOINT_INTERVAL links a snapshot row keeps its full
  * manifest (DESIGN section 4: bounded delta chains). */

@@ -168,7 +168,11 @@ void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int 
      * third more): a pack with no index row yet (every first write; the
      * uncorrelated NOT EXISTS is evaluated once) takes all of tmp_objects,
      * one already indexed (a re-run; GC may have deleted some of its
-     * rows) only the rows it lacks. tmp_objects holds each id once, in
+     * rows) only the rows it lacks, each probed by its object id (the
+     * inner OFFSET 0: with the statistics a bulk load leaves, a probe by
+     * both columns took the index on mpack_id and read the whole pack for
+     * every row, 2.3 s for the seed's 5,855 blobs pushed to a second
+     * repository). tmp_objects holds each id once, in
      * id order (mh_rw_index_rows, mh_rw_built_rows): no DISTINCT and no
      * sort here (a fresh temporary table is read back in the order it was
      * written; the order matters only for the index's locality). */
@@ -177,8 +181,8 @@ void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int 
                                 "WITH x AS (INSERT INTO mpack_index (object_id, mpack_id, byte_offset, byte_length,"
                                 " frame_no) SELECT t.object_id, $1::text, t.byte_offset, t.byte_length, t.frame_no FROM"
                                 " tmp_objects t WHERE NOT EXISTS (SELECT 1 FROM mpack_index WHERE mpack_id = $1)"
-                                " OR NOT EXISTS (SELECT 1 FROM mpack_index i WHERE i.object_id = t.object_id"
-                                " AND i.mpack_id = $1" PROBE ") RETURNING 1)"
+                                " OR NOT EXISTS (SELECT 1 FROM (SELECT i.mpack_id FROM mpack_index i WHERE"
+                                " i.object_id = t.object_id" PROBE ") i WHERE i.mpack_id = $1) RETURNING 1)"
                                 " SELECT count(*) FROM x",
                                 1, p->mpack_id));
     if (p->new_objects && i_refs) store_index(i_refs, mh_db_batch_add(b, sql_objects_new, 1, p->repo_id));
