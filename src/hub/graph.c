@@ -577,9 +577,13 @@ void mh__graph_cache_free(mh__graph_cache_t *gc)
 
 static const mh_stmt_t st_graph = {"hub_graph_load", GRAPH_SQL, 1};
 /* Only the rows added since a cached graph was read: a range of the
- * (repo_id, ref_seq) index (sql/0009). Its own statement, so that neither
- * plan is chosen for the other's row counts. */
-static const mh_stmt_t st_graph_since = {"hub_graph_since", GRAPH_SQL " AND r.ref_seq > $2::bigint", 2};
+ * (repo_id, ref_seq) index (sql/0009), which is partial on `ref_seq > 0`
+ * (sql/0051: true of every row, so that only a statement saying so can
+ * use it, never a probe by the primary key); the clause is here for that
+ * proof, a generic plan's $2 proves nothing. Its own statement, so that
+ * neither plan is chosen for the other's row counts. */
+static const mh_stmt_t st_graph_since = {"hub_graph_since", GRAPH_SQL " AND r.ref_seq > $2::bigint AND r.ref_seq > 0",
+                                         2};
 
 typedef struct {
     mh_hub_t *hub;

@@ -584,6 +584,29 @@ def test_migration_0050_keeps_every_object_ref_the_packs_do_not_back(pg):
     assert db.count("SELECT count(*) FROM object_refs WHERE repo_id = 'r2'") == 3
 
 
+def test_commit_ref_probes_use_the_primary_key_whatever_the_statistics(pg):
+    """sql/0051: a probe of commit_refs by its primary key is planned on
+    the primary key even when the statistics do not know the repository
+    (no ANALYZE since its rows came); only the graph's read of the rows
+    added since a cached graph, which says `ref_seq > 0`, uses the
+    (repo_id, ref_seq) index. Before, the probe could be planned on that
+    narrower index and read all of the repository's refs per probe."""
+    from e2e_util import DB
+    url = pgtmp.createdb(pg, f"m51_{unique('m').replace('-', '_')}")
+    assert musehubd("migrate", env=clean_env(MUSEHUB_DATABASE_URL=url)).returncode == 0
+    db = DB(url)
+    db.execute("INSERT INTO commit_refs (repo_id, commit_id) SELECT 'old', 'sha256:' || md5(g::text) || md5(g::text)"
+               " FROM generate_series(1, 20000) g; ANALYZE commit_refs;"
+               " INSERT INTO commit_refs (repo_id, commit_id) SELECT 'new', 'sha256:' || md5(g::text) || md5(g::text)"
+               " FROM generate_series(1, 20000) g")
+    probe = "\n".join(r[0] for r in db.rows(
+        "EXPLAIN SELECT 1 FROM commit_refs WHERE repo_id = 'new' AND commit_id = 'sha256:' || md5('7') || md5('7')"))
+    assert "commit_refs_pkey" in probe and "commit_refs_repo_seq" not in probe, probe
+    since = "\n".join(r[0] for r in db.rows(
+        "EXPLAIN SELECT commit_id FROM commit_refs WHERE repo_id = 'new' AND ref_seq > 39990 AND ref_seq > 0"))
+    assert "commit_refs_repo_seq" in since, since
+
+
 def test_fsck_clean_then_finds_what_was_broken(start_server, s3emu):
     srv = start_server(**own_store(s3emu))
     r, hist, res = pushed_repo(srv)
