@@ -106,6 +106,19 @@ void mh_rw_copy(mh_step_t *s, unsigned table, const mh_buf_t *rows);
  * "SELECT pg_advisory_xact_lock(hashtextextended('musehub:mpack:' || $1, 0))". */
 extern const char mh_rw_sql_pack_lock[];
 
+/* The advisory locks of several packs as one statement, in pack id order
+ * (so two holders of several cannot wait on each other in a cycle):
+ * every id of the text[] $1 except $2 (a pack the caller locked already,
+ * mh_rw_begin). GC takes the locks of the packs it replaces before it
+ * decides which no repository references any more: a writer that is
+ * referencing one of them right now (its lock held, its mpack_refs row
+ * not yet committed) finishes first, and GC's next statement sees its
+ * row; a writer that comes later finds the rows GC deleted missing and
+ * inserts them again (mh_rw_pack_rows). Without it a repository could
+ * commit a reference to a pack whose index rows GC was deleting, and
+ * hold none of its blobs (the object_refs view, sql/0050). */
+extern const char mh_rw_sql_packs_lock[];
+
 /* -------------------------------------------------------- rows, refs */
 
 /* Statement builders: each appends its statements to the caller's batch

@@ -812,8 +812,8 @@ static void step_blobset(mh_step_t *s)
                  " fr.codec, fr.size, fr.blob_count"
 #define LOC_FRAME " LEFT JOIN mpack_frames fr ON fr.mpack_id = m.mpack_id AND fr.frame_no = m.frame_no"
 
-/* Up to LOCATE_PROBE blobs (incremental and shallow fetches): one probe
- * per id, whatever the planner's statistics say — the best row of the
+/* Fetches of part of the history (incremental and shallow ones): one
+ * probe per id, whatever the planner's statistics say — the best row of the
  * blob's index rows (a pack not superseded by GC first, then a v2 pack:
  * its frames are fewer bytes to read and are copied verbatim, where a raw
  * v1 copy another repository pushed would make a clone read ~20x the
@@ -822,8 +822,8 @@ static void step_blobset(mh_step_t *s)
  * join was cheaper per id when its plan was right, but with the
  * statistics a bulk push leaves (or a database of a few large packs) it
  * hash-joined a scan of every index row of every repository: 30 ms for
- * the 700 blobs of a depth-1 fetch among 52,250, 7 ms this way. */
-#define LOCATE_PROBE 16384
+ * the 700 blobs of a depth-1 fetch among 52,250, 7 ms this way. The
+ * cost follows the blobs asked for, however many the repository has. */
 static const mh_stmt_t st_locate_few = {
     "hub_fetch_locate_few",
     "SELECT " LOC_COLS " FROM unnest($2::text[]) u(id)"
@@ -833,8 +833,8 @@ static const mh_stmt_t st_locate_few = {
     " ORDER BY p.superseded_at IS NOT NULL, m.frame_no IS NULL, m.mpack_id COLLATE \"C\" LIMIT 1) m" LOC_FRAME,
     2};
 
-/* Fetches covering most of the history (full clones) or more blobs than
- * LOCATE_PROBE: the index rows of the repository's own packs, read by
+/* Fetches covering most of the history (full clones): the index rows of
+ * the repository's own packs, read by
  * pack without shipping an id array or probing per blob (the
  * repository's blobs are its packs', sql/0050; a pack a repository
  * references is not superseded), plus every index row of a blob only
@@ -907,7 +907,7 @@ static void step_locate(mh_step_t *s)
 {
     fetch_t *f = F(s);
     mh_db_batch_t b = {0};
-    if (f->nsend * 2 >= f->g->n || f->nblobs > LOCATE_PROBE) {
+    if (f->nsend * 2 >= f->g->n) {
         mh_db_batch_stmt(&b, &st_locate_all, f->op.repo->repo_id);
     } else {
         const char **ids = mh_alloc(f->a, f->nblobs * sizeof *ids);

@@ -45,6 +45,9 @@ static const char sql_tmp_frames[] =
     " blob_count int) ON COMMIT DROP";
 
 const char mh_rw_sql_pack_lock[] = "SELECT pg_advisory_xact_lock(hashtextextended('musehub:mpack:' || $1::text, 0))";
+const char mh_rw_sql_packs_lock[] =
+    "SELECT pg_advisory_xact_lock(hashtextextended('musehub:mpack:' || p.id, 0)) FROM (SELECT DISTINCT"
+    " u.id COLLATE \"C\" AS id FROM unnest($1::text[]) AS u(id) WHERE u.id <> $2::text ORDER BY 1) p";
 
 /* The repository row: the first lock of every ref writer. Its count tells
  * whether the repository still exists. */

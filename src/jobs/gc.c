@@ -377,6 +377,10 @@ static void step_apply(mh_step_t *s)
     const char *repo = g->j->repo_id, *key = g->key;
     mh_rw_pack_t pack = {repo, key, g->size, "gc", false, true};
     mh_db_batch_t b = {0};
+    /* The old packs' locks first (the new one's is held since BEGIN): a
+     * push or job referencing one of them now commits before `gone`
+     * below is decided (mh_rw_sql_packs_lock). */
+    mh_db_batch_add(&b, mh_rw_sql_packs_lock, 2, g->old_array, key);
     mh_rw_pack_rows(&b, &pack, NULL, NULL);
     /* The repository's refs: old packs out (the new one came in above). */
     mh_db_batch_add(&b, "DELETE FROM mpack_refs WHERE repo_id = $2 AND mpack_id = ANY ($3::text[]) AND mpack_id <> $1",

@@ -599,6 +599,55 @@ def test_gc_keeps_packs_other_repositories_reference(server, hub, make_repo, db)
     assert repo_packs(db, a["repo_id"]) == [g]
 
 
+def test_gc_waits_for_a_writer_referencing_a_pack_it_replaces(server, hub, make_repo, db):
+    """A repository holds the blobs of the packs it references (the
+    object_refs view, sql/0050). While another repository's transaction
+    is referencing one of the packs a GC replaces (the pack's lock held,
+    its mpack_refs row not committed yet: what a push of the same bytes
+    does), the GC waits for the pack's lock, then sees the row and leaves
+    the pack's index rows alone. Before, GC decided from a snapshot
+    without the row and deleted them: the other repository committed a
+    reference to a pack that gave it no blobs."""
+    a, b = make_repo(), make_repo()
+    hists = chain(2)
+    p0 = hub.push(OWNER, a["slug"], hists[0].pack(), "main", hists[0].head)["mpack_key"]
+    hub.push(OWNER, a["slug"], hists[1].pack(), "main", hists[1].head)
+    n0 = len(hists[0].blobs)
+    assert db.count(f"SELECT count(*) FROM object_refs WHERE repo_id = {sql_str(b['repo_id'])}") == 0
+    # The writer: b's reference to p0, in an open transaction under p0's lock.
+    from e2e_util import PSQL
+    w = subprocess.Popen([PSQL, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", db.url], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        w.stdin.write("BEGIN;\n"
+                      f"SELECT pg_advisory_xact_lock(hashtextextended('musehub:mpack:' || {sql_str(p0)}, 0));\n"
+                      f"INSERT INTO mpack_refs (repo_id, mpack_id) VALUES ({sql_str(b['repo_id'])}, {sql_str(p0)});\n"
+                      "SELECT 1;\n")
+        w.stdin.flush()
+        deadline = time.monotonic() + 10
+        while db.count("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted") == 0:
+            assert time.monotonic() < deadline, "the writer never took the pack's lock"
+            time.sleep(0.02)
+        j = enqueue(hub, a["repo_id"], "mpack.gc")
+        # GC reaches the old packs' locks and waits there.
+        deadline = time.monotonic() + 20
+        while db.count("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") == 0:
+            assert get_job(hub, j["job_id"])["status"] in ("pending", "running"), "GC did not wait for the lock"
+            assert time.monotonic() < deadline, "GC never waited for the writer's pack lock"
+            time.sleep(0.02)
+        w.stdin.write("COMMIT;\n")
+        w.stdin.close()
+        assert w.wait(timeout=30) == 0, w.stderr.read()
+    finally:
+        if w.poll() is None:
+            w.kill()
+    res = wait_job(hub, j["job_id"])
+    assert res["status"] == "done" and res["result"]["packs_before"] == 2, res
+    assert db.scalar(f"SELECT superseded_at IS NULL FROM mpacks WHERE mpack_id = {sql_str(p0)}") == "t"
+    assert db.count(f"SELECT count(*) FROM mpack_index WHERE mpack_id = {sql_str(p0)}") == n0
+    assert db.count(f"SELECT count(*) FROM object_refs WHERE repo_id = {sql_str(b['repo_id'])}") == n0
+
+
 def test_gc_ignores_fetch_packs(hub, repo, db):
     h = small_history()
     key = hub.push(OWNER, repo["slug"], h.pack(), "main", h.head)["mpack_key"]
