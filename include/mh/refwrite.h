@@ -141,16 +141,16 @@ void mh_rw_history_rows(mh_db_batch_t *b, const char *repo_id, unsigned tables, 
  * mpack_frames rows (v2), its mpack_index rows (count: rows added; the
  * `objects` view reads its sizes and mpack:// URIs from them, sql/0040)
  * and this repository's mpack_refs row, which gives the repository the
- * pack's blobs (the object_refs view, sql/0050). With new_objects, also
- * how many of tmp_objects' blobs the repository did not hold before (the
+ * pack's blobs (the object_refs view, sql/0050). With i_refs, also how
+ * many of tmp_objects' blobs the repository did not hold before (the
  * count SPEC 4.3 reports as objects_written; *i_refs is its statement):
  * every blob when the repository referenced no pack, else one probe per
- * blob. `size` is the pack's byte count as text. The caller holds the
+ * blob; GC and server-side commits, which report no such count, pass
+ * NULL. `size` is the pack's byte count as text. The caller holds the
  * pack's lock (mh_rw_begin with mpack_id): the index rows are inserted
  * without ON CONFLICT. */
 typedef struct {
     const char *repo_id, *mpack_id, *size, *kind;
-    bool new_objects; /* count the blobs new to the repository (false for GC: it holds them all) */
     bool frames;      /* tmp_frames exists (mh_rw_begin with MH_RW_FRAMES): mpack_frames rows */
 } mh_rw_pack_t;
 void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int *i_refs);

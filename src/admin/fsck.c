@@ -4,8 +4,8 @@
  *
  * What is checked (docs/operations.md, "Checking: fsck", lists the kinds):
  *  - ref rows: branch heads, tags, commit_refs, snapshot_refs,
- *    object_refs_kept and mpack_refs name rows that exist (heads and tags: commits of their
- *    repository); a commit's parents and snapshot are
+ *    object_refs_kept and mpack_refs name rows that exist (heads and
+ *    tags: commits of their repository); a commit's parents and snapshot are
  *    in its repository; a snapshot's delta parent exists; every object a
  *    snapshot's delta names is referenced by the repository; every
  *    referenced object has an index row; no ref rows of deleted

@@ -571,7 +571,7 @@ static void step_write(mh_step_t *s)
     if (c->npack) {
         /* A blob another repository holds is packed again for this one:
          * objects are reached only through ref rows. */
-        mh_rw_pack_t pack = {c->op.repo->repo_id, c->pack_id.s, c->pack_size, "commit", true, true};
+        mh_rw_pack_t pack = {c->op.repo->repo_id, c->pack_id.s, c->pack_size, "commit", true};
         mh_rw_pack_rows(&b, &pack, NULL, NULL);
     }
     mh_rw_move_rows(&b, &c->mv);

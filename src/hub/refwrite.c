@@ -188,7 +188,7 @@ void mh_rw_pack_rows(mh_db_batch_t *b, const mh_rw_pack_t *p, int *i_index, int 
                                 " i.object_id = t.object_id" PROBE ") i WHERE i.mpack_id = $1) RETURNING 1)"
                                 " SELECT count(*) FROM x",
                                 1, p->mpack_id));
-    if (p->new_objects && i_refs) store_index(i_refs, mh_db_batch_add(b, sql_objects_new, 1, p->repo_id));
+    if (i_refs) store_index(i_refs, mh_db_batch_add(b, sql_objects_new, 1, p->repo_id));
     /* Referenced again: a superseded pack is live again, out of the
      * sweep's reach. */
     mh_db_batch_add(b,

@@ -518,7 +518,7 @@ void mh_rw_upload_unplace(const mh_step_t *s, const mh_upload_t *up)
 void mh_rw_upload_rows(mh_db_batch_t *b, mh_upload_t *up)
 {
     snprintf(up->size_s, sizeof up->size_s, "%llu", (unsigned long long)up->size);
-    mh_rw_pack_t pack = {up->repo_id, up->mpack_id, up->size_s, "push", true, up->pack && up->pack->version == 2};
+    mh_rw_pack_t pack = {up->repo_id, up->mpack_id, up->size_s, "push", up->pack && up->pack->version == 2};
     mh_rw_pack_rows(b, &pack, &up->i_index, &up->i_refs);
 }
 

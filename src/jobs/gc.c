@@ -375,7 +375,7 @@ static void step_apply(mh_step_t *s)
 {
     gc_t *g = GC(s);
     const char *repo = g->j->repo_id, *key = g->key;
-    mh_rw_pack_t pack = {repo, key, g->size, "gc", false, true};
+    mh_rw_pack_t pack = {repo, key, g->size, "gc", true};
     mh_db_batch_t b = {0};
     /* The old packs' locks first (the new one's is held since BEGIN): a
      * push or job referencing one of them now commits before `gone`
