@@ -68,8 +68,13 @@ bool mh_ref_name_valid(const char *p, size_t n);
 
 /* --------------------------------------------- transaction, lock order */
 
-/* The temporary tables a bulk writer COPYs into (dropped at COMMIT), and
- * their COPY text-format columns:
+/* The temporary tables a bulk writer COPYs into, and their COPY
+ * text-format columns. They belong to the database session: the first
+ * writer on a pooled connection creates them (CREATE TEMP TABLE IF NOT
+ * EXISTS), every COMMIT empties them (ON COMMIT DELETE ROWS) and a
+ * ROLLBACK discards what its transaction put in, so each transaction
+ * starts with them empty. Creating and dropping four tables per write
+ * cost ~2 ms of catalog work (docs/benchmarks.md). Their columns:
  *   tmp_commits   commit_id, parent_commit_id, parent2_commit_id,
  *                 snapshot_id, message, author, committed_at, branch,
  *                 generation (int), meta (bytea: the msgpack map of the
@@ -87,12 +92,12 @@ bool mh_ref_name_valid(const char *p, size_t n);
  *                 mh_rw_index_rows and mh_rw_built_rows write them)
  *   tmp_frames    frame_no, data_offset, data_length, codec ("zstd" or
  *                 "none"), size, blob_count (a v2 pack's frames, sql/0030;
- *                 only with MH_RW_FRAMES: a v1 pack's writer saves the
- *                 table's creation) */
+ *                 only with MH_RW_FRAMES) */
 enum { MH_RW_COMMITS = 1, MH_RW_SNAPSHOTS = 2, MH_RW_OBJECTS = 4, MH_RW_FRAMES = 8 };
 
 /* On the operation's held connection (mh_step_acquire first), one round
- * trip: BEGIN, the temporary tables in `tmp`, then the first two locks of
+ * trip: BEGIN, the temporary tables in `tmp` (created unless the session
+ * has them), then the first two locks of
  * the order: the repository row, and the advisory lock of pack mpack_id
  * (NULL: none). A repository deleted meanwhile ends the operation with
  * MH_ENOENT ("the repository was deleted"). */

@@ -30,19 +30,24 @@
 
 /* ================================================ transaction, lock order */
 
+/* The staging tables live as long as the session (mh/refwrite.h): IF NOT
+ * EXISTS makes the first writer on a connection create them (a NOTICE,
+ * logged at debug level, the other times), ON COMMIT DELETE ROWS empties
+ * them at every COMMIT that touched them, and a ROLLBACK takes its rows
+ * (or the tables, when it created them) with it. */
 static const char sql_tmp_commits[] =
-    "CREATE TEMP TABLE tmp_commits (commit_id text, parent_commit_id text, parent2_commit_id text,"
+    "CREATE TEMP TABLE IF NOT EXISTS tmp_commits (commit_id text, parent_commit_id text, parent2_commit_id text,"
     " snapshot_id text, message text, author text, committed_at text, branch text, generation int, meta bytea)"
-    " ON COMMIT DROP";
+    " ON COMMIT DELETE ROWS";
 static const char sql_tmp_snapshots[] =
-    "CREATE TEMP TABLE tmp_snapshots (snapshot_id text, parent_snapshot_id text, delta_upsert bytea COMPRESSION lz4,"
-    " delta_remove bytea COMPRESSION lz4, entry_count int, depth int, checkpoint bytea COMPRESSION lz4) ON COMMIT DROP";
+    "CREATE TEMP TABLE IF NOT EXISTS tmp_snapshots (snapshot_id text, parent_snapshot_id text, delta_upsert bytea COMPRESSION lz4,"
+    " delta_remove bytea COMPRESSION lz4, entry_count int, depth int, checkpoint bytea COMPRESSION lz4) ON COMMIT DELETE ROWS";
 static const char sql_tmp_objects[] =
-    "CREATE TEMP TABLE tmp_objects (object_id text, byte_offset bigint, byte_length bigint, frame_no int)"
-    " ON COMMIT DROP";
+    "CREATE TEMP TABLE IF NOT EXISTS tmp_objects (object_id text, byte_offset bigint, byte_length bigint, frame_no int)"
+    " ON COMMIT DELETE ROWS";
 static const char sql_tmp_frames[] =
-    "CREATE TEMP TABLE tmp_frames (frame_no int, data_offset bigint, data_length bigint, codec text, size bigint,"
-    " blob_count int) ON COMMIT DROP";
+    "CREATE TEMP TABLE IF NOT EXISTS tmp_frames (frame_no int, data_offset bigint, data_length bigint, codec text, size bigint,"
+    " blob_count int) ON COMMIT DELETE ROWS";
 
 const char mh_rw_sql_pack_lock[] = "SELECT pg_advisory_xact_lock(hashtextextended('musehub:mpack:' || $1::text, 0))";
 const char mh_rw_sql_packs_lock[] =

@@ -626,6 +626,38 @@ def test_non_fast_forward_409_then_force(hub, db, repo):
     assert hub.refs(OWNER, repo["slug"])["branch_heads"] == {"main": b.head}
 
 
+def test_one_connection_reuses_its_staging_tables_empty(start_server):
+    """The write path's staging tables (tmp_commits, tmp_objects, ...) live
+    as long as the database session and are emptied by every COMMIT and
+    ROLLBACK (refwrite.c). With a pool of one connection every write below
+    runs in the same session: a push refused inside its transaction (409,
+    after its rows were staged), then a push of another history to another
+    repository, must write exactly that history, and the session keeps
+    one set of tables rather than creating and dropping four per write."""
+    srv = start_server(MUSEHUB_DB_POOL="1")
+    hub, db = srv.hub(), srv.db
+    r1 = hub.create_repo(OWNER, unique("stg"))
+    r2 = hub.create_repo(OWNER, unique("stg"))
+    a = small(commits=3)
+    res = hub.push(OWNER, r1["slug"], a.pack(), "main", a.head)
+    assert res["commits_written"] == 3
+    b = small(commits=4)             # unrelated: refused after its rows were staged
+    r = try_push(hub, r1["slug"], b.pack(), b.head)
+    assert r.status_code == 409, r.text
+    c = small(commits=2)
+    res = hub.push(OWNER, r2["slug"], c.pack(), "main", c.head)
+    assert (res["commits_written"], res["snapshots_written"]) == (2, 2)
+    got = {x for (x,) in db.rows("SELECT commit_id FROM commit_refs WHERE repo_id = "
+                                 + sql_str(r2["repo_id"]))}
+    assert got == {x["commit_id"] for x in c.commits}
+    assert db.count(f"SELECT count(*) FROM commits WHERE commit_id IN "
+                    f"({', '.join(sql_str(x['commit_id']) for x in b.commits)})") == 0
+    assert repo_counts(db, r1["repo_id"])["commit_refs"] == 3
+    # one session, one set of staging tables (an ON COMMIT DROP table would be gone)
+    assert db.count("SELECT count(*) FROM pg_class WHERE relname = 'tmp_commits' "
+                    "AND relpersistence = 't'") == 1
+
+
 def test_diverging_child_409(hub, db, repo):
     a = small(commits=3, keep_manifests=True)
     hub.push(OWNER, repo["slug"], a.pack(), "main", a.head)
