@@ -157,8 +157,10 @@ void mh_dbconn_exec(mh_dbconn_t *c, const mh_stmt_t *st, const char *const *vals
 void mh_dbconn_script(mh_dbconn_t *c, const char *sql, mh_db_result_cb cb, void *ud);
 
 /* COPY ... FROM STDIN: sends `copy_sql`, streams data[0..n) (COPY text
- * format rows, already escaped with mh_copy_*; copied before return), ends
- * the copy. The callback gets the command result (PQcmdTuples = rows);
+ * format rows, already escaped with mh_copy_*, or mh_copyb_* binary rows
+ * with a FORMAT binary copy_sql), ends the copy. The data is borrowed,
+ * not copied: the caller keeps it valid and unchanged until the callback
+ * (a push's snapshot rows can be hundreds of MiB). copy_sql is copied. The callback gets the command result (PQcmdTuples = rows);
  * bad data -> MH_EDB with the server's message, the session stays
  * usable. */
 void mh_dbconn_copy_in(mh_dbconn_t *c, const char *copy_sql, const void *data, size_t n,

@@ -84,9 +84,9 @@ static int validate(const mh_db_pq_t *qs, int nq)
     return 0;
 }
 
-/* Lays out (pk->base NULL: measures) one op with copies of its inputs. */
-static db_op_t *op_layout(pk_t *pk, int kind, const mh_db_pq_t *qs, int nq, const char *simple,
-                          const void *data, size_t ndata)
+/* Lays out (pk->base NULL: measures) one op with copies of its inputs
+ * (a COPY's data is not one of them: mh_dbconn_copy_in borrows it). */
+static db_op_t *op_layout(pk_t *pk, int kind, const mh_db_pq_t *qs, int nq, const char *simple)
 {
     db_op_t *op = pk_take(pk, sizeof *op);
     int cap = kind == OP_QUERY || kind == OP_PIPELINE ? 2 * nq + 1 : 1;
@@ -128,30 +128,23 @@ static db_op_t *op_layout(pk_t *pk, int kind, const mh_db_pq_t *qs, int nq, cons
         if (q) q[i] = (db_q_t){src->stmt, sql, np, np ? vals : NULL, np ? lens : NULL, fmts};
     }
     const char *s = simple ? pk_str(pk, simple) : NULL;
-    uint8_t *d = ndata ? pk_take(pk, ndata) : NULL;
-    if (op) {
-        op->simple_sql = s;
-        if (d) memcpy(d, data, ndata);
-        op->copy_data = d;
-        op->copy_n = ndata;
-    }
+    if (op) op->simple_sql = s;
     return op;
 }
 
-static db_op_t *op_new(mh_db_t *db, int kind, const mh_db_pq_t *qs, int nq, const char *simple,
-                       const void *data, size_t ndata, int *err)
+static db_op_t *op_new(mh_db_t *db, int kind, const mh_db_pq_t *qs, int nq, const char *simple, int *err)
 {
     *err = validate(qs, nq);
     if (*err) return NULL;
     pk_t pk = {NULL, 0};
-    op_layout(&pk, kind, qs, nq, simple, data, ndata);
+    op_layout(&pk, kind, qs, nq, simple);
     pk.base = malloc(pk.off);
     if (!pk.base) {
         *err = MH_ENOMEM;
         return NULL;
     }
     pk.off = 0;
-    db_op_t *op = op_layout(&pk, kind, qs, nq, simple, data, ndata);
+    db_op_t *op = op_layout(&pk, kind, qs, nq, simple);
     op->db = db;
     return op;
 }
@@ -179,7 +172,7 @@ void mh__db_op_free(db_op_t *op)
 db_op_t *mh__db_op_internal(mh_db_t *db, const char *sql, void (*done)(mh_dbconn_t *, db_op_t *))
 {
     int err;
-    db_op_t *op = op_new(db, OP_INTERNAL, NULL, 0, sql, NULL, 0, &err);
+    db_op_t *op = op_new(db, OP_INTERNAL, NULL, 0, sql, &err);
     if (op) op->internal_done = done;
     return op;
 }
@@ -520,10 +513,9 @@ static void held_submit(mh_dbconn_t *c, db_op_t *op)
 
 /* ------------------------------------------------------ public API */
 
-static db_op_t *make(mh_db_t *db, int kind, const mh_db_pq_t *qs, int nq, const char *simple,
-                     const void *data, size_t ndata, int *err)
+static db_op_t *make(mh_db_t *db, int kind, const mh_db_pq_t *qs, int nq, const char *simple, int *err)
 {
-    db_op_t *op = op_new(db, kind, qs, nq, simple, data, ndata, err);
+    db_op_t *op = op_new(db, kind, qs, nq, simple, err);
     return op ? op : op_bare(db, kind);
 }
 
@@ -543,7 +535,7 @@ static void query_common(mh_db_t *db, mh_dbconn_t *c, const mh_stmt_t *st, const
 {
     mh_db_pq_t q = {st, sql, nparams, vals, lens, fmts};
     int err;
-    db_op_t *op = make(db, OP_QUERY, &q, 1, NULL, NULL, 0, &err);
+    db_op_t *op = make(db, OP_QUERY, &q, 1, NULL, &err);
     op->cb.res = cb;
     op->ud = ud;
     submit(db, c, op, err);
@@ -576,7 +568,7 @@ void mh_dbconn_exec(mh_dbconn_t *c, const mh_stmt_t *st, const char *const *vals
 void mh_dbconn_script(mh_dbconn_t *c, const char *sql, mh_db_result_cb cb, void *ud)
 {
     int err = MH_EINVAL;
-    db_op_t *op = sql ? make(c->db, OP_SCRIPT, NULL, 0, sql, NULL, 0, &err) : op_bare(c->db, OP_SCRIPT);
+    db_op_t *op = sql ? make(c->db, OP_SCRIPT, NULL, 0, sql, &err) : op_bare(c->db, OP_SCRIPT);
     op->cb.res = cb;
     op->ud = ud;
     submit(c->db, c, op, err);
@@ -587,8 +579,12 @@ void mh_dbconn_copy_in(mh_dbconn_t *c, const char *copy_sql, const void *data, s
 {
     int err = 0;
     bool bad = !copy_sql || (n && !data);
-    db_op_t *op = bad ? op_bare(c->db, OP_COPY) : make(c->db, OP_COPY, NULL, 0, copy_sql, data, n, &err);
+    db_op_t *op = bad ? op_bare(c->db, OP_COPY) : make(c->db, OP_COPY, NULL, 0, copy_sql, &err);
     if (bad) err = MH_EINVAL;
+    /* Borrowed, not copied (mh/db.h): a push's snapshot rows are hundreds
+     * of MiB on a long history, and a copy doubled them. */
+    op->copy_data = err ? NULL : data;
+    op->copy_n = err ? 0 : n;
     op->cb.res = cb;
     op->ud = ud;
     submit(c->db, c, op, err);
@@ -599,7 +595,7 @@ static void pipeline_common(mh_db_t *db, mh_dbconn_t *c, const mh_db_pq_t *qs, i
 {
     int err = 0;
     bool bad = n <= 0 || !qs || n > 100000;
-    db_op_t *op = bad ? op_bare(db, OP_PIPELINE) : make(db, OP_PIPELINE, qs, n, NULL, NULL, 0, &err);
+    db_op_t *op = bad ? op_bare(db, OP_PIPELINE) : make(db, OP_PIPELINE, qs, n, NULL, &err);
     if (bad) err = MH_EINVAL;
     op->cb.pipe = cb;
     op->ud = ud;

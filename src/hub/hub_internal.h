@@ -260,6 +260,14 @@ typedef struct {
     mh__have_t have;
     mh_buf_t commit_rows, snapshot_rows, object_rows, frame_rows;
     const char *why; /* the reason of an MH_EPARSE / MH_EHASH (in a) */
+    /* REBUILD's progress from one chunk of snapshot rows to the next */
+    struct {
+        mh_manifest_t *ms;     /* manifests still needed by a later snapshot (malloc) */
+        int *children, *depth; /* per pack snapshot (in a) */
+        uint32_t *order;       /* parents first (in a) */
+        size_t next;           /* position in order of the next snapshot to rebuild */
+        bool started, done;
+    } rb;
 } mh__unpack_t;
 
 /* Each returns 0, MH_EPARSE (a bad pack: 422 invalid_pack, why set) or
@@ -275,7 +283,17 @@ typedef struct {
 int mh__unpack_index(mh__unpack_t *x);
 int mh__unpack_bases(mh__unpack_t *x);
 int mh__unpack_prepare(mh__unpack_t *x);
-int mh__unpack_rebuild(mh__unpack_t *x);
+/* REBUILD, one chunk at a time: rebuilds pack snapshots parents first
+ * (manifest, id, ghost guard) and appends their tmp_snapshots rows to
+ * x->snapshot_rows, which the caller hands in empty, until it holds at
+ * least `chunk` bytes or every snapshot is done (x->rb.done); a chunk
+ * that holds rows is a whole COPY BINARY stream (header, rows, trailer).
+ * SIZE_MAX: everything in one chunk. Returns 0, MH_EPARSE (why set) or
+ * MH_ENOMEM; after an error or the last chunk, rb.done and the manifests
+ * are freed. Memory: the manifests later snapshots start from and the
+ * chunk (a single row may exceed `chunk`: a checkpoint is a whole
+ * manifest). */
+int mh__unpack_rebuild(mh__unpack_t *x, size_t chunk);
 void mh__unpack_free(mh__unpack_t *x);
 
 /* ------------------------------------------------------ commit graphs */

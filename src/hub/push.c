@@ -22,17 +22,23 @@
  *   BASES   the stored manifests pack snapshots are deltas against
  *   PREPARE thread pool: commit ids, parents, generations; the commit,
  *           object and frame COPY rows
- *   CHARGE  those rows reserved from the budget too
+ *   CHARGE  those rows reserved from the budget too (and, for a pack of
+ *           more than 256 snapshots, three chunks of snapshot rows)
  *   MARK    the grant's upload is verified (before it leaves its key)
  *   REBUILD thread pool, in the background: manifests, snapshot ids,
- *           ghost guard, the snapshot COPY rows
+ *           ghost guard, the snapshot COPY rows; for a pack of more than
+ *           256 snapshots one chunk (1/64 of the budget, 16 KiB..4 MiB)
+ *           per work item, the next queued once the last is handed to
+ *           its COPY: at most three chunks exist (being built, built,
+ *           being copied), whatever the history's length
  *   the transaction (refwrite's lock order), meanwhile: ACQUIRE, BEGIN
  *           (repository row, pack lock, temporary tables), COPY commits,
  *           objects, frames, INSERT (commit rows and refs, the pack's
- *           index, frames and object refs); then JOIN (the rebuild's
- *           verdict), CHARGE_SNAPSHOTS (reserved without waiting, else
- *           the transaction is rolled back, the memory waited for and
- *           the transaction started over), COPY snapshots,
+ *           index, frames and object refs); then CHARGE_SNAPSHOTS (rows
+ *           in one chunk: once all are built, reserved without waiting,
+ *           else the transaction is rolled back, the memory waited for
+ *           and the transaction started over), COPY_SNAPSHOTS (a COPY per
+ *           chunk, as each is built), JOIN (the rebuild's verdict),
  *           INSERT_SNAPSHOTS, CHECK (the branch row locked and the move
  *           judged: compare-and-swap, fast-forward, protection), PLACE
  *           (the pack to mpacks/<hex>, under its lock, once the move is
@@ -40,8 +46,9 @@
  *           COMMIT -> DONE
  *
  * Invariants: nothing is committed to PostgreSQL unless every check
- * passed (the transaction's first statements run while the snapshots are
- * still being checked; a failed check rolls them back), and everything is
+ * passed (the transaction's first statements, and the COPY of the first
+ * chunks of snapshot rows, run while the snapshots are still being
+ * checked; a failed check rolls them back), and everything is
  * written in one transaction; the operation never ends (answers, frees)
  * while REBUILD runs on its thread; the staged pack is
  * never exposed under mpacks/ before its hash was checked, nor before the
@@ -163,11 +170,15 @@ typedef struct {
     mh_pack_limits_t lim;
     mh__unpack_t x;
     size_t next_base;
-    /* REBUILD on the thread pool beside the transaction's first steps */
+    /* REBUILD on the thread pool beside the transaction's first steps, one
+     * chunk of snapshot rows per work item (push_check.c) */
     mh_arena_t rebuild_arena; /* REBUILD's allocations: the loop keeps to op.work meanwhile */
     uv_work_t rebuild;
-    bool rebuilding;      /* REBUILD is on the thread pool */
-    bool joining;         /* JOIN waits for it */
+    size_t rows_chunk;    /* bytes of snapshot rows per chunk; SIZE_MAX: one chunk */
+    mh_buf_t ready;       /* a chunk built, waiting for its COPY */
+    mh_buf_t copying;     /* the chunk the COPY in flight reads */
+    bool rebuilding;      /* a REBUILD work item is on the thread pool */
+    bool waiting;         /* a step waits for it (its rows, or its end) */
     bool finish_deferred; /* the operation ended first: finish once it is back */
     bool snaps_charged;   /* the snapshot rows are reserved from the budget */
     int rebuild_err;
@@ -196,9 +207,9 @@ enum {
     U_COPY_OBJECTS,
     U_COPY_FRAMES,
     U_INSERT,
-    U_JOIN,
     U_CHARGE_SNAPSHOTS,
     U_COPY_SNAPSHOTS,
+    U_JOIN,
     U_INSERT_SNAPSHOTS,
     U_CHECK,
     U_PLACE,
@@ -368,26 +379,78 @@ static void prepare_work(mh_step_t *s)
 
 static void step_prepare(mh_step_t *s) { mh_step_work(s, prepare_work); }
 
+/* A pack of more snapshots than this has its snapshot rows built and
+ * copied in chunks (a long history's checkpoints are whole manifests:
+ * 427 MB of rows for 82,000 commits of a 6,500-file tree); a smaller one
+ * in one piece, charged exactly once built (CHARGE_SNAPSHOTS). */
+#define ROWS_CHUNKED_SNAPSHOTS 256
+/* The chunk: 1/64 of the pack-memory budget, within [16 KiB, 4 MiB]. */
+#define ROWS_CHUNK_MIN (16u << 10)
+#define ROWS_CHUNK_MAX (4u << 20)
+
+static size_t rows_chunk(const unpack_t *u)
+{
+    if (u->x.pack->nsnapshots <= ROWS_CHUNKED_SNAPSHOTS) return SIZE_MAX;
+    uint64_t c = ROWS_CHUNK_MAX;
+    if (u->up.budget) {
+        mh_budget_stats_t st;
+        mh_budget_stats(u->up.budget, &st);
+        c = st.total / 64;
+    }
+    return c < ROWS_CHUNK_MIN ? ROWS_CHUNK_MIN : c > ROWS_CHUNK_MAX ? ROWS_CHUNK_MAX : (size_t)c;
+}
+
 static void step_charge(mh_step_t *s)
 {
-    mh__unpack_t *x = &U(s)->x;
-    mh_rw_upload_charge(s, &U(s)->up, x->commit_rows.cap + x->object_rows.cap + x->frame_rows.cap);
+    unpack_t *u = U(s);
+    mh__unpack_t *x = &u->x;
+    u->rows_chunk = rows_chunk(u);
+    /* Chunked rows: three buffers at most (being built, built, being
+     * copied), each up to twice the chunk, reserved now with the rest. */
+    size_t rows = u->rows_chunk == SIZE_MAX ? 0 : 6 * u->rows_chunk;
+    u->snaps_charged = rows != 0;
+    mh_rw_upload_charge(s, &u->up, x->commit_rows.cap + x->object_rows.cap + x->frame_rows.cap + rows);
 }
 
 static void step_mark(mh_step_t *s) { mh_rw_upload_verified(s, &U(s)->up); }
 
 /* --- REBUILD: on the thread pool while the loop runs the transaction
  * from ACQUIRE to INSERT (PostgreSQL inserting the commit, index and ref
- * rows on one core, the manifests rebuilt on the other); JOIN waits for
- * it. Nothing is visible before COMMIT, so a snapshot that fails its
- * check rolls everything back like any other refusal. */
+ * rows on one core, the manifests rebuilt on the other), then beside
+ * COPY_SNAPSHOTS, a chunk ahead of it; JOIN gives its verdict. Nothing is
+ * visible before COMMIT, so a snapshot that fails its check rolls
+ * everything back like any other refusal, chunks already copied
+ * included. */
 
 static void unpack_finish(mh_step_t *s);
 
 static void rebuild_work(uv_work_t *w)
 {
     unpack_t *u = w->data;
-    u->rebuild_err = mh__unpack_rebuild(&u->x);
+    u->rebuild_err = mh__unpack_rebuild(&u->x, u->rows_chunk);
+}
+
+static void rebuilt_cb(uv_work_t *w, int status);
+
+/* Queues the next chunk's work when there is room for its rows: none in
+ * flight, the last one's rows handed to a COPY (ready empty). */
+static int rows_more(unpack_t *u)
+{
+    if (u->rebuilding || u->rebuild_err || u->x.rb.done || u->ready.len) return 0;
+    u->x.snapshot_rows.len = 0; /* the thread's buffer: emptied, its capacity kept */
+    u->rebuild.data = u;
+    if (uv_queue_work(u->op.step.loop, &u->rebuild, rebuild_work, rebuilt_cb) != 0) return MH_ENOMEM;
+    u->rebuilding = true;
+    return 0;
+}
+
+/* A step that needs REBUILD further (its rows or its end) waits here;
+ * rebuilt_cb runs it again. */
+static void wait_rebuild(mh_step_t *s, int state)
+{
+    U(s)->waiting = true;
+    mh_step_goto(s, state);
+    mh_step_wait(s);
 }
 
 /* The reason that goes with the rebuild's verdict (an MH_EPARSE is 422
@@ -403,15 +466,20 @@ static void rebuilt_cb(uv_work_t *w, int status)
     mh_step_t *s = &u->op.step;
     u->rebuilding = false;
     if (status) u->rebuild_err = MH_ECANCELED;
+    if (u->x.snapshot_rows.len) { /* the chunk built: ready for its COPY */
+        mh_buf_t t = u->ready;
+        u->ready = u->x.snapshot_rows;
+        u->x.snapshot_rows = t;
+    }
     if (u->finish_deferred) {
         /* The operation ended while the rebuild ran (a failed statement,
          * a refusal): its finish waited for the thread to let go. */
         unpack_finish(s);
         return;
     }
-    if (!u->joining) return;
-    u->joining = false;
-    mh_step_resume(s, u->rebuild_err, rebuild_why(u)); /* JOIN's verdict */
+    if (!u->waiting) return;
+    u->waiting = false;
+    mh_step_resume(s, 0, NULL); /* the waiting step runs again */
 }
 
 static void step_rebuild(mh_step_t *s)
@@ -419,29 +487,30 @@ static void step_rebuild(mh_step_t *s)
     unpack_t *u = U(s);
     /* From here on the loop leaves x->a to the thread. */
     u->x.a = &u->rebuild_arena;
-    u->rebuild.data = u;
-    if (uv_queue_work(s->loop, &u->rebuild, rebuild_work, rebuilt_cb) != 0) {
-        mh_step_fail(s, MH_ENOMEM, "cannot queue thread-pool work");
-        return;
-    }
-    u->rebuilding = true;
+    if (rows_more(u)) mh_step_fail(s, MH_ENOMEM, "cannot queue thread-pool work");
 }
 
+/* The rebuild's verdict, once every chunk is built and copied. */
 static void step_join(mh_step_t *s)
 {
     unpack_t *u = U(s);
-    if (u->rebuilding) {
-        u->joining = true;
-        mh_step_wait(s); /* rebuilt_cb resumes with the verdict */
-        return;
-    }
     if (u->rebuild_err) mh_step_fail(s, u->rebuild_err, rebuild_why(u));
 }
 
+/* Rows in one chunk: reserved once all are built (a chunked rebuild's
+ * buffers were reserved by CHARGE). */
 static void step_charge_snapshots(mh_step_t *s)
 {
     unpack_t *u = U(s);
-    size_t need = u->x.snapshot_rows.cap;
+    if (u->rebuilding) {
+        wait_rebuild(s, U_CHARGE_SNAPSHOTS);
+        return;
+    }
+    if (u->rebuild_err) {
+        mh_step_fail(s, u->rebuild_err, rebuild_why(u));
+        return;
+    }
+    size_t need = u->ready.cap;
     if (u->snaps_charged || !u->up.budget || !need) return;
     int rc = mh_budget_try_acquire(&u->up.mem, u->up.budget, need);
     if (rc != MH_EBUDGET) {
@@ -489,7 +558,35 @@ static void step_copy_frames(mh_step_t *s)
     if (U(s)->v2) mh_rw_copy(s, MH_RW_FRAMES, &U(s)->x.frame_rows);
 }
 
-static void step_copy_snapshots(mh_step_t *s) { mh_rw_copy(s, MH_RW_SNAPSHOTS, &U(s)->x.snapshot_rows); }
+/* One COPY per chunk, in the order built, while the thread builds the
+ * next: at most three chunks exist (being built, built, being copied). */
+static void step_copy_snapshots(mh_step_t *s)
+{
+    unpack_t *u = U(s);
+    if (u->rebuild_err) {
+        mh_step_fail(s, u->rebuild_err, rebuild_why(u));
+        return;
+    }
+    if (u->ready.len) {
+        mh_buf_t t = u->copying;
+        u->copying = u->ready;
+        u->ready = t;
+        u->ready.len = 0;
+        if (rows_more(u)) {
+            mh_step_fail(s, MH_ENOMEM, "cannot queue thread-pool work");
+            return;
+        }
+        mh_step_goto(s, U_COPY_SNAPSHOTS);
+        mh_rw_copy(s, MH_RW_SNAPSHOTS, &u->copying);
+        return;
+    }
+    if (rows_more(u)) {
+        mh_step_fail(s, MH_ENOMEM, "cannot queue thread-pool work");
+        return;
+    }
+    if (u->rebuilding) wait_rebuild(s, U_COPY_SNAPSHOTS);
+    /* else every chunk is in tmp_snapshots: on to JOIN */
+}
 
 static int inserted(mh_step_t *s, PGresult **res, int n)
 {
@@ -582,9 +679,9 @@ static const mh_step_def_t unpack_steps[] = {
     [U_COPY_OBJECTS] = {"copy_objects", step_copy_objects},
     [U_COPY_FRAMES] = {"copy_frames", step_copy_frames},
     [U_INSERT] = {"insert", step_insert},
-    [U_JOIN] = {"join", step_join},
     [U_CHARGE_SNAPSHOTS] = {"charge_snapshots", step_charge_snapshots},
     [U_COPY_SNAPSHOTS] = {"copy_snapshots", step_copy_snapshots},
+    [U_JOIN] = {"join", step_join},
     [U_INSERT_SNAPSHOTS] = {"insert_snapshots", step_insert_snapshots},
     [U_CHECK] = {"check", step_check},
     [U_PLACE] = {"place", step_place},
@@ -627,6 +724,8 @@ static void unpack_finish(mh_step_t *s)
 static void unpack_free(void *arg)
 {
     unpack_t *u = arg;
+    mh_buf_free(&u->ready);
+    mh_buf_free(&u->copying);
     mh__unpack_free(&u->x);
     mh_rw_upload_free(&u->up);
     mh_arena_release(&u->rebuild_arena);

@@ -307,18 +307,32 @@ static int rebuild_snapshot(mh__unpack_t *x, const have_t *h, mh_manifest_t *ms,
     return rc;
 }
 
-static int rebuild_snapshots(mh__unpack_t *x, const have_t *h)
+static void rebuild_release(mh__unpack_t *x)
+{
+    if (x->rb.ms)
+        for (size_t i = 0; i < x->pack->nsnapshots; i++) mh_manifest_free(&x->rb.ms[i]);
+    free(x->rb.ms);
+    x->rb.ms = NULL;
+    x->rb.done = true;
+}
+
+static int rebuild_some(mh__unpack_t *x, const have_t *h, size_t chunk)
 {
     size_t ns = x->pack->nsnapshots;
-    mh_manifest_t *ms = calloc(ns + 1, sizeof *ms);
-    int *children = mh_calloc(x->a, (ns + 1) * sizeof *children), *depth = mh_alloc(x->a, (ns + 1) * sizeof *depth);
-    uint32_t *order = mh_alloc(x->a, (ns + 1) * sizeof *order);
-    int rc = ms && children && depth && order ? order_snapshots(x, h, order, children) : MH_ENOMEM;
-    for (size_t oi = 0; oi < ns && !rc; oi++) rc = rebuild_snapshot(x, h, ms, children, depth, order[oi]);
-    if (!rc && mh_copyb_end(&x->snapshot_rows)) rc = MH_ENOMEM;
-    if (ms)
-        for (size_t i = 0; i < ns; i++) mh_manifest_free(&ms[i]);
-    free(ms);
+    int rc = 0;
+    if (!x->rb.started) {
+        x->rb.started = true;
+        x->rb.ms = calloc(ns + 1, sizeof *x->rb.ms);
+        x->rb.children = mh_calloc(x->a, (ns + 1) * sizeof *x->rb.children);
+        x->rb.depth = mh_alloc(x->a, (ns + 1) * sizeof *x->rb.depth);
+        x->rb.order = mh_alloc(x->a, (ns + 1) * sizeof *x->rb.order);
+        rc = x->rb.ms && x->rb.children && x->rb.depth && x->rb.order ? order_snapshots(x, h, x->rb.order, x->rb.children)
+                                                                       : MH_ENOMEM;
+    }
+    while (!rc && x->rb.next < ns && x->snapshot_rows.len < chunk)
+        rc = rebuild_snapshot(x, h, x->rb.ms, x->rb.children, x->rb.depth, x->rb.order[x->rb.next++]);
+    if (!rc && x->snapshot_rows.len && mh_copyb_end(&x->snapshot_rows)) rc = MH_ENOMEM;
+    if (rc || x->rb.next >= ns) rebuild_release(x);
     return rc;
 }
 
@@ -458,7 +472,7 @@ int mh__unpack_prepare(mh__unpack_t *x)
     return rc;
 }
 
-int mh__unpack_rebuild(mh__unpack_t *x) { return rebuild_snapshots(x, &x->have); }
+int mh__unpack_rebuild(mh__unpack_t *x, size_t chunk) { return rebuild_some(x, &x->have, chunk); }
 
 void mh__unpack_free(mh__unpack_t *x)
 {
@@ -466,5 +480,6 @@ void mh__unpack_free(mh__unpack_t *x)
     mh_buf_free(&x->snapshot_rows);
     mh_buf_free(&x->object_rows);
     mh_buf_free(&x->frame_rows);
+    rebuild_release(x);
     for (size_t i = 0; i < x->nbases; i++) mh_manifest_free(&x->bases[i].m);
 }

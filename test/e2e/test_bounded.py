@@ -358,3 +358,68 @@ def test_concurrent_pushes_beyond_the_budget_wait_or_retry(start_server, tmp_pat
         assert hub.refs(OWNER, slug)["branch_heads"] == {"main": head}
         assert srv.db.count(f"SELECT count(*) FROM mpack_index WHERE mpack_id = '{key}'") == 10
     hub.close()
+
+
+def chunked_history(seed: str) -> muselib.History:
+    """400 delta snapshots of a 60-file tree (six checkpoints): ~240 KB of
+    snapshot rows, which a 1 MiB budget's 16 KiB chunks split in ~15."""
+    return muselib.generate(commits=400, files=60, changed=2, blob_size=16, seed=seed)
+
+
+def copy_steps(srv) -> int:
+    """How many times the unpack ran its COPY_SNAPSHOTS step (debug log)."""
+    return Path(srv.log_path).read_text().count("unpack step copy_snapshots")
+
+
+def test_snapshot_rows_of_a_long_history_go_in_chunks(start_server):
+    """A pack of more than 256 snapshots has its tmp_snapshots rows built
+    and copied a chunk at a time (1/64 of the budget, at least 16 KiB), so
+    the checkpoints of a long history (whole manifests: 427 MB for 82,000
+    commits of a 6,500-file tree) are never held at once. Every snapshot
+    arrives, with its checkpoints, and a clone rebuilds and verifies the
+    whole history."""
+    srv = start_server(MUSEHUB_PACK_MEMORY=str(MiB), log_level="debug")
+    hub = srv.hub(timeout=60)
+    h = chunked_history(unique("chunk"))
+    repo = hub.create_repo(OWNER, unique("chunk"))
+    res = hub.push(OWNER, repo["slug"], h.pack(version=2), "main", h.head)
+    assert (res["commits_written"], res["snapshots_written"]) == (400, 400)
+    assert copy_steps(srv) >= 5, "the rows went in one piece"
+    rid = repo["repo_id"].replace("'", "''")
+    rows = srv.db.rows(f"SELECT count(*), count(checkpoint), max(depth) FROM snapshots s JOIN snapshot_refs r"
+                       f" USING (snapshot_id) WHERE r.repo_id = '{rid}'")
+    assert rows == [("400", "6", "63")]
+    ans = hub.fetch(OWNER, repo["slug"], [h.head])
+    pack = muselib.parse_mpack(hub.download(ans["mpack_url"]))
+    mans = muselib.rebuild_and_verify(pack, {}, set())
+    assert len(mans) == 400 and mans[h.snapshots[-1]["snapshot_id"]] == h.manifest
+    hub.close()
+
+
+def test_a_bad_snapshot_after_chunks_were_copied_writes_nothing(start_server):
+    """The 351st snapshot's delta does not rebuild to its id: the rows of
+    the chunks before it are already in tmp_snapshots when the rebuild
+    finds it, and the push is still a 422 that leaves nothing behind."""
+    srv = start_server(MUSEHUB_PACK_MEMORY=str(MiB), log_level="debug")
+    hub = srv.hub(timeout=60)
+    h = chunked_history(unique("chunkbad"))
+    snaps = [dict(s) for s in h.snapshots]
+    bad = snaps[350] = dict(snaps[350], delta_upsert=dict(snaps[350]["delta_upsert"]))
+    bad["delta_upsert"]["zz/extra.txt"] = h.blobs[0]["object_id"]
+    data = muselib.build_mpack(h.commits, snaps, h.blobs, version=2)
+    repo = hub.create_repo(OWNER, unique("chunkbad"))
+    key = muselib.blob_id(data)
+    pre = hub.presign(OWNER, repo["slug"], key, len(data))
+    hub.upload(pre["upload_url"], data)
+    r = hub.raw("POST", f"/{OWNER}/{repo['slug']}/push/unpack-mpack",
+                {"mpack_key": key, "branch": "main", "head": h.head})
+    assert r.status_code == 422 and muselib.decode_body(r)["error"] == "invalid_pack", r.text
+    detail = muselib.decode_body(r)["detail"]
+    assert "snapshots[" in detail and bad["snapshot_id"] in detail, detail
+    assert copy_steps(srv) >= 3, "no chunk was copied before the bad snapshot"
+    ids = ", ".join("'" + c["commit_id"] + "'" for c in h.commits)
+    sids = ", ".join("'" + s["snapshot_id"] + "'" for s in h.snapshots)
+    assert srv.db.count(f"SELECT count(*) FROM commits WHERE commit_id IN ({ids})") == 0
+    assert srv.db.count(f"SELECT count(*) FROM snapshots WHERE snapshot_id IN ({sids})") == 0
+    assert hub.refs(OWNER, repo["slug"])["branch_heads"] == {}
+    hub.close()

@@ -491,8 +491,8 @@ static void test_copy_transaction(void)
     uint64_t t0 = mh_now_us();
     API(mh_dbconn_copy_in(c, "COPY copy_t (id, name, data) FROM STDIN", b.p, b.len, res_cb, &r));
     size_t bytes = b.len;
-    mh_buf_free(&b); /* the data was copied */
     wait_for(&r.done, 1, 60000, "copy");
+    mh_buf_free(&b); /* borrowed until the callback */
     uint64_t us = mh_now_us() - t0;
     TAP_OK(r.err == 0 && !strcmp(r.cmd, "100000"), "COPY 100k rows (%s) %s", r.cmd, r.msg);
     TAP_COMMENT("COPY: %.0f rows/s (%.1f MB in %.0f ms)", N / (us / 1e6), bytes / 1e6, us / 1e3);
@@ -526,8 +526,8 @@ static void test_copy_transaction(void)
     mh_copyb_end(&bb);
     r = (res_t){0};
     API(mh_dbconn_copy_in(c, "COPY copyb_t (id, name, data) FROM STDIN (FORMAT binary)", bb.p, bb.len, res_cb, &r));
-    mh_buf_free(&bb);
     wait_for(&r.done, 1, 10000, "binary copy");
+    mh_buf_free(&bb);
     TAP_OK(r.err == 0 && !strcmp(r.cmd, "2"), "binary COPY of 2 rows (%s) %s", r.cmd, r.msg);
     r = CQ(c, "SELECT count(*) FILTER (WHERE name IS NULL AND data = '\\x005c0aff'::bytea),"
               " count(*) FILTER (WHERE name = E't\\tab\\\\' AND data = '\\x005c0aff'::bytea)"
