@@ -8,12 +8,17 @@ smart HTTP in the same run.  Skipped when the bundle is absent.
 The tools run as a person runs them: one process each, from bytecode
 (PYTHONPYCACHEPREFIX under the work directory).
 
-Rows: git2muse of the whole history (v2 and v1 packs); full push (v1 until
-the server reads v2; v2 tried and reported); full clone into a state
+Every row with a target runs the tools' defaults (v2 packs, muse-fetch's
+formats [1, 2]), as a person would.  Rows: git2muse of the whole history
+(v2 and v1 packs); full push of the v2 plan (target) and, for comparison
+only, of the v1 plan; upload throughput on loopback (the v1 plan's 296 MB,
+the larger transfer); full clone of the v2 repository into a state
 (`muse-fetch --state`, no checkout) vs `git clone --bare`; one new commit:
 git2muse incremental, `muse-push --plan`, `muse-mirror` (convert + push in
-one), vs `git push`; upload throughput on loopback; each tool's peak RSS
-(VmHWM of its own address space, read by a wrapper at exit).
+one), vs `git push`, and the floor under any Python client (the same push
+from scripts/bench/floor_push.py, which imports socket and json only);
+each tool's peak RSS (VmHWM of its own address space,
+read by a wrapper at exit).
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ def bundle_path() -> Path:
 def tool(work: Path, name: str, *args: str, check: bool = True,
          timeout: float = 1800) -> tuple[float, int, Any]:
     """Run a client tool; (wall s, peak RSS KiB, CompletedProcess)."""
-    rss = work / f".rss-{name}"
+    rss = work / f".rss-{name.replace('/', '_')}"
     # Installed tools run from bytecode; the cache goes under the work
     # directory so that scripts/ stays clean.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
@@ -117,58 +122,56 @@ def w_clients(b: Any, Section: Any, Stat: Any, ratios: Any) -> Any:
     srv = b.fresh_server()
     base = ["--url", srv.url, "--owner", "bench"]
 
-    # -- full push ---------------------------------------------------------------
-    ours, theirs, up_s, up_b, rss_push = [], [], [], [], []
+    # -- full push: v2 (the default) and v1, each to a new repository -----------
+    P: dict[int, dict[str, list]] = {f: {"wall": [], "rss": [], "up_b": [], "up_s": []}
+                                     for f in (1, 2)}
+    theirs: list[float] = []
     gsize = 0
     for k in range(reps):
-        slug = f"uv-{b.token}-{k}"
-
-        def o() -> None:
+        def o(fmt: int) -> None:
+            slug = f"uv{fmt}-{b.token}-{k}"
+            args = ["--format", "1"] if fmt == 1 else []
             wall, kib, r = tool(work, "muse-push", *base, "--repo", slug, "--create", "--json",
-                                "-q", "--format", "1", "--plan", str(plans[1]))
-            ours.append(wall)
-            rss_push.append(kib)
+                                "-q", *args, "--plan", str(plans[fmt]))
+            P[fmt]["wall"].append(wall)
+            P[fmt]["rss"].append(kib)
             for x in json_lines(r):
                 if x.get("uploaded_bytes"):
-                    up_b.append(x["uploaded_bytes"])
-                    up_s.append(x["timings"]["upload"])
+                    P[fmt]["up_b"].append(x["uploaded_bytes"])
+                    P[fmt]["up_s"].append(x["timings"]["upload"])
 
         def t() -> None:
+            slug = f"uvg-{b.token}-{k}"
             bare = git.new_bare(slug, env)
             theirs.append(b.git_cmd("push", "-q", git.repo_url(slug), "v1.x:refs/heads/v1.x",
                                     cwd=str(src)))
             nonlocal gsize
             gsize = sum(p.stat().st_size for p in (bare / "objects" / "pack").glob("*.pack"))
-        for f in ((o, t) if k % 2 == 0 else (t, o)):
+        order = [lambda: o(2), lambda: o(1), t]
+        for f in (order if k % 2 == 0 else order[::-1]):
             f()
-    v1_bytes = json.loads(plans[1].read_text())
-    v1_bytes = sum(e["size_bytes"] for e in v1_bytes["packs"])
-    rat = ratios(ours, theirs)
-    sec.add("full push, v1 packs (muse-push --plan)", Stat(ours), "git push", Stat(theirs), rat,
-            target="<= git", ok=rat.median <= 1,
-            note=f"{v1_bytes / 1e6:.0f} MB of v1 packs; git pack {gsize / 1e6:.1f} MB")
+    pbytes = {f: sum(e["size_bytes"] for e in json.loads(plans[f].read_text())["packs"])
+              for f in (1, 2)}
+    rat = ratios(P[2]["wall"], theirs)
+    sec.add("full push (muse-push --plan, v2 packs: the default)", Stat(P[2]["wall"]),
+            "git push", Stat(theirs), rat, target="<= git", ok=rat.median <= 1,
+            note=f"{pbytes[2] / 1e6:.1f} MB of v2 packs; git pack {gsize / 1e6:.1f} MB")
+    sec.add("muse-push peak RSS (full push)", Stat(P[2]["rss"], "kib"), note="VmHWM of the client")
+    sec.add("  for comparison: v1 packs (--format 1)", Stat(P[1]["wall"]), "git push",
+            Stat(theirs), ratios(P[1]["wall"], theirs),
+            note=f"{pbytes[1] / 1e6:.0f} MB: raw blobs, the format before SPEC 2.1")
+    up_b, up_s = P[1]["up_b"], P[1]["up_s"]
     tput = sum(up_b) / sum(up_s) if up_s and sum(up_s) > 0 else 0.0
     sec.add("upload throughput (loopback, fs store)", Stat([sum(up_s)]),
             target=">= 200 MB/s", ok=tput >= 200e6,
-            note=f"{tput / 1e6:.0f} MB/s over {sum(up_b) / 1e6:.0f} MB (upload step only)")
-    sec.add("muse-push peak RSS (full push)", Stat(rss_push, "kib"), note="VmHWM of the client")
-    res["push_v1"] = {"ours": ours, "git": theirs, "upload_Bps": tput, "rss_kib": rss_push}
-    # v2, when the server reads it
-    slug2 = f"uv2-{b.token}"
-    wall, kib, r = tool(work, "muse-push", *base, "--repo", slug2, "--create", "--json", "-q",
-                        "--format", "2", "--plan", str(plans[2]), check=False)
-    if r.returncode == 0:
-        rat2 = ratios([wall], [statistics.median(theirs)])
-        sec.add("full push, v2 packs", Stat([wall]), "git push", Stat([statistics.median(theirs)]),
-                rat2, target="<= git", ok=rat2.median <= 1,
-                note=f"{res['git2muse_v2']['bytes'] / 1e6:.1f} MB; peak RSS {kib / 1024:.0f} MiB")
-        res["push_v2"] = {"ours": wall, "rss_kib": kib}
-    else:
-        why = r.stderr.decode(errors="replace").strip().splitlines()[-1:]
-        sec.add("full push, v2 packs", note=f"not run: {why[0] if why else r.returncode}")
+            note=f"{tput / 1e6:.0f} MB/s over {sum(up_b) / 1e6:.0f} MB of v1 packs "
+                 f"(upload step only)")
+    res["push_v2"] = {"ours": P[2]["wall"], "git": theirs, "rss_kib": P[2]["rss"]}
+    res["push_v1"] = {"ours": P[1]["wall"], "git": theirs, "upload_Bps": tput,
+                      "rss_kib": P[1]["rss"]}
 
-    # -- full clone --------------------------------------------------------------
-    slug = f"uv-{b.token}-0"
+    # -- full clone of the v2 repository (muse-fetch's default formats) ----------
+    slug, gslug = f"uv2-{b.token}-0", f"uvg-{b.token}-0"
     ours, theirs, rss_clone = [], [], []
     for k in range(reps):
         st = work / f"state-{k}"
@@ -183,29 +186,28 @@ def w_clients(b: Any, Section: Any, Stat: Any, ratios: Any) -> Any:
 
         def t() -> None:
             shutil.rmtree(dest, ignore_errors=True)
-            theirs.append(b.git_cmd("clone", "-q", "--bare", git.repo_url(slug), str(dest)))
+            theirs.append(b.git_cmd("clone", "-q", "--bare", git.repo_url(gslug), str(dest)))
         for f in ((o, t) if k % 2 == 0 else (t, o)):
             f()
     rat = ratios(ours, theirs)
-    sec.add("full clone into a state (muse-fetch --state)", Stat(ours), "git clone --bare",
-            Stat(theirs), rat, target="<= git", ok=rat.median <= 1,
+    sec.add("full clone into a state (muse-fetch --state, v2 repository)", Stat(ours),
+            "git clone --bare", Stat(theirs), rat, target="<= git", ok=rat.median <= 1,
             note="first run: the server builds the pack; later runs: its cache")
     sec.add("muse-fetch peak RSS (full clone)", Stat(rss_clone, "kib"), note="VmHWM of the client")
     res["clone"] = {"ours": ours, "git": theirs, "rss_kib": rss_clone}
 
     # -- one new commit ------------------------------------------------------------
-    slug = f"uv-{b.token}-0"
     mslug = f"uvm-{b.token}"
     tool(work, "muse-mirror", *base, "--repo", mslug, "--git", str(src), "--create", "-q",
-         "--format", "1", "--work", str(work / "mirror"))
+         "--work", str(work / "mirror"))
     conv, push, mirror, gpush, rss_one = [], [], [], [], []
     n = 3 if b.quick else 5
     for k in range(n):
-        conv.append(one_git_commit(b, work, src, k, work / "g2m-v1", "--format", "1"))
+        conv.append(one_git_commit(b, work, src, k, work / "g2m-v2"))
 
         def o() -> None:
             wall, kib, r = tool(work, "muse-push", *base, "--repo", slug, "-q", "--json",
-                                "--format", "1", "--plan", str(plans[1]))
+                                "--plan", str(plans[2]))
             sent = [x for x in json_lines(r) if not x.get("up_to_date")]
             if len(sent) != 1 or sent[0]["sent"]["commits"] != 1:
                 raise BenchError(f"one-commit push sent {sent}")
@@ -213,26 +215,42 @@ def w_clients(b: Any, Section: Any, Stat: Any, ratios: Any) -> Any:
             rss_one.append(kib)
 
         def t() -> None:
-            gpush.append(b.git_cmd("push", "-q", git.repo_url(slug), "v1.x:refs/heads/v1.x",
+            gpush.append(b.git_cmd("push", "-q", git.repo_url(gslug), "v1.x:refs/heads/v1.x",
                                    cwd=str(src)))
         for fn in ((o, t) if k % 2 == 0 else (t, o)):
             fn()
         wall, _, r = tool(work, "muse-mirror", *base, "--repo", mslug, "--git", str(src),
-                          "--json", "-q", "--format", "1", "--work", str(work / "mirror"))
+                          "--json", "-q", "--work", str(work / "mirror"))
         out = json.loads(r.stdout.decode())
         if [p["commits"] for p in out["pushed"]] != [1]:
             raise BenchError(f"one-commit mirror pushed {out['pushed']}")
         mirror.append(wall)
+    # The floor: the same one-commit push from a Python process that imports
+    # socket and json only and sends the four requests as bare HTTP/1.1
+    # (scripts/bench/floor_push.py): the interpreter's start plus the
+    # server's four answers, which no Python client goes under.
+    floor = []
+    for k in range(n, 2 * n):
+        one_git_commit(b, work, src, k, work / "g2m-v2")
+        wall, _, r = tool(work, "bench/floor_push.py", srv.url, "bench", slug, str(plans[2]))
+        if json.loads(r.stdout.decode()).get("commits_written") != 1:
+            raise BenchError(f"floor push wrote {r.stdout.decode()[:200]}")
+        floor.append(wall)
     rat = ratios(push, gpush)
     sec.add("one new commit: git2muse (incremental)", Stat(conv))
     ps = Stat(push)
-    sec.add("one new commit: muse-push --plan", ps, "git push", Stat(gpush), rat,
+    sec.add("one new commit: muse-push --plan (v2)", ps, "git push", Stat(gpush), rat,
             target="<= 0.3 s and <= git", ok=ps.median <= 0.3 and rat.median <= 1,
             note="whole process: start, refs, presign, upload, unpack")
+    sec.add("  floor: python3 + the four requests, raw socket", Stat(floor), "git push",
+            Stat(gpush), ratios(floor, gpush),
+            note="scripts/bench/floor_push.py: no HTTP library, no options, no plan; "
+                 "what no Python client goes under")
     sec.add("one new commit: muse-mirror (convert + push)", Stat(mirror), "git push",
             Stat(gpush), ratios(mirror, gpush))
     sec.add("muse-push peak RSS (one commit)", Stat(rss_one, "kib"))
-    res["one_commit"] = {"git2muse": conv, "push": push, "mirror": mirror, "git": gpush}
+    res["one_commit"] = {"git2muse": conv, "push": push, "mirror": mirror, "git": gpush,
+                         "floor": floor}
     b.results["clients"] = res
     shutil.rmtree(work, ignore_errors=True)
     return sec
