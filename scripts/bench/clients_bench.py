@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -128,7 +127,7 @@ def w_clients(b: Any, Section: Any, Stat: Any, ratios: Any) -> Any:
     theirs: list[float] = []
     gsize = 0
     for k in range(reps):
-        def o(fmt: int) -> None:
+        def full_push(fmt: int) -> None:
             slug = f"uv{fmt}-{b.token}-{k}"
             args = ["--format", "1"] if fmt == 1 else []
             wall, kib, r = tool(work, "muse-push", *base, "--repo", slug, "--create", "--json",
@@ -147,7 +146,7 @@ def w_clients(b: Any, Section: Any, Stat: Any, ratios: Any) -> Any:
                                     cwd=str(src)))
             nonlocal gsize
             gsize = sum(p.stat().st_size for p in (bare / "objects" / "pack").glob("*.pack"))
-        order = [lambda: o(2), lambda: o(1), t]
+        order = [lambda: full_push(2), lambda: full_push(1), t]
         for f in (order if k % 2 == 0 else order[::-1]):
             f()
     pbytes = {f: sum(e["size_bytes"] for e in json.loads(plans[f].read_text())["packs"])
