@@ -1,6 +1,6 @@
 """git -> Muse conversion, incremental, in memory bounded by the tree size.
 
-  Converter(git_dir, out_dir, version=2, max_pack_bytes=None, log=...)
+  Converter(git_dir, out_dir, version=2, max_pack_bytes=None, max_pack_commits=None, log=...)
   conv.run(refs) -> summary        converts what the state has not seen,
                                    writes new packs and updates push.json
   Git, Trees, parse_commit, split_ident, branch_name
@@ -270,6 +270,13 @@ class ConvertError(Exception):
     """A conversion that cannot proceed (bad ref, not a git repository)."""
 
 
+#: commits per pack by default: a push's server-side metadata (commits,
+#: snapshot deltas, blob records) is held whole, ~3.7 KB per commit on a
+#: git/git-sized history, so a first conversion of a very long history
+#: goes out in packs of at most this many commits (libuv's 5,697: one)
+MAX_PACK_COMMITS = 16384
+
+
 class Converter:
     """Incremental git -> Muse conversion into `out_dir` (module docstring).
 
@@ -278,12 +285,16 @@ class Converter:
                     many bytes (v1: the file; v2: the blobs before
                     compression, an upper bound of the file); default
                     256 MiB (v1) / 2 GiB (v2)
+    max_pack_commits  and into packs of at most this many commits
+                    (default MAX_PACK_COMMITS): what a server decodes
+                    and holds for one push follows its commits
     log             callable(str) for progress and warnings
     progress        callable(commits_done, commits_total) or None
     """
 
     def __init__(self, repo: str, out_dir: str, version: int = 2,
-                 max_pack_bytes: int | None = None, log: Log = _stderr_log,
+                 max_pack_bytes: int | None = None, max_pack_commits: int | None = None,
+                 log: Log = _stderr_log,
                  progress: Callable[[int, int], None] | None = None,
                  fresh: bool = False) -> None:
         if not os.path.isdir(repo):
@@ -297,6 +308,7 @@ class Converter:
         os.makedirs(out_dir, exist_ok=True)
         self.version = version
         self.max_bytes = max_pack_bytes or ((2 << 30) if version == 2 else (256 << 20))
+        self.max_commits = max_pack_commits or MAX_PACK_COMMITS
         self.log, self.progress = log, progress
         self.trees = Trees(self.git, log)
         self.state_path = os.path.join(out_dir, STATE_FILE)
@@ -592,7 +604,7 @@ class Converter:
                 self.emitted_commits.add(cid)
                 n = len(msgpack.packb(commit, use_bin_type=True)) + nb + \
                     (len(msgpack.packb(snap, use_bin_type=True)) if snap else 0)
-                if w.commits and size + n > self.max_bytes:
+                if w.commits and (size + n > self.max_bytes or len(w.commits) >= self.max_commits):
                     flush(chain_head or w.commits[-1]["commit_id"], w)
                     w, size = self._writer(), 64
                 w.add_commit(commit)

@@ -225,6 +225,23 @@ def test_split_packs_same_ids(synth, tmp_path):
             assert e.get("expected_old_head")
 
 
+def test_split_packs_by_commits(synth, tmp_path):
+    """--max-pack-commits N: no pack holds more than N commits (a server
+    holds a pushed pack's metadata whole), the same commits and heads as
+    one conversion; 0 is a usage error."""
+    whole = git2muse(synth, tmp_path / "whole", "--all")
+    split = git2muse(synth, tmp_path / "split", "--all", "--max-pack-commits", "3")
+    assert max(e["commits"] for e in whole["packs"]) > 3
+    assert all(e["commits"] <= 3 for e in split["packs"]), [e["commits"] for e in split["packs"]]
+    assert sum(e["commits"] for e in split["packs"]) == sum(e["commits"] for e in whole["packs"])
+    assert split["branch_heads"] == whole["branch_heads"]
+    assert verify_plan(whole)[1] == verify_plan(split)[1]
+    r = subprocess.run([PY, str(SCRIPTS / "git2muse"), "--repo", str(synth), "--out-dir",
+                        str(tmp_path / "bad"), "--max-pack-commits", "0"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    assert r.returncode == 2 and b"--max-pack-commits must be at least 1" in r.stderr, r.stderr
+
+
 def test_single_ref_rename(synth, tmp_path):
     plan = git2muse(synth, tmp_path / "o", "--ref", "feature:imported")
     assert set(plan["branch_heads"]) == {"imported"}
@@ -281,6 +298,12 @@ def test_push_split_plan_with_cli(server, hub, repo, synth, tmp_path):
     # pushing the same plan again changes nothing
     again = muselib.push_plan(hub, OWNER, repo["slug"], plan)
     assert all(r["commits_written"] == 0 for r in again)
+
+
+def test_push_plan_split_by_commits(server, hub, repo, synth, tmp_path):
+    plan = git2muse(synth, tmp_path / "out", "--all", "--max-pack-commits", "4", *V1)
+    assert len(plan["packs"]) > 3
+    push_and_check(server, hub, repo, plan, synth, use_cli=True)
 
 
 def test_own_repository(server, hub, repo, tmp_path):
