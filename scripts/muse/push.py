@@ -22,7 +22,7 @@ import time
 
 from .history import pack_tips
 from .ids import commit_parents
-from .mpack import INMEM_FRAME, PackIndex, PackWriter, read_pack
+from .mpack import DEFAULT_LEVEL, INMEM_FRAME, PackIndex, PackWriter, read_pack
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2.5 ms)
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def pack_closed(commits: list[dict], snapshots: list[dict], blob_ids: Any) -> bo
 
 def write_outgoing(idx: PackIndex, f: BinaryIO, out: Outgoing, path: str,
                    version: int, branch_heads: dict | None = None,
-                   level: int = 3) -> dict:
+                   level: int = DEFAULT_LEVEL) -> dict:
     """Write the pack of `out` (taken from pack `idx` in open file `f`) to
     `path` in format `version`.  v2 into v2: a frame whose every blob goes
     is copied as it is (no decompression, no recompression); the others
