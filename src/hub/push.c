@@ -27,7 +27,7 @@
  *   MARK    the grant's upload is verified (before it leaves its key)
  *   REBUILD thread pool, in the background: manifests, snapshot ids,
  *           ghost guard, the snapshot COPY rows; for a pack of more than
- *           256 snapshots one chunk (1/64 of the budget, 16 KiB..4 MiB)
+ *           256 snapshots one chunk (1/256 of the budget, 16 KiB..1 MiB)
  *           per work item, the next queued once the last is handed to
  *           its COPY: at most three chunks exist (being built, built,
  *           being copied), whatever the history's length
@@ -384,9 +384,12 @@ static void step_prepare(mh_step_t *s) { mh_step_work(s, prepare_work); }
  * 427 MB of rows for 82,000 commits of a 6,500-file tree); a smaller one
  * in one piece, charged exactly once built (CHARGE_SNAPSHOTS). */
 #define ROWS_CHUNKED_SNAPSHOTS 256
-/* The chunk: 1/64 of the pack-memory budget, within [16 KiB, 4 MiB]. */
+/* The chunk: 1/256 of the pack-memory budget, within [16 KiB, 1 MiB]:
+ * CHARGE reserves six of them, whatever the rows turn out to be, so a
+ * push of a few hundred commits holds at most 6 MiB of the budget (the
+ * 82,000-commit push: 448 MB of rows in ~450 COPYs). */
 #define ROWS_CHUNK_MIN (16u << 10)
-#define ROWS_CHUNK_MAX (4u << 20)
+#define ROWS_CHUNK_MAX (1u << 20)
 
 static size_t rows_chunk(const unpack_t *u)
 {
@@ -395,7 +398,7 @@ static size_t rows_chunk(const unpack_t *u)
     if (u->up.budget) {
         mh_budget_stats_t st;
         mh_budget_stats(u->up.budget, &st);
-        c = st.total / 64;
+        c = st.total / 256;
     }
     return c < ROWS_CHUNK_MIN ? ROWS_CHUNK_MIN : c > ROWS_CHUNK_MAX ? ROWS_CHUNK_MAX : (size_t)c;
 }
