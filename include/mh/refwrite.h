@@ -71,9 +71,11 @@ bool mh_ref_name_valid(const char *p, size_t n);
 /* The temporary tables a bulk writer COPYs into, and their COPY
  * text-format columns. They belong to the database session: the first
  * writer on a pooled connection creates them (CREATE TEMP TABLE IF NOT
- * EXISTS), every COMMIT empties them (ON COMMIT DELETE ROWS) and a
- * ROLLBACK discards what its transaction put in, so each transaction
- * starts with them empty. Creating and dropping four tables per write
+ * EXISTS), every COMMIT empties them (ON COMMIT DELETE ROWS), a ROLLBACK
+ * hides what its transaction put in, and a connection given back after a
+ * ROLLBACK drops them (DISCARD TEMP, mh_dbconn_release: the hidden rows
+ * would stay on disk until a COMMIT), so each transaction starts with
+ * them empty. Creating and dropping four tables per write
  * cost ~2 ms of catalog work (docs/benchmarks.md). Their columns:
  *   tmp_commits   commit_id, parent_commit_id, parent2_commit_id,
  *                 snapshot_id, message, author, committed_at, branch,

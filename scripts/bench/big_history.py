@@ -6,7 +6,7 @@ history"); not part of `make bench` (the whole measurement takes minutes).
   big_history.py [COMMITS] | git fast-import --quiet
 
 writes a `git fast-import` stream to standard output: COMMITS commits
-(default 82,000, git/git's count), about a fifth of them merges of a
+(default 82,000, git/git's count), about a sixth of them merges of a
 one-commit side branch, on a tree of 3,000 C files in 60 directories
 growing to ~6,500, each commit changing 1 to 4 files (2 % of the changes
 add a file). Deterministic (a fixed seed): the same stream every run.

@@ -22,22 +22,22 @@
  *   BASES   the stored manifests pack snapshots are deltas against
  *   PREPARE thread pool: commit ids, parents, generations; the commit,
  *           object and frame COPY rows
- *   CHARGE  those rows reserved from the budget too (and, for a pack of
- *           more than 256 snapshots, three chunks of snapshot rows)
+ *   CHARGE  those rows reserved from the budget too
  *   MARK    the grant's upload is verified (before it leaves its key)
  *   REBUILD thread pool, in the background: manifests, snapshot ids,
- *           ghost guard, the snapshot COPY rows; for a pack of more than
- *           256 snapshots one chunk (1/256 of the budget, 16 KiB..1 MiB)
- *           per work item, the next queued once the last is handed to
- *           its COPY: at most three chunks exist (being built, built,
- *           being copied), whatever the history's length
+ *           ghost guard, the snapshot COPY rows, in chunks: the first work
+ *           item builds up to 1/8 of the budget (most pushes: all of it),
+ *           each later one a chunk of 1/256, queued once the last is
+ *           handed to its COPY: at most three chunks exist (being built,
+ *           built, being copied), whatever the history's length
  *   the transaction (refwrite's lock order), meanwhile: ACQUIRE, BEGIN
  *           (repository row, pack lock, temporary tables), COPY commits,
  *           objects, frames, INSERT (commit rows and refs, the pack's
- *           index, frames and object refs); then CHARGE_SNAPSHOTS (rows
- *           in one chunk: once all are built, reserved without waiting,
- *           else the transaction is rolled back, the memory waited for
- *           and the transaction started over), COPY_SNAPSHOTS (a COPY per
+ *           index, frames and object refs); then CHARGE_SNAPSHOTS (the
+ *           first chunk as built, plus six chunks if more follow,
+ *           reserved without waiting, else the transaction is rolled
+ *           back, the memory waited for and the transaction started
+ *           over), COPY_SNAPSHOTS (a COPY per
  *           chunk, as each is built), JOIN (the rebuild's verdict),
  *           INSERT_SNAPSHOTS, CHECK (the branch row locked and the move
  *           judged: compare-and-swap, fast-forward, protection), PLACE
@@ -174,7 +174,11 @@ typedef struct {
      * chunk of snapshot rows per work item (push_check.c) */
     mh_arena_t rebuild_arena; /* REBUILD's allocations: the loop keeps to op.work meanwhile */
     uv_work_t rebuild;
-    size_t rows_chunk;    /* bytes of snapshot rows per chunk; SIZE_MAX: one chunk */
+    size_t rows_first;    /* bytes of snapshot rows the first work item may build */
+    size_t rows_chunk;    /* and each one after it */
+    size_t rows_limit;    /* the queued item's: rows_first, then rows_chunk */
+    size_t first_cap;     /* the first chunk's reservation, given back once it is copied */
+    int work_err;         /* the work item's result (written by the thread) */
     mh_buf_t ready;       /* a chunk built, waiting for its COPY */
     mh_buf_t copying;     /* the chunk the COPY in flight reads */
     bool rebuilding;      /* a REBUILD work item is on the thread pool */
@@ -379,40 +383,35 @@ static void prepare_work(mh_step_t *s)
 
 static void step_prepare(mh_step_t *s) { mh_step_work(s, prepare_work); }
 
-/* A pack of more snapshots than this has its snapshot rows built and
- * copied in chunks (a long history's checkpoints are whole manifests:
- * 427 MB of rows for 82,000 commits of a 6,500-file tree); a smaller one
- * in one piece, charged exactly once built (CHARGE_SNAPSHOTS). */
-#define ROWS_CHUNKED_SNAPSHOTS 256
-/* The chunk: 1/256 of the pack-memory budget, within [16 KiB, 1 MiB]:
- * CHARGE reserves six of them, whatever the rows turn out to be, so a
- * push of a few hundred commits holds at most 6 MiB of the budget (the
- * 82,000-commit push: 448 MB of rows in ~450 COPYs). */
-#define ROWS_CHUNK_MIN (16u << 10)
-#define ROWS_CHUNK_MAX (1u << 20)
+/* Snapshot rows (a long history's checkpoints are whole manifests: 448 MB
+ * of rows for 82,000 commits of a 6,500-file tree) are built and copied
+ * in chunks. The first work item, which runs beside the transaction's
+ * first steps, may build up to 1/8 of the pack-memory budget (16 KiB to
+ * 32 MiB): most pushes end there, in one piece, as before; a longer one
+ * goes on in chunks of 1/256 of the budget (16 KiB to 1 MiB), one built
+ * while the last is copied. CHARGE_SNAPSHOTS reserves the first chunk as
+ * built plus, when more follow, six chunks (three buffers at most, each
+ * up to twice the chunk). */
+#define ROWS_MIN (16u << 10)
 
-static size_t rows_chunk(const unpack_t *u)
+static size_t rows_share(const unpack_t *u, uint64_t div, size_t max)
 {
-    if (u->x.pack->nsnapshots <= ROWS_CHUNKED_SNAPSHOTS) return SIZE_MAX;
-    uint64_t c = ROWS_CHUNK_MAX;
+    uint64_t c = max;
     if (u->up.budget) {
         mh_budget_stats_t st;
         mh_budget_stats(u->up.budget, &st);
-        c = st.total / 256;
+        c = st.total / div;
     }
-    return c < ROWS_CHUNK_MIN ? ROWS_CHUNK_MIN : c > ROWS_CHUNK_MAX ? ROWS_CHUNK_MAX : (size_t)c;
+    return c < ROWS_MIN ? ROWS_MIN : c > max ? max : (size_t)c;
 }
 
 static void step_charge(mh_step_t *s)
 {
     unpack_t *u = U(s);
     mh__unpack_t *x = &u->x;
-    u->rows_chunk = rows_chunk(u);
-    /* Chunked rows: three buffers at most (being built, built, being
-     * copied), each up to twice the chunk, reserved now with the rest. */
-    size_t rows = u->rows_chunk == SIZE_MAX ? 0 : 6 * u->rows_chunk;
-    u->snaps_charged = rows != 0;
-    mh_rw_upload_charge(s, &u->up, x->commit_rows.cap + x->object_rows.cap + x->frame_rows.cap + rows);
+    u->rows_first = u->rows_limit = rows_share(u, 8, 32u << 20);
+    u->rows_chunk = rows_share(u, 256, 1u << 20);
+    mh_rw_upload_charge(s, &u->up, x->commit_rows.cap + x->object_rows.cap + x->frame_rows.cap);
 }
 
 static void step_mark(mh_step_t *s) { mh_rw_upload_verified(s, &U(s)->up); }
@@ -430,7 +429,7 @@ static void unpack_finish(mh_step_t *s);
 static void rebuild_work(uv_work_t *w)
 {
     unpack_t *u = w->data;
-    u->rebuild_err = mh__unpack_rebuild(&u->x, u->rows_chunk);
+    u->work_err = mh__unpack_rebuild(&u->x, u->rows_limit);
 }
 
 static void rebuilt_cb(uv_work_t *w, int status);
@@ -468,7 +467,10 @@ static void rebuilt_cb(uv_work_t *w, int status)
     unpack_t *u = w->data;
     mh_step_t *s = &u->op.step;
     u->rebuilding = false;
-    if (status) u->rebuild_err = MH_ECANCELED;
+    /* The loop reads the verdict only from here (the thread wrote work_err). */
+    if (u->work_err && !u->rebuild_err) u->rebuild_err = u->work_err;
+    if (status && !u->rebuild_err) u->rebuild_err = MH_ECANCELED;
+    u->rows_limit = u->rows_chunk;
     if (u->x.snapshot_rows.len) { /* the chunk built: ready for its COPY */
         mh_buf_t t = u->ready;
         u->ready = u->x.snapshot_rows;
@@ -500,8 +502,8 @@ static void step_join(mh_step_t *s)
     if (u->rebuild_err) mh_step_fail(s, u->rebuild_err, rebuild_why(u));
 }
 
-/* Rows in one chunk: reserved once all are built (a chunked rebuild's
- * buffers were reserved by CHARGE). */
+/* The first chunk as built, and six chunks more unless it was the last:
+ * reserved without waiting (see below). */
 static void step_charge_snapshots(mh_step_t *s)
 {
     unpack_t *u = U(s);
@@ -513,8 +515,9 @@ static void step_charge_snapshots(mh_step_t *s)
         mh_step_fail(s, u->rebuild_err, rebuild_why(u));
         return;
     }
-    size_t need = u->ready.cap;
+    size_t need = u->ready.cap + (u->x.rb.done ? 0 : 6 * u->rows_chunk);
     if (u->snaps_charged || !u->up.budget || !need) return;
+    u->first_cap = u->ready.cap;
     int rc = mh_budget_try_acquire(&u->up.mem, u->up.budget, need);
     if (rc != MH_EBUDGET) {
         u->snaps_charged = rc == 0;
@@ -523,7 +526,8 @@ static void step_charge_snapshots(mh_step_t *s)
     }
     /* Nothing waits for memory while holding the repository's row: the
      * transaction is given up, the memory waited for, and the
-     * transaction started over (the rows are all built by now). */
+     * transaction started over (the first chunk stays built, in ready;
+     * no chunk was copied yet). */
     mh_info("req %s: unpack: the snapshot rows (%zu bytes) wait for the pack-memory budget outside the transaction",
             u->op.req->id, need);
     mh_step_rollback(s);
@@ -561,6 +565,19 @@ static void step_copy_frames(mh_step_t *s)
     if (U(s)->v2) mh_rw_copy(s, MH_RW_FRAMES, &U(s)->x.frame_rows);
 }
 
+/* A buffer whose chunk was copied goes back into the rotation, unless it
+ * grew past two chunks (the first chunk, or a row larger than a chunk: a
+ * checkpoint of a large tree): then it is freed, and the first chunk's
+ * reservation given back. */
+static void recycle(unpack_t *u)
+{
+    if (u->ready.cap <= 2 * u->rows_chunk) return;
+    size_t give = u->ready.cap < u->first_cap ? u->ready.cap : u->first_cap;
+    if (u->up.budget && give) mh_budget_shrink(&u->up.mem, give);
+    u->first_cap -= give;
+    mh_buf_free(&u->ready);
+}
+
 /* One COPY per chunk, in the order built, while the thread builds the
  * next: at most three chunks exist (being built, built, being copied). */
 static void step_copy_snapshots(mh_step_t *s)
@@ -575,6 +592,7 @@ static void step_copy_snapshots(mh_step_t *s)
         u->copying = u->ready;
         u->ready = t;
         u->ready.len = 0;
+        recycle(u);
         if (rows_more(u)) {
             mh_step_fail(s, MH_ENOMEM, "cannot queue thread-pool work");
             return;

@@ -33,8 +33,10 @@
 /* The staging tables live as long as the session (mh/refwrite.h): IF NOT
  * EXISTS makes the first writer on a connection create them (a NOTICE,
  * logged at debug level, the other times), ON COMMIT DELETE ROWS empties
- * them at every COMMIT that touched them, and a ROLLBACK takes its rows
- * (or the tables, when it created them) with it. */
+ * them at every COMMIT that touches a temporary table, a ROLLBACK hides
+ * its rows (or takes the tables, when it created them), and the pool
+ * drops them from a session given back after a ROLLBACK (DISCARD TEMP,
+ * mh/db.h). */
 static const char sql_tmp_commits[] =
     "CREATE TEMP TABLE IF NOT EXISTS tmp_commits (commit_id text, parent_commit_id text, parent2_commit_id text,"
     " snapshot_id text, message text, author text, committed_at text, branch text, generation int, meta bytea)"

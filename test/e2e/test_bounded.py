@@ -372,9 +372,10 @@ def copy_steps(srv) -> int:
 
 
 def test_snapshot_rows_of_a_long_history_go_in_chunks(start_server):
-    """A pack of more than 256 snapshots has its tmp_snapshots rows built
-    and copied a chunk at a time (1/256 of the budget, at least 16 KiB), so
-    the checkpoints of a long history (whole manifests: 427 MB for 82,000
+    """Beyond a first chunk (1/8 of the budget: 128 KiB here) the
+    tmp_snapshots rows are built and copied a chunk at a time (1/256 of the
+    budget, at least 16 KiB), so
+    the checkpoints of a long history (whole manifests: 448 MB for 82,000
     commits of a 6,500-file tree) are never held at once. Every snapshot
     arrives, with its checkpoints, and a clone rebuilds and verifies the
     whole history."""

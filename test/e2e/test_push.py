@@ -631,9 +631,12 @@ def test_one_connection_reuses_its_staging_tables_empty(start_server):
     as long as the database session and are emptied by every COMMIT and
     ROLLBACK (refwrite.c). With a pool of one connection every write below
     runs in the same session: a push refused inside its transaction (409,
-    after its rows were staged), then a push of another history to another
-    repository, must write exactly that history, and the session keeps
-    one set of tables rather than creating and dropping four per write."""
+    after its rows were staged) leaves no staging table behind (the
+    session given back after a ROLLBACK runs DISCARD TEMP: the rolled-back
+    rows would otherwise stay on disk until a COMMIT), then a push of
+    another history to another repository must write exactly that history,
+    and its session keeps one set of tables rather than creating and
+    dropping four per write."""
     srv = start_server(MUSEHUB_DB_POOL="1")
     hub, db = srv.hub(), srv.db
     r1 = hub.create_repo(OWNER, unique("stg"))
@@ -644,6 +647,12 @@ def test_one_connection_reuses_its_staging_tables_empty(start_server):
     b = small(commits=4)             # unrelated: refused after its rows were staged
     r = try_push(hub, r1["slug"], b.pack(), b.head)
     assert r.status_code == 409, r.text
+    # The ROLLBACK hid the refused rows but would leave them on disk until
+    # a COMMIT: the session given back drops its temporary tables.
+    deadline = time.monotonic() + 5
+    while tmp_tables(db) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tmp_tables(db) == 0, "the refused push's staging tables outlived its transaction"
     c = small(commits=2)
     res = hub.push(OWNER, r2["slug"], c.pack(), "main", c.head)
     assert (res["commits_written"], res["snapshots_written"]) == (2, 2)
@@ -654,8 +663,12 @@ def test_one_connection_reuses_its_staging_tables_empty(start_server):
                     f"({', '.join(sql_str(x['commit_id']) for x in b.commits)})") == 0
     assert repo_counts(db, r1["repo_id"])["commit_refs"] == 3
     # one session, one set of staging tables (an ON COMMIT DROP table would be gone)
-    assert db.count("SELECT count(*) FROM pg_class WHERE relname = 'tmp_commits' "
-                    "AND relpersistence = 't'") == 1
+    assert tmp_tables(db) == 1
+
+
+def tmp_tables(db) -> int:
+    """Sessions holding the write path's staging table tmp_commits."""
+    return db.count("SELECT count(*) FROM pg_class WHERE relname = 'tmp_commits' AND relpersistence = 't'")
 
 
 def test_diverging_child_409(hub, db, repo):
