@@ -445,32 +445,24 @@ void mh__db_op_finished(mh_dbconn_t *c, db_op_t *op)
 
 /* ------------------------------------------------ held connections */
 
-static void discard_done(mh_dbconn_t *c, db_op_t *op)
+static void rollback_done(mh_dbconn_t *c, db_op_t *op)
 {
     if (c->state != CS_READY) return; /* lost: rejoins the pool when reconnected */
     if (op->err || PQtransactionStatus(c->pg) != PQTRANS_IDLE)
-        mh__db_conn_lost(c, MH_EDBDOWN, "discarding temporary tables on release failed: resetting the session");
+        mh__db_conn_lost(c, MH_EDBDOWN, "rollback on release failed: resetting the session");
     else
         conn_available(c);
 }
 
-/* A ROLLBACK hides what its transaction wrote to the session's temporary
- * tables but leaves the rows on disk until a COMMIT truncates them (the
- * write path's staging tables live as long as the session: a refused push
- * would leave its rows, up to hundreds of MiB, to the next writer): a
- * session given back after a failure drops them (the next writer creates
- * them again, mh/refwrite.h). */
-static void rollback_done(mh_dbconn_t *c, db_op_t *op)
-{
-    if (c->state != CS_READY) return; /* lost: rejoins the pool when reconnected */
-    if (op->err || PQtransactionStatus(c->pg) != PQTRANS_IDLE) {
-        mh__db_conn_lost(c, MH_EDBDOWN, "rollback on release failed: resetting the session");
-        return;
-    }
-    db_op_t *d = mh__db_op_internal(c->db, "DISCARD TEMP", discard_done);
-    if (d) mh__db_conn_run(c, d);
-    else mh__db_conn_lost(c, MH_EDBDOWN, "resetting a released session");
-}
+/* Sent to a session given back inside a transaction, in one round trip.
+ * A ROLLBACK only hides what its transaction wrote to the session's
+ * temporary tables: the rows stay on disk until a COMMIT truncates them
+ * (the write path's staging tables live as long as the session, and a
+ * refused push would leave up to hundreds of MiB to the next writer), so
+ * the tables are dropped too (the next writer creates them again,
+ * mh/refwrite.h). DISCARD TEMP may follow ROLLBACK in one simple query. */
+#define RELEASE_ROLLBACK "ROLLBACK; DISCARD TEMP"
+
 
 static void release_now(mh_dbconn_t *c)
 {
@@ -494,7 +486,7 @@ static void release_now(mh_dbconn_t *c)
         return;
     }
     if (ts == PQTRANS_INTRANS || ts == PQTRANS_INERROR) {
-        db_op_t *op = mh__db_op_internal(db, "ROLLBACK", rollback_done);
+        db_op_t *op = mh__db_op_internal(db, RELEASE_ROLLBACK, rollback_done);
         if (op) {
             mh__db_conn_run(c, op);
             return;

@@ -266,7 +266,7 @@ typedef struct {
         int *children, *depth; /* per pack snapshot (in a) */
         uint32_t *order;       /* parents first (in a) */
         size_t next;           /* position in order of the next snapshot to rebuild */
-        bool started, done;
+        bool done;             /* every row built, or an error (ms freed) */
     } rb;
 } mh__unpack_t;
 

@@ -174,9 +174,8 @@ typedef struct {
      * chunk of snapshot rows per work item (push_check.c) */
     mh_arena_t rebuild_arena; /* REBUILD's allocations: the loop keeps to op.work meanwhile */
     uv_work_t rebuild;
-    size_t rows_first;    /* bytes of snapshot rows the first work item may build */
-    size_t rows_chunk;    /* and each one after it */
-    size_t rows_limit;    /* the queued item's: rows_first, then rows_chunk */
+    size_t rows_limit;    /* bytes of snapshot rows the next work item may build */
+    size_t rows_chunk;    /* the limit of every item after the first */
     size_t first_cap;     /* the first chunk's reservation, given back once it is copied */
     int work_err;         /* the work item's result (written by the thread) */
     mh_buf_t ready;       /* a chunk built, waiting for its COPY */
@@ -409,7 +408,7 @@ static void step_charge(mh_step_t *s)
 {
     unpack_t *u = U(s);
     mh__unpack_t *x = &u->x;
-    u->rows_first = u->rows_limit = rows_share(u, 8, 32u << 20);
+    u->rows_limit = rows_share(u, 8, 32u << 20);
     u->rows_chunk = rows_share(u, 256, 1u << 20);
     mh_rw_upload_charge(s, &u->up, x->commit_rows.cap + x->object_rows.cap + x->frame_rows.cap);
 }
@@ -495,12 +494,16 @@ static void step_rebuild(mh_step_t *s)
     if (rows_more(u)) mh_step_fail(s, MH_ENOMEM, "cannot queue thread-pool work");
 }
 
-/* The rebuild's verdict, once every chunk is built and copied. */
-static void step_join(mh_step_t *s)
+/* Ends the operation with the rebuild's verdict when it is a failure. */
+static bool rebuild_failed(mh_step_t *s)
 {
     unpack_t *u = U(s);
     if (u->rebuild_err) mh_step_fail(s, u->rebuild_err, rebuild_why(u));
+    return u->rebuild_err != 0;
 }
+
+/* The rebuild's verdict, once every chunk is built and copied. */
+static void step_join(mh_step_t *s) { rebuild_failed(s); }
 
 /* The first chunk as built, and six chunks more unless it was the last:
  * reserved without waiting (see below). */
@@ -511,10 +514,7 @@ static void step_charge_snapshots(mh_step_t *s)
         wait_rebuild(s, U_CHARGE_SNAPSHOTS);
         return;
     }
-    if (u->rebuild_err) {
-        mh_step_fail(s, u->rebuild_err, rebuild_why(u));
-        return;
-    }
+    if (rebuild_failed(s)) return;
     size_t need = u->ready.cap + (u->x.rb.done ? 0 : 6 * u->rows_chunk);
     if (u->snaps_charged || !u->up.budget || !need) return;
     u->first_cap = u->ready.cap;
@@ -583,30 +583,25 @@ static void recycle(unpack_t *u)
 static void step_copy_snapshots(mh_step_t *s)
 {
     unpack_t *u = U(s);
-    if (u->rebuild_err) {
-        mh_step_fail(s, u->rebuild_err, rebuild_why(u));
-        return;
-    }
-    if (u->ready.len) {
+    if (rebuild_failed(s)) return;
+    bool chunk = u->ready.len != 0;
+    if (chunk) {
         mh_buf_t t = u->copying;
         u->copying = u->ready;
         u->ready = t;
         u->ready.len = 0;
         recycle(u);
-        if (rows_more(u)) {
-            mh_step_fail(s, MH_ENOMEM, "cannot queue thread-pool work");
-            return;
-        }
-        mh_step_goto(s, U_COPY_SNAPSHOTS);
-        mh_rw_copy(s, MH_RW_SNAPSHOTS, &u->copying);
-        return;
     }
-    if (rows_more(u)) {
+    if (rows_more(u)) { /* the next chunk is built while this one is copied */
         mh_step_fail(s, MH_ENOMEM, "cannot queue thread-pool work");
         return;
     }
-    if (u->rebuilding) wait_rebuild(s, U_COPY_SNAPSHOTS);
-    /* else every chunk is in tmp_snapshots: on to JOIN */
+    if (chunk) {
+        mh_step_goto(s, U_COPY_SNAPSHOTS);
+        mh_rw_copy(s, MH_RW_SNAPSHOTS, &u->copying);
+    } else if (u->rebuilding) {
+        wait_rebuild(s, U_COPY_SNAPSHOTS);
+    } /* else every chunk is in tmp_snapshots: on to JOIN */
 }
 
 static int inserted(mh_step_t *s, PGresult **res, int n)

@@ -320,8 +320,7 @@ static int rebuild_some(mh__unpack_t *x, const have_t *h, size_t chunk)
 {
     size_t ns = x->pack->nsnapshots;
     int rc = 0;
-    if (!x->rb.started) {
-        x->rb.started = true;
+    if (!x->rb.ms && !x->rb.done) { /* the first chunk */
         x->rb.ms = calloc(ns + 1, sizeof *x->rb.ms);
         x->rb.children = mh_calloc(x->a, (ns + 1) * sizeof *x->rb.children);
         x->rb.depth = mh_alloc(x->a, (ns + 1) * sizeof *x->rb.depth);
