@@ -137,9 +137,8 @@ void mh_db_acquire(mh_db_t *db, mh_db_conn_cb cb, void *ud);
 /* Returns the connection (may be called from its callbacks). If it is
  * inside a transaction (an error left it there, or the caller forgot) a
  * ROLLBACK is sent first, with DISCARD TEMP in the same round trip: a
- * rolled-back transaction's
- * rows in the session's temporary tables would stay on disk until a later
- * COMMIT (mh/refwrite.h). Released while a query is in flight: the query
+ * rolled-back transaction's rows in the session's temporary tables would
+ * stay on disk until a later COMMIT (mh/refwrite.h). Released while a query is in flight: the query
  * still reports, then the connection returns. Session settings made with
  * a plain SET stay with the session: use SET LOCAL inside a transaction. */
 void mh_dbconn_release(mh_dbconn_t *c);
