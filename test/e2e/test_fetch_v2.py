@@ -193,18 +193,27 @@ def test_clone_prefers_the_v2_source_to_a_v1_copy(server, hub, make_repo):
     pushed (its key sorting first) and in this repository's GC pack: the
     builder reads the v2 frames, not the raw copy (a clone of libuv's
     history read 364 MB through 91 v1 packs instead of one 5.6 MB pack)."""
-    r, hists, key = gc_repo(hub, make_repo, n=3, commits=4, files=20, changed=3, blob_size=1500)
-    commits = [c for h in hists for c in h.commits]
-    snaps = [s for h in hists for s in h.snapshots]
-    blobs = list({b["object_id"]: b for h in hists for b in h.blobs}.values())
-    rnd = random.Random(7)
-    for _ in range(64):  # each order gives another key; half sort first
-        rnd.shuffle(blobs)
-        raw = muselib.build_mpack(commits, snaps, blobs)
-        if "sha256:" + hashlib.sha256(raw).hexdigest() < key:
-            break
+    # Each blob order gives the v1 pack another key. With the GC pack's key
+    # uniform, n orders find none before it with probability 1/(n+1): 1/65
+    # at 64 orders, which CI met once. A key so small that 4096 orders miss
+    # it gets a new history (new seed, new key); three misses in a row
+    # would take odds of about 1e-11.
+    for _ in range(3):
+        r, hists, key = gc_repo(hub, make_repo, n=3, commits=4, files=20, changed=3, blob_size=1500)
+        commits = [c for h in hists for c in h.commits]
+        snaps = [s for h in hists for s in h.snapshots]
+        blobs = list({b["object_id"]: b for h in hists for b in h.blobs}.values())
+        rnd = random.Random(7)
+        for _ in range(4096):
+            rnd.shuffle(blobs)
+            raw = muselib.build_mpack(commits, snaps, blobs)
+            if "sha256:" + hashlib.sha256(raw).hexdigest() < key:
+                break
+        else:
+            continue
+        break
     else:
-        pytest.fail("no v1 pack order with a key before the GC pack's")
+        pytest.fail("no v1 pack order with a key before the GC pack's, in three histories")
     other = make_repo()
     assert hub.push(OWNER, other["slug"], raw, "main", hists[-1].head)["objects_written"] == len(blobs)
     gc_frames = set(frames_data(server.store_path(key).read_bytes()))
