@@ -994,8 +994,9 @@ def test_failalloc_server_push_fetch(start_server, tmp_path, monkeypatch):
 
 def test_pg_down_answers_503_fast_and_recovers(start_server):
     """With its own throwaway cluster stopped, /readyz and a request that
-    needs the database answer 503 (with Retry-After) within 2 s — not
-    after the 30 s query timeout — and the server recovers by itself once
+    needs the database answer 503 (with Retry-After) within 5 s — the
+    pool's 1 s wait for a connection plus room for a loaded ASan run, not
+    the 30 s query timeout — and the server recovers by itself once
     the cluster is back."""
     import tempfile
     import pgtmp
@@ -1017,7 +1018,7 @@ def test_pg_down_answers_503_fast_and_recovers(start_server):
             dt = time.monotonic() - t0
             assert r.status_code == 503, (path, r.status_code, r.text)
             assert r.headers.get("retry-after"), path
-            assert dt < 2.0, f"{method} {path}: 503 after {dt:.2f} s"
+            assert dt < 5.0, f"{method} {path}: 503 after {dt:.2f} s"
         assert srv.alive()
         pgtmp.start(d, port=port)  # the same address: the server's URL names it
         _wait_for(lambda: hub.raw("GET", "/readyz").status_code == 200, 15, "readyz 200 after the restart")

@@ -139,7 +139,10 @@ def test_presigned_url_scope(server, hub, make_repo):
 
 @pytest.mark.store("fs")
 def test_presigned_urls_expire(start_server):
-    srv = start_server(MUSEHUB_PRESIGN_TTL="1")
+    # 3 s, not 1: the push (presign to unpack) and the first GET must fit
+    # in the TTL on a loaded ASan run. Expiry is checked in whole seconds,
+    # so 4.2 s later both URLs are past it.
+    srv = start_server(MUSEHUB_PRESIGN_TTL="3")
     with srv.hub() as h:
         r = h.create_repo(OWNER, unique("ttl"))
         hist = small()
@@ -148,7 +151,7 @@ def test_presigned_urls_expire(start_server):
         other = small()
         put = h.presign(OWNER, r["slug"], other.key, len(other.pack()))["upload_url"]
         assert h.client.get(get).status_code == 200
-        time.sleep(2.2)
+        time.sleep(4.2)
         rg = h.client.get(get)
         rp = h.client.put(put, content=other.pack())
         assert rg.status_code == 403 and rg.json()["error"] == "expired"

@@ -165,11 +165,12 @@ def test_full_store_server_side_commit_is_507_and_writes_nothing(start_server, s
 # ---------------------------------------------------------------------------
 
 def test_abandoned_staged_uploads_are_swept(start_server):
-    """Grants expire after 1 s; one second of grace later the maintenance
-    pass (every second) deletes their staged uploads and their rows; a
-    consumed grant's row goes too, its pack stays."""
-    srv = start_server(MUSEHUB_PRESIGN_TTL="1", MUSEHUB_MPACK_GRACE_SECONDS="1",
-                       MUSEHUB_JOB_MAINTENANCE_SECONDS="1")
+    """Once grants are past their expiry and one second of grace, the
+    maintenance pass (every second) deletes their staged uploads and their
+    rows; a consumed grant's row goes too, its pack stays. The grants are
+    aged in SQL after the setup: a 1 s TTL would race the setup itself on a
+    loaded machine (presign to unpack, and the checks of all three)."""
+    srv = start_server(MUSEHUB_MPACK_GRACE_SECONDS="1", MUSEHUB_JOB_MAINTENANCE_SECONDS="1")
     db = srv.db
     with srv.hub() as hub:
         r = hub.create_repo(OWNER, unique("sweep"))
@@ -186,6 +187,8 @@ def test_abandoned_staged_uploads_are_swept(start_server):
         pushed = hub.push(OWNER, r["slug"], h.pack(), "main", h.head)
         n0 = db.count(f"SELECT count(*) FROM push_grants WHERE repo_id = {sql_str(r['repo_id'])}")
         assert n0 == 3
+        db.execute("UPDATE push_grants SET expires_at = now() - interval '1 minute'"
+                   f" WHERE repo_id = {sql_str(r['repo_id'])}")
         wait_until(lambda: db.count("SELECT count(*) FROM push_grants WHERE repo_id = "
                                     f"{sql_str(r['repo_id'])}") == 0, what="grant rows swept")
         assert not staged.exists(), "the abandoned staged upload is gone"

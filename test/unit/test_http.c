@@ -37,7 +37,7 @@ static int port;
  * first one's 0.4 s / 1.2 s timeouts on a loaded machine. */
 static mh_http_server_t *srv_patient;
 static int port_patient;
-static atomic_int g_aborts, g_gone_seen, g_stopped, g_late_responses;
+static atomic_int g_aborts, g_gone_seen, g_stopped, g_late_responses, g_slow_started;
 static atomic_int g_drains, g_gen_aborts, g_gen_ends;
 static atomic_llong g_gen_produced;
 
@@ -80,6 +80,7 @@ static job_t *job_new(mh_req_t *req)
 /* Answers 150 ms later from a timer (an asynchronous handler). */
 static void h_slow(mh_req_t *req)
 {
+    atomic_fetch_add(&g_slow_started, 1);
     job_t *j = job_new(req);
     uv_timer_start(&j->t, slow_cb, 150, 0);
 }
@@ -518,10 +519,10 @@ static int cli_chunked(cli_t *c, char **out, size_t *olen)
     for (;;) {
         char *e;
         while (!(e = c->len ? memmem(c->buf, c->len, "\r\n", 2) : NULL))
-            if (cli_fill(c) <= 0) { fprintf(stderr, "DBG head fill fail len=%zu olen=%zu errno=%d\n", c->len, *olen, errno); return 0; }
+            if (cli_fill(c) <= 0) return 0;
         size_t n = strtoul(c->buf, NULL, 16), hl = (size_t)(e - c->buf) + 2;
         while (c->len < hl + n + 2)
-            if (cli_fill(c) <= 0) { fprintf(stderr, "DBG body fill fail len=%zu n=%zu olen=%zu errno=%d\n", c->len, n, *olen, errno); return 0; }
+            if (cli_fill(c) <= 0) return 0;
         if (memcmp(c->buf + hl + n, "\r\n", 2) != 0) return 0;
         *out = realloc(*out, *olen + n + 1);
         memcpy(*out + *olen, c->buf + hl, n);
@@ -557,6 +558,25 @@ static long in_flight(void)
     cli_close(m);
     free(r.body);
     return v;
+}
+
+/* The in-flight gauge once it reads `want`, polled every 20 ms for up to
+ * 3 s (a loaded ASan run may take that long to release a request); the
+ * last value read otherwise. */
+static long in_flight_settled(long want)
+{
+    long v = in_flight();
+    for (int i = 0; i < 150 && v != want; i++) {
+        usleep(20000);
+        v = in_flight();
+    }
+    return v;
+}
+
+/* Waits up to 3 s for the atomic counter `n` to reach at least `want`. */
+static void wait_count(atomic_int *n, int want)
+{
+    for (int i = 0; i < 3000 && atomic_load(n) < want; i++) usleep(1000);
 }
 
 /* ------------------------------------------------------------------ tests */
@@ -931,8 +951,7 @@ static void t_pipeline_bound(void)
     TAP_OK(got >= (1u << 20), "reading resumes the answers (%zu bytes read)", got);
     close(fd);
     free(buf);
-    usleep(200000);
-    TAP_EQ_INT(in_flight(), 1, "everything released once the client left");
+    TAP_EQ_INT(in_flight_settled(1), 1, "everything released once the client left");
 }
 
 /* Streamed responses (src/http/stream.c). */
@@ -1031,10 +1050,12 @@ static void t_stream_out(void)
     struct linger lg = {1, 0};
     setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg); /* reset */
     cli_close(c);
-    usleep(300000);
+    wait_count(&g_gen_ends, ends0 + 1);
+    long fl = in_flight_settled(1);
+    usleep(50000); /* a second abort or end would come now */
     TAP_EQ_INT(atomic_load(&g_gen_aborts) - aborts0, 1, "abort called once, with mh_req_gone true");
     TAP_EQ_INT(atomic_load(&g_gen_ends) - ends0, 1, "producer ended");
-    TAP_EQ_INT(in_flight(), 1, "the aborted request was released");
+    TAP_EQ_INT(fl, 1, "the aborted request was released");
     free(body);
     free(r.body);
 }
@@ -1197,8 +1218,9 @@ static void t_stop(void)
     cli_sends(idle, "GET /hello HTTP/1.1\r\nHost: x\r\n\r\n");
     TAP_EQ_INT(cli_resp(idle, &r, false), 200, "idle connection primed");
     cli_t *c = cli_open();
+    int started = atomic_load(&g_slow_started);
     cli_sends(c, "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n");
-    usleep(30000);
+    wait_count(&g_slow_started, started + 1); /* in flight: it answers 150 ms later */
     uv_async_send(&stop_async);
     TAP_OK(cli_eof(idle), "idle connection closed by stop");
     TAP_EQ_INT(cli_resp(c, &r, false), 200, "in-flight request finished during stop");
