@@ -419,8 +419,14 @@ static int on_body(llhttp_t *p, const char *at, size_t n)
             q->hold--;
         }
         /* mh_req_pause inside on_body: stop right here; the rest of this
-         * read waits in c->pending until mh_req_resume. */
-        return c->user_paused ? HPE_PAUSED : 0;
+         * read waits in c->pending until mh_req_resume. These may have
+         * been the body's last bytes, with nothing after them: the message
+         * then completes on the execute after the resume, which must run
+         * even with no bytes left (kick), or the request would wait for
+         * bytes that never come and time out (408). */
+        if (!c->user_paused) return 0;
+        c->kick = true;
+        return HPE_PAUSED;
     }
     if (mh_buf_append(&q->r.body, at, n)) return hook_fail(c, 503, "unavailable", "out of memory");
     return 0;
@@ -741,6 +747,12 @@ static void conn_parse_error(mh_conn_t *c, llhttp_errno_t e)
  * everything counts as consumed: the rest is discarded). */
 static size_t conn_parse(mh_conn_t *c, const char *data, size_t len)
 {
+    /* A kick may come with no bytes and no buffer (c->pending never
+     * allocated). llhttp restarts an open span (the body's) at the data
+     * pointer and ends it at data + len: NULL there would report a span
+     * of (pointer value) bytes. */
+    static const char none[1];
+    if (!data) data = none;
     const char *p = data, *end = data + len;
     while (conn_can_parse(c) && (p < end || c->kick)) {
         c->kick = false;
@@ -834,9 +846,10 @@ static void conn_after(mh_conn_t *c)
     if (c->eof && !c->finishing) {
         req_t *q = c->cur;
         bool waiting = q && q->phase == PH_DONE && !q->r.responded;
-        /* Unparsed bytes (held back by a pause or a pending response) may
-         * still complete the request: decide only once they are parsed. */
-        if (!waiting && !pending_len(c)) {
+        /* Unparsed bytes (held back by a pause or a pending response), or
+         * an execute owed after a pause on the body's last bytes (kick),
+         * may still complete the request: decide only once they ran. */
+        if (!waiting && !pending_len(c) && !c->kick) {
             if (q) {
                 /* EOF in the middle of a request: the client is gone. */
                 c->cur = NULL;

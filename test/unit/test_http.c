@@ -1102,6 +1102,26 @@ static void t_stream(void)
     TAP_EQ_INT(cli_resp(c, &r, false), 200, "pipelined request after the paused stream");
     cli_close(c);
 
+    /* A pause on the body's last bytes, with nothing after them: the
+     * message completes on resume, without another byte from the client
+     * (an upload whose last read filled the store writer hung until the
+     * request timeout, 408). */
+    static const char *const how[3] = {"one write", "30 writes", "one write, then a half-close"};
+    for (int i = 0; i < 3; i++) {
+        char name[96];
+        snprintf(name, sizeof name, "paused on the last body bytes, then resumed (%s)", how[i]);
+        c = cli_open();
+        cli_sends(c, "PUT /stream-pause HTTP/1.1\r\nHost: x\r\nContent-Length: 300000\r\n\r\n");
+        if (i == 1)
+            for (int k = 0; k < 30; k++) cli_send(c, body + k * 10000, 10000);
+        else
+            cli_send(c, body, 300000); /* one write: few on_body calls */
+        if (i == 2) shutdown(c->fd, SHUT_WR); /* the request is complete: still answered */
+        TAP_EQ_INT(cli_resp(c, &r, false), 200, name);
+        TAP_OK(body_is(&r, "300000"), "every byte delivered: %s", r.body);
+        cli_close(c);
+    }
+
     /* The client vanishes mid-body: on_abort runs, the handler answers
      * later (dropped), nothing crashes or leaks. */
     c = cli_open();
