@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import subprocess
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -158,6 +159,44 @@ def test_full_store_server_side_commit_is_507_and_writes_nothing(start_server, s
         res = hub.call("POST", f"/api/repos/{r['repo_id']}/commits", body, expect=(201,))
         assert hub.refs(OWNER, r["slug"])["branch_heads"]["main"] == res["commit_id"]
         assert (store / "mpacks" / res["mpack_id"].split(":", 1)[1]).exists()
+
+
+@pytest.mark.store("fs")
+def test_uploads_that_end_while_the_disk_is_behind_complete(start_server):
+    """An upload whose last bytes arrive while the store writer's buffers
+    are full is paused on them; it must complete once the disk catches up.
+    It used to wait for bytes that never came and end in a 408 after the
+    request timeout (CI, a 68 MB push). One thread-pool thread shared by
+    four uploads keeps the disk behind the network; sizes of whole MiB
+    make the last read fill a 1 MiB buffer. The old server failed 4-6 of
+    these 24 uploads in every run."""
+    srv = start_server(UV_THREADPOOL_SIZE="1", MUSEHUB_REQUEST_TIMEOUT_MS="5000")
+    with srv.hub() as hub:
+        r = hub.create_repo(OWNER, unique("tail"))
+    failed, errors = [], []
+
+    def uploader(k):
+        try:
+            with srv.hub() as h:
+                for i in range(6):
+                    data = os.urandom((4 + k % 3) << 20)
+                    key, url = presign(h, r["slug"], data)
+                    t0 = time.monotonic()
+                    resp = h.client.put(url if not url.startswith("/") else h.base_url + url, content=data)
+                    if resp.status_code != 200:
+                        failed.append((k, i, resp.status_code, round(time.monotonic() - t0, 2), resp.text[:80]))
+                    elif srv.store_path(staging_key(srv.db, r["repo_id"], key)).read_bytes() != data:
+                        failed.append((k, i, "stored bytes differ"))
+        except BaseException as e:  # reported below, not lost in the thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=uploader, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[0]
+    assert not failed, failed
 
 
 # ---------------------------------------------------------------------------
