@@ -980,6 +980,15 @@ void mh__conn_response_queued(mh_conn_t *c, req_t *q, bool keep)
             if (keep && !c->in_drive && (pending_len(c) || c->eof)) mh__http_schedule_drain(c);
         } else {
             q->discard = true;
+            if (keep && c->user_paused) {
+                /* Answered with its body paused (a handler, or a gate that
+                 * denied): the pause is over, the rest of the body is read
+                 * and discarded. Left paused, the connection read nothing
+                 * more and had no timer: it stayed open for good. */
+                c->user_paused = false;
+                mh__conn_update_reading(c);
+                mh__http_schedule_drain(c);
+            }
         }
     }
     if (!keep) mh__conn_finish(c);

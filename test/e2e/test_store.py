@@ -195,6 +195,7 @@ def test_uploads_that_end_while_the_disk_is_behind_complete(start_server):
         t.start()
     for t in threads:
         t.join(120)
+    assert not [t for t in threads if t.is_alive()], "an upload still hangs after 120 s"
     assert not errors, errors[0]
     assert not failed, failed
 

@@ -139,6 +139,52 @@ static void h_stream_pause(mh_req_t *req)
     req->on_body = sp_body;
 }
 
+/* Pauses the body, then answers at once without resuming (an early
+ * answer): the rest of the body is read and discarded, and the connection
+ * carries the next request. */
+static void pa_body(mh_req_t *req, const uint8_t *d, size_t n)
+{
+    (void)d;
+    (void)n;
+    mh_req_pause(req);
+    mh_res_error(req, 403, "forbidden", "answered while paused");
+}
+
+static void h_pause_answer(mh_req_t *req) { req->on_body = pa_body; }
+
+/* For the fake-connection test: pauses on every body piece and keeps the
+ * request to resume it by hand. */
+static mh_req_t *g_fk_req;
+static size_t g_fk_seen;
+static int g_fk_aborts;
+
+static void fk_body(mh_req_t *req, const uint8_t *d, size_t n)
+{
+    (void)d;
+    g_fk_seen += n;
+    g_fk_req = req;
+    mh_req_pause(req);
+}
+
+static void fk_end(mh_req_t *req)
+{
+    char *s = mh_sprintf(&req->arena, "%zu", g_fk_seen);
+    mh_res_send(req, 200, "text/plain", s, strlen(s));
+}
+
+static void fk_abort(mh_req_t *req)
+{
+    g_fk_aborts++;
+    mh_res_send(req, 499, NULL, NULL, 0);
+}
+
+static void h_fk(mh_req_t *req)
+{
+    req->on_body = fk_body;
+    req->on_body_end = fk_end;
+    req->on_abort = fk_abort;
+}
+
 #define BIG (32u << 20)
 static char big_body[BIG];
 static atomic_int g_big_done;
@@ -339,6 +385,7 @@ static const mh_route_t routes[] = {
     {"POST", "/slow", h_slow, "slow_post", 0, false},
     {"PUT", "/stream", h_stream, "stream", 8u << 20, true},
     {"PUT", "/stream-pause", h_stream_pause, "stream_pause", 8u << 20, true},
+    {"PUT", "/pause-answer", h_pause_answer, "pause_answer", 8u << 20, true},
     {"GET", "/items/{id}/{*rest}/rule", h_items, "items_rule", 0, false},
     {"GET", "/items/{id}/{*rest}", h_items, "items", 0, false},
     {"POST", "/json", h_json, "json", 0, false},
@@ -1122,6 +1169,17 @@ static void t_stream(void)
         cli_close(c);
     }
 
+    /* Answered while paused: the rest of the body is discarded and the
+     * next request on the connection is answered (it was never read). */
+    c = cli_open();
+    cli_sends(c, "PUT /pause-answer HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n");
+    cli_send(c, body, 10000);
+    TAP_EQ_INT(cli_resp(c, &r, false), 403, "early answer from a paused body");
+    cli_send(c, body, 10000);
+    cli_sends(c, "GET /hello HTTP/1.1\r\nHost: x\r\n\r\n");
+    TAP_EQ_INT(cli_resp(c, &r, false), 200, "the connection goes on after it");
+    cli_close(c);
+
     /* The client vanishes mid-body: on_abort runs, the handler answers
      * later (dropped), nothing crashes or leaks. */
     c = cli_open();
@@ -1251,6 +1309,47 @@ static void t_stop(void)
     free(r.body);
 }
 
+/* Orderings a socket cannot force, on a fake connection (no socket): the
+ * body's last bytes are paused on, the handler resumes, and the client's
+ * EOF is read before the drain that the resume scheduled (the fs upload
+ * resumes from the thread pool, in the loop's poll phase, where the EOF
+ * read can come first). The request completes: EOF is a half-close here,
+ * not a client gone mid-body. */
+static void fake_stopped(void *arg) { *(int *)arg = 1; }
+
+static void t_fake_eof_after_last_pause(void)
+{
+    static const mh_route_t fr[] = {{"PUT", "/up", h_fk, "up", 4096, true}, {NULL, NULL, NULL, NULL, 0, false}};
+    uv_loop_t fl;
+    uv_loop_init(&fl);
+    mh_http_config_t cfg = {.routes = fr, .default_max_body = 4096, .max_header_bytes = 1024, .max_headers = 16};
+    mh_http_server_t *s = NULL;
+    TAP_EQ_INT(mh__http_fake_server(&fl, &cfg, &s), 0, "fake server");
+    mh_buf_t sink = {0};
+    mh__http_fake_sink(s, &sink);
+    mh_conn_t *c = mh__conn_new(s, true);
+    static const char rq[] = "PUT /up HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello";
+    g_fk_req = NULL;
+    g_fk_seen = 0;
+    g_fk_aborts = 0;
+    mh__conn_feed(c, rq, sizeof rq - 1);
+    uv_run(&fl, UV_RUN_NOWAIT);
+    TAP_OK(g_fk_req != NULL && g_fk_seen == 5, "paused on the last body bytes (%zu seen)", g_fk_seen);
+    if (g_fk_req) mh_req_resume(g_fk_req);
+    mh__conn_eof(c); /* before the drain the resume scheduled */
+    for (int i = 0; i < 5; i++) uv_run(&fl, UV_RUN_NOWAIT);
+    mh_buf_append_byte(&sink, 0);
+    TAP_OK(sink.len > 12 && memcmp(sink.p, "HTTP/1.1 200", 12) == 0 && strstr((char *)sink.p, "\r\n\r\n5"),
+           "answered 200 with the body's length after EOF: %.12s", sink.len ? (char *)sink.p : "");
+    TAP_EQ_INT(g_fk_aborts, 0, "no abort");
+    int done = 0;
+    mh_http_stop(s, 0, fake_stopped, &done);
+    while (!done) uv_run(&fl, UV_RUN_ONCE);
+    mh_buf_free(&sink);
+    uv_run(&fl, UV_RUN_DEFAULT);
+    TAP_EQ_INT(uv_loop_close(&fl), 0, "fake loop closed clean");
+}
+
 int main(void)
 {
     if (!getenv("MH_TEST_VERBOSE")) mh_log_set_level("warn");
@@ -1312,5 +1411,6 @@ int main(void)
     pthread_join(th, NULL);
     TAP_EQ_INT(atomic_load(&g_stopped), 1, "stop callback ran");
     TAP_EQ_INT(uv_loop_close(&loop), 0, "no handle left open on the loop");
+    t_fake_eof_after_last_pause();
     return tap_done();
 }
