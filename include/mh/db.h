@@ -138,9 +138,10 @@ void mh_db_acquire(mh_db_t *db, mh_db_conn_cb cb, void *ud);
  * inside a transaction (an error left it there, or the caller forgot) a
  * ROLLBACK is sent first, with DISCARD TEMP in the same round trip: a
  * rolled-back transaction's rows in the session's temporary tables would
- * stay on disk until a later COMMIT (mh/refwrite.h). Released while a query is in flight: the query
- * still reports, then the connection returns. Session settings made with
- * a plain SET stay with the session: use SET LOCAL inside a transaction. */
+ * stay on disk until a later COMMIT (mh/refwrite.h). Released while a
+ * query is in flight: the query still reports, then the connection
+ * returns. Session settings made with a plain SET stay with the session:
+ * use SET LOCAL inside a transaction. */
 void mh_dbconn_release(mh_dbconn_t *c);
 
 /* Queries on a held connection, one at a time (a second one while the
@@ -162,9 +163,9 @@ void mh_dbconn_script(mh_dbconn_t *c, const char *sql, mh_db_result_cb cb, void 
  * format rows, already escaped with mh_copy_*, or mh_copyb_* binary rows
  * with a FORMAT binary copy_sql), ends the copy. The data is borrowed,
  * not copied: the caller keeps it valid and unchanged until the callback
- * (a push's snapshot rows can be hundreds of MiB). copy_sql is copied. The callback gets the command result (PQcmdTuples = rows);
- * bad data -> MH_EDB with the server's message, the session stays
- * usable. */
+ * (a push's snapshot rows can be hundreds of MiB). copy_sql is copied.
+ * The callback gets the command result (PQcmdTuples = rows); bad data ->
+ * MH_EDB with the server's message, the session stays usable. */
 void mh_dbconn_copy_in(mh_dbconn_t *c, const char *copy_sql, const void *data, size_t n,
                        mh_db_result_cb cb, void *ud);
 

@@ -463,7 +463,6 @@ static void rollback_done(mh_dbconn_t *c, db_op_t *op)
  * mh/refwrite.h). DISCARD TEMP may follow ROLLBACK in one simple query. */
 #define RELEASE_ROLLBACK "ROLLBACK; DISCARD TEMP"
 
-
 static void release_now(mh_dbconn_t *c)
 {
     mh_db_t *db = c->db;

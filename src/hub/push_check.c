@@ -325,8 +325,8 @@ static int rebuild_some(mh__unpack_t *x, const have_t *h, size_t chunk)
         x->rb.children = mh_calloc(x->a, (ns + 1) * sizeof *x->rb.children);
         x->rb.depth = mh_alloc(x->a, (ns + 1) * sizeof *x->rb.depth);
         x->rb.order = mh_alloc(x->a, (ns + 1) * sizeof *x->rb.order);
-        rc = x->rb.ms && x->rb.children && x->rb.depth && x->rb.order ? order_snapshots(x, h, x->rb.order, x->rb.children)
-                                                                       : MH_ENOMEM;
+        bool ok = x->rb.ms && x->rb.children && x->rb.depth && x->rb.order;
+        rc = ok ? order_snapshots(x, h, x->rb.order, x->rb.children) : MH_ENOMEM;
     }
     while (!rc && x->rb.next < ns && x->snapshot_rows.len < chunk)
         rc = rebuild_snapshot(x, h, x->rb.ms, x->rb.children, x->rb.depth, x->rb.order[x->rb.next++]);

@@ -37,19 +37,19 @@
  * its rows (or takes the tables, when it created them), and the pool
  * drops them from a session given back after a ROLLBACK (DISCARD TEMP,
  * mh/db.h). */
+#define TMP_TABLE(name, cols) "CREATE TEMP TABLE IF NOT EXISTS " name " (" cols ") ON COMMIT DELETE ROWS"
 static const char sql_tmp_commits[] =
-    "CREATE TEMP TABLE IF NOT EXISTS tmp_commits (commit_id text, parent_commit_id text, parent2_commit_id text,"
-    " snapshot_id text, message text, author text, committed_at text, branch text, generation int, meta bytea)"
-    " ON COMMIT DELETE ROWS";
+    TMP_TABLE("tmp_commits", "commit_id text, parent_commit_id text, parent2_commit_id text, snapshot_id text,"
+                             " message text, author text, committed_at text, branch text, generation int, meta bytea");
 static const char sql_tmp_snapshots[] =
-    "CREATE TEMP TABLE IF NOT EXISTS tmp_snapshots (snapshot_id text, parent_snapshot_id text, delta_upsert bytea COMPRESSION lz4,"
-    " delta_remove bytea COMPRESSION lz4, entry_count int, depth int, checkpoint bytea COMPRESSION lz4) ON COMMIT DELETE ROWS";
+    TMP_TABLE("tmp_snapshots", "snapshot_id text, parent_snapshot_id text, delta_upsert bytea COMPRESSION lz4,"
+                               " delta_remove bytea COMPRESSION lz4, entry_count int, depth int,"
+                               " checkpoint bytea COMPRESSION lz4");
 static const char sql_tmp_objects[] =
-    "CREATE TEMP TABLE IF NOT EXISTS tmp_objects (object_id text, byte_offset bigint, byte_length bigint, frame_no int)"
-    " ON COMMIT DELETE ROWS";
-static const char sql_tmp_frames[] =
-    "CREATE TEMP TABLE IF NOT EXISTS tmp_frames (frame_no int, data_offset bigint, data_length bigint, codec text, size bigint,"
-    " blob_count int) ON COMMIT DELETE ROWS";
+    TMP_TABLE("tmp_objects", "object_id text, byte_offset bigint, byte_length bigint, frame_no int");
+static const char sql_tmp_frames[] = TMP_TABLE(
+    "tmp_frames", "frame_no int, data_offset bigint, data_length bigint, codec text, size bigint, blob_count int");
+#undef TMP_TABLE
 
 const char mh_rw_sql_pack_lock[] = "SELECT pg_advisory_xact_lock(hashtextextended('musehub:mpack:' || $1::text, 0))";
 const char mh_rw_sql_packs_lock[] =

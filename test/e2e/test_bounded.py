@@ -34,7 +34,7 @@ import msgpack
 import pytest
 
 import muselib
-from e2e_util import unique
+from e2e_util import sql_str, unique
 
 OWNER = "gabriel"
 MiB = 1 << 20
@@ -374,8 +374,7 @@ def copy_steps(srv) -> int:
 def test_snapshot_rows_of_a_long_history_go_in_chunks(start_server):
     """Beyond a first chunk (1/8 of the budget: 128 KiB here) the
     tmp_snapshots rows are built and copied a chunk at a time (1/256 of the
-    budget, at least 16 KiB), so
-    the checkpoints of a long history (whole manifests: 448 MB for 82,000
+    budget, at least 16 KiB), so the checkpoints of a long history (whole manifests: 448 MB for 82,000
     commits of a 6,500-file tree) are never held at once. Every snapshot
     arrives, with its checkpoints, and a clone rebuilds and verifies the
     whole history."""
@@ -386,9 +385,8 @@ def test_snapshot_rows_of_a_long_history_go_in_chunks(start_server):
     res = hub.push(OWNER, repo["slug"], h.pack(version=2), "main", h.head)
     assert (res["commits_written"], res["snapshots_written"]) == (400, 400)
     assert copy_steps(srv) >= 5, "the rows went in one piece"
-    rid = repo["repo_id"].replace("'", "''")
     rows = srv.db.rows(f"SELECT count(*), count(checkpoint), max(depth) FROM snapshots s JOIN snapshot_refs r"
-                       f" USING (snapshot_id) WHERE r.repo_id = '{rid}'")
+                       f" USING (snapshot_id) WHERE r.repo_id = {sql_str(repo['repo_id'])}")
     assert rows == [("400", "6", "63")]
     ans = hub.fetch(OWNER, repo["slug"], [h.head])
     pack = muselib.parse_mpack(hub.download(ans["mpack_url"]))
@@ -418,8 +416,8 @@ def test_a_bad_snapshot_after_chunks_were_copied_writes_nothing(start_server):
     detail = muselib.decode_body(r)["detail"]
     assert "snapshots[" in detail and bad["snapshot_id"] in detail, detail
     assert copy_steps(srv) >= 3, "no chunk was copied before the bad snapshot"
-    ids = ", ".join("'" + c["commit_id"] + "'" for c in h.commits)
-    sids = ", ".join("'" + s["snapshot_id"] + "'" for s in h.snapshots)
+    ids = ", ".join(sql_str(c["commit_id"]) for c in h.commits)
+    sids = ", ".join(sql_str(s["snapshot_id"]) for s in h.snapshots)
     assert srv.db.count(f"SELECT count(*) FROM commits WHERE commit_id IN ({ids})") == 0
     assert srv.db.count(f"SELECT count(*) FROM snapshots WHERE snapshot_id IN ({sids})") == 0
     assert hub.refs(OWNER, repo["slug"])["branch_heads"] == {}

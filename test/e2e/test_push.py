@@ -628,8 +628,8 @@ def test_non_fast_forward_409_then_force(hub, db, repo):
 
 def test_one_connection_reuses_its_staging_tables_empty(start_server):
     """The write path's staging tables (tmp_commits, tmp_objects, ...) live
-    as long as the database session and are emptied by every COMMIT and
-    ROLLBACK (refwrite.c). With a pool of one connection every write below
+    as long as the database session, are emptied by every COMMIT and are
+    dropped after a ROLLBACK (refwrite.c, pool.c). With a pool of one connection every write below
     runs in the same session: a push refused inside its transaction (409,
     after its rows were staged) leaves no staging table behind (the
     session given back after a ROLLBACK runs DISCARD TEMP: the rolled-back
